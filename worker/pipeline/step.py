@@ -1,0 +1,77 @@
+"""The contract every pipeline step follows (DESIGN.md house rule 3).
+
+A step is one module under ``worker/pipeline/steps`` exposing:
+
+    name: str                      # the recipe's ``op``
+    Params: type[pydantic.BaseModel]  # extra="forbid"; the step's recipe fields (core.recipe re-uses it)
+    def run(model: onnx.ModelProto, params: Params, ctx: StepContext) -> StepResult
+
+``run`` checks everything before it mutates anything, and returns a new (or the same, mutated)
+ModelProto that passes ``onnx.checker.check_model(full_check=True)`` and runs in ONNX Runtime with
+the original's inputs and outputs.
+
+What one step learns about a layer that a later step or the report needs (a sparsity mask, the
+quantization grid, a rank) goes into ``ctx.layers[<weight initializer name>]`` as a ``LayerRecord``,
+so that ``distill`` can re-impose the constraints and the report can show bits / sparsity / rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import onnx
+
+ProgressFn = Callable[[float, str], None]  # (fraction of this step in 0..1, message)
+
+
+class StepCancelled(Exception):
+    """Raised inside a step when ctx.check_cancelled() finds the job cancelled."""
+
+
+@dataclass
+class LayerRecord:
+    """What the pipeline knows about one weight tensor after the steps so far.
+
+    ``weight`` is the initializer name of the *float* weight as the original model named it;
+    ``node`` the node consuming it (MatMul / Gemm / Conv / Gather ...).
+    """
+
+    weight: str
+    node: str
+    op: str
+    bits: int = 32
+    sparsity: float = 0.0
+    rank: int | None = None
+    mask: np.ndarray | None = None            # True where the weight is kept (pruning)
+    grid: dict[str, Any] | None = None        # quantization grid: scale, zero_point, axis, block_size, bits, signed
+    codebook: np.ndarray | None = None        # clustering centroids
+    factors: tuple[str, str] | None = None    # low-rank factor initializer names (U, V)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepContext:
+    """Everything a step may use besides the model. Pure data: no DB, no HTTP, no Celery."""
+
+    original: onnx.ModelProto                              # the teacher, never mutated
+    calibration: Mapping[str, np.ndarray] | None = None    # CONTRACT.md §2 arrays, keyed by input name
+    evaluation: Mapping[str, np.ndarray] | None = None
+    target: str = "cpu-x86"
+    workdir: Path | None = None
+    progress: ProgressFn = lambda fraction, message: None
+    cancelled: Callable[[], bool] = lambda: False
+    layers: dict[str, LayerRecord] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # e.g. {"student_model": ModelProto}
+
+    def check_cancelled(self) -> None:
+        if self.cancelled():
+            raise StepCancelled("job cancelled")
+
+
+@dataclass
+class StepResult:
+    model: onnx.ModelProto
+    changed: list[str] = field(default_factory=list)   # names of initializers / nodes it changed
+    metrics: dict[str, Any] = field(default_factory=dict)
