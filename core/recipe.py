@@ -1,0 +1,242 @@
+"""The recipe: an ordered list of compression steps (CONTRACT.md §1), validated before any work.
+
+Owns the schema of every step's fields (pydantic, discriminated on ``op``, ``extra="forbid"``) and
+``parse_recipe``, which turns JSON / YAML / a dict into a ``Recipe`` or raises ``RecipeError`` with
+each bad field's path (``["steps", 0, "sparsity"]``). The pipeline's steps take their ``Params`` from
+here, so the API (which never imports the worker) validates exactly what the worker will run.
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from core.errors import RecipeError
+
+MAX_STEPS = 32
+MAX_PATTERNS = 256
+MAX_PATTERN_LENGTH = 256
+MAX_RECIPE_BYTES = 64 * 1024
+
+Pattern = Annotated[str, Field(min_length=1, max_length=MAX_PATTERN_LENGTH)]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+
+class _WeightStep(_Spec):
+    """Fields every step that rewrites weights takes: which tensors it may touch."""
+
+    include: list[Pattern] = Field(default_factory=list, max_length=MAX_PATTERNS,
+                                   description="glob patterns over initializer and node names; empty = all")
+    exclude: list[Pattern] = Field(default_factory=list, max_length=MAX_PATTERNS)
+    min_params: int = Field(1024, ge=0, description="tensors with fewer elements are left alone")
+
+
+class CleanupStep(_Spec):
+    op: Literal["cleanup"]
+    fuse_matmul_add: bool = Field(True, description="fuse MatMul + Add into Gemm where it runs faster")
+
+
+_NM = re.compile(r"^(\d{1,2}):(\d{1,2})$")
+
+
+class PruneStep(_WeightStep):
+    op: Literal["prune"]
+    method: Literal["magnitude", "sparsegpt"] = "magnitude"
+    sparsity: float = Field(..., ge=0.0, lt=1.0)
+    structure: str = Field("unstructured", description='unstructured | "N:M" (e.g. "2:4") | channel')
+    scope: Literal["global", "layer"] = "global"
+
+    @field_validator("structure")
+    @classmethod
+    def _structure(cls, value: str) -> str:
+        if value in ("unstructured", "channel"):
+            return value
+        match = _NM.match(value)
+        if not match:
+            raise ValueError('must be "unstructured", "channel" or "N:M" such as "2:4"')
+        n, m = int(match.group(1)), int(match.group(2))
+        if not (0 < n < m <= 32):
+            raise ValueError("N:M needs 0 < N < M <= 32")
+        return value
+
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        match = _NM.match(self.structure)
+        return (int(match.group(1)), int(match.group(2))) if match else None
+
+    @model_validator(mode="after")
+    def _combination(self) -> "PruneStep":
+        if self.method == "sparsegpt" and self.structure == "channel":
+            raise ValueError("sparsegpt prunes single weights or N:M groups, not whole channels")
+        return self
+
+
+class LowrankStep(_WeightStep):
+    op: Literal["lowrank"]
+    rank_ratio: float | None = Field(None, gt=0.0, le=1.0,
+                                     description="keep this fraction of each layer's parameters")
+    energy: float | None = Field(None, gt=0.0, le=1.0,
+                                 description="keep this fraction of the squared singular values")
+    conv: Literal["channel", "spatial", "none"] = Field(
+        "channel", description="Conv factorization: k x k with r outputs then 1 x 1 (channel), "
+                               "k x 1 then 1 x k (spatial), or leave Conv alone")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "LowrankStep":
+        if (self.rank_ratio is None) == (self.energy is None):
+            raise ValueError("give exactly one of rank_ratio or energy")
+        return self
+
+
+class ClusterStep(_WeightStep):
+    op: Literal["cluster"]
+    bits: int = Field(4, ge=1, le=8, description="2**bits shared values per tensor")
+    init: Literal["kmeans++", "quantile"] = "kmeans++"
+
+
+class WeightQuantSpec(_Spec):
+    bits: Literal[1, 2, 4, 8] = 8
+    symmetric: bool = True
+    granularity: Literal["tensor", "channel", "block"] = "channel"
+    block_size: int | None = Field(None, ge=16, le=256)
+    scale_search: Literal["absmax", "minmax", "mse"] | None = Field(
+        None, description="how scales are chosen; default absmax when symmetric, minmax otherwise")
+
+    @model_validator(mode="after")
+    def _block(self) -> "WeightQuantSpec":
+        if self.granularity == "block" and self.block_size is None:
+            object.__setattr__(self, "block_size", 32)
+        if self.granularity != "block" and self.block_size is not None:
+            raise ValueError("block_size applies only to granularity: block")
+        if self.block_size is not None and self.block_size & (self.block_size - 1):
+            raise ValueError("block_size must be a power of two between 16 and 256")
+        if self.bits == 1 and (self.granularity != "channel" or not self.symmetric):
+            raise ValueError("bits 1 (sign) is symmetric with one alpha per output channel")
+        return self
+
+
+class ActivationQuantSpec(_Spec):
+    bits: Literal[8] = 8
+    calibration: Literal["minmax", "percentile", "entropy", "dynamic"] = "minmax"
+    percentile: float = Field(99.999, gt=50.0, le=100.0)
+    symmetric: bool = False
+
+
+class QuantizeStep(_WeightStep):
+    op: Literal["quantize"]
+    weights: WeightQuantSpec | None = None
+    activations: ActivationQuantSpec | None = None
+    method: Literal["rtn", "gptq"] = "rtn"
+    format: Literal["auto", "qdq", "matmulnbits"] = Field(
+        "auto", description="weight-only MatMul as DequantizeLinear+MatMul (qdq) or MatMulNBits; "
+                            "auto measures both on the target and keeps the faster")
+    float_ops: list[Annotated[str, Field(max_length=64)]] = Field(
+        default_factory=lambda: ["Softmax", "LayerNormalization", "InstanceNormalization",
+                                 "GroupNormalization", "Erf", "Exp", "Log", "Pow", "Sqrt", "ReduceMean"],
+        max_length=64, description="op types kept in float under static activation quantization")
+    bias_correction: bool = True
+    embeddings: bool = Field(True, description="quantize Gather tables (embeddings) too")
+
+    @model_validator(mode="after")
+    def _something(self) -> "QuantizeStep":
+        if self.weights is None and self.activations is None:
+            raise ValueError("give weights, activations or both")
+        if self.method == "gptq" and (self.weights is None or self.weights.bits == 1):
+            raise ValueError("gptq needs weights with bits 2, 4 or 8")
+        if self.activations is not None and self.weights is not None and self.weights.bits != 8:
+            raise ValueError("activation quantization needs 8-bit weights")
+        return self
+
+
+class DistillStep(_WeightStep):
+    op: Literal["distill"]
+    method: Literal["layerwise", "kd"] = "layerwise"
+    temperature: float = Field(4.0, gt=0.0, le=100.0)
+    epochs: int = Field(3, ge=1, le=1000)
+    learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
+    batch_size: int = Field(32, ge=1, le=65536)
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="kd: weight of the soft-label loss vs labels")
+    damping: float = Field(1e-2, ge=0.0, le=10.0, description="layerwise: ridge term, relative")
+    student_model_id: str | None = Field(None, max_length=64,
+                                         description="distill into this uploaded model instead")
+
+
+class Fp16Step(_Spec):
+    op: Literal["fp16"]
+    keep_io_types: bool = True
+    op_block_list: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=list, max_length=64)
+
+
+Step = Annotated[
+    Union[CleanupStep, PruneStep, LowrankStep, ClusterStep, QuantizeStep, DistillStep, Fp16Step],
+    Field(discriminator="op"),
+]
+
+STEP_OPS = ("cleanup", "prune", "lowrank", "cluster", "quantize", "distill", "fp16")
+
+
+class Recipe(_Spec):
+    steps: list[Step] = Field(..., min_length=1, max_length=MAX_STEPS)
+
+    def needs_calibration(self) -> list[str]:
+        """Field paths of steps that cannot run without calibration data."""
+        paths = []
+        for index, step in enumerate(self.steps):
+            if isinstance(step, PruneStep) and step.method == "sparsegpt":
+                paths.append(f"steps.{index}.method")
+            elif isinstance(step, QuantizeStep) and step.method == "gptq":
+                paths.append(f"steps.{index}.method")
+            elif isinstance(step, QuantizeStep) and step.activations and step.activations.calibration != "dynamic":
+                paths.append(f"steps.{index}.activations.calibration")
+            elif isinstance(step, DistillStep):
+                paths.append(f"steps.{index}.method")
+        return paths
+
+
+def _error_path(loc: tuple[Any, ...], steps: list[Any]) -> list[Any]:
+    """Drop pydantic's union tag from a location so paths read steps.0.sparsity, not steps.0.prune.sparsity."""
+    path = list(loc)
+    if len(path) >= 3 and path[0] == "steps" and isinstance(path[1], int) and path[2] in STEP_OPS:
+        del path[2]
+    return path
+
+
+def parse_recipe(source: dict[str, Any] | str | bytes) -> Recipe:
+    """Validate a recipe given as a dict, or as JSON / YAML text; raise RecipeError with field paths."""
+    if isinstance(source, (str, bytes)):
+        if len(source) > MAX_RECIPE_BYTES:
+            raise RecipeError(f"recipe is larger than {MAX_RECIPE_BYTES} bytes", [{"loc": [], "msg": "too large"}])
+        try:
+            data = yaml.safe_load(source)
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"recipe is neither JSON nor YAML: {exc}".splitlines()[0],
+                              [{"loc": [], "msg": "not JSON or YAML"}]) from None
+    else:
+        data = source
+    if not isinstance(data, dict):
+        raise RecipeError("a recipe is a mapping with a 'steps' list", [{"loc": [], "msg": "expected a mapping"}])
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        steps = data.get("steps") if isinstance(data.get("steps"), list) else []
+        errors = []
+        for error in exc.errors(include_url=False):
+            loc = _error_path(error["loc"], steps)
+            if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+                loc = loc + ["op"]
+            msg = error["msg"].removeprefix("Value error, ")
+            errors.append({"loc": loc, "msg": msg})
+        first = errors[0]
+        where = ".".join(str(part) for part in first["loc"]) or "recipe"
+        raise RecipeError(f"invalid recipe: {where}: {first['msg']}", errors) from None
+
+
+def recipe_to_json(recipe: Recipe) -> str:
+    return json.dumps(recipe.model_dump(mode="json", exclude_none=True), sort_keys=True)
+

@@ -1,0 +1,234 @@
+"""ONNX helpers every step shares: load/save (external data, > 2 GB), initializers <-> numpy,
+which weights feed which layers, name selection, consumers, opset upgrades.
+
+Steps never reach into protobuf fields for these themselves; they call here, so the rules (which
+axis is a weight's output channel, how include / exclude / min_params select) live in one place.
+"""
+from __future__ import annotations
+
+import fnmatch
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+# Protobuf refuses to serialize a message past 2 GiB; stay clear of it with a margin.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def load_model(path: str | Path, *, load_external_data: bool = True) -> onnx.ModelProto:
+    return onnx.load(str(path), load_external_data=load_external_data)
+
+
+def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
+    """Write ``model`` to ``path``; tensors go to ``<name>.data`` beside it when the model is too big
+    for one protobuf. Written to a temporary name first, then renamed, so a crash leaves no half file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {tensor.name: tensor for tensor in model.graph.initializer}
+
+
+def get_array(model: onnx.ModelProto, name: str) -> np.ndarray:
+    for tensor in model.graph.initializer:
+        if tensor.name == name:
+            return numpy_helper.to_array(tensor)
+    raise KeyError(f"no initializer named {name!r}")
+
+
+def set_array(model: onnx.ModelProto, name: str, array: np.ndarray) -> None:
+    """Replace (or add) the initializer ``name`` with ``array``, keeping its position."""
+    tensor = numpy_helper.from_array(np.ascontiguousarray(array), name)
+    for index, existing in enumerate(model.graph.initializer):
+        if existing.name == name:
+            model.graph.initializer[index].CopyFrom(tensor)
+            return
+    model.graph.initializer.append(tensor)
+
+
+def remove_initializers(model: onnx.ModelProto, names: Iterable[str]) -> None:
+    drop = set(names)
+    kept = [tensor for tensor in model.graph.initializer if tensor.name not in drop]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+
+
+def consumers(model: onnx.ModelProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
+    """tensor name -> [(node, input index)] over the main graph."""
+    table: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in model.graph.node:
+        for index, name in enumerate(node.input):
+            if name:
+                table.setdefault(name, []).append((node, index))
+    return table
+
+
+def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {name: node for node in model.graph.node for name in node.output if name}
+
+
+def attribute(node: onnx.NodeProto, name: str, default=None):
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
+
+
+@dataclass(frozen=True)
+class WeightLayer:
+    """A float weight initializer and the layer that consumes it.
+
+    ``out_axis`` is the weight axis that indexes the layer's output channels (per-channel scales run
+    along it); ``in_axis`` the axis that is reduced against the layer's input (GPTQ columns, N:M groups).
+    """
+
+    weight: str
+    node: str
+    op: str
+    shape: tuple[int, ...]
+    out_axis: int
+    in_axis: int
+
+    @property
+    def params(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+
+def _weight_axes(node: onnx.NodeProto, input_index: int, rank: int) -> tuple[int, int] | None:
+    if node.op_type == "MatMul" and input_index == 1 and rank == 2:
+        return 1, 0                                   # x[.., K] @ W[K, N]
+    if node.op_type == "Gemm" and input_index == 1 and rank == 2:
+        return (0, 1) if attribute(node, "transB", 0) else (1, 0)
+    if node.op_type == "Conv" and input_index == 1 and rank >= 3:
+        return 0, 1                                   # W[O, I/g, k...]
+    if node.op_type == "ConvTranspose" and input_index == 1 and rank >= 3:
+        return 1, 0                                   # W[I, O/g, k...]
+    if node.op_type == "Gather" and input_index == 0 and rank == 2 and attribute(node, "axis", 0) == 0:
+        return 0, 1                                   # embedding table [V, D]: one row per token
+    return None
+
+
+def weight_layers(model: onnx.ModelProto, *, ops: Sequence[str] = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather"),
+                  include: Sequence[str] = (), exclude: Sequence[str] = (), min_params: int = 0) -> list[WeightLayer]:
+    """Float weights consumed by layers of ``ops``, in graph order, filtered by the recipe's selection.
+
+    A weight shared by two layers is reported once, for its first consumer.
+    """
+    inits = initializers(model)
+    found: list[WeightLayer] = []
+    seen: set[str] = set()
+    for node in model.graph.node:
+        if node.op_type not in ops:
+            continue
+        for index, name in enumerate(node.input):
+            tensor = inits.get(name)
+            if tensor is None or name in seen or tensor.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+                continue
+            axes = _weight_axes(node, index, len(tensor.dims))
+            if axes is None:
+                continue
+            layer = WeightLayer(name, node.name, node.op_type, tuple(tensor.dims), *axes)
+            if layer.params < min_params or not selected(layer, include, exclude):
+                continue
+            seen.add(name)
+            found.append(layer)
+    return found
+
+
+def selected(layer: WeightLayer, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    """include / exclude are glob patterns matched against the weight's and the node's names."""
+    names = (layer.weight, layer.node)
+    if include and not any(fnmatch.fnmatchcase(n, p) for n in names for p in include):
+        return False
+    return not any(fnmatch.fnmatchcase(n, p) for n in names for p in exclude)
+
+
+def ensure_node_names(model: onnx.ModelProto) -> None:
+    """Give every unnamed node a unique name, so layers can be reported and selected by name."""
+    taken = {node.name for node in model.graph.node if node.name}
+    counter = itertools.count()
+    for node in model.graph.node:
+        if not node.name:
+            name = f"{node.op_type}_{next(counter)}"
+            while name in taken:
+                name = f"{node.op_type}_{next(counter)}"
+            node.name = name
+            taken.add(name)
+
+
+def unique_name(model: onnx.ModelProto, base: str) -> str:
+    taken = {t.name for t in model.graph.initializer} | {n.name for n in model.graph.node}
+    taken |= {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    if base not in taken:
+        return base
+    for suffix in itertools.count(1):
+        candidate = f"{base}_{suffix}"
+        if candidate not in taken:
+            return candidate
+    raise AssertionError("unreachable")
+
+
+def opset(model: onnx.ModelProto, domain: str = "") -> int:
+    for entry in model.opset_import:
+        if entry.domain in (domain, "ai.onnx" if domain == "" else domain):
+            return entry.version
+    return 0
+
+
+def ensure_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    """Raise the default-domain opset to at least ``version`` (ONNX's version converter), keeping
+    the IR version new enough for it. Returns the model to use from then on."""
+    if opset(model) >= version:
+        return model
+    converted = onnx.version_converter.convert_version(model, version)
+    return converted
+
+
+def ensure_domain(model: onnx.ModelProto, domain: str, version: int) -> None:
+    for entry in model.opset_import:
+        if entry.domain == domain:
+            entry.version = max(entry.version, version)
+            return
+    model.opset_import.append(helper.make_opsetid(domain, version))
+
+
+def topological_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Nodes in an order where every input is produced before it is read (ONNX requires the graph
+    to be sorted already; this also tolerates graphs a rewrite left unsorted)."""
+    available = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
+    pending = list(model.graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        progressed = False
+        rest = []
+        for node in pending:
+            if all(name in available for name in node.input):
+                ordered.append(node)
+                available.update(node.output)
+                progressed = True
+            else:
+                rest.append(node)
+        if not progressed:
+            ordered.extend(rest)
+            break
+        pending = rest
+    return ordered
+
+
+def sort_graph(model: onnx.ModelProto) -> None:
+    nodes = topological_nodes(model)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
