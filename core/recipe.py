@@ -228,9 +228,11 @@ def parse_recipe(source: dict[str, Any] | str | bytes) -> Recipe:
         errors = []
         for error in exc.errors(include_url=False):
             loc = _error_path(error["loc"], steps)
-            if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
-                loc = loc + ["op"]
             msg = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "union_tag_invalid":
+                loc, msg = loc + ["op"], f"unknown op {error['input'].get('op')!r}; expected one of {', '.join(STEP_OPS)}"
+            elif error["type"] == "union_tag_not_found":
+                loc, msg = loc + ["op"], f"every step needs an 'op', one of {', '.join(STEP_OPS)}"
             errors.append({"loc": loc, "msg": msg})
         first = errors[0]
         where = ".".join(str(part) for part in first["loc"]) or "recipe"
