@@ -1,0 +1,47 @@
+"""POST /v1/models (streamed multipart upload) and GET /v1/models/{id}."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from api.deps import SessionDep, SettingsDep, StoreDep
+from api.problems import PROBLEM_JSON
+from api.schemas.models import ModelPublic
+from api.services import models as service
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+_PROBLEM = {"content": {PROBLEM_JSON: {}}}
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary", "description": "an .onnx file"}},
+                }
+            }
+        },
+    }
+}
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=ModelPublic,
+    summary="Upload an ONNX model",
+    description="Streamed to disk with a byte cap and sha256, then validated without loading external data "
+    "or running it. 413 past the upload limit, 422 when the file is not a valid ONNX model.",
+    openapi_extra=UPLOAD_BODY,
+    responses={400: _PROBLEM, 413: _PROBLEM, 422: _PROBLEM},
+)
+async def upload_model(request: Request, session: SessionDep, store: StoreDep, settings: SettingsDep) -> ModelPublic:
+    model = await service.upload_model(request, session, store, settings)
+    return ModelPublic.model_validate(model)
+
+
+@router.get("/{model_id}", response_model=ModelPublic, responses={404: _PROBLEM})
+def get_model(model_id: str, session: SessionDep) -> ModelPublic:
+    return ModelPublic.model_validate(service.get_model(session, model_id))

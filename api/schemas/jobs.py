@@ -1,0 +1,49 @@
+"""Request and response models of compression jobs."""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.targets import Target
+
+EXAMPLE_RECIPE = {"steps": [{"op": "quantize", "weights": {"bits": 8, "symmetric": True, "granularity": "channel"}}]}
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"model_id": "<id from POST /v1/models>", "recipe": EXAMPLE_RECIPE,
+                                         "target": "cpu-x86"}]},
+    )
+
+    model_id: str = Field(..., min_length=1, max_length=64)
+    recipe: dict[str, Any] | str = Field(..., description="the recipe (CONTRACT.md §1) as an object, or JSON/YAML text")
+    target: Target = Target.CPU_X86
+
+
+class ArtifactPublic(BaseModel):
+    name: str
+    bytes: int
+    sha256: str
+    content_type: str
+    url: str
+
+
+class JobPublic(BaseModel):
+    id: str
+    model_id: str
+    state: str
+    progress: float
+    stage: str | None
+    error: dict[str, Any] | None
+    target: str
+    recipe: dict[str, Any]
+    report: dict[str, Any] | None
+    artifacts: list[ArtifactPublic]
+    attempts: int
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None

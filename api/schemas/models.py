@@ -1,0 +1,27 @@
+"""Response model of an uploaded ONNX model."""
+from __future__ import annotations
+
+import datetime as dt
+
+from pydantic import BaseModel, ConfigDict
+
+
+class TensorInfo(BaseModel):
+    name: str
+    dtype: str | None
+    shape: list[int | str | None] | None
+
+
+class ModelPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    filename: str
+    sha256: str
+    bytes: int
+    params: int
+    opset: int
+    ir_version: int
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    created_at: dt.datetime

@@ -1,0 +1,63 @@
+"""Uploading a model: stream to a scratch file, validate, store, record — or leave nothing behind.
+
+The scratch directory is created per upload and always removed. The object is stored only after
+``onnx_guard.validate`` accepts the file, and deleted again if the database row cannot be written,
+so no failure leaves an object without a row or a row without an object.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+
+from api.multipart import ReceivedFile, receive_file
+from core import onnx_guard
+from core.models import Model
+from core.models.base import new_id
+from core.repos import ModelRepo
+from core.settings import Settings
+from core.storage import ObjectStore
+
+
+def model_key(model_id: str) -> str:
+    return f"models/{model_id}/model.onnx"
+
+
+async def upload_model(request: Request, session: Session, store: ObjectStore, settings: Settings) -> Model:
+    settings.scratch_dir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="upload-", dir=settings.scratch_dir))
+    try:
+        received = await receive_file(
+            request, scratch / "model.onnx", field="file", max_bytes=settings.max_upload_bytes,
+            max_parts=settings.max_multipart_fields, max_field_bytes=settings.max_multipart_field_bytes,
+        )
+        return await run_in_threadpool(_register, received, session, store, settings)
+    finally:
+        await run_in_threadpool(shutil.rmtree, scratch, True)
+
+
+def _register(received: ReceivedFile, session: Session, store: ObjectStore, settings: Settings) -> Model:
+    info = onnx_guard.validate(received.path, settings)
+    model_id = new_id()
+    key = model_key(model_id)
+    store.put_file(key, received.path, "application/octet-stream")
+    try:
+        model = ModelRepo(session).create(
+            id=model_id, filename=received.filename or "model.onnx", sha256=received.sha256, bytes=received.size,
+            params=info.params, opset=info.opset, ir_version=info.ir_version, inputs=info.inputs,
+            outputs=info.outputs, storage_key=key,
+        )
+        session.commit()
+    except BaseException:
+        session.rollback()
+        store.delete(key)
+        raise
+    return model
+
+
+def get_model(session: Session, model_id: str) -> Model:
+    return ModelRepo(session).get(model_id)

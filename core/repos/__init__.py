@@ -1,0 +1,7 @@
+"""Repositories: the only code that issues queries (DESIGN.md house rule 1). Each takes a Session."""
+from core.repos.artifacts import ArtifactRepo
+from core.repos.jobs import JobRepo
+from core.repos.models import ModelRepo
+from core.repos.workers import WorkerRepo
+
+__all__ = ["ArtifactRepo", "JobRepo", "ModelRepo", "WorkerRepo"]

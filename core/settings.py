@@ -1,0 +1,102 @@
+"""The one settings object (DESIGN.md house rule 2), read from ``FEATHERWEIGHT_*`` environment variables.
+
+Built on first use through the cached ``get_settings()``, never at import. The embedded default needs
+no variables at all: SQLite at ``$FEATHERWEIGHT_HOME/featherweight.db``, artifacts under
+``$FEATHERWEIGHT_HOME/artifacts``, and kombu's ``filesystem://`` broker with its folders under
+``$FEATHERWEIGHT_HOME/broker``. The full stack sets ``FEATHERWEIGHT_DATABASE_URL`` (Postgres),
+``FEATHERWEIGHT_BROKER_URL`` (Redis) and ``FEATHERWEIGHT_STORAGE=s3`` with the ``FEATHERWEIGHT_S3_*`` values.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_S3_CREDENTIAL = "minioadmin"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FEATHERWEIGHT_", extra="ignore")
+
+    env: Literal["development", "production"] = "development"
+    home: Path = Field(default_factory=lambda: Path.home() / ".featherweight")
+
+    # Persistence and messaging; None means the embedded default under `home`.
+    database_url: str | None = None
+    broker_url: str | None = None
+
+    # Object storage.
+    storage: Literal["local", "s3"] = "local"
+    artifacts_dir: Path | None = None
+    s3_endpoint_url: str | None = None
+    s3_bucket: str = "featherweight"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    s3_region: str = "us-east-1"
+
+    # Upload limits (SECURITY.md).
+    max_upload_bytes: int = Field(default=2 * 1024**3, gt=0)
+    max_tensor_elements: int = Field(default=2**31, gt=0)
+    max_graph_depth: int = Field(default=16, gt=0)
+    max_multipart_fields: int = Field(default=8, gt=0)
+    max_multipart_field_bytes: int = Field(default=64 * 1024, gt=0)
+    upload_chunk_bytes: int = Field(default=1024 * 1024, gt=0)
+    allowed_domains: tuple[str, ...] = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
+
+    # Jobs and workers.
+    task_soft_time_limit: int = Field(default=3300, gt=0)
+    task_hard_time_limit: int = Field(default=3600, gt=0)
+    worker_concurrency: int = Field(default=1, gt=0)
+    worker_heartbeat_seconds: float = Field(default=10.0, gt=0)
+    worker_stale_seconds: float = Field(default=30.0, gt=0)
+    progress_min_interval_seconds: float = Field(default=0.5, ge=0)
+    broker_polling_interval: float = Field(default=0.5, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if self.task_soft_time_limit >= self.task_hard_time_limit:
+            raise ValueError("task_soft_time_limit must be below task_hard_time_limit")
+        if self.storage == "s3" and self.env == "production":
+            for secret in (self.s3_access_key_id, self.s3_secret_access_key):
+                if secret in (None, "", DEFAULT_S3_CREDENTIAL):
+                    raise ValueError("production refuses missing or default S3 credentials")
+        return self
+
+    # Derived values: one place computes each default.
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'featherweight.db'}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_is_filesystem(self) -> bool:
+        return self.resolved_broker_url.startswith("filesystem://")
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.home / "broker"
+
+    @property
+    def resolved_artifacts_dir(self) -> Path:
+        return self.artifacts_dir or self.home / "artifacts"
+
+    @property
+    def scratch_dir(self) -> Path:
+        """Where uploads stream to and workers unpack jobs; removed per use."""
+        return self.home / "scratch"
+
+    @property
+    def redis_visibility_timeout(self) -> int:
+        """Longer than the hard time limit, so Redis never redelivers a job that is still running."""
+        return self.task_hard_time_limit + 600
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
