@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): bench models trained here, quality vs ONNX Runtime's quantizers."""
