@@ -1,0 +1,230 @@
+"""The ``prune`` step: set weights to zero (unstructured, N:M) or remove whole channels.
+
+Methods and the math:
+
+* magnitude, ``scope: layer`` — in every selected weight W with n elements, the
+  ``k = round(sparsity * n)`` smallest |w| become zero (exactly k: ties at the threshold are kept
+  back in index order).
+* magnitude, ``scope: global`` — one budget ``k = round(sparsity * sum n_l)`` over all selected
+  weights, spent on the smallest ``|w| / ||W_l||_F``. That minimises ``sum_l ||dW_l||^2 / ||W_l||^2``
+  (the relative error of each layer) for k pruned weights, so a layer whose relative error grows
+  fastest per pruned weight is protected, where a plain global |w| threshold would empty layers
+  with small weights.
+* sparsegpt — per layer (its share of the budget above under ``scope: global``), OBS pruning with
+  the calibration Hessian ``H = 2/n X^T X`` of the layer's input, ``H += 0.01 mean(diag H) I``,
+  handed to ``kernels.sparsegpt_prune`` as the upper Cholesky factor of ``H^-1``; the kept weights
+  are updated to compensate. Layers are done in graph order on the model pruned so far (each sees
+  the inputs the pruned layers before it produce); layers sharing one input share one capture.
+  Conv (2-D, group 1) is unfolded to its receptive fields; other layers fall back to magnitude.
+* ``N:M`` — in every group of M consecutive weights along the input axis (the reduced axis:
+  MatMul K, Gemm K, Conv input channels) the N largest |w| are kept (magnitude) or chosen by OBS
+  (sparsegpt). Layers whose input axis is not a multiple of M are left alone and reported.
+* ``structure: channel`` — see ``worker.pipeline.structure.channels``.
+
+Zeros stay zeros downstream: every pruned weight's ``LayerRecord`` carries ``mask`` (True = kept,
+combined with any earlier mask) and ``sparsity`` for quantize, cluster and distill.
+Selected: float weights of MatMul, Gemm, Conv and ConvTranspose (embedding tables are not pruned).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+
+import kernels
+from core.errors import InvalidInput, RecipeError
+from core.recipe import PruneStep
+from worker.pipeline import activations
+from worker.pipeline.data import bind
+from worker.pipeline.graph import WeightLayer, attribute, get_array, set_array, weight_layers
+from worker.pipeline.step import StepContext, StepResult
+from worker.pipeline.structure.masks import exact_masks, normalized_scores
+from worker.pipeline.structure.records import StepLog, layer_record, sparsity_of
+from worker.pipeline.structure.unfold import conv2d_geometry, conv_weight_from_matrix, conv_weight_matrix, unfold2d
+
+name = "prune"
+Params = PruneStep
+
+PRUNABLE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+DAMPING = 0.01                    # SparseGPT's relative Hessian damping
+CALIBRATION_BATCH = 64
+MAX_HESSIAN_COLUMNS = 16384       # H is columns^2 float64; past this the memory is not worth it
+
+
+def run(model: onnx.ModelProto, params: PruneStep, ctx: StepContext) -> StepResult:
+    if params.structure == "channel":
+        from worker.pipeline.structure.channels import prune_channels
+        return prune_channels(model, params, ctx)
+    layers = weight_layers(model, ops=PRUNABLE_OPS, include=params.include, exclude=params.exclude,
+                           min_params=params.min_params)
+    if not layers:
+        raise RecipeError("prune selects no weight tensor", [{"loc": ["include"], "msg": "matches no weight tensor"}])
+    if params.method == "sparsegpt" and not ctx.calibration:
+        raise InvalidInput("prune with method sparsegpt needs calibration data",
+                           [{"loc": ["method"], "msg": "needs calibration data"}])
+    n_m = params.n_m
+    log = StepLog()
+    if n_m is not None:
+        fitting = []
+        for layer in layers:
+            if layer.shape[layer.in_axis] % n_m[1]:
+                log.skip(layer.weight, f"input axis of {layer.shape[layer.in_axis]} is not a multiple of M={n_m[1]}")
+            else:
+                fitting.append(layer)
+        layers = fitting
+        targets = {layer.weight: 1.0 - n_m[0] / n_m[1] for layer in layers}
+    else:
+        targets = _unstructured_targets(model, layers, params)
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    if params.method == "sparsegpt":
+        results = _sparsegpt(out, layers, targets, n_m, ctx, log)
+    else:
+        results = {}
+        for layer in layers:
+            w = get_array(out, layer.weight)
+            if n_m is not None:
+                mask = kernels.nm_mask(np.ascontiguousarray(w, dtype=np.float32), n_m[0], n_m[1], axis=layer.in_axis).astype(bool)
+            else:
+                mask = targets[layer.weight]
+            results[layer.weight] = (w, mask, "magnitude")
+    return _commit(out, layers, results, ctx, log, params)
+
+
+def _unstructured_targets(model: onnx.ModelProto, layers: list[WeightLayer], params: PruneStep) -> dict[str, Any]:
+    """Per layer: the magnitude mask (magnitude) or the sparsity to ask SparseGPT for."""
+    weights = [get_array(model, layer.weight) for layer in layers]
+    if params.scope == "layer":
+        masks = [exact_masks([np.abs(w.astype(np.float32))], round(params.sparsity * w.size))[0] for w in weights]
+    else:
+        total = sum(w.size for w in weights)
+        masks = exact_masks(normalized_scores(weights), round(params.sparsity * total))
+    if params.method == "sparsegpt":
+        return {layer.weight: 1.0 - float(np.count_nonzero(mask)) / mask.size for layer, mask in zip(layers, masks)}
+    return {layer.weight: mask for layer, mask in zip(layers, masks)}
+
+
+def _commit(model: onnx.ModelProto, layers: list[WeightLayer], results: dict, ctx: StepContext,
+            log: StepLog, params: PruneStep) -> StepResult:
+    changed, zeros, total = [], 0, 0
+    for layer in layers:
+        if layer.weight not in results:
+            continue
+        w, mask, method = results[layer.weight]
+        record = layer_record(ctx, layer)
+        if record.mask is not None and record.mask.shape == mask.shape:
+            mask = mask & record.mask          # an earlier prune's zeros stay zeros
+        pruned = kernels.apply_mask(np.ascontiguousarray(w, dtype=np.float32), mask.astype(np.uint8))
+        set_array(model, layer.weight, pruned.astype(w.dtype))
+        record.mask = mask
+        record.sparsity = sparsity_of(pruned)
+        changed.append(layer.weight)
+        zeros += int(np.count_nonzero(pruned == 0))
+        total += pruned.size
+        log.layers.append({"name": layer.weight, "node": layer.node, "op": layer.op, "params": int(pruned.size),
+                           "sparsity": record.sparsity, "method": method})
+    return StepResult(model, changed, log.metrics(sparsity=zeros / total if total else 0.0,
+                                                  structure=params.structure, scope=params.scope))
+
+
+def _sparsegpt_columns(model: onnx.ModelProto, layer: WeightLayer, node: onnx.NodeProto) -> tuple[int, str, dict | None] | str:
+    """(Hessian size, activation tensor, conv geometry) of a layer SparseGPT can take, else why not."""
+    if layer.op == "MatMul":
+        return layer.shape[0], node.input[0], None
+    if layer.op == "Gemm":
+        if attribute(node, "transA", 0):
+            return "Gemm with transA=1"
+        return layer.shape[layer.in_axis], node.input[0], None
+    if layer.op == "Conv":
+        geometry = conv2d_geometry(node, layer.shape)
+        if geometry is None:
+            return "Conv that is not 2-D, grouped, or uses auto_pad SAME"
+        return int(np.prod(layer.shape[1:])), node.input[0], geometry
+    return f"{layer.op} has no SparseGPT form"
+
+
+def _as_matrix(w: np.ndarray, layer: WeightLayer, geometry: dict | None) -> np.ndarray:
+    """The kernel's layout: rows = output channels, columns = inputs."""
+    if geometry is not None:
+        return conv_weight_matrix(w.astype(np.float32))
+    matrix = w.astype(np.float32)
+    return np.ascontiguousarray(matrix.T if layer.out_axis == 1 else matrix)
+
+
+def _from_matrix(matrix: np.ndarray, layer: WeightLayer, geometry: dict | None) -> np.ndarray:
+    if geometry is not None:
+        return conv_weight_from_matrix(matrix, layer.shape)
+    return np.ascontiguousarray(matrix.T if layer.out_axis == 1 else matrix)
+
+
+def _hinv_cholesky(hessian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Upper Cholesky factor of (H + damping)^-1, and which inputs were never active (diag 0)."""
+    hessian = hessian.copy()
+    dead = np.diag(hessian) == 0
+    hessian[dead, dead] = 1.0
+    hessian[np.diag_indices_from(hessian)] += DAMPING * float(np.mean(np.diag(hessian)))
+    lower = np.linalg.cholesky(hessian)
+    lower_inv = np.linalg.inv(lower)
+    hinv = lower_inv.T @ lower_inv
+    return np.ascontiguousarray(np.linalg.cholesky(hinv).T, dtype=np.float32), dead
+
+
+def _sparsegpt(model: onnx.ModelProto, layers: list[WeightLayer], targets: dict[str, float],
+               n_m: tuple[int, int] | None, ctx: StepContext, log: StepLog) -> dict:
+    data = bind(model, ctx.calibration)
+    nodes = {node.name: node for node in model.graph.node}
+    plans: dict[str, list[tuple[WeightLayer, int, dict | None]]] = {}
+    results: dict[str, tuple[np.ndarray, np.ndarray, str]] = {}
+    for layer in layers:
+        found = _sparsegpt_columns(model, layer, nodes[layer.node])
+        if isinstance(found, str) or found[0] > MAX_HESSIAN_COLUMNS:
+            reason = found if isinstance(found, str) else f"{found[0]} input columns exceed {MAX_HESSIAN_COLUMNS}"
+            w, mask = _magnitude_fallback(model, layer, targets[layer.weight], n_m)
+            results[layer.weight] = (w, mask, f"magnitude ({reason})")
+            continue
+        columns, source, geometry = found
+        plans.setdefault(source, []).append((layer, columns, geometry))
+    for done, (source, group) in enumerate(plans.items()):
+        ctx.check_cancelled()
+        ctx.progress(done / max(len(plans), 1), f"sparsegpt: {source}")
+        hessians = _capture_hessians(model, data, source, group)
+        for layer, columns, geometry in group:
+            hinv_chol, dead = _hinv_cholesky(hessians[layer.weight])
+            w = get_array(model, layer.weight)
+            matrix = _as_matrix(w, layer, geometry)
+            matrix[:, dead] = 0.0          # an input that is never active carries nothing to keep
+            n, m = n_m if n_m is not None else (0, 0)
+            w_hat, mask = kernels.sparsegpt_prune(matrix, hinv_chol, sparsity=targets[layer.weight], n=n, m=m)
+            new_w = _from_matrix(w_hat, layer, geometry).astype(w.dtype)
+            set_array(model, layer.weight, new_w)     # later groups see this layer already pruned
+            results[layer.weight] = (new_w, _from_matrix(mask, layer, geometry).astype(bool), "sparsegpt")
+    return results
+
+
+def _capture_hessians(model: onnx.ModelProto, data, source: str,
+                      group: list[tuple[WeightLayer, int, dict | None]]) -> dict[str, np.ndarray]:
+    hessians = {layer.weight: np.zeros((columns, columns)) for layer, columns, _ in group}
+    rows = {layer.weight: 0 for layer, _, _ in group}
+    for batch in activations.capture(model, data, [source], batch_size=CALIBRATION_BATCH):
+        x = batch[source]
+        for layer, columns, geometry in group:
+            flat = unfold2d(x, geometry) if geometry is not None else x.reshape(-1, columns)
+            flat = flat.astype(np.float64)
+            hessians[layer.weight] += flat.T @ flat
+            rows[layer.weight] += flat.shape[0]
+    for weight, count in rows.items():
+        if count:
+            hessians[weight] *= 2.0 / count
+    return hessians
+
+
+def _magnitude_fallback(model: onnx.ModelProto, layer: WeightLayer, sparsity: float,
+                        n_m: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+    w = get_array(model, layer.weight)
+    if n_m is not None:
+        mask = kernels.nm_mask(np.ascontiguousarray(w, dtype=np.float32), n_m[0], n_m[1], axis=layer.in_axis).astype(bool)
+    else:
+        mask = exact_masks([np.abs(w.astype(np.float32))], round(sparsity * w.size))[0]
+    return w, mask
