@@ -1,0 +1,149 @@
+"""The ``featherweight`` console script: serve, worker, migrate, compress.
+
+Each command imports what it needs when it runs, so ``featherweight --help`` stays quick and
+``compress`` needs no server libraries. ``compress`` is implemented in ``featherweight.compress_cmd``
+(``add_arguments(parser)`` and ``main(args) -> int``).
+
+``serve`` is the embedded default in one command: it migrates the database, prepares storage and the
+broker folders, starts ONE Celery worker subprocess and the API (uvicorn) in this process. The worker
+consumes the queue of this machine's native CPU target (cpu-x86 on x86_64, cpu-arm on aarch64), plus
+``gpu`` when ONNX Runtime offers the CUDA provider here; ``--queues`` overrides that. A job for a
+target no worker serves reports "waiting: no live worker on queue ..." instead of hanging silently.
+SIGINT/SIGTERM stop the API and the worker; if the worker dies, the API stops too.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+
+from core.targets import QUEUES
+
+log = logging.getLogger("featherweight.cli")
+WORKER_STOP_SECONDS = 20
+
+
+def _migrate(_: argparse.Namespace) -> int:
+    prepare_service()
+    print("database migrated; storage and broker ready", file=sys.stderr)
+    return 0
+
+
+def prepare_service() -> None:
+    """Upgrade the database to head and make sure storage and broker folders exist."""
+    import migrations
+    from core.queue import ensure_broker_dirs
+    from core.settings import get_settings
+    from core.storage import S3Store, get_store
+
+    settings = get_settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    migrations.upgrade()
+    store = get_store()
+    if isinstance(store, S3Store):
+        store.ensure_bucket()
+    store.check()
+    ensure_broker_dirs(settings)
+
+
+def default_serve_queues() -> list[str]:
+    from core.targets import Target, native_target
+
+    queues = [native_target().value]
+    try:
+        import onnxruntime
+
+        if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            queues.append(Target.GPU.value)
+    except ImportError:
+        pass
+    return queues
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from worker.celery_app import create_app, worker_argv
+
+    app = create_app()
+    app.worker_main(worker_argv(args.queue))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    prepare_service()
+    queues = args.queues or default_serve_queues()
+    command = [sys.executable, "-m", "featherweight.cli", "worker"]
+    for queue in queues:
+        command += ["--queue", queue]
+    worker = subprocess.Popen(command)
+    print(f"featherweight: worker pid {worker.pid} on queues {', '.join(queues)}; "
+          f"API on http://{args.host}:{args.port} (Swagger UI at /docs)", file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config("api.main:app", host=args.host, port=args.port, log_level="info"))
+
+    def watch_worker() -> None:
+        code = worker.wait()
+        if not server.should_exit:
+            print(f"featherweight: the worker exited with status {code}; stopping", file=sys.stderr, flush=True)
+            server.should_exit = True
+
+    threading.Thread(target=watch_worker, name="watch-worker", daemon=True).start()
+    try:
+        server.run()
+    finally:
+        server.should_exit = True
+        stop_process(worker)
+    return 0 if worker.returncode in (0, -signal.SIGTERM, -signal.SIGINT) else 1
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """SIGTERM (a warm shutdown for Celery), then SIGKILL if it does not exit in time."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=WORKER_STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="featherweight", description="Compression as a service for ONNX models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="API and one worker on the embedded default (or the configured stack)")
+    serve.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+    serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    serve.add_argument("--queues", nargs="+", choices=QUEUES, help="queues the worker consumes (default: native CPU target, plus gpu when CUDA is available)")
+    serve.set_defaults(handler=_serve)
+
+    worker = commands.add_parser("worker", help="a Celery worker for one or more target queues")
+    worker.add_argument("--queue", action="append", choices=QUEUES, required=True, help="repeat for several queues")
+    worker.set_defaults(handler=_worker)
+
+    migrate = commands.add_parser("migrate", help="upgrade the database to the latest schema; create the bucket")
+    migrate.set_defaults(handler=_migrate)
+
+    if importlib.util.find_spec("featherweight.compress_cmd") is not None:
+        compress_cmd = importlib.import_module("featherweight.compress_cmd")
+        compress = commands.add_parser("compress", help="compress a model locally, no server")
+        compress_cmd.add_arguments(compress)
+        compress.set_defaults(handler=compress_cmd.main)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""The Celery application of the worker: shared broker config (core.queue) plus worker-side hooks.
+
+``create_app()`` builds the app and registers ``worker.tasks``. Signals:
+
+- ``worker_process_init``: a forked pool child drops the engine and store it inherited, so it never
+  shares its parent's connections;
+- ``worker_ready``: a daemon thread starts writing a heartbeat row per consumed queue every
+  ``worker_heartbeat_seconds`` (the API reports "no live worker" from these rows);
+- ``worker_shutdown``: the thread stops and the rows are removed.
+
+``worker_argv()`` is the command line ``featherweight worker`` hands to Celery: one queue per target,
+prefork with ``worker_concurrency`` processes (hard time limits need prefork), and on the filesystem
+broker no gossip/mingle/heartbeat, which need a broadcast channel it does not offer well.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from celery import Celery, signals
+
+from core import db, storage
+from core.queue import make_celery
+from core.repos import WorkerRepo
+from core.settings import Settings, get_settings
+from core.targets import queue_for
+
+log = logging.getLogger("featherweight.worker")
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    app = make_celery(settings, main="featherweight-worker")
+    app.conf.imports = ("worker.tasks",)
+    import worker.tasks  # noqa: F401 - registers the shared task on this app
+
+    app.set_default()
+    return app
+
+
+def worker_argv(queues: list[str], settings: Settings | None = None, hostname: str | None = None) -> list[str]:
+    settings = settings or get_settings()
+    names = [queue_for(q) for q in queues]
+    argv = [
+        "worker",
+        "--loglevel=INFO",
+        f"--queues={','.join(names)}",
+        "--pool=prefork",
+        f"--concurrency={settings.worker_concurrency}",
+        f"--hostname={hostname or '-'.join(names) + f'.{os.getpid()}@%h'}",
+    ]
+    if settings.broker_is_filesystem:
+        argv += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
+    return argv
+
+
+class Heartbeat:
+    """Writes (hostname, queue) rows to the ``workers`` table until stopped."""
+
+    def __init__(self, hostname: str, queues: list[str], interval: float) -> None:
+        self.hostname = hostname
+        self.queues = queues
+        self.interval = interval
+        self.pid = os.getpid()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="featherweight-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self.beat()
+        self._thread.start()
+
+    def beat(self) -> None:
+        try:
+            with db.session_scope() as session:
+                repo = WorkerRepo(session)
+                for queue in self.queues:
+                    repo.beat(self.hostname, queue, self.pid)
+        except Exception:  # the DB may be briefly away; the next beat retries
+            log.exception("heartbeat failed")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.beat()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        try:
+            with db.session_scope() as session:
+                repo = WorkerRepo(session)
+                for queue in self.queues:
+                    repo.remove(self.hostname, queue)
+        except Exception:  # the rows go stale on their own
+            log.exception("could not remove heartbeat rows")
+
+
+_heartbeat: Heartbeat | None = None
+
+
+@signals.worker_process_init.connect(dispatch_uid="featherweight.process_init")
+def _reset_inherited_connections(**_: object) -> None:
+    db.reset_engine(close=False)
+    storage.get_store.cache_clear()
+
+
+@signals.worker_ready.connect(dispatch_uid="featherweight.heartbeat_start")
+def _start_heartbeat(sender: object = None, **_: object) -> None:
+    global _heartbeat
+    app = getattr(sender, "app", None)
+    queues = sorted(app.amqp.queues.consume_from) if app is not None else []
+    hostname = str(getattr(sender, "hostname", "") or "worker")
+    _heartbeat = Heartbeat(hostname, queues, get_settings().worker_heartbeat_seconds)
+    _heartbeat.start()
+    log.info("heartbeat started for %s on %s", hostname, queues)
+
+
+@signals.worker_shutdown.connect(dispatch_uid="featherweight.heartbeat_stop")
+def _stop_heartbeat(**_: object) -> None:
+    global _heartbeat
+    if _heartbeat is not None:
+        _heartbeat.stop()
+        _heartbeat = None

@@ -1,0 +1,245 @@
+"""The Celery task that runs one compression job, and the job lifecycle around the pure pipeline.
+
+``run_job(job_id)`` is thin: it takes an id and calls ``execute_job``. ``execute_job``:
+
+1. claims the job (guarded UPDATE queued -> running); a second delivery of a claimed or finished job
+   finds nothing to claim and returns (idempotent);
+2. fetches the model from storage into a scratch directory;
+3. calls ``worker.pipeline.runner.run`` with a throttled progress callback (at most one DB write per
+   ``progress_min_interval_seconds``, always on a stage change) and a cancel probe that reads the
+   job's state (a job moved out of ``running`` by someone else stops at the next check);
+4. uploads ``model.onnx``, ``report.json`` and ``report.html`` (when written) with their sha256 and
+   records them and the report while moving the job to ``succeeded`` in one transaction; if that
+   transition is refused the uploaded objects are deleted again;
+5. on any error marks the job ``failed`` with the problem ``type`` and ``detail`` and deletes what it
+   uploaded; the scratch directory is always removed.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from celery import shared_task
+from celery.exceptions import SoftTimeLimitExceeded
+
+from core.db import session_scope
+from core.errors import FeatherweightError, InvalidTransition, PipelineError
+from core.models import JobState
+from core.queue import TASK_RUN_JOB
+from core.recipe import parse_recipe
+from core.repos import ArtifactRepo, JobRepo, ModelRepo
+from core.settings import Settings, get_settings
+from core.storage import ObjectStore, get_store
+
+log = logging.getLogger("featherweight.worker")
+
+# (artifact name, file the pipeline writes in its workdir, content type)
+ARTIFACT_FILES: tuple[tuple[str, str, str], ...] = (
+    ("model", "model.onnx", "application/octet-stream"),
+    ("report.json", "report.json", "application/json"),
+    ("report.html", "report.html", "text/html; charset=utf-8"),
+)
+CANCEL_CHECK_SECONDS = 2.0
+
+
+@shared_task(name=TASK_RUN_JOB, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def run_job(self, job_id: str) -> None:  # noqa: ANN001 - Celery's bound task
+    execute_job(job_id, worker=str(self.request.hostname or socket.gethostname()))
+
+
+@dataclass(frozen=True)
+class StoredArtifact:
+    name: str
+    key: str
+    size: int
+    sha256: str
+    content_type: str
+
+
+def execute_job(job_id: str, worker: str, settings: Settings | None = None, store: ObjectStore | None = None) -> str:
+    """Run job ``job_id`` to a terminal state; return the state it ended in (or the state it was found in)."""
+    settings = settings or get_settings()
+    store = store or get_store()
+    with session_scope() as session:
+        jobs = JobRepo(session)
+        if not jobs.claim(job_id, worker):
+            found = jobs.find(job_id)
+            state = found.state if found else "missing"
+            log.info("job %s not claimed (state %s): duplicate delivery or already handled", job_id, state)
+            return state
+
+    settings.scratch_dir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f"job-{job_id}-", dir=settings.scratch_dir))
+    uploaded: list[StoredArtifact] = []
+    try:
+        from worker.pipeline.runner import run as run_pipeline
+        from worker.pipeline.step import StepCancelled
+
+        try:
+            with session_scope() as session:
+                job = JobRepo(session).get(job_id)
+                recipe_data, target = job.recipe, job.target
+                model_key = ModelRepo(session).get(job.model_id).storage_key
+            _progress(job_id, 0.0, "fetching the model")
+            model_path = scratch / "input" / "model.onnx"
+            model_path.parent.mkdir()
+            store.get_file(model_key, model_path)
+            result = run_pipeline(
+                model_path, parse_recipe(recipe_data), calibration=None, evaluation=None, target=target,
+                workdir=scratch / "out", progress=ThrottledProgress(job_id, settings.progress_min_interval_seconds),
+                cancelled=CancelProbe(job_id),
+            )
+            _progress(job_id, 1.0, "uploading artifacts")
+            uploaded = _upload(store, job_id, result.model_path.parent, result.model_path)
+            report = json_safe(result.report)
+            with session_scope() as session:
+                artifacts = ArtifactRepo(session)
+                for item in uploaded:
+                    artifacts.add(job_id, item.name, item.key, item.size, item.sha256, item.content_type)
+                JobRepo(session).transition(job_id, JobState.SUCCEEDED, progress=1.0, report=report)
+            log.info("job %s succeeded", job_id)
+            return JobState.SUCCEEDED.value
+        except StepCancelled:
+            log.info("job %s stopped: it left the running state", job_id)
+            _delete(store, uploaded)
+            return _current_state(job_id)
+        except InvalidTransition as exc:
+            log.warning("job %s finished but could not be marked succeeded: %s", job_id, exc)
+            _delete(store, uploaded)
+            return _current_state(job_id)
+        except SoftTimeLimitExceeded:
+            _delete(store, uploaded)
+            return _fail(job_id, PipelineError(f"the job passed its time limit of {settings.task_soft_time_limit} s"))
+        except FeatherweightError as exc:
+            _delete(store, uploaded)
+            return _fail(job_id, exc)
+        except Exception as exc:  # the job must end failed whatever went wrong; the log keeps the traceback
+            log.exception("job %s failed unexpectedly", job_id)
+            _delete(store, uploaded)
+            return _fail(job_id, PipelineError(f"{type(exc).__name__}: {exc}"))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _upload(store: ObjectStore, job_id: str, workdir: Path, model_path: Path) -> list[StoredArtifact]:
+    stored: list[StoredArtifact] = []
+    try:
+        for name, filename, content_type in ARTIFACT_FILES:
+            path = model_path if name == "model" else workdir / filename
+            if not path.is_file():
+                continue
+            key = f"jobs/{job_id}/{filename}"
+            size, digest = file_digest(path)
+            store.put_file(key, path, content_type)
+            stored.append(StoredArtifact(name, key, size, digest, content_type))
+    except BaseException:
+        _delete(store, stored)
+        raise
+    return stored
+
+
+def _delete(store: ObjectStore, artifacts: list[StoredArtifact]) -> None:
+    for item in artifacts:
+        try:
+            store.delete(item.key)
+        except Exception:  # best effort: the job's failure is the error worth reporting
+            log.exception("could not delete %s", item.key)
+
+
+def _fail(job_id: str, exc: FeatherweightError) -> str:
+    error = {"type": exc.type, "title": exc.title, "detail": exc.detail, "errors": exc.to_problem()["errors"]}
+    try:
+        with session_scope() as session:
+            JobRepo(session).transition(job_id, JobState.FAILED, error=error, message=exc.detail[:2000])
+    except InvalidTransition:
+        return _current_state(job_id)
+    log.info("job %s failed: %s", job_id, exc.detail)
+    return JobState.FAILED.value
+
+
+def _current_state(job_id: str) -> str:
+    with session_scope() as session:
+        job = JobRepo(session).find(job_id)
+        return job.state if job else "missing"
+
+
+def _progress(job_id: str, fraction: float, stage: str) -> bool:
+    with session_scope() as session:
+        return JobRepo(session).set_progress(job_id, fraction, stage)
+
+
+class ThrottledProgress:
+    """The pipeline's progress callback: writes to the DB on a stage change or every ``interval`` s."""
+
+    def __init__(self, job_id: str, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.job_id = job_id
+        self.interval = interval
+        self.clock = clock
+        self.last_write = -math.inf
+        self.last_stage: str | None = None
+
+    def __call__(self, fraction: float, stage: str) -> None:
+        now = self.clock()
+        if stage == self.last_stage and now - self.last_write < self.interval:
+            return
+        self.last_write, self.last_stage = now, stage
+        try:
+            _progress(self.job_id, fraction, stage)
+        except Exception:  # progress is advisory; a DB hiccup must not fail the compression
+            log.exception("could not record progress of job %s", self.job_id)
+
+
+class CancelProbe:
+    """The pipeline's ``cancelled`` callback: true once the job is no longer ``running`` (read every 2 s)."""
+
+    def __init__(self, job_id: str, interval: float = CANCEL_CHECK_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
+        self.job_id = job_id
+        self.interval = interval
+        self.clock = clock
+        self.last_check = -math.inf
+        self.stopped = False
+
+    def __call__(self) -> bool:
+        now = self.clock()
+        if self.stopped or now - self.last_check < self.interval:
+            return self.stopped
+        self.last_check = now
+        try:
+            self.stopped = _current_state(self.job_id) != JobState.RUNNING.value
+        except Exception:  # cannot read the state: keep working, the next check may succeed
+            log.exception("could not read the state of job %s", self.job_id)
+        return self.stopped
+
+
+def file_digest(path: Path) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1024 * 1024):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def json_safe(value: Any) -> Any:
+    """The report as plain JSON values: numpy scalars to Python, NaN/Inf to None (Postgres JSON refuses them)."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
