@@ -1,0 +1,150 @@
+"""``featherweight compress``: the pipeline on one local file, no server (CONTRACT.md §3).
+
+    featherweight compress MODEL.onnx --recipe R.yaml [--calibration C.npz] [--eval E.npz]
+                           [--target cpu-x86|cpu-arm|gpu] -o OUT.onnx [--report REPORT.json]
+
+Bad input (a recipe, data set or model that cannot be used) prints one line,
+``featherweight: error: <file>: <field path>: <message>``, and exits 2; a failure of the
+compression itself exits 1. Nothing is left at ``-o`` unless the run succeeded: the model is built
+in a scratch directory beside it and renamed into place at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class _BadInput(Exception):
+    def __init__(self, file: str, loc: list[Any], message: str):
+        super().__init__(message)
+        self.file, self.loc, self.message = file, loc, message
+
+    def line(self) -> str:
+        where = ".".join(str(part) for part in self.loc)
+        parts = [self.file] + ([where] if where else []) + [self.message]
+        return "featherweight: error: " + ": ".join(parts)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL.onnx", help="the ONNX model to compress")
+    parser.add_argument("--recipe", required=True, metavar="RECIPE.yaml", help="recipe, YAML or JSON (CONTRACT.md §1)")
+    parser.add_argument("--calibration", metavar="CAL.npz", help="calibration data (CONTRACT.md §2)")
+    parser.add_argument("--eval", dest="evaluation", metavar="EVAL.npz", help="evaluation data for the report")
+    parser.add_argument("--target", default=None, choices=("cpu-x86", "cpu-arm", "gpu"),
+                        help="where the model will run (default: this machine's CPU)")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="where to write the compressed model")
+    parser.add_argument("--report", metavar="REPORT.json", help="also write the report here")
+
+
+def _load_recipe(path: str):
+    from core.errors import RecipeError
+    from core.recipe import MAX_RECIPE_BYTES, parse_recipe
+
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read(MAX_RECIPE_BYTES + 1)
+    except OSError as exc:
+        raise _BadInput(path, [], exc.strerror or str(exc)) from None
+    try:
+        return parse_recipe(text)
+    except RecipeError as exc:
+        first = exc.errors[0] if exc.errors else {"loc": [], "msg": exc.detail}
+        raise _BadInput(path, list(first["loc"]), first["msg"]) from None
+
+
+def _load_data(path: str | None) -> dict | None:
+    if path is None:
+        return None
+    from worker.pipeline.data import load_npz
+
+    try:
+        return load_npz(path)
+    except (OSError, ValueError, EOFError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise _BadInput(path, [], f"not a readable .npz without pickles: {message}") from None
+
+
+def _relocate_external_data(model_file: Path, output: Path) -> list[Path]:
+    """A model written with external data names ``model.onnx.data``; rename that file after the
+    output and point the model at it. Returns the data files in their final names (to rename)."""
+    import onnx
+
+    data_file = model_file.with_name(model_file.name + ".data")
+    if not data_file.exists():
+        return []
+    model = onnx.load(str(model_file), load_external_data=False)
+    new_location = output.name + ".data"
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = new_location
+    onnx.save_model(model, str(model_file))
+    return [data_file]
+
+
+def main(args: argparse.Namespace) -> int:
+    from core.errors import FeatherweightError, InvalidInput
+    from core.targets import native_target
+    from worker.pipeline import runner
+    from worker.pipeline.report import write_report
+
+    output = Path(args.output)
+    files = {"calibration": args.calibration, "evaluation": args.evaluation, "recipe": args.recipe,
+             "model": args.model, "target": "--target"}
+    try:
+        recipe = _load_recipe(args.recipe)
+        calibration = _load_data(args.calibration)
+        evaluation = _load_data(args.evaluation)
+        if not Path(args.model).is_file():
+            raise _BadInput(args.model, [], "no such file")
+        if not output.parent.is_dir():
+            raise _BadInput(str(output), [], "the output's directory does not exist")
+        target = args.target or native_target().value
+        scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+        try:
+            result = runner.run(Path(args.model), recipe, calibration=calibration, evaluation=evaluation,
+                                target=target, workdir=scratch)
+            data_files = _relocate_external_data(result.model_path, output)
+            for data_file in data_files:
+                data_file.replace(output.with_name(output.name + ".data"))
+            if args.report:
+                write_report(result.report, args.report)
+            result.model_path.replace(output)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    except _BadInput as exc:
+        print(exc.line(), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except InvalidInput as exc:
+        first = exc.errors[0] if exc.errors else {"loc": [], "msg": exc.detail}
+        loc = list(first.get("loc", []))
+        head = loc[0] if loc else None
+        if head in ("calibration", "evaluation", "target", "model"):
+            file, loc = files[head] or head, loc[1:]
+        else:
+            file = args.recipe
+        print(_BadInput(str(file), loc, str(first.get("msg") or exc.detail)).line(), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except FeatherweightError as exc:
+        print(f"featherweight: compression failed: {exc.detail}", file=sys.stderr)
+        return EXIT_FAILED
+    summary = {key: result.report.get(key) for key in ("size_ratio", "transport_size_ratio", "latency_ratio", "fidelity")}
+    print(json.dumps({"output": str(output), **summary}))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="featherweight compress", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main(build_parser().parse_args()))

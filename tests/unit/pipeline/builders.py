@@ -1,0 +1,174 @@
+"""Small ONNX models built with onnx.helper for the pipeline tests (DESIGN.md house rule 5).
+
+Each builder returns a ModelProto with fixed-seed weights, a dynamic batch axis named "batch"
+unless said otherwise, and every node named.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+def _model(nodes, inputs, outputs, inits, opset: int = OPSET) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _w(rng: np.random.Generator, *shape: int, scale: float | None = None) -> np.ndarray:
+    fan_in = shape[0] if len(shape) == 2 else int(np.prod(shape[1:]))
+    return (rng.standard_normal(shape) * (scale if scale is not None else 1.0 / np.sqrt(fan_in))).astype(np.float32)
+
+
+def mlp(inputs: int = 128, hidden: int = 256, classes: int = 16, seed: int = 0, batch="batch",
+        constants: bool = False, opset: int = OPSET) -> onnx.ModelProto:
+    """x[batch, inputs] -> MatMul W1 + b1 -> Relu -> MatMul W2 + b2 -> logits[batch, classes].
+    ``constants``: the weights sit in Constant nodes (as converters write them)."""
+    rng = np.random.default_rng(seed)
+    arrays = {"W1": _w(rng, inputs, hidden), "b1": _w(rng, hidden, scale=0.1),
+              "W2": _w(rng, hidden, classes), "b2": _w(rng, classes, scale=0.1)}
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h0"], name="fc1"),
+        helper.make_node("Add", ["h0", "b1"], ["h1"], name="fc1_bias"),
+        helper.make_node("Relu", ["h1"], ["h2"], name="relu"),
+        helper.make_node("MatMul", ["h2", "W2"], ["h3"], name="fc2"),
+        helper.make_node("Add", ["h3", "b2"], ["logits"], name="fc2_bias"),
+    ]
+    if constants:
+        consts = [helper.make_node("Constant", [], [name], name=f"const_{name}",
+                                   value=numpy_helper.from_array(value, name)) for name, value in arrays.items()]
+        nodes, inits = consts + nodes, []
+    else:
+        inits = [numpy_helper.from_array(v, k) for k, v in arrays.items()]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, inputs])],
+                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])], inits, opset)
+
+
+def cnn_bn(seed: int = 0) -> onnx.ModelProto:
+    """x[batch, 1, 8, 8] -> Conv 3x3 (8) -> BN -> Relu -> Conv 3x3 (32) -> BN -> Relu
+    -> GlobalAveragePool -> Flatten -> Gemm(transB) -> logits[batch, 10]."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(_w(rng, 8, 1, 3, 3), "conv1.W"),
+        numpy_helper.from_array(_w(rng, 32, 8, 3, 3), "conv2.W"),
+        numpy_helper.from_array(_w(rng, 10, 32), "fc.W"),
+        numpy_helper.from_array(np.zeros(10, np.float32), "fc.b"),
+    ]
+    for name, channels in (("bn1", 8), ("bn2", 32)):
+        inits += [
+            numpy_helper.from_array((1 + 0.1 * rng.standard_normal(channels)).astype(np.float32), f"{name}.scale"),
+            numpy_helper.from_array((0.1 * rng.standard_normal(channels)).astype(np.float32), f"{name}.bias"),
+            numpy_helper.from_array((0.1 * rng.standard_normal(channels)).astype(np.float32), f"{name}.mean"),
+            numpy_helper.from_array((1 + 0.1 * rng.random(channels)).astype(np.float32), f"{name}.var"),
+        ]
+    nodes = [
+        helper.make_node("Conv", ["x", "conv1.W"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c1", "bn1.scale", "bn1.bias", "bn1.mean", "bn1.var"], ["n1"], name="bn1"),
+        helper.make_node("Relu", ["n1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "conv2.W"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c2", "bn2.scale", "bn2.bias", "bn2.mean", "bn2.var"], ["n2"], name="bn2"),
+        helper.make_node("Relu", ["n2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fc.W", "fc.b"], ["logits"], name="fc", transB=1),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 8, 8])],
+                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], inits)
+
+
+def attention(d: int = 64, seq: int = 8, seed: int = 0) -> onnx.ModelProto:
+    """One self-attention block: x[batch, seq, d] -> Q, K, V projections -> softmax(QK^T/sqrt(d)) V
+    -> output projection -> residual -> LayerNormalization -> y[batch, seq, d]."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(_w(rng, d, d), f"{n}.W") for n in ("q", "k", "v", "o")]
+    inits += [numpy_helper.from_array(np.array(1.0 / np.sqrt(d), np.float32), "inv_sqrt_d"),
+              numpy_helper.from_array(np.ones(d, np.float32), "ln.scale"),
+              numpy_helper.from_array(np.zeros(d, np.float32), "ln.bias")]
+    nodes = [
+        helper.make_node("MatMul", ["x", "q.W"], ["q"], name="q_proj"),
+        helper.make_node("MatMul", ["x", "k.W"], ["k"], name="k_proj"),
+        helper.make_node("MatMul", ["x", "v.W"], ["v"], name="v_proj"),
+        helper.make_node("Transpose", ["k"], ["kt"], name="k_t", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["s0"], name="scores"),
+        helper.make_node("Mul", ["s0", "inv_sqrt_d"], ["s1"], name="scale"),
+        helper.make_node("Softmax", ["s1"], ["a"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["a", "v"], ["ctx"], name="context"),
+        helper.make_node("MatMul", ["ctx", "o.W"], ["o"], name="o_proj"),
+        helper.make_node("Add", ["o", "x"], ["res"], name="residual"),
+        helper.make_node("LayerNormalization", ["res", "ln.scale", "ln.bias"], ["y"], name="ln", axis=-1),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", seq, d])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", seq, d])], inits)
+
+
+def embedding_gru(vocab: int = 256, dim: int = 32, hidden: int = 32, classes: int = 4, seq: int = 6,
+                  seed: int = 0) -> onnx.ModelProto:
+    """ids[batch, seq] int64 -> Gather(table[vocab, dim]) -> [seq, batch, dim] -> GRU(hidden)
+    -> last hidden [batch, hidden] -> MatMul W[hidden, classes] + b -> logits[batch, classes]."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(_w(rng, vocab, dim, scale=1.0), "embedding"),
+        numpy_helper.from_array(_w(rng, 1, 3 * hidden, dim, scale=0.3), "gru.W"),
+        numpy_helper.from_array(_w(rng, 1, 3 * hidden, hidden, scale=0.3), "gru.R"),
+        numpy_helper.from_array(_w(rng, 1, 6 * hidden, scale=0.1), "gru.B"),
+        numpy_helper.from_array(_w(rng, hidden, 4 * classes * 8), "head.W1"),
+        numpy_helper.from_array(_w(rng, 4 * classes * 8, classes), "head.W2"),
+        numpy_helper.from_array(np.array([0], np.int64), "axes0"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["embedding", "ids"], ["e"], name="embed", axis=0),
+        helper.make_node("Transpose", ["e"], ["et"], name="to_time_major", perm=[1, 0, 2]),
+        helper.make_node("GRU", ["et", "gru.W", "gru.R", "gru.B"], ["", "h"], name="gru", hidden_size=hidden),
+        helper.make_node("Squeeze", ["h", "axes0"], ["hs"], name="squeeze"),
+        helper.make_node("MatMul", ["hs", "head.W1"], ["z0"], name="head1"),
+        helper.make_node("Relu", ["z0"], ["z1"], name="head_relu"),
+        helper.make_node("MatMul", ["z1", "head.W2"], ["logits"], name="head2"),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", seq])],
+                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])], inits)
+
+
+def shared_weight(d: int = 64, seed: int = 0) -> onnx.ModelProto:
+    """One weight W[d, d] read by two MatMuls: y = relu(x W) W."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h0"], name="first"),
+        helper.make_node("Relu", ["h0"], ["h1"], name="relu"),
+        helper.make_node("MatMul", ["h1", "W"], ["y"], name="second"),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", d])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", d])],
+                  [numpy_helper.from_array(_w(rng, d, d), "W")])
+
+
+def save_external(model: onnx.ModelProto, path) -> None:
+    """Save with every tensor in ``<name>.data`` beside the model."""
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=0)
+
+
+def random_inputs(model: onnx.ModelProto, count: int = 16, seed: int = 1) -> dict[str, np.ndarray]:
+    """Concatenated samples for every input (floats N(0, 1), ids in 0..9)."""
+    from worker.pipeline.data import generated
+
+    return dict(generated(model, count=count, seed=seed).arrays)
+
+
+def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def rel_l2(a, b) -> float:
+    a = np.concatenate([np.asarray(x, np.float64).ravel() for x in a])
+    b = np.concatenate([np.asarray(x, np.float64).ravel() for x in b])
+    return float(np.linalg.norm(b - a) / np.linalg.norm(a))

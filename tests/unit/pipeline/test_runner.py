@@ -1,0 +1,151 @@
+"""worker.pipeline.runner: checks before work, steps in order with progress and cancellation,
+the output contract, and the CONTRACT §4 report."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from core.errors import InvalidInput, InvalidModel, RecipeError
+from core.recipe import parse_recipe
+from tests.unit.pipeline import builders
+from worker.pipeline import runner
+from worker.pipeline.step import StepCancelled
+
+FAST = {"latency_runs": 5, "latency_budget_s": 1.0}
+INT8 = {"steps": [{"op": "quantize", "weights": {"bits": 8}}]}
+
+
+@pytest.fixture
+def mlp_path(tmp_path: Path) -> Path:
+    path = tmp_path / "mlp.onnx"
+    onnx.save_model(builders.mlp(), str(path))
+    return path
+
+
+def test_report_has_every_contract_field(mlp_path: Path, tmp_path: Path):
+    stages = []
+    result = runner.run(mlp_path, parse_recipe(INT8), workdir=tmp_path / "work", options=FAST,
+                        progress=lambda fraction, stage: stages.append((fraction, stage)))
+    report = result.report
+    assert result.model_path == tmp_path / "work" / "model.onnx" and result.model_path.exists()
+    assert (tmp_path / "work" / "report.json").exists()
+    for side in ("original", "compressed"):
+        assert set(report[side]) >= {"bytes", "params", "macs", "latency_ms"}
+        assert report[side]["latency_ms"]["p50"] > 0 and report[side]["latency_ms"]["p95"] >= report[side]["latency_ms"]["p50"]
+    assert report["compressed"]["nonzero_params"] <= report["compressed"]["params"]
+    # MACs of one sample: 128*256 + 256*16, unchanged by weight-only quantization
+    assert report["original"]["macs"] == 128 * 256 + 256 * 16 == report["compressed"]["macs"]
+    assert report["original"]["params"] == 128 * 256 + 256 + 256 * 16 + 16
+    assert report["size_ratio"] >= 3.5
+    assert report["transport_size_ratio"] > 1.0
+    assert report["fidelity_data"] == "generated"
+    assert set(report["fidelity"]) == {"rel_l2", "cosine", "top1_agreement"}
+    assert report["fidelity"]["rel_l2"] < 0.03 and report["fidelity"]["cosine"] > 0.999
+    assert report["accuracy"] is None
+    assert report["provider"] == "CPUExecutionProvider" and report["target"] == "cpu-x86"
+    assert [s["op"] for s in report["steps"]] == ["quantize"] and report["steps"][0]["seconds"] > 0
+    assert report["steps"][0]["formats"] == {"W1": "qdq", "W2": "qdq"}
+    layers = {row["name"]: row for row in report["layers"]}
+    assert set(layers) == {"W1", "W2"}
+    for row in layers.values():
+        assert row["bits"] == 8 and row["sqnr_db"] > 35 and 0 <= row["output_rel_l2"] < 0.03
+    assert layers["W1"]["params"] == 128 * 256 and layers["W1"]["op"] == "MatMul"
+    assert stages[0] == (0.0, "step 1/1: quantize") and stages[-1] == (1.0, "done")
+    assert [f for f, _ in stages] == sorted(f for f, _ in stages)
+
+
+def test_evaluation_data_with_labels_gives_accuracy(mlp_path: Path, tmp_path: Path):
+    model = builders.mlp()
+    evaluation = builders.random_inputs(model, count=40)
+    evaluation["_labels"] = np.argmax(builders.run_ort(model, evaluation)[0], axis=1)
+    report = runner.run(mlp_path, parse_recipe(INT8), evaluation=evaluation, workdir=tmp_path / "w",
+                        options=FAST).report
+    assert report["fidelity_data"] == "evaluation" and report["fidelity_samples"] == 40
+    assert report["accuracy"]["original"] == 1.0
+    assert report["accuracy"]["compressed"] >= 0.9
+    assert report["fidelity"]["top1_agreement"] == report["accuracy"]["compressed"]
+
+
+def test_calibration_needed_but_missing_is_refused_with_the_field_path(mlp_path: Path, tmp_path: Path):
+    recipe = parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 4, "granularity": "block"},
+                                      "method": "gptq"}]})
+    with pytest.raises(RecipeError) as info:
+        runner.run(mlp_path, recipe, workdir=tmp_path / "w")
+    assert info.value.errors[0]["loc"] == ["steps", 0, "method"]
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("arrays, loc", [
+    ({"x": np.zeros((4, 100), np.float32)}, ["calibration", "x"]),        # wrong feature size
+    ({"x": np.zeros((4,), np.float32)}, ["calibration", "x"]),            # wrong rank
+    ({"x": np.zeros((4, 128), np.float32), "y": np.zeros(4)}, ["calibration", "y"]),   # unknown name
+    ({"x": np.full((4, 128), np.nan, np.float32)}, ["calibration", "x"]),
+])
+def test_calibration_that_does_not_fit_is_refused_before_work(mlp_path, tmp_path, monkeypatch, arrays, loc):
+    from worker.pipeline.quant import weight_only
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("work started before the data was checked")
+
+    monkeypatch.setattr(weight_only, "quantize_weights", must_not_run)
+    with pytest.raises(InvalidInput) as info:
+        runner.run(mlp_path, parse_recipe(INT8), calibration=arrays, workdir=tmp_path / "w")
+    assert info.value.errors[0]["loc"] == loc
+    assert not (tmp_path / "w" / "model.onnx").exists()
+
+
+def test_evaluation_data_is_checked_too(mlp_path, tmp_path):
+    with pytest.raises(InvalidInput) as info:
+        runner.run(mlp_path, parse_recipe(INT8), evaluation={"x": np.zeros((3, 5), np.float32)}, workdir=tmp_path)
+    assert info.value.errors[0]["loc"] == ["evaluation", "x"]
+
+
+def test_a_step_matching_no_weight_is_refused_with_its_path(mlp_path, tmp_path):
+    recipe = parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 8}, "include": ["nothing*"]}]})
+    with pytest.raises(RecipeError) as info:
+        runner.run(mlp_path, recipe, workdir=tmp_path)
+    assert info.value.errors[0]["loc"] == ["steps", 0, "include"]
+    recipe = parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 8}, "min_params": 10**9}]})
+    with pytest.raises(RecipeError) as info:
+        runner.run(mlp_path, recipe, workdir=tmp_path)
+    assert info.value.errors[0]["loc"] == ["steps", 0, "min_params"]
+
+
+def test_unknown_target_and_unloadable_model(mlp_path, tmp_path):
+    with pytest.raises(InvalidInput) as info:
+        runner.run(mlp_path, parse_recipe(INT8), target="tpu", workdir=tmp_path)
+    assert info.value.errors[0]["loc"] == ["target"]
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00not a model" * 10)
+    with pytest.raises(InvalidModel):
+        runner.run(junk, parse_recipe(INT8), workdir=tmp_path / "w")
+
+
+def test_cancelled_between_steps(mlp_path, tmp_path):
+    recipe = parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 8}, "include": ["W1"]},
+                                     {"op": "quantize", "weights": {"bits": 8}, "include": ["W2"]}]})
+    calls = {"n": 0}
+
+    def cancelled() -> bool:      # checked before step 1 (False), then before step 2 (True)
+        calls["n"] += 1
+        return calls["n"] >= 2
+
+    stages = []
+    with pytest.raises(StepCancelled):
+        runner.run(mlp_path, recipe, workdir=tmp_path / "w", cancelled=cancelled,
+                   progress=lambda f, s: stages.append(s))
+    assert "step 1/2: quantize" in stages and "step 2/2: quantize" not in stages
+    assert not (tmp_path / "w" / "model.onnx").exists()
+
+
+def test_two_steps_progress_and_report(mlp_path, tmp_path):
+    recipe = parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 8}, "include": ["W1"]},
+                                     {"op": "quantize", "weights": {"bits": 8}, "include": ["W2"]}]})
+    stages = []
+    report = runner.run(mlp_path, recipe, workdir=tmp_path / "w", options=FAST,
+                        progress=lambda f, s: stages.append((round(f, 3), s))).report
+    assert (0.0, "step 1/2: quantize") in stages and (0.4, "step 2/2: quantize") in stages
+    assert len(report["steps"]) == 2 and {row["name"] for row in report["layers"]} == {"W1", "W2"}

@@ -1,0 +1,443 @@
+"""What the report measures (CONTRACT.md §4): bytes, params, MACs, latency, fidelity, accuracy,
+and the per-layer weight and output error.
+
+Every measure reads the model from disk or walks its protobuf without copying the weights:
+sessions are built from the saved file, shapes are inferred on a skeleton that holds only the
+small initializers, and zstd streams the file.
+
+Definitions:
+- ``params``: elements over every initializer and Constant tensor (subgraphs included), counted
+  unpacked (an int4 tensor of 64 values is 64 params). ``nonzero_params``: those not equal to zero
+  (for a quantized tensor: stored values not equal to zero).
+- ``macs``: multiply-accumulates for one sample (symbolic dims taken as 1) of Conv, ConvTranspose,
+  Gemm, MatMul, their quantized and fused forms (QLinearConv, ConvInteger, QLinearMatMul,
+  MatMulInteger, MatMulIntegerToFloat, DynamicQuantizeMatMul, FusedMatMul, MatMulNBits) and the
+  recurrent cells (LSTM: 4, GRU: 3, RNN: 1 gates of ``H * (I + H)`` per step and direction).
+- fidelity over all outputs of all samples concatenated into one vector y (original) and y'
+  (compressed): ``rel_l2 = ||y' - y|| / ||y||``, ``cosine = <y, y'> / (||y|| ||y'||)``;
+  ``top1_agreement`` over 2-D float outputs ``[N, C]`` with C > 1 (argmax equal, averaged).
+- accuracy: argmax of the first 2-D float output against ``_labels``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+from worker.pipeline import graph
+from worker.pipeline.data import Dataset
+
+SKELETON_MAX_ELEMENTS = 4096   # initializers at most this big stay in the shape-inference skeleton
+
+
+# ---------------------------------------------------------------------------- files and bytes
+
+
+def model_files(path: str | Path) -> list[Path]:
+    """The .onnx file and every external-data file it names (each once)."""
+    path = Path(path)
+    files = [path]
+    model = onnx.load(str(path), load_external_data=False)
+    seen: set[str] = set()
+    for tensor in _all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+            if location and location not in seen:
+                seen.add(location)
+                candidate = path.parent / location
+                if candidate.exists():
+                    files.append(candidate)
+    return files
+
+
+def file_bytes(path: str | Path) -> int:
+    return sum(f.stat().st_size for f in model_files(path))
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def write(self, data: bytes) -> int:
+        self.count += len(data)
+        return len(data)
+
+
+def zstd_bytes(path: str | Path, level: int = 3) -> int:
+    """Bytes of the model's files after zstd at ``level`` (streamed; nothing held whole)."""
+    import zstandard
+
+    total = 0
+    for file in model_files(path):
+        counter = _Counter()
+        compressor = zstandard.ZstdCompressor(level=level)
+        with open(file, "rb") as source:
+            compressor.copy_stream(source, counter)
+        total += counter.count
+    return total
+
+
+# ---------------------------------------------------------------------------- params
+
+
+def _subgraphs(node: onnx.NodeProto) -> Iterable[onnx.GraphProto]:
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def _graph_tensors(g: onnx.GraphProto) -> Iterable[onnx.TensorProto]:
+    yield from g.initializer
+    for node in g.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+        for sub in _subgraphs(node):
+            yield from _graph_tensors(sub)
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterable[onnx.TensorProto]:
+    yield from _graph_tensors(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            if node.op_type == "Constant":
+                for attr in node.attribute:
+                    if attr.type == onnx.AttributeProto.TENSOR:
+                        yield attr.t
+
+
+def tensor_values(tensor: onnx.TensorProto, base_dir: str | Path | None = None) -> np.ndarray:
+    """The tensor's values as a plain numpy array (sub-byte types widened to int8 / uint8)."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL and base_dir is not None:
+        loaded = onnx.TensorProto()
+        loaded.CopyFrom(tensor)
+        onnx.external_data_helper.load_external_data_for_tensor(loaded, str(base_dir))
+        tensor = loaded
+    array = numpy_helper.to_array(tensor)
+    if array.dtype.kind == "V" or array.dtype.name in ("int4", "int2", "uint4", "uint2", "float4_e2m1"):
+        name = array.dtype.name
+        array = array.astype(np.uint8 if name.startswith("uint") else (np.float32 if "float" in name else np.int8))
+    return array
+
+
+def param_counts(model: onnx.ModelProto, base_dir: str | Path | None = None) -> tuple[int, int]:
+    """(params, nonzero params) over initializers and Constant tensors, subgraphs included."""
+    params = nonzero = 0
+    for tensor in _all_tensors(model):
+        count = int(np.prod(tensor.dims)) if tensor.dims else 1
+        params += count
+        if tensor.data_type == onnx.TensorProto.STRING:
+            nonzero += count
+            continue
+        try:
+            values = tensor_values(tensor, base_dir)
+        except Exception:   # a tensor whose data cannot be read counts as dense
+            nonzero += count
+            continue
+        nonzero += int(np.count_nonzero(values))
+    return params, nonzero
+
+
+# ---------------------------------------------------------------------------- MACs
+
+
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` for shape inference that holds only small initializers; the big ones
+    become graph inputs of the same type and shape, so no weight is copied."""
+    g = onnx.GraphProto()
+    g.name = model.graph.name
+    g.node.extend(model.graph.node)
+    g.input.extend(model.graph.input)
+    g.output.extend(model.graph.output)
+    g.value_info.extend(model.graph.value_info)
+    listed = {value.name for value in model.graph.input}
+    for tensor in model.graph.initializer:
+        count = int(np.prod(tensor.dims)) if tensor.dims else 1
+        if count <= SKELETON_MAX_ELEMENTS and tensor.data_location != onnx.TensorProto.EXTERNAL:
+            g.initializer.append(tensor)
+        elif tensor.name not in listed:
+            g.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    sk = onnx.ModelProto()
+    sk.ir_version = model.ir_version
+    sk.opset_import.extend(model.opset_import)
+    sk.functions.extend(model.functions)
+    sk.graph.CopyFrom(g)
+    return sk
+
+
+def _fix_symbolic(model: onnx.ModelProto, batch: int = 1) -> None:
+    for value in model.graph.input:
+        for dim in value.type.tensor_type.shape.dim:
+            if not dim.HasField("dim_value"):
+                dim.dim_value = batch
+
+
+def inferred_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """name -> shape for every tensor shape inference could make concrete (symbolic dims = 1)."""
+    sk = skeleton(model)
+    _fix_symbolic(sk)
+    try:
+        sk = onnx.shape_inference.infer_shapes(sk, data_prop=True)
+    except Exception:
+        try:
+            sk = onnx.shape_inference.infer_shapes(sk)
+        except Exception:
+            pass
+    shapes: dict[str, tuple[int, ...]] = {}
+    for value in list(sk.graph.input) + list(sk.graph.value_info) + list(sk.graph.output):
+        tensor_type = value.type.tensor_type
+        if not tensor_type.HasField("shape"):
+            continue
+        dims = []
+        for dim in tensor_type.shape.dim:
+            dims.append(dim.dim_value if dim.HasField("dim_value") else 1)
+        shapes[value.name] = tuple(dims)
+    for tensor in model.graph.initializer:
+        shapes[tensor.name] = tuple(tensor.dims)
+    return shapes
+
+
+def _prod(values: Sequence[int]) -> int:
+    return int(np.prod(values, dtype=np.int64)) if len(values) else 1
+
+
+def node_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int:
+    """Multiply-accumulates of one node from its inferred shapes (0 when unknown or not counted)."""
+    op = node.op_type
+    out = shapes.get(node.output[0]) if node.output else None
+    get = lambda i: shapes.get(node.input[i]) if len(node.input) > i and node.input[i] else None  # noqa: E731
+    if op in ("MatMul", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
+              "FusedMatMul", "MatMulNBits", "MatMulBnb4", "MatMulFpQ4"):
+        a = get(0)
+        if out is None or a is None or not a:
+            return 0
+        if op == "MatMulNBits":
+            k = graph.attribute(node, "K", a[-1])
+        elif op == "FusedMatMul" and graph.attribute(node, "transA", 0) and len(a) >= 2:
+            k = a[-2]
+        else:
+            k = a[-1]
+        return _prod(out) * int(k)
+    if op == "Gemm":
+        a = get(0)
+        if out is None or a is None or len(a) != 2:
+            return 0
+        k = a[0] if graph.attribute(node, "transA", 0) else a[1]
+        return _prod(out) * int(k)
+    if op in ("Conv", "ConvInteger", "QLinearConv"):
+        w = get(3 if op == "QLinearConv" else 1)
+        if out is None or w is None or len(w) < 3:
+            return 0
+        return _prod(out) * _prod(w[1:])
+    if op == "ConvTranspose":
+        x, w = get(0), get(1)
+        if x is None or w is None or len(w) < 3:
+            return 0
+        group = graph.attribute(node, "group", 1)
+        return _prod(x) * (w[1]) * _prod(w[2:]) if group else 0
+    if op in ("LSTM", "GRU", "RNN"):
+        x = get(0)
+        hidden = graph.attribute(node, "hidden_size")
+        if x is None or len(x) != 3 or not hidden:
+            return 0
+        gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+        directions = 2 if graph.attribute(node, "direction", b"forward") in (b"bidirectional", "bidirectional") else 1
+        layout = graph.attribute(node, "layout", 0)
+        seq, batch = (x[0], x[1]) if layout == 0 else (x[1], x[0])
+        return seq * batch * directions * gates * hidden * (x[2] + hidden)
+    return 0
+
+
+def macs(model: onnx.ModelProto) -> int:
+    shapes = inferred_shapes(model)
+    return sum(node_macs(node, shapes) for node in model.graph.node)
+
+
+# ---------------------------------------------------------------------------- sessions
+
+
+def provider_for(target: str) -> str:
+    """The target's provider where this ONNX Runtime has it, else the CPU provider."""
+    if target == "gpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return "CUDAExecutionProvider"
+    return "CPUExecutionProvider"
+
+
+def session(path: str | Path, provider: str = "CPUExecutionProvider", threads: int = 0) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def session_from_proto(model: onnx.ModelProto, base_dir: str | Path, provider: str = "CPUExecutionProvider",
+                       threads: int = 0) -> ort.InferenceSession:
+    """A session on an in-memory model whose external data (if any) lives in ``base_dir``."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base_dir))
+    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+
+
+def latency(sessions: Sequence[ort.InferenceSession], feeds: dict[str, np.ndarray], *, runs: int = 50,
+            warmup: int = 3, budget_s: float = 10.0) -> list[dict[str, float]]:
+    """p50 / p95 in ms of each session on ``feeds``, runs interleaved so that both see the same
+    machine state; stops early when ``budget_s`` is spent (at least 5 runs each)."""
+    for sess in sessions:
+        for _ in range(warmup):
+            sess.run(None, feeds)
+    times: list[list[float]] = [[] for _ in sessions]
+    start = time.perf_counter()
+    for index in range(runs):
+        for which, sess in enumerate(sessions):
+            t0 = time.perf_counter()
+            sess.run(None, feeds)
+            times[which].append((time.perf_counter() - t0) * 1000.0)
+        if index >= 4 and time.perf_counter() - start > budget_s:
+            break
+    return [{"p50": float(np.percentile(t, 50)), "p95": float(np.percentile(t, 95))} for t in times]
+
+
+# ---------------------------------------------------------------------------- fidelity
+
+
+@dataclass
+class Fidelity:
+    rel_l2: float
+    cosine: float
+    top1_agreement: float | None
+    accuracy_original: float | None
+    accuracy_compressed: float | None
+    samples: int
+
+
+def _is_classifier(array: np.ndarray) -> bool:
+    return array.ndim == 2 and array.shape[1] > 1 and array.dtype.kind == "f"
+
+
+def fidelity(original: ort.InferenceSession, compressed: ort.InferenceSession, data: Dataset, *,
+             batch_size: int = 64, limit: int | None = 512) -> Fidelity:
+    """Compare the two sessions' outputs over ``data`` (see the module docstring for the formulas)."""
+    names = [o.name for o in original.get_outputs()]
+    diff2 = ref2 = out2 = dot = 0.0
+    agree = total = 0
+    correct_o = correct_c = labelled = 0
+    labels_iter = data.label_batches(batch_size, limit) if data.labels is not None else None
+    samples = 0
+    for feeds in data.batches(batch_size, limit):
+        ys = original.run(names, feeds)
+        zs = compressed.run(names, feeds)
+        labels = next(labels_iter) if labels_iter is not None else None
+        first_classifier = True
+        for y, z in zip(ys, zs):
+            y64 = np.asarray(y, dtype=np.float64).ravel()
+            z64 = np.asarray(z, dtype=np.float64).ravel()
+            y64 = np.nan_to_num(y64, nan=0.0, posinf=np.finfo(np.float32).max, neginf=np.finfo(np.float32).min)
+            if y64.shape != z64.shape:
+                raise ValueError(f"output shapes differ: {np.shape(y)} vs {np.shape(z)}")
+            diff = z64 - y64
+            diff2 += float(np.dot(diff, diff)) if np.isfinite(diff).all() else math.inf
+            ref2 += float(np.dot(y64, y64))
+            out2 += float(np.dot(z64, z64)) if np.isfinite(z64).all() else math.inf
+            dot += float(np.dot(y64, z64)) if np.isfinite(z64).all() else 0.0
+            if _is_classifier(np.asarray(y)):
+                ya, za = np.argmax(y, axis=1), np.argmax(z, axis=1)
+                agree += int(np.sum(ya == za))
+                total += ya.shape[0]
+                if first_classifier and labels is not None and labels.shape[0] == ya.shape[0]:
+                    correct_o += int(np.sum(ya == labels))
+                    correct_c += int(np.sum(za == labels))
+                    labelled += ya.shape[0]
+                first_classifier = False
+        samples += next(iter(feeds.values())).shape[0] if data.batchable else 1
+    rel_l2 = math.sqrt(diff2) / math.sqrt(ref2) if ref2 > 0 else (0.0 if diff2 == 0 else math.inf)
+    if ref2 > 0 and out2 > 0 and math.isfinite(out2):
+        cosine = dot / (math.sqrt(ref2) * math.sqrt(out2))
+    else:
+        cosine = 1.0 if diff2 == 0 else 0.0
+    return Fidelity(
+        rel_l2=float(rel_l2), cosine=float(cosine),
+        top1_agreement=agree / total if total else None,
+        accuracy_original=correct_o / labelled if labelled else None,
+        accuracy_compressed=correct_c / labelled if labelled else None,
+        samples=samples,
+    )
+
+
+# ---------------------------------------------------------------------------- per layer
+
+
+def sqnr_db(original: np.ndarray, reconstructed: np.ndarray) -> float:
+    """10 log10(sum w^2 / sum (w - w')^2); inf where the weight is reproduced exactly."""
+    w = np.asarray(original, dtype=np.float64)
+    err = float(np.sum((w - np.asarray(reconstructed, dtype=np.float64)) ** 2))
+    signal = float(np.sum(w * w))
+    if err == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / err)
+
+
+def tensor_errors(original_path: str | Path, compressed_path: str | Path, pairs: dict[str, tuple[str, str]],
+                  data: Dataset, *, provider: str = "CPUExecutionProvider", batch_size: int = 64,
+                  limit: int = 64) -> dict[str, float]:
+    """rel_l2 of intermediate tensors: ``pairs[key] = (tensor in original, tensor in compressed)``.
+    Both models are loaded without their external data, given those tensors as extra outputs, run
+    on ``data`` (ONNX Runtime reads the weights from the files beside them), and compared."""
+    if not pairs:
+        return {}
+    sessions = []
+    for which, path in enumerate((original_path, compressed_path)):
+        names = [pair[which] for pair in pairs.values()]
+        model = onnx.load(str(path), load_external_data=False)   # structure only
+        _add_outputs(model, names)
+        sessions.append((session_from_proto(model, Path(path).parent, provider), names))
+    sums = {key: [0.0, 0.0] for key in pairs}
+    keys = list(pairs)
+    for feeds in data.batches(batch_size, limit):
+        (s_o, n_o), (s_c, n_c) = sessions
+        ys = s_o.run(n_o, feeds)
+        zs = s_c.run(n_c, feeds)
+        for key, y, z in zip(keys, ys, zs):
+            y64 = np.asarray(y, dtype=np.float64).ravel()
+            z64 = np.asarray(z, dtype=np.float64).ravel()
+            if y64.shape != z64.shape:
+                sums[key] = [math.nan, 1.0]
+                continue
+            d = z64 - y64
+            sums[key][0] += float(np.dot(d, d))
+            sums[key][1] += float(np.dot(y64, y64))
+    return {key: (math.sqrt(e) / math.sqrt(s) if s > 0 else (0.0 if e == 0 else math.inf))
+            for key, (e, s) in sums.items()}
+
+
+def _add_outputs(model: onnx.ModelProto, names: Iterable[str]) -> None:
+    present = {output.name for output in model.graph.output}
+    for name in names:
+        if name not in present:
+            model.graph.output.append(helper.make_empty_tensor_value_info(name))
+            present.add(name)
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """JSON has no inf / NaN: such values are reported as null."""
+    if value is None or not math.isfinite(value):
+        return None
+    return float(value)
+

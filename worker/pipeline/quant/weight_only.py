@@ -1,0 +1,281 @@
+"""Weight-only quantization: int8 / int4 / int2 weights, per tensor, output channel or block,
+symmetric or asymmetric, chosen by RTN or GPTQ, stored as DequantizeLinear feeding the layer (or,
+for MatMul, as com.microsoft MatMulNBits where that runs faster on the target).
+
+Numbers (CONTRACT.md §1), computed by ``kernels``:
+    q  = clamp(round_half_to_even(w / s) + z, qmin, qmax)        w' = (q - z) * s
+    symmetric:  signed q, z = 0, s = absmax / qmax (scale_search absmax; mse searches the clip)
+    asymmetric: unsigned q, s, z from [min(w, 0), max(w, 0)] (minmax; mse searches the clip)
+Per channel: one (s, z) along the weight's output axis; per block: along its input axis, in blocks
+of ``block_size`` (ONNX blocked DequantizeLinear, opset 21). The DequantizeLinear output takes the
+weight's name, so every reader of the weight (two MatMuls sharing it, a subgraph of If / Loop)
+reads the dequantized tensor without being rewritten.
+
+Storage types: INT8 / UINT8; INT4 / UINT4 (opset 21); INT2 / UINT2 (opset 25); ONNX packs the
+sub-byte types two (four) to a byte, first element in the low bits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+import kernels
+from core.errors import PipelineError, RecipeError
+from core.recipe import QuantizeStep, WeightQuantSpec
+from worker.pipeline import graph, metrics
+from worker.pipeline.quant import constants
+from worker.pipeline.step import LayerRecord, StepContext, StepResult
+
+LAYER_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+
+_STORAGE = {
+    (8, True): onnx.TensorProto.INT8, (8, False): onnx.TensorProto.UINT8,
+    (4, True): onnx.TensorProto.INT4, (4, False): onnx.TensorProto.UINT4,
+    (2, True): onnx.TensorProto.INT2, (2, False): onnx.TensorProto.UINT2,
+}
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Where the (scale, zero point) pairs run: ``axis`` None = one for the tensor; with
+    ``block_size`` the blocks run along ``axis``."""
+
+    bits: int
+    signed: bool
+    symmetric: bool
+    axis: int | None
+    block_size: int | None
+    method: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"bits": self.bits, "signed": self.signed, "axis": self.axis, "block_size": self.block_size}
+
+
+def required_opset(spec: WeightQuantSpec) -> int:
+    """The lowest default-domain opset whose DequantizeLinear takes this storage and layout."""
+    if spec.bits <= 2:
+        return 25
+    if spec.bits == 4 or spec.granularity == "block":
+        return 21
+    if spec.granularity == "channel":
+        return 13
+    return 10
+
+
+def grid_for(layer: graph.WeightLayer, spec: WeightQuantSpec) -> Grid:
+    signed = spec.symmetric
+    method = spec.scale_search or ("absmax" if spec.symmetric else "minmax")
+    if spec.granularity == "tensor":
+        axis, block = None, None
+    elif spec.granularity == "channel":
+        axis, block = layer.out_axis, None
+    else:
+        axis, block = layer.in_axis, spec.block_size
+    return Grid(spec.bits, signed, spec.symmetric, axis, block, method)
+
+
+def choose_grid_params(w: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    return kernels.choose_qparams(w, bits=grid.bits, symmetric=grid.symmetric, signed=grid.signed,
+                                  axis=grid.axis, block_size=grid.block_size, method=grid.method)
+
+
+def quantize_rtn(w: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q unpacked int8/uint8, scale float32, zero_point int32) by round-to-nearest."""
+    scale, zero_point = choose_grid_params(w, grid)
+    q = kernels.quantize(w, scale, zero_point, bits=grid.bits, signed=grid.signed, axis=grid.axis,
+                         block_size=grid.block_size)
+    return q, scale, zero_point
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, grid: Grid) -> np.ndarray:
+    return kernels.dequantize(q, scale, zero_point, axis=grid.axis, block_size=grid.block_size)
+
+
+def storage_tensor(name: str, values: np.ndarray, bits: int, signed: bool) -> onnx.TensorProto:
+    """An initializer of the ONNX integer type for ``bits`` holding ``values`` (packed below 8 bits)."""
+    data_type = _STORAGE[(bits, signed)]
+    values = np.ascontiguousarray(values)
+    if bits == 8:
+        return numpy_helper.from_array(values.astype(np.int8 if signed else np.uint8), name)
+    packed = kernels.pack(values.reshape(-1).astype(np.int8 if signed else np.uint8), bits)
+    return helper.make_tensor(name, data_type, list(values.shape), vals=packed.tobytes(), raw=True)
+
+
+# ---------------------------------------------------------------------------- selection
+
+
+def candidate_layers(model: onnx.ModelProto, params: QuantizeStep) -> list[graph.WeightLayer]:
+    """The weights this step would quantize: initializers and weight-carrying Constant nodes of
+    MatMul / Gemm / Conv / ConvTranspose (and Gather tables when ``embeddings``), filtered by the
+    recipe's include / exclude / min_params."""
+    ops = LAYER_OPS + (("Gather",) if params.embeddings else ())
+    found = graph.weight_layers(model, ops=ops, include=params.include, exclude=params.exclude,
+                                min_params=params.min_params)
+    seen = {layer.weight for layer in found}
+    consumers = graph.consumers(model)
+    for node in constants.constant_weights(model):
+        name = node.output[0]
+        if name in seen:
+            continue
+        tensor = node.attribute[0].t
+        for consumer, index in consumers.get(name, []):
+            if consumer.op_type not in ops:
+                continue
+            axes = graph._weight_axes(consumer, index, len(tensor.dims))
+            if axes is None:
+                continue
+            layer = graph.WeightLayer(name, consumer.name, consumer.op_type, tuple(tensor.dims), *axes)
+            if layer.params >= params.min_params and graph.selected(layer, params.include, params.exclude):
+                found.append(layer)
+                seen.add(name)
+            break
+    return found
+
+
+def refuse_empty_selection(model: onnx.ModelProto, params: QuantizeStep) -> None:
+    """RecipeError at the selecting field when no weight matches (a recipe that cannot apply)."""
+    if candidate_layers(model, params):
+        return
+    if params.include:
+        loc, why = ["include"], f"no weight matches include {list(params.include)}"
+    elif params.exclude:
+        loc, why = ["exclude"], "exclude leaves no weight to quantize"
+    else:
+        loc, why = ["min_params"], f"no MatMul / Gemm / Conv / Gather weight has {params.min_params} or more elements"
+    raise RecipeError(why, [{"loc": loc, "msg": why}])
+
+
+def skipped_weights(model: onnx.ModelProto, quantized: set[str]) -> list[dict[str, str]]:
+    """Float weights this step leaves alone and why: recurrent cells and subgraph weights."""
+    inits = graph.initializers(model)
+    skipped = []
+    for node in model.graph.node:
+        if node.op_type in RECURRENT_OPS:
+            for index in (1, 2):
+                if len(node.input) > index and node.input[index] in inits and node.input[index] not in quantized:
+                    skipped.append({"name": node.input[index], "node": node.name,
+                                    "reason": f"{node.op_type} weights stay float"})
+        for sub in metrics._subgraphs(node):
+            for tensor in sub.initializer:
+                if tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and len(tensor.dims) >= 2:
+                    skipped.append({"name": tensor.name, "node": node.name,
+                                    "reason": f"weight inside a {node.op_type} subgraph stays float"})
+    return skipped
+
+
+# ---------------------------------------------------------------------------- rewriting
+
+
+def _drop_graph_input(model: onnx.ModelProto, name: str) -> None:
+    """Old models list initializers among the graph inputs; a replaced weight leaves that list too."""
+    for index, value in enumerate(model.graph.input):
+        if value.name == name:
+            del model.graph.input[index]
+            return
+
+
+def replace_with_dequantize(model: onnx.ModelProto, layer: graph.WeightLayer, q: np.ndarray, scale: np.ndarray,
+                            zero_point: np.ndarray, grid: Grid, float_type: int) -> list[str]:
+    """Swap the float initializer ``layer.weight`` for (q, scale[, zero point]) and a
+    DequantizeLinear whose output carries the weight's old name. Returns the new names."""
+    base = layer.weight
+    q_name = graph.unique_name(model, f"{base}_quantized")
+    s_name = graph.unique_name(model, f"{base}_scale")
+    scale_dtype = np.float16 if float_type == onnx.TensorProto.FLOAT16 else np.float32
+    new = [storage_tensor(q_name, q, grid.bits, grid.signed),
+           numpy_helper.from_array(np.asarray(scale, dtype=scale_dtype), s_name)]
+    inputs = [q_name, s_name]
+    if not grid.symmetric:
+        z_name = graph.unique_name(model, f"{base}_zero_point")
+        new.append(storage_tensor(z_name, np.asarray(zero_point), grid.bits, grid.signed))
+        inputs.append(z_name)
+    attrs: dict[str, Any] = {}
+    if grid.axis is not None:
+        attrs["axis"] = grid.axis
+    if grid.block_size is not None:
+        attrs["block_size"] = grid.block_size
+    node = helper.make_node("DequantizeLinear", inputs, [base], name=graph.unique_name(model, f"{base}_DequantizeLinear"),
+                            **attrs)
+    graph.remove_initializers(model, [base])
+    _drop_graph_input(model, base)
+    model.graph.initializer.extend(new)
+    model.graph.node.insert(0, node)
+    return [q_name, s_name, node.name]
+
+
+def record_layer(ctx: StepContext, layer: graph.WeightLayer, grid: Grid, w_hat: np.ndarray, w_now: np.ndarray,
+                 scale: np.ndarray, zero_point: np.ndarray, **extra: Any) -> LayerRecord:
+    """Update (or start) the layer's record: bits, grid, and SQNR against the original weight."""
+    record = ctx.layers.get(layer.weight) or LayerRecord(layer.weight, layer.node, layer.op)
+    record.bits = grid.bits
+    record.grid = {**grid.as_dict(), "scale": scale, "zero_point": zero_point}
+    try:
+        reference = graph.get_array(ctx.original, layer.weight).astype(np.float32)
+    except KeyError:          # a lifted Constant or a weight an earlier step created
+        reference = w_now
+    if reference.shape != w_hat.shape:
+        reference = w_now
+    record.extra["sqnr_db"] = metrics.sqnr_db(reference, w_hat)
+    record.extra["granularity"] = "tensor" if grid.axis is None else ("block" if grid.block_size else "channel")
+    record.extra["symmetric"] = grid.symmetric
+    if grid.block_size:
+        record.extra["block_size"] = grid.block_size
+    record.extra.update(extra)
+    ctx.layers[layer.weight] = record
+    return record
+
+
+def prepare(model: onnx.ModelProto, params: QuantizeStep, opset: int) -> tuple[onnx.ModelProto, list[str]]:
+    """Lift Constant weights, raise the opset; returns the model to work on and the lifted names."""
+    lifted = constants.lift_constant_weights(model)
+    try:
+        model = graph.ensure_opset(model, opset)
+    except Exception as exc:   # the version converter refuses some old graphs
+        raise PipelineError(f"cannot raise the model's opset to {opset} (needed for {params.weights.bits}-bit "
+                            f"{params.weights.granularity} weights): {exc}") from exc
+    return model, lifted
+
+
+def quantize_weights(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext) -> StepResult:
+    """Weight-only quantization (RTN or GPTQ) of every selected weight; see the module docstring."""
+    spec = params.weights
+    model, lifted = prepare(model, params, required_opset(spec))
+    layers = candidate_layers(model, params)
+    gptq_state = None
+    if params.method == "gptq":
+        from worker.pipeline.quant import gptq
+        gptq_state = gptq.GptqRunner(model, layers, ctx)
+    inits = graph.initializers(model)
+    changed: list[str] = []
+    formats: dict[str, str] = {}
+    quantized: set[str] = set()
+    for position, layer in enumerate(layers):
+        ctx.check_cancelled()
+        tensor = inits[layer.weight]
+        float_type = tensor.data_type
+        w = numpy_helper.to_array(tensor).astype(np.float32)
+        grid = grid_for(layer, spec)
+        if gptq_state is not None and gptq_state.supports(layer):
+            q, scale, zero_point, w_hat = gptq_state.quantize(layer, w, grid)
+            method = "gptq"
+        else:
+            q, scale, zero_point = quantize_rtn(w, grid)
+            w_hat = dequantize(q, scale, zero_point, grid)
+            method = "rtn"
+        changed += replace_with_dequantize(model, layer, q, scale, zero_point, grid, float_type)
+        record_layer(ctx, layer, grid, w_hat, w, scale, zero_point, format="qdq", method=method)
+        formats[layer.weight] = "qdq"
+        quantized.add(layer.weight)
+        ctx.progress((position + 1) / max(len(layers), 1), f"quantized {layer.weight}")
+    graph.sort_graph(model)
+    return StepResult(model, changed, {
+        "mode": "weight_only", "bits": spec.bits, "granularity": spec.granularity, "symmetric": spec.symmetric,
+        "block_size": spec.block_size, "method": params.method, "quantized": len(quantized),
+        "lifted_constants": lifted, "formats": formats, "opset": graph.opset(model),
+        "skipped": skipped_weights(model, quantized),
+    })

@@ -1,0 +1,157 @@
+"""report.json (CONTRACT.md §4): the numbers a run is judged by, built from the saved models.
+
+``build_report`` measures the original and compressed files side by side (``metrics``) and lists the
+steps and layers. Every float it writes is finite or null, so the report is plain JSON.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from worker.pipeline import data as data_mod
+from worker.pipeline import graph, metrics
+from worker.pipeline.data import Dataset
+from worker.pipeline.step import LayerRecord
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: numpy scalars to Python, inf / NaN to null, tuples to lists."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _clean(value.tolist()) if value.size <= 64 else None
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(float(value)) else None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _model_summary(path: Path, model: onnx.ModelProto) -> dict[str, Any]:
+    params, nonzero = metrics.param_counts(model, path.parent)
+    return {"bytes": metrics.file_bytes(path), "params": params, "nonzero_params": nonzero,
+            "macs": metrics.macs(model)}
+
+
+def _layer_rows(original: onnx.ModelProto, compressed: onnx.ModelProto, layers: Mapping[str, LayerRecord],
+                errors: Mapping[str, float]) -> list[dict[str, Any]]:
+    shapes = {t.name: tuple(t.dims) for t in original.graph.initializer}
+    rows = []
+    for name, record in layers.items():
+        params = int(np.prod(shapes[name])) if name in shapes else record.extra.get("params")
+        row = {
+            "name": name, "node": record.node, "op": record.op, "params": params,
+            "bits": record.bits, "sparsity": record.sparsity, "rank": record.rank,
+            "sqnr_db": record.extra.get("sqnr_db"),
+        }
+        if errors:
+            row["output_rel_l2"] = errors.get(name)
+        for key in ("format", "granularity", "block_size", "symmetric", "storage", "method"):
+            if key in record.extra:
+                row[key] = record.extra[key]
+        rows.append(row)
+    return rows
+
+
+def _sqnr_from_models(original: onnx.ModelProto, compressed: onnx.ModelProto, layers: Mapping[str, LayerRecord],
+                      base_dir: Path) -> None:
+    """SQNR for layers whose step left the weight in float under its own name (pruning,
+    clustering) and did not record one: compare the two initializers directly."""
+    inits = graph.initializers(compressed)
+    originals = graph.initializers(original)
+    for name, record in layers.items():
+        if "sqnr_db" in record.extra or name not in inits or name not in originals:
+            continue
+        after = metrics.tensor_values(inits[name], base_dir)
+        before = metrics.tensor_values(originals[name])
+        if after.shape == before.shape and after.dtype.kind == "f":
+            record.extra["sqnr_db"] = metrics.sqnr_db(before, after)
+
+
+def _layer_output_pairs(original: onnx.ModelProto, compressed: onnx.ModelProto,
+                        layers: Mapping[str, LayerRecord]) -> dict[str, tuple[str, str]]:
+    """For each layer: its node's first output in the original and the same tensor in the
+    compressed model (steps keep the consumer's output name when they rewrite a layer)."""
+    outputs_o = {node.name: node.output[0] for node in original.graph.node if node.output}
+    produced_c = {out for node in compressed.graph.node for out in node.output}
+    pairs = {}
+    for name, record in layers.items():
+        tensor = outputs_o.get(record.node)
+        if tensor and tensor in produced_c:
+            pairs[name] = (tensor, tensor)
+    return pairs
+
+
+def build_report(*, original_path: Path, compressed_path: Path, original: onnx.ModelProto,
+                 compressed: onnx.ModelProto, target: str, steps: Sequence[dict[str, Any]],
+                 layers: Mapping[str, LayerRecord], evaluation: Dataset | None, calibration: Dataset | None,
+                 options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The CONTRACT §4 report. ``original`` / ``compressed`` may hold no external data (structure
+    only); weights are read from the files when needed."""
+    options = dict(options or {})
+    provider = metrics.provider_for(target)
+    before = _model_summary(original_path, original)
+    after = _model_summary(compressed_path, compressed)
+    before.pop("nonzero_params")
+
+    if evaluation is not None:
+        dataset, source = evaluation, "evaluation"
+    elif calibration is not None:
+        dataset, source = calibration, "calibration"
+    else:
+        dataset, source = data_mod.generated(original, count=int(options.get("generated_samples", 32))), "generated"
+
+    s_orig = metrics.session(original_path, provider)
+    s_comp = metrics.session(compressed_path, provider)
+    provider_used = s_comp.get_providers()[0]
+    fid = metrics.fidelity(s_orig, s_comp, dataset, limit=int(options.get("fidelity_samples", 512)))
+
+    feeds = next(dataset.head(1).batches(1))
+    lat_o, lat_c = metrics.latency([s_orig, s_comp], feeds, runs=int(options.get("latency_runs", 50)),
+                                   budget_s=float(options.get("latency_budget_s", 10.0)))
+    before["latency_ms"], after["latency_ms"] = lat_o, lat_c
+    del s_orig, s_comp
+
+    _sqnr_from_models(original, compressed, layers, compressed_path.parent)
+    errors: dict[str, float] = {}
+    if layers and options.get("layer_errors", True):
+        pairs = _layer_output_pairs(original, compressed, layers)
+        errors = metrics.tensor_errors(original_path, compressed_path, pairs, dataset, provider=provider,
+                                       limit=int(options.get("layer_error_samples", 64)))
+
+    report = {
+        "original": before,
+        "compressed": after,
+        "size_ratio": before["bytes"] / after["bytes"],
+        "transport_size_ratio": metrics.zstd_bytes(original_path) / metrics.zstd_bytes(compressed_path),
+        "latency_ratio": lat_o["p50"] / lat_c["p50"] if lat_c["p50"] > 0 else None,
+        "fidelity": {"rel_l2": fid.rel_l2, "cosine": fid.cosine, "top1_agreement": fid.top1_agreement},
+        "fidelity_data": source,
+        "fidelity_samples": fid.samples,
+        "accuracy": (None if fid.accuracy_original is None else
+                     {"original": fid.accuracy_original, "compressed": fid.accuracy_compressed}),
+        "target": target,
+        "provider": provider_used,
+        "steps": list(steps),
+        "layers": _layer_rows(original, compressed, layers, errors),
+    }
+    return _clean(report)
+
+
+def write_report(report: Mapping[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(report, indent=2, sort_keys=False, allow_nan=False) + "\n")
+    tmp.replace(path)
+    return path

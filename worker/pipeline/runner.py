@@ -1,0 +1,208 @@
+"""The pipeline as a pure library: one model, one recipe, optional data -> a compressed model and
+its report (CONTRACT.md §4). No HTTP, no database, no Celery: the worker task and
+``featherweight compress`` both call ``run``.
+
+Order of work:
+1. Check everything before any work: the target, the model loads, calibration present where the
+   recipe needs it (``RecipeError`` at ``steps.<i>.method`` ...), the data sets fit the model's
+   inputs (``InvalidInput`` at ``["calibration", "<array>"]``), every step module exists and, where
+   the module has a ``check(model, params, ctx)`` hook, accepts its params on this model (a
+   ``RecipeError`` it raises gets ``["steps", i]`` put in front of its field path).
+2. Run the steps in order through the closed registry, reporting overall progress with the stage
+   ``"step 2/3: quantize"`` and checking ``cancelled`` between steps (``StepCancelled``).
+3. Check the result (``onnx.checker.check_model(full_check=True)``; inputs and outputs with the
+   original's names, dtypes and shapes), write ``workdir/model.onnx`` and ``workdir/report.json``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import onnx
+
+from core.errors import FeatherweightError, InvalidInput, InvalidModel, PipelineError, RecipeError
+from core.recipe import Recipe
+from core.targets import Target
+from worker.pipeline import data as data_mod
+from worker.pipeline import graph, registry
+from worker.pipeline.report import build_report, write_report
+from worker.pipeline.step import StepCancelled, StepContext
+
+STEPS_SHARE = 0.8          # fraction of the progress bar the steps take; checks and report the rest
+OUTPUT_NAME = "model.onnx"
+REPORT_NAME = "report.json"
+
+
+@dataclass
+class PipelineResult:
+    model_path: Path
+    report: dict
+
+
+def _no_progress(fraction: float, stage: str) -> None:
+    return None
+
+
+def _never() -> bool:
+    return False
+
+
+def _path(dotted: str) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in dotted.split(".")]
+
+
+def _bind(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray] | None, field: str) -> data_mod.Dataset | None:
+    if arrays is None:
+        return None
+    try:
+        dataset = data_mod.bind(model, arrays)
+    except data_mod.DataError as exc:
+        raise InvalidInput(f"{field}: {exc}", [{"loc": [field, *exc.path], "msg": str(exc)}]) from None
+    if dataset.size == 0:
+        raise InvalidInput(f"{field}: the data set holds no samples", [{"loc": [field], "msg": "no samples"}])
+    return dataset
+
+
+def _arrays(dataset: data_mod.Dataset | None) -> dict[str, np.ndarray] | None:
+    """The bound (dtype-converted) arrays, with ``_labels`` kept, for the steps' context."""
+    if dataset is None:
+        return None
+    arrays = dict(dataset.arrays)
+    if dataset.labels is not None:
+        arrays[data_mod.LABELS] = dataset.labels
+    return arrays
+
+
+def io_signature(model: onnx.ModelProto) -> tuple[list[tuple], list[tuple]]:
+    """(inputs, outputs) as (name, elem_type, dims) with dims as ints or dim_param names."""
+    inits = {t.name for t in model.graph.initializer}
+
+    def describe(value: onnx.ValueInfoProto) -> tuple:
+        tensor_type = value.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                     for d in tensor_type.shape.dim) if tensor_type.HasField("shape") else None
+        return value.name, tensor_type.elem_type, dims
+
+    inputs = [describe(v) for v in model.graph.input if v.name not in inits]
+    outputs = [describe(v) for v in model.graph.output]
+    return inputs, outputs
+
+
+def check_result(original: onnx.ModelProto, compressed: onnx.ModelProto) -> None:
+    """The output contract: a valid model with the original's inputs and outputs (PipelineError)."""
+    before, after = io_signature(original), io_signature(compressed)
+    for kind, want, got in (("inputs", before[0], after[0]), ("outputs", before[1], after[1])):
+        if want != got:
+            raise PipelineError(f"the compressed model's {kind} differ from the original's: {got} != {want}")
+    if compressed.ByteSize() < graph.EXTERNAL_DATA_THRESHOLD:
+        try:
+            onnx.checker.check_model(compressed, full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            raise PipelineError(f"the compressed model is not valid ONNX: {str(exc).splitlines()[0]}") from exc
+
+
+def _check_file(path: Path) -> None:
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise PipelineError(f"the compressed model is not valid ONNX: {str(exc).splitlines()[0]}") from exc
+
+
+def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] | None = None,
+        evaluation: dict[str, np.ndarray] | None = None, target: str = "cpu-x86", workdir: Path,
+        progress: Callable[[float, str], None] = _no_progress, cancelled: Callable[[], bool] = _never,
+        options: dict | None = None) -> PipelineResult:
+    """Compress ``model_path`` with ``recipe`` into ``workdir/model.onnx`` and measure it.
+
+    ``options`` go to every step's context and tune the report: ``latency_runs`` (50),
+    ``latency_budget_s`` (10), ``fidelity_samples`` (512), ``layer_errors`` (True),
+    ``layer_error_samples`` (64), ``generated_samples`` (32).
+    """
+    model_path, workdir = Path(model_path), Path(workdir)
+    options = dict(options or {})
+    try:
+        target = Target(target).value
+    except ValueError:
+        raise InvalidInput(f"unknown target {target!r}", [{"loc": ["target"], "msg": f"one of {[t.value for t in Target]}"}]) from None
+
+    # 1. checks, before any work
+    if calibration is None:
+        needed = recipe.needs_calibration()
+        if needed:
+            raise RecipeError(f"invalid recipe: {needed[0]}: needs calibration data, and none was given",
+                              [{"loc": _path(p), "msg": "needs calibration data"} for p in needed])
+    try:
+        model = graph.load_model(model_path)
+    except Exception as exc:  # any parse failure of an uploaded file is the file's fault
+        raise InvalidModel(f"cannot load the model: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                           [{"loc": ["model"], "msg": "not a loadable ONNX model"}]) from None
+    graph.ensure_node_names(model)
+    cal_set = _bind(model, calibration, "calibration")
+    eval_set = _bind(model, evaluation, "evaluation")
+
+    original = onnx.ModelProto()
+    original.CopyFrom(model)
+    ctx = StepContext(original=original, calibration=_arrays(cal_set), evaluation=_arrays(eval_set),
+                      target=target, workdir=workdir, progress=_no_progress, cancelled=cancelled,
+                      options=options)
+    count = len(recipe.steps)
+    modules = []
+    for index, step in enumerate(recipe.steps):
+        try:
+            module = registry.step_module(step.op)
+        except (KeyError, ImportError) as exc:
+            raise PipelineError(f"step {step.op!r} is not available in this build: {exc}") from exc
+        check = getattr(module, "check", None)
+        if check is not None:
+            try:
+                check(model, step, ctx)
+            except RecipeError as exc:
+                errors = [{"loc": ["steps", index, *e.get("loc", [])], "msg": e.get("msg", "")} for e in exc.errors]
+                where = ".".join(str(p) for p in errors[0]["loc"]) if errors else f"steps.{index}"
+                raise RecipeError(f"invalid recipe: {where}: {errors[0]['msg'] if errors else exc.detail}",
+                                  errors or [{"loc": ["steps", index], "msg": exc.detail}]) from None
+        modules.append(module)
+
+    # 2. the steps
+    workdir.mkdir(parents=True, exist_ok=True)
+    step_rows: list[dict[str, Any]] = []
+    for index, (step, module) in enumerate(zip(recipe.steps, modules)):
+        if cancelled():
+            raise StepCancelled("job cancelled")
+        stage = f"step {index + 1}/{count}: {step.op}"
+
+        def step_progress(fraction: float, message: str = "", _index: int = index, _stage: str = stage) -> None:
+            fraction = min(max(float(fraction), 0.0), 1.0)
+            progress(STEPS_SHARE * (_index + fraction) / count, _stage)
+
+        ctx.progress = step_progress
+        progress(STEPS_SHARE * index / count, stage)
+        started = time.perf_counter()
+        try:
+            result = module.run(model, step, ctx)
+        except (FeatherweightError, StepCancelled):
+            raise
+        except Exception as exc:
+            raise PipelineError(f"{stage} failed: {type(exc).__name__}: {exc}") from exc
+        model = result.model
+        step_rows.append({"op": step.op, "seconds": time.perf_counter() - started, **result.metrics})
+    if cancelled():
+        raise StepCancelled("job cancelled")
+
+    # 3. check, write, measure
+    progress(STEPS_SHARE, "checking the result")
+    check_result(original, model)
+    too_big_to_check_in_memory = model.ByteSize() >= graph.EXTERNAL_DATA_THRESHOLD
+    out_path = graph.save_model(model, workdir / OUTPUT_NAME)
+    if too_big_to_check_in_memory:
+        _check_file(out_path)
+    progress(STEPS_SHARE + 0.05, "measuring")
+    report = build_report(original_path=model_path, compressed_path=out_path, original=original,
+                          compressed=model, target=target, steps=step_rows, layers=ctx.layers,
+                          evaluation=eval_set, calibration=cal_set, options=options)
+    write_report(report, workdir / REPORT_NAME)
+    progress(1.0, "done")
+    return PipelineResult(model_path=out_path, report=report)
