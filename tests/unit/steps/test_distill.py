@@ -1,0 +1,268 @@
+"""The distill step: layerwise recovers known exact solutions under each constraint, kd improves a
+damaged classifier on held-out data, constraints hold afterwards, unsupported models are refused."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from core.errors import RecipeError
+from core.recipe import DistillStep
+from worker.pipeline import graph
+from worker.pipeline.distill.layers import Grid
+from worker.pipeline.step import LayerRecord, StepContext
+from worker.pipeline.steps import distill
+
+RNG_SEED = 7
+
+
+def _params(**fields) -> DistillStep:
+    return DistillStep(op="distill", **fields)
+
+
+def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def _valid(model: onnx.ModelProto, original: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
+    onnx.checker.check_model(model, full_check=True)
+    assert [(v.name, v.type.tensor_type.elem_type) for v in model.graph.input] == \
+        [(v.name, v.type.tensor_type.elem_type) for v in original.graph.input]
+    got, want = _run(model, feeds), _run(original, feeds)
+    assert [g.shape for g in got] == [w.shape for w in want]
+    assert [g.dtype for g in got] == [w.dtype for w in want]
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def _mlp(w1, b1, w2, b2, opset: int = 17) -> onnx.ModelProto:
+    """x[B, 8] -> MatMul + Add -> Relu -> Gemm -> y[B, 4]."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
+        helper.make_node("Add", ["h0", "b1"], ["h1"], name="fc1_bias"),
+        helper.make_node("Relu", ["h1"], ["h2"], name="relu"),
+        helper.make_node("Gemm", ["h2", "w2", "b2"], ["y"], name="fc2", transB=1),
+    ]
+    inits = [numpy_helper.from_array(np.asarray(a, np.float32), n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))]
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _teacher_mlp(rng, mask1=None, mask2=None):
+    w1 = rng.standard_normal((8, 16)).astype(np.float32)
+    w2 = rng.standard_normal((4, 16)).astype(np.float32) / 4
+    if mask1 is not None:
+        w1 = w1 * mask1
+    if mask2 is not None:
+        w2 = w2 * mask2
+    return w1, rng.standard_normal(16).astype(np.float32) * 0.1, w2, rng.standard_normal(4).astype(np.float32) * 0.1
+
+
+def test_layerwise_recovers_exact_sparse_solution():
+    """The teacher's weights already obey the masks, so the student (same masks, damaged kept
+    weights and biases) has an exact solution: layer 1 from identical inputs, then layer 2 from
+    layer 1's refit outputs. Unregularized least squares must find it."""
+    rng = np.random.default_rng(RNG_SEED)
+    mask1 = rng.random((8, 16)) > 0.5
+    mask2 = rng.random((4, 16)) > 0.5
+    w1, b1, w2, b2 = _teacher_mlp(rng, mask1, mask2)
+    teacher = _mlp(w1, b1, w2, b2)
+    damaged = [(w1 + rng.standard_normal(w1.shape) * 0.5) * mask1, b1 + 0.3,
+               (w2 + rng.standard_normal(w2.shape) * 0.5) * mask2, b2 - 0.2]
+    student = _mlp(*damaged)
+    x = rng.standard_normal((256, 8)).astype(np.float32)
+    ctx = StepContext(original=teacher, calibration={"x": x})
+    ctx.layers["w1"] = LayerRecord("w1", "fc1", "MatMul", sparsity=float(1 - mask1.mean()), mask=mask1)
+    ctx.layers["w2"] = LayerRecord("w2", "fc2", "Gemm", sparsity=float(1 - mask2.mean()), mask=mask2)
+
+    result = distill.run(student, _params(method="layerwise", damping=0.0), ctx)
+
+    out = result.model
+    np.testing.assert_allclose(graph.get_array(out, "w1"), w1, atol=1e-4)
+    np.testing.assert_allclose(graph.get_array(out, "b1"), b1, atol=1e-4)
+    np.testing.assert_allclose(graph.get_array(out, "w2"), w2, atol=1e-4)
+    np.testing.assert_allclose(graph.get_array(out, "b2"), b2, atol=1e-4)
+    assert np.all(graph.get_array(out, "w1")[~mask1] == 0)       # zeros stay exactly zero
+    assert np.all(graph.get_array(out, "w2")[~mask2] == 0)
+    assert [row["name"] for row in result.metrics["layers"]] == ["w1", "w2"]   # topological order
+    assert all(row["rel_l2_after"] < 1e-4 < row["rel_l2_before"] for row in result.metrics["layers"])
+    _valid(out, teacher, {"x": x[:5]})
+    assert graph.get_array(student, "w1") is not None and np.any(graph.get_array(student, "w1") != graph.get_array(out, "w1"))
+
+
+def _dq_layer_model(q, scale, zero, qtype, *, axis: int, block_size: int = 0, opset: int = 21) -> onnx.ModelProto:
+    """x[B, K] -> DequantizeLinear(q) -> MatMul -> y[B, N]."""
+    dq_attrs = {"axis": axis}
+    if block_size:
+        dq_attrs["block_size"] = block_size
+    nodes = [helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"], name="dq", **dq_attrs),
+             helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")]
+    inits = [helper.make_tensor("wq", qtype, q.shape, q.reshape(-1).tolist()),
+             numpy_helper.from_array(scale.astype(np.float32), "ws"),
+             helper.make_tensor("wz", qtype, zero.shape, zero.reshape(-1).tolist())]
+    k, n = q.shape
+    g = helper.make_graph(nodes, "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _float_layer(w) -> onnx.ModelProto:
+    k, n = w.shape
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")], "f",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])],
+                          [numpy_helper.from_array(w.astype(np.float32), "w")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+
+
+@pytest.mark.parametrize("qtype,block", [(TensorProto.INT8, 0), (TensorProto.INT4, 0), (TensorProto.INT4, 16)])
+def test_layerwise_keeps_quantization_grid_and_beats_rtn(qtype, block):
+    rng = np.random.default_rng(RNG_SEED)
+    k, n = 32, 24
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    qmax = 127 if qtype == TensorProto.INT8 else 7
+    if block:
+        blocks = np.abs(w).reshape(k // block, block, n).max(axis=1)
+        scale = (blocks / qmax).astype(np.float32)                      # [K/block, N], along axis 0
+        full_scale = np.repeat(scale, block, axis=0)
+    else:
+        scale = (np.abs(w).max(axis=0) / qmax).astype(np.float32)     # per output channel, axis 1
+        full_scale = np.broadcast_to(scale, w.shape)
+    zero = np.zeros(scale.shape, np.int64)
+    q = np.clip(np.rint(w / full_scale), -qmax - 1, qmax).astype(np.int64)
+    student = _dq_layer_model(q, scale, zero, qtype, axis=0 if block else 1, block_size=block)
+    teacher = _float_layer(w)
+    # correlated inputs: where optimal rounding beats rounding to nearest
+    mix = rng.standard_normal((k, k)).astype(np.float32)
+    x = (rng.standard_normal((512, k)).astype(np.float32) @ mix)
+    ctx = StepContext(original=teacher, calibration={"x": x})
+    ctx.layers["w"] = LayerRecord("w", "fc", "MatMul", bits=8 if qtype == TensorProto.INT8 else 4,
+                                  grid={"bits": 8 if qtype == TensorProto.INT8 else 4, "signed": True})
+
+    result = distill.run(student, _params(method="layerwise"), ctx)
+
+    out = result.model
+    for name in ("ws", "wz"):
+        np.testing.assert_array_equal(graph.get_array(out, name), graph.get_array(student, name))
+    q_new = graph.get_array(out, "wq")
+    assert q_new.dtype == graph.get_array(student, "wq").dtype
+    assert q_new.astype(np.int64).min() >= -qmax - 1 and q_new.astype(np.int64).max() <= qmax
+    x_test = (rng.standard_normal((256, k)).astype(np.float32) @ mix)
+    ref = x_test @ w
+    err_rtn = np.linalg.norm(_run(student, {"x": x_test})[0] - ref)
+    err_new = np.linalg.norm(_run(out, {"x": x_test})[0] - ref)
+    assert err_new < 0.9 * err_rtn
+    _valid(out, teacher, {"x": x_test[:3]})
+
+
+def test_layerwise_lowrank_refits_v_given_u():
+    """Teacher W = U V* exactly; the student holds U and a damaged V: refitting V recovers V*."""
+    rng = np.random.default_rng(RNG_SEED)
+    u = rng.standard_normal((16, 4)).astype(np.float32)
+    v = rng.standard_normal((4, 12)).astype(np.float32)
+    teacher = _float_layer(u @ v)
+    nodes = [helper.make_node("MatMul", ["x", "w_u"], ["z"], name="fc_u"),
+             helper.make_node("MatMul", ["z", "w_v"], ["y"], name="fc_v")]
+    g = helper.make_graph(nodes, "lr", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 12])],
+                          [numpy_helper.from_array(u, "w_u"), numpy_helper.from_array(v + 0.5, "w_v")])
+    student = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    x = rng.standard_normal((200, 16)).astype(np.float32)
+    ctx = StepContext(original=teacher, calibration={"x": x})
+    ctx.layers["w"] = LayerRecord("w", "fc", "MatMul", rank=4, factors=("w_u", "w_v"))
+
+    out = distill.run(student, _params(method="layerwise", damping=0.0), ctx).model
+
+    assert graph.get_array(out, "w_u").shape == (16, 4) and graph.get_array(out, "w_v").shape == (4, 12)
+    np.testing.assert_allclose(graph.get_array(out, "w_v"), v, atol=1e-4)
+    assert np.linalg.matrix_rank(graph.get_array(out, "w_u") @ graph.get_array(out, "w_v")) == 4
+    _valid(out, teacher, {"x": x[:2]})
+
+
+def _conv_model(w, b) -> onnx.ModelProto:
+    """x[B, 4, 6, 6] -> Conv(group 2, pad 1, stride 1) -> y[B, 6, 6, 6]."""
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", group=2, pads=[1, 1, 1, 1], kernel_shape=[3, 3])
+    g = helper.make_graph([node], "c", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 6, 6, 6])],
+                          [numpy_helper.from_array(w.astype(np.float32), "w"), numpy_helper.from_array(b.astype(np.float32), "b")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_layerwise_grouped_conv_recovers_masked_weights():
+    rng = np.random.default_rng(RNG_SEED)
+    mask = rng.random((6, 2, 3, 3)) > 0.6
+    w = rng.standard_normal((6, 2, 3, 3)).astype(np.float32) * mask
+    b = rng.standard_normal(6).astype(np.float32)
+    teacher = _conv_model(w, b)
+    student = _conv_model((w + rng.standard_normal(w.shape).astype(np.float32)) * mask, b * 0)
+    x = rng.standard_normal((64, 4, 6, 6)).astype(np.float32)
+    ctx = StepContext(original=teacher, calibration={"x": x})
+    ctx.layers["w"] = LayerRecord("w", "conv", "Conv", sparsity=float(1 - mask.mean()), mask=mask)
+
+    out = distill.run(student, _params(method="layerwise", damping=0.0), ctx).model
+
+    np.testing.assert_allclose(graph.get_array(out, "w"), w, atol=1e-4)
+    np.testing.assert_allclose(graph.get_array(out, "b"), b, atol=1e-4)
+    assert np.all(graph.get_array(out, "w")[~mask] == 0)
+    _valid(out, teacher, {"x": x[:2]})
+
+
+def test_layerwise_codebook_keeps_sharing_and_improves():
+    rng = np.random.default_rng(RNG_SEED)
+    w = rng.standard_normal((32, 16)).astype(np.float32)
+    codebook = np.linspace(-2, 2, 8).astype(np.float32)
+    labels = np.abs(w[..., None] - codebook).argmin(axis=-1)
+    student = _float_layer(codebook[labels])
+    teacher = _float_layer(w)
+    x = rng.standard_normal((300, 32)).astype(np.float32)
+    ctx = StepContext(original=teacher, calibration={"x": x})
+    ctx.layers["w"] = LayerRecord("w", "fc", "MatMul", bits=3, codebook=codebook)
+
+    result = distill.run(student, _params(method="layerwise"), ctx)
+
+    new = graph.get_array(result.model, "w")
+    new_codebook = ctx.layers["w"].codebook
+    assert len(np.unique(new)) <= 8
+    np.testing.assert_array_equal(np.abs(new[..., None] - new_codebook).argmin(axis=-1), labels)  # assignments kept
+    row = result.metrics["layers"][0]
+    assert row["rel_l2_after"] < row["rel_l2_before"]
+
+
+def test_grid_requantization_matches_onnx_semantics():
+    scale = np.array([0.1, 0.2], np.float32)
+    grid = Grid(np.broadcast_to(scale, (3, 2)).copy(), np.array([[0, 3]] * 3), -8, 7)
+    w = np.array([[0.05, 0.3], [0.15, -1.0], [5.0, -5.0]], np.float32)
+    q = grid.quantize(w)
+    # round half to even, then the zero point, then the clamp
+    np.testing.assert_array_equal(q, [[0, 5], [2, -2], [7, -8]])
+    np.testing.assert_allclose(grid.dequantize(q), (q - grid.zero_point) * grid.scale)
+
+
+def test_layerwise_refusals():
+    rng = np.random.default_rng(RNG_SEED)
+    teacher = _mlp(*_teacher_mlp(rng))
+    x = rng.standard_normal((16, 8)).astype(np.float32)
+    # nothing compressed: nothing to refit
+    with pytest.raises(RecipeError) as err:
+        distill.run(_copy(teacher), _params(method="layerwise"), StepContext(original=teacher, calibration={"x": x}))
+    assert err.value.errors[0]["loc"] == ["method"]
+    # the runner's step index makes the path absolute
+    ctx = StepContext(original=teacher, calibration={"x": x}, options={"step_index": 3})
+    with pytest.raises(RecipeError) as err:
+        distill.run(_copy(teacher), _params(method="layerwise"), ctx)
+    assert err.value.errors[0]["loc"] == ["steps", 3, "method"]
+    # no calibration data
+    with pytest.raises(RecipeError):
+        distill.check(teacher, _params(method="layerwise"), StepContext(original=teacher))
+    # layerwise cannot target a separate student
+    ctx = StepContext(original=teacher, calibration={"x": x}, options={"student_model": _copy(teacher)})
+    with pytest.raises(RecipeError, match="use method kd"):
+        distill.check(teacher, _params(method="layerwise"), ctx)

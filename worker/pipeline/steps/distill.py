@@ -1,0 +1,271 @@
+"""The ``distill`` step: win back what compression cost, with the original model as the teacher.
+
+``method: layerwise`` (numpy, no labels): every layer an earlier step changed (a ``LayerRecord``
+with a mask, grid, codebook or low-rank factors) is refit in closed form so that, on the student's
+own inputs, its outputs match the teacher's outputs of the same layer on the calibration data:
+
+    min_{W, b} ||A_student W + 1 b^T - T_teacher||^2 + damping * mean(diag(A^T A)) * ||W||^2
+
+under the constraints the earlier steps left (zeros stay zero, integers stay on their grid, shared
+values stay shared, ranks stay), layer after layer in topological order. The math is in
+``worker.pipeline.distill.layerwise``.
+
+``method: kd`` (PyTorch CPU, the optional extra ``featherweight[distill]``): the student's float
+weights are trained on the teacher's softened outputs,
+
+    loss = alpha * T^2 * KL(softmax(z_teacher / T) || softmax(z_student / T)) + (1 - alpha) * CE(z_student, labels)
+
+(cross-entropy only where ``_labels`` are given; outputs that are not [batch, classes] logits are
+matched by mean squared error relative to the teacher's variance), with the constraints held during
+training (masked weights multiplied by their mask, quantized weights fake-quantized on their grid
+with a straight-through gradient, shared values trained as the centroids themselves), then written
+back into the ONNX graph. See ``worker.pipeline.distill.kd``.
+
+A separate student (``ctx.options["student_model"]``, from ``student_model_id`` / ``--student``)
+must have the original's inputs and outputs; it is trained with ``kd`` and replaces the model.
+Everything that can refuse the step does so before any work, with the field's path.
+"""
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+from typing import Any
+
+import numpy as np
+import onnx
+
+from core.errors import InvalidInput, RecipeError
+from core.recipe import DistillStep
+from worker.pipeline import data as data_mod
+from worker.pipeline import graph
+from worker.pipeline.distill import layerwise
+from worker.pipeline.distill.layers import LinearLayer, linear_layer
+from worker.pipeline.step import LayerRecord, StepContext, StepResult
+
+name = "distill"
+Params = DistillStep
+
+LAYERWISE_MIN_BATCH = 128   # layerwise only sums statistics: bigger batches just mean fewer runtime calls
+
+
+def _path(ctx: StepContext | None, field: str) -> list[Any]:
+    """The recipe path of ``field``. From ``check`` (``ctx`` None) it is relative: the runner puts
+    ``["steps", i]`` in front. From ``run`` it is absolute where the runner passed ``step_index``."""
+    index = ctx.options.get("step_index") if ctx is not None else None
+    return ["steps", index, field] if isinstance(index, int) else [field]
+
+
+def _refuse(ctx: StepContext | None, field: str, message: str) -> RecipeError:
+    return RecipeError(message, [{"loc": _path(ctx, field), "msg": message}])
+
+
+def torch_available() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
+def _io(model: onnx.ModelProto) -> tuple[list[tuple], list[tuple]]:
+    inits = {t.name for t in model.graph.initializer}
+
+    def describe(value: onnx.ValueInfoProto) -> tuple:
+        tensor_type = value.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim) \
+            if tensor_type.HasField("shape") else None
+        return value.name, tensor_type.elem_type, dims
+
+    return [describe(v) for v in model.graph.input if v.name not in inits], [describe(v) for v in model.graph.output]
+
+
+def _check_student(teacher: onnx.ModelProto, student: onnx.ModelProto, ctx: StepContext | None) -> None:
+    want, got = _io(teacher), _io(student)
+    for kind, a, b in (("inputs", want[0], got[0]), ("outputs", want[1], got[1])):
+        if [(n, t) for n, t, _ in a] != [(n, t) for n, t, _ in b]:
+            raise _refuse(ctx, "student_model_id", f"the student's {kind} {[(n, t) for n, t, _ in b]} differ from "
+                                                   f"the original's {[(n, t) for n, t, _ in a]}")
+        for (n, _, da), (_, _, db) in zip(a, b):
+            if da is not None and db is not None and (len(da) != len(db) or any(
+                    x is not None and y is not None and x != y for x, y in zip(da, db))):
+                raise _refuse(ctx, "student_model_id", f"the student's {kind[:-1]} {n!r} has shape {db}; "
+                                                       f"the original's is {da}")
+
+
+def _check_kd(student: onnx.ModelProto, ctx: StepContext | None) -> None:
+    if not torch_available():
+        raise _refuse(ctx, "method", "method kd needs PyTorch, which is not installed: install featherweight[distill]")
+    from worker.pipeline.distill.torch_graph import unsupported_ops
+
+    missing = unsupported_ops(student)
+    if missing:
+        raise _refuse(ctx, "method", f"method kd cannot train this model: unsupported ops {', '.join(missing)} "
+                                     f"(use method layerwise, or export the model without them)")
+
+
+def check(model: onnx.ModelProto, params: DistillStep, ctx: StepContext) -> None:
+    """Refuse what cannot work before any step runs (the runner prefixes ``["steps", i]``)."""
+    student = ctx.options.get("student_model")
+    if params.student_model_id is not None and student is None:
+        raise RecipeError("student_model_id was given but no student model was loaded",
+                          [{"loc": ["student_model_id"], "msg": "student model not loaded"}])
+    if student is not None:
+        _check_student(ctx.original, student, None)
+        if params.method == "layerwise":
+            raise RecipeError("method layerwise refits the layers earlier steps compressed; a separate student has "
+                              "no such layers: use method kd", [{"loc": ["method"], "msg": "use kd with a student"}])
+    if ctx.calibration is None:
+        raise RecipeError("distill needs calibration data", [{"loc": ["method"], "msg": "needs calibration data"}])
+    if params.method == "kd":
+        _check_kd(student if student is not None else model, None)
+
+
+def _changed(record: LayerRecord) -> bool:
+    return (record.mask is not None or record.grid is not None or record.codebook is not None
+            or record.factors is not None or record.sparsity > 0 or record.bits < 32 or record.rank is not None)
+
+
+def _selected(params: DistillStep, record: LayerRecord, teacher: onnx.ModelProto) -> bool:
+    names = (record.weight, record.node)
+    if params.include and not any(fnmatch.fnmatchcase(n, p) for n in names for p in params.include):
+        return False
+    if any(fnmatch.fnmatchcase(n, p) for n in names for p in params.exclude):
+        return False
+    # min_params narrows only when given: the layers to refit are those earlier steps chose
+    if "min_params" in params.model_fields_set:
+        init = graph.initializers(teacher).get(record.weight)
+        if init is not None and int(np.prod(init.dims)) < params.min_params:
+            return False
+    return True
+
+
+def _weight_consumer(model: onnx.ModelProto, weight: str) -> onnx.NodeProto | None:
+    """The layer reading ``weight`` directly, or through a DequantizeLinear of it."""
+    uses = graph.consumers(model)
+    for node, _ in uses.get(weight, []):
+        if node.op_type in ("MatMul", "Gemm", "Conv"):
+            return node
+        if node.op_type == "DequantizeLinear":
+            for inner, index in uses.get(node.output[0], []):
+                if index == 1:
+                    return inner
+    return None
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, tuple]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # shapes only resolve SAME padding; the layer is skipped without them
+        return {}
+    shapes = {}
+    for value in list(inferred.graph.value_info) + list(inferred.graph.input):
+        dims = value.type.tensor_type.shape.dim
+        shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+    return shapes
+
+
+def plan_layerwise(student: onnx.ModelProto, teacher: onnx.ModelProto, params: DistillStep,
+                   layers: dict[str, LayerRecord]) -> tuple[list[layerwise.LayerFit], list[dict]]:
+    """The layers to refit, in the student's topological order, and the ones skipped with why."""
+    nodes_s = {n.name: n for n in student.graph.node if n.name}
+    nodes_t = {n.name: n for n in teacher.graph.node if n.name}
+    shapes_s, shapes_t = _shapes(student), _shapes(teacher)
+    fits: list[layerwise.LayerFit] = []
+    skipped: list[dict] = []
+    for key, record in layers.items():
+        if not _changed(record) or not _selected(params, record, teacher):
+            continue
+        teacher_node = nodes_t.get(record.node) or _weight_consumer(teacher, record.weight)
+        teacher_layer, why = linear_layer(teacher, teacher_node, input_shapes=shapes_t) if teacher_node is not None \
+            else (None, "the original has no such layer")
+        if teacher_layer is None:
+            skipped.append({"name": key, "reason": why})
+            continue
+        if record.factors is not None:
+            factor = record.factors[1]
+            student_node = _weight_consumer(student, factor)
+            own = layers.get(factor)
+        else:
+            student_node = nodes_s.get(record.node)
+            if student_node is None or student_node.op_type not in ("MatMul", "Gemm", "Conv"):
+                student_node = _weight_consumer(student, record.weight) or student_node
+            own = record
+        if student_node is None:
+            skipped.append({"name": key, "reason": "the compressed model has no layer reading this weight"})
+            continue
+        layer, why = linear_layer(student, student_node, grid_bits=own.grid if own is not None else None,
+                                  input_shapes=shapes_s)
+        if layer is None:
+            skipped.append({"name": key, "reason": why})
+            continue
+        if (layer.bias is None) != (teacher_layer.bias is None):
+            skipped.append({"name": key, "reason": "the layer's bias differs between the original and the compressed model"})
+            continue
+        constraints = layerwise.Constraints()
+        if own is not None:
+            if own.mask is not None and tuple(np.shape(own.mask)) == layer.weight.shape:
+                constraints.mask = np.asarray(own.mask, dtype=bool)
+            elif own.sparsity > 0:
+                # the zeros in the file are the constraint when no mask was recorded
+                constraints.mask = layer.weight.read(student) != 0
+            if own.codebook is not None:
+                constraints.codebook = np.asarray(own.codebook)
+        fits.append(layerwise.LayerFit(key, layer, teacher_layer.output, constraints))
+    order = {node.name: i for i, node in enumerate(graph.topological_nodes(student))}
+    fits.sort(key=lambda f: order.get(f.layer.node.name, len(order)))
+    return fits, skipped
+
+
+def _dataset(ctx: StepContext, field: str = "method"):
+    if ctx.calibration is None:
+        raise _refuse(ctx, field, "distill needs calibration data")
+    try:
+        dataset = data_mod.bind(ctx.original, ctx.calibration)
+    except data_mod.DataError as exc:
+        raise InvalidInput(f"calibration: {exc}", [{"loc": ["calibration", *exc.path], "msg": str(exc)}]) from None
+    if dataset.size == 0:
+        raise InvalidInput("calibration: the data set holds no samples", [{"loc": ["calibration"], "msg": "no samples"}])
+    return dataset
+
+
+def run(model: onnx.ModelProto, params: DistillStep, ctx: StepContext) -> StepResult:
+    student = ctx.options.get("student_model")
+    if student is not None:
+        _check_student(ctx.original, student, ctx)
+    dataset = _dataset(ctx)
+    if params.method == "layerwise":
+        if student is not None:
+            raise _refuse(ctx, "method", "method layerwise refits the layers earlier steps compressed; a separate "
+                                         "student has no such layers: use method kd")
+        return _run_layerwise(model, params, ctx, dataset)
+    target = student if student is not None else model
+    _check_kd(target, ctx)
+    from worker.pipeline.distill import kd
+
+    trained, metrics = kd.distill(target, ctx.original, dataset, params,
+                                  layers=ctx.layers if student is None else {},
+                                  progress=ctx.progress, check_cancelled=ctx.check_cancelled)
+    return StepResult(trained, metrics.pop("changed"), {"method": "kd", **metrics})
+
+
+def _run_layerwise(model: onnx.ModelProto, params: DistillStep, ctx: StepContext, dataset) -> StepResult:
+    fits, skipped = plan_layerwise(model, ctx.original, params, ctx.layers)
+    if not fits:
+        reasons = "; ".join(f"{s['name']}: {s['reason']}" for s in skipped) or \
+            "no earlier step compressed a layer (run prune, lowrank, cluster or quantize first)"
+        raise _refuse(ctx, "method", f"method layerwise has no layer to refit: {reasons}")
+    student = onnx.ModelProto()
+    student.CopyFrom(model)
+    rows = layerwise.run(student, ctx.original, fits, dataset, damping=params.damping,
+                         batch_size=max(params.batch_size, LAYERWISE_MIN_BATCH), progress=ctx.progress,
+                         check_cancelled=ctx.check_cancelled)
+    changed = []
+    for item, row in zip(fits, rows):
+        if row["kept"]:
+            continue
+        changed.append(item.layer.weight.name)
+        if item.layer.bias is not None:
+            changed.append(item.layer.bias.name)
+        record = ctx.layers.get(item.key)
+        if record is not None and record.factors is None and item.constraints.codebook is not None:
+            record.codebook = item.constraints.codebook
+    return StepResult(student, changed, {"method": "layerwise", "layers": rows, "skipped": skipped})
+
+
+__all__ = ["name", "Params", "run", "check", "plan_layerwise", "LinearLayer"]
