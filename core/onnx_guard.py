@@ -61,8 +61,8 @@ def validate(path: Path, settings: Settings | None = None) -> ModelInfo:
     guard = _Guard(settings, path.parent)
     guard.check_model(model)
     try:
-        onnx.checker.check_model(model)
-    except (onnx.checker.ValidationError, ValueError) as exc:
+        onnx.checker.check_model(str(path))  # the path form resolves external data beside the file
+    except (onnx.checker.ValidationError, ValueError, RuntimeError, OSError) as exc:
         raise InvalidModel(f"the ONNX checker refuses the model: {_first_line(str(exc))}",
                            [{"loc": ["file"], "msg": "onnx.checker failed"}]) from exc
     return _describe(model, guard.params)
