@@ -73,6 +73,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.fixture
+def free_tcp_port() -> int:
+    """A loopback TCP port nothing listens on (at the time of asking)."""
+    return free_port()
+
+
 # --- tiny ONNX models built with onnx.helper --------------------------------------------------------
 
 def _init(rng: np.random.Generator, name: str, shape: tuple[int, ...], scale: float = 0.1) -> onnx.TensorProto:
@@ -222,3 +228,20 @@ def s3_settings(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, 
     for key, value in values.items():
         monkeypatch.setenv(key, value)
     return values
+
+
+@pytest.fixture
+def full_stack(fw_home: Path, postgres_url: str, redis_url: str, s3_settings: dict[str, str],
+               monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Settings for Postgres + Redis + the S3 server (fresh database, flushed Redis db, fresh bucket),
+    migrated and with the bucket created; returns the FEATHERWEIGHT_* environment for subprocesses."""
+    env = {"FEATHERWEIGHT_HOME": str(fw_home), "FEATHERWEIGHT_DATABASE_URL": postgres_url,
+           "FEATHERWEIGHT_BROKER_URL": redis_url, **s3_settings}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    reset_service_caches()
+    from featherweight.cli import prepare_service
+
+    prepare_service()
+    yield env
+    reset_service_caches()

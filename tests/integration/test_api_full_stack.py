@@ -1,0 +1,77 @@
+"""The API on Postgres + Redis + the S3 server (in-process, no worker): upload, submit, readiness."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import sqlalchemy as sa
+
+pytestmark = pytest.mark.integration
+
+RECIPE = {"steps": [{"op": "quantize", "weights": {"bits": 8, "symmetric": True, "granularity": "channel"}}]}
+
+
+@pytest.fixture
+def client(full_stack):
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    with TestClient(create_app(), raise_server_exceptions=False) as client:
+        yield client
+
+
+def _bucket_keys() -> list[str]:
+    from core.storage import get_store
+
+    store = get_store()
+    listing = store.client.list_objects_v2(Bucket=store.bucket)
+    return sorted(item["Key"] for item in listing.get("Contents", []))
+
+
+def test_ready_on_the_full_stack(client):
+    response = client.get("/ready")
+    assert response.status_code == 200, response.text
+
+
+def test_upload_stores_in_s3_and_submit_enqueues_on_redis(client, full_stack, onnx_models):
+    import redis
+
+    response = client.post("/v1/models", files={"file": ("cnn.onnx", onnx_models.cnn().SerializeToString())})
+    assert response.status_code == 201, response.text
+    model_id = response.json()["id"]
+    assert _bucket_keys() == [f"models/{model_id}/model.onnx"]
+    response = client.post("/v1/jobs", json={"model_id": model_id, "recipe": RECIPE, "target": "gpu"})
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    assert response.json()["stage"] == "waiting: no live worker on queue 'gpu'"
+    broker = redis.Redis.from_url(full_stack["FEATHERWEIGHT_BROKER_URL"])
+    try:
+        messages = broker.lrange("gpu", 0, -1)
+    finally:
+        broker.close()
+    assert len(messages) == 1
+    message = json.loads(messages[0])
+    assert message["headers"]["task"] == "featherweight.run_job" and message["headers"]["argsrepr"] == f"['{job_id}']"
+
+
+def test_bad_upload_leaves_no_object_and_no_row(client, full_stack):
+    response = client.post("/v1/models", files={"file": ("x.onnx", b"\x08\x07garbage")})
+    assert response.status_code == 422
+    assert _bucket_keys() == []
+    engine = sa.create_engine(full_stack["FEATHERWEIGHT_DATABASE_URL"])
+    try:
+        with engine.connect() as connection:
+            assert connection.execute(sa.text("SELECT COUNT(*) FROM models")).scalar_one() == 0
+    finally:
+        engine.dispose()
+
+
+def test_ready_is_503_when_redis_is_unreachable(client, monkeypatch, free_tcp_port):
+    from tests.conftest import reset_service_caches
+
+    monkeypatch.setenv("FEATHERWEIGHT_BROKER_URL", f"redis://127.0.0.1:{free_tcp_port}/0")
+    reset_service_caches()
+    response = client.get("/ready")
+    assert response.status_code == 503
+    assert [e["loc"] for e in response.json()["errors"]] == [["broker"]]
