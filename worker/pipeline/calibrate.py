@@ -1,0 +1,120 @@
+"""Streaming activation statistics for static quantization: the range each tensor is quantized over.
+
+Owns: running a model over calibration data batch by batch, one ``kernels.Histogram`` per wanted
+tensor (a fixed number of bins, so memory is bounded by the number of tensors, never by the number of
+samples), and turning a histogram into a range by ``minmax``, ``percentile`` or ``entropy``.
+
+Ranges:
+    minmax      [min(x), max(x)]
+    percentile  [P(100 - p), P(p)] of the signed values (p from the recipe, default 99.999)
+    entropy     the KL-divergence threshold t on |x| (TensorRT style, 128 quantized bins):
+                [max(min(x), -t), min(max(x), t)]
+Every range is widened to hold 0, so that 0 (zero padding, ReLU's floor) is exactly representable.
+
+Mask sentinels. Attention masks filled with float32's minimum (-3.4e38) or -1e9 reach tensors such
+as ``scores + mask``. No clipping rule rescues such a tensor: any 8-bit grid over it either spends
+every level on the sentinel (minmax) or clips the sentinel to a small negative number, which turns
+"never attend here" into "attend a little" after Softmax. So a tensor in which any calibration value
+is non-finite or has ``|x| >= MASK_MAGNITUDE`` is reported ``masked`` and the quantizer leaves it in
+float; its sentinel values never enter the histogram (which would otherwise stretch to 1e38 and lose
+every bin). Real activations of a trained network stay many orders of magnitude below 1e8.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+import onnx
+
+import kernels
+from worker.pipeline import activations
+from worker.pipeline.data import Dataset
+
+MASK_MAGNITUDE = 1e8
+DEFAULT_BINS = 2048
+ENTROPY_QUANT_BINS = 128
+METHODS = ("minmax", "percentile", "entropy")
+
+
+@dataclass(frozen=True)
+class TensorRange:
+    """The calibrated range of one tensor. ``masked``: sentinel values seen, keep it in float."""
+
+    name: str
+    lo: float
+    hi: float
+    masked: bool = False
+    samples: int = 0
+
+
+class ActivationStatistics:
+    """One streaming histogram per tensor, fed one batch at a time."""
+
+    def __init__(self, names: Iterable[str], bins: int = DEFAULT_BINS):
+        self.bins = bins
+        self.histograms = {name: kernels.Histogram(bins=bins) for name in names}
+        self.masked: set[str] = set()
+        self.counts = {name: 0 for name in self.histograms}
+
+    def update(self, name: str, values: np.ndarray) -> None:
+        """Add one batch of ``name``'s values. Sentinel values mark the tensor masked and stay out
+        of its histogram."""
+        flat = np.asarray(values)
+        if flat.dtype.kind != "f":
+            return
+        flat = flat.reshape(-1)
+        ordinary = np.abs(flat) < MASK_MAGNITUDE      # False for NaN and +-Inf as well
+        if not ordinary.all():
+            self.masked.add(name)
+            flat = flat[ordinary]
+        if flat.size:
+            self.histograms[name].update(np.ascontiguousarray(flat, dtype=np.float32))
+            self.counts[name] += int(flat.size)
+
+    def range(self, name: str, method: str = "minmax", percentile: float = 99.999) -> TensorRange | None:
+        """The range of ``name`` by ``method``; None when no value was ever seen."""
+        if method not in METHODS:
+            raise ValueError(f"calibration method {method!r} is not one of {METHODS}")
+        if not self.counts.get(name):
+            return None
+        histogram = self.histograms[name]
+        low, high = (float(v) for v in histogram.minmax())
+        if method == "percentile":
+            low, high = float(histogram.percentile(100.0 - percentile)), float(histogram.percentile(percentile))
+        elif method == "entropy":
+            threshold = float(histogram.entropy_threshold(num_quant_bins=ENTROPY_QUANT_BINS))
+            low, high = max(low, -threshold), min(high, threshold)
+        return TensorRange(name, min(low, 0.0), max(high, 0.0), name in self.masked, self.counts[name])
+
+
+def collect(model: onnx.ModelProto, data: Dataset, names: Sequence[str], *, bins: int = DEFAULT_BINS,
+            batch_size: int = 64, limit: int | None = None, progress=None) -> ActivationStatistics:
+    """Run ``model`` over ``data`` and stream every tensor in ``names`` into its histogram.
+    Only one batch of activations is held at a time."""
+    statistics = ActivationStatistics(names, bins)
+    if not names:
+        return statistics
+    total = data.size if limit is None else min(limit, data.size)
+    step = batch_size if data.batchable else 1
+    done = 0
+    for values in activations.capture(model, data, list(names), batch_size=batch_size, limit=limit):
+        for name, value in values.items():
+            statistics.update(name, value)
+        done = min(done + step, total)
+        if progress is not None and total:
+            progress(done / total, f"calibration {done}/{total}")
+    return statistics
+
+
+def calibrate(model: onnx.ModelProto, data: Dataset, names: Sequence[str], *, method: str = "minmax",
+              percentile: float = 99.999, bins: int = DEFAULT_BINS, batch_size: int = 64,
+              limit: int | None = None, progress=None) -> dict[str, TensorRange]:
+    """Ranges of ``names`` on ``data`` by ``method``; tensors never seen are absent."""
+    statistics = collect(model, data, names, bins=bins, batch_size=batch_size, limit=limit, progress=progress)
+    ranges = {}
+    for name in names:
+        found = statistics.range(name, method, percentile)
+        if found is not None:
+            ranges[name] = found
+    return ranges
