@@ -148,3 +148,87 @@ def test_bad_parameters_refused_with_field_paths(fields, loc):
     with pytest.raises(RecipeError) as info:
         _params(**fields)
     assert info.value.errors[0]["loc"] == loc
+
+
+# -- structure: channel -----------------------------------------------------------------------------
+
+def _dims(model):
+    return {t.name: tuple(t.dims) for t in model.graph.initializer}
+
+
+def test_channel_pruning_shrinks_cnn_consistently_across_the_residual():
+    model = cnn()
+    ctx = StepContext(original=model)
+    result = prune.run(model, _params(sparsity=0.3, structure="channel", min_params=0), ctx)
+    assert_valid_same_io(result.model, model, inputs_for(model))
+    dims = _dims(result.model)
+    # conv1 and conv3 feed the residual Add: one group, the same channels removed from both
+    assert dims["conv1_w"][0] == dims["conv3_w"][0] == dims["conv2_w"][1] == dims["conv4_w"][1] == 11
+    assert dims["conv2_w"] == (11, 11, 3, 3) and dims["bn2_scale"] == (11,) and dims["bn3_var"] == (11,)
+    assert dims["conv4_w"][0] == dims["conv4_b"][0] == dims["fc_w"][1] == 22
+    assert dims["fc_w"][0] == 10                        # the logits reach the graph output: kept
+    assert {s["name"] for s in result.metrics["skipped"]} == {"fc_w"}
+    assert result.metrics["params_after"] < 0.55 * result.metrics["params_before"]
+    assert ctx.layers["conv4_w"].extra["shape"] == [22, 11, 3, 3]
+    assert result.metrics["channel_sparsity"] == pytest.approx((5 + 5 + 10) / 64)
+
+
+def test_channel_pruning_removes_the_least_important_channels_exactly():
+    """Hidden features of fc1 with zero weights and zero bias contribute nothing: removing exactly
+    those leaves the output unchanged, and the step picks exactly those."""
+    from worker.pipeline.graph import set_array
+    model = mlp()
+    w1, b1 = get_array(model, "w1").copy(), get_array(model, "b1").copy()
+    dead = np.arange(0, 128, 4)
+    w1[:, dead] = 0.0
+    b1[dead] = 0.0
+    set_array(model, "w1", w1)
+    set_array(model, "b1", b1)
+    result = prune.run(model, _params(sparsity=0.25, structure="channel", include=["w1"], min_params=0),
+                       StepContext(original=model))
+    feeds = inputs_for(model)
+    got = assert_valid_same_io(result.model, model, feeds)[0]
+    np.testing.assert_allclose(got, run_model(model, feeds)[0], rtol=1e-5, atol=1e-5)
+    assert _dims(result.model)["w1"] == (64, 96) and _dims(result.model)["w2"] == (96, 64)
+    assert any("not selected" in s["reason"] for s in result.metrics["skipped"])
+
+
+def test_channel_pruning_keeps_earlier_masks_aligned():
+    model = mlp()
+    ctx = StepContext(original=model)
+    first = prune.run(model, _params(sparsity=0.5, min_params=0), ctx)
+    second = prune.run(first.model, _params(sparsity=0.25, structure="channel", min_params=0), ctx)
+    for name in ("w1", "w2"):
+        w = get_array(second.model, name)
+        assert ctx.layers[name].mask.shape == w.shape
+        assert np.all(w[~ctx.layers[name].mask] == 0)
+
+
+def test_channel_pruning_through_concat_and_explicit_reshape():
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "wa"),
+             numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "wb"),
+             numpy_helper.from_array(np.array([-1, 16 * 8 * 8], np.int64), "flat"),
+             numpy_helper.from_array(rng.standard_normal((16 * 8 * 8, 5)).astype(np.float32), "wf"),
+             numpy_helper.from_array(np.zeros(5, np.float32), "bf")]
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["a"], name="ca", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "wb"], ["b"], name="cb", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["ra"], name="relu_a"),
+             helper.make_node("Concat", ["ra", "b"], ["c"], name="cat", axis=1),
+             helper.make_node("Reshape", ["c", "flat"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="fc")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    result = prune.run(model, _params(sparsity=0.5, structure="channel", min_params=0), StepContext(original=model))
+    feeds = {"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    assert_valid_same_io(result.model, model, feeds)
+    dims = _dims(result.model)
+    assert dims["wa"] == (4, 3, 3, 3) and dims["wb"] == (4, 3, 3, 3) and dims["wf"] == (8 * 64, 5)
+    assert get_array(result.model, "flat").tolist() == [-1, 8 * 64]
+    # the rows of wf kept are exactly those of the kept channels, H*W rows per channel
+    kept_a = [c for c in range(8) if any(np.array_equal(get_array(model, "wa")[c], k) for k in get_array(result.model, "wa"))]
+    wf, wf_new = get_array(model, "wf"), get_array(result.model, "wf")
+    np.testing.assert_array_equal(wf_new[:4 * 64], np.concatenate([wf[c * 64:(c + 1) * 64] for c in kept_a]))

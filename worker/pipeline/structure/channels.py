@@ -1,0 +1,566 @@
+"""Channel pruning: remove whole output channels of Conv / features of Gemm and MatMul, and the
+matching inputs of every layer that reads them, so tensors and MACs really shrink.
+
+The analysis walks the graph once in topological order and gives every tensor that carries pruned
+channels a *layout*: the axis the channels lie on and, along it, a list of segments
+``(group, channels, repeat)`` — ``repeat`` consecutive positions per channel after a Flatten of
+``[N, C, H, W]`` (H*W per channel), several segments after a Concat, ``group None`` for positions
+that are never pruned. A *group* is a set of channels that must be removed together: each producer
+(Conv group 1, Gemm, MatMul with a constant 2-D weight) starts one, and an elementwise op with two
+grouped inputs (a residual Add, a gating Mul) unites their groups (union-find), because the
+channels of both operands meet position by position.
+
+Layouts pass through BatchNormalization / InstanceNormalization (their per-channel constants are
+sliced), elementwise activations, constants that broadcast (sliced where they hold one value per
+channel), pooling, depthwise Conv (its weight, bias and ``group`` shrink with it), Dropout, Concat
+along the channel axis, Flatten and Reshape that keep or flatten the channel axis (an explicit
+size in the shape constant is rewritten). Layers that read a layout (Conv, MatMul, Gemm) lose the
+matching input rows. Anything else that reads a grouped tensor (a graph output, Softmax, a
+LayerNormalization over the channels, a Reshape into attention heads, a Transpose, a subgraph)
+*blocks* its groups: they are left whole and reported with the reason.
+
+Which channels go: in each group, ``round(sparsity * C)`` channels (at most C - 1) with the
+smallest importance ``sum_p ||W_p[c]||_2 * s_p[c] / mean_c(||W_p[c]||_2 * s_p[c])`` over the
+group's producers p, where ``s_p`` is ``|gamma| / sqrt(var + eps)`` of a BatchNormalization right
+after the producer (1 otherwise): each producer's norms are made comparable before they are summed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+import kernels
+from core.errors import RecipeError
+from core.recipe import PruneStep
+from worker.pipeline.graph import attribute, topological_nodes, unique_name, weight_layers
+from worker.pipeline.step import StepContext, StepResult
+from worker.pipeline.structure.records import StepLog, layer_record, sparsity_of
+
+UNARY = frozenset({"Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu", "Celu",
+                   "Softplus", "Softsign", "Gelu", "Erf", "Exp", "Log", "Abs", "Neg", "Sqrt", "Reciprocal",
+                   "Identity", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Mish", "ThresholdedRelu", "Cast",
+                   "Clip"})
+ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu"})
+POOLS = frozenset({"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
+NORMS = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2)}
+
+
+@dataclass(frozen=True)
+class Segment:
+    group: int | None
+    channels: int
+    repeat: int = 1
+
+
+@dataclass(frozen=True)
+class Layout:
+    axis: int
+    rank: int
+    segments: tuple[Segment, ...]
+
+    @property
+    def positions(self) -> int:
+        return sum(s.channels * s.repeat for s in self.segments)
+
+
+@dataclass
+class Producer:
+    weight: str
+    axis: int
+    node: str
+    output: str
+    scale: np.ndarray | None = None
+
+
+@dataclass
+class Action:
+    """Slice initializer ``input_name`` (read by ``node`` at ``index``) along ``axis`` by ``layout``;
+    kind ``reshape`` rewrites entry ``axis`` of a shape constant; kind ``group`` a Conv attribute."""
+
+    kind: str
+    node: str
+    index: int
+    name: str
+    axis: int
+    layout: Layout
+
+
+@dataclass
+class ChannelGraph:
+    parent: list[int] = field(default_factory=list)
+    channels: list[int] = field(default_factory=list)
+    reasons: list[list[str]] = field(default_factory=list)
+    producers: list[list[Producer]] = field(default_factory=list)
+    actions: list[Action] = field(default_factory=list)
+
+    def new_group(self, channels: int) -> int:
+        self.parent.append(len(self.parent))
+        self.channels.append(channels)
+        self.reasons.append([])
+        self.producers.append([])
+        return len(self.parent) - 1
+
+    def find(self, group: int) -> int:
+        while self.parent[group] != group:
+            self.parent[group] = self.parent[self.parent[group]]
+            group = self.parent[group]
+        return group
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+            self.reasons[ra].extend(self.reasons[rb])
+            self.producers[ra].extend(self.producers[rb])
+
+    def block(self, layout: Layout | None, reason: str) -> None:
+        if layout is None:
+            return
+        for segment in layout.segments:
+            if segment.group is not None:
+                root = self.find(segment.group)
+                if reason not in self.reasons[root]:
+                    self.reasons[root].append(reason)
+
+    def roots(self) -> list[int]:
+        return sorted({self.find(g) for g in range(len(self.parent))})
+
+
+class _Analysis:
+    """One pass over the graph building the ChannelGraph (see the module docstring)."""
+
+    def __init__(self, model: onnx.ModelProto, selected: set[str]):
+        self.model = model
+        self.selected = selected
+        self.inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        overridable = {i.name for i in model.graph.input}
+        self.inits = {k: v for k, v in self.inits.items() if k not in overridable}
+        inferred = onnx.shape_inference.infer_shapes(model)
+        self.shapes: dict[str, list[int | str | None]] = {}
+        for value in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+            if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
+                self.shapes[value.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                           for d in value.type.tensor_type.shape.dim]
+        for name, array in self.inits.items():
+            self.shapes[name] = list(array.shape)
+        self.used = {name for node in model.graph.node for name in node.output}
+        self.readers: dict[str, int] = {}
+        for node in model.graph.node:
+            for name in node.input:
+                self.readers[name] = self.readers.get(name, 0) + 1
+        self.graph = ChannelGraph()
+        self.layouts: dict[str, Layout] = {}
+
+    def rank(self, name: str) -> int | None:
+        shape = self.shapes.get(name)
+        return None if shape is None else len(shape)
+
+    def static(self, name: str, dims: range | list[int]) -> list[int] | None:
+        shape = self.shapes.get(name)
+        if shape is None:
+            return None
+        values = [shape[d] for d in dims]
+        return values if all(isinstance(v, int) and v > 0 for v in values) else None
+
+    def run(self) -> ChannelGraph:
+        for node in topological_nodes(self.model):
+            ins = [self.layouts.get(name) if name else None for name in node.input]
+            hidden = _subgraph_reads(node)
+            grouped = any(layout is not None for layout in ins)
+            if hidden:
+                for name in hidden:
+                    self.graph.block(self.layouts.get(name), f"subgraph of {node.op_type} {node.name} reads {name}")
+            handler = getattr(self, f"_{node.op_type}", None)
+            if node.op_type in UNARY:
+                handler = self._unary
+            elif node.op_type in ELEMENTWISE:
+                handler = self._elementwise
+            elif node.op_type in POOLS:
+                handler = self._pool
+            elif node.op_type in NORMS:
+                handler = self._norm
+            handled = handler(node, ins) if handler is not None else not grouped
+            if not handled:
+                for name, layout in zip(node.input, ins):
+                    self.graph.block(layout, f"{node.op_type} {node.name} reads {name}")
+        for output in self.model.graph.output:
+            self.graph.block(self.layouts.get(output.name), f"graph output {output.name}")
+        return self.graph
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _act(self, kind: str, node: onnx.NodeProto, index: int, axis: int, layout: Layout) -> None:
+        self.graph.actions.append(Action(kind, node.name, index, node.input[index], axis, layout))
+
+    def _produce(self, node: onnx.NodeProto, weight: str, axis: int, channels: int, rank: int | None) -> int | None:
+        if rank is None:
+            return None
+        group = self.graph.new_group(channels)
+        self.graph.producers[group].append(Producer(weight, axis, node.name, node.output[0]))
+        if weight not in self.selected:
+            self.graph.reasons[group].append(f"{weight} is not selected (include / exclude / min_params)")
+        self.layouts[node.output[0]] = Layout(1 if node.op_type in ("Conv", "Gemm") else rank - 1, rank,
+                                              (Segment(group, channels),))
+        return group
+
+    # -- producers and consumers -----------------------------------------------------------------
+    def _Conv(self, node: onnx.NodeProto, ins: list[Layout | None]) -> bool:
+        if len(node.input) < 2 or node.input[1] not in self.inits or any(ins[1:]):
+            return ins[0] is None and not any(ins[1:])
+        w = self.inits[node.input[1]]
+        has_bias = len(node.input) > 2 and node.input[2] != ""
+        if has_bias and node.input[2] not in self.inits:
+            return ins[0] is None
+        groups = attribute(node, "group", 1)
+        x = ins[0]
+        if x is not None:
+            if x.axis != 1:
+                return False
+            if groups == 1:
+                self._act("slice", node, 1, 1, x)
+            elif groups == x.positions and w.shape[0] == groups and w.shape[1] == 1:
+                # depthwise: one filter per input channel, so the channels pass straight through
+                self._act("slice", node, 1, 0, x)
+                if has_bias:
+                    self._act("slice", node, 2, 0, x)
+                self._act("group", node, 1, 0, x)
+                self.layouts[node.output[0]] = Layout(1, x.rank, x.segments)
+                return True
+            else:
+                return False
+        if groups == 1:
+            group = self._produce(node, node.input[1], 0, int(w.shape[0]), len(w.shape))
+            if group is not None:
+                layout = self.layouts[node.output[0]]
+                self._act("slice", node, 1, 0, layout)
+                if has_bias:
+                    self._act("slice", node, 2, 0, layout)
+        return True
+
+    def _MatMul(self, node: onnx.NodeProto, ins: list[Layout | None]) -> bool:
+        if ins[1] is not None:
+            return False
+        b = self.inits.get(node.input[1])
+        if b is None or b.ndim != 2:
+            return ins[0] is None
+        x = ins[0]
+        if x is not None:
+            if x.axis != x.rank - 1:
+                return False
+            self._act("slice", node, 1, 0, x)
+        group = self._produce(node, node.input[1], 1, int(b.shape[1]), self.rank(node.input[0]))
+        if group is not None:
+            self._act("slice", node, 1, 1, self.layouts[node.output[0]])
+        return True
+
+    def _Gemm(self, node: onnx.NodeProto, ins: list[Layout | None]) -> bool:
+        if any(ins[1:]):
+            return False
+        b = self.inits.get(node.input[1])
+        if b is None:
+            return ins[0] is None
+        trans_b = attribute(node, "transB", 0)
+        x = ins[0]
+        if x is not None:
+            if attribute(node, "transA", 0) or x.axis != 1 or x.rank != 2:
+                return False
+            self._act("slice", node, 1, 1 if trans_b else 0, x)
+        out_axis = 0 if trans_b else 1
+        group = self._produce(node, node.input[1], out_axis, int(b.shape[out_axis]), 2)
+        layout = self.layouts[node.output[0]]
+        self._act("slice", node, 1, out_axis, layout)
+        if len(node.input) > 2 and node.input[2]:
+            c = self.inits.get(node.input[2])
+            if c is None:
+                self.graph.reasons[group].append(f"Gemm {node.name} adds a computed C")
+            elif c.ndim >= 1 and c.shape[-1] == b.shape[out_axis] and c.shape[-1] > 1:
+                self._act("slice", node, 2, c.ndim - 1, layout)
+        return True
+
+    # -- pass-through ops ----------------------------------------------------------------------
+    def _unary(self, node: onnx.NodeProto, ins: list[Layout | None]) -> bool:
+        if any(ins[1:]):
+            return False
+        if ins[0] is not None:
+            for index in range(1, len(node.input)):      # Clip's min / max: scalars only
+                if node.input[index] and (self.inits.get(node.input[index]) is None or self.inits[node.input[index]].size != 1):
+                    return False
+            self.layouts[node.output[0]] = ins[0]
+        return True
+
+    def _Dropout(self, node: onnx.NodeProto, ins: list[Layout | None]) -> bool:
+        if any(ins[1:]) or (ins[0] is not None and len(node.output) > 1 and node.output[1] and self.readers.get(node.output[1])):
+            return False
+        if ins[0] is not None:
+            self.layouts[node.output[0]] = ins[0]
+        return True
+
+    def _pool(self, node: onnx.NodeProto, ins: list[Layout | None]) -> bool:
+        x = ins[0]
+        if x is None:
+            return True
+        if x.axis != 1 or (len(node.output) > 1 and node.output[1] and self.readers.get(node.output[1])):
+            return False
+        self.layouts[node.output[0]] = x
+        return True
+
+    def _norm(self, node: onnx.NodeProto, ins: list[Layout | None]) -> bool:
+        x = ins[0]
+        if x is None:
+            return not any(ins[1:])
+        if x.axis != 1 or any(ins[1:]) or any(node.input[i] not in self.inits for i in NORMS[node.op_type]):
+            return False
+        if len(node.output) > 1 and any(self.readers.get(o) for o in node.output[1:] if o):
+            return False
+        for index in NORMS[node.op_type]:
+            self._act("slice", node, index, 0, x)
+        if node.op_type == "BatchNormalization" and len(x.segments) == 1:
+            # a BN right after its producer scales that producer's channels: fold into importance
+            root = self.graph.find(x.segments[0].group) if x.segments[0].group is not None else None
+            for producer in self.graph.producers[root] if root is not None else []:
+                if producer.output == node.input[0]:
+                    gamma, var = self.inits[node.input[1]], self.inits[node.input[4]]
+                    producer.scale = np.abs(gamma) / np.sqrt(var + attribute(node, "epsilon", 1e-5))
+        self.layouts[node.output[0]] = x
+        return True
+
+    def _elementwise(self, node: onnx.NodeProto, ins: list[Layout | None]) -> bool:
+        grouped = [layout for layout in ins if layout is not None]
+        if not grouped:
+            return True
+        out_rank = self.rank(node.output[0])
+        if out_rank is None:
+            return False
+        first = grouped[0]
+        axis = first.axis + out_rank - first.rank
+        for index, (name, layout) in enumerate(zip(node.input, ins)):
+            if layout is not None:
+                if layout.axis + out_rank - layout.rank != axis or \
+                        [(s.channels, s.repeat, s.group is None) for s in layout.segments] != \
+                        [(s.channels, s.repeat, s.group is None) for s in first.segments]:
+                    return False
+                for a, b in zip(first.segments, layout.segments):
+                    if a.group is not None:
+                        self.graph.union(a.group, b.group)
+                continue
+            shape = self.shapes.get(name)
+            if shape is None:
+                return False
+            aligned = axis - (out_rank - len(shape))
+            if aligned < 0 or shape[aligned] == 1:
+                continue                                  # broadcasts over the channels
+            if name in self.inits and shape[aligned] == first.positions:
+                self._act("slice", node, index, aligned, first)
+                continue
+            return False
+        self.layouts[node.output[0]] = Layout(axis, out_rank, first.segments)
+        return True
+
+    def _Concat(self, node: onnx.NodeProto, ins: list[Layout | None]) -> bool:
+        if not any(ins):
+            return True
+        rank = self.rank(node.output[0])
+        if rank is None:
+            return False
+        axis = attribute(node, "axis") % rank
+        segments: list[Segment] = []
+        for name, layout in zip(node.input, ins):
+            if layout is not None:
+                if layout.axis != axis or layout.rank != rank:
+                    return False
+                segments.extend(layout.segments)
+                continue
+            size = self.static(name, [axis])
+            if size is None:
+                return False
+            segments.append(Segment(None, size[0]))
+        self.layouts[node.output[0]] = Layout(axis, rank, tuple(segments))
+        return True
+
+    def _flatten_tail(self, name: str, x: Layout) -> Layout | None:
+        inner = self.static(name, range(x.axis + 1, x.rank))
+        if inner is None:
+            return None
+        factor = int(np.prod(inner)) if inner else 1
+        return Layout(x.axis, x.axis + 1, tuple(Segment(s.group, s.channels, s.repeat * factor) for s in x.segments))
+
+    def _Flatten(self, node: onnx.NodeProto, ins: list[Layout | None]) -> bool:
+        x = ins[0]
+        if x is None:
+            return True
+        if attribute(node, "axis", 1) % x.rank != x.axis:
+            return False
+        flat = self._flatten_tail(node.input[0], x)
+        if flat is None:
+            return False
+        self.layouts[node.output[0]] = Layout(1, 2, flat.segments)
+        return True
+
+    def _Reshape(self, node: onnx.NodeProto, ins: list[Layout | None]) -> bool:
+        x = ins[0]
+        if x is None:
+            return ins[1] is None
+        target = self.inits.get(node.input[1])
+        before, after = self.shapes.get(node.input[0]), self.shapes.get(node.output[0])
+        if ins[1] is not None or target is None or before is None or after is None or attribute(node, "allowzero", 0):
+            return False
+        if len(after) > x.axis and after[:x.axis] == before[:x.axis] and None not in before[:x.axis]:
+            if len(after) == x.axis + 1:
+                layout = self._flatten_tail(node.input[0], x)       # [.., C, H, W] -> [.., C*H*W]
+            elif after[x.axis] == before[x.axis] and isinstance(after[x.axis], int):
+                layout = Layout(x.axis, len(after), x.segments)      # the channel axis stays as it is
+            else:
+                layout = None
+            if layout is not None and target[x.axis] in (0, -1, layout.positions):
+                if target[x.axis] == layout.positions:
+                    self._act("reshape", node, 1, x.axis, layout)
+                self.layouts[node.output[0]] = layout
+                return True
+        return False
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for graph in graphs:
+            for inner in graph.node:
+                names.update(name for name in inner.input if name)
+                names |= _subgraph_reads(inner)
+    return names
+
+
+def _constants_to_initializers(model: onnx.ModelProto) -> None:
+    """Constant nodes become initializers so the analysis can read and slice them."""
+    kept = []
+    for node in model.graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            model.graph.initializer.append(numpy_helper.from_array(
+                numpy_helper.to_array(node.attribute[0].t), node.output[0]))
+        else:
+            kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+
+
+def _importance(graph: ChannelGraph, root: int, arrays: dict[str, np.ndarray]) -> np.ndarray:
+    total = np.zeros(graph.channels[root], dtype=np.float64)
+    for producer in graph.producers[root]:
+        norms = kernels.channel_norms(np.ascontiguousarray(arrays[producer.weight], dtype=np.float32),
+                                      axis=producer.axis, p=2).astype(np.float64)
+        if producer.scale is not None:
+            norms = norms * producer.scale
+        mean = norms.mean()
+        total += norms / mean if mean > 0 else norms
+    return total
+
+
+def _positions(layout: Layout, keep: dict[int, np.ndarray], graph: ChannelGraph) -> np.ndarray:
+    out, offset = [], 0
+    for segment in layout.segments:
+        kept = keep.get(graph.find(segment.group)) if segment.group is not None else None
+        channels = np.arange(segment.channels) if kept is None else kept
+        out.append(offset + (channels[:, None] * segment.repeat + np.arange(segment.repeat)[None, :]).reshape(-1))
+        offset += segment.channels * segment.repeat
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def prune_channels(model: onnx.ModelProto, params: PruneStep, ctx: StepContext) -> StepResult:
+    """Remove ``round(sparsity * C)`` channels from every group that can be pruned safely."""
+    selected_layers = weight_layers(model, ops=("Conv", "Gemm", "MatMul"), include=params.include,
+                                    exclude=params.exclude, min_params=params.min_params)
+    if not selected_layers:
+        raise RecipeError("prune selects no weight tensor", [{"loc": ["include"], "msg": "matches no weight tensor"}])
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    _constants_to_initializers(out)
+    graph = _Analysis(out, {layer.weight for layer in selected_layers}).run()
+    arrays = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    params_before = {layer.weight: layer.params for layer in selected_layers}
+
+    log = StepLog()
+    keep: dict[int, np.ndarray] = {}
+    removed_total = channels_total = 0
+    for root in graph.roots():
+        producers = [p.weight for p in graph.producers[root]]
+        if graph.reasons[root]:
+            log.skip(", ".join(producers), "; ".join(graph.reasons[root]))
+            continue
+        channels = graph.channels[root]
+        remove = min(int(round(params.sparsity * channels)), channels - 1)
+        channels_total += channels
+        removed_total += remove
+        if remove > 0:
+            order = np.argsort(-_importance(graph, root, arrays), kind="stable")
+            keep[root] = np.sort(order[:channels - remove])
+        log.layers.append({"name": ", ".join(producers), "op": "channels", "channels": channels,
+                           "kept": channels - remove, "removed": remove})
+
+    readers: dict[str, int] = {}
+    for node in out.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    nodes = {node.name: node for node in out.graph.node}
+    changed: set[str] = set()
+    sliced: dict[str, list[tuple[int, np.ndarray]]] = {}   # weight -> the (axis, kept index) cuts, in order
+    new_arrays: dict[str, np.ndarray] = {}
+    for action in graph.actions:
+        positions = _positions(action.layout, keep, graph)
+        if positions.size == action.layout.positions:
+            continue
+        node = nodes[action.node]
+        if action.kind == "group":
+            for attr in node.attribute:
+                if attr.name == "group":
+                    attr.i = int(positions.size)
+            changed.add(node.name)
+            continue
+        name = node.input[action.index]
+        current = new_arrays.get(name, arrays[name])
+        if action.kind == "reshape":
+            updated = current.copy()
+            updated[action.axis] = positions.size
+        else:
+            updated = np.take(current, positions, axis=action.axis)
+            sliced.setdefault(action.name, []).append((action.axis, positions))
+        if readers.get(name, 0) > 1:
+            # shared constant: this reader gets its own sliced copy, the others keep theirs
+            fresh = unique_name(out, f"{name}_pruned")
+            out.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(updated), fresh))
+            readers[name] -= 1
+            node.input[action.index] = fresh
+            arrays[fresh] = updated
+            readers[fresh] = 1
+        else:
+            new_arrays[name] = updated
+        changed.add(name)
+    for tensor in out.graph.initializer:
+        if tensor.name in new_arrays:
+            tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new_arrays[tensor.name]), tensor.name))
+    used = {name for node in out.graph.node for name in node.input}
+    kept_inits = [t for t in out.graph.initializer if t.name in used or t.name in {o.name for o in out.graph.output}]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept_inits)
+    del out.graph.value_info[:]
+    out = onnx.shape_inference.infer_shapes(out, strict_mode=True)
+
+    after = {t.name: t for t in out.graph.initializer}
+    params_after = 0
+    for layer in selected_layers:
+        tensor = after.get(layer.weight)
+        if tensor is None:
+            continue
+        array = numpy_helper.to_array(tensor)
+        params_after += array.size
+        if layer.weight in sliced:
+            record = layer_record(ctx, layer)
+            for axis, index in sliced[layer.weight]:
+                if record.mask is not None:
+                    record.mask = np.take(record.mask, index, axis=axis)
+            record.sparsity = sparsity_of(array)
+            record.extra["shape"] = list(array.shape)
+    return StepResult(out, sorted(changed), log.metrics(
+        structure="channel", channel_sparsity=removed_total / channels_total if channels_total else 0.0,
+        params_before=int(sum(params_before.values())), params_after=int(params_after),
+        sparsity=removed_total / channels_total if channels_total else 0.0))
