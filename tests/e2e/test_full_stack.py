@@ -1,0 +1,19 @@
+"""End to end over real HTTP on Postgres + Redis + the S3 server: uvicorn and a Celery worker as subprocesses."""
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e.flow import run_three_models
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]
+
+
+def test_upload_compress_download_on_full_stack(full_stack_service, full_stack, onnx_models):
+    from core.storage import get_store
+
+    jobs = run_three_models(full_stack_service.url, onnx_models, full_stack_service.logs)
+    store = get_store()
+    keys = {item["Key"] for item in store.client.list_objects_v2(Bucket=store.bucket).get("Contents", [])}
+    for job in jobs.values():
+        assert f"jobs/{job['id']}/model.onnx" in keys and f"jobs/{job['id']}/report.json" in keys
+        assert job["attempts"] == 1
