@@ -78,9 +78,9 @@ class FeatherweightAPIError(FeatherweightClientError):
     def message(self) -> str:
         """One line for people: the detail, then each faulty field's path and message."""
         text = self.detail or self.title
+        # Servers often put the first field's message in the detail already; do not repeat it.
         fields = [f"{'.'.join(str(p) for p in e.get('loc', []))}: {e.get('msg', '')}"
-                  for e in self.errors if isinstance(e, dict)]
-        fields = [f for f in fields if f not in text]
+                  for e in self.errors if isinstance(e, dict) and str(e.get("msg", "")) not in text]
         if fields:
             text += " (" + "; ".join(fields) + ")"
         return f"{text} [HTTP {self.status}]" if self.status else text
@@ -433,6 +433,10 @@ class _AtomicWriter:
         digest = self.hasher.hexdigest()
         if expected is not None and digest != expected.lower():
             raise ChecksumMismatch(f"{what}: sha256 {digest} does not match the server's {expected}")
+        # mkstemp creates 0600; give the file the mode any other new file would get here.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.temp, 0o666 & ~umask)
         os.replace(self.temp, self.target)
         return Download(self.target, self.written, digest, expected is not None)
 
