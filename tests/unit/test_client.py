@@ -145,7 +145,17 @@ def test_bad_recipe_names_the_field(fw, model_file):
     with pytest.raises(InvalidRequest) as caught:
         fw.submit(model.id, {"steps": [{"op": "prune", "sparsity": 1.5}]})
     assert caught.value.errors[0]["loc"] == ["body", "recipe", "steps", 0, "sparsity"]
-    assert "body.recipe.steps.0.sparsity" in str(caught.value) and "[HTTP 422]" in str(caught.value)
+    # The detail already names the field; the message does not repeat it.
+    assert str(caught.value) == "invalid recipe: steps.0.sparsity: Input should be less than 1 [HTTP 422]"
+
+
+def test_field_errors_not_in_the_detail_are_appended():
+    from featherweight.client import FeatherweightAPIError
+
+    error = FeatherweightAPIError(422, "t", "Invalid input", "2 fields are wrong",
+                                  [{"loc": ["body", "target"], "msg": "not a target"},
+                                   {"loc": ["body", "model_id"], "msg": "no such model"}])
+    assert str(error) == ("2 fields are wrong (body.target: not a target; body.model_id: no such model) [HTTP 422]")
 
 
 def test_unknown_job_and_artifact_are_not_found(fw, tmp_path):
