@@ -1,0 +1,146 @@
+/* Internal declarations shared by the kernel sources (not part of the public API). */
+#ifndef FW_INTERNAL_H
+#define FW_INTERNAL_H
+
+#include "fw_kernels.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__GNUC__)
+#define FW_UNUSED __attribute__((unused))
+#else
+#define FW_UNUSED
+#endif
+
+/* ---- errors ---- */
+int fw_error(int code, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+void fw_clear_error(void);
+
+#define FW_REQUIRE(cond, ...)                                                                     \
+    do {                                                                                          \
+        if (!(cond)) return fw_error(FW_EINVAL, __VA_ARGS__);                                     \
+    } while (0)
+
+/* ---- threads ----
+ * fw_threads_for(n, grain): how many workers to use for n units when each should get at least
+ * `grain` units (1 for small n). fw_parallel_run(nt, n, fn, ctx) splits [0, n) into nt contiguous
+ * ranges (boundaries depend only on nt and n) and runs fn(ctx, begin, end, tid) for each, tid 0
+ * on the calling thread. If a thread cannot be created its range runs on the caller. */
+typedef void (*fw_range_fn)(void *ctx, int64_t begin, int64_t end, int tid);
+int fw_threads_for(int64_t n, int64_t grain);
+void fw_parallel_run(int nt, int64_t n, fw_range_fn fn, void *ctx);
+/* convenience: fw_parallel_run(fw_threads_for(n, grain), ...); returns the thread count used */
+int fw_parallel_for(int64_t n, int64_t grain, fw_range_fn fn, void *ctx);
+
+/* ---- layouts ---- */
+typedef struct {
+    int64_t outer, alen, inner, block, nblk;
+    int mode;
+} fw_layout;
+
+int fw_layout_init(fw_layout *L, int64_t outer, int64_t alen, int64_t inner, int mode,
+                   int64_t block);
+int64_t fw_layout_nparams(const fw_layout *L);
+int fw_mul_ok(int64_t a, int64_t b, int64_t *out);
+
+/* The element range [e, end) of a tensor is walked in runs that share a parameter stride:
+ * returns the run length, *pidx the parameter index of the run's first element, *pstride 0 (one
+ * parameter for the whole run) or 1 (one parameter per element). */
+static inline int64_t fw_layout_run(const fw_layout *L, int64_t e, int64_t end, int64_t *pidx,
+                                    int64_t *pstride) {
+    int64_t left = end - e;
+    if (L->mode == FW_MODE_TENSOR) {
+        *pidx = 0;
+        *pstride = 0;
+        return left;
+    }
+    int64_t plane = L->alen * L->inner;
+    int64_t o = e / plane, r = e - o * plane;
+    int64_t a = r / L->inner, i = r - a * L->inner;
+    int64_t len;
+    if (L->mode == FW_MODE_AXIS) {
+        if (L->inner > 1) {
+            len = L->inner - i;
+            *pidx = a;
+            *pstride = 0;
+        } else {
+            len = L->alen - a;
+            *pidx = a;
+            *pstride = 1;
+        }
+    } else {
+        int64_t b = a / L->block;
+        if (L->inner > 1) {
+            len = L->inner - i;
+            *pidx = (o * L->nblk + b) * L->inner + i;
+            *pstride = 1;
+        } else {
+            int64_t bend = (b + 1) * L->block;
+            if (bend > L->alen) bend = L->alen;
+            len = bend - a;
+            *pidx = o * L->nblk + b;
+            *pstride = 0;
+        }
+    }
+    return len < left ? len : left;
+}
+
+/* ---- per-ISA primitives (the only code that differs between ref / avx2 / avx512 / neon) ----
+ * Every variant must produce bit-identical results to the reference. */
+typedef struct fw_ops {
+    const char *name;
+    /* q = clamp(nearbyint(x/s) + z); s/z advance by sstride (0 or 1) per element */
+    void (*quant_run)(const float *x, int64_t n, const float *s, const int32_t *z, int64_t sstride,
+                      float qmin, float qmax, uint8_t *out);
+    void (*dequant_run_s8)(const int8_t *q, int64_t n, const float *s, const int32_t *z,
+                           int64_t sstride, float *out);
+    void (*dequant_run_u8)(const uint8_t *q, int64_t n, const float *s, const int32_t *z,
+                           int64_t sstride, float *out);
+    void (*absgt_mask)(const float *w, int64_t n, float thr, uint8_t *mask);
+    void (*apply_mask)(const float *w, const uint8_t *mask, int64_t n, float *out);
+    /* counts[b] += 1 for b = floor(clamp((x-lo)*scale, 0, maxbin)); NaN skipped */
+    void (*hist_accum)(const float *x, int64_t n, float lo, float scale, float maxbin,
+                       uint32_t *counts);
+    /* canonical 8-lane double sum of |x| (p=1) or x*x (p=2), see ref.c */
+    double (*run_sum)(const float *x, int64_t n, int p);
+    /* acc[j] += |x[j]| or x[j]^2 (double) */
+    void (*col_accum)(const float *x, int64_t n, int p, double *acc);
+    /* W[r][j] = fma(-E[r][k], U[k][j], W[r][j]) for k = 0..kb-1 in order; r < rows, j < ncols */
+    void (*rank_update)(float *W, int64_t ldw, const float *E, int64_t lde, const float *U,
+                        int64_t ldu, int64_t rows, int64_t kb, int64_t ncols);
+} fw_ops;
+
+extern const fw_ops fw_ops_ref;
+#if defined(__x86_64__) || defined(_M_X64)
+extern const fw_ops fw_ops_avx2;
+extern const fw_ops fw_ops_avx512;
+#endif
+#if defined(__aarch64__)
+extern const fw_ops fw_ops_neon;
+#endif
+
+const fw_ops *fw_ops_get(void);
+
+/* shared helpers */
+int fw_kth_bits(const float *const *arrays, const int64_t *lengths, int64_t narrays, int64_t k,
+                uint32_t *bits_out);
+
+static inline uint32_t fw_f2u(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+static inline float fw_u2f(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+#endif
