@@ -211,6 +211,19 @@ def _node_selected(node_name: str, params: QuantizeStep) -> bool:
     return not any(fnmatch.fnmatchcase(node_name, p) for p in params.exclude)
 
 
+def _layer_output(node: onnx.NodeProto, readers: dict, inits: dict) -> str:
+    """The tensor a layer's result ends in: a MatMul's bias Add (its only reader, adding a 1-D
+    initializer) belongs to the layer."""
+    out = node.output[0]
+    found = readers.get(out, [])
+    if node.op_type == "MatMul" and len(found) == 1 and found[0][0].op_type == "Add":
+        add, index = found[0]
+        other = add.input[1 - index]
+        if other in inits and len(inits[other].dims) == 1:
+            return add.output[0]
+    return out
+
+
 def plan(model: onnx.ModelProto, params: QuantizeStep, layers: list[graph.WeightLayer]) -> Plan:
     inits = graph.initializers(model)
     types = _tensor_types(model)
@@ -237,7 +250,7 @@ def plan(model: onnx.ModelProto, params: QuantizeStep, layers: list[graph.Weight
                 if _float_activation(name, inits, types) and name not in calibrated and name not in inherits \
                         and name not in folded:
                     calibrated[name] = name
-            out = node.output[0]
+            out = _layer_output(node, readers, inits)
             relu = [reader for reader, _ in readers.get(out, [])]
             if (len(relu) == 1 and relu[0].op_type == "Relu" and not symmetric and out not in outputs
                     and relu[0].output[0] not in outputs and "Relu" not in float_ops):
