@@ -1,0 +1,230 @@
+"""The ``lowrank`` step: replace a weight by a product of two thin factors (truncated SVD).
+
+MatMul / Gemm, W[K, N] (x @ W): ``W ~ U_r S_r V_r^T = A B`` with ``A = U_r sqrt(S_r)`` [K, r] and
+``B = sqrt(S_r) V_r^T`` [r, N] (the singular values split evenly, so both factors have the same
+scale, which later quantization prefers). ``x @ W`` becomes ``(x @ A) @ B``: two MatMuls; a Gemm
+keeps its bias, alpha and beta on the second (``Gemm(MatMul(x, A), B, C)``); ``transB`` weights are
+transposed first. By the Eckart–Young theorem this is the best rank-r approximation in the
+Frobenius norm: ``||W - A B||_F^2 = sum_{i>r} s_i^2``.
+
+Rank: ``rank_ratio`` keeps that fraction of the layer's parameters, ``r = floor(ratio K N / (K + N))``;
+``energy`` keeps the smallest r with ``sum_{i<=r} s_i^2 >= energy * sum s_i^2``. A layer where
+``r (K + N) >= K N`` (no parameters saved) is left alone and reported.
+
+Conv W[O, I, kh, kw] (group 1):
+* ``channel``: ``W_mat[O, I kh kw] ~ A B``; a kh x kw Conv with r outputs and the original strides,
+  pads and dilations (weight ``B`` reshaped to [r, I, kh, kw]), then a 1 x 1 Conv [O, r, 1, 1]
+  (weight ``A``) with the bias. Parameters ``r (I kh kw + O)``.
+* ``spatial``: ``M[(i, y), (o, x)] = W[o, i, y, x] ~ A B``; a kh x 1 Conv [r, I, kh, 1] (vertical
+  stride, pads and dilation) then a 1 x kw Conv [O, r, 1, kw] (horizontal ones) with the bias.
+  Both convolutions are linear and zero padding factorises over the two axes, so the pair equals a
+  kh x kw Conv with weight ``sum_r A[(i, y), r] B[r, (o, x)]``. Parameters ``r (I kh + O kw)``.
+
+SVD: ``numpy.linalg.svd`` (LAPACK), or for large matrices with a small rank the randomized range
+finder of Halko, Martinsson & Tropp (2011): ``Y = (W W^T)^q W Omega`` for a Gaussian ``Omega`` with
+r + 10 columns, 2 power iterations re-orthonormalised by QR, then the exact SVD of ``Q^T W``.
+
+Each factorized weight's ``LayerRecord`` gets ``rank`` and ``factors`` (the two new initializers);
+a pruning mask on it no longer applies and is dropped.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from core.errors import RecipeError
+from core.recipe import LowrankStep
+from worker.pipeline.graph import WeightLayer, attribute, get_array, remove_initializers, sort_graph, unique_name, weight_layers
+from worker.pipeline.step import StepContext, StepResult
+from worker.pipeline.structure.records import StepLog, layer_record
+
+name = "lowrank"
+Params = LowrankStep
+
+RANDOMIZED_MIN_SIZE = 1 << 20          # matrices with at least this many elements ...
+RANDOMIZED_MAX_RANK_FRACTION = 0.25    # ... and a rank below this fraction of min(K, N)
+OVERSAMPLING = 10
+POWER_ITERATIONS = 2
+
+
+def randomized_svd(matrix: np.ndarray, rank: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The leading ``rank`` singular triplets of ``matrix`` (Halko et al. 2011, algorithm 4.4)."""
+    rng = np.random.default_rng(seed)
+    m, n = matrix.shape
+    width = min(rank + OVERSAMPLING, min(m, n))
+    q, _ = np.linalg.qr(matrix @ rng.standard_normal((n, width)))
+    for _ in range(POWER_ITERATIONS):
+        # re-orthonormalise between products so small singular directions survive in float precision
+        z, _ = np.linalg.qr(matrix.T @ q)
+        q, _ = np.linalg.qr(matrix @ z)
+    u_small, s, vt = np.linalg.svd(q.T @ matrix, full_matrices=False)
+    return (q @ u_small)[:, :rank], s[:rank], vt[:rank]
+
+
+def truncated_svd(matrix: np.ndarray, params: LowrankStep) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(A, B, singular values kept, energy kept) for the rank the params ask of ``matrix`` [K, N]."""
+    k, n = matrix.shape
+    work = matrix.astype(np.float64)
+    if params.rank_ratio is not None:
+        rank = max(1, int(np.floor(params.rank_ratio * k * n / (k + n))))
+        rank = min(rank, min(k, n))
+        if matrix.size >= RANDOMIZED_MIN_SIZE and rank < RANDOMIZED_MAX_RANK_FRACTION * min(k, n):
+            u, s, vt = randomized_svd(work, rank)
+            total = float(np.sum(work * work))
+        else:
+            u, s, vt = np.linalg.svd(work, full_matrices=False)
+            total = float(np.sum(s * s))
+    else:
+        u, s, vt = np.linalg.svd(work, full_matrices=False)
+        total = float(np.sum(s * s))
+        cumulative = np.cumsum(s * s)
+        rank = int(np.searchsorted(cumulative, params.energy * cumulative[-1] * (1 - 1e-12)) + 1) if total > 0 else 1
+        rank = min(rank, s.size)
+    u, s, vt = u[:, :rank], s[:rank], vt[:rank]
+    root = np.sqrt(s)
+    kept = float(np.sum(s * s) / total) if total > 0 else 1.0
+    return (u * root[None, :]).astype(np.float32), (root[:, None] * vt).astype(np.float32), s, kept
+
+
+def _conv_geometry(node: onnx.NodeProto, shape: tuple[int, ...]) -> dict | None:
+    if len(shape) != 4 or attribute(node, "group", 1) != 1:
+        return None
+    auto_pad = attribute(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad not in ("NOTSET", "VALID"):
+        return None
+    return {"strides": list(attribute(node, "strides", [1, 1])),
+            "pads": list(attribute(node, "pads", [0, 0, 0, 0])) if auto_pad == "NOTSET" else [0, 0, 0, 0],
+            "dilations": list(attribute(node, "dilations", [1, 1]))}
+
+
+def run(model: onnx.ModelProto, params: LowrankStep, ctx: StepContext) -> StepResult:
+    ops = ("MatMul", "Gemm") + (("Conv",) if params.conv != "none" else ())
+    layers = weight_layers(model, ops=ops, include=params.include, exclude=params.exclude, min_params=params.min_params)
+    if not layers:
+        raise RecipeError("lowrank selects no weight tensor", [{"loc": ["include"], "msg": "matches no weight tensor"}])
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = {node.name: node for node in out.graph.node}
+    readers: dict[str, int] = {}
+    for node in out.graph.node:
+        for input_name in node.input:
+            readers[input_name] = readers.get(input_name, 0) + 1
+    log = StepLog()
+    changed: list[str] = []
+    before = after = 0
+    for done, layer in enumerate(layers):
+        ctx.check_cancelled()
+        ctx.progress(done / len(layers), f"lowrank: {layer.weight}")
+        node = nodes[layer.node]
+        if readers.get(layer.weight, 0) > 1:
+            log.skip(layer.weight, "weight shared by several layers")
+            continue
+        if layer.op == "Conv":
+            outcome = _factorize_conv(out, node, layer, params)
+        else:
+            outcome = _factorize_linear(out, node, layer, params)
+        if isinstance(outcome, str):
+            log.skip(layer.weight, outcome)
+            continue
+        rank, factors, kept_energy, new_params = outcome
+        record = layer_record(ctx, layer)
+        record.rank, record.factors, record.mask, record.sparsity = rank, factors, None, 0.0
+        changed.append(layer.weight)
+        before += layer.params
+        after += new_params
+        log.layers.append({"name": layer.weight, "node": layer.node, "op": layer.op, "rank": rank,
+                           "params": int(layer.params), "params_after": int(new_params),
+                           "energy": kept_energy, "factors": list(factors)})
+    remove_initializers(out, changed)
+    sort_graph(out)
+    del out.graph.value_info[:]
+    return StepResult(out, changed, log.metrics(params_before=int(before), params_after=int(after),
+                                                param_ratio=after / before if before else 1.0))
+
+
+def _rank_saves(params: LowrankStep, full: int, per_rank: int, max_rank: int) -> bool:
+    """Whether the rank_ratio budget saves parameters at all (energy is judged after the SVD)."""
+    if params.rank_ratio is None:
+        return True
+    rank = max(1, int(np.floor(params.rank_ratio * full / per_rank)))
+    return min(rank, max_rank) * per_rank < full
+
+
+def _factorize_linear(model: onnx.ModelProto, node: onnx.NodeProto, layer: WeightLayer,
+                      params: LowrankStep) -> tuple[int, tuple[str, str], float, int] | str:
+    w = get_array(model, layer.weight).astype(np.float32)
+    trans_b = layer.op == "Gemm" and attribute(node, "transB", 0)
+    matrix = w.T if trans_b else w                       # [K, N] as in x @ W
+    k, n = matrix.shape
+    if layer.op == "Gemm" and attribute(node, "transA", 0):
+        return "Gemm with transA=1"
+    if not _rank_saves(params, k * n, k + n, min(k, n)):
+        return f"rank_ratio {params.rank_ratio} saves no parameters on [{k}, {n}]"
+    a, b, s, kept = truncated_svd(matrix, params)
+    rank = s.size
+    if rank * (k + n) >= k * n:
+        return f"rank {rank} for energy {params.energy} saves no parameters on [{k}, {n}]"
+    a_name = unique_name(model, f"{layer.weight}_lowrank_a")
+    model.graph.initializer.append(numpy_helper.from_array(a.astype(w.dtype), a_name))
+    b_name = unique_name(model, f"{layer.weight}_lowrank_b")
+    model.graph.initializer.append(numpy_helper.from_array(b.astype(w.dtype), b_name))
+    middle = unique_name(model, f"{node.name}_lowrank")
+    first = helper.make_node("MatMul", [node.input[0], a_name], [middle], name=unique_name(model, f"{node.name}_lowrank_a"))
+    node.input[0], node.input[1] = middle, b_name
+    if layer.op == "Gemm":
+        for attr in node.attribute:
+            if attr.name == "transB":
+                attr.i = 0
+    model.graph.node.append(first)
+    return rank, (a_name, b_name), kept, rank * (k + n)
+
+
+def _factorize_conv(model: onnx.ModelProto, node: onnx.NodeProto, layer: WeightLayer,
+                    params: LowrankStep) -> tuple[int, tuple[str, str], float, int] | str:
+    geometry = _conv_geometry(node, layer.shape)
+    if geometry is None:
+        return "Conv that is not 2-D, grouped, or uses auto_pad SAME"
+    w = get_array(model, layer.weight).astype(np.float32)
+    o, i, kh, kw = w.shape
+    if params.conv == "spatial":
+        if kh == 1 or kw == 1:
+            return "spatial factorization needs a kernel larger than 1 on both axes"
+        matrix = w.transpose(1, 2, 0, 3).reshape(i * kh, o * kw)          # M[(i, y), (o, x)]
+        per_rank = i * kh + o * kw
+    else:
+        matrix = w.reshape(o, i * kh * kw).T                              # x-side first: [I kh kw, O]
+        per_rank = i * kh * kw + o
+    if not _rank_saves(params, w.size, per_rank, min(matrix.shape)):
+        return f"rank_ratio {params.rank_ratio} saves no parameters on {list(w.shape)}"
+    a, b, s, kept = truncated_svd(matrix, params)
+    rank = s.size
+    if rank * per_rank >= w.size:
+        return f"rank {rank} for energy {params.energy} saves no parameters on {list(w.shape)}"
+    strides, pads, dilations = geometry["strides"], geometry["pads"], geometry["dilations"]
+    if params.conv == "spatial":
+        first_w = a.reshape(i, kh, rank).transpose(2, 0, 1)[:, :, :, None]   # [r, I, kh, 1]
+        second_w = b.reshape(rank, o, kw).transpose(1, 0, 2)[:, :, None, :]  # [O, r, 1, kw]
+        first_attrs = {"strides": [strides[0], 1], "pads": [pads[0], 0, pads[2], 0], "dilations": [dilations[0], 1]}
+        second_attrs = {"strides": [1, strides[1]], "pads": [0, pads[1], 0, pads[3]], "dilations": [1, dilations[1]]}
+    else:
+        first_w = a.T.reshape(rank, i, kh, kw)                                # [r, I, kh, kw]
+        second_w = b.T[:, :, None, None]                                      # [O, r, 1, 1]
+        first_attrs = {"strides": strides, "pads": pads, "dilations": dilations}
+        second_attrs = {}
+    first_name = unique_name(model, f"{layer.weight}_lowrank_a")
+    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(first_w).astype(w.dtype), first_name))
+    second_name = unique_name(model, f"{layer.weight}_lowrank_b")
+    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(second_w).astype(w.dtype), second_name))
+    middle = unique_name(model, f"{node.name}_lowrank")
+    first = helper.make_node("Conv", [node.input[0], first_name], [middle],
+                             name=unique_name(model, f"{node.name}_lowrank_a"), **first_attrs)
+    keep = [attr for attr in node.attribute if attr.name not in ("strides", "pads", "dilations", "auto_pad", "kernel_shape")]
+    del node.attribute[:]
+    node.attribute.extend(keep)
+    for key, value in second_attrs.items():
+        node.attribute.append(helper.make_attribute(key, value))
+    node.input[0], node.input[1] = middle, second_name
+    model.graph.node.append(first)
+    return rank, (first_name, second_name), kept, rank * per_rank
