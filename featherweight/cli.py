@@ -1,8 +1,9 @@
-"""The ``featherweight`` console script: serve, worker, migrate, compress.
+"""The ``featherweight`` console script: serve, worker, migrate, compress, and the client commands.
 
 Each command imports what it needs when it runs, so ``featherweight --help`` stays quick and
 ``compress`` needs no server libraries. ``compress`` is implemented in ``featherweight.compress_cmd``
-(``add_arguments(parser)`` and ``main(args) -> int``).
+(``add_arguments(parser)`` and ``main(args) -> int``); submit/status/wait/download in
+``featherweight.remote_cmds`` (``add_subcommands(subparsers)``).
 
 ``serve`` is the embedded default in one command: it migrates the database, prepares storage and the
 broker folders, starts ONE Celery worker subprocess and the API (uvicorn) in this process. The worker
@@ -136,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
         compress = commands.add_parser("compress", help="compress a model locally, no server")
         compress_cmd.add_arguments(compress)
         compress.set_defaults(handler=compress_cmd.main)
+    if importlib.util.find_spec("featherweight.remote_cmds") is not None:
+        importlib.import_module("featherweight.remote_cmds").add_subcommands(commands)
     return parser
 
 
