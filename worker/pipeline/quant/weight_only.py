@@ -27,7 +27,8 @@ import kernels
 from core.errors import PipelineError, RecipeError
 from core.recipe import QuantizeStep, WeightQuantSpec
 from worker.pipeline import graph, metrics
-from worker.pipeline.quant import constants
+from worker.pipeline.data import bind, generated
+from worker.pipeline.quant import constants, matmulnbits
 from worker.pipeline.step import LayerRecord, StepContext, StepResult
 
 LAYER_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
@@ -117,6 +118,9 @@ def candidate_layers(model: onnx.ModelProto, params: QuantizeStep) -> list[graph
     found = graph.weight_layers(model, ops=ops, include=params.include, exclude=params.exclude,
                                 min_params=params.min_params)
     seen = {layer.weight for layer in found}
+    found += [layer for layer in recurrent_layers(model, seen)
+              if layer.params >= params.min_params and graph.selected(layer, params.include, params.exclude)]
+    seen = {layer.weight for layer in found}
     consumers = graph.consumers(model)
     for node in constants.constant_weights(model):
         name = node.output[0]
@@ -137,6 +141,26 @@ def candidate_layers(model: onnx.ModelProto, params: QuantizeStep) -> list[graph
     return found
 
 
+def recurrent_layers(model: onnx.ModelProto, taken: set[str]) -> list[graph.WeightLayer]:
+    """W and R of LSTM / GRU / RNN ([directions, gates * hidden, inputs]): one scale per gate row
+    (axis 1), blocks along the inputs (axis 2). ONNX Runtime runs the cells on DequantizeLinear
+    outputs as on initializers."""
+    inits = graph.initializers(model)
+    found = []
+    for node in model.graph.node:
+        if node.op_type not in RECURRENT_OPS:
+            continue
+        for index in (1, 2):
+            name = node.input[index] if len(node.input) > index else ""
+            tensor = inits.get(name)
+            if tensor is None or name in taken or len(tensor.dims) != 3 or tensor.data_type not in (
+                    onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+                continue
+            found.append(graph.WeightLayer(name, node.name, node.op_type, tuple(tensor.dims), 1, 2))
+            taken = taken | {name}
+    return found
+
+
 def refuse_empty_selection(model: onnx.ModelProto, params: QuantizeStep) -> None:
     """RecipeError at the selecting field when no weight matches (a recipe that cannot apply)."""
     if candidate_layers(model, params):
@@ -150,16 +174,20 @@ def refuse_empty_selection(model: onnx.ModelProto, params: QuantizeStep) -> None
     raise RecipeError(why, [{"loc": loc, "msg": why}])
 
 
-def skipped_weights(model: onnx.ModelProto, quantized: set[str]) -> list[dict[str, str]]:
-    """Float weights this step leaves alone and why: recurrent cells and subgraph weights."""
-    inits = graph.initializers(model)
+def refuse_format(params: QuantizeStep) -> None:
+    """MatMulNBits holds blocked 2 / 4 / 8-bit grids only."""
+    if params.format != "matmulnbits":
+        return
+    spec = params.weights
+    if spec.granularity != "block" or spec.bits not in matmulnbits.SUPPORTED_BITS:
+        why = "format matmulnbits needs weights with granularity: block and bits 2, 4 or 8"
+        raise RecipeError(why, [{"loc": ["format"], "msg": why}])
+
+
+def skipped_weights(model: onnx.ModelProto) -> list[dict[str, str]]:
+    """Float weights inside If / Loop / Scan subgraphs: left float, and listed with the reason."""
     skipped = []
     for node in model.graph.node:
-        if node.op_type in RECURRENT_OPS:
-            for index in (1, 2):
-                if len(node.input) > index and node.input[index] in inits and node.input[index] not in quantized:
-                    skipped.append({"name": node.input[index], "node": node.name,
-                                    "reason": f"{node.op_type} weights stay float"})
         for sub in metrics._subgraphs(node):
             for tensor in sub.initializer:
                 if tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and len(tensor.dims) >= 2:
@@ -171,12 +199,14 @@ def skipped_weights(model: onnx.ModelProto, quantized: set[str]) -> list[dict[st
 # ---------------------------------------------------------------------------- rewriting
 
 
-def _drop_graph_input(model: onnx.ModelProto, name: str) -> None:
-    """Old models list initializers among the graph inputs; a replaced weight leaves that list too."""
-    for index, value in enumerate(model.graph.input):
-        if value.name == name:
-            del model.graph.input[index]
-            return
+def _drop_initializer(model: onnx.ModelProto, name: str) -> None:
+    """Remove one initializer (and its graph-input entry, which old models list) by index: no
+    other tensor is copied, so replacing n weights one by one stays linear."""
+    for field in (model.graph.initializer, model.graph.input):
+        for index, value in enumerate(field):
+            if value.name == name:
+                del field[index]
+                break
 
 
 def replace_with_dequantize(model: onnx.ModelProto, layer: graph.WeightLayer, q: np.ndarray, scale: np.ndarray,
@@ -201,8 +231,7 @@ def replace_with_dequantize(model: onnx.ModelProto, layer: graph.WeightLayer, q:
         attrs["block_size"] = grid.block_size
     node = helper.make_node("DequantizeLinear", inputs, [base], name=graph.unique_name(model, f"{base}_DequantizeLinear"),
                             **attrs)
-    graph.remove_initializers(model, [base])
-    _drop_graph_input(model, base)
+    _drop_initializer(model, base)
     model.graph.initializer.extend(new)
     model.graph.node.insert(0, node)
     return [q_name, s_name, node.name]
@@ -246,36 +275,80 @@ def quantize_weights(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
     spec = params.weights
     model, lifted = prepare(model, params, required_opset(spec))
     layers = candidate_layers(model, params)
-    gptq_state = None
+    runner = None
     if params.method == "gptq":
         from worker.pipeline.quant import gptq
-        gptq_state = gptq.GptqRunner(model, layers, ctx)
+        runner = gptq.GptqRunner(model, layers, ctx)
     inits = graph.initializers(model)
     changed: list[str] = []
-    formats: dict[str, str] = {}
-    quantized: set[str] = set()
+    packs: list[tuple[matmulnbits.Packed, int]] = []
+    fallback: dict[str, str] = {}
     for position, layer in enumerate(layers):
         ctx.check_cancelled()
         tensor = inits[layer.weight]
         float_type = tensor.data_type
         w = numpy_helper.to_array(tensor).astype(np.float32)
         grid = grid_for(layer, spec)
-        if gptq_state is not None and gptq_state.supports(layer):
-            q, scale, zero_point, w_hat = gptq_state.quantize(layer, w, grid)
+        if runner is not None and runner.supports(layer):
+            q, scale, zero_point, w_hat = runner.quantize(layer, w, grid)
             method = "gptq"
         else:
             q, scale, zero_point = quantize_rtn(w, grid)
             w_hat = dequantize(q, scale, zero_point, grid)
             method = "rtn"
+            if runner is not None:
+                fallback[layer.weight] = runner.fallback.get(layer.weight, "no GPTQ form")
         changed += replace_with_dequantize(model, layer, q, scale, zero_point, grid, float_type)
         record_layer(ctx, layer, grid, w_hat, w, scale, zero_point, format="qdq", method=method)
-        formats[layer.weight] = "qdq"
-        quantized.add(layer.weight)
-        ctx.progress((position + 1) / max(len(layers), 1), f"quantized {layer.weight}")
+        if layer.op == "MatMul" and grid.block_size is not None:
+            packs.append((matmulnbits.Packed(layer.weight, q, scale, zero_point, grid.bits, grid.signed,
+                                             grid.symmetric, grid.block_size), float_type))
+        ctx.progress(0.9 * (position + 1) / max(len(layers), 1), f"quantized {layer.weight}")
     graph.sort_graph(model)
-    return StepResult(model, changed, {
+    model, formats, timing = choose_format(model, params, layers, packs, ctx)
+    for weight, chosen in formats.items():
+        ctx.layers[weight].extra["format"] = chosen
+    metrics_out: dict[str, Any] = {
         "mode": "weight_only", "bits": spec.bits, "granularity": spec.granularity, "symmetric": spec.symmetric,
-        "block_size": spec.block_size, "method": params.method, "quantized": len(quantized),
+        "block_size": spec.block_size, "method": params.method, "quantized": len(layers),
         "lifted_constants": lifted, "formats": formats, "opset": graph.opset(model),
-        "skipped": skipped_weights(model, quantized),
-    })
+        "skipped": skipped_weights(model),
+    }
+    if timing:
+        metrics_out["format_latency_ms"] = timing
+    if fallback:
+        metrics_out["rtn_fallback"] = fallback
+    return StepResult(model, changed, metrics_out)
+
+
+def choose_format(model: onnx.ModelProto, params: QuantizeStep, layers: list[graph.WeightLayer],
+                  packs: list[tuple[matmulnbits.Packed, int]], ctx: StepContext) -> tuple[onnx.ModelProto, dict[str, str], dict[str, float]]:
+    """DequantizeLinear + MatMul or MatMulNBits for the blocked MatMul weights: as the recipe says,
+    or (``auto``) whichever form of the whole model runs faster on the target, measured here."""
+    formats = {layer.weight: "qdq" for layer in layers}
+    eligible = [(p, t) for p, t in packs if matmulnbits.eligible(model, p)]
+    if not eligible or params.format == "qdq":
+        return model, formats, {}
+    fused = model
+    if params.format == "auto":
+        fused = onnx.ModelProto()
+        fused.CopyFrom(model)
+    for packed, float_type in eligible:
+        matmulnbits.to_matmulnbits(fused, packed, float_type)
+    graph.sort_graph(fused)
+    timing: dict[str, float] = {}
+    chosen = "matmulnbits"
+    if params.format == "auto":
+        if ctx.calibration is not None:
+            dataset = bind(model, ctx.calibration)
+        else:
+            dataset = generated(model, count=1)
+        feeds = next(dataset.head(1).batches(1))
+        chosen, timing = matmulnbits.choose(model, fused, feeds, metrics.provider_for(ctx.target),
+                                            runs=int(ctx.options.get("format_runs", 20)),
+                                            budget_s=float(ctx.options.get("format_budget_s", 3.0)))
+    if chosen == "matmulnbits":
+        model = fused
+        for packed, _ in eligible:
+            formats[packed.weight] = "matmulnbits"
+    return model, formats, timing

@@ -1,0 +1,120 @@
+"""MatMulNBits (com.microsoft): ONNX Runtime's fused weight-only MatMul, and the choice between it
+and DequantizeLinear + MatMul.
+
+Layout (ONNX Runtime contrib op, bits 2 / 4 / 8): for ``Y = A @ W`` with ``W[K, N]`` quantized in
+blocks of ``block_size`` along K,
+    B           uint8 [N, ceil(K / block_size), block_size * bits / 8]   W^T, packed, low bits first
+    scales      float [N * ceil(K / block_size)]
+    zero_points uint8 [N * ceil(ceil(K / block_size) * bits / 8)]       packed; omitted = 2^(bits-1)
+The stored integers are unsigned: a symmetric (signed) grid is shifted by 2^(bits-1) and keeps the
+default zero point, so ``(q_u - 2^(bits-1)) * s == q * s`` exactly: the same numbers as the
+DequantizeLinear form, only packaged differently. Padding past K holds the zero point.
+
+``choose`` times both forms of the whole model on the target's provider, interleaved, on the
+calibration data (or generated inputs) and keeps the faster.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+import kernels
+from worker.pipeline import graph, metrics
+
+DOMAIN = "com.microsoft"
+SUPPORTED_BITS = (2, 4, 8)
+
+
+@dataclass
+class Packed:
+    """A quantized MatMul weight in the DequantizeLinear layout (blocked along axis 0 of W[K, N])."""
+
+    weight: str
+    q: np.ndarray            # [K, N] unpacked integers (int8 signed / uint8 unsigned)
+    scale: np.ndarray        # [ceil(K / block), N]
+    zero_point: np.ndarray   # [ceil(K / block), N]
+    bits: int
+    signed: bool
+    symmetric: bool
+    block_size: int
+
+
+def eligible(model: onnx.ModelProto, packed: Packed) -> bool:
+    """Every reader of the weight is a MatMul taking it as B, and the grid is blocked along K."""
+    if packed.bits not in SUPPORTED_BITS or packed.q.ndim != 2:
+        return False
+    readers = graph.consumers(model).get(packed.weight, [])
+    outputs = {o.name for o in model.graph.output}
+    return bool(readers) and packed.weight not in outputs and all(
+        node.op_type == "MatMul" and index == 1 for node, index in readers)
+
+
+def _pack_rows(values: np.ndarray, bits: int, row_length: int) -> np.ndarray:
+    """Pack each row of ``values`` (unsigned) after padding it to ``row_length`` elements."""
+    rows = values.shape[0]
+    padded = np.zeros((rows, row_length), dtype=np.uint8)
+    padded[:, :values.shape[1]] = values
+    return kernels.pack(padded.reshape(-1), bits).reshape(rows, -1)
+
+
+def to_matmulnbits(model: onnx.ModelProto, packed: Packed, float_type: int) -> list[str]:
+    """Replace DequantizeLinear(weight) + MatMul(A, weight) by MatMulNBits(A, B, scales[, zp]),
+    keeping each MatMul's name and output. Returns the names of the new nodes."""
+    k, n = packed.q.shape
+    blocks = -(-k // packed.block_size)
+    offset = 1 << (packed.bits - 1)
+    unsigned = packed.q.astype(np.int16) + offset if packed.signed else packed.q.astype(np.int16)
+    default_zero = offset if packed.signed else 0
+    # W^T rows, padded with the zero point past K
+    rows = np.full((n, blocks * packed.block_size), default_zero, dtype=np.uint8)
+    rows[:, :k] = unsigned.T.astype(np.uint8)
+    if not packed.symmetric:
+        zero = packed.zero_point.T.astype(np.uint8)                   # [N, blocks]
+        pad = np.repeat(zero, packed.block_size, axis=1)[:, k:]
+        rows[:, k:] = pad
+    blob = packed.block_size * packed.bits // 8
+    b_values = kernels.pack(rows.reshape(-1), packed.bits).reshape(n, blocks, blob)
+    scale_dtype = np.float16 if float_type == onnx.TensorProto.FLOAT16 else np.float32
+    b_name = graph.unique_name(model, f"{packed.weight}_nbits")
+    s_name = graph.unique_name(model, f"{packed.weight}_nbits_scale")
+    initializers = [numpy_helper.from_array(b_values, b_name),
+                    numpy_helper.from_array(packed.scale.T.reshape(-1).astype(scale_dtype), s_name)]
+    inputs = ["", b_name, s_name]
+    if not packed.symmetric:
+        z_name = graph.unique_name(model, f"{packed.weight}_nbits_zero_point")
+        per_row = -(-blocks * packed.bits // 8) * 8 // packed.bits
+        zero_rows = _pack_rows(packed.zero_point.T.astype(np.uint8), packed.bits, per_row)
+        initializers.append(numpy_helper.from_array(zero_rows.reshape(-1), z_name))
+        inputs.append(z_name)
+    producer = graph.producers(model)[packed.weight]
+    readers = [node for node, _ in graph.consumers(model)[packed.weight]]
+    new_nodes = []
+    for reader in readers:
+        inputs[0] = reader.input[0]
+        fused = helper.make_node("MatMulNBits", list(inputs), list(reader.output), name=reader.name, domain=DOMAIN,
+                                 K=k, N=n, bits=packed.bits, block_size=packed.block_size)
+        index = list(model.graph.node).index(reader)
+        model.graph.node.remove(reader)
+        model.graph.node.insert(index, fused)
+        new_nodes.append(fused.name)
+    dropped = [name for name in producer.input if name]
+    model.graph.node.remove(producer)
+    still_read = {name for node in model.graph.node for name in node.input}
+    graph.remove_initializers(model, [name for name in dropped if name not in still_read])
+    model.graph.initializer.extend(initializers)
+    graph.ensure_domain(model, DOMAIN, 1)
+    return new_nodes
+
+
+def choose(qdq_model: onnx.ModelProto, nbits_model: onnx.ModelProto, feeds: dict[str, np.ndarray], provider: str,
+           *, runs: int = 20, budget_s: float = 3.0) -> tuple[str, dict[str, float]]:
+    """Time both models interleaved on ``feeds``; ("qdq" | "matmulnbits", p50 ms of each)."""
+    sessions = []
+    for model in (qdq_model, nbits_model):
+        sessions.append(metrics.session_from_proto(model, ".", provider))
+    qdq, nbits = metrics.latency(sessions, feeds, runs=runs, budget_s=budget_s)
+    timing = {"qdq": qdq["p50"], "matmulnbits": nbits["p50"]}
+    return ("matmulnbits" if nbits["p50"] < qdq["p50"] else "qdq"), timing
