@@ -2,6 +2,9 @@
 damaged classifier on held-out data, constraints hold afterwards, unsupported models are refused."""
 from __future__ import annotations
 
+import functools
+import warnings
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -266,3 +269,163 @@ def test_layerwise_refusals():
     ctx = StepContext(original=teacher, calibration={"x": x}, options={"student_model": _copy(teacher)})
     with pytest.raises(RecipeError, match="use method kd"):
         distill.check(teacher, _params(method="layerwise"), ctx)
+
+
+# ---------------------------------------------------------------- kd
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_mlp():
+    """(Trained once per test session; callers copy before they change anything.) A 64-32-10 ReLU classifier trained by scikit-learn on the digits, as ONNX (MatMul + Add, Gemm),
+    with calibration (train split, labels) and held-out data."""
+    from sklearn.datasets import load_digits
+    from sklearn.neural_network import MLPClassifier
+
+    digits = load_digits()
+    x = (digits.data / 16.0).astype(np.float32)
+    y = digits.target.astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(y))
+    train, held = order[:1000], order[1000:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # stopping before full convergence is fine for a teacher
+        clf = MLPClassifier(hidden_layer_sizes=(32,), max_iter=300, random_state=0).fit(x[train], y[train])
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
+        helper.make_node("Add", ["h0", "b1"], ["h1"], name="fc1_bias"),
+        helper.make_node("Relu", ["h1"], ["h2"], name="relu"),
+        helper.make_node("Gemm", ["h2", "w2", "b2"], ["logits"], name="fc2"),
+    ]
+    inits = [numpy_helper.from_array(np.asarray(a, np.float32), n) for a, n in
+             ((clf.coefs_[0], "w1"), (clf.intercepts_[0], "b1"), (clf.coefs_[1], "w2"), (clf.intercepts_[1], "b2"))]
+    g = helper.make_graph(nodes, "digits", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    return model, {"x": x[train[:500]], "_labels": y[train[:500]]}, (x[held], y[held])
+
+
+def _accuracy(model, held) -> float:
+    return float((_run(model, {"x": held[0]})[0].argmax(axis=1) == held[1]).mean())
+
+
+def _magnitude_prune(model: onnx.ModelProto, ctx: StepContext, name: str, node: str, op: str, sparsity: float):
+    w = graph.get_array(model, name)
+    mask = np.abs(w) > np.quantile(np.abs(w), sparsity)
+    graph.set_array(model, name, w * mask)
+    ctx.layers[name] = LayerRecord(name, node, op, sparsity=float(1 - mask.mean()), mask=mask)
+    return mask
+
+
+def test_kd_repairs_damaged_classifier_on_held_out_data():
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    teacher, calibration, held = _digits_mlp()
+    student = _copy(teacher)
+    ctx = StepContext(original=teacher, calibration=calibration)
+    mask1 = _magnitude_prune(student, ctx, "w1", "fc1", "MatMul", 0.9)
+    mask2 = _magnitude_prune(student, ctx, "w2", "fc2", "Gemm", 0.7)
+    messages = []
+    ctx.progress = lambda fraction, message: messages.append((fraction, message))
+    original, damaged = _accuracy(teacher, held), _accuracy(student, held)
+    assert damaged < original - 0.05   # the damage is real
+
+    result = distill.run(student, _params(method="kd", epochs=30, learning_rate=3e-3, batch_size=64), ctx)
+
+    repaired = _accuracy(result.model, held)
+    print(f"held-out accuracy: original {original:.3f} damaged {damaged:.3f} after kd {repaired:.3f}")
+    assert repaired > damaged + 0.25
+    assert np.all(graph.get_array(result.model, "w1")[~mask1] == 0)   # zeros stay zero
+    assert np.all(graph.get_array(result.model, "w2")[~mask2] == 0)
+    assert result.metrics["loss"][result.metrics["best_epoch"]] < result.metrics["loss"][0]
+    assert messages[-1][0] == 1.0 and messages[-1][1].startswith("epoch 30/30 loss ")
+    _valid(result.model, teacher, {"x": held[0][:4]})
+
+
+def test_kd_keeps_quantization_grid_and_codebook():
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    teacher, calibration, held = _digits_mlp()
+    w1, w2 = graph.get_array(teacher, "w1"), graph.get_array(teacher, "w2")
+    # fc1: int4 per-output-channel weights behind a DequantizeLinear; fc2: 4 shared values
+    scale = (np.abs(w1).max(axis=0) / 7).astype(np.float32)
+    q = np.clip(np.rint(w1 / scale), -8, 7).astype(np.int64)
+    codebook = np.quantile(w2, [0.1, 0.4, 0.6, 0.9]).astype(np.float32)
+    labels = np.abs(w2[..., None] - codebook).argmin(axis=-1)
+    student = onnx.ModelProto()
+    student.CopyFrom(teacher)
+    student.opset_import[0].version = 21
+    graph.remove_initializers(student, ["w1"])
+    student.graph.initializer.extend([helper.make_tensor("w1_q", TensorProto.INT4, q.shape, q.reshape(-1).tolist()),
+                                      numpy_helper.from_array(scale, "w1_scale")])
+    student.graph.node.insert(0, helper.make_node("DequantizeLinear", ["w1_q", "w1_scale"], ["w1_dq"], name="w1_dq", axis=1))
+    student.graph.node[1].input[1] = "w1_dq"
+    graph.set_array(student, "w2", codebook[labels])
+    ctx = StepContext(original=teacher, calibration=calibration)
+    ctx.layers["w1"] = LayerRecord("w1", "fc1", "MatMul", bits=4, grid={"bits": 4, "signed": True})
+    ctx.layers["w2"] = LayerRecord("w2", "fc2", "Gemm", bits=2, codebook=codebook)
+    before = _accuracy(student, held)
+
+    result = distill.run(student, _params(method="kd", epochs=5, learning_rate=1e-3), ctx)
+
+    out = result.model
+    np.testing.assert_array_equal(graph.get_array(out, "w1_scale"), scale)          # same grid
+    assert graph.get_array(out, "w1_q").dtype == graph.get_array(student, "w1_q").dtype
+    assert np.any(graph.get_array(out, "w1_q").astype(np.int64) != q)                # trained on it
+    new_w2 = graph.get_array(out, "w2")
+    assert len(np.unique(new_w2)) <= 4
+    np.testing.assert_array_equal(np.abs(new_w2[..., None] - ctx.layers["w2"].codebook).argmin(axis=-1), labels)
+    assert _accuracy(out, held) >= before - 0.01
+    _valid(out, teacher, {"x": held[0][:4]})
+
+
+def test_kd_trains_a_separate_student():
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    teacher, calibration, held = _digits_mlp()
+    rng = np.random.default_rng(1)
+    # a narrower student (16 hidden units), randomly initialized: all it knows comes from the teacher
+    nodes = [helper.make_node("Gemm", ["x", "s1", "c1"], ["h"], name="s_fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="s_relu"),
+             helper.make_node("Gemm", ["r", "s2", "c2"], ["logits"], name="s_fc2")]
+    inits = [numpy_helper.from_array((rng.standard_normal((64, 16)) * 0.2).astype(np.float32), "s1"),
+             numpy_helper.from_array(np.zeros(16, np.float32), "c1"),
+             numpy_helper.from_array((rng.standard_normal((16, 10)) * 0.2).astype(np.float32), "s2"),
+             numpy_helper.from_array(np.zeros(10, np.float32), "c2")]
+    g = helper.make_graph(nodes, "student", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], inits)
+    student = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    ctx = StepContext(original=teacher, calibration=calibration, options={"student_model": student})
+    params = _params(method="kd", epochs=40, learning_rate=1e-2, batch_size=64)
+    distill.check(teacher, params, ctx)
+
+    result = distill.run(_copy(teacher), params, ctx)
+
+    assert {t.name for t in result.model.graph.initializer} == {"s1", "c1", "s2", "c2"}
+    assert _accuracy(result.model, held) > 0.8
+    _valid(result.model, teacher, {"x": held[0][:4]})
+
+
+def test_kd_refusals(monkeypatch):
+    rng = np.random.default_rng(RNG_SEED)
+    teacher = _mlp(*_teacher_mlp(rng))
+    x = rng.standard_normal((16, 8)).astype(np.float32)
+    ctx = StepContext(original=teacher, calibration={"x": x})
+    # an op the interpreter has no translation for, named in the error, before any work
+    odd = _copy(teacher)
+    odd.graph.node[2].op_type = "Selu"
+    odd.graph.node.append(helper.make_node("FusedMatMul", ["y", "w2"], ["z"], name="ms", domain="com.microsoft"))
+    with pytest.raises(RecipeError) as err:
+        distill.check(odd, _params(method="kd"), ctx)
+    assert "Selu" in err.value.detail and "com.microsoft::FusedMatMul" in err.value.detail
+    assert err.value.errors[0]["loc"] == ["method"]
+    # a student with other outputs than the original
+    other = _copy(teacher)
+    other.graph.output[0].name = "z"
+    with pytest.raises(RecipeError, match="outputs"):
+        distill.check(teacher, _params(method="kd"), StepContext(original=teacher, calibration={"x": x},
+                                                                  options={"student_model": other}))
+    # without torch, kd is refused with the extra to install
+    monkeypatch.setattr(distill, "torch_available", lambda: False)
+    with pytest.raises(RecipeError, match=r"featherweight\[distill\]"):
+        distill.check(teacher, _params(method="kd"), ctx)
+    with pytest.raises(RecipeError, match=r"featherweight\[distill\]"):
+        distill.run(_copy(teacher), _params(method="kd"), ctx)

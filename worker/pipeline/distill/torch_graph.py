@@ -1,0 +1,455 @@
+"""An ONNX graph run op by op in PyTorch, so ``kd`` can differentiate through it.
+
+Why our own interpreter: PyTorch has no ONNX importer, and the converters that exist (onnx2torch
+and the like) are extra dependencies with their own op gaps. Distillation needs only the forward
+semantics of the ops exported classifiers and encoders use, written once in ``torch.nn.functional``,
+plus control over which tensors are parameters. ``unsupported_ops`` lists what a model holds beyond
+``OPS`` so the step is refused before any work; ``kd`` also checks the translation against ONNX
+Runtime on real data before it trains.
+
+Constant weights become trainable parameters (``trainable``); a weight behind a DequantizeLinear
+(weight-only quantization) is a float parameter seen through fake quantization on its fixed grid
+(straight-through gradient); a pruned weight is seen as ``parameter * mask``; a shared-value
+(clustered) weight is ``centroids[labels]`` with the centroids the parameter. So the constraints
+hold during training and writing the weights back loses nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+
+from worker.pipeline import graph
+from worker.pipeline.distill.layers import Grid
+
+OPS = frozenset({
+    "Abs", "Add", "And", "AveragePool", "BatchNormalization", "Cast", "Clip", "Concat", "Constant",
+    "ConstantOfShape", "Conv", "DequantizeLinear", "Div", "Dropout", "Equal", "Erf", "Exp", "Expand",
+    "Flatten", "Gather", "Gelu", "Gemm", "GlobalAveragePool", "GlobalMaxPool", "Greater", "HardSigmoid",
+    "HardSwish", "Identity", "LayerNormalization", "LeakyRelu", "Less", "Log", "LogSoftmax", "MatMul",
+    "Max", "MaxPool", "Min", "Mul", "Neg", "Not", "Pow", "QuantizeLinear", "Reciprocal", "ReduceMax",
+    "ReduceMean", "ReduceSum", "Relu", "Reshape", "Shape", "Sigmoid", "Slice", "Softmax", "Split", "Sqrt",
+    "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze", "Where",
+})
+
+_DTYPES = {
+    onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.DOUBLE: torch.float64,
+    onnx.TensorProto.FLOAT16: torch.float16, onnx.TensorProto.INT64: torch.int64,
+    onnx.TensorProto.INT32: torch.int32, onnx.TensorProto.INT8: torch.int8, onnx.TensorProto.UINT8: torch.uint8,
+    onnx.TensorProto.BOOL: torch.bool, onnx.TensorProto.INT16: torch.int16,
+}
+
+
+def unsupported_ops(model: onnx.ModelProto) -> list[str]:
+    """Op types (``domain::Op`` outside the default domain) the interpreter cannot run, sorted."""
+    missing = set()
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            missing.add(f"{node.domain}::{node.op_type}")
+        elif node.op_type not in OPS:
+            missing.add(node.op_type)
+    if any(f.name for f in model.functions):
+        missing.update(f"{f.domain}::{f.name}" for f in model.functions)
+    return sorted(missing)
+
+
+@dataclass
+class WeightSpec:
+    """How one trainable weight is seen by the graph."""
+
+    name: str                         # the initializer written back (float, or integers behind a DQ)
+    output: str                       # the tensor the graph reads (the initializer, or the DQ's output)
+    mask: np.ndarray | None = None
+    grid: Grid | None = None
+    labels: np.ndarray | None = None  # codebook assignment per weight, with ``codebook`` the initial centroids
+    codebook: np.ndarray | None = None
+
+
+_KEPT_INTS = (np.int8, np.uint8, np.int16, np.int32, np.int64, np.bool_)
+
+
+def _to_torch(array: np.ndarray) -> torch.Tensor:
+    # np.array(copy) rather than ascontiguousarray: the latter turns a 0-d array into shape [1]
+    array = np.asarray(array)
+    if array.dtype in (np.float16, np.float32):
+        # computed in float32: what ORT's CPU kernels do for most float16 ops too
+        return torch.from_numpy(np.array(array, dtype=np.float32, order="C"))
+    if array.dtype in _KEPT_INTS or array.dtype == np.float64:
+        # int8 / uint8 kept: a QuantizeLinear's zero point type decides its range
+        return torch.from_numpy(np.array(array, order="C"))
+    return torch.from_numpy(np.array(array, dtype=np.int64, order="C"))   # int4 / int2 (ml_dtypes) and the rest
+
+
+def _fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int, sign: bool) -> torch.Tensor:
+    """Round onto the grid in the forward pass, identity in the backward (straight-through)."""
+    if sign:
+        deq = torch.where(w >= 0, 1.0, -1.0) * scale
+    else:
+        q = torch.clamp(torch.round(w / scale) + zero, qmin, qmax)   # torch.round: half to even, as ONNX
+        deq = (q - zero) * scale
+    return w + (deq - w).detach()
+
+
+class TorchGraph(torch.nn.Module):
+    """``forward(feeds) -> {name: tensor}`` for the graph's outputs plus any ``extra_outputs``."""
+
+    def __init__(self, model: onnx.ModelProto, weights: list[WeightSpec], extra_outputs: list[str] = ()):
+        super().__init__()
+        self.model = model
+        self.opset = graph.opset(model)
+        self.nodes = graph.topological_nodes(model)
+        self.outputs = [o.name for o in model.graph.output] + [n for n in extra_outputs]
+        self.specs = {spec.output: spec for spec in weights}
+        self.params = torch.nn.ParameterDict()
+        self.buffers_ = {}
+        self._keys: dict[str, str] = {}
+        skip_dq = {spec.output for spec in weights if spec.grid is not None}
+        self.skip_nodes = {id(n) for n in self.nodes if n.op_type == "DequantizeLinear" and n.output[0] in skip_dq}
+        for index, spec in enumerate(weights):
+            key = f"w{index}"
+            self._keys[spec.output] = key
+            if spec.labels is not None:
+                self.params[key] = torch.nn.Parameter(torch.tensor(np.asarray(spec.codebook, np.float32)))
+                self.buffers_[key + ".labels"] = torch.from_numpy(np.asarray(spec.labels, np.int64))
+            else:
+                initial = spec.grid.dequantize(graph.get_array(model, spec.name).astype(np.int64)) if spec.grid is not None \
+                    else np.asarray(graph.get_array(model, spec.name), np.float32)
+                self.params[key] = torch.nn.Parameter(torch.tensor(np.asarray(initial, np.float32)))
+            if spec.mask is not None:
+                self.buffers_[key + ".mask"] = torch.from_numpy(np.asarray(spec.mask, np.float32))
+            if spec.grid is not None:
+                self.buffers_[key + ".scale"] = torch.from_numpy(np.asarray(spec.grid.scale, np.float32))
+                self.buffers_[key + ".zero"] = torch.from_numpy(np.asarray(spec.grid.zero_point, np.float32))
+        trainable_names = {spec.output for spec in weights}
+        self.constants = {t.name: _to_torch(numpy_helper.to_array(t)) for t in model.graph.initializer
+                          if t.name not in trainable_names}
+
+    def weight(self, output: str) -> torch.Tensor:
+        """The weight as the graph sees it, constraints applied."""
+        spec = self.specs[output]
+        key = self._keys[output]
+        param = self.params[key]
+        w = param[self.buffers_[key + ".labels"]] if spec.labels is not None else param
+        if spec.mask is not None:
+            w = w * self.buffers_[key + ".mask"]
+        if spec.grid is not None:
+            w = _fake_quant(w, self.buffers_[key + ".scale"], self.buffers_[key + ".zero"], spec.grid.qmin,
+                            spec.grid.qmax, spec.grid.sign)
+        return w
+
+    def final_weights(self) -> dict[str, np.ndarray]:
+        """Each trainable weight's float value after training, constraints applied (weight layout)."""
+        with torch.no_grad():
+            return {spec.name: self.weight(output).detach().numpy().copy() for output, spec in self.specs.items()}
+
+    def centroids(self) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            return {spec.name: self.params[self._keys[o]].detach().numpy().copy()
+                    for o, spec in self.specs.items() if spec.labels is not None}
+
+    def forward(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        env: dict[str, Any] = dict(self.constants)
+        for output in self.specs:
+            env[output] = self.weight(output)
+        env.update(feeds)
+        env[""] = None
+        for node in self.nodes:
+            if id(node) in self.skip_nodes:
+                continue
+            args = [env[name] for name in node.input]
+            results = _run_node(node, args, self.opset)
+            for name, value in zip(node.output, results):
+                if name:
+                    env[name] = value
+        return {name: env[name] for name in self.outputs}
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    values = {}
+    for attr in node.attribute:
+        value = onnx.helper.get_attribute_value(attr)
+        values[attr.name] = value.decode() if isinstance(value, bytes) else value
+    return values
+
+
+def _ints(value: torch.Tensor | None) -> list[int] | None:
+    return None if value is None else [int(v) for v in value.reshape(-1).tolist()]
+
+
+def _pads_for(x: torch.Tensor, a: dict, kernel: list[int], strides: list[int], dilations: list[int]) -> list[int]:
+    """ONNX pads [begin..., end...], SAME_* resolved from the input's spatial size."""
+    dims = len(kernel)
+    auto_pad = a.get("auto_pad", "NOTSET")
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for size, k, s, d in zip(x.shape[2:], kernel, strides, dilations):
+            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            small, large = total // 2, total - total // 2
+            begin.append(small if auto_pad == "SAME_UPPER" else large)
+            end.append(large if auto_pad == "SAME_UPPER" else small)
+        return begin + end
+    if auto_pad == "VALID":
+        return [0] * (2 * dims)
+    return list(a.get("pads", [0] * (2 * dims)))
+
+
+def _torch_pad(pads: list[int]) -> list[int]:
+    """ONNX [b1, b2, e1, e2] -> F.pad's last-axis-first [b2, e2, b1, e1]."""
+    dims = len(pads) // 2
+    out = []
+    for axis in reversed(range(dims)):
+        out += [pads[axis], pads[axis + dims]]
+    return out
+
+
+def _conv(x, w, b, a):
+    dims = w.dim() - 2
+    kernel = list(w.shape[2:])
+    strides = list(a.get("strides", [1] * dims))
+    dilations = list(a.get("dilations", [1] * dims))
+    pads = _pads_for(x, a, kernel, strides, dilations)
+    if any(pads):
+        x = F.pad(x, _torch_pad(pads))
+    fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims]
+    return fn(x, w, b, stride=strides, dilation=dilations, groups=int(a.get("group", 1)))
+
+
+def _pool(x, a, kind: str):
+    kernel = list(a["kernel_shape"])
+    dims = len(kernel)
+    strides = list(a.get("strides", [1] * dims))
+    dilations = list(a.get("dilations", [1] * dims))
+    pads = _pads_for(x, a, kernel, strides, dilations)
+    ceil = bool(a.get("ceil_mode", 0))
+    if kind == "max":
+        if any(pads):
+            x = F.pad(x, _torch_pad(pads), value=float("-inf"))
+        fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[dims]
+        return fn(x, kernel, strides, 0, dilations, ceil_mode=ceil)
+    fn = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[dims]
+    symmetric = pads[:dims] == pads[dims:] and all(p <= k // 2 for p, k in zip(pads[:dims], kernel))
+    include = bool(a.get("count_include_pad", 0))
+    if any(pads) and not symmetric:
+        x = F.pad(x, _torch_pad(pads))
+        if not include:
+            raise ValueError("AveragePool with asymmetric padding that excludes the pad is not supported")
+        return fn(x, kernel, strides, 0, ceil)
+    return fn(x, kernel, strides, pads[:dims], ceil, count_include_pad=include)
+
+
+def _axes(args, a, index: int = 1) -> list[int] | None:
+    if len(args) > index and args[index] is not None:
+        return _ints(args[index])
+    return list(a["axes"]) if "axes" in a else None
+
+
+def _reduce(x, args, a, fn):
+    axes = _axes(args, a)
+    keep = bool(a.get("keepdims", 1))
+    if not axes:
+        if a.get("noop_with_empty_axes", 0):
+            return x
+        axes = list(range(x.dim()))
+    return fn(x, dim=[ax % x.dim() for ax in axes], keepdim=keep)
+
+
+def _softmax(x, a, opset: int, log: bool):
+    fn = torch.log_softmax if log else torch.softmax
+    if opset >= 13:
+        return fn(x, dim=int(a.get("axis", -1)))
+    axis = int(a.get("axis", 1)) % x.dim()
+    # before opset 13 the input is coerced to 2-D at ``axis``
+    flat = x.reshape(int(np.prod(x.shape[:axis])), -1)
+    return fn(flat, dim=1).reshape(x.shape)
+
+
+def _slice(x, args):
+    starts, ends = _ints(args[1]), _ints(args[2])
+    axes = _ints(args[3]) if len(args) > 3 and args[3] is not None else list(range(len(starts)))
+    steps = _ints(args[4]) if len(args) > 4 and args[4] is not None else [1] * len(starts)
+    index = [slice(None)] * x.dim()
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        if step <= 0:
+            raise ValueError("Slice with a non-positive step is not supported")
+        index[axis % x.dim()] = slice(start, end, step)
+    return x[tuple(index)]
+
+
+def _fake_quant_activation(x, scale, zero, a):
+    """Scale and zero point as float tensors broadcast along ``axis`` where per channel."""
+    axis = int(a.get("axis", 1))
+    scale = scale.to(torch.float32)
+    zero = zero.to(torch.float32) if zero is not None else torch.zeros((), dtype=torch.float32)
+    if scale.dim() == 1 and scale.numel() > 1:
+        view = [1] * x.dim()
+        view[axis % x.dim()] = -1
+        scale, zero = scale.reshape(view), zero.reshape(view)
+    return scale, zero
+
+
+def _run_node(node: onnx.NodeProto, args: list, opset: int) -> list:
+    op, a = node.op_type, _attrs(node)
+    x = args[0] if args else None
+    if op == "MatMul":
+        return [torch.matmul(args[0], args[1])]
+    if op == "Gemm":
+        left = args[0].t() if a.get("transA", 0) else args[0]
+        right = args[1].t() if a.get("transB", 0) else args[1]
+        out = float(a.get("alpha", 1.0)) * (left @ right)
+        if len(args) > 2 and args[2] is not None:
+            out = out + float(a.get("beta", 1.0)) * args[2]
+        return [out]
+    if op == "Conv":
+        return [_conv(x, args[1], args[2] if len(args) > 2 else None, a)]
+    if op == "BatchNormalization":
+        return [F.batch_norm(x, args[3], args[4], args[1], args[2], training=False, eps=float(a.get("epsilon", 1e-5)))]
+    if op == "LayerNormalization":
+        axis = int(a.get("axis", -1)) % x.dim()
+        shape = list(x.shape[axis:])
+        bias = args[2] if len(args) > 2 else None
+        weight = args[1].expand(shape) if args[1].shape != tuple(shape) else args[1]
+        if bias is not None and bias.shape != tuple(shape):
+            bias = bias.expand(shape)
+        return [F.layer_norm(x, shape, weight, bias, eps=float(a.get("epsilon", 1e-5)))]
+    if op == "Relu":
+        return [torch.relu(x)]
+    if op == "LeakyRelu":
+        return [F.leaky_relu(x, float(a.get("alpha", 0.01)))]
+    if op == "Sigmoid":
+        return [torch.sigmoid(x)]
+    if op == "HardSigmoid":
+        return [torch.clamp(float(a.get("alpha", 0.2)) * x + float(a.get("beta", 0.5)), 0, 1)]
+    if op == "HardSwish":
+        return [F.hardswish(x)]
+    if op == "Tanh":
+        return [torch.tanh(x)]
+    if op == "Gelu":
+        return [F.gelu(x, approximate="tanh" if a.get("approximate", "none") == "tanh" else "none")]
+    if op == "Erf":
+        return [torch.erf(x)]
+    if op in ("Exp", "Log", "Sqrt", "Neg", "Abs", "Reciprocal"):
+        return [{"Exp": torch.exp, "Log": torch.log, "Sqrt": torch.sqrt, "Neg": torch.neg, "Abs": torch.abs,
+                 "Reciprocal": torch.reciprocal}[op](x)]
+    if op in ("Add", "Sub", "Mul", "Div", "Pow"):
+        left, right = args
+        if op == "Div" and not left.is_floating_point() and not right.is_floating_point():
+            return [torch.div(left, right, rounding_mode="trunc")]
+        return [{"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div, "Pow": torch.pow}[op](left, right)]
+    if op in ("Equal", "Less", "Greater", "And"):
+        return [{"Equal": torch.eq, "Less": torch.lt, "Greater": torch.gt, "And": torch.logical_and}[op](args[0], args[1])]
+    if op == "Not":
+        return [torch.logical_not(x)]
+    if op in ("Max", "Min"):
+        out = args[0]
+        for other in args[1:]:
+            out = torch.maximum(out, other) if op == "Max" else torch.minimum(out, other)
+        return [out]
+    if op == "Where":
+        return [torch.where(args[0], args[1], args[2])]
+    if op == "Clip":
+        lo = args[1] if len(args) > 1 and args[1] is not None else a.get("min")
+        hi = args[2] if len(args) > 2 and args[2] is not None else a.get("max")
+        if isinstance(lo, torch.Tensor):
+            lo = lo.item()
+        if isinstance(hi, torch.Tensor):
+            hi = hi.item()
+        return [torch.clamp(x, lo, hi)]
+    if op in ("Identity", "Dropout"):
+        return [x] + ([torch.ones_like(x, dtype=torch.bool)] if op == "Dropout" and len(node.output) > 1 else [])
+    if op == "Constant":
+        for key in ("value", "value_float", "value_int", "value_floats", "value_ints"):
+            if key in a:
+                value = a[key]
+                array = numpy_helper.to_array(value) if isinstance(value, onnx.TensorProto) else np.asarray(value)
+                return [_to_torch(array)]
+        raise ValueError("Constant without a supported value attribute")
+    if op == "ConstantOfShape":
+        value = numpy_helper.to_array(a["value"]) if "value" in a else np.zeros(1, np.float32)
+        return [torch.full(_ints(x), value.reshape(-1)[0].item(), dtype=_to_torch(value).dtype)]
+    if op == "Cast":
+        return [x.to(_DTYPES[int(a["to"])])]
+    if op == "Shape":
+        dims = list(x.shape)
+        start, end = int(a.get("start", 0)), a.get("end")
+        return [torch.tensor(dims[start:end if end is None else int(end)], dtype=torch.int64)]
+    if op == "Reshape":
+        shape = _ints(args[1])
+        if not a.get("allowzero", 0):
+            shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+        return [x.reshape(shape)]
+    if op == "Flatten":
+        axis = int(a.get("axis", 1)) % max(x.dim(), 1) if x.dim() else 0
+        return [x.reshape(int(np.prod(x.shape[:axis])), -1)]
+    if op == "Transpose":
+        perm = a.get("perm", list(reversed(range(x.dim()))))
+        return [x.permute(*perm)]
+    if op == "Squeeze":
+        axes = _axes(args, a)
+        if axes is None:
+            return [x.squeeze()]
+        for axis in sorted((ax % x.dim() for ax in axes), reverse=True):
+            x = x.squeeze(axis)
+        return [x]
+    if op == "Unsqueeze":
+        axes = _axes(args, a)
+        rank = x.dim() + len(axes)
+        for axis in sorted(ax % rank for ax in axes):
+            x = x.unsqueeze(axis)
+        return [x]
+    if op == "Concat":
+        axis = int(a["axis"])
+        return [torch.cat(args, dim=axis)]
+    if op == "Expand":
+        return [x.expand(torch.broadcast_shapes(x.shape, tuple(_ints(args[1]))))]
+    if op == "Gather":
+        axis = int(a.get("axis", 0)) % x.dim()
+        indices = args[1].to(torch.int64)
+        indices = torch.where(indices < 0, indices + x.shape[axis], indices)
+        flat = torch.index_select(x, axis, indices.reshape(-1))
+        return [flat.reshape(list(x.shape[:axis]) + list(indices.shape) + list(x.shape[axis + 1:]))]
+    if op == "Split":
+        axis = int(a.get("axis", 0)) % x.dim()
+        sizes = _ints(args[1]) if len(args) > 1 and args[1] is not None else a.get("split")
+        if sizes is None:
+            count = int(a.get("num_outputs", len(node.output)))
+            chunk = -(-x.shape[axis] // count)
+            sizes = [min(chunk, x.shape[axis] - i * chunk) for i in range(count)]
+        return list(torch.split(x, list(sizes), dim=axis))
+    if op == "Slice":
+        return [_slice(x, args)]
+    if op in ("Softmax", "LogSoftmax"):
+        return [_softmax(x, a, opset, op == "LogSoftmax")]
+    if op == "ReduceMean":
+        return [_reduce(x, args if opset >= 18 else [x], a, torch.mean)]
+    if op == "ReduceSum":
+        return [_reduce(x, args if opset >= 13 else [x], a, torch.sum)]
+    if op == "ReduceMax":
+        return [_reduce(x, args if opset >= 18 else [x], a, torch.amax)]
+    if op == "MaxPool":
+        return [_pool(x, a, "max")] + ([None] if len(node.output) > 1 and node.output[1] else [])
+    if op == "AveragePool":
+        return [_pool(x, a, "avg")]
+    if op == "GlobalAveragePool":
+        return [x.mean(dim=tuple(range(2, x.dim())), keepdim=True)]
+    if op == "GlobalMaxPool":
+        return [x.amax(dim=tuple(range(2, x.dim())), keepdim=True)]
+    if op == "QuantizeLinear":
+        # activations stay float through the pair: q is held as a float tensor of integers
+        zero_in = args[2] if len(args) > 2 else None
+        scale, zero = _fake_quant_activation(x, args[1], zero_in, a)
+        # the zero point's type is the output type; uint8 when absent
+        signed = zero_in is not None and zero_in.dtype == torch.int8
+        lo, hi = (-128, 127) if signed else (0, 255)
+        q = torch.clamp(torch.round(x / scale) + zero, lo, hi)
+        return [x / scale + zero + (q - (x / scale + zero)).detach()]
+    if op == "DequantizeLinear":
+        scale, zero = _fake_quant_activation(x, args[1], args[2] if len(args) > 2 else None, a)
+        if int(a.get("block_size", 0) or 0):
+            raise ValueError("blocked DequantizeLinear on a non-constant input is not supported")
+        return [(x.to(torch.float32) - zero) * scale]
+    raise ValueError(f"no torch translation for {op}")
