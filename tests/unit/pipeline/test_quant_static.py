@@ -228,7 +228,8 @@ def test_symmetric_activations_use_int8_with_zero_point_zero():
     for node in result.model.graph.node:
         if node.op_type == "QuantizeLinear":
             zero = graph.get_array(result.model, node.input[2])
-            assert zero.dtype == np.int8 and zero == 0
+            assert zero.dtype == np.int8 and zero.shape == () and zero == 0
+            assert graph.get_array(result.model, node.input[1]).shape == ()     # per tensor: a scalar
     assert result.metrics["activation_dtype"] == "int8"
 
 

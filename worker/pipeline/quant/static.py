@@ -274,6 +274,12 @@ def plan(model: onnx.ModelProto, params: QuantizeStep, layers: list[graph.Weight
 
 # ---------------------------------------------------------------------------------------- grids
 
+def add_initializer(model: onnx.ModelProto, name: str, array: np.ndarray) -> None:
+    """Append a new initializer keeping a 0-d array 0-d (a per-tensor scale / zero point must be a
+    scalar; ``graph.set_array`` goes through np.ascontiguousarray, which makes it 1-D)."""
+    model.graph.initializer.append(numpy_helper.from_array(np.asarray(array), name))
+
+
 def activation_grid(model: onnx.ModelProto, tensor: str, lo: float, hi: float, symmetric: bool) -> ActivationGrid:
     """(scale, zero point) for [lo, hi] by the contract's formula (kernels.choose_qparams), stored
     as two new scalar initializers."""
@@ -285,9 +291,9 @@ def activation_grid(model: onnx.ModelProto, tensor: str, lo: float, hi: float, s
         scale, zero = kernels.choose_qparams(bounds, bits=8, symmetric=False, signed=False, method="minmax")
         dtype, np_dtype = onnx.TensorProto.UINT8, np.uint8
     scale_name = graph.unique_name(model, f"{tensor}_scale")
-    graph.set_array(model, scale_name, np.asarray(scale, dtype=np.float32).reshape(()))
+    add_initializer(model, scale_name, np.asarray(scale, dtype=np.float32).reshape(()))
     zero_name = graph.unique_name(model, f"{tensor}_zero_point")
-    graph.set_array(model, zero_name, np.asarray(zero).astype(np_dtype).reshape(()))
+    add_initializer(model, zero_name, np.asarray(zero).astype(np_dtype).reshape(()))
     return ActivationGrid(float(np.asarray(scale)), int(np.asarray(zero)), dtype, scale_name, zero_name)
 
 
@@ -317,8 +323,8 @@ def quantize_weight(model: onnx.ModelProto, layer: graph.WeightLayer, params: Qu
     graph.remove_initializers(model, [layer.weight])
     _drop_graph_input(model, layer.weight)
     graph.set_array(model, q_name, q.astype(np_dtype))
-    graph.set_array(model, s_name, grid.scale)
-    graph.set_array(model, z_name, grid.zero_point.astype(np_dtype))
+    add_initializer(model, s_name, grid.scale)
+    add_initializer(model, z_name, grid.zero_point.astype(np_dtype))
     attrs = {"axis": grid.axis} if grid.axis is not None else {}
     dq = helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [layer.weight],
                           name=graph.unique_name(model, f"{layer.weight}_DequantizeLinear"), **attrs)

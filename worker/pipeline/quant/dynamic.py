@@ -1,0 +1,176 @@
+"""Dynamic int8 quantization: MatMul / Gemm weights stored int8, activations quantized at run time.
+
+Each selected MatMul (with its bias Add, where the bias is a 1-D initializer that the MatMul's output
+is the only input of) and each Gemm (transA 0, alpha 1, beta 1) becomes one com.microsoft
+``DynamicQuantizeMatMul(A, B_int8, b_scale, b_zero_point, bias)``: ONNX Runtime quantizes A to
+uint8 per call (its own min/max, asymmetric), multiplies in integers, and rescales to float.
+
+Numbers (CONTRACT.md §1, computed by ``kernels``): B is int8, symmetric, one scale per output
+channel, s = absmax / 127, q = clamp(rne(w / s), -128, 127) (per tensor when the recipe says
+granularity: tensor). B is stored [K, N] as the op wants it (a Gemm's transB weight transposed);
+the LayerRecord's grid is along the original weight's output axis.
+
+Why this form: the standard-domain chain ``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul
+(-> Add)`` is what ONNX Runtime fuses into this very op at load time; emitting the fused op directly
+runs the same kernel without depending on the fusion pattern matching (per-channel scales and biases
+are where pattern matchers give up). ``bench.quality`` measures it against ORT's quantize_dynamic.
+
+Conv stays float (ConvInteger is slower than float Conv on CPU); weights with other readers than
+MatMul / Gemm keep their float copy for those readers.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper
+
+import kernels
+from core.errors import RecipeError
+from core.recipe import QuantizeStep
+from worker.pipeline import graph
+from worker.pipeline.quant import constants
+from worker.pipeline.quant.static import add_initializer
+from worker.pipeline.step import LayerRecord, StepContext, StepResult
+
+DYNAMIC_OPS = ("MatMul", "Gemm")
+MS_DOMAIN = "com.microsoft"
+
+
+def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
+    prepared = onnx.ModelProto()
+    prepared.CopyFrom(model)
+    constants.lift_constant_weights(prepared)
+    graph.ensure_node_names(prepared)
+    return prepared
+
+
+def _eligible(node: onnx.NodeProto, layer: graph.WeightLayer, inits: dict) -> bool:
+    if len(layer.shape) != 2 or inits[layer.weight].data_type != onnx.TensorProto.FLOAT:
+        return False
+    if node.op_type == "Gemm":
+        if graph.attribute(node, "transA", 0) or graph.attribute(node, "alpha", 1.0) != 1.0:
+            return False
+        if len(node.input) > 2 and node.input[2]:
+            bias = inits.get(node.input[2])
+            if bias is None or len(bias.dims) != 1 or graph.attribute(node, "beta", 1.0) != 1.0:
+                return False
+    return True
+
+
+def selected_layers(model: onnx.ModelProto, params: QuantizeStep) -> list[graph.WeightLayer]:
+    """MatMul / Gemm weights the recipe selects that the fused op can take."""
+    inits = graph.initializers(model)
+    nodes = {node.name: node for node in model.graph.node}
+    return [layer for layer in graph.weight_layers(model, ops=DYNAMIC_OPS, include=params.include,
+                                                   exclude=params.exclude, min_params=params.min_params)
+            if _eligible(nodes[layer.node], layer, inits)]
+
+
+def check(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext) -> None:
+    """Refuse, before any work, a dynamic quantize step that cannot apply."""
+    if params.weights is not None and (params.weights.granularity == "block" or not params.weights.symmetric):
+        loc = ["weights", "granularity"] if params.weights.granularity == "block" else ["weights", "symmetric"]
+        why = "dynamic int8 takes symmetric per-tensor or per-channel int8 weights"
+        raise RecipeError(why, [{"loc": loc, "msg": why}])
+    if not selected_layers(_prepared(model), params):
+        if params.include:
+            loc, why = ["include"], f"no MatMul / Gemm weight matches include {list(params.include)}"
+        elif params.exclude:
+            loc, why = ["exclude"], "exclude leaves no MatMul / Gemm weight to quantize"
+        else:
+            loc, why = ["min_params"], f"no 2-D MatMul / Gemm weight has {params.min_params} or more elements"
+        raise RecipeError(why, [{"loc": loc, "msg": why}])
+
+
+def _bias_add(model: onnx.ModelProto, node: onnx.NodeProto, inits: dict) -> tuple[onnx.NodeProto, str] | None:
+    """The Add that adds a 1-D bias initializer to this MatMul's output, when it is the only reader."""
+    readers = graph.consumers(model).get(node.output[0], [])
+    if len(readers) != 1 or readers[0][0].op_type != "Add":
+        return None
+    add, index = readers[0]
+    other = add.input[1 - index]
+    if other in inits and len(inits[other].dims) == 1 and inits[other].data_type == onnx.TensorProto.FLOAT:
+        return add, other
+    return None
+
+
+def quantize_dynamic(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext) -> StepResult:
+    """Dynamic int8 (see the module docstring); records a LayerRecord per quantized weight."""
+    check(model, params, ctx)
+    quantized = _prepared(model)
+    layers = selected_layers(quantized, params)
+    per_channel = params.weights is None or params.weights.granularity == "channel"
+    inits = graph.initializers(quantized)
+    nodes = {node.name: node for node in quantized.graph.node}
+    # A weight shared by several MatMul / Gemm readers is quantized once, for all of them.
+    storage: dict[tuple[str, bool], tuple[str, str, str]] = {}
+    grids: dict[str, dict[str, Any]] = {}
+    replaced = 0
+    for position, layer in enumerate(layers):
+        ctx.check_cancelled()
+        weight = graph.get_array(quantized, layer.weight).astype(np.float32)
+        axis = layer.out_axis if per_channel else None
+        scale, zero = kernels.choose_qparams(weight, bits=8, symmetric=True, signed=True, axis=axis, method="absmax")
+        q = kernels.quantize(np.ascontiguousarray(weight), scale, zero, bits=8, signed=True, axis=axis)
+        grids[layer.weight] = {"scale": np.asarray(scale, np.float32), "zero_point": np.asarray(zero),
+                               "axis": axis, "block_size": None, "bits": 8, "signed": True}
+        readers = [(n, i) for n, i in graph.consumers(quantized).get(layer.weight, [])
+                   if n.op_type in DYNAMIC_OPS and i == 1 and _eligible(n, layer, inits)]
+        for node, _ in readers:
+            transposed = node.op_type == "Gemm" and bool(graph.attribute(node, "transB", 0))
+            key = (layer.weight, transposed)
+            if key not in storage:
+                # The op wants B as [K, N] with one scale per column N.
+                stored = q.T if transposed else q
+                names = tuple(graph.unique_name(quantized, f"{layer.weight}_{suffix}")
+                              for suffix in ("quantized" + ("_t" if transposed else ""), "scale", "zero_point"))
+                graph.set_array(quantized, names[0], np.ascontiguousarray(stored))
+                add_initializer(quantized, names[1], np.asarray(scale, np.float32).reshape(-1 if per_channel else ()))
+                add_initializer(quantized, names[2], np.zeros(stored.shape[1] if per_channel else (), np.int8))
+                storage[key] = names
+            q_name, s_name, z_name = storage[key]
+            _replace(quantized, node, q_name, s_name, z_name, inits)
+            replaced += 1
+        ctx.progress((position + 1) / len(layers), f"dynamic int8 {layer.weight}")
+    used = {name for node in quantized.graph.node for name in node.input}
+    unused = [t.name for t in quantized.graph.initializer if t.name not in used]
+    graph.remove_initializers(quantized, unused)
+    kept_inputs = [v for v in quantized.graph.input if v.name not in set(unused)]
+    del quantized.graph.input[:]
+    quantized.graph.input.extend(kept_inputs)
+    graph.ensure_domain(quantized, MS_DOMAIN, 1)
+    graph.sort_graph(quantized)
+    onnx.checker.check_model(quantized, full_check=True)
+
+    for layer in layers:
+        record = ctx.layers.get(layer.weight) or LayerRecord(layer.weight, layer.node, layer.op)
+        record.bits = 8
+        record.grid = grids[layer.weight]
+        record.extra["activations"] = "dynamic int8 (DynamicQuantizeMatMul)"
+        ctx.layers[layer.weight] = record
+    metrics = {"format": "DynamicQuantizeMatMul", "quantized_weights": len(layers), "layers_replaced": replaced,
+               "per_channel": per_channel}
+    return StepResult(quantized, [layer.weight for layer in layers], metrics)
+
+
+def _replace(model: onnx.ModelProto, node: onnx.NodeProto, q_name: str, s_name: str, z_name: str,
+             inits: dict) -> None:
+    """Swap ``node`` (MatMul [+ bias Add] or Gemm) for DynamicQuantizeMatMul, in place."""
+    bias, output, drop = "", node.output[0], [node]
+    if node.op_type == "Gemm":
+        if len(node.input) > 2 and node.input[2]:
+            bias = node.input[2]
+    else:
+        found = _bias_add(model, node, inits)
+        if found is not None:
+            add, bias = found
+            output = add.output[0]
+            drop.append(add)
+    fused = helper.make_node("DynamicQuantizeMatMul", [node.input[0], q_name, s_name, z_name, bias], [output],
+                             name=node.name, domain=MS_DOMAIN)
+    index = list(model.graph.node).index(node)
+    for old in drop:
+        model.graph.node.remove(old)
+    model.graph.node.insert(index, fused)
