@@ -245,3 +245,39 @@ def test_if_subgraph_weights_are_reported_as_skipped():
     assert result.metrics["skipped"] == [{"name": "W_then", "node": "branch",
                                           "reason": "weight inside a If subgraph stays float"}]
     assert builders.rel_l2(expected, builders.run_ort(result.model, feeds)) < 0.03
+
+
+def test_sign_stores_int2_signs_and_mean_abs_alpha():
+    from worker.pipeline.quant.sign import ort_runs_int2
+
+    model = builders.mlp()
+    w1 = weight(model, "W1")
+    feeds = builders.random_inputs(model)
+    expected = builders.run_ort(model, feeds)
+    result, ctx = apply(model, {"weights": {"bits": 1}})
+    assert ort_runs_int2()
+    node, stored = dq_of(result.model, "W1")
+    assert helper.get_attribute_value(node.attribute[0]) == 1
+    q_init = next(t for t in result.model.graph.initializer if t.name == node.input[0])
+    assert q_init.data_type == TensorProto.INT2 and len(q_init.raw_data) == w1.size // 4
+    np.testing.assert_array_equal(stored["q"], np.where(w1 >= 0, 1, -1))
+    np.testing.assert_allclose(stored["scale"], np.mean(np.abs(w1), axis=0), rtol=1e-6)
+    assert ctx.layers["W1"].bits == 1 and ctx.layers["W1"].grid["bits"] == 1
+    assert result.metrics["storage"] == "int2"
+    assert [o.version for o in result.model.opset_import if o.domain == ""][0] >= 25
+    # sign keeps the direction of each output roughly (cosine of the logits well above 0)
+    got = builders.run_ort(result.model, feeds)[0].ravel()
+    cosine = float(np.dot(got, expected[0].ravel()) / np.linalg.norm(got) / np.linalg.norm(expected[0]))
+    assert cosine > 0.7
+
+
+def test_sign_on_conv_per_output_channel():
+    model = builders.cnn_bn()
+    w2 = weight(model, "conv2.W")
+    feeds = builders.random_inputs(model)
+    result, _ = apply(model, {"weights": {"bits": 1}, "min_params": 512})
+    node, stored = dq_of(result.model, "conv2.W")
+    assert helper.get_attribute_value(node.attribute[0]) == 0
+    np.testing.assert_allclose(stored["scale"], np.mean(np.abs(w2), axis=(1, 2, 3)), rtol=1e-6)
+    out = builders.run_ort(result.model, feeds)[0]
+    assert out.shape == (16, 10) and np.isfinite(out).all()
