@@ -48,6 +48,7 @@ Params = PruneStep
 
 PRUNABLE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 DAMPING = 0.01                    # SparseGPT's relative Hessian damping
+SPARSEGPT_BLOCK = 128             # columns pruned together before their error is propagated on
 CALIBRATION_BATCH = 64
 MAX_HESSIAN_COLUMNS = 16384       # H is columns^2 float64; past this the memory is not worth it
 
@@ -196,7 +197,9 @@ def _sparsegpt(model: onnx.ModelProto, layers: list[WeightLayer], targets: dict[
             matrix = _as_matrix(w, layer, geometry)
             matrix[:, dead] = 0.0          # an input that is never active carries nothing to keep
             n, m = n_m if n_m is not None else (0, 0)
-            w_hat, mask = kernels.sparsegpt_prune(matrix, hinv_chol, sparsity=targets[layer.weight], n=n, m=m)
+            block = SPARSEGPT_BLOCK if not m else m * max(1, SPARSEGPT_BLOCK // m)   # whole N:M groups per block
+            w_hat, mask = kernels.sparsegpt_prune(matrix, hinv_chol, sparsity=targets[layer.weight], n=n, m=m,
+                                                  block=block)
             new_w = _from_matrix(w_hat, layer, geometry).astype(w.dtype)
             set_array(model, layer.weight, new_w)     # later groups see this layer already pruned
             results[layer.weight] = (new_w, _from_matrix(mask, layer, geometry).astype(bool), "sparsegpt")
