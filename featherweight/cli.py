@@ -15,6 +15,7 @@ SIGINT/SIGTERM stop the API and the worker; if the worker dies, the API stops to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import logging
@@ -23,7 +24,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from core.targets import QUEUES
 
@@ -87,7 +88,7 @@ def _serve(args: argparse.Namespace) -> int:
     worker = subprocess.Popen(command)
     print(f"featherweight: worker pid {worker.pid} on queues {', '.join(queues)}; "
           f"API on http://{args.host}:{args.port} (Swagger UI at /docs)", file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn.Config("api.main:app", host=args.host, port=args.port, log_level="info"))
+    server = _server_class()(uvicorn.Config("api.main:app", host=args.host, port=args.port, log_level="info"))
 
     def watch_worker() -> None:
         code = worker.wait()
@@ -102,6 +103,28 @@ def _serve(args: argparse.Namespace) -> int:
         server.should_exit = True
         stop_process(worker)
     return 0 if worker.returncode in (0, -signal.SIGTERM, -signal.SIGINT) else 1
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, except that a captured SIGINT/SIGTERM is not re-raised after shutdown:
+        serve still has its worker to stop, and then exits normally."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+    return Server
 
 
 def stop_process(process: subprocess.Popen) -> None:

@@ -8,9 +8,9 @@
 3. calls ``worker.pipeline.runner.run`` with a throttled progress callback (at most one DB write per
    ``progress_min_interval_seconds``, always on a stage change) and a cancel probe that reads the
    job's state (a job moved out of ``running`` by someone else stops at the next check);
-4. uploads ``model.onnx``, ``report.json`` and ``report.html`` (when written) with their sha256 and
-   records them and the report while moving the job to ``succeeded`` in one transaction; if that
-   transition is refused the uploaded objects are deleted again;
+4. uploads ``model.onnx`` and ``report.json`` (and ``report.html`` / ``model.onnx.data`` where the
+   pipeline wrote them) with their sha256, and records them and the report while moving the job to
+   ``succeeded`` in one transaction; if that transition is refused the uploaded objects are deleted;
 5. on any error marks the job ``failed`` with the problem ``type`` and ``detail`` and deletes what it
    uploaded; the scratch directory is always removed.
 """
@@ -47,6 +47,8 @@ ARTIFACT_FILES: tuple[tuple[str, str, str], ...] = (
     ("model", "model.onnx", "application/octet-stream"),
     ("report.json", "report.json", "application/json"),
     ("report.html", "report.html", "text/html; charset=utf-8"),
+    # models past protobuf's 2 GB limit keep their tensors beside model.onnx (worker.pipeline.graph.save_model)
+    ("model.onnx.data", "model.onnx.data", "application/octet-stream"),
 )
 CANCEL_CHECK_SECONDS = 2.0
 

@@ -48,3 +48,22 @@ def test_unknown_route_is_a_problem(api_client):
     assert response.status_code == 404
     assert response.headers["content-type"] == "application/problem+json"
     assert response.json()["status"] == 404
+
+
+def test_unexpected_exception_is_a_500_problem_without_internals(migrated):
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    app = create_app()
+
+    @app.get("/boom")
+    def boom() -> None:
+        raise RuntimeError("secret internal state")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get("/boom")
+    assert response.status_code == 500
+    assert response.headers["content-type"] == "application/problem+json"
+    assert "secret" not in response.text
+    assert response.json()["type"].endswith("/internal-error")
