@@ -142,3 +142,177 @@ def choose_qparams(x, bits, symmetric, signed, axis, block_size, method):
             Zm[(b,) + idx] = z
             Em[(b,) + idx] = e
     return S, Z, list(E.reshape(-1))
+
+
+# ---------------------------------------------------------------------------------- selection
+
+
+def abs_sort_key(x: np.ndarray) -> np.ndarray:
+    """|x| ordered like the kernels: NaN after +Inf (numpy's sort order)."""
+    return np.sort(np.abs(x.astype(np.float32)).reshape(-1))
+
+
+def nm_mask(w: np.ndarray, n: int, m: int, axis: int) -> np.ndarray:
+    wm = np.moveaxis(w, axis, -1)
+    shp = wm.shape
+    g = wm.reshape(shp[:-1] + (shp[-1] // m, m))
+    key = np.abs(g.astype(np.float64))
+    key = np.where(np.isnan(key), -1.0, key)
+    order = np.argsort(-key, axis=-1, kind="stable")
+    keep = np.zeros(g.shape, dtype=np.uint8)
+    np.put_along_axis(keep, order[..., :n], 1, axis=-1)
+    return np.moveaxis(keep.reshape(shp), -1, axis)
+
+
+def channel_norms(w: np.ndarray, axis: int, p: int) -> np.ndarray:
+    a = w.shape[axis]
+    wm = np.moveaxis(w.astype(np.float64), axis, 0).reshape(a, w.size // a if a else 0)
+    if p == 1:
+        return np.abs(wm).sum(axis=1)
+    return np.sqrt((wm * wm).sum(axis=1))
+
+
+# ---------------------------------------------------------------------------------- histograms
+
+
+def histogram(x: np.ndarray, bins: int, lo: float, hi: float) -> np.ndarray:
+    x = x.reshape(-1).astype(np.float32)
+    x = x[~np.isnan(x)]
+    scale = np.float32(bins) / (np.float32(hi) - np.float32(lo))
+    with np.errstate(all="ignore"):
+        t = ((x - np.float32(lo)) * scale).astype(np.float32)
+    t = np.clip(t, 0, bins - 1)
+    return np.bincount(np.floor(t).astype(np.int64), minlength=bins).astype(np.int64)
+
+
+def percentile(counts, lo, hi, p):
+    counts = np.asarray(counts, np.float64)
+    total = counts.sum()
+    target = p / 100.0 * total
+    width = (hi - lo) / counts.size
+    cum = 0.0
+    for b, c in enumerate(counts):
+        if c == 0:
+            continue
+        if cum + c >= target:
+            frac = min(max((target - cum) / c, 0.0), 1.0)
+            return lo + (b + frac) * width
+        cum += c
+    nz = np.nonzero(counts)[0]
+    return lo + (nz[-1] + 1) * width
+
+
+def _smooth(d, eps=0.0001):
+    d = d.astype(np.float64).copy()
+    zero = d == 0
+    nz, nnz = zero.sum(), d.size - zero.sum()
+    if nnz == 0:
+        return None
+    d += np.where(zero, eps, -eps * nz / nnz)
+    if (d <= 0).any():
+        return None
+    return d
+
+
+def entropy_threshold(counts, hi, nq, folded: bool):
+    c = np.asarray(counts, np.float64)
+    if folded:
+        h2 = c.size // 2
+        c = c[h2:] + c[:h2][::-1]
+    nb = c.size
+    width = hi / nb
+    if nb <= nq:
+        return hi
+    best, best_i = math.inf, nb
+    for i in range(nq, nb + 1):
+        p = c[:i].copy()
+        p[i - 1] += c[i:].sum()
+        merged = i // nq
+        q = np.zeros(i)
+        for j in range(nq):
+            s = j * merged
+            e = i if j == nq - 1 else s + merged
+            nzc = (p[s:e] != 0).sum()
+            val = c[s:e].sum() / nzc if nzc else 0.0
+            q[s:e] = np.where(p[s:e] != 0, val, 0.0)
+        ps, qs = _smooth(p), _smooth(q)
+        if ps is None or qs is None:
+            kl = math.inf
+        else:
+            pn, qn = ps / ps.sum(), qs / qs.sum()
+            kl = float((pn * np.log(pn / qn)).sum())
+        if kl < best:
+            best, best_i = kl, i
+    return best_i * width
+
+
+# ---------------------------------------------------------------------------------- GPTQ
+
+
+def gptq(w, u, scale, zp, qmin, qmax, group=None):
+    """Unblocked GPTQ sweep in float64 (the algorithm's definition)."""
+    W = w.astype(np.float64).copy()
+    U = u.astype(np.float64)
+    rows, cols = W.shape
+    Q = np.zeros((rows, cols), np.int64)
+    What = np.zeros((rows, cols), np.float64)
+    for i in range(cols):
+        if group is None:
+            s = scale.astype(np.float64)
+            z = zp.astype(np.float64)
+        else:
+            s = scale[:, i // group].astype(np.float64)
+            z = zp[:, i // group].astype(np.float64)
+        q = np.clip(np.rint(W[:, i] / s) + z, qmin, qmax)
+        dq = (q - z) * s
+        Q[:, i] = q
+        What[:, i] = dq
+        err = (W[:, i] - dq) / U[i, i]
+        W[:, i + 1 :] -= np.outer(err, U[i, i + 1 :])
+    return Q, What
+
+
+def sparsegpt(w, u, sparsity, n=0, m=0, block=128):
+    """Blocked SparseGPT in float64 with the kernels' selection rules."""
+    W = w.astype(np.float64).copy()
+    U = u.astype(np.float64)
+    rows, cols = W.shape
+    mask = np.ones((rows, cols), np.uint8)
+    d = np.diag(U)
+    for c0 in range(0, cols, block):
+        c1 = min(c0 + block, cols)
+        kb = c1 - c0
+        pruned = np.zeros((rows, kb), bool)
+        if not m:
+            k = int(math.floor(sparsity * rows * kb))
+            if k:
+                sc = (W[:, c0:c1] ** 2 / d[c0:c1] ** 2).reshape(-1)
+                # rank ascending by (score, -index): ties prune the higher flat index first
+                order = np.lexsort((-np.arange(sc.size), sc))
+                flat = np.zeros(sc.size, bool)
+                flat[order[:k]] = True
+                pruned = flat.reshape(rows, kb)
+        for i in range(c0, c1):
+            if m and (i - c0) % m == 0:
+                sc = W[:, i : i + m] ** 2 / d[i : i + m] ** 2
+                order = np.argsort(-sc, axis=1, kind="stable")
+                keep = np.zeros_like(sc, bool)
+                np.put_along_axis(keep, order[:, :n], True, axis=1)
+                pruned[:, i - c0 : i - c0 + m] = ~keep
+            wv = W[:, i].copy()
+            q = np.where(pruned[:, i - c0], 0.0, wv)
+            mask[:, i] = ~pruned[:, i - c0]
+            err = (wv - q) / U[i, i]
+            W[:, i] = q
+            W[:, i + 1 :] -= np.outer(err, U[i, i + 1 :])
+    return W, mask
+
+
+def hinv_chol(rows_x: np.ndarray, damp: float = 0.01) -> np.ndarray:
+    """Upper Cholesky factor of H^-1 for H = 2 X^T X (+ damping), as GPTQ computes it."""
+    X = rows_x.astype(np.float64)
+    H = 2 * X.T @ X
+    H += damp * np.mean(np.diag(H)) * np.eye(H.shape[0])
+    Hinv = np.linalg.inv(H)
+    L = np.linalg.cholesky(Hinv)
+    return L.T.astype(np.float32)
