@@ -1,0 +1,150 @@
+"""The fp16 step: float16 weights and compute, float32 I/O kept, overflowing ops kept in float32,
+no NaN; every model runs in ONNX Runtime's CPU provider. Output bound: rel_l2 < 1e-2 (float16
+keeps ~3 decimal digits) unless a test says otherwise."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from core.errors import RecipeError
+from core.recipe import parse_recipe
+from tests.unit.pipeline import builders
+from worker.pipeline.runner import io_signature
+from worker.pipeline.step import StepContext
+from worker.pipeline.steps import fp16
+
+
+def convert(model: onnx.ModelProto, **spec):
+    original = onnx.ModelProto()
+    original.CopyFrom(model)
+    params = parse_recipe({"steps": [{"op": "fp16", **spec}]}).steps[0]
+    ctx = StepContext(original=original)
+    fp16.check(model, params, ctx)
+    result = fp16.run(model, params, ctx)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert io_signature(result.model) == io_signature(original)
+    return result, ctx
+
+
+def kept(result) -> dict[str, str]:
+    return {row["node"]: row["reason"] for row in result.metrics["kept_float32"]}
+
+
+@pytest.mark.parametrize("build", [builders.mlp, builders.cnn_bn, builders.attention, builders.embedding_gru])
+def test_models_convert_and_stay_close(build):
+    model = build()
+    feeds = builders.random_inputs(model)
+    expected = builders.run_ort(model, feeds)
+    result, _ = convert(model)
+    got = builders.run_ort(result.model, feeds)
+    assert all(np.isfinite(g).all() and g.dtype == np.float32 for g in got)
+    assert builders.rel_l2(expected, got) < 1e-2
+    assert result.metrics["fp16_nodes"] > 0
+
+
+def test_weights_are_stored_in_float16_and_recorded():
+    result, ctx = convert(builders.mlp())
+    types = {t.name: t.data_type for t in result.model.graph.initializer}
+    assert all(t == TensorProto.FLOAT16 for t in types.values()), types
+    assert ctx.layers["W1"].bits == 16 and ctx.layers["W1"].extra["sqnr_db"] > 60
+    size32 = sum(t.ByteSize() for t in builders.mlp().graph.initializer)
+    size16 = sum(t.ByteSize() for t in result.model.graph.initializer)
+    assert size16 < 0.55 * size32
+
+
+def overflow_model() -> onnx.ModelProto:
+    """h = x W1; big = h * 1e5 (past float16); back = big / 1e5; y = back W2."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((32, 32)).astype(np.float32), "W1"),
+             numpy_helper.from_array(rng.standard_normal((32, 8)).astype(np.float32), "W2"),
+             numpy_helper.from_array(np.array(1e5, np.float32), "k")]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
+             helper.make_node("Mul", ["h", "k"], ["big"], name="scale_up"),
+             helper.make_node("Div", ["big", "k"], ["back"], name="scale_down"),
+             helper.make_node("MatMul", ["back", "W2"], ["y"], name="mm2")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_overflowing_tensors_stay_float32():
+    model = overflow_model()
+    feeds = builders.random_inputs(model)
+    expected = builders.run_ort(model, feeds)
+    result, _ = convert(model)
+    reasons = kept(result)
+    assert {"scale_up", "scale_down"} <= set(reasons)
+    assert "reaches" in reasons["scale_up"]
+    got = builders.run_ort(result.model, feeds)
+    assert np.isfinite(got[0]).all() and builders.rel_l2(expected, got) < 1e-2
+    # the initializer 1e5 is within float16's range but read only by float32 nodes: stays float32
+    assert {t.name: t.data_type for t in result.model.graph.initializer}["k"] == TensorProto.FLOAT
+
+
+def masked_attention() -> onnx.ModelProto:
+    """scores = q k^T + mask, mask = float32 min where mask_in is 0 (as exporters write it)."""
+    rng = np.random.default_rng(1)
+    d = 16
+    inits = [numpy_helper.from_array(rng.standard_normal((d, d)).astype(np.float32) / 4, "Wq"),
+             numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32), "neg"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+             numpy_helper.from_array(np.array([1], np.int64), "axis1")]
+    nodes = [helper.make_node("MatMul", ["x", "Wq"], ["q"], name="q_proj"),
+             helper.make_node("Transpose", ["x"], ["xt"], name="xt", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "xt"], ["scores"], name="scores"),
+             helper.make_node("Equal", ["mask_in", "zero"], ["pad"], name="is_pad"),
+             helper.make_node("Where", ["pad", "neg", "zero"], ["bias"], name="mask_bias"),
+             helper.make_node("Unsqueeze", ["bias", "axis1"], ["bias3"], name="bias3"),
+             helper.make_node("Add", ["scores", "bias3"], ["masked"], name="add_mask"),
+             helper.make_node("Softmax", ["masked"], ["attn"], name="softmax", axis=-1),
+             helper.make_node("MatMul", ["attn", "x"], ["y"], name="context")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6, d]),
+                                       helper.make_tensor_value_info("mask_in", TensorProto.FLOAT, ["batch", 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 6, d])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_float_min_attention_mask_gives_no_nan():
+    model = masked_attention()
+    rng = np.random.default_rng(2)
+    mask = np.ones((8, 6), np.float32)
+    mask[:, 4:] = 0.0
+    feeds = {"x": rng.standard_normal((8, 6, 16)).astype(np.float32), "mask_in": mask}
+    expected = builders.run_ort(model, feeds)
+    original = onnx.ModelProto()
+    original.CopyFrom(model)
+    params = parse_recipe({"steps": [{"op": "fp16"}]}).steps[0]
+    result = fp16.run(model, params, StepContext(original=original, calibration=feeds))
+    reasons = {row["node"]: row["reason"] for row in result.metrics["kept_float32"]}
+    assert {"mask_bias", "add_mask"} <= set(reasons)
+    got = builders.run_ort(result.model, feeds)
+    assert np.isfinite(got[0]).all()
+    assert builders.rel_l2(expected, got) < 1e-2
+
+
+def test_op_block_list_and_keep_io_types():
+    result, _ = convert(builders.mlp(), op_block_list=["MatMul"])
+    assert kept(result)["fc1"] == "in op_block_list"
+    model = builders.mlp()
+    params = parse_recipe({"steps": [{"op": "fp16", "keep_io_types": False}]}).steps[0]
+    with pytest.raises(RecipeError) as info:
+        fp16.check(model, params, StepContext(original=model))
+    assert info.value.errors[0]["loc"] == ["keep_io_types"]
+
+
+def test_after_weight_quantization_through_the_runner(tmp_path):
+    from worker.pipeline import runner
+
+    path = tmp_path / "m.onnx"
+    onnx.save_model(builders.attention(), str(path))
+    recipe = parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 4, "granularity": "block"},
+                                      "format": "qdq"}, {"op": "fp16"}]})
+    report = runner.run(path, recipe, workdir=tmp_path / "w", options={"latency_runs": 5}).report
+    assert [s["op"] for s in report["steps"]] == ["quantize", "fp16"]
+    assert report["fidelity"]["rel_l2"] < 0.1
+    assert {row["bits"] for row in report["layers"]} == {4}      # quantized weights stay 4-bit
+    model = onnx.load(str(tmp_path / "w" / "model.onnx"))
+    scales = [t for t in model.graph.initializer if t.name.endswith("_scale_fp16") or t.name.endswith("_scale")]
+    assert scales and all(t.data_type == TensorProto.FLOAT16 for t in scales)

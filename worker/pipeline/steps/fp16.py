@@ -1,0 +1,394 @@
+"""The ``fp16`` step: float16 weights and compute, float32 graph inputs and outputs kept.
+
+Which nodes compute in float16 (a node takes float16 for every type variable of its schema that
+carries float32 here and allows float16 - so Resize's scales, LayerNormalization's Mean stay float):
+- measured first: the float32 model runs on the calibration data (else evaluation, else generated
+  inputs) with every intermediate tensor exposed; a node touching a tensor whose |max| exceeds
+  65504 / 2 (or, for Exp and Pow outputs, 65504 / 100: they grow fastest past what was seen) stays
+  float32, as does a node touching an initializer or Constant out of float16's range (an attention
+  mask of -3.4e38) or a non-finite value;
+- kept float32 always: ops whose outputs or attributes are typed float32 by construction (Range,
+  ConstantOfShape, EyeLike, Random*), ops with subgraphs (If, Loop, Scan) and the producers of any
+  tensor a subgraph reads, ops outside the default domain, and the recipe's ``op_block_list``;
+- then checked in ONNX Runtime's CPU provider: an op without a float16 kernel there is put back
+  to float32, and a node whose float16 output is NaN / Inf on the data where the float32 one was
+  finite too, until the model loads and is finite on the data.
+
+Casts go where float16 and float32 meet (one per tensor and direction); float32 initializers read
+only by float16 nodes are stored as float16; graph inputs and outputs keep float32.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+from core.errors import PipelineError, RecipeError
+from core.recipe import Fp16Step
+from worker.pipeline import activations, graph, metrics
+from worker.pipeline.data import Dataset, bind, generated
+from worker.pipeline.step import LayerRecord, StepContext, StepResult
+
+name = "fp16"
+Params = Fp16Step
+
+FP16_MAX = 65504.0
+OVERFLOW_LIMIT = FP16_MAX * 0.5
+EXPLOSIVE_LIMIT = {"Exp": FP16_MAX * 0.01, "Pow": FP16_MAX * 0.01}
+ALWAYS_FLOAT32 = frozenset({
+    "Range", "ConstantOfShape", "EyeLike", "RandomNormal", "RandomUniform", "RandomNormalLike",
+    "RandomUniformLike", "Multinomial", "If", "Loop", "Scan", "NonMaxSuppression",
+})
+MEASURE_SAMPLES = 32
+MEASURE_BATCH = 8
+MAX_ROUNDS = 32
+FLOAT = onnx.TensorProto.FLOAT
+FLOAT16 = onnx.TensorProto.FLOAT16
+_NO_KERNEL = re.compile(r"Could not find an implementation for (\w+)\(\d+\) node with name '([^']*)'")
+
+
+def check(model: onnx.ModelProto, params: Fp16Step, ctx: StepContext) -> None:
+    if not params.keep_io_types:
+        why = "the output contract keeps the original's input and output dtypes: keep_io_types must be true"
+        raise RecipeError(why, [{"loc": ["keep_io_types"], "msg": why}])
+
+
+# ---------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class TensorStats:
+    dtype: dict[str, int] = field(default_factory=dict)        # ONNX elem type of every known tensor
+    peak: dict[str, float] = field(default_factory=dict)       # max |x| of float32 tensors (inf if not finite)
+
+
+_NUMPY_TO_ONNX = {np.dtype(np.float32): FLOAT, np.dtype(np.float16): FLOAT16, np.dtype(np.float64): onnx.TensorProto.DOUBLE,
+                  np.dtype(np.int64): onnx.TensorProto.INT64, np.dtype(np.int32): onnx.TensorProto.INT32,
+                  np.dtype(np.int8): onnx.TensorProto.INT8, np.dtype(np.uint8): onnx.TensorProto.UINT8,
+                  np.dtype(np.bool_): onnx.TensorProto.BOOL}
+
+
+def _peak(array: np.ndarray) -> float:
+    if array.size == 0:
+        return 0.0
+    if not np.isfinite(array).all():
+        return math.inf
+    return float(np.max(np.abs(array)))
+
+
+def measure(model: onnx.ModelProto, data: Dataset) -> TensorStats:
+    """dtype and peak magnitude of every graph input, initializer, Constant and node output."""
+    stats = TensorStats()
+    for tensor in model.graph.initializer:
+        stats.dtype[tensor.name] = tensor.data_type
+        if tensor.data_type == FLOAT:
+            stats.peak[tensor.name] = _peak(numpy_helper.to_array(tensor))
+    names = [out for node in model.graph.node for out in node.output if out]
+    for spec in data.specs:
+        stats.dtype[spec.name] = _NUMPY_TO_ONNX.get(spec.dtype, onnx.TensorProto.UNDEFINED)
+    session = activations.session(activations.with_outputs(model, names))
+    available = {o.name for o in session.get_outputs()}
+    names = [n for n in names if n in available]
+    for feeds in data.batches(MEASURE_BATCH, MEASURE_SAMPLES):
+        for key, value in feeds.items():
+            if value.dtype == np.float32:
+                stats.peak[key] = max(stats.peak.get(key, 0.0), _peak(value))
+        for key, value in zip(names, session.run(names, feeds)):
+            if not isinstance(value, np.ndarray):
+                continue
+            stats.dtype[key] = _NUMPY_TO_ONNX.get(value.dtype, onnx.TensorProto.UNDEFINED)
+            if value.dtype == np.float32:
+                stats.peak[key] = max(stats.peak.get(key, 0.0), _peak(value))
+    return stats
+
+
+# ---------------------------------------------------------------------------- deciding
+
+
+def _schema(node: onnx.NodeProto, opset: int):
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    try:
+        return onnx.defs.get_schema(node.op_type, opset)
+    except onnx.defs.SchemaError:
+        return None
+
+
+def _type_str(formals, index: int) -> str | None:
+    if not formals:
+        return None
+    formal = formals[min(index, len(formals) - 1)]
+    if index >= len(formals) and formal.option != onnx.defs.OpSchema.FormalParameterOption.Variadic:
+        return None
+    return formal.type_str
+
+
+@dataclass
+class NodePlan:
+    """For a float16 node: which input / output positions switch from float32 to float16."""
+
+    inputs: list[int]
+    outputs: list[int]
+
+
+def plan_node(node: onnx.NodeProto, opset: int, stats: TensorStats) -> NodePlan | str:
+    """The float16 plan of ``node``, or why it stays float32."""
+    if node.op_type in ALWAYS_FLOAT32:
+        return f"{node.op_type} stays float32"
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+        return "has a subgraph"
+    schema = _schema(node, opset)
+    if schema is None:
+        return f"no ONNX schema for {node.domain or 'ai.onnx'}::{node.op_type}"
+    allowed = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
+    variables: set[str] = set()
+    touched: list[tuple[str, str]] = []
+    for formals, names in ((schema.inputs, node.input), (schema.outputs, node.output)):
+        for index, tensor in enumerate(names):
+            if tensor and stats.dtype.get(tensor) == FLOAT:
+                var = _type_str(formals, index)
+                if var in allowed and "tensor(float16)" in allowed[var]:
+                    variables.add(var)
+                    touched.append((tensor, var))
+    if not variables:
+        return "no float32 tensor it can take in float16"
+    limit = EXPLOSIVE_LIMIT.get(node.op_type, OVERFLOW_LIMIT)
+    for tensor, _ in touched:
+        peak = stats.peak.get(tensor, 0.0)
+        bound = limit if tensor in node.output else OVERFLOW_LIMIT
+        if peak > bound:
+            return f"|{tensor}| reaches {peak:.3g} (limit {bound:.3g})"
+    inputs = [i for i, t in enumerate(node.input) if t and stats.dtype.get(t) == FLOAT and _type_str(schema.inputs, i) in variables]
+    outputs = [i for i, t in enumerate(node.output) if t and stats.dtype.get(t) == FLOAT and _type_str(schema.outputs, i) in variables]
+    if node.op_type == "Cast" and outputs == [] and stats.dtype.get(node.output[0]) == FLOAT:
+        outputs = [0]
+    return NodePlan(inputs, outputs)
+
+
+def subgraph_reads(model: onnx.ModelProto) -> set[str]:
+    """Names that nodes inside subgraphs read from the enclosing graph."""
+    reads: set[str] = set()
+
+    def walk(g: onnx.GraphProto) -> None:
+        local = {i.name for i in g.input} | {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
+        for node in g.node:
+            reads.update(name for name in node.input if name and name not in local)
+            for sub in metrics._subgraphs(node):
+                walk(sub)
+
+    for node in model.graph.node:
+        for sub in metrics._subgraphs(node):
+            walk(sub)
+    return reads
+
+
+# ---------------------------------------------------------------------------- rewriting
+
+
+class _Rewriter:
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.inits = graph.initializers(model)
+        self.casts: dict[tuple[str, int], str] = {}
+        self.new_nodes: list[onnx.NodeProto] = []
+        self.new_inits: list[onnx.TensorProto] = []
+        self.taken = ({t.name for t in model.graph.initializer} | {n.name for n in model.graph.node}
+                      | {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+                      | {o.name for o in model.graph.output})
+
+    def fresh(self, base: str) -> str:
+        name, suffix = base, 0
+        while name in self.taken:
+            suffix += 1
+            name = f"{base}_{suffix}"
+        self.taken.add(name)
+        return name
+
+    def as_type(self, tensor: str, to: int) -> str:
+        """``tensor`` in type ``to``: a float16 copy of an initializer, or one Cast per tensor."""
+        key = (tensor, to)
+        if key in self.casts:
+            return self.casts[key]
+        new = self.fresh(f"{tensor}_{'fp16' if to == FLOAT16 else 'fp32'}")
+        init = self.inits.get(tensor)
+        if init is not None and to == FLOAT16:
+            self.new_inits.append(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), new))
+        else:
+            self.new_nodes.append(helper.make_node("Cast", [tensor], [new], name=self.fresh(f"Cast_{new}"), to=to))
+        self.casts[key] = new
+        return new
+
+
+def convert(model: onnx.ModelProto, plans: dict[str, NodePlan]) -> tuple[onnx.ModelProto, int]:
+    """A float16 copy of ``model`` where the nodes in ``plans`` compute in float16. Returns (model,
+    number of Casts inserted)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.value_info[:]
+    rewriter = _Rewriter(out)
+    graph_outputs = {o.name for o in out.graph.output}
+    fp16_tensors: set[str] = set()
+    for node in out.graph.node:
+        plan = plans.get(node.name)
+        if plan is None:
+            continue
+        for index in plan.outputs:
+            fp16_tensors.add(node.output[index])
+        if node.op_type == "Cast" and plan.outputs:
+            for attr in node.attribute:
+                if attr.name == "to":
+                    attr.i = FLOAT16
+    # graph outputs produced in float16: the node writes <name>_fp16, a Cast restores <name>
+    renamed: dict[str, str] = {}
+    for name in sorted(fp16_tensors & graph_outputs):
+        renamed[name] = rewriter.fresh(f"{name}_fp16")
+    for node in out.graph.node:
+        for index, tensor in enumerate(node.output):
+            if tensor in renamed:
+                node.output[index] = renamed[tensor]
+        for index, tensor in enumerate(node.input):
+            if tensor in renamed:
+                node.input[index] = renamed[tensor]
+    fp16_tensors = {renamed.get(t, t) for t in fp16_tensors}
+    for name, new in renamed.items():
+        rewriter.new_nodes.append(helper.make_node("Cast", [new], [name], name=rewriter.fresh(f"Cast_{name}"), to=FLOAT))
+    # inputs: float16 nodes read float16, float32 nodes read float32
+    for node in list(out.graph.node):
+        plan = plans.get(node.name)
+        wanted = set(plan.inputs) if plan is not None else set()
+        for index, tensor in enumerate(node.input):
+            if not tensor:
+                continue
+            if index in wanted and tensor not in fp16_tensors:
+                node.input[index] = rewriter.as_type(tensor, FLOAT16)
+            elif index not in wanted and tensor in fp16_tensors:
+                node.input[index] = rewriter.as_type(tensor, FLOAT)
+    # float32 initializers no longer read by anything are dropped (their float16 copies remain)
+    read = {t for n in list(out.graph.node) + rewriter.new_nodes for t in n.input} | graph_outputs | subgraph_reads(out)
+    graph.remove_initializers(out, [t.name for t in out.graph.initializer if t.name not in read])
+    out.graph.initializer.extend(rewriter.new_inits)
+    out.graph.node.extend(rewriter.new_nodes)
+    graph.sort_graph(out)
+    casts = sum(1 for n in rewriter.new_nodes if n.op_type == "Cast")
+    return out, casts
+
+
+# ---------------------------------------------------------------------------- checking in ORT
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def problems(converted: onnx.ModelProto, plans: dict[str, NodePlan], data: Dataset,
+             stats: TensorStats) -> dict[str, str]:
+    """Float16 nodes to put back to float32 (name -> why); empty when the model loads and its
+    float16 tensors stay finite on the data wherever the float32 ones were."""
+    try:
+        _session(converted)
+    except Exception as exc:   # ORT raises its own exception types for a missing kernel
+        match = _NO_KERNEL.search(str(exc))
+        if match is None:
+            raise PipelineError(f"fp16: ONNX Runtime refuses the converted model: {str(exc).splitlines()[0]}") from exc
+        op_type = match.group(1)
+        nodes = {n.name for n in converted.graph.node if n.op_type == op_type} & set(plans)
+        if not nodes:
+            raise PipelineError(f"fp16: no float16 kernel for {op_type} in ONNX Runtime's CPU provider") from exc
+        return {n: f"no float16 {op_type} kernel in ONNX Runtime's CPU provider" for n in nodes}
+    watched = [t for n in converted.graph.node if n.name in plans for t in n.output if t]
+    session = _session(activations.with_outputs(converted, watched))
+    available = {o.name for o in session.get_outputs()}
+    watched = [t for t in watched if t in available]
+    producer = {t: n.name for n in converted.graph.node for t in n.output}
+    bad: dict[str, str] = {}
+    for feeds in data.batches(MEASURE_BATCH, MEASURE_SAMPLES):
+        for tensor, value in zip(watched, session.run(watched, feeds)):
+            if isinstance(value, np.ndarray) and value.dtype.kind == "f" and not np.isfinite(value).all():
+                original = tensor[:-5] if tensor.endswith("_fp16") else tensor
+                if math.isfinite(stats.peak.get(original, 0.0)):
+                    bad[producer[tensor]] = f"float16 {tensor} is not finite on the data"
+        if bad:
+            break
+    return bad
+
+
+# ---------------------------------------------------------------------------- the step
+
+
+def _dataset(model: onnx.ModelProto, ctx: StepContext) -> tuple[Dataset, str]:
+    if ctx.calibration is not None:
+        return bind(model, ctx.calibration), "calibration"
+    if ctx.evaluation is not None:
+        return bind(model, ctx.evaluation), "evaluation"
+    return generated(model, count=MEASURE_SAMPLES), "generated"
+
+
+def _record_weights(model: onnx.ModelProto, converted: onnx.ModelProto, ctx: StepContext) -> None:
+    """Float weights now stored in float16: bits 16 and the SQNR of the rounding."""
+    stored16 = {t.name for t in converted.graph.initializer if t.data_type == FLOAT16}
+    for layer in graph.weight_layers(model):
+        copies = [n for n in stored16 if n == f"{layer.weight}_fp16" or n.startswith(f"{layer.weight}_fp16_")]
+        if not copies:
+            continue
+        w = graph.get_array(model, layer.weight).astype(np.float32)
+        record = ctx.layers.get(layer.weight) or LayerRecord(layer.weight, layer.node, layer.op)
+        if record.bits > 16:
+            record.bits = 16
+            try:
+                reference = graph.get_array(ctx.original, layer.weight).astype(np.float32)
+            except KeyError:
+                reference = w
+            if reference.shape != w.shape:
+                reference = w
+            record.extra["sqnr_db"] = metrics.sqnr_db(reference, w.astype(np.float16).astype(np.float32))
+        ctx.layers[layer.weight] = record
+
+
+def run(model: onnx.ModelProto, params: Fp16Step, ctx: StepContext) -> StepResult:
+    graph.ensure_node_names(model)
+    data, source = _dataset(model, ctx)
+    ctx.progress(0.05, "measuring activations")
+    stats = measure(model, data)
+    opset = graph.opset(model)
+    block = set(params.op_block_list)
+    pinned = subgraph_reads(model)
+    plans: dict[str, NodePlan] = {}
+    kept: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type in block:
+            kept[node.name] = "in op_block_list"
+            continue
+        if pinned & set(node.output):
+            kept[node.name] = "a subgraph reads its output"
+            continue
+        plan = plan_node(node, opset, stats)
+        if isinstance(plan, NodePlan):
+            plans[node.name] = plan
+        elif "no float32 tensor" not in plan:
+            kept[node.name] = plan
+    for round_ in range(MAX_ROUNDS):
+        ctx.check_cancelled()
+        ctx.progress(0.3 + 0.6 * round_ / MAX_ROUNDS, "converting")
+        converted, casts = convert(model, plans)
+        found = problems(converted, plans, data, stats)
+        if not found:
+            break
+        for node_name, why in found.items():
+            plans.pop(node_name, None)
+            kept[node_name] = why
+    else:
+        raise PipelineError(f"fp16: no float16 assignment ran cleanly after {MAX_ROUNDS} rounds")
+    _record_weights(model, converted, ctx)
+    changed = sorted(plans)
+    return StepResult(converted, changed, {
+        "fp16_nodes": len(plans), "float32_nodes": len(kept), "casts": casts, "measured_on": source,
+        "kept_float32": [{"node": n, "reason": why} for n, why in kept.items()],
+    })
