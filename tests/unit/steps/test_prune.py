@@ -137,8 +137,13 @@ def test_sparsegpt_needs_calibration():
 
 def test_selection_that_matches_nothing_is_refused():
     model = mlp()
-    with pytest.raises(RecipeError):
-        prune.run(model, _params(sparsity=0.5, include=["nothing*"]), StepContext(original=model))
+    for call in (prune.check, prune.run):
+        with pytest.raises(RecipeError) as info:
+            call(model, _params(sparsity=0.5, include=["nothing*"]), StepContext(original=model))
+        assert info.value.errors[0]["loc"] == ["include"]
+    with pytest.raises(RecipeError):          # the default min_params (1024) leaves w3 [10, 64] out
+        prune.check(model, _params(sparsity=0.5, include=["w3"]), StepContext(original=model))
+    prune.check(model, _params(sparsity=0.5, include=["w3"], min_params=0), StepContext(original=model))
 
 
 @pytest.mark.parametrize("fields,loc", [({"sparsity": 1.0}, ["steps", 0, "sparsity"]),

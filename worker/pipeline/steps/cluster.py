@@ -78,6 +78,13 @@ def cluster_weight(w: np.ndarray, bits: int, pruned: np.ndarray | None, init: st
     return codebook, labels.reshape(w.shape)
 
 
+def check(model: onnx.ModelProto, params: ClusterStep, ctx: StepContext) -> None:
+    """Before any work: the selection matches at least one weight."""
+    if not weight_layers(model, ops=CLUSTER_OPS, include=params.include, exclude=params.exclude,
+                         min_params=params.min_params):
+        raise RecipeError("cluster selects no weight tensor", [{"loc": ["include"], "msg": "matches no weight tensor"}])
+
+
 def run(model: onnx.ModelProto, params: ClusterStep, ctx: StepContext) -> StepResult:
     layers = weight_layers(model, ops=CLUSTER_OPS, include=params.include, exclude=params.exclude,
                            min_params=params.min_params)
@@ -155,6 +162,9 @@ def run(model: onnx.ModelProto, params: ClusterStep, ctx: StepContext) -> StepRe
         record.extra["indices"] = words_name
         error = float(np.sum((w.astype(np.float64) - restored) ** 2))
         signal = float(np.sum(w.astype(np.float64) ** 2))
+        sqnr = float(10 * np.log10(signal / error)) if error > 0 and signal > 0 else None
+        record.extra["sqnr_db"] = sqnr
+        record.extra["storage"] = f"codebook[{codebook.size}] + {params.bits}-bit indices in uint32 words"
         before = w.nbytes
         after = words.nbytes + codebook.size * w.dtype.itemsize
         bytes_before += before
@@ -162,7 +172,7 @@ def run(model: onnx.ModelProto, params: ClusterStep, ctx: StepContext) -> StepRe
         changed.append(layer.weight)
         log.layers.append({"name": layer.weight, "node": layer.node, "op": layer.op, "params": int(w.size),
                            "bits": params.bits, "centroids": int(codebook.size), "sparsity": record.sparsity,
-                           "sqnr_db": 10 * np.log10(signal / error) if error > 0 and signal > 0 else None,
+                           "sqnr_db": sqnr,
                            "bytes": int(before), "bytes_after": int(after)})
     del out.graph.value_info[:]
     return StepResult(out, changed, log.metrics(bits=params.bits, bytes_before=int(bytes_before),

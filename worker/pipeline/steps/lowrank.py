@@ -99,9 +99,19 @@ def _conv_geometry(node: onnx.NodeProto, shape: tuple[int, ...]) -> dict | None:
             "dilations": list(attribute(node, "dilations", [1, 1]))}
 
 
-def run(model: onnx.ModelProto, params: LowrankStep, ctx: StepContext) -> StepResult:
+def _selected(model: onnx.ModelProto, params: LowrankStep) -> list[WeightLayer]:
     ops = ("MatMul", "Gemm") + (("Conv",) if params.conv != "none" else ())
-    layers = weight_layers(model, ops=ops, include=params.include, exclude=params.exclude, min_params=params.min_params)
+    return weight_layers(model, ops=ops, include=params.include, exclude=params.exclude, min_params=params.min_params)
+
+
+def check(model: onnx.ModelProto, params: LowrankStep, ctx: StepContext) -> None:
+    """Before any work: the selection matches at least one weight."""
+    if not _selected(model, params):
+        raise RecipeError("lowrank selects no weight tensor", [{"loc": ["include"], "msg": "matches no weight tensor"}])
+
+
+def run(model: onnx.ModelProto, params: LowrankStep, ctx: StepContext) -> StepResult:
+    layers = _selected(model, params)
     if not layers:
         raise RecipeError("lowrank selects no weight tensor", [{"loc": ["include"], "msg": "matches no weight tensor"}])
     out = onnx.ModelProto()
@@ -131,6 +141,8 @@ def run(model: onnx.ModelProto, params: LowrankStep, ctx: StepContext) -> StepRe
         rank, factors, kept_energy, new_params = outcome
         record = layer_record(ctx, layer)
         record.rank, record.factors, record.mask, record.sparsity = rank, factors, None, 0.0
+        # ||W - AB||^2 / ||W||^2 is the energy left out (Eckart-Young)
+        record.extra["sqnr_db"] = float(-10 * np.log10(1 - kept_energy)) if kept_energy < 1 else None
         changed.append(layer.weight)
         before += layer.params
         after += new_params

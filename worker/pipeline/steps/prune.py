@@ -53,6 +53,13 @@ CALIBRATION_BATCH = 64
 MAX_HESSIAN_COLUMNS = 16384       # H is columns^2 float64; past this the memory is not worth it
 
 
+def check(model: onnx.ModelProto, params: PruneStep, ctx: StepContext) -> None:
+    """Before any work: the selection matches at least one weight."""
+    ops = ("Conv", "Gemm", "MatMul") if params.structure == "channel" else PRUNABLE_OPS
+    if not weight_layers(model, ops=ops, include=params.include, exclude=params.exclude, min_params=params.min_params):
+        raise RecipeError("prune selects no weight tensor", [{"loc": ["include"], "msg": "matches no weight tensor"}])
+
+
 def run(model: onnx.ModelProto, params: PruneStep, ctx: StepContext) -> StepResult:
     if params.structure == "channel":
         from worker.pipeline.structure.channels import prune_channels
@@ -121,6 +128,7 @@ def _commit(model: onnx.ModelProto, layers: list[WeightLayer], results: dict, ct
         set_array(model, layer.weight, pruned.astype(w.dtype))
         record.mask = mask
         record.sparsity = sparsity_of(pruned)
+        record.extra["method"] = method
         changed.append(layer.weight)
         zeros += int(np.count_nonzero(pruned == 0))
         total += pruned.size
