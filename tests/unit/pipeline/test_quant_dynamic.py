@@ -123,3 +123,12 @@ def test_refusals_name_the_field():
     cnn = builders.cnn_bn()
     with pytest.raises(RecipeError):      # its only MatMul / Gemm weight is 320 elements
         check(cnn, _params(min_params=1024), StepContext(original=cnn))
+
+
+def test_embedding_table_is_quantized_per_row():
+    model = builders.embedding_gru()
+    result, ctx = _run(model)
+    assert "embedding" not in {t.name for t in result.model.graph.initializer}
+    assert ctx.layers["embedding"].bits == 8 and result.metrics["quantized_embeddings"] == 1
+    ids = {"ids": np.random.default_rng(1).integers(0, 256, (32, 6)).astype(np.int64)}
+    assert builders.rel_l2(builders.run_ort(model, ids), builders.run_ort(result.model, ids)) < 0.03

@@ -15,7 +15,8 @@ Why this form: the standard-domain chain ``DynamicQuantizeLinear -> MatMulIntege
 runs the same kernel without depending on the fusion pattern matching (per-channel scales and biases
 are where pattern matchers give up). ``bench.quality`` measures it against ORT's quantize_dynamic.
 
-Conv stays float (ConvInteger is slower than float Conv on CPU); weights with other readers than
+Embedding tables (Gather over a weight, when the recipe's ``embeddings`` is on) become int8 per row,
+dequantized after the Gather (``static.quantize_embedding``). Conv stays float (ConvInteger is slower than float Conv on CPU); weights with other readers than
 MatMul / Gemm keep their float copy for those readers.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ from core.errors import RecipeError
 from core.recipe import QuantizeStep
 from worker.pipeline import graph
 from worker.pipeline.quant import constants
-from worker.pipeline.quant.static import add_initializer
+from worker.pipeline.quant.static import add_initializer, embedding_layers, quantize_embedding
 from worker.pipeline.step import LayerRecord, StepContext, StepResult
 
 DYNAMIC_OPS = ("MatMul", "Gemm")
@@ -134,6 +135,11 @@ def quantize_dynamic(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
             _replace(quantized, node, q_name, s_name, z_name, inits)
             replaced += 1
         ctx.progress((position + 1) / len(layers), f"dynamic int8 {layer.weight}")
+    embeddings = embedding_layers(quantized, params)
+    for layer in embeddings:
+        grid = quantize_embedding(quantized, layer)
+        grids[layer.weight] = {"scale": grid.scale, "zero_point": grid.zero_point, "axis": 0,
+                               "block_size": None, "bits": 8, "signed": True}
     used = {name for node in quantized.graph.node for name in node.input}
     unused = [t.name for t in quantized.graph.initializer if t.name not in used]
     graph.remove_initializers(quantized, unused)
@@ -144,15 +150,16 @@ def quantize_dynamic(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
     graph.sort_graph(quantized)
     onnx.checker.check_model(quantized, full_check=True)
 
-    for layer in layers:
+    for layer in layers + embeddings:
         record = ctx.layers.get(layer.weight) or LayerRecord(layer.weight, layer.node, layer.op)
         record.bits = 8
         record.grid = grids[layer.weight]
-        record.extra["activations"] = "dynamic int8 (DynamicQuantizeMatMul)"
+        record.extra["activations"] = ("weight-only int8 rows (embedding)" if layer.op == "Gather"
+                                       else "dynamic int8 (DynamicQuantizeMatMul)")
         ctx.layers[layer.weight] = record
     metrics = {"format": "DynamicQuantizeMatMul", "quantized_weights": len(layers), "layers_replaced": replaced,
-               "per_channel": per_channel}
-    return StepResult(quantized, [layer.weight for layer in layers], metrics)
+               "quantized_embeddings": len(embeddings), "per_channel": per_channel}
+    return StepResult(quantized, [layer.weight for layer in layers + embeddings], metrics)
 
 
 def _replace(model: onnx.ModelProto, node: onnx.NodeProto, q_name: str, s_name: str, z_name: str,

@@ -24,6 +24,8 @@ What gets Q/DQ:
   Erf, Exp, Log, Pow, Sqrt, ReduceMean) stay in float; one of ``SENSITIVE_OPS`` that the recipe
   drops from ``float_ops`` gets Q/DQ on its float inputs and output.
 - a tensor whose calibration showed mask sentinels (``calibrate.MASK_MAGNITUDE``) stays float.
+Embedding tables (Gather over a weight, when the recipe's ``embeddings`` is on) are int8 per row,
+dequantized after the Gather (``quantize_embedding``).
 Elementwise Add / Mul (residuals, masks) are left in float between a DequantizeLinear and a
 QuantizeLinear: cheap, and where residual streams keep their precision.
 
@@ -332,6 +334,58 @@ def quantize_weight(model: onnx.ModelProto, layer: graph.WeightLayer, params: Qu
     return grid
 
 
+def embedding_layers(model: onnx.ModelProto, params: QuantizeStep) -> list[graph.WeightLayer]:
+    """Gather tables (embeddings) the recipe selects, when ``embeddings`` is on."""
+    if not params.embeddings or "Gather" in params.float_ops:
+        return []
+    return graph.weight_layers(model, ops=("Gather",), include=params.include, exclude=params.exclude,
+                               min_params=params.min_params)
+
+
+def quantize_embedding(model: onnx.ModelProto, layer: graph.WeightLayer) -> WeightGrid:
+    """An embedding table [V, D] -> int8, one symmetric scale per row (s = absmax / 127).
+
+    Each ``Gather(table, ids)`` becomes ``Gather(q, ids) -> Cast -> Mul(Gather(s[V, 1], ids))``:
+    only the gathered rows are dequantized, never the whole table (a DequantizeLinear in front of
+    the Gather would rebuild a BERT-size table on every call). ``Cast(q) * s`` is exactly
+    DequantizeLinear's ``(q - 0) * s``. A table that something other than such a Gather also reads
+    keeps a DequantizeLinear for those readers."""
+    table = graph.get_array(model, layer.weight).astype(np.float32)
+    scale, zero = kernels.choose_qparams(table, bits=8, symmetric=True, signed=True, axis=0, method="absmax")
+    q = kernels.quantize(np.ascontiguousarray(table), scale, zero, bits=8, signed=True, axis=0)
+    q_name = graph.unique_name(model, f"{layer.weight}_quantized")
+    rows_name = graph.unique_name(model, f"{layer.weight}_row_scale")
+    graph.set_array(model, q_name, q)
+    graph.set_array(model, rows_name, np.asarray(scale, np.float32).reshape(-1, 1))
+    others = []
+    for node, index in graph.consumers(model).get(layer.weight, []):
+        if node.op_type != "Gather" or index != 0 or graph.attribute(node, "axis", 0) != 0:
+            others.append(node)
+            continue
+        output, ids = node.output[0], node.input[1]
+        gathered = graph.unique_name(model, f"{output}_int8")
+        widened = graph.unique_name(model, f"{output}_float")
+        row_scales = graph.unique_name(model, f"{output}_scale")
+        node.input[0], node.output[0] = q_name, gathered
+        model.graph.node.extend([
+            helper.make_node("Cast", [gathered], [widened], to=onnx.TensorProto.FLOAT,
+                             name=graph.unique_name(model, f"{node.name}_dequantize_cast")),
+            helper.make_node("Gather", [rows_name, ids], [row_scales], axis=0,
+                             name=graph.unique_name(model, f"{node.name}_row_scales")),
+            helper.make_node("Mul", [widened, row_scales], [output],
+                             name=graph.unique_name(model, f"{node.name}_dequantize_scale")),
+        ])
+    graph.remove_initializers(model, [layer.weight])
+    _drop_graph_input(model, layer.weight)
+    if others:
+        s_name = graph.unique_name(model, f"{layer.weight}_scale")
+        add_initializer(model, s_name, np.asarray(scale, np.float32))
+        model.graph.node.insert(0, helper.make_node("DequantizeLinear", [q_name, s_name], [layer.weight], axis=0,
+                                                    name=graph.unique_name(model, f"{layer.weight}_DequantizeLinear")))
+    graph.sort_graph(model)
+    return WeightGrid(np.asarray(scale, np.float32), np.asarray(zero), 0)
+
+
 def _drop_graph_input(model: onnx.ModelProto, name: str) -> None:
     """Old models list initializers among the graph inputs too; a weight that became a node output
     must leave that list."""
@@ -493,6 +547,9 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
     weight_grids: dict[str, WeightGrid] = {}
     for layer in layers:
         weight_grids[layer.weight] = quantize_weight(quantized, layer, params)
+    embeddings = embedding_layers(quantized, params)
+    for layer in embeddings:
+        weight_grids[layer.weight] = quantize_embedding(quantized, layer)
 
     grids: dict[str, ActivationGrid] = {}
     kept_float: dict[str, str] = {}
@@ -527,14 +584,15 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
     graph.sort_graph(quantized)
     onnx.checker.check_model(quantized, full_check=True)
 
-    for layer in layers:
+    for layer in layers + embeddings:
         grid = weight_grids[layer.weight]
         record = ctx.layers.get(layer.weight) or LayerRecord(layer.weight, layer.node, layer.op)
         record.bits = 8
+        signed = layer.op == "Gather" or params.weights is None or params.weights.symmetric
         record.grid = {"scale": grid.scale, "zero_point": grid.zero_point, "axis": grid.axis,
-                       "block_size": None, "bits": 8, "signed": bool(grid.zero_point.dtype.kind == "i" and
-                                                                      (params.weights is None or params.weights.symmetric))}
-        record.extra["activations"] = f"static int8 ({spec.calibration})"
+                       "block_size": None, "bits": 8, "signed": bool(signed)}
+        record.extra["activations"] = ("weight-only int8 rows (embedding)" if layer.op == "Gather"
+                                       else f"static int8 ({spec.calibration})")
         ctx.layers[layer.weight] = record
     ctx.progress(1.0, "static int8 done")
     metrics: dict[str, Any] = {
@@ -542,6 +600,7 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
         "calibration": spec.calibration,
         "activation_dtype": "int8" if spec.symmetric else "uint8",
         "quantized_weights": len(layers),
+        "quantized_embeddings": len(embeddings),
         "quantized_activations": len(grids),
         "float_activations": kept_float,
         "relu_folded": len(decided.relu_folds),
@@ -549,7 +608,7 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
         "int32_biases": int(int32_biases),
         "opset": graph.opset(quantized),
     }
-    return StepResult(quantized, [layer.weight for layer in layers], metrics)
+    return StepResult(quantized, [layer.weight for layer in layers + embeddings], metrics)
 
 
 def _dequantized_grids(model: onnx.ModelProto, grids: dict[str, ActivationGrid]) -> dict[str, ActivationGrid]:
