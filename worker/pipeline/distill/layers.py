@@ -75,18 +75,26 @@ def _expand(param: np.ndarray, shape: tuple[int, ...], axis: int, block_size: in
 
 @dataclass
 class WeightSource:
-    """Where a layer's weight is stored: a float initializer, or an integer one behind a DequantizeLinear."""
+    """Where a layer's weight is stored: a float initializer, an integer one behind a DequantizeLinear,
+    or a codebook initializer gathered by constant labels (the ``cluster`` step's decoding chain)."""
 
     name: str                      # the initializer holding the stored values
     shape: tuple[int, ...]
     grid: Grid | None = None       # set when the stored values are integers on a grid
+    labels: np.ndarray | None = None   # set for a codebook: weight = codebook[labels], the weight's shape
 
     def read(self, model: onnx.ModelProto) -> np.ndarray:
         """The weight as the layer uses it (float32, dequantized where quantized)."""
         stored = graph.get_array(model, self.name)
+        if self.labels is not None:
+            return np.asarray(stored, dtype=np.float32).reshape(-1)[self.labels]
         if self.grid is None:
             return np.asarray(stored, dtype=np.float32)
         return self.grid.dequantize(np.asarray(stored).astype(np.int64))
+
+    def write_codebook(self, model: onnx.ModelProto, centroids: np.ndarray) -> None:
+        old = graph.get_array(model, self.name)
+        graph.set_array(model, self.name, np.asarray(centroids).reshape(old.shape).astype(old.dtype))
 
     def write_float(self, model: onnx.ModelProto, w: np.ndarray) -> None:
         """Store ``w``: as is for a float weight, re-quantized on the same grid otherwise."""
@@ -135,6 +143,69 @@ def _dequantize_source(model: onnx.ModelProto, node: onnx.NodeProto, inits: dict
     return WeightSource(q_init.name, shape, grid)
 
 
+def constant_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Nodes computed from initializers alone (no graph input upstream), in topological order."""
+    known = {t.name for t in model.graph.initializer} | {""}
+    found = []
+    for node in graph.topological_nodes(model):
+        if all(name in known for name in node.input):
+            found.append(node)
+            known.update(node.output)
+    return found
+
+
+def constant_values(model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:
+    """Evaluate constant tensors (outputs of ``constant_nodes``) with ONNX Runtime: a graph of just
+    the nodes that compute them, no inputs."""
+    if not names:
+        return {}
+    import onnxruntime as ort   # the runtime is already what evaluates everything else; imported late
+
+    constant = constant_nodes(model)
+    producers = {out: node for node in constant for out in node.output}
+    needed, stack, used_inits = [], list(names), set()
+    seen: set[int] = set()
+    inits = graph.initializers(model)
+    while stack:
+        name = stack.pop()
+        if name in inits:
+            used_inits.add(name)
+            continue
+        node = producers.get(name)
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        needed.append(node)
+        stack.extend(i for i in node.input if i)
+    order = [n for n in constant if id(n) in seen]
+    sub = onnx.helper.make_graph(order, "constants", [], [onnx.helper.make_empty_tensor_value_info(n) for n in names],
+                                 [inits[n] for n in sorted(used_inits)])
+    sub_model = onnx.helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    run = ort.InferenceSession(sub_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return dict(zip(names, run.run(names, {})))
+
+
+def _codebook_source(model: onnx.ModelProto, tensor: str, producer: onnx.NodeProto,
+                     inits: dict[str, onnx.TensorProto]) -> WeightSource | None:
+    """``Reshape(Gather(codebook, labels), shape)`` with every input constant: a shared-value weight."""
+    producers = graph.producers(model)
+    gather = producers.get(producer.input[0])
+    if gather is None or gather.op_type != "Gather" or gather.input[0] not in inits:
+        return None
+    book = inits[gather.input[0]]
+    if book.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) or len(book.dims) != 1:
+        return None
+    if producer.input[1] not in {n for node in constant_nodes(model) for n in node.output} | set(inits):
+        return None
+    values = constant_values(model, [tensor, gather.input[1]])
+    weight, labels = values[tensor], np.asarray(values[gather.input[1]], dtype=np.int64)
+    if labels.size != weight.size or graph.attribute(gather, "axis", 0) != 0:
+        return None
+    return WeightSource(book.name, tuple(weight.shape), labels=labels.reshape(weight.shape))
+
+
 def weight_source(model: onnx.ModelProto, tensor: str, grid_bits: dict | None = None) -> WeightSource | None:
     """The storage of the weight tensor ``tensor`` that a layer reads, or None when it is not a constant."""
     inits = graph.initializers(model)
@@ -146,6 +217,8 @@ def weight_source(model: onnx.ModelProto, tensor: str, grid_bits: dict | None = 
     producer = graph.producers(model).get(tensor)
     if producer is not None and producer.op_type == "DequantizeLinear":
         return _dequantize_source(model, producer, inits, grid_bits)
+    if producer is not None and producer.op_type == "Reshape":
+        return _codebook_source(model, tensor, producer, inits)
     return None
 
 

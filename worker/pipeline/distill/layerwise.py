@@ -22,7 +22,8 @@ Constraints earlier steps left are kept exactly:
   ``b = (t - W_q^T s) / n``.
 - codebook (weight sharing): every weight keeps its centroid, the centroid values ``c`` are refit:
   ``W = sum_k c_k M_k`` is linear in ``c``, so ``G c = r`` with ``G_kl = <M_k, H M_l>``,
-  ``r_k = <M_k, C>`` (the bias eliminated through its own normal equation).
+  ``r_k = <M_k, C>`` (the bias eliminated through its own normal equation); a zero centroid (pruned
+  weights) stays zero. Where the graph stores labels and codebook, only the codebook is rewritten.
 - low rank ``U V``: ``V``'s layer is refit on the student's ``U`` outputs (refit V given U); the rank
   cannot change because the factor shapes do not.
 
@@ -246,14 +247,23 @@ def fit(student: onnx.ModelProto, layer: LinearLayer, constraints: Constraints, 
     new_columns: list[np.ndarray] = []
     new_bias: list[np.ndarray | None] = []
     integers: list[np.ndarray] = []
-    if constraints.codebook is not None and grids is None:
-        codebook = np.asarray(constraints.codebook, dtype=np.float64).reshape(-1)
+    stored_labels = layer.weight.labels
+    centroids = None
+    if stored_labels is not None or (constraints.codebook is not None and grids is None):
+        if stored_labels is not None:
+            codebook = graph.get_array(student, layer.weight.name).astype(np.float64).reshape(-1)
+            label_columns = layer.to_columns(stored_labels)
+        else:
+            codebook = np.asarray(constraints.codebook, dtype=np.float64).reshape(-1)
+            label_columns = [np.abs(np.asarray(w, dtype=np.float64)[..., None] - codebook).argmin(axis=-1)
+                             for w in old_columns]
         labels = []
-        for w, keep in zip(old_columns, keeps):
-            nearest = np.abs(np.asarray(w, dtype=np.float64)[..., None] - codebook).argmin(axis=-1)
+        for lab, keep in zip(label_columns, keeps):
+            # a zero centroid is where an earlier prune left zeros: those weights stay out of the fit
+            lab = np.where(codebook[lab] == 0.0, -1, lab)
             if keep is not None:
-                nearest = np.where(keep, nearest, -1)
-            labels.append(nearest)
+                lab = np.where(keep, lab, -1)
+            labels.append(lab)
         centroids, biases = solve_codebook(stats, labels, codebook, damping, with_bias)
         for index, lab in enumerate(labels):
             new_columns.append(np.where(lab >= 0, centroids[np.maximum(lab, 0)], 0.0))
@@ -279,6 +289,8 @@ def fit(student: onnx.ModelProto, layer: LinearLayer, constraints: Constraints, 
                 "rel_l2_after": float(np.sqrt(before / max(total, 1e-30))), "kept": True}
     if grids is not None:
         layer.weight.write_integers(student, layer.from_columns(integers))
+    elif stored_labels is not None:
+        layer.weight.write_codebook(student, centroids)
     else:
         layer.weight.write_float(student, layer.from_columns(new_columns))
     if with_bias:

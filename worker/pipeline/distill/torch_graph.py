@@ -10,8 +10,10 @@ Runtime on real data before it trains.
 Constant weights become trainable parameters (``trainable``); a weight behind a DequantizeLinear
 (weight-only quantization) is a float parameter seen through fake quantization on its fixed grid
 (straight-through gradient); a pruned weight is seen as ``parameter * mask``; a shared-value
-(clustered) weight is ``centroids[labels]`` with the centroids the parameter. So the constraints
-hold during training and writing the weights back loses nothing.
+(clustered) weight is ``centroids[labels]`` with the centroids the parameter (a zero centroid fixed
+at zero). So the constraints hold during training and writing the weights back loses nothing.
+Constant subgraphs (the cluster step's label decoding, Constant nodes) are evaluated once by ONNX
+Runtime and enter as constants.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 
 from worker.pipeline import graph
-from worker.pipeline.distill.layers import Grid
+from worker.pipeline.distill.layers import Grid, constant_nodes
 
 OPS = frozenset({
     "Abs", "Add", "And", "AveragePool", "BatchNormalization", "Cast", "Clip", "Concat", "Constant",
@@ -46,9 +48,14 @@ _DTYPES = {
 
 
 def unsupported_ops(model: onnx.ModelProto) -> list[str]:
-    """Op types (``domain::Op`` outside the default domain) the interpreter cannot run, sorted."""
+    """Op types (``domain::Op`` outside the default domain) the interpreter cannot run, sorted.
+    Nodes computed from initializers alone do not count: ONNX Runtime evaluates them once."""
     missing = set()
+    # nodes are keyed by their outputs: protobuf hands out a new wrapper object per access
+    constant = {tuple(node.output) for node in constant_nodes(model)}
     for node in model.graph.node:
+        if tuple(node.output) in constant:
+            continue
         if node.domain not in ("", "ai.onnx"):
             missing.add(f"{node.domain}::{node.op_type}")
         elif node.op_type not in OPS:
@@ -98,7 +105,10 @@ def _fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: 
 class TorchGraph(torch.nn.Module):
     """``forward(feeds) -> {name: tensor}`` for the graph's outputs plus any ``extra_outputs``."""
 
-    def __init__(self, model: onnx.ModelProto, weights: list[WeightSpec], extra_outputs: list[str] = ()):
+    def __init__(self, model: onnx.ModelProto, weights: list[WeightSpec], extra_outputs: list[str] = (),
+                 folded: dict[str, np.ndarray] | None = None):
+        """``folded``: values of constant tensors evaluated elsewhere (``layers.constant_values``);
+        the constant nodes that compute them are skipped."""
         super().__init__()
         self.model = model
         self.opset = graph.opset(model)
@@ -108,14 +118,23 @@ class TorchGraph(torch.nn.Module):
         self.params = torch.nn.ParameterDict()
         self.buffers_ = {}
         self._keys: dict[str, str] = {}
-        skip_dq = {spec.output for spec in weights if spec.grid is not None}
-        self.skip_nodes = {id(n) for n in self.nodes if n.op_type == "DequantizeLinear" and n.output[0] in skip_dq}
+        trained = {spec.output for spec in weights}
+        constant = constant_nodes(model)
+        if folded is None:
+            # only the nodes computing trained weights (a DequantizeLinear, a codebook lookup) are skipped
+            self.skip_nodes = {tuple(n.output) for n in constant if all(o in trained for o in n.output if o)}
+        else:
+            # every constant node: what the rest of the graph reads is in ``folded`` or trained
+            self.skip_nodes = {tuple(n.output) for n in constant}
         for index, spec in enumerate(weights):
             key = f"w{index}"
             self._keys[spec.output] = key
             if spec.labels is not None:
-                self.params[key] = torch.nn.Parameter(torch.tensor(np.asarray(spec.codebook, np.float32)))
+                codebook = np.asarray(spec.codebook, np.float32).reshape(-1)
+                self.params[key] = torch.nn.Parameter(torch.tensor(codebook))
                 self.buffers_[key + ".labels"] = torch.from_numpy(np.asarray(spec.labels, np.int64))
+                # a zero centroid holds pruned weights: it stays zero
+                self.buffers_[key + ".live"] = torch.from_numpy((codebook != 0).astype(np.float32))
             else:
                 initial = spec.grid.dequantize(graph.get_array(model, spec.name).astype(np.int64)) if spec.grid is not None \
                     else np.asarray(graph.get_array(model, spec.name), np.float32)
@@ -128,13 +147,15 @@ class TorchGraph(torch.nn.Module):
         trainable_names = {spec.output for spec in weights}
         self.constants = {t.name: _to_torch(numpy_helper.to_array(t)) for t in model.graph.initializer
                           if t.name not in trainable_names}
+        self.constants.update({name: _to_torch(value) for name, value in (folded or {}).items()
+                               if name not in trainable_names})
 
     def weight(self, output: str) -> torch.Tensor:
         """The weight as the graph sees it, constraints applied."""
         spec = self.specs[output]
         key = self._keys[output]
         param = self.params[key]
-        w = param[self.buffers_[key + ".labels"]] if spec.labels is not None else param
+        w = (param * self.buffers_[key + ".live"])[self.buffers_[key + ".labels"]] if spec.labels is not None else param
         if spec.mask is not None:
             w = w * self.buffers_[key + ".mask"]
         if spec.grid is not None:
@@ -148,8 +169,9 @@ class TorchGraph(torch.nn.Module):
             return {spec.name: self.weight(output).detach().numpy().copy() for output, spec in self.specs.items()}
 
     def centroids(self) -> dict[str, np.ndarray]:
+        """The trained codebook of each shared-value weight, by the codebook's name."""
         with torch.no_grad():
-            return {spec.name: self.params[self._keys[o]].detach().numpy().copy()
+            return {spec.name: (self.params[self._keys[o]] * self.buffers_[self._keys[o] + ".live"]).detach().numpy().copy()
                     for o, spec in self.specs.items() if spec.labels is not None}
 
     def forward(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -159,7 +181,7 @@ class TorchGraph(torch.nn.Module):
         env.update(feeds)
         env[""] = None
         for node in self.nodes:
-            if id(node) in self.skip_nodes:
+            if tuple(node.output) in self.skip_nodes:
                 continue
             args = [env[name] for name in node.input]
             results = _run_node(node, args, self.opset)
