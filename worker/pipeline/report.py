@@ -38,6 +38,11 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _structure(path: Path) -> onnx.ModelProto:
+    """The model without its external data (those tensors are read one at a time when needed)."""
+    return onnx.load(str(path), load_external_data=False)
+
+
 def _model_summary(path: Path, model: onnx.ModelProto) -> dict[str, Any]:
     params, nonzero = metrics.param_counts(model, path.parent)
     return {"bytes": metrics.file_bytes(path), "params": params, "nonzero_params": nonzero,
@@ -65,7 +70,7 @@ def _layer_rows(original: onnx.ModelProto, compressed: onnx.ModelProto, layers: 
 
 
 def _sqnr_from_models(original: onnx.ModelProto, compressed: onnx.ModelProto, layers: Mapping[str, LayerRecord],
-                      base_dir: Path) -> None:
+                      original_dir: Path, compressed_dir: Path) -> None:
     """SQNR for layers whose step left the weight in float under its own name (pruning,
     clustering) and did not record one: compare the two initializers directly."""
     inits = graph.initializers(compressed)
@@ -73,8 +78,8 @@ def _sqnr_from_models(original: onnx.ModelProto, compressed: onnx.ModelProto, la
     for name, record in layers.items():
         if "sqnr_db" in record.extra or name not in inits or name not in originals:
             continue
-        after = metrics.tensor_values(inits[name], base_dir)
-        before = metrics.tensor_values(originals[name])
+        after = metrics.tensor_values(inits[name], compressed_dir)
+        before = metrics.tensor_values(originals[name], original_dir)
         if after.shape == before.shape and after.dtype.kind == "f":
             record.extra["sqnr_db"] = metrics.sqnr_db(before, after)
 
@@ -93,13 +98,12 @@ def _layer_output_pairs(original: onnx.ModelProto, compressed: onnx.ModelProto,
     return pairs
 
 
-def build_report(*, original_path: Path, compressed_path: Path, original: onnx.ModelProto,
-                 compressed: onnx.ModelProto, target: str, steps: Sequence[dict[str, Any]],
+def build_report(*, original_path: Path, compressed_path: Path, target: str, steps: Sequence[dict[str, Any]],
                  layers: Mapping[str, LayerRecord], evaluation: Dataset | None, calibration: Dataset | None,
                  options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The CONTRACT §4 report. ``original`` / ``compressed`` may hold no external data (structure
-    only); weights are read from the files when needed."""
+    """The CONTRACT §4 report of the two model files; external-data tensors are read one at a time."""
     options = dict(options or {})
+    original, compressed = _structure(original_path), _structure(compressed_path)
     provider = metrics.provider_for(target)
     before = _model_summary(original_path, original)
     after = _model_summary(compressed_path, compressed)
@@ -123,7 +127,7 @@ def build_report(*, original_path: Path, compressed_path: Path, original: onnx.M
     before["latency_ms"], after["latency_ms"] = lat_o, lat_c
     del s_orig, s_comp
 
-    _sqnr_from_models(original, compressed, layers, compressed_path.parent)
+    _sqnr_from_models(original, compressed, layers, original_path.parent, compressed_path.parent)
     errors: dict[str, float] = {}
     if layers and options.get("layer_errors", True):
         pairs = _layer_output_pairs(original, compressed, layers)

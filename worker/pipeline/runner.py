@@ -199,10 +199,12 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
     out_path = graph.save_model(model, workdir / OUTPUT_NAME)
     if too_big_to_check_in_memory:
         _check_file(out_path)
+    # the report reads both models from their files: the weights are not held twice meanwhile
+    layers = ctx.layers
+    del model, original, ctx
     progress(STEPS_SHARE + 0.05, "measuring")
-    report = build_report(original_path=model_path, compressed_path=out_path, original=original,
-                          compressed=model, target=target, steps=step_rows, layers=ctx.layers,
-                          evaluation=eval_set, calibration=cal_set, options=options)
+    report = build_report(original_path=model_path, compressed_path=out_path, target=target, steps=step_rows,
+                          layers=layers, evaluation=eval_set, calibration=cal_set, options=options)
     write_report(report, workdir / REPORT_NAME)
     progress(1.0, "done")
     return PipelineResult(model_path=out_path, report=report)

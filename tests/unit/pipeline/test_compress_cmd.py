@@ -79,3 +79,16 @@ def test_unreadable_npz_and_model(files, capsys, tmp_path):
     files["model"].write_bytes(b"garbage" * 20)
     expect_bad_input(capsys, files, [str(files["model"]), "--recipe", str(files["recipe"]), "-o", str(files["out"])],
                      files["model"], "")
+
+
+def test_external_data_output_is_renamed_with_the_model(files, capsys, monkeypatch):
+    from worker.pipeline import graph
+
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 10_000)
+    code = compress_cmd.main(parse(str(files["model"]), "--recipe", str(files["recipe"]), "-o", str(files["out"])))
+    assert code == 0, capsys.readouterr().err
+    data = files["out"].with_name("out.onnx.data")
+    assert data.exists()
+    model = onnx.load(str(files["out"]))          # loads its external data by the new name
+    assert sum(t.ByteSize() for t in model.graph.initializer) > 30_000
+    onnx.checker.check_model(str(files["out"]), full_check=True)
