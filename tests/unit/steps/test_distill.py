@@ -429,3 +429,74 @@ def test_kd_refusals(monkeypatch):
         distill.check(teacher, _params(method="kd"), ctx)
     with pytest.raises(RecipeError, match=r"featherweight\[distill\]"):
         distill.run(_copy(teacher), _params(method="kd"), ctx)
+
+
+# ---------------------------------------------------------------- after the real compression steps
+
+
+def _rel_l2(model, teacher, x) -> float:
+    ref = _run(teacher, {"x": x})[0]
+    return float(np.linalg.norm(_run(model, {"x": x})[0] - ref) / np.linalg.norm(ref))
+
+
+def _compress(teacher, calibration, steps):
+    from core.recipe import parse_recipe
+    from worker.pipeline import registry
+
+    ctx = StepContext(original=teacher, calibration=calibration)
+    model = _copy(teacher)
+    for step in parse_recipe({"steps": steps}).steps:
+        module = registry.step_module(step.op)
+        if hasattr(module, "check"):
+            module.check(model, step, ctx)
+        model = module.run(model, step, ctx).model
+    return model, ctx
+
+
+@pytest.mark.parametrize("steps", [
+    [{"op": "prune", "sparsity": 0.8, "min_params": 0}],
+    [{"op": "quantize", "weights": {"bits": 4}, "format": "qdq", "min_params": 0}],
+    [{"op": "cluster", "bits": 2, "min_params": 0}],
+    [{"op": "lowrank", "rank_ratio": 0.5, "min_params": 0}],
+    [{"op": "prune", "sparsity": 0.6, "min_params": 0}, {"op": "quantize", "weights": {"bits": 4}, "format": "qdq", "min_params": 0}],
+], ids=["prune", "int4", "cluster", "lowrank", "prune+int4"])
+@pytest.mark.parametrize("method", ["layerwise", "kd"])
+def test_distill_after_real_steps_keeps_their_constraints(steps, method):
+    if method == "kd":
+        torch = pytest.importorskip("torch")
+        torch.set_num_threads(1)
+    teacher, calibration, held = _digits_mlp()
+    compressed, ctx = _compress(teacher, calibration, steps)
+    inits = {t.name: numpy_helper.to_array(t) for t in compressed.graph.initializer}
+    params = _params(method=method, epochs=8, learning_rate=2e-3) if method == "kd" else _params(method=method)
+
+    out = distill.run(compressed, params, ctx).model
+
+    after = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    assert set(after) == set(inits) and all(after[n].shape == inits[n].shape and after[n].dtype == inits[n].dtype
+                                            for n in inits)
+    for record in ctx.layers.values():
+        if record.mask is not None and record.weight in after:
+            assert np.all(after[record.weight][~record.mask] == 0)                   # zeros stay zero
+        for name in (n for n in after if n.endswith("_scale") or n.endswith("_zero_point")):
+            np.testing.assert_array_equal(after[name], inits[name])                   # same grid
+        if record.mask is not None and record.grid is not None:
+            q_name = next(n for n in after if n.startswith(record.weight) and after[n].dtype.kind not in "f")
+            assert np.all(after[q_name].astype(np.int64)[~record.mask] == 0)         # zeros on the grid too
+        if record.codebook is not None:
+            book = next(n for n in after if n.startswith(record.weight) and n.endswith("_codebook"))
+            assert after[book].shape == inits[book].shape                            # still 2**bits values
+    assert any(not np.array_equal(after[n], inits[n]) for n in inits)
+    # each method improves, on held-out data, what it minimises: outputs (layerwise), softened KL (kd)
+    distance = _rel_l2 if method == "layerwise" else _soft_kl
+    assert distance(out, teacher, held[0]) < distance(compressed, teacher, held[0])
+    _valid(out, teacher, {"x": held[0][:4]})
+
+
+def _soft_kl(model, teacher, x, temperature: float = 4.0) -> float:
+    def log_softmax(z):
+        z = z / temperature
+        z = z - z.max(axis=1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    t, s = log_softmax(_run(teacher, {"x": x})[0]), log_softmax(_run(model, {"x": x})[0])
+    return float((np.exp(t) * (t - s)).sum(axis=1).mean())
