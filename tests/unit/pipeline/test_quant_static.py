@@ -48,7 +48,7 @@ def _quantized_weight(model, name):
     node = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == name)
     axis = graph.attribute(node, "axis", None)
     return (graph.get_array(model, node.input[0]), graph.get_array(model, node.input[1]),
-            graph.get_array(model, node.input[2]), axis)
+            graph.get_array(model, node.input[2]) if len(node.input) > 2 else np.zeros((), np.int8), axis)
 
 
 def test_mlp_weights_bit_exact_outputs_close_io_unchanged():
@@ -282,3 +282,24 @@ def test_embedding_table_is_int8_per_row_and_dequantized_after_the_gather():
     assert builders.rel_l2(builders.run_ort(model, evaluation), builders.run_ort(quantized, evaluation)) < 0.05
     kept, _ = _run(model, calibration, embeddings=False)
     assert "embedding" in {t.name for t in kept.model.graph.initializer}
+
+
+def test_position_table_is_int8_behind_a_dequantize_that_keeps_its_name():
+    rng = np.random.default_rng(0)
+    position = (rng.standard_normal((1, 16, 64)) * 0.1).astype(np.float32)
+    weight = (rng.standard_normal((64, 32)) / 8).astype(np.float32)
+    nodes = [helper.make_node("Add", ["x", "position"], ["h"], name="add_position"),
+             helper.make_node("MatMul", ["h", "W"], ["y"], name="proj")]
+    graph_ = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16, 64])],
+                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16, 32])],
+                               [numpy_helper.from_array(position, "position"), numpy_helper.from_array(weight, "W")])
+    model = helper.make_model(graph_, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    calibration = {"x": rng.standard_normal((64, 16, 64)).astype(np.float32)}
+    result, ctx = _run(model, calibration)
+    q, scale, zero, axis = _quantized_weight(result.model, "position")
+    expected_scale = np.float32(np.abs(position).max() / np.float32(127))
+    assert axis is None and scale == expected_scale
+    np.testing.assert_array_equal(q, np.clip(np.rint(position / expected_scale), -128, 127).astype(np.int8))
+    assert result.metrics["quantized_tables"] == 1 and ctx.layers["position"].bits == 8
+    assert builders.rel_l2(builders.run_ort(model, calibration), builders.run_ort(result.model, calibration)) < 0.03

@@ -16,8 +16,10 @@ runs the same kernel without depending on the fusion pattern matching (per-chann
 are where pattern matchers give up). ``bench.quality`` measures it against ORT's quantize_dynamic.
 
 Embedding tables (Gather over a weight, when the recipe's ``embeddings`` is on) become int8 per row,
-dequantized after the Gather (``static.quantize_embedding``). Conv stays float (ConvInteger is slower than float Conv on CPU); weights with other readers than
-MatMul / Gemm keep their float copy for those readers.
+dequantized after the Gather (``static.quantize_embedding``); large float tables that are only sliced
+or added (learned positions) int8 per tensor (``static.quantize_table``). Conv stays float
+(ConvInteger is slower than float Conv on CPU); weights with other readers than MatMul / Gemm keep
+their float copy for those readers.
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ from core.errors import RecipeError
 from core.recipe import QuantizeStep
 from worker.pipeline import graph
 from worker.pipeline.quant import constants
-from worker.pipeline.quant.static import add_initializer, embedding_layers, quantize_embedding
+from worker.pipeline.quant.static import (add_initializer, embedding_layers, quantize_embedding, quantize_table,
+                                          table_tensors)
 from worker.pipeline.step import LayerRecord, StepContext, StepResult
 
 DYNAMIC_OPS = ("MatMul", "Gemm")
@@ -140,6 +143,12 @@ def quantize_dynamic(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
         grid = quantize_embedding(quantized, layer)
         grids[layer.weight] = {"scale": grid.scale, "zero_point": grid.zero_point, "axis": 0,
                                "block_size": None, "bits": 8, "signed": True}
+    tables = table_tensors(quantized, params)
+    for layer in tables:
+        grid = quantize_table(quantized, layer)
+        grids[layer.weight] = {"scale": grid.scale, "zero_point": grid.zero_point, "axis": None,
+                               "block_size": None, "bits": 8, "signed": True}
+    embeddings += tables
     used = {name for node in quantized.graph.node for name in node.input}
     unused = [t.name for t in quantized.graph.initializer if t.name not in used]
     graph.remove_initializers(quantized, unused)
@@ -154,11 +163,13 @@ def quantize_dynamic(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
         record = ctx.layers.get(layer.weight) or LayerRecord(layer.weight, layer.node, layer.op)
         record.bits = 8
         record.grid = grids[layer.weight]
-        record.extra["activations"] = ("weight-only int8 rows (embedding)" if layer.op == "Gather"
-                                       else "dynamic int8 (DynamicQuantizeMatMul)")
+        record.extra["activations"] = ("dynamic int8 (DynamicQuantizeMatMul)" if layer.op in DYNAMIC_OPS else
+                                       "weight-only int8 rows (embedding)" if layer.op == "Gather" else
+                                       "weight-only int8 (table)")
         ctx.layers[layer.weight] = record
     metrics = {"format": "DynamicQuantizeMatMul", "quantized_weights": len(layers), "layers_replaced": replaced,
-               "quantized_embeddings": len(embeddings), "per_channel": per_channel}
+               "quantized_embeddings": len(embeddings) - len(tables), "quantized_tables": len(tables),
+               "per_channel": per_channel}
     return StepResult(quantized, [layer.weight for layer in layers + embeddings], metrics)
 
 

@@ -25,7 +25,9 @@ What gets Q/DQ:
   drops from ``float_ops`` gets Q/DQ on its float inputs and output.
 - a tensor whose calibration showed mask sentinels (``calibrate.MASK_MAGNITUDE``) stays float.
 Embedding tables (Gather over a weight, when the recipe's ``embeddings`` is on) are int8 per row,
-dequantized after the Gather (``quantize_embedding``).
+dequantized after the Gather (``quantize_embedding``). Other float initializers as large as a weight
+that are only sliced, reshaped or added (learned position tables) are int8 per tensor behind a
+DequantizeLinear (``quantize_table``).
 Elementwise Add / Mul (residuals, masks) are left in float between a DequantizeLinear and a
 QuantizeLinear: cheap, and where residual streams keep their precision.
 
@@ -386,6 +388,46 @@ def quantize_embedding(model: onnx.ModelProto, layer: graph.WeightLayer) -> Weig
     return WeightGrid(np.asarray(scale, np.float32), np.asarray(zero), 0)
 
 
+TABLE_READERS = ("Slice", "Add", "Expand", "Concat", "Reshape", "Unsqueeze", "Squeeze", "Transpose", "Tile")
+
+
+def table_tensors(model: onnx.ModelProto, params: QuantizeStep) -> list[graph.WeightLayer]:
+    """Float initializers that no layer multiplies but that are as large as a layer's weight and
+    only moved or added (learned position tables and the like): left in float they cap the size
+    ratio. Selected by the recipe's include / exclude / min_params like any weight."""
+    readers = graph.consumers(model)
+    found = []
+    for tensor in model.graph.initializer:
+        if tensor.data_type != onnx.TensorProto.FLOAT or len(tensor.dims) < 2:     # 1-D: biases, norms
+            continue
+        layer = graph.WeightLayer(tensor.name, "", "", tuple(tensor.dims), 0, 0)
+        users = readers.get(tensor.name, [])
+        if (layer.params < max(params.min_params, 1024) or not users or
+                not graph.selected(layer, params.include, params.exclude)):
+            continue
+        if all(node.op_type in TABLE_READERS and node.op_type not in params.float_ops
+               and (index == 0 or node.op_type in ("Add", "Concat")) for node, index in users):
+            found.append(graph.WeightLayer(tensor.name, users[0][0].name, users[0][0].op_type,
+                                           tuple(tensor.dims), 0, 0))
+    return found
+
+
+def quantize_table(model: onnx.ModelProto, layer: graph.WeightLayer) -> WeightGrid:
+    """int8, one symmetric scale for the tensor, behind a DequantizeLinear that keeps its name."""
+    values = graph.get_array(model, layer.weight).astype(np.float32)
+    scale, zero = kernels.choose_qparams(values, bits=8, symmetric=True, signed=True, method="absmax")
+    q = kernels.quantize(np.ascontiguousarray(values), scale, zero, bits=8, signed=True)
+    q_name = graph.unique_name(model, f"{layer.weight}_quantized")
+    s_name = graph.unique_name(model, f"{layer.weight}_scale")
+    graph.remove_initializers(model, [layer.weight])
+    _drop_graph_input(model, layer.weight)
+    graph.set_array(model, q_name, q)
+    add_initializer(model, s_name, np.asarray(scale, np.float32).reshape(()))
+    model.graph.node.insert(0, helper.make_node("DequantizeLinear", [q_name, s_name], [layer.weight],
+                                                name=graph.unique_name(model, f"{layer.weight}_DequantizeLinear")))
+    return WeightGrid(np.asarray(scale, np.float32), np.asarray(zero), None)
+
+
 def _drop_graph_input(model: onnx.ModelProto, name: str) -> None:
     """Old models list initializers among the graph inputs too; a weight that became a node output
     must leave that list."""
@@ -550,6 +592,10 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
     embeddings = embedding_layers(quantized, params)
     for layer in embeddings:
         weight_grids[layer.weight] = quantize_embedding(quantized, layer)
+    tables = table_tensors(quantized, params)
+    for layer in tables:
+        weight_grids[layer.weight] = quantize_table(quantized, layer)
+    embeddings += tables
 
     grids: dict[str, ActivationGrid] = {}
     kept_float: dict[str, str] = {}
@@ -588,11 +634,12 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
         grid = weight_grids[layer.weight]
         record = ctx.layers.get(layer.weight) or LayerRecord(layer.weight, layer.node, layer.op)
         record.bits = 8
-        signed = layer.op == "Gather" or params.weights is None or params.weights.symmetric
+        signed = layer.op not in COMPUTE_OPS or params.weights is None or params.weights.symmetric
         record.grid = {"scale": grid.scale, "zero_point": grid.zero_point, "axis": grid.axis,
                        "block_size": None, "bits": 8, "signed": bool(signed)}
-        record.extra["activations"] = ("weight-only int8 rows (embedding)" if layer.op == "Gather"
-                                       else f"static int8 ({spec.calibration})")
+        record.extra["activations"] = ("weight-only int8 rows (embedding)" if layer.op == "Gather" else
+                                       "weight-only int8 (table)" if layer.op in TABLE_READERS else
+                                       f"static int8 ({spec.calibration})")
         ctx.layers[layer.weight] = record
     ctx.progress(1.0, "static int8 done")
     metrics: dict[str, Any] = {
@@ -600,7 +647,8 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
         "calibration": spec.calibration,
         "activation_dtype": "int8" if spec.symmetric else "uint8",
         "quantized_weights": len(layers),
-        "quantized_embeddings": len(embeddings),
+        "quantized_embeddings": len(embeddings) - len(tables),
+        "quantized_tables": len(tables),
         "quantized_activations": len(grids),
         "float_activations": kept_float,
         "relu_folded": len(decided.relu_folds),
