@@ -47,6 +47,8 @@ TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 # long as no single chunk stalls for this long.
 DEFAULT_TIMEOUT = 60.0
 CHUNK_BYTES = 1 << 20
+# wait() rides out a restart or a deploy; a server gone longer than this is reported.
+OUTAGE_LIMIT = 300.0
 
 ProgressCallback = Callable[[int, "int | None"], None]  # (bytes done, bytes in total or None)
 
@@ -486,6 +488,22 @@ class _Backoff:
         return delay if remaining is None else max(0.0, min(delay, remaining))
 
 
+class _Outage:
+    """How long the server has been unavailable without a break, for ``wait``'s patience."""
+
+    def __init__(self, limit: float, clock: Callable[[], float]) -> None:
+        self.limit, self.clock, self.since = limit, clock, None
+
+    def over(self) -> None:
+        self.since = None
+
+    def too_long(self) -> bool:
+        now = self.clock()
+        if self.since is None:
+            self.since = now
+        return now - self.since >= self.limit
+
+
 # ---------------------------------------------------------------------------------- sync client
 
 
@@ -599,31 +617,36 @@ class Client:
         return Job.from_json(data) if isinstance(data, dict) and "id" in data else self.get_job(job_id)
 
     def wait(self, job_id: str, timeout: float | None = None, on_progress: Callable[[Job], None] | None = None,
-             *, poll_interval: float = 0.5, max_interval: float = 5.0, raise_on_failure: bool = False) -> Job:
+             *, poll_interval: float = 0.5, max_interval: float = 5.0, raise_on_failure: bool = False,
+             outage_limit: float = OUTAGE_LIMIT) -> Job:
         """Poll until the job is succeeded, failed or cancelled; returns it.
 
         Delays double from ``poll_interval`` up to ``max_interval``, and are never shorter than the
-        server's Retry-After. A server that is briefly unreachable (503, refused) is polled again
-        until ``timeout``. ``on_progress`` is called with the job each time state, progress or stage
-        changes. Raises WaitTimeout, or JobFailed when ``raise_on_failure`` and it did not succeed.
+        server's Retry-After. The first look at the job must succeed (with the usual retries), so a
+        wrong URL or job id fails at once; after that a server that is unreachable or answers 503 is
+        polled again, for up to ``outage_limit`` seconds in a row. ``on_progress`` is called with the
+        job each time state, progress or stage changes. Raises WaitTimeout, ServerUnavailable, or
+        JobFailed when ``raise_on_failure`` and the job did not succeed.
         """
         deadline = None if timeout is None else self._clock() + timeout
         backoff = _Backoff(poll_interval, max_interval)
         job: Job | None = None
         etag: str | None = None
         seen: tuple[Any, ...] | None = None
+        outage = _Outage(outage_limit, self._clock)
         while True:
             retry_after: float | None = None
             try:
-                response = self._send("GET", f"/v1/jobs/{job_id}", retry_reads=False,
+                response = self._send("GET", f"/v1/jobs/{job_id}", retry_reads=job is None,
                                       headers={"If-None-Match": etag} if etag and job else None)
                 if response.status_code != 304:
                     job, etag = Job.from_json(response.json()), response.headers.get("ETag")
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                outage.over()
             except ServerUnavailable as exc:
-                retry_after = exc.retry_after
-                if deadline is not None and self._clock() >= deadline:
+                if job is None or outage.too_long() or (deadline is not None and self._clock() >= deadline):
                     raise
+                retry_after = exc.retry_after
             if job is not None:
                 if on_progress is not None and (job.state, job.progress, job.stage) != seen:
                     seen = (job.state, job.progress, job.stage)
@@ -764,22 +787,25 @@ class AsyncClient:
         return Job.from_json(data) if isinstance(data, dict) and "id" in data else await self.get_job(job_id)
 
     async def wait(self, job_id: str, timeout: float | None = None, on_progress: Callable[[Job], None] | None = None,
-                   *, poll_interval: float = 0.5, max_interval: float = 5.0, raise_on_failure: bool = False) -> Job:
+                   *, poll_interval: float = 0.5, max_interval: float = 5.0, raise_on_failure: bool = False,
+                   outage_limit: float = OUTAGE_LIMIT) -> Job:
         """As ``Client.wait``."""
         deadline = None if timeout is None else self._clock() + timeout
         backoff = _Backoff(poll_interval, max_interval)
         job: Job | None = None
         seen: tuple[Any, ...] | None = None
+        outage = _Outage(outage_limit, self._clock)
         while True:
             retry_after: float | None = None
             try:
-                response = await self._send("GET", f"/v1/jobs/{job_id}", retry_reads=False)
+                response = await self._send("GET", f"/v1/jobs/{job_id}", retry_reads=job is None)
                 job = Job.from_json(response.json())
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                outage.over()
             except ServerUnavailable as exc:
-                retry_after = exc.retry_after
-                if deadline is not None and self._clock() >= deadline:
+                if job is None or outage.too_long() or (deadline is not None and self._clock() >= deadline):
                     raise
+                retry_after = exc.retry_after
             if job is not None:
                 if on_progress is not None and (job.state, job.progress, job.stage) != seen:
                     seen = (job.state, job.progress, job.stage)

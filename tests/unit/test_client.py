@@ -275,6 +275,26 @@ def test_wait_honours_retry_after_and_survives_a_503():
     assert fake.sleeps == [3.0, 7.0, 2.0]
 
 
+def test_wait_fails_at_once_when_the_job_was_never_seen_and_gives_up_after_a_long_outage():
+    unavailable = {"title": "Service unavailable", "detail": "down"}
+    calls = []
+
+    def never_up(request):
+        calls.append(1)
+        return httpx.Response(503, json=unavailable)
+
+    client, fake = mock_client(never_up, retries=2)
+    with pytest.raises(ServerUnavailable):
+        client.wait("j1")  # no timeout: it must still end
+    assert len(calls) == 3 and fake.sleeps == [0.5, 1.0]
+
+    answers = iter([httpx.Response(200, json=job_json())])
+    client, fake = mock_client(lambda request: next(answers, httpx.Response(503, json=unavailable)))
+    with pytest.raises(ServerUnavailable):
+        client.wait("j1", outage_limit=60, max_interval=5)
+    assert 60 <= sum(fake.sleeps) <= 66
+
+
 def test_wait_times_out_with_the_last_job_seen():
     client, fake = mock_client(lambda request: httpx.Response(200, json=job_json(progress=0.3)))
     with pytest.raises(WaitTimeout) as caught:
