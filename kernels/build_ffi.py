@@ -77,7 +77,6 @@ def make_builder(absolute: bool = False) -> FFI:
         extra_compile_args=EXTRA_COMPILE_ARGS,
         extra_link_args=EXTRA_LINK_ARGS,
         libraries=["m"],
-        define_macros=[("FW_NO_SIMD", "1")],  # SIMD variants land in step 3
     )
     return ffi
 
@@ -95,6 +94,9 @@ def build_inplace(verbose: bool = False) -> str:
     """Compile into kernels/ (atomically replacing any previous build); returns the .so path."""
     root = os.path.dirname(HERE)
     tmpdir = os.path.join(root, "build", "cffi-inplace")
+    # cffi skips compiling when its generated wrapper is unchanged, whatever happened to the C
+    # sources: start from an empty directory so every build compiles everything
+    shutil.rmtree(tmpdir, ignore_errors=True)
     os.makedirs(tmpdir, exist_ok=True)
     ffi = make_builder(absolute=True)  # cffi compiles from inside tmpdir
     so = ffi.compile(tmpdir=tmpdir, verbose=verbose)

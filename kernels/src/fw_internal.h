@@ -132,6 +132,21 @@ const fw_ops *fw_ops_get(void);
 int fw_kth_bits(const float *const *arrays, const int64_t *lengths, int64_t narrays, int64_t k,
                 uint32_t *bits_out);
 
+/* one ONNX QuantizeLinear code (the definition every variant follows) */
+static inline uint8_t fw_quant1(float x, float s, int32_t z, float qmin, float qmax) {
+    float zp = (float)z;
+    float v = x / s;
+    float r;
+    if (v != v) {
+        r = zp;
+    } else {
+        r = nearbyintf(v) + zp;
+        r = r < qmin ? qmin : r;
+        r = r > qmax ? qmax : r;
+    }
+    return (uint8_t)(int32_t)r;
+}
+
 static inline uint32_t fw_f2u(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);

@@ -5,20 +5,7 @@
 
 static void ref_quant_run(const float *x, int64_t n, const float *s, const int32_t *z,
                           int64_t sstride, float qmin, float qmax, uint8_t *out) {
-    for (int64_t i = 0; i < n; i++) {
-        float sc = s[i * sstride];
-        float zp = (float)z[i * sstride];
-        float v = x[i] / sc;
-        float r;
-        if (v != v) {
-            r = zp;
-        } else {
-            r = nearbyintf(v) + zp;
-            r = r < qmin ? qmin : r;
-            r = r > qmax ? qmax : r;
-        }
-        out[i] = (uint8_t)(int32_t)r;
-    }
+    for (int64_t i = 0; i < n; i++) out[i] = fw_quant1(x[i], s[i * sstride], z[i * sstride], qmin, qmax);
 }
 
 static void ref_dequant_run_s8(const int8_t *q, int64_t n, const float *s, const int32_t *z,

@@ -1,0 +1,312 @@
+/* AVX2 + FMA primitives (x86-64). Bit-identical to ref.c: the same IEEE operations in the same
+ * order per element (division, round-half-even, clamp; double accumulation lanes; one fused
+ * multiply-add per update). Compiled for the baseline ISA; every function carries the target
+ * attribute and is only called after dispatch.c saw AVX2, FMA and OS YMM support. */
+#include "fw_internal.h"
+
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(FW_NO_SIMD)
+#include <immintrin.h>
+
+#define T __attribute__((target("avx2,fma")))
+
+/* ---------------------------------------------------------------- quantize */
+
+T static inline __m256 q8(__m256 x, __m256 s, __m256 zf, __m256 lo, __m256 hi) {
+    __m256 v = _mm256_div_ps(x, s);
+    __m256 ord = _mm256_cmp_ps(v, v, _CMP_ORD_Q);
+    __m256 r = _mm256_add_ps(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), zf);
+    r = _mm256_min_ps(_mm256_max_ps(r, lo), hi);
+    return _mm256_blendv_ps(zf, r, ord);
+}
+
+/* 4 x 8 float codes (integral, in [-128, 255]) -> 32 bytes in order */
+T static inline __m256i pack32(__m256 a, __m256 b, __m256 c, __m256 d, int sgn) {
+    __m256i ia = _mm256_cvtps_epi32(a), ib = _mm256_cvtps_epi32(b);
+    __m256i ic = _mm256_cvtps_epi32(c), id = _mm256_cvtps_epi32(d);
+    __m256i ab = _mm256_packs_epi32(ia, ib), cd = _mm256_packs_epi32(ic, id);
+    __m256i r = sgn ? _mm256_packs_epi16(ab, cd) : _mm256_packus_epi16(ab, cd);
+    return _mm256_permutevar8x32_epi32(r, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+T static void avx2_quant_run(const float *x, int64_t n, const float *s, const int32_t *z,
+                             int64_t sstride, float qmin, float qmax, uint8_t *out) {
+    __m256 lo = _mm256_set1_ps(qmin), hi = _mm256_set1_ps(qmax);
+    int sgn = qmin < 0.0f;
+    int64_t i = 0;
+    if (sstride == 0) {
+        __m256 sv = _mm256_set1_ps(s[0]), zf = _mm256_set1_ps((float)z[0]);
+        for (; i + 32 <= n; i += 32) {
+            __m256 a = q8(_mm256_loadu_ps(x + i), sv, zf, lo, hi);
+            __m256 b = q8(_mm256_loadu_ps(x + i + 8), sv, zf, lo, hi);
+            __m256 c = q8(_mm256_loadu_ps(x + i + 16), sv, zf, lo, hi);
+            __m256 d = q8(_mm256_loadu_ps(x + i + 24), sv, zf, lo, hi);
+            _mm256_storeu_si256((__m256i *)(out + i), pack32(a, b, c, d, sgn));
+        }
+    } else {
+        for (; i + 32 <= n; i += 32) {
+            __m256 r[4];
+            for (int t = 0; t < 4; t++) {
+                __m256 sv = _mm256_loadu_ps(s + i + 8 * t);
+                __m256 zf = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(z + i + 8 * t)));
+                r[t] = q8(_mm256_loadu_ps(x + i + 8 * t), sv, zf, lo, hi);
+            }
+            _mm256_storeu_si256((__m256i *)(out + i), pack32(r[0], r[1], r[2], r[3], sgn));
+        }
+    }
+    for (; i < n; i++) out[i] = fw_quant1(x[i], s[i * sstride], z[i * sstride], qmin, qmax);
+}
+
+/* ---------------------------------------------------------------- dequantize */
+
+T static void avx2_dequant_run_s8(const int8_t *q, int64_t n, const float *s, const int32_t *z,
+                                  int64_t sstride, float *out) {
+    int64_t i = 0;
+    if (sstride == 0) {
+        __m256 sv = _mm256_set1_ps(s[0]);
+        __m256i zv = _mm256_set1_epi32(z[0]);
+        for (; i + 8 <= n; i += 8) {
+            __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + i)));
+            _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(v, zv)), sv));
+        }
+    } else {
+        for (; i + 8 <= n; i += 8) {
+            __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + i)));
+            __m256i zv = _mm256_loadu_si256((const __m256i *)(z + i));
+            __m256 sv = _mm256_loadu_ps(s + i);
+            _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(v, zv)), sv));
+        }
+    }
+    for (; i < n; i++) out[i] = (float)((int32_t)q[i] - z[i * sstride]) * s[i * sstride];
+}
+
+T static void avx2_dequant_run_u8(const uint8_t *q, int64_t n, const float *s, const int32_t *z,
+                                  int64_t sstride, float *out) {
+    int64_t i = 0;
+    if (sstride == 0) {
+        __m256 sv = _mm256_set1_ps(s[0]);
+        __m256i zv = _mm256_set1_epi32(z[0]);
+        for (; i + 8 <= n; i += 8) {
+            __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + i)));
+            _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(v, zv)), sv));
+        }
+    } else {
+        for (; i + 8 <= n; i += 8) {
+            __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + i)));
+            __m256i zv = _mm256_loadu_si256((const __m256i *)(z + i));
+            __m256 sv = _mm256_loadu_ps(s + i);
+            _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(v, zv)), sv));
+        }
+    }
+    for (; i < n; i++) out[i] = (float)((int32_t)q[i] - z[i * sstride]) * s[i * sstride];
+}
+
+/* ---------------------------------------------------------------- masks */
+
+T static void avx2_absgt_mask(const float *w, int64_t n, float thr, uint8_t *mask) {
+    __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    __m256 t = _mm256_set1_ps(thr);
+    __m256i one = _mm256_set1_epi8(1);
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256 a = _mm256_cmp_ps(_mm256_and_ps(_mm256_loadu_ps(w + i), absm), t, _CMP_GT_OQ);
+        __m256 b = _mm256_cmp_ps(_mm256_and_ps(_mm256_loadu_ps(w + i + 8), absm), t, _CMP_GT_OQ);
+        __m256 c = _mm256_cmp_ps(_mm256_and_ps(_mm256_loadu_ps(w + i + 16), absm), t, _CMP_GT_OQ);
+        __m256 d = _mm256_cmp_ps(_mm256_and_ps(_mm256_loadu_ps(w + i + 24), absm), t, _CMP_GT_OQ);
+        __m256i ab = _mm256_packs_epi32(_mm256_castps_si256(a), _mm256_castps_si256(b));
+        __m256i cd = _mm256_packs_epi32(_mm256_castps_si256(c), _mm256_castps_si256(d));
+        __m256i r = _mm256_packs_epi16(ab, cd);
+        r = _mm256_permutevar8x32_epi32(r, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(mask + i), _mm256_and_si256(r, one));
+    }
+    for (; i < n; i++) mask[i] = fabsf(w[i]) > thr;
+}
+
+T static void avx2_apply_mask(const float *w, const uint8_t *mask, int64_t n, float *out) {
+    __m256i zero = _mm256_setzero_si256();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i m = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(mask + i)));
+        __m256 drop = _mm256_castsi256_ps(_mm256_cmpeq_epi32(m, zero));
+        _mm256_storeu_ps(out + i, _mm256_andnot_ps(drop, _mm256_loadu_ps(w + i)));
+    }
+    for (; i < n; i++) out[i] = mask[i] ? w[i] : 0.0f;
+}
+
+/* ---------------------------------------------------------------- histogram */
+
+T static void avx2_hist_accum(const float *x, int64_t n, float lo, float scale, float maxbin,
+                              uint32_t *counts) {
+    __m256 lov = _mm256_set1_ps(lo), sc = _mm256_set1_ps(scale), mb = _mm256_set1_ps(maxbin);
+    __m256 zero = _mm256_setzero_ps();
+    int64_t i = 0;
+    int32_t idx[8] __attribute__((aligned(32)));
+    for (; i + 8 <= n; i += 8) {
+        __m256 t = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), lov), sc);
+        int ord = _mm256_movemask_ps(_mm256_cmp_ps(t, t, _CMP_ORD_Q));
+        t = _mm256_min_ps(_mm256_max_ps(t, zero), mb);
+        _mm256_store_si256((__m256i *)idx, _mm256_cvttps_epi32(_mm256_floor_ps(t)));
+        if (ord == 0xFF) {
+            counts[idx[0]]++;
+            counts[idx[1]]++;
+            counts[idx[2]]++;
+            counts[idx[3]]++;
+            counts[idx[4]]++;
+            counts[idx[5]]++;
+            counts[idx[6]]++;
+            counts[idx[7]]++;
+        } else {
+            for (int j = 0; j < 8; j++)
+                if (ord >> j & 1) counts[idx[j]]++;
+        }
+    }
+    for (; i < n; i++) {
+        float t = (x[i] - lo) * scale;
+        if (t != t) continue;
+        t = t > 0.0f ? t : 0.0f;
+        t = t < maxbin ? t : maxbin;
+        counts[(int32_t)floorf(t)]++;
+    }
+}
+
+/* ---------------------------------------------------------------- norms */
+
+T static double avx2_run_sum(const float *x, int64_t n, int p) {
+    __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
+    __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    int64_t j = 0;
+    if (p == 1) {
+        for (; j + 8 <= n; j += 8) {
+            __m256 v = _mm256_and_ps(_mm256_loadu_ps(x + j), absm);
+            a0 = _mm256_add_pd(a0, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+            a1 = _mm256_add_pd(a1, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+        }
+    } else {
+        for (; j + 8 <= n; j += 8) {
+            __m256 v = _mm256_loadu_ps(x + j);
+            __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+            __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+            a0 = _mm256_fmadd_pd(lo, lo, a0); /* the product is exact in double */
+            a1 = _mm256_fmadd_pd(hi, hi, a1);
+        }
+    }
+    double l[8];
+    _mm256_storeu_pd(l, a0);
+    _mm256_storeu_pd(l + 4, a1);
+    for (; j < n; j++) {
+        double v = (double)x[j];
+        l[j & 7] += p == 1 ? fabs(v) : v * v;
+    }
+    return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+}
+
+T static void avx2_col_accum(const float *x, int64_t n, int p, double *acc) {
+    __m256d absm = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7FFFFFFFFFFFFFFFll));
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        __m256d v = _mm256_cvtps_pd(_mm_loadu_ps(x + j));
+        __m256d a = _mm256_loadu_pd(acc + j);
+        a = p == 1 ? _mm256_add_pd(a, _mm256_and_pd(v, absm)) : _mm256_fmadd_pd(v, v, a);
+        _mm256_storeu_pd(acc + j, a);
+    }
+    for (; j < n; j++) {
+        double v = (double)x[j];
+        acc[j] += p == 1 ? fabs(v) : v * v;
+    }
+}
+
+/* ---------------------------------------------------------------- GPTQ rank-k update */
+
+T static void avx2_rank_update(float *W, int64_t ldw, const float *E, int64_t lde, const float *U,
+                               int64_t ldu, int64_t rows, int64_t kb, int64_t ncols) {
+    int64_t j = 0;
+    for (; j + 24 <= ncols; j += 24) {
+        int64_t r = 0;
+        for (; r + 4 <= rows; r += 4) {
+            float *w0 = W + r * ldw + j;
+            __m256 c[4][3];
+            for (int a = 0; a < 4; a++)
+                for (int b = 0; b < 3; b++) c[a][b] = _mm256_loadu_ps(w0 + a * ldw + 8 * b);
+            const float *e = E + r * lde;
+            for (int64_t k = 0; k < kb; k++) {
+                const float *u = U + k * ldu + j;
+                __m256 u0 = _mm256_loadu_ps(u), u1 = _mm256_loadu_ps(u + 8),
+                       u2 = _mm256_loadu_ps(u + 16);
+                for (int a = 0; a < 4; a++) {
+                    __m256 ev = _mm256_set1_ps(-e[a * lde + k]);
+                    c[a][0] = _mm256_fmadd_ps(ev, u0, c[a][0]);
+                    c[a][1] = _mm256_fmadd_ps(ev, u1, c[a][1]);
+                    c[a][2] = _mm256_fmadd_ps(ev, u2, c[a][2]);
+                }
+            }
+            for (int a = 0; a < 4; a++)
+                for (int b = 0; b < 3; b++) _mm256_storeu_ps(w0 + a * ldw + 8 * b, c[a][b]);
+        }
+        for (; r < rows; r++) {
+            float *w0 = W + r * ldw + j;
+            __m256 c0 = _mm256_loadu_ps(w0), c1 = _mm256_loadu_ps(w0 + 8),
+                   c2 = _mm256_loadu_ps(w0 + 16);
+            for (int64_t k = 0; k < kb; k++) {
+                const float *u = U + k * ldu + j;
+                __m256 ev = _mm256_set1_ps(-E[r * lde + k]);
+                c0 = _mm256_fmadd_ps(ev, _mm256_loadu_ps(u), c0);
+                c1 = _mm256_fmadd_ps(ev, _mm256_loadu_ps(u + 8), c1);
+                c2 = _mm256_fmadd_ps(ev, _mm256_loadu_ps(u + 16), c2);
+            }
+            _mm256_storeu_ps(w0, c0);
+            _mm256_storeu_ps(w0 + 8, c1);
+            _mm256_storeu_ps(w0 + 16, c2);
+        }
+    }
+    for (; j + 8 <= ncols; j += 8) {
+        for (int64_t r = 0; r < rows; r++) {
+            float *w0 = W + r * ldw + j;
+            __m256 c0 = _mm256_loadu_ps(w0);
+            for (int64_t k = 0; k < kb; k++)
+                c0 = _mm256_fmadd_ps(_mm256_set1_ps(-E[r * lde + k]), _mm256_loadu_ps(U + k * ldu + j), c0);
+            _mm256_storeu_ps(w0, c0);
+        }
+    }
+    if (j < ncols) {
+        for (int64_t r = 0; r < rows; r++) {
+            float *w0 = W + r * ldw;
+            for (int64_t k = 0; k < kb; k++) {
+                float e = -E[r * lde + k];
+                const float *u = U + k * ldu;
+                for (int64_t jj = j; jj < ncols; jj++) w0[jj] = fmaf(e, u[jj], w0[jj]);
+            }
+        }
+    }
+}
+
+const fw_ops fw_ops_avx2 = {
+    "avx2",
+    avx2_quant_run,
+    avx2_dequant_run_s8,
+    avx2_dequant_run_u8,
+    avx2_absgt_mask,
+    avx2_apply_mask,
+    avx2_hist_accum,
+    avx2_run_sum,
+    avx2_col_accum,
+    avx2_rank_update,
+};
+
+/* AVX-512 pays only where the work is compute bound (the GPTQ / SparseGPT update); the streaming
+ * primitives are memory bound and keep their AVX2 form. */
+void fw_avx512_rank_update(float *W, int64_t ldw, const float *E, int64_t lde, const float *U,
+                           int64_t ldu, int64_t rows, int64_t kb, int64_t ncols);
+
+const fw_ops fw_ops_avx512 = {
+    "avx512",
+    avx2_quant_run,
+    avx2_dequant_run_s8,
+    avx2_dequant_run_u8,
+    avx2_absgt_mask,
+    avx2_apply_mask,
+    avx2_hist_accum,
+    avx2_run_sum,
+    avx2_col_accum,
+    fw_avx512_rank_update,
+};
+
+#endif
