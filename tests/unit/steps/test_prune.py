@@ -163,19 +163,19 @@ def _dims(model):
 
 def test_channel_pruning_shrinks_cnn_consistently_across_the_residual():
     model = cnn()
-    ctx = StepContext(original=model)
+    ctx = StepContext(original=model, options={"channel_block": 1})
     result = prune.run(model, _params(sparsity=0.3, structure="channel", min_params=0), ctx)
     assert_valid_same_io(result.model, model, inputs_for(model))
     dims = _dims(result.model)
     # conv1 and conv3 feed the residual Add: one group, the same channels removed from both
     assert dims["conv1_w"][0] == dims["conv3_w"][0] == dims["conv2_w"][1] == dims["conv4_w"][1] == 11
     assert dims["conv2_w"] == (11, 11, 3, 3) and dims["bn2_scale"] == (11,) and dims["bn3_var"] == (11,)
-    assert dims["conv4_w"][0] == dims["conv4_b"][0] == dims["fc_w"][1] == 22
+    assert dims["conv4_w"][0] == dims["conv4_b"][0] == dims["fc_w"][1] == 23
     assert dims["fc_w"][0] == 10                        # the logits reach the graph output: kept
     assert {s["name"] for s in result.metrics["skipped"]} == {"fc_w"}
     assert result.metrics["params_after"] < 0.55 * result.metrics["params_before"]
-    assert ctx.layers["conv4_w"].extra["shape"] == [22, 11, 3, 3]
-    assert result.metrics["channel_sparsity"] == pytest.approx((5 + 5 + 10) / 64)
+    assert ctx.layers["conv4_w"].extra["shape"] == [23, 11, 3, 3]
+    assert result.metrics["channel_sparsity"] == pytest.approx(round(0.3 * 64) / 64)
 
 
 def test_channel_pruning_removes_the_least_important_channels_exactly():
@@ -202,6 +202,7 @@ def test_channel_pruning_keeps_earlier_masks_aligned():
     model = mlp()
     ctx = StepContext(original=model)
     first = prune.run(model, _params(sparsity=0.5, min_params=0), ctx)
+    ctx.options["channel_block"] = 1
     second = prune.run(first.model, _params(sparsity=0.25, structure="channel", min_params=0), ctx)
     for name in ("w1", "w2"):
         w = get_array(second.model, name)
@@ -227,7 +228,8 @@ def test_channel_pruning_through_concat_and_explicit_reshape():
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    result = prune.run(model, _params(sparsity=0.5, structure="channel", min_params=0), StepContext(original=model))
+    result = prune.run(model, _params(sparsity=0.5, structure="channel", min_params=0),
+                       StepContext(original=model, options={"channel_block": 1}))
     feeds = {"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)}
     assert_valid_same_io(result.model, model, feeds)
     dims = _dims(result.model)
@@ -237,3 +239,19 @@ def test_channel_pruning_through_concat_and_explicit_reshape():
     kept_a = [c for c in range(8) if any(np.array_equal(get_array(model, "wa")[c], k) for k in get_array(result.model, "wa"))]
     wf, wf_new = get_array(model, "wf"), get_array(result.model, "wf")
     np.testing.assert_array_equal(wf_new[:4 * 64], np.concatenate([wf[c * 64:(c + 1) * 64] for c in kept_a]))
+
+
+def test_channels_go_in_whole_hardware_blocks():
+    from worker.pipeline.structure.channels import apportion
+    # the digits CNN: 30 % of 32 + 64 channels in blocks of 16 -> 16 + 16 removed (33 %)
+    assert apportion([32, 64], 0.3, 16) == [16, 16]
+    assert apportion([32, 64], 0.3, 8) == [8, 24]                  # 32 of 96: the nearest to 28.8 in blocks of 8
+    assert apportion([16, 16, 32], 0.3, 1) == [5, 5, 9]           # largest remainders: exactly 19
+    assert apportion([24, 10], 0.5, 16) == [12, 5]                 # below two blocks: single channels
+    assert apportion([32], 0.99, 16) == [16]                       # a block is always kept
+    model = mlp()
+    result = prune.run(model, _params(sparsity=0.3, structure="channel", min_params=0),
+                       StepContext(original=model, options={"channel_block": 16}))
+    assert_valid_same_io(result.model, model, inputs_for(model))
+    assert all(row["kept"] % 16 == 0 for row in result.metrics["layers"])
+    assert result.metrics["channel_block"] == 16
