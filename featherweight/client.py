@@ -511,7 +511,7 @@ class Client:
     """A synchronous client. Use as a context manager, or call ``close()``.
 
     ``http`` lets a caller pass a configured ``httpx.Client`` (proxies, certificates, a test
-    transport); its base URL is then the one used. ``retries`` applies to reads, and to submits
+    transport); its base URL is then the one used, and closing this client leaves it open. ``retries`` applies to reads, and to submits
     only when the request never reached the server or the server answered 503.
     """
 
@@ -519,6 +519,7 @@ class Client:
                  *, retries: int = 2, http: httpx.Client | None = None) -> None:
         self.base_url = str(http.base_url) if http is not None else base_url.rstrip("/")
         self.retries = retries
+        self._owns_http = http is None  # a caller's httpx.Client is the caller's to close
         self._http = http or httpx.Client(base_url=self.base_url, timeout=timeout)
         self._http.headers.update(_headers(api_key))
         self._sleep: Callable[[float], None] = time.sleep
@@ -531,7 +532,8 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        self._http.close()
+        if self._owns_http:
+            self._http.close()
 
     # -- transport
 
@@ -704,6 +706,7 @@ class AsyncClient:
                  *, retries: int = 2, http: httpx.AsyncClient | None = None) -> None:
         self.base_url = str(http.base_url) if http is not None else base_url.rstrip("/")
         self.retries = retries
+        self._owns_http = http is None
         self._http = http or httpx.AsyncClient(base_url=self.base_url, timeout=timeout)
         self._http.headers.update(_headers(api_key))
         self._sleep: Callable[[float], Any] = asyncio.sleep
@@ -716,7 +719,8 @@ class AsyncClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._owns_http:
+            await self._http.aclose()
 
     async def _send(self, method: str, path: str, *, retry_reads: bool = True, **kwargs: Any) -> httpx.Response:
         attempts = (self.retries if retry_reads else 0) + 1
