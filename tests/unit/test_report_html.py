@@ -30,7 +30,10 @@ def sample_report(**overrides) -> dict:
         "accuracy": {"original": 0.912, "compressed": 0.904},
         "target": "cpu-x86",
         "provider": "CPUExecutionProvider",
-        "steps": [{"op": "cleanup", "seconds": 0.01}, {"op": "quantize", "seconds": 1.5}],
+        "fidelity_data": "evaluation", "fidelity_samples": 64,
+        "steps": [{"op": "cleanup", "seconds": 0.01},
+                  {"op": "quantize", "seconds": 1.5, "bits": 8, "method": "rtn", "block_size": None,
+                   "formats": {"encoder/fc_worst": "qdq"}}],
         "layers": [
             {"name": "encoder/conv_first", "op": "Conv", "params": 4608, "bits": 8, "sparsity": 0.5,
              "rank": None, "sqnr_db": 38.25, "output_rel_l2": 0.0123},
@@ -81,7 +84,8 @@ def test_headline_figures_and_table_show_the_reports_numbers():
     for expected in ("3.81\u00d7", "6.27\u00d7", "2.00\u00d7", "0.9987", "0.0312", "97.5%",
                      "91.2% \u2192 90.4%", "3.81 MiB", "1.00 MiB", "2.500 ms", "1.250 ms", "3.250 ms",
                      "1,000,000", "500,000", "7,000,000", "cleanup", "quantize", "1.500 s",
-                     "cpu-x86", "CPUExecutionProvider"):
+                     "cpu-x86", "CPUExecutionProvider", "fidelity measured on evaluation data, 64 samples",
+                     "bits 8, method rtn"):
         assert expected in text, expected
     # Per-layer table: every layer, each with op, params, bits, sparsity, rank, SQNR, output error.
     rows = [row for row in parse_strictly(page).iter("tr")

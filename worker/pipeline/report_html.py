@@ -179,7 +179,10 @@ def bar_chart(rows: Sequence[tuple[str, float | None]], *, title: str, unit: str
 def paired_bar_chart(rows: Sequence[tuple[str, float, float]], *, title: str,
                      legend: tuple[str, str] = ("before", "after")) -> str:
     """Two horizontal bars per label (before in grey-blue, after in orange), values in bytes."""
-    top = _nice_max(max([max(a, b) for _, a, b in rows], default=0.0))
+    largest = max([max(a, b) for _, a, b in rows], default=0.0)
+    # Round the axis in the unit it is printed in (KiB, MiB, ...), so its end reads 200 KiB, not 195.31.
+    unit = 1024 ** min(3, int(math.log(largest, 1024))) if largest >= 1 else 1
+    top = _nice_max(largest / unit) * unit
     plot_width = PLOT_WIDTH - LABEL_WIDTH - 90
     pair_height = BAR_HEIGHT * 1.6
     height = int(44 + pair_height * len(rows) + 24)
@@ -337,10 +340,19 @@ def steps_table(report: dict) -> str:
     if not steps:
         return '<p class="note">No steps recorded.</p>'
     body = "".join(f'<tr><td class="text">{index + 1}</td><td class="text">{_esc(step.get("op", ""))}</td>'
-                   f'<td>{_esc(_fmt(step.get("seconds"), 3, " s"))}</td></tr>'
+                   f'<td>{_esc(_fmt(step.get("seconds"), 3, " s"))}</td>'
+                   f'<td class="text">{_esc(step_details(step))}</td></tr>'
                    for index, step in enumerate(steps))
-    return ('<table><thead><tr><th>#</th><th>Step</th><th>Time</th></tr></thead>'
+    return ('<table><thead><tr><th>#</th><th>Step</th><th>Time</th><th class="name">Details</th></tr></thead>'
             f"<tbody>{body}</tbody></table>")
+
+
+def step_details(step: dict, limit: int = 160) -> str:
+    """The step's scalar settings and counts (``bits 8, method rtn``); nested values are left out."""
+    parts = [f"{key} {value}" for key, value in step.items()
+             if key not in ("op", "seconds") and value is not None and not isinstance(value, (dict, list))]
+    text = ", ".join(parts)
+    return text if len(text) <= limit else text[:limit - 1] + "\u2026"
 
 
 def layer_table(report: dict) -> str:
@@ -434,9 +446,11 @@ def _page(title: str, sections: Iterable[str]) -> str:
 def render_html(report: dict, *, title: str) -> str:
     """One job's report.json as a self-contained HTML page."""
     meta = (f"Target {report.get('target', 'n/a')} \u00b7 provider {report.get('provider', 'n/a')}")
-    evaluated_on = report.get("evaluated_on") or _get(report, "fidelity", "data")
+    evaluated_on = report.get("fidelity_data")
     if evaluated_on:
-        meta += f" \u00b7 fidelity measured on {evaluated_on}"
+        samples = _num(report.get("fidelity_samples"))
+        count = f", {int(samples)} samples" if samples is not None and math.isfinite(samples) else ""
+        meta += f" \u00b7 fidelity measured on {evaluated_on} data{count}"
     sections = [
         f"<h1>{_esc(title)}</h1>",
         f'<div class="meta">{_esc(meta)}</div>',
