@@ -232,3 +232,20 @@ def sort_graph(model: onnx.ModelProto) -> None:
     nodes = topological_nodes(model)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+
+
+def subgraph_reads(model: onnx.ModelProto) -> set[str]:
+    """Names read by nodes inside If / Loop / Scan subgraphs (at any depth): outer-scope tensors a
+    rewrite of the main graph must keep, even where no main-graph node reads them."""
+    found: set[str] = set()
+
+    def visit(nodes) -> None:
+        for node in nodes:
+            for attr in node.attribute:
+                subgraphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+                for sub in subgraphs:
+                    found.update(name for inner in sub.node for name in inner.input if name)
+                    visit(sub.node)
+
+    visit(model.graph.node)
+    return found

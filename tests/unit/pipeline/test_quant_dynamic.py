@@ -132,3 +132,14 @@ def test_embedding_table_is_quantized_per_row():
     assert ctx.layers["embedding"].bits == 8 and result.metrics["quantized_embeddings"] == 1
     ids = {"ids": np.random.default_rng(1).integers(0, 256, (32, 6)).astype(np.int64)}
     assert builders.rel_l2(builders.run_ort(model, ids), builders.run_ort(result.model, ids)) < 0.03
+
+
+def test_weight_also_read_inside_an_if_subgraph_keeps_its_float_copy():
+    from tests.unit.pipeline.test_quant_static import if_subgraph_model
+
+    model = if_subgraph_model()
+    result, _ = _run(model)
+    assert "W" in {t.name for t in result.model.graph.initializer}       # the subgraph still reads it
+    assert [n.op_type for n in result.model.graph.node].count("DynamicQuantizeMatMul") == 1
+    x = builders.random_inputs(model, count=16)
+    assert builders.rel_l2(builders.run_ort(model, x), builders.run_ort(result.model, x)) < 0.03

@@ -303,3 +303,37 @@ def test_position_table_is_int8_behind_a_dequantize_that_keeps_its_name():
     np.testing.assert_array_equal(q, np.clip(np.rint(position / expected_scale), -128, 127).astype(np.int8))
     assert result.metrics["quantized_tables"] == 1 and ctx.layers["position"].bits == 8
     assert builders.rel_l2(builders.run_ort(model, calibration), builders.run_ort(result.model, calibration)) < 0.03
+
+
+def if_subgraph_model(d: int = 64) -> onnx.ModelProto:
+    """h = x W; y = If(cond, then: h W (W read from the outer scope), else: h)."""
+    rng = np.random.default_rng(0)
+    then_branch = helper.make_graph([helper.make_node("MatMul", ["h", "W"], ["t"], name="inner")], "then", [],
+                                    [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["batch", d])])
+    else_branch = helper.make_graph([helper.make_node("Identity", ["h"], ["e"], name="pass")], "else", [],
+                                    [helper.make_tensor_value_info("e", TensorProto.FLOAT, ["batch", d])])
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="outer"),
+             helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_branch, else_branch=else_branch)]
+    graph_ = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", d])],
+                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", d])],
+                               [numpy_helper.from_array((rng.standard_normal((d, d)) / 8).astype(np.float32), "W"),
+                                numpy_helper.from_array(np.array(True), "cond")])
+    model = helper.make_model(graph_, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_weight_also_read_inside_an_if_subgraph_stays_readable():
+    model = if_subgraph_model()
+    calibration = builders.random_inputs(model, count=64)
+    result, _ = _run(model, calibration)
+    assert builders.rel_l2(builders.run_ort(model, calibration), builders.run_ort(result.model, calibration)) < 0.05
+
+
+def test_weights_held_in_constant_nodes_are_quantized():
+    model = builders.mlp(constants=True)
+    calibration = builders.random_inputs(model, count=64)
+    result, ctx = _run(model, calibration)
+    assert {"W1", "W2"} <= set(ctx.layers)
+    assert not any(n.op_type == "Constant" and n.output[0] in ("W1", "W2") for n in result.model.graph.node)
+    assert builders.rel_l2(builders.run_ort(model, calibration), builders.run_ort(result.model, calibration)) < 0.04

@@ -149,7 +149,7 @@ def quantize_dynamic(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
         grids[layer.weight] = {"scale": grid.scale, "zero_point": grid.zero_point, "axis": None,
                                "block_size": None, "bits": 8, "signed": True}
     embeddings += tables
-    used = {name for node in quantized.graph.node for name in node.input}
+    used = {name for node in quantized.graph.node for name in node.input} | graph.subgraph_reads(quantized)
     unused = [t.name for t in quantized.graph.initializer if t.name not in used]
     graph.remove_initializers(quantized, unused)
     kept_inputs = [v for v in quantized.graph.input if v.name not in set(unused)]

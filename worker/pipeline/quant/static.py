@@ -177,7 +177,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> list[str]:
         model.graph.node.remove(node)
         folded.append(node.name)
     if folded:
-        used = {name for n in model.graph.node for name in n.input}
+        used = {name for n in model.graph.node for name in n.input} | graph.subgraph_reads(model)
         graph.remove_initializers(model, [t.name for t in model.graph.initializer if t.name not in used])
     return folded
 
@@ -359,7 +359,8 @@ def quantize_embedding(model: onnx.ModelProto, layer: graph.WeightLayer) -> Weig
     rows_name = graph.unique_name(model, f"{layer.weight}_row_scale")
     graph.set_array(model, q_name, q)
     graph.set_array(model, rows_name, np.asarray(scale, np.float32).reshape(-1, 1))
-    others = []
+    # a subgraph reading the table needs the whole (dequantized) table under its name
+    others: list = [layer.weight] if layer.weight in graph.subgraph_reads(model) else []
     for node, index in graph.consumers(model).get(layer.weight, []):
         if node.op_type != "Gather" or index != 0 or graph.attribute(node, "axis", 0) != 0:
             others.append(node)
