@@ -7,8 +7,8 @@ samples), and turning a histogram into a range by ``minmax``, ``percentile`` or 
 Ranges:
     minmax      [min(x), max(x)]
     percentile  [P(100 - p), P(p)] of the signed values (p from the recipe, default 99.999)
-    entropy     the KL-divergence threshold t on |x| (TensorRT style, 128 quantized bins):
-                [max(min(x), -t), min(max(x), t)]
+    entropy     the KL-divergence threshold t on |x| (TensorRT style, 128 quantized bins; exact
+                zeros left out of the search): [max(min(x), -t), min(max(x), t)]
 Every range is widened to hold 0, so that 0 (zero padding, ReLU's floor) is exactly representable.
 
 Mask sentinels. Attention masks filled with float32's minimum (-3.4e38) or -1e9 reach tensors such
@@ -56,6 +56,7 @@ class ActivationStatistics:
         self.histograms = {name: kernels.Histogram(bins=bins) for name in names}
         self.masked: set[str] = set()
         self.counts = {name: 0 for name in self.histograms}
+        self.zeros = {name: 0 for name in self.histograms}
 
     def update(self, name: str, values: np.ndarray) -> None:
         """Add one batch of ``name``'s values. Sentinel values mark the tensor masked and stay out
@@ -71,6 +72,20 @@ class ActivationStatistics:
         if flat.size:
             self.histograms[name].update(np.ascontiguousarray(flat, dtype=np.float32))
             self.counts[name] += int(flat.size)
+            self.zeros[name] += int(np.count_nonzero(flat == 0))
+
+    def _entropy_threshold(self, name: str) -> float:
+        """KL threshold on |x| without the exact zeros: every grid holds 0 exactly, so a ReLU's half
+        of zeros says nothing about where to clip, yet left in the first bin it drags the KL search
+        towards thresholds that clip a quarter of the real values (measured on a ReLU MLP)."""
+        histogram = self.histograms[name]
+        if histogram.range == 0.0:
+            return 0.0
+        counts = histogram.abs_counts().copy()
+        counts[0] -= min(self.zeros[name], int(counts[0]))
+        if not counts.any():
+            return 0.0
+        return float(kernels.entropy_threshold(counts, 0.0, histogram.range, ENTROPY_QUANT_BINS))
 
     def range(self, name: str, method: str = "minmax", percentile: float = 99.999) -> TensorRange | None:
         """The range of ``name`` by ``method``; None when no value was ever seen."""
@@ -83,7 +98,7 @@ class ActivationStatistics:
         if method == "percentile":
             low, high = float(histogram.percentile(100.0 - percentile)), float(histogram.percentile(percentile))
         elif method == "entropy":
-            threshold = float(histogram.entropy_threshold(num_quant_bins=ENTROPY_QUANT_BINS))
+            threshold = self._entropy_threshold(name)
             low, high = max(low, -threshold), min(high, threshold)
         return TensorRange(name, min(low, 0.0), max(high, 0.0), name in self.masked, self.counts[name])
 

@@ -114,3 +114,11 @@ def test_calibrate_streams_intermediate_tensors_through_onnxruntime():
     assert ranges["h"].hi == pytest.approx(float(h.max()), rel=1e-6)
     assert ranges["y"].lo == 0.0 and ranges["y"].samples == x.size
     assert seen and seen[-1] == 1.0 and seen == sorted(seen)
+
+
+def test_entropy_ignores_the_exact_zeros_of_a_relu():
+    values = np.maximum(np.random.default_rng(7).normal(0.0, 1.4, 60_000), 0.0).astype(np.float32)
+    found = _stream(values).range("t", "entropy")
+    # half the values are exact zeros; the threshold must still keep nearly all positive values
+    assert found.lo == 0.0
+    assert (values > found.hi).mean() < 0.01

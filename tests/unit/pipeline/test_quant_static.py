@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from core.errors import RecipeError
+from core.errors import InvalidInput, RecipeError
 from core.recipe import QuantizeStep
 from tests.unit.pipeline import builders
 from worker.pipeline import graph
@@ -337,3 +337,28 @@ def test_weights_held_in_constant_nodes_are_quantized():
     assert {"W1", "W2"} <= set(ctx.layers)
     assert not any(n.op_type == "Constant" and n.output[0] in ("W1", "W2") for n in result.model.graph.node)
     assert builders.rel_l2(builders.run_ort(model, calibration), builders.run_ort(result.model, calibration)) < 0.04
+
+
+def test_static_and_dynamic_recipes_run_through_the_pipeline(tmp_path):
+    from core.recipe import parse_recipe
+    from worker.pipeline.runner import run
+
+    model = builders.mlp()
+    path = tmp_path / "mlp.onnx"
+    onnx.save(model, str(path))
+    calibration = builders.random_inputs(model, count=64)
+    options = {"latency_runs": 2, "latency_budget_s": 1, "layer_errors": False, "fidelity_samples": 16}
+    for calibration_method in ("entropy", "dynamic"):
+        recipe = parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 8},
+                                          "activations": {"calibration": calibration_method}}]})
+        result = run(path, recipe, calibration=calibration, workdir=tmp_path / calibration_method, options=options)
+        compressed = onnx.load(str(tmp_path / calibration_method / "model.onnx"))
+        assert _io(compressed) == _io(model)
+        assert builders.rel_l2(builders.run_ort(model, calibration), builders.run_ort(compressed, calibration)) < 0.04
+        assert result is not None
+    with pytest.raises(InvalidInput) as refused:     # data that does not fit: refused before work
+        run(path, parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 8},
+                                           "activations": {"calibration": "minmax"}}]}),
+            calibration={"x": np.zeros((4, 3), np.float32)}, workdir=tmp_path / "bad", options=options)
+    assert refused.value.errors[0]["loc"][0] == "calibration"
+    assert not (tmp_path / "bad" / "model.onnx").exists()
