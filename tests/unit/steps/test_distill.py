@@ -166,8 +166,8 @@ def test_layerwise_keeps_quantization_grid_and_beats_rtn(qtype, block):
     _valid(out, teacher, {"x": x_test[:3]})
 
 
-def test_layerwise_lowrank_refits_v_given_u():
-    """Teacher W = U V* exactly; the student holds U and a damaged V: refitting V recovers V*."""
+def test_layerwise_lowrank_recovers_damaged_second_factor():
+    """Teacher W = U V* exactly; the student holds U and a damaged V: the fit recovers V*."""
     rng = np.random.default_rng(RNG_SEED)
     u = rng.standard_normal((16, 4)).astype(np.float32)
     v = rng.standard_normal((4, 12)).astype(np.float32)
@@ -188,6 +188,71 @@ def test_layerwise_lowrank_refits_v_given_u():
     np.testing.assert_allclose(graph.get_array(out, "w_v"), v, atol=1e-4)
     assert np.linalg.matrix_rank(graph.get_array(out, "w_u") @ graph.get_array(out, "w_v")) == 4
     _valid(out, teacher, {"x": x[:2]})
+
+
+def test_layerwise_lowrank_alternating_least_squares_recovers_both_factors():
+    """Both factors damaged, the target exactly rank 4: ALS on (U, V) reaches it."""
+    rng = np.random.default_rng(RNG_SEED)
+    u = rng.standard_normal((16, 4)).astype(np.float32)
+    v = rng.standard_normal((4, 12)).astype(np.float32)
+    teacher = _float_layer(u @ v)
+    nodes = [helper.make_node("MatMul", ["x", "w_u"], ["z"], name="fc_u"),
+             helper.make_node("MatMul", ["z", "w_v"], ["y"], name="fc")]
+    g = helper.make_graph(nodes, "lr", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 12])],
+                          [numpy_helper.from_array(u + rng.standard_normal(u.shape).astype(np.float32) * 0.5, "w_u"),
+                           numpy_helper.from_array(v + 0.5, "w_v")])
+    student = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    x = rng.standard_normal((200, 16)).astype(np.float32)
+    ctx = StepContext(original=teacher, calibration={"x": x})
+    ctx.layers["w"] = LayerRecord("w", "fc", "MatMul", rank=4, factors=("w_u", "w_v"))
+
+    result = distill.run(student, _params(method="layerwise", damping=0.0), ctx)
+
+    row = result.metrics["layers"][0]
+    assert row["factors_refit"] == 2 and row["rel_l2_before"] > 0.5 and row["rel_l2_after"] < 1e-5
+    assert set(result.changed) == {"w_u", "w_v"}
+    out = result.model
+    assert graph.get_array(out, "w_u").shape == (16, 4) and graph.get_array(out, "w_v").shape == (4, 12)
+    np.testing.assert_allclose(_run(out, {"x": x})[0], x @ (u @ v), atol=1e-3)
+
+
+def test_layerwise_spatial_conv_factors_refit_second_given_first():
+    """A 3x3 Conv factored into 3x1 then 1x3 (not pointwise: only the second factor is refit). The
+    teacher is exactly the composition, so refitting the damaged second factor recovers it."""
+    rng = np.random.default_rng(RNG_SEED)
+    first = rng.standard_normal((3, 2, 3, 1)).astype(np.float32)       # [r, I, kh, 1]
+    second = rng.standard_normal((5, 3, 1, 3)).astype(np.float32)      # [O, r, 1, kw]
+    bias = rng.standard_normal(5).astype(np.float32)
+    full = np.einsum("orx,riy->oiyx", second[:, :, 0, :], first[:, :, :, 0])
+    teacher = _single_conv(full, bias, pads=[1, 1, 1, 1])
+    nodes = [helper.make_node("Conv", ["x", "f1"], ["mid"], name="conv_a", pads=[1, 0, 1, 0]),
+             helper.make_node("Conv", ["mid", "f2", "b"], ["y"], name="conv", pads=[0, 1, 0, 1])]
+    g = helper.make_graph(nodes, "sp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5, 6, 6])],
+                          [numpy_helper.from_array(first, "f1"), numpy_helper.from_array(second * 0.5, "f2"),
+                           numpy_helper.from_array(np.zeros(5, np.float32), "b")])
+    student = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.standard_normal((32, 2, 6, 6)).astype(np.float32)
+    ctx = StepContext(original=teacher, calibration={"x": x})
+    ctx.layers["w"] = LayerRecord("w", "conv", "Conv", rank=3, factors=("f1", "f2"))
+
+    result = distill.run(student, _params(method="layerwise", damping=0.0), ctx)
+
+    assert "factors_refit" not in result.metrics["layers"][0]
+    np.testing.assert_array_equal(graph.get_array(result.model, "f1"), first)
+    np.testing.assert_allclose(graph.get_array(result.model, "f2"), second, atol=1e-4)
+    np.testing.assert_allclose(graph.get_array(result.model, "b"), bias, atol=1e-4)
+    _valid(result.model, teacher, {"x": x[:2]})
+
+
+def _single_conv(w, b, pads) -> onnx.ModelProto:
+    o, i = w.shape[:2]
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", pads=pads)
+    g = helper.make_graph([node], "c", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", i, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", o, 6, 6])],
+                          [numpy_helper.from_array(w.astype(np.float32), "w"), numpy_helper.from_array(b.astype(np.float32), "b")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def _conv_model(w, b) -> onnx.ModelProto:

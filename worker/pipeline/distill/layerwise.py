@@ -24,8 +24,13 @@ Constraints earlier steps left are kept exactly:
   ``W = sum_k c_k M_k`` is linear in ``c``, so ``G c = r`` with ``G_kl = <M_k, H M_l>``,
   ``r_k = <M_k, C>`` (the bias eliminated through its own normal equation); a zero centroid (pruned
   weights) stays zero. Where the graph stores labels and codebook, only the codebook is rewritten.
-- low rank ``U V``: ``V``'s layer is refit on the student's ``U`` outputs (refit V given U); the rank
-  cannot change because the factor shapes do not.
+- low rank ``U V``: where the second factor's layer is pointwise over the first's output (MatMul /
+  Gemm pairs, k x k Conv then 1 x 1 Conv), both factors are refit by alternating least squares from
+  the first factor's input statistics: ``V, b`` by the ridge solve on ``(U^T H U, U^T C)``, then ``U``
+  from ``H U (V V^T) + lam U = (C - s b^T) V^T + lam U_0`` (one ridge system per eigenvector of
+  ``V V^T``), ``ALS_ITERATIONS`` rounds; otherwise (spatial Conv pairs, factors quantized later)
+  ``V``'s layer alone is refit on the student's ``U`` outputs. The rank cannot change because the
+  factor shapes do not.
 
 Layers go in the student's topological order, and each layer's inputs are captured from the
 student *after* the layers before it were refit, so the fit also corrects the drift they pass on.
@@ -224,6 +229,59 @@ class LayerFit:
     layer: LinearLayer
     target: str                    # the teacher's tensor holding the same layer's output
     constraints: Constraints
+    first: LinearLayer | None = None   # low rank: the first factor's layer, when both factors are refit
+
+
+ALS_ITERATIONS = 4
+
+
+def _projected(st: Statistics, u: np.ndarray) -> Statistics:
+    """Statistics of ``Z = A U`` (the first factor's output) from those of ``A``."""
+    return Statistics(u.T @ st.hessian @ u, u.T @ st.cross, u.T @ st.input_sum, st.target_sum, st.target_sq, st.rows)
+
+
+def _solve_first_factor(st: Statistics, v: np.ndarray, b: np.ndarray | None, u0: np.ndarray, lam: float) -> np.ndarray:
+    """``min_U ||A U V + 1 b^T - T||^2 + lam ||U - U0||^2``: ``H U G + lam U = R`` with ``G = V V^T``,
+    ``R = (C - s b^T) V^T + lam U0``; diagonalising ``G = Q L Q^T`` splits it into one ridge system
+    per column of ``U Q``: ``(l_i H + lam I) u_i = (R Q)_i``."""
+    rhs = st.cross if b is None else st.cross - np.outer(st.input_sum, b)
+    rhs = rhs @ v.T + lam * u0
+    eigenvalues, basis = np.linalg.eigh(v @ v.T)
+    rotated = rhs @ basis
+    k = st.hessian.shape[0]
+    columns = [_solve(eigenvalues[i] * st.hessian + lam * np.eye(k), rotated[:, i]) for i in range(v.shape[0])]
+    return np.stack(columns, axis=1) @ basis.T
+
+
+def fit_lowrank(student: onnx.ModelProto, first: LinearLayer, second: LinearLayer, stats: Statistics,
+                damping: float) -> dict:
+    """Alternating least squares on both factors of ``T ~ A U V + 1 b^T`` (rank fixed by their shapes),
+    from the statistics of the first factor's input ``A``; ``student`` mutated when it helps."""
+    with_bias = second.bias is not None
+    u0 = first.to_columns(first.weight.read(student))[0].astype(np.float64)
+    v0 = second.to_columns(second.weight.read(student))[0].astype(np.float64)
+    b0 = second.bias_columns(graph.get_array(student, second.bias.name))[0] if with_bias else None
+    before = residual(_projected(stats, u0), v0, b0)
+    lam_u = _ridge(stats, damping)
+    u, v, b = u0, v0, b0
+    for _ in range(ALS_ITERATIONS):
+        projected = _projected(stats, u)
+        v, b = solve_float(projected, _ridge(projected, damping), with_bias, None, v)
+        u = _solve_first_factor(stats, v, b, u, lam_u)
+    projected = _projected(stats, u)
+    v, b = solve_float(projected, _ridge(projected, damping), with_bias, None, v)
+    after = residual(projected, v, b)
+    scale = max(stats.target_sq, 1e-30)
+    if after >= before:
+        return {"rel_l2_before": float(np.sqrt(before / scale)), "rel_l2_after": float(np.sqrt(before / scale)),
+                "kept": True}
+    first.weight.write_float(student, first.from_columns([u]))
+    second.weight.write_float(student, second.from_columns([v]))
+    if with_bias:
+        old = graph.get_array(student, second.bias.name)
+        graph.set_array(student, second.bias.name, second.bias_from_columns([b]).astype(old.dtype))
+    return {"rel_l2_before": float(np.sqrt(before / scale)), "rel_l2_after": float(np.sqrt(after / scale)),
+            "kept": False, "factors_refit": 2}
 
 
 def fit(student: onnx.ModelProto, layer: LinearLayer, constraints: Constraints, stats: list[Statistics],
@@ -300,6 +358,34 @@ def fit(student: onnx.ModelProto, layer: LinearLayer, constraints: Constraints, 
             "rel_l2_after": float(np.sqrt(after / max(total, 1e-30))), "kept": False}
 
 
+class _Paired:
+    """The first factor's input rows against the second factor's output rows (aligned: the second
+    layer is pointwise over the first one's output)."""
+
+    def __init__(self, first: LinearLayer, second: LinearLayer):
+        self.first, self.second, self.node = first, second, second.node
+
+    def design(self, x: np.ndarray) -> list[np.ndarray]:
+        return self.first.design(x)
+
+    def targets(self, y: np.ndarray) -> list[np.ndarray]:
+        return self.second.targets(y)
+
+
+def pointwise_pair(first: LinearLayer, second: LinearLayer) -> bool:
+    """True when ``second`` multiplies each row of ``first``'s output by its weight and nothing else:
+    then ``A U V`` is the pair and both factors can be refit from ``A``'s statistics."""
+    if first.bias is not None or first.groups != 1 or second.groups != 1 or second.input != first.output:
+        return False
+    if first.kind in ("matmul", "gemm") and second.kind in ("matmul", "gemm"):
+        return first.alpha == 1.0 and second.alpha == 1.0
+    if first.kind == "conv" and second.kind == "conv":
+        g = second.geometry
+        return g.kernel == (1, 1) and g.strides == (1, 1) and not any(g.pads) and g.dilations == (1, 1) \
+            and first.geometry.one_d == g.one_d
+    return False
+
+
 def run(student: onnx.ModelProto, teacher: onnx.ModelProto, fits: list[LayerFit], data: Dataset, *,
         damping: float, batch_size: int, progress: Callable[[float, str], None],
         check_cancelled: Callable[[], None]) -> list[dict]:
@@ -310,17 +396,22 @@ def run(student: onnx.ModelProto, teacher: onnx.ModelProto, fits: list[LayerFit]
     for index, item in enumerate(fits):
         check_cancelled()
         layer = item.layer
-        student_run = None if layer.input in inputs else \
-            activations.session(activations.with_outputs(student, [layer.input]))
+        # both low-rank factors are refit from what the first one reads; otherwise the layer's own input
+        reader = item.first if item.first is not None else layer
+        student_run = None if reader.input in inputs else \
+            activations.session(activations.with_outputs(student, [reader.input]))
 
         def batches():
             for feeds in data.batches(batch_size):
-                x = feeds[layer.input] if student_run is None else student_run.run([layer.input], feeds)[0]
+                x = feeds[reader.input] if student_run is None else student_run.run([reader.input], feeds)[0]
                 y = teacher_run.run([item.target], feeds)[0]
                 yield x, y
 
-        stats = accumulate(layer, batches())
-        errors = fit(student, layer, item.constraints, stats, damping)
+        if item.first is not None:
+            paired = _Paired(item.first, layer)
+            errors = fit_lowrank(student, item.first, layer, accumulate(paired, batches())[0], damping)
+        else:
+            errors = fit(student, layer, item.constraints, accumulate(layer, batches()), damping)
         rows.append({"name": item.key, "node": layer.node.name, "op": layer.node.op_type, **errors})
         progress((index + 1) / len(fits),
                  f"layer {index + 1}/{len(fits)} {item.key}: rel_l2 {errors['rel_l2_before']:.4f} -> "

@@ -197,6 +197,13 @@ def plan_layerwise(student: onnx.ModelProto, teacher: onnx.ModelProto, params: D
         if (layer.bias is None) != (teacher_layer.bias is None):
             skipped.append({"name": key, "reason": "the layer's bias differs between the original and the compressed model"})
             continue
+        first = None
+        if record.factors is not None and own is None and layers.get(record.factors[0]) is None:
+            first_node = _weight_consumer(student, record.factors[0])
+            first_layer = linear_layer(student, first_node, input_shapes=shapes_s)[0] if first_node is not None else None
+            if first_layer is not None and layerwise.pointwise_pair(first_layer, layer) and all(
+                    w.grid is None and w.labels is None for w in (first_layer.weight, layer.weight)):
+                first = first_layer
         constraints = layerwise.Constraints()
         if own is not None:
             if own.mask is not None and tuple(np.shape(own.mask)) == layer.weight.shape:
@@ -206,7 +213,7 @@ def plan_layerwise(student: onnx.ModelProto, teacher: onnx.ModelProto, params: D
                 constraints.mask = layer.weight.read(student) != 0
             if own.codebook is not None:
                 constraints.codebook = np.asarray(own.codebook)
-        fits.append(layerwise.LayerFit(key, layer, teacher_layer.output, constraints))
+        fits.append(layerwise.LayerFit(key, layer, teacher_layer.output, constraints, first))
     order = {node.name: i for i, node in enumerate(graph.topological_nodes(student))}
     fits.sort(key=lambda f: order.get(f.layer.node.name, len(order)))
     return fits, skipped
@@ -260,6 +267,8 @@ def _run_layerwise(model: onnx.ModelProto, params: DistillStep, ctx: StepContext
         if row["kept"]:
             continue
         changed.append(item.layer.weight.name)
+        if item.first is not None:
+            changed.append(item.first.weight.name)
         if item.layer.bias is not None:
             changed.append(item.layer.bias.name)
         record = ctx.layers.get(item.key)
