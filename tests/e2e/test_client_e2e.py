@@ -1,5 +1,6 @@
 """End to end through the user's tools: featherweight.client and the CLI's server commands against a
-live ``featherweight serve`` (tests/e2e/conftest.py's embedded_service), and against no server at all.
+live ``featherweight serve`` (one per module, built from tests/e2e/conftest.py's Service), and against
+no server at all.
 
 Endpoints that come later (data sets, list, cancel: issue 7) are exercised here as soon as the
 server's OpenAPI document lists them."""
@@ -19,12 +20,29 @@ import pytest
 
 from featherweight.client import Client, NotFound, ServerUnavailable
 from tests.conftest import free_port
-from tests.e2e.conftest import REPO_ROOT, subprocess_env
+from tests.e2e.conftest import REPO_ROOT, Service, subprocess_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 RECIPE_YAML = "steps:\n  - op: quantize\n    weights: {bits: 8, symmetric: true, granularity: channel}\n"
 JOB_TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory) -> Service:
+    """One ``featherweight serve`` for this module (like conftest's live_server, started once:
+    every test here makes its own models and jobs, so they share it safely and the module stays quick)."""
+    folder = tmp_path_factory.mktemp("client-e2e")
+    port = free_port()
+    service = Service(f"http://127.0.0.1:{port}", folder)
+    env = subprocess_env({"FEATHERWEIGHT_HOME": str(folder / "home"), "FEATHERWEIGHT_WORKER_HEARTBEAT_SECONDS": "2"})
+    try:
+        service.start("serve", [sys.executable, "-m", "featherweight.cli", "serve", "--host", "127.0.0.1",
+                                "--port", str(port)], env)
+        service.wait_ready()
+        yield service
+    finally:
+        service.stop()
 
 
 def server_paths(url: str) -> set[str]:
@@ -42,8 +60,8 @@ def run_model(path: Path, original: onnx.ModelProto) -> list[np.ndarray]:
     return session.run(None, feeds)
 
 
-def test_client_full_flow(embedded_service, onnx_models, tmp_path):
-    url = embedded_service.url
+def test_client_full_flow(live_server, onnx_models, tmp_path):
+    url = live_server.url
     original = onnx_models.cnn()
     model_path = tmp_path / "cnn.onnx"
     model_path.write_bytes(original.SerializeToString())
@@ -69,7 +87,7 @@ def test_client_full_flow(embedded_service, onnx_models, tmp_path):
         assert job.state == "queued"
         updates = []
         job = fw.wait(job.id, timeout=JOB_TIMEOUT_S, on_progress=updates.append, poll_interval=0.2)
-        assert job.succeeded, f"{job.error}\n{embedded_service.logs()}"
+        assert job.succeeded, f"{job.error}\n{live_server.logs()}"
         assert updates[-1].state == "succeeded" and updates[-1].progress == 1.0
         progress = [u.progress for u in updates]
         assert progress == sorted(progress)
@@ -98,12 +116,12 @@ def test_client_full_flow(embedded_service, onnx_models, tmp_path):
             assert fw.wait(second.id, timeout=JOB_TIMEOUT_S).done
 
 
-def test_job_serves_a_self_contained_report_html(embedded_service, onnx_models, tmp_path):
+def test_job_serves_a_self_contained_report_html(live_server, onnx_models, tmp_path):
     model_path = tmp_path / "mlp.onnx"
     model_path.write_bytes(onnx_models.mlp().SerializeToString())
-    with Client(embedded_service.url, timeout=30) as fw:
+    with Client(live_server.url, timeout=30) as fw:
         job = fw.wait(fw.submit(fw.upload_model(model_path).id, RECIPE_YAML).id, timeout=JOB_TIMEOUT_S)
-        assert job.succeeded, f"{job.error}\n{embedded_service.logs()}"
+        assert job.succeeded, f"{job.error}\n{live_server.logs()}"
         assert job.artifact("report.html") is not None, (
             "the job has no report.html: the runner must write workdir/report.html with "
             "worker.pipeline.report_html.render_html(report, title=...)")
@@ -140,15 +158,15 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
         assert fragment in lines[0], lines[0]
 
 
-def test_cli_submit_wait_status_download(embedded_service, onnx_models, tmp_path):
-    url = embedded_service.url
+def test_cli_submit_wait_status_download(live_server, onnx_models, tmp_path):
+    url = live_server.url
     original = onnx_models.mlp()
     (tmp_path / "mlp.onnx").write_bytes(original.SerializeToString())
     (tmp_path / "r.yaml").write_text(RECIPE_YAML)
 
     done = featherweight("submit", "mlp.onnx", "--recipe", "r.yaml", "--server", url, "--wait",
                          "-o", "small.onnx", "--json", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr + embedded_service.logs()
+    assert done.returncode == 0, done.stderr + live_server.logs()
     job = json.loads(done.stdout)
     assert job["state"] == "succeeded" and job["report"]["size_ratio"] > 1.0
     assert "upload mlp.onnx" in done.stderr and f"job {job['id']} succeeded" in done.stderr
@@ -174,8 +192,8 @@ def test_cli_submit_wait_status_download(embedded_service, onnx_models, tmp_path
     assert waited.returncode == 0 and json.loads(waited.stdout)["state"] == "succeeded"
 
 
-def test_cli_bad_input_is_one_line_and_exit_2(embedded_service, onnx_models, tmp_path):
-    url = embedded_service.url
+def test_cli_bad_input_is_one_line_and_exit_2(live_server, onnx_models, tmp_path):
+    url = live_server.url
     (tmp_path / "mlp.onnx").write_bytes(onnx_models.mlp().SerializeToString())
     (tmp_path / "bad.yaml").write_text("steps:\n  - op: prune\n    sparsity: 1.5\n")
     (tmp_path / "r.yaml").write_text(RECIPE_YAML)
