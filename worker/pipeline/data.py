@@ -80,7 +80,7 @@ class Dataset:
     def _sample(self, name: str, start: int, stop: int) -> np.ndarray:
         array = self.arrays[name]
         if self.stacked[name]:
-            return array[start]               # one whole input
+            return np.asarray(array[start])   # one whole input (an array even for a scalar input)
         return array[start:stop]
 
     def batches(self, batch_size: int = 64, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:

@@ -124,9 +124,9 @@ def tensor_values(tensor: onnx.TensorProto, base_dir: str | Path | None = None) 
         onnx.external_data_helper.load_external_data_for_tensor(loaded, str(base_dir))
         tensor = loaded
     array = numpy_helper.to_array(tensor)
-    if array.dtype.kind == "V" or array.dtype.name in ("int4", "int2", "uint4", "uint2", "float4_e2m1"):
+    if array.dtype.kind == "V":        # ml_dtypes: int4 / int2 / uint4 / uint2 / bfloat16 / float8 / float4
         name = array.dtype.name
-        array = array.astype(np.uint8 if name.startswith("uint") else (np.float32 if "float" in name else np.int8))
+        array = array.astype(np.int8 if name in ("int4", "int2") else np.uint8 if name in ("uint4", "uint2") else np.float32)
     return array
 
 
@@ -182,17 +182,45 @@ def _fix_symbolic(model: onnx.ModelProto, batch: int = 1) -> None:
                 dim.dim_value = batch
 
 
+def _infer(sk: onnx.ModelProto) -> onnx.ModelProto:
+    for data_prop in (True, False):
+        try:
+            return onnx.shape_inference.infer_shapes(sk, data_prop=data_prop)
+        except Exception:   # inference is best effort: MACs of what it cannot type are 0
+            continue
+    return sk
+
+
+def _contrib_output_shapes(sk: onnx.ModelProto) -> bool:
+    """ONNX has no shape function for com.microsoft MatMulNBits: give its output ``A[..., :-1] + [N]``
+    as value_info so that inference continues past it. True when something was added."""
+    known = {v.name: v for v in list(sk.graph.input) + list(sk.graph.value_info) + list(sk.graph.output)
+             if v.type.tensor_type.HasField("shape")}
+    added = False
+    for node in sk.graph.node:
+        if node.op_type != "MatMulNBits" or not node.output or node.output[0] in known:
+            continue
+        a = known.get(node.input[0])
+        if a is None:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in a.type.tensor_type.shape.dim]
+        value = helper.make_tensor_value_info(node.output[0], a.type.tensor_type.elem_type,
+                                              dims[:-1] + [int(graph.attribute(node, "N", 0))])
+        sk.graph.value_info.append(value)
+        known[node.output[0]] = value
+        added = True
+    return added
+
+
 def inferred_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     """name -> shape for every tensor shape inference could make concrete (symbolic dims = 1)."""
     sk = skeleton(model)
     _fix_symbolic(sk)
-    try:
-        sk = onnx.shape_inference.infer_shapes(sk, data_prop=True)
-    except Exception:
-        try:
-            sk = onnx.shape_inference.infer_shapes(sk)
-        except Exception:
-            pass
+    sk = _infer(sk)
+    for _ in range(16):
+        if not _contrib_output_shapes(sk):
+            break
+        sk = _infer(sk)
     shapes: dict[str, tuple[int, ...]] = {}
     for value in list(sk.graph.input) + list(sk.graph.value_info) + list(sk.graph.output):
         tensor_type = value.type.tensor_type

@@ -123,6 +123,8 @@ def test_matmulnbits_format_same_numbers_as_qdq():
     b_out = builders.run_ort(nbits.model, feeds)
     assert builders.rel_l2(a, b_out) < 0.02
     assert builders.rel_l2(builders.run_ort(model, feeds), b_out) < 0.15
+    from worker.pipeline import metrics           # MACs see through the contrib op: K * N per sample
+    assert metrics.macs(nbits.model) == 128 * 256 + 256 * 16 == metrics.macs(model)
 
 
 def test_matmulnbits_asymmetric_and_padding():
@@ -136,7 +138,7 @@ def test_matmulnbits_asymmetric_and_padding():
 
 
 def test_auto_format_measures_and_reports():
-    result, ctx = apply(builders.mlp(), {"weights": {"bits": 4, "granularity": "block"}},
+    result, ctx = apply(builders.mlp(), {"weights": {"bits": 4, "granularity": "block"}, "format": "auto"},
                         options={"format_runs": 5, "format_budget_s": 0.5})
     assert set(result.metrics["format_latency_ms"]) == {"qdq", "matmulnbits"}
     faster = min(result.metrics["format_latency_ms"], key=result.metrics["format_latency_ms"].get)
@@ -144,12 +146,18 @@ def test_auto_format_measures_and_reports():
     assert ctx.layers["W1"].extra["format"] == faster
 
 
-def test_matmulnbits_format_needs_blocks():
+@pytest.mark.parametrize("bits", [8, 1])
+def test_per_channel_grids_take_matmulnbits_with_the_same_numbers(bits):
     model = builders.mlp()
-    params = step({"weights": {"bits": 4}, "format": "matmulnbits"})
-    with pytest.raises(RecipeError) as info:
-        quantize_step.check(model, params, StepContext(original=model))
-    assert info.value.errors[0]["loc"] == ["format"]
+    feeds = builders.random_inputs(model)
+    spec = {"weights": {"bits": bits}}
+    qdq, _ = apply(builders.mlp(), {**spec, "format": "qdq"})
+    nbits, ctx = apply(builders.mlp(), {**spec, "format": "matmulnbits"})
+    fused = [n for n in nbits.model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(fused) == 2 and {helper.get_attribute_value(a) for n in fused for a in n.attribute
+                                if a.name == "bits"} == {8 if bits == 8 else 2}
+    assert builders.rel_l2(builders.run_ort(qdq.model, feeds), builders.run_ort(nbits.model, feeds)) < 0.02
+    assert ctx.layers["W1"].extra["format"] == "matmulnbits"
 
 
 def correlated(model: onnx.ModelProto, count: int, seed: int) -> dict[str, np.ndarray]:

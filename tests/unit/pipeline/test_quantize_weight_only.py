@@ -29,6 +29,9 @@ def step(spec: dict):
 
 
 def apply(model: onnx.ModelProto, spec: dict, **ctx_kwargs):
+    """Run the quantize step directly. Tests look at the DequantizeLinear form unless they name a
+    format (the recipe's default, auto, may pick MatMulNBits by timing)."""
+    spec = {"format": "qdq", **spec}
     original = onnx.ModelProto()
     original.CopyFrom(model)
     ctx = StepContext(original=original, **ctx_kwargs)

@@ -9,6 +9,9 @@ blocks of ``block_size`` along K,
 The stored integers are unsigned: a symmetric (signed) grid is shifted by 2^(bits-1) and keeps the
 default zero point, so ``(q_u - 2^(bits-1)) * s == q * s`` exactly: the same numbers as the
 DequantizeLinear form, only packaged differently. Padding past K holds the zero point.
+A per-channel or per-tensor grid is the blocked grid whose blocks all repeat the channel's (the
+tensor's) scale and zero point (``from_grid``), so int8 / int4 / int2 per channel and sign (its
+{-1, +1} in 2 bits) take MatMulNBits too.
 
 ``choose`` times both forms of the whole model on the target's provider, interleaved, on the
 calibration data (or generated inputs) and keeps the faster.
@@ -40,6 +43,37 @@ class Packed:
     signed: bool
     symmetric: bool
     block_size: int
+
+
+def channel_block_size(k: int) -> int:
+    """The block for a per-channel / per-tensor grid: the largest of 256..16 dividing K (no
+    padding), else 32."""
+    for size in (256, 128, 64, 32, 16):
+        if k % size == 0:
+            return size
+    return 32
+
+
+def from_grid(weight: str, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, *, bits: int, signed: bool,
+              symmetric: bool, axis: int | None, block_size: int | None) -> Packed | None:
+    """The MatMulNBits view of a MatMul weight W[K, N] quantized in DequantizeLinear layout: blocked
+    along K as it is, or per channel (axis 1) / per tensor with the scale repeated in every block."""
+    if q.ndim != 2 or bits not in SUPPORTED_BITS:
+        return None
+    k, n = q.shape
+    if block_size is not None:
+        if axis != 0:
+            return None
+        return Packed(weight, q, np.asarray(scale), np.asarray(zero_point), bits, signed, symmetric, block_size)
+    if axis not in (None, 1):
+        return None
+    size = channel_block_size(k)
+    blocks = -(-k // size)
+    scale_b = np.broadcast_to(np.asarray(scale).reshape(1, -1) if axis == 1 else np.asarray(scale).reshape(1, 1),
+                              (blocks, n)).copy()
+    zero_b = np.broadcast_to(np.asarray(zero_point).reshape(1, -1) if axis == 1 else np.asarray(zero_point).reshape(1, 1),
+                             (blocks, n)).copy()
+    return Packed(weight, q, scale_b, zero_b, bits, signed, symmetric, size)
 
 
 def eligible(model: onnx.ModelProto, packed: Packed) -> bool:

@@ -3,7 +3,9 @@ channel, ``alpha = mean(|w|)`` over the channel (the L2-optimal scale for a fixe
 ``sign(0) = +1``. Computed by ``kernels.sign_quantize``.
 
 Stored as INT2 values in {-1, +1} (one bit of information, two of storage: ONNX has no 1-bit type)
-feeding a per-axis DequantizeLinear with scale alpha along the weight's output axis (opset 25).
+feeding a per-axis DequantizeLinear with scale alpha along the weight's output axis (opset 25); a
+MatMul weight may instead go to a 2-bit MatMulNBits with alpha repeated in every block (``format``,
+measured when ``auto``, as for the other weight-only grids).
 Where the installed ONNX Runtime cannot run an INT2 DequantizeLinear, the same values are stored as
 INT4 (opset 21) and the step's metrics say so.
 """
@@ -19,7 +21,7 @@ from onnx import helper, numpy_helper
 import kernels
 from core.recipe import QuantizeStep
 from worker.pipeline import graph
-from worker.pipeline.quant import weight_only
+from worker.pipeline.quant import matmulnbits, weight_only
 from worker.pipeline.step import StepContext, StepResult
 
 
@@ -46,6 +48,7 @@ def quantize_sign(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext
     layers = weight_only.candidate_layers(model, params)
     inits = graph.initializers(model)
     changed: list[str] = []
+    packs: list[tuple[matmulnbits.Packed, int]] = []
     for position, layer in enumerate(layers):
         ctx.check_cancelled()
         tensor = inits[layer.weight]
@@ -60,11 +63,21 @@ def quantize_sign(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext
                                           storage=f"int{storage_bits}")
         record.bits = 1
         record.grid["bits"] = 1
-        ctx.progress((position + 1) / max(len(layers), 1), f"sign {layer.weight}")
+        if layer.op == "MatMul":
+            packed = matmulnbits.from_grid(layer.weight, signs, alpha, zero, bits=storage_bits, signed=True,
+                                           symmetric=True, axis=layer.out_axis, block_size=None)
+            if packed is not None:
+                packs.append((packed, tensor.data_type))
+        ctx.progress(0.9 * (position + 1) / max(len(layers), 1), f"sign {layer.weight}")
     graph.sort_graph(model)
+    model, formats, timing = weight_only.choose_format(model, params, layers, packs, ctx)
+    for weight, chosen in formats.items():
+        ctx.layers[weight].extra["format"] = chosen
     metrics = {"mode": "sign", "bits": 1, "storage": f"int{storage_bits}", "quantized": len(layers),
-               "lifted_constants": lifted, "formats": {layer.weight: "qdq" for layer in layers},
+               "lifted_constants": lifted, "formats": formats,
                "opset": graph.opset(model), "skipped": weight_only.skipped_weights(model)}
+    if timing:
+        metrics["format_latency_ms"] = timing
     if storage_bits != 2:
         metrics["note"] = "this ONNX Runtime has no INT2 DequantizeLinear: signs stored as INT4"
     return StepResult(model, changed, metrics)

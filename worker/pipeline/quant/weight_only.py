@@ -174,16 +174,6 @@ def refuse_empty_selection(model: onnx.ModelProto, params: QuantizeStep) -> None
     raise RecipeError(why, [{"loc": loc, "msg": why}])
 
 
-def refuse_format(params: QuantizeStep) -> None:
-    """MatMulNBits holds blocked 2 / 4 / 8-bit grids only."""
-    if params.format != "matmulnbits":
-        return
-    spec = params.weights
-    if spec.granularity != "block" or spec.bits not in matmulnbits.SUPPORTED_BITS:
-        why = "format matmulnbits needs weights with granularity: block and bits 2, 4 or 8"
-        raise RecipeError(why, [{"loc": ["format"], "msg": why}])
-
-
 def skipped_weights(model: onnx.ModelProto) -> list[dict[str, str]]:
     """Float weights inside If / Loop / Scan subgraphs: left float, and listed with the reason."""
     skipped = []
@@ -300,9 +290,11 @@ def quantize_weights(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
                 fallback[layer.weight] = runner.fallback.get(layer.weight, "no GPTQ form")
         changed += replace_with_dequantize(model, layer, q, scale, zero_point, grid, float_type)
         record_layer(ctx, layer, grid, w_hat, w, scale, zero_point, format="qdq", method=method)
-        if layer.op == "MatMul" and grid.block_size is not None:
-            packs.append((matmulnbits.Packed(layer.weight, q, scale, zero_point, grid.bits, grid.signed,
-                                             grid.symmetric, grid.block_size), float_type))
+        packed = matmulnbits.from_grid(layer.weight, q, scale, zero_point, bits=grid.bits, signed=grid.signed,
+                                       symmetric=grid.symmetric, axis=grid.axis,
+                                       block_size=grid.block_size) if layer.op == "MatMul" else None
+        if packed is not None:
+            packs.append((packed, float_type))
         ctx.progress(0.9 * (position + 1) / max(len(layers), 1), f"quantized {layer.weight}")
     graph.sort_graph(model)
     model, formats, timing = choose_format(model, params, layers, packs, ctx)

@@ -225,6 +225,15 @@ class _Rewriter:
         return new
 
 
+def _constant_to_float16(node: onnx.NodeProto) -> None:
+    """A float32 Constant (value / value_float / value_floats) rewritten as a float16 ``value``."""
+    attr = node.attribute[0]
+    value = helper.get_attribute_value(attr)
+    array = numpy_helper.to_array(value) if attr.type == onnx.AttributeProto.TENSOR else np.asarray(value, np.float32)
+    del node.attribute[:]
+    node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(array.astype(np.float16))))
+
+
 def convert(model: onnx.ModelProto, plans: dict[str, NodePlan]) -> tuple[onnx.ModelProto, int]:
     """A float16 copy of ``model`` where the nodes in ``plans`` compute in float16. Returns (model,
     number of Casts inserted)."""
@@ -244,6 +253,8 @@ def convert(model: onnx.ModelProto, plans: dict[str, NodePlan]) -> tuple[onnx.Mo
             for attr in node.attribute:
                 if attr.name == "to":
                     attr.i = FLOAT16
+        if node.op_type == "Constant" and plan.outputs:
+            _constant_to_float16(node)
     # graph outputs produced in float16: the node writes <name>_fp16, a Cast restores <name>
     renamed: dict[str, str] = {}
     for name in sorted(fp16_tensors & graph_outputs):

@@ -29,7 +29,6 @@ def check(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext) -> Non
         if hook is not None:
             hook(model, params, ctx)
         return
-    weight_only.refuse_format(params)
     weight_only.refuse_empty_selection(model, params)
 
 
