@@ -51,7 +51,10 @@ def get_array(model: onnx.ModelProto, name: str) -> np.ndarray:
 
 def set_array(model: onnx.ModelProto, name: str, array: np.ndarray) -> None:
     """Replace (or add) the initializer ``name`` with ``array``, keeping its position."""
-    tensor = numpy_helper.from_array(np.ascontiguousarray(array), name)
+    array = np.asarray(array)
+    if not array.flags.c_contiguous:
+        array = array.copy(order="C")   # np.ascontiguousarray would turn a 0-d scale into shape (1,)
+    tensor = numpy_helper.from_array(array, name)
     for index, existing in enumerate(model.graph.initializer):
         if existing.name == name:
             model.graph.initializer[index].CopyFrom(tensor)
