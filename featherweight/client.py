@@ -407,7 +407,10 @@ def _artifact_destination(dest: str | os.PathLike[str], name: str, response: htt
         disposition = response.headers.get("Content-Disposition", "")
         if 'filename="' in disposition:
             filename = disposition.split('filename="', 1)[1].split('"', 1)[0] or filename
-        target = target / Path(filename).name  # basename only: the header must not pick a directory
+        filename = Path(filename).name  # basename only: the header must not pick a directory
+        if filename in ("", ".", ".."):
+            filename = {"model": "model.onnx"}.get(name, name)
+        target = target / filename
     return target
 
 
@@ -453,6 +456,11 @@ def _content_length(response: httpx.Response) -> int | None:
     if value and value.isdigit() and response.headers.get("Content-Encoding", "identity") == "identity":
         return int(value)
     return None
+
+
+def _timeout(seconds: float) -> httpx.Timeout:
+    # A host that never answers the TCP handshake should be reported in seconds, not a minute.
+    return httpx.Timeout(seconds, connect=min(seconds, 10.0))
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
@@ -520,7 +528,7 @@ class Client:
         self.base_url = str(http.base_url) if http is not None else base_url.rstrip("/")
         self.retries = retries
         self._owns_http = http is None  # a caller's httpx.Client is the caller's to close
-        self._http = http or httpx.Client(base_url=self.base_url, timeout=timeout)
+        self._http = http or httpx.Client(base_url=self.base_url, timeout=_timeout(timeout))
         self._http.headers.update(_headers(api_key))
         self._sleep: Callable[[float], None] = time.sleep
         self._clock: Callable[[], float] = time.monotonic
@@ -707,7 +715,7 @@ class AsyncClient:
         self.base_url = str(http.base_url) if http is not None else base_url.rstrip("/")
         self.retries = retries
         self._owns_http = http is None
-        self._http = http or httpx.AsyncClient(base_url=self.base_url, timeout=timeout)
+        self._http = http or httpx.AsyncClient(base_url=self.base_url, timeout=_timeout(timeout))
         self._http.headers.update(_headers(api_key))
         self._sleep: Callable[[float], Any] = asyncio.sleep
         self._clock: Callable[[], float] = time.monotonic
@@ -744,6 +752,9 @@ class AsyncClient:
 
     async def health(self) -> dict[str, Any]:
         return await self._json("GET", "/health")
+
+    async def ready(self) -> dict[str, Any]:
+        return await self._json("GET", "/ready")
 
     async def upload_model(self, path: str | os.PathLike[str], progress: ProgressCallback | None = None) -> UploadedModel:
         return UploadedModel.from_json(await self._upload("/v1/models", Path(path), progress))

@@ -409,6 +409,17 @@ def test_download_refuses_bytes_that_do_not_match_and_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_download_into_a_directory_ignores_paths_in_the_servers_filename(tmp_path):
+    for hostile, expected in (("../../escape.onnx", "escape.onnx"), ("..", "model.onnx"), ("/etc/x", "x")):
+        client, _ = mock_client(lambda request, h=hostile: httpx.Response(
+            200, content=b"m", headers={"Content-Disposition": f'attachment; filename="{h}"',
+                                        "X-Checksum-SHA256": hashlib.sha256(b"m").hexdigest()}))
+        folder = tmp_path / f"d{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        assert client.download("j1", "model", folder).path == folder / expected
+        assert [p.name for p in folder.iterdir()] == [expected]
+
+
 def test_download_without_a_header_checks_the_jobs_artifact_list(tmp_path):
     payload = b"bytes from a signed storage url"
 
