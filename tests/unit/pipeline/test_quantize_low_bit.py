@@ -289,3 +289,26 @@ def test_sign_on_conv_per_output_channel():
     np.testing.assert_allclose(stored["scale"], np.mean(np.abs(w2), axis=(1, 2, 3)), rtol=1e-6)
     out = builders.run_ort(result.model, feeds)[0]
     assert out.shape == (16, 10) and np.isfinite(out).all()
+
+
+def test_gptq_keeps_pruned_weights_at_zero():
+    from worker.pipeline.step import LayerRecord
+
+    model = builders.mlp()
+    w1 = weight(model, "W1")
+    mask = np.abs(w1) > np.median(np.abs(w1))
+    pruned = np.where(mask, w1, 0).astype(np.float32)
+    for tensor in model.graph.initializer:
+        if tensor.name == "W1":
+            tensor.CopyFrom(numpy_helper.from_array(pruned, "W1"))
+    original = onnx.ModelProto()
+    original.CopyFrom(model)
+    ctx = StepContext(original=original, calibration=correlated(model, 128, seed=1),
+                      layers={"W1": LayerRecord("W1", "fc1", "MatMul", sparsity=0.5, mask=mask)})
+    params = step({"weights": {"bits": 4, "granularity": "block", "symmetric": False}, "method": "gptq",
+                   "format": "qdq"})
+    result = quantize_step.run(model, params, ctx)
+    _, stored = dq_of(result.model, "W1")
+    zeros = np.repeat(stored["zero_point"], 32, axis=0)
+    np.testing.assert_array_equal(stored["q"][~mask], zeros[~mask])
+    assert ctx.layers["W1"].sparsity == 0.5 and ctx.layers["W1"].bits == 4

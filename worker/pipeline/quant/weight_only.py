@@ -249,6 +249,20 @@ def record_layer(ctx: StepContext, layer: graph.WeightLayer, grid: Grid, w_hat: 
     return record
 
 
+def keep_pruned_zeros(record: LayerRecord | None, q: np.ndarray, w_hat: np.ndarray, zero_point: np.ndarray,
+                      grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """Weights an earlier prune step zeroed stay exactly zero (q = z). RTN keeps them by itself
+    (round(0 / s) + z = z); GPTQ's error compensation may move them, so they are put back here."""
+    if record is None or record.mask is None or record.mask.shape != q.shape:
+        return q, w_hat
+    from worker.pipeline.quant.gptq import expand
+
+    pruned = ~np.asarray(record.mask, dtype=bool)
+    zeros = expand(zero_point, q.shape, grid.axis, grid.block_size).astype(q.dtype)
+    q = np.where(pruned, zeros, q)
+    return q, np.where(pruned, np.float32(0.0), w_hat).astype(np.float32)
+
+
 def prepare(model: onnx.ModelProto, params: QuantizeStep, opset: int) -> tuple[onnx.ModelProto, list[str]]:
     """Lift Constant weights, raise the opset; returns the model to work on and the lifted names."""
     lifted = constants.lift_constant_weights(model)
@@ -282,6 +296,7 @@ def quantize_weights(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
         if runner is not None and runner.supports(layer):
             q, scale, zero_point, w_hat = runner.quantize(layer, w, grid)
             method = "gptq"
+            q, w_hat = keep_pruned_zeros(ctx.layers.get(layer.weight), q, w_hat, zero_point, grid)
         else:
             q, scale, zero_point = quantize_rtn(w, grid)
             w_hat = dequantize(q, scale, zero_point, grid)
