@@ -107,15 +107,17 @@ def attention(d: int = 64, seq: int = 8, seed: int = 0) -> onnx.ModelProto:
 
 
 def embedding_gru(vocab: int = 256, dim: int = 32, hidden: int = 32, classes: int = 4, seq: int = 6,
-                  seed: int = 0) -> onnx.ModelProto:
-    """ids[batch, seq] int64 -> Gather(table[vocab, dim]) -> [seq, batch, dim] -> GRU(hidden)
-    -> last hidden [batch, hidden] -> MatMul W[hidden, classes] + b -> logits[batch, classes]."""
+                  seed: int = 0, cell: str = "GRU") -> onnx.ModelProto:
+    """ids[batch, seq] int64 -> Gather(table[vocab, dim]) -> [seq, batch, dim] -> GRU (or LSTM)
+    -> last hidden [batch, hidden] -> MLP head -> logits[batch, classes]. The cell's weights are
+    named gru.W / gru.R / gru.B either way."""
     rng = np.random.default_rng(seed)
+    gates = {"GRU": 3, "LSTM": 4}[cell]
     inits = [
         numpy_helper.from_array(_w(rng, vocab, dim, scale=1.0), "embedding"),
-        numpy_helper.from_array(_w(rng, 1, 3 * hidden, dim, scale=0.3), "gru.W"),
-        numpy_helper.from_array(_w(rng, 1, 3 * hidden, hidden, scale=0.3), "gru.R"),
-        numpy_helper.from_array(_w(rng, 1, 6 * hidden, scale=0.1), "gru.B"),
+        numpy_helper.from_array(_w(rng, 1, gates * hidden, dim, scale=0.3), "gru.W"),
+        numpy_helper.from_array(_w(rng, 1, gates * hidden, hidden, scale=0.3), "gru.R"),
+        numpy_helper.from_array(_w(rng, 1, 2 * gates * hidden, scale=0.1), "gru.B"),
         numpy_helper.from_array(_w(rng, hidden, 4 * classes * 8), "head.W1"),
         numpy_helper.from_array(_w(rng, 4 * classes * 8, classes), "head.W2"),
         numpy_helper.from_array(np.array([0], np.int64), "axes0"),
@@ -123,7 +125,7 @@ def embedding_gru(vocab: int = 256, dim: int = 32, hidden: int = 32, classes: in
     nodes = [
         helper.make_node("Gather", ["embedding", "ids"], ["e"], name="embed", axis=0),
         helper.make_node("Transpose", ["e"], ["et"], name="to_time_major", perm=[1, 0, 2]),
-        helper.make_node("GRU", ["et", "gru.W", "gru.R", "gru.B"], ["", "h"], name="gru", hidden_size=hidden),
+        helper.make_node(cell, ["et", "gru.W", "gru.R", "gru.B"], ["", "h"], name="gru", hidden_size=hidden),
         helper.make_node("Squeeze", ["h", "axes0"], ["hs"], name="squeeze"),
         helper.make_node("MatMul", ["hs", "head.W1"], ["z0"], name="head1"),
         helper.make_node("Relu", ["z0"], ["z1"], name="head_relu"),

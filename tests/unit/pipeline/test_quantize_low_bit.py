@@ -201,8 +201,9 @@ def test_gptq_on_conv_and_gemm():
     assert builders.rel_l2(expected, builders.run_ort(result.model, feeds)) < 0.2
 
 
-def test_embedding_table_quantized_per_row_and_gru_weights():
-    model = builders.embedding_gru()
+@pytest.mark.parametrize("cell", ["GRU", "LSTM"])
+def test_embedding_table_quantized_per_row_and_recurrent_weights(cell):
+    model = builders.embedding_gru(cell=cell)
     table = weight(model, "embedding")
     feeds = builders.random_inputs(model)
     expected = builders.run_ort(model, feeds)

@@ -183,3 +183,24 @@ def test_output_past_the_protobuf_limit_goes_to_external_data(tmp_path, monkeypa
     assert result.report["compressed"]["bytes"] == (tmp_path / "w" / "model.onnx").stat().st_size + \
         (tmp_path / "w" / "model.onnx.data").stat().st_size
     assert result.report["fidelity"]["rel_l2"] < 0.03
+
+
+def test_scalar_and_bool_inputs_with_generated_data(tmp_path):
+    """A model with a scalar bool input (an If's condition): generated fidelity data feeds it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    then = helper.make_graph([helper.make_node("Relu", ["h"], ["t"], name="then_relu")], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Neg", ["h"], ["e"], name="else_neg")], "else", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+             helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then, else_branch=other)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64]),
+                                       helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64])],
+                          [numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "W")])
+    path = tmp_path / "if.onnx"
+    onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    report = runner.run(path, parse_recipe(INT8), workdir=tmp_path / "w", options=FAST).report
+    assert report["fidelity_data"] == "generated" and report["fidelity"]["rel_l2"] < 0.03
