@@ -49,7 +49,7 @@ def _model_summary(path: Path, model: onnx.ModelProto) -> dict[str, Any]:
             "macs": metrics.macs(model)}
 
 
-def _layer_rows(original: onnx.ModelProto, compressed: onnx.ModelProto, layers: Mapping[str, LayerRecord],
+def _layer_rows(original: onnx.ModelProto, layers: Mapping[str, LayerRecord],
                 errors: Mapping[str, float]) -> list[dict[str, Any]]:
     shapes = {t.name: tuple(t.dims) for t in original.graph.initializer}
     rows = []
@@ -148,7 +148,7 @@ def build_report(*, original_path: Path, compressed_path: Path, target: str, ste
         "target": target,
         "provider": provider_used,
         "steps": list(steps),
-        "layers": _layer_rows(original, compressed, layers, errors),
+        "layers": _layer_rows(original, layers, errors),
     }
     return _clean(report)
 

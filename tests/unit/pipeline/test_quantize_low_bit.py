@@ -11,7 +11,6 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from core.errors import RecipeError
 from tests.unit.pipeline import builders
 from tests.unit.pipeline.test_quantize_weight_only import apply, dq_of, step
 from worker.pipeline.step import StepContext

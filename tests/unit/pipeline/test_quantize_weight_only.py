@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import pytest
 from onnx import numpy_helper
 
 from core.recipe import parse_recipe
