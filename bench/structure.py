@@ -12,6 +12,7 @@ with their fixed calibration / evaluation splits) every variant goes through
     sparsegpt50-global prune sparsegpt, 50 % overall, scope global (the same per-layer budgets)
     channel30          cleanup, then prune structure channel 30 % (CNN: the Conv layers only;
                        transformer: every MatMul / Gemm, the MLP hidden features are what can go)
+    channel30-distill  the same, then distill layerwise (each changed layer refit on calibration data)
     lowrank50          lowrank rank_ratio 0.5 on the MatMul / Gemm weights
     prune50-int8       prune magnitude 50 %, then quantize weights int8 per channel
     cluster4           cluster 4 bits (16 shared values per tensor)
@@ -49,6 +50,8 @@ def _recipe(variant: str, model_name: str) -> dict:
         include = ["*Conv*"] if model_name == "digits_cnn" else linear
         steps = [{"op": "cleanup"},
                  {"op": "prune", "structure": "channel", "sparsity": 0.3, "include": include, "min_params": 0}]
+    elif variant == "channel30-distill":
+        steps = _recipe("channel30", model_name)["steps"] + [{"op": "distill", "method": "layerwise"}]
     elif variant == "lowrank50":
         steps = [{"op": "lowrank", "rank_ratio": 0.5, "conv": "none", "min_params": 0}]
     elif variant == "prune50-int8":
@@ -62,7 +65,7 @@ def _recipe(variant: str, model_name: str) -> dict:
     return {"steps": steps}
 
 
-VARIANTS = ("magnitude50", "sparsegpt50", "magnitude50-global", "sparsegpt50-global", "channel30", "lowrank50", "prune50-int8", "cluster4")
+VARIANTS = ("magnitude50", "sparsegpt50", "magnitude50-global", "sparsegpt50-global", "channel30", "channel30-distill", "lowrank50", "prune50-int8", "cluster4")
 
 
 def _linear_params(model: onnx.ModelProto) -> int:
@@ -125,7 +128,9 @@ def evaluate(model_name: str, variants: list[str], runs: int, workdir: Path) -> 
             "macs_ratio": report["compressed"]["macs"] / report["original"]["macs"] if report["original"]["macs"] else None,
             "params_ratio": report["compressed"]["params"] / report["original"]["params"],
             "nonzero_ratio": report["compressed"]["nonzero_params"] / report["original"]["params"],
-            "linear_params_ratio": _linear_params(compressed) / max(_linear_params(model), 1),
+            # only where the weights stay float initializers (quantize / cluster store them otherwise)
+            "linear_params_ratio": _linear_params(compressed) / max(_linear_params(model), 1)
+            if variant.startswith(("lowrank", "channel")) else None,
             "rel_l2": report["fidelity"]["rel_l2"], "top1_agreement": report["fidelity"]["top1_agreement"],
             "accuracy": report["accuracy"]["compressed"] if report.get("accuracy") else None,
             "accuracy_original": report["accuracy"]["original"] if report.get("accuracy") else None,

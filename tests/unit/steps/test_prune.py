@@ -175,6 +175,12 @@ def test_channel_pruning_shrinks_cnn_consistently_across_the_residual():
     assert {s["name"] for s in result.metrics["skipped"]} == {"fc_w"}
     assert result.metrics["params_after"] < 0.55 * result.metrics["params_before"]
     assert ctx.layers["conv4_w"].extra["shape"] == [23, 11, 3, 3]
+    # a consumer that only lost input columns is recorded too (distill refits it), nothing masked inside
+    assert ctx.layers["fc_w"].mask.shape == (10, 23) and ctx.layers["fc_w"].mask.all()
+    kept = ctx.layers["conv4_w"].extra["kept_outputs"]
+    assert ctx.layers["fc_w"].extra["kept_inputs"] == kept and len(kept) == 23 and kept == sorted(kept)
+    np.testing.assert_array_equal(get_array(result.model, "conv4_w")[:, :, :, :],
+                                  get_array(model, "conv4_w")[kept][:, ctx.layers["conv4_w"].extra["kept_inputs"]])
     assert result.metrics["channel_sparsity"] == pytest.approx(round(0.3 * 64) / 64)
 
 

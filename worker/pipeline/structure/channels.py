@@ -589,20 +589,28 @@ def prune_channels(model: onnx.ModelProto, params: PruneStep, ctx: StepContext) 
     out = onnx.shape_inference.infer_shapes(out, strict_mode=True)
 
     after = {t.name: t for t in out.graph.initializer}
-    params_after = 0
-    for layer in selected_layers:
-        tensor = after.get(layer.weight)
-        if tensor is None:
+    params_after = sum(int(np.prod(after[layer.weight].dims)) for layer in selected_layers if layer.weight in after)
+    # every layer that lost rows or columns gets a record, consumers included: distill refits them,
+    # with an all-True mask (nothing inside the remaining tensor is pruned) or the earlier mask, sliced
+    for layer in weight_layers(out, ops=("Conv", "Gemm", "MatMul"), min_params=0):
+        if layer.weight not in sliced:
             continue
-        array = numpy_helper.to_array(tensor)
-        params_after += array.size
-        if layer.weight in sliced:
-            record = layer_record(ctx, layer)
-            for axis, index in sliced[layer.weight]:
-                if record.mask is not None:
-                    record.mask = np.take(record.mask, index, axis=axis)
-            record.sparsity = sparsity_of(array)
-            record.extra["shape"] = list(array.shape)
+        array = numpy_helper.to_array(after[layer.weight])
+        record = layer_record(ctx, layer)
+        mask = record.mask
+        for axis, index in sliced[layer.weight]:
+            if mask is not None:
+                mask = np.take(mask, index, axis=axis)
+        record.mask = mask if mask is not None and mask.shape == array.shape else np.ones(array.shape, dtype=bool)
+        record.sparsity = sparsity_of(array)
+        record.extra["shape"] = list(array.shape)
+        record.extra["structure"] = "channel"
+        # which original output channels / input positions survive, so a teacher's tensors can be
+        # sliced to match (layerwise distillation compares layer outputs position by position)
+        for axis, index in sliced[layer.weight]:
+            key = "kept_outputs" if axis == layer.out_axis else "kept_inputs" if axis == layer.in_axis else None
+            if key is not None:
+                record.extra[key] = index.astype(int).tolist()
     return StepResult(out, sorted(changed), log.metrics(
         structure="channel", channel_block=block, channel_sparsity=removed_total / channels_total if channels_total else 0.0,
         params_before=int(sum(params_before.values())), params_after=int(params_after),
