@@ -524,7 +524,9 @@ def _compress(teacher, calibration, steps):
     [{"op": "cluster", "bits": 2, "min_params": 0}],
     [{"op": "lowrank", "rank_ratio": 0.5, "min_params": 0}],
     [{"op": "prune", "sparsity": 0.6, "min_params": 0}, {"op": "quantize", "weights": {"bits": 4}, "format": "qdq", "min_params": 0}],
-], ids=["prune", "int4", "cluster", "lowrank", "prune+int4"])
+    [{"op": "quantize", "weights": {"bits": 4, "granularity": "block", "block_size": 16}, "format": "matmulnbits",
+      "min_params": 0}],
+], ids=["prune", "int4", "cluster", "lowrank", "prune+int4", "int4-matmulnbits"])
 @pytest.mark.parametrize("method", ["layerwise", "kd"])
 def test_distill_after_real_steps_keeps_their_constraints(steps, method):
     if method == "kd":

@@ -33,7 +33,7 @@ from core.errors import PipelineError
 from core.recipe import DistillStep
 from worker.pipeline import activations, graph
 from worker.pipeline.data import Dataset
-from worker.pipeline.distill.layers import WeightSource, constant_nodes, constant_values, weight_source
+from worker.pipeline.distill.layers import WeightSource, constant_nodes, constant_values, linear_layer, weight_source
 from worker.pipeline.distill.torch_graph import TorchGraph, WeightSpec
 from worker.pipeline.step import LayerRecord
 
@@ -83,6 +83,14 @@ def trainable_weights(student: onnx.ModelProto, params: DistillStep, layers: dic
     # weights the graph computes from constants: integers behind a DequantizeLinear, or a codebook
     # gathered by labels (the cluster step); read where a layer takes its weight
     for node in student.graph.node:
+        if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+            layer, _ = linear_layer(student, node)
+            if layer is not None and not any(spec.output == node.input[1] for spec in specs) and _selected(
+                    [node.input[1], node.name], params, int(np.prod(layer.weight.shape))):
+                mask = masks.get(node.input[1])
+                specs.append(WeightSpec(node.input[1], node.input[1], grid=layer.weight.grid, source=layer.weight,
+                                        mask=mask if mask is not None and mask.shape == layer.weight.shape else None))
+            continue
         slot = {"MatMul": 1, "Gemm": 1, "Conv": 1, "Gather": 0}.get(node.op_type)
         if slot is None or len(node.input) <= slot or node.input[slot] in inits:
             continue
@@ -301,6 +309,8 @@ def distill(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Dataset, p
         value = finals[spec.name]
         if spec.labels is not None and spec.name != spec.output:
             WeightSource(spec.name, tuple(value.shape), labels=spec.labels).write_codebook(trained, centroids[spec.name])
+        elif spec.source is not None:
+            spec.source.write_integers(trained, spec.grid.quantize(value))
         elif spec.grid is not None:
             WeightSource(spec.name, tuple(value.shape), spec.grid).write_integers(trained, spec.grid.quantize(value))
         else:

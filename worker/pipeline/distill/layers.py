@@ -82,9 +82,12 @@ class WeightSource:
     shape: tuple[int, ...]
     grid: Grid | None = None       # set when the stored values are integers on a grid
     labels: np.ndarray | None = None   # set for a codebook: weight = codebook[labels], the weight's shape
+    nbits: dict | None = None      # set for MatMulNBits: K, N, bits, block_size of the packed B
 
     def read(self, model: onnx.ModelProto) -> np.ndarray:
         """The weight as the layer uses it (float32, dequantized where quantized)."""
+        if self.nbits is not None:
+            return self.grid.dequantize(_unpack_nbits(graph.get_array(model, self.name), self.nbits))
         stored = graph.get_array(model, self.name)
         if self.labels is not None:
             return np.asarray(stored, dtype=np.float32).reshape(-1)[self.labels]
@@ -105,6 +108,9 @@ class WeightSource:
             self.write_integers(model, self.grid.quantize(np.asarray(w).reshape(self.shape)))
 
     def write_integers(self, model: onnx.ModelProto, q: np.ndarray) -> None:
+        if self.nbits is not None:
+            graph.set_array(model, self.name, _pack_nbits(np.asarray(q).reshape(self.shape), self.nbits))
+            return
         old = graph.get_array(model, self.name)
         # astype to the stored numpy dtype (int8, or ml_dtypes' int4 / int2) keeps the ONNX type
         graph.set_array(model, self.name, np.asarray(q, dtype=np.int64).reshape(self.shape).astype(old.dtype))
@@ -204,6 +210,58 @@ def _codebook_source(model: onnx.ModelProto, tensor: str, producer: onnx.NodePro
     if labels.size != weight.size or graph.attribute(gather, "axis", 0) != 0:
         return None
     return WeightSource(book.name, tuple(weight.shape), labels=labels.reshape(weight.shape))
+
+
+def _unpack_nbits(packed: np.ndarray, meta: dict) -> np.ndarray:
+    """MatMulNBits' B [N, blocks, blob] (W^T, low bits first) -> unsigned integers [K, N]."""
+    import kernels
+
+    n, k, bits = meta["N"], meta["K"], meta["bits"]
+    per_row = packed.shape[1] * packed.shape[2] * 8 // bits
+    rows = kernels.unpack(np.ascontiguousarray(packed.reshape(-1)), bits, signed=False, count=n * per_row)
+    return rows.reshape(n, per_row)[:, :k].T.astype(np.int64)
+
+
+def _pack_nbits(q: np.ndarray, meta: dict) -> np.ndarray:
+    """The inverse of ``_unpack_nbits``; past K each row keeps its block's zero point (ORT's layout)."""
+    import kernels
+
+    k, n = q.shape
+    bits, blocks, blob = meta["bits"], meta["blocks"], meta["blob"]
+    rows = np.repeat(meta["zero_rows"], meta["block_size"], axis=1)[:, :blocks * meta["block_size"]].astype(np.uint8)
+    rows[:, :k] = q.T.astype(np.uint8)
+    return kernels.pack(rows.reshape(-1), bits).reshape(n, blocks, blob)
+
+
+def _nbits_source(model: onnx.ModelProto, node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> WeightSource | None:
+    """MatMulNBits (com.microsoft) with a constant packed B, float scales and packed uint8 zero points."""
+    if len(node.input) < 3 or node.input[1] not in inits or node.input[2] not in inits:
+        return None
+    if any(name for name in node.input[4:5]):   # g_idx (act-order) is not a plain block grid
+        return None
+    k, n = int(graph.attribute(node, "K")), int(graph.attribute(node, "N"))
+    bits, block_size = int(graph.attribute(node, "bits", 4)), int(graph.attribute(node, "block_size"))
+    blocks = -(-k // block_size)
+    packed = inits[node.input[1]]
+    if tuple(packed.dims) != (n, blocks, block_size * bits // 8):
+        return None
+    scale = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32).reshape(n, blocks)
+    zero = np.full((n, blocks), 1 << (bits - 1), dtype=np.int64)
+    if len(node.input) > 3 and node.input[3]:
+        z_init = inits.get(node.input[3])
+        if z_init is None or z_init.data_type != onnx.TensorProto.UINT8:
+            return None
+        import kernels
+
+        raw = numpy_helper.to_array(z_init).reshape(-1)
+        per_row = raw.size * 8 // bits // n
+        zero = kernels.unpack(np.ascontiguousarray(raw), bits, signed=False, count=n * per_row).reshape(n, per_row)[:, :blocks]
+        zero = zero.astype(np.int64)
+    meta = {"K": k, "N": n, "bits": bits, "block_size": block_size, "blocks": blocks, "blob": block_size * bits // 8,
+            "zero_rows": zero}
+    expand = lambda a: np.repeat(a.T, block_size, axis=0)[:k]   # noqa: E731  [blocks, N] -> [K, N]
+    grid = Grid(expand(scale).astype(np.float32), expand(zero).astype(np.int64), 0, (1 << bits) - 1)
+    return WeightSource(packed.name, (k, n), grid, nbits=meta)
 
 
 def weight_source(model: onnx.ModelProto, tensor: str, grid_bits: dict | None = None) -> WeightSource | None:
@@ -346,9 +404,39 @@ def _bias_source(model: onnx.ModelProto, name: str, channels: int) -> WeightSour
     return WeightSource(name, shape)
 
 
+def _matmul_layer(model: onnx.ModelProto, node: onnx.NodeProto, source: WeightSource) -> LinearLayer | None:
+    uses = graph.consumers(model)
+    out_name = node.output[0]
+    layer = LinearLayer(node, "matmul", node.input[0], out_name, source)
+    n = source.shape[1]
+    if node.op_type == "MatMulNBits" and len(node.input) > 5 and node.input[5]:
+        layer.bias = _bias_source(model, node.input[5], n)
+        return layer if layer.bias is not None else None
+    # a bias added right after the MatMul (exported Linear layers) is the layer's bias
+    following = uses.get(out_name, [])
+    outputs = {o.name for o in model.graph.output}
+    if len(following) == 1 and following[0][0].op_type == "Add" and out_name not in outputs:
+        add, index = following[0]
+        bias = _bias_source(model, add.input[1 - index], n)
+        if bias is not None and len(uses.get(bias.name, [])) == 1:
+            layer.bias, layer.output = bias, add.output[0]
+    return layer
+
+
 def linear_layer(model: onnx.ModelProto, node: onnx.NodeProto, *, grid_bits: dict | None = None,
                  input_shapes: dict[str, tuple] | None = None) -> tuple[LinearLayer | None, str]:
     """``node`` as a LinearLayer, or (None, why not)."""
+    if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+        source = _nbits_source(model, node, graph.initializers(model))
+        if source is None:
+            return None, "MatMulNBits with act-order indices or float zero points is not refit"
+        layer = _matmul_layer(model, node, source)
+        if layer is None:
+            return None, "MatMulNBits' bias is not a per-output constant this step can refit"
+        return layer, ""
+    if node.op_type == "Gather" and node.domain in ("", "ai.onnx"):
+        return None, ("an embedding lookup has no input to adapt to: its best fit is the original rows, "
+                      "which the earlier step's rounding already gives")
     if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm", "Conv"):
         return None, f"{node.op_type} layers are not refit"
     if len(node.input) < 2:
@@ -363,17 +451,7 @@ def linear_layer(model: onnx.ModelProto, node: onnx.NodeProto, *, grid_bits: dic
     if node.op_type == "MatMul":
         if len(source.shape) != 2:
             return None, "MatMul weight is not 2-D"
-        layer = LinearLayer(node, "matmul", node.input[0], out_name, source)
-        n = source.shape[1]
-        # a bias added right after the MatMul (exported Linear layers) is the layer's bias
-        following = uses.get(out_name, [])
-        outputs = {o.name for o in model.graph.output}
-        if len(following) == 1 and following[0][0].op_type == "Add" and out_name not in outputs:
-            add, index = following[0]
-            bias = _bias_source(model, add.input[1 - index], n)
-            if bias is not None and len(uses.get(bias.name, [])) == 1:
-                layer.bias, layer.output = bias, add.output[0]
-        return layer, ""
+        return _matmul_layer(model, node, source), ""
     if node.op_type == "Gemm":
         if graph.attribute(node, "transA", 0):
             return None, "Gemm with transA is not refit"

@@ -39,6 +39,9 @@ OPS = frozenset({
     "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze", "Where",
 })
 
+# contrib ops with a translation: ORT's fused weight-only MatMul (its weight enters as a float tensor)
+CONTRIB_OPS = frozenset({("com.microsoft", "MatMulNBits")})
+
 _DTYPES = {
     onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.DOUBLE: torch.float64,
     onnx.TensorProto.FLOAT16: torch.float16, onnx.TensorProto.INT64: torch.int64,
@@ -54,7 +57,7 @@ def unsupported_ops(model: onnx.ModelProto) -> list[str]:
     # nodes are keyed by their outputs: protobuf hands out a new wrapper object per access
     constant = {tuple(node.output) for node in constant_nodes(model)}
     for node in model.graph.node:
-        if tuple(node.output) in constant:
+        if tuple(node.output) in constant or (node.domain, node.op_type) in CONTRIB_OPS:
             continue
         if node.domain not in ("", "ai.onnx"):
             missing.add(f"{node.domain}::{node.op_type}")
@@ -75,6 +78,7 @@ class WeightSpec:
     grid: Grid | None = None
     labels: np.ndarray | None = None  # codebook assignment per weight, with ``codebook`` the initial centroids
     codebook: np.ndarray | None = None
+    source: Any = None                # a layers.WeightSource that reads and writes a packed layout (MatMulNBits)
 
 
 _KEPT_INTS = (np.int8, np.uint8, np.int16, np.int32, np.int64, np.bool_)
@@ -136,8 +140,12 @@ class TorchGraph(torch.nn.Module):
                 # a zero centroid holds pruned weights: it stays zero
                 self.buffers_[key + ".live"] = torch.from_numpy((codebook != 0).astype(np.float32))
             else:
-                initial = spec.grid.dequantize(graph.get_array(model, spec.name).astype(np.int64)) if spec.grid is not None \
-                    else np.asarray(graph.get_array(model, spec.name), np.float32)
+                if spec.source is not None:
+                    initial = spec.source.read(model)
+                elif spec.grid is not None:
+                    initial = spec.grid.dequantize(graph.get_array(model, spec.name).astype(np.int64))
+                else:
+                    initial = np.asarray(graph.get_array(model, spec.name), np.float32)
                 self.params[key] = torch.nn.Parameter(torch.tensor(np.asarray(initial, np.float32)))
             if spec.mask is not None:
                 self.buffers_[key + ".mask"] = torch.from_numpy(np.asarray(spec.mask, np.float32))
@@ -149,6 +157,15 @@ class TorchGraph(torch.nn.Module):
                           if t.name not in trainable_names}
         self.constants.update({name: _to_torch(value) for name, value in (folded or {}).items()
                                if name not in trainable_names})
+        # MatMulNBits weights left out of training still enter as the float matrix they stand for
+        from worker.pipeline.distill.layers import linear_layer
+
+        for node in self.nodes:
+            if node.op_type == "MatMulNBits" and node.input[1] not in trainable_names:
+                layer, why = linear_layer(model, node)
+                if layer is None:
+                    raise ValueError(f"MatMulNBits {node.name}: {why}")
+                self.constants[node.input[1]] = torch.from_numpy(layer.weight.read(model))
 
     def weight(self, output: str) -> torch.Tensor:
         """The weight as the graph sees it, constraints applied."""
@@ -319,6 +336,10 @@ def _run_node(node: onnx.NodeProto, args: list, opset: int) -> list:
     x = args[0] if args else None
     if op == "MatMul":
         return [torch.matmul(args[0], args[1])]
+    if op == "MatMulNBits":
+        # args[1] is the dequantized W[K, N] (a trained parameter or a constant), not the packed bytes
+        out = torch.matmul(args[0], args[1])
+        return [out + args[5] if len(args) > 5 and args[5] is not None else out]
     if op == "Gemm":
         left = args[0].t() if a.get("transA", 0) else args[0]
         right = args[1].t() if a.get("transB", 0) else args[1]
