@@ -75,3 +75,53 @@ def test_ready_is_503_when_redis_is_unreachable(client, monkeypatch, free_tcp_po
     response = client.get("/ready")
     assert response.status_code == 503
     assert [e["loc"] for e in response.json()["errors"]] == [["broker"]]
+
+
+def _count(url: str, table: str) -> int:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return connection.execute(sa.text(f"SELECT COUNT(*) FROM {table}")).scalar_one()
+    finally:
+        engine.dispose()
+
+
+def _queued_messages(redis_url: str) -> int:
+    import redis
+
+    broker = redis.Redis.from_url(redis_url)
+    try:
+        return sum(broker.llen(queue) for queue in ("cpu-x86", "cpu-arm", "gpu"))
+    finally:
+        broker.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "loc"),
+    [
+        ({"recipe": {"steps": [{"op": "shrink"}]}}, ["body", "recipe", "steps", 0, "op"]),
+        ({"recipe": {"steps": [{"op": "prune", "sparsity": 1.5}]}}, ["body", "recipe", "steps", 0, "sparsity"]),
+        ({"model_id": "00000000-0000-0000-0000-000000000000"}, ["body", "model_id"]),
+    ],
+)
+def test_bad_submissions_leave_no_job_and_no_message(client, full_stack, onnx_models, body, loc):
+    model_id = client.post("/v1/models", files={"file": ("m.onnx", onnx_models.dynamic_batch().SerializeToString())}).json()["id"]
+    response = client.post("/v1/jobs", json={"model_id": model_id, "recipe": RECIPE, **body})
+    assert response.status_code == 422
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["errors"][0]["loc"] == loc
+    assert _count(full_stack["FEATHERWEIGHT_DATABASE_URL"], "jobs") == 0
+    assert _queued_messages(full_stack["FEATHERWEIGHT_BROKER_URL"]) == 0
+
+
+def test_submit_with_redis_down_is_503_and_no_job(client, full_stack, onnx_models, monkeypatch, free_tcp_port):
+    from tests.conftest import reset_service_caches
+
+    model_id = client.post("/v1/models", files={"file": ("m.onnx", onnx_models.dynamic_batch().SerializeToString())}).json()["id"]
+    monkeypatch.setenv("FEATHERWEIGHT_BROKER_URL", f"redis://127.0.0.1:{free_tcp_port}/0")
+    reset_service_caches()
+    response = client.post("/v1/jobs", json={"model_id": model_id, "recipe": RECIPE})
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"]
+    assert response.json()["type"].endswith("/unavailable")
+    assert _count(full_stack["FEATHERWEIGHT_DATABASE_URL"], "jobs") == 0

@@ -169,3 +169,30 @@ def test_non_onnx_bytes_are_invalid_model(tmp_path, settings, payload):
     path.write_bytes(payload)
     with pytest.raises(InvalidModel):
         validate(path, settings)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def test_protobuf_nesting_past_the_parser_limit_is_invalid_model(tmp_path, settings):
+    # Hand-encoded, because onnx.helper itself cannot build it: 200 If nodes, each holding the next
+    # graph in its then_branch (GraphProto.node=1, NodeProto.op_type=4 / attribute=5,
+    # AttributeProto.name=1 / g=6, ModelProto.ir_version=1 / graph=7).
+    graph = b""
+    for _ in range(200):
+        attribute = _field(1, b"then_branch") + _field(6, graph)
+        graph = _field(1, _field(4, b"If") + _field(5, attribute))
+    path = tmp_path / "deep.onnx"
+    path.write_bytes(_varint(1 << 3) + _varint(8) + _field(7, graph))
+    with pytest.raises(InvalidModel, match="does not parse"):
+        validate(path, settings)
