@@ -119,10 +119,13 @@ class GptqRunner:
         return layer.weight in self.plans
 
     def _capture(self, source: str) -> None:
-        """Hessians of every planned, not yet captured layer that reads ``source``."""
+        """Hessians of every planned, not yet captured layer that reads ``source``; layers that see
+        the input the same way (Q, K and V projections) share one matrix."""
         group = {w: p for w, p in self.plans.items() if p.source == source and w not in self.hessians}
-        sums = {w: np.zeros((p.columns, p.columns)) for w, p in group.items()}
-        rows = {w: 0 for w in group}
+        keys = {w: (p.columns, repr(sorted(p.geometry.items())) if p.geometry else None) for w, p in group.items()}
+        views = {keys[w]: p for w, p in group.items()}
+        sums = {key: np.zeros((p.columns, p.columns)) for key, p in views.items()}
+        rows = {key: 0 for key in views}
         inputs = {i.name for i in self.model.graph.input}
         if source in inputs:
             batches = ({source: feeds[source]} for feeds in self.data.batches(CAPTURE_BATCH, self.limit))
@@ -131,13 +134,16 @@ class GptqRunner:
         for batch in batches:
             self.ctx.check_cancelled()
             x = np.asarray(batch[source], dtype=np.float32)
-            for weight, plan in group.items():
+            for key, plan in views.items():
                 flat = unfold2d(x, plan.geometry) if plan.geometry is not None else x.reshape(-1, plan.columns)
                 flat = flat.astype(np.float64)
-                sums[weight] += flat.T @ flat
-                rows[weight] += flat.shape[0]
+                sums[key] += flat.T @ flat
+                rows[key] += flat.shape[0]
+        for key in views:
+            if rows[key]:
+                sums[key] *= 2.0 / rows[key]
         for weight in group:
-            self.hessians[weight] = sums[weight] * (2.0 / rows[weight]) if rows[weight] else sums[weight]
+            self.hessians[weight] = sums[keys[weight]]
 
     def _as_matrix(self, array: np.ndarray, layer: graph.WeightLayer) -> np.ndarray:
         if self.plans[layer.weight].geometry is not None:
