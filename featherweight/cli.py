@@ -11,6 +11,9 @@ consumes the queue of this machine's native CPU target (cpu-x86 on x86_64, cpu-a
 ``gpu`` when ONNX Runtime offers the CUDA provider here; ``--queues`` overrides that. A job for a
 target no worker serves reports "waiting: no live worker on queue ..." instead of hanging silently.
 SIGINT/SIGTERM stop the API and the worker; if the worker dies, the API stops too.
+
+``worker`` refuses (exit status 2) a queue this machine cannot serve truthfully: ``gpu`` without ONNX
+Runtime's CUDA provider, or the other CPU architecture's queue, whose timings would be wrong.
 """
 from __future__ import annotations
 
@@ -69,9 +72,32 @@ def default_serve_queues() -> list[str]:
     return queues
 
 
+def queue_problem(queue: str, machine: str | None = None) -> str | None:
+    """Why this machine must not serve ``queue`` (its timings would be another target's), or None."""
+    from core.targets import Target, native_target
+
+    target = Target(queue)
+    if target is Target.GPU:
+        try:
+            import onnxruntime
+        except ImportError:
+            return "queue 'gpu' needs onnxruntime-gpu (pip install 'featherweight[gpu]')"
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            return "queue 'gpu' needs ONNX Runtime's CUDAExecutionProvider, which this machine does not offer"
+        return None
+    native = native_target(machine)
+    if target is not native:
+        return f"queue {queue!r} needs a {queue} machine; this one is {native.value}"
+    return None
+
+
 def _worker(args: argparse.Namespace) -> int:
     from worker.celery_app import create_app, worker_argv
 
+    problems = [p for p in (queue_problem(q) for q in args.queue) if p]
+    if problems:
+        print(f"featherweight worker: {'; '.join(problems)}", file=sys.stderr)
+        return 2
     app = create_app()
     app.worker_main(worker_argv(args.queue))
     return 0

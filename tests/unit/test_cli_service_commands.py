@@ -63,3 +63,18 @@ def test_worker_celery_config(fw_home):
     assert conf.task_soft_time_limit < conf.task_time_limit
     assert [q.name for q in conf.task_queues] == ["cpu-x86", "cpu-arm", "gpu"]
     assert "featherweight.run_job" in app.tasks
+
+
+def test_a_worker_only_serves_queues_this_machine_can_run(monkeypatch, capsys):
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert cli.queue_problem("cpu-x86", machine="x86_64") is None
+    assert cli.queue_problem("cpu-arm", machine="aarch64") is None
+    assert "needs a cpu-arm machine" in cli.queue_problem("cpu-arm", machine="x86_64")
+    assert "CUDAExecutionProvider" in cli.queue_problem("gpu")
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert cli.queue_problem("gpu") is None
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert cli.main(["worker", "--queue", "gpu"]) == 2
+    assert "featherweight worker: queue 'gpu'" in capsys.readouterr().err
