@@ -14,7 +14,7 @@ expanded here to one scale and zero point per element (``Grid``). Re-quantizing 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -53,10 +53,6 @@ class Grid:
 
     def dequantize(self, q: np.ndarray) -> np.ndarray:
         return ((np.asarray(q, dtype=np.int64) - self.zero_point).astype(np.float32) * self.scale).astype(np.float32)
-
-    def map(self, fn) -> "Grid":
-        """The same grid with ``fn`` applied to the scale and zero-point layouts (reshape, transpose)."""
-        return Grid(fn(self.scale), fn(self.zero_point), self.qmin, self.qmax, self.sign)
 
 
 def _expand(param: np.ndarray, shape: tuple[int, ...], axis: int, block_size: int) -> np.ndarray:
@@ -334,7 +330,6 @@ class LinearLayer:
     alpha: float = 1.0                 # Gemm's alpha scales A
     trans_b: bool = False
     geometry: ConvGeometry | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def groups(self) -> int:

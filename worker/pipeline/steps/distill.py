@@ -39,7 +39,7 @@ from core.recipe import DistillStep
 from worker.pipeline import data as data_mod
 from worker.pipeline import graph
 from worker.pipeline.distill import layerwise
-from worker.pipeline.distill.layers import LinearLayer, linear_layer
+from worker.pipeline.distill.layers import linear_layer
 from worker.pipeline.step import LayerRecord, StepContext, StepResult
 
 name = "distill"
@@ -277,4 +277,4 @@ def _run_layerwise(model: onnx.ModelProto, params: DistillStep, ctx: StepContext
     return StepResult(student, changed, {"method": "layerwise", "layers": rows, "skipped": skipped})
 
 
-__all__ = ["name", "Params", "run", "check", "plan_layerwise", "LinearLayer"]
+__all__ = ["name", "Params", "run", "check", "plan_layerwise"]
