@@ -25,6 +25,9 @@ Runtime's convolutions run channels in blocks, and a count off the block wastes 
 Which go: in each group, the channels with the smallest importance
 ``sum_p ||W_p[c]||_2 * s_p[c] / mean_c(||W_p[c]||_2 * s_p[c])`` over the group's producers p, where ``s_p`` is ``|gamma| / sqrt(var + eps)`` of a BatchNormalization right
 after the producer (1 otherwise): each producer's norms are made comparable before they are summed.
+
+With calibration data, every layer that loses inputs is refit by least squares to reproduce its
+original outputs from the inputs it keeps (``worker.pipeline.structure.compensate``).
 """
 from __future__ import annotations
 
@@ -37,8 +40,10 @@ from onnx import helper, numpy_helper
 import kernels
 from core.errors import RecipeError
 from core.recipe import PruneStep
+from worker.pipeline.data import bind
 from worker.pipeline.graph import attribute, topological_nodes, unique_name, weight_layers
 from worker.pipeline.step import StepContext, StepResult
+from worker.pipeline.structure.compensate import InputCut, compensate
 from worker.pipeline.structure.records import StepLog, layer_record, sparsity_of
 
 UNARY = frozenset({"Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu", "Celu",
@@ -79,7 +84,8 @@ class Producer:
 
 @dataclass
 class Action:
-    """Slice initializer ``input_name`` (read by ``node`` at ``index``) along ``axis`` by ``layout``;
+    """Slice initializer ``input_name`` (read by ``node`` at ``index``) along ``axis`` by ``layout``
+    (kind ``slice``; ``input`` when they are the input features of a Conv / Gemm / MatMul weight);
     kind ``reshape`` rewrites entry ``axis`` of a shape constant; kind ``group`` a Conv attribute."""
 
     kind: str
@@ -221,7 +227,7 @@ class _Analysis:
             if x.axis != 1:
                 return False
             if groups == 1:
-                self._act("slice", node, 1, 1, x)
+                self._act("input", node, 1, 1, x)
             elif groups == x.positions and w.shape[0] == groups and w.shape[1] == 1:
                 # depthwise: one filter per input channel, so the channels pass straight through
                 self._act("slice", node, 1, 0, x)
@@ -251,7 +257,7 @@ class _Analysis:
         if x is not None:
             if x.axis != x.rank - 1:
                 return False
-            self._act("slice", node, 1, 0, x)
+            self._act("input", node, 1, 0, x)
         group = self._produce(node, node.input[1], 1, int(b.shape[1]), self.rank(node.input[0]))
         if group is not None:
             self._act("slice", node, 1, 1, self.layouts[node.output[0]])
@@ -268,7 +274,7 @@ class _Analysis:
         if x is not None:
             if attribute(node, "transA", 0) or x.axis != 1 or x.rank != 2:
                 return False
-            self._act("slice", node, 1, 1 if trans_b else 0, x)
+            self._act("input", node, 1, 1 if trans_b else 0, x)
         out_axis = 0 if trans_b else 1
         group = self._produce(node, node.input[1], out_axis, int(b.shape[out_axis]), 2)
         layout = self.layouts[node.output[0]]
@@ -469,6 +475,43 @@ def _positions(layout: Layout, keep: dict[int, np.ndarray], graph: ChannelGraph)
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
+def _compensation(model: onnx.ModelProto, graph: ChannelGraph, keep: dict[int, np.ndarray],
+                  nodes: dict[str, onnx.NodeProto], readers: dict[str, int], arrays: dict[str, np.ndarray],
+                  ctx: StepContext) -> dict[str, np.ndarray]:
+    """Refit the layers that lose inputs on the calibration data (``structure.compensate``):
+    returns new full-size weights and biases by initializer name."""
+    cuts, names = [], {}
+    for action in graph.actions:
+        if action.kind != "input":
+            continue
+        positions = _positions(action.layout, keep, graph)
+        node = nodes[action.node]
+        weight_name = node.input[1]
+        if positions.size == action.layout.positions or readers.get(weight_name, 0) > 1:
+            continue
+        bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        bias = arrays.get(bias_name) if bias_name else None
+        rows = arrays[weight_name].shape[0 if node.op_type == "Conv" or _gemm_trans_b(node) else 1]
+        beta = float(attribute(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0
+        if bias is None or bias.shape != (rows,) or readers.get(bias_name, 0) > 1 or node.op_type == "MatMul" or beta == 0:
+            bias, bias_name = None, None
+        cuts.append(InputCut(node, arrays[weight_name], None if bias is None else bias * beta, positions,
+                             action.layout.positions))
+        names[node.name] = (weight_name, bias_name, beta)
+    refit = compensate(model, bind(model, ctx.calibration), cuts)
+    updated = {}
+    for node_name, (weight, bias) in refit.items():
+        weight_name, bias_name, beta = names[node_name]
+        updated[weight_name] = weight
+        if bias_name is not None and bias is not None:
+            updated[bias_name] = (bias / beta).astype(bias.dtype)
+    return updated
+
+
+def _gemm_trans_b(node: onnx.NodeProto) -> bool:
+    return node.op_type == "Gemm" and bool(attribute(node, "transB", 0))
+
+
 def channel_block(target: str) -> int:
     """Channels ONNX Runtime's convolution kernels process together on ``target``: MLAS's NCHWc
     layout works in blocks of 16 channels with AVX-512 and 8 with AVX2; a partly filled block
@@ -546,8 +589,10 @@ def prune_channels(model: onnx.ModelProto, params: PruneStep, ctx: StepContext) 
             readers[name] = readers.get(name, 0) + 1
     nodes = {node.name: node for node in out.graph.node}
     changed: set[str] = set()
-    sliced: dict[str, list[tuple[int, np.ndarray]]] = {}   # weight -> the (axis, kept index) cuts, in order
     new_arrays: dict[str, np.ndarray] = {}
+    if ctx.calibration and keep:
+        new_arrays.update(_compensation(out, graph, keep, nodes, readers, arrays, ctx))
+    sliced: dict[str, list[tuple[int, np.ndarray]]] = {}   # weight -> the (axis, kept index) cuts, in order
     for action in graph.actions:
         positions = _positions(action.layout, keep, graph)
         if positions.size == action.layout.positions:
