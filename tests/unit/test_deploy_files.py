@@ -115,3 +115,11 @@ def test_ci_script_sets_the_integration_settings():
     for line in script.splitlines():
         if line.strip().startswith(("pg_ctlcluster", "redis-server")):
             shlex.split(line)
+
+
+def test_dockerignore_keeps_host_build_outputs_out_of_images():
+    patterns = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")}
+    assert {".venv", ".git", "**/*.so", "kernels/_ffi.c"} <= patterns
+    copied = {rest.split()[0] for keyword, rest in dockerfile_instructions() if keyword == "COPY" and "--from" not in rest}
+    assert not any(path.rstrip("/") in patterns for path in copied)
