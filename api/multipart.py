@@ -8,6 +8,7 @@ costs bounded memory.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from core.errors import BadRequest, InvalidInput, PayloadTooLarge
+from core.errors import BadRequest, InsufficientStorage, InvalidInput, PayloadTooLarge
 
 MAX_HEADER_BYTES = 8 * 1024
 MAX_HEADERS_PER_PART = 16
@@ -132,17 +133,22 @@ async def receive_file(
     if declared is not None and declared.isdigit() and int(declared) > max_bytes + MULTIPART_OVERHEAD:
         raise PayloadTooLarge(f"the request is larger than the upload limit of {max_bytes} bytes",
                               [{"loc": ["body", field], "msg": "too large"}])
-    with open(path, "wb") as out:
-        sink = _FilePartSink(field, out, max_bytes, max_parts, max_field_bytes)
-        parser = MultipartParser(options[b"boundary"], sink.callbacks())
-        try:
-            async for chunk in request.stream():
-                parser.write(chunk)
-            parser.finalize()
-        except MultipartParseError as exc:
-            raise BadRequest(f"malformed multipart body: {exc}") from exc
-        except ClientDisconnect as exc:
-            raise BadRequest("the client disconnected during the upload") from exc
+    try:
+        with open(path, "wb") as out:
+            sink = _FilePartSink(field, out, max_bytes, max_parts, max_field_bytes)
+            parser = MultipartParser(options[b"boundary"], sink.callbacks())
+            try:
+                async for chunk in request.stream():
+                    parser.write(chunk)
+                parser.finalize()
+            except MultipartParseError as exc:
+                raise BadRequest(f"malformed multipart body: {exc}") from exc
+            except ClientDisconnect as exc:
+                raise BadRequest("the client disconnected during the upload") from exc
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InsufficientStorage("the server has no disk space left for this upload") from exc
+        raise
     if not sink.found:
         raise InvalidInput(f"the multipart body has no {field!r} file part",
                            [{"loc": ["body", field], "msg": "Field required"}])

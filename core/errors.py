@@ -90,6 +90,14 @@ class PayloadTooLarge(FeatherweightError):
     title = "Payload too large"
 
 
+class InsufficientStorage(FeatherweightError):
+    """The server ran out of disk while receiving or storing (RFC 4918 §11.5)."""
+
+    status = 507
+    type = PROBLEM_BASE + "insufficient-storage"
+    title = "Insufficient storage"
+
+
 class Unavailable(FeatherweightError):
     status = 503
     type = PROBLEM_BASE + "unavailable"

@@ -7,6 +7,7 @@ or into a local file (``get_file``), so no object is ever held in memory.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import re
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from core.errors import NotFound, Unavailable
+from core.errors import InsufficientStorage, NotFound, Unavailable
 from core.settings import Settings, get_settings
 
 CHUNK = 1024 * 1024
@@ -64,8 +65,10 @@ class LocalStore:
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, target)
-        except BaseException:
+        except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise InsufficientStorage(f"no disk space left in {self.root}") from exc
             raise
 
     def get_file(self, key: str, path: Path) -> None:
@@ -133,7 +136,13 @@ class S3Store:
         return code in {"404", "NoSuchKey", "NotFound"}
 
     def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
-        self.client.upload_file(str(path), self.bucket, check_key(key), ExtraArgs={"ContentType": content_type})
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.upload_file(str(path), self.bucket, check_key(key), ExtraArgs={"ContentType": content_type})
+        except (S3UploadFailedError, BotoCoreError, ClientError) as exc:
+            raise Unavailable(f"object storage refused {key!r}: {exc}") from exc
 
     def get_file(self, key: str, path: Path) -> None:
         from botocore.exceptions import ClientError

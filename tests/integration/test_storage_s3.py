@@ -54,3 +54,11 @@ def test_keys_are_checked_before_any_request(store, tmp_path):
     source.write_bytes(b"1")
     with pytest.raises(ValueError):
         store.put_file("../escape", source)
+
+
+def test_put_to_an_unreachable_server_is_unavailable(s3_settings, monkeypatch, free_tcp_port, tmp_path):
+    monkeypatch.setenv("FEATHERWEIGHT_S3_ENDPOINT_URL", f"http://127.0.0.1:{free_tcp_port}")
+    source = tmp_path / "f"
+    source.write_bytes(b"1")
+    with pytest.raises(Unavailable, match="refused 'jobs/j/model.onnx'"):
+        S3Store.from_settings(Settings()).put_file("jobs/j/model.onnx", source)

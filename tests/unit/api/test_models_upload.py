@@ -127,3 +127,30 @@ def test_unknown_model_id_is_404_problem(api_client):
     response = api_client.get("/v1/models/does-not-exist")
     assert response.status_code == 404
     assert response.headers["content-type"] == PROBLEM
+
+
+def test_disk_full_while_receiving_is_507_and_the_partial_file_is_gone(api_client, migrated, monkeypatch, onnx_models):
+    import errno
+
+    import api.multipart
+
+    real_open = open
+
+    class FullDisk:
+        def __init__(self, path, mode):
+            self.handle = real_open(path, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(api.multipart, "open", FullDisk, raising=False)
+    response = api_client.post("/v1/models", files={"file": ("m.onnx", onnx_models.mlp().SerializeToString())})
+    assert response.status_code == 507
+    assert response.json()["type"].endswith("/insufficient-storage")
+    assert _scratch_entries(migrated) == [] and _stored_files(migrated) == [] and _row_count("models") == 0
