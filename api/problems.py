@@ -2,7 +2,8 @@
 
 ``FeatherweightError`` carries its own status and type; FastAPI's request validation errors become a
 422 ``invalid-input`` problem with each field's path; Starlette's HTTP errors (404 for an unknown
-route, 405) keep their status; anything else is logged and answered as a 500 problem that reveals
+route, 405) keep their status; a database that cannot be reached (``OperationalError``) is a 503 with
+Retry-After; anything else is logged and answered as a 500 problem that reveals
 nothing about the internals.
 """
 from __future__ import annotations
@@ -13,9 +14,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.errors import PROBLEM_BASE, FeatherweightError, InvalidInput
+from core.errors import PROBLEM_BASE, FeatherweightError, InvalidInput, Unavailable
 
 PROBLEM_JSON = "application/problem+json"
 log = logging.getLogger("featherweight.api")
@@ -53,6 +55,12 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(problem, dict(exc.headers) if exc.headers else None)
 
 
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+    problem = Unavailable("the database is unreachable; try again shortly").to_problem()
+    return problem_response(problem, {"Retry-After": "5"})
+
+
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     problem = {
@@ -69,4 +77,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(FeatherweightError, _featherweight_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(Exception, _unexpected_error)

@@ -67,3 +67,20 @@ def test_unexpected_exception_is_a_500_problem_without_internals(migrated):
     assert response.headers["content-type"] == "application/problem+json"
     assert "secret" not in response.text
     assert response.json()["type"].endswith("/internal-error")
+
+
+def test_unreachable_database_is_503_with_retry_after(fw_home, monkeypatch, free_tcp_port):
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from tests.conftest import reset_service_caches
+
+    monkeypatch.setenv("FEATHERWEIGHT_DATABASE_URL", f"postgresql+psycopg://nobody@127.0.0.1:{free_tcp_port}/none")
+    reset_service_caches()
+    with TestClient(create_app(), raise_server_exceptions=False) as client:
+        response = client.get("/v1/jobs/some-id")
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "5"
+        assert response.json()["type"].endswith("/unavailable")
+        ready = client.get("/ready")
+        assert ready.status_code == 503 and ["database"] in [e["loc"] for e in ready.json()["errors"]]
