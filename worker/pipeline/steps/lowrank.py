@@ -20,6 +20,10 @@ Conv W[O, I, kh, kw] (group 1):
   Both convolutions are linear and zero padding factorises over the two axes, so the pair equals a
   kh x kw Conv with weight ``sum_r A[(i, y), r] B[r, (o, x)]``. Parameters ``r (I kh + O kw)``.
 
+With calibration data the factors minimise the layer's *output* error on it rather than the weight
+error (``truncated_svd``: the SVD of ``L^T W`` with ``H = L L^T`` the input Hessian), for MatMul,
+Gemm and channel-mode Conv; spatial Conv factorization stays weight-space.
+
 SVD: ``numpy.linalg.svd`` (LAPACK), or for large matrices with a small rank the randomized range
 finder of Halko, Martinsson & Tropp (2011): ``Y = (W W^T)^q W Omega`` for a Gaussian ``Omega`` with
 r + 10 columns, 2 power iterations re-orthonormalised by QR, then the exact SVD of ``Q^T W``.
@@ -37,7 +41,10 @@ from core.errors import RecipeError
 from core.recipe import LowrankStep
 from worker.pipeline.graph import WeightLayer, attribute, get_array, remove_initializers, sort_graph, unique_name, weight_layers
 from worker.pipeline.step import StepContext, StepResult
+from worker.pipeline.data import bind
+from worker.pipeline.structure.hessians import capture_hessians, damped
 from worker.pipeline.structure.records import StepLog, layer_record
+from worker.pipeline.structure.unfold import conv2d_geometry
 
 name = "lowrank"
 Params = LowrankStep
@@ -62,10 +69,20 @@ def randomized_svd(matrix: np.ndarray, rank: int, seed: int = 0) -> tuple[np.nda
     return (q @ u_small)[:, :rank], s[:rank], vt[:rank]
 
 
-def truncated_svd(matrix: np.ndarray, params: LowrankStep) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """(A, B, singular values kept, energy kept) for the rank the params ask of ``matrix`` [K, N]."""
+def truncated_svd(matrix: np.ndarray, params: LowrankStep,
+                  hessian: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(A, B, singular values kept, energy kept) for the rank the params ask of ``matrix`` [K, N].
+
+    With the input Hessian ``H = L L^T`` of the layer (x @ W), the factorization minimises the
+    output error ``||X (W - A B)||_F^2 = ||L^T (W - A B)||_F^2`` instead of the weight error: the SVD
+    is taken of ``L^T W = U S V^T`` and ``A = L^-T U_r sqrt(S_r)``, ``B = sqrt(S_r) V_r^T``; the energy
+    is then the share of the layer's output energy kept."""
     k, n = matrix.shape
     work = matrix.astype(np.float64)
+    lower = None
+    if hessian is not None:
+        lower = np.linalg.cholesky(damped(hessian))
+        work = lower.T @ work
     if params.rank_ratio is not None:
         rank = max(1, int(np.floor(params.rank_ratio * k * n / (k + n))))
         rank = min(rank, min(k, n))
@@ -84,7 +101,10 @@ def truncated_svd(matrix: np.ndarray, params: LowrankStep) -> tuple[np.ndarray, 
     u, s, vt = u[:, :rank], s[:rank], vt[:rank]
     root = np.sqrt(s)
     kept = float(np.sum(s * s) / total) if total > 0 else 1.0
-    return (u * root[None, :]).astype(np.float32), (root[:, None] * vt).astype(np.float32), s, kept
+    a = u * root[None, :]
+    if lower is not None:
+        a = np.linalg.solve(lower.T, a)
+    return a.astype(np.float32), (root[:, None] * vt).astype(np.float32), s, kept
 
 
 def _conv_geometry(node: onnx.NodeProto, shape: tuple[int, ...]) -> dict | None:
@@ -121,6 +141,7 @@ def run(model: onnx.ModelProto, params: LowrankStep, ctx: StepContext) -> StepRe
     for node in out.graph.node:
         for input_name in node.input:
             readers[input_name] = readers.get(input_name, 0) + 1
+    hessians = _hessians(out, layers, nodes, params, ctx) if ctx.calibration else {}
     log = StepLog()
     changed: list[str] = []
     before = after = 0
@@ -132,9 +153,9 @@ def run(model: onnx.ModelProto, params: LowrankStep, ctx: StepContext) -> StepRe
             log.skip(layer.weight, "weight shared by several layers")
             continue
         if layer.op == "Conv":
-            outcome = _factorize_conv(out, node, layer, params)
+            outcome = _factorize_conv(out, node, layer, params, hessians.get(layer.weight))
         else:
-            outcome = _factorize_linear(out, node, layer, params)
+            outcome = _factorize_linear(out, node, layer, params, hessians.get(layer.weight))
         if isinstance(outcome, str):
             log.skip(layer.weight, outcome)
             continue
@@ -156,6 +177,23 @@ def run(model: onnx.ModelProto, params: LowrankStep, ctx: StepContext) -> StepRe
                                                 param_ratio=after / before if before else 1.0))
 
 
+def _hessians(model: onnx.ModelProto, layers: list[WeightLayer], nodes: dict[str, onnx.NodeProto],
+              params: LowrankStep, ctx: StepContext) -> dict[str, np.ndarray]:
+    """Input Hessians of the layers a data-aware factorization can use (MatMul, Gemm without
+    transA, channel-mode 2-D Conv), in one pass over the calibration data."""
+    plans: dict[str, list[tuple[str, int, dict | None]]] = {}
+    for layer in layers:
+        node = nodes[layer.node]
+        if layer.op == "Conv":
+            geometry = conv2d_geometry(node, layer.shape) if params.conv == "channel" else None
+            if geometry is None:
+                continue
+            plans.setdefault(node.input[0], []).append((layer.weight, int(np.prod(layer.shape[1:])), geometry))
+        elif not (layer.op == "Gemm" and attribute(node, "transA", 0)):
+            plans.setdefault(node.input[0], []).append((layer.weight, layer.shape[layer.in_axis], None))
+    return capture_hessians(model, bind(model, ctx.calibration), plans) if plans else {}
+
+
 def _rank_saves(params: LowrankStep, full: int, per_rank: int, max_rank: int) -> bool:
     """Whether the rank_ratio budget saves parameters at all (energy is judged after the SVD)."""
     if params.rank_ratio is None:
@@ -164,8 +202,8 @@ def _rank_saves(params: LowrankStep, full: int, per_rank: int, max_rank: int) ->
     return min(rank, max_rank) * per_rank < full
 
 
-def _factorize_linear(model: onnx.ModelProto, node: onnx.NodeProto, layer: WeightLayer,
-                      params: LowrankStep) -> tuple[int, tuple[str, str], float, int] | str:
+def _factorize_linear(model: onnx.ModelProto, node: onnx.NodeProto, layer: WeightLayer, params: LowrankStep,
+                      hessian: np.ndarray | None) -> tuple[int, tuple[str, str], float, int] | str:
     w = get_array(model, layer.weight).astype(np.float32)
     trans_b = layer.op == "Gemm" and attribute(node, "transB", 0)
     matrix = w.T if trans_b else w                       # [K, N] as in x @ W
@@ -174,7 +212,7 @@ def _factorize_linear(model: onnx.ModelProto, node: onnx.NodeProto, layer: Weigh
         return "Gemm with transA=1"
     if not _rank_saves(params, k * n, k + n, min(k, n)):
         return f"rank_ratio {params.rank_ratio} saves no parameters on [{k}, {n}]"
-    a, b, s, kept = truncated_svd(matrix, params)
+    a, b, s, kept = truncated_svd(matrix, params, hessian)
     rank = s.size
     if rank * (k + n) >= k * n:
         return f"rank {rank} for energy {params.energy} saves no parameters on [{k}, {n}]"
@@ -193,8 +231,8 @@ def _factorize_linear(model: onnx.ModelProto, node: onnx.NodeProto, layer: Weigh
     return rank, (a_name, b_name), kept, rank * (k + n)
 
 
-def _factorize_conv(model: onnx.ModelProto, node: onnx.NodeProto, layer: WeightLayer,
-                    params: LowrankStep) -> tuple[int, tuple[str, str], float, int] | str:
+def _factorize_conv(model: onnx.ModelProto, node: onnx.NodeProto, layer: WeightLayer, params: LowrankStep,
+                    hessian: np.ndarray | None) -> tuple[int, tuple[str, str], float, int] | str:
     geometry = _conv_geometry(node, layer.shape)
     if geometry is None:
         return "Conv that is not 2-D, grouped, or uses auto_pad SAME"
@@ -210,7 +248,13 @@ def _factorize_conv(model: onnx.ModelProto, node: onnx.NodeProto, layer: WeightL
         per_rank = i * kh * kw + o
     if not _rank_saves(params, w.size, per_rank, min(matrix.shape)):
         return f"rank_ratio {params.rank_ratio} saves no parameters on {list(w.shape)}"
-    a, b, s, kept = truncated_svd(matrix, params)
+    if hessian is not None and params.conv == "channel":
+        # the Hessian comes in unfold order (dy, dx, c); the matrix rows are W's (c, dy, dx)
+        order = np.arange(kh * kw * i).reshape(kh, kw, i).transpose(2, 0, 1).reshape(-1)
+        hessian = hessian[np.ix_(order, order)]
+    else:
+        hessian = None          # spatial: the first factor sees (c, dy) only; weight-space SVD
+    a, b, s, kept = truncated_svd(matrix, params, hessian)
     rank = s.size
     if rank * per_rank >= w.size:
         return f"rank {rank} for energy {params.energy} saves no parameters on {list(w.shape)}"

@@ -38,21 +38,19 @@ import onnx
 import kernels
 from core.errors import InvalidInput, RecipeError
 from core.recipe import PruneStep
-from worker.pipeline import activations
 from worker.pipeline.data import bind
 from worker.pipeline.graph import WeightLayer, attribute, get_array, set_array, weight_layers
 from worker.pipeline.step import StepContext, StepResult
+from worker.pipeline.structure.hessians import capture_hessians, damped
 from worker.pipeline.structure.masks import exact_masks, normalized_scores
 from worker.pipeline.structure.records import StepLog, layer_record, sparsity_of
-from worker.pipeline.structure.unfold import conv2d_geometry, conv_weight_from_matrix, conv_weight_matrix, unfold2d
+from worker.pipeline.structure.unfold import conv2d_geometry, conv_weight_from_matrix, conv_weight_matrix
 
 name = "prune"
 Params = PruneStep
 
 PRUNABLE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
-DAMPING = 0.01                    # SparseGPT's relative Hessian damping
 SPARSEGPT_BLOCK = 128             # columns pruned together before their error is propagated on
-CALIBRATION_BATCH = 64
 MAX_HESSIAN_COLUMNS = 16384       # H is columns^2 float64; past this the memory is not worth it
 
 
@@ -171,19 +169,10 @@ def _from_matrix(matrix: np.ndarray, layer: WeightLayer, geometry: dict | None) 
     return np.ascontiguousarray(matrix.T if layer.out_axis == 1 else matrix)
 
 
-def _damped(hessian: np.ndarray) -> np.ndarray:
-    """H with never-active inputs (diag 0) given a unit diagonal, plus DAMPING * mean(diag H) * I."""
-    hessian = hessian.copy()
-    dead = np.diag(hessian) == 0
-    hessian[dead, dead] = 1.0
-    hessian[np.diag_indices_from(hessian)] += DAMPING * float(np.mean(np.diag(hessian)))
-    return hessian
-
-
 def _hinv_cholesky(hessian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Upper Cholesky factor of (H + damping)^-1, and which inputs were never active (diag 0)."""
     dead = np.diag(hessian) == 0
-    hessian = _damped(hessian)
+    hessian = damped(hessian)
     lower = np.linalg.cholesky(hessian)
     lower_inv = np.linalg.inv(lower)
     hinv = lower_inv.T @ lower_inv
@@ -208,7 +197,7 @@ def _sparsegpt(model: onnx.ModelProto, layers: list[WeightLayer], targets: dict[
     for done, (source, group) in enumerate(plans.items()):
         ctx.check_cancelled()
         ctx.progress(done / max(len(plans), 1), f"sparsegpt: {source}")
-        hessians = _capture_hessians(model, data, {source: group})
+        hessians = capture_hessians(model, data, {source: [(layer.weight, columns, geometry) for layer, columns, geometry in group]})
         for layer, columns, geometry in group:
             hinv_chol, dead = _hinv_cholesky(hessians[layer.weight])
             w = get_array(model, layer.weight)
@@ -222,26 +211,6 @@ def _sparsegpt(model: onnx.ModelProto, layers: list[WeightLayer], targets: dict[
             set_array(model, layer.weight, new_w)     # later groups see this layer already pruned
             results[layer.weight] = (new_w, _from_matrix(mask, layer, geometry).astype(bool), "sparsegpt")
     return results
-
-
-def _capture_hessians(model: onnx.ModelProto, data,
-                      plans: dict[str, list[tuple[WeightLayer, int, dict | None]]]) -> dict[str, np.ndarray]:
-    """H = 2/n X^T X of every planned layer's input (unfolded for Conv), in one pass over the data."""
-    hessians = {layer.weight: np.zeros((columns, columns)) for group in plans.values() for layer, columns, _ in group}
-    rows = {weight: 0 for weight in hessians}
-    sources = list(plans)
-    for batch in activations.capture(model, data, sources, batch_size=CALIBRATION_BATCH):
-        for source in sources:
-            x = batch[source]
-            for layer, columns, geometry in plans[source]:
-                flat = unfold2d(x, geometry) if geometry is not None else x.reshape(-1, columns)
-                flat = flat.astype(np.float64)
-                hessians[layer.weight] += flat.T @ flat
-                rows[layer.weight] += flat.shape[0]
-    for weight, count in rows.items():
-        if count:
-            hessians[weight] *= 2.0 / count
-    return hessians
 
 
 def _magnitude_fallback(model: onnx.ModelProto, layer: WeightLayer, sparsity: float,
