@@ -13,8 +13,8 @@ from worker.pipeline.steps import prune
 from .structure_models import assert_valid_same_io, attention, cnn, inputs_for, mlp, rel_l2, run_model
 
 
-def _params(**fields):
-    return parse_recipe({"steps": [{"op": "prune", **fields}]}).steps[0]
+def _params(op="prune", **fields):
+    return parse_recipe({"steps": [{"op": op, **fields}]}).steps[0]
 
 
 def _zeros(model, names):
@@ -278,3 +278,20 @@ def test_channel_pruning_with_calibration_refits_the_layers_that_lose_inputs():
                                StepContext(original=model, calibration=data, options={"channel_block": 1}))
             errors.append(rel_l2(assert_valid_same_io(result.model, model, feeds)[0], want))
         assert errors[1] < 0.7 * errors[0], (build.__name__, errors)
+
+
+def test_quantizing_after_pruning_keeps_zeros_zero():
+    """Steps compose: the int8 weights the quantize step writes decode to exactly zero wherever
+    prune left a zero (its LayerRecord mask), whichever storage the quantize step picks."""
+    from worker.pipeline.activations import session, with_outputs
+    from worker.pipeline.steps import quantize
+    model = mlp()
+    ctx = StepContext(original=model)
+    pruned = prune.run(model, _params(sparsity=0.5, min_params=0), ctx)
+    quantized = quantize.run(pruned.model, _params("quantize", weights={"bits": 8}, min_params=0), ctx)
+    assert_valid_same_io(quantized.model, model, inputs_for(model))
+    # fed the identity, fc1's output (before its bias Add) is the effective weight w1 itself
+    effective = session(with_outputs(quantized.model, ["h1"])).run(["h1"], {"x": np.eye(64, dtype=np.float32)})[0]
+    mask = ctx.layers["w1"].mask
+    assert np.all(effective[~mask] == 0)
+    assert np.count_nonzero(effective[mask]) >= 0.99 * mask.sum()
