@@ -110,7 +110,7 @@ def test_sparsegpt_beats_magnitude_on_attention_block():
         errors[method] = rel_l2(got - feeds["x"], want - feeds["x"])   # error of the block's update
         if method == "sparsegpt":
             for name in ("wq", "wk", "wv", "wo", "w_up", "w_down"):
-                assert ctx.layers[name].sparsity == pytest.approx(0.5, abs=0.02)
+                assert ctx.layers[name].sparsity == 0.5          # exact, though the kernel works per block
                 assert "sparsegpt" in {l["method"] for l in result.metrics["layers"]}
     assert errors["sparsegpt"] < 0.85 * errors["magnitude"]
 

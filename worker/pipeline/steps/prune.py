@@ -21,7 +21,8 @@ Methods and the math:
   Conv (2-D, group 1) is unfolded to its receptive fields; other layers fall back to magnitude.
 * ``N:M`` — in every group of M consecutive weights along the input axis (the reduced axis:
   MatMul K, Gemm K, Conv input channels) the N largest |w| are kept (magnitude) or chosen by OBS
-  (sparsegpt). Layers whose input axis is not a multiple of M are left alone and reported.
+  (sparsegpt); the sparsity is then 1 - N/M and the ``sparsity`` field is not used. Layers whose
+  input axis is not a multiple of M are left alone and reported.
 * ``structure: channel`` — see ``worker.pipeline.structure.channels``.
 
 Zeros stay zeros downstream: every pruned weight's ``LayerRecord`` carries ``mask`` (True = kept,
@@ -207,6 +208,12 @@ def _sparsegpt(model: onnx.ModelProto, layers: list[WeightLayer], targets: dict[
             block = SPARSEGPT_BLOCK if not m else m * max(1, SPARSEGPT_BLOCK // m)   # whole N:M groups per block
             w_hat, mask = kernels.sparsegpt_prune(matrix, hinv_chol, sparsity=targets[layer.weight], n=n, m=m,
                                                   block=block)
+            if not n:
+                # the kernel prunes floor(s * rows * block_cols) per column block; the few weights
+                # that leaves short of round(s * size) go by magnitude, so the count is exact
+                mask = exact_masks([np.where(mask != 0, np.abs(w_hat), 0.0).astype(np.float32)],
+                                   round(targets[layer.weight] * w_hat.size))[0]
+                w_hat = np.where(mask, w_hat, 0.0).astype(np.float32)
             new_w = _from_matrix(w_hat, layer, geometry).astype(w.dtype)
             set_array(model, layer.weight, new_w)     # later groups see this layer already pruned
             results[layer.weight] = (new_w, _from_matrix(mask, layer, geometry).astype(bool), "sparsegpt")
