@@ -11,7 +11,7 @@ from tests.e2e.flow import run_three_models
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]
 
 
-def _heartbeat_queues(url: str, deadline_s: float = 30.0) -> list[str]:
+def _heartbeat_queues(url: str, deadline_s: float = 90.0) -> list[str]:
     engine = sa.create_engine(url)
     try:
         deadline = time.monotonic() + deadline_s

@@ -11,7 +11,7 @@ import pytest
 pytestmark = [pytest.mark.e2e]
 
 
-def _worker_pid(home, deadline_s: float = 30.0) -> int:
+def _worker_pid(home, deadline_s: float = 90.0) -> int:
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         connection = sqlite3.connect(home / "featherweight.db")
@@ -25,7 +25,7 @@ def _worker_pid(home, deadline_s: float = 30.0) -> int:
     raise AssertionError("the worker wrote no heartbeat")
 
 
-def _gone(pid: int, timeout_s: float = 30.0) -> bool:
+def _gone(pid: int, timeout_s: float = 60.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -41,12 +41,12 @@ def test_signal_stops_api_and_worker(embedded_service, sig):
     serve = embedded_service.processes[0][1]
     worker_pid = _worker_pid(embedded_service.home)
     serve.send_signal(sig)
-    assert serve.wait(timeout=40) == 0, embedded_service.logs()
+    assert serve.wait(timeout=60) == 0, embedded_service.logs()
     assert _gone(worker_pid), f"worker {worker_pid} still running after serve exited"
 
 
 def test_serve_stops_when_its_worker_dies(embedded_service):
     serve = embedded_service.processes[0][1]
     os.kill(_worker_pid(embedded_service.home), signal.SIGKILL)
-    assert serve.wait(timeout=40) == 1, embedded_service.logs()
+    assert serve.wait(timeout=60) == 1, embedded_service.logs()
     assert "the worker exited" in embedded_service.logs()
