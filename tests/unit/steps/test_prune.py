@@ -295,3 +295,37 @@ def test_quantizing_after_pruning_keeps_zeros_zero():
     mask = ctx.layers["w1"].mask
     assert np.all(effective[~mask] == 0)
     assert np.count_nonzero(effective[mask]) >= 0.99 * mask.sum()
+
+
+def test_channel_pruning_through_depthwise_conv_and_gating_mul():
+    """conv1 -> relu -> depthwise (group = C) -> Mul by a sigmoid gate computed from the same
+    channels (squeeze-excite) -> conv3: the depthwise weight, bias and group shrink with conv1, the
+    gate's producer joins conv1's group, conv3 loses the matching inputs."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(1)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    inits = [numpy_helper.from_array(a, n) for n, a in [
+        ("w1", f(8, 3, 3, 3)), ("b1", f(8)), ("wd", f(8, 1, 3, 3)), ("bd", f(8)),
+        ("wg", f(8, 8, 1, 1)), ("w3", f(6, 8, 1, 1))]]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "wd", "bd"], ["dw"], name="depthwise", group=8, pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["dw"], ["gp"], name="squeeze"),
+             helper.make_node("Conv", ["gp", "wg"], ["ge"], name="excite"),
+             helper.make_node("Sigmoid", ["ge"], ["gate"], name="gate"),
+             helper.make_node("Mul", ["dw", "gate"], ["scaled"], name="scale"),
+             helper.make_node("Conv", ["scaled", "w3"], ["y"], name="conv3")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 6, 6, 6])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    ctx = StepContext(original=model, options={"channel_block": 1})
+    result = prune.run(model, _params(sparsity=0.5, structure="channel", min_params=0), ctx)
+    feeds = {"x": f(2, 3, 6, 6)}
+    assert_valid_same_io(result.model, model, feeds)
+    dims = _dims(result.model)
+    assert dims["w1"] == (4, 3, 3, 3) and dims["wd"] == (4, 1, 3, 3) and dims["bd"] == (4,)
+    assert dims["wg"] == (4, 4, 1, 1) and dims["w3"] == (6, 4, 1, 1)
+    depthwise = next(n for n in result.model.graph.node if n.name == "depthwise")
+    assert next(a.i for a in depthwise.attribute if a.name == "group") == 4
+    assert len(result.metrics["layers"]) == 1 and result.metrics["layers"][0]["removed"] == 4
