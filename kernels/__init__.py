@@ -101,8 +101,9 @@ def _maybe_build() -> None:
     os.makedirs(lock_dir, exist_ok=True)
     with open(os.path.join(lock_dir, ".kernels-build.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if stale():
-            build_ffi.build_inplace()
+        still_stale = stale()
+    if still_stale:  # (build_inplace takes the lock itself; a build that won the race is reused)
+        build_ffi.build_inplace()
 
 
 try:

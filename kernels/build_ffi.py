@@ -91,21 +91,31 @@ def built_module_path() -> str | None:
 
 
 def build_inplace(verbose: bool = False) -> str:
-    """Compile into kernels/ (atomically replacing any previous build); returns the .so path."""
+    """Compile into kernels/ (atomically replacing any previous build); returns the .so path.
+
+    Each build uses its own temporary directory (cffi would skip compiling when its generated
+    wrapper is unchanged, whatever happened to the C sources, and concurrent builds in a shared
+    checkout must not share object files); builds are serialised by a lock file."""
+    import fcntl
+    import tempfile
+
     root = os.path.dirname(HERE)
-    tmpdir = os.path.join(root, "build", "cffi-inplace")
-    # cffi skips compiling when its generated wrapper is unchanged, whatever happened to the C
-    # sources: start from an empty directory so every build compiles everything
-    shutil.rmtree(tmpdir, ignore_errors=True)
-    os.makedirs(tmpdir, exist_ok=True)
-    ffi = make_builder(absolute=True)  # cffi compiles from inside tmpdir
-    so = ffi.compile(tmpdir=tmpdir, verbose=verbose)
+    build_root = os.path.join(root, "build")
+    os.makedirs(build_root, exist_ok=True)
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     dest = os.path.join(HERE, "_ffi" + suffix)
-    staging = dest + ".tmp%d" % os.getpid()
-    shutil.copyfile(so, staging)
-    os.chmod(staging, 0o755)
-    os.replace(staging, dest)  # atomic: a concurrent import sees the old or the new file
+    with open(os.path.join(build_root, ".kernels-build.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        tmpdir = tempfile.mkdtemp(prefix="cffi-kernels-", dir=build_root)
+        try:
+            ffi = make_builder(absolute=True)  # cffi compiles from inside tmpdir
+            so = ffi.compile(tmpdir=tmpdir, verbose=verbose)
+            staging = dest + ".tmp%d" % os.getpid()
+            shutil.copyfile(so, staging)
+            os.chmod(staging, 0o755)
+            os.replace(staging, dest)  # atomic: a concurrent import sees the old or the new file
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
     return dest
 
 

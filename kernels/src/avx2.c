@@ -218,8 +218,19 @@ T static void avx2_col_accum(const float *x, int64_t n, int p, double *acc) {
 
 T static void avx2_rank_update(float *W, int64_t ldw, const float *E, int64_t lde, const float *U,
                                int64_t ldu, int64_t rows, int64_t kb, int64_t ncols) {
+    /* the U strip [kb x 24] is packed contiguously when several row groups reuse it */
+    float stackbuf[128 * 24];
+    float *pk = NULL;
+    if (rows >= 8) pk = kb <= 128 ? stackbuf : (float *)malloc((size_t)kb * 24 * sizeof(float));
     int64_t j = 0;
     for (; j + 24 <= ncols; j += 24) {
+        const float *us = U + j;
+        int64_t ldp = ldu;
+        if (pk) {
+            for (int64_t k = 0; k < kb; k++) memcpy(pk + k * 24, U + k * ldu + j, 24 * sizeof(float));
+            us = pk;
+            ldp = 24;
+        }
         int64_t r = 0;
         for (; r + 4 <= rows; r += 4) {
             float *w0 = W + r * ldw + j;
@@ -228,7 +239,7 @@ T static void avx2_rank_update(float *W, int64_t ldw, const float *E, int64_t ld
                 for (int b = 0; b < 3; b++) c[a][b] = _mm256_loadu_ps(w0 + a * ldw + 8 * b);
             const float *e = E + r * lde;
             for (int64_t k = 0; k < kb; k++) {
-                const float *u = U + k * ldu + j;
+                const float *u = us + k * ldp;
                 __m256 u0 = _mm256_loadu_ps(u), u1 = _mm256_loadu_ps(u + 8),
                        u2 = _mm256_loadu_ps(u + 16);
                 for (int a = 0; a < 4; a++) {
@@ -246,7 +257,7 @@ T static void avx2_rank_update(float *W, int64_t ldw, const float *E, int64_t ld
             __m256 c0 = _mm256_loadu_ps(w0), c1 = _mm256_loadu_ps(w0 + 8),
                    c2 = _mm256_loadu_ps(w0 + 16);
             for (int64_t k = 0; k < kb; k++) {
-                const float *u = U + k * ldu + j;
+                const float *u = us + k * ldp;
                 __m256 ev = _mm256_set1_ps(-E[r * lde + k]);
                 c0 = _mm256_fmadd_ps(ev, _mm256_loadu_ps(u), c0);
                 c1 = _mm256_fmadd_ps(ev, _mm256_loadu_ps(u + 8), c1);
@@ -276,6 +287,65 @@ T static void avx2_rank_update(float *W, int64_t ldw, const float *E, int64_t ld
             }
         }
     }
+    if (pk && pk != stackbuf) free(pk);
+}
+
+/* ---------------------------------------------------------------- selection bracket */
+
+T static void avx2_bracket(const float *x, int64_t n, uint32_t lo, uint32_t span, int64_t *below,
+                           uint32_t *buf, int64_t *nb, int64_t cap, int *overflow) {
+    /* |x| bits are < 2^31, so signed 32-bit compares order them */
+    __m256i absm = _mm256_set1_epi32(0x7FFFFFFF);
+    __m256i lov = _mm256_set1_epi32((int32_t)lo), hiv = _mm256_set1_epi32((int32_t)(lo + span));
+    int64_t cnt = 0, m = *nb, i = 0;
+    while (i + 32 <= n) {
+        __m256i acc = _mm256_setzero_si256();
+        int64_t stop = i + ((int64_t)1 << 26) < n ? i + ((int64_t)1 << 26) : n; /* lane counters */
+        for (; i + 32 <= stop; i += 32) {
+            __m256i a0 = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + i)), absm);
+            __m256i a1 = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + i + 8)), absm);
+            __m256i a2 = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + i + 16)), absm);
+            __m256i a3 = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + i + 24)), absm);
+            __m256i b0 = _mm256_cmpgt_epi32(lov, a0), b1 = _mm256_cmpgt_epi32(lov, a1);
+            __m256i b2 = _mm256_cmpgt_epi32(lov, a2), b3 = _mm256_cmpgt_epi32(lov, a3);
+            acc = _mm256_sub_epi32(acc, _mm256_add_epi32(_mm256_add_epi32(b0, b1), _mm256_add_epi32(b2, b3)));
+            /* outside = below lo or above hi */
+            __m256i o0 = _mm256_or_si256(b0, _mm256_cmpgt_epi32(a0, hiv));
+            __m256i o1 = _mm256_or_si256(b1, _mm256_cmpgt_epi32(a1, hiv));
+            __m256i o2 = _mm256_or_si256(b2, _mm256_cmpgt_epi32(a2, hiv));
+            __m256i o3 = _mm256_or_si256(b3, _mm256_cmpgt_epi32(a3, hiv));
+            __m256i all = _mm256_and_si256(_mm256_and_si256(o0, o1), _mm256_and_si256(o2, o3));
+            if (_mm256_movemask_epi8(all) != -1) {
+                uint32_t in = (uint32_t)(~_mm256_movemask_ps(_mm256_castsi256_ps(o0)) & 0xFF) |
+                              (uint32_t)(~_mm256_movemask_ps(_mm256_castsi256_ps(o1)) & 0xFF) << 8 |
+                              (uint32_t)(~_mm256_movemask_ps(_mm256_castsi256_ps(o2)) & 0xFF) << 16 |
+                              (uint32_t)(~_mm256_movemask_ps(_mm256_castsi256_ps(o3)) & 0xFF) << 24;
+                while (in) { /* in index order */
+                    int j = __builtin_ctz(in);
+                    in &= in - 1;
+                    if (m < cap)
+                        buf[m++] = fw_f2u(x[i + j]) & 0x7FFFFFFFu;
+                    else
+                        *overflow = 1;
+                }
+            }
+        }
+        int32_t lanes[8];
+        _mm256_storeu_si256((__m256i *)lanes, acc);
+        for (int j = 0; j < 8; j++) cnt += (uint32_t)lanes[j];
+    }
+    for (; i < n; i++) {
+        uint32_t a = fw_f2u(x[i]) & 0x7FFFFFFFu;
+        cnt += a < lo;
+        if (a - lo <= span) {
+            if (m < cap)
+                buf[m++] = a;
+            else
+                *overflow = 1;
+        }
+    }
+    *below += cnt;
+    *nb = m;
 }
 
 const fw_ops fw_ops_avx2 = {
@@ -289,6 +359,7 @@ const fw_ops fw_ops_avx2 = {
     avx2_run_sum,
     avx2_col_accum,
     avx2_rank_update,
+    avx2_bracket,
 };
 
 /* AVX-512 pays only where the work is compute bound (the GPTQ / SparseGPT update); the streaming
@@ -307,6 +378,7 @@ const fw_ops fw_ops_avx512 = {
     avx2_run_sum,
     avx2_col_accum,
     fw_avx512_rank_update,
+    avx2_bracket,
 };
 
 #endif

@@ -10,8 +10,20 @@
 
 T void fw_avx512_rank_update(float *W, int64_t ldw, const float *E, int64_t lde, const float *U,
                              int64_t ldu, int64_t rows, int64_t kb, int64_t ncols) {
+    /* the U strip [kb x 48] is packed contiguously when several row groups reuse it (rows of U
+     * are ldu apart, which would alias in L1) */
+    float stackbuf[128 * 48];
+    float *pk = NULL;
+    if (rows >= 16) pk = kb <= 128 ? stackbuf : (float *)malloc((size_t)kb * 48 * sizeof(float));
     int64_t j = 0;
     for (; j + 48 <= ncols; j += 48) {
+        const float *us = U + j;
+        int64_t ldp = ldu;
+        if (pk) {
+            for (int64_t k = 0; k < kb; k++) memcpy(pk + k * 48, U + k * ldu + j, 48 * sizeof(float));
+            us = pk;
+            ldp = 48;
+        }
         int64_t r = 0;
         for (; r + 8 <= rows; r += 8) {
             float *w0 = W + r * ldw + j;
@@ -20,7 +32,7 @@ T void fw_avx512_rank_update(float *W, int64_t ldw, const float *E, int64_t lde,
                 for (int b = 0; b < 3; b++) c[a][b] = _mm512_loadu_ps(w0 + a * ldw + 16 * b);
             const float *e = E + r * lde;
             for (int64_t k = 0; k < kb; k++) {
-                const float *u = U + k * ldu + j;
+                const float *u = us + k * ldp;
                 __m512 u0 = _mm512_loadu_ps(u), u1 = _mm512_loadu_ps(u + 16),
                        u2 = _mm512_loadu_ps(u + 32);
                 for (int a = 0; a < 8; a++) {
@@ -38,7 +50,7 @@ T void fw_avx512_rank_update(float *W, int64_t ldw, const float *E, int64_t lde,
             __m512 c0 = _mm512_loadu_ps(w0), c1 = _mm512_loadu_ps(w0 + 16),
                    c2 = _mm512_loadu_ps(w0 + 32);
             for (int64_t k = 0; k < kb; k++) {
-                const float *u = U + k * ldu + j;
+                const float *u = us + k * ldp;
                 __m512 ev = _mm512_set1_ps(-E[r * lde + k]);
                 c0 = _mm512_fmadd_ps(ev, _mm512_loadu_ps(u), c0);
                 c1 = _mm512_fmadd_ps(ev, _mm512_loadu_ps(u + 16), c1);
@@ -61,6 +73,7 @@ T void fw_avx512_rank_update(float *W, int64_t ldw, const float *E, int64_t lde,
             _mm512_mask_storeu_ps(w0, m, c0);
         }
     }
+    if (pk && pk != stackbuf) free(pk);
 }
 
 #endif

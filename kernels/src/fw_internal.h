@@ -115,6 +115,10 @@ typedef struct fw_ops {
     /* W[r][j] = fma(-E[r][k], U[k][j], W[r][j]) for k = 0..kb-1 in order; r < rows, j < ncols */
     void (*rank_update)(float *W, int64_t ldw, const float *E, int64_t lde, const float *U,
                         int64_t ldu, int64_t rows, int64_t kb, int64_t ncols);
+    /* selection bracket pass over |x| bits a: *below += #(a < lo); appends (in order) the a with
+     * lo <= a <= lo + span to buf while *nb < cap (sets *overflow otherwise) */
+    void (*bracket)(const float *x, int64_t n, uint32_t lo, uint32_t span, int64_t *below,
+                    uint32_t *buf, int64_t *nb, int64_t cap, int *overflow);
 } fw_ops;
 
 extern const fw_ops fw_ops_ref;
@@ -129,6 +133,7 @@ extern const fw_ops fw_ops_neon;
 const fw_ops *fw_ops_get(void);
 
 /* shared helpers */
+void fw_radix_sort_u32(uint32_t *keys, uint32_t *tmp, int64_t n);
 int fw_kth_bits(const float *const *arrays, const int64_t *lengths, int64_t narrays, int64_t k,
                 uint32_t *bits_out);
 

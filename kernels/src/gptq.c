@@ -32,6 +32,25 @@ static int fw_check_sweep(const float *w, int64_t rows, int64_t cols, const floa
     return FW_OK;
 }
 
+/* After column i of the block [c0, c1) has its error in E[:, i - c0]: propagate it inside its
+ * sub-block of `sb` columns at once (rank-1), and the whole sub-block's errors to the rest of
+ * the block when the sub-block is complete (rank-sb). Per element the updates still arrive in
+ * column order, so the two-level blocking changes no bit. */
+static void fw_sweep_update(const fw_ops *ops, float *W, int64_t cols, const float *E, int64_t ldE,
+                            const float *u, int64_t i, int64_t c0, int64_t c1, int64_t sb,
+                            int64_t rr) {
+    int64_t s0 = c0 + ((i - c0) / sb) * sb;
+    int64_t s1 = s0 + sb < c1 ? s0 + sb : c1;
+    if (i + 1 < s1)
+        ops->rank_update(W + i + 1, cols, E + (i - c0), ldE, u + i * cols + i + 1, cols, rr, 1,
+                         s1 - i - 1);
+    if (i + 1 == s1 && s1 < c1)
+        ops->rank_update(W + s1, cols, E + (s0 - c0), ldE, u + s0 * cols + s1, cols, rr, s1 - s0,
+                         c1 - s1);
+}
+
+#define FW_SUB_BLOCK 16
+
 /* ---------------------------------------------------------------- GPTQ */
 
 typedef struct {
@@ -78,9 +97,7 @@ static void fw_gptq_task(void *vctx, int64_t rb, int64_t re, int tid) {
                     c->what[row * cols + i] = dq;
                     E[r * B + (i - c0)] = (wv - dq) / d;
                 }
-                if (i + 1 < c1)
-                    c->ops->rank_update(W + i + 1, cols, E + (i - c0), B, c->u + i * cols + i + 1,
-                                        cols, rr, 1, c1 - i - 1);
+                fw_sweep_update(c->ops, W, cols, E, B, c->u, i, c0, c1, FW_SUB_BLOCK, rr);
             }
             if (c1 < cols)
                 c->ops->rank_update(W + c1, cols, E, B, c->u + c0 * cols + c1, cols, rr, kb,
@@ -186,9 +203,9 @@ static void fw_sgpt_sweep_task(void *vctx, int64_t rb, int64_t re, int tid) {
                 c->mask[row * cols + i] = (uint8_t)!pr;
                 E[r * B + (i - c0)] = (wv - qv) / d;
             }
-            if (i + 1 < c1)
-                c->ops->rank_update(W + i + 1, cols, E + (i - c0), B, c->u + i * cols + i + 1,
-                                    cols, rr, 1, c1 - i - 1);
+            /* N:M groups must not straddle sub-blocks: their scores read columns i..i+m-1 */
+            int64_t sb = c->m ? c->m * ((FW_SUB_BLOCK + c->m - 1) / c->m) : FW_SUB_BLOCK;
+            fw_sweep_update(c->ops, W, cols, E, B, c->u, i, c0, c1, sb, rr);
         }
         if (c1 < cols)
             c->ops->rank_update(W + c1, cols, E, B, c->u + c0 * cols + c1, cols, rr, kb,

@@ -22,7 +22,7 @@ static inline float fw_from_key(uint32_t k) {
 }
 
 /* LSD radix sort of keys, 3 passes of 11 bits; tmp has n entries */
-static void fw_radix_sort(uint32_t *keys, uint32_t *tmp, int64_t n) {
+void fw_radix_sort_u32(uint32_t *keys, uint32_t *tmp, int64_t n) {
     static const int shifts[3] = {0, 11, 22};
     uint32_t *src = keys, *dst = tmp;
     for (int p = 0; p < 3; p++) {
@@ -91,6 +91,30 @@ static void fw_label_task(void *vctx, int64_t b, int64_t e, int tid) {
     }
 }
 
+typedef struct {
+    const float *v;
+    int64_t b[256], e[256];
+    double mean[256];
+} fw_mean_ctx;
+
+static void fw_mean_task(void *vctx, int64_t jb, int64_t je, int tid) {
+    (void)tid;
+    fw_mean_ctx *c = (fw_mean_ctx *)vctx;
+    for (int64_t j = jb; j < je; j++) {
+        double l[4] = {0, 0, 0, 0};
+        const float *v = c->v + c->b[j];
+        int64_t n = c->e[j] - c->b[j], i = 0;
+        for (; i + 4 <= n; i += 4) {
+            l[0] += (double)v[i];
+            l[1] += (double)v[i + 1];
+            l[2] += (double)v[i + 2];
+            l[3] += (double)v[i + 3];
+        }
+        for (; i < n; i++) l[i & 3] += (double)v[i];
+        c->mean[j] = n ? ((l[0] + l[1]) + (l[2] + l[3])) / (double)n : 0.0;
+    }
+}
+
 static void fw_mids(const float *c, int k, double *mids) {
     for (int j = 0; j + 1 < k; j++) mids[j] = 0.5 * ((double)c[j] + (double)c[j + 1]);
 }
@@ -112,22 +136,18 @@ int fw_kmeans1d(const float *x, int64_t n, int k, int init, int iters, uint64_t 
     }
     uint32_t *keys = (uint32_t *)malloc((size_t)nf * sizeof(uint32_t));
     uint32_t *tmp = (uint32_t *)malloc((size_t)nf * sizeof(uint32_t));
-    double *pre = (double *)malloc((size_t)(nf + 1) * sizeof(double));
-    if (!keys || !tmp || !pre) {
+    if (!keys || !tmp) {
         free(keys);
         free(tmp);
-        free(pre);
         return fw_error(FW_ENOMEM, "out of memory");
     }
     int64_t j0 = 0;
     for (int64_t i = 0; i < n; i++)
         if (isfinite(x[i])) keys[j0++] = fw_sort_key(x[i] == 0.0f ? 0.0f : x[i]); /* -0 -> +0 */
-    fw_radix_sort(keys, tmp, nf);
+    fw_radix_sort_u32(keys, tmp, nf);
     float *v = (float *)tmp; /* sorted values, reusing tmp */
     for (int64_t i = 0; i < nf; i++) v[i] = fw_from_key(keys[i]);
     free(keys);
-    pre[0] = 0.0;
-    for (int64_t i = 0; i < nf; i++) pre[i + 1] = pre[i] + (double)v[i];
 
     float c[256];
     double mids[256];
@@ -147,7 +167,6 @@ int fw_kmeans1d(const float *x, int64_t n, int k, int init, int iters, uint64_t 
             free(smp);
             free(d2);
             free(tmp);
-            free(pre);
             return fw_error(FW_ENOMEM, "out of memory");
         }
         for (int64_t i = 0; i < ns; i++)
@@ -188,23 +207,25 @@ int fw_kmeans1d(const float *x, int64_t n, int k, int init, int iters, uint64_t 
     for (int it = 0; it < iters; it++) {
         fw_mids(c, k, mids);
         float nc[256];
+        fw_mean_ctx mc;
+        mc.v = v;
         int64_t start = 0;
         for (int j = 0; j < k; j++) {
             int64_t end = j + 1 < k ? fw_upper_bound(v, nf, mids[j]) : nf;
             if (end < start) end = start;
-            if (end > start)
-                nc[j] = (float)((pre[end] - pre[start]) / (double)(end - start));
-            else
-                nc[j] = c[j]; /* empty cluster keeps its centroid */
+            mc.b[j] = start;
+            mc.e[j] = end;
             start = end;
         }
+        fw_parallel_for(k, nf >= (1 << 18) ? 1 : k, fw_mean_task, &mc);
+        for (int j = 0; j < k; j++)
+            nc[j] = mc.e[j] > mc.b[j] ? (float)mc.mean[j] : c[j]; /* empty: keeps its centroid */
         qsort(nc, (size_t)k, sizeof(float), fw_cmp_float);
         int same = memcmp(nc, c, (size_t)k * sizeof(float)) == 0;
         memcpy(c, nc, (size_t)k * sizeof(float));
         if (same) break;
     }
     free(tmp);
-    free(pre);
     for (int j = 0; j < k; j++) centroids[j] = c[j] == 0.0f ? 0.0f : c[j];
     fw_mids(c, k, mids);
     fw_label_ctx lc = {x, mids, k - 1, labels};

@@ -200,8 +200,19 @@ static void neon_col_accum(const float *x, int64_t n, int p, double *acc) {
 
 static void neon_rank_update(float *W, int64_t ldw, const float *E, int64_t lde, const float *U,
                              int64_t ldu, int64_t rows, int64_t kb, int64_t ncols) {
+    /* the U strip [kb x 16] is packed contiguously when several row groups reuse it */
+    float stackbuf[128 * 16];
+    float *pk = NULL;
+    if (rows >= 8) pk = kb <= 128 ? stackbuf : (float *)malloc((size_t)kb * 16 * sizeof(float));
     int64_t j = 0;
     for (; j + 16 <= ncols; j += 16) {
+        const float *us = U + j;
+        int64_t ldp = ldu;
+        if (pk) {
+            for (int64_t k = 0; k < kb; k++) memcpy(pk + k * 16, U + k * ldu + j, 16 * sizeof(float));
+            us = pk;
+            ldp = 16;
+        }
         int64_t r = 0;
         for (; r + 4 <= rows; r += 4) {
             float *w0 = W + r * ldw + j;
@@ -210,7 +221,7 @@ static void neon_rank_update(float *W, int64_t ldw, const float *E, int64_t lde,
                 for (int b = 0; b < 4; b++) c[a][b] = vld1q_f32(w0 + a * ldw + 4 * b);
             const float *e = E + r * lde;
             for (int64_t k = 0; k < kb; k++) {
-                const float *u = U + k * ldu + j;
+                const float *u = us + k * ldp;
                 float32x4_t u0 = vld1q_f32(u), u1 = vld1q_f32(u + 4), u2 = vld1q_f32(u + 8),
                             u3 = vld1q_f32(u + 12);
                 for (int a = 0; a < 4; a++) {
@@ -229,7 +240,7 @@ static void neon_rank_update(float *W, int64_t ldw, const float *E, int64_t lde,
             float32x4_t c0 = vld1q_f32(w0), c1 = vld1q_f32(w0 + 4), c2 = vld1q_f32(w0 + 8),
                         c3 = vld1q_f32(w0 + 12);
             for (int64_t k = 0; k < kb; k++) {
-                const float *u = U + k * ldu + j;
+                const float *u = us + k * ldp;
                 float32x4_t ev = vdupq_n_f32(-E[r * lde + k]);
                 c0 = vfmaq_f32(c0, ev, vld1q_f32(u));
                 c1 = vfmaq_f32(c1, ev, vld1q_f32(u + 4));
@@ -261,6 +272,56 @@ static void neon_rank_update(float *W, int64_t ldw, const float *E, int64_t lde,
             }
         }
     }
+    if (pk && pk != stackbuf) free(pk);
+}
+
+/* ---------------------------------------------------------------- selection bracket */
+
+static void neon_bracket(const float *x, int64_t n, uint32_t lo, uint32_t span, int64_t *below,
+                         uint32_t *buf, int64_t *nb, int64_t cap, int *overflow) {
+    uint32x4_t absm = vdupq_n_u32(0x7FFFFFFFu), lov = vdupq_n_u32(lo), hiv = vdupq_n_u32(lo + span);
+    int64_t cnt = 0, m = *nb, i = 0;
+    while (i + 16 <= n) {
+        uint32x4_t acc = vdupq_n_u32(0);
+        int64_t stop = i + ((int64_t)1 << 26) < n ? i + ((int64_t)1 << 26) : n;
+        for (; i + 16 <= stop; i += 16) {
+            uint32x4_t a0 = vandq_u32(vld1q_u32((const uint32_t *)(x + i)), absm);
+            uint32x4_t a1 = vandq_u32(vld1q_u32((const uint32_t *)(x + i + 4)), absm);
+            uint32x4_t a2 = vandq_u32(vld1q_u32((const uint32_t *)(x + i + 8)), absm);
+            uint32x4_t a3 = vandq_u32(vld1q_u32((const uint32_t *)(x + i + 12)), absm);
+            uint32x4_t b0 = vcltq_u32(a0, lov), b1 = vcltq_u32(a1, lov);
+            uint32x4_t b2 = vcltq_u32(a2, lov), b3 = vcltq_u32(a3, lov);
+            acc = vsubq_u32(acc, vaddq_u32(vaddq_u32(b0, b1), vaddq_u32(b2, b3)));
+            uint32x4_t in0 = vandq_u32(vcgeq_u32(a0, lov), vcleq_u32(a0, hiv));
+            uint32x4_t in1 = vandq_u32(vcgeq_u32(a1, lov), vcleq_u32(a1, hiv));
+            uint32x4_t in2 = vandq_u32(vcgeq_u32(a2, lov), vcleq_u32(a2, hiv));
+            uint32x4_t in3 = vandq_u32(vcgeq_u32(a3, lov), vcleq_u32(a3, hiv));
+            if (vmaxvq_u32(vorrq_u32(vorrq_u32(in0, in1), vorrq_u32(in2, in3)))) {
+                for (int j = 0; j < 16; j++) {
+                    uint32_t a = fw_f2u(x[i + j]) & 0x7FFFFFFFu;
+                    if (a - lo <= span) {
+                        if (m < cap)
+                            buf[m++] = a;
+                        else
+                            *overflow = 1;
+                    }
+                }
+            }
+        }
+        cnt += vaddvq_u32(acc);
+    }
+    for (; i < n; i++) {
+        uint32_t a = fw_f2u(x[i]) & 0x7FFFFFFFu;
+        cnt += a < lo;
+        if (a - lo <= span) {
+            if (m < cap)
+                buf[m++] = a;
+            else
+                *overflow = 1;
+        }
+    }
+    *below += cnt;
+    *nb = m;
 }
 
 const fw_ops fw_ops_neon = {
@@ -274,6 +335,7 @@ const fw_ops fw_ops_neon = {
     neon_run_sum,
     neon_col_accum,
     neon_rank_update,
+    neon_bracket,
 };
 
 #endif

@@ -129,21 +129,49 @@ int fw_pack(const uint8_t *q, int q_signed, int64_t n, int bits, uint8_t *out, i
     FW_REQUIRE(n == 0 || (q && out), "null pointer");
     int32_t lo = q_signed ? -(1 << (bits - 1)) : 0;
     int32_t hi = q_signed ? (1 << (bits - 1)) - 1 : (1 << bits) - 1;
-    for (int64_t i = 0; i < n; i++) {
-        int32_t v = q_signed ? (int32_t)(int8_t)q[i] : (int32_t)q[i];
-        if (v < lo || v > hi)
-            return fw_error(FW_ERANGE, "value %d at index %lld does not fit in %d bits (%s)",
-                            (int)v, (long long)i, bits, q_signed ? "signed" : "unsigned");
+    /* range check: a branch-free pass first (vectorizes), the index only on failure */
+    int bad = 0;
+    if (q_signed) {
+        const int8_t *restrict qs = (const int8_t *)q;
+        for (int64_t i = 0; i < n; i++) bad |= (qs[i] < lo) | (qs[i] > hi);
+    } else {
+        for (int64_t i = 0; i < n; i++) bad |= q[i] > hi;
+    }
+    if (bad) {
+        for (int64_t i = 0; i < n; i++) {
+            int32_t v = q_signed ? (int32_t)(int8_t)q[i] : (int32_t)q[i];
+            if (v < lo || v > hi)
+                return fw_error(FW_ERANGE, "value %d at index %lld does not fit in %d bits (%s)",
+                                (int)v, (long long)i, bits, q_signed ? "signed" : "unsigned");
+        }
     }
     if (bits == 8) {
         memcpy(out, q, (size_t)n);
         return FW_OK;
     }
-    memset(out, 0, (size_t)need);
-    uint8_t m = (uint8_t)((1u << bits) - 1u);
-    for (int64_t i = 0; i < n; i++) {
-        int64_t bit = i * bits;
-        out[bit >> 3] |= (uint8_t)((q[i] & m) << (bit & 7));
+    uint8_t *restrict o = out;
+    const uint8_t *restrict in = q;
+    const int per = 8 / bits;
+    const uint8_t m = (uint8_t)((1u << bits) - 1u);
+    int64_t full = n / per;
+    if (bits == 4) {
+        for (int64_t j = 0; j < full; j++)
+            o[j] = (uint8_t)((in[2 * j] & 0x0F) | (in[2 * j + 1] << 4));
+    } else if (bits == 2) {
+        for (int64_t j = 0; j < full; j++)
+            o[j] = (uint8_t)((in[4 * j] & 3) | ((in[4 * j + 1] & 3) << 2) |
+                             ((in[4 * j + 2] & 3) << 4) | ((in[4 * j + 3] & 3) << 6));
+    } else {
+        for (int64_t j = 0; j < full; j++) {
+            uint8_t b = 0;
+            for (int t = 0; t < 8; t++) b |= (uint8_t)((in[8 * j + t] & 1) << t);
+            o[j] = b;
+        }
+    }
+    if (full < need) { /* the partial last byte */
+        uint8_t b = 0;
+        for (int64_t i = full * per; i < n; i++) b |= (uint8_t)((in[i] & m) << ((i - full * per) * bits));
+        o[full] = b;
     }
     return FW_OK;
 }

@@ -77,6 +77,23 @@ static void ref_rank_update(float *W, int64_t ldw, const float *E, int64_t lde, 
     }
 }
 
+static void ref_bracket(const float *x, int64_t n, uint32_t lo, uint32_t span, int64_t *below,
+                        uint32_t *buf, int64_t *nb, int64_t cap, int *overflow) {
+    int64_t cnt = 0, m = *nb;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t a = fw_f2u(x[i]) & 0x7FFFFFFFu;
+        cnt += a < lo;
+        if (a - lo <= span) {
+            if (m < cap)
+                buf[m++] = a;
+            else
+                *overflow = 1;
+        }
+    }
+    *below += cnt;
+    *nb = m;
+}
+
 const fw_ops fw_ops_ref = {
     "ref",
     ref_quant_run,
@@ -88,4 +105,5 @@ const fw_ops fw_ops_ref = {
     ref_run_sum,
     ref_col_accum,
     ref_rank_update,
+    ref_bracket,
 };

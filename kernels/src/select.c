@@ -47,8 +47,8 @@ static void fw_kth_task(void *vctx, int64_t b, int64_t e, int tid) {
     }
 }
 
-int fw_kth_bits(const float *const *arrays, const int64_t *lengths, int64_t narrays, int64_t k,
-                uint32_t *bits_out) {
+static int fw_kth_radix(const float *const *arrays, const int64_t *lengths, int64_t narrays,
+                        int64_t k, uint32_t *bits_out) {
     FW_REQUIRE(narrays >= 0 && (narrays == 0 || (arrays && lengths)), "invalid arrays");
     int64_t *off = (int64_t *)malloc((size_t)(narrays + 1) * sizeof(int64_t));
     if (!off) return fw_error(FW_ENOMEM, "out of memory");
@@ -97,6 +97,139 @@ int fw_kth_bits(const float *const *arrays, const int64_t *lengths, int64_t narr
     free(off);
     *bits_out = result;
     return FW_OK;
+}
+
+/* Sample-bracket selection: the k-th value's rank in a strided sample of the data brackets it
+ * between two sample values [lo, hi] (with a 4-sigma margin); one streaming pass counts the values
+ * below lo and collects those inside the bracket, and the answer is selected among the few
+ * collected. Any miss (bracket too narrow, buffer overflow) falls back to the radix select, so
+ * the result is always exact and, for given data, independent of the thread count. */
+
+#define FW_KTH_SAMPLE 65536
+
+typedef struct {
+    const fw_ops *ops;
+    const float *const *arrays;
+    const int64_t *lengths;
+    const int64_t *offsets;
+    int64_t narrays;
+    uint32_t lo, span;
+    int64_t below[256];
+    uint32_t *buf[256];
+    int64_t nbuf[256], cap[256];
+    int overflow;
+} fw_bracket_ctx;
+
+static void fw_bracket_task(void *vctx, int64_t b, int64_t e, int tid) {
+    fw_bracket_ctx *c = (fw_bracket_ctx *)vctx;
+    int64_t lo = 0, hi = c->narrays - 1;
+    while (lo < hi) {
+        int64_t mid = (lo + hi + 1) / 2;
+        if (c->offsets[mid] <= b)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    int ovf = 0;
+    for (int64_t a = lo; a < c->narrays && c->offsets[a] < e; a++) {
+        int64_t s = b > c->offsets[a] ? b - c->offsets[a] : 0;
+        int64_t t = e - c->offsets[a];
+        if (t > c->lengths[a]) t = c->lengths[a];
+        if (t > s)
+            c->ops->bracket(c->arrays[a] + s, t - s, c->lo, c->span, &c->below[tid], c->buf[tid],
+                            &c->nbuf[tid], c->cap[tid], &ovf);
+    }
+    if (ovf) __atomic_store_n(&c->overflow, 1, __ATOMIC_RELAXED);
+}
+
+/* 1: found; 0: fall back */
+static int fw_kth_bracket(const float *const *arrays, const int64_t *lengths, const int64_t *off,
+                          int64_t narrays, int64_t n, int64_t k, uint32_t *bits_out) {
+    const int64_t S = FW_KTH_SAMPLE;
+    uint32_t *smp = (uint32_t *)malloc((size_t)S * 2 * sizeof(uint32_t));
+    if (!smp) return 0;
+    int64_t a = 0;
+    for (int64_t t = 0; t < S; t++) {
+        int64_t p = (int64_t)(((__int128)(2 * t + 1) * n) / (2 * S));
+        while (off[a + 1] <= p) a++;
+        smp[t] = fw_f2u(arrays[a][p - off[a]]) & 0x7FFFFFFFu;
+    }
+    fw_radix_sort_u32(smp, smp + S, S);
+    double pk = (double)k / (double)n;
+    double margin = 4.0 * sqrt((double)S * pk * (1.0 - pk)) + 32.0;
+    int64_t r = (int64_t)(pk * (double)S);
+    int64_t li = r - (int64_t)margin, hi_i = r + (int64_t)margin;
+    uint32_t lo = li <= 0 ? 0u : smp[li];
+    uint32_t hi = hi_i >= S - 1 ? 0x7FFFFFFFu : smp[hi_i];
+    free(smp);
+    int64_t frac_n = (int64_t)(((hi_i < S ? hi_i : S) - (li > 0 ? li : 0) + 1) * (double)n / (double)S);
+    if (frac_n > n / 4) return 0; /* a wide bracket (heavy ties): radix select is cheaper */
+    int nt = fw_threads_for(n, 1 << 18);
+    fw_bracket_ctx *c = (fw_bracket_ctx *)calloc(1, sizeof *c);
+    if (!c) return 0;
+    c->ops = fw_ops_get();
+    c->arrays = arrays;
+    c->lengths = lengths;
+    c->offsets = off;
+    c->narrays = narrays;
+    c->lo = lo;
+    c->span = hi - lo;
+    int ok = 1;
+    for (int t = 0; t < nt; t++) {
+        c->cap[t] = 2 * frac_n / nt + 4096;
+        c->buf[t] = (uint32_t *)malloc((size_t)c->cap[t] * sizeof(uint32_t));
+        if (!c->buf[t]) ok = 0;
+    }
+    if (ok) fw_parallel_run(nt, n, fw_bracket_task, c);
+    int found = 0;
+    if (ok && !c->overflow) {
+        int64_t below = 0, ncand = 0;
+        for (int t = 0; t < nt; t++) {
+            below += c->below[t];
+            ncand += c->nbuf[t];
+        }
+        if (below < k && k <= below + ncand) {
+            uint32_t *all = (uint32_t *)malloc((size_t)(ncand > 0 ? ncand : 1) * sizeof(uint32_t));
+            if (all) {
+                int64_t m = 0;
+                for (int t = 0; t < nt; t++) {
+                    memcpy(all + m, c->buf[t], (size_t)c->nbuf[t] * sizeof(uint32_t));
+                    m += c->nbuf[t];
+                }
+                const float *arr1[1] = {(const float *)all};
+                int64_t len1[1] = {ncand};
+                found = fw_kth_radix(arr1, len1, 1, k - below, bits_out) == FW_OK;
+                free(all);
+            }
+        }
+    }
+    for (int t = 0; t < nt; t++) free(c->buf[t]);
+    free(c);
+    return found;
+}
+
+int fw_kth_bits(const float *const *arrays, const int64_t *lengths, int64_t narrays, int64_t k,
+                uint32_t *bits_out) {
+    FW_REQUIRE(narrays >= 0 && (narrays == 0 || (arrays && lengths)), "invalid arrays");
+    int64_t *off = (int64_t *)malloc((size_t)(narrays + 1) * sizeof(int64_t));
+    if (!off) return fw_error(FW_ENOMEM, "out of memory");
+    off[0] = 0;
+    for (int64_t a = 0; a < narrays; a++) {
+        if (lengths[a] < 0 || (lengths[a] > 0 && !arrays[a]) || off[a] > INT64_MAX - lengths[a]) {
+            free(off);
+            return fw_error(FW_EINVAL, "invalid array %lld", (long long)a);
+        }
+        off[a + 1] = off[a] + lengths[a];
+    }
+    int64_t n = off[narrays];
+    if (k < 1 || k > n) {
+        free(off);
+        return fw_error(FW_EINVAL, "k=%lld out of range [1, %lld]", (long long)k, (long long)n);
+    }
+    int done = n >= (1 << 20) && fw_kth_bracket(arrays, lengths, off, narrays, n, k, bits_out);
+    free(off);
+    if (done) return FW_OK;
+    return fw_kth_radix(arrays, lengths, narrays, k, bits_out);
 }
 
 int fw_kth_smallest_abs(const float *const *arrays, const int64_t *lengths, int64_t narrays,
@@ -265,7 +398,9 @@ typedef struct {
 static void fw_sign_task(void *vctx, int64_t b, int64_t e, int tid) {
     (void)tid;
     fw_sign_ctx *c = (fw_sign_ctx *)vctx;
-    for (int64_t i = b; i < e; i++) c->signs[i] = c->w[i] < 0.0f ? -1 : 1;
+    const float *restrict w = c->w; /* locals: int8 stores may alias the context */
+    int8_t *restrict sg = c->signs;
+    for (int64_t i = b; i < e; i++) sg[i] = (int8_t)(1 - 2 * (w[i] < 0.0f));
 }
 
 int fw_sign_quantize(const float *w, int64_t outer, int64_t alen, int64_t inner, int8_t *signs,
