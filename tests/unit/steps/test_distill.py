@@ -567,3 +567,85 @@ def _soft_kl(model, teacher, x, temperature: float = 4.0) -> float:
         return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
     t, s = log_softmax(_run(teacher, {"x": x})[0]), log_softmax(_run(model, {"x": x})[0])
     return float((np.exp(t) * (t - s)).sum(axis=1).mean())
+
+
+# ---------------------------------------------------------------- the torch translation
+
+
+def _const(name, array):
+    return numpy_helper.from_array(np.asarray(array), name)
+
+
+@pytest.mark.parametrize("kind", ["cnn", "sequence"])
+def test_torch_translation_matches_onnx_runtime(kind):
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    from worker.pipeline.distill.kd import trainable_weights
+    from worker.pipeline.distill.torch_graph import TorchGraph, unsupported_ops
+
+    rng = np.random.default_rng(RNG_SEED)
+    f = lambda *shape: rng.standard_normal(shape).astype(np.float32)   # noqa: E731
+    if kind == "cnn":
+        nodes = [
+            helper.make_node("Conv", ["x", "cw", "cb"], ["c"], name="conv", pads=[1, 0, 1, 2], strides=[1, 2]),
+            helper.make_node("BatchNormalization", ["c", "g", "be", "mu", "var"], ["n"], name="bn", epsilon=1e-3),
+            helper.make_node("LeakyRelu", ["n"], ["r"], name="act", alpha=0.1),
+            helper.make_node("MaxPool", ["r"], ["p"], name="pool", kernel_shape=[2, 2], strides=[1, 1], pads=[0, 0, 1, 1]),
+            helper.make_node("AveragePool", ["p"], ["a"], name="avg", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+            helper.make_node("Flatten", ["a"], ["fl"], name="flat"),
+            helper.make_node("Gemm", ["fl", "fw", "fb"], ["logits0"], name="fc", transB=1, alpha=0.5),
+            helper.make_node("LogSoftmax", ["logits0"], ["y"], name="sm", axis=1),
+        ]
+        inits = [_const("cw", f(4, 2, 3, 3)), _const("cb", f(4)), _const("g", f(4)), _const("be", f(4)),
+                 _const("mu", f(4)), _const("var", np.abs(f(4)) + 0.5), _const("fw", f(5, 4 * 6 * 4)), _const("fb", f(5))]
+        x = f(3, 2, 6, 7)
+        in_shape, out_shape = ["batch", 2, 6, 7], ["batch", 5]
+    else:
+        nodes = [
+            helper.make_node("LayerNormalization", ["x", "ln_s", "ln_b"], ["ln"], name="ln", axis=-1),
+            helper.make_node("MatMul", ["ln", "w"], ["h"], name="proj"),
+            helper.make_node("Split", ["h", "sizes"], ["h1", "h2"], name="split", axis=-1),
+            helper.make_node("Sigmoid", ["h2"], ["gate"], name="sig"),
+            helper.make_node("Mul", ["h1", "gate"], ["glu"], name="glu"),
+            helper.make_node("Transpose", ["glu"], ["t"], name="tr", perm=[0, 2, 1]),
+            helper.make_node("Softmax", ["t"], ["sm"], name="softmax", axis=-1),
+            helper.make_node("ReduceMean", ["sm"], ["m"], name="mean", axes=[2], keepdims=1),
+            helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+            helper.make_node("Gather", ["shape", "zero"], ["batch"], name="batch", axis=0),
+            helper.make_node("Unsqueeze", ["batch", "axes0"], ["batch1"], name="unsq"),
+            helper.make_node("Concat", ["batch1", "minus1"], ["target"], name="cat", axis=0),
+            helper.make_node("Reshape", ["glu", "target"], ["flat"], name="reshape"),
+            helper.make_node("Erf", ["flat"], ["erf"], name="erf"),
+            helper.make_node("Clip", ["erf", "lo", "hi"], ["clip"], name="clip"),
+            helper.make_node("Greater", ["clip", "zero_f"], ["pos"], name="gt"),
+            helper.make_node("Neg", ["clip"], ["neg"], name="neg"),
+            helper.make_node("Where", ["pos", "clip", "neg"], ["absish"], name="where"),
+            helper.make_node("Slice", ["absish", "starts", "ends", "axes1", "steps"], ["sl"], name="slice"),
+            helper.make_node("Squeeze", ["m", "axes2"], ["ms"], name="sq"),
+            helper.make_node("Gemm", ["sl", "w2"], ["part"], name="fc2"),
+            helper.make_node("Add", ["part", "ms"], ["y"], name="out"),
+        ]
+        inits = [_const("ln_s", f(6)), _const("ln_b", f(6)), _const("w", f(6, 12)), _const("sizes", np.array([6, 6], np.int64)),
+                 _const("zero", np.array(0, np.int64)), _const("axes0", np.array([0], np.int64)),
+                 _const("minus1", np.array([-1], np.int64)), _const("lo", np.array(-0.5, np.float32)),
+                 _const("hi", np.array(0.7, np.float32)), _const("zero_f", np.array(0.0, np.float32)),
+                 _const("starts", np.array([1], np.int64)), _const("ends", np.array([9999], np.int64)),
+                 _const("axes1", np.array([1], np.int64)), _const("steps", np.array([2], np.int64)),
+                 _const("axes2", np.array([2], np.int64)), _const("w2", f(12, 6))]
+        x = f(3, 4, 6)
+        in_shape, out_shape = ["batch", 4, 6], ["batch", 6]
+    g = helper.make_graph(nodes, kind, [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    assert unsupported_ops(model) == []
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    want = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    net = TorchGraph(model, trainable_weights(model, _params(method="kd"), {}))
+
+    got = net({"x": torch.from_numpy(x)})["y"]
+
+    np.testing.assert_allclose(got.detach().numpy(), want, rtol=1e-4, atol=1e-5)
+    got.sum().backward()   # differentiable end to end: every trained weight gets a gradient
+    assert all(p.grad is not None for p in net.params.parameters())
