@@ -150,3 +150,17 @@ def assert_valid_same_io(model: onnx.ModelProto, original: onnx.ModelProto, feed
 
 def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+
+def mlp_fp16(seed: int = 0) -> onnx.ModelProto:
+    """A float16 MLP (float16 inputs, weights and outputs): steps must keep the weights' dtype."""
+    rng = np.random.default_rng(seed)
+    inits = [_init("w1", (rng.standard_normal((64, 96)) / 8).astype(np.float16)),
+             _init("b1", rng.standard_normal(96).astype(np.float16)),
+             _init("w2", (rng.standard_normal((96, 32)) / 10).astype(np.float16))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Add", ["h", "b1"], ["a"], name="fc1_bias"),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["batch", 64])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["batch", 32])], inits)

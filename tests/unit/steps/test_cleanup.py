@@ -11,7 +11,7 @@ from core.recipe import parse_recipe
 from worker.pipeline.step import StepContext
 from worker.pipeline.steps import cleanup
 
-from .structure_models import assert_valid_same_io, attention, cnn, inputs_for, mlp, run_model
+from .structure_models import mlp_fp16, assert_valid_same_io, attention, cnn, inputs_for, mlp, run_model
 
 
 def _params(**fields):
@@ -135,3 +135,12 @@ def test_unknown_field_refused_with_path():
     with pytest.raises(RecipeError) as info:
         _params(fold=True)
     assert info.value.errors[0]["loc"] == ["steps", 0, "fold"]
+
+
+def test_float16_weights_keep_their_dtype():
+    model = mlp_fp16()
+    result = cleanup.run(model, parse_recipe({"steps": [{"op": "cleanup", **{}}]}).steps[0], StepContext(original=model))
+    feeds = {"x": np.random.default_rng(0).standard_normal((8, 64)).astype(np.float16)}
+    got = assert_valid_same_io(result.model, model, feeds)[0]
+    assert got.dtype == np.float16
+    assert {t.data_type for t in result.model.graph.initializer if t.data_type in (1, 10)} == {10}

@@ -11,7 +11,7 @@ from core.recipe import parse_recipe
 from worker.pipeline.step import StepContext
 from worker.pipeline.steps import cluster, prune
 
-from .structure_models import assert_valid_same_io, attention, cnn, inputs_for, mlp, rel_l2, run_model
+from .structure_models import mlp_fp16, assert_valid_same_io, attention, cnn, inputs_for, mlp, rel_l2, run_model
 
 
 def _params(op="cluster", **fields):
@@ -99,3 +99,12 @@ def test_bad_bits_refused_with_field_path(bits):
     with pytest.raises(RecipeError) as info:
         _params(bits=bits)
     assert info.value.errors[0]["loc"] == ["steps", 0, "bits"]
+
+
+def test_float16_weights_keep_their_dtype():
+    model = mlp_fp16()
+    result = cluster.run(model, parse_recipe({"steps": [{"op": "cluster", **{"bits": 4, "min_params": 0}}]}).steps[0], StepContext(original=model))
+    feeds = {"x": np.random.default_rng(0).standard_normal((8, 64)).astype(np.float16)}
+    got = assert_valid_same_io(result.model, model, feeds)[0]
+    assert got.dtype == np.float16
+    assert {t.data_type for t in result.model.graph.initializer if t.data_type in (1, 10)} == {10}

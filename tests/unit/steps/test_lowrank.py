@@ -10,7 +10,7 @@ from worker.pipeline.graph import get_array, set_array
 from worker.pipeline.step import StepContext
 from worker.pipeline.steps import lowrank
 
-from .structure_models import assert_valid_same_io, attention, cnn, inputs_for, mlp, rel_l2, run_model
+from .structure_models import mlp_fp16, assert_valid_same_io, attention, cnn, inputs_for, mlp, rel_l2, run_model
 
 
 def _params(**fields):
@@ -165,3 +165,12 @@ def test_calibration_makes_the_factorization_data_aware():
             result = lowrank.run(model, _params(rank_ratio=0.3, min_params=0), ctx)
             errors.append(rel_l2(assert_valid_same_io(result.model, model, feeds)[0], want))
         assert errors[1] < 0.8 * errors[0], (build.__name__, errors)
+
+
+def test_float16_weights_keep_their_dtype():
+    model = mlp_fp16()
+    result = lowrank.run(model, parse_recipe({"steps": [{"op": "lowrank", **{"rank_ratio": 0.5, "min_params": 0}}]}).steps[0], StepContext(original=model))
+    feeds = {"x": np.random.default_rng(0).standard_normal((8, 64)).astype(np.float16)}
+    got = assert_valid_same_io(result.model, model, feeds)[0]
+    assert got.dtype == np.float16
+    assert {t.data_type for t in result.model.graph.initializer if t.data_type in (1, 10)} == {10}

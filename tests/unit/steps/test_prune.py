@@ -10,7 +10,7 @@ from worker.pipeline.graph import get_array, weight_layers
 from worker.pipeline.step import StepContext
 from worker.pipeline.steps import prune
 
-from .structure_models import assert_valid_same_io, attention, cnn, inputs_for, mlp, rel_l2, run_model
+from .structure_models import mlp_fp16, assert_valid_same_io, attention, cnn, inputs_for, mlp, rel_l2, run_model
 
 
 def _params(op="prune", **fields):
@@ -293,8 +293,10 @@ def test_quantizing_after_pruning_keeps_zeros_zero():
     # fed the identity, fc1's output (before its bias Add) is the effective weight w1 itself
     effective = session(with_outputs(quantized.model, ["h1"])).run(["h1"], {"x": np.eye(64, dtype=np.float32)})[0]
     mask = ctx.layers["w1"].mask
-    assert np.all(effective[~mask] == 0)
-    assert np.count_nonzero(effective[mask]) >= 0.99 * mask.sum()
+    # stored zeros decode to 0; ONNX Runtime's int8 GEMM may compute s*(sum x q_u) - s*zp*sum(x),
+    # which leaves float rounding (about 1e-8) where the weight is zero, so compare at that scale
+    assert np.abs(effective[~mask]).max() <= 1e-6 * np.abs(effective).max()
+    assert np.count_nonzero(np.abs(effective[mask]) > 1e-6 * np.abs(effective).max()) >= 0.99 * mask.sum()
 
 
 def test_channel_pruning_through_depthwise_conv_and_gating_mul():
@@ -329,3 +331,16 @@ def test_channel_pruning_through_depthwise_conv_and_gating_mul():
     depthwise = next(n for n in result.model.graph.node if n.name == "depthwise")
     assert next(a.i for a in depthwise.attribute if a.name == "group") == 4
     assert len(result.metrics["layers"]) == 1 and result.metrics["layers"][0]["removed"] == 4
+
+
+@pytest.mark.parametrize("fields", [{"sparsity": 0.5}, {"sparsity": 0.5, "method": "sparsegpt"},
+                                    {"sparsity": 0.0, "structure": "2:4"}, {"sparsity": 0.3, "structure": "channel"}])
+def test_float16_weights_keep_their_dtype(fields):
+    model = mlp_fp16()
+    rng = np.random.default_rng(0)
+    ctx = StepContext(original=model, calibration={"x": rng.standard_normal((64, 64)).astype(np.float16)},
+                      options={"channel_block": 1})
+    result = prune.run(model, _params(min_params=0, **fields), ctx)
+    got = assert_valid_same_io(result.model, model, {"x": rng.standard_normal((8, 64)).astype(np.float16)})[0]
+    assert got.dtype == np.float16
+    assert {t.data_type for t in result.model.graph.initializer if t.data_type in (1, 10)} == {10}

@@ -204,7 +204,8 @@ def _rank_saves(params: LowrankStep, full: int, per_rank: int, max_rank: int) ->
 
 def _factorize_linear(model: onnx.ModelProto, node: onnx.NodeProto, layer: WeightLayer, params: LowrankStep,
                       hessian: np.ndarray | None) -> tuple[int, tuple[str, str], float, int] | str:
-    w = get_array(model, layer.weight).astype(np.float32)
+    stored = get_array(model, layer.weight)
+    w = stored.astype(np.float32)
     trans_b = layer.op == "Gemm" and attribute(node, "transB", 0)
     matrix = w.T if trans_b else w                       # [K, N] as in x @ W
     k, n = matrix.shape
@@ -217,9 +218,9 @@ def _factorize_linear(model: onnx.ModelProto, node: onnx.NodeProto, layer: Weigh
     if rank * (k + n) >= k * n:
         return f"rank {rank} for energy {params.energy} saves no parameters on [{k}, {n}]"
     a_name = unique_name(model, f"{layer.weight}_lowrank_a")
-    model.graph.initializer.append(numpy_helper.from_array(a.astype(w.dtype), a_name))
+    model.graph.initializer.append(numpy_helper.from_array(a.astype(stored.dtype), a_name))
     b_name = unique_name(model, f"{layer.weight}_lowrank_b")
-    model.graph.initializer.append(numpy_helper.from_array(b.astype(w.dtype), b_name))
+    model.graph.initializer.append(numpy_helper.from_array(b.astype(stored.dtype), b_name))
     middle = unique_name(model, f"{node.name}_lowrank")
     first = helper.make_node("MatMul", [node.input[0], a_name], [middle], name=unique_name(model, f"{node.name}_lowrank_a"))
     node.input[0], node.input[1] = middle, b_name
@@ -236,7 +237,8 @@ def _factorize_conv(model: onnx.ModelProto, node: onnx.NodeProto, layer: WeightL
     geometry = _conv_geometry(node, layer.shape)
     if geometry is None:
         return "Conv that is not 2-D, grouped, or uses auto_pad SAME"
-    w = get_array(model, layer.weight).astype(np.float32)
+    stored = get_array(model, layer.weight)
+    w = stored.astype(np.float32)
     o, i, kh, kw = w.shape
     if params.conv == "spatial":
         if kh == 1 or kw == 1:
@@ -270,9 +272,9 @@ def _factorize_conv(model: onnx.ModelProto, node: onnx.NodeProto, layer: WeightL
         first_attrs = {"strides": strides, "pads": pads, "dilations": dilations}
         second_attrs = {}
     first_name = unique_name(model, f"{layer.weight}_lowrank_a")
-    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(first_w).astype(w.dtype), first_name))
+    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(first_w).astype(stored.dtype), first_name))
     second_name = unique_name(model, f"{layer.weight}_lowrank_b")
-    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(second_w).astype(w.dtype), second_name))
+    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(second_w).astype(stored.dtype), second_name))
     middle = unique_name(model, f"{node.name}_lowrank")
     first = helper.make_node("Conv", [node.input[0], first_name], [middle],
                              name=unique_name(model, f"{node.name}_lowrank_a"), **first_attrs)
