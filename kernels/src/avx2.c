@@ -135,7 +135,8 @@ T static void avx2_apply_mask(const float *w, const uint8_t *mask, int64_t n, fl
 /* ---------------------------------------------------------------- histogram */
 
 T static void avx2_hist_accum(const float *x, int64_t n, float lo, float scale, float maxbin,
-                              uint32_t *counts) {
+                              uint32_t *counts, int64_t stride) {
+    uint32_t *c0 = counts, *c1 = counts + stride, *c2 = counts + 2 * stride, *c3 = counts + 3 * stride;
     __m256 lov = _mm256_set1_ps(lo), sc = _mm256_set1_ps(scale), mb = _mm256_set1_ps(maxbin);
     __m256 zero = _mm256_setzero_ps();
     int64_t i = 0;
@@ -146,17 +147,17 @@ T static void avx2_hist_accum(const float *x, int64_t n, float lo, float scale, 
         t = _mm256_min_ps(_mm256_max_ps(t, zero), mb);
         _mm256_store_si256((__m256i *)idx, _mm256_cvttps_epi32(_mm256_floor_ps(t)));
         if (ord == 0xFF) {
-            counts[idx[0]]++;
-            counts[idx[1]]++;
-            counts[idx[2]]++;
-            counts[idx[3]]++;
-            counts[idx[4]]++;
-            counts[idx[5]]++;
-            counts[idx[6]]++;
-            counts[idx[7]]++;
+            c0[idx[0]]++;
+            c1[idx[1]]++;
+            c2[idx[2]]++;
+            c3[idx[3]]++;
+            c0[idx[4]]++;
+            c1[idx[5]]++;
+            c2[idx[6]]++;
+            c3[idx[7]]++;
         } else {
             for (int j = 0; j < 8; j++)
-                if (ord >> j & 1) counts[idx[j]]++;
+                if (ord >> j & 1) counts[(j & 3) * stride + idx[j]]++;
         }
     }
     for (; i < n; i++) {
@@ -164,7 +165,7 @@ T static void avx2_hist_accum(const float *x, int64_t n, float lo, float scale, 
         if (t != t) continue;
         t = t > 0.0f ? t : 0.0f;
         t = t < maxbin ? t : maxbin;
-        counts[(int32_t)floorf(t)]++;
+        counts[(i & 3) * stride + (int32_t)floorf(t)]++;
     }
 }
 
@@ -243,7 +244,7 @@ T static void avx2_rank_update(float *W, int64_t ldw, const float *E, int64_t ld
                 __m256 u0 = _mm256_loadu_ps(u), u1 = _mm256_loadu_ps(u + 8),
                        u2 = _mm256_loadu_ps(u + 16);
                 for (int a = 0; a < 4; a++) {
-                    __m256 ev = _mm256_set1_ps(-e[a * lde + k]);
+                    __m256 ev = _mm256_set1_ps(e[a * lde + k]);
                     c[a][0] = _mm256_fmadd_ps(ev, u0, c[a][0]);
                     c[a][1] = _mm256_fmadd_ps(ev, u1, c[a][1]);
                     c[a][2] = _mm256_fmadd_ps(ev, u2, c[a][2]);
@@ -258,7 +259,7 @@ T static void avx2_rank_update(float *W, int64_t ldw, const float *E, int64_t ld
                    c2 = _mm256_loadu_ps(w0 + 16);
             for (int64_t k = 0; k < kb; k++) {
                 const float *u = us + k * ldp;
-                __m256 ev = _mm256_set1_ps(-E[r * lde + k]);
+                __m256 ev = _mm256_set1_ps(E[r * lde + k]);
                 c0 = _mm256_fmadd_ps(ev, _mm256_loadu_ps(u), c0);
                 c1 = _mm256_fmadd_ps(ev, _mm256_loadu_ps(u + 8), c1);
                 c2 = _mm256_fmadd_ps(ev, _mm256_loadu_ps(u + 16), c2);
@@ -269,11 +270,23 @@ T static void avx2_rank_update(float *W, int64_t ldw, const float *E, int64_t ld
         }
     }
     for (; j + 8 <= ncols; j += 8) {
-        for (int64_t r = 0; r < rows; r++) {
+        int64_t r0 = 0;
+        for (; r0 + 4 <= rows; r0 += 4) {
+            float *w0 = W + r0 * ldw + j;
+            __m256 c[4];
+            for (int a = 0; a < 4; a++) c[a] = _mm256_loadu_ps(w0 + a * ldw);
+            const float *e = E + r0 * lde;
+            for (int64_t k = 0; k < kb; k++) {
+                __m256 u0 = _mm256_loadu_ps(U + k * ldu + j);
+                for (int a = 0; a < 4; a++) c[a] = _mm256_fmadd_ps(_mm256_set1_ps(e[a * lde + k]), u0, c[a]);
+            }
+            for (int a = 0; a < 4; a++) _mm256_storeu_ps(w0 + a * ldw, c[a]);
+        }
+        for (int64_t r = r0; r < rows; r++) {
             float *w0 = W + r * ldw + j;
             __m256 c0 = _mm256_loadu_ps(w0);
             for (int64_t k = 0; k < kb; k++)
-                c0 = _mm256_fmadd_ps(_mm256_set1_ps(-E[r * lde + k]), _mm256_loadu_ps(U + k * ldu + j), c0);
+                c0 = _mm256_fmadd_ps(_mm256_set1_ps(E[r * lde + k]), _mm256_loadu_ps(U + k * ldu + j), c0);
             _mm256_storeu_ps(w0, c0);
         }
     }
@@ -281,7 +294,7 @@ T static void avx2_rank_update(float *W, int64_t ldw, const float *E, int64_t ld
         for (int64_t r = 0; r < rows; r++) {
             float *w0 = W + r * ldw;
             for (int64_t k = 0; k < kb; k++) {
-                float e = -E[r * lde + k];
+                float e = E[r * lde + k];
                 const float *u = U + k * ldu;
                 for (int64_t jj = j; jj < ncols; jj++) w0[jj] = fmaf(e, u[jj], w0[jj]);
             }
@@ -362,17 +375,24 @@ const fw_ops fw_ops_avx2 = {
     avx2_bracket,
 };
 
-/* AVX-512 pays only where the work is compute bound (the GPTQ / SparseGPT update); the streaming
- * primitives are memory bound and keep their AVX2 form. */
+/* The avx512 table: AVX-512 quantize / dequantize / mask / rank update (avx512.c), AVX2 for the
+ * rest (their cost is in scalar scatter or memory traffic, not lane width). */
 void fw_avx512_rank_update(float *W, int64_t ldw, const float *E, int64_t lde, const float *U,
                            int64_t ldu, int64_t rows, int64_t kb, int64_t ncols);
+void fw_avx512_quant_run(const float *x, int64_t n, const float *s, const int32_t *z,
+                         int64_t sstride, float qmin, float qmax, uint8_t *out);
+void fw_avx512_dequant_run_s8(const int8_t *q, int64_t n, const float *s, const int32_t *z,
+                              int64_t sstride, float *out);
+void fw_avx512_dequant_run_u8(const uint8_t *q, int64_t n, const float *s, const int32_t *z,
+                              int64_t sstride, float *out);
+void fw_avx512_absgt_mask(const float *w, int64_t n, float thr, uint8_t *mask);
 
 const fw_ops fw_ops_avx512 = {
     "avx512",
-    avx2_quant_run,
-    avx2_dequant_run_s8,
-    avx2_dequant_run_u8,
-    avx2_absgt_mask,
+    fw_avx512_quant_run,
+    fw_avx512_dequant_run_s8,
+    fw_avx512_dequant_run_u8,
+    fw_avx512_absgt_mask,
     avx2_apply_mask,
     avx2_hist_accum,
     avx2_run_sum,

@@ -1,12 +1,81 @@
-/* AVX-512 (F) primitives (x86-64): the GPTQ / SparseGPT rank-k update, the one compute-bound
- * loop. Same per-element operation order as ref.c (one FMA per k, k ascending). The rest of the
- * avx512 table reuses the AVX2 primitives (see avx2.c). */
+/* AVX-512 (F/BW/DQ/VL) primitives (x86-64): quantize / dequantize / magnitude mask (twice the
+ * lanes per instruction) and the GPTQ / SparseGPT rank-k update (the compute-bound loop). Same
+ * per-element operations and order as ref.c. The rest of the avx512 table reuses the AVX2
+ * primitives (see avx2.c). */
 #include "fw_internal.h"
 
 #if (defined(__x86_64__) || defined(_M_X64)) && !defined(FW_NO_SIMD)
 #include <immintrin.h>
 
 #define T __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
+
+T static inline __m512 q16(__m512 x, __m512 s, __m512 zf, __m512 lo, __m512 hi) {
+    __m512 v = _mm512_div_ps(x, s);
+    __mmask16 ord = _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q);
+    __m512 r = _mm512_add_ps(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), zf);
+    r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
+    return _mm512_mask_blend_ps(ord, zf, r); /* NaN -> zero point */
+}
+
+T void fw_avx512_quant_run(const float *x, int64_t n, const float *s, const int32_t *z,
+                           int64_t sstride, float qmin, float qmax, uint8_t *out) {
+    __m512 lo = _mm512_set1_ps(qmin), hi = _mm512_set1_ps(qmax);
+    int64_t i = 0;
+    if (sstride == 0) {
+        __m512 sv = _mm512_set1_ps(s[0]), zf = _mm512_set1_ps((float)z[0]);
+        for (; i + 32 <= n; i += 32) {
+            __m512 a = q16(_mm512_loadu_ps(x + i), sv, zf, lo, hi);
+            __m512 b = q16(_mm512_loadu_ps(x + i + 16), sv, zf, lo, hi);
+            /* codes are integral and within a byte: truncating narrow keeps the low byte */
+            _mm_storeu_si128((__m128i *)(out + i), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(a)));
+            _mm_storeu_si128((__m128i *)(out + i + 16), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(b)));
+        }
+    } else {
+        for (; i + 16 <= n; i += 16) {
+            __m512 sv = _mm512_loadu_ps(s + i);
+            __m512 zf = _mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)(z + i)));
+            __m512 a = q16(_mm512_loadu_ps(x + i), sv, zf, lo, hi);
+            _mm_storeu_si128((__m128i *)(out + i), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(a)));
+        }
+    }
+    for (; i < n; i++) out[i] = fw_quant1(x[i], s[i * sstride], z[i * sstride], qmin, qmax);
+}
+
+T void fw_avx512_dequant_run_s8(const int8_t *q, int64_t n, const float *s, const int32_t *z,
+                                int64_t sstride, float *out) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + i)));
+        __m512i zv = sstride ? _mm512_loadu_si512((const void *)(z + i)) : _mm512_set1_epi32(z[0]);
+        __m512 sv = sstride ? _mm512_loadu_ps(s + i) : _mm512_set1_ps(s[0]);
+        _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(v, zv)), sv));
+    }
+    for (; i < n; i++) out[i] = (float)((int32_t)q[i] - z[i * sstride]) * s[i * sstride];
+}
+
+T void fw_avx512_dequant_run_u8(const uint8_t *q, int64_t n, const float *s, const int32_t *z,
+                                int64_t sstride, float *out) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + i)));
+        __m512i zv = sstride ? _mm512_loadu_si512((const void *)(z + i)) : _mm512_set1_epi32(z[0]);
+        __m512 sv = sstride ? _mm512_loadu_ps(s + i) : _mm512_set1_ps(s[0]);
+        _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(v, zv)), sv));
+    }
+    for (; i < n; i++) out[i] = (float)((int32_t)q[i] - z[i * sstride]) * s[i * sstride];
+}
+
+T void fw_avx512_absgt_mask(const float *w, int64_t n, float thr, uint8_t *mask) {
+    __m512 t = _mm512_set1_ps(thr);
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __mmask16 a = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_loadu_ps(w + i)), t, _CMP_GT_OQ);
+        __mmask16 b = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_loadu_ps(w + i + 16)), t, _CMP_GT_OQ);
+        _mm256_storeu_si256((__m256i *)(mask + i),
+                            _mm256_maskz_set1_epi8((__mmask32)a | ((__mmask32)b << 16), 1));
+    }
+    for (; i < n; i++) mask[i] = fabsf(w[i]) > thr;
+}
 
 T void fw_avx512_rank_update(float *W, int64_t ldw, const float *E, int64_t lde, const float *U,
                              int64_t ldu, int64_t rows, int64_t kb, int64_t ncols) {
@@ -36,7 +105,7 @@ T void fw_avx512_rank_update(float *W, int64_t ldw, const float *E, int64_t lde,
                 __m512 u0 = _mm512_loadu_ps(u), u1 = _mm512_loadu_ps(u + 16),
                        u2 = _mm512_loadu_ps(u + 32);
                 for (int a = 0; a < 8; a++) {
-                    __m512 ev = _mm512_set1_ps(-e[a * lde + k]);
+                    __m512 ev = _mm512_set1_ps(e[a * lde + k]);
                     c[a][0] = _mm512_fmadd_ps(ev, u0, c[a][0]);
                     c[a][1] = _mm512_fmadd_ps(ev, u1, c[a][1]);
                     c[a][2] = _mm512_fmadd_ps(ev, u2, c[a][2]);
@@ -51,7 +120,7 @@ T void fw_avx512_rank_update(float *W, int64_t ldw, const float *E, int64_t lde,
                    c2 = _mm512_loadu_ps(w0 + 32);
             for (int64_t k = 0; k < kb; k++) {
                 const float *u = us + k * ldp;
-                __m512 ev = _mm512_set1_ps(-E[r * lde + k]);
+                __m512 ev = _mm512_set1_ps(E[r * lde + k]);
                 c0 = _mm512_fmadd_ps(ev, _mm512_loadu_ps(u), c0);
                 c1 = _mm512_fmadd_ps(ev, _mm512_loadu_ps(u + 16), c1);
                 c2 = _mm512_fmadd_ps(ev, _mm512_loadu_ps(u + 32), c2);
@@ -64,11 +133,24 @@ T void fw_avx512_rank_update(float *W, int64_t ldw, const float *E, int64_t lde,
     for (; j < ncols; j += 16) {
         int64_t left = ncols - j;
         __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
-        for (int64_t r = 0; r < rows; r++) {
+        int64_t r = 0;
+        for (; r + 8 <= rows; r += 8) {
+            float *w0 = W + r * ldw + j;
+            __m512 c[8];
+            for (int a = 0; a < 8; a++) c[a] = _mm512_maskz_loadu_ps(m, w0 + a * ldw);
+            const float *e = E + r * lde;
+            for (int64_t k = 0; k < kb; k++) {
+                __m512 u0 = _mm512_maskz_loadu_ps(m, U + k * ldu + j);
+                for (int a = 0; a < 8; a++)
+                    c[a] = _mm512_fmadd_ps(_mm512_set1_ps(e[a * lde + k]), u0, c[a]);
+            }
+            for (int a = 0; a < 8; a++) _mm512_mask_storeu_ps(w0 + a * ldw, m, c[a]);
+        }
+        for (; r < rows; r++) {
             float *w0 = W + r * ldw + j;
             __m512 c0 = _mm512_maskz_loadu_ps(m, w0);
             for (int64_t k = 0; k < kb; k++)
-                c0 = _mm512_fmadd_ps(_mm512_set1_ps(-E[r * lde + k]),
+                c0 = _mm512_fmadd_ps(_mm512_set1_ps(E[r * lde + k]),
                                      _mm512_maskz_loadu_ps(m, U + k * ldu + j), c0);
             _mm512_mask_storeu_ps(w0, m, c0);
         }

@@ -105,14 +105,17 @@ typedef struct fw_ops {
                            int64_t sstride, float *out);
     void (*absgt_mask)(const float *w, int64_t n, float thr, uint8_t *mask);
     void (*apply_mask)(const float *w, const uint8_t *mask, int64_t n, float *out);
-    /* counts[b] += 1 for b = floor(clamp((x-lo)*scale, 0, maxbin)); NaN skipped */
+    /* counts[(j & 3) * stride + b] += 1 for element j of the run, b = floor(clamp((x-lo)*scale,
+     * 0, maxbin)); NaN skipped. Four interleaved copies (stride 0: one shared copy) break the
+     * store-to-load chains on hot bins; the histogram is their sum. */
     void (*hist_accum)(const float *x, int64_t n, float lo, float scale, float maxbin,
-                       uint32_t *counts);
+                       uint32_t *counts, int64_t stride);
     /* canonical 8-lane double sum of |x| (p=1) or x*x (p=2), see ref.c */
     double (*run_sum)(const float *x, int64_t n, int p);
     /* acc[j] += |x[j]| or x[j]^2 (double) */
     void (*col_accum)(const float *x, int64_t n, int p, double *acc);
-    /* W[r][j] = fma(-E[r][k], U[k][j], W[r][j]) for k = 0..kb-1 in order; r < rows, j < ncols */
+    /* W[r][j] = fma(E[r][k], U[k][j], W[r][j]) for k = 0..kb-1 in order; r < rows, j < ncols
+     * (E holds the negated scaled errors) */
     void (*rank_update)(float *W, int64_t ldw, const float *E, int64_t lde, const float *U,
                         int64_t ldu, int64_t rows, int64_t kb, int64_t ncols);
     /* selection bracket pass over |x| bits a: *below += #(a < lo); appends (in order) the a with

@@ -95,7 +95,7 @@ static void fw_gptq_task(void *vctx, int64_t rb, int64_t re, int tid) {
                     float dq = (qv - zf) * sc;
                     c->q[row * cols + i] = (uint8_t)(int32_t)qv;
                     c->what[row * cols + i] = dq;
-                    E[r * B + (i - c0)] = (wv - dq) / d;
+                    E[r * B + (i - c0)] = -((wv - dq) / d); /* negated: rank_update adds */
                 }
                 fw_sweep_update(c->ops, W, cols, E, B, c->u, i, c0, c1, FW_SUB_BLOCK, rr);
             }
@@ -201,7 +201,7 @@ static void fw_sgpt_sweep_task(void *vctx, int64_t rb, int64_t re, int tid) {
                 float qv = pr ? 0.0f : wv;
                 c->what[row * cols + i] = qv;
                 c->mask[row * cols + i] = (uint8_t)!pr;
-                E[r * B + (i - c0)] = (wv - qv) / d;
+                E[r * B + (i - c0)] = -((wv - qv) / d);
             }
             /* N:M groups must not straddle sub-blocks: their scores read columns i..i+m-1 */
             int64_t sb = c->m ? c->m * ((FW_SUB_BLOCK + c->m - 1) / c->m) : FW_SUB_BLOCK;

@@ -121,7 +121,7 @@ static void neon_apply_mask(const float *w, const uint8_t *mask, int64_t n, floa
 /* ---------------------------------------------------------------- histogram */
 
 static void neon_hist_accum(const float *x, int64_t n, float lo, float scale, float maxbin,
-                            uint32_t *counts) {
+                            uint32_t *counts, int64_t stride) {
     float32x4_t lov = vdupq_n_f32(lo), sc = vdupq_n_f32(scale), mb = vdupq_n_f32(maxbin);
     float32x4_t zero = vdupq_n_f32(0.0f);
     int64_t i = 0;
@@ -134,14 +134,14 @@ static void neon_hist_accum(const float *x, int64_t n, float lo, float scale, fl
         vst1q_s32(idx, vcvtq_s32_f32(vrndmq_f32(t)));
         vst1q_u32(ok, ord);
         for (int j = 0; j < 4; j++)
-            if (ok[j]) counts[idx[j]]++;
+            if (ok[j]) counts[j * stride + idx[j]]++;
     }
     for (; i < n; i++) {
         float t = (x[i] - lo) * scale;
         if (t != t) continue;
         t = t > 0.0f ? t : 0.0f;
         t = t < maxbin ? t : maxbin;
-        counts[(int32_t)floorf(t)]++;
+        counts[(i & 3) * stride + (int32_t)floorf(t)]++;
     }
 }
 
@@ -225,7 +225,7 @@ static void neon_rank_update(float *W, int64_t ldw, const float *E, int64_t lde,
                 float32x4_t u0 = vld1q_f32(u), u1 = vld1q_f32(u + 4), u2 = vld1q_f32(u + 8),
                             u3 = vld1q_f32(u + 12);
                 for (int a = 0; a < 4; a++) {
-                    float32x4_t ev = vdupq_n_f32(-e[a * lde + k]);
+                    float32x4_t ev = vdupq_n_f32(e[a * lde + k]);
                     c[a][0] = vfmaq_f32(c[a][0], ev, u0);
                     c[a][1] = vfmaq_f32(c[a][1], ev, u1);
                     c[a][2] = vfmaq_f32(c[a][2], ev, u2);
@@ -241,7 +241,7 @@ static void neon_rank_update(float *W, int64_t ldw, const float *E, int64_t lde,
                         c3 = vld1q_f32(w0 + 12);
             for (int64_t k = 0; k < kb; k++) {
                 const float *u = us + k * ldp;
-                float32x4_t ev = vdupq_n_f32(-E[r * lde + k]);
+                float32x4_t ev = vdupq_n_f32(E[r * lde + k]);
                 c0 = vfmaq_f32(c0, ev, vld1q_f32(u));
                 c1 = vfmaq_f32(c1, ev, vld1q_f32(u + 4));
                 c2 = vfmaq_f32(c2, ev, vld1q_f32(u + 8));
@@ -258,7 +258,7 @@ static void neon_rank_update(float *W, int64_t ldw, const float *E, int64_t lde,
             float *w0 = W + r * ldw + j;
             float32x4_t c0 = vld1q_f32(w0);
             for (int64_t k = 0; k < kb; k++)
-                c0 = vfmaq_f32(c0, vdupq_n_f32(-E[r * lde + k]), vld1q_f32(U + k * ldu + j));
+                c0 = vfmaq_f32(c0, vdupq_n_f32(E[r * lde + k]), vld1q_f32(U + k * ldu + j));
             vst1q_f32(w0, c0);
         }
     }
@@ -266,7 +266,7 @@ static void neon_rank_update(float *W, int64_t ldw, const float *E, int64_t lde,
         for (int64_t r = 0; r < rows; r++) {
             float *w0 = W + r * ldw;
             for (int64_t k = 0; k < kb; k++) {
-                float e = -E[r * lde + k];
+                float e = E[r * lde + k];
                 const float *u = U + k * ldu;
                 for (int64_t jj = j; jj < ncols; jj++) w0[jj] = fmaf(e, u[jj], w0[jj]);
             }

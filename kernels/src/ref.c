@@ -29,13 +29,13 @@ static void ref_apply_mask(const float *w, const uint8_t *mask, int64_t n, float
 }
 
 static void ref_hist_accum(const float *x, int64_t n, float lo, float scale, float maxbin,
-                           uint32_t *counts) {
+                           uint32_t *counts, int64_t stride) {
     for (int64_t i = 0; i < n; i++) {
         float t = (x[i] - lo) * scale;
         if (t != t) continue;
         t = t > 0.0f ? t : 0.0f;
         t = t < maxbin ? t : maxbin;
-        counts[(int32_t)floorf(t)]++;
+        counts[(i & 3) * stride + (int32_t)floorf(t)]++;
     }
 }
 
@@ -70,7 +70,7 @@ static void ref_rank_update(float *W, int64_t ldw, const float *E, int64_t lde, 
     for (int64_t r = 0; r < rows; r++) {
         float *w = W + r * ldw;
         for (int64_t k = 0; k < kb; k++) {
-            float e = -E[r * lde + k];
+            float e = E[r * lde + k];
             const float *u = U + k * ldu;
             for (int64_t j = 0; j < ncols; j++) w[j] = fmaf(e, u[j], w[j]);
         }
