@@ -344,3 +344,24 @@ def test_float16_weights_keep_their_dtype(fields):
     got = assert_valid_same_io(result.model, model, {"x": rng.standard_normal((8, 64)).astype(np.float16)})[0]
     assert got.dtype == np.float16
     assert {t.data_type for t in result.model.graph.initializer if t.data_type in (1, 10)} == {10}
+
+
+def test_channel_pruning_blocks_at_custom_domain_ops():
+    """A node of another domain reading a grouped tensor (even one named like an internal method)
+    blocks its group instead of being guessed at."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("act", ["h"], ["g"], name="custom", domain="example.custom"),
+             helper.make_node("MatMul", ["h", "w2"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4]),
+                               helper.make_tensor_value_info("g", TensorProto.FLOAT, [2, 16])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("example.custom", 1)])
+    result = prune.run(model, _params(sparsity=0.5, structure="channel", min_params=0),
+                       StepContext(original=model, options={"channel_block": 1}))
+    reasons = {s["name"]: s["reason"] for s in result.metrics["skipped"]}
+    assert "act custom reads h" in reasons["w1"]
+    assert _dims(result.model)["w1"] == (8, 16)

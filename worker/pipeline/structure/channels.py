@@ -154,7 +154,6 @@ class _Analysis:
                                            for d in value.type.tensor_type.shape.dim]
         for name, array in self.inits.items():
             self.shapes[name] = list(array.shape)
-        self.used = {name for node in model.graph.node for name in node.output}
         self.readers: dict[str, int] = {}
         for node in model.graph.node:
             for name in node.input:
@@ -181,15 +180,7 @@ class _Analysis:
             if hidden:
                 for name in hidden:
                     self.graph.block(self.layouts.get(name), f"subgraph of {node.op_type} {node.name} reads {name}")
-            handler = getattr(self, f"_{node.op_type}", None)
-            if node.op_type in UNARY:
-                handler = self._unary
-            elif node.op_type in ELEMENTWISE:
-                handler = self._elementwise
-            elif node.op_type in POOLS:
-                handler = self._pool
-            elif node.op_type in NORMS:
-                handler = self._norm
+            handler = self._handler(node)
             handled = handler(node, ins) if handler is not None else not grouped
             if not handled:
                 for name, layout in zip(node.input, ins):
@@ -197,6 +188,23 @@ class _Analysis:
         for output in self.model.graph.output:
             self.graph.block(self.layouts.get(output.name), f"graph output {output.name}")
         return self.graph
+
+    def _handler(self, node: onnx.NodeProto):
+        """The method that knows how ``node`` treats channels; None for every other op (custom
+        domains included), which then blocks whatever grouped tensor it reads."""
+        if node.domain not in ("", "ai.onnx"):
+            return None
+        op = node.op_type
+        if op in UNARY:
+            return self._unary
+        if op in ELEMENTWISE:
+            return self._elementwise
+        if op in POOLS:
+            return self._pool
+        if op in NORMS:
+            return self._norm
+        return {"Conv": self._Conv, "MatMul": self._MatMul, "Gemm": self._Gemm, "Dropout": self._Dropout,
+                "Concat": self._Concat, "Flatten": self._Flatten, "Reshape": self._Reshape}.get(op)
 
     # -- helpers -----------------------------------------------------------------------------
     def _act(self, kind: str, node: onnx.NodeProto, index: int, axis: int, layout: Layout) -> None:
