@@ -20,7 +20,10 @@ Definitions:
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,11 +178,19 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     return sk
 
 
-def _fix_symbolic(model: onnx.ModelProto, batch: int = 1) -> None:
+def _fix_symbolic(model: onnx.ModelProto, given: dict[str, tuple[int, ...]] | None = None) -> None:
+    """Concrete input dims: those of ``given`` (a feed's shapes), else 1 for every symbolic dim."""
+    given = given or {}
     for value in model.graph.input:
-        for dim in value.type.tensor_type.shape.dim:
+        shape = given.get(value.name)
+        dims = value.type.tensor_type.shape.dim
+        if shape is not None and len(shape) == len(dims):
+            for dim, size in zip(dims, shape):
+                dim.dim_value = int(size)
+            continue
+        for dim in dims:
             if not dim.HasField("dim_value"):
-                dim.dim_value = batch
+                dim.dim_value = 1
 
 
 def _infer(sk: onnx.ModelProto) -> onnx.ModelProto:
@@ -212,10 +223,12 @@ def _contrib_output_shapes(sk: onnx.ModelProto) -> bool:
     return added
 
 
-def inferred_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
-    """name -> shape for every tensor shape inference could make concrete (symbolic dims = 1)."""
+def inferred_shapes(model: onnx.ModelProto, inputs: dict[str, tuple[int, ...]] | None = None
+                    ) -> dict[str, tuple[int, ...]]:
+    """name -> shape for every tensor shape inference could make concrete, with the graph inputs
+    of the shapes ``inputs`` gives (symbolic dims otherwise taken as 1)."""
     sk = skeleton(model)
-    _fix_symbolic(sk)
+    _fix_symbolic(sk, inputs)
     sk = _infer(sk)
     for _ in range(16):
         if not _contrib_output_shapes(sk):
@@ -292,6 +305,16 @@ def macs(model: onnx.ModelProto) -> int:
 
 
 # ---------------------------------------------------------------------------- sessions
+
+
+def release_memory() -> None:
+    """Hand freed heap back to the OS (glibc keeps it otherwise), so that the sessions built next
+    do not stack on top of the models and sessions just dropped."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc (macOS, musl): nothing to trim
+        pass
 
 
 def provider_for(target: str) -> str:
@@ -422,28 +445,67 @@ def sqnr_db(original: np.ndarray, reconstructed: np.ndarray) -> float:
     return 10.0 * math.log10(signal / err)
 
 
+TENSOR_ERROR_BYTES = 256 * 1024 * 1024   # intermediate outputs of the original kept for comparison
+
+
+def _has_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def _exposed_session(path: str | Path, names: list[str], provider: str, scratch: Path) -> ort.InferenceSession:
+    """A session on the model at ``path`` with ``names`` as extra outputs. A model with external
+    data gets them as a structure-only copy reading the weights beside the original; one without is
+    re-written under ``scratch`` with its weights as external data, which ONNX Runtime maps rather
+    than copies (building it from bytes would hold the weights three or four times at once)."""
+    model = onnx.load(str(path), load_external_data=False)
+    _add_outputs(model, names)
+    if _has_external_data(model):
+        return session_from_proto(model, Path(path).parent, provider)
+    scratch.mkdir(parents=True, exist_ok=True)
+    exposed = scratch / f"{Path(path).stem}.exposed.onnx"
+    onnx.save_model(model, str(exposed), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=exposed.name + ".data", size_threshold=1024)
+    del model
+    return session(exposed, provider)
+
+
 def tensor_errors(original_path: str | Path, compressed_path: str | Path, pairs: dict[str, tuple[str, str]],
-                  data: Dataset, *, provider: str = "CPUExecutionProvider", batch_size: int = 64,
-                  limit: int = 64) -> dict[str, float]:
+                  data: Dataset, *, scratch: str | Path, provider: str = "CPUExecutionProvider", batch_size: int = 64,
+                  limit: int = 64, budget_bytes: int = TENSOR_ERROR_BYTES) -> dict[str, float]:
     """rel_l2 of intermediate tensors: ``pairs[key] = (tensor in original, tensor in compressed)``.
-    Both models are loaded without their external data, given those tensors as extra outputs, run
-    on ``data`` (ONNX Runtime reads the weights from the files beside them), and compared."""
+    One model at a time (never both sessions in memory): the original runs on ``data`` with those
+    tensors as extra outputs, which are kept (up to ``budget_bytes``); then the compressed model
+    runs on the same batches and is compared. ``scratch``: a directory for re-written copies
+    (removed at the end)."""
     if not pairs:
         return {}
-    sessions = []
-    for which, path in enumerate((original_path, compressed_path)):
-        names = [pair[which] for pair in pairs.values()]
-        model = onnx.load(str(path), load_external_data=False)   # structure only
-        _add_outputs(model, names)
-        sessions.append((session_from_proto(model, Path(path).parent, provider), names))
-    sums = {key: [0.0, 0.0] for key in pairs}
+    scratch = Path(scratch)
+    try:
+        return _tensor_errors(original_path, compressed_path, pairs, data, scratch, provider, batch_size, limit,
+                              budget_bytes)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _tensor_errors(original_path, compressed_path, pairs, data, scratch, provider, batch_size, limit,
+                   budget_bytes) -> dict[str, float]:
     keys = list(pairs)
+    kept: list[list[np.ndarray]] = []
+    stored = 0
+    run = _exposed_session(original_path, [pairs[k][0] for k in keys], provider, scratch)
     for feeds in data.batches(batch_size, limit):
-        (s_o, n_o), (s_c, n_c) = sessions
-        ys = s_o.run(n_o, feeds)
-        zs = s_c.run(n_c, feeds)
-        for key, y, z in zip(keys, ys, zs):
-            y64 = np.asarray(y, dtype=np.float64).ravel()
+        values = [np.asarray(v, dtype=np.float32) for v in run.run([pairs[k][0] for k in keys], feeds)]
+        kept.append(values)
+        stored += sum(v.nbytes for v in values)
+        if stored >= budget_bytes:
+            break
+    del run
+    release_memory()
+    sums = {key: [0.0, 0.0] for key in keys}
+    run = _exposed_session(compressed_path, [pairs[k][1] for k in keys], provider, scratch)
+    for feeds, originals in zip(data.batches(batch_size, limit), kept):
+        for key, y, z in zip(keys, originals, run.run([pairs[k][1] for k in keys], feeds)):
+            y64 = y.astype(np.float64).ravel()
             z64 = np.asarray(z, dtype=np.float64).ravel()
             if y64.shape != z64.shape:
                 sums[key] = [math.nan, 1.0]

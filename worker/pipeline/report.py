@@ -126,12 +126,14 @@ def build_report(*, original_path: Path, compressed_path: Path, target: str, ste
                                    budget_s=float(options.get("latency_budget_s", 10.0)))
     before["latency_ms"], after["latency_ms"] = lat_o, lat_c
     del s_orig, s_comp
+    metrics.release_memory()
 
     _sqnr_from_models(original, compressed, layers, original_path.parent, compressed_path.parent)
     errors: dict[str, float] = {}
     if layers and options.get("layer_errors", True):
         pairs = _layer_output_pairs(original, compressed, layers)
         errors = metrics.tensor_errors(original_path, compressed_path, pairs, dataset, provider=provider,
+                                       scratch=compressed_path.parent / ".layer_errors",
                                        limit=int(options.get("layer_error_samples", 64)))
 
     report = {

@@ -27,7 +27,7 @@ from core.errors import FeatherweightError, InvalidInput, InvalidModel, Pipeline
 from core.recipe import Recipe
 from core.targets import Target
 from worker.pipeline import data as data_mod
-from worker.pipeline import graph, registry
+from worker.pipeline import graph, metrics, registry
 from worker.pipeline.report import build_report, write_report
 from worker.pipeline.step import StepCancelled, StepContext
 
@@ -189,6 +189,7 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
             raise PipelineError(f"{stage} failed: {type(exc).__name__}: {exc}") from exc
         model = result.model
         step_rows.append({"op": step.op, "seconds": time.perf_counter() - started, **result.metrics})
+        del result          # the previous model may be freed while the next step runs
     if cancelled():
         raise StepCancelled("job cancelled")
 
@@ -202,6 +203,7 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
     # the report reads both models from their files: the weights are not held twice meanwhile
     layers = ctx.layers
     del model, original, ctx
+    metrics.release_memory()
     progress(STEPS_SHARE + 0.05, "measuring")
     report = build_report(original_path=model_path, compressed_path=out_path, target=target, steps=step_rows,
                           layers=layers, evaluation=eval_set, calibration=cal_set, options=options)

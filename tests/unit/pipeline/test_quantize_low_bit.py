@@ -136,13 +136,17 @@ def test_matmulnbits_asymmetric_and_padding():
     assert builders.rel_l2(builders.run_ort(model, feeds), builders.run_ort(nbits.model, feeds)) < 0.15
 
 
-def test_auto_format_measures_and_reports():
+def test_auto_format_measures_each_layer_shape_and_reports():
     result, ctx = apply(builders.mlp(), {"weights": {"bits": 4, "granularity": "block"}, "format": "auto"},
                         options={"format_runs": 5, "format_budget_s": 0.5})
-    assert set(result.metrics["format_latency_ms"]) == {"qdq", "matmulnbits"}
-    faster = min(result.metrics["format_latency_ms"], key=result.metrics["format_latency_ms"].get)
-    assert set(result.metrics["formats"].values()) == {faster}
-    assert ctx.layers["W1"].extra["format"] == faster
+    timing = result.metrics["format_latency_ms"]
+    assert set(timing) == {"W1", "W2"}
+    for weight, measured in timing.items():
+        assert set(measured) == {"qdq", "matmulnbits"}
+        faster = min(measured, key=measured.get)
+        assert result.metrics["formats"][weight] == faster == ctx.layers[weight].extra["format"]
+    kinds = {n.op_type for n in result.model.graph.node}
+    assert ("MatMulNBits" in kinds) == ("matmulnbits" in result.metrics["formats"].values())
 
 
 @pytest.mark.parametrize("bits", [8, 1])

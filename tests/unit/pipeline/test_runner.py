@@ -47,10 +47,9 @@ def test_report_has_every_contract_field(mlp_path: Path, tmp_path: Path):
     assert report["accuracy"] is None
     assert report["provider"] == "CPUExecutionProvider" and report["target"] == "cpu-x86"
     assert [s["op"] for s in report["steps"]] == ["quantize"] and report["steps"][0]["seconds"] > 0
-    # auto: both MatMuls in whichever form ran faster here, the same for both
+    # auto: each MatMul in whichever form ran faster here, measured per layer
     assert set(report["steps"][0]["formats"]) == {"W1", "W2"}
-    assert len(set(report["steps"][0]["formats"].values())) == 1
-    assert set(report["steps"][0]["format_latency_ms"]) == {"qdq", "matmulnbits"}
+    assert set(report["steps"][0]["format_latency_ms"]["W1"]) == {"qdq", "matmulnbits"}
     layers = {row["name"]: row for row in report["layers"]}
     assert set(layers) == {"W1", "W2"}
     for row in layers.values():

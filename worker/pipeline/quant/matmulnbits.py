@@ -13,8 +13,9 @@ A per-channel or per-tensor grid is the blocked grid whose blocks all repeat the
 tensor's) scale and zero point (``from_grid``), so int8 / int4 / int2 per channel and sign (its
 {-1, +1} in 2 bits) take MatMulNBits too.
 
-``choose`` times both forms of the whole model on the target's provider, interleaved, on the
-calibration data (or generated inputs) and keeps the faster.
+``choose`` times both forms of one layer on the target's provider, interleaved, with the input
+shape the layer sees on the calibration data (or generated inputs), and keeps the faster; layers of
+one shape are timed once. Only one layer is ever built twice, so choosing costs no model copy.
 """
 from __future__ import annotations
 
@@ -143,12 +144,29 @@ def to_matmulnbits(model: onnx.ModelProto, packed: Packed, float_type: int) -> l
     return new_nodes
 
 
+def layer_models(model: onnx.ModelProto, packed: Packed, float_type: int,
+                 lead: tuple[int, ...]) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """One MatMul of ``A[*lead, K]`` with this weight, as it stands in ``model`` (its
+    DequantizeLinear, copied) and as MatMulNBits: the pair ``choose`` times."""
+    producer = graph.producers(model)[packed.weight]
+    inits = graph.initializers(model)
+    k, n = packed.q.shape
+    nodes = [producer, helper.make_node("MatMul", ["A", packed.weight], ["Y"], name="layer")]
+    g = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("A", float_type, [*lead, k])],
+                          [helper.make_tensor_value_info("Y", float_type, [*lead, n])],
+                          [inits[name] for name in producer.input if name])
+    qdq = helper.make_model(g, opset_imports=list(model.opset_import))
+    qdq.ir_version = model.ir_version
+    fused = onnx.ModelProto()
+    fused.CopyFrom(qdq)
+    to_matmulnbits(fused, packed, float_type)
+    return qdq, fused
+
+
 def choose(qdq_model: onnx.ModelProto, nbits_model: onnx.ModelProto, feeds: dict[str, np.ndarray], provider: str,
-           *, runs: int = 20, budget_s: float = 3.0) -> tuple[str, dict[str, float]]:
+           *, runs: int = 20, budget_s: float = 1.0) -> tuple[str, dict[str, float]]:
     """Time both models interleaved on ``feeds``; ("qdq" | "matmulnbits", p50 ms of each)."""
-    sessions = []
-    for model in (qdq_model, nbits_model):
-        sessions.append(metrics.session_from_proto(model, ".", provider))
+    sessions = [metrics.session_from_proto(model, ".", provider) for model in (qdq_model, nbits_model)]
     qdq, nbits = metrics.latency(sessions, feeds, runs=runs, budget_s=budget_s)
     timing = {"qdq": qdq["p50"], "matmulnbits": nbits["p50"]}
     return ("matmulnbits" if nbits["p50"] < qdq["p50"] else "qdq"), timing

@@ -78,6 +78,8 @@ def quantize_sign(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext
                "opset": graph.opset(model), "skipped": weight_only.skipped_weights(model)}
     if timing:
         metrics["format_latency_ms"] = timing
+        for weight, measured in timing.items():
+            ctx.layers[weight].extra["format_latency_ms"] = measured
     if storage_bits != 2:
         metrics["note"] = "this ONNX Runtime has no INT2 DequantizeLinear: signs stored as INT4"
     return StepResult(model, changed, metrics)

@@ -323,39 +323,49 @@ def quantize_weights(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
     }
     if timing:
         metrics_out["format_latency_ms"] = timing
+        for weight, measured in timing.items():
+            ctx.layers[weight].extra["format_latency_ms"] = measured
     if fallback:
         metrics_out["rtn_fallback"] = fallback
     return StepResult(model, changed, metrics_out)
 
 
 def choose_format(model: onnx.ModelProto, params: QuantizeStep, layers: list[graph.WeightLayer],
-                  packs: list[tuple[matmulnbits.Packed, int]], ctx: StepContext) -> tuple[onnx.ModelProto, dict[str, str], dict[str, float]]:
-    """DequantizeLinear + MatMul or MatMulNBits for the blocked MatMul weights: as the recipe says,
-    or (``auto``) whichever form of the whole model runs faster on the target, measured here."""
+                  packs: list[tuple[matmulnbits.Packed, int]], ctx: StepContext
+                  ) -> tuple[onnx.ModelProto, dict[str, str], dict[str, dict[str, float]]]:
+    """DequantizeLinear + MatMul or MatMulNBits for each MatMul weight: as the recipe says, or
+    (``auto``) whichever form of that layer runs faster on the target, measured here with the
+    input shape the layer sees on the data (one measurement per layer shape)."""
     formats = {layer.weight: "qdq" for layer in layers}
     eligible = [(p, t) for p, t in packs if matmulnbits.eligible(model, p)]
     if not eligible or params.format == "qdq":
         return model, formats, {}
-    fused = model
+    timing: dict[str, dict[str, float]] = {}
+    chosen = {packed.weight: "matmulnbits" for packed, _ in eligible}
     if params.format == "auto":
-        fused = onnx.ModelProto()
-        fused.CopyFrom(model)
-    for packed, float_type in eligible:
-        matmulnbits.to_matmulnbits(fused, packed, float_type)
-    graph.sort_graph(fused)
-    timing: dict[str, float] = {}
-    chosen = "matmulnbits"
-    if params.format == "auto":
-        if ctx.calibration is not None:
-            dataset = bind(model, ctx.calibration)
-        else:
-            dataset = generated(model, count=1)
+        dataset = bind(model, ctx.calibration) if ctx.calibration is not None else generated(model, count=1)
         feeds = next(dataset.head(1).batches(1))
-        chosen, timing = matmulnbits.choose(model, fused, feeds, metrics.provider_for(ctx.target),
-                                            runs=int(ctx.options.get("format_runs", 20)),
-                                            budget_s=float(ctx.options.get("format_budget_s", 3.0)))
-    if chosen == "matmulnbits":
-        model = fused
-        for packed, _ in eligible:
+        shapes = metrics.inferred_shapes(model, {name: value.shape for name, value in feeds.items()})
+        readers = graph.consumers(model)
+        provider = metrics.provider_for(ctx.target)
+        rng = np.random.default_rng(0)
+        measured: dict[tuple, tuple[str, dict[str, float]]] = {}
+        for packed, float_type in eligible:
+            ctx.check_cancelled()
+            a_shape = shapes.get(readers[packed.weight][0][0].input[0]) or (1, packed.q.shape[0])
+            lead = tuple(int(d) for d in a_shape[:-1]) or (1,)
+            key = (packed.q.shape, packed.bits, packed.block_size, packed.symmetric, float_type, lead)
+            if key not in measured:
+                qdq, fused = matmulnbits.layer_models(model, packed, float_type, lead)
+                dtype = np.float16 if float_type == onnx.TensorProto.FLOAT16 else np.float32
+                a = rng.standard_normal((*lead, packed.q.shape[0])).astype(dtype)
+                measured[key] = matmulnbits.choose(qdq, fused, {"A": a}, provider,
+                                                   runs=int(ctx.options.get("format_runs", 20)),
+                                                   budget_s=float(ctx.options.get("format_budget_s", 1.0)))
+            chosen[packed.weight], timing[packed.weight] = measured[key]
+    for packed, float_type in eligible:
+        if chosen[packed.weight] == "matmulnbits":
+            matmulnbits.to_matmulnbits(model, packed, float_type)
             formats[packed.weight] = "matmulnbits"
+    graph.sort_graph(model)
     return model, formats, timing
