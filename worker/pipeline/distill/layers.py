@@ -330,6 +330,8 @@ class LinearLayer:
     alpha: float = 1.0                 # Gemm's alpha scales A
     trans_b: bool = False
     geometry: ConvGeometry | None = None
+    fixed_bias: np.ndarray | None = None   # a constant bias that is not a float initializer (int32 behind a DQ): kept
+
 
     @property
     def groups(self) -> int:
@@ -371,13 +373,17 @@ class LinearLayer:
         return [unfold2d(np.ascontiguousarray(x4[:, g * per_group:(g + 1) * per_group]), geo) for g in range(self.groups)]
 
     def targets(self, y: np.ndarray) -> list[np.ndarray]:
-        """The layer's output as rows ``T_g`` (``[rows, N_g]``) matching ``design``."""
+        """The layer's output as rows ``T_g`` (``[rows, N_g]``) matching ``design``; a fixed bias is
+        taken off, so the fit is of ``A W`` alone."""
         y = np.asarray(y, dtype=np.float32)
         if self.kind in ("matmul", "gemm"):
-            return [y.reshape(-1, y.shape[-1])]
+            rows = y.reshape(-1, y.shape[-1])
+            return [rows - self.fixed_bias if self.fixed_bias is not None else rows]
         y4 = y[:, :, None, :] if self.geometry.one_d else y
         per_group = y4.shape[1] // self.groups
         rows = y4.transpose(0, 2, 3, 1).reshape(-1, y4.shape[1])
+        if self.fixed_bias is not None:
+            rows = rows - self.fixed_bias
         return [rows[:, g * per_group:(g + 1) * per_group] for g in range(self.groups)]
 
     def bias_columns(self, b: np.ndarray) -> list[np.ndarray]:
@@ -457,9 +463,13 @@ def linear_layer(model: onnx.ModelProto, node: onnx.NodeProto, *, grid_bits: dic
         if len(node.input) > 2 and node.input[2]:
             beta = float(graph.attribute(node, "beta", 1.0))
             bias = _bias_source(model, node.input[2], n)
-            if bias is None or beta == 0.0 or len(uses.get(node.input[2], [])) > 1:
-                return None, "Gemm's C is not a per-output bias this step can refit"
-            layer.bias, layer.bias_factor = bias, beta
+            if bias is not None and beta != 0.0 and len(uses.get(node.input[2], [])) == 1:
+                layer.bias, layer.bias_factor = bias, beta
+            else:
+                fixed = _fixed_bias(model, node.input[2], n)
+                if fixed is None:
+                    return None, "Gemm's C is not a per-output bias this step can refit or hold fixed"
+                layer.fixed_bias = fixed * np.float32(beta)
         return layer, ""
     spatial = None
     if input_shapes is not None and node.input[0] in input_shapes:
@@ -470,7 +480,22 @@ def linear_layer(model: onnx.ModelProto, node: onnx.NodeProto, *, grid_bits: dic
     layer = LinearLayer(node, "conv", node.input[0], out_name, source, geometry=geometry)
     if len(node.input) > 2 and node.input[2]:
         bias = _bias_source(model, node.input[2], source.shape[0])
-        if bias is None or len(uses.get(node.input[2], [])) > 1:
-            return None, "Conv's bias is not a constant this step can refit"
-        layer.bias = bias
+        if bias is not None and len(uses.get(node.input[2], [])) == 1:
+            layer.bias = bias
+        else:
+            layer.fixed_bias = _fixed_bias(model, node.input[2], source.shape[0])
+            if layer.fixed_bias is None:
+                return None, "Conv's bias is not a constant this step can refit or hold fixed"
     return layer, ""
+
+
+def _fixed_bias(model: onnx.ModelProto, name: str, channels: int) -> np.ndarray | None:
+    """A per-output bias computed from constants (static quantization's int32 bias behind a
+    DequantizeLinear), as float32 [channels]; None when it is not one."""
+    constant = {o for node in constant_nodes(model) for o in node.output}
+    if name not in constant and name not in graph.initializers(model):
+        return None
+    value = np.asarray(constant_values(model, [name])[name] if name in constant else graph.get_array(model, name))
+    if value.size != channels or any(d != 1 for d in value.shape[:-1]):
+        return None
+    return value.reshape(-1).astype(np.float32)

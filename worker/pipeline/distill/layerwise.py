@@ -230,6 +230,7 @@ class LayerFit:
     target: str                    # the teacher's tensor holding the same layer's output
     constraints: Constraints
     first: LinearLayer | None = None   # low rank: the first factor's layer, when both factors are refit
+    target_channels: list[int] | None = None   # channel pruning: the teacher's output channels that survive
 
 
 ALS_ITERATIONS = 4
@@ -405,6 +406,8 @@ def run(student: onnx.ModelProto, teacher: onnx.ModelProto, fits: list[LayerFit]
             for feeds in data.batches(batch_size):
                 x = feeds[reader.input] if student_run is None else student_run.run([reader.input], feeds)[0]
                 y = teacher_run.run([item.target], feeds)[0]
+                if item.target_channels is not None:
+                    y = np.take(y, item.target_channels, axis=1 if layer.kind == "conv" else -1)
                 yield x, y
 
         if item.first is not None:

@@ -194,7 +194,8 @@ def plan_layerwise(student: onnx.ModelProto, teacher: onnx.ModelProto, params: D
         if layer is None:
             skipped.append({"name": key, "reason": why})
             continue
-        if (layer.bias is None) != (teacher_layer.bias is None):
+        # a bias on one side only would leave it out of the match (a fixed one is taken off the target)
+        if (layer.bias is None and layer.fixed_bias is None) != (teacher_layer.bias is None and teacher_layer.fixed_bias is None):
             skipped.append({"name": key, "reason": "the layer's bias differs between the original and the compressed model"})
             continue
         first = None
@@ -213,7 +214,18 @@ def plan_layerwise(student: onnx.ModelProto, teacher: onnx.ModelProto, params: D
                 constraints.mask = layer.weight.read(student) != 0
             if own.codebook is not None:
                 constraints.codebook = np.asarray(own.codebook)
-        fits.append(layerwise.LayerFit(key, layer, teacher_layer.output, constraints, first))
+        channels = (own.extra.get("kept_outputs") if own is not None else None)
+        width = layer.weight.shape[0] if layer.kind == "conv" or layer.trans_b else layer.weight.shape[-1]
+        teacher_width = teacher_layer.weight.shape[0] if teacher_layer.kind == "conv" or teacher_layer.trans_b \
+            else teacher_layer.weight.shape[-1]
+        if channels is not None and len(channels) != width:
+            channels = None
+        if (channels is None and width != teacher_width) or (channels is not None and max(channels) >= teacher_width):
+            skipped.append({"name": key, "reason": f"the layer has {width} outputs, the original {teacher_width}, "
+                                                   f"and no record of which ones it kept"})
+            continue
+        fits.append(layerwise.LayerFit(key, layer, teacher_layer.output, constraints, first,
+                                       None if channels is None or width == teacher_width else list(channels)))
     order = {node.name: i for i, node in enumerate(graph.topological_nodes(student))}
     fits.sort(key=lambda f: order.get(f.layer.node.name, len(order)))
     return fits, skipped
