@@ -54,11 +54,23 @@ class Settings(BaseSettings):
     worker_stale_seconds: float = Field(default=30.0, gt=0)
     progress_min_interval_seconds: float = Field(default=0.5, ge=0)
     broker_polling_interval: float = Field(default=0.5, gt=0)
+    # Reliability: a job gets at most job_max_attempts runs (the count lives in the jobs row); a running
+    # attempt refreshes its lease (jobs.heartbeat_at) every worker_heartbeat_seconds, and a lease older
+    # than worker_stale_seconds means its worker is gone. The reaper, in every worker, looks every
+    # reaper_interval_seconds for such jobs and requeues them (or fails them past the cap or past the
+    # hard time limit).
+    job_max_attempts: int = Field(default=3, ge=1, le=100)
+    reaper_interval_seconds: float = Field(default=30.0, gt=0)
+    # Fault-injection for tests and demos: the worker sleeps this long at every stage change of a job,
+    # so a job is slow enough to kill or cancel mid-run. Refused (must be 0) in production.
+    debug_step_delay: float = Field(default=0.0, ge=0, le=600)
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":
         if self.task_soft_time_limit >= self.task_hard_time_limit:
             raise ValueError("task_soft_time_limit must be below task_hard_time_limit")
+        if self.env == "production" and self.debug_step_delay:
+            raise ValueError("debug_step_delay is a test setting; production refuses it")
         if self.storage == "s3" and self.env == "production":
             for secret in (self.s3_access_key_id, self.s3_secret_access_key):
                 if secret in (None, "", DEFAULT_S3_CREDENTIAL):

@@ -6,7 +6,9 @@
   shares its parent's connections;
 - ``worker_ready``: a daemon thread starts writing a heartbeat row per consumed queue every
   ``worker_heartbeat_seconds`` (the API reports "no live worker" from these rows);
-- ``worker_shutdown``: the thread stops and the rows are removed.
+  and a second daemon thread runs the reaper (core.reaper) every ``reaper_interval_seconds``,
+  requeueing or failing jobs whose attempt's worker is gone;
+- ``worker_shutdown``: the threads stop and the rows are removed.
 
 ``worker_argv()`` is the command line ``featherweight worker`` hands to Celery: one queue per target,
 prefork with ``worker_concurrency`` processes (hard time limits need prefork), and on the filesystem
@@ -21,6 +23,7 @@ import threading
 from celery import Celery, signals
 
 from core import db, storage
+from core.reaper import reap_lost_jobs
 from core.queue import make_celery
 from core.repos import WorkerRepo
 from core.settings import Settings, get_settings
@@ -96,7 +99,32 @@ class Heartbeat:
             log.exception("could not remove heartbeat rows")
 
 
+class Reaper:
+    """Runs ``reap_lost_jobs`` every ``interval`` seconds until stopped."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="featherweight-reaper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                reap_lost_jobs()
+            except Exception:  # the DB may be briefly away; the next round retries
+                log.exception("reaper round failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+
 _heartbeat: Heartbeat | None = None
+_reaper: Reaper | None = None
 
 
 @signals.worker_process_init.connect(dispatch_uid="featherweight.process_init")
@@ -107,18 +135,24 @@ def _reset_inherited_connections(**_: object) -> None:
 
 @signals.worker_ready.connect(dispatch_uid="featherweight.heartbeat_start")
 def _start_heartbeat(sender: object = None, **_: object) -> None:
-    global _heartbeat
+    global _heartbeat, _reaper
     app = getattr(sender, "app", None)
     queues = sorted(app.amqp.queues.consume_from) if app is not None else []
     hostname = str(getattr(sender, "hostname", "") or "worker")
-    _heartbeat = Heartbeat(hostname, queues, get_settings().worker_heartbeat_seconds)
+    settings = get_settings()
+    _heartbeat = Heartbeat(hostname, queues, settings.worker_heartbeat_seconds)
     _heartbeat.start()
-    log.info("heartbeat started for %s on %s", hostname, queues)
+    _reaper = Reaper(settings.reaper_interval_seconds)
+    _reaper.start()
+    log.info("heartbeat and reaper started for %s on %s", hostname, queues)
 
 
 @signals.worker_shutdown.connect(dispatch_uid="featherweight.heartbeat_stop")
 def _stop_heartbeat(**_: object) -> None:
-    global _heartbeat
+    global _heartbeat, _reaper
+    if _reaper is not None:
+        _reaper.stop()
+        _reaper = None
     if _heartbeat is not None:
         _heartbeat.stop()
         _heartbeat = None

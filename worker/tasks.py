@@ -2,26 +2,32 @@
 
 ``run_job(job_id)`` is thin: it takes an id and calls ``execute_job``. ``execute_job``:
 
-1. claims the job (guarded UPDATE queued -> running); a second delivery of a claimed or finished job
-   finds nothing to claim and returns (idempotent);
+1. claims the job (guarded UPDATE queued -> running, attempts + 1, capped by the row's
+   max_attempts); a running job is re-claimed only when its attempt was lost (lease stale, or its
+   process on this machine gone); a second delivery of a live or finished job returns (idempotent).
+   While it runs, a ``Lease`` thread renews ``jobs.heartbeat_at``;
 2. fetches the model from storage into a scratch directory;
 3. calls ``worker.pipeline.runner.run`` with a throttled progress callback (at most one DB write per
    ``progress_min_interval_seconds``, always on a stage change) and a cancel probe that reads the
    job's state (a job moved out of ``running`` by someone else stops at the next check);
 4. uploads ``model.onnx`` and ``report.json`` (and ``report.html`` / ``model.onnx.data`` where the
-   pipeline wrote them) with their sha256, and records them and the report while moving the job to
-   ``succeeded`` in one transaction; if that transition is refused the uploaded objects are deleted;
+   pipeline wrote them) under ``jobs/<id>/<attempt>/`` with their sha256, and moves the job to
+   ``succeeded`` (guarded on still being this attempt) and records them in one transaction; if that
+   transition is refused the uploaded objects are deleted, so one artifact set is ever committed;
 5. on any error marks the job ``failed`` with the problem ``type`` and ``detail`` and deletes what it
    uploaded; the scratch directory is always removed.
 """
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import logging
 import math
+import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +40,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from core.db import session_scope
 from core.errors import FeatherweightError, InvalidTransition, PipelineError
 from core.models import JobState
+from core.models.base import utcnow
 from core.queue import TASK_RUN_JOB
 from core.recipe import parse_recipe
 from core.repos import ArtifactRepo, JobRepo, ModelRepo
@@ -67,21 +74,56 @@ class StoredArtifact:
     content_type: str
 
 
+def worker_identity(name: str) -> str:
+    """``machine:pid:name``: the machine and process that run an attempt (see ``owner_alive``)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{name}"[:255]
+
+
+def owner_alive(owner: str) -> bool:
+    """False only when ``owner`` (a ``worker_identity``) names a process on this machine that is gone.
+
+    A pool child killed with SIGKILL has its message requeued at once (reject_on_worker_lost) and
+    usually picked up on the same machine: this lets that delivery re-claim the job without waiting
+    for the lease to go stale. Owners on other machines are judged by their lease alone.
+    """
+    machine, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if machine != socket.gethostname() or not pid_text.isdigit():
+        return True
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def execute_job(job_id: str, worker: str, settings: Settings | None = None, store: ObjectStore | None = None) -> str:
     """Run job ``job_id`` to a terminal state; return the state it ended in (or the state it was found in)."""
     settings = settings or get_settings()
     store = store or get_store()
+    stale_before = utcnow() - dt.timedelta(seconds=settings.worker_stale_seconds)
     with session_scope() as session:
         jobs = JobRepo(session)
-        if not jobs.claim(job_id, worker):
+        claim = jobs.claim(job_id, worker_identity(worker), stale_before=stale_before, owner_alive=owner_alive)
+        if not claim.claimed:
             found = jobs.find(job_id)
             state = found.state if found else "missing"
-            log.info("job %s not claimed (state %s): duplicate delivery or already handled", job_id, state)
+            log.info("job %s not claimed (%s, state %s): duplicate delivery or already handled",
+                     job_id, claim.outcome.value, state)
             return state
+    attempt = claim.attempt
+    log.info("job %s: attempt %d started", job_id, attempt)
 
     settings.scratch_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f"job-{job_id}-", dir=settings.scratch_dir))
     uploaded: list[StoredArtifact] = []
+    lease = Lease(job_id, attempt, settings.worker_heartbeat_seconds)
+    lease.start()
     try:
         from worker.pipeline.runner import run as run_pipeline
         from worker.pipeline.step import StepCancelled
@@ -91,23 +133,26 @@ def execute_job(job_id: str, worker: str, settings: Settings | None = None, stor
                 job = JobRepo(session).get(job_id)
                 recipe_data, target = job.recipe, job.target
                 model_key = ModelRepo(session).get(job.model_id).storage_key
-            _progress(job_id, 0.0, "fetching the model")
+            progress = ThrottledProgress(job_id, settings.progress_min_interval_seconds,
+                                         stage_delay=settings.debug_step_delay)
+            progress(0.0, "fetching the model")
             model_path = scratch / "input" / "model.onnx"
             model_path.parent.mkdir()
             store.get_file(model_key, model_path)
             result = run_pipeline(
                 model_path, parse_recipe(recipe_data), calibration=None, evaluation=None, target=target,
-                workdir=scratch / "out", progress=ThrottledProgress(job_id, settings.progress_min_interval_seconds),
-                cancelled=CancelProbe(job_id),
+                workdir=scratch / "out", progress=progress, cancelled=CancelProbe(job_id),
             )
-            _progress(job_id, 1.0, "uploading artifacts")
-            uploaded = _upload(store, job_id, result.model_path.parent, result.model_path)
+            progress(1.0, "uploading artifacts")
+            uploaded = _upload(store, job_id, attempt, result.model_path.parent, result.model_path)
             report = json_safe(result.report)
             with session_scope() as session:
+                # the guarded move first: only the attempt that still owns the job records artifacts
+                JobRepo(session).transition(job_id, JobState.SUCCEEDED, progress=1.0, report=report,
+                                            expected_attempt=attempt)
                 artifacts = ArtifactRepo(session)
                 for item in uploaded:
                     artifacts.add(job_id, item.name, item.key, item.size, item.sha256, item.content_type)
-                JobRepo(session).transition(job_id, JobState.SUCCEEDED, progress=1.0, report=report)
             log.info("job %s succeeded", job_id)
             return JobState.SUCCEEDED.value
         except StepCancelled:
@@ -120,26 +165,60 @@ def execute_job(job_id: str, worker: str, settings: Settings | None = None, stor
             return _current_state(job_id)
         except SoftTimeLimitExceeded:
             _delete(store, uploaded)
-            return _fail(job_id, PipelineError(f"the job passed its time limit of {settings.task_soft_time_limit} s"))
+            return _fail(job_id, attempt, PipelineError(f"the job passed its time limit of {settings.task_soft_time_limit} s"))
         except FeatherweightError as exc:
             _delete(store, uploaded)
-            return _fail(job_id, exc)
+            return _fail(job_id, attempt, exc)
         except Exception as exc:  # the job must end failed whatever went wrong; the log keeps the traceback
             log.exception("job %s failed unexpectedly", job_id)
             _delete(store, uploaded)
-            return _fail(job_id, PipelineError(f"{type(exc).__name__}: {exc}"))
+            return _fail(job_id, attempt, PipelineError(f"{type(exc).__name__}: {exc}"))
     finally:
+        lease.stop()
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _upload(store: ObjectStore, job_id: str, workdir: Path, model_path: Path) -> list[StoredArtifact]:
+class Lease:
+    """Renews the attempt's lease (``jobs.heartbeat_at``) every ``interval`` s from a daemon thread.
+
+    The thread dies with the process, so a SIGKILLed attempt's lease goes stale and the reaper (or
+    the redelivered message) takes the job over.
+    """
+
+    def __init__(self, job_id: str, attempt: int, interval: float) -> None:
+        self.job_id = job_id
+        self.attempt = attempt
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                with session_scope() as session:
+                    if not JobRepo(session).renew_lease(self.job_id, self.attempt):
+                        return  # finished, cancelled or taken over: nothing left to hold
+            except Exception:  # the DB may be briefly away; the next renewal retries
+                log.exception("could not renew the lease of job %s", self.job_id)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+
+def _upload(store: ObjectStore, job_id: str, attempt: int, workdir: Path, model_path: Path) -> list[StoredArtifact]:
+    """Store the outputs under ``jobs/<id>/<attempt>/``: attempts never overwrite each other's objects."""
     stored: list[StoredArtifact] = []
     try:
         for name, filename, content_type in ARTIFACT_FILES:
             path = model_path if name == "model" else workdir / filename
             if not path.is_file():
                 continue
-            key = f"jobs/{job_id}/{filename}"
+            key = f"jobs/{job_id}/{attempt}/{filename}"
             size, digest = file_digest(path)
             store.put_file(key, path, content_type)
             stored.append(StoredArtifact(name, key, size, digest, content_type))
@@ -157,11 +236,12 @@ def _delete(store: ObjectStore, artifacts: list[StoredArtifact]) -> None:
             log.exception("could not delete %s", item.key)
 
 
-def _fail(job_id: str, exc: FeatherweightError) -> str:
+def _fail(job_id: str, attempt: int, exc: FeatherweightError) -> str:
     error = {"type": exc.type, "title": exc.title, "detail": exc.detail, "errors": exc.to_problem()["errors"]}
     try:
         with session_scope() as session:
-            JobRepo(session).transition(job_id, JobState.FAILED, error=error, message=exc.detail[:2000])
+            JobRepo(session).transition(job_id, JobState.FAILED, error=error, message=exc.detail[:2000],
+                                        expected_attempt=attempt)
     except InvalidTransition:
         return _current_state(job_id)
     log.info("job %s failed: %s", job_id, exc.detail)
@@ -182,10 +262,12 @@ def _progress(job_id: str, fraction: float, stage: str) -> bool:
 class ThrottledProgress:
     """The pipeline's progress callback: writes to the DB on a stage change or every ``interval`` s."""
 
-    def __init__(self, job_id: str, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, job_id: str, interval: float, clock: Callable[[], float] = time.monotonic,
+                 stage_delay: float = 0.0) -> None:
         self.job_id = job_id
         self.interval = interval
         self.clock = clock
+        self.stage_delay = stage_delay
         self.last_write = -math.inf
         self.last_stage: str | None = None
 
@@ -193,6 +275,8 @@ class ThrottledProgress:
         now = self.clock()
         if stage == self.last_stage and now - self.last_write < self.interval:
             return
+        if stage != self.last_stage and self.stage_delay:
+            time.sleep(self.stage_delay)  # FEATHERWEIGHT_DEBUG_STEP_DELAY: fault-injection tests only
         self.last_write, self.last_stage = now, stage
         try:
             _progress(self.job_id, fraction, stage)

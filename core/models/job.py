@@ -1,8 +1,10 @@
 """The ``jobs``, ``job_events`` and ``artifacts`` tables and the job state machine.
 
-States: queued -> running -> succeeded | failed (and queued/running -> cancelled, reserved for the
-cancel endpoint). ``ALLOWED_TRANSITIONS`` is the only definition of which moves are legal; the repo
-turns each into a guarded ``UPDATE ... WHERE state IN (...)``.
+States: queued -> running -> succeeded | failed, queued/running -> cancelled, and running -> queued
+when the reaper requeues an attempt whose worker was lost. ``ALLOWED_TRANSITIONS`` is the only
+definition of which moves are legal; the repo turns each into a guarded ``UPDATE ... WHERE state IN
+(...)``. A running job whose lease (``heartbeat_at``) went stale may also be re-claimed, running ->
+running with ``attempts + 1``, guarded on the attempt number it was seen with.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCE
 
 # target state -> the states a job may be in to move there
 ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.RUNNING}),
     JobState.RUNNING: frozenset({JobState.QUEUED}),
     JobState.SUCCEEDED: frozenset({JobState.RUNNING}),
     JobState.FAILED: frozenset({JobState.QUEUED, JobState.RUNNING}),
@@ -51,6 +54,9 @@ class Job(Base):
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     report: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3, server_default="3")
+    # The running attempt's lease: refreshed by the worker while it runs; stale means its worker is gone.
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)

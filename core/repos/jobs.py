@@ -4,12 +4,21 @@
 ``UPDATE jobs SET state=:to WHERE id=:id AND state IN (:from...)``; a row count of 0 means another
 process got there first (or the move is illegal) and raises ``InvalidTransition``. Each successful
 transition and each new progress stage appends a ``job_events`` row.
+
+Attempts: ``claim()`` counts every run in ``jobs.attempts`` and refuses past ``jobs.max_attempts``;
+a running attempt holds a lease (``heartbeat_at``), and the worker's success or failure is recorded
+only while the job is still on that attempt (``expected_attempt``), so an attempt presumed lost
+can never commit a second set of artifacts.
 """
 from __future__ import annotations
 
+import datetime as dt
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from core.errors import InvalidTransition, NotFound
@@ -22,11 +31,13 @@ class JobRepo:
     def __init__(self, session: Session) -> None:
         self.session = session
 
-    def create(self, model_id: str, recipe: dict[str, Any], target: str) -> Job:
+    def create(self, model_id: str, recipe: dict[str, Any], target: str, *, max_attempts: int = 3,
+               **fields: Any) -> Job:
         now = utcnow()
         job = Job(
             model_id=model_id, recipe=recipe, target=target, state=JobState.QUEUED.value,
-            progress=0.0, stage="queued", attempts=0, created_at=now, updated_at=now,
+            progress=0.0, stage="queued", attempts=0, max_attempts=max_attempts, created_at=now, updated_at=now,
+            **fields,
         )
         self.session.add(job)
         self.session.flush()
@@ -48,40 +59,118 @@ class JobRepo:
             self.session.delete(job)
             self.session.flush()
 
-    def transition(self, job_id: str, to: JobState, *, message: str | None = None, **values: Any) -> None:
-        """Move ``job_id`` to ``to`` if its current state allows it; else raise InvalidTransition."""
+    def transition(self, job_id: str, to: JobState, *, message: str | None = None,
+                   expected_attempt: int | None = None, where: tuple[Any, ...] = (), **values: Any) -> None:
+        """Move ``job_id`` to ``to`` if its current state allows it (and, with ``expected_attempt``,
+        if it is still on that attempt); else raise InvalidTransition."""
         allowed = ALLOWED_TRANSITIONS[to]
         now = utcnow()
         values.setdefault("stage", to.value)
         values["updated_at"] = now
         if to is JobState.RUNNING:
             values["started_at"] = now
+            values["heartbeat_at"] = now
             values["attempts"] = Job.attempts + 1
         if to in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED):
             values["finished_at"] = now
+        conditions = [Job.id == job_id, Job.state.in_([s.value for s in allowed]), *where]
+        if expected_attempt is not None:
+            conditions.append(Job.attempts == expected_attempt)
         result = self.session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.state.in_([s.value for s in allowed]))
-            .values(state=to.value, **values)
-            .execution_options(synchronize_session=False)
+            update(Job).where(*conditions).values(state=to.value, **values).execution_options(synchronize_session=False)
         )
         if result.rowcount != 1:
-            current = self.session.scalar(select(Job.state).where(Job.id == job_id))
-            if current is None:
+            row = self.session.execute(select(Job.state, Job.attempts).where(Job.id == job_id)).first()
+            if row is None:
                 raise NotFound(f"job {job_id!r} not found")
-            raise InvalidTransition(f"job {job_id!r} is {current}; it cannot become {to.value}")
+            if expected_attempt is not None and row.attempts != expected_attempt:
+                raise InvalidTransition(f"job {job_id!r} is on attempt {row.attempts}, not {expected_attempt}; "
+                                        f"it cannot become {to.value}")
+            raise InvalidTransition(f"job {job_id!r} is {row.state}; it cannot become {to.value}")
         progress = values.get("progress")
         if progress is None:
             progress = self.session.scalar(select(Job.progress).where(Job.id == job_id)) or 0.0
         self._event(job_id, "state", to, values["stage"], progress, message)
 
-    def claim(self, job_id: str, worker: str) -> bool:
-        """queued -> running for this worker; False when another delivery already claimed it."""
+    def claim(self, job_id: str, worker: str, *, stale_before: dt.datetime | None = None,
+              owner_alive: Callable[[str], bool] = lambda owner: True) -> "Claim":
+        """Start an attempt of ``job_id`` for ``worker``.
+
+        queued -> running while attempts < max_attempts. A job already running is re-claimed
+        (running -> running, attempts + 1, guarded on the attempt seen) when its lease is older than
+        ``stale_before`` or ``owner_alive(job.worker)`` says its process is gone; past the cap it
+        fails instead. Anything else (running with a live owner, finished, missing) is not claimed.
+        """
+        result = self.session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.QUEUED.value, Job.attempts < Job.max_attempts)
+            .values(state=JobState.RUNNING.value, worker=worker, progress=0.0, stage=JobState.RUNNING.value,
+                    attempts=Job.attempts + 1, started_at=utcnow(), heartbeat_at=utcnow(), updated_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount == 1:
+            attempt = self.session.scalar(select(Job.attempts).where(Job.id == job_id))
+            self._event(job_id, "state", JobState.RUNNING, JobState.RUNNING.value, 0.0, f"attempt {attempt} on {worker}")
+            return Claim(ClaimOutcome.CLAIMED, attempt)
+        job = self.session.execute(
+            select(Job.state, Job.attempts, Job.max_attempts, Job.heartbeat_at, Job.worker).where(Job.id == job_id)
+        ).first()
+        if job is None:
+            return Claim(ClaimOutcome.MISSING, 0)
+        if job.state == JobState.QUEUED.value:  # queued with its attempts used up
+            return self._give_up(job_id, job.attempts, JobState.QUEUED)
+        if job.state != JobState.RUNNING.value:
+            return Claim(ClaimOutcome.FINISHED, job.attempts)
+        lost = (stale_before is not None and (job.heartbeat_at is None or job.heartbeat_at < stale_before)) \
+            or not owner_alive(job.worker or "")
+        if not lost:
+            return Claim(ClaimOutcome.BUSY, job.attempts)
+        if job.attempts >= job.max_attempts:
+            return self._give_up(job_id, job.attempts, JobState.RUNNING)
+        now = utcnow()
+        result = self.session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.RUNNING.value, Job.attempts == job.attempts)
+            .values(worker=worker, progress=0.0, stage=JobState.RUNNING.value, attempts=Job.attempts + 1,
+                    started_at=now, heartbeat_at=now, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount != 1:
+            return Claim(ClaimOutcome.BUSY, job.attempts)
+        self._event(job_id, "state", JobState.RUNNING, JobState.RUNNING.value, 0.0,
+                    f"attempt {job.attempts + 1} on {worker}: attempt {job.attempts} on {job.worker} was lost")
+        return Claim(ClaimOutcome.CLAIMED, job.attempts + 1)
+
+    def _give_up(self, job_id: str, attempts: int, seen: JobState) -> "Claim":
+        detail = f"the job's worker was lost {attempts} time(s); it is not retried past {attempts} attempt(s)"
+        error = {"type": "https://featherweight.dev/problems/worker-lost", "title": "Worker lost",
+                 "detail": detail, "errors": []}
         try:
-            self.transition(job_id, JobState.RUNNING, worker=worker, progress=0.0)
+            self.transition(job_id, JobState.FAILED, error=error, message=detail, expected_attempt=attempts,
+                            where=(Job.state == seen.value,))
         except InvalidTransition:
-            return False
-        return True
+            return Claim(ClaimOutcome.BUSY, attempts)
+        return Claim(ClaimOutcome.EXHAUSTED, attempts)
+
+    def renew_lease(self, job_id: str, attempt: int) -> bool:
+        """Refresh the lease of ``attempt``; False once the job left running or moved to another attempt."""
+        result = self.session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.RUNNING.value, Job.attempts == attempt)
+            .values(heartbeat_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+        return result.rowcount == 1
+
+    def lost_jobs(self, stale_before: dt.datetime, started_before: dt.datetime, limit: int = 100) -> list[Job]:
+        """Running jobs whose lease is older than ``stale_before`` or that started before ``started_before``."""
+        return list(self.session.scalars(
+            select(Job)
+            .where(Job.state == JobState.RUNNING.value,
+                   or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_before, Job.started_at < started_before))
+            .order_by(Job.started_at)
+            .limit(limit)
+        ))
 
     def set_progress(self, job_id: str, progress: float, stage: str) -> bool:
         """Record progress of a running job; appends an event when the stage changed."""
@@ -110,3 +199,24 @@ class JobRepo:
             JobEvent(job_id=job_id, kind=kind, state=state.value, stage=stage, progress=progress, message=message)
         )
         self.session.flush()
+
+
+class ClaimOutcome(str, enum.Enum):
+    CLAIMED = "claimed"        # this delivery runs attempt ``Claim.attempt``
+    BUSY = "busy"              # another live attempt runs it (a duplicate delivery)
+    FINISHED = "finished"      # already succeeded, failed or cancelled
+    EXHAUSTED = "exhausted"    # its worker was lost on the last allowed attempt: now failed
+    MISSING = "missing"
+
+
+@dataclass(frozen=True)
+class Claim:
+    outcome: ClaimOutcome
+    attempt: int
+
+    @property
+    def claimed(self) -> bool:
+        return self.outcome is ClaimOutcome.CLAIMED
+
+    def __bool__(self) -> bool:
+        return self.claimed

@@ -34,5 +34,5 @@ def test_upload_compress_download_on_full_stack(full_stack_service, full_stack, 
     store = get_store()
     keys = {item["Key"] for item in store.client.list_objects_v2(Bucket=store.bucket).get("Contents", [])}
     for job in jobs.values():
-        assert f"jobs/{job['id']}/model.onnx" in keys and f"jobs/{job['id']}/report.json" in keys
+        assert f"jobs/{job['id']}/1/model.onnx" in keys and f"jobs/{job['id']}/1/report.json" in keys
         assert job["attempts"] == 1

@@ -63,7 +63,7 @@ def test_success_stores_artifacts_with_sha256_and_report(job_id, migrated, monke
     by_name = {a.name: a for a in artifacts}
     assert set(by_name) == {"model", "report.json", "report.html"}
     assert by_name["model"].sha256 == hashlib.sha256(b"compressed").hexdigest() and by_name["model"].bytes == 10
-    assert _objects(migrated) == [f"{job_id}/model.onnx", f"{job_id}/report.html", f"{job_id}/report.json"]
+    assert _objects(migrated) == [f"{job_id}/1/model.onnx", f"{job_id}/1/report.html", f"{job_id}/1/report.json"]
     assert ("stage", "step 1/1: quantize") in events
     assert list((migrated / "scratch").iterdir()) == []
 

@@ -1,0 +1,101 @@
+"""Faults on the real stack (Postgres, Redis, the S3 server, Celery worker subprocesses).
+
+FEATHERWEIGHT_DEBUG_STEP_DELAY makes each stage of a job last a couple of seconds, so a worker can
+be killed while it holds a job.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+from tests.e2e.conftest import Service, subprocess_env
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+RECIPE = {"steps": [{"op": "cleanup"},
+                    {"op": "quantize", "weights": {"bits": 8, "symmetric": True, "granularity": "channel"}}]}
+FAST_FAULTS = {
+    "FEATHERWEIGHT_WORKER_HEARTBEAT_SECONDS": "0.5",
+    "FEATHERWEIGHT_WORKER_STALE_SECONDS": "3",
+    "FEATHERWEIGHT_REAPER_INTERVAL_SECONDS": "1",
+    "FEATHERWEIGHT_DEBUG_STEP_DELAY": "2",
+}
+DEADLINE_S = 240
+
+
+@pytest.fixture
+def api(full_stack, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from tests.conftest import reset_service_caches
+
+    for key, value in FAST_FAULTS.items():
+        monkeypatch.setenv(key, value)
+    reset_service_caches()
+    with TestClient(create_app(), raise_server_exceptions=False) as client:
+        yield client
+
+
+@pytest.fixture
+def workers(full_stack, tmp_path):
+    service = Service("", tmp_path)
+    env = subprocess_env({**full_stack, **FAST_FAULTS})
+
+    def start(name: str):
+        return service.start(name, [sys.executable, "-m", "featherweight.cli", "worker", "--queue", "cpu-x86"], env)
+
+    service.start_worker = start  # type: ignore[attr-defined]
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
+def _wait(api, job_id: str, until, logs) -> dict:
+    deadline = time.monotonic() + DEADLINE_S
+    job: dict = {}
+    while time.monotonic() < deadline:
+        job = api.get(f"/v1/jobs/{job_id}").json()
+        if until(job):
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} never reached the expected state: {job}\n{logs()}")
+
+
+def _bucket_keys(prefix: str) -> list[str]:
+    from core.storage import get_store
+
+    store = get_store()
+    listing = store.client.list_objects_v2(Bucket=store.bucket, Prefix=prefix)
+    return sorted(item["Key"] for item in listing.get("Contents", []))
+
+
+def test_sigkilled_worker_job_completes_on_a_retry_with_one_artifact_set(api, workers, onnx_models):
+    model_id = api.post("/v1/models", files={"file": ("mlp.onnx", onnx_models.mlp().SerializeToString())}).json()["id"]
+    first = workers.start_worker("worker-1")
+    job_id = api.post("/v1/jobs", json={"model_id": model_id, "recipe": RECIPE}).json()["id"]
+    _wait(api, job_id, lambda j: j["state"] == "running" and (j["stage"] or "").startswith("step"), workers.logs)
+    os.killpg(first.pid, signal.SIGKILL)  # the whole worker: main process and pool child
+    first.wait()
+
+    workers.start_worker("worker-2")
+    job = _wait(api, job_id, lambda j: j["state"] in {"succeeded", "failed", "cancelled"}, workers.logs)
+    assert job["state"] == "succeeded", f"{job}\n{workers.logs()}"
+    assert job["attempts"] == 2
+    names = [a["name"] for a in job["artifacts"]]
+    assert "model" in names and len(names) == len(set(names))
+    from core.db import session_scope
+    from core.repos import ArtifactRepo, JobRepo
+
+    with session_scope() as session:
+        stored = sorted(a.storage_key for a in ArtifactRepo(session).list_for_job(job_id))
+        messages = [e.message or "" for e in JobRepo(session).events(job_id)]
+    # exactly one artifact set, all from the attempt that committed, and nothing else in the bucket
+    assert stored and all(key.startswith(f"jobs/{job_id}/2/") for key in stored)
+    assert _bucket_keys(f"jobs/{job_id}/") == stored
+    assert any("was lost" in message for message in messages), messages
