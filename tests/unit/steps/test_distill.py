@@ -528,7 +528,8 @@ def _compress(teacher, calibration, steps):
       "min_params": 0}],
     [{"op": "prune", "sparsity": 0.5, "structure": "channel", "min_params": 0}],
     [{"op": "quantize", "weights": {"bits": 8}, "activations": {"bits": 8, "calibration": "minmax"}, "min_params": 0}],
-], ids=["prune", "int4", "cluster", "lowrank", "prune+int4", "int4-matmulnbits", "channels", "static-int8"])
+    [{"op": "quantize", "weights": {"bits": 8}, "activations": {"bits": 8, "calibration": "dynamic"}, "min_params": 0}],
+], ids=["prune", "int4", "cluster", "lowrank", "prune+int4", "int4-matmulnbits", "channels", "static-int8", "dynamic-int8"])
 @pytest.mark.parametrize("method", ["layerwise", "kd"])
 def test_distill_after_real_steps_keeps_their_constraints(steps, method):
     if method == "kd":

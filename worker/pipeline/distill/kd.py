@@ -83,7 +83,7 @@ def trainable_weights(student: onnx.ModelProto, params: DistillStep, layers: dic
     # weights the graph computes from constants: integers behind a DequantizeLinear, or a codebook
     # gathered by labels (the cluster step); read where a layer takes its weight
     for node in student.graph.node:
-        if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+        if node.op_type in ("MatMulNBits", "DynamicQuantizeMatMul") and node.domain == "com.microsoft":
             layer, _ = linear_layer(student, node)
             if layer is not None and not any(spec.output == node.input[1] for spec in specs) and _selected(
                     [node.input[1], node.name], params, int(np.prod(layer.weight.shape))):

@@ -229,6 +229,26 @@ def _pack_nbits(q: np.ndarray, meta: dict) -> np.ndarray:
     return kernels.pack(rows.reshape(-1), bits).reshape(n, blocks, blob)
 
 
+def _dynamic_source(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> WeightSource | None:
+    """DynamicQuantizeMatMul(A, B, b_scale, b_zero_point, bias): B int8 / uint8 [K, N], its scale and
+    zero point per tensor or per column (axis 1); the activations are quantized at run time and are
+    not part of the stored grid."""
+    if len(node.input) < 3 or node.input[1] not in inits or node.input[2] not in inits:
+        return None
+    q_init = inits[node.input[1]]
+    if q_init.data_type not in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) or len(q_init.dims) != 2:
+        return None
+    z_name = node.input[3] if len(node.input) > 3 else ""
+    if z_name and z_name not in inits:
+        return None
+    shape = tuple(q_init.dims)
+    scale = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
+    zero = numpy_helper.to_array(inits[z_name]).astype(np.int64) if z_name else np.zeros((), np.int64)
+    qmin, qmax = _INT_RANGES[q_init.data_type]
+    return WeightSource(q_init.name, shape, Grid(_expand(scale, shape, 1, 0).astype(np.float32),
+                                                 _expand(zero, shape, 1, 0).astype(np.int64), qmin, qmax))
+
+
 def _nbits_source(model: onnx.ModelProto, node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> WeightSource | None:
     """MatMulNBits (com.microsoft) with a constant packed B, float scales and packed uint8 zero points."""
     if len(node.input) < 3 or node.input[1] not in inits or node.input[2] not in inits:
@@ -434,6 +454,16 @@ def linear_layer(model: onnx.ModelProto, node: onnx.NodeProto, *, grid_bits: dic
         layer = _matmul_layer(model, node, source)
         if layer is None:
             return None, "MatMulNBits' bias is not a per-output constant this step can refit"
+        return layer, ""
+    if node.op_type == "DynamicQuantizeMatMul" and node.domain == "com.microsoft":
+        source = _dynamic_source(node, graph.initializers(model))
+        if source is None:
+            return None, "DynamicQuantizeMatMul whose weight, scale or zero point is not a constant"
+        layer = LinearLayer(node, "matmul", node.input[0], node.output[0], source)
+        if len(node.input) > 4 and node.input[4]:
+            layer.bias = _bias_source(model, node.input[4], source.shape[1])
+            if layer.bias is None:
+                return None, "DynamicQuantizeMatMul's bias is not a per-output constant this step can refit"
         return layer, ""
     if node.op_type == "Gather" and node.domain in ("", "ai.onnx"):
         return None, ("an embedding lookup has no input to adapt to: its best fit is the original rows, "

@@ -40,7 +40,7 @@ OPS = frozenset({
 })
 
 # contrib ops with a translation: ORT's fused weight-only MatMul (its weight enters as a float tensor)
-CONTRIB_OPS = frozenset({("com.microsoft", "MatMulNBits")})
+CONTRIB_OPS = frozenset({("com.microsoft", "MatMulNBits"), ("com.microsoft", "DynamicQuantizeMatMul")})
 
 _DTYPES = {
     onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.DOUBLE: torch.float64,
@@ -157,14 +157,14 @@ class TorchGraph(torch.nn.Module):
                           if t.name not in trainable_names}
         self.constants.update({name: _to_torch(value) for name, value in (folded or {}).items()
                                if name not in trainable_names})
-        # MatMulNBits weights left out of training still enter as the float matrix they stand for
+        # weights of the contrib MatMuls left out of training still enter as the float matrix they stand for
         from worker.pipeline.distill.layers import linear_layer
 
         for node in self.nodes:
-            if node.op_type == "MatMulNBits" and node.input[1] not in trainable_names:
+            if (node.domain, node.op_type) in CONTRIB_OPS and node.input[1] not in trainable_names:
                 layer, why = linear_layer(model, node)
                 if layer is None:
-                    raise ValueError(f"MatMulNBits {node.name}: {why}")
+                    raise ValueError(f"{node.op_type} {node.name}: {why}")
                 self.constants[node.input[1]] = torch.from_numpy(layer.weight.read(model))
 
     def weight(self, output: str) -> torch.Tensor:
@@ -340,6 +340,18 @@ def _run_node(node: onnx.NodeProto, args: list, opset: int) -> list:
         # args[1] is the dequantized W[K, N] (a trained parameter or a constant), not the packed bytes
         out = torch.matmul(args[0], args[1])
         return [out + args[5] if len(args) > 5 and args[5] is not None else out]
+    if op == "DynamicQuantizeMatMul":
+        # args[1] is the dequantized weight; A goes through ORT's run-time uint8 quantization
+        # (DynamicQuantizeLinear: range over [min(x, 0), max(x, 0)]), straight-through
+        a = args[0]
+        with torch.no_grad():
+            low, high = torch.clamp(a.min(), max=0.0), torch.clamp(a.max(), min=0.0)
+            scale = (high - low) / 255.0
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            zero = torch.clamp(torch.round(-low / scale), 0, 255)
+        deq = (torch.clamp(torch.round(a / scale) + zero, 0, 255) - zero) * scale
+        out = torch.matmul(a + (deq - a).detach(), args[1])
+        return [out + args[4] if len(args) > 4 and args[4] is not None else out]
     if op == "Gemm":
         left = args[0].t() if a.get("transA", 0) else args[0]
         right = args[1].t() if a.get("transB", 0) else args[1]
