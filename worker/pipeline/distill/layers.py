@@ -7,9 +7,13 @@ its receptive fields (im2col) for Conv) and ``W_g`` the weight as ``[K_g, N_g]``
 the form the least-squares fit (``layerwise``) works in; ``to_columns`` / ``from_columns`` convert
 between it and the initializer's own layout.
 
-A weight is either a float initializer, or integers ``q`` behind ``DequantizeLinear(q, s, z)`` on a
-fixed grid: ``w = (q - z) * s`` with ``s`` / ``z`` per tensor, per axis or per block (ONNX semantics),
-expanded here to one scale and zero point per element (``Grid``). Re-quantizing on the same grid is
+A weight is a float initializer, integers ``q`` behind ``DequantizeLinear(q, s, z)`` on a fixed
+grid (``w = (q - z) * s`` with ``s`` / ``z`` per tensor, per axis or per block, ONNX semantics), the
+packed unsigned integers of a ``MatMulNBits`` or the int8 ``B`` of a ``DynamicQuantizeMatMul``
+(com.microsoft; the same kind of grid in another package), or a codebook gathered by constant labels
+(the ``cluster`` step). Grids are expanded here to one scale and zero point per element (``Grid``).
+A bias is refit where it is a float initializer; a constant bias of another form (static
+quantization's int32 bias behind a DequantizeLinear) is held fixed and taken off the target. Re-quantizing on the same grid is
 ``q = clamp(round_half_to_even(w / s) + z, qmin, qmax)``; a 1-bit (sign) grid keeps ``q`` in {-1, +1}.
 """
 from __future__ import annotations

@@ -7,8 +7,11 @@ own inputs, its outputs match the teacher's outputs of the same layer on the cal
     min_{W, b} ||A_student W + 1 b^T - T_teacher||^2 + damping * mean(diag(A^T A)) * ||W||^2
 
 under the constraints the earlier steps left (zeros stay zero, integers stay on their grid, shared
-values stay shared, ranks stay), layer after layer in topological order. The math is in
-``worker.pipeline.distill.layerwise``.
+values stay shared, ranks stay), layer after layer in topological order. Layers that channel
+pruning narrowed are matched to the teacher's surviving output channels (the record's
+``kept_outputs``). Weights may be float, behind DequantizeLinear, in MatMulNBits or
+DynamicQuantizeMatMul, or a cluster codebook; embedding lookups are left alone (with no input to
+adapt to, their best fit is the original rows). The math is in ``worker.pipeline.distill.layerwise``.
 
 ``method: kd`` (PyTorch CPU, the optional extra ``featherweight[distill]``): the student's float
 weights are trained on the teacher's softened outputs,
