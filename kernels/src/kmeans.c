@@ -49,19 +49,6 @@ static int fw_cmp_float(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-/* number of midpoints strictly below v (the label of v), mids ascending, nm of them */
-static inline int fw_label_of(const double *mids, int nm, double v) {
-    int lo = 0, hi = nm; /* first index with mids[idx] >= v */
-    while (lo < hi) {
-        int mid = (lo + hi) >> 1;
-        if (mids[mid] < v)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return lo;
-}
-
 /* first index in sorted v[0..n) with v > t */
 static int64_t fw_upper_bound(const float *v, int64_t n, double t) {
     int64_t lo = 0, hi = n;
@@ -77,17 +64,23 @@ static int64_t fw_upper_bound(const float *v, int64_t n, double t) {
 
 typedef struct {
     const float *x;
-    const double *mids;
-    int nm;
+    const double *mids; /* padded with +Inf to a power of two, pm entries */
+    int pm;
     uint8_t *labels;
 } fw_label_ctx;
 
 static void fw_label_task(void *vctx, int64_t b, int64_t e, int tid) {
     (void)tid;
     fw_label_ctx *c = (fw_label_ctx *)vctx;
+    const double *mids = c->mids;
+    const int pm = c->pm;
     for (int64_t i = b; i < e; i++) {
         float v = c->x[i];
-        c->labels[i] = v != v ? 0 : (uint8_t)fw_label_of(c->mids, c->nm, (double)v);
+        double dv = (double)v;
+        int idx = 0; /* branch-free count of the midpoints below v */
+        for (int step = pm >> 1; step > 0; step >>= 1) idx += mids[idx + step - 1] < dv ? step : 0;
+        idx += pm > 0 && mids[idx] < dv ? 1 : 0;
+        c->labels[i] = v != v ? 0 : (uint8_t)idx;
     }
 }
 
@@ -228,7 +221,11 @@ int fw_kmeans1d(const float *x, int64_t n, int k, int init, int iters, uint64_t 
     free(tmp);
     for (int j = 0; j < k; j++) centroids[j] = c[j] == 0.0f ? 0.0f : c[j];
     fw_mids(c, k, mids);
-    fw_label_ctx lc = {x, mids, k - 1, labels};
+    int pm = 1;
+    while (pm < k - 1) pm <<= 1;
+    if (k == 1) pm = 0;
+    for (int j = k - 1; j < pm; j++) mids[j] = INFINITY;
+    fw_label_ctx lc = {x, mids, pm, labels};
     fw_parallel_for(n, 1 << 16, fw_label_task, &lc);
     return FW_OK;
 }

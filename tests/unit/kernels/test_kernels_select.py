@@ -59,6 +59,24 @@ def test_kth_smallest_abs_large_and_threaded():
     assert K.kth_smallest_abs(z, 500_000) == 3.0
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kth_smallest_abs_bracket_path_ties_nan_inf(seed):
+    # >= 2^20 elements takes the sample-bracket path; heavy ties, NaN and Inf must stay exact
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(1_500_007).astype(np.float32)
+    x[rng.random(x.size) < 0.3] = 0.0
+    x[rng.random(x.size) < 0.01] = np.nan
+    x[rng.random(x.size) < 0.01] = -np.inf
+    x[::5] = np.float32(0.5)
+    ref = np.sort(np.abs(x))
+    for k in (1, 400_000, 450_000, 700_000, 1_000_000, 1_480_000, x.size):
+        got = K.kth_smallest_abs([x[:1000], x[1000:]], k)
+        if np.isnan(ref[k - 1]):
+            assert np.isnan(got)
+        else:
+            assert got == float(ref[k - 1]), k
+
+
 def test_kth_bad_k():
     x = np.ones(4, np.float32)
     for k in (0, 5, -1, 1.5, True):

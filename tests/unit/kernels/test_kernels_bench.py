@@ -1,0 +1,25 @@
+"""`python -m kernels.bench` runs and prints the documented JSON (smoke test at small sizes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def test_bench_json_smoke():
+    r = subprocess.run(
+        [sys.executable, "-m", "kernels.bench", "--json", "--quick",
+         "--only", "quantize_int8_axis,magnitude_mask,kth_smallest_abs"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert {row["kernel"] for row in rows} == {"quantize_int8_axis", "magnitude_mask", "kth_smallest_abs"}
+    for row in rows:
+        assert set(row) == {"kernel", "threads", "seconds", "gbps", "vs_numpy", "vs_memcpy"}
+        assert row["seconds"] > 0 and row["gbps"] > 0 and row["vs_numpy"] > 0
