@@ -263,11 +263,36 @@ def keep_pruned_zeros(record: LayerRecord | None, q: np.ndarray, w_hat: np.ndarr
     return q, np.where(pruned, np.float32(0.0), w_hat).astype(np.float32)
 
 
+def raise_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    """``graph.ensure_opset`` run on the graph's structure only: ONNX's version converter copies
+    the whole model several times over, so the large initializers sit out the conversion (as graph
+    inputs of the same type) and are moved into the converted model afterwards, one at a time."""
+    if graph.opset(model) >= version:
+        return model
+    shell = metrics.skeleton(model)
+    kept = {t.name for t in shell.graph.initializer}
+    moved = {t.name for t in model.graph.initializer if t.name not in kept}
+    converted = graph.ensure_opset(shell, version)
+    del shell
+    stand_ins = moved - {v.name for v in model.graph.input}
+    inputs = [v for v in converted.graph.input if v.name not in stand_ins]
+    del converted.graph.input[:]
+    converted.graph.input.extend(inputs)
+    for tensor in model.graph.initializer:
+        if tensor.name in moved:
+            converted.graph.initializer.append(tensor)
+            tensor.Clear()          # the copy now lives in ``converted``; free this one at once
+    for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(converted, field, getattr(model, field))
+    converted.metadata_props.extend(model.metadata_props)
+    return converted
+
+
 def prepare(model: onnx.ModelProto, params: QuantizeStep, opset: int) -> tuple[onnx.ModelProto, list[str]]:
     """Lift Constant weights, raise the opset; returns the model to work on and the lifted names."""
     lifted = constants.lift_constant_weights(model)
     try:
-        model = graph.ensure_opset(model, opset)
+        model = raise_opset(model, opset)
     except Exception as exc:   # the version converter refuses some old graphs
         raise PipelineError(f"cannot raise the model's opset to {opset} (needed for {params.weights.bits}-bit "
                             f"{params.weights.granularity} weights): {exc}") from exc

@@ -30,7 +30,7 @@ from onnx import helper, numpy_helper
 
 from core.errors import PipelineError, RecipeError
 from core.recipe import Fp16Step
-from worker.pipeline import activations, graph, metrics
+from worker.pipeline import graph, metrics
 from worker.pipeline.data import Dataset, bind, generated
 from worker.pipeline.step import LayerRecord, StepContext, StepResult
 
@@ -91,7 +91,7 @@ def measure(model: onnx.ModelProto, data: Dataset) -> TensorStats:
     names = [out for node in model.graph.node for out in node.output if out]
     for spec in data.specs:
         stats.dtype[spec.name] = _NUMPY_TO_ONNX.get(spec.dtype, onnx.TensorProto.UNDEFINED)
-    session = activations.session(activations.with_outputs(model, names))
+    session = _exposed_session(model, names)
     available = {o.name for o in session.get_outputs()}
     names = [n for n in names if n in available]
     for feeds in data.batches(MEASURE_BATCH, MEASURE_SAMPLES):
@@ -191,13 +191,13 @@ def subgraph_reads(model: onnx.ModelProto) -> set[str]:
 
 
 class _Rewriter:
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, inits: dict[str, onnx.TensorProto]) -> None:
         self.model = model
-        self.inits = graph.initializers(model)
+        self.inits = inits
         self.casts: dict[tuple[str, int], str] = {}
         self.new_nodes: list[onnx.NodeProto] = []
         self.new_inits: list[onnx.TensorProto] = []
-        self.taken = ({t.name for t in model.graph.initializer} | {n.name for n in model.graph.node}
+        self.taken = (set(inits) | {n.name for n in model.graph.node}
                       | {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
                       | {o.name for o in model.graph.output})
 
@@ -233,13 +233,31 @@ def _constant_to_float16(node: onnx.NodeProto) -> None:
     node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(array.astype(np.float16))))
 
 
+def _copy_fields(source, target, skip: tuple[str, ...] = ()) -> None:
+    for field, value in source.ListFields():
+        if field.name in skip:
+            continue
+        if hasattr(value, "extend"):            # repeated
+            getattr(target, field.name).extend(value)
+        elif hasattr(value, "CopyFrom"):        # message
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+
+
+def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with every field but the initializers (and the stale value_info)."""
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip=("graph",))
+    _copy_fields(model.graph, out.graph, skip=("initializer", "value_info"))
+    return out
+
+
 def convert(model: onnx.ModelProto, plans: dict[str, NodePlan]) -> tuple[onnx.ModelProto, int]:
     """A float16 copy of ``model`` where the nodes in ``plans`` compute in float16. Returns (model,
-    number of Casts inserted)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    del out.graph.value_info[:]
-    rewriter = _Rewriter(out)
+    number of Casts inserted). Only the initializers that stay float32 are copied."""
+    out = _without_initializers(model)
+    rewriter = _Rewriter(out, graph.initializers(model))
     graph_outputs = {o.name for o in out.graph.output}
     fp16_tensors: set[str] = set()
     for node in out.graph.node:
@@ -281,7 +299,7 @@ def convert(model: onnx.ModelProto, plans: dict[str, NodePlan]) -> tuple[onnx.Mo
                 node.input[index] = rewriter.as_type(tensor, FLOAT)
     # float32 initializers no longer read by anything are dropped (their float16 copies remain)
     read = {t for n in list(out.graph.node) + rewriter.new_nodes for t in n.input} | graph_outputs | subgraph_reads(out)
-    graph.remove_initializers(out, [t.name for t in out.graph.initializer if t.name not in read])
+    out.graph.initializer.extend(t for t in model.graph.initializer if t.name in read)
     out.graph.initializer.extend(rewriter.new_inits)
     out.graph.node.extend(rewriter.new_nodes)
     graph.sort_graph(out)
@@ -292,18 +310,29 @@ def convert(model: onnx.ModelProto, plans: dict[str, NodePlan]) -> tuple[onnx.Mo
 # ---------------------------------------------------------------------------- checking in ORT
 
 
-def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+def _exposed_session(model: onnx.ModelProto, names: list[str]) -> ort.InferenceSession:
+    """A CPU session on ``model`` with ``names`` as extra outputs. The outputs are added to the
+    model for the serialization and taken off again, so the weights are not copied once more."""
+    count = len(model.graph.output)
+    present = {o.name for o in model.graph.output}
+    model.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names if n not in present)
+    try:
+        payload = model.SerializeToString()
+    finally:
+        del model.graph.output[count:]
     options = ort.SessionOptions()
     options.log_severity_level = 4
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    options.add_session_config_entry("session.disable_prepacking", "1")   # checks only: spare the copy
+    return ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
 
 
 def problems(converted: onnx.ModelProto, plans: dict[str, NodePlan], data: Dataset,
              stats: TensorStats) -> dict[str, str]:
     """Float16 nodes to put back to float32 (name -> why); empty when the model loads and its
     float16 tensors stay finite on the data wherever the float32 ones were."""
+    watched = [t for n in converted.graph.node if n.name in plans for t in n.output if t]
     try:
-        _session(converted)
+        session = _exposed_session(converted, watched)
     except Exception as exc:   # ORT raises its own exception types for a missing kernel
         match = _NO_KERNEL.search(str(exc))
         if match is None:
@@ -313,8 +342,6 @@ def problems(converted: onnx.ModelProto, plans: dict[str, NodePlan], data: Datas
         if not nodes:
             raise PipelineError(f"fp16: no float16 kernel for {op_type} in ONNX Runtime's CPU provider") from exc
         return {n: f"no float16 {op_type} kernel in ONNX Runtime's CPU provider" for n in nodes}
-    watched = [t for n in converted.graph.node if n.name in plans for t in n.output if t]
-    session = _session(activations.with_outputs(converted, watched))
     available = {o.name for o in session.get_outputs()}
     watched = [t for t in watched if t in available]
     producer = {t: n.name for n in converted.graph.node for t in n.output}
@@ -368,6 +395,7 @@ def run(model: onnx.ModelProto, params: Fp16Step, ctx: StepContext) -> StepResul
     data, source = _dataset(model, ctx)
     ctx.progress(0.05, "measuring activations")
     stats = measure(model, data)
+    metrics.release_memory()
     opset = graph.opset(model)
     block = set(params.op_block_list)
     pinned = subgraph_reads(model)
@@ -390,6 +418,7 @@ def run(model: onnx.ModelProto, params: Fp16Step, ctx: StepContext) -> StepResul
         ctx.progress(0.3 + 0.6 * round_ / MAX_ROUNDS, "converting")
         converted, casts = convert(model, plans)
         found = problems(converted, plans, data, stats)
+        metrics.release_memory()
         if not found:
             break
         for node_name, why in found.items():
