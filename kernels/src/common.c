@@ -186,6 +186,37 @@ int fw_memcpy(void *dst, const void *src, int64_t nbytes) {
     return FW_OK;
 }
 
+/* ---------------------------------------------------------------- streaming stores */
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <emmintrin.h> /* SSE2: baseline on x86-64 */
+
+void fw_stream_store(void *dst, const void *src, size_t n) {
+    char *d = (char *)dst;
+    const char *s = (const char *)src;
+    size_t head = (16 - ((uintptr_t)d & 15)) & 15;
+    if (head > n) head = n;
+    memcpy(d, s, head);
+    d += head;
+    s += head;
+    n -= head;
+    for (; n >= 64; n -= 64, d += 64, s += 64) {
+        __m128i a = _mm_loadu_si128((const __m128i *)s), b = _mm_loadu_si128((const __m128i *)(s + 16));
+        __m128i c = _mm_loadu_si128((const __m128i *)(s + 32)), e = _mm_loadu_si128((const __m128i *)(s + 48));
+        _mm_stream_si128((__m128i *)d, a);
+        _mm_stream_si128((__m128i *)(d + 16), b);
+        _mm_stream_si128((__m128i *)(d + 32), c);
+        _mm_stream_si128((__m128i *)(d + 48), e);
+    }
+    memcpy(d, s, n);
+}
+
+void fw_stream_fence(void) { _mm_sfence(); }
+#else
+void fw_stream_store(void *dst, const void *src, size_t n) { memcpy(dst, src, n); }
+void fw_stream_fence(void) {}
+#endif
+
 /* ---------------------------------------------------------------- min / max of finite values */
 
 typedef struct {

@@ -135,6 +135,13 @@ extern const fw_ops fw_ops_neon;
 
 const fw_ops *fw_ops_get(void);
 
+/* Non-temporal (cache-bypassing) copy for large kernel outputs that are not read back soon:
+ * avoids the read-for-ownership of every destination line. fw_stream_fence() after the last. */
+void fw_stream_store(void *dst, const void *src, size_t n);
+void fw_stream_fence(void);
+#define FW_STREAM_MIN_BYTES ((int64_t)16 << 20) /* outputs at least this large are streamed */
+#define FW_STREAM_CHUNK 4096                    /* elements staged in a stack buffer */
+
 /* shared helpers */
 void fw_radix_sort_u32(uint32_t *keys, uint32_t *tmp, int64_t n);
 int fw_kth_bits(const float *const *arrays, const int64_t *lengths, int64_t narrays, int64_t k,

@@ -32,18 +32,23 @@ typedef struct {
     const int32_t *z;
     float qmin, qmax;
     uint8_t *out;
+    int stream;
 } fw_quant_ctx;
 
 static void fw_quant_task(void *vctx, int64_t b, int64_t e, int tid) {
     (void)tid;
     fw_quant_ctx *c = (fw_quant_ctx *)vctx;
+    uint8_t stage[FW_STREAM_CHUNK];
     while (b < e) {
         int64_t pidx, pstride;
         int64_t len = fw_layout_run(&c->L, b, e, &pidx, &pstride);
-        c->ops->quant_run(c->x + b, len, c->s + pidx, c->z + pidx, pstride, c->qmin, c->qmax,
-                          c->out + b);
+        if (c->stream && len > FW_STREAM_CHUNK) len = FW_STREAM_CHUNK;
+        uint8_t *dst = c->stream ? stage : c->out + b;
+        c->ops->quant_run(c->x + b, len, c->s + pidx, c->z + pidx, pstride, c->qmin, c->qmax, dst);
+        if (c->stream) fw_stream_store(c->out + b, stage, (size_t)len);
         b += len;
     }
+    if (c->stream) fw_stream_fence();
 }
 
 int fw_quantize(const float *x, int64_t outer, int64_t alen, int64_t inner, int mode, int64_t block,
@@ -64,6 +69,7 @@ int fw_quantize(const float *x, int64_t outer, int64_t alen, int64_t inner, int 
     c.qmin = (float)qmin;
     c.qmax = (float)qmax;
     c.out = out;
+    c.stream = n >= FW_STREAM_MIN_BYTES;
     fw_parallel_for(n, FW_STREAM_GRAIN, fw_quant_task, &c);
     return FW_OK;
 }
@@ -78,21 +84,27 @@ typedef struct {
     const float *s;
     const int32_t *z;
     float *out;
+    int stream;
 } fw_dequant_ctx;
 
 static void fw_dequant_task(void *vctx, int64_t b, int64_t e, int tid) {
     (void)tid;
     fw_dequant_ctx *c = (fw_dequant_ctx *)vctx;
+    float stage[FW_STREAM_CHUNK];
     while (b < e) {
         int64_t pidx, pstride;
         int64_t len = fw_layout_run(&c->L, b, e, &pidx, &pstride);
+        if (c->stream && len > FW_STREAM_CHUNK) len = FW_STREAM_CHUNK;
+        float *dst = c->stream ? stage : c->out + b;
         if (c->q_signed)
             c->ops->dequant_run_s8((const int8_t *)c->q + b, len, c->s + pidx, c->z + pidx,
-                                   pstride, c->out + b);
+                                   pstride, dst);
         else
-            c->ops->dequant_run_u8(c->q + b, len, c->s + pidx, c->z + pidx, pstride, c->out + b);
+            c->ops->dequant_run_u8(c->q + b, len, c->s + pidx, c->z + pidx, pstride, dst);
+        if (c->stream) fw_stream_store(c->out + b, stage, (size_t)len * sizeof(float));
         b += len;
     }
+    if (c->stream) fw_stream_fence();
 }
 
 int fw_dequantize(const uint8_t *q, int q_signed, int64_t outer, int64_t alen, int64_t inner,
@@ -113,6 +125,7 @@ int fw_dequantize(const uint8_t *q, int q_signed, int64_t outer, int64_t alen, i
     c.s = scale;
     c.z = zero_point;
     c.out = out;
+    c.stream = n * (int64_t)sizeof(float) >= FW_STREAM_MIN_BYTES;
     fw_parallel_for(n, FW_STREAM_GRAIN, fw_dequant_task, &c);
     return FW_OK;
 }

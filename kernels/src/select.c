@@ -251,18 +251,29 @@ typedef struct {
     float thr;
     uint8_t *mask;
     float *out;
+    int stream;
 } fw_mask_ctx;
 
 static void fw_absgt_task(void *vctx, int64_t b, int64_t e, int tid) {
     (void)tid;
     fw_mask_ctx *c = (fw_mask_ctx *)vctx;
-    c->ops->absgt_mask(c->w + b, e - b, c->thr, c->mask + b);
+    if (!c->stream) {
+        c->ops->absgt_mask(c->w + b, e - b, c->thr, c->mask + b);
+        return;
+    }
+    uint8_t stage[FW_STREAM_CHUNK];
+    for (; b < e; b += FW_STREAM_CHUNK) {
+        int64_t len = e - b < FW_STREAM_CHUNK ? e - b : FW_STREAM_CHUNK;
+        c->ops->absgt_mask(c->w + b, len, c->thr, stage);
+        fw_stream_store(c->mask + b, stage, (size_t)len);
+    }
+    fw_stream_fence();
 }
 
 int fw_magnitude_mask(const float *w, int64_t n, float threshold, uint8_t *mask) {
     FW_REQUIRE(n >= 0, "negative size");
     FW_REQUIRE(n == 0 || (w && mask), "null pointer");
-    fw_mask_ctx c = {fw_ops_get(), w, NULL, threshold, mask, NULL};
+    fw_mask_ctx c = {fw_ops_get(), w, NULL, threshold, mask, NULL, n >= FW_STREAM_MIN_BYTES};
     fw_parallel_for(n, FW_STREAM_GRAIN, fw_absgt_task, &c);
     return FW_OK;
 }
@@ -270,13 +281,24 @@ int fw_magnitude_mask(const float *w, int64_t n, float threshold, uint8_t *mask)
 static void fw_apply_task(void *vctx, int64_t b, int64_t e, int tid) {
     (void)tid;
     fw_mask_ctx *c = (fw_mask_ctx *)vctx;
-    c->ops->apply_mask(c->w + b, c->mask_in + b, e - b, c->out + b);
+    if (!c->stream) {
+        c->ops->apply_mask(c->w + b, c->mask_in + b, e - b, c->out + b);
+        return;
+    }
+    float stage[FW_STREAM_CHUNK];
+    for (; b < e; b += FW_STREAM_CHUNK) {
+        int64_t len = e - b < FW_STREAM_CHUNK ? e - b : FW_STREAM_CHUNK;
+        c->ops->apply_mask(c->w + b, c->mask_in + b, len, stage);
+        fw_stream_store(c->out + b, stage, (size_t)len * sizeof(float));
+    }
+    fw_stream_fence();
 }
 
 int fw_apply_mask(const float *w, const uint8_t *mask, int64_t n, float *out) {
     FW_REQUIRE(n >= 0, "negative size");
     FW_REQUIRE(n == 0 || (w && mask && out), "null pointer");
-    fw_mask_ctx c = {fw_ops_get(), w, mask, 0.0f, NULL, out};
+    fw_mask_ctx c = {fw_ops_get(), w, mask, 0.0f, NULL, out,
+                     n * (int64_t)sizeof(float) >= FW_STREAM_MIN_BYTES};
     fw_parallel_for(n, FW_STREAM_GRAIN, fw_apply_task, &c);
     return FW_OK;
 }
