@@ -8,7 +8,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from api import problems
-from api.routes import health, jobs, models
+from api.routes import datasets, health, jobs, models
 
 
 def create_app() -> FastAPI:
@@ -22,6 +22,7 @@ def create_app() -> FastAPI:
     problems.install(app)
     app.include_router(health.router)
     app.include_router(models.router)
+    app.include_router(datasets.router)
     app.include_router(jobs.router)
     return app
 

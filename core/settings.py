@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     max_multipart_fields: int = Field(default=8, gt=0)
     max_multipart_field_bytes: int = Field(default=64 * 1024, gt=0)
     upload_chunk_bytes: int = Field(default=1024 * 1024, gt=0)
+    # Data sets (.npz) and .zip model uploads: archives are checked entry by entry before any is read.
+    max_archive_entries: int = Field(default=256, gt=0)
+    max_archive_uncompressed_bytes: int = Field(default=4 * 1024**3, gt=0)
+    max_compression_ratio: float = Field(default=200.0, gt=1)
     allowed_domains: tuple[str, ...] = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
 
     # Jobs and workers.
@@ -61,6 +65,9 @@ class Settings(BaseSettings):
     # hard time limit).
     job_max_attempts: int = Field(default=3, ge=1, le=100)
     reaper_interval_seconds: float = Field(default=30.0, gt=0)
+    # A running job that is cancelled stops at its next cancel check (seconds); if it has not stopped
+    # this long after, its worker process is killed (the hard fallback).
+    cancel_grace_seconds: float = Field(default=30.0, gt=0)
     # Fault-injection for tests and demos: the worker sleeps this long at every stage change of a job,
     # so a job is slow enough to kill or cancel mid-run. Refused (must be 0) in production.
     debug_step_delay: float = Field(default=0.0, ge=0, le=600)

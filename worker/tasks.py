@@ -6,7 +6,8 @@
    max_attempts); a running job is re-claimed only when its attempt was lost (lease stale, or its
    process on this machine gone); a second delivery of a live or finished job returns (idempotent).
    While it runs, a ``Lease`` thread renews ``jobs.heartbeat_at``;
-2. fetches the model from storage into a scratch directory;
+2. fetches the model, its calibration / evaluation data sets and a distill step's student model
+   from storage into a scratch directory;
 3. calls ``worker.pipeline.runner.run`` with a throttled progress callback (at most one DB write per
    ``progress_min_interval_seconds``, always on a stage change) and a cancel probe that reads the
    job's state (a job moved out of ``running`` by someone else stops at the next check);
@@ -25,6 +26,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import onnx
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 
@@ -43,7 +46,7 @@ from core.models import JobState
 from core.models.base import utcnow
 from core.queue import TASK_RUN_JOB
 from core.recipe import parse_recipe
-from core.repos import ArtifactRepo, JobRepo, ModelRepo
+from core.repos import ArtifactRepo, DatasetRepo, JobRepo, ModelRepo
 from core.settings import Settings, get_settings
 from core.storage import ObjectStore, get_store
 
@@ -62,7 +65,7 @@ CANCEL_CHECK_SECONDS = 2.0
 
 @shared_task(name=TASK_RUN_JOB, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def run_job(self, job_id: str) -> None:  # noqa: ANN001 - Celery's bound task
-    execute_job(job_id, worker=str(self.request.hostname or socket.gethostname()))
+    execute_job(job_id, worker=str(self.request.hostname or socket.gethostname()), hard_kill=True)
 
 
 @dataclass(frozen=True)
@@ -102,8 +105,14 @@ def owner_alive(owner: str) -> bool:
     return True
 
 
-def execute_job(job_id: str, worker: str, settings: Settings | None = None, store: ObjectStore | None = None) -> str:
-    """Run job ``job_id`` to a terminal state; return the state it ended in (or the state it was found in)."""
+def execute_job(job_id: str, worker: str, settings: Settings | None = None, store: ObjectStore | None = None,
+                hard_kill: bool = False) -> str:
+    """Run job ``job_id`` to a terminal state; return the state it ended in (or the state it was found in).
+
+    ``hard_kill`` (the Celery task sets it; a pool child is expendable): if the job leaves ``running``
+    (cancelled, or failed by the reaper) and the pipeline has not stopped ``cancel_grace_seconds``
+    later, the process SIGKILLs itself; the requeued message then finds the job finished.
+    """
     settings = settings or get_settings()
     store = store or get_store()
     stale_before = utcnow() - dt.timedelta(seconds=settings.worker_stale_seconds)
@@ -122,26 +131,32 @@ def execute_job(job_id: str, worker: str, settings: Settings | None = None, stor
     settings.scratch_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f"job-{job_id}-", dir=settings.scratch_dir))
     uploaded: list[StoredArtifact] = []
-    lease = Lease(job_id, attempt, settings.worker_heartbeat_seconds)
+    lease = Lease(job_id, attempt, settings.worker_heartbeat_seconds,
+                  hard_kill_after=settings.cancel_grace_seconds if hard_kill else None)
     lease.start()
     try:
         from worker.pipeline.runner import run as run_pipeline
         from worker.pipeline.step import StepCancelled
 
         try:
-            with session_scope() as session:
-                job = JobRepo(session).get(job_id)
-                recipe_data, target = job.recipe, job.target
-                model_key = ModelRepo(session).get(job.model_id).storage_key
+            inputs = _job_inputs(job_id)
             progress = ThrottledProgress(job_id, settings.progress_min_interval_seconds,
                                          stage_delay=settings.debug_step_delay)
             progress(0.0, "fetching the model")
             model_path = scratch / "input" / "model.onnx"
             model_path.parent.mkdir()
-            store.get_file(model_key, model_path)
+            store.get_file(inputs.model_key, model_path)
+            recipe = parse_recipe(inputs.recipe)
+            calibration = _fetch_dataset(store, inputs.calibration_key, scratch / "input" / "calibration.npz")
+            evaluation = _fetch_dataset(store, inputs.evaluation_key, scratch / "input" / "evaluation.npz")
+            options: dict[str, Any] = {}
+            if inputs.student_key is not None:
+                student_path = scratch / "input" / "student.onnx"
+                store.get_file(inputs.student_key, student_path)
+                options["student_model"] = onnx.load(str(student_path))
             result = run_pipeline(
-                model_path, parse_recipe(recipe_data), calibration=None, evaluation=None, target=target,
-                workdir=scratch / "out", progress=progress, cancelled=CancelProbe(job_id),
+                model_path, recipe, calibration=calibration, evaluation=evaluation, target=inputs.target,
+                workdir=scratch / "out", progress=progress, cancelled=CancelProbe(job_id), options=options,
             )
             progress(1.0, "uploading artifacts")
             uploaded = _upload(store, job_id, attempt, result.model_path.parent, result.model_path)
@@ -178,17 +193,54 @@ def execute_job(job_id: str, worker: str, settings: Settings | None = None, stor
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class JobInputs:
+    recipe: dict[str, Any]
+    target: str
+    model_key: str
+    calibration_key: str | None
+    evaluation_key: str | None
+    student_key: str | None
+
+
+def _job_inputs(job_id: str) -> JobInputs:
+    """Where the job's model, data sets and distill student are stored (NotFound if one was deleted)."""
+    with session_scope() as session:
+        job = JobRepo(session).get(job_id)
+        models, datasets = ModelRepo(session), DatasetRepo(session)
+        students = [step.get("student_model_id") for step in job.recipe.get("steps", [])
+                    if step.get("op") == "distill" and step.get("student_model_id")]
+        return JobInputs(
+            recipe=job.recipe, target=job.target, model_key=models.get(job.model_id).storage_key,
+            calibration_key=datasets.get(job.calibration_dataset_id).storage_key if job.calibration_dataset_id else None,
+            evaluation_key=datasets.get(job.eval_dataset_id).storage_key if job.eval_dataset_id else None,
+            student_key=models.get(students[0]).storage_key if students else None,
+        )
+
+
+def _fetch_dataset(store: ObjectStore, key: str | None, path: Path) -> dict[str, Any] | None:
+    if key is None:
+        return None
+    from worker.pipeline.data import load_npz
+
+    store.get_file(key, path)
+    return load_npz(path)  # allow_pickle=False
+
+
 class Lease:
     """Renews the attempt's lease (``jobs.heartbeat_at``) every ``interval`` s from a daemon thread.
 
     The thread dies with the process, so a SIGKILLed attempt's lease goes stale and the reaper (or
-    the redelivered message) takes the job over.
+    the redelivered message) takes the job over. Once the job is no longer this attempt's to run, and
+    ``hard_kill_after`` is set, the thread gives the pipeline that many seconds to notice (its cancel
+    checks) and then kills the process: the fallback for a step stuck in a C kernel.
     """
 
-    def __init__(self, job_id: str, attempt: int, interval: float) -> None:
+    def __init__(self, job_id: str, attempt: int, interval: float, hard_kill_after: float | None = None) -> None:
         self.job_id = job_id
         self.attempt = attempt
         self.interval = interval
+        self.hard_kill_after = hard_kill_after
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
 
@@ -199,10 +251,16 @@ class Lease:
         while not self._stop.wait(self.interval):
             try:
                 with session_scope() as session:
-                    if not JobRepo(session).renew_lease(self.job_id, self.attempt):
-                        return  # finished, cancelled or taken over: nothing left to hold
+                    held = JobRepo(session).renew_lease(self.job_id, self.attempt)
             except Exception:  # the DB may be briefly away; the next renewal retries
                 log.exception("could not renew the lease of job %s", self.job_id)
+                continue
+            if not held:  # finished, cancelled or taken over: nothing left to hold
+                if self.hard_kill_after is not None and not self._stop.wait(self.hard_kill_after):
+                    log.error("job %s left running %s s ago and its pipeline has not stopped: killing pid %d",
+                              self.job_id, self.hard_kill_after, os.getpid())
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return
 
     def stop(self) -> None:
         self._stop.set()

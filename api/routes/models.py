@@ -1,11 +1,11 @@
-"""POST /v1/models (streamed multipart upload) and GET /v1/models/{id}."""
+"""POST /v1/models (streamed multipart upload), GET /v1/models (paged), GET and DELETE /v1/models/{id}."""
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request, Response
 
 from api.deps import SessionDep, SettingsDep, StoreDep
 from api.problems import PROBLEM_JSON
-from api.schemas.models import ModelPublic
+from api.schemas.models import ModelPage, ModelPublic
 from api.services import models as service
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -40,6 +40,20 @@ UPLOAD_BODY = {
 async def upload_model(request: Request, session: SessionDep, store: StoreDep, settings: SettingsDep) -> ModelPublic:
     model = await service.upload_model(request, session, store, settings)
     return ModelPublic.model_validate(model)
+
+
+@router.get("", response_model=ModelPage, summary="Models, newest first", responses={422: _PROBLEM})
+def list_models(session: SessionDep, limit: int = Query(50, ge=1, le=200), cursor: str | None = Query(None, max_length=512)) -> ModelPage:
+    page = service.list_models(session, limit, cursor)
+    return ModelPage(items=[ModelPublic.model_validate(m) for m in page.items], next_cursor=page.next_cursor)
+
+
+@router.delete("/{model_id}", status_code=204, response_class=Response, summary="Delete a model",
+               description="Its bytes are deleted; finished jobs keep their results. 409 while a queued or "
+               "running job uses it.", responses={404: _PROBLEM, 409: _PROBLEM})
+def delete_model(model_id: str, session: SessionDep, store: StoreDep) -> Response:
+    service.delete_model(session, store, model_id)
+    return Response(status_code=204)
 
 
 @router.get("/{model_id}", response_model=ModelPublic, responses={404: _PROBLEM})

@@ -21,6 +21,10 @@ class JobCreate(BaseModel):
     model_id: str = Field(..., min_length=1, max_length=64)
     recipe: dict[str, Any] | str = Field(..., description="the recipe (CONTRACT.md §1) as an object, or JSON/YAML text")
     target: Target = Target.CPU_X86
+    calibration_dataset_id: str | None = Field(None, min_length=1, max_length=64,
+                                               description="a data set from POST /v1/datasets (CONTRACT.md §2)")
+    eval_dataset_id: str | None = Field(None, min_length=1, max_length=64,
+                                        description="data for the report's fidelity and accuracy")
 
 
 class ArtifactPublic(BaseModel):
@@ -42,8 +46,27 @@ class JobPublic(BaseModel):
     recipe: dict[str, Any]
     report: dict[str, Any] | None
     artifacts: list[ArtifactPublic]
+    calibration_dataset_id: str | None
+    eval_dataset_id: str | None
     attempts: int
+    max_attempts: int
     created_at: dt.datetime
     updated_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
+
+
+class JobPage(BaseModel):
+    items: list[JobPublic]
+    next_cursor: str | None
+
+
+class JobEventPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    at: dt.datetime
+    kind: str
+    state: str
+    stage: str | None
+    progress: float
+    message: str | None

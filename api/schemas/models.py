@@ -25,3 +25,8 @@ class ModelPublic(BaseModel):
     inputs: list[TensorInfo]
     outputs: list[TensorInfo]
     created_at: dt.datetime
+
+
+class ModelPage(BaseModel):
+    items: list[ModelPublic]
+    next_cursor: str | None

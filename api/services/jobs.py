@@ -1,24 +1,27 @@
 """Submitting a job, reading its status, and streaming its artifacts.
 
-Submission validates the recipe (core.recipe) and the model reference before anything is written,
-commits the job row, then enqueues its id on the target's queue; if the broker refuses, the row is
+Submission validates the recipe (core.recipe), the model and data set references and the preflight
+checks (core.preflight: calibration present, data sets fit the inputs, ...) before anything is
+written, commits the job row, then enqueues its id on the target's queue; if the broker refuses, the row is
 deleted again and the client gets 503, so no job exists that no worker will ever see.
 A queued job whose queue has no live worker heartbeat says so in its ``stage``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
-from api.schemas.jobs import ArtifactPublic, JobCreate, JobPublic
-from core import queue
-from core.errors import InvalidInput, NotFound, RecipeError, Unavailable
+from api.schemas.jobs import ArtifactPublic, JobCreate, JobEventPublic, JobPublic
+from core import preflight, queue
+from core.errors import Conflict, InvalidInput, InvalidTransition, NotFound, RecipeError, Unavailable
 from core.models import Job, JobState
 from core.recipe import parse_recipe, recipe_to_json
-from core.repos import ArtifactRepo, JobRepo, ModelRepo, WorkerRepo
+from core.repos import ArtifactRepo, DatasetRepo, JobRepo, ModelRepo, WorkerRepo
+from core.repos.paging import Page
 from core.settings import Settings
 from core.storage import ObjectStore
 
@@ -36,12 +39,20 @@ def submit_job(session: Session, body: JobCreate, settings: Settings) -> JobPubl
         recipe = parse_recipe(body.recipe)
     except RecipeError as exc:
         raise RecipeError(exc.detail, [{**e, "loc": ["body", "recipe", *e.get("loc", [])]} for e in exc.errors]) from None
-    if ModelRepo(session).find(body.model_id) is None:
+    models = ModelRepo(session)
+    model = models.find(body.model_id)
+    if model is None:
         raise InvalidInput(f"model {body.model_id!r} does not exist",
                            [{"loc": ["body", "model_id"], "msg": "no such model"}])
+    calibration = _dataset_arrays(session, body.calibration_dataset_id, "calibration_dataset_id")
+    evaluation = _dataset_arrays(session, body.eval_dataset_id, "eval_dataset_id")
+    preflight.check_job(recipe, model, calibration=calibration, evaluation=evaluation,
+                        model_exists=lambda model_id: models.find(model_id) is not None)
     target = body.target.value
     jobs = JobRepo(session)
-    job = jobs.create(model_id=body.model_id, recipe=json.loads(recipe_to_json(recipe)), target=target)
+    job = jobs.create(model_id=body.model_id, recipe=json.loads(recipe_to_json(recipe)), target=target,
+                      max_attempts=settings.job_max_attempts, calibration_dataset_id=body.calibration_dataset_id,
+                      eval_dataset_id=body.eval_dataset_id)
     session.commit()
     try:
         queue.enqueue(job.id, target)
@@ -52,8 +63,63 @@ def submit_job(session: Session, body: JobCreate, settings: Settings) -> JobPubl
     return job_view(session, job, settings)
 
 
+def _dataset_arrays(session: Session, dataset_id: str | None, field: str) -> list[dict] | None:
+    if dataset_id is None:
+        return None
+    dataset = DatasetRepo(session).find(dataset_id)
+    if dataset is None:
+        raise InvalidInput(f"data set {dataset_id!r} does not exist", [{"loc": ["body", field], "msg": "no such data set"}])
+    return dataset.arrays
+
+
 def get_job(session: Session, job_id: str, settings: Settings) -> JobPublic:
     return job_view(session, JobRepo(session).get(job_id), settings)
+
+
+def poll_headers(job: JobPublic) -> dict[str, str]:
+    """ETag (a digest of the representation) and, while the job is not finished, Retry-After."""
+    headers = {"ETag": f'"{hashlib.sha256(job.model_dump_json().encode()).hexdigest()[:32]}"'}
+    if job.state in (JobState.QUEUED.value, JobState.RUNNING.value):
+        headers["Retry-After"] = "2"
+    return headers
+
+
+def list_jobs(session: Session, settings: Settings, limit: int, cursor: str | None, state: str | None) -> tuple[list[JobPublic], str | None]:
+    page: Page[Job] = JobRepo(session).list(limit, cursor, state)
+    return [job_view(session, job, settings) for job in page.items], page.next_cursor
+
+
+def job_events(session: Session, job_id: str) -> list[JobEventPublic]:
+    jobs = JobRepo(session)
+    jobs.get(job_id)
+    return [JobEventPublic.model_validate(event) for event in jobs.events(job_id)]
+
+
+def cancel_job(session: Session, job_id: str, settings: Settings) -> JobPublic:
+    """queued or running -> cancelled at once; a running attempt sees it at its next cancel check
+    (every few seconds, between chunks of work), stops and deletes what it uploaded. 409 when finished."""
+    jobs = JobRepo(session)
+    jobs.get(job_id)
+    try:
+        jobs.transition(job_id, JobState.CANCELLED, message="cancelled by the client")
+    except InvalidTransition as exc:
+        session.rollback()
+        raise Conflict(f"job {job_id!r} already finished; it cannot be cancelled") from exc
+    session.commit()
+    session.expire_all()
+    return job_view(session, jobs.get(job_id), settings)
+
+
+def delete_job(session: Session, store: ObjectStore, job_id: str) -> None:
+    """Delete a finished job, its events, artifact rows and objects; 409 while queued or running."""
+    jobs = JobRepo(session)
+    jobs.get(job_id)
+    keys = [a.storage_key for a in ArtifactRepo(session).list_for_job(job_id)]
+    if not jobs.delete_finished(job_id):
+        raise Conflict(f"job {job_id!r} is queued or running; cancel it first")
+    session.commit()
+    for key in keys:
+        store.delete(key)
 
 
 def job_view(session: Session, job: Job, settings: Settings) -> JobPublic:
@@ -70,6 +136,8 @@ def job_view(session: Session, job: Job, settings: Settings) -> JobPublic:
     return JobPublic(
         id=job.id, model_id=job.model_id, state=job.state, progress=job.progress, stage=stage, error=job.error,
         target=job.target, recipe=job.recipe, report=job.report, artifacts=artifacts, attempts=job.attempts,
+        max_attempts=job.max_attempts, calibration_dataset_id=job.calibration_dataset_id,
+        eval_dataset_id=job.eval_dataset_id,
         created_at=job.created_at, updated_at=job.updated_at, started_at=job.started_at, finished_at=job.finished_at,
     )
 

@@ -17,8 +17,10 @@ from starlette.requests import Request
 from api.multipart import ReceivedFile, receive_file
 from core import onnx_guard
 from core.models import Model
+from core.errors import Conflict
 from core.models.base import new_id
-from core.repos import ModelRepo
+from core.repos import JobRepo, ModelRepo
+from core.repos.paging import Page
 from core.settings import Settings
 from core.storage import ObjectStore
 
@@ -61,3 +63,19 @@ def _register(received: ReceivedFile, session: Session, store: ObjectStore, sett
 
 def get_model(session: Session, model_id: str) -> Model:
     return ModelRepo(session).get(model_id)
+
+
+def list_models(session: Session, limit: int, cursor: str | None) -> Page[Model]:
+    return ModelRepo(session).list(limit, cursor)
+
+
+def delete_model(session: Session, store: ObjectStore, model_id: str) -> None:
+    """Hide the model and delete its bytes (finished jobs keep their row and artifacts); 409 while a
+    queued or running job uses it."""
+    models = ModelRepo(session)
+    model = models.get(model_id)
+    if JobRepo(session).active_users(model_id=model_id):
+        raise Conflict(f"model {model_id!r} is used by a queued or running job")
+    if models.mark_deleted(model_id):
+        session.commit()
+        store.delete(model.storage_key)

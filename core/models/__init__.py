@@ -1,10 +1,11 @@
-"""The SQLAlchemy tables: models, jobs, job_events, artifacts, workers (heartbeats).
+"""The SQLAlchemy tables: models, datasets, jobs, job_events, artifacts, workers (heartbeats).
 
 Importing this package registers every table on ``Base.metadata`` (Alembic's env.py relies on it).
 """
 from core.models.base import Base
+from core.models.dataset import Dataset
 from core.models.job import Artifact, Job, JobEvent, JobState
 from core.models.model import Model
 from core.models.worker import WorkerHeartbeat
 
-__all__ = ["Artifact", "Base", "Job", "JobEvent", "JobState", "Model", "WorkerHeartbeat"]
+__all__ = ["Artifact", "Base", "Dataset", "Job", "JobEvent", "JobState", "Model", "WorkerHeartbeat"]

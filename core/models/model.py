@@ -23,4 +23,5 @@ class Model(Base):
     inputs: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     outputs: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     storage_key: Mapped[str] = mapped_column(String(512))
-    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    deleted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)

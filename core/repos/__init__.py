@@ -1,7 +1,8 @@
 """Repositories: the only code that issues queries (DESIGN.md house rule 1). Each takes a Session."""
 from core.repos.artifacts import ArtifactRepo
+from core.repos.datasets import DatasetRepo
 from core.repos.jobs import JobRepo
 from core.repos.models import ModelRepo
 from core.repos.workers import WorkerRepo
 
-__all__ = ["ArtifactRepo", "JobRepo", "ModelRepo", "WorkerRepo"]
+__all__ = ["ArtifactRepo", "DatasetRepo", "JobRepo", "ModelRepo", "WorkerRepo"]

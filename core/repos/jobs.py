@@ -24,7 +24,8 @@ from sqlalchemy.orm import Session
 from core.errors import InvalidTransition, NotFound
 from core.models import Job, JobEvent, JobState
 from core.models.base import utcnow
-from core.models.job import ALLOWED_TRANSITIONS
+from core.models.job import ALLOWED_TRANSITIONS, TERMINAL_STATES
+from core.repos.paging import Page, paginate
 
 
 class JobRepo:
@@ -52,6 +53,34 @@ class JobRepo:
         if job is None:
             raise NotFound(f"job {job_id!r} not found")
         return job
+
+    def list(self, limit: int, cursor: str | None, state: str | None = None) -> Page[Job]:
+        query = select(Job)
+        if state is not None:
+            query = query.where(Job.state == state)
+        return paginate(self.session, query, Job, limit, cursor)
+
+    def active_users(self, *, model_id: str | None = None, dataset_id: str | None = None) -> int:
+        """How many queued or running jobs use the model (as input or distill student) or data set."""
+        active = [s.value for s in (JobState.QUEUED, JobState.RUNNING)]
+        query = select(Job.id, Job.recipe, Job.model_id).where(Job.state.in_(active))
+        if dataset_id is not None:
+            query = query.where((Job.calibration_dataset_id == dataset_id) | (Job.eval_dataset_id == dataset_id))
+            return len(self.session.execute(query).all())
+        count = 0
+        for _, recipe, job_model in self.session.execute(query):
+            students = {step.get("student_model_id") for step in (recipe or {}).get("steps", [])}
+            count += job_model == model_id or model_id in students
+        return count
+
+    def delete_finished(self, job_id: str) -> bool:
+        """Delete a job in a terminal state (its events and artifact rows go with it)."""
+        from sqlalchemy import delete
+
+        result = self.session.execute(
+            delete(Job).where(Job.id == job_id, Job.state.in_([s.value for s in TERMINAL_STATES]))
+            .execution_options(synchronize_session=False))
+        return result.rowcount == 1
 
     def delete(self, job_id: str) -> None:
         job = self.find(job_id)

@@ -10,7 +10,7 @@ from alembic.migration import MigrationContext
 import core.models
 import migrations
 
-TABLES = {"alembic_version", "artifacts", "job_events", "jobs", "models", "workers"}
+TABLES = {"alembic_version", "artifacts", "datasets", "job_events", "jobs", "models", "workers"}
 
 
 def _tables(url: str) -> set[str]:

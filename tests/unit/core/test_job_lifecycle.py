@@ -44,7 +44,7 @@ def _objects(home: Path) -> list[str]:
 def test_success_stores_artifacts_with_sha256_and_report(job_id, migrated, monkeypatch):
     seen = {}
 
-    def fake_run(model_path, recipe, *, calibration, evaluation, target, workdir, progress, cancelled):
+    def fake_run(model_path, recipe, *, calibration, evaluation, target, workdir, progress, cancelled, options):
         seen.update(model=Path(model_path).read_bytes()[:4], op=recipe.steps[0].op, target=target)
         progress(0.1, "step 1/1: quantize")
         workdir.mkdir(parents=True)
@@ -177,3 +177,53 @@ def test_json_safe_turns_numpy_and_nonfinite_into_json():
 
     assert json_safe({"a": np.float32(1.5), "b": [np.int64(2), float("inf")], "c": (None, "x")}) == {
         "a": 1.5, "b": [2, None], "c": [None, "x"]}
+
+
+def test_data_sets_and_distill_student_reach_the_pipeline(migrated, tmp_path, onnx_models, monkeypatch):
+    import numpy as np
+
+    from core.repos import DatasetRepo
+
+    store = get_store()
+    mlp = tmp_path / "m.onnx"
+    mlp.write_bytes(onnx_models.mlp().SerializeToString())
+    cal = tmp_path / "cal.npz"
+    np.savez(cal, x=np.ones((3, 128), np.float32))
+    for key, path in (("models/t/model.onnx", mlp), ("models/s/model.onnx", mlp), ("datasets/c/data.npz", cal)):
+        store.put_file(key, path)
+    with session_scope() as session:
+        models = ModelRepo(session)
+        for model_id in ("t", "s"):
+            models.create(id=model_id, filename="m.onnx", sha256="0" * 64, bytes=1, params=1, opset=17, ir_version=8,
+                          inputs=[], outputs=[], storage_key=f"models/{model_id}/model.onnx")
+        DatasetRepo(session).create(id="c", filename="c.npz", sha256="0" * 64, bytes=1, arrays=[],
+                                    storage_key="datasets/c/data.npz")
+        recipe = {"steps": [{"op": "distill", "student_model_id": "s"}]}
+        job_id = JobRepo(session).create("t", recipe, "cpu-x86", calibration_dataset_id="c", eval_dataset_id="c").id
+    seen = {}
+
+    def fake_run(model_path, recipe, *, calibration, evaluation, options, workdir, **_):
+        seen.update(cal=calibration, ev=evaluation, student=options["student_model"])
+        workdir.mkdir(parents=True)
+        (workdir / "model.onnx").write_bytes(b"m")
+        return runner.PipelineResult(model_path=workdir / "model.onnx", report={})
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    assert execute_job(job_id, worker="w1") == "succeeded"
+    assert set(seen["cal"]) == {"x"} and seen["cal"]["x"].shape == (3, 128) and seen["ev"]["x"].sum() == 384
+    assert seen["student"].graph.name == "mlp"
+
+
+def test_a_deleted_data_set_fails_the_job_clearly(job_id, monkeypatch):
+    from core.models import Job
+    from core.repos import DatasetRepo
+
+    with session_scope() as session:
+        DatasetRepo(session).create(id="gone", filename="c.npz", sha256="0" * 64, bytes=1, arrays=[],
+                                    storage_key="datasets/gone/data.npz")
+        session.query(Job).filter(Job.id == job_id).update({Job.calibration_dataset_id: "gone"})
+        DatasetRepo(session).mark_deleted("gone")
+    monkeypatch.setattr(runner, "run", lambda *a, **k: pytest.fail("must not run"))
+    assert execute_job(job_id, worker="w1") == "failed"
+    job, _, _ = _job(job_id)
+    assert job.error["type"].endswith("/not-found") and "gone" in job.error["detail"]
