@@ -345,6 +345,25 @@ def session_from_proto(model: onnx.ModelProto, base_dir: str | Path, provider: s
     return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
 
 
+def exposed_session(model: onnx.ModelProto, names: Sequence[str], provider: str = "CPUExecutionProvider"
+                    ) -> ort.InferenceSession:
+    """A session on the in-memory ``model`` with ``names`` as extra outputs, for looking at
+    intermediate tensors. The outputs are added for the serialization and taken off again (no copy
+    of the model), and weights are not prepacked (a second copy that only speed needs)."""
+    count = len(model.graph.output)
+    present = {o.name for o in model.graph.output}
+    model.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in dict.fromkeys(names) if n not in present)
+    try:
+        payload = model.SerializeToString()
+    finally:
+        del model.graph.output[count:]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    return ort.InferenceSession(payload, options, providers=providers)
+
+
 def latency(sessions: Sequence[ort.InferenceSession], feeds: dict[str, np.ndarray], *, runs: int = 50,
             warmup: int = 3, budget_s: float = 10.0) -> list[dict[str, float]]:
     """p50 / p95 in ms of each session on ``feeds``, runs interleaved so that both see the same

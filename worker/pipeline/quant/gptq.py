@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 
 import kernels
-from worker.pipeline import activations, graph
+from worker.pipeline import graph, metrics
 from worker.pipeline.data import bind
 from worker.pipeline.step import StepContext
 from worker.pipeline.structure.unfold import conv2d_geometry, conv_weight_from_matrix, conv_weight_matrix, unfold2d
@@ -127,18 +127,17 @@ class GptqRunner:
         sums = {key: np.zeros((p.columns, p.columns)) for key, p in views.items()}
         rows = {key: 0 for key in views}
         inputs = {i.name for i in self.model.graph.input}
-        if source in inputs:
-            batches = ({source: feeds[source]} for feeds in self.data.batches(CAPTURE_BATCH, self.limit))
-        else:
-            batches = activations.capture(self.model, self.data, [source], batch_size=CAPTURE_BATCH, limit=self.limit)
-        for batch in batches:
+        run = None if source in inputs else metrics.exposed_session(self.model, [source])
+        for feeds in self.data.batches(CAPTURE_BATCH, self.limit):
             self.ctx.check_cancelled()
-            x = np.asarray(batch[source], dtype=np.float32)
+            x = np.asarray(feeds[source] if run is None else run.run([source], feeds)[0], dtype=np.float32)
             for key, plan in views.items():
                 flat = unfold2d(x, plan.geometry) if plan.geometry is not None else x.reshape(-1, plan.columns)
                 flat = flat.astype(np.float64)
                 sums[key] += flat.T @ flat
                 rows[key] += flat.shape[0]
+        del run
+        metrics.release_memory()
         for key in views:
             if rows[key]:
                 sums[key] *= 2.0 / rows[key]

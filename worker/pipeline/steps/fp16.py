@@ -91,7 +91,7 @@ def measure(model: onnx.ModelProto, data: Dataset) -> TensorStats:
     names = [out for node in model.graph.node for out in node.output if out]
     for spec in data.specs:
         stats.dtype[spec.name] = _NUMPY_TO_ONNX.get(spec.dtype, onnx.TensorProto.UNDEFINED)
-    session = _exposed_session(model, names)
+    session = metrics.exposed_session(model, names)
     available = {o.name for o in session.get_outputs()}
     names = [n for n in names if n in available]
     for feeds in data.batches(MEASURE_BATCH, MEASURE_SAMPLES):
@@ -310,29 +310,13 @@ def convert(model: onnx.ModelProto, plans: dict[str, NodePlan]) -> tuple[onnx.Mo
 # ---------------------------------------------------------------------------- checking in ORT
 
 
-def _exposed_session(model: onnx.ModelProto, names: list[str]) -> ort.InferenceSession:
-    """A CPU session on ``model`` with ``names`` as extra outputs. The outputs are added to the
-    model for the serialization and taken off again, so the weights are not copied once more."""
-    count = len(model.graph.output)
-    present = {o.name for o in model.graph.output}
-    model.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names if n not in present)
-    try:
-        payload = model.SerializeToString()
-    finally:
-        del model.graph.output[count:]
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    options.add_session_config_entry("session.disable_prepacking", "1")   # checks only: spare the copy
-    return ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
-
-
 def problems(converted: onnx.ModelProto, plans: dict[str, NodePlan], data: Dataset,
              stats: TensorStats) -> dict[str, str]:
     """Float16 nodes to put back to float32 (name -> why); empty when the model loads and its
     float16 tensors stay finite on the data wherever the float32 ones were."""
     watched = [t for n in converted.graph.node if n.name in plans for t in n.output if t]
     try:
-        session = _exposed_session(converted, watched)
+        session = metrics.exposed_session(converted, watched)
     except Exception as exc:   # ORT raises its own exception types for a missing kernel
         match = _NO_KERNEL.search(str(exc))
         if match is None:
