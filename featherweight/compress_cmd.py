@@ -1,7 +1,7 @@
 """``featherweight compress``: the pipeline on one local file, no server (CONTRACT.md §3).
 
     featherweight compress MODEL.onnx --recipe R.yaml [--calibration C.npz] [--eval E.npz]
-                           [--target cpu-x86|cpu-arm|gpu] -o OUT.onnx [--report REPORT.json]
+                           [--target cpu-x86|cpu-arm|gpu] -o OUT.onnx [--report REPORT.json] [--report-html REPORT.html]
 
 Bad input (a recipe, data set or model that cannot be used) prints one line,
 ``featherweight: error: <file>: <field path>: <message>``, and exits 2; a failure of the
@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the model will run (default: this machine's CPU)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="where to write the compressed model")
     parser.add_argument("--report", metavar="REPORT.json", help="also write the report here")
+    parser.add_argument("--report-html", metavar="REPORT.html", help="also write the HTML report here")
 
 
 def _load_recipe(path: str):
@@ -93,7 +94,7 @@ def main(args: argparse.Namespace) -> int:
     from core.errors import FeatherweightError, InvalidInput
     from core.targets import native_target
     from worker.pipeline import runner
-    from worker.pipeline.report import write_report
+    from worker.pipeline.report import write_report, write_report_html
 
     output = Path(args.output)
     files = {"calibration": args.calibration, "evaluation": args.evaluation, "recipe": args.recipe,
@@ -116,6 +117,8 @@ def main(args: argparse.Namespace) -> int:
                 data_file.replace(output.with_name(output.name + ".data"))
             if args.report:
                 write_report(result.report, args.report)
+            if args.report_html:
+                write_report_html(result.report, args.report_html, title=f"{Path(args.model).name}: compression report")
             result.model_path.replace(output)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -161,3 +161,14 @@ def write_report(report: Mapping[str, Any], path: str | Path) -> Path:
     tmp.write_text(json.dumps(report, indent=2, sort_keys=False, allow_nan=False) + "\n")
     tmp.replace(path)
     return path
+
+
+def write_report_html(report: Mapping[str, Any], path: str | Path, *, title: str) -> Path:
+    """report.html beside report.json: the same figures, one self-contained page."""
+    from worker.pipeline.report_html import render_html
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(render_html(dict(report), title=title), encoding="utf-8")
+    tmp.replace(path)
+    return path

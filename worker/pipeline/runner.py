@@ -28,12 +28,13 @@ from core.recipe import Recipe
 from core.targets import Target
 from worker.pipeline import data as data_mod
 from worker.pipeline import graph, metrics, registry
-from worker.pipeline.report import build_report, write_report
+from worker.pipeline.report import build_report, write_report, write_report_html
 from worker.pipeline.step import StepCancelled, StepContext
 
 STEPS_SHARE = 0.8          # fraction of the progress bar the steps take; checks and report the rest
 OUTPUT_NAME = "model.onnx"
 REPORT_NAME = "report.json"
+HTML_REPORT_NAME = "report.html"
 
 
 @dataclass
@@ -208,5 +209,6 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
     report = build_report(original_path=model_path, compressed_path=out_path, target=target, steps=step_rows,
                           layers=layers, evaluation=eval_set, calibration=cal_set, options=options)
     write_report(report, workdir / REPORT_NAME)
+    write_report_html(report, workdir / HTML_REPORT_NAME, title=f"{Path(model_path).name}: compression report")
     progress(1.0, "done")
     return PipelineResult(model_path=out_path, report=report)

@@ -92,3 +92,13 @@ def test_external_data_output_is_renamed_with_the_model(files, capsys, monkeypat
     model = onnx.load(str(files["out"]))          # loads its external data by the new name
     assert sum(t.ByteSize() for t in model.graph.initializer) > 30_000
     onnx.checker.check_model(str(files["out"]), full_check=True)
+
+
+def test_report_html_is_written_beside_the_model(files, capsys):
+    html = files["out"].with_name("report.html")
+    code = compress_cmd.main(parse(str(files["model"]), "--recipe", str(files["recipe"]), "-o", str(files["out"]),
+                                   "--report-html", str(html)))
+    assert code == 0
+    page = html.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and "size ratio" in page.lower()
+    assert "http://" not in page and "https://" not in page
