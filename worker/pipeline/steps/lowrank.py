@@ -26,7 +26,9 @@ Gemm and channel-mode Conv; spatial Conv factorization stays weight-space.
 
 SVD: ``numpy.linalg.svd`` (LAPACK), or for large matrices with a small rank the randomized range
 finder of Halko, Martinsson & Tropp (2011): ``Y = (W W^T)^q W Omega`` for a Gaussian ``Omega`` with
-r + 10 columns, 2 power iterations re-orthonormalised by QR, then the exact SVD of ``Q^T W``.
+r + max(10, r / 10) columns, 2 power iterations re-orthonormalised by QR, then the exact SVD of ``Q^T W``
+(measured on 1100 x 1000 matrices, flat or decaying spectra, ranks 100-490: the error is within
+0.3-2.7 % of the optimal one).
 
 Each factorized weight's ``LayerRecord`` gets ``rank`` and ``factors`` (the two new initializers);
 a pruning mask on it no longer applies and is dropped.
@@ -50,23 +52,42 @@ name = "lowrank"
 Params = LowrankStep
 
 RANDOMIZED_MIN_SIZE = 1 << 20          # matrices with at least this many elements ...
-RANDOMIZED_MAX_RANK_FRACTION = 0.25    # ... and a rank below this fraction of min(K, N)
+RANDOMIZED_MAX_RANK_FRACTION = 0.5     # ... and a rank below this fraction of min(K, N)
+# (a full LAPACK SVD of 2048 x 2048 takes ~30 s on two cores, the randomized one ~2 s)
 OVERSAMPLING = 10
 POWER_ITERATIONS = 2
+
+
+def _orthonormalize(y: np.ndarray) -> np.ndarray:
+    """An orthonormal basis of y's columns: CholeskyQR2 (two rounds of ``Y R^-1`` with
+    ``R^T R = Y^T Y``), a few times faster than Householder QR for tall, thin Y; Householder
+    where the Gram matrix is too ill-conditioned to factor."""
+    q = y
+    for _ in range(2):
+        try:
+            upper = np.linalg.cholesky(q.T @ q).T
+        except np.linalg.LinAlgError:
+            return np.linalg.qr(y)[0]
+        q = np.linalg.solve(upper.T, q.T).T
+    return q
 
 
 def randomized_svd(matrix: np.ndarray, rank: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The leading ``rank`` singular triplets of ``matrix`` (Halko et al. 2011, algorithm 4.4)."""
     rng = np.random.default_rng(seed)
     m, n = matrix.shape
-    width = min(rank + OVERSAMPLING, min(m, n))
-    q, _ = np.linalg.qr(matrix @ rng.standard_normal((n, width)))
+    width = min(rank + max(OVERSAMPLING, rank // 10), min(m, n))
+    q = _orthonormalize(matrix @ rng.standard_normal((n, width)))
     for _ in range(POWER_ITERATIONS):
         # re-orthonormalise between products so small singular directions survive in float precision
-        z, _ = np.linalg.qr(matrix.T @ q)
-        q, _ = np.linalg.qr(matrix @ z)
+        z = _orthonormalize(matrix.T @ q)
+        q = _orthonormalize(matrix @ z)
     u_small, s, vt = np.linalg.svd(q.T @ matrix, full_matrices=False)
     return (q @ u_small)[:, :rank], s[:rank], vt[:rank]
+
+
+def _randomized_pays(size: int, rank: int, smaller_dim: int) -> bool:
+    return size >= RANDOMIZED_MIN_SIZE and rank < RANDOMIZED_MAX_RANK_FRACTION * smaller_dim
 
 
 def truncated_svd(matrix: np.ndarray, params: LowrankStep,
@@ -86,18 +107,24 @@ def truncated_svd(matrix: np.ndarray, params: LowrankStep,
     if params.rank_ratio is not None:
         rank = max(1, int(np.floor(params.rank_ratio * k * n / (k + n))))
         rank = min(rank, min(k, n))
-        if matrix.size >= RANDOMIZED_MIN_SIZE and rank < RANDOMIZED_MAX_RANK_FRACTION * min(k, n):
+        if _randomized_pays(matrix.size, rank, min(k, n)):
             u, s, vt = randomized_svd(work, rank)
             total = float(np.sum(work * work))
         else:
             u, s, vt = np.linalg.svd(work, full_matrices=False)
             total = float(np.sum(s * s))
     else:
-        u, s, vt = np.linalg.svd(work, full_matrices=False)
+        # the singular values alone cost a fraction of the full SVD; the vectors are then computed
+        # for the chosen rank only (randomized where that pays)
+        s = np.linalg.svd(work, compute_uv=False)
         total = float(np.sum(s * s))
         cumulative = np.cumsum(s * s)
         rank = int(np.searchsorted(cumulative, params.energy * cumulative[-1] * (1 - 1e-12)) + 1) if total > 0 else 1
         rank = min(rank, s.size)
+        if _randomized_pays(matrix.size, rank, min(k, n)):
+            u, _, vt = randomized_svd(work, rank)
+        else:
+            u, _, vt = np.linalg.svd(work, full_matrices=False)
     u, s, vt = u[:, :rank], s[:rank], vt[:rank]
     root = np.sqrt(s)
     kept = float(np.sum(s * s) / total) if total > 0 else 1.0
