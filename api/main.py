@@ -5,14 +5,34 @@ instance uvicorn serves (``uvicorn api.main:app``). Nothing here touches the dat
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
 from fastapi import FastAPI
 
 from api import problems
 from api.routes import datasets, health, jobs, models
 
 
+log = logging.getLogger("featherweight.api")
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    from core.settings import get_settings
+
+    if get_settings().auth_required:
+        log.info("API keys required (FEATHERWEIGHT_AUTH=required)")
+    else:
+        log.warning("authentication is DISABLED: requests without an API key act as the single default tenant "
+                    "(set FEATHERWEIGHT_AUTH=required to require keys)")
+    yield
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
+        lifespan=_lifespan,
         title="Featherweight",
         version="0.1.0",
         summary="Compression as a service for ONNX models",

@@ -30,6 +30,8 @@ def problem_response(problem: dict[str, Any], headers: dict[str, str] | None = N
 async def _featherweight_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, FeatherweightError)
     headers = {"Retry-After": "5"} if exc.status == 503 else None
+    if exc.status == 401:
+        headers = {"WWW-Authenticate": 'Bearer realm="featherweight"'}
     return problem_response(exc.to_problem(), headers)
 
 

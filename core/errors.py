@@ -65,6 +65,14 @@ class BadRequest(FeatherweightError):
     title = "Bad request"
 
 
+class Unauthorized(FeatherweightError):
+    """No API key, or one that is unknown or revoked (the API adds WWW-Authenticate)."""
+
+    status = 401
+    type = PROBLEM_BASE + "unauthorized"
+    title = "Unauthorized"
+
+
 class NotFound(FeatherweightError):
     status = 404
     type = PROBLEM_BASE + "not-found"

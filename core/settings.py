@@ -24,6 +24,19 @@ class Settings(BaseSettings):
     env: Literal["development", "production"] = "development"
     home: Path = Field(default_factory=lambda: Path.home() / ".featherweight")
 
+    # API keys: "required" answers 401 without a valid key; "disabled" serves everyone as the default
+    # tenant (a single local user). Unset: disabled in development, required in production.
+    auth: Literal["required", "disabled"] | None = None
+
+    # Webhooks (core.webhooks): signed with the tenant's secret; FEATHERWEIGHT_WEBHOOK_SECRET, where set,
+    # signs the default tenant's. Private, loopback and link-local targets are refused unless allowed.
+    webhook_secret: str | None = Field(default=None, min_length=16)
+    webhook_allow_private: bool = False
+    webhook_max_attempts: int = Field(default=8, ge=1, le=50)
+    webhook_backoff_seconds: float = Field(default=2.0, gt=0)
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    webhook_poll_seconds: float = Field(default=1.0, gt=0)
+
     # Persistence and messaging; None means the embedded default under `home`.
     database_url: str | None = None
     broker_url: str | None = None
@@ -76,6 +89,8 @@ class Settings(BaseSettings):
     def _check(self) -> "Settings":
         if self.task_soft_time_limit >= self.task_hard_time_limit:
             raise ValueError("task_soft_time_limit must be below task_hard_time_limit")
+        if self.env == "production" and self.auth == "disabled":
+            raise ValueError("production refuses FEATHERWEIGHT_AUTH=disabled")
         if self.env == "production" and self.debug_step_delay:
             raise ValueError("debug_step_delay is a test setting; production refuses it")
         if self.storage == "s3" and self.env == "production":
@@ -85,6 +100,10 @@ class Settings(BaseSettings):
         return self
 
     # Derived values: one place computes each default.
+    @property
+    def auth_required(self) -> bool:
+        return (self.auth or ("required" if self.env == "production" else "disabled")) == "required"
+
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'featherweight.db'}"

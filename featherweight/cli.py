@@ -12,6 +12,11 @@ consumes the queue of this machine's native CPU target (cpu-x86 on x86_64, cpu-a
 target no worker serves reports "waiting: no live worker on queue ..." instead of hanging silently.
 SIGINT/SIGTERM stop the API and the worker; if the worker dies, the API stops too.
 
+``keys create --tenant NAME`` prints a new API key once (stored as its sha256), ``keys revoke KEY_ID``
+and ``keys list`` manage them; ``webhook-secret --tenant NAME`` prints the secret that tenant's
+webhooks are signed with. They talk to the configured database directly (run them where the
+service's settings are).
+
 ``worker`` refuses (exit status 2) a queue this machine cannot serve truthfully: ``gpu`` without ONNX
 Runtime's CUDA provider, or the other CPU architecture's queue, whose timings would be wrong.
 """
@@ -164,6 +169,65 @@ def stop_process(process: subprocess.Popen) -> None:
             process.wait()
 
 
+def _keys_create(args: argparse.Namespace) -> int:
+    from core.db import session_scope
+    from core.repos import TenantRepo
+
+    with session_scope() as session:
+        created = TenantRepo(session).create_key(args.tenant)
+    print(f"key id:  {created.key_id}\ntenant:  {created.tenant}\napi key: {created.key}\n"
+          "(the key is shown only now; it is stored hashed)", flush=True)
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    from core.db import session_scope
+    from core.errors import NotFound
+    from core.repos import TenantRepo
+
+    try:
+        with session_scope() as session:
+            revoked = TenantRepo(session).revoke(args.key_id)
+    except NotFound as exc:
+        print(f"featherweight keys revoke: {exc.detail}", file=sys.stderr)
+        return 2
+    print(f"key {args.key_id} {'revoked' if revoked else 'was already revoked'}")
+    return 0
+
+
+def _keys_list(_: argparse.Namespace) -> int:
+    from core.db import session_scope
+    from core.repos import TenantRepo
+
+    with session_scope() as session:
+        rows = TenantRepo(session).keys()
+        print(f"{'KEY ID':<18}{'TENANT':<24}{'CREATED':<27}REVOKED")
+        for key, tenant in rows:
+            revoked = key.revoked_at.isoformat(timespec="seconds") if key.revoked_at else "-"
+            print(f"{key.id:<18}{tenant:<24}{key.created_at.isoformat(timespec='seconds'):<27}{revoked}")
+    return 0
+
+
+def _webhook_secret(args: argparse.Namespace) -> int:
+    from core.db import session_scope
+    from core.errors import NotFound
+    from core.models import DEFAULT_TENANT
+    from core.repos import TenantRepo
+    from core.settings import get_settings
+
+    settings = get_settings()
+    if args.tenant == DEFAULT_TENANT and settings.webhook_secret:
+        print(settings.webhook_secret)
+        return 0
+    try:
+        with session_scope() as session:
+            print(TenantRepo(session).by_name(args.tenant).webhook_secret)
+    except NotFound as exc:
+        print(f"featherweight webhook-secret: {exc.detail}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featherweight", description="Compression as a service for ONNX models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -180,6 +244,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate = commands.add_parser("migrate", help="upgrade the database to the latest schema; create the bucket")
     migrate.set_defaults(handler=_migrate)
+
+    keys = commands.add_parser("keys", help="API keys of tenants (stored hashed; a key is printed once)")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = key_commands.add_parser("create", help="create a key for a tenant (the tenant too, if new)")
+    create.add_argument("--tenant", required=True)
+    create.set_defaults(handler=_keys_create)
+    revoke = key_commands.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(handler=_keys_revoke)
+    key_commands.add_parser("list", help="key ids, tenants, creation and revocation times").set_defaults(handler=_keys_list)
+
+    secret = commands.add_parser("webhook-secret", help="print the secret a tenant's webhooks are signed with")
+    secret.add_argument("--tenant", default="default")
+    secret.set_defaults(handler=_webhook_secret)
 
     if importlib.util.find_spec("featherweight.compress_cmd") is not None:
         compress_cmd = importlib.import_module("featherweight.compress_cmd")

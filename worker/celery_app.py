@@ -7,7 +7,8 @@
 - ``worker_ready``: a daemon thread starts writing a heartbeat row per consumed queue every
   ``worker_heartbeat_seconds`` (the API reports "no live worker" from these rows);
   and a second daemon thread runs the reaper (core.reaper) every ``reaper_interval_seconds``,
-  requeueing or failing jobs whose attempt's worker is gone;
+  requeueing or failing jobs whose attempt's worker is gone, and a third sends due webhooks
+  (core.webhooks);
 - ``worker_shutdown``: the threads stop and the rows are removed.
 
 ``worker_argv()`` is the command line ``featherweight worker`` hands to Celery: one queue per target,
@@ -24,6 +25,7 @@ from celery import Celery, signals
 
 from core import db, storage
 from core.reaper import reap_lost_jobs
+from core.webhooks import WebhookSender
 from core.queue import make_celery
 from core.repos import WorkerRepo
 from core.settings import Settings, get_settings
@@ -125,6 +127,7 @@ class Reaper:
 
 _heartbeat: Heartbeat | None = None
 _reaper: Reaper | None = None
+_webhooks: WebhookSender | None = None
 
 
 @signals.worker_process_init.connect(dispatch_uid="featherweight.process_init")
@@ -135,7 +138,7 @@ def _reset_inherited_connections(**_: object) -> None:
 
 @signals.worker_ready.connect(dispatch_uid="featherweight.heartbeat_start")
 def _start_heartbeat(sender: object = None, **_: object) -> None:
-    global _heartbeat, _reaper
+    global _heartbeat, _reaper, _webhooks
     app = getattr(sender, "app", None)
     queues = sorted(app.amqp.queues.consume_from) if app is not None else []
     hostname = str(getattr(sender, "hostname", "") or "worker")
@@ -144,12 +147,17 @@ def _start_heartbeat(sender: object = None, **_: object) -> None:
     _heartbeat.start()
     _reaper = Reaper(settings.reaper_interval_seconds)
     _reaper.start()
-    log.info("heartbeat and reaper started for %s on %s", hostname, queues)
+    _webhooks = WebhookSender(settings.webhook_poll_seconds)
+    _webhooks.start()
+    log.info("heartbeat, reaper and webhook sender started for %s on %s", hostname, queues)
 
 
 @signals.worker_shutdown.connect(dispatch_uid="featherweight.heartbeat_stop")
 def _stop_heartbeat(**_: object) -> None:
-    global _heartbeat, _reaper
+    global _heartbeat, _reaper, _webhooks
+    if _webhooks is not None:
+        _webhooks.stop()
+        _webhooks = None
     if _reaper is not None:
         _reaper.stop()
         _reaper = None

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query, Request, Response
 
-from api.deps import SessionDep, SettingsDep, StoreDep
+from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.problems import PROBLEM_JSON
 from api.schemas.models import ModelPage, ModelPublic
 from api.services import models as service
@@ -37,25 +37,26 @@ UPLOAD_BODY = {
     openapi_extra=UPLOAD_BODY,
     responses={400: _PROBLEM, 413: _PROBLEM, 422: _PROBLEM},
 )
-async def upload_model(request: Request, session: SessionDep, store: StoreDep, settings: SettingsDep) -> ModelPublic:
-    model = await service.upload_model(request, session, store, settings)
+async def upload_model(request: Request, session: SessionDep, store: StoreDep, settings: SettingsDep,
+                   tenant: TenantDep) -> ModelPublic:
+    model = await service.upload_model(request, session, store, settings, tenant)
     return ModelPublic.model_validate(model)
 
 
 @router.get("", response_model=ModelPage, summary="Models, newest first", responses={422: _PROBLEM})
-def list_models(session: SessionDep, limit: int = Query(50, ge=1, le=200), cursor: str | None = Query(None, max_length=512)) -> ModelPage:
-    page = service.list_models(session, limit, cursor)
+def list_models(session: SessionDep, tenant: TenantDep, limit: int = Query(50, ge=1, le=200), cursor: str | None = Query(None, max_length=512)) -> ModelPage:
+    page = service.list_models(session, tenant, limit, cursor)
     return ModelPage(items=[ModelPublic.model_validate(m) for m in page.items], next_cursor=page.next_cursor)
 
 
 @router.delete("/{model_id}", status_code=204, response_class=Response, summary="Delete a model",
                description="Its bytes are deleted; finished jobs keep their results. 409 while a queued or "
                "running job uses it.", responses={404: _PROBLEM, 409: _PROBLEM})
-def delete_model(model_id: str, session: SessionDep, store: StoreDep) -> Response:
-    service.delete_model(session, store, model_id)
+def delete_model(model_id: str, session: SessionDep, store: StoreDep, tenant: TenantDep) -> Response:
+    service.delete_model(session, store, model_id, tenant)
     return Response(status_code=204)
 
 
 @router.get("/{model_id}", response_model=ModelPublic, responses={404: _PROBLEM})
-def get_model(model_id: str, session: SessionDep) -> ModelPublic:
-    return ModelPublic.model_validate(service.get_model(session, model_id))
+def get_model(model_id: str, session: SessionDep, tenant: TenantDep) -> ModelPublic:
+    return ModelPublic.model_validate(service.get_model(session, model_id, tenant))

@@ -25,6 +25,8 @@ class JobCreate(BaseModel):
                                                description="a data set from POST /v1/datasets (CONTRACT.md §2)")
     eval_dataset_id: str | None = Field(None, min_length=1, max_length=64,
                                         description="data for the report's fidelity and accuracy")
+    webhook_url: str | None = Field(None, min_length=8, max_length=2048,
+                                    description="POSTed a signed event when the job finishes (http or https, public host)")
 
 
 class ArtifactPublic(BaseModel):
@@ -48,6 +50,8 @@ class JobPublic(BaseModel):
     artifacts: list[ArtifactPublic]
     calibration_dataset_id: str | None
     eval_dataset_id: str | None
+    webhook_url: str | None = None
+    webhook_state: str | None = Field(None, description="pending | delivered | failed, once the job finished")
     attempts: int
     max_attempts: int
     created_at: dt.datetime

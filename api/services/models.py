@@ -29,7 +29,8 @@ def model_key(model_id: str) -> str:
     return f"models/{model_id}/model.onnx"
 
 
-async def upload_model(request: Request, session: Session, store: ObjectStore, settings: Settings) -> Model:
+async def upload_model(request: Request, session: Session, store: ObjectStore, settings: Settings,
+                       tenant: str) -> Model:
     settings.scratch_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="upload-", dir=settings.scratch_dir))
     try:
@@ -37,19 +38,20 @@ async def upload_model(request: Request, session: Session, store: ObjectStore, s
             request, scratch / "model.onnx", field="file", max_bytes=settings.max_upload_bytes,
             max_parts=settings.max_multipart_fields, max_field_bytes=settings.max_multipart_field_bytes,
         )
-        return await run_in_threadpool(_register, received, session, store, settings)
+        return await run_in_threadpool(_register, received, session, store, settings, tenant)
     finally:
         await run_in_threadpool(shutil.rmtree, scratch, True)
 
 
-def _register(received: ReceivedFile, session: Session, store: ObjectStore, settings: Settings) -> Model:
+def _register(received: ReceivedFile, session: Session, store: ObjectStore, settings: Settings,
+              tenant: str) -> Model:
     info = onnx_guard.validate(received.path, settings)
     model_id = new_id()
     key = model_key(model_id)
     store.put_file(key, received.path, "application/octet-stream")
     try:
         model = ModelRepo(session).create(
-            id=model_id, filename=received.filename or "model.onnx", sha256=received.sha256, bytes=received.size,
+            id=model_id, tenant_id=tenant, filename=received.filename or "model.onnx", sha256=received.sha256, bytes=received.size,
             params=info.params, opset=info.opset, ir_version=info.ir_version, inputs=info.inputs,
             outputs=info.outputs, storage_key=key,
         )
@@ -61,19 +63,19 @@ def _register(received: ReceivedFile, session: Session, store: ObjectStore, sett
     return model
 
 
-def get_model(session: Session, model_id: str) -> Model:
-    return ModelRepo(session).get(model_id)
+def get_model(session: Session, model_id: str, tenant: str) -> Model:
+    return ModelRepo(session).get(model_id, tenant)
 
 
-def list_models(session: Session, limit: int, cursor: str | None) -> Page[Model]:
-    return ModelRepo(session).list(limit, cursor)
+def list_models(session: Session, tenant: str, limit: int, cursor: str | None) -> Page[Model]:
+    return ModelRepo(session).list(tenant, limit, cursor)
 
 
-def delete_model(session: Session, store: ObjectStore, model_id: str) -> None:
+def delete_model(session: Session, store: ObjectStore, model_id: str, tenant: str) -> None:
     """Hide the model and delete its bytes (finished jobs keep their row and artifacts); 409 while a
     queued or running job uses it."""
     models = ModelRepo(session)
-    model = models.get(model_id)
+    model = models.get(model_id, tenant)
     if JobRepo(session).active_users(model_id=model_id):
         raise Conflict(f"model {model_id!r} is used by a queued or running job")
     if models.mark_deleted(model_id):

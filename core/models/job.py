@@ -43,8 +43,11 @@ ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 
 class Job(Base):
     __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_id_idempotency_key"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="RESTRICT"), index=True,
+                                           default="default", server_default="default")
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="RESTRICT"), index=True)
     calibration_dataset_id: Mapped[str | None] = mapped_column(
         ForeignKey("datasets.id", ondelete="RESTRICT"), nullable=True, index=True)
@@ -62,6 +65,17 @@ class Job(Base):
     # The running attempt's lease: refreshed by the worker while it runs; stale means its worker is gone.
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # Idempotency-Key of the submit, with the sha256 of its body: a retry with the same key and body
+    # gets this job back; one key per tenant (unique constraint).
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    request_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    webhook_url: Mapped[str | None] = mapped_column(String(2048), nullable=True)
+    # The webhook outbox: set to "pending" in the same UPDATE that makes the job terminal, then
+    # "delivered" or "failed" by the worker's webhook sender (core.webhooks), with backoff between tries.
+    webhook_state: Mapped[str | None] = mapped_column(String(16), nullable=True, index=True)
+    webhook_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    webhook_next_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    webhook_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -90,6 +104,8 @@ class Artifact(Base):
     __table_args__ = (UniqueConstraint("job_id", "name"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="RESTRICT"), index=True,
+                                           default="default", server_default="default")
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(64))
     storage_key: Mapped[str] = mapped_column(String(512))

@@ -5,16 +5,21 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.errors import NotFound
-from core.models import Artifact
+from core.models import Artifact, Job
 
 
 class ArtifactRepo:
     def __init__(self, session: Session) -> None:
         self.session = session
 
-    def add(self, job_id: str, name: str, storage_key: str, size: int, sha256: str, content_type: str) -> Artifact:
+    def add(self, job_id: str, name: str, storage_key: str, size: int, sha256: str, content_type: str,
+            tenant_id: str | None = None) -> Artifact:
+        """Record an artifact; it belongs to its job's tenant."""
+        if tenant_id is None:
+            tenant_id = self.session.scalar(select(Job.tenant_id).where(Job.id == job_id))
         artifact = Artifact(
-            job_id=job_id, name=name, storage_key=storage_key, bytes=size, sha256=sha256, content_type=content_type
+            tenant_id=tenant_id, job_id=job_id, name=name, storage_key=storage_key, bytes=size, sha256=sha256,
+            content_type=content_type,
         )
         self.session.add(artifact)
         self.session.flush()

@@ -22,18 +22,22 @@ class DatasetRepo:
         self.session.flush()
         return dataset
 
-    def find(self, dataset_id: str) -> Dataset | None:
+    def find(self, dataset_id: str, tenant_id: str | None = None) -> Dataset | None:
+        """The dataset, or None when missing, deleted, or (with ``tenant_id``) another tenant's."""
         dataset = self.session.get(Dataset, dataset_id)
-        return dataset if dataset is not None and dataset.deleted_at is None else None
+        if dataset is None or dataset.deleted_at is not None or (tenant_id is not None and dataset.tenant_id != tenant_id):
+            return None
+        return dataset
 
-    def get(self, dataset_id: str) -> Dataset:
-        dataset = self.find(dataset_id)
+    def get(self, dataset_id: str, tenant_id: str | None = None) -> Dataset:
+        dataset = self.find(dataset_id, tenant_id)
         if dataset is None:
             raise NotFound(f"data set {dataset_id!r} not found")
         return dataset
 
-    def list(self, limit: int, cursor: str | None) -> Page[Dataset]:
-        return paginate(self.session, select(Dataset).where(Dataset.deleted_at.is_(None)), Dataset, limit, cursor)
+    def list(self, tenant_id: str, limit: int, cursor: str | None) -> Page[Dataset]:
+        query = select(Dataset).where(Dataset.tenant_id == tenant_id, Dataset.deleted_at.is_(None))
+        return paginate(self.session, query, Dataset, limit, cursor)
 
     def mark_deleted(self, dataset_id: str) -> bool:
         result = self.session.execute(

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import case, or_, select, update
 from sqlalchemy.orm import Session
 
 from core.errors import InvalidTransition, NotFound
@@ -33,11 +33,11 @@ class JobRepo:
         self.session = session
 
     def create(self, model_id: str, recipe: dict[str, Any], target: str, *, max_attempts: int = 3,
-               **fields: Any) -> Job:
+               stage: str = "queued", **fields: Any) -> Job:
         now = utcnow()
         job = Job(
             model_id=model_id, recipe=recipe, target=target, state=JobState.QUEUED.value,
-            progress=0.0, stage="queued", attempts=0, max_attempts=max_attempts, created_at=now, updated_at=now,
+            progress=0.0, stage=stage, attempts=0, max_attempts=max_attempts, created_at=now, updated_at=now,
             **fields,
         )
         self.session.add(job)
@@ -45,17 +45,30 @@ class JobRepo:
         self._event(job.id, "state", JobState.QUEUED, "queued", 0.0, None)
         return job
 
-    def find(self, job_id: str) -> Job | None:
-        return self.session.get(Job, job_id)
+    def find(self, job_id: str, tenant_id: str | None = None) -> Job | None:
+        """The job, or None when missing or (with ``tenant_id``) another tenant's."""
+        job = self.session.get(Job, job_id)
+        if job is None or (tenant_id is not None and job.tenant_id != tenant_id):
+            return None
+        return job
 
-    def get(self, job_id: str) -> Job:
-        job = self.find(job_id)
+    def mark_submitted(self, job_id: str) -> None:
+        """The job's message is on the queue: a queued job still "submitting" becomes plain "queued"."""
+        self.session.execute(
+            update(Job).where(Job.id == job_id, Job.state == JobState.QUEUED.value, Job.stage == "submitting")
+            .values(stage=JobState.QUEUED.value).execution_options(synchronize_session=False))
+
+    def find_by_idempotency_key(self, tenant_id: str, key: str) -> Job | None:
+        return self.session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
+
+    def get(self, job_id: str, tenant_id: str | None = None) -> Job:
+        job = self.find(job_id, tenant_id)
         if job is None:
             raise NotFound(f"job {job_id!r} not found")
         return job
 
-    def list(self, limit: int, cursor: str | None, state: str | None = None) -> Page[Job]:
-        query = select(Job)
+    def list(self, tenant_id: str, limit: int, cursor: str | None, state: str | None = None) -> Page[Job]:
+        query = select(Job).where(Job.tenant_id == tenant_id)
         if state is not None:
             query = query.where(Job.state == state)
         return paginate(self.session, query, Job, limit, cursor)
@@ -102,6 +115,9 @@ class JobRepo:
             values["attempts"] = Job.attempts + 1
         if to in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED):
             values["finished_at"] = now
+            # the webhook outbox: due now, in the same UPDATE that makes the job terminal
+            values["webhook_state"] = case((Job.webhook_url.is_not(None), "pending"), else_=None)
+            values["webhook_next_at"] = now
         conditions = [Job.id == job_id, Job.state.in_([s.value for s in allowed]), *where]
         if expected_attempt is not None:
             conditions.append(Job.attempts == expected_attempt)
@@ -190,6 +206,39 @@ class JobRepo:
             .execution_options(synchronize_session=False)
         )
         return result.rowcount == 1
+
+    def take_webhook(self, now: dt.datetime, lease: dt.timedelta) -> Job | None:
+        """One due webhook delivery, taken for this sender: attempts + 1 and not due again before
+        ``lease`` passes (a sender that dies mid-send leaves it to be retried)."""
+        candidate = self.session.execute(
+            select(Job.id, Job.webhook_attempts)
+            .where(Job.webhook_state == "pending", Job.webhook_next_at <= now)
+            .order_by(Job.webhook_next_at).limit(1)
+        ).first()
+        if candidate is None:
+            return None
+        result = self.session.execute(
+            update(Job)
+            .where(Job.id == candidate.id, Job.webhook_state == "pending", Job.webhook_attempts == candidate.webhook_attempts)
+            .values(webhook_attempts=Job.webhook_attempts + 1, webhook_next_at=now + lease)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount != 1:
+            return None
+        self.session.expire_all()
+        return self.session.get(Job, candidate.id)
+
+    def webhook_done(self, job_id: str, attempt: int, state: str, error: str | None) -> None:
+        self.session.execute(
+            update(Job).where(Job.id == job_id, Job.webhook_attempts == attempt, Job.webhook_state == "pending")
+            .values(webhook_state=state, webhook_error=error, webhook_next_at=None)
+            .execution_options(synchronize_session=False))
+
+    def webhook_retry(self, job_id: str, attempt: int, next_at: dt.datetime, error: str) -> None:
+        self.session.execute(
+            update(Job).where(Job.id == job_id, Job.webhook_attempts == attempt, Job.webhook_state == "pending")
+            .values(webhook_next_at=next_at, webhook_error=error)
+            .execution_options(synchronize_session=False))
 
     def lost_jobs(self, stale_before: dt.datetime, started_before: dt.datetime, limit: int = 100) -> list[Job]:
         """Running jobs whose lease is older than ``stale_before`` or that started before ``started_before``."""

@@ -22,18 +22,22 @@ class ModelRepo:
         self.session.flush()
         return model
 
-    def find(self, model_id: str) -> Model | None:
+    def find(self, model_id: str, tenant_id: str | None = None) -> Model | None:
+        """The model, or None when missing, deleted, or (with ``tenant_id``) another tenant's."""
         model = self.session.get(Model, model_id)
-        return model if model is not None and model.deleted_at is None else None
+        if model is None or model.deleted_at is not None or (tenant_id is not None and model.tenant_id != tenant_id):
+            return None
+        return model
 
-    def get(self, model_id: str) -> Model:
-        model = self.find(model_id)
+    def get(self, model_id: str, tenant_id: str | None = None) -> Model:
+        model = self.find(model_id, tenant_id)
         if model is None:
             raise NotFound(f"model {model_id!r} not found", [{"loc": ["model_id"], "msg": "no such model"}])
         return model
 
-    def list(self, limit: int, cursor: str | None) -> Page[Model]:
-        return paginate(self.session, select(Model).where(Model.deleted_at.is_(None)), Model, limit, cursor)
+    def list(self, tenant_id: str, limit: int, cursor: str | None) -> Page[Model]:
+        query = select(Model).where(Model.tenant_id == tenant_id, Model.deleted_at.is_(None))
+        return paginate(self.session, query, Model, limit, cursor)
 
     def mark_deleted(self, model_id: str) -> bool:
         """Hide the model; its row stays for the jobs that used it."""

@@ -10,7 +10,7 @@ from alembic.migration import MigrationContext
 import core.models
 import migrations
 
-TABLES = {"alembic_version", "artifacts", "datasets", "job_events", "jobs", "models", "workers"}
+TABLES = {"alembic_version", "api_keys", "artifacts", "datasets", "job_events", "jobs", "models", "tenants", "workers"}
 
 
 def _tables(url: str) -> set[str]:
