@@ -365,3 +365,17 @@ def test_channel_pruning_blocks_at_custom_domain_ops():
     reasons = {s["name"]: s["reason"] for s in result.metrics["skipped"]}
     assert "act custom reads h" in reasons["w1"]
     assert _dims(result.model)["w1"] == (8, 16)
+
+
+def test_drift_correction_is_identity_without_drift_and_exact_least_squares_with_it():
+    from worker.pipeline.structure.hessians import drift_corrected
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((4000, 12))
+    m = rng.standard_normal((5, 12))
+    h = x.T @ x / len(x)
+    np.testing.assert_allclose(drift_corrected(m, h, h), m, rtol=1e-10, atol=1e-12)
+    # inputs that drifted by an invertible mixing: the refit weights reproduce the original outputs
+    x_now = x @ (np.eye(12) + 0.3 * rng.standard_normal((12, 12)))
+    fitted = drift_corrected(m, x_now.T @ x_now / len(x), x.T @ x_now / len(x))
+    plain = np.linalg.norm(x @ m.T - x_now @ m.T)
+    assert np.linalg.norm(x @ m.T - x_now @ fitted.T) < 0.05 * plain
