@@ -83,11 +83,12 @@ def _maybe_build() -> None:
         and os.path.isdir(os.path.join(_HERE, "src"))
     ):
         return
-    sys.path.insert(0, _HERE)
-    try:
-        import build_ffi  # type: ignore[import-not-found]
-    finally:
-        sys.path.remove(_HERE)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_fw_kernels_build_ffi",
+                                                  os.path.join(_HERE, "build_ffi.py"))
+    build_ffi = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_ffi)  # type: ignore[union-attr]
 
     def stale() -> bool:
         so = build_ffi.built_module_path()

@@ -85,9 +85,15 @@ ffibuilder = make_builder()
 
 
 def built_module_path() -> str | None:
-    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    path = os.path.join(HERE, "_ffi" + suffix)
-    return path if os.path.exists(path) else None
+    """The compiled module `import kernels._ffi` would load (suffixes in the interpreter's
+    order: an in-place build, then e.g. the abi3 build of an editable install), or None."""
+    from importlib.machinery import EXTENSION_SUFFIXES
+
+    for suffix in EXTENSION_SUFFIXES:
+        path = os.path.join(HERE, "_ffi" + suffix)
+        if os.path.exists(path):
+            return path
+    return None
 
 
 def build_inplace(verbose: bool = False) -> str:

@@ -92,6 +92,86 @@ static inline int64_t fw_layout_run(const fw_layout *L, int64_t e, int64_t end, 
     return len < left ? len : left;
 }
 
+/* The same walk without a division per run (short runs: blocks along the last axis). */
+typedef struct {
+    const fw_layout *L;
+    int64_t e, end, o, a, i, b, r; /* b = a / block, r = a % block */
+} fw_run_iter;
+
+static inline void fw_run_iter_init(fw_run_iter *it, const fw_layout *L, int64_t e, int64_t end) {
+    it->L = L;
+    it->e = e;
+    it->end = end;
+    if (L->mode == FW_MODE_TENSOR || L->alen * L->inner == 0) {
+        it->o = it->a = it->i = it->b = it->r = 0;
+        return;
+    }
+    int64_t plane = L->alen * L->inner;
+    it->o = e / plane;
+    int64_t rem = e - it->o * plane;
+    it->a = rem / L->inner;
+    it->i = rem - it->a * L->inner;
+    it->b = it->a / L->block;
+    it->r = it->a - it->b * L->block;
+}
+
+/* 0 when done; else the run length, with *pidx / *pstride as fw_layout_run */
+static inline int64_t fw_run_next(fw_run_iter *it, int64_t *pidx, int64_t *pstride) {
+    const fw_layout *L = it->L;
+    int64_t left = it->end - it->e, len;
+    if (left <= 0) return 0;
+    if (L->mode == FW_MODE_TENSOR) {
+        *pidx = 0;
+        *pstride = 0;
+        it->e = it->end;
+        return left;
+    }
+    if (L->inner > 1) {
+        len = L->inner - it->i;
+        if (len > left) len = left;
+        if (L->mode == FW_MODE_AXIS) {
+            *pidx = it->a;
+            *pstride = 0;
+        } else {
+            *pidx = (it->o * L->nblk + it->b) * L->inner + it->i;
+            *pstride = 1;
+        }
+        it->i += len;
+        if (it->i == L->inner) {
+            it->i = 0;
+            it->a++;
+            if (++it->r == L->block) {
+                it->r = 0;
+                it->b++;
+            }
+        }
+    } else if (L->mode == FW_MODE_AXIS) {
+        len = L->alen - it->a;
+        if (len > left) len = left;
+        *pidx = it->a;
+        *pstride = 1;
+        it->a += len;
+    } else {
+        len = L->block - it->r;
+        if (len > L->alen - it->a) len = L->alen - it->a;
+        if (len > left) len = left;
+        *pidx = it->o * L->nblk + it->b;
+        *pstride = 0;
+        it->a += len;
+        it->r += len;
+        if (it->r == L->block) {
+            it->r = 0;
+            it->b++;
+        }
+    }
+    if (it->a == L->alen) {
+        it->a = it->b = it->r = 0;
+        it->o++;
+    }
+    it->e += len;
+    return len;
+}
+
 /* ---- per-ISA primitives (the only code that differs between ref / avx2 / avx512 / neon) ----
  * Every variant must produce bit-identical results to the reference. */
 typedef struct fw_ops {

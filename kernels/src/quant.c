@@ -39,10 +39,20 @@ static void fw_quant_task(void *vctx, int64_t b, int64_t e, int tid) {
     (void)tid;
     fw_quant_ctx *c = (fw_quant_ctx *)vctx;
     uint8_t stage[FW_STREAM_CHUNK];
-    while (b < e) {
-        int64_t pidx, pstride;
-        int64_t len = fw_layout_run(&c->L, b, e, &pidx, &pstride);
-        if (c->stream && len > FW_STREAM_CHUNK) len = FW_STREAM_CHUNK;
+    fw_run_iter it;
+    fw_run_iter_init(&it, &c->L, b, e);
+    int64_t pidx, pstride, len;
+    while ((len = fw_run_next(&it, &pidx, &pstride)) > 0) {
+        if (c->stream && len > FW_STREAM_CHUNK) { /* stage in chunks */
+            for (int64_t d = 0; d < len; d += FW_STREAM_CHUNK) {
+                int64_t l = len - d < FW_STREAM_CHUNK ? len - d : FW_STREAM_CHUNK;
+                c->ops->quant_run(c->x + b + d, l, c->s + pidx + d * pstride,
+                                  c->z + pidx + d * pstride, pstride, c->qmin, c->qmax, stage);
+                fw_stream_store(c->out + b + d, stage, (size_t)l);
+            }
+            b += len;
+            continue;
+        }
         uint8_t *dst = c->stream ? stage : c->out + b;
         c->ops->quant_run(c->x + b, len, c->s + pidx, c->z + pidx, pstride, c->qmin, c->qmax, dst);
         if (c->stream) fw_stream_store(c->out + b, stage, (size_t)len);
@@ -91,10 +101,24 @@ static void fw_dequant_task(void *vctx, int64_t b, int64_t e, int tid) {
     (void)tid;
     fw_dequant_ctx *c = (fw_dequant_ctx *)vctx;
     float stage[FW_STREAM_CHUNK];
-    while (b < e) {
-        int64_t pidx, pstride;
-        int64_t len = fw_layout_run(&c->L, b, e, &pidx, &pstride);
-        if (c->stream && len > FW_STREAM_CHUNK) len = FW_STREAM_CHUNK;
+    fw_run_iter it;
+    fw_run_iter_init(&it, &c->L, b, e);
+    int64_t pidx, pstride, len;
+    while ((len = fw_run_next(&it, &pidx, &pstride)) > 0) {
+        if (c->stream && len > FW_STREAM_CHUNK) { /* stage in chunks */
+            for (int64_t d = 0; d < len; d += FW_STREAM_CHUNK) {
+                int64_t l = len - d < FW_STREAM_CHUNK ? len - d : FW_STREAM_CHUNK;
+                if (c->q_signed)
+                    c->ops->dequant_run_s8((const int8_t *)c->q + b + d, l, c->s + pidx + d * pstride,
+                                           c->z + pidx + d * pstride, pstride, stage);
+                else
+                    c->ops->dequant_run_u8(c->q + b + d, l, c->s + pidx + d * pstride,
+                                           c->z + pidx + d * pstride, pstride, stage);
+                fw_stream_store(c->out + b + d, stage, (size_t)l * sizeof(float));
+            }
+            b += len;
+            continue;
+        }
         float *dst = c->stream ? stage : c->out + b;
         if (c->q_signed)
             c->ops->dequant_run_s8((const int8_t *)c->q + b, len, c->s + pidx, c->z + pidx,

@@ -405,7 +405,10 @@ int fw_channel_norms(const float *w, int64_t outer, int64_t alen, int64_t inner,
     } else {
         fw_norms_acc(w, outer, alen, inner, p, acc);
     }
-    for (int64_t a = 0; a < alen; a++) out[a] = (float)(p == 2 ? sqrt(acc[a]) : acc[a]);
+    /* NaN results are the canonical quiet NaN: which input payload an IEEE operation propagates
+     * depends on operand order, which compilers may swap for commutative operations */
+    for (int64_t a = 0; a < alen; a++)
+        out[a] = acc[a] != acc[a] ? NAN : (float)(p == 2 ? sqrt(acc[a]) : acc[a]);
     free(acc);
     return FW_OK;
 }
@@ -443,7 +446,7 @@ int fw_sign_quantize(const float *w, int64_t outer, int64_t alen, int64_t inner,
     double *acc = (double *)malloc((size_t)alen * sizeof(double));
     if (!acc) return fw_error(FW_ENOMEM, "out of memory");
     fw_norms_acc(w, outer, alen, inner, 1, acc);
-    for (int64_t a = 0; a < alen; a++) alpha[a] = (float)(acc[a] / (double)cnt);
+    for (int64_t a = 0; a < alen; a++) alpha[a] = acc[a] != acc[a] ? NAN : (float)(acc[a] / (double)cnt);
     free(acc);
     return FW_OK;
 }
