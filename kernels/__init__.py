@@ -169,9 +169,11 @@ def _int(v, name: str, lo: int | None = None, hi: int | None = None) -> int:
         i = operator.index(v)
     except TypeError:
         raise _fail(f"{name} must be an integer, got {type(v).__name__}") from None
-    if lo is not None and i < lo:
+    lo = -(2**62) if lo is None else lo  # everything crosses into C as int64
+    hi = 2**62 if hi is None else hi
+    if i < lo:
         raise _fail(f"{name} must be >= {lo}, got {i}")
-    if hi is not None and i > hi:
+    if i > hi:
         raise _fail(f"{name} must be <= {hi}, got {i}")
     return i
 
@@ -583,7 +585,7 @@ def kmeans1d(x, k, *, init="kmeans++", iters=50, seed=0) -> tuple[np.ndarray, np
     if init not in _KMEANS_INIT:
         raise _fail(f"init must be one of {sorted(_KMEANS_INIT)}, got {init!r}")
     it = _int(iters, "iters", 0, 100000)
-    sd = _int(seed, "seed", 0, 2**64 - 1)
+    sd = _int(seed, "seed", 0, 2**64 - 1)  # passed as uint64
     cent = np.zeros(kk, dtype=np.float32)
     labels = np.zeros(x.shape, dtype=np.uint8)
     _check(lib.fw_kmeans1d(_ptr("float[]", x), x.size, kk, _KMEANS_INIT[init], it, sd,
