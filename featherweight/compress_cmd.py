@@ -1,7 +1,8 @@
 """``featherweight compress``: the pipeline on one local file, no server (CONTRACT.md §3).
 
     featherweight compress MODEL.onnx --recipe R.yaml [--calibration C.npz] [--eval E.npz]
-                           [--target cpu-x86|cpu-arm|gpu] -o OUT.onnx [--report REPORT.json] [--report-html REPORT.html]
+                           [--target cpu-x86|cpu-arm|gpu] [--student S.onnx] -o OUT.onnx
+                           [--report REPORT.json] [--report-html REPORT.html]
 
 Bad input (a recipe, data set or model that cannot be used) prints one line,
 ``featherweight: error: <file>: <field path>: <message>``, and exits 2; a failure of the
@@ -41,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the model will run (default: this machine's CPU)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="where to write the compressed model")
     parser.add_argument("--report", metavar="REPORT.json", help="also write the report here")
+    parser.add_argument("--student", metavar="STUDENT.onnx",
+                        help="distill into this smaller model (same inputs and outputs) instead of the original")
     parser.add_argument("--report-html", metavar="REPORT.html", help="also write the HTML report here")
 
 
@@ -98,20 +101,23 @@ def main(args: argparse.Namespace) -> int:
 
     output = Path(args.output)
     files = {"calibration": args.calibration, "evaluation": args.evaluation, "recipe": args.recipe,
-             "model": args.model, "target": "--target"}
+             "model": args.model, "target": "--target", "student_model": args.student}
     try:
         recipe = _load_recipe(args.recipe)
         calibration = _load_data(args.calibration)
         evaluation = _load_data(args.evaluation)
         if not Path(args.model).is_file():
             raise _BadInput(args.model, [], "no such file")
+        if args.student and not Path(args.student).is_file():
+            raise _BadInput(args.student, [], "no such file")
         if not output.parent.is_dir():
             raise _BadInput(str(output), [], "the output's directory does not exist")
         target = args.target or native_target().value
         scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
         try:
             result = runner.run(Path(args.model), recipe, calibration=calibration, evaluation=evaluation,
-                                target=target, workdir=scratch)
+                                target=target, workdir=scratch,
+                                options={"student_model_path": Path(args.student)} if args.student else None)
             data_files = _relocate_external_data(result.model_path, output)
             for data_file in data_files:
                 data_file.replace(output.with_name(output.name + ".data"))
@@ -129,7 +135,7 @@ def main(args: argparse.Namespace) -> int:
         first = exc.errors[0] if exc.errors else {"loc": [], "msg": exc.detail}
         loc = list(first.get("loc", []))
         head = loc[0] if loc else None
-        if head in ("calibration", "evaluation", "target", "model"):
+        if head in ("calibration", "evaluation", "target", "model", "student_model"):
             file, loc = files[head] or head, loc[1:]
         else:
             file = args.recipe

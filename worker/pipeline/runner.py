@@ -144,6 +144,14 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
     cal_set = _bind(model, calibration, "calibration")
     eval_set = _bind(model, evaluation, "evaluation")
 
+    student_path = options.pop("student_model_path", None)
+    if student_path is not None and "student_model" not in options:
+        try:
+            options["student_model"] = graph.load_model(student_path)
+        except Exception as exc:  # the student is an uploaded file too: its fault, not ours
+            raise InvalidModel(f"cannot load the student model: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                               [{"loc": ["student_model"], "msg": "not a loadable ONNX model"}]) from None
+
     original = onnx.ModelProto()
     original.CopyFrom(model)
     ctx = StepContext(original=original, calibration=_arrays(cal_set), evaluation=_arrays(eval_set),
@@ -157,6 +165,7 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
         except (KeyError, ImportError) as exc:
             raise PipelineError(f"step {step.op!r} is not available in this build: {exc}") from exc
         check = getattr(module, "check", None)
+        ctx.options["step_index"] = index   # lets a step's own errors carry the absolute path
         if check is not None:
             try:
                 check(model, step, ctx)
@@ -177,9 +186,11 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
 
         def step_progress(fraction: float, message: str = "", _index: int = index, _stage: str = stage) -> None:
             fraction = min(max(float(fraction), 0.0), 1.0)
-            progress(STEPS_SHARE * (_index + fraction) / count, _stage)
+            # the step's own message (epoch and loss while distilling) reaches the job and the CLI
+            progress(STEPS_SHARE * (_index + fraction) / count, f"{_stage}: {message}" if message else _stage)
 
         ctx.progress = step_progress
+        ctx.options["step_index"] = index
         progress(STEPS_SHARE * index / count, stage)
         started = time.perf_counter()
         try:

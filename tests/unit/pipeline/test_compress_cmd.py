@@ -102,3 +102,35 @@ def test_report_html_is_written_beside_the_model(files, capsys):
     page = html.read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>") and "size ratio" in page.lower()
     assert "http://" not in page and "https://" not in page
+
+
+def test_student_is_distilled_and_training_progress_is_reported(tmp_path, capsys):
+    pytest.importorskip("torch")
+    from worker.pipeline import runner
+    from core.recipe import parse_recipe
+
+    teacher, student = tmp_path / "teacher.onnx", tmp_path / "student.onnx"
+    onnx.save_model(builders.mlp(inputs=16, hidden=64, classes=4, seed=1), str(teacher))
+    onnx.save_model(builders.mlp(inputs=16, hidden=8, classes=4, seed=2), str(student))
+    calibration = tmp_path / "cal.npz"
+    np.savez(calibration, x=np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32))
+    recipe = tmp_path / "kd.yaml"
+    recipe.write_text("steps:\n  - op: distill\n    method: kd\n    epochs: 2\n    min_params: 0\n")
+    out = tmp_path / "out.onnx"
+    code = compress_cmd.main(parse(str(teacher), "--recipe", str(recipe), "--calibration", str(calibration),
+                                   "--student", str(student), "-o", str(out)))
+    assert code == 0, capsys.readouterr().err
+    params = sum(int(np.prod(t.dims)) for t in onnx.load(str(out)).graph.initializer)
+    assert params == 16 * 8 + 8 + 8 * 4 + 4          # the student's shape, not the teacher's
+
+    stages: list[str] = []
+    runner.run(teacher, parse_recipe(recipe.read_text()), calibration=dict(np.load(calibration)),
+               workdir=tmp_path / "work", options={"student_model_path": student, "layer_errors": False},
+               progress=lambda fraction, stage: stages.append(stage))
+    assert any(stage.startswith("step 1/1: distill: epoch") for stage in stages), stages
+
+
+def test_missing_student_file_is_bad_input(files, capsys, tmp_path):
+    missing = tmp_path / "nope.onnx"
+    expect_bad_input(capsys, files, (str(files["model"]), "--recipe", str(files["recipe"]), "-o", str(files["out"]),
+                                     "--student", str(missing)), missing, "")
