@@ -188,6 +188,18 @@ int fw_memcpy(void *dst, const void *src, int64_t nbytes) {
 
 /* ---------------------------------------------------------------- streaming stores */
 
+/* Non-temporal output stores are off by default: the Python API writes into freshly allocated
+ * arrays, whose pages the kernel has just zeroed (so they are in cache), and measured slower
+ * with them on. FW_KERNELS_STREAM=1 enables them for outputs of FW_STREAM_MIN_BYTES or more
+ * (for callers writing into long-lived buffers), FW_KERNELS_STREAM=all for every size (tests).
+ * Read on each call. */
+int fw_stream_wanted(int64_t out_bytes) {
+    const char *env = getenv("FW_KERNELS_STREAM");
+    if (!env || !*env || env[0] == '0') return 0;
+    if (strcmp(env, "all") == 0) return 1;
+    return out_bytes >= FW_STREAM_MIN_BYTES;
+}
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <emmintrin.h> /* SSE2: baseline on x86-64 */
 

@@ -219,6 +219,7 @@ const fw_ops *fw_ops_get(void);
  * avoids the read-for-ownership of every destination line. fw_stream_fence() after the last. */
 void fw_stream_store(void *dst, const void *src, size_t n);
 void fw_stream_fence(void);
+int fw_stream_wanted(int64_t out_bytes);
 #define FW_STREAM_MIN_BYTES ((int64_t)16 << 20) /* outputs at least this large are streamed */
 #define FW_STREAM_CHUNK 4096                    /* elements staged in a stack buffer */
 

@@ -124,8 +124,10 @@ def test_simd_matches_reference_hypothesis(x, data):
             np.testing.assert_array_equal(a, b)
 
 
-def test_streaming_large_outputs_match_reference():
-    # outputs >= 16 MB take the staged non-temporal store path
+@pytest.mark.parametrize("stream", ["1", "all", "0"])
+def test_streaming_large_outputs_match_reference(stream, monkeypatch):
+    # FW_KERNELS_STREAM=1: outputs >= 16 MB take the staged non-temporal store path; =all: every size
+    monkeypatch.setenv("FW_KERNELS_STREAM", stream)
     rng = np.random.default_rng(11)
     x = rng.standard_normal((4099, 4097)).astype(np.float32)
     x.reshape(-1)[::1001] = np.nan
@@ -142,3 +144,8 @@ def test_streaming_large_outputs_match_reference():
         ref = run()
     for a, b in zip(got, ref):
         np.testing.assert_array_equal(a, b)
+
+
+def test_streamed_outputs_same_bits(tmp_path, battery_default):
+    got = _subprocess_battery(tmp_path, FW_KERNELS_STREAM="all")
+    assert_same(got, battery_default)
