@@ -7,7 +7,7 @@
  * (GPTQ) and are spread over the threads in tiles. */
 #include "fw_internal.h"
 
-#define FW_TILE_ROWS 128
+#define FW_TILE_ROWS 256
 
 static int fw_check_sweep(const float *w, int64_t rows, int64_t cols, const float *u,
                           int64_t block) {
