@@ -174,11 +174,12 @@ static int fw_kth_bracket(const float *const *arrays, const int64_t *lengths, co
     c->narrays = narrays;
     c->lo = lo;
     c->span = hi - lo;
-    int ok = 1;
-    for (int t = 0; t < nt; t++) {
-        c->cap[t] = 2 * frac_n / nt + 4096;
-        c->buf[t] = (uint32_t *)malloc((size_t)c->cap[t] * sizeof(uint32_t));
-        if (!c->buf[t]) ok = 0;
+    int64_t cap = 2 * frac_n / nt + 4096;
+    uint32_t *block = (uint32_t *)malloc((size_t)nt * (size_t)cap * sizeof(uint32_t));
+    int ok = block != NULL;
+    for (int t = 0; t < nt && ok; t++) {
+        c->cap[t] = cap;
+        c->buf[t] = block + (size_t)t * (size_t)cap;
     }
     if (ok) fw_parallel_run(nt, n, fw_bracket_task, c);
     int found = 0;
@@ -186,24 +187,17 @@ static int fw_kth_bracket(const float *const *arrays, const int64_t *lengths, co
         int64_t below = 0, ncand = 0;
         for (int t = 0; t < nt; t++) {
             below += c->below[t];
+            if (c->buf[t] != block + ncand) /* compact the per-thread regions */
+                memmove(block + ncand, c->buf[t], (size_t)c->nbuf[t] * sizeof(uint32_t));
             ncand += c->nbuf[t];
         }
         if (below < k && k <= below + ncand) {
-            uint32_t *all = (uint32_t *)malloc((size_t)(ncand > 0 ? ncand : 1) * sizeof(uint32_t));
-            if (all) {
-                int64_t m = 0;
-                for (int t = 0; t < nt; t++) {
-                    memcpy(all + m, c->buf[t], (size_t)c->nbuf[t] * sizeof(uint32_t));
-                    m += c->nbuf[t];
-                }
-                const float *arr1[1] = {(const float *)all};
-                int64_t len1[1] = {ncand};
-                found = fw_kth_radix(arr1, len1, 1, k - below, bits_out) == FW_OK;
-                free(all);
-            }
+            const float *arr1[1] = {(const float *)block};
+            int64_t len1[1] = {ncand};
+            found = fw_kth_radix(arr1, len1, 1, k - below, bits_out) == FW_OK;
         }
     }
-    for (int t = 0; t < nt; t++) free(c->buf[t]);
+    free(block);
     free(c);
     return found;
 }
