@@ -137,6 +137,8 @@ T static void avx2_apply_mask(const float *w, const uint8_t *mask, int64_t n, fl
 T static void avx2_hist_accum(const float *x, int64_t n, float lo, float scale, float maxbin,
                               uint32_t *counts, int64_t stride) {
     uint32_t *c0 = counts, *c1 = counts + stride, *c2 = counts + 2 * stride, *c3 = counts + 3 * stride;
+    uint32_t *c4 = counts + 4 * stride, *c5 = counts + 5 * stride, *c6 = counts + 6 * stride,
+             *c7 = counts + 7 * stride;
     __m256 lov = _mm256_set1_ps(lo), sc = _mm256_set1_ps(scale), mb = _mm256_set1_ps(maxbin);
     __m256 zero = _mm256_setzero_ps();
     int64_t i = 0;
@@ -151,13 +153,13 @@ T static void avx2_hist_accum(const float *x, int64_t n, float lo, float scale, 
             c1[idx[1]]++;
             c2[idx[2]]++;
             c3[idx[3]]++;
-            c0[idx[4]]++;
-            c1[idx[5]]++;
-            c2[idx[6]]++;
-            c3[idx[7]]++;
+            c4[idx[4]]++;
+            c5[idx[5]]++;
+            c6[idx[6]]++;
+            c7[idx[7]]++;
         } else {
             for (int j = 0; j < 8; j++)
-                if (ord >> j & 1) counts[(j & 3) * stride + idx[j]]++;
+                if (ord >> j & 1) counts[j * stride + idx[j]]++;
         }
     }
     for (; i < n; i++) {

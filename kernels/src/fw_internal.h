@@ -185,9 +185,9 @@ typedef struct fw_ops {
                            int64_t sstride, float *out);
     void (*absgt_mask)(const float *w, int64_t n, float thr, uint8_t *mask);
     void (*apply_mask)(const float *w, const uint8_t *mask, int64_t n, float *out);
-    /* counts[(j & 3) * stride + b] += 1 for element j of the run, b = floor(clamp((x-lo)*scale,
-     * 0, maxbin)); NaN skipped. Four interleaved copies (stride 0: one shared copy) break the
-     * store-to-load chains on hot bins; the histogram is their sum. */
+    /* counts[c * stride + b] += 1 for each non-NaN element, b = floor(clamp((x-lo)*scale, 0,
+     * maxbin)), c a copy index in [0, 8) of the variant's choosing (stride 0: one shared copy).
+     * Interleaved copies break the store-to-load chains on hot bins; the histogram is their sum. */
     void (*hist_accum)(const float *x, int64_t n, float lo, float scale, float maxbin,
                        uint32_t *counts, int64_t stride);
     /* canonical 8-lane double sum of |x| (p=1) or x*x (p=2), see ref.c */

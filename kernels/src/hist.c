@@ -14,9 +14,9 @@ typedef struct {
 
 static void fw_hist_task(void *vctx, int64_t b, int64_t e, int tid) {
     fw_hist_ctx *c = (fw_hist_ctx *)vctx;
-    /* four interleaved copies while they stay small (see fw_ops.hist_accum) */
+    /* eight interleaved copies while they stay small (see fw_ops.hist_accum) */
     int64_t stride = c->bins <= (1 << 16) ? c->bins : 0;
-    uint32_t *local = (uint32_t *)calloc((size_t)(stride ? 4 * c->bins : c->bins), sizeof(uint32_t));
+    uint32_t *local = (uint32_t *)calloc((size_t)(stride ? 8 * c->bins : c->bins), sizeof(uint32_t));
     if (!local) {
         __atomic_store_n(&c->failed, 1, __ATOMIC_RELAXED);
         return;
@@ -31,7 +31,7 @@ static void fw_hist_task(void *vctx, int64_t b, int64_t e, int tid) {
             local[i] = 0;
         }
         if (stride)
-            for (int64_t i = c->bins; i < 4 * c->bins; i++) {
+            for (int64_t i = c->bins; i < 8 * c->bins; i++) {
                 out[i % c->bins] += local[i];
                 local[i] = 0;
             }
