@@ -30,5 +30,10 @@ bench: install
 	$(BIN)/python -m kernels.bench
 	$(BIN)/python -m bench.quality
 
+# The NEON paths: cross-compile the C library for aarch64 and run its C test driver under qemu-user
+# (needs Debian's gcc-aarch64-linux-gnu and qemu-user; .ci/run installs them).
+kernels-arm:
+	kernels/cross_arm.sh
+
 clean:
 	rm -rf $(VENV) build *.egg-info kernels/_ffi.* .pytest_cache
