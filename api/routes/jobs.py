@@ -2,10 +2,13 @@
 GET /v1/jobs/{id}/events, GET /v1/jobs/{id}/artifacts/{name}."""
 from __future__ import annotations
 
-from fastapi import APIRouter, Header, Query, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Header, Query, Response
 from fastapi.responses import StreamingResponse
 
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
+from api.examples import JOB_EXAMPLES
 from api.problems import PROBLEM_JSON
 from api.schemas.jobs import JobCreate, JobEventPublic, JobPage, JobPublic
 from api.services import jobs as service
@@ -22,7 +25,7 @@ _PROBLEM = {"content": {PROBLEM_JSON: {}}}
              "Retry-After; poll the Location. With an Idempotency-Key header, a retry with the same key and body "
              "returns the same job; the key with another body is 422; while the first request is still being "
              "processed, 409.", responses={409: _PROBLEM, 422: _PROBLEM, 503: _PROBLEM})
-def submit_job(body: JobCreate, response: Response, session: SessionDep, settings: SettingsDep, tenant: TenantDep,
+def submit_job(body: Annotated[JobCreate, Body(openapi_examples=JOB_EXAMPLES)], response: Response, session: SessionDep, settings: SettingsDep, tenant: TenantDep,
                idempotency_key: str | None = Header(None, min_length=1, max_length=255,
                                                     description="retry-safe submit: same key and body, same job")) -> JobPublic:
     job = service.submit_job(session, body, settings, tenant, idempotency_key)
