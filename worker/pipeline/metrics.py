@@ -8,7 +8,8 @@ small initializers, and zstd streams the file.
 Definitions:
 - ``params``: elements over every initializer and Constant tensor (subgraphs included), counted
   unpacked (an int4 tensor of 64 values is 64 params). ``nonzero_params``: those not equal to zero
-  (for a quantized tensor: stored values not equal to zero).
+  (for a quantized tensor: stored values not equal to zero; for MatMulNBits, whose B packs
+  8/bits weights per byte, the N x K weights it encodes, nonzero where not at their zero point).
 - ``macs``: multiply-accumulates for one sample (symbolic dims taken as 1) of Conv, ConvTranspose,
   Gemm, MatMul, their quantized and fused forms (QLinearConv, ConvInteger, QLinearMatMul,
   MatMulInteger, MatMulIntegerToFloat, DynamicQuantizeMatMul, FusedMatMul, MatMulNBits) and the
@@ -133,10 +134,49 @@ def tensor_values(tensor: onnx.TensorProto, base_dir: str | Path | None = None) 
     return array
 
 
+def _matmulnbits_weights(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """Packed B initializers of com.microsoft MatMulNBits, by name: their bytes hold 8/bits weights each."""
+    return {node.input[1]: node for node in model.graph.node
+            if node.op_type == "MatMulNBits" and node.domain == "com.microsoft" and len(node.input) > 1}
+
+
+def _matmulnbits_counts(tensor: onnx.TensorProto, node: onnx.NodeProto, tensors: dict[str, onnx.TensorProto],
+                        base_dir: str | Path | None) -> tuple[int, int]:
+    """(weights, weights not at their zero point) of a MatMulNBits B tensor [N, blocks, blob], counted
+    as the N x K weights it encodes, not as packed bytes."""
+    from worker.pipeline.graph import attribute
+    import kernels
+
+    bits, n, k = attribute(node, "bits", 4), attribute(node, "N"), attribute(node, "K")
+    packed = tensor_values(tensor, base_dir).astype(np.uint8, copy=False)
+    blocks = packed.shape[1] if packed.ndim == 3 else 1
+    per_block = packed.shape[-1] * 8 // bits
+    values = kernels.unpack(np.ascontiguousarray(packed).reshape(-1), bits, signed=False,
+                            count=n * blocks * per_block).reshape(n, blocks, per_block)
+    zero_points = tensors.get(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    if zero_points is None:
+        zero = np.full((n, blocks, 1), 1 << (bits - 1), dtype=np.int32)
+    elif zero_points.data_type == onnx.TensorProto.UINT8:
+        raw = tensor_values(zero_points, base_dir).astype(np.uint8, copy=False).reshape(-1)
+        per_row = raw.size // n
+        zero = kernels.unpack(raw, bits, signed=False, count=n * per_row * 8 // bits).reshape(n, -1)[:, :blocks, None]
+    else:   # float zero points: the stored values carry no exact zero to count
+        return n * k, n * k
+    nonzero = int(np.count_nonzero(values.reshape(n, -1)[:, :k] != np.broadcast_to(zero, values.shape).reshape(n, -1)[:, :k]))
+    return n * k, nonzero
+
+
 def param_counts(model: onnx.ModelProto, base_dir: str | Path | None = None) -> tuple[int, int]:
     """(params, nonzero params) over initializers and Constant tensors, subgraphs included."""
     params = nonzero = 0
+    packed_weights = _matmulnbits_weights(model)
+    tensors = {tensor.name: tensor for tensor in model.graph.initializer}
     for tensor in _all_tensors(model):
+        node = packed_weights.get(tensor.name)
+        if node is not None and tensor.name in tensors:
+            counts = _matmulnbits_counts(tensor, node, tensors, base_dir)
+            params, nonzero = params + counts[0], nonzero + counts[1]
+            continue
         count = int(np.prod(tensor.dims)) if tensor.dims else 1
         params += count
         if tensor.data_type == onnx.TensorProto.STRING:
