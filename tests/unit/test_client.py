@@ -189,6 +189,7 @@ def test_broker_down_is_server_unavailable_after_one_retry(fw, model_file, monke
 
 def test_wait_follows_progress_to_success_with_growing_delays(fw, model_file):
     job = fw.submit(fw.upload_model(model_file).id, RECIPE)
+    retry_after = float(fw._http.get(f"/v1/jobs/{job.id}").headers.get("Retry-After", 0))  # while unfinished
 
     def worker_advances(sleeps_so_far: int) -> None:
         if sleeps_so_far == 2:
@@ -203,7 +204,8 @@ def test_wait_follows_progress_to_success_with_growing_delays(fw, model_file):
     assert final.succeeded and final.report == {"size_ratio": 4.0}
     assert [(u.state, u.progress) for u in updates] == [("queued", 0.0), ("running", 0.5), ("succeeded", 1.0)]
     assert updates[1].stage == "quantize"
-    assert fake.sleeps == [0.25, 0.5, 1.0, 1.0]
+    # delays double from poll_interval up to max_interval, but never undercut the server's Retry-After
+    assert fake.sleeps == [max(delay, retry_after) for delay in (0.25, 0.5, 1.0, 1.0)]
 
 
 def test_download_streams_checks_sha256_and_names_files_in_a_directory(fw, model_file, tmp_path):
