@@ -84,8 +84,11 @@ def enqueue(job_id: str, target: str) -> None:
     """Put ``job_id`` on its target's queue; ``Unavailable`` when the broker does not take it."""
     queue = queue_for(target)
     try:
+        # The default exchange ("") routes by queue name alone: kombu's Redis transport then needs no
+        # binding rows in Redis, which a Redis restart without persistence (or FLUSHDB) loses while this
+        # long-lived producer believes them declared, silently dropping every message after it.
         get_producer().send_task(
-            TASK_RUN_JOB, args=[job_id], queue=queue, routing_key=queue, exchange="featherweight",
+            TASK_RUN_JOB, args=[job_id], queue=queue, routing_key=queue, exchange="",
             retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
         )
     except Exception as exc:  # kombu raises OperationalError, OSError, redis errors ...

@@ -125,3 +125,20 @@ def test_submit_with_redis_down_is_503_and_no_job(client, full_stack, onnx_model
     assert response.headers["retry-after"]
     assert response.json()["type"].endswith("/unavailable")
     assert _count(full_stack["FEATHERWEIGHT_DATABASE_URL"], "jobs") == 0
+
+
+def test_a_redis_restart_losing_the_exchange_bindings_does_not_swallow_later_jobs(client, full_stack, onnx_models):
+    """Redis without persistence restarted (here: FLUSHDB) forgets kombu's binding rows; the API's
+    long-lived producer must still deliver the next job's message."""
+    import redis
+
+    model_id = client.post("/v1/models", files={"file": ("cnn.onnx", onnx_models.cnn().SerializeToString())}).json()["id"]
+    broker = redis.Redis.from_url(full_stack["FEATHERWEIGHT_BROKER_URL"])
+    try:
+        assert client.post("/v1/jobs", json={"model_id": model_id, "recipe": RECIPE, "target": "gpu"}).status_code == 202
+        broker.flushdb()
+        job_id = client.post("/v1/jobs", json={"model_id": model_id, "recipe": RECIPE, "target": "gpu"}).json()["id"]
+        messages = broker.lrange("gpu", 0, -1)
+    finally:
+        broker.close()
+    assert [json.loads(m)["headers"]["argsrepr"] for m in messages] == [f"['{job_id}']"]

@@ -19,6 +19,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 RECIPE = {"steps": [{"op": "cleanup"},
                     {"op": "quantize", "weights": {"bits": 8, "symmetric": True, "granularity": "channel"}}]}
 FAST_FAULTS = {
+    "FEATHERWEIGHT_WEBHOOK_ALLOW_PRIVATE": "true",  # the test's receiver listens on 127.0.0.1
     "FEATHERWEIGHT_WORKER_HEARTBEAT_SECONDS": "0.5",
     "FEATHERWEIGHT_WORKER_STALE_SECONDS": "3",
     "FEATHERWEIGHT_REAPER_INTERVAL_SECONDS": "1",
@@ -99,3 +100,35 @@ def test_sigkilled_worker_job_completes_on_a_retry_with_one_artifact_set(api, wo
     assert stored and all(key.startswith(f"jobs/{job_id}/2/") for key in stored)
     assert _bucket_keys(f"jobs/{job_id}/") == stored
     assert any("was lost" in message for message in messages), messages
+
+
+def test_cancel_mid_run_stops_the_worker_and_signs_a_webhook(api, workers, onnx_models):
+    from core import webhooks
+    from core.db import session_scope
+    from core.repos import TenantRepo
+    from tests.unit.core.test_webhooks import Receiver
+
+    receiver = Receiver()
+    try:
+        model_id = api.post("/v1/models", files={"file": ("mlp.onnx", onnx_models.mlp().SerializeToString())}).json()["id"]
+        workers.start_worker("worker")
+        job_id = api.post("/v1/jobs", json={"model_id": model_id, "recipe": RECIPE,
+                                            "webhook_url": receiver.url}).json()["id"]
+        _wait(api, job_id, lambda j: j["state"] == "running" and (j["stage"] or "").startswith("step"), workers.logs)
+        response = api.post(f"/v1/jobs/{job_id}:cancel")
+        assert response.status_code == 200 and response.json()["state"] == "cancelled"
+        # the one worker process is free again only once the cancelled pipeline stopped: a second job runs
+        second = api.post("/v1/jobs", json={"model_id": model_id, "recipe": RECIPE}).json()["id"]
+        done = _wait(api, second, lambda j: j["state"] in {"succeeded", "failed", "cancelled"}, workers.logs)
+        assert done["state"] == "succeeded", f"{done}\n{workers.logs()}"
+        job = _wait(api, job_id, lambda j: j["webhook_state"] in {"delivered", "failed"}, workers.logs)
+        assert job["state"] == "cancelled" and job["artifacts"] == [] and job["webhook_state"] == "delivered"
+        assert _bucket_keys(f"jobs/{job_id}/") == []
+        (headers, body), = receiver.requests
+        with session_scope() as session:
+            secret = TenantRepo(session).by_name("default").webhook_secret
+        assert webhooks.verify(secret, headers["featherweight-timestamp"], body, headers["featherweight-signature"])
+        assert headers["featherweight-event-id"] == f"{job_id}.cancelled"
+        assert "stopped: it left the running state" in workers.logs()
+    finally:
+        receiver.close()
