@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from api import problems
-from api.routes import datasets, health, jobs, models
+from api.routes import datasets, health, jobs, metrics, models
 
 
 log = logging.getLogger("featherweight.api")
@@ -41,6 +41,7 @@ def create_app() -> FastAPI:
     )
     problems.install(app)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(models.router)
     app.include_router(datasets.router)
     app.include_router(jobs.router)

@@ -12,6 +12,10 @@ than the hard time limit plus that staleness. Then:
   that move, the consumer re-claims the stale job itself; if the move loses a race, the extra
   message finds the job claimed or finished and is dropped. Either way one attempt runs.
 
+A queued job still marked ``submitting`` a minute after it was created belongs to a submit request
+that died between recording the job and enqueueing it: the reaper enqueues it (a duplicate message,
+if the request did send one, finds the job claimed and is dropped).
+
 Several workers may reap at once: every write is a guarded UPDATE, so each job is handled once.
 """
 from __future__ import annotations
@@ -31,12 +35,13 @@ from core.settings import Settings, get_settings
 log = logging.getLogger("featherweight.reaper")
 PROBLEM_WORKER_LOST = "https://featherweight.dev/problems/worker-lost"
 PROBLEM_TIME_LIMIT = "https://featherweight.dev/problems/time-limit"
+SUBMIT_GRACE = dt.timedelta(seconds=60)
 
 
 @dataclass(frozen=True)
 class Reaped:
     job_id: str
-    action: str  # "requeued" | "failed"
+    action: str  # "requeued" | "failed" | "enqueued"
     reason: str
 
 
@@ -49,6 +54,18 @@ def reap_lost_jobs(settings: Settings | None = None, now: dt.datetime | None = N
         lost = [(j.id, j.target, j.attempts, j.max_attempts, j.worker, j.started_at)
                 for j in JobRepo(session).lost_jobs(stale_before, started_before)]
     done: list[Reaped] = []
+    with session_scope() as session:
+        stuck = [(j.id, j.target) for j in JobRepo(session).stuck_submissions(now - SUBMIT_GRACE)]
+    for job_id, target in stuck:
+        try:
+            queue.enqueue(job_id, target)
+        except FeatherweightError as exc:
+            log.warning("reaper could not enqueue job %s: %s", job_id, exc.detail)
+            continue
+        with session_scope() as session:
+            JobRepo(session).mark_submitted(job_id)
+        log.warning("reaper: job %s enqueued (its submit request died before sending it)", job_id)
+        done.append(Reaped(job_id, "enqueued", "submit request died before enqueueing"))
     hard_before = now - dt.timedelta(seconds=settings.task_hard_time_limit)
     for job_id, target, attempts, max_attempts, worker, started_at in lost:
         try:

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: float = Field(default=10.0, gt=0)
     webhook_poll_seconds: float = Field(default=1.0, gt=0)
 
+    # Logs: "json" writes one JSON object per line, with job_id in the worker (core.logs).
+    log_format: Literal["text", "json"] = "text"
+
     # Persistence and messaging; None means the embedded default under `home`.
     database_url: str | None = None
     broker_url: str | None = None

@@ -9,7 +9,8 @@
   and a second daemon thread runs the reaper (core.reaper) every ``reaper_interval_seconds``,
   requeueing or failing jobs whose attempt's worker is gone, and a third sends due webhooks
   (core.webhooks);
-- ``worker_shutdown``: the threads stop and the rows are removed.
+- ``worker_shutdown``: the threads stop and the rows are removed;
+- ``after_setup_logger``: with FEATHERWEIGHT_LOG_FORMAT=json, log lines are JSON carrying job_id.
 
 ``worker_argv()`` is the command line ``featherweight worker`` hands to Celery: one queue per target,
 prefork with ``worker_concurrency`` processes (hard time limits need prefork), and on the filesystem
@@ -24,6 +25,7 @@ import threading
 from celery import Celery, signals
 
 from core import db, storage
+from core.logs import use_json
 from core.reaper import reap_lost_jobs
 from core.webhooks import WebhookSender
 from core.queue import make_celery
@@ -128,6 +130,13 @@ class Reaper:
 _heartbeat: Heartbeat | None = None
 _reaper: Reaper | None = None
 _webhooks: WebhookSender | None = None
+
+
+@signals.after_setup_logger.connect(dispatch_uid="featherweight.json_logs")
+@signals.after_setup_task_logger.connect(dispatch_uid="featherweight.json_task_logs")
+def _json_logs(logger: logging.Logger | None = None, **_: object) -> None:
+    if logger is not None and get_settings().log_format == "json":
+        use_json(logger)
 
 
 @signals.worker_process_init.connect(dispatch_uid="featherweight.process_init")

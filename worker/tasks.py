@@ -20,6 +20,7 @@
 """
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
 import hashlib
 import logging
@@ -42,6 +43,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from core.db import session_scope
 from core.errors import FeatherweightError, InvalidTransition, PipelineError
+from core.logs import job_context
 from core.models import JobState
 from core.models.base import utcnow
 from core.queue import TASK_RUN_JOB
@@ -65,7 +67,8 @@ CANCEL_CHECK_SECONDS = 2.0
 
 @shared_task(name=TASK_RUN_JOB, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def run_job(self, job_id: str) -> None:  # noqa: ANN001 - Celery's bound task
-    execute_job(job_id, worker=str(self.request.hostname or socket.gethostname()), hard_kill=True)
+    with job_context(job_id):
+        execute_job(job_id, worker=str(self.request.hostname or socket.gethostname()), hard_kill=True)
 
 
 @dataclass(frozen=True)
@@ -242,7 +245,9 @@ class Lease:
         self.interval = interval
         self.hard_kill_after = hard_kill_after
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
+        # run in a copy of the caller's context, so its log lines carry the job id too
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run,),
+                                        name=f"lease-{job_id}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()

@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from api.multipart import ReceivedFile, receive_file
+from api.services import metrics
 from core import npz_guard
 from core.errors import Conflict
 from core.models import Dataset
@@ -59,6 +60,7 @@ def _register(received: ReceivedFile, session: Session, store: ObjectStore, sett
         session.rollback()
         store.delete(key)
         raise
+    metrics.count_upload("dataset", received.size)
     return dataset
 
 

@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from api.multipart import ReceivedFile, receive_file
+from api.services import metrics
 from core import onnx_guard
 from core.models import Model
 from core.errors import Conflict
@@ -60,6 +61,7 @@ def _register(received: ReceivedFile, session: Session, store: ObjectStore, sett
         session.rollback()
         store.delete(key)
         raise
+    metrics.count_upload("model", received.size)
     return model
 
 

@@ -240,6 +240,31 @@ class JobRepo:
             .values(webhook_next_at=next_at, webhook_error=error)
             .execution_options(synchronize_session=False))
 
+    def stuck_submissions(self, created_before: dt.datetime, limit: int = 100) -> list[Job]:
+        """Queued jobs still marked "submitting" long after creation: their API request died before
+        the message was sent (or before it said so)."""
+        return list(self.session.scalars(
+            select(Job).where(Job.state == JobState.QUEUED.value, Job.stage == "submitting",
+                              Job.created_at < created_before).order_by(Job.created_at).limit(limit)))
+
+    def count_by_state(self) -> dict[str, int]:
+        from sqlalchemy import func
+
+        return {state: count for state, count in self.session.execute(select(Job.state, func.count()).group_by(Job.state))}
+
+    def queued_by_target(self) -> dict[str, int]:
+        from sqlalchemy import func
+
+        rows = self.session.execute(select(Job.target, func.count()).where(Job.state == JobState.QUEUED.value)
+                                    .group_by(Job.target))
+        return {target: count for target, count in rows}
+
+    def run_seconds(self) -> list[tuple[str, float]]:
+        """(state, seconds from the last start to the end) of every finished job that ran."""
+        rows = self.session.execute(select(Job.state, Job.started_at, Job.finished_at).where(
+            Job.state.in_([s.value for s in TERMINAL_STATES]), Job.started_at.is_not(None), Job.finished_at.is_not(None)))
+        return [(state, max(0.0, (end - start).total_seconds())) for state, start, end in rows]
+
     def lost_jobs(self, stale_before: dt.datetime, started_before: dt.datetime, limit: int = 100) -> list[Job]:
         """Running jobs whose lease is older than ``stale_before`` or that started before ``started_before``."""
         return list(self.session.scalars(

@@ -171,3 +171,16 @@ def test_only_the_owning_attempt_commits_artifacts(job_id, migrated, monkeypatch
         assert ArtifactRepo(session).list_for_job(job_id) == []
     root = migrated / "artifacts" / "jobs"
     assert not root.exists() or not any(p.is_file() for p in root.rglob("*"))
+
+
+def test_reaper_enqueues_a_job_whose_submit_request_died(migrated, monkeypatch):
+    sent = []
+    monkeypatch.setattr(queue, "enqueue", lambda job, target: sent.append(job))
+    with session_scope() as session:
+        model = ModelRepo(session).create(filename="m.onnx", sha256="0" * 64, bytes=1, params=1, opset=17, ir_version=8,
+                                          inputs=[], outputs=[], storage_key="models/x/model.onnx")
+        fresh = JobRepo(session).create(model.id, RECIPE, "cpu-x86", stage="submitting").id
+        old = JobRepo(session).create(model.id, RECIPE, "cpu-x86", stage="submitting").id
+        session.query(Job).filter(Job.id == old).update({Job.created_at: utcnow() - dt.timedelta(minutes=5)})
+    assert [(r.job_id, r.action) for r in reap_lost_jobs()] == [(old, "enqueued")]
+    assert sent == [old] and _job(old).stage == "queued" and _job(fresh).stage == "submitting"
