@@ -34,8 +34,10 @@ class ArchiveEntry:
     size: int
 
 
-def check_archive(archive: zipfile.ZipFile, settings: Settings, field: str = "file") -> list[ArchiveEntry]:
-    """Entry-level checks shared by .npz data sets and .zip model uploads."""
+def check_archive(archive: zipfile.ZipFile, settings: Settings, field: str = "file",
+                  error: type[InvalidInput] = InvalidDataset) -> list[ArchiveEntry]:
+    """Entry-level checks shared by .npz data sets and .zip model uploads (``error`` is raised)."""
+    InvalidDataset = error  # noqa: N806 - the class this caller wants raised
     infos = archive.infolist()
     if len(infos) > settings.max_archive_entries:
         raise InvalidDataset(f"the archive has {len(infos)} entries; at most {settings.max_archive_entries} are allowed",

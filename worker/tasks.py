@@ -44,6 +44,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from core.db import session_scope
 from core.errors import FeatherweightError, InvalidTransition, PipelineError
 from core.logs import job_context
+from core.model_archive import unpack_model_archive
 from core.models import JobState
 from core.models.base import utcnow
 from core.queue import TASK_RUN_JOB
@@ -146,16 +147,13 @@ def execute_job(job_id: str, worker: str, settings: Settings | None = None, stor
             progress = ThrottledProgress(job_id, settings.progress_min_interval_seconds,
                                          stage_delay=settings.debug_step_delay)
             progress(0.0, "fetching the model")
-            model_path = scratch / "input" / "model.onnx"
-            model_path.parent.mkdir()
-            store.get_file(inputs.model_key, model_path)
+            model_path = _fetch_model(store, inputs.model_key, scratch / "input", settings)
             recipe = parse_recipe(inputs.recipe)
             calibration = _fetch_dataset(store, inputs.calibration_key, scratch / "input" / "calibration.npz")
             evaluation = _fetch_dataset(store, inputs.evaluation_key, scratch / "input" / "evaluation.npz")
             options: dict[str, Any] = {}
             if inputs.student_key is not None:
-                student_path = scratch / "input" / "student.onnx"
-                store.get_file(inputs.student_key, student_path)
+                student_path = _fetch_model(store, inputs.student_key, scratch / "student", settings)
                 options["student_model"] = onnx.load(str(student_path))
             result = run_pipeline(
                 model_path, recipe, calibration=calibration, evaluation=evaluation, target=inputs.target,
@@ -219,6 +217,18 @@ def _job_inputs(job_id: str) -> JobInputs:
             evaluation_key=datasets.get(job.eval_dataset_id).storage_key if job.eval_dataset_id else None,
             student_key=models.get(students[0]).storage_key if students else None,
         )
+
+
+def _fetch_model(store: ObjectStore, key: str, folder: Path, settings: Settings) -> Path:
+    """Download a stored model into ``folder``; an uploaded .zip is unpacked with the upload's checks."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if key.endswith(".zip"):
+        archive = folder.parent / f"{folder.name}.zip"
+        store.get_file(key, archive)
+        return unpack_model_archive(archive, folder / "model", settings)
+    path = folder / "model.onnx"
+    store.get_file(key, path)
+    return path
 
 
 def _fetch_dataset(store: ObjectStore, key: str | None, path: Path) -> dict[str, Any] | None:

@@ -19,7 +19,8 @@ UPLOAD_BODY = {
                 "schema": {
                     "type": "object",
                     "required": ["file"],
-                    "properties": {"file": {"type": "string", "format": "binary", "description": "an .onnx file"}},
+                    "properties": {"file": {"type": "string", "format": "binary",
+                                            "description": "an .onnx file, or a .zip of one .onnx and its external-data files"}},
                 }
             }
         },

@@ -1,5 +1,9 @@
 """Uploading a model: stream to a scratch file, validate, store, record — or leave nothing behind.
 
+An .onnx is stored as ``models/<id>/model.onnx``; a .zip (one .onnx and its external-data files,
+core.model_archive) is unpacked in the scratch directory, validated there, and stored whole as
+``models/<id>/model.zip`` for the worker to unpack the same way.
+
 The scratch directory is created per upload and always removed. The object is stored only after
 ``onnx_guard.validate`` accepts the file, and deleted again if the database row cannot be written,
 so no failure leaves an object without a row or a row without an object.
@@ -16,7 +20,7 @@ from starlette.requests import Request
 
 from api.multipart import ReceivedFile, receive_file
 from api.services import metrics
-from core import onnx_guard
+from core import model_archive, onnx_guard
 from core.models import Model
 from core.errors import Conflict
 from core.models.base import new_id
@@ -26,8 +30,8 @@ from core.settings import Settings
 from core.storage import ObjectStore
 
 
-def model_key(model_id: str) -> str:
-    return f"models/{model_id}/model.onnx"
+def model_key(model_id: str, archive: bool = False) -> str:
+    return f"models/{model_id}/model.zip" if archive else f"models/{model_id}/model.onnx"
 
 
 async def upload_model(request: Request, session: Session, store: ObjectStore, settings: Settings,
@@ -36,7 +40,7 @@ async def upload_model(request: Request, session: Session, store: ObjectStore, s
     scratch = Path(tempfile.mkdtemp(prefix="upload-", dir=settings.scratch_dir))
     try:
         received = await receive_file(
-            request, scratch / "model.onnx", field="file", max_bytes=settings.max_upload_bytes,
+            request, scratch / "upload.bin", field="file", max_bytes=settings.max_upload_bytes,
             max_parts=settings.max_multipart_fields, max_field_bytes=settings.max_multipart_field_bytes,
         )
         return await run_in_threadpool(_register, received, session, store, settings, tenant)
@@ -46,9 +50,12 @@ async def upload_model(request: Request, session: Session, store: ObjectStore, s
 
 def _register(received: ReceivedFile, session: Session, store: ObjectStore, settings: Settings,
               tenant: str) -> Model:
-    info = onnx_guard.validate(received.path, settings)
+    archive = model_archive.is_zip(received.path)
+    model_path = (model_archive.unpack_model_archive(received.path, received.path.parent / "unpacked", settings)
+                  if archive else received.path)
+    info = onnx_guard.validate(model_path, settings)
     model_id = new_id()
-    key = model_key(model_id)
+    key = model_key(model_id, archive)
     store.put_file(key, received.path, "application/octet-stream")
     try:
         model = ModelRepo(session).create(
