@@ -60,6 +60,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
+        # a fresh process per job: its memory goes back to the system and its rlimits are its own
+        "worker_max_tasks_per_child": 1,
         "task_soft_time_limit": settings.task_soft_time_limit,
         "task_time_limit": settings.task_hard_time_limit,
         # The filesystem transport has no broadcast channel worth running; we keep liveness ourselves

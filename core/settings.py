@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     task_soft_time_limit: int = Field(default=3300, gt=0)
     task_hard_time_limit: int = Field(default=3600, gt=0)
     worker_concurrency: int = Field(default=1, gt=0)
+    # Each job runs in a fresh pool process (max tasks per child 1) with these limits, so a hostile or
+    # huge model cannot take the machine: address space (RLIMIT_AS, bytes; unset = no cap) and CPU
+    # seconds (RLIMIT_CPU: the hard time limit times the cores, plus a minute, unless set).
+    worker_max_memory_bytes: int | None = Field(default=None, gt=0)
+    worker_max_cpu_seconds: int | None = Field(default=None, gt=0)
     worker_heartbeat_seconds: float = Field(default=10.0, gt=0)
     worker_stale_seconds: float = Field(default=30.0, gt=0)
     progress_min_interval_seconds: float = Field(default=0.5, ge=0)

@@ -3,7 +3,9 @@
 ``create_app()`` builds the app and registers ``worker.tasks``. Signals:
 
 - ``worker_process_init``: a forked pool child drops the engine and store it inherited, so it never
-  shares its parent's connections;
+  shares its parent's connections, and caps its own address space and CPU time (``apply_job_limits``);
+  each job gets a fresh child (``worker_max_tasks_per_child`` 1), and only these children ever open
+  an uploaded model with ONNX Runtime;
 - ``worker_ready``: a daemon thread starts writing a heartbeat row per consumed queue every
   ``worker_heartbeat_seconds`` (the API reports "no live worker" from these rows);
   and a second daemon thread runs the reaper (core.reaper) every ``reaper_interval_seconds``,
@@ -139,10 +141,26 @@ def _json_logs(logger: logging.Logger | None = None, **_: object) -> None:
         use_json(logger)
 
 
+def apply_job_limits(settings: Settings) -> dict[str, int]:
+    """Cap this (pool) process's address space and CPU time; return the limits set."""
+    import resource
+
+    applied = {}
+    cpu = settings.worker_max_cpu_seconds or (settings.task_hard_time_limit * (os.cpu_count() or 1) + 60)
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))
+    applied["cpu_seconds"] = cpu
+    if settings.worker_max_memory_bytes:
+        memory = settings.worker_max_memory_bytes
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+        applied["memory_bytes"] = memory
+    return applied
+
+
 @signals.worker_process_init.connect(dispatch_uid="featherweight.process_init")
 def _reset_inherited_connections(**_: object) -> None:
     db.reset_engine(close=False)
     storage.get_store.cache_clear()
+    apply_job_limits(get_settings())
 
 
 @signals.worker_ready.connect(dispatch_uid="featherweight.heartbeat_start")

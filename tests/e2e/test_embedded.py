@@ -16,7 +16,7 @@ def test_upload_compress_download_on_embedded_default(embedded_service, onnx_mod
     home = embedded_service.home
     assert (home / "featherweight.db").is_file()
     for job in jobs.values():
-        assert (home / "artifacts" / "jobs" / job["id"] / "model.onnx").is_file()
+        assert (home / "artifacts" / "jobs" / job["id"] / "1" / "model.onnx").is_file()
     assert list((home / "scratch").iterdir()) == []
 
 

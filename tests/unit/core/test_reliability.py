@@ -184,3 +184,22 @@ def test_reaper_enqueues_a_job_whose_submit_request_died(migrated, monkeypatch):
         session.query(Job).filter(Job.id == old).update({Job.created_at: utcnow() - dt.timedelta(minutes=5)})
     assert [(r.job_id, r.action) for r in reap_lost_jobs()] == [(old, "enqueued")]
     assert sent == [old] and _job(old).stage == "queued" and _job(fresh).stage == "submitting"
+
+
+def test_pool_process_limits_cap_memory_and_cpu(tmp_path):
+    """apply_job_limits in a child process: a 512 MiB cap makes a 1 GiB allocation fail there."""
+    code = (
+        "import numpy as np\n"
+        "from core.settings import Settings\n"
+        "from worker.celery_app import apply_job_limits\n"
+        "print(apply_job_limits(Settings(worker_max_memory_bytes=512 * 1024**2, worker_max_cpu_seconds=120)))\n"
+        "try:\n"
+        "    np.ones(1024**3 // 8)\n"
+        "except MemoryError:\n"
+        "    print('refused')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "FEATHERWEIGHT_HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert "'memory_bytes': 536870912" in result.stdout and "'cpu_seconds': 120" in result.stdout
+    assert result.stdout.strip().endswith("refused")
