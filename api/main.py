@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from api import problems
+from api.overload import LoadShedder
+from core.settings import get_settings
 from api.routes import datasets, health, jobs, metrics, models
 
 
@@ -20,8 +22,6 @@ log = logging.getLogger("featherweight.api")
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    from core.settings import get_settings
-
     if get_settings().auth_required:
         log.info("API keys required (FEATHERWEIGHT_AUTH=required)")
     else:
@@ -40,6 +40,7 @@ def create_app() -> FastAPI:
         "Errors are application/problem+json (RFC 9457).",
     )
     problems.install(app)
+    app.add_middleware(LoadShedder)
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(models.router)

@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: float = Field(default=10.0, gt=0)
     webhook_poll_seconds: float = Field(default=1.0, gt=0)
 
+    # Overload: past this many requests in progress the API answers 503 at once (api.overload); past
+    # this many queued jobs on a target queue, a submit is 503 with Retry-After.
+    api_max_inflight: int = Field(default=256, gt=0)
+    max_queued_jobs: int = Field(default=10000, gt=0)
+
     # Logs: "json" writes one JSON object per line, with job_id in the worker (core.logs).
     log_format: Literal["text", "json"] = "text"
 

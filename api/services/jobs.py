@@ -68,6 +68,8 @@ def submit_job(session: Session, body: JobCreate, settings: Settings, tenant: st
     if body.webhook_url is not None:
         webhooks.check_url(body.webhook_url, settings)
     target = body.target.value
+    if jobs.queued_by_target().get(target, 0) >= settings.max_queued_jobs:
+        raise Unavailable(f"queue {target!r} holds {settings.max_queued_jobs} jobs already; retry later")
     try:
         job = jobs.create(model_id=body.model_id, recipe=json.loads(recipe_to_json(recipe)), target=target,
                           max_attempts=settings.job_max_attempts, calibration_dataset_id=body.calibration_dataset_id,

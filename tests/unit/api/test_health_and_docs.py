@@ -39,7 +39,7 @@ def test_openapi_describes_upload_as_multipart_with_a_file_field(api_client):
     body = spec["paths"]["/v1/models"]["post"]["requestBody"]
     schema = body["content"]["multipart/form-data"]["schema"]
     assert schema["required"] == ["file"]
-    assert schema["properties"]["file"] == {"type": "string", "format": "binary", "description": "an .onnx file"}
+    assert schema["properties"]["file"] == {"type": "string", "format": "binary", "description": "an .onnx file, or a .zip of one .onnx and its external-data files"}
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/artifacts/{name}", "/health", "/ready"} <= set(spec["paths"])
 
 

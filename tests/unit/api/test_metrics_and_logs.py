@@ -64,3 +64,47 @@ def test_json_log_lines_carry_the_job_id():
 
         failed = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
     assert "ValueError: boom" in json.loads(formatter.format(failed))["exc"]
+
+
+def test_past_the_in_flight_limit_requests_are_503_at_once():
+    import asyncio
+
+    from api.overload import LoadShedder
+
+    release = asyncio.Event()
+    sent: list[dict] = []
+
+    async def slow_app(scope, receive, send):
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def collect(message):
+        sent.append(message)
+
+    async def scenario():
+        shedder = LoadShedder(slow_app, max_inflight=2)
+        scope = {"type": "http", "path": "/v1/jobs"}
+        busy = [asyncio.create_task(shedder(scope, None, collect)) for _ in range(2)]
+        await asyncio.sleep(0)
+        await shedder(scope, None, collect)  # the third: shed without waiting
+        shed = [m for m in sent if m["type"] == "http.response.start"]
+        assert [m["status"] for m in shed] == [503]
+        assert (b"retry-after", b"1") in shed[0]["headers"]
+        release.set()
+        await asyncio.gather(*busy)
+        assert shedder.inflight == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_full_queue_answers_503_with_retry_after(api_client, onnx_models, monkeypatch):
+    monkeypatch.setenv("FEATHERWEIGHT_MAX_QUEUED_JOBS", "1")
+    from core.settings import get_settings
+
+    get_settings.cache_clear()
+    model_id = api_client.post("/v1/models", files={"file": ("m.onnx", onnx_models.mlp().SerializeToString())}).json()["id"]
+    assert api_client.post("/v1/jobs", json={"model_id": model_id, "recipe": RECIPE}).status_code == 202
+    response = api_client.post("/v1/jobs", json={"model_id": model_id, "recipe": RECIPE})
+    assert response.status_code == 503 and response.headers["retry-after"] == "5"
+    assert api_client.post("/v1/jobs", json={"model_id": model_id, "recipe": RECIPE, "target": "gpu"}).status_code == 202
