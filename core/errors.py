@@ -27,6 +27,10 @@ class FeatherweightError(Exception):
         self.errors: list[dict[str, Any]] = list(errors or [])
         super().__init__(self.detail)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # keeps detail and errors across pickling (an error raised in a validation subprocess)
+        return (self.__class__, (self.detail, self.errors))
+
     def to_problem(self) -> dict[str, Any]:
         """The RFC 9457 body for this error."""
         return {

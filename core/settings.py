@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     max_archive_entries: int = Field(default=256, gt=0)
     max_archive_uncompressed_bytes: int = Field(default=4 * 1024**3, gt=0)
     max_compression_ratio: float = Field(default=200.0, gt=1)
+    # Model validation runs in a helper process with this address-space cap (core.isolation), so the
+    # API's memory stays flat; validation_in_process=true runs it in the API process instead.
+    validation_max_memory_bytes: int = Field(default=8 * 1024**3, gt=0)
+    validation_in_process: bool = False
     allowed_domains: tuple[str, ...] = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
 
     # Jobs and workers.

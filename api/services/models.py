@@ -20,7 +20,7 @@ from starlette.requests import Request
 
 from api.multipart import ReceivedFile, receive_file
 from api.services import metrics
-from core import model_archive, onnx_guard
+from core import isolation, model_archive
 from core.models import Model
 from core.errors import Conflict
 from core.models.base import new_id
@@ -53,7 +53,7 @@ def _register(received: ReceivedFile, session: Session, store: ObjectStore, sett
     archive = model_archive.is_zip(received.path)
     model_path = (model_archive.unpack_model_archive(received.path, received.path.parent / "unpacked", settings)
                   if archive else received.path)
-    info = onnx_guard.validate(model_path, settings)
+    info = isolation.validate_model(model_path, settings)
     model_id = new_id()
     key = model_key(model_id, archive)
     store.put_file(key, received.path, "application/octet-stream")

@@ -154,3 +154,18 @@ def test_disk_full_while_receiving_is_507_and_the_partial_file_is_gone(api_clien
     assert response.status_code == 507
     assert response.json()["type"].endswith("/insufficient-storage")
     assert _scratch_entries(migrated) == [] and _stored_files(migrated) == [] and _row_count("models") == 0
+
+
+def test_validation_runs_in_a_helper_process_that_is_replaced_when_killed(api_client, migrated, onnx_models):
+    import signal
+
+    from core import isolation
+
+    data = onnx_models.mlp().SerializeToString()
+    assert api_client.post("/v1/models", files={"file": ("m.onnx", data)}).status_code == 201
+    helpers = isolation.helper_pids()
+    assert helpers and os.getpid() not in helpers
+    os.kill(helpers[0], signal.SIGKILL)
+    response = api_client.post("/v1/models", files={"file": ("m.onnx", data)})
+    assert response.status_code == 201, response.text
+    assert isolation.helper_pids() and isolation.helper_pids() != helpers
