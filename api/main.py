@@ -28,6 +28,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.warning("authentication is DISABLED: requests without an API key act as the single default tenant "
                     "(set FEATHERWEIGHT_AUTH=required to require keys)")
     yield
+    from core import isolation
+
+    isolation.shutdown()
 
 
 def create_app() -> FastAPI:

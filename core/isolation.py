@@ -70,3 +70,12 @@ def helper_pids() -> list[int]:
     """Process ids of the running validation helpers (for tests and operators)."""
     pool = _pool
     return sorted(pool._processes) if pool is not None and pool._processes else []
+
+
+def shutdown() -> None:
+    """Stop the helper process (the API calls this when it shuts down)."""
+    global _pool
+    with _lock:
+        if _pool is not None:
+            _pool.shutdown(wait=True, cancel_futures=True)
+            _pool = None
