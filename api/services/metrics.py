@@ -26,6 +26,9 @@ UPLOADED_BYTES = Counter("featherweight_uploaded_bytes", "Bytes received in acce
 
 
 class JobCollector(Collector):
+    def describe(self) -> list[object]:
+        return []  # no query at registration (import time); the families appear on collect
+
     def collect(self) -> Iterator[object]:
         with session_scope() as session:
             jobs = JobRepo(session)
