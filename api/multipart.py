@@ -4,10 +4,11 @@ FastAPI's ``UploadFile`` would buffer the whole body before the route runs; this
 stream chunk by chunk through python-multipart's push parser, writes the ``file`` part to a file
 while hashing it, and stops with 413 the moment the file passes ``max_bytes``. Other parts are
 counted and size-capped and their content dropped, so a flood of fields or a field that never ends
-costs bounded memory.
+costs bounded memory. A client that stops sending for ``idle_timeout`` seconds gets 408.
 """
 from __future__ import annotations
 
+import asyncio
 import errno
 import hashlib
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from core.errors import BadRequest, InsufficientStorage, InvalidInput, PayloadTooLarge
+from core.errors import BadRequest, InsufficientStorage, InvalidInput, PayloadTooLarge, RequestTimeout
 
 MAX_HEADER_BYTES = 8 * 1024
 MAX_HEADERS_PER_PART = 16
@@ -122,7 +123,8 @@ class _FilePartSink:
 
 
 async def receive_file(
-    request: Request, path: Path, *, field: str, max_bytes: int, max_parts: int, max_field_bytes: int
+    request: Request, path: Path, *, field: str, max_bytes: int, max_parts: int, max_field_bytes: int,
+    idle_timeout: float = 30.0,
 ) -> ReceivedFile:
     """Write the ``field`` part of the multipart request body to ``path``; return its size and sha256."""
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
@@ -138,7 +140,14 @@ async def receive_file(
             sink = _FilePartSink(field, out, max_bytes, max_parts, max_field_bytes)
             parser = MultipartParser(options[b"boundary"], sink.callbacks())
             try:
-                async for chunk in request.stream():
+                chunks = request.stream().__aiter__()
+                while True:
+                    try:
+                        chunk = await asyncio.wait_for(chunks.__anext__(), idle_timeout)
+                    except StopAsyncIteration:
+                        break
+                    except asyncio.TimeoutError:
+                        raise RequestTimeout(f"the upload sent nothing for {idle_timeout:g} s") from None
                     parser.write(chunk)
                 parser.finalize()
             except MultipartParseError as exc:

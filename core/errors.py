@@ -96,6 +96,14 @@ class InvalidTransition(Conflict):
     title = "Invalid state transition"
 
 
+class RequestTimeout(FeatherweightError):
+    """The client stopped sending the request body (a stalled upload)."""
+
+    status = 408
+    type = PROBLEM_BASE + "request-timeout"
+    title = "Request timeout"
+
+
 class PayloadTooLarge(FeatherweightError):
     status = 413
     type = PROBLEM_BASE + "payload-too-large"

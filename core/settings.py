@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     max_graph_depth: int = Field(default=16, gt=0)
     max_multipart_fields: int = Field(default=8, gt=0)
     max_multipart_field_bytes: int = Field(default=64 * 1024, gt=0)
+    # An upload that sends nothing for this long is cut off with 408 (a stalled or lying client).
+    upload_idle_timeout_seconds: float = Field(default=30.0, gt=0)
     upload_chunk_bytes: int = Field(default=1024 * 1024, gt=0)
     # Data sets (.npz) and .zip model uploads: archives are checked entry by entry before any is read.
     max_archive_entries: int = Field(default=256, gt=0)

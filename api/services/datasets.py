@@ -38,6 +38,7 @@ async def upload_dataset(request: Request, session: Session, store: ObjectStore,
         received = await receive_file(
             request, scratch / "data.npz", field="file", max_bytes=settings.max_upload_bytes,
             max_parts=settings.max_multipart_fields, max_field_bytes=settings.max_multipart_field_bytes,
+            idle_timeout=settings.upload_idle_timeout_seconds,
         )
         return await run_in_threadpool(_register, received, session, store, settings, tenant)
     finally:

@@ -169,3 +169,41 @@ def test_validation_runs_in_a_helper_process_that_is_replaced_when_killed(api_cl
     response = api_client.post("/v1/models", files={"file": ("m.onnx", data)})
     assert response.status_code == 201, response.text
     assert isolation.helper_pids() and isolation.helper_pids() != helpers
+
+
+def test_stalled_upload_is_408_and_leaves_nothing(migrated, monkeypatch):
+    """A client that sends part of the body and then nothing: cut off after the idle timeout."""
+    import asyncio
+    import json
+
+    monkeypatch.setenv("FEATHERWEIGHT_UPLOAD_IDLE_TIMEOUT_SECONDS", "0.2")
+    from core.settings import get_settings
+
+    get_settings.cache_clear()
+    from api.main import create_app
+
+    app = create_app()
+    boundary = b"stall"
+    first = b"--stall\r\nContent-Disposition: form-data; name=\"file\"; filename=\"m.onnx\"\r\n\r\n" + b"\x08" * 1000
+    sent = []
+    calls = 0
+
+    async def receive():
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return {"type": "http.request", "body": first, "more_body": True}
+        await asyncio.sleep(3600)  # the client stalls
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/models", "raw_path": b"/v1/models", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"multipart/form-data; boundary=" + boundary), (b"host", b"test")],
+             "client": ("127.0.0.1", 1), "server": ("test", 80)}
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert start["status"] == 408 and json.loads(body)["type"].endswith("/request-timeout")
+    assert _row_count("models") == 0 and _stored_files(migrated) == [] and _scratch_entries(migrated) == []
