@@ -132,3 +132,81 @@ def test_cancel_mid_run_stops_the_worker_and_signs_a_webhook(api, workers, onnx_
         assert "stopped: it left the running state" in workers.logs()
     finally:
         receiver.close()
+
+
+class PrivateRedis:
+    """A redis-server of this test's own on a free port (no persistence), to crash and restart."""
+
+    def __init__(self, tmp_path) -> None:
+        from tests.conftest import free_port
+
+        self.port = free_port()
+        self.dir = tmp_path
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = None
+
+    def start(self) -> None:
+        import subprocess
+
+        import redis
+
+        self.process = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                         "--appendonly", "no", "--dir", str(self.dir)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if redis.Redis(port=self.port).ping():
+                    return
+            except redis.ConnectionError:
+                time.sleep(0.1)
+        raise AssertionError("private redis-server did not start")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def test_broker_crash_and_restart_during_a_job(full_stack, tmp_path, monkeypatch, onnx_models):
+    """Redis (no persistence) SIGKILLed mid-job and restarted: the running job still succeeds, and the
+    worker and the API reconnect and run the next job."""
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from tests.conftest import reset_service_caches
+
+    broker = PrivateRedis(tmp_path)
+    broker.start()
+    env = {**full_stack, **FAST_FAULTS, "FEATHERWEIGHT_BROKER_URL": broker.url}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    reset_service_caches()
+    service = Service("", tmp_path)
+    try:
+        with TestClient(create_app(), raise_server_exceptions=False) as api:
+            service.start("worker", [sys.executable, "-m", "featherweight.cli", "worker", "--queue", "cpu-x86"],
+                          subprocess_env(env))
+            model_id = api.post("/v1/models", files={"file": ("m.onnx", onnx_models.mlp().SerializeToString())}).json()["id"]
+            first = api.post("/v1/jobs", json={"model_id": model_id, "recipe": RECIPE}).json()["id"]
+            _wait(api, first, lambda j: j["state"] == "running" and (j["stage"] or "").startswith("step"), service.logs)
+            broker.kill()
+            time.sleep(1)
+            broker.start()
+            job = _wait(api, first, lambda j: j["state"] in {"succeeded", "failed", "cancelled"}, service.logs)
+            assert job["state"] == "succeeded", f"{job}\n{service.logs()}"
+            deadline = time.monotonic() + 60
+            while True:  # the API's producer reconnects: a submit may answer 503 (with Retry-After) meanwhile
+                response = api.post("/v1/jobs", json={"model_id": model_id, "recipe": RECIPE})
+                if response.status_code == 202 or time.monotonic() > deadline:
+                    break
+                assert response.status_code == 503 and response.headers["retry-after"], response.text
+                time.sleep(1)
+            assert response.status_code == 202, response.text
+            second = _wait(api, response.json()["id"], lambda j: j["state"] in {"succeeded", "failed"}, service.logs)
+            assert second["state"] == "succeeded", f"{second}\n{service.logs()}"
+            assert _bucket_keys(f"jobs/{first}/") == sorted(f"jobs/{first}/1/{n}" for n in
+                                                             ("model.onnx", "report.html", "report.json"))
+    finally:
+        service.stop()
+        broker.kill()
