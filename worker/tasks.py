@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import onnx
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 
@@ -153,8 +152,8 @@ def execute_job(job_id: str, worker: str, settings: Settings | None = None, stor
             evaluation = _fetch_dataset(store, inputs.evaluation_key, scratch / "input" / "evaluation.npz")
             options: dict[str, Any] = {}
             if inputs.student_key is not None:
-                student_path = _fetch_model(store, inputs.student_key, scratch / "student", settings)
-                options["student_model"] = onnx.load(str(student_path))
+                # the runner loads it (and refuses a student that does not load, as the model's fault)
+                options["student_model_path"] = _fetch_model(store, inputs.student_key, scratch / "student", settings)
             result = run_pipeline(
                 model_path, recipe, calibration=calibration, evaluation=evaluation, target=inputs.target,
                 workdir=scratch / "out", progress=progress, cancelled=CancelProbe(job_id), options=options,

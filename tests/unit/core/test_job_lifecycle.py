@@ -181,6 +181,7 @@ def test_json_safe_turns_numpy_and_nonfinite_into_json():
 
 def test_data_sets_and_distill_student_reach_the_pipeline(migrated, tmp_path, onnx_models, monkeypatch):
     import numpy as np
+    import onnx
 
     from core.repos import DatasetRepo
 
@@ -203,7 +204,7 @@ def test_data_sets_and_distill_student_reach_the_pipeline(migrated, tmp_path, on
     seen = {}
 
     def fake_run(model_path, recipe, *, calibration, evaluation, options, workdir, **_):
-        seen.update(cal=calibration, ev=evaluation, student=options["student_model"])
+        seen.update(cal=calibration, ev=evaluation, student=onnx.load(str(options["student_model_path"])))
         workdir.mkdir(parents=True)
         (workdir / "model.onnx").write_bytes(b"m")
         return runner.PipelineResult(model_path=workdir / "model.onnx", report={})
