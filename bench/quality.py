@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from bench.sessions import single_thread_session
+
 OUT_DIR = Path(__file__).resolve().parent / "out" / "quality"
 BLOCK_SIZE = 32
 LATENCY_BATCH = 32
@@ -171,16 +173,6 @@ def _spawn(model_name: str, variant: str, calibration_method: str, out_dir: Path
     return json.loads(lines[-1])
 
 
-def _session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def _file_bytes(path: Path) -> int:
     extra = Path(str(path) + ".data")
     return path.stat().st_size + (extra.stat().st_size if extra.exists() else 0)
@@ -208,7 +200,7 @@ def evaluate(model_name: str, variants: list[str], calibration_method: str, runs
             continue
         path = out_dir / f"{name}.onnx"
         try:
-            sessions[name] = _session(path)
+            sessions[name] = single_thread_session(path)
         except Exception as error:   # a file ORT cannot load is a finding, reported in its row
             row["error"] = f"ORT cannot load: {str(error).splitlines()[0][:160]}"
             continue

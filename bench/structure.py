@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from bench.sessions import single_thread_session
+
 OUT_DIR = Path(__file__).resolve().parent / "out" / "structure"
 LATENCY_BATCH = 32
 MODELS = ("digits_cnn", "transformer_encoder")
@@ -77,18 +79,8 @@ def _linear_params(model: onnx.ModelProto) -> int:
     return total
 
 
-def _session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def _latencies(paths: dict[str, Path], feeds: dict[str, np.ndarray], runs: int) -> dict[str, float]:
-    sessions = {name: _session(path) for name, path in paths.items()}
+    sessions = {name: single_thread_session(path) for name, path in paths.items()}
     for sess in sessions.values():
         for _ in range(5):
             sess.run(None, feeds)
