@@ -29,7 +29,10 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    # a server that does not answer (not even with a refusal) fails a connect in 5 s, so a request
+    # meets the outage as a prompt 503 (api.problems), never a hang
+    connect_args = {"connect_timeout": 5} if url.startswith("postgresql") else {}
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, connect_args=connect_args)
 
 
 @functools.lru_cache(maxsize=1)

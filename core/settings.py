@@ -100,6 +100,11 @@ class Settings(BaseSettings):
     # A running job that is cancelled stops at its next cancel check (seconds); if it has not stopped
     # this long after, its worker process is killed (the hard fallback).
     cancel_grace_seconds: float = Field(default=30.0, gt=0)
+    # Outages: a worker that finds the database or the object store unreachable (claiming a job,
+    # fetching its inputs, storing its artifacts, recording its end) retries with backoff for this
+    # long before it gives the attempt up (SECURITY.md: jobs resume or fail cleanly).
+    database_retry_seconds: float = Field(default=60.0, ge=0)
+    storage_retry_seconds: float = Field(default=60.0, ge=0)
     # Fault-injection for tests and demos: the worker sleeps this long at every stage change of a job,
     # so a job is slow enough to kill or cancel mid-run. Refused (must be 0) in production.
     debug_step_delay: float = Field(default=0.0, ge=0, le=600)

@@ -145,7 +145,7 @@ class S3Store:
             raise Unavailable(f"object storage refused {key!r}: {exc}") from exc
 
     def get_file(self, key: str, path: Path) -> None:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             self.client.download_file(self.bucket, check_key(key), str(path))
@@ -153,6 +153,8 @@ class S3Store:
             if self._not_found(exc):
                 raise NotFound(f"object {key!r} not found") from exc
             raise
+        except BotoCoreError as exc:  # connection refused, timed out, reset: the server is away
+            raise Unavailable(f"object storage unreachable reading {key!r}: {exc}") from exc
 
     def iter_bytes(self, key: str) -> Iterator[bytes]:
         from botocore.exceptions import ClientError

@@ -17,11 +17,20 @@
    transition is refused the uploaded objects are deleted, so one artifact set is ever committed;
 5. on any error marks the job ``failed`` with the problem ``type`` and ``detail`` and deletes what it
    uploaded; the scratch directory is always removed.
+
+Outages (SECURITY.md "Faults"): the database calls that decide the job (the claim, the final
+transition, the failure) retry with backoff for ``database_retry_seconds`` while the database is
+unreachable, and each object fetch or upload for ``storage_retry_seconds`` while the store is
+(``Unavailable``). Past that the attempt fails with the store's error, or, when not even the failure
+can be recorded, stays ``running`` with a lease that goes stale, for the reaper to requeue or fail.
+A final commit whose connection dropped mid-COMMIT may have landed: the retry first looks for this
+attempt's artifact rows, so it never deletes objects that committed rows point at.
 """
 from __future__ import annotations
 
 import contextvars
 import datetime as dt
+import functools
 import hashlib
 import logging
 import math
@@ -39,9 +48,10 @@ from typing import Any
 
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from core.db import session_scope
-from core.errors import FeatherweightError, InvalidTransition, PipelineError
+from core.errors import FeatherweightError, InvalidTransition, PipelineError, Unavailable
 from core.logs import job_context
 from core.model_archive import unpack_model_archive
 from core.models import JobState
@@ -118,16 +128,20 @@ def execute_job(job_id: str, worker: str, settings: Settings | None = None, stor
     """
     settings = settings or get_settings()
     store = store or get_store()
-    stale_before = utcnow() - dt.timedelta(seconds=settings.worker_stale_seconds)
-    with session_scope() as session:
-        jobs = JobRepo(session)
-        claim = jobs.claim(job_id, worker_identity(worker), stale_before=stale_before, owner_alive=owner_alive)
-        if not claim.claimed:
-            found = jobs.find(job_id)
-            state = found.state if found else "missing"
-            log.info("job %s not claimed (%s, state %s): duplicate delivery or already handled",
-                     job_id, claim.outcome.value, state)
-            return state
+
+    def take() -> tuple[Any, str]:
+        stale_before = utcnow() - dt.timedelta(seconds=settings.worker_stale_seconds)
+        with session_scope() as session:
+            jobs = JobRepo(session)
+            claim = jobs.claim(job_id, worker_identity(worker), stale_before=stale_before, owner_alive=owner_alive)
+            found = None if claim.claimed else jobs.find(job_id)
+            return claim, (found.state if found else "missing")
+
+    claim, state = with_database_retry(take, f"claiming job {job_id}", settings)
+    if not claim.claimed:
+        log.info("job %s not claimed (%s, state %s): duplicate delivery or already handled",
+                 job_id, claim.outcome.value, state)
+        return state
     attempt = claim.attempt
     log.info("job %s: attempt %d started", job_id, attempt)
 
@@ -142,14 +156,14 @@ def execute_job(job_id: str, worker: str, settings: Settings | None = None, stor
         from worker.pipeline.step import StepCancelled
 
         try:
-            inputs = _job_inputs(job_id)
+            inputs = with_database_retry(lambda: _job_inputs(job_id), f"reading job {job_id}", settings)
             progress = ThrottledProgress(job_id, settings.progress_min_interval_seconds,
                                          stage_delay=settings.debug_step_delay)
             progress(0.0, "fetching the model")
             model_path = _fetch_model(store, inputs.model_key, scratch / "input", settings)
             recipe = parse_recipe(inputs.recipe)
-            calibration = _fetch_dataset(store, inputs.calibration_key, scratch / "input" / "calibration.npz")
-            evaluation = _fetch_dataset(store, inputs.evaluation_key, scratch / "input" / "evaluation.npz")
+            calibration = _fetch_dataset(store, inputs.calibration_key, scratch / "input" / "calibration.npz", settings)
+            evaluation = _fetch_dataset(store, inputs.evaluation_key, scratch / "input" / "evaluation.npz", settings)
             options: dict[str, Any] = {}
             if inputs.student_key is not None:
                 # the runner loads it (and refuses a student that does not load, as the model's fault)
@@ -159,35 +173,29 @@ def execute_job(job_id: str, worker: str, settings: Settings | None = None, stor
                 workdir=scratch / "out", progress=progress, cancelled=CancelProbe(job_id), options=options,
             )
             progress(1.0, "uploading artifacts")
-            uploaded = _upload(store, job_id, attempt, result.model_path.parent, result.model_path)
-            report = json_safe(result.report)
-            with session_scope() as session:
-                # the guarded move first: only the attempt that still owns the job records artifacts
-                JobRepo(session).transition(job_id, JobState.SUCCEEDED, progress=1.0, report=report,
-                                            expected_attempt=attempt)
-                artifacts = ArtifactRepo(session)
-                for item in uploaded:
-                    artifacts.add(job_id, item.name, item.key, item.size, item.sha256, item.content_type)
+            uploaded = _upload(store, job_id, attempt, result.model_path.parent, result.model_path, settings)
+            _record_success(job_id, attempt, json_safe(result.report), uploaded, settings)
             log.info("job %s succeeded", job_id)
             return JobState.SUCCEEDED.value
         except StepCancelled:
             log.info("job %s stopped: it left the running state", job_id)
             _delete(store, uploaded)
-            return _current_state(job_id)
+            return _current_state(job_id, settings)
         except InvalidTransition as exc:
             log.warning("job %s finished but could not be marked succeeded: %s", job_id, exc)
             _delete(store, uploaded)
-            return _current_state(job_id)
+            return _current_state(job_id, settings)
         except SoftTimeLimitExceeded:
             _delete(store, uploaded)
-            return _fail(job_id, attempt, PipelineError(f"the job passed its time limit of {settings.task_soft_time_limit} s"))
+            return _fail(job_id, attempt, PipelineError(f"the job passed its time limit of {settings.task_soft_time_limit} s"),
+                         settings)
         except FeatherweightError as exc:
             _delete(store, uploaded)
-            return _fail(job_id, attempt, exc)
+            return _fail(job_id, attempt, exc, settings)
         except Exception as exc:  # the job must end failed whatever went wrong; the log keeps the traceback
             log.exception("job %s failed unexpectedly", job_id)
             _delete(store, uploaded)
-            return _fail(job_id, attempt, PipelineError(f"{type(exc).__name__}: {exc}"))
+            return _fail(job_id, attempt, PipelineError(f"{type(exc).__name__}: {exc}"), settings)
     finally:
         lease.stop()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -218,24 +226,86 @@ def _job_inputs(job_id: str) -> JobInputs:
         )
 
 
+def database_unavailable(exc: BaseException) -> bool:
+    """True for errors that mean the database could not be reached or the connection dropped."""
+    return isinstance(exc, (OperationalError, InterfaceError)) or (
+        isinstance(exc, DBAPIError) and bool(exc.connection_invalidated))
+
+
+def _retry(action: Callable[[], Any], what: str, window: float, transient: Callable[[BaseException], bool]) -> Any:
+    """``action()``, retried with backoff (0.5 s doubling to 5 s) while it raises a ``transient``
+    error and ``window`` seconds have not passed since the first try; then the error propagates."""
+    deadline = time.monotonic() + window
+    delay = 0.5
+    while True:
+        try:
+            return action()
+        except Exception as exc:
+            if not transient(exc) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s: %s unavailable, retrying in %.1f s: %s", what,
+                        "object storage" if isinstance(exc, Unavailable) else "database", delay, exc)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def with_database_retry(action: Callable[[], Any], what: str, settings: Settings) -> Any:
+    return _retry(action, what, settings.database_retry_seconds, database_unavailable)
+
+
+def with_storage_retry(action: Callable[[], Any], what: str, settings: Settings) -> Any:
+    return _retry(action, what, settings.storage_retry_seconds, lambda exc: isinstance(exc, Unavailable))
+
+
+def _record_success(job_id: str, attempt: int, report: Any, uploaded: list["StoredArtifact"], settings: Settings) -> None:
+    """Move the job to ``succeeded`` (guarded on ``attempt``) and record its artifacts, in one
+    transaction, retried while the database is away. A retry first checks whether an earlier try
+    committed before its connection dropped (this attempt's rows are there): then it is done."""
+    tries = 0
+
+    def commit() -> None:
+        nonlocal tries
+        tries += 1
+        with session_scope() as session:
+            if tries > 1 and _recorded(session, job_id, attempt, uploaded):
+                log.info("job %s: the success recorded before the connection dropped stands", job_id)
+                return
+            # the guarded move first: only the attempt that still owns the job records artifacts
+            JobRepo(session).transition(job_id, JobState.SUCCEEDED, progress=1.0, report=report,
+                                        expected_attempt=attempt)
+            artifacts = ArtifactRepo(session)
+            for item in uploaded:
+                artifacts.add(job_id, item.name, item.key, item.size, item.sha256, item.content_type)
+
+    with_database_retry(commit, f"recording the success of job {job_id}", settings)
+
+
+def _recorded(session: Any, job_id: str, attempt: int, uploaded: list["StoredArtifact"]) -> bool:
+    job = JobRepo(session).find(job_id)
+    if job is None or job.state != JobState.SUCCEEDED.value or job.attempts != attempt:
+        return False
+    keys = {a.storage_key for a in ArtifactRepo(session).list_for_job(job_id)}
+    return keys == {item.key for item in uploaded}
+
+
 def _fetch_model(store: ObjectStore, key: str, folder: Path, settings: Settings) -> Path:
     """Download a stored model into ``folder``; an uploaded .zip is unpacked with the upload's checks."""
     folder.mkdir(parents=True, exist_ok=True)
     if key.endswith(".zip"):
         archive = folder.parent / f"{folder.name}.zip"
-        store.get_file(key, archive)
+        with_storage_retry(lambda: store.get_file(key, archive), f"fetching {key}", settings)
         return unpack_model_archive(archive, folder / "model", settings)
     path = folder / "model.onnx"
-    store.get_file(key, path)
+    with_storage_retry(lambda: store.get_file(key, path), f"fetching {key}", settings)
     return path
 
 
-def _fetch_dataset(store: ObjectStore, key: str | None, path: Path) -> dict[str, Any] | None:
+def _fetch_dataset(store: ObjectStore, key: str | None, path: Path, settings: Settings) -> dict[str, Any] | None:
     if key is None:
         return None
     from worker.pipeline.data import load_npz
 
-    store.get_file(key, path)
+    with_storage_retry(lambda: store.get_file(key, path), f"fetching {key}", settings)
     return load_npz(path)  # allow_pickle=False
 
 
@@ -282,8 +352,10 @@ class Lease:
             self._thread.join(timeout=5)
 
 
-def _upload(store: ObjectStore, job_id: str, attempt: int, workdir: Path, model_path: Path) -> list[StoredArtifact]:
-    """Store the outputs under ``jobs/<id>/<attempt>/``: attempts never overwrite each other's objects."""
+def _upload(store: ObjectStore, job_id: str, attempt: int, workdir: Path, model_path: Path,
+            settings: Settings) -> list[StoredArtifact]:
+    """Store the outputs under ``jobs/<id>/<attempt>/``: attempts never overwrite each other's objects.
+    Each object is retried while the store is unreachable, for ``storage_retry_seconds``."""
     stored: list[StoredArtifact] = []
     try:
         for name, filename, content_type in ARTIFACT_FILES:
@@ -292,7 +364,11 @@ def _upload(store: ObjectStore, job_id: str, attempt: int, workdir: Path, model_
                 continue
             key = f"jobs/{job_id}/{attempt}/{filename}"
             size, digest = file_digest(path)
-            store.put_file(key, path, content_type)
+            try:
+                with_storage_retry(functools.partial(store.put_file, key, path, content_type), f"storing {key}", settings)
+            except Unavailable as exc:
+                raise Unavailable(f"could not store the job's artifacts: object storage stayed unreachable for "
+                                  f"{settings.storage_retry_seconds:g} s: {exc.detail}") from exc
             stored.append(StoredArtifact(name, key, size, digest, content_type))
     except BaseException:
         _delete(store, stored)
@@ -308,22 +384,32 @@ def _delete(store: ObjectStore, artifacts: list[StoredArtifact]) -> None:
             log.exception("could not delete %s", item.key)
 
 
-def _fail(job_id: str, attempt: int, exc: FeatherweightError) -> str:
+def _fail(job_id: str, attempt: int, exc: FeatherweightError, settings: Settings | None = None) -> str:
+    settings = settings or get_settings()
     error = {"type": exc.type, "title": exc.title, "detail": exc.detail, "errors": exc.to_problem()["errors"]}
-    try:
+
+    def record() -> None:
         with session_scope() as session:
             JobRepo(session).transition(job_id, JobState.FAILED, error=error, message=exc.detail[:2000],
                                         expected_attempt=attempt)
-    except InvalidTransition:
-        return _current_state(job_id)
+
+    try:
+        with_database_retry(record, f"recording the failure of job {job_id}", settings)
+    except InvalidTransition:  # also: an earlier try committed before its connection dropped
+        return _current_state(job_id, settings)
     log.info("job %s failed: %s", job_id, exc.detail)
     return JobState.FAILED.value
 
 
-def _current_state(job_id: str) -> str:
-    with session_scope() as session:
-        job = JobRepo(session).find(job_id)
-        return job.state if job else "missing"
+def _current_state(job_id: str, settings: Settings | None = None) -> str:
+    def read() -> str:
+        with session_scope() as session:
+            job = JobRepo(session).find(job_id)
+            return job.state if job else "missing"
+
+    if settings is None:
+        return read()
+    return with_database_retry(read, f"reading the state of job {job_id}", settings)
 
 
 def _progress(job_id: str, fraction: float, stage: str) -> bool:
