@@ -512,6 +512,66 @@ class _Outage:
         return now - self.since >= self.limit
 
 
+class _Poll:
+    """One ``wait()``: backoff, patience through outages, the deadline, the ETag and progress
+    de-duplication. Client.wait and AsyncClient.wait share it, so both poll by the same rules and
+    differ only in how they send and sleep."""
+
+    def __init__(self, job_id: str, timeout: float | None, on_progress: Callable[[Job], None] | None, *,
+                 poll_interval: float, max_interval: float, raise_on_failure: bool, outage_limit: float,
+                 clock: Callable[[], float]) -> None:
+        self.job_id, self.timeout, self.on_progress = job_id, timeout, on_progress
+        self.raise_on_failure, self.clock = raise_on_failure, clock
+        self.deadline = None if timeout is None else clock() + timeout
+        self.backoff = _Backoff(poll_interval, max_interval)
+        self.outage = _Outage(outage_limit, clock)
+        self.job: Job | None = None
+        self.etag: str | None = None
+        self.seen: tuple[Any, ...] | None = None
+        self.retry_after: float | None = None
+
+    @property
+    def path(self) -> str:
+        return f"/v1/jobs/{self.job_id}"
+
+    def headers(self) -> dict[str, str] | None:
+        return {"If-None-Match": self.etag} if self.etag and self.job else None
+
+    def answered(self, response: httpx.Response) -> None:
+        if response.status_code != 304:
+            self.job, self.etag = Job.from_json(response.json()), response.headers.get("ETag")
+        self.retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        self.outage.over()
+
+    def unavailable(self, exc: ServerUnavailable) -> None:
+        """The first look must succeed; after that, ride out an outage up to its limit and the deadline."""
+        if self.job is None or self.outage.too_long() or (self.deadline is not None and self.clock() >= self.deadline):
+            raise exc
+        self.retry_after = exc.retry_after
+
+    def finished(self) -> Job | None:
+        """The job once it is done (after reporting progress), else None."""
+        job = self.job
+        if job is None:
+            return None
+        if self.on_progress is not None and (job.state, job.progress, job.stage) != self.seen:
+            self.seen = (job.state, job.progress, job.stage)
+            self.on_progress(job)
+        if not job.done:
+            return None
+        if self.raise_on_failure and not job.succeeded:
+            raise JobFailed(job)
+        return job
+
+    def next_delay(self) -> float:
+        remaining = None if self.deadline is None else self.deadline - self.clock()
+        if remaining is not None and remaining <= 0:
+            raise WaitTimeout(self.job_id, self.timeout or 0.0, self.job)
+        delay = self.backoff.delay(self.retry_after, remaining)
+        self.retry_after = None
+        return delay
+
+
 # ---------------------------------------------------------------------------------- sync client
 
 
@@ -638,37 +698,17 @@ class Client:
         job each time state, progress or stage changes. Raises WaitTimeout, ServerUnavailable, or
         JobFailed when ``raise_on_failure`` and the job did not succeed.
         """
-        deadline = None if timeout is None else self._clock() + timeout
-        backoff = _Backoff(poll_interval, max_interval)
-        job: Job | None = None
-        etag: str | None = None
-        seen: tuple[Any, ...] | None = None
-        outage = _Outage(outage_limit, self._clock)
+        poll = _Poll(job_id, timeout, on_progress, poll_interval=poll_interval, max_interval=max_interval,
+                     raise_on_failure=raise_on_failure, outage_limit=outage_limit, clock=self._clock)
         while True:
-            retry_after: float | None = None
             try:
-                response = self._send("GET", f"/v1/jobs/{job_id}", retry_reads=job is None,
-                                      headers={"If-None-Match": etag} if etag and job else None)
-                if response.status_code != 304:
-                    job, etag = Job.from_json(response.json()), response.headers.get("ETag")
-                retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                outage.over()
+                poll.answered(self._send("GET", poll.path, retry_reads=poll.job is None, headers=poll.headers()))
             except ServerUnavailable as exc:
-                if job is None or outage.too_long() or (deadline is not None and self._clock() >= deadline):
-                    raise
-                retry_after = exc.retry_after
+                poll.unavailable(exc)
+            job = poll.finished()
             if job is not None:
-                if on_progress is not None and (job.state, job.progress, job.stage) != seen:
-                    seen = (job.state, job.progress, job.stage)
-                    on_progress(job)
-                if job.done:
-                    if raise_on_failure and not job.succeeded:
-                        raise JobFailed(job)
-                    return job
-            remaining = None if deadline is None else deadline - self._clock()
-            if remaining is not None and remaining <= 0:
-                raise WaitTimeout(job_id, timeout or 0.0, job)
-            self._sleep(backoff.delay(retry_after, remaining))
+                return job
+            self._sleep(poll.next_delay())
 
     def download(self, job_id: str, name: str = "model", dest: str | os.PathLike[str] = ".",
                  progress: ProgressCallback | None = None) -> Download:
@@ -805,34 +845,17 @@ class AsyncClient:
                    *, poll_interval: float = 0.5, max_interval: float = 5.0, raise_on_failure: bool = False,
                    outage_limit: float = OUTAGE_LIMIT) -> Job:
         """As ``Client.wait``."""
-        deadline = None if timeout is None else self._clock() + timeout
-        backoff = _Backoff(poll_interval, max_interval)
-        job: Job | None = None
-        seen: tuple[Any, ...] | None = None
-        outage = _Outage(outage_limit, self._clock)
+        poll = _Poll(job_id, timeout, on_progress, poll_interval=poll_interval, max_interval=max_interval,
+                     raise_on_failure=raise_on_failure, outage_limit=outage_limit, clock=self._clock)
         while True:
-            retry_after: float | None = None
             try:
-                response = await self._send("GET", f"/v1/jobs/{job_id}", retry_reads=job is None)
-                job = Job.from_json(response.json())
-                retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                outage.over()
+                poll.answered(await self._send("GET", poll.path, retry_reads=poll.job is None, headers=poll.headers()))
             except ServerUnavailable as exc:
-                if job is None or outage.too_long() or (deadline is not None and self._clock() >= deadline):
-                    raise
-                retry_after = exc.retry_after
+                poll.unavailable(exc)
+            job = poll.finished()
             if job is not None:
-                if on_progress is not None and (job.state, job.progress, job.stage) != seen:
-                    seen = (job.state, job.progress, job.stage)
-                    on_progress(job)
-                if job.done:
-                    if raise_on_failure and not job.succeeded:
-                        raise JobFailed(job)
-                    return job
-            remaining = None if deadline is None else deadline - self._clock()
-            if remaining is not None and remaining <= 0:
-                raise WaitTimeout(job_id, timeout or 0.0, job)
-            await self._sleep(backoff.delay(retry_after, remaining))
+                return job
+            await self._sleep(poll.next_delay())
 
     async def download(self, job_id: str, name: str = "model", dest: str | os.PathLike[str] = ".",
                        progress: ProgressCallback | None = None) -> Download:
