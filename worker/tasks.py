@@ -164,7 +164,7 @@ def execute_job(job_id: str, worker: str, settings: Settings | None = None, stor
             recipe = parse_recipe(inputs.recipe)
             calibration = _fetch_dataset(store, inputs.calibration_key, scratch / "input" / "calibration.npz", settings)
             evaluation = _fetch_dataset(store, inputs.evaluation_key, scratch / "input" / "evaluation.npz", settings)
-            options: dict[str, Any] = {}
+            options: dict[str, Any] = {"model_name": inputs.model_filename}   # the report's title
             if inputs.student_key is not None:
                 # the runner loads it (and refuses a student that does not load, as the model's fault)
                 options["student_model_path"] = _fetch_model(store, inputs.student_key, scratch / "student", settings)
@@ -206,6 +206,7 @@ class JobInputs:
     recipe: dict[str, Any]
     target: str
     model_key: str
+    model_filename: str
     calibration_key: str | None
     evaluation_key: str | None
     student_key: str | None
@@ -216,10 +217,11 @@ def _job_inputs(job_id: str) -> JobInputs:
     with session_scope() as session:
         job = JobRepo(session).get(job_id)
         models, datasets = ModelRepo(session), DatasetRepo(session)
+        model = models.get(job.model_id)
         students = [step.get("student_model_id") for step in job.recipe.get("steps", [])
                     if step.get("op") == "distill" and step.get("student_model_id")]
         return JobInputs(
-            recipe=job.recipe, target=job.target, model_key=models.get(job.model_id).storage_key,
+            recipe=job.recipe, target=job.target, model_key=model.storage_key, model_filename=model.filename,
             calibration_key=datasets.get(job.calibration_dataset_id).storage_key if job.calibration_dataset_id else None,
             evaluation_key=datasets.get(job.eval_dataset_id).storage_key if job.eval_dataset_id else None,
             student_key=models.get(students[0]).storage_key if students else None,

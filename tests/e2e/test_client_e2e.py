@@ -129,6 +129,7 @@ def test_job_serves_a_self_contained_report_html(live_server, onnx_models, tmp_p
     assert page.startswith("<!DOCTYPE html>") and "<svg" in page
     assert "http://" not in page and "https://" not in page and "<script" not in page
     assert f"{job.report['size_ratio']:.2f}\u00d7" in page
+    assert "<title>mlp.onnx: compression report</title>" in page      # titled by the uploaded file's name
 
 
 # ------------------------------------------------------------------------------ the CLI

@@ -120,7 +120,7 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
 
     ``options`` go to every step's context and tune the report: ``latency_runs`` (50),
     ``latency_budget_s`` (10), ``fidelity_samples`` (512), ``layer_errors`` (True),
-    ``layer_error_samples`` (64), ``generated_samples`` (32).
+    ``layer_error_samples`` (64), ``generated_samples`` (32); ``model_name`` titles report.html.
     """
     model_path, workdir = Path(model_path), Path(workdir)
     options = dict(options or {})
@@ -220,6 +220,6 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
     report = build_report(original_path=model_path, compressed_path=out_path, target=target, steps=step_rows,
                           layers=layers, evaluation=eval_set, calibration=cal_set, options=options)
     write_report(report, workdir / REPORT_NAME)
-    write_report_html(report, workdir / HTML_REPORT_NAME, title=f"{Path(model_path).name}: compression report")
+    write_report_html(report, workdir / HTML_REPORT_NAME, title=f"{options.get('model_name') or Path(model_path).name}: compression report")
     progress(1.0, "done")
     return PipelineResult(model_path=out_path, report=report)
