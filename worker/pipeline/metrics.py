@@ -9,7 +9,8 @@ Definitions:
 - ``params``: elements over every initializer and Constant tensor (subgraphs included), counted
   unpacked (an int4 tensor of 64 values is 64 params). ``nonzero_params``: those not equal to zero
   (for a quantized tensor: stored values not equal to zero; for MatMulNBits, whose B packs
-  8/bits weights per byte, the N x K weights it encodes, nonzero where not at their zero point).
+  8/bits weights per byte, the N x K weights it encodes, nonzero where not at their zero point; for
+  a weight stored sparse, bitmask + values, the dense tensor it decodes to).
 - ``macs``: multiply-accumulates for one sample (symbolic dims taken as 1) of Conv, ConvTranspose,
   Gemm, MatMul, their quantized and fused forms (QLinearConv, ConvInteger, QLinearMatMul,
   MatMulInteger, MatMulIntegerToFloat, DynamicQuantizeMatMul, FusedMatMul, MatMulNBits) and the
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import itertools
 import math
 import shutil
 import time
@@ -166,12 +168,42 @@ def _matmulnbits_counts(tensor: onnx.TensorProto, node: onnx.NodeProto, tensors:
     return n * k, nonzero
 
 
+def _node_inputs(g: onnx.GraphProto, skip: set[str]) -> Iterable[str]:
+    """Every input name of every node of ``g`` and its subgraphs, but nodes named in ``skip``."""
+    for node in g.node:
+        if node.name in skip:
+            continue
+        yield from node.input
+        for sub in _subgraphs(node):
+            yield from _node_inputs(sub, skip)
+
+
+def _sparse_stored(model: onnx.ModelProto, base_dir: str | Path | None
+                   ) -> tuple[list[onnx.TensorProto], set[str]]:
+    """Weights stored sparse (``quant.sparse_storage``: bitmask + values, decoded at load), as the
+    dense tensors they decode to, and the initializers that only their decoding reads. Counting the
+    dense tensors instead of those initializers gives the counts of the same model stored dense."""
+    from worker.pipeline.quant import sparse_storage
+
+    found = sparse_storage.find_sparse_weights(model.graph)
+    if not found:
+        return [], set()
+    decoding = {node.name for sparse in found for node in sparse.nodes}
+    read_elsewhere = set(_node_inputs(model.graph, decoding)) | {o.name for o in model.graph.output}
+    hidden = {name for sparse in found for name in sparse.inputs() if name not in read_elsewhere}
+    read = lambda tensor: tensor_values(tensor, base_dir)  # noqa: E731
+    return [sparse_storage.decoded_tensor(model.graph, sparse, read) for sparse in found], hidden
+
+
 def param_counts(model: onnx.ModelProto, base_dir: str | Path | None = None) -> tuple[int, int]:
-    """(params, nonzero params) over initializers and Constant tensors, subgraphs included."""
+    """(params, nonzero params) over initializers and Constant tensors, subgraphs included; a weight
+    stored sparse counts as the dense tensor it decodes to."""
     params = nonzero = 0
     packed_weights = _matmulnbits_weights(model)
+    decoded, hidden = _sparse_stored(model, base_dir)
     tensors = {tensor.name: tensor for tensor in model.graph.initializer}
-    for tensor in _all_tensors(model):
+    tensors.update({tensor.name: tensor for tensor in decoded})
+    for tensor in itertools.chain((t for t in _all_tensors(model) if t.name not in hidden), decoded):
         node = packed_weights.get(tensor.name)
         if node is not None and tensor.name in tensors:
             counts = _matmulnbits_counts(tensor, node, tensors, base_dir)

@@ -1,0 +1,165 @@
+"""Sparse storage of pruned integer weights (bitmask + values, decoded by ONNX Runtime's constant
+folding): the decoded weights are the dense ones bit for bit, outputs are identical, the file gets
+smaller, and params / nonzero_params count what the dense form counts."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+
+from core.recipe import parse_recipe
+from tests.unit.pipeline import builders
+from worker.pipeline import metrics
+from worker.pipeline.quant import sparse_storage
+from worker.pipeline.step import StepContext
+from worker.pipeline.steps import prune, quantize
+
+PRUNE = {"op": "prune", "method": "magnitude", "sparsity": 0.5, "scope": "layer", "min_params": 0}
+WEIGHT_ONLY = {"op": "quantize", "weights": {"bits": 8, "symmetric": True, "granularity": "channel"},
+               "min_params": 0, "format": "qdq"}
+STATIC = {"op": "quantize", "weights": {"bits": 8}, "activations": {"calibration": "minmax"}, "min_params": 0}
+DYNAMIC = {"op": "quantize", "weights": {"bits": 8}, "activations": {"calibration": "dynamic"}, "min_params": 0}
+
+
+def _compress(model, steps, *, sparse: bool, calibration=None):
+    """The recipe's steps run one after another, as the runner runs them; returns (model, ctx)."""
+    ctx = StepContext(original=model, calibration=calibration, options={"sparse_storage": sparse})
+    for step in parse_recipe({"steps": steps}).steps:
+        module = {"prune": prune, "quantize": quantize}[step.op]
+        model = module.run(model, step, ctx).model
+    onnx.checker.check_model(model, full_check=True)
+    return model, ctx
+
+
+def _both(model, steps, calibration=None):
+    dense, _ = _compress(model, steps, sparse=False, calibration=calibration)
+    stored, ctx = _compress(model, steps, sparse=True, calibration=calibration)
+    return dense, stored, ctx
+
+
+def _io(model):
+    def describe(values):
+        return [(v.name, v.type.tensor_type.elem_type,
+                 [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]) for v in values]
+    inits = {t.name for t in model.graph.initializer}
+    return describe([v for v in model.graph.input if v.name not in inits]), describe(model.graph.output)
+
+
+def _folded_initializers(model, path) -> dict[str, np.ndarray]:
+    """The initializers ONNX Runtime holds after its graph optimizations (constant folding)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(path)
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    folded = onnx.load(str(path))
+    assert not any(node.op_type in ("BitShift", "CumSum") for node in folded.graph.node), "decoding not folded"
+    return {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}
+
+
+def test_pack_unpack_round_trip_keeps_every_value_and_the_fill():
+    rng = np.random.default_rng(0)
+    q = rng.integers(-127, 128, size=(37, 29)).astype(np.int8)
+    q[rng.random(q.shape) < 0.6] = 0
+    packed = sparse_storage.pack(q)
+    assert packed.values[0] == 0 and packed.values.size - 1 == np.count_nonzero(q)
+    assert packed.mask.shape == (-(-q.size // 8), 1)
+    assert np.array_equal(sparse_storage.unpack(packed.mask, packed.values, q.size, q.shape), q)
+    # uint8 weights whose pruned entries sit at the zero point 128: the fill is 128, not 0
+    u = (q.astype(np.int16) + 128).astype(np.uint8)
+    packed = sparse_storage.pack(u)
+    assert packed.values[0] == 128
+    restored = sparse_storage.unpack(packed.mask, packed.values, u.size, u.shape)
+    assert restored.dtype == np.uint8 and np.array_equal(restored, u)
+
+
+def test_pruned_int8_mlp_decodes_to_the_dense_weights_with_identical_outputs(tmp_path):
+    model = builders.mlp(inputs=256, hidden=512, classes=16)
+    dense, stored, ctx = _both(model, [PRUNE, WEIGHT_ONLY])
+    found = sparse_storage.find_sparse_weights(stored.graph)
+    stored_sparse = {s.weight for s in found}
+    assert "W1_quantized" in stored_sparse
+    assert {t.name for t in stored.graph.initializer}.isdisjoint(stored_sparse)
+    assert _io(stored) == _io(model)
+
+    dense_w = {t.name: numpy_helper.to_array(t) for t in dense.graph.initializer}
+    folded = _folded_initializers(stored, tmp_path / "folded.onnx")
+    for name in stored_sparse:
+        assert folded[name].dtype == np.int8
+        assert np.array_equal(folded[name], dense_w[name])
+    # the pruned half is still exactly zero after the round trip
+    assert np.count_nonzero(folded["W1_quantized"] == 0) >= 0.5 * folded["W1_quantized"].size
+
+    feeds = builders.random_inputs(model, count=32)
+    for a, b in zip(builders.run_ort(dense, feeds), builders.run_ort(stored, feeds)):
+        assert np.array_equal(a, b)
+
+    assert stored.ByteSize() < 0.7 * dense.ByteSize()
+    assert metrics.param_counts(stored) == metrics.param_counts(dense)
+    assert metrics.macs(stored) == metrics.macs(dense)
+    record = ctx.layers["W1"]
+    assert record.bits == 8 and abs(record.sparsity - 0.5) < 0.01 and "bitmask" in record.extra["storage"]
+
+
+def test_smaller_zstd_file_and_dense_weights_without_zeros_stay_dense(tmp_path):
+    model = builders.mlp(inputs=256, hidden=512, classes=16)
+    dense, stored, _ = _both(model, [PRUNE, WEIGHT_ONLY])
+    paths = {}
+    for label, m in (("dense", dense), ("stored", stored)):
+        paths[label] = tmp_path / f"{label}.onnx"
+        onnx.save_model(m, str(paths[label]))
+    assert metrics.zstd_bytes(paths["stored"]) < metrics.zstd_bytes(paths["dense"])
+    assert metrics.file_bytes(paths["stored"]) < metrics.file_bytes(paths["dense"])
+
+    # quantized without pruning: hardly a zero among the int8 values, nothing to gain
+    unpruned, _ = _compress(model, [WEIGHT_ONLY], sparse=True)
+    assert sparse_storage.find_sparse_weights(unpruned.graph) == []
+    assert any(t.name == "W1_quantized" and t.data_type == onnx.TensorProto.INT8 for t in unpruned.graph.initializer)
+
+
+def test_static_qdq_weights_stored_sparse_run_identically():
+    model = builders.mlp(inputs=256, hidden=512, classes=16)
+    calibration = builders.random_inputs(model, count=64, seed=3)
+    dense, stored, _ = _both(model, [PRUNE, STATIC], calibration=calibration)
+    assert sparse_storage.find_sparse_weights(stored.graph)
+    feeds = builders.random_inputs(model, count=32)
+    for a, b in zip(builders.run_ort(dense, feeds), builders.run_ort(stored, feeds)):
+        assert np.array_equal(a, b)
+    assert metrics.param_counts(stored) == metrics.param_counts(dense)
+    assert _io(stored) == _io(model)
+
+
+def test_dynamic_int8_b_weights_stored_sparse_run_identically():
+    model = builders.mlp(inputs=256, hidden=512, classes=16)
+    dense, stored, _ = _both(model, [PRUNE, DYNAMIC])
+    found = sparse_storage.find_sparse_weights(stored.graph)
+    assert found
+    readers = {i for node in stored.graph.node if node.op_type == "DynamicQuantizeMatMul" for i in node.input}
+    assert {s.weight for s in found} <= readers
+    feeds = builders.random_inputs(model, count=32)
+    for a, b in zip(builders.run_ort(dense, feeds), builders.run_ort(stored, feeds)):
+        assert np.array_equal(a, b)
+    assert metrics.param_counts(stored) == metrics.param_counts(dense)
+
+
+def test_params_count_the_encoded_weights_and_not_the_mask(tmp_path):
+    model = builders.mlp(inputs=256, hidden=512, classes=16)
+    dense, stored, _ = _both(model, [PRUNE, WEIGHT_ONLY])
+    params, nonzero = metrics.param_counts(stored)
+    w1 = numpy_helper.to_array(next(t for t in dense.graph.initializer if t.name == "W1_quantized"))
+    others = [numpy_helper.to_array(t) for t in dense.graph.initializer if t.name != "W1_quantized"]
+    assert params == w1.size + sum(a.size for a in others)
+    assert nonzero == np.count_nonzero(w1) + sum(np.count_nonzero(a) for a in others)
+    # the same figures from the file with its tensors held as external data
+    path = tmp_path / "external.onnx"
+    builders.save_external(stored, path)
+    assert metrics.param_counts(onnx.load(str(path), load_external_data=False), tmp_path) == (params, nonzero)
+
+
+def test_opset_below_11_is_left_dense():
+    model = builders.mlp(inputs=64, hidden=64, classes=4, opset=10)
+    q = np.zeros((64, 64), dtype=np.int8)
+    q[::3] = 5
+    model.graph.initializer.append(numpy_helper.from_array(q, "extra_int8"))
+    assert sparse_storage.store_sparse(model) == {}
