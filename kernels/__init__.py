@@ -217,6 +217,34 @@ def _wptr(ctype: str, a: np.ndarray):
     return ffi.from_buffer(ctype, a, require_writable=True)
 
 
+def _out(out, dtype, shape: tuple, inputs: Sequence[np.ndarray], same_ok: np.ndarray | None = None
+         ) -> np.ndarray:
+    """A new array, or the caller's `out=` buffer after checks: an ndarray of exactly `dtype` and
+    `shape`, C-contiguous, aligned and writeable, sharing no memory with the kernel's inputs (the
+    threads would read what others already overwrote). `same_ok`: an input that `out` may be
+    exactly (same buffer, dtype and shape), for elementwise kernels that read each element before
+    writing it."""
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    if not isinstance(out, np.ndarray):
+        raise _fail(f"out must be a numpy array, got {type(out).__name__}")
+    if out.dtype != np.dtype(dtype):
+        raise _fail(f"out must have dtype {np.dtype(dtype)}, got {out.dtype}")
+    if out.shape != tuple(shape):
+        raise _fail(f"out shape {out.shape} != expected {tuple(shape)}")
+    if not (out.flags.c_contiguous and out.flags.aligned):
+        raise _fail("out must be C-contiguous and aligned")
+    if not out.flags.writeable:
+        raise _fail("out is read-only")
+    for a in inputs:
+        if (same_ok is not None and a is same_ok and out.size
+                and out.__array_interface__["data"][0] == a.__array_interface__["data"][0]):
+            continue  # exactly the input: the elementwise kernel reads before it writes
+        if np.may_share_memory(out, a):
+            raise _fail("out overlaps an input array")
+    return out
+
+
 def _qrange(bits, signed) -> tuple[int, int]:
     b = _int(bits, "bits")
     if b not in (2, 4, 8):
@@ -351,13 +379,15 @@ def minmax(x: np.ndarray) -> tuple[float, float, int]:
 # --------------------------------------------------------------------------------------- quantization
 
 
-def quantize(x, scale, zero_point, *, bits, signed, axis=None, block_size=None) -> np.ndarray:
+def quantize(x, scale, zero_point, *, bits, signed, axis=None, block_size=None,
+             out=None) -> np.ndarray:
     """ONNX QuantizeLinear: q = clamp(round_half_even(x / s) + z, qmin, qmax), one value per
-    element (int8 when signed, else uint8). NaN -> z, +-Inf -> qmax / qmin."""
+    element (int8 when signed, else uint8). NaN -> z, +-Inf -> qmax / qmin. `out`: an existing
+    array of that dtype and x's shape to write into (returned), not overlapping x."""
     x = _data(x, np.float32, "x")
     qmin, qmax = _qrange(bits, signed)
     mode, o, a, i, bs, s, z = _layout_for(x.shape, axis, block_size, scale, zero_point, "quantize")
-    out = np.empty(x.shape, dtype=np.int8 if qmin < 0 else np.uint8)
+    out = _out(out, np.int8 if qmin < 0 else np.uint8, x.shape, [x])
     if x.size == 0:
         return out
     _check(
@@ -369,12 +399,13 @@ def quantize(x, scale, zero_point, *, bits, signed, axis=None, block_size=None) 
     return out
 
 
-def dequantize(q, scale, zero_point, *, axis=None, block_size=None) -> np.ndarray:
-    """ONNX DequantizeLinear: x' = (q - z) * s, float32 of q's shape (q int8 or uint8)."""
+def dequantize(q, scale, zero_point, *, axis=None, block_size=None, out=None) -> np.ndarray:
+    """ONNX DequantizeLinear: x' = (q - z) * s, float32 of q's shape (q int8 or uint8).
+    `out`: an existing float32 array of q's shape to write into (returned), not overlapping q."""
     q = _data(q, np.int8, "q", [np.int8, np.uint8])
     mode, o, a, i, bs, s, z = _layout_for(q.shape, axis, block_size, scale, zero_point,
                                           "dequantize")
-    out = np.empty(q.shape, dtype=np.float32)
+    out = _out(out, np.float32, q.shape, [q])
     if q.size == 0:
         return out
     _check(
@@ -513,24 +544,27 @@ def _threshold32(threshold) -> np.float32:
     return f
 
 
-def magnitude_mask(w, threshold) -> np.ndarray:
-    """uint8 mask, 1 where |w| > threshold (NaN -> 0)."""
+def magnitude_mask(w, threshold, *, out=None) -> np.ndarray:
+    """uint8 mask, 1 where |w| > threshold (NaN -> 0). `out`: an existing uint8 array of w's
+    shape to write into (returned), not overlapping w."""
     w = _data(w, np.float32, "w")
     t = _threshold32(threshold)
-    out = np.empty(w.shape, dtype=np.uint8)
+    out = _out(out, np.uint8, w.shape, [w])
     if w.size:
         _check(lib.fw_magnitude_mask(_ptr("float[]", w), w.size, float(t),
                                      _wptr("uint8_t[]", out)))
     return out
 
 
-def apply_mask(w, mask) -> np.ndarray:
-    """float32 copy of w with +0.0 where mask == 0 (mask uint8 or bool, w's shape)."""
+def apply_mask(w, mask, *, out=None) -> np.ndarray:
+    """float32 copy of w with +0.0 where mask == 0 (mask uint8 or bool, w's shape). `out`: an
+    existing float32 array of w's shape to write into (returned); it may be w itself (masking in
+    place) but must not overlap mask or w otherwise."""
     w = _data(w, np.float32, "w")
     m = _data(mask, np.uint8, "mask", [np.uint8, np.bool_])
     if m.shape != w.shape:
         raise _fail(f"mask shape {m.shape} != w shape {w.shape}")
-    out = np.empty(w.shape, dtype=np.float32)
+    out = _out(out, np.float32, w.shape, [w, m], same_ok=w)
     if w.size:
         _check(lib.fw_apply_mask(_ptr("float[]", w), _ptr("uint8_t[]", m.view(np.uint8)), w.size,
                                  _wptr("float[]", out)))

@@ -1,14 +1,25 @@
 """Kernel benchmark (not a test): `python -m kernels.bench [--json] [--quick] [--only NAME,...]`.
 
-For each kernel at realistic sizes (4096 x 4096 float32 weights; 16M-element activations) it
-reports the best-of-N wall time, GB/s (bytes read + bytes written by the kernel's contract), the
-ratio against an equivalent numpy implementation measured in the same run (numpy time / ours) and
-against memcpy bandwidth measured in the same run at the same thread count (our GB/s / memcpy
-GB/s; memcpy GB/s counts the bytes read and written, like ours, and - like every kernel here,
-which returns a new array - copies 64 MB into a freshly allocated array, page faults included;
-the header line also prints memcpy into a pre-faulted buffer), on one thread and on all.
-numpy's BLAS (used by the numpy GPTQ sweep) gets the same thread count through threadpoolctl when
-it is installed.
+For each kernel at realistic sizes (4096 x 4096 float32 weights; 16M-element activations), on one
+thread and on all, in alternating rounds (best of N each, so a change in machine load hits every
+contender alike), it reports:
+
+* `seconds`, `gbps`: our kernel's wall time and bandwidth (bytes read + bytes written by the
+  kernel's contract). Kernels that take `out=` (quantize, dequantize, magnitude_mask, apply_mask)
+  write into a pre-faulted output buffer here, the way memcpy bandwidth is measured; the others
+  return their (small or new) result as usual.
+* `vs_memcpy`: `gbps` / the bandwidth of a threaded memcpy of 64 MB into a pre-faulted buffer
+  (read + write bytes), same run, same thread count.
+* `seconds_fresh`, `gbps_fresh`, `vs_memcpy_fresh`: the kernel returning a freshly allocated
+  array (its page faults included, as in normal use) against a memcpy into a freshly allocated
+  64 MB array (page faults included too). Same as `seconds` for kernels without `out=`.
+* `vs_numpy`: numpy time / `seconds_fresh`: the numpy expression a numpy user would write
+  (`np.abs(w) > t`, `np.histogram`, `np.partition`, ...), which allocates its results, against
+  ours allocating ours. numpy is single-threaded except for BLAS (the GPTQ sweep's matmuls),
+  which gets the same thread count as ours through threadpoolctl when installed.
+* `vs_numpy_out`: for the `out=` kernels, the same numpy computation with every result and
+  temporary written into pre-allocated, pre-faulted buffers through numpy's own `out=`
+  arguments, against ours with `out=` (None for the others).
 """
 
 from __future__ import annotations
@@ -130,6 +141,42 @@ def np_memcpy(dst, src):
     np.copyto(dst, src)
 
 
+# the same computations with numpy's out= arguments (pre-allocated temporaries and results)
+
+
+def np_quantize_axis0_out(x, s, z, qmin, qmax, tmp, out):
+    np.divide(x, s[:, None], out=tmp)
+    np.rint(tmp, out=tmp)
+    np.add(tmp, z[:, None], out=tmp, casting="unsafe")
+    np.clip(tmp, qmin, qmax, out=tmp)
+    np.copyto(out, tmp, casting="unsafe")
+
+
+def np_quantize_block_out(x, s, z, qmin, qmax, bs, tmp, out):
+    r, c = x.shape
+    t3 = tmp.reshape(r, c // bs, bs)
+    np.divide(x.reshape(r, c // bs, bs), s[:, :, None], out=t3)
+    np.rint(t3, out=t3)
+    np.add(t3, z[:, :, None], out=t3, casting="unsafe")
+    np.clip(t3, qmin, qmax, out=t3)
+    np.copyto(out, tmp, casting="unsafe")
+
+
+def np_dequantize_axis0_out(q, s, z, tmp_i32, out):
+    np.subtract(q, z[:, None], out=tmp_i32, dtype=np.int32)
+    np.multiply(tmp_i32, s[:, None], out=out, dtype=np.float32, casting="unsafe")
+
+
+def np_magnitude_mask_out(w, t, tmp, out):
+    np.abs(w, out=tmp)
+    np.greater(tmp, t, out=out)
+
+
+def np_apply_mask_out(w, mask_bool, out):
+    np.copyto(out, np.float32(0))
+    np.copyto(out, w, where=mask_bool)
+
+
 # ------------------------------------------------------------------ the run
 
 
@@ -161,95 +208,132 @@ def run(quick: bool = False, only: set[str] | None = None, log=sys.stderr) -> li
 
     f = 4  # bytes per float
     n2 = W.size
+    # pre-faulted output buffers for the out= runs (ours and numpy's)
+    o_q8 = np.ones(W.shape, np.int8)
+    o_deq = np.ones(W.shape, np.float32)
+    o_mask = np.ones(A.shape, np.uint8)
+    o_apply = np.ones(A.shape, np.float32)
+    t_w32 = np.ones(W.shape, np.float32)
+    t_wi32 = np.ones(W.shape, np.int32)
+    t_a32 = np.ones(A.shape, np.float32)
+    o_maskb = np.ones(A.shape, bool)
+    mask_b = mask.view(bool)
     cases = [
-        # name, ours, numpy, bytes, repeats
+        # name, ours, ours with out= (or None), numpy, numpy with out= (or None), bytes, repeats
         ("quantize_int8_axis", lambda: K.quantize(W, s0, z0, bits=8, signed=True, axis=0),
-         lambda: np_quantize_axis0(W, s0, z0, -128, 127), n2 * (f + 1), 7),
-        ("quantize_int4_block32", lambda: K.quantize(W, sb, zb, bits=4, signed=True, axis=1, block_size=32),
-         lambda: np_quantize_block(W, sb, zb, -8, 7, 32), n2 * (f + 1), 5),
+         lambda: K.quantize(W, s0, z0, bits=8, signed=True, axis=0, out=o_q8),
+         lambda: np_quantize_axis0(W, s0, z0, -128, 127),
+         lambda: np_quantize_axis0_out(W, s0, z0, -128, 127, t_w32, o_q8), n2 * (f + 1), 7),
+        ("quantize_int4_block32",
+         lambda: K.quantize(W, sb, zb, bits=4, signed=True, axis=1, block_size=32),
+         lambda: K.quantize(W, sb, zb, bits=4, signed=True, axis=1, block_size=32, out=o_q8),
+         lambda: np_quantize_block(W, sb, zb, -8, 7, 32),
+         lambda: np_quantize_block_out(W, sb, zb, -8, 7, 32, t_w32, o_q8), n2 * (f + 1), 5),
         ("dequantize_int8_axis", lambda: K.dequantize(q0, s0, z0, axis=0),
-         lambda: np_dequantize_axis0(q0, s0, z0), n2 * (1 + f), 5),
-        ("pack_int4", lambda: K.pack(q4, 4), lambda: np_pack4(q4), n2 + n2 // 2, 5),
-        ("magnitude_mask", lambda: K.magnitude_mask(A, t_sel), lambda: np.abs(A) > t_sel,
-         A.size * (f + 1), 7),
+         lambda: K.dequantize(q0, s0, z0, axis=0, out=o_deq),
+         lambda: np_dequantize_axis0(q0, s0, z0),
+         lambda: np_dequantize_axis0_out(q0, s0, z0, t_wi32, o_deq), n2 * (1 + f), 5),
+        ("pack_int4", lambda: K.pack(q4, 4), None, lambda: np_pack4(q4), None, n2 + n2 // 2, 5),
+        ("magnitude_mask", lambda: K.magnitude_mask(A, t_sel),
+         lambda: K.magnitude_mask(A, t_sel, out=o_mask),
+         lambda: np.abs(A) > t_sel,
+         lambda: np_magnitude_mask_out(A, t_sel, t_a32, o_maskb), A.size * (f + 1), 7),
         ("apply_mask", lambda: K.apply_mask(A, mask),
-         lambda: np.where(mask.view(bool), A, np.float32(0)), A.size * (f + 1 + f), 5),
-        ("histogram_2048", lambda: K.histogram(A, 2048, -4.0, 4.0),
-         lambda: np.histogram(A, 2048, (-4.0, 4.0)), A.size * f, 5),
-        ("channel_norms_l2", lambda: K.channel_norms(W, axis=0, p=2),
-         lambda: np.linalg.norm(W, axis=1), n2 * f, 5),
-        ("sign_quantize", lambda: K.sign_quantize(W, axis=0),
-         lambda: (np.where(W < 0, -1, 1).astype(np.int8), np.abs(W).mean(axis=1)), n2 * (f + 1), 5),
-        ("nm_mask_2_4", lambda: K.nm_mask(Wg, 2, 4, axis=1), lambda: np_nm_mask(Wg, 2, 4),
-         Wg.size * (f + 1), 3),
-        ("kth_smallest_abs", lambda: K.kth_smallest_abs(A, k_sel),
-         lambda: np.partition(np.abs(A), k_sel - 1)[k_sel - 1], A.size * f, 7),
-        ("kmeans1d_k16", lambda: K.kmeans1d(A, 16, init="quantile", iters=30),
-         lambda: np_kmeans1d(A, 16, 30), A.size * (f + 1), 1),
-        ("gptq_int4", lambda: K.gptq_quantize(W, U, sg, zg, bits=4, signed=True, block=128),
-         lambda: np_gptq(W, U, sg, zg, -8, 7, 128), n2 * (f + f + 1 + f), 1),
+         lambda: K.apply_mask(A, mask, out=o_apply),
+         lambda: np.where(mask_b, A, np.float32(0)),
+         lambda: np_apply_mask_out(A, mask_b, o_apply), A.size * (f + 1 + f), 5),
+        ("histogram_2048", lambda: K.histogram(A, 2048, -4.0, 4.0), None,
+         lambda: np.histogram(A, 2048, (-4.0, 4.0)), None, A.size * f, 5),
+        ("channel_norms_l2", lambda: K.channel_norms(W, axis=0, p=2), None,
+         lambda: np.linalg.norm(W, axis=1), None, n2 * f, 5),
+        ("sign_quantize", lambda: K.sign_quantize(W, axis=0), None,
+         lambda: (np.where(W < 0, -1, 1).astype(np.int8), np.abs(W).mean(axis=1)), None,
+         n2 * (f + 1), 5),
+        ("nm_mask_2_4", lambda: K.nm_mask(Wg, 2, 4, axis=1), None, lambda: np_nm_mask(Wg, 2, 4),
+         None, Wg.size * (f + 1), 3),
+        ("kth_smallest_abs", lambda: K.kth_smallest_abs(A, k_sel), None,
+         lambda: np.partition(np.abs(A), k_sel - 1)[k_sel - 1], None, A.size * f, 7),
+        ("kmeans1d_k16", lambda: K.kmeans1d(A, 16, init="quantile", iters=30), None,
+         lambda: np_kmeans1d(A, 16, 30), None, A.size * (f + 1), 1),
+        ("gptq_int4", lambda: K.gptq_quantize(W, U, sg, zg, bits=4, signed=True, block=128), None,
+         lambda: np_gptq(W, U, sg, zg, -8, 7, 128), None, n2 * (f + f + 1 + f), 1),
     ]
     if only:
         cases = [c for c in cases if c[0] in only]
     results = []
     src = np.ones(n2, np.float32)
-    dst = np.empty_like(src)
+    dst = np.ones_like(src)  # pre-faulted
 
     def fresh_copy():
-        # like every kernel here, memcpy into a freshly allocated output (page faults included)
         out = np.empty_like(src)
         K._memcpy(out, src)
         return out
+
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
 
     def memcpy_gbps(t: int, fresh: bool) -> float:
         K.set_threads(t)
         fn = fresh_copy if fresh else (lambda: K._memcpy(dst, src))
         return 2 * src.nbytes / best_time(fn, 3) / 1e9
 
-    print(f"isa={K.isa()} threads={all_threads}; memcpy GB/s (read+write) into a fresh array: "
-          + ", ".join(f"{t} thr {memcpy_gbps(t, True):.1f}" for t in thread_counts)
-          + "; into a pre-faulted one: "
-          + ", ".join(f"{t} thr {memcpy_gbps(t, False):.1f}" for t in thread_counts), file=log)
-    for name, ours, ref, nbytes, rep in cases:
-        # ours, numpy and memcpy are measured in alternating rounds (best of each), so a change
-        # in machine load hits all three alike. numpy runs single-threaded except through BLAS
-        # (the GPTQ sweep's matmuls), which gets the same thread count as ours.
+    print(f"isa={K.isa()} threads={all_threads}; memcpy GB/s (read+write) into a pre-faulted "
+          "buffer: " + ", ".join(f"{t} thr {memcpy_gbps(t, False):.1f}" for t in thread_counts)
+          + "; into a fresh array: "
+          + ", ".join(f"{t} thr {memcpy_gbps(t, True):.1f}" for t in thread_counts), file=log)
+    print(f"{'kernel':22s} {'thr':>3s} | {'ms':>8s} {'GB/s':>6s} {'memcpy':>6s} {'vs':>6s} | "
+          f"{'fresh ms':>8s} {'GB/s':>6s} {'memcpy':>6s} {'vs':>6s} | {'numpy ms':>9s} "
+          f"{'x':>6s} | {'np out ms':>9s} {'x':>6s}", file=log)
+    inf = float("inf")
+    for name, ours, ours_out, ref, ref_out, nbytes, rep in cases:
         np_time: dict[int, float] = {}
+        npo_time: dict[int, float] = {}
         for t in thread_counts:
             need_np = t == thread_counts[0] or name == "gptq_int4"
-            best_ours = best_np = best_mc = float("inf")
+            b_fresh = b_out = b_np = b_npo = b_mc = b_mcf = inf
             K.set_threads(t)
-            ours()
+            ours()  # warm up (thread start, caches, the out= buffers' first touch)
+            if ours_out:
+                ours_out()
             for _ in range(rep):
                 K.set_threads(t)
-                t0 = time.perf_counter()
-                ours()
-                best_ours = min(best_ours, time.perf_counter() - t0)
+                b_fresh = min(b_fresh, timed(ours))
+                if ours_out:
+                    b_out = min(b_out, timed(ours_out))
                 if need_np:
                     with blas_threads(t):
-                        t0 = time.perf_counter()
-                        ref()
-                        best_np = min(best_np, time.perf_counter() - t0)
+                        b_np = min(b_np, timed(ref))
+                        if ref_out:
+                            b_npo = min(b_npo, timed(ref_out))
                 K.set_threads(t)
-                t0 = time.perf_counter()
-                fresh_copy()
-                best_mc = min(best_mc, time.perf_counter() - t0)
-            np_time[t] = best_np if need_np else np_time[thread_counts[0]]
-            sec = best_ours
-            gbps = nbytes / sec / 1e9
-            mc = 2 * src.nbytes / best_mc / 1e9
+                b_mcf = min(b_mcf, timed(fresh_copy))
+                b_mc = min(b_mc, timed(lambda: K._memcpy(dst, src)))
+            np_time[t] = b_np if need_np else np_time[thread_counts[0]]
+            npo_time[t] = b_npo if need_np else npo_time[thread_counts[0]]
+            sec = b_out if ours_out else b_fresh
+            gbps, gbps_f = nbytes / sec / 1e9, nbytes / b_fresh / 1e9
+            mc, mcf = 2 * src.nbytes / b_mc / 1e9, 2 * src.nbytes / b_mcf / 1e9
             row = {
                 "kernel": name,
                 "threads": t,
                 "seconds": round(sec, 6),
                 "gbps": round(gbps, 3),
-                "vs_numpy": round(np_time[t] / sec, 2),
+                "vs_numpy": round(np_time[t] / b_fresh, 2),
                 "vs_memcpy": round(gbps / mc, 3),
+                "seconds_fresh": round(b_fresh, 6),
+                "gbps_fresh": round(gbps_f, 3),
+                "vs_memcpy_fresh": round(gbps_f / mcf, 3),
+                "vs_numpy_out": round(npo_time[t] / b_out, 2) if ours_out and ref_out else None,
             }
             results.append(row)
-            print(f"{name:24s} threads={t:2d} {sec * 1e3:10.2f} ms {gbps:8.2f} GB/s "
-                  f"numpy {np_time[t] * 1e3:10.2f} ms  x{row['vs_numpy']:7.2f}  "
-                  f"memcpy {mc:6.1f} GB/s  {row['vs_memcpy'] * 100:6.1f}%", file=log, flush=True)
+            npo = (f"{npo_time[t] * 1e3:9.2f} {row['vs_numpy_out']:6.2f}" if row["vs_numpy_out"]
+                   else f"{'-':>9s} {'-':>6s}")
+            print(f"{name:22s} {t:3d} | {sec * 1e3:8.2f} {gbps:6.2f} {mc:6.1f} "
+                  f"{row['vs_memcpy'] * 100:5.0f}% | {b_fresh * 1e3:8.2f} {gbps_f:6.2f} {mcf:6.1f} "
+                  f"{row['vs_memcpy_fresh'] * 100:5.0f}% | {np_time[t] * 1e3:9.2f} "
+                  f"{row['vs_numpy']:6.2f} | {npo}", file=log, flush=True)
         K.set_threads(all_threads)
     return results
 

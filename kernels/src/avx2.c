@@ -134,32 +134,49 @@ T static void avx2_apply_mask(const float *w, const uint8_t *mask, int64_t n, fl
 
 /* ---------------------------------------------------------------- histogram */
 
+/* 16 values per step; the two halves' bin indices leave the vector register as 64-bit pairs
+ * (no round trip through memory) and go to 4 counter copies, so consecutive increments of a hot
+ * bin land in different copies. After the clamp t >= 0, so truncation is floor. */
+T static inline void avx2_hist_add8(__m256i idx, uint32_t *c0, uint32_t *c1, uint32_t *c2,
+                                    uint32_t *c3) {
+    __m128i l = _mm256_castsi256_si128(idx), h = _mm256_extracti128_si256(idx, 1);
+    uint64_t a0 = (uint64_t)_mm_cvtsi128_si64(l), a1 = (uint64_t)_mm_extract_epi64(l, 1);
+    uint64_t a2 = (uint64_t)_mm_cvtsi128_si64(h), a3 = (uint64_t)_mm_extract_epi64(h, 1);
+    c0[(uint32_t)a0]++;
+    c1[a0 >> 32]++;
+    c2[(uint32_t)a1]++;
+    c3[a1 >> 32]++;
+    c0[(uint32_t)a2]++;
+    c1[a2 >> 32]++;
+    c2[(uint32_t)a3]++;
+    c3[a3 >> 32]++;
+}
+
 T static void avx2_hist_accum(const float *x, int64_t n, float lo, float scale, float maxbin,
                               uint32_t *counts, int64_t stride) {
     uint32_t *c0 = counts, *c1 = counts + stride, *c2 = counts + 2 * stride, *c3 = counts + 3 * stride;
-    uint32_t *c4 = counts + 4 * stride, *c5 = counts + 5 * stride, *c6 = counts + 6 * stride,
-             *c7 = counts + 7 * stride;
     __m256 lov = _mm256_set1_ps(lo), sc = _mm256_set1_ps(scale), mb = _mm256_set1_ps(maxbin);
     __m256 zero = _mm256_setzero_ps();
     int64_t i = 0;
-    int32_t idx[8] __attribute__((aligned(32)));
-    for (; i + 8 <= n; i += 8) {
-        __m256 t = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), lov), sc);
-        int ord = _mm256_movemask_ps(_mm256_cmp_ps(t, t, _CMP_ORD_Q));
-        t = _mm256_min_ps(_mm256_max_ps(t, zero), mb);
-        _mm256_store_si256((__m256i *)idx, _mm256_cvttps_epi32(_mm256_floor_ps(t)));
+    for (; i + 16 <= n; i += 16) {
+        __m256 ta = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), lov), sc);
+        __m256 tb = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8), lov), sc);
+        /* ORD(ta, tb) lane j: neither element j nor j + 8 is NaN */
+        int ord = _mm256_movemask_ps(_mm256_cmp_ps(ta, tb, _CMP_ORD_Q));
+        __m256i ia = _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(ta, zero), mb));
+        __m256i ib = _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(tb, zero), mb));
         if (ord == 0xFF) {
-            c0[idx[0]]++;
-            c1[idx[1]]++;
-            c2[idx[2]]++;
-            c3[idx[3]]++;
-            c4[idx[4]]++;
-            c5[idx[5]]++;
-            c6[idx[6]]++;
-            c7[idx[7]]++;
+            avx2_hist_add8(ia, c0, c1, c2, c3);
+            avx2_hist_add8(ib, c0, c1, c2, c3);
         } else {
-            for (int j = 0; j < 8; j++)
-                if (ord >> j & 1) counts[j * stride + idx[j]]++;
+            int32_t idx[16];
+            _mm256_storeu_si256((__m256i *)idx, ia);
+            _mm256_storeu_si256((__m256i *)(idx + 8), ib);
+            int oa = _mm256_movemask_ps(_mm256_cmp_ps(ta, ta, _CMP_ORD_Q));
+            int ob = _mm256_movemask_ps(_mm256_cmp_ps(tb, tb, _CMP_ORD_Q));
+            int ok = oa | ob << 8;
+            for (int j = 0; j < 16; j++)
+                if (ok >> j & 1) counts[(j & 3) * stride + idx[j]]++;
         }
     }
     for (; i < n; i++) {

@@ -126,6 +126,34 @@ int fw_parallel_for(int64_t n, int64_t grain, fw_range_fn fn, void *ctx) {
     return nt;
 }
 
+void fw_interleaved(int64_t b, int64_t e, int64_t chunk, fw_piece_fn fn, void *ctx) {
+    int64_t n = e - b;
+    if (n <= 0) return;
+    if (n < FW_IL_MIN || chunk < 1) {
+        fn(ctx, b, e);
+        return;
+    }
+    int64_t pos[FW_IL_STREAMS], end[FW_IL_STREAMS];
+    for (int s = 0; s < FW_IL_STREAMS; s++) {
+        /* sub-range starts on a multiple of 64 elements (cache-line aligned for aligned arrays) */
+        int64_t st = s == 0 ? b : b + ((n * s / FW_IL_STREAMS) & ~(int64_t)63);
+        pos[s] = st;
+        if (s) end[s - 1] = st;
+    }
+    end[FW_IL_STREAMS - 1] = e;
+    for (int busy = 1; busy;) {
+        busy = 0;
+        for (int s = 0; s < FW_IL_STREAMS; s++) {
+            int64_t left = end[s] - pos[s];
+            if (left <= 0) continue;
+            int64_t len = left < chunk ? left : chunk;
+            fn(ctx, pos[s], pos[s] + len);
+            pos[s] += len;
+            busy = 1;
+        }
+    }
+}
+
 /* ---------------------------------------------------------------- layouts */
 
 int fw_mul_ok(int64_t a, int64_t b, int64_t *out) {

@@ -39,6 +39,17 @@ void fw_parallel_run(int nt, int64_t n, fw_range_fn fn, void *ctx);
 /* convenience: fw_parallel_run(fw_threads_for(n, grain), ...); returns the thread count used */
 int fw_parallel_for(int64_t n, int64_t grain, fw_range_fn fn, void *ctx);
 
+/* Interleaved streams: one core reads memory measurably faster from several sequential streams
+ * at once than from one (more lines in flight: the hardware prefetchers track each stream), so a
+ * streaming task walks its range [b, e) as FW_IL_STREAMS equal sub-ranges visited round-robin,
+ * `chunk` elements at a time: fn(ctx, begin, end) for each piece. Only for kernels whose result
+ * does not depend on the order the pieces are visited in (elementwise maps, integer counts).
+ * Ranges shorter than FW_IL_MIN elements are one piece. */
+#define FW_IL_STREAMS 4
+#define FW_IL_MIN ((int64_t)1 << 16)
+typedef void (*fw_piece_fn)(void *ctx, int64_t begin, int64_t end);
+void fw_interleaved(int64_t b, int64_t e, int64_t chunk, fw_piece_fn fn, void *ctx);
+
 /* ---- layouts ---- */
 typedef struct {
     int64_t outer, alen, inner, block, nblk;
@@ -186,8 +197,9 @@ typedef struct fw_ops {
     void (*absgt_mask)(const float *w, int64_t n, float thr, uint8_t *mask);
     void (*apply_mask)(const float *w, const uint8_t *mask, int64_t n, float *out);
     /* counts[c * stride + b] += 1 for each non-NaN element, b = floor(clamp((x-lo)*scale, 0,
-     * maxbin)), c a copy index in [0, 8) of the variant's choosing (stride 0: one shared copy).
-     * Interleaved copies break the store-to-load chains on hot bins; the histogram is their sum. */
+     * maxbin)), c a copy index in [0, FW_HIST_COPIES) of the variant's choosing (stride 0: one
+     * shared copy). Interleaved copies break the store-to-load chains on hot bins; the histogram
+     * is their sum. */
     void (*hist_accum)(const float *x, int64_t n, float lo, float scale, float maxbin,
                        uint32_t *counts, int64_t stride);
     /* canonical 8-lane double sum of |x| (p=1) or x*x (p=2), see ref.c */
@@ -214,6 +226,10 @@ extern const fw_ops fw_ops_neon;
 #endif
 
 const fw_ops *fw_ops_get(void);
+
+/* copies of the counters hist_accum may spread one histogram over (4 x 2048 uint32 bins = 32 KB,
+ * one L1D) */
+#define FW_HIST_COPIES 4
 
 /* Non-temporal (cache-bypassing) copy for large kernel outputs that are not read back soon:
  * avoids the read-for-ownership of every destination line. fw_stream_fence() after the last. */

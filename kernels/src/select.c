@@ -248,11 +248,19 @@ typedef struct {
     int stream;
 } fw_mask_ctx;
 
+/* elements per piece of the interleaved walk (fw_interleaved): 1 KB of floats per stream */
+#define FW_MASK_PIECE 256
+
+static void fw_absgt_piece(void *vctx, int64_t b, int64_t e) {
+    fw_mask_ctx *c = (fw_mask_ctx *)vctx;
+    c->ops->absgt_mask(c->w + b, e - b, c->thr, c->mask + b);
+}
+
 static void fw_absgt_task(void *vctx, int64_t b, int64_t e, int tid) {
     (void)tid;
     fw_mask_ctx *c = (fw_mask_ctx *)vctx;
     if (!c->stream) {
-        c->ops->absgt_mask(c->w + b, e - b, c->thr, c->mask + b);
+        fw_interleaved(b, e, FW_MASK_PIECE, fw_absgt_piece, c);
         return;
     }
     uint8_t stage[FW_STREAM_CHUNK];
@@ -272,11 +280,16 @@ int fw_magnitude_mask(const float *w, int64_t n, float threshold, uint8_t *mask)
     return FW_OK;
 }
 
+static void fw_apply_piece(void *vctx, int64_t b, int64_t e) {
+    fw_mask_ctx *c = (fw_mask_ctx *)vctx;
+    c->ops->apply_mask(c->w + b, c->mask_in + b, e - b, c->out + b);
+}
+
 static void fw_apply_task(void *vctx, int64_t b, int64_t e, int tid) {
     (void)tid;
     fw_mask_ctx *c = (fw_mask_ctx *)vctx;
     if (!c->stream) {
-        c->ops->apply_mask(c->w + b, c->mask_in + b, e - b, c->out + b);
+        fw_interleaved(b, e, FW_MASK_PIECE, fw_apply_piece, c);
         return;
     }
     float stage[FW_STREAM_CHUNK];
