@@ -211,21 +211,25 @@ def ensure_domain(model: onnx.ModelProto, domain: str, version: int) -> None:
 def topological_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """Nodes in an order where every input is produced before it is read (ONNX requires the graph
     to be sorted already; this also tolerates graphs a rewrite left unsorted)."""
+    from worker.pipeline.subgraphs import outer_reads
+
     available = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
-    pending = list(model.graph.node)
+    produced = {name for node in model.graph.node for name in node.output}
+    # an If / Loop / Scan also waits for what its bodies read from this graph (implicit inputs)
+    pending = [(node, list(node.input) + sorted(outer_reads(node) & produced)) for node in model.graph.node]
     ordered: list[onnx.NodeProto] = []
     while pending:
         progressed = False
         rest = []
-        for node in pending:
-            if all(name in available for name in node.input):
+        for node, needs in pending:
+            if all(name in available for name in needs):
                 ordered.append(node)
                 available.update(node.output)
                 progressed = True
             else:
-                rest.append(node)
+                rest.append((node, needs))
         if not progressed:
-            ordered.extend(rest)
+            ordered.extend(node for node, _ in rest)
             break
         pending = rest
     return ordered

@@ -236,26 +236,97 @@ def test_int4_attention_block():
         assert builders.run_ort(result.model, {"x": feeds["x"][:batch]})[0].shape == (batch, 8, 64)
 
 
-def test_if_subgraph_weights_are_reported_as_skipped():
+def _if_model(then_init: str = "W_then", else_reads_w: bool = False) -> onnx.ModelProto:
+    """h = x W; y = If(cond, then: h W_then (W_then the branch's own initializer), else: h [W])."""
     rng = np.random.default_rng(0)
-    w_then = numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "W_then")
-    branch = helper.make_graph([helper.make_node("MatMul", ["h", "W_then"], ["t"], name="then_mm")], "then", [],
+    w_then = numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), then_init)
+    branch = helper.make_graph([helper.make_node("MatMul", ["h", then_init], ["t"])], "then", [],
                                [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)], [w_then])
-    other = helper.make_graph([helper.make_node("Identity", ["h"], ["e"], name="else_id")], "else", [],
-                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    other_nodes = ([helper.make_node("MatMul", ["h", "W"], ["e"], name="else_mm")] if else_reads_w
+                   else [helper.make_node("Identity", ["h"], ["e"], name="else_id")])
+    other = helper.make_graph(other_nodes, "else", [], [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
     w = numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "W")
     nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
              helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=branch, else_branch=other)]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64]),
                                        helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64])], [w])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _body_float_weights(model: onnx.ModelProto) -> list[str]:
+    from worker.pipeline import subgraphs
+    return [t.name for body in subgraphs.all_bodies(model) for t in body.initializer
+            if t.data_type == TensorProto.FLOAT and len(t.dims) >= 2]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_if_branch_weights_are_quantized(bits):
+    model = _if_model(else_reads_w=True)
+    then_branch = next(a.g for a in model.graph.node[1].attribute if a.name == "then_branch")
+    w_then = numpy_helper.to_array(then_branch.initializer[0])
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    expected = {c: builders.run_ort(model, {"x": x, "cond": np.array(c)}) for c in (True, False)}
+    spec = {"bits": 8} if bits == 8 else {"bits": bits, "granularity": "block", "block_size": 32}
+    result, ctx = apply(model, {"weights": spec, "format": "qdq"})
+    onnx.checker.check_model(result.model, full_check=True)
+    # the branch's own weight left the body and is stored as integers in the main graph
+    assert _body_float_weights(result.model) == []
+    assert set(ctx.layers) == {"W", "W_then"}
+    assert ctx.layers["W_then"].node == "branch/MatMul_0" and ctx.layers["W_then"].bits == bits
+    assert result.metrics["skipped"] == []
+    if bits == 8:   # CONTRACT §1: symmetric per output channel, s = absmax / 127, q = rne(w / s)
+        _, stored = dq_of(result.model, "W_then")
+        s = (np.abs(w_then).max(axis=0) / np.float32(127)).astype(np.float32)
+        np.testing.assert_array_equal(stored["q"], np.clip(np.rint(w_then / s), -128, 127))
+    bound = 0.02 if bits == 8 else 0.15
+    for cond in (True, False):     # both branches: the body reads the dequantized weights by name
+        got = builders.run_ort(result.model, {"x": x, "cond": np.array(cond)})
+        assert builders.rel_l2(expected[cond], got) < bound
+
+
+def test_loop_body_weight_is_quantized_and_gptq_falls_back_to_rtn_inside_bodies():
+    rng = np.random.default_rng(2)
+    w_body = numpy_helper.from_array(rng.standard_normal((32, 32)).astype(np.float32) * 0.2, "W_step")
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["h_in", "W_step"], ["mm"], name="step_mm"),
+         helper.make_node("Tanh", ["mm"], ["h_out"], name="step_tanh"),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"], name="step_cond")],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("h_in", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, None)], [w_body])
+    trips = numpy_helper.from_array(np.array(3, dtype=np.int64), "trips")
+    keep_going = numpy_helper.from_array(np.array(True), "keep_going")
+    g = helper.make_graph([helper.make_node("Loop", ["trips", "keep_going", "x"], ["y"], name="steps", body=body)],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 32])],
+                          [trips, keep_going])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    feeds = {"x": rng.standard_normal((4, 64)).astype(np.float32), "cond": np.array(True)}
+    x = rng.standard_normal((8, 32)).astype(np.float32)
+    expected = builders.run_ort(model, {"x": x})
+    calibration = {"x": rng.standard_normal((64, 32)).astype(np.float32)}
+    result, ctx = apply(model, {"weights": {"bits": 8}, "method": "gptq"}, calibration=calibration)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert _body_float_weights(result.model) == [] and list(ctx.layers) == ["W_step"]
+    assert ctx.layers["W_step"].extra["method"] == "rtn"       # no activation capture inside a Loop
+    assert "W_step" in result.metrics["rtn_fallback"]
+    assert builders.rel_l2(expected, builders.run_ort(result.model, {"x": x})) < 0.02
+
+
+def test_body_weight_whose_name_is_taken_outside_stays_float_and_is_reported():
+    # the branch's initializer is called "W" like the main graph's: hoisting it would change what
+    # the main graph's MatMul reads, so it stays in the body, float, and the report says why
+    model = _if_model(then_init="W")
+    feeds = {"x": np.random.default_rng(4).standard_normal((4, 64)).astype(np.float32), "cond": np.array(True)}
     expected = builders.run_ort(model, feeds)
     result, ctx = apply(model, {"weights": {"bits": 8}})
     assert list(ctx.layers) == ["W"]
-    assert result.metrics["skipped"] == [{"name": "W_then", "node": "branch",
-                                          "reason": "weight inside a If subgraph stays float"}]
+    assert result.metrics["skipped"] == [{"name": "W", "node": "branch",
+                                          "reason": "weight inside a If subgraph stays float "
+                                                    "(its name is taken in the outer scope)"}]
     assert builders.rel_l2(expected, builders.run_ort(result.model, feeds)) < 0.03
 
 

@@ -83,6 +83,8 @@ def eligible(model: onnx.ModelProto, packed: Packed) -> bool:
         return False
     readers = graph.consumers(model).get(packed.weight, [])
     outputs = {o.name for o in model.graph.output}
+    if packed.weight in graph.subgraph_reads(model):     # an If / Loop body reads the dequantized weight
+        return False
     return bool(readers) and packed.weight not in outputs and all(
         node.op_type == "MatMul" and index == 1 for node, index in readers)
 

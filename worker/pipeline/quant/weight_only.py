@@ -26,7 +26,7 @@ from onnx import helper, numpy_helper
 import kernels
 from core.errors import PipelineError, RecipeError
 from core.recipe import QuantizeStep, WeightQuantSpec
-from worker.pipeline import graph, metrics
+from worker.pipeline import graph, metrics, subgraphs
 from worker.pipeline.data import bind, generated
 from worker.pipeline.quant import constants, matmulnbits
 from worker.pipeline.step import LayerRecord, StepContext, StepResult
@@ -121,6 +121,8 @@ def candidate_layers(model: onnx.ModelProto, params: QuantizeStep) -> list[graph
     found += [layer for layer in recurrent_layers(model, seen)
               if layer.params >= params.min_params and graph.selected(layer, params.include, params.exclude)]
     seen = {layer.weight for layer in found}
+    found += subgraphs.body_layers(model, ops, seen, include=params.include, exclude=params.exclude,
+                                   min_params=params.min_params)
     consumers = graph.consumers(model)
     for node in constants.constant_weights(model):
         name = node.output[0]
@@ -175,14 +177,16 @@ def refuse_empty_selection(model: onnx.ModelProto, params: QuantizeStep) -> None
 
 
 def skipped_weights(model: onnx.ModelProto) -> list[dict[str, str]]:
-    """Float weights inside If / Loop / Scan subgraphs: left float, and listed with the reason."""
+    """Float weights still inside If / Loop / Scan bodies (``subgraphs.hoist_weights`` leaves a name
+    that would collide with another): left float, and listed with the reason."""
     skipped = []
     for node in model.graph.node:
         for sub in metrics._subgraphs(node):
             for tensor in sub.initializer:
-                if tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and len(tensor.dims) >= 2:
+                if tensor.data_type in subgraphs.FLOAT_TYPES and len(tensor.dims) >= 2:
                     skipped.append({"name": tensor.name, "node": node.name,
-                                    "reason": f"weight inside a {node.op_type} subgraph stays float"})
+                                    "reason": f"weight inside a {node.op_type} subgraph stays float "
+                                              "(its name is taken in the outer scope)"})
     return skipped
 
 
@@ -289,8 +293,11 @@ def raise_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
 
 
 def prepare(model: onnx.ModelProto, params: QuantizeStep, opset: int) -> tuple[onnx.ModelProto, list[str]]:
-    """Lift Constant weights, raise the opset; returns the model to work on and the lifted names."""
+    """Lift Constant weights, move If / Loop / Scan body weights to the main graph (where the
+    DequantizeLinear that replaces them can live), raise the opset; returns the model to work on and
+    the lifted names."""
     lifted = constants.lift_constant_weights(model)
+    subgraphs.hoist_weights(model)
     try:
         model = raise_opset(model, opset)
     except Exception as exc:   # the version converter refuses some old graphs
