@@ -63,9 +63,10 @@ def test_mlp_weights_bit_exact_outputs_close_io_unchanged():
         # CONTRACT §1, symmetric per output channel (MatMul W[K, N]: axis 1): s = absmax / 127
         expected_scale = (np.abs(weight).max(axis=0) / np.float32(127)).astype(np.float32)
         expected_q = np.clip(np.rint(weight / expected_scale), -128, 127).astype(np.int8)
-        assert axis == 1 and q.dtype == np.int8 and not zero.any()
+        # int8, or on x86 without VNNI uint8 + 128 (the same grid; quant/integer_kernels.py)
+        assert axis == 1 and (q.dtype, int(zero.min()), int(zero.max())) in ((np.int8, 0, 0), (np.uint8, 128, 128))
         np.testing.assert_array_equal(scale, expected_scale)
-        np.testing.assert_array_equal(q, expected_q)
+        np.testing.assert_array_equal(q.astype(np.int32) - zero.astype(np.int32), expected_q)
         record = ctx.layers[name]
         assert record.bits == 8 and record.grid["axis"] == 1
         np.testing.assert_array_equal(record.grid["scale"], expected_scale)
@@ -330,6 +331,24 @@ def test_weight_also_read_inside_an_if_subgraph_stays_readable():
     assert builders.rel_l2(builders.run_ort(model, calibration), builders.run_ort(result.model, calibration)) < 0.05
 
 
+def test_weight_owned_by_an_if_branch_is_stored_int8_and_the_branch_stays_float():
+    model = if_subgraph_model()
+    rng = np.random.default_rng(5)
+    then_branch = next(a.g for a in model.graph.node[1].attribute if a.name == "then_branch")
+    then_branch.node[0].input[1] = "W_branch"           # the branch now multiplies by its own weight
+    then_branch.initializer.append(numpy_helper.from_array((rng.standard_normal((64, 64)) / 8).astype(np.float32),
+                                                           "W_branch"))
+    calibration = builders.random_inputs(model, count=64)
+    result, ctx = _run(model, calibration)
+    _, scale, _, axis = _quantized_weight(result.model, "W_branch")
+    assert axis == 1 and scale.shape == (64,)            # per output channel, like the main graph's
+    assert ctx.layers["W_branch"].extra["activations"] == "weight-only int8 (inside a control-flow body)"
+    assert result.metrics["quantized_body_weights"] == 1
+    branches = next(n for n in result.model.graph.node if n.op_type == "If").attribute
+    assert all(len(a.g.initializer) == 0 for a in branches)   # nothing float left in the branches
+    assert builders.rel_l2(builders.run_ort(model, calibration), builders.run_ort(result.model, calibration)) < 0.05
+
+
 def test_weights_held_in_constant_nodes_are_quantized():
     model = builders.mlp(constants=True)
     calibration = builders.random_inputs(model, count=64)
@@ -362,3 +381,16 @@ def test_static_and_dynamic_recipes_run_through_the_pipeline(tmp_path):
             calibration={"x": np.zeros((4, 3), np.float32)}, workdir=tmp_path / "bad", options=options)
     assert refused.value.errors[0]["loc"][0] == "calibration"
     assert not (tmp_path / "bad" / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("storage", ["int8", "uint8"])
+def test_forced_weight_storage_keeps_the_contract_grid(storage):
+    model = builders.mlp()
+    calibration = builders.random_inputs(model, count=128, seed=1)
+    ctx = StepContext(original=model, calibration=calibration, options={"integer_weights": storage})
+    result = quantize_static(model, _params(), ctx)
+    q, scale, zero, _ = _quantized_weight(result.model, "W1")
+    weight = graph.get_array(model, "W1")
+    assert q.dtype == np.dtype(storage) and int(zero.max()) == int(zero.min()) == (128 if storage == "uint8" else 0)
+    np.testing.assert_array_equal(q.astype(np.int32) - zero.astype(np.int32), np.clip(np.rint(weight / scale), -128, 127))
+    assert ctx.layers["W1"].extra["weight_storage"].startswith(storage)

@@ -143,6 +143,8 @@ def _dequantize_source(model: onnx.ModelProto, node: onnx.NodeProto, inits: dict
             # a 4-bit grid stored in an 8-bit type keeps its 4-bit range
             signed = grid_bits.get("signed", qmin < 0)
             lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+            if signed and qmin >= 0:   # a signed grid stored unsigned, shifted to mid-range (integer_kernels)
+                lo, hi = lo + (qmax + 1) // 2, hi + (qmax + 1) // 2
             qmin, qmax = max(qmin, lo), min(qmax, hi)
     grid = Grid(_expand(scale, shape, axis, block_size).astype(np.float32),
                 _expand(zero, shape, axis, block_size).astype(np.int64), qmin, qmax, sign)

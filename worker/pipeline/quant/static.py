@@ -48,9 +48,9 @@ from onnx import helper, numpy_helper
 import kernels
 from core.errors import PipelineError, RecipeError
 from core.recipe import QuantizeStep
-from worker.pipeline import activations, calibrate, graph
+from worker.pipeline import activations, calibrate, graph, subgraphs
 from worker.pipeline.data import DataError, Dataset, bind
-from worker.pipeline.quant import constants
+from worker.pipeline.quant import constants, integer_kernels
 from worker.pipeline.step import LayerRecord, StepContext, StepResult
 
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
@@ -129,6 +129,7 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     prepared = onnx.ModelProto()
     prepared.CopyFrom(model)
     constants.lift_constant_weights(prepared)
+    subgraphs.hoist_weights(prepared)
     graph.ensure_node_names(prepared)
     if graph.opset(prepared) < MIN_OPSET:
         try:
@@ -313,22 +314,29 @@ def weight_grid(weight: np.ndarray, layer: graph.WeightLayer, params: QuantizeSt
     return WeightGrid(np.asarray(scale, dtype=np.float32), np.asarray(zero), axis)
 
 
-def quantize_weight(model: onnx.ModelProto, layer: graph.WeightLayer, params: QuantizeStep) -> WeightGrid:
+def quantize_weight(model: onnx.ModelProto, layer: graph.WeightLayer, params: QuantizeStep,
+                    unsigned_storage: bool = False) -> WeightGrid:
     """Replace the float weight by int8 + DequantizeLinear whose output keeps the weight's name, so
-    every reader (a shared weight's second layer too) reads the dequantized tensor unchanged."""
+    every reader (a shared weight's second layer too) reads the dequantized tensor unchanged.
+    ``unsigned_storage``: symmetric int8 values stored as uint8 + 128 (``integer_kernels``)."""
     weight = graph.get_array(model, layer.weight).astype(np.float32)
     grid = weight_grid(weight, layer, params)
     signed = params.weights is None or params.weights.symmetric
     q = kernels.quantize(np.ascontiguousarray(weight), grid.scale, grid.zero_point, bits=8, signed=signed, axis=grid.axis)
-    np_dtype = np.int8 if signed else np.uint8
+    if signed and unsigned_storage:
+        q, shift = integer_kernels.stored(q, unsigned=True)
+        zero_point = np.full(np.shape(grid.zero_point), shift, np.uint8)
+    else:
+        np_dtype = np.int8 if signed else np.uint8
+        q, zero_point = q.astype(np_dtype), grid.zero_point.astype(np_dtype)
     q_name = graph.unique_name(model, f"{layer.weight}_quantized")
     s_name = graph.unique_name(model, f"{layer.weight}_scale")
     z_name = graph.unique_name(model, f"{layer.weight}_zero_point")
     graph.remove_initializers(model, [layer.weight])
     _drop_graph_input(model, layer.weight)
-    graph.set_array(model, q_name, q.astype(np_dtype))
+    graph.set_array(model, q_name, q)
     add_initializer(model, s_name, grid.scale)
-    add_initializer(model, z_name, grid.zero_point.astype(np_dtype))
+    add_initializer(model, z_name, zero_point)
     attrs = {"axis": grid.axis} if grid.axis is not None else {}
     dq = helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [layer.weight],
                           name=graph.unique_name(model, f"{layer.weight}_DequantizeLinear"), **attrs)
@@ -588,15 +596,23 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
     quantized = onnx.ModelProto()
     quantized.CopyFrom(prepared)
     weight_grids: dict[str, WeightGrid] = {}
+    # uint8 activations meet these weights in ORT's u8s8 kernels: see integer_kernels
+    unsigned = not spec.symmetric and integer_kernels.unsigned_weights(ctx.target, ctx.options)
     for layer in layers:
-        weight_grids[layer.weight] = quantize_weight(quantized, layer, params)
+        weight_grids[layer.weight] = quantize_weight(quantized, layer, params, unsigned)
     embeddings = embedding_layers(quantized, params)
     for layer in embeddings:
         weight_grids[layer.weight] = quantize_embedding(quantized, layer)
     tables = table_tensors(quantized, params)
     for layer in tables:
         weight_grids[layer.weight] = quantize_table(quantized, layer)
-    embeddings += tables
+    # layers inside If / Loop / Scan bodies: their weights int8 (the DequantizeLinear in the main
+    # graph, read from the outer scope); activations inside a body are not calibrated and stay float
+    bodies = subgraphs.body_layers(quantized, COMPUTE_OPS, {layer.weight for layer in layers + embeddings + tables},
+                                   include=params.include, exclude=params.exclude, min_params=params.min_params)
+    for layer in bodies:
+        weight_grids[layer.weight] = quantize_weight(quantized, layer, params)
+    embeddings += tables + bodies
 
     grids: dict[str, ActivationGrid] = {}
     kept_float: dict[str, str] = {}
@@ -638,8 +654,11 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
         signed = layer.op not in COMPUTE_OPS or params.weights is None or params.weights.symmetric
         record.grid = {"scale": grid.scale, "zero_point": grid.zero_point, "axis": grid.axis,
                        "block_size": None, "bits": 8, "signed": bool(signed)}
+        if layer in layers:
+            record.extra["weight_storage"] = integer_kernels.storage_name(unsigned and bool(signed))
         record.extra["activations"] = ("weight-only int8 rows (embedding)" if layer.op == "Gather" else
                                        "weight-only int8 (table)" if layer.op in TABLE_READERS else
+                                       "weight-only int8 (inside a control-flow body)" if layer in bodies else
                                        f"static int8 ({spec.calibration})")
         ctx.layers[layer.weight] = record
     ctx.progress(1.0, "static int8 done")
@@ -648,8 +667,9 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
         "calibration": spec.calibration,
         "activation_dtype": "int8" if spec.symmetric else "uint8",
         "quantized_weights": len(layers),
-        "quantized_embeddings": len(embeddings) - len(tables),
+        "quantized_embeddings": len(embeddings) - len(tables) - len(bodies),
         "quantized_tables": len(tables),
+        "quantized_body_weights": len(bodies),
         "quantized_activations": len(grids),
         "float_activations": kept_float,
         "relu_folded": len(decided.relu_folds),
