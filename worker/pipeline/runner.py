@@ -28,6 +28,7 @@ from core.recipe import Recipe
 from core.targets import Target
 from worker.pipeline import data as data_mod
 from worker.pipeline import graph, metrics, registry
+from worker.pipeline.quant import sparse_storage
 from worker.pipeline.report import build_report, write_report, write_report_html
 from worker.pipeline.step import StepCancelled, StepContext
 
@@ -120,7 +121,8 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
 
     ``options`` go to every step's context and tune the report: ``latency_runs`` (50),
     ``latency_budget_s`` (10), ``fidelity_samples`` (512), ``layer_errors`` (True),
-    ``layer_error_samples`` (64), ``generated_samples`` (32); ``model_name`` titles report.html.
+    ``layer_error_samples`` (64), ``generated_samples`` (32); ``model_name`` titles report.html;
+    ``sparse_storage`` (True): false keeps every quantized weight dense.
     """
     model_path, workdir = Path(model_path), Path(workdir)
     options = dict(options or {})
@@ -204,6 +206,10 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
         del result          # the previous model may be freed while the next step runs
     if cancelled():
         raise StepCancelled("job cancelled")
+    quantized = [i for i, step in enumerate(recipe.steps) if step.op == "quantize"]
+    if quantized and options.get("sparse_storage", True):
+        # pruned integer weights as bitmask + values where the file compresses smaller
+        step_rows[quantized[-1]]["sparse_storage"] = sparse_storage.store_pipeline_output(model, ctx.layers)
 
     # 3. check, write, measure
     progress(STEPS_SHARE, "checking the result")

@@ -10,7 +10,7 @@ from onnx import numpy_helper
 
 from core.recipe import parse_recipe
 from tests.unit.pipeline import builders
-from worker.pipeline import metrics
+from worker.pipeline import metrics, runner
 from worker.pipeline.quant import sparse_storage
 from worker.pipeline.step import StepContext
 from worker.pipeline.steps import prune, quantize
@@ -23,11 +23,14 @@ DYNAMIC = {"op": "quantize", "weights": {"bits": 8}, "activations": {"calibratio
 
 
 def _compress(model, steps, *, sparse: bool, calibration=None):
-    """The recipe's steps run one after another, as the runner runs them; returns (model, ctx)."""
-    ctx = StepContext(original=model, calibration=calibration, options={"sparse_storage": sparse})
+    """The recipe's steps run one after another, then the sparse storage, as the runner runs them;
+    returns (model, ctx)."""
+    ctx = StepContext(original=model, calibration=calibration)
     for step in parse_recipe({"steps": steps}).steps:
         module = {"prune": prune, "quantize": quantize}[step.op]
         model = module.run(model, step, ctx).model
+    if sparse:
+        sparse_storage.store_pipeline_output(model, ctx.layers)
     onnx.checker.check_model(model, full_check=True)
     return model, ctx
 
@@ -163,3 +166,62 @@ def test_opset_below_11_is_left_dense():
     q[::3] = 5
     model.graph.initializer.append(numpy_helper.from_array(q, "extra_int8"))
     assert sparse_storage.store_sparse(model) == {}
+
+
+def _positions_model() -> onnx.ModelProto:
+    """x[batch, 16, 64] + position[1, 16, 64] (a learned table, only added) -> MatMul W[64, 32]."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array((0.02 * rng.standard_normal((1, 16, 64))).astype(np.float32), "position"),
+             numpy_helper.from_array((rng.standard_normal((64, 32)) / 8).astype(np.float32), "W")]
+    nodes = [helper.make_node("Add", ["x", "position"], ["h"], name="add_positions"),
+             helper.make_node("MatMul", ["h", "W"], ["y"], name="proj")]
+    graph_ = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16, 64])],
+                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16, 32])], inits)
+    model = helper.make_model(graph_, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_weight_only_int8_stores_a_learned_position_table_int8_per_tensor():
+    model = _positions_model()
+    table = numpy_helper.to_array(model.graph.initializer[0])
+    quantized, ctx = _compress(model, [WEIGHT_ONLY], sparse=True)
+    assert "position" not in {t.name for t in quantized.graph.initializer}
+    dq = next(n for n in quantized.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == "position")
+    q = numpy_helper.to_array(next(t for t in quantized.graph.initializer if t.name == dq.input[0]))
+    scale = numpy_helper.to_array(next(t for t in quantized.graph.initializer if t.name == dq.input[1]))
+    assert q.dtype == np.int8 and scale.shape == ()
+    np.testing.assert_array_equal(q, np.clip(np.rint(table / (np.abs(table).max() / np.float32(127))), -128, 127))
+    record = ctx.layers["position"]
+    assert record.bits == 8 and record.extra["granularity"] == "tensor" and record.extra["sqnr_db"] > 35
+    feeds = builders.random_inputs(model, count=8)
+    assert builders.rel_l2(builders.run_ort(model, feeds), builders.run_ort(quantized, feeds)) < 0.02
+    assert _io(quantized) == _io(model)
+
+
+def test_runner_stores_sparse_after_the_last_step_so_distill_still_refits(tmp_path):
+    model = builders.mlp(inputs=256, hidden=512, classes=16)
+    path = tmp_path / "mlp.onnx"
+    onnx.save_model(model, str(path))
+    calibration = builders.random_inputs(model, count=128, seed=5)
+    recipe = parse_recipe({"steps": [PRUNE, WEIGHT_ONLY, {"op": "distill", "method": "layerwise"}]})
+    options = {"layer_errors": False, "latency_runs": 3}
+    stored = runner.run(path, recipe, calibration=calibration, workdir=tmp_path / "sparse", options=dict(options))
+    dense = runner.run(path, recipe, calibration=calibration, workdir=tmp_path / "dense",
+                       options={**options, "sparse_storage": False})
+    stored_model = onnx.load(str(stored.model_path))
+    assert sparse_storage.find_sparse_weights(stored_model.graph)
+    assert not sparse_storage.find_sparse_weights(onnx.load(str(dense.model_path)).graph)
+    rows = stored.report["steps"][1]["sparse_storage"]
+    assert rows["W1_quantized"]["sparse"] and rows["W1_quantized"]["kept"] <= 0.5 * 256 * 512
+    for key in ("params", "nonzero_params", "macs"):
+        assert stored.report["compressed"][key] == dense.report["compressed"][key]
+    assert stored.report["size_ratio"] > dense.report["size_ratio"]
+    assert stored.report["transport_size_ratio"] > dense.report["transport_size_ratio"]
+    assert stored.report["fidelity"]["rel_l2"] == dense.report["fidelity"]["rel_l2"]
+    layers = {row["name"]: row for row in stored.report["layers"]}
+    assert "bitmask" in layers["W1"]["storage"] and layers["W1"]["bits"] == 8
+    assert [(r["name"], r["bits"], r["sparsity"], r["params"]) for r in stored.report["layers"]] == \
+        [(r["name"], r["bits"], r["sparsity"], r["params"]) for r in dense.report["layers"]]

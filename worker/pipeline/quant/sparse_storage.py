@@ -1,4 +1,6 @@
-"""Sparse storage of integer weights: a bitmask of the positions that hold something other than
+"""Sparse storage of integer weights, applied by the runner to the final model of a recipe that
+quantizes (after the last step: ``distill`` after ``quantize`` reads the quantized weights as
+initializers, so the storage form is the file's business, not a step's): a bitmask of the positions that hold something other than
 the tensor's most common value (the zero a prune step left, or the zero point), and those values in
 order. Decoded once by ONNX Runtime's constant folding at session load, with standard ops, into the
 dense tensor under its original name, so its readers (DequantizeLinear, DynamicQuantizeMatMul,
@@ -263,6 +265,22 @@ def store_sparse(model: onnx.ModelProto, whole_file_limit: int = WHOLE_FILE_LIMI
             _undo(model, rewrite)
     if not used:
         graph.remove_initializers(model, list(shared.values()))
+    return decisions
+
+
+def store_pipeline_output(model: onnx.ModelProto, layers: dict) -> dict[str, dict]:
+    """``store_sparse`` on a pipeline's final model; each layer whose integer weight went sparse
+    says so in its record (the report's ``storage``). Bits, sparsity and params of a layer do not
+    change: the decoded tensor is the dense one, value for value."""
+    decisions = store_sparse(model)
+    for stored, row in decisions.items():
+        if not row["sparse"]:
+            continue
+        # every quantizer names a weight's integer tensor "<weight>_<suffix>" (graph.unique_name)
+        owners = [name for name in layers if stored == name or stored.startswith(f"{name}_")]
+        if owners:
+            layers[max(owners, key=len)].extra["storage"] = (
+                f"bitmask + {row['kept']} of {row['elements']} values (the rest {row['fill']})")
     return decisions
 
 

@@ -4,20 +4,25 @@ work to the quantizer the recipe names.
 - ``activations`` set: int8 activations too, static (QDQ, calibrated ranges:
   ``quant.static.quantize_static``) or ``calibration: dynamic`` (``quant.dynamic.quantize_dynamic``);
 - ``weights.bits`` 1: sign quantization, ``w' = alpha * sign(w)`` (``quant.sign``);
-- otherwise weight-only int8 / int4 / int2, RTN or GPTQ (``quant.weight_only``).
+- otherwise weight-only int8 / int4 / int2, RTN or GPTQ (``quant.weight_only``); large float
+  tables that no layer multiplies and that are only sliced or added (learned position tables) go
+  int8 per tensor behind a DequantizeLinear, as static and dynamic int8 store them
+  (``quant.static.quantize_table``): left float they are the biggest float tensor of a
+  transformer's weight-only model.
 
-Whichever quantizer ran, the int8 / uint8 weights it left (and any an earlier step left) are then
-stored sparse where that compresses smaller (``quant.sparse_storage``): a bitmask of the non-zero
-positions and the non-zero values, decoded by ONNX Runtime's constant folding at load. Pruned
-weights then shrink the file and its zstd size, not only the count of non-zeros.
+The int8 / uint8 weights a quantizer leaves are stored sparse (bitmask + values) where that
+compresses smaller, once the whole recipe has run (``runner`` -> ``quant.sparse_storage``): a
+later step (``distill``) reads the quantized weights as initializers.
 """
 from __future__ import annotations
 
+import numpy as np
 import onnx
 
 from core.recipe import QuantizeStep
-from worker.pipeline.quant import sparse_storage, weight_only
-from worker.pipeline.step import StepContext, StepResult
+from worker.pipeline import graph, metrics
+from worker.pipeline.quant import weight_only
+from worker.pipeline.step import LayerRecord, StepContext, StepResult
 
 name = "quantize"
 Params = QuantizeStep
@@ -38,32 +43,6 @@ def check(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext) -> Non
 
 
 def run(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext) -> StepResult:
-    result = _quantize(model, params, ctx)
-    if not ctx.options.get("sparse_storage", True):
-        return result
-    ctx.progress(0.95, "sparse storage")
-    decisions = sparse_storage.store_sparse(result.model)
-    if decisions:
-        _note_storage(result, decisions, ctx)
-    return result
-
-
-def _note_storage(result: StepResult, decisions: dict[str, dict], ctx: StepContext) -> None:
-    """The step's metrics list every integer weight looked at; a layer whose stored weight went
-    sparse says so in its record (the report's ``storage``). Bits, sparsity and params of the
-    layer do not change: the decoded tensor is the dense one, value for value."""
-    result.metrics["sparse_storage"] = decisions
-    for stored, row in decisions.items():
-        if not row["sparse"]:
-            continue
-        # every quantizer names a weight's integer tensor "<weight>_<suffix>" (graph.unique_name)
-        owners = [name for name in ctx.layers if stored == name or stored.startswith(f"{name}_")]
-        if owners:
-            ctx.layers[max(owners, key=len)].extra["storage"] = (
-                f"bitmask + {row['kept']} of {row['elements']} values (the rest {row['fill']})")
-
-
-def _quantize(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext) -> StepResult:
     if params.activations is not None:
         if params.activations.calibration == "dynamic":
             from worker.pipeline.quant.dynamic import quantize_dynamic
@@ -73,4 +52,31 @@ def _quantize(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext) ->
     if params.weights.bits == 1:
         from worker.pipeline.quant.sign import quantize_sign
         return quantize_sign(model, params, ctx)
-    return weight_only.quantize_weights(model, params, ctx)
+    result = weight_only.quantize_weights(model, params, ctx)
+    _quantize_tables(result, params, ctx)
+    return result
+
+
+def _quantize_tables(result: StepResult, params: QuantizeStep, ctx: StepContext) -> None:
+    """Weight-only: the recipe's float tables (``static.table_tensors``) int8 per tensor, each with
+    its layer record (bits, grid, SQNR) like every quantized weight."""
+    from worker.pipeline.quant.static import quantize_table, table_tensors
+
+    tables = table_tensors(result.model, params)
+    for layer in tables:
+        before = graph.get_array(result.model, layer.weight).astype(np.float32)
+        grid = quantize_table(result.model, layer)
+        q_name = next(node.input[0] for node in result.model.graph.node
+                      if node.op_type == "DequantizeLinear" and node.output[0] == layer.weight)
+        q = graph.get_array(result.model, q_name)
+        record = ctx.layers.get(layer.weight) or LayerRecord(layer.weight, layer.node, layer.op)
+        record.bits = 8
+        record.grid = {"scale": grid.scale, "zero_point": grid.zero_point, "axis": None, "block_size": None,
+                       "bits": 8, "signed": True}
+        record.extra.update({"sqnr_db": metrics.sqnr_db(before, q.astype(np.float32) * grid.scale),
+                             "granularity": "tensor", "symmetric": True, "format": "qdq",
+                             "activations": "weight-only int8 (table)"})
+        ctx.layers[layer.weight] = record
+    if tables:
+        graph.sort_graph(result.model)
+        result.metrics["quantized_tables"] = [layer.weight for layer in tables]
