@@ -14,6 +14,10 @@ with the same calibration and evaluation splits:
     ours-*          the same through ``worker.pipeline.runner.run`` with a recipe: static int8,
                     dynamic int8, and weight-only int4 RTN / GPTQ, int2 GPTQ, sign (1 bit) on the
                     same MatMul weights ORT's MatMulNBits takes
+    ours-dynamic-s8 dynamic int8 with the weights stored int8 whatever the CPU (ORT's u8s8 kernel;
+                    ``ours-dynamic`` picks uint8 + 128 where that kernel saturates: quant.integer_kernels)
+    fp32-fused      the float model with only the dynamic step's exact layout rewrite
+                    (quant.attention_layout), no quantization: what the rewrite alone buys
 
 Each compression runs in its own subprocess so its peak RSS (``resource.getrusage``) is its own.
 Then, in this one process: accuracy and fidelity (rel_l2, cosine, top-1 agreement against FP32) on
@@ -51,6 +55,8 @@ VARIANTS = {
     "ours-static": "ours static int8 QDQ",
     "ort-dynamic": "ORT quantize_dynamic per-channel",
     "ours-dynamic": "ours dynamic int8",
+    "ours-dynamic-s8": "ours dynamic int8, int8 weight storage forced",
+    "fp32-fused": "float, attention layout rewrite only",
     "ort-int4-rtn": f"ORT MatMulNBits int4 RTN b{BLOCK_SIZE}",
     "ours-int4-rtn": f"ours int4 RTN b{BLOCK_SIZE}",
     "ours-int4-gptq": f"ours int4 GPTQ b{BLOCK_SIZE}",
@@ -75,7 +81,7 @@ def _matmul_weight_nodes(model: onnx.ModelProto) -> list[str]:
 def _recipe(variant: str, calibration: str, model: onnx.ModelProto) -> dict:
     if variant == "ours-static":
         step = {"op": "quantize", "weights": {"bits": 8}, "activations": {"calibration": calibration}, "min_params": 0}
-    elif variant == "ours-dynamic":
+    elif variant in ("ours-dynamic", "ours-dynamic-s8"):
         step = {"op": "quantize", "weights": {"bits": 8}, "activations": {"calibration": "dynamic"}, "min_params": 0}
     else:
         # Weight-only rows quantize exactly the weights ORT's MatMulNBits takes: MatMul weights.
@@ -128,6 +134,16 @@ def _compress_ort(variant: str, model_path: Path, out_path: Path, calibration_me
         raise ValueError(variant)
 
 
+def _fuse_only(model_path: Path, out_path: Path) -> None:
+    """The float model with the dynamic step's layout rewrite alone (no recipe: no quantization)."""
+    from worker.pipeline.quant.attention_layout import fuse_attention_heads
+
+    model = onnx.load(str(model_path))
+    fuse_attention_heads(model)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(out_path))
+
+
 def _compress_ours(variant: str, model_path: Path, out_path: Path, calibration_method: str, calibration) -> None:
     from core.recipe import parse_recipe
     from worker.pipeline.runner import run
@@ -135,8 +151,10 @@ def _compress_ours(variant: str, model_path: Path, out_path: Path, calibration_m
     model = onnx.load(str(model_path))
     recipe = parse_recipe(_recipe(variant, calibration_method, model))
     workdir = out_path.with_name(out_path.stem + "-work")
-    run(model_path, recipe, calibration=calibration, workdir=workdir,
-        options={"latency_runs": 3, "latency_budget_s": 2, "layer_errors": False, "fidelity_samples": 32})
+    options = {"latency_runs": 3, "latency_budget_s": 2, "layer_errors": False, "fidelity_samples": 32}
+    if variant == "ours-dynamic-s8":
+        options["integer_weights"] = "int8"
+    run(model_path, recipe, calibration=calibration, workdir=workdir, options=options)
     shutil.move(str(workdir / "model.onnx"), str(out_path))
     data = workdir / "model.onnx.data"
     if data.exists():
@@ -154,6 +172,8 @@ def compress_one(model_name: str, variant: str, calibration_method: str, out_dir
     started = time.perf_counter()
     if variant.startswith("ort-"):
         _compress_ort(variant, model_path, out_path, calibration_method, calibration)
+    elif variant == "fp32-fused":
+        _fuse_only(model_path, out_path)
     else:
         _compress_ours(variant, model_path, out_path, calibration_method, calibration)
     return {"seconds": time.perf_counter() - started,
@@ -256,6 +276,9 @@ def bars(result: dict) -> list[str]:
     if have("ours-dynamic") and result["model"] == "transformer_encoder":
         ratio = rows["ours-dynamic"]["latency_ratio_vs_fp32"]
         found.append(f"dynamic int8 latency {ratio:.2f}x FP32 <= 0.6: {'PASS' if ratio <= 0.6 else 'FAIL'}")
+    if have("ours-dynamic-s8") and result["model"] == "transformer_encoder":     # the same bar, u8s8 storage
+        ratio = rows["ours-dynamic-s8"]["latency_ratio_vs_fp32"]
+        found.append(f"dynamic int8 (int8 storage) latency {ratio:.2f}x FP32 <= 0.6: {'PASS' if ratio <= 0.6 else 'FAIL'}")
     if have("ours-int4-gptq", "ort-int4-rtn"):
         ours, theirs = rows["ours-int4-gptq"]["rel_l2"], rows["ort-int4-rtn"]["rel_l2"]
         found.append(f"int4 GPTQ rel_l2 {ours:.4f} <= 0.8 x ORT RTN {theirs:.4f} = {0.8 * theirs:.4f}: "

@@ -34,6 +34,8 @@ from core.errors import RecipeError
 from core.recipe import QuantizeStep
 from worker.pipeline import graph
 from worker.pipeline.quant import constants
+from worker.pipeline.quant.attention_layout import fuse_attention_heads
+from worker.pipeline.quant.shared_quantization import share_input_quantization
 from worker.pipeline.quant.static import (add_initializer, embedding_layers, quantize_embedding, quantize_table,
                                           table_tensors)
 from worker.pipeline.step import LayerRecord, StepContext, StepResult
@@ -105,6 +107,13 @@ def quantize_dynamic(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
     check(model, params, ctx)
     quantized = _prepared(model)
     layers = selected_layers(quantized, params)
+    # Exact layout rewrite of packed-QKV attention blocks (attention_layout) before quantizing: the
+    # selected packed weight becomes three column-third weights, quantized like any other.
+    packed = {layer.weight: graph.get_array(quantized, layer.weight) for layer in layers}
+    split = fuse_attention_heads(quantized, weights=set(packed))
+    split_from = {third: packed for packed, thirds in split.items() for third in thirds}
+    if split:
+        layers = _layers_after_split(quantized, layers, split)
     per_channel = params.weights is None or params.weights.granularity == "channel"
     inits = graph.initializers(quantized)
     nodes = {node.name: node for node in quantized.graph.node}
@@ -116,7 +125,11 @@ def quantize_dynamic(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
         ctx.check_cancelled()
         weight = graph.get_array(quantized, layer.weight).astype(np.float32)
         axis = layer.out_axis if per_channel else None
-        scale, zero = kernels.choose_qparams(weight, bits=8, symmetric=True, signed=True, axis=axis, method="absmax")
+        # A third of a split packed weight keeps the packed tensor's grid: per channel its columns'
+        # own scales anyway; per tensor the packed tensor's one scale (the unsplit numbers exactly).
+        grid_of = packed[split_from[layer.weight]] if layer.weight in split_from and axis is None else weight
+        scale, zero = kernels.choose_qparams(np.asarray(grid_of, np.float32), bits=8, symmetric=True, signed=True,
+                                             axis=axis, method="absmax")
         q = kernels.quantize(np.ascontiguousarray(weight), scale, zero, bits=8, signed=True, axis=axis)
         grids[layer.weight] = {"scale": np.asarray(scale, np.float32), "zero_point": np.asarray(zero),
                                "axis": axis, "block_size": None, "bits": 8, "signed": True}
@@ -138,6 +151,7 @@ def quantize_dynamic(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
             _replace(quantized, node, q_name, s_name, z_name, inits)
             replaced += 1
         ctx.progress((position + 1) / len(layers), f"dynamic int8 {layer.weight}")
+    shared = share_input_quantization(quantized)
     embeddings = embedding_layers(quantized, params)
     for layer in embeddings:
         grid = quantize_embedding(quantized, layer)
@@ -163,14 +177,28 @@ def quantize_dynamic(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
         record = ctx.layers.get(layer.weight) or LayerRecord(layer.weight, layer.node, layer.op)
         record.bits = 8
         record.grid = grids[layer.weight]
+        if layer.weight in split_from:
+            record.extra["split_from"] = split_from[layer.weight]
         record.extra["activations"] = ("dynamic int8 (DynamicQuantizeMatMul)" if layer.op in DYNAMIC_OPS else
                                        "weight-only int8 rows (embedding)" if layer.op == "Gather" else
                                        "weight-only int8 (table)")
         ctx.layers[layer.weight] = record
     metrics = {"format": "DynamicQuantizeMatMul", "quantized_weights": len(layers), "layers_replaced": replaced,
                "quantized_embeddings": len(embeddings) - len(tables), "quantized_tables": len(tables),
-               "per_channel": per_channel}
+               "per_channel": per_channel, "attention_blocks_relaid": len(split),
+               "shared_input_quantizations": shared}
     return StepResult(quantized, [layer.weight for layer in layers + embeddings], metrics)
+
+
+def _layers_after_split(model: onnx.ModelProto, layers: list[graph.WeightLayer],
+                        split: dict[str, list[str]]) -> list[graph.WeightLayer]:
+    """The selected layers with each split packed weight replaced, in place, by its three thirds (the
+    recipe selected the packed weight; its parts inherit that, whatever their own size or names)."""
+    by_weight = {layer.weight: layer for layer in graph.weight_layers(model, ops=DYNAMIC_OPS)}
+    result = []
+    for layer in layers:
+        result.extend(by_weight[name] for name in split[layer.weight]) if layer.weight in split else result.append(layer)
+    return result
 
 
 def _replace(model: onnx.ModelProto, node: onnx.NodeProto, q_name: str, s_name: str, z_name: str,
