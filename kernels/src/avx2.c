@@ -236,57 +236,107 @@ T static void avx2_col_accum(const float *x, int64_t n, int p, double *acc) {
 
 /* ---------------------------------------------------------------- GPTQ rank-k update */
 
+/* 4 rows x 24 columns of W in 12 registers, kb rank-1 steps in order: u (24 floats of U's row k,
+ * packed) and the 4 rows' e[k] (packed side by side: ep[4k + a]). */
+T static inline void avx2_rank_tile4x24(float *w0, int64_t ldw, const float *ep, const float *us,
+                                        int64_t kb) {
+    __m256 c00 = _mm256_loadu_ps(w0), c01 = _mm256_loadu_ps(w0 + 8), c02 = _mm256_loadu_ps(w0 + 16);
+    __m256 c10 = _mm256_loadu_ps(w0 + ldw), c11 = _mm256_loadu_ps(w0 + ldw + 8),
+           c12 = _mm256_loadu_ps(w0 + ldw + 16);
+    __m256 c20 = _mm256_loadu_ps(w0 + 2 * ldw), c21 = _mm256_loadu_ps(w0 + 2 * ldw + 8),
+           c22 = _mm256_loadu_ps(w0 + 2 * ldw + 16);
+    __m256 c30 = _mm256_loadu_ps(w0 + 3 * ldw), c31 = _mm256_loadu_ps(w0 + 3 * ldw + 8),
+           c32 = _mm256_loadu_ps(w0 + 3 * ldw + 16);
+    for (int64_t k = 0; k < kb; k++, ep += 4, us += 24) {
+        __m256 u0 = _mm256_loadu_ps(us), u1 = _mm256_loadu_ps(us + 8), u2 = _mm256_loadu_ps(us + 16);
+        __m256 e = _mm256_broadcast_ss(ep);
+        c00 = _mm256_fmadd_ps(e, u0, c00);
+        c01 = _mm256_fmadd_ps(e, u1, c01);
+        c02 = _mm256_fmadd_ps(e, u2, c02);
+        e = _mm256_broadcast_ss(ep + 1);
+        c10 = _mm256_fmadd_ps(e, u0, c10);
+        c11 = _mm256_fmadd_ps(e, u1, c11);
+        c12 = _mm256_fmadd_ps(e, u2, c12);
+        e = _mm256_broadcast_ss(ep + 2);
+        c20 = _mm256_fmadd_ps(e, u0, c20);
+        c21 = _mm256_fmadd_ps(e, u1, c21);
+        c22 = _mm256_fmadd_ps(e, u2, c22);
+        e = _mm256_broadcast_ss(ep + 3);
+        c30 = _mm256_fmadd_ps(e, u0, c30);
+        c31 = _mm256_fmadd_ps(e, u1, c31);
+        c32 = _mm256_fmadd_ps(e, u2, c32);
+    }
+    _mm256_storeu_ps(w0, c00);
+    _mm256_storeu_ps(w0 + 8, c01);
+    _mm256_storeu_ps(w0 + 16, c02);
+    _mm256_storeu_ps(w0 + ldw, c10);
+    _mm256_storeu_ps(w0 + ldw + 8, c11);
+    _mm256_storeu_ps(w0 + ldw + 16, c12);
+    _mm256_storeu_ps(w0 + 2 * ldw, c20);
+    _mm256_storeu_ps(w0 + 2 * ldw + 8, c21);
+    _mm256_storeu_ps(w0 + 2 * ldw + 16, c22);
+    _mm256_storeu_ps(w0 + 3 * ldw, c30);
+    _mm256_storeu_ps(w0 + 3 * ldw + 8, c31);
+    _mm256_storeu_ps(w0 + 3 * ldw + 16, c32);
+}
+
+#define FW_RANK_EBUF 8192 /* floats of packed E kept on the stack (32 KB) */
+#define FW_RANK_JB 8        /* 24-column strips per block of packed U (8 x 128 x 24 floats: 96 KB) */
+
 T static void avx2_rank_update(float *W, int64_t ldw, const float *E, int64_t lde, const float *U,
                                int64_t ldu, int64_t rows, int64_t kb, int64_t ncols) {
-    /* the U strip [kb x 24] is packed contiguously when several row groups reuse it */
-    float stackbuf[128 * 24];
-    float *pk = NULL;
-    if (rows >= 8) pk = kb <= 128 ? stackbuf : (float *)malloc((size_t)kb * 24 * sizeof(float));
+    /* Blocked like a GEMM micro-kernel: U is packed in strips of [kb x 24] (FW_RANK_JB strips at
+     * a time, so each 4-row group of W is walked along contiguous runs of FW_RANK_JB * 24
+     * columns) and E 4 rows side by side per k, so the inner loop runs on one pointer each; every
+     * W element still receives its kb fused multiply-adds in k order. */
+    float ebuf[FW_RANK_EBUF];
+    int64_t rg = rows & ~(int64_t)3;
+    float *up = NULL, *ep = NULL;
+    if (ncols >= 24 && kb > 0) {
+        up = (float *)malloc((size_t)kb * 24 * FW_RANK_JB * sizeof(float));
+        size_t ne = (size_t)rg * (size_t)kb;
+        ep = ne <= FW_RANK_EBUF ? ebuf : (float *)malloc(ne * sizeof(float));
+        if (!up || !ep) { /* no memory: the unpacked loops below */
+            free(up);
+            if (ep && ep != ebuf) free(ep);
+            up = ep = NULL;
+        }
+    }
     int64_t j = 0;
-    for (; j + 24 <= ncols; j += 24) {
-        const float *us = U + j;
-        int64_t ldp = ldu;
-        if (pk) {
-            for (int64_t k = 0; k < kb; k++) memcpy(pk + k * 24, U + k * ldu + j, 24 * sizeof(float));
-            us = pk;
-            ldp = 24;
-        }
-        int64_t r = 0;
-        for (; r + 4 <= rows; r += 4) {
-            float *w0 = W + r * ldw + j;
-            __m256 c[4][3];
-            for (int a = 0; a < 4; a++)
-                for (int b = 0; b < 3; b++) c[a][b] = _mm256_loadu_ps(w0 + a * ldw + 8 * b);
-            const float *e = E + r * lde;
-            for (int64_t k = 0; k < kb; k++) {
-                const float *u = us + k * ldp;
-                __m256 u0 = _mm256_loadu_ps(u), u1 = _mm256_loadu_ps(u + 8),
-                       u2 = _mm256_loadu_ps(u + 16);
-                for (int a = 0; a < 4; a++) {
-                    __m256 ev = _mm256_set1_ps(e[a * lde + k]);
-                    c[a][0] = _mm256_fmadd_ps(ev, u0, c[a][0]);
-                    c[a][1] = _mm256_fmadd_ps(ev, u1, c[a][1]);
-                    c[a][2] = _mm256_fmadd_ps(ev, u2, c[a][2]);
+    if (up) {
+        for (int64_t g = 0; g < rg; g += 4)
+            for (int64_t k = 0; k < kb; k++)
+                for (int a = 0; a < 4; a++) ep[(g * kb) + 4 * k + a] = E[(g + a) * lde + k];
+        while (j + 24 <= ncols) {
+            int64_t ns = (ncols - j) / 24;
+            if (ns > FW_RANK_JB) ns = FW_RANK_JB;
+            for (int64_t t = 0; t < ns; t++)
+                for (int64_t k = 0; k < kb; k++)
+                    memcpy(up + (t * kb + k) * 24, U + k * ldu + j + 24 * t, 24 * sizeof(float));
+            for (int64_t g = 0; g < rg; g += 4)
+                for (int64_t t = 0; t < ns; t++)
+                    avx2_rank_tile4x24(W + g * ldw + j + 24 * t, ldw, ep + g * kb, up + t * kb * 24,
+                                       kb);
+            for (int64_t r = rg; r < rows; r++)
+                for (int64_t t = 0; t < ns; t++) {
+                    float *w0 = W + r * ldw + j + 24 * t;
+                    __m256 c0 = _mm256_loadu_ps(w0), c1 = _mm256_loadu_ps(w0 + 8),
+                           c2 = _mm256_loadu_ps(w0 + 16);
+                    for (int64_t k = 0; k < kb; k++) {
+                        const float *u = up + (t * kb + k) * 24;
+                        __m256 ev = _mm256_set1_ps(E[r * lde + k]);
+                        c0 = _mm256_fmadd_ps(ev, _mm256_loadu_ps(u), c0);
+                        c1 = _mm256_fmadd_ps(ev, _mm256_loadu_ps(u + 8), c1);
+                        c2 = _mm256_fmadd_ps(ev, _mm256_loadu_ps(u + 16), c2);
+                    }
+                    _mm256_storeu_ps(w0, c0);
+                    _mm256_storeu_ps(w0 + 8, c1);
+                    _mm256_storeu_ps(w0 + 16, c2);
                 }
-            }
-            for (int a = 0; a < 4; a++)
-                for (int b = 0; b < 3; b++) _mm256_storeu_ps(w0 + a * ldw + 8 * b, c[a][b]);
+            j += 24 * ns;
         }
-        for (; r < rows; r++) {
-            float *w0 = W + r * ldw + j;
-            __m256 c0 = _mm256_loadu_ps(w0), c1 = _mm256_loadu_ps(w0 + 8),
-                   c2 = _mm256_loadu_ps(w0 + 16);
-            for (int64_t k = 0; k < kb; k++) {
-                const float *u = us + k * ldp;
-                __m256 ev = _mm256_set1_ps(E[r * lde + k]);
-                c0 = _mm256_fmadd_ps(ev, _mm256_loadu_ps(u), c0);
-                c1 = _mm256_fmadd_ps(ev, _mm256_loadu_ps(u + 8), c1);
-                c2 = _mm256_fmadd_ps(ev, _mm256_loadu_ps(u + 16), c2);
-            }
-            _mm256_storeu_ps(w0, c0);
-            _mm256_storeu_ps(w0 + 8, c1);
-            _mm256_storeu_ps(w0 + 16, c2);
-        }
+        free(up);
+        if (ep != ebuf) free(ep);
     }
     for (; j + 8 <= ncols; j += 8) {
         int64_t r0 = 0;
@@ -319,7 +369,6 @@ T static void avx2_rank_update(float *W, int64_t ldw, const float *E, int64_t ld
             }
         }
     }
-    if (pk && pk != stackbuf) free(pk);
 }
 
 /* ---------------------------------------------------------------- selection bracket */

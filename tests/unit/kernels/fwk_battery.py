@@ -72,6 +72,9 @@ def run() -> dict[str, np.ndarray]:
         s, z = K.choose_qparams(w, bits=4, symmetric=True, axis=0)
         q, wh = K.gptq_quantize(w, u, s, z, bits=4, signed=True, block=64)
         out[f"gptq_q_{rows}"], out[f"gptq_w_{rows}"] = q, wh
+        # a block wider than the packed-U buffer of 128 rows, more than one 192-column U block
+        q, wh = K.gptq_quantize(w, u, s, z, bits=4, signed=True, block=140)
+        out[f"gptq140_q_{rows}"], out[f"gptq140_w_{rows}"] = q, wh
         sg, zg = K.choose_qparams(w, bits=4, symmetric=False, signed=False, axis=1, block_size=16)
         q, wh = K.gptq_quantize(w, u, sg, zg, bits=4, signed=False, group_size=16, block=32)
         out[f"gptqg_q_{rows}"], out[f"gptqg_w_{rows}"] = q, wh
