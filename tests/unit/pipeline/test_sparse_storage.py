@@ -225,3 +225,21 @@ def test_runner_stores_sparse_after_the_last_step_so_distill_still_refits(tmp_pa
     assert "bitmask" in layers["W1"]["storage"] and layers["W1"]["bits"] == 8
     assert [(r["name"], r["bits"], r["sparsity"], r["params"]) for r in stored.report["layers"]] == \
         [(r["name"], r["bits"], r["sparsity"], r["params"]) for r in dense.report["layers"]]
+
+
+def test_matmulnbits_8bit_b_pruned_weights_sit_at_128_and_are_counted_as_zeros():
+    model = builders.mlp(inputs=256, hidden=512, classes=16)
+    steps = [PRUNE, {**WEIGHT_ONLY, "format": "matmulnbits"}]
+    dense, stored, _ = _both(model, steps)
+    assert [n.op_type for n in stored.graph.node if n.op_type == "MatMulNBits"]
+    found = sparse_storage.find_sparse_weights(stored.graph)
+    assert found
+    for sparse in found:
+        values = numpy_helper.to_array(next(t for t in stored.graph.initializer if t.name == sparse.values))
+        assert values[0] == 128          # the zero point of symmetric 8-bit MatMulNBits
+    feeds = builders.random_inputs(model, count=16)
+    for a, b in zip(builders.run_ort(dense, feeds), builders.run_ort(stored, feeds)):
+        assert np.array_equal(a, b)
+    params, nonzero = metrics.param_counts(stored)
+    assert (params, nonzero) == metrics.param_counts(dense)
+    assert nonzero < 0.6 * params
