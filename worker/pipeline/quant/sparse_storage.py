@@ -43,7 +43,7 @@ MIN_ELEMENTS = 256                  # below this the nine decoding nodes cost mo
 ZSTD_LEVEL = 3                      # CONTRACT.md §4's transport_size_ratio: metrics.zstd_bytes
 PACKABLE = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8}
 INT32_INDEX_LIMIT = 2 ** 31 - 1     # CumSum in int32 below this (half the memory of int64 at load)
-WHOLE_FILE_LIMIT = 64 << 20         # models up to this size are judged by their whole file's zstd bytes
+WHOLE_FILE_WORK = 64 << 20          # bytes zstd may go through judging every candidate on the whole file
 
 
 @dataclass
@@ -217,23 +217,24 @@ def _file_zstd(model: onnx.ModelProto) -> int:
     return zstd_size(model.SerializeToString())
 
 
-def store_sparse(model: onnx.ModelProto, whole_file_limit: int = WHOLE_FILE_LIMIT) -> dict[str, dict]:
+def store_sparse(model: onnx.ModelProto, whole_file_work: int = WHOLE_FILE_WORK) -> dict[str, dict]:
     """Rewrite, in place, every candidate integer weight whose sparse form makes the file compress
     smaller (see the module docstring). Returns, for each tensor looked at, its dense and sparse
     bytes (raw and zstd) and whether it was stored sparse.
 
     zstd codes all literals of a 128 KiB block with one Huffman table, so a tensor's bytes cost
-    what they cost next to its neighbours, not alone: a model whose file is at most
-    ``whole_file_limit`` bytes is judged whole (each tensor, largest first, is stored sparse where
-    that shrinks the zstd bytes of the whole serialized model, the measure of ``metrics.zstd_bytes``);
-    a larger one tensor by tensor (the mask's and values' zstd bytes plus the decoding nodes' against
-    the dense tensor's)."""
+    what they cost next to its neighbours, not alone (in a file under a block, one table codes the
+    mask, the values and every other tensor). Where compressing the whole serialized model once per
+    candidate stays within ``whole_file_work`` bytes, each tensor, largest first, is stored sparse
+    where that shrinks the zstd bytes of the whole model (the measure of ``metrics.zstd_bytes``);
+    otherwise tensor by tensor (the mask's and values' zstd bytes plus the decoding nodes' against
+    the dense tensor's), which is what counts where tensors span blocks of their own."""
     if graph.opset(model) < MIN_OPSET:
         return {}
     found = [t.name for t in sorted(candidates(model), key=lambda t: -int(np.prod(t.dims, dtype=np.int64)))]
     if not found:
         return {}
-    whole = model.ByteSize() <= whole_file_limit
+    whole = model.ByteSize() * len(found) <= whole_file_work
     shared = _shared_constants(model)
     current = _file_zstd(model) if whole else 0
     decisions: dict[str, dict] = {}
