@@ -243,3 +243,22 @@ def test_matmulnbits_8bit_b_pruned_weights_sit_at_128_and_are_counted_as_zeros()
     params, nonzero = metrics.param_counts(stored)
     assert (params, nonzero) == metrics.param_counts(dense)
     assert nonzero < 0.6 * params
+
+
+def test_storing_an_already_sparse_model_again_keeps_its_decoding_intact():
+    model = builders.mlp(inputs=256, hidden=512, classes=16)
+    dense, stored, _ = _both(model, [PRUNE, WEIGHT_ONLY])
+    before = len(stored.graph.node)
+    again = onnx.ModelProto()
+    again.CopyFrom(stored)
+    # a dense int8 tensor with next to no repeated value: looked at, left dense
+    noise = np.random.default_rng(6).integers(-127, 128, size=4096).astype(np.int8)
+    again.graph.initializer.append(numpy_helper.from_array(noise, "noise"))
+    decisions = sparse_storage.store_sparse(again)
+    assert decisions["noise"]["sparse"] is False
+    onnx.checker.check_model(again, full_check=True)
+    assert len(again.graph.node) == before
+    assert {t.name for t in again.graph.initializer} == {t.name for t in stored.graph.initializer} | {"noise"}
+    feeds = builders.random_inputs(model, count=8)
+    for a, b in zip(builders.run_ort(dense, feeds), builders.run_ort(again, feeds)):
+        assert np.array_equal(a, b)

@@ -1,16 +1,18 @@
-"""Sparse storage of integer weights, applied by the runner to the final model of a recipe that
-quantizes (after the last step: ``distill`` after ``quantize`` reads the quantized weights as
-initializers, so the storage form is the file's business, not a step's): a bitmask of the positions that hold something other than
-the tensor's most common value (the zero a prune step left, or the zero point), and those values in
-order. Decoded once by ONNX Runtime's constant folding at session load, with standard ops, into the
-dense tensor under its original name, so its readers (DequantizeLinear, DynamicQuantizeMatMul,
-an embedding's Gather) are untouched and inference runs on the same dense integer weight.
+"""Sparse storage of integer weights: a bitmask of the positions that hold something other than
+the tensor's most common value (the zero a prune step left, or the zero point), and those values
+in order. ONNX Runtime's constant folding decodes it once, at session load, with standard ops, into
+the dense tensor under its original name: its readers (DequantizeLinear, DynamicQuantizeMatMul,
+MatMulNBits, an embedding's Gather) are untouched and inference runs on the same dense weight.
+
+The runner applies it to the final model of a recipe that quantizes, after the last step: a later
+step (``distill`` after ``quantize``) reads the quantized weights as initializers, so the storage
+form is the file's business, not a step's.
 
 Why: pruning zeroes half the weights, but a dense int8 tensor spends a byte on each zero, and zstd
 (level 3) codes the zeros' positions worse than their entropy (short zero runs become matches).
-Stored apart, the positions cost about ``H(p)`` bits per weight (p the share of non-fill values) and
-the values their order-0 entropy, which zstd's literal coding reaches. The file itself shrinks by
-about ``1 - (1/8 + p)`` too.
+Stored apart, the positions cost about ``H(p)`` bits per weight (p the share of non-fill values)
+and the values about their order-0 entropy, which zstd's literal coding reaches. The file itself
+shrinks to about ``1/8 + p`` of the dense tensor's bytes.
 
 Format, for a tensor of n elements, fill value f and k other values v_1..v_k (row-major order):
 
@@ -24,9 +26,9 @@ Decoding (opset 11: BitShift, CumSum), evaluated once by constant folding:
     Slice [:n]--> flags --Cast int32 (int64 past 2**31 elements)--> CumSum --Mul flags--> index
     (the rank among the non-fill values, 0 at a fill position) --Gather(values)--> Reshape(shape)
 
-Each integer weight is stored this way only where the two arrays' zstd bytes (the same level 3 as
-``metrics.zstd_bytes``, measured here) plus the decoding nodes' bytes are smaller than the dense
-tensor's zstd bytes; otherwise it stays dense.
+A weight is stored this way only where that makes the file's zstd bytes (level 3, as
+``metrics.zstd_bytes`` measures them) smaller, measured here (``store_sparse``); otherwise it stays
+dense.
 """
 from __future__ import annotations
 
@@ -132,9 +134,9 @@ def _decode_nodes(model: onnx.ModelProto, weight: str, mask: str, values: str, c
     ]
 
 
-def _shared_constants(model: onnx.ModelProto) -> dict[str, str]:
+def _shared_constants(model: onnx.ModelProto) -> tuple[dict[str, str], list[str]]:
     """The decoding's small constants, one copy for every sparse weight of the graph (found again
-    when a graph already has them, so a second quantize step adds none)."""
+    where a graph already has them: a model compressed twice); returns them and those added."""
     wanted = {
         "left": ("sparse_shift_left", (7 - np.arange(8)).astype(np.uint8)),
         "right": ("sparse_shift_right", np.array([7], dtype=np.uint8)),
@@ -143,7 +145,7 @@ def _shared_constants(model: onnx.ModelProto) -> dict[str, str]:
         "axis": ("sparse_cumsum_axis", np.array(0, dtype=np.int64)),
     }
     inits = graph.initializers(model)
-    out = {}
+    out, added = {}, []
     for key, (name, array) in wanted.items():
         tensor = inits.get(name)
         if tensor is not None and tensor.data_type == numpy_helper.from_array(array).data_type and \
@@ -151,8 +153,9 @@ def _shared_constants(model: onnx.ModelProto) -> dict[str, str]:
             out[key] = name
             continue
         out[key] = graph.unique_name(model, name)
+        added.append(out[key])
         model.graph.initializer.append(numpy_helper.from_array(array, out[key]))
-    return out
+    return out, added
 
 
 def candidates(model: onnx.ModelProto) -> list[onnx.TensorProto]:
@@ -235,8 +238,8 @@ def store_sparse(model: onnx.ModelProto, whole_file_work: int = WHOLE_FILE_WORK)
     if not found:
         return {}
     whole = model.ByteSize() * len(found) <= whole_file_work
-    shared = _shared_constants(model)
     current = _file_zstd(model) if whole else 0
+    shared, added = _shared_constants(model)
     decisions: dict[str, dict] = {}
     used = False
     for name in found:
@@ -265,7 +268,7 @@ def store_sparse(model: onnx.ModelProto, whole_file_work: int = WHOLE_FILE_WORK)
         else:
             _undo(model, rewrite)
     if not used:
-        graph.remove_initializers(model, list(shared.values()))
+        graph.remove_initializers(model, added)
     return decisions
 
 
