@@ -25,11 +25,11 @@ def _const(name: str, value) -> onnx.NodeProto:
 
 def packed_attention(d: int = 32, heads: int = 4, seq: int = 6, seed: int = 0, perm=(2, 0, 3, 1, 4),
                      scale_op: str = "Mul", softmax_axis: int = -1, packed_read_elsewhere: bool = False,
-                     scale_from_input: bool = False) -> onnx.ModelProto:
+                     scale_from_input: bool = False, leading=(0, 1)) -> onnx.ModelProto:
     """The torch TorchScript export of ``qkv(x).reshape(B, S, 3, N, H).permute(2, 0, 3, 1, 4)``,
     ``softmax(q @ k^T * c + mask) @ v``, back to [B, S, D], then an output projection; the knobs
     break the pattern one way each (a different permutation, a Div scale, another softmax axis, the
-    packed projection read a second time, a scale that is a graph input)."""
+    packed projection read a second time, a scale that is a graph input, leading dims regrouped)."""
     rng = np.random.default_rng(seed)
     head = d // heads
     inits = [numpy_helper.from_array((rng.standard_normal((d, 3 * d)) / np.sqrt(d)).astype(np.float32), "W_qkv"),
@@ -39,7 +39,8 @@ def packed_attention(d: int = 32, heads: int = 4, seq: int = 6, seed: int = 0, p
         helper.make_node("MatMul", ["x", "W_qkv"], ["qkv_mm"], name="qkv/MatMul"),
         helper.make_node("Add", ["b_qkv", "qkv_mm"], ["qkv"], name="qkv/Add"),
         helper.make_node("Shape", ["x"], ["shape"], name="shape"),
-        _const("i0", np.array(0, np.int64)), _const("i1", np.array(1, np.int64)), _const("ax0", np.array([0], np.int64)),
+        _const("i0", np.array(leading[0], np.int64)), _const("i1", np.array(leading[1], np.int64)),
+        _const("ax0", np.array([0], np.int64)),
         helper.make_node("Gather", ["shape", "i0"], ["batch"], name="batch", axis=0),
         helper.make_node("Gather", ["shape", "i1"], ["length"], name="length", axis=0),
         helper.make_node("Unsqueeze", ["batch", "ax0"], ["batch1"], name="batch1"),
@@ -153,8 +154,9 @@ def test_div_scale_becomes_reciprocal_alpha():
 
 
 @pytest.mark.parametrize("knobs", [{"perm": (2, 0, 1, 3, 4)}, {"softmax_axis": 2}, {"packed_read_elsewhere": True},
-                                   {"scale_from_input": True}],
-                         ids=["other-permutation", "other-softmax-axis", "projection-read-elsewhere", "runtime-scale"])
+                                   {"scale_from_input": True}, {"leading": (1, 0)}],
+                         ids=["other-permutation", "other-softmax-axis", "projection-read-elsewhere", "runtime-scale",
+                              "leading-dims-swapped"])
 def test_near_misses_are_left_alone(knobs):
     model = packed_attention(**knobs)
     untouched = _copy(model)

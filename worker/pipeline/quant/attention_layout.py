@@ -68,13 +68,23 @@ class _Match:
 class _Graph:
     """Lookups over one model, rebuilt after each rewrite."""
 
-    def __init__(self, model: onnx.ModelProto, ranks: dict[str, int]):
+    def __init__(self, model: onnx.ModelProto, shapes: dict[str, list]):
         self.model = model
         self.producer = graph.producers(model)
         self.readers = graph.consumers(model)
         self.inits = graph.initializers(model)
         self.outputs = {o.name for o in model.graph.output} | graph.subgraph_reads(model)
-        self.ranks = ranks
+        self.shapes = shapes
+
+    def rank(self, tensor: str) -> int | None:
+        return len(self.shapes[tensor]) if tensor in self.shapes else None
+
+    def same_dim(self, a: str, b: str, axis: int) -> bool:
+        """True when shape inference proves dim ``axis`` of a and b equal (one name or one size)."""
+        da, db = self.shapes.get(a), self.shapes.get(b)
+        if da is None or db is None or len(da) <= axis or len(db) <= axis:
+            return False
+        return da[axis] is not None and da[axis] != 0 and da[axis] == db[axis]
 
     def only_reader(self, tensor: str) -> onnx.NodeProto | None:
         readers = self.readers.get(tensor, [])
@@ -96,18 +106,19 @@ class _Graph:
         return node if node is not None and node.op_type == op_type else None
 
 
-def _ranks(model: onnx.ModelProto) -> dict[str, int]:
-    """Tensor ranks as ONNX shape inference sees them (contrib ops make it stop early; what it
-    could not reach is simply unknown, and an unknown rank means no rewrite)."""
+def _shapes(model: onnx.ModelProto) -> dict[str, list[str | int | None]]:
+    """Tensor dims as ONNX shape inference sees them (a dim_param name, a size, or None). Contrib ops
+    make it stop early; what it could not reach is simply unknown, and unknown means no rewrite."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     except Exception:               # inference is advisory here; without it nothing is rewritten
         inferred = model
-    ranks = {}
+    shapes = {}
     for value in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
-            ranks[value.name] = len(value.type.tensor_type.shape.dim)
-    return ranks
+            shapes[value.name] = [d.dim_param or (d.dim_value if d.HasField("dim_value") else None)
+                                  for d in value.type.tensor_type.shape.dim]
+    return shapes
 
 
 def _scale_factor(g: _Graph, scaled: onnx.NodeProto) -> tuple[str, float] | None:
@@ -142,15 +153,39 @@ def _projection(g: _Graph, packed: str) -> _Projection | None:
     return _Projection(node.input[0], [node] + nodes, node.input[1], bias=bias)
 
 
-def _head_shape(g: _Graph, shape_tensor: str) -> tuple[int, int] | None:
-    """(N, H) when the reshape target ends in constant [3, N, H] (a constant shape tensor or a
-    Concat whose last three parts are constants)."""
+def _copies_dim(g: _Graph, part: str, axis: int, x: str, packed: str) -> bool:
+    """True when ``part`` is Unsqueeze(Gather(Shape(t), axis)) for a t that is the packed
+    projection's input or output, or one shape inference proves has the same dim there (the block
+    input before a LayerNormalization, say): the reshape keeps that dim as it is."""
+    unsqueeze = g.made_by(part, "Unsqueeze")
+    gather = g.made_by(unsqueeze.input[0], "Gather") if unsqueeze is not None else None
+    shape = g.made_by(gather.input[0], "Shape") if gather is not None else None
+    if shape is None or graph.attribute(gather, "axis", 0) != 0:
+        return False
+    source = shape.input[0]
+    if source not in (x, packed) and not g.same_dim(source, x, axis):
+        return False
+    if graph.attribute(shape, "start", 0) != 0:
+        return False
+    index = g.constant(gather.input[1])
+    return index is not None and index.size == 1 and int(index.reshape(())) == axis
+
+
+def _head_shape(g: _Graph, shape_tensor: str, x: str, packed: str) -> tuple[int, int] | None:
+    """(N, H) when the reshape target is [B, S, 3, N, H] with B, S the packed projection's own
+    leading dims (0 entries of a constant shape, or Shape / Gather parts of a Concat) and 3, N, H
+    constants. Anything else could regroup rows, which the rewrite's [0, 0, N, H] would not."""
     whole = g.constant(shape_tensor)
     if whole is not None:
-        tail = [int(v) for v in whole.reshape(-1)[-3:]] if whole.size == 5 else None
+        values = [int(v) for v in whole.reshape(-1)]
+        if len(values) != 5 or values[:2] != [0, 0]:
+            return None
+        tail = values[2:]
     else:
         concat = g.made_by(shape_tensor, "Concat")
         if concat is None or len(concat.input) != 5:
+            return None
+        if not all(_copies_dim(g, concat.input[axis], axis, x, packed) for axis in (0, 1)):
             return None
         parts = [g.constant(name) for name in concat.input[2:]]
         if any(p is None or p.size != 1 for p in parts):
@@ -185,7 +220,7 @@ def _squeezed_part(g: _Graph, tensor: str) -> tuple[onnx.NodeProto, onnx.NodePro
 
 
 def _match(g: _Graph, softmax: onnx.NodeProto) -> _Match | None:
-    if graph.attribute(softmax, "axis", -1) not in (-1, 3) or g.ranks.get(softmax.input[0]) != 4:
+    if graph.attribute(softmax, "axis", -1) not in (-1, 3) or g.rank(softmax.input[0]) != 4:
         return None
     add = g.made_by(softmax.input[0], "Add")
     context = g.only_reader(softmax.output[0])
@@ -220,11 +255,13 @@ def _match(g: _Graph, softmax: onnx.NodeProto) -> _Match | None:
         return None
     if graph.attribute(reshape, "allowzero", 0):
         return None
-    heads = _head_shape(g, reshape.input[1])
     projection = _projection(g, reshape.input[0])
-    if heads is None or projection is None or g.only_reader(reshape.input[0]) is not reshape:
+    if projection is None or g.only_reader(reshape.input[0]) is not reshape:
         return None
-    if g.ranks.get(projection.x) != 3:
+    heads = _head_shape(g, reshape.input[1], projection.x, reshape.input[0])
+    if heads is None:
+        return None
+    if g.rank(projection.x) != 3:
         return None
     width = heads[0] * heads[1]
     weight = g.inits[projection.weight]
@@ -310,11 +347,11 @@ def fuse_attention_heads(model: onnx.ModelProto, weights: set[str] | None = None
     packed projection weight is in ``weights`` when given. Returns {packed weight: [its q, k, v
     column-third weights]} for the blocks rewritten."""
     split: dict[str, list[str]] = {}
-    # Ranks from the graph as it came: ONNX shape inference stops at the contrib ops a rewrite
-    # adds, and the tensors the match reads (x, the scores) keep their names through the rewrite.
-    ranks = _ranks(model)
+    # Shapes from the graph as it came: ONNX shape inference stops at the contrib ops a rewrite
+    # adds, and the tensors the match reads (x, the scores, shape sources) keep their names.
+    shapes = _shapes(model)
     while True:
-        g = _Graph(model, ranks)
+        g = _Graph(model, shapes)
         candidates = (_match(g, node) for node in model.graph.node if node.op_type == "Softmax")
         found = next((m for m in candidates
                       if m is not None and (weights is None or m.projection.weight in weights)), None)
