@@ -126,6 +126,43 @@ int fw_parallel_for(int64_t n, int64_t grain, fw_range_fn fn, void *ctx) {
     return nt;
 }
 
+typedef struct {
+    fw_range_fn fn;
+    void *ctx;
+    int64_t n, piece, next;
+} fw_dyn_ctx;
+
+static void fw_dyn_worker(void *vctx, int64_t b, int64_t e, int tid) {
+    (void)b;
+    (void)e;
+    fw_dyn_ctx *d = (fw_dyn_ctx *)vctx;
+    for (;;) {
+        int64_t s = __atomic_fetch_add(&d->next, d->piece, __ATOMIC_RELAXED);
+        if (s >= d->n) return;
+        int64_t t = s + d->piece < d->n ? s + d->piece : d->n;
+        d->fn(d->ctx, s, t, tid);
+    }
+}
+
+void fw_parallel_run_dynamic(int nt, int64_t n, fw_range_fn fn, void *ctx) {
+    if (n <= 0) return;
+    if (nt <= 1) {
+        fn(ctx, 0, n, 0);
+        return;
+    }
+    int64_t piece = (n / ((int64_t)nt * FW_DYN_PIECES) + 63) & ~(int64_t)63;
+    if (piece < 64) piece = 64;
+    fw_dyn_ctx d = {fn, ctx, n, piece, 0};
+    /* one job per thread (range [t, t + 1)); each loops over the shared pieces */
+    fw_parallel_run(nt, nt, fw_dyn_worker, &d);
+}
+
+int fw_parallel_for_dynamic(int64_t n, int64_t grain, fw_range_fn fn, void *ctx) {
+    int nt = fw_threads_for(n, grain);
+    fw_parallel_run_dynamic(nt, n, fn, ctx);
+    return nt;
+}
+
 void fw_interleaved(int64_t b, int64_t e, int64_t chunk, fw_piece_fn fn, void *ctx) {
     int64_t n = e - b;
     if (n <= 0) return;
@@ -210,7 +247,7 @@ int fw_memcpy(void *dst, const void *src, int64_t nbytes) {
     FW_REQUIRE(nbytes >= 0, "negative size");
     FW_REQUIRE(nbytes == 0 || (dst && src), "null pointer");
     fw_memcpy_ctx c = {(char *)dst, (const char *)src};
-    fw_parallel_for(nbytes, 1 << 22, fw_memcpy_task, &c);
+    fw_parallel_for_dynamic(nbytes, 1 << 22, fw_memcpy_task, &c);
     return FW_OK;
 }
 

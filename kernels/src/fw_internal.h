@@ -38,6 +38,14 @@ int fw_threads_for(int64_t n, int64_t grain);
 void fw_parallel_run(int nt, int64_t n, fw_range_fn fn, void *ctx);
 /* convenience: fw_parallel_run(fw_threads_for(n, grain), ...); returns the thread count used */
 int fw_parallel_for(int64_t n, int64_t grain, fw_range_fn fn, void *ctx);
+/* The same split into FW_DYN_PIECES pieces per thread that the threads take in turn from a shared
+ * counter: a thread the OS deschedules (other processes on a shared machine) holds up at most
+ * one piece, the others take the rest. fn may run several times per tid, on any pieces, so only
+ * for kernels whose result does not depend on which thread computes which range (elementwise
+ * maps, integer counts merged per tid). Piece boundaries are multiples of 64 units. */
+#define FW_DYN_PIECES 8
+void fw_parallel_run_dynamic(int nt, int64_t n, fw_range_fn fn, void *ctx);
+int fw_parallel_for_dynamic(int64_t n, int64_t grain, fw_range_fn fn, void *ctx);
 
 /* Interleaved streams: one core reads memory measurably faster from several sequential streams
  * at once than from one (more lines in flight: the hardware prefetchers track each stream), so a

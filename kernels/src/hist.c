@@ -49,7 +49,10 @@ int fw_histogram(const float *x, int64_t n, int64_t bins, float lo, float hi, in
     int64_t *acc = (int64_t *)calloc((size_t)nt * (size_t)bins, sizeof(int64_t));
     if (!acc) return fw_error(FW_ENOMEM, "out of memory");
     fw_hist_ctx c = {fw_ops_get(), x, lo, (float)bins / width, (float)(bins - 1), bins, acc, 0};
-    fw_parallel_run(nt, n, fw_hist_task, &c);
+    if (bins <= (1 << 16)) /* small per-piece counters: pieces shared out as the threads free up */
+        fw_parallel_run_dynamic(nt, n, fw_hist_task, &c);
+    else
+        fw_parallel_run(nt, n, fw_hist_task, &c);
     if (c.failed) {
         free(acc);
         return fw_error(FW_ENOMEM, "out of memory");

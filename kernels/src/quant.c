@@ -80,7 +80,7 @@ int fw_quantize(const float *x, int64_t outer, int64_t alen, int64_t inner, int 
     c.qmax = (float)qmax;
     c.out = out;
     c.stream = fw_stream_wanted(n);
-    fw_parallel_for(n, FW_STREAM_GRAIN, fw_quant_task, &c);
+    fw_parallel_for_dynamic(n, FW_STREAM_GRAIN, fw_quant_task, &c);
     return FW_OK;
 }
 
@@ -150,7 +150,7 @@ int fw_dequantize(const uint8_t *q, int q_signed, int64_t outer, int64_t alen, i
     c.z = zero_point;
     c.out = out;
     c.stream = fw_stream_wanted(n * (int64_t)sizeof(float));
-    fw_parallel_for(n, FW_STREAM_GRAIN, fw_dequant_task, &c);
+    fw_parallel_for_dynamic(n, FW_STREAM_GRAIN, fw_dequant_task, &c);
     return FW_OK;
 }
 

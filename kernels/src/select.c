@@ -276,7 +276,7 @@ int fw_magnitude_mask(const float *w, int64_t n, float threshold, uint8_t *mask)
     FW_REQUIRE(n >= 0, "negative size");
     FW_REQUIRE(n == 0 || (w && mask), "null pointer");
     fw_mask_ctx c = {fw_ops_get(), w, NULL, threshold, mask, NULL, fw_stream_wanted(n)};
-    fw_parallel_for(n, FW_STREAM_GRAIN, fw_absgt_task, &c);
+    fw_parallel_for_dynamic(n, FW_STREAM_GRAIN, fw_absgt_task, &c);
     return FW_OK;
 }
 
@@ -306,7 +306,7 @@ int fw_apply_mask(const float *w, const uint8_t *mask, int64_t n, float *out) {
     FW_REQUIRE(n == 0 || (w && mask && out), "null pointer");
     fw_mask_ctx c = {fw_ops_get(), w, mask, 0.0f, NULL, out,
                      fw_stream_wanted(n * (int64_t)sizeof(float))};
-    fw_parallel_for(n, FW_STREAM_GRAIN, fw_apply_task, &c);
+    fw_parallel_for_dynamic(n, FW_STREAM_GRAIN, fw_apply_task, &c);
     return FW_OK;
 }
 
