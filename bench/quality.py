@@ -16,6 +16,9 @@ with the same calibration and evaluation splits:
                     same MatMul weights ORT's MatMulNBits takes
     ours-dynamic-s8 dynamic int8 with the weights stored int8 whatever the CPU (ORT's u8s8 kernel;
                     ``ours-dynamic`` picks uint8 + 128 where that kernel saturates: quant.integer_kernels)
+    ours-dynamic-plain, ours-dynamic-s8-plain
+                    the same without the dynamic step's exact layout rewrites (attention_layout,
+                    shared_quantization): before / after in one run
     fp32-fused      the float model with only the dynamic step's exact layout rewrite
                     (quant.attention_layout), no quantization: what the rewrite alone buys
 
@@ -56,6 +59,8 @@ VARIANTS = {
     "ort-dynamic": "ORT quantize_dynamic per-channel",
     "ours-dynamic": "ours dynamic int8",
     "ours-dynamic-s8": "ours dynamic int8, int8 weight storage forced",
+    "ours-dynamic-plain": "ours dynamic int8 without the layout rewrites",
+    "ours-dynamic-s8-plain": "ours dynamic int8, int8 storage, without the layout rewrites",
     "fp32-fused": "float, attention layout rewrite only",
     "ort-int4-rtn": f"ORT MatMulNBits int4 RTN b{BLOCK_SIZE}",
     "ours-int4-rtn": f"ours int4 RTN b{BLOCK_SIZE}",
@@ -81,7 +86,7 @@ def _matmul_weight_nodes(model: onnx.ModelProto) -> list[str]:
 def _recipe(variant: str, calibration: str, model: onnx.ModelProto) -> dict:
     if variant == "ours-static":
         step = {"op": "quantize", "weights": {"bits": 8}, "activations": {"calibration": calibration}, "min_params": 0}
-    elif variant in ("ours-dynamic", "ours-dynamic-s8"):
+    elif variant.startswith("ours-dynamic"):
         step = {"op": "quantize", "weights": {"bits": 8}, "activations": {"calibration": "dynamic"}, "min_params": 0}
     else:
         # Weight-only rows quantize exactly the weights ORT's MatMulNBits takes: MatMul weights.
@@ -152,8 +157,10 @@ def _compress_ours(variant: str, model_path: Path, out_path: Path, calibration_m
     recipe = parse_recipe(_recipe(variant, calibration_method, model))
     workdir = out_path.with_name(out_path.stem + "-work")
     options = {"latency_runs": 3, "latency_budget_s": 2, "layer_errors": False, "fidelity_samples": 32}
-    if variant == "ours-dynamic-s8":
+    if variant.startswith("ours-dynamic-s8"):
         options["integer_weights"] = "int8"
+    if variant.endswith("-plain"):
+        options["dynamic_layout_rewrites"] = False
     run(model_path, recipe, calibration=calibration, workdir=workdir, options=options)
     shutil.move(str(workdir / "model.onnx"), str(out_path))
     data = workdir / "model.onnx.data"

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from core.recipe import QuantizeStep
 from tests.unit.pipeline import builders
-from worker.pipeline.quant import dynamic
+from worker.pipeline.quant.dynamic import quantize_dynamic
 from worker.pipeline.quant.attention_layout import fuse_attention_heads
 from worker.pipeline.quant.shared_quantization import share_input_quantization
 from worker.pipeline.step import StepContext
@@ -177,17 +177,14 @@ def _params(**overrides) -> QuantizeStep:
     return QuantizeStep(**fields)
 
 
-def _dynamic(model, monkeypatch=None, relayout: bool = True, **overrides):
-    if not relayout:
-        monkeypatch.setattr(dynamic, "fuse_attention_heads", lambda m, weights=None: {})
-        monkeypatch.setattr(dynamic, "share_input_quantization", lambda m: 0)
-    ctx = StepContext(original=model)
-    result = dynamic.quantize_dynamic(model, _params(**overrides), ctx)
+def _dynamic(model, relayout: bool = True, **overrides):
+    ctx = StepContext(original=model, options={"dynamic_layout_rewrites": relayout})
+    result = quantize_dynamic(model, _params(**overrides), ctx)
     onnx.checker.check_model(result.model, full_check=True)
     return result, ctx
 
 
-def test_dynamic_step_relays_attention_and_matches_the_plain_dynamic_model(monkeypatch):
+def test_dynamic_step_relays_attention_and_matches_the_plain_dynamic_model():
     model = packed_attention(d=64, heads=4, seq=8)
     result, ctx = _dynamic(model)
     ops = _ops(result.model)
@@ -198,7 +195,8 @@ def test_dynamic_step_relays_attention_and_matches_the_plain_dynamic_model(monke
     assert quantize.input[0] == "x"                     # quantized before the transpose: uint8 moves
     assert {ctx.layers[name].extra["split_from"] for name in ("W_qkv_q", "W_qkv_k", "W_qkv_v")} == {"W_qkv"}
     assert _io(result.model) == _io(model)
-    plain, _ = _dynamic(model, monkeypatch, relayout=False)
+    plain, _ = _dynamic(model, relayout=False)
+    assert "Split" in _ops(plain.model) and plain.metrics["attention_blocks_relaid"] == 0
     for count in (1, 7):
         feeds = _feeds(model, count)
         relaid, reference = builders.run_ort(result.model, feeds)[0], builders.run_ort(plain.model, feeds)[0]
@@ -208,7 +206,7 @@ def test_dynamic_step_relays_attention_and_matches_the_plain_dynamic_model(monke
         assert builders.rel_l2(builders.run_ort(model, feeds), [relaid]) < 0.03
 
 
-def test_per_tensor_weights_keep_the_packed_tensors_one_scale(monkeypatch):
+def test_per_tensor_weights_keep_the_packed_tensors_one_scale():
     model = packed_attention(d=64, heads=4, seq=8)
     per_tensor = {"bits": 8, "granularity": "tensor"}
     result, _ = _dynamic(model, weights=per_tensor)
@@ -216,7 +214,7 @@ def test_per_tensor_weights_keep_the_packed_tensors_one_scale(monkeypatch):
     scales = {float(numpy_helper.to_array(t)) for t in result.model.graph.initializer if t.name in names}
     packed = numpy_helper.to_array(model.graph.initializer[0])
     assert scales == {float(np.float32(np.abs(packed).max()) / np.float32(127))}
-    plain, _ = _dynamic(model, monkeypatch, relayout=False, weights=per_tensor)
+    plain, _ = _dynamic(model, relayout=False, weights=per_tensor)
     feeds = _feeds(model)
     np.testing.assert_allclose(builders.run_ort(result.model, feeds)[0], builders.run_ort(plain.model, feeds)[0],
                                rtol=1e-5, atol=1e-5)
@@ -322,7 +320,7 @@ def _torch_encoder(d: int = 32, heads: int = 4, seq: int = 7, layers: int = 2) -
     return onnx.load_from_string(buffer.getvalue())
 
 
-def test_torch_exported_encoder_is_relaid_in_every_block(monkeypatch):
+def test_torch_exported_encoder_is_relaid_in_every_block():
     model = _torch_encoder()
     float_only = _copy(model)
     assert len(fuse_attention_heads(float_only)) == 2
@@ -332,6 +330,6 @@ def test_torch_exported_encoder_is_relaid_in_every_block(monkeypatch):
                                rtol=1e-5, atol=1e-6)
     result, _ = _dynamic(model)
     assert result.metrics["attention_blocks_relaid"] == 2 and _io(result.model) == _io(model)
-    plain, _ = _dynamic(model, monkeypatch, relayout=False)
+    plain, _ = _dynamic(model, relayout=False)
     np.testing.assert_allclose(builders.run_ort(result.model, feeds)[0], builders.run_ort(plain.model, feeds)[0],
                                rtol=1e-5, atol=1e-5)

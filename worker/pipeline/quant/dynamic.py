@@ -109,8 +109,10 @@ def quantize_dynamic(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
     layers = selected_layers(quantized, params)
     # Exact layout rewrite of packed-QKV attention blocks (attention_layout) before quantizing: the
     # selected packed weight becomes three column-third weights, quantized like any other.
-    packed = {layer.weight: graph.get_array(quantized, layer.weight) for layer in layers}
-    split = fuse_attention_heads(quantized, weights=set(packed))
+    # ctx.options["dynamic_layout_rewrites"] = False leaves both exact rewrites out (A/B benches).
+    rewrites = ctx.options.get("dynamic_layout_rewrites", True)
+    packed = {layer.weight: graph.get_array(quantized, layer.weight) for layer in layers} if rewrites else {}
+    split = fuse_attention_heads(quantized, weights=set(packed)) if rewrites else {}
     split_from = {third: packed for packed, thirds in split.items() for third in thirds}
     if split:
         layers = _layers_after_split(quantized, layers, split)
@@ -151,7 +153,7 @@ def quantize_dynamic(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
             _replace(quantized, node, q_name, s_name, z_name, inits)
             replaced += 1
         ctx.progress((position + 1) / len(layers), f"dynamic int8 {layer.weight}")
-    shared = share_input_quantization(quantized)
+    shared = share_input_quantization(quantized) if rewrites else 0
     embeddings = embedding_layers(quantized, params)
     for layer in embeddings:
         grid = quantize_embedding(quantized, layer)
