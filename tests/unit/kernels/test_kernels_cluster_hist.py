@@ -110,6 +110,33 @@ def test_histogram_large_threaded():
     np.testing.assert_array_equal(got, O.histogram(x, 2048, -4.0, 4.0))
 
 
+@pytest.mark.parametrize("kind", ["spread", "piled", "piled_late", "nan_runs"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_histogram_large_every_layout(kind, threads):
+    """Spread data are counted on one copy of the counters, data piling onto a few bins on
+    several (chosen from a sample); pieces go to threads as they free up. Same counts."""
+    rng = np.random.default_rng(4)
+    n = 1_500_003
+    x = rng.standard_normal(n).astype(np.float32)
+    if kind == "piled":
+        x[rng.random(n) < 0.9] = np.float32(0.25)
+    elif kind == "piled_late":  # the sample sees spread data, the tail is one value
+        x[n // 2:] = np.float32(-1.0)
+    elif kind == "nan_runs":
+        x[::7] = np.nan
+        x[1000:5000] = np.inf
+    old = K.set_threads(threads)
+    try:
+        for isa in ("ref", K.isa()):
+            with K.use_isa(isa):
+                got = K.histogram(x, 2048, -4.0, 4.0)
+                np.testing.assert_array_equal(got, O.histogram(x, 2048, -4.0, 4.0))
+                got = K.histogram(x, 100_000, -4.0, 4.0)  # one counter copy, static split
+                np.testing.assert_array_equal(got, O.histogram(x, 100_000, -4.0, 4.0))
+    finally:
+        K.set_threads(old)
+
+
 def test_histogram_bad_args():
     x = np.ones(3, np.float32)
     for args in ((0, 0.0, 1.0), (4, 1.0, 1.0), (4, 0.0, float("nan")), (4, -3e38, 3e38), (1 << 30, 0.0, 1.0)):
