@@ -15,6 +15,12 @@ Why this form: the standard-domain chain ``DynamicQuantizeLinear -> MatMulIntege
 runs the same kernel without depending on the fusion pattern matching (per-channel scales and biases
 are where pattern matchers give up). ``bench.quality`` measures it against ORT's quantize_dynamic.
 
+Two exact rewrites make the result faster without changing a number (each module says why):
+``attention_layout`` splits a packed QKV projection into column thirds read in sequence-major layout
+by FusedMatMul (no Split, no head transposes), and ``shared_quantization`` quantizes a tensor that
+several of these ops read once (DynamicQuantizeLinear + MatMulIntegerToFloat). ``ctx.options
+["dynamic_layout_rewrites"] = False`` leaves both out (bench.quality's ``-plain`` rows).
+
 Embedding tables (Gather over a weight, when the recipe's ``embeddings`` is on) become int8 per row,
 dequantized after the Gather (``static.quantize_embedding``); large float tables that are only sliced
 or added (learned positions) int8 per tensor (``static.quantize_table``). Conv stays float
