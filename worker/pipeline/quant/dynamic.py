@@ -15,7 +15,7 @@ Why this form: the standard-domain chain ``DynamicQuantizeLinear -> MatMulIntege
 runs the same kernel without depending on the fusion pattern matching (per-channel scales and biases
 are where pattern matchers give up). ``bench.quality`` measures it against ORT's quantize_dynamic.
 
-Two exact rewrites make the result faster without changing a number (each module says why):
+Two exact rewrites make the result faster and compute the same values (each module says how):
 ``attention_layout`` splits a packed QKV projection into column thirds read in sequence-major layout
 by FusedMatMul (no Split, no head transposes), and ``shared_quantization`` quantizes a tensor that
 several of these ops read once (DynamicQuantizeLinear + MatMulIntegerToFloat). ``ctx.options
