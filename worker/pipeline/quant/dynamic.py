@@ -39,7 +39,7 @@ import kernels
 from core.errors import RecipeError
 from core.recipe import QuantizeStep
 from worker.pipeline import graph
-from worker.pipeline.quant import constants
+from worker.pipeline.quant import constants, integer_kernels
 from worker.pipeline.quant.attention_layout import fuse_attention_heads
 from worker.pipeline.quant.shared_quantization import share_input_quantization
 from worker.pipeline.quant.static import (add_initializer, embedding_layers, quantize_embedding, quantize_table,
@@ -129,6 +129,7 @@ def quantize_dynamic(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
     storage: dict[tuple[str, bool], tuple[str, str, str]] = {}
     grids: dict[str, dict[str, Any]] = {}
     replaced = 0
+    unsigned = integer_kernels.unsigned_weights(ctx.target, ctx.options)
     for position, layer in enumerate(layers):
         ctx.check_cancelled()
         weight = graph.get_array(quantized, layer.weight).astype(np.float32)
@@ -148,12 +149,13 @@ def quantize_dynamic(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
             key = (layer.weight, transposed)
             if key not in storage:
                 # The op wants B as [K, N] with one scale per column N.
-                stored = q.T if transposed else q
+                stored, zero_point = integer_kernels.stored(q.T if transposed else q, unsigned)
                 names = tuple(graph.unique_name(quantized, f"{layer.weight}_{suffix}")
                               for suffix in ("quantized" + ("_t" if transposed else ""), "scale", "zero_point"))
                 graph.set_array(quantized, names[0], np.ascontiguousarray(stored))
                 add_initializer(quantized, names[1], np.asarray(scale, np.float32).reshape(-1 if per_channel else ()))
-                add_initializer(quantized, names[2], np.zeros(stored.shape[1] if per_channel else (), np.int8))
+                add_initializer(quantized, names[2], np.full(stored.shape[1] if per_channel else (), zero_point,
+                                                             stored.dtype))
                 storage[key] = names
             q_name, s_name, z_name = storage[key]
             _replace(quantized, node, q_name, s_name, z_name, inits)
@@ -185,6 +187,8 @@ def quantize_dynamic(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
         record = ctx.layers.get(layer.weight) or LayerRecord(layer.weight, layer.node, layer.op)
         record.bits = 8
         record.grid = grids[layer.weight]
+        if layer.op in DYNAMIC_OPS:
+            record.extra["weight_storage"] = integer_kernels.storage_name(unsigned)
         if layer.weight in split_from:
             record.extra["split_from"] = split_from[layer.weight]
         record.extra["activations"] = ("dynamic int8 (DynamicQuantizeMatMul)" if layer.op in DYNAMIC_OPS else
