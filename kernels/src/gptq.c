@@ -73,10 +73,18 @@ static void fw_gptq_task(void *vctx, int64_t rb, int64_t re, int tid) {
     fw_gptq_ctx *c = (fw_gptq_ctx *)vctx;
     const int64_t cols = c->cols, B = c->block;
     float *E = (float *)malloc((size_t)FW_TILE_ROWS * (size_t)B * sizeof(float));
-    if (!E) {
+    /* one column of the tile, gathered: values, its rows' scales / zero points, codes, w_hat */
+    float *col = (float *)malloc((size_t)FW_TILE_ROWS * (3 * sizeof(float) + sizeof(int32_t) + 1));
+    if (!E || !col) {
+        free(E);
+        free(col);
         __atomic_store_n(&c->failed, 1, __ATOMIC_RELAXED);
         return;
     }
+    float *cs = col + FW_TILE_ROWS, *dq = cs + FW_TILE_ROWS;
+    int32_t *cz = (int32_t *)(dq + FW_TILE_ROWS);
+    uint8_t *code = (uint8_t *)(cz + FW_TILE_ROWS);
+    int q_signed = c->qmin < 0.0f;
     for (int64_t r0 = rb; r0 < re; r0 += FW_TILE_ROWS) {
         int64_t rr = re - r0 < FW_TILE_ROWS ? re - r0 : FW_TILE_ROWS;
         float *W = c->w + r0 * cols;
@@ -84,18 +92,30 @@ static void fw_gptq_task(void *vctx, int64_t rb, int64_t re, int tid) {
             int64_t c1 = c0 + B < cols ? c0 + B : cols, kb = c1 - c0;
             for (int64_t i = c0; i < c1; i++) {
                 float d = c->u[i * cols + i];
+                /* the column through the ISA's quantize / dequantize runs: q = clamp(round(w /
+                 * s) + z), w_hat = (q - z) * s, exactly as quantize() and dequantize() */
+                const float *sp = c->s + r0;
+                const int32_t *zp = c->z + r0;
+                if (c->group) {
+                    for (int64_t r = 0; r < rr; r++) {
+                        int64_t pi = (r0 + r) * c->ngroups + i / c->group;
+                        cs[r] = c->s[pi];
+                        cz[r] = c->z[pi];
+                    }
+                    sp = cs;
+                    zp = cz;
+                }
+                for (int64_t r = 0; r < rr; r++) col[r] = W[r * cols + i];
+                c->ops->quant_run(col, rr, sp, zp, 1, c->qmin, c->qmax, code);
+                if (q_signed)
+                    c->ops->dequant_run_s8((const int8_t *)code, rr, sp, zp, 1, dq);
+                else
+                    c->ops->dequant_run_u8(code, rr, sp, zp, 1, dq);
                 for (int64_t r = 0; r < rr; r++) {
                     int64_t row = r0 + r;
-                    int64_t pi = c->group ? row * c->ngroups + i / c->group : row;
-                    float sc = c->s[pi], zf = (float)c->z[pi];
-                    float wv = W[r * cols + i];
-                    float qv = nearbyintf(wv / sc) + zf;
-                    qv = qv < c->qmin ? c->qmin : qv;
-                    qv = qv > c->qmax ? c->qmax : qv;
-                    float dq = (qv - zf) * sc;
-                    c->q[row * cols + i] = (uint8_t)(int32_t)qv;
-                    c->what[row * cols + i] = dq;
-                    E[r * B + (i - c0)] = -((wv - dq) / d); /* negated: rank_update adds */
+                    c->q[row * cols + i] = code[r];
+                    c->what[row * cols + i] = dq[r];
+                    E[r * B + (i - c0)] = -((col[r] - dq[r]) / d); /* negated: rank_update adds */
                 }
                 fw_sweep_update(c->ops, W, cols, E, B, c->u, i, c0, c1, FW_SUB_BLOCK, rr);
             }
@@ -105,6 +125,7 @@ static void fw_gptq_task(void *vctx, int64_t rb, int64_t re, int tid) {
         }
     }
     free(E);
+    free(col);
 }
 
 int fw_gptq_quantize(float *w, int64_t rows, int64_t cols, const float *u, const float *scale,
