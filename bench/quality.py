@@ -301,14 +301,14 @@ def bars(result: dict) -> list[str]:
 def table(result: dict) -> str:
     header = (f"{result['model']} (calibration {result['calibration']}, latency: batch {result['latency_batch']}, "
               f"1 thread, {result['runs']} interleaved runs)")
-    lines = [header, f"{'variant':16} {'accuracy':>8} {'rel_l2':>8} {'cosine':>8} {'top1':>6} {'bytes':>9} "
+    lines = [header, f"{'variant':21} {'accuracy':>8} {'rel_l2':>8} {'cosine':>8} {'top1':>6} {'bytes':>9} "
                      f"{'ratio':>6} {'p50 ms':>7} {'vs fp32':>7} {'compress s':>10} {'peak RSS MiB':>12}"]
     for name, row in result["rows"].items():
         if "error" in row:
-            lines.append(f"{name:16} FAILED: {row['error']}")
+            lines.append(f"{name:21} FAILED: {row['error']}")
             continue
         rss = f"{row['peak_rss_bytes'] / 2**20:12.0f}" if "peak_rss_bytes" in row else f"{'-':>12}"
-        lines.append(f"{name:16} {row['accuracy']:8.4f} {row['rel_l2']:8.4f} {row['cosine']:8.5f} "
+        lines.append(f"{name:21} {row['accuracy']:8.4f} {row['rel_l2']:8.4f} {row['cosine']:8.5f} "
                      f"{row['top1_agreement']:6.3f} {row['bytes']:9d} {row['size_ratio']:6.2f} "
                      f"{row['latency_ms_p50']:7.2f} {row['latency_ratio_vs_fp32']:7.2f} {row['seconds']:10.2f} {rss}")
     lines += ["  bar: " + line for line in bars(result)]
