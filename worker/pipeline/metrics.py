@@ -37,7 +37,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from worker.pipeline import graph
+from worker.pipeline import graph, subgraphs
 from worker.pipeline.data import Dataset
 
 SKELETON_MAX_ELEMENTS = 4096   # initializers at most this big stay in the shape-inference skeleton
@@ -93,14 +93,6 @@ def zstd_bytes(path: str | Path, level: int = 3) -> int:
 # ---------------------------------------------------------------------------- params
 
 
-def _subgraphs(node: onnx.NodeProto) -> Iterable[onnx.GraphProto]:
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            yield attr.g
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            yield from attr.graphs
-
-
 def _graph_tensors(g: onnx.GraphProto) -> Iterable[onnx.TensorProto]:
     yield from g.initializer
     for node in g.node:
@@ -108,7 +100,7 @@ def _graph_tensors(g: onnx.GraphProto) -> Iterable[onnx.TensorProto]:
             for attr in node.attribute:
                 if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
                     yield attr.t
-        for sub in _subgraphs(node):
+        for sub in subgraphs.bodies(node):
             yield from _graph_tensors(sub)
 
 
@@ -174,7 +166,7 @@ def _node_inputs(g: onnx.GraphProto, skip: set[str]) -> Iterable[str]:
         if node.name in skip:
             continue
         yield from node.input
-        for sub in _subgraphs(node):
+        for sub in subgraphs.bodies(node):
             yield from _node_inputs(sub, skip)
 
 

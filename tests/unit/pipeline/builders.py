@@ -174,3 +174,12 @@ def rel_l2(a, b) -> float:
     a = np.concatenate([np.asarray(x, np.float64).ravel() for x in a])
     b = np.concatenate([np.asarray(x, np.float64).ravel() for x in b])
     return float(np.linalg.norm(b - a) / np.linalg.norm(a))
+
+
+def io_of(model: onnx.ModelProto):
+    """(inputs, outputs) as (name, element type, dims) lists, initializers listed as inputs left out."""
+    def describe(values):
+        return [(v.name, v.type.tensor_type.elem_type,
+                 [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]) for v in values]
+    inits = {t.name for t in model.graph.initializer}
+    return describe([v for v in model.graph.input if v.name not in inits]), describe(model.graph.output)

@@ -28,12 +28,7 @@ def _run(model, **overrides):
     return result, ctx
 
 
-def _io(model):
-    def describe(values):
-        return [(v.name, v.type.tensor_type.elem_type,
-                 [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]) for v in values]
-    inits = {t.name for t in model.graph.initializer}
-    return describe([v for v in model.graph.input if v.name not in inits]), describe(model.graph.output)
+_io = builders.io_of
 
 
 def _values(model, node) -> np.ndarray:

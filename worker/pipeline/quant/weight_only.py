@@ -181,7 +181,7 @@ def skipped_weights(model: onnx.ModelProto) -> list[dict[str, str]]:
     that would collide with another): left float, and listed with the reason."""
     skipped = []
     for node in model.graph.node:
-        for sub in metrics._subgraphs(node):
+        for sub in subgraphs.bodies(node):
             for tensor in sub.initializer:
                 if tensor.data_type in subgraphs.FLOAT_TYPES and len(tensor.dims) >= 2:
                     skipped.append({"name": tensor.name, "node": node.name,

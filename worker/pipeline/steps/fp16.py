@@ -30,7 +30,7 @@ from onnx import helper, numpy_helper
 
 from core.errors import PipelineError, RecipeError
 from core.recipe import Fp16Step
-from worker.pipeline import graph, metrics
+from worker.pipeline import graph, metrics, subgraphs
 from worker.pipeline.data import Dataset, bind, generated
 from worker.pipeline.step import LayerRecord, StepContext, StepResult
 
@@ -178,11 +178,11 @@ def subgraph_reads(model: onnx.ModelProto) -> set[str]:
         local = {i.name for i in g.input} | {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
         for node in g.node:
             reads.update(name for name in node.input if name and name not in local)
-            for sub in metrics._subgraphs(node):
+            for sub in subgraphs.bodies(node):
                 walk(sub)
 
     for node in model.graph.node:
-        for sub in metrics._subgraphs(node):
+        for sub in subgraphs.bodies(node):
             walk(sub)
     return reads
 
