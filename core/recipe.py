@@ -142,6 +142,10 @@ class QuantizeStep(_WeightStep):
         max_length=64, description="op types kept in float under static activation quantization")
     bias_correction: bool = True
     embeddings: bool = Field(True, description="quantize Gather tables (embeddings) too")
+    integer_weights: Literal["auto", "int8", "uint8"] = Field(
+        "auto", description="static / dynamic int8: storage of the weights ONNX Runtime's integer kernels read; "
+                            "auto picks uint8 + 128 (exact u8u8) on x86 CPUs without VNNI, where int8 saturates, "
+                            "else int8 (same grid either way)")
 
     @model_validator(mode="after")
     def _something(self) -> "QuantizeStep":

@@ -163,3 +163,13 @@ def test_forced_weight_storage_keeps_the_same_grid(storage):
     if storage == "uint8":     # u8u8 accumulates exactly on every x86 CPU: int8-grid error only
         evaluation = builders.random_inputs(model, count=64, seed=2)
         assert builders.rel_l2(builders.run_ort(model, evaluation), builders.run_ort(result.model, evaluation)) < 0.03
+
+
+def test_recipe_field_integer_weights_picks_the_storage():
+    model = builders.mlp()
+    for storage in ("int8", "uint8"):
+        ctx = StepContext(original=model)
+        result = quantize_dynamic(model, _params(integer_weights=storage), ctx)
+        assert graph.get_array(result.model, _fused(result.model, "fc1").input[1]).dtype == np.dtype(storage)
+    with pytest.raises(Exception, match="integer_weights"):
+        _params(integer_weights="int4")

@@ -129,7 +129,7 @@ def quantize_dynamic(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
     storage: dict[tuple[str, bool], tuple[str, str, str]] = {}
     grids: dict[str, dict[str, Any]] = {}
     replaced = 0
-    unsigned = integer_kernels.unsigned_weights(ctx.target, ctx.options)
+    unsigned = integer_kernels.unsigned_weights(ctx.target, ctx.options, params.integer_weights)
     for position, layer in enumerate(layers):
         ctx.check_cancelled()
         weight = graph.get_array(quantized, layer.weight).astype(np.float32)

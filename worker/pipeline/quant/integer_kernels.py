@@ -12,8 +12,9 @@ zero point 128, ``(q_u8 - 128) * s == q * s`` exactly; CONTRACT §1's numbers (s
 q = clamp(rne(w / s), -128, 127)) are unchanged, only the storage type differs. The report's
 layer records say which (``weight_storage``).
 
-``ctx.options["integer_weights"]`` ("int8" | "uint8" | "auto", default auto) forces one form, for
-tests and for users who compress on one machine and deploy on another.
+The recipe's ``integer_weights`` ("int8" | "uint8" | "auto", default auto) forces one form, for users
+who compress on one machine and deploy on another; ``ctx.options["integer_weights"]`` overrides it
+(tests).
 """
 from __future__ import annotations
 
@@ -36,9 +37,9 @@ def cpu_has_vnni() -> bool:
     return any(flag in flags for flag in VNNI_FLAGS)
 
 
-def unsigned_weights(target: str, options: dict | None = None) -> bool:
+def unsigned_weights(target: str, options: dict | None = None, requested: str = "auto") -> bool:
     """True where int8 weights for integer kernels must be stored as uint8 + 128 (see module doc)."""
-    forced = (options or {}).get("integer_weights", "auto")
+    forced = (options or {}).get("integer_weights", requested)
     if forced in ("int8", "uint8"):
         return forced == "uint8"
     x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")

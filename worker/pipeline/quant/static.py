@@ -597,7 +597,7 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
     quantized.CopyFrom(prepared)
     weight_grids: dict[str, WeightGrid] = {}
     # uint8 activations meet these weights in ORT's u8s8 kernels: see integer_kernels
-    unsigned = not spec.symmetric and integer_kernels.unsigned_weights(ctx.target, ctx.options)
+    unsigned = not spec.symmetric and integer_kernels.unsigned_weights(ctx.target, ctx.options, params.integer_weights)
     for layer in layers:
         weight_grids[layer.weight] = quantize_weight(quantized, layer, params, unsigned)
     embeddings = embedding_layers(quantized, params)
