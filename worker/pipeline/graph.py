@@ -38,6 +38,13 @@ def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
     return path
 
 
+def check_if_in_memory(model: onnx.ModelProto) -> None:
+    """``onnx.checker`` (full) on a model that fits one protobuf; a bigger one is checked from its
+    file once the runner has written it (the checker refuses in-memory models past 2 GiB)."""
+    if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        onnx.checker.check_model(model, full_check=True)
+
+
 def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     return {tensor.name: tensor for tensor in model.graph.initializer}
 

@@ -37,7 +37,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from worker.pipeline import graph, subgraphs
+from worker.pipeline import activations, graph, subgraphs
 from worker.pipeline.data import Dataset
 
 SKELETON_MAX_ELEMENTS = 4096   # initializers at most this big stay in the shape-inference skeleton
@@ -417,15 +417,14 @@ def exposed_session(model: onnx.ModelProto, names: Sequence[str], provider: str 
     count = len(model.graph.output)
     present = {o.name for o in model.graph.output}
     model.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in dict.fromkeys(names) if n not in present)
-    try:
-        payload = model.SerializeToString()
-    finally:
-        del model.graph.output[count:]
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.add_session_config_entry("session.disable_prepacking", "1")
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
-    return ort.InferenceSession(payload, options, providers=providers)
+    try:
+        return activations.build_session(model, options, providers)   # > 2 GB models too
+    finally:
+        del model.graph.output[count:]
 
 
 def latency(sessions: Sequence[ort.InferenceSession], feeds: dict[str, np.ndarray], *, runs: int = 50,

@@ -283,7 +283,7 @@ def test_channel_pruning_with_calibration_refits_the_layers_that_lose_inputs():
 def test_quantizing_after_pruning_keeps_zeros_zero():
     """Steps compose: the int8 weights the quantize step writes decode to exactly zero wherever
     prune left a zero (its LayerRecord mask), whichever storage the quantize step picks."""
-    from worker.pipeline.activations import session, with_outputs
+    from worker.pipeline.activations import session
     from worker.pipeline.steps import quantize
     model = mlp()
     ctx = StepContext(original=model)
@@ -291,7 +291,7 @@ def test_quantizing_after_pruning_keeps_zeros_zero():
     quantized = quantize.run(pruned.model, _params("quantize", weights={"bits": 8}, min_params=0), ctx)
     assert_valid_same_io(quantized.model, model, inputs_for(model))
     # fed the identity, fc1's output (before its bias Add) is the effective weight w1 itself
-    effective = session(with_outputs(quantized.model, ["h1"])).run(["h1"], {"x": np.eye(64, dtype=np.float32)})[0]
+    effective = session(quantized.model, outputs=["h1"]).run(["h1"], {"x": np.eye(64, dtype=np.float32)})[0]
     mask = ctx.layers["w1"].mask
     # stored zeros decode to 0; ONNX Runtime's int8 GEMM may compute s*(sum x q_u) - s*zp*sum(x),
     # which leaves float rounding (about 1e-8) where the weight is zero, so compare at that scale

@@ -151,7 +151,7 @@ class _Batches:
     def __init__(self, data: Dataset, teacher: onnx.ModelProto, targets: list[str]):
         self.data = data
         self.targets = targets
-        run = activations.session(activations.with_outputs(teacher, targets))
+        run = activations.session(teacher, outputs=targets)
         per_call = [run.run(targets, feeds) for feeds in data.batches(256)]
         if data.batchable:
             self.teacher = [np.concatenate([values[k] for values in per_call]) for k in range(len(targets))]
