@@ -28,7 +28,7 @@ from core.recipe import Recipe
 from core.targets import Target
 from worker.pipeline import data as data_mod
 from worker.pipeline import graph, metrics, registry
-from worker.pipeline.quant import sparse_storage
+from worker.pipeline.quant import dequantize_form, sparse_storage
 from worker.pipeline.report import build_report, write_report, write_report_html
 from worker.pipeline.step import StepCancelled, StepContext
 
@@ -76,6 +76,19 @@ def _arrays(dataset: data_mod.Dataset | None) -> dict[str, np.ndarray] | None:
     if dataset.labels is not None:
         arrays[data_mod.LABELS] = dataset.labels
     return arrays
+
+
+def _dequantize_form(model: onnx.ModelProto, step: Any, dataset: data_mod.Dataset, target: str,
+                     options: Mapping[str, Any], layers: Mapping[str, Any]) -> dict[str, Any]:
+    """``dequantize_form.choose_form`` on the final model, with one batch of the data the report
+    measures latency on; ``options["dequantize_form"]`` ("folded" | "qdq") forces it (tests)."""
+    forced = options.get("dequantize_form") or ("qdq" if getattr(step, "format", "auto") == "qdq" else None)
+    feeds = next(dataset.head(1).batches(1))
+    decision = dequantize_form.choose_form(model, feeds, target, forced=forced)
+    for weight in decision["weights"]:
+        if weight in layers:
+            layers[weight].extra["format"] = "folded (Cast / Mul, constant-folded at load)"
+    return decision
 
 
 def io_signature(model: onnx.ModelProto) -> tuple[list[tuple], list[tuple]]:
@@ -207,6 +220,11 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
     if cancelled():
         raise StepCancelled("job cancelled")
     quantized = [i for i, step in enumerate(recipe.steps) if step.op == "quantize"]
+    if quantized:
+        # weight-only DequantizeLinear as constant-foldable Cast / Mul where that runs faster here
+        step_rows[quantized[-1]]["dequantize_form"] = _dequantize_form(
+            model, recipe.steps[quantized[-1]], eval_set or cal_set or data_mod.generated(original, count=1),
+            target, options, ctx.layers)
     if quantized and options.get("sparse_storage", True):
         # pruned integer weights as bitmask + values where the file compresses smaller
         step_rows[quantized[-1]]["sparse_storage"] = sparse_storage.store_pipeline_output(model, ctx.layers)
