@@ -16,8 +16,8 @@ The price is memory at run time (the float weight, as in the original model).
 of the data the report uses) and keeps the folded form only where it is measurably faster. It runs
 once on the recipe's final model (runner), so that steps after ``quantize`` (``distill``) still see
 DequantizeLinear and its grid. Left alone: pairs that static int8 fuses into integer kernels (a
-reader whose activation comes from a DequantizeLinear), blocked grids, sub-byte types Cast cannot
-read at the model's opset, and recipes that asked for ``format: qdq``.
+reader whose activation comes from a DequantizeLinear), sub-byte types Cast cannot read at the
+model's opset, and recipes that asked for ``format: qdq``.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def weight_only_dequantizers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
         if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
             continue
         names = [name for name in node.input if name]
-        if not all(name in inits for name in names) or graph.attribute(node, "block_size", 0):
+        if not all(name in inits for name in names):
             continue
         if CAST_OPSET.get(inits[node.input[0]].data_type, 10**6) > version or node.output[0] in outputs:
             continue
@@ -84,30 +84,18 @@ def fold(model: onnx.ModelProto, dequantizers: list[onnx.NodeProto]) -> Folded:
             continue
         weight = node.output[0]
         q = inits[node.input[0]]
-        scale = numpy_helper.to_array(inits[node.input[1]])
-        axis = graph.attribute(node, "axis", 1)
-        shape = [1] * len(q.dims)
-        if scale.ndim == 1 and len(q.dims):
-            shape[axis % len(q.dims)] = scale.shape[0]
-        s_name = graph.unique_name(model, f"{weight}_scale_folded")
-        model.graph.initializer.append(numpy_helper.from_array(scale.reshape(shape) if q.dims else scale, s_name))
-        done.added.append(s_name)
+        float_type = inits[node.input[1]].data_type
         value = graph.unique_name(model, f"{weight}_as_float")
-        rewritten.append(helper.make_node("Cast", [node.input[0]], [value], to=scale_type(inits[node.input[1]]),
+        rewritten.append(helper.make_node("Cast", [node.input[0]], [value], to=float_type,
                                           name=graph.unique_name(model, f"{weight}_Cast")))
+        s_name = _broadcastable(model, node, node.input[1], q, rewritten, done)
         if len(node.input) > 2 and node.input[2]:
-            zero = inits[node.input[2]]
-            z_name = node.input[2]
-            if len(zero.dims) == 1 and len(q.dims):
-                z_name = graph.unique_name(model, f"{weight}_zero_point_folded")
-                model.graph.initializer.append(numpy_helper.from_array(
-                    numpy_helper.to_array(zero).reshape(shape), z_name))
-                done.added.append(z_name)
             z_float = graph.unique_name(model, f"{weight}_zero_point_as_float")
+            rewritten.append(helper.make_node("Cast", [node.input[2]], [z_float], to=float_type,
+                                              name=graph.unique_name(model, f"{weight}_zero_point_Cast")))
+            z_name = _broadcastable(model, node, z_float, q, rewritten, done, dims=tuple(inits[node.input[2]].dims))
             centred = graph.unique_name(model, f"{weight}_centred")
-            rewritten += [helper.make_node("Cast", [z_name], [z_float], to=scale_type(inits[node.input[1]]),
-                                           name=graph.unique_name(model, f"{weight}_zero_point_Cast")),
-                          helper.make_node("Sub", [value, z_float], [centred], name=graph.unique_name(model, f"{weight}_Sub"))]
+            rewritten.append(helper.make_node("Sub", [value, z_name], [centred], name=graph.unique_name(model, f"{weight}_Sub")))
             value = centred
         rewritten.append(helper.make_node("Mul", [value, s_name], [weight], name=graph.unique_name(model, f"{weight}_Mul")))
         done.weights.append(weight)
@@ -121,15 +109,58 @@ def fold(model: onnx.ModelProto, dequantizers: list[onnx.NodeProto]) -> Folded:
     return done
 
 
+def _constant(model: onnx.ModelProto, done: Folded, base: str, values: list[int]) -> str:
+    name = graph.unique_name(model, base)
+    model.graph.initializer.append(numpy_helper.from_array(np.asarray(values, dtype=np.int64), name))
+    done.added.append(name)
+    return name
+
+
+def _broadcastable(model: onnx.ModelProto, node: onnx.NodeProto, source: str, q: onnx.TensorProto,
+                   nodes: list[onnx.NodeProto], done: Folded, dims: tuple[int, ...] | None = None) -> str:
+    """A tensor holding ``source``'s scale (or float zero point) that broadcasts against q:
+    per tensor as is; per axis reshaped to [1, .., C, .., 1]; per block repeated ``block_size`` times
+    along the axis and cut to q's length there (Unsqueeze / Expand / Reshape / Slice, folded at load)."""
+    inits = graph.initializers(model)
+    if dims is None:
+        dims = tuple(inits[source].dims)
+    rank, axis = len(q.dims), graph.attribute(node, "axis", 1)
+    block = graph.attribute(node, "block_size", 0)
+    if not rank or not dims or (len(dims) == 1 and dims[0] == 1 and not block):
+        return source
+    axis %= rank
+    weight = node.output[0]
+    if not block:                                     # one value per channel along the axis
+        shape = [1] * rank
+        shape[axis] = dims[0]
+        out = graph.unique_name(model, f"{source}_along_axis")
+        nodes.append(helper.make_node("Reshape", [source, _constant(model, done, f"{weight}_axis_shape", shape)], [out],
+                                      name=graph.unique_name(model, f"{source}_Reshape")))
+        return out
+    widened = list(dims[:axis + 1]) + [block] + list(dims[axis + 1:])
+    merged = list(dims)
+    merged[axis] = dims[axis] * block
+    names = [graph.unique_name(model, f"{source}_block_{step}") for step in ("unsqueezed", "expanded", "merged", "cut")]
+    nodes += [
+        helper.make_node("Unsqueeze", [source, _constant(model, done, f"{weight}_block_axis", [axis + 1])], [names[0]],
+                         name=graph.unique_name(model, f"{source}_Unsqueeze")),
+        helper.make_node("Expand", [names[0], _constant(model, done, f"{weight}_block_widened", widened)], [names[1]],
+                         name=graph.unique_name(model, f"{source}_Expand")),
+        helper.make_node("Reshape", [names[1], _constant(model, done, f"{weight}_block_merged", merged)], [names[2]],
+                         name=graph.unique_name(model, f"{source}_Reshape")),
+        helper.make_node("Slice", [names[2], _constant(model, done, f"{weight}_block_start", [0]),
+                                   _constant(model, done, f"{weight}_block_end", [q.dims[axis]]),
+                                   _constant(model, done, f"{weight}_block_slice_axis", [axis])], [names[3]],
+                         name=graph.unique_name(model, f"{source}_Slice")),
+    ]
+    return names[3]
+
+
 def unfold(model: onnx.ModelProto, done: Folded) -> None:
     del model.graph.node[:]
     model.graph.node.extend(done.nodes)
     graph.remove_initializers(model, done.added)
     model.graph.initializer.extend(done.dropped)
-
-
-def scale_type(scale: onnx.TensorProto) -> int:
-    return scale.data_type
 
 
 def _copy(message):

@@ -149,7 +149,9 @@ def to_matmulnbits(model: onnx.ModelProto, packed: Packed, float_type: int) -> l
 def layer_models(model: onnx.ModelProto, packed: Packed, float_type: int,
                  lead: tuple[int, ...]) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """One MatMul of ``A[*lead, K]`` with this weight, as it stands in ``model`` (its
-    DequantizeLinear, copied) and as MatMulNBits: the pair ``choose`` times."""
+    DequantizeLinear, copied) and as MatMulNBits: the pair ``choose`` times. The DequantizeLinear
+    side is timed in the form the runner may fold it into (``dequantize_form``: ONNX Runtime expands
+    the weight once at load), so the choice is between MatMulNBits and a float MatMul."""
     producer = graph.producers(model)[packed.weight]
     inits = graph.initializers(model)
     k, n = packed.q.shape
@@ -162,6 +164,9 @@ def layer_models(model: onnx.ModelProto, packed: Packed, float_type: int,
     fused = onnx.ModelProto()
     fused.CopyFrom(qdq)
     to_matmulnbits(fused, packed, float_type)
+    from worker.pipeline.quant import dequantize_form
+
+    dequantize_form.fold(qdq, dequantize_form.weight_only_dequantizers(qdq))
     return qdq, fused
 
 
