@@ -43,6 +43,7 @@ def weight_only_dequantizers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     readers = graph.consumers(model)
     outputs = {o.name for o in model.graph.output}
     version = graph.opset(model)
+    read_by_bodies = graph.subgraph_reads(model)
     found = []
     for node in model.graph.node:
         if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
@@ -52,7 +53,7 @@ def weight_only_dequantizers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
             continue
         if CAST_OPSET.get(inits[node.input[0]].data_type, 10**6) > version or node.output[0] in outputs:
             continue
-        if node.output[0] in graph.subgraph_reads(model):
+        if node.output[0] in read_by_bodies:
             continue
         fused = any(producers.get(other) is not None and producers[other].op_type == "DequantizeLinear"
                     for reader, _ in readers.get(node.output[0], []) for other in reader.input
