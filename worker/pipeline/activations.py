@@ -71,13 +71,16 @@ def build_session(model: onnx.ModelProto, options: ort.SessionOptions, providers
 
 
 def session(model: onnx.ModelProto, providers: Sequence[str] = ("CPUExecutionProvider",),
-            threads: int = 0, *, outputs: Iterable[str] = ()) -> ort.InferenceSession:
+            threads: int = 0, *, outputs: Iterable[str] = (), prepack: bool = True) -> ort.InferenceSession:
     """A session on ``model``; ``outputs`` are added as extra graph outputs for the serialization
-    and taken off again (the model is not copied)."""
+    and taken off again (the model is not copied). ``prepack=False`` spares the pre-packed second
+    copy of the weights that only speed needs."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     count = len(model.graph.output)
     present = {output.name for output in model.graph.output}
     model.graph.output.extend(helper.make_empty_tensor_value_info(name)

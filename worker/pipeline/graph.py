@@ -251,15 +251,6 @@ def sort_graph(model: onnx.ModelProto) -> None:
 def subgraph_reads(model: onnx.ModelProto) -> set[str]:
     """Names read by nodes inside If / Loop / Scan subgraphs (at any depth): outer-scope tensors a
     rewrite of the main graph must keep, even where no main-graph node reads them."""
-    found: set[str] = set()
+    from worker.pipeline.subgraphs import all_bodies
 
-    def visit(nodes) -> None:
-        for node in nodes:
-            for attr in node.attribute:
-                subgraphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-                for sub in subgraphs:
-                    found.update(name for inner in sub.node for name in inner.input if name)
-                    visit(sub.node)
-
-    visit(model.graph.node)
-    return found
+    return {name for body in all_bodies(model) for node in body.node for name in node.input if name}

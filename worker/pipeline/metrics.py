@@ -411,20 +411,10 @@ def session_from_proto(model: onnx.ModelProto, base_dir: str | Path, provider: s
 
 def exposed_session(model: onnx.ModelProto, names: Sequence[str], provider: str = "CPUExecutionProvider"
                     ) -> ort.InferenceSession:
-    """A session on the in-memory ``model`` with ``names`` as extra outputs, for looking at
-    intermediate tensors. The outputs are added for the serialization and taken off again (no copy
-    of the model), and weights are not prepacked (a second copy that only speed needs)."""
-    count = len(model.graph.output)
-    present = {o.name for o in model.graph.output}
-    model.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in dict.fromkeys(names) if n not in present)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.disable_prepacking", "1")
+    """A session on the in-memory ``model`` (any size) with ``names`` as extra outputs, for looking
+    at intermediate tensors; weights are not prepacked (a second copy that only speed needs)."""
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
-    try:
-        return activations.build_session(model, options, providers)   # > 2 GB models too
-    finally:
-        del model.graph.output[count:]
+    return activations.session(model, providers, outputs=names, prepack=False)
 
 
 def latency(sessions: Sequence[ort.InferenceSession], feeds: dict[str, np.ndarray], *, runs: int = 50,

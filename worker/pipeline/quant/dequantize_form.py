@@ -196,9 +196,5 @@ def choose_form(model: onnx.ModelProto, feeds: dict[str, np.ndarray], target: st
 
 
 def _session(model: onnx.ModelProto, provider: str):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
-    return activations.build_session(model, options, providers)
+    return activations.session(model, providers)
