@@ -155,6 +155,25 @@ def test_params_count_the_encoded_weights_and_not_the_mask(tmp_path):
     assert metrics.param_counts(onnx.load(str(path), load_external_data=False), tmp_path) == (params, nonzero)
 
 
+def test_a_sparse_form_that_would_grow_the_file_or_save_next_to_nothing_is_not_taken():
+    model = builders.mlp(inputs=64, hidden=64, classes=4)
+    rng = np.random.default_rng(0)
+    # nine values about equally common: the fill is one ninth, so the mask and values (1/8 + 8/9 of
+    # the bytes) outgrow the dense tensor, whatever zstd makes of them
+    mostly_set = rng.integers(0, 9, size=(64, 64)).astype(np.int8)
+    # one value off the fill: the sparse form is smaller, but saves under MIN_GAIN zstd bytes
+    one_off = np.zeros((64, 64), dtype=np.int8)
+    one_off[3, 5] = 7
+    for name, q in (("mostly_set", mostly_set), ("one_off", one_off)):
+        model.graph.initializer.append(numpy_helper.from_array(q, name))
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT8, [64, 64]))
+    decisions = sparse_storage.store_sparse(model)
+    assert decisions["mostly_set"]["bytes_sparse"] > decisions["mostly_set"]["bytes"]
+    assert not decisions["mostly_set"]["sparse"]
+    assert not decisions["one_off"]["sparse"]
+    assert sparse_storage.find_sparse_weights(model.graph) == []
+
+
 def test_opset_below_11_is_left_dense():
     model = builders.mlp(inputs=64, hidden=64, classes=4, opset=10)
     q = np.zeros((64, 64), dtype=np.int8)

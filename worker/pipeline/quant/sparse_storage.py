@@ -27,8 +27,10 @@ Decoding (opset 11: BitShift, CumSum), evaluated once by constant folding:
     (the rank among the non-fill values, 0 at a fill position) --Gather(values)--> Reshape(shape)
 
 A weight is stored this way only where that makes the file's zstd bytes (level 3, as
-``metrics.zstd_bytes`` measures them) smaller, measured here (``store_sparse``); otherwise it stays
-dense.
+``metrics.zstd_bytes`` measures them) smaller by at least ``MIN_GAIN``, measured here
+(``store_sparse``), and the file's own bytes no larger (the size ratio M counts them); otherwise it
+stays dense. (Without the second rule a dense weight whose sparse form saved one zstd byte grew the
+file by 12 %.)
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ MIN_ELEMENTS = 256                  # below this the nine decoding nodes cost mo
 ZSTD_LEVEL = 3                      # CONTRACT.md §4's transport_size_ratio: metrics.zstd_bytes
 PACKABLE = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8}
 INT32_INDEX_LIMIT = 2 ** 31 - 1     # CumSum in int32 below this (half the memory of int64 at load)
+MIN_GAIN = 64                       # zstd bytes a sparse form must save: less is noise, and costs nine nodes
 WHOLE_FILE_WORK = 64 << 20          # bytes zstd may go through judging every candidate on the whole file
 
 
@@ -254,14 +257,19 @@ def store_sparse(model: onnx.ModelProto, whole_file_work: int = WHOLE_FILE_WORK)
                "zstd_sparse": zstd_size(packed.mask.tobytes()) + zstd_size(packed.values.tobytes()),
                "sparse": False}
         decisions[tensor.name] = row
+        if row["bytes_sparse"] > row["bytes"]:      # the file would grow: M counts its bytes
+            continue
+        size_before = model.ByteSize()
         rewrite = _apply(model, tensor, packed, shared)
-        if whole:
+        if model.ByteSize() > size_before:          # the decoding nodes outweigh what the mask saved
+            better = False
+        elif whole:
             trial = _file_zstd(model)
             row["file_zstd"], row["file_zstd_sparse"] = current, trial
-            better = trial < current
+            better = trial <= current - MIN_GAIN
         else:
             overhead = zstd_size(b"".join(node.SerializeToString() for node in rewrite.nodes))
-            better = row["zstd_sparse"] + overhead < row["zstd"]
+            better = row["zstd_sparse"] + overhead <= row["zstd"] - MIN_GAIN
         if better:
             current = trial if whole else current
             row["sparse"] = used = True
