@@ -203,3 +203,19 @@ def test_scalar_and_bool_inputs_with_generated_data(tmp_path):
     onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     report = runner.run(path, parse_recipe(INT8), workdir=tmp_path / "w", options=FAST).report
     assert report["fidelity_data"] == "generated" and report["fidelity"]["rel_l2"] < 0.03
+
+
+def test_only_the_originals_value_info_is_kept(tmp_path):
+    # int4 raises the opset to 21, and the upgrade annotates every intermediate tensor's shape: with
+    # shapes known ONNX Runtime fuses what it leaves alone in the original (and may run it slower)
+    model = builders.mlp(inputs=64, hidden=64, classes=4)
+    hidden = next(node.output[0] for node in model.graph.node if node.op_type != "MatMul")
+    model.graph.value_info.append(onnx.helper.make_tensor_value_info(hidden, onnx.TensorProto.FLOAT, None))
+    path = tmp_path / "mlp.onnx"
+    onnx.save_model(model, str(path))
+    recipe = parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 4, "granularity": "block",
+                                                                    "block_size": 32}, "min_params": 0}]})
+    result = runner.run(path, recipe, workdir=tmp_path / "w", options=FAST)
+    compressed = onnx.load(str(result.model_path))
+    assert max(o.version for o in compressed.opset_import if o.domain in ("", "ai.onnx")) >= 21
+    assert [value.name for value in compressed.graph.value_info] == [hidden]
