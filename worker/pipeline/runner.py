@@ -240,6 +240,9 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
     if quantized and options.get("sparse_storage", True):
         # pruned integer weights as bitmask + values where the file compresses smaller
         step_rows[quantized[-1]]["sparse_storage"] = sparse_storage.store_pipeline_output(model, ctx.layers)
+    if quantized:
+        # integer values, floats and masks each together: zstd's per-block Huffman tables fit them
+        step_rows[quantized[-1]]["initializer_order"] = sparse_storage.group_initializers(model)
 
     # 3. check, write, measure
     progress(STEPS_SHARE, "checking the result")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import numpy_helper
 
 from core.recipe import parse_recipe
@@ -70,6 +72,75 @@ def test_pack_unpack_round_trip_keeps_every_value_and_the_fill():
     assert packed.values[0] == 128
     restored = sparse_storage.unpack(packed.mask, packed.values, u.size, u.shape)
     assert restored.dtype == np.uint8 and np.array_equal(restored, u)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2 ** 32 - 1), rows=st.integers(1, 40), cols=st.integers(1, 40),
+       sparsity=st.floats(0.0, 0.95))
+def test_closing_the_gap_is_undone_exactly_and_keeps_zeros_and_signs(seed, rows, cols, sparsity):
+    rng = np.random.default_rng(seed)
+    scale = rng.uniform(0.2, 3.0, size=(1, cols))          # channels of different widths
+    w = rng.standard_normal((rows, cols)) * scale
+    w[np.abs(w) < np.quantile(np.abs(w), sparsity)] = 0.0   # magnitude-pruned: a gap around 0
+    q = np.clip(np.rint(w / (np.abs(w).max(axis=0, keepdims=True) + 1e-12) * 127), -127, 127).astype(np.int8)
+    closed = sparse_storage.close_gap(q)
+    if closed is None:
+        return
+    shifted, offsets = closed
+    assert shifted.dtype == np.int8 and offsets.dtype == np.int8 and offsets.min() >= 0
+    assert np.array_equal(shifted == 0, q == 0) and np.array_equal(np.sign(shifted), np.sign(q))
+    assert np.array_equal(sparse_storage.open_gap(shifted, offsets), q)
+
+
+def test_a_gap_is_closed_only_where_it_pays():
+    rng = np.random.default_rng(3)
+    # values up to +-1 in every channel: nothing to close
+    q = rng.integers(-127, 128, size=(256, 64)).astype(np.int8)
+    q[rng.random(q.shape) < 0.5] = 0
+    q[0] = 1
+    q[1] = -1
+    assert sparse_storage.close_gap(q) is None
+    # each output channel (axis 1) misses a band of its own around 0: the axis found is 1
+    t = rng.integers(10, 60, size=(1, 64))
+    q = (np.sign(q) * np.maximum(np.abs(q.astype(np.int16)), t)).astype(np.int8)
+    q[0], q[1] = t[0], -t[0]
+    shifted, offsets = sparse_storage.close_gap(q)
+    assert offsets.shape == (1, 64) and np.array_equal(offsets, t - 1)
+    assert np.abs(shifted[shifted != 0]).min() == 1
+    assert sparse_storage.close_gap(q.astype(np.uint8)) is None       # unsigned storage: not this form
+
+
+def _wide_conv() -> onnx.ModelProto:
+    """x[batch, 64, 6, 6] -> Conv 3x3 (128 channels of different widths, as trained ones) -> Relu."""
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((128, 64, 3, 3)) * rng.uniform(0.2, 3.0, size=(128, 1, 1, 1))).astype(np.float32)
+    nodes = [onnx.helper.make_node("Conv", ["x", "conv.W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             onnx.helper.make_node("Relu", ["c"], ["y"], name="relu")]
+    g = onnx.helper.make_graph(
+        nodes, "wide_conv", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 64, 6, 6])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 128, 6, 6])],
+        [numpy_helper.from_array(w, "conv.W")])
+    return onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+def test_pruned_conv_with_closed_gaps_decodes_bit_exact_and_counts_as_dense(tmp_path):
+    model = _wide_conv()
+    dense, stored, ctx = _both(model, [PRUNE, WEIGHT_ONLY])
+    found = {s.weight: s for s in sparse_storage.find_sparse_weights(stored.graph)}
+    gapped = [name for name, s in found.items() if s.offsets is not None]
+    assert gapped, "no weight of the pruned CNN had its gap closed"
+    dense_w = {t.name: numpy_helper.to_array(t) for t in dense.graph.initializer}
+    folded = _folded_initializers(stored, tmp_path / "folded.onnx")
+    assert not any(n.op_type == "Sign" for n in onnx.load(str(tmp_path / "folded.onnx")).graph.node)
+    for name in found:
+        assert np.array_equal(folded[name], dense_w[name])
+        assert np.array_equal(numpy_helper.to_array(
+            sparse_storage.decoded_tensor(stored.graph, found[name], numpy_helper.to_array)), dense_w[name])
+    feeds = builders.random_inputs(model, count=8)
+    for a, b in zip(builders.run_ort(dense, feeds), builders.run_ort(stored, feeds)):
+        assert np.array_equal(a, b)
+    assert metrics.param_counts(stored) == metrics.param_counts(dense)
+    assert any("gap" in (record.extra.get("storage") or "") for record in ctx.layers.values())
 
 
 def test_pruned_int8_mlp_decodes_to_the_dense_weights_with_identical_outputs(tmp_path):
@@ -276,3 +347,24 @@ def test_storing_an_already_sparse_model_again_keeps_its_decoding_intact():
     feeds = builders.random_inputs(model, count=8)
     for a, b in zip(builders.run_ort(dense, feeds), builders.run_ort(again, feeds)):
         assert np.array_equal(a, b)
+
+
+def test_grouping_initializers_keeps_the_model_and_never_grows_its_zstd_bytes():
+    model = builders.mlp(inputs=256, hidden=512, classes=16)
+    _, stored, _ = _both(model, [PRUNE, WEIGHT_ONLY])
+    before = sparse_storage.zstd_size(stored.SerializeToString())
+    names = sorted(t.name for t in stored.graph.initializer)
+    feeds = builders.random_inputs(model, count=8)
+    expected = builders.run_ort(stored, feeds)
+    decision = sparse_storage.group_initializers(stored)
+    after = sparse_storage.zstd_size(stored.SerializeToString())
+    assert after <= before and sorted(t.name for t in stored.graph.initializer) == names
+    if decision["grouped"]:
+        assert decision["file_zstd_grouped"] == after < before == decision["file_zstd"]
+        kinds = [sparse_storage._layout_group(t, {s.mask for s in sparse_storage.find_sparse_weights(stored.graph)})
+                 for t in stored.graph.initializer]
+        assert kinds == sorted(kinds)
+    for a, b in zip(expected, builders.run_ort(stored, feeds)):
+        assert np.array_equal(a, b)
+    # past the limit nothing is measured or moved
+    assert sparse_storage.group_initializers(stored, limit=100) == {"grouped": False}

@@ -26,6 +26,16 @@ Decoding (opset 11: BitShift, CumSum), evaluated once by constant folding:
     Slice [:n]--> flags --Cast int32 (int64 past 2**31 elements)--> CumSum --Mul flags--> index
     (the rank among the non-fill values, 0 at a fill position) --Gather(values)--> Reshape(shape)
 
+Closing the gap (signed tensors whose fill is 0, i.e. pruned symmetric weights): magnitude pruning
+leaves no value between -t and t in a channel, where t, the channel's smallest kept magnitude,
+differs from channel to channel with the channel's scale (20 to 75 on the digits CNN's Gemm). The
+values are stored as v = q - sign(q) (t - 1), so that every channel's values start at +-1 and one
+zstd Huffman table fits all channels: on that Gemm order-0 entropy falls from 7.44 to 6.92 bits a
+value. ``close_gap`` picks the axis that gains most (none where less than ``MIN_GAIN`` bytes); the
+offsets t - 1 are stored int8, shaped to broadcast along that axis, and decoded after the Reshape:
+
+    v --Cast int32--> w --Sign--> --Mul(Cast int32(offsets))--> --Add(w)--> --Cast(dtype)--> q
+
 A weight is stored this way only where that makes the file's zstd bytes (level 3, as
 ``metrics.zstd_bytes`` measures them) smaller by at least ``MIN_GAIN``, measured here
 (``store_sparse``), and the file's own bytes no larger (the size ratio M counts them); otherwise it
@@ -35,6 +45,7 @@ file by 12 %.)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -58,10 +69,15 @@ class Packed:
     mask: np.ndarray
     values: np.ndarray
     shape: tuple[int, ...]
+    offsets: np.ndarray | None = None     # t - 1 per slice along one axis (broadcast shape), or None
 
     @property
     def count(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return self.mask.nbytes + self.values.nbytes + (0 if self.offsets is None else self.offsets.nbytes)
 
 
 @dataclass
@@ -75,6 +91,7 @@ class SparseWeight:
     count: str
     shape: str
     nodes: list[onnx.NodeProto]
+    offsets: str | None = None
 
     def inputs(self) -> set[str]:
         return {name for node in self.nodes for name in node.input if name}
@@ -100,6 +117,46 @@ def pack(q: np.ndarray, fill: int | None = None) -> Packed:
     return Packed(mask, values, tuple(int(d) for d in q.shape))
 
 
+def _entropy_bytes(values: np.ndarray) -> float:
+    """Order-0 entropy of ``values`` in bytes: what zstd's literal coding approaches."""
+    _, counts = np.unique(values, return_counts=True)
+    p = counts / counts.sum()
+    return float(-(counts * np.log2(p)).sum() / 8.0)
+
+
+def close_gap(q: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(shifted tensor, offsets) for a signed integer tensor whose fill is 0, along the axis whose
+    shift saves most order-0 entropy, or None where no axis saves ``MIN_GAIN`` bytes beyond the
+    offsets' own. ``open_gap`` inverts it exactly; zeros stay zero, other values keep their sign."""
+    if q.dtype != np.int8 or q.ndim == 0 or fill_value(q) != 0:
+        return None
+    kept = q != 0
+    if not kept.any():
+        return None
+    wide = q.astype(np.int16)
+    before = _entropy_bytes(wide[kept])
+    best: tuple[float, np.ndarray, np.ndarray] | None = None
+    for axis in range(q.ndim):
+        if q.shape[axis] < 2:
+            continue
+        others = tuple(a for a in range(q.ndim) if a != axis)
+        smallest = np.where(kept, np.abs(wide), 128).min(axis=others, keepdims=True)
+        offsets = np.where(smallest == 128, 0, smallest - 1).astype(np.int16)
+        shifted = wide - np.sign(wide) * offsets
+        # the offsets cost about log2 of their spread each (zstd codes their narrow range so)
+        spread = int(offsets.max() - offsets.min()) + 1
+        gain = before - _entropy_bytes(shifted[kept]) - offsets.size * max(np.log2(spread), 1.0) / 8.0
+        if gain >= MIN_GAIN and (best is None or gain > best[0]):
+            best = (gain, shifted.astype(np.int8), offsets.astype(np.int8))
+    return None if best is None else (best[1], best[2])
+
+
+def open_gap(shifted: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """numpy twin of the gap's decoding nodes: q = v + sign(v) offsets, in the stored dtype."""
+    wide = shifted.astype(np.int32)
+    return (wide + np.sign(wide) * offsets.astype(np.int32)).astype(shifted.dtype)
+
+
 def unpack(mask: np.ndarray, values: np.ndarray, count: int, shape: tuple[int, ...]) -> np.ndarray:
     """numpy twin of the decoding nodes: the dense tensor of ``shape``."""
     flags = np.unpackbits(np.asarray(mask, dtype=np.uint8).reshape(-1), bitorder="little")[:count].astype(np.int64)
@@ -120,8 +177,8 @@ def zstd_size(data: bytes) -> int:
 
 
 def _decode_nodes(model: onnx.ModelProto, weight: str, mask: str, values: str, count: str, shape: str,
-                  shared: dict[str, str], index_type: int) -> list[onnx.NodeProto]:
-    base = weight
+                  shared: dict[str, str], index_type: int, base: str | None = None) -> list[onnx.NodeProto]:
+    base = base or weight
     names = [graph.unique_name(model, f"{base}_sparse_{step}")
              for step in ("high", "bits", "flat", "flags", "widened", "ranks", "index", "dense")]
     return [
@@ -134,6 +191,18 @@ def _decode_nodes(model: onnx.ModelProto, weight: str, mask: str, values: str, c
         helper.make_node("Mul", [names[5], names[4]], [names[6]], name=names[6]),
         helper.make_node("Gather", [values, names[6]], [names[7]], name=names[7], axis=0),
         helper.make_node("Reshape", [names[7], shape], [weight], name=graph.unique_name(model, f"{base}_sparse")),
+    ]
+
+
+def _gap_nodes(model: onnx.ModelProto, weight: str, shifted: str, offsets: str, dtype: int) -> list[onnx.NodeProto]:
+    names = [graph.unique_name(model, f"{weight}_gap_{step}") for step in ("wide", "sign", "offsets", "step", "sum")]
+    return [
+        helper.make_node("Cast", [shifted], [names[0]], name=names[0], to=TensorProto.INT32),
+        helper.make_node("Sign", [names[0]], [names[1]], name=names[1]),
+        helper.make_node("Cast", [offsets], [names[2]], name=names[2], to=TensorProto.INT32),
+        helper.make_node("Mul", [names[1], names[2]], [names[3]], name=names[3]),
+        helper.make_node("Add", [names[0], names[3]], [names[4]], name=names[4]),
+        helper.make_node("Cast", [names[4]], [weight], name=graph.unique_name(model, f"{weight}_gap"), to=dtype),
     ]
 
 
@@ -165,9 +234,10 @@ def candidates(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     """Integer (int8 / uint8) initializers of the main graph worth trying: at least
     ``MIN_ELEMENTS`` elements, not also a graph input (a caller may feed its own), in the file."""
     graph_inputs = {value.name for value in model.graph.input}
+    stored = {name for sparse in find_sparse_weights(model.graph) for name in sparse.inputs()}
     return [t for t in model.graph.initializer
             if t.data_type in PACKABLE and int(np.prod(t.dims, dtype=np.int64)) >= MIN_ELEMENTS
-            and t.name not in graph_inputs and t.data_location != TensorProto.EXTERNAL]
+            and t.name not in graph_inputs and t.name not in stored and t.data_location != TensorProto.EXTERNAL]
 
 
 @dataclass
@@ -190,7 +260,15 @@ def _apply(model: onnx.ModelProto, tensor: onnx.TensorProto, packed: Packed, sha
              numpy_helper.from_array(packed.values, values_name),
              numpy_helper.from_array(np.array([packed.count], dtype=np.int64), count_name),
              numpy_helper.from_array(np.array(packed.shape, dtype=np.int64), shape_name)]
-    nodes = _decode_nodes(model, name, mask_name, values_name, count_name, shape_name, shared, index_type)
+    if packed.offsets is None:
+        nodes = _decode_nodes(model, name, mask_name, values_name, count_name, shape_name, shared, index_type)
+    else:
+        offsets_name = graph.unique_name(model, f"{name}_sparse_offsets")
+        shifted_name = graph.unique_name(model, f"{name}_sparse_shifted")
+        added.append(numpy_helper.from_array(packed.offsets, offsets_name))
+        nodes = _decode_nodes(model, shifted_name, mask_name, values_name, count_name, shape_name, shared,
+                              index_type, base=name)
+        nodes += _gap_nodes(model, name, shifted_name, offsets_name, tensor.data_type)
     # the sparse form takes the dense tensor's place in the file (neighbours matter to zstd)
     index = _index_of(model, name)
     dense = onnx.TensorProto()
@@ -219,8 +297,27 @@ def _undo(model: onnx.ModelProto, rewrite: _Rewrite) -> None:
         del model.graph.node[position]
 
 
-def _file_zstd(model: onnx.ModelProto) -> int:
-    return zstd_size(model.SerializeToString())
+def _file_zstd(model: onnx.ModelProto, grouped: bool = False) -> int:
+    """The serialized model's zstd bytes; ``grouped``: as ``group_initializers`` would lay it out
+    (measured on a copy), so that each sparse form is judged where its mask and values will lie."""
+    if not grouped:
+        return zstd_size(model.SerializeToString())
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    _group(copy)
+    return zstd_size(copy.SerializeToString())
+
+
+def _group(model: onnx.ModelProto) -> None:
+    masks = {sparse.mask for sparse in find_sparse_weights(model.graph)}
+    ordered = sorted(model.graph.initializer, key=lambda t: _layout_group(t, masks))   # stable in a group
+    copies = []
+    for tensor in ordered:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(tensor)
+        copies.append(copy)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(copies)
 
 
 def store_sparse(model: onnx.ModelProto, whole_file_work: int = WHOLE_FILE_WORK) -> dict[str, dict]:
@@ -241,7 +338,7 @@ def store_sparse(model: onnx.ModelProto, whole_file_work: int = WHOLE_FILE_WORK)
     if not found:
         return {}
     whole = model.ByteSize() * len(found) <= whole_file_work
-    current = _file_zstd(model) if whole else 0
+    current = _file_zstd(model, grouped=True) if whole else 0
     shared, added = _shared_constants(model)
     decisions: dict[str, dict] = {}
     used = False
@@ -251,11 +348,15 @@ def store_sparse(model: onnx.ModelProto, whole_file_work: int = WHOLE_FILE_WORK)
         packed = pack(q)
         if packed.values.size - 1 == q.size:        # nothing equals the fill value: no gain possible
             continue
+        gap = close_gap(q)
+        if gap is not None:                          # the same mask; values nearer each other
+            packed = pack(gap[0], fill=0)
+            packed.offsets = gap[1]
         row = {"elements": int(q.size), "fill": int(packed.values[0]), "kept": int(packed.values.size - 1),
-               "bytes": int(q.nbytes), "bytes_sparse": int(packed.mask.nbytes + packed.values.nbytes),
+               "bytes": int(q.nbytes), "bytes_sparse": int(packed.nbytes),
                "zstd": zstd_size(q.tobytes()),
                "zstd_sparse": zstd_size(packed.mask.tobytes()) + zstd_size(packed.values.tobytes()),
-               "sparse": False}
+               "gap_closed": packed.offsets is not None, "sparse": False}
         decisions[tensor.name] = row
         if row["bytes_sparse"] > row["bytes"]:      # the file would grow: M counts its bytes
             continue
@@ -264,7 +365,7 @@ def store_sparse(model: onnx.ModelProto, whole_file_work: int = WHOLE_FILE_WORK)
         if model.ByteSize() > size_before:          # the decoding nodes outweigh what the mask saved
             better = False
         elif whole:
-            trial = _file_zstd(model)
+            trial = _file_zstd(model, grouped=True)
             row["file_zstd"], row["file_zstd_sparse"] = current, trial
             better = trial <= current - MIN_GAIN
         else:
@@ -280,6 +381,37 @@ def store_sparse(model: onnx.ModelProto, whole_file_work: int = WHOLE_FILE_WORK)
     return decisions
 
 
+def _layout_group(tensor: onnx.TensorProto, masks: set[str]) -> int:
+    if tensor.name in masks:
+        return 2                                    # near-random bytes: Huffman leaves them as they are
+    if tensor.data_type in PACKABLE:
+        return 0                                    # integer values: one peaked distribution
+    return 1 if tensor.data_type == TensorProto.FLOAT else 3
+
+
+def group_initializers(model: onnx.ModelProto, limit: int = 4 * WHOLE_FILE_WORK) -> dict[str, Any]:
+    """Order the main graph's initializers as integer values, floats, sparse masks, the rest (each
+    group in its own order) where that makes the file's zstd bytes smaller; otherwise leave them.
+
+    Why: zstd codes each 128 KiB block's literals with one Huffman table. Integer weights, float
+    scales and biases, and the near-uniform mask bytes interleaved tensor by tensor share tables that
+    fit none of them: on the bench transformer pruned 50 % and quantized int8 grouping saves 1.5 %
+    of the zstd bytes. Files past ``limit`` bytes are left as they are (each tensor spans blocks of
+    its own there, and measuring would serialize the whole model twice)."""
+    size = model.ByteSize()
+    if size > limit or len(model.graph.initializer) < 2:
+        return {"grouped": False}
+    masks = {sparse.mask for sparse in find_sparse_weights(model.graph)}
+    groups = [_layout_group(t, masks) for t in model.graph.initializer]
+    if groups == sorted(groups):
+        return {"grouped": False}
+    current, trial = _file_zstd(model), _file_zstd(model, grouped=True)
+    if trial < current:
+        _group(model)
+        return {"grouped": True, "file_zstd": current, "file_zstd_grouped": trial}
+    return {"grouped": False, "file_zstd": current, "file_zstd_grouped": trial}
+
+
 def store_pipeline_output(model: onnx.ModelProto, layers: dict) -> dict[str, dict]:
     """``store_sparse`` on a pipeline's final model; each layer whose integer weight went sparse
     says so in its record (the report's ``storage``). Bits, sparsity and params of a layer do not
@@ -292,15 +424,21 @@ def store_pipeline_output(model: onnx.ModelProto, layers: dict) -> dict[str, dic
         owners = [name for name in layers if stored == name or stored.startswith(f"{name}_")]
         if owners:
             layers[max(owners, key=len)].extra["storage"] = (
-                f"bitmask + {row['kept']} of {row['elements']} values (the rest {row['fill']})")
+                f"bitmask + {row['kept']} of {row['elements']} values (the rest {row['fill']})"
+                + (", each channel's gap around 0 closed" if row["gap_closed"] else ""))
     return decisions
 
 
 def find_sparse_weights(g: onnx.GraphProto) -> list[SparseWeight]:
     """The sparse-stored weights of graph ``g``: the exact decoding chain of ``_decode_nodes``
-    from an initializer mask and values to the tensor it produces."""
+    from an initializer mask and values to the tensor it produces (through ``_gap_nodes`` where
+    the gap was closed)."""
     inits = {t.name for t in g.initializer}
     producer = {out: node for node in g.node for out in node.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
     found = []
     for last in g.node:
         if last.op_type != "Reshape" or len(last.input) != 2 or last.input[1] not in inits:
@@ -330,9 +468,37 @@ def find_sparse_weights(g: onnx.GraphProto) -> list[SparseWeight]:
             slice_node = chain[5]
             if len(slice_node.input) != 3 or slice_node.input[2] not in inits or chain[-1].input[0] not in inits:
                 continue
-            found.append(SparseWeight(last.output[0], chain[-1].input[0], gather.input[0], slice_node.input[2],
-                                      last.input[1], list(reversed(chain))))
+            sparse = SparseWeight(last.output[0], chain[-1].input[0], gather.input[0], slice_node.input[2],
+                                  last.input[1], list(reversed(chain)))
+            found.append(_with_gap(sparse, inits, producer, readers))
     return found
+
+
+def _with_gap(sparse: SparseWeight, inits: set[str], producer: dict[str, onnx.NodeProto],
+              readers: dict[str, list[onnx.NodeProto]]) -> SparseWeight:
+    """``sparse`` extended by the exact chain of ``_gap_nodes`` where one reads its output."""
+    def only_reader(name: str, op: str) -> onnx.NodeProto | None:
+        nodes = readers.get(name, [])
+        return nodes[0] if len(nodes) == 1 and nodes[0].op_type == op else None
+
+    wide = only_reader(sparse.weight, "Cast")
+    if wide is None or {n.op_type for n in readers.get(wide.output[0], [])} != {"Sign", "Add"} or \
+            len(readers[wide.output[0]]) != 2:
+        return sparse
+    sign = next(n for n in readers[wide.output[0]] if n.op_type == "Sign")
+    mul = only_reader(sign.output[0], "Mul")
+    if mul is None or len(mul.input) != 2 or mul.input[0] != sign.output[0]:
+        return sparse
+    offsets_cast = producer.get(mul.input[1])
+    add = only_reader(mul.output[0], "Add")
+    if offsets_cast is None or offsets_cast.op_type != "Cast" or offsets_cast.input[0] not in inits or \
+            add is None or list(add.input) != [wide.output[0], mul.output[0]]:
+        return sparse
+    last = only_reader(add.output[0], "Cast")
+    if last is None:
+        return sparse
+    return SparseWeight(last.output[0], sparse.mask, sparse.values, sparse.count, sparse.shape,
+                        sparse.nodes + [wide, sign, offsets_cast, mul, add, last], offsets=offsets_cast.input[0])
 
 
 def decoded_tensor(g: onnx.GraphProto, sparse: SparseWeight, read) -> onnx.TensorProto:
@@ -342,4 +508,6 @@ def decoded_tensor(g: onnx.GraphProto, sparse: SparseWeight, read) -> onnx.Tenso
     count = int(np.asarray(read(tensors[sparse.count])).reshape(-1)[0])
     shape = tuple(int(d) for d in np.asarray(read(tensors[sparse.shape])).reshape(-1))
     dense = unpack(read(tensors[sparse.mask]), read(tensors[sparse.values]), count, shape)
+    if sparse.offsets is not None:
+        dense = open_gap(dense, np.asarray(read(tensors[sparse.offsets])))
     return numpy_helper.from_array(dense, sparse.weight)
