@@ -329,7 +329,8 @@ def store_sparse(model: onnx.ModelProto, whole_file_work: int = WHOLE_FILE_WORK)
     what they cost next to its neighbours, not alone (in a file under a block, one table codes the
     mask, the values and every other tensor). Where compressing the whole serialized model once per
     candidate stays within ``whole_file_work`` bytes, each tensor, largest first, is stored sparse
-    where that shrinks the zstd bytes of the whole model (the measure of ``metrics.zstd_bytes``);
+    where that shrinks the zstd bytes of the whole model (the measure of ``metrics.zstd_bytes``),
+    laid out as ``group_initializers`` will lay it out;
     otherwise tensor by tensor (the mask's and values' zstd bytes plus the decoding nodes' against
     the dense tensor's), which is what counts where tensors span blocks of their own."""
     if graph.opset(model) < MIN_OPSET:
@@ -355,7 +356,8 @@ def store_sparse(model: onnx.ModelProto, whole_file_work: int = WHOLE_FILE_WORK)
         row = {"elements": int(q.size), "fill": int(packed.values[0]), "kept": int(packed.values.size - 1),
                "bytes": int(q.nbytes), "bytes_sparse": int(packed.nbytes),
                "zstd": zstd_size(q.tobytes()),
-               "zstd_sparse": zstd_size(packed.mask.tobytes()) + zstd_size(packed.values.tobytes()),
+               "zstd_sparse": zstd_size(packed.mask.tobytes()) + zstd_size(packed.values.tobytes())
+               + (0 if packed.offsets is None else zstd_size(packed.offsets.tobytes())),
                "gap_closed": packed.offsets is not None, "sparse": False}
         decisions[tensor.name] = row
         if row["bytes_sparse"] > row["bytes"]:      # the file would grow: M counts its bytes
