@@ -1,0 +1,72 @@
+"""Edge cases of the AVX-512 magnitude mask (aligned-load head, 64-value steps, 16-value and
+scalar tails, one stream per task), checked against numpy for every variant (ref, avx2, avx512
+where supported) at 1 and 2 threads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import kernels as K
+
+ISAS = ["ref"] + [i for i in ("avx2", "avx512", "neon") if K.isa_supported(i)]
+SIZES = [0, 1, 15, 16, 17, 63, 64, 65, 127, 128, 129, 1000]
+
+
+def at_offset(values: np.ndarray, off: int) -> np.ndarray:
+    """A contiguous copy of `values` starting `off` elements past a 64-byte boundary."""
+    isz = values.itemsize
+    raw = np.empty(values.size * isz + 64 + off * isz + 64, np.uint8)
+    start = (-raw.ctypes.data) % 64 + off * isz
+    out = raw[start:start + values.size * isz].view(values.dtype)
+    out[:] = values
+    assert values.size == 0 or (out.ctypes.data - off * isz) % 64 == 0
+    return out
+
+
+def special_values(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(n).astype(np.float32)
+    pool = np.array([np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, 0.5, -0.5,
+                     np.nextafter(np.float32(0.5), np.float32(1)), 1e-40, -1e-40], np.float32)
+    if n:
+        pick = rng.random(n) < 0.3
+        x[pick] = pool[rng.integers(0, pool.size, int(pick.sum()))]
+    return x
+
+
+def oracle_mask(x: np.ndarray, t: float) -> np.ndarray:
+    return (np.abs(x) > np.float32(t)).astype(np.uint8)  # NaN compares False
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_magnitude_mask_sizes_and_offsets(isa):
+    with K.use_isa(isa):
+        for n in SIZES:
+            base = special_values(n, n)
+            want = oracle_mask(base, 0.5)
+            for off in range(0, 18):
+                x = at_offset(base, off)
+                np.testing.assert_array_equal(K.magnitude_mask(x, 0.5), want, f"n={n} off={off}")
+                # the mask at another offset than w (64-byte stores straddle lines)
+                out = at_offset(np.zeros(n, np.uint8), (off * 7 + 3) % 64)
+                assert K.magnitude_mask(x, 0.5, out=out) is out
+                np.testing.assert_array_equal(out, want, f"out n={n} off={off}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_magnitude_mask_large_threaded(isa, threads):
+    # several dynamic pieces per thread (grain 2^16), unaligned start and odd length
+    n = 5 * 65536 + 77
+    base = special_values(n, 3)
+    want = oracle_mask(base, 0.5)
+    old = K.threads()
+    try:
+        K.set_threads(threads)
+        with K.use_isa(isa):
+            for off in (0, 3):
+                x = at_offset(base, off)
+                np.testing.assert_array_equal(K.magnitude_mask(x, 0.5), want)
+    finally:
+        K.set_threads(old)
