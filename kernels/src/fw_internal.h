@@ -228,6 +228,12 @@ extern const fw_ops fw_ops_ref;
 #if defined(__x86_64__) || defined(_M_X64)
 extern const fw_ops fw_ops_avx2;
 extern const fw_ops fw_ops_avx512;
+#if !defined(FW_NO_SIMD)
+/* AVX-512 selection bracket pass (avx512.c); select.c uses it when fw_ops_avx512 is active (that
+ * table's bracket entry is the AVX2 pass) */
+void fw_avx512_bracket(const float *x, int64_t n, uint32_t lo, uint32_t span, int64_t *below,
+                       uint32_t *buf, int64_t *nb, int64_t cap, int *overflow);
+#endif
 #endif
 #if defined(__aarch64__)
 extern const fw_ops fw_ops_neon;

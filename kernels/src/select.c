@@ -107,8 +107,12 @@ static int fw_kth_radix(const float *const *arrays, const int64_t *lengths, int6
 
 #define FW_KTH_SAMPLE 65536
 
+typedef void (*fw_bracket_fn)(const float *x, int64_t n, uint32_t lo, uint32_t span,
+                              int64_t *below, uint32_t *buf, int64_t *nb, int64_t cap,
+                              int *overflow);
+
 typedef struct {
-    const fw_ops *ops;
+    fw_bracket_fn bracket;
     const float *const *arrays;
     const int64_t *lengths;
     const int64_t *offsets;
@@ -136,8 +140,8 @@ static void fw_bracket_task(void *vctx, int64_t b, int64_t e, int tid) {
         int64_t t = e - c->offsets[a];
         if (t > c->lengths[a]) t = c->lengths[a];
         if (t > s)
-            c->ops->bracket(c->arrays[a] + s, t - s, c->lo, c->span, &c->below[tid], c->buf[tid],
-                            &c->nbuf[tid], c->cap[tid], &ovf);
+            c->bracket(c->arrays[a] + s, t - s, c->lo, c->span, &c->below[tid], c->buf[tid],
+                       &c->nbuf[tid], c->cap[tid], &ovf);
     }
     if (ovf) __atomic_store_n(&c->overflow, 1, __ATOMIC_RELAXED);
 }
@@ -167,7 +171,10 @@ static int fw_kth_bracket(const float *const *arrays, const int64_t *lengths, co
     int nt = fw_threads_for(n, 1 << 18);
     fw_bracket_ctx *c = (fw_bracket_ctx *)calloc(1, sizeof *c);
     if (!c) return 0;
-    c->ops = fw_ops_get();
+    c->bracket = fw_ops_get()->bracket;
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(FW_NO_SIMD)
+    if (fw_ops_get() == &fw_ops_avx512) c->bracket = fw_avx512_bracket;
+#endif
     c->arrays = arrays;
     c->lengths = lengths;
     c->offsets = off;

@@ -1,6 +1,7 @@
 """Edge cases of the AVX-512 magnitude mask (aligned-load head, 64-value steps, 16-value and
-scalar tails, one stream per task), checked against numpy for every variant (ref, avx2, avx512
-where supported) at 1 and 2 threads."""
+scalar tails, one stream per task) and of the AVX-512 selection bracket pass (vpcompressd
+collection, the scalar path near the buffer's end), checked against numpy and against every
+variant (ref, avx2, avx512 where supported) at 1 and 2 threads."""
 
 from __future__ import annotations
 
@@ -68,5 +69,45 @@ def test_magnitude_mask_large_threaded(isa, threads):
             for off in (0, 3):
                 x = at_offset(base, off)
                 np.testing.assert_array_equal(K.magnitude_mask(x, 0.5), want)
+    finally:
+        K.set_threads(old)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kth_bracket_pass_all_isas(threads):
+    # >= 2^20 values take the sample-bracket path; unaligned starts and odd array lengths
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(1_234_567).astype(np.float32)
+    x[rng.random(x.size) < 0.001] = np.nan
+    arrays = [at_offset(x[:777_777], 5), at_offset(x[777_777:], 11)]
+    ref = np.sort(np.abs(x))
+    old = K.threads()
+    try:
+        K.set_threads(threads)
+        for isa in ISAS:
+            with K.use_isa(isa):
+                for k in (1, 1000, 617_283, 617_284, 1_100_000, 1_233_000):
+                    assert K.kth_smallest_abs(arrays, k) == float(ref[k - 1]), (isa, k)
+    finally:
+        K.set_threads(old)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kth_bracket_overflow_falls_back(threads):
+    # The sample (every 16th value from index 8, for n = 2^20) is spread over [0, 1); all other
+    # values equal the sample's median, so the bracket around it collects 15/16 of the data:
+    # far past the buffer sized from the sample, the pass overflows and the radix select answers.
+    n = 1 << 20
+    rng = np.random.default_rng(9)
+    x = np.full(n, 0.5, np.float32)
+    x[8::16] = rng.random(n // 16).astype(np.float32) * np.where(rng.random(n // 16) < 0.5, -1, 1)
+    ref = np.sort(np.abs(x))
+    old = K.threads()
+    try:
+        K.set_threads(threads)
+        for isa in ISAS:
+            with K.use_isa(isa):
+                for k in (n // 2, n // 2 + 12345, n // 32, n - 5):
+                    assert K.kth_smallest_abs(at_offset(x, 1), k) == float(ref[k - 1]), (isa, k)
     finally:
         K.set_threads(old)
