@@ -90,6 +90,48 @@ T void fw_avx512_absgt_mask(const float *w, int64_t n, float thr, uint8_t *mask)
     for (; i < n; i++) mask[i] = fabsf(w[i]) > thr;
 }
 
+/* |w| > t for 64 floats at an aligned address, as a 64-bit mask (bit j: w[j]) */
+T static inline uint64_t absgt64(const float *w, __m512 t) {
+    __mmask16 a = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_load_ps(w)), t, _CMP_GT_OQ);
+    __mmask16 b = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_load_ps(w + 16)), t, _CMP_GT_OQ);
+    __mmask16 c = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_load_ps(w + 32)), t, _CMP_GT_OQ);
+    __mmask16 d = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_load_ps(w + 48)), t, _CMP_GT_OQ);
+    return (uint64_t)_mm512_kunpackd(_mm512_kunpackw(d, c), _mm512_kunpackw(b, a));
+}
+
+/* The same mask written with non-temporal stores (no read-for-ownership of the mask's lines),
+ * loads still 64-byte aligned: the mask's offset d from a line boundary differs from w's (numpy
+ * puts both 16 bytes past a page), so each aligned 64-byte mask line takes the last d bits of one
+ * 64-value mask and the first 64 - d of the next. The partial lines at both ends are written with
+ * ordinary masked stores (they may share a line with another task's range). */
+T void fw_avx512_absgt_mask_nt(const float *w, int64_t n, float thr, uint8_t *mask) {
+    int64_t i = 0;
+    for (; i < n && ((uintptr_t)(w + i) & 63); i++) mask[i] = fabsf(w[i]) > thr;
+    if (n - i < 256) {
+        fw_avx512_absgt_mask(w + i, n - i, thr, mask + i);
+        return;
+    }
+    __m512 t = _mm512_set1_ps(thr);
+    __m512i one = _mm512_set1_epi8(1);
+    unsigned d = (unsigned)((uintptr_t)(mask + i) & 63);
+    uint64_t prev = absgt64(w + i, t);
+    if (d == 0)
+        _mm512_stream_si512((void *)(mask + i), _mm512_maskz_mov_epi8(prev, one));
+    else /* values i .. i + 63 - d, up to the next line */
+        _mm512_mask_storeu_epi8(mask + i, ~0ull >> d, _mm512_maskz_mov_epi8(prev, one));
+    for (i += 64; i + 64 <= n; i += 64) {
+        uint64_t k = absgt64(w + i, t);
+        uint64_t line = d ? (prev >> (64 - d)) | (k << d) : k; /* values i - d .. i + 63 - d */
+        _mm512_stream_si512((void *)(mask + i - d), _mm512_maskz_mov_epi8(line, one));
+        prev = k;
+    }
+    if (d) /* values i - d .. i - 1 */
+        _mm512_mask_storeu_epi8(mask + i - d, (1ull << d) - 1,
+                                _mm512_maskz_mov_epi8(prev >> (64 - d), one));
+    _mm_sfence();
+    fw_avx512_absgt_mask(w + i, n - i, thr, mask + i);
+}
+
 /* The selection bracket pass (same contract as fw_ops.bracket): 16 values per step, the
  * in-bracket values leave through vpcompressd into a register and one unconditional 64-byte
  * store, m advancing by their count. The AVX2 pass extracts them bit by bit behind a branch that

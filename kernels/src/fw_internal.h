@@ -233,6 +233,8 @@ extern const fw_ops fw_ops_avx512;
  * table's bracket entry is the AVX2 pass) */
 void fw_avx512_bracket(const float *x, int64_t n, uint32_t lo, uint32_t span, int64_t *below,
                        uint32_t *buf, int64_t *nb, int64_t cap, int *overflow);
+/* the AVX-512 magnitude mask with non-temporal mask stores (avx512.c; select.c picks it) */
+void fw_avx512_absgt_mask_nt(const float *w, int64_t n, float thr, uint8_t *mask);
 #endif
 #endif
 #if defined(__aarch64__)

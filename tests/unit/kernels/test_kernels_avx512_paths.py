@@ -111,3 +111,28 @@ def test_kth_bracket_overflow_falls_back(threads):
                     assert K.kth_smallest_abs(at_offset(x, 1), k) == float(ref[k - 1]), (isa, k)
     finally:
         K.set_threads(old)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_magnitude_mask_non_temporal_path(threads, monkeypatch):
+    # masks of 16 MB or more: the AVX-512 variant's non-temporal stores (aligned loads, each mask
+    # line joined from two 64-value masks when w and the mask sit at different line offsets);
+    # FW_KERNELS_STREAM=0 (plain stores) and =1 (the staged path) must give the same bytes
+    monkeypatch.delenv("FW_KERNELS_STREAM", raising=False)
+    n = (1 << 24) + 77
+    base = special_values(n, 4)
+    want = oracle_mask(base, 0.5)
+    old = K.threads()
+    try:
+        K.set_threads(threads)
+        for w_off in (0, 5):
+            x = at_offset(base, w_off)
+            for m_off in (0, 1, 16, 63):
+                out = at_offset(np.zeros(n, np.uint8), m_off)
+                K.magnitude_mask(x, 0.5, out=out)
+                np.testing.assert_array_equal(out, want, f"w_off={w_off} m_off={m_off}")
+        for env in ("0", "1"):
+            monkeypatch.setenv("FW_KERNELS_STREAM", env)
+            np.testing.assert_array_equal(K.magnitude_mask(at_offset(base, 3), 0.5), want, env)
+    finally:
+        K.set_threads(old)
