@@ -4,7 +4,7 @@ VENV   ?= .venv
 PORT   ?= 8000
 HOST   ?= 127.0.0.1
 BIN    := $(VENV)/bin
-KERNEL_SOURCES := $(wildcard kernels/src/*.c kernels/include/*.h kernels/build_ffi.py)
+KERNEL_SOURCES := $(wildcard kernels/src/*.c kernels/src/*.h kernels/include/*.h kernels/build_ffi.py)
 
 .PHONY: install run test test-unit bench kernels-arm clean
 

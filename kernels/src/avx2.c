@@ -441,10 +441,14 @@ const fw_ops fw_ops_avx2 = {
     avx2_col_accum,
     avx2_rank_update,
     avx2_bracket,
+    NULL, /* absgt_mask_nt */
+    0,    /* mask_one_stream */
 };
 
-/* The avx512 table: AVX-512 quantize / dequantize / mask / rank update (avx512.c), AVX2 for the
- * rest (their cost is in scalar scatter or memory traffic, not lane width). */
+/* The avx512 table: AVX-512 quantize / dequantize / mask / rank update / selection bracket
+ * (avx512.c), AVX2 for the rest (their cost is in scalar scatter or memory traffic, not lane
+ * width); its magnitude mask walks one stream per task and streams large masks (select.c says
+ * why). */
 void fw_avx512_rank_update(float *W, int64_t ldw, const float *E, int64_t lde, const float *U,
                            int64_t ldu, int64_t rows, int64_t kb, int64_t ncols);
 void fw_avx512_quant_run(const float *x, int64_t n, const float *s, const int32_t *z,
@@ -466,7 +470,9 @@ const fw_ops fw_ops_avx512 = {
     avx2_run_sum,
     avx2_col_accum,
     fw_avx512_rank_update,
-    avx2_bracket,
+    fw_avx512_bracket,
+    fw_avx512_absgt_mask_nt,
+    1,
 };
 
 #endif

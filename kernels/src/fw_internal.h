@@ -222,6 +222,11 @@ typedef struct fw_ops {
      * lo <= a <= lo + span to buf while *nb < cap (sets *overflow otherwise) */
     void (*bracket)(const float *x, int64_t n, uint32_t lo, uint32_t span, int64_t *below,
                     uint32_t *buf, int64_t *nb, int64_t cap, int *overflow);
+    /* absgt_mask with non-temporal stores, for masks of FW_STREAM_MIN_BYTES or more (select.c
+     * says when); NULL where the variant has none */
+    void (*absgt_mask_nt)(const float *w, int64_t n, float thr, uint8_t *mask);
+    /* 1: the magnitude mask walks each task's range as one stream; 0: the interleaved walk */
+    int mask_one_stream;
 } fw_ops;
 
 extern const fw_ops fw_ops_ref;
@@ -229,11 +234,10 @@ extern const fw_ops fw_ops_ref;
 extern const fw_ops fw_ops_avx2;
 extern const fw_ops fw_ops_avx512;
 #if !defined(FW_NO_SIMD)
-/* AVX-512 selection bracket pass (avx512.c); select.c uses it when fw_ops_avx512 is active (that
- * table's bracket entry is the AVX2 pass) */
+/* AVX-512 selection bracket pass (avx512.c), the avx512 table's bracket entry */
 void fw_avx512_bracket(const float *x, int64_t n, uint32_t lo, uint32_t span, int64_t *below,
                        uint32_t *buf, int64_t *nb, int64_t cap, int *overflow);
-/* the AVX-512 magnitude mask with non-temporal mask stores (avx512.c; select.c picks it) */
+/* the AVX-512 magnitude mask with non-temporal mask stores (avx512.c), the table's absgt_mask_nt */
 void fw_avx512_absgt_mask_nt(const float *w, int64_t n, float thr, uint8_t *mask);
 #endif
 #endif

@@ -336,6 +336,8 @@ const fw_ops fw_ops_neon = {
     neon_col_accum,
     neon_rank_update,
     neon_bracket,
+    NULL, /* absgt_mask_nt */
+    0,    /* mask_one_stream */
 };
 
 #endif

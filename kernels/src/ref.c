@@ -106,4 +106,6 @@ const fw_ops fw_ops_ref = {
     ref_col_accum,
     ref_rank_update,
     ref_bracket,
+    NULL, /* absgt_mask_nt */
+    0,    /* mask_one_stream */
 };

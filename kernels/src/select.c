@@ -172,9 +172,6 @@ static int fw_kth_bracket(const float *const *arrays, const int64_t *lengths, co
     fw_bracket_ctx *c = (fw_bracket_ctx *)calloc(1, sizeof *c);
     if (!c) return 0;
     c->bracket = fw_ops_get()->bracket;
-#if (defined(__x86_64__) || defined(_M_X64)) && !defined(FW_NO_SIMD)
-    if (fw_ops_get() == &fw_ops_avx512) c->bracket = fw_avx512_bracket;
-#endif
     c->arrays = arrays;
     c->lengths = lengths;
     c->offsets = off;
@@ -269,16 +266,11 @@ typedef struct {
  * 256 / 1024 / 4096 measured 2.1-2.2 ms on one thread and 1.6-2.3 ms on two. The AVX2 variant
  * keeps the walk it was tuned with. */
 static int fw_mask_one_stream(const fw_ops *ops) {
-#if (defined(__x86_64__) || defined(_M_X64)) && !defined(FW_NO_SIMD)
-    return ops == &fw_ops_avx512;
-#else
-    (void)ops;
-    return 0;
-#endif
+    return ops->mask_one_stream;
 }
 
 /* The AVX-512 magnitude mask writes masks of FW_STREAM_MIN_BYTES or more with non-temporal
- * stores by default (fw_avx512_absgt_mask_nt: aligned loads, no staging copy), unless
+ * stores by default (its absgt_mask_nt: aligned loads, no staging copy), unless
  * FW_KERNELS_STREAM=0 says otherwise (=1 / =all take the staged path of every kernel). In the
  * benchmark (16M floats, one thread, alternating with numpy and memcpy, so the cache holds other
  * dirty lines) plain stores measured 2.08-2.37 ms into the pre-faulted mask and 2.19-2.29 ms into
@@ -288,14 +280,8 @@ static int fw_mask_one_stream(const fw_ops *ops) {
  * 7.5-8.1 ms on one thread and 4.9 against 4.65 ms on two (the faulting kernel leaves the zeroed
  * lines in cache, where plain stores hit). */
 static int fw_mask_nt(const fw_ops *ops, int64_t out_bytes) {
-#if (defined(__x86_64__) || defined(_M_X64)) && !defined(FW_NO_SIMD)
     const char *env = getenv("FW_KERNELS_STREAM");
-    return ops == &fw_ops_avx512 && out_bytes >= FW_STREAM_MIN_BYTES && !(env && env[0] == '0');
-#else
-    (void)ops;
-    (void)out_bytes;
-    return 0;
-#endif
+    return ops->absgt_mask_nt && out_bytes >= FW_STREAM_MIN_BYTES && !(env && env[0] == '0');
 }
 
 static void fw_absgt_piece(void *vctx, int64_t b, int64_t e) {
@@ -308,7 +294,7 @@ static void fw_absgt_task(void *vctx, int64_t b, int64_t e, int tid) {
     fw_mask_ctx *c = (fw_mask_ctx *)vctx;
     if (!c->stream) {
         if (c->nt)
-            fw_avx512_absgt_mask_nt(c->w + b, e - b, c->thr, c->mask + b);
+            c->ops->absgt_mask_nt(c->w + b, e - b, c->thr, c->mask + b);
         else if (fw_mask_one_stream(c->ops))
             c->ops->absgt_mask(c->w + b, e - b, c->thr, c->mask + b);
         else
