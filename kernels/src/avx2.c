@@ -415,16 +415,7 @@ T static void avx2_bracket(const float *x, int64_t n, uint32_t lo, uint32_t span
         _mm256_storeu_si256((__m256i *)lanes, acc);
         for (int j = 0; j < 8; j++) cnt += (uint32_t)lanes[j];
     }
-    for (; i < n; i++) {
-        uint32_t a = fw_f2u(x[i]) & 0x7FFFFFFFu;
-        cnt += a < lo;
-        if (a - lo <= span) {
-            if (m < cap)
-                buf[m++] = a;
-            else
-                *overflow = 1;
-        }
-    }
+    fw_bracket_scalar(x, i, n, lo, span, &cnt, buf, &m, cap, overflow);
     *below += cnt;
     *nb = m;
 }

@@ -155,16 +155,7 @@ T __attribute__((target("popcnt"))) void fw_avx512_bracket(const float *x, int64
         _mm512_storeu_si512((void *)(buf + m), _mm512_maskz_compress_epi32(in, a));
         m += __builtin_popcount(in);
     }
-    for (; i < n; i++) {
-        uint32_t a = fw_f2u(x[i]) & 0x7FFFFFFFu;
-        cnt += a < lo;
-        if (a - lo <= span) {
-            if (m < cap)
-                buf[m++] = a;
-            else
-                *overflow = 1;
-        }
-    }
+    fw_bracket_scalar(x, i, n, lo, span, &cnt, buf, &m, cap, overflow);
     *below += cnt;
     *nb = m;
 }

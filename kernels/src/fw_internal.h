@@ -284,6 +284,23 @@ static inline uint32_t fw_f2u(float f) {
     memcpy(&u, &f, 4);
     return u;
 }
+/* The selection bracket pass, one value at a time, over x[i..n): the reference's whole pass and
+ * the SIMD passes' tails. |x| bits below lo add to *cnt; those within [lo, lo + span] are appended
+ * to buf while *m < cap (*overflow is set otherwise). */
+static inline void fw_bracket_scalar(const float *x, int64_t i, int64_t n, uint32_t lo, uint32_t span,
+                                     int64_t *cnt, uint32_t *buf, int64_t *m, int64_t cap, int *overflow) {
+    for (; i < n; i++) {
+        uint32_t a = fw_f2u(x[i]) & 0x7FFFFFFFu;
+        *cnt += a < lo;
+        if (a - lo <= span) {
+            if (*m < cap)
+                buf[(*m)++] = a;
+            else
+                *overflow = 1;
+        }
+    }
+}
+
 static inline float fw_u2f(uint32_t u) {
     float f;
     memcpy(&f, &u, 4);

@@ -310,16 +310,7 @@ static void neon_bracket(const float *x, int64_t n, uint32_t lo, uint32_t span, 
         }
         cnt += vaddvq_u32(acc);
     }
-    for (; i < n; i++) {
-        uint32_t a = fw_f2u(x[i]) & 0x7FFFFFFFu;
-        cnt += a < lo;
-        if (a - lo <= span) {
-            if (m < cap)
-                buf[m++] = a;
-            else
-                *overflow = 1;
-        }
-    }
+    fw_bracket_scalar(x, i, n, lo, span, &cnt, buf, &m, cap, overflow);
     *below += cnt;
     *nb = m;
 }

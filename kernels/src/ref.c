@@ -80,16 +80,7 @@ static void ref_rank_update(float *W, int64_t ldw, const float *E, int64_t lde, 
 static void ref_bracket(const float *x, int64_t n, uint32_t lo, uint32_t span, int64_t *below,
                         uint32_t *buf, int64_t *nb, int64_t cap, int *overflow) {
     int64_t cnt = 0, m = *nb;
-    for (int64_t i = 0; i < n; i++) {
-        uint32_t a = fw_f2u(x[i]) & 0x7FFFFFFFu;
-        cnt += a < lo;
-        if (a - lo <= span) {
-            if (m < cap)
-                buf[m++] = a;
-            else
-                *overflow = 1;
-        }
-    }
+    fw_bracket_scalar(x, 0, n, lo, span, &cnt, buf, &m, cap, overflow);
     *below += cnt;
     *nb = m;
 }

@@ -40,6 +40,15 @@ def oracle_mask(x: np.ndarray, t: float) -> np.ndarray:
     return (np.abs(x) > np.float32(t)).astype(np.uint8)  # NaN compares False
 
 
+@pytest.fixture
+def threads(request):
+    """The test's thread cap (its ``threads`` parameter), restored afterwards."""
+    old = K.threads()
+    K.set_threads(request.param)
+    yield request.param
+    K.set_threads(old)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_magnitude_mask_sizes_and_offsets(isa):
     with K.use_isa(isa):
@@ -56,24 +65,19 @@ def test_magnitude_mask_sizes_and_offsets(isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
 def test_magnitude_mask_large_threaded(isa, threads):
     # several dynamic pieces per thread (grain 2^16), unaligned start and odd length
     n = 5 * 65536 + 77
     base = special_values(n, 3)
     want = oracle_mask(base, 0.5)
-    old = K.threads()
-    try:
-        K.set_threads(threads)
-        with K.use_isa(isa):
-            for off in (0, 3):
-                x = at_offset(base, off)
-                np.testing.assert_array_equal(K.magnitude_mask(x, 0.5), want)
-    finally:
-        K.set_threads(old)
+    with K.use_isa(isa):
+        for off in (0, 3):
+            x = at_offset(base, off)
+            np.testing.assert_array_equal(K.magnitude_mask(x, 0.5), want)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
 def test_kth_bracket_pass_all_isas(threads):
     # >= 2^20 values take the sample-bracket path; unaligned starts and odd array lengths
     rng = np.random.default_rng(5)
@@ -81,18 +85,13 @@ def test_kth_bracket_pass_all_isas(threads):
     x[rng.random(x.size) < 0.001] = np.nan
     arrays = [at_offset(x[:777_777], 5), at_offset(x[777_777:], 11)]
     ref = np.sort(np.abs(x))
-    old = K.threads()
-    try:
-        K.set_threads(threads)
-        for isa in ISAS:
-            with K.use_isa(isa):
-                for k in (1, 1000, 617_283, 617_284, 1_100_000, 1_233_000):
-                    assert K.kth_smallest_abs(arrays, k) == float(ref[k - 1]), (isa, k)
-    finally:
-        K.set_threads(old)
+    for isa in ISAS:
+        with K.use_isa(isa):
+            for k in (1, 1000, 617_283, 617_284, 1_100_000, 1_233_000):
+                assert K.kth_smallest_abs(arrays, k) == float(ref[k - 1]), (isa, k)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
 def test_kth_bracket_overflow_falls_back(threads):
     # The sample (every 16th value from index 8, for n = 2^20) is spread over [0, 1); all other
     # values equal the sample's median, so the bracket around it collects 15/16 of the data:
@@ -102,18 +101,13 @@ def test_kth_bracket_overflow_falls_back(threads):
     x = np.full(n, 0.5, np.float32)
     x[8::16] = rng.random(n // 16).astype(np.float32) * np.where(rng.random(n // 16) < 0.5, -1, 1)
     ref = np.sort(np.abs(x))
-    old = K.threads()
-    try:
-        K.set_threads(threads)
-        for isa in ISAS:
-            with K.use_isa(isa):
-                for k in (n // 2, n // 2 + 12345, n // 32, n - 5):
-                    assert K.kth_smallest_abs(at_offset(x, 1), k) == float(ref[k - 1]), (isa, k)
-    finally:
-        K.set_threads(old)
+    for isa in ISAS:
+        with K.use_isa(isa):
+            for k in (n // 2, n // 2 + 12345, n // 32, n - 5):
+                assert K.kth_smallest_abs(at_offset(x, 1), k) == float(ref[k - 1]), (isa, k)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
 def test_magnitude_mask_non_temporal_path(threads, monkeypatch):
     # masks of 16 MB or more: the AVX-512 variant's non-temporal stores (aligned loads, each mask
     # line joined from two 64-value masks when w and the mask sit at different line offsets);
@@ -122,17 +116,12 @@ def test_magnitude_mask_non_temporal_path(threads, monkeypatch):
     n = (1 << 24) + 77
     base = special_values(n, 4)
     want = oracle_mask(base, 0.5)
-    old = K.threads()
-    try:
-        K.set_threads(threads)
-        for w_off in (0, 5):
-            x = at_offset(base, w_off)
-            for m_off in (0, 1, 16, 63):
-                out = at_offset(np.zeros(n, np.uint8), m_off)
-                K.magnitude_mask(x, 0.5, out=out)
-                np.testing.assert_array_equal(out, want, f"w_off={w_off} m_off={m_off}")
-        for env in ("0", "1"):
-            monkeypatch.setenv("FW_KERNELS_STREAM", env)
-            np.testing.assert_array_equal(K.magnitude_mask(at_offset(base, 3), 0.5), want, env)
-    finally:
-        K.set_threads(old)
+    for w_off in (0, 5):
+        x = at_offset(base, w_off)
+        for m_off in (0, 1, 16, 63):
+            out = at_offset(np.zeros(n, np.uint8), m_off)
+            K.magnitude_mask(x, 0.5, out=out)
+            np.testing.assert_array_equal(out, want, f"w_off={w_off} m_off={m_off}")
+    for env in ("0", "1"):
+        monkeypatch.setenv("FW_KERNELS_STREAM", env)
+        np.testing.assert_array_equal(K.magnitude_mask(at_offset(base, 3), 0.5), want, env)
