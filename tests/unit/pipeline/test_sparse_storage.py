@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
@@ -76,20 +77,23 @@ def test_pack_unpack_round_trip_keeps_every_value_and_the_fill():
 
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2 ** 32 - 1), rows=st.integers(1, 40), cols=st.integers(1, 40),
-       sparsity=st.floats(0.0, 0.95))
-def test_closing_the_gap_is_undone_exactly_and_keeps_zeros_and_signs(seed, rows, cols, sparsity):
+       sparsity=st.floats(0.0, 0.95), unsigned=st.booleans())
+def test_closing_the_gap_is_undone_exactly_and_keeps_zeros_and_signs(seed, rows, cols, sparsity, unsigned):
     rng = np.random.default_rng(seed)
     scale = rng.uniform(0.2, 3.0, size=(1, cols))          # channels of different widths
     w = rng.standard_normal((rows, cols)) * scale
     w[np.abs(w) < np.quantile(np.abs(w), sparsity)] = 0.0   # magnitude-pruned: a gap around 0
     q = np.clip(np.rint(w / (np.abs(w).max(axis=0, keepdims=True) + 1e-12) * 127), -127, 127).astype(np.int8)
-    closed = sparse_storage.close_gap(q)
+    center = 128 if unsigned else 0
+    stored = (q.astype(np.int16) + 128).astype(np.uint8) if unsigned else q     # integer_kernels' uint8 form
+    closed = sparse_storage.close_gap(stored)
     if closed is None:
         return
     shifted, offsets = closed
-    assert shifted.dtype == np.int8 and offsets.dtype == np.int8 and offsets.min() >= 0
-    assert np.array_equal(shifted == 0, q == 0) and np.array_equal(np.sign(shifted), np.sign(q))
-    assert np.array_equal(sparse_storage.open_gap(shifted, offsets), q)
+    assert shifted.dtype == stored.dtype and offsets.dtype == np.int8 and offsets.min() >= 0
+    side = np.sign(shifted.astype(np.int16) - center)
+    assert np.array_equal(side, np.sign(q)) and np.array_equal(side == 0, q == 0)
+    assert np.array_equal(sparse_storage.open_gap(shifted, offsets), stored)
 
 
 def test_a_gap_is_closed_only_where_it_pays():
@@ -107,7 +111,10 @@ def test_a_gap_is_closed_only_where_it_pays():
     shifted, offsets = sparse_storage.close_gap(q)
     assert offsets.shape == (1, 64) and np.array_equal(offsets, t - 1)
     assert np.abs(shifted[shifted != 0]).min() == 1
-    assert sparse_storage.close_gap(q.astype(np.uint8)) is None       # unsigned storage: not this form
+    # the same grid stored uint8 (+ 128): the same offsets, the values shifted around 128
+    shifted_u, offsets_u = sparse_storage.close_gap((q.astype(np.int16) + 128).astype(np.uint8))
+    assert np.array_equal(offsets_u, offsets) and np.array_equal(shifted_u.astype(np.int16) - 128, shifted)
+    assert sparse_storage.close_gap(q.astype(np.uint8)) is None       # fill 0 is not uint8's zero
 
 
 def _wide_conv() -> onnx.ModelProto:
@@ -187,11 +194,21 @@ def test_smaller_zstd_file_and_dense_weights_without_zeros_stay_dense(tmp_path):
     assert any(t.name == "W1_quantized" and t.data_type == onnx.TensorProto.INT8 for t in unpruned.graph.initializer)
 
 
-def test_static_qdq_weights_stored_sparse_run_identically():
+@pytest.mark.parametrize("storage", ["int8", "uint8"])
+def test_static_qdq_weights_stored_sparse_run_identically(tmp_path, storage):
+    # uint8: the grid shifted by 128 that CPUs without VNNI get; its gap is closed around 128
     model = builders.mlp(inputs=256, hidden=512, classes=16)
     calibration = builders.random_inputs(model, count=64, seed=3)
-    dense, stored, _ = _both(model, [PRUNE, STATIC], calibration=calibration)
-    assert sparse_storage.find_sparse_weights(stored.graph)
+    dense, stored, _ = _both(model, [PRUNE, {**STATIC, "integer_weights": storage}], calibration=calibration)
+    found = sparse_storage.find_sparse_weights(stored.graph)
+    gapped = [s for s in found if s.offsets is not None]
+    assert gapped and all((s.center is not None) == (storage == "uint8") for s in gapped)
+    dense_w = {t.name: numpy_helper.to_array(t) for t in dense.graph.initializer}
+    folded = _folded_initializers(stored, tmp_path / "folded.onnx")
+    for s in found:
+        assert folded[s.weight].dtype == np.dtype(storage) and np.array_equal(folded[s.weight], dense_w[s.weight])
+        decoded = sparse_storage.decoded_tensor(stored.graph, s, numpy_helper.to_array)
+        assert np.array_equal(numpy_helper.to_array(decoded), dense_w[s.weight])
     feeds = builders.random_inputs(model, count=32)
     for a, b in zip(builders.run_ort(dense, feeds), builders.run_ort(stored, feeds)):
         assert np.array_equal(a, b)

@@ -26,15 +26,17 @@ Decoding (opset 11: BitShift, CumSum), evaluated once by constant folding:
     Slice [:n]--> flags --Cast int32 (int64 past 2**31 elements)--> CumSum --Mul flags--> index
     (the rank among the non-fill values, 0 at a fill position) --Gather(values)--> Reshape(shape)
 
-Closing the gap (signed tensors whose fill is 0, i.e. pruned symmetric weights): magnitude pruning
-leaves no value between -t and t in a channel, where t, the channel's smallest kept magnitude,
+Closing the gap (tensors whose fill is their symmetric grid's zero: 0 for int8, 128 for the uint8
+storage of ``integer_kernels``; i.e. pruned symmetric weights): magnitude pruning leaves no value
+between -t and t (around that zero) in a channel, where t, the channel's smallest kept magnitude,
 differs from channel to channel with the channel's scale (20 to 75 on the digits CNN's Gemm). The
 values are stored as v = q - sign(q) (t - 1), so that every channel's values start at +-1 and one
 zstd Huffman table fits all channels: on that Gemm order-0 entropy falls from 7.44 to 6.92 bits a
 value. ``close_gap`` picks the axis that gains most (none where less than ``MIN_GAIN`` bytes); the
 offsets t - 1 are stored int8, shaped to broadcast along that axis, and decoded after the Reshape:
 
-    v --Cast int32--> w --Sign--> --Mul(Cast int32(offsets))--> --Add(w)--> --Cast(dtype)--> q
+    v --Cast int32--> w [--Sub(128), uint8 only] --Sign--> --Mul(Cast int32(offsets))--> --Add(w)-->
+      --Cast(dtype)--> q
 
 A weight is stored this way only where that makes the file's zstd bytes (level 3, as
 ``metrics.zstd_bytes`` measures them) smaller by at least ``MIN_GAIN``, measured here
@@ -58,6 +60,8 @@ MIN_ELEMENTS = 256                  # below this the nine decoding nodes cost mo
 ZSTD_LEVEL = 3                      # CONTRACT.md §4's transport_size_ratio: metrics.zstd_bytes
 PACKABLE = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8}
 INT32_INDEX_LIMIT = 2 ** 31 - 1     # CumSum in int32 below this (half the memory of int64 at load)
+# where a symmetric grid's zero sits in storage: int8 0, uint8 128 (integer_kernels' shifted form)
+GAP_CENTER = {np.dtype(np.int8): 0, np.dtype(np.uint8): 128}
 MIN_GAIN = 64                       # zstd bytes a sparse form must save: less is noise, and costs nine nodes
 WHOLE_FILE_WORK = 64 << 20          # bytes zstd may go through judging every candidate on the whole file
 
@@ -92,6 +96,7 @@ class SparseWeight:
     shape: str
     nodes: list[onnx.NodeProto]
     offsets: str | None = None
+    center: str | None = None
 
     def inputs(self) -> set[str]:
         return {name for node in self.nodes for name in node.input if name}
@@ -125,15 +130,17 @@ def _entropy_bytes(values: np.ndarray) -> float:
 
 
 def close_gap(q: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """(shifted tensor, offsets) for a signed integer tensor whose fill is 0, along the axis whose
-    shift saves most order-0 entropy, or None where no axis saves ``MIN_GAIN`` bytes beyond the
-    offsets' own. ``open_gap`` inverts it exactly; zeros stay zero, other values keep their sign."""
-    if q.dtype != np.int8 or q.ndim == 0 or fill_value(q) != 0:
+    """(shifted tensor, offsets) for an integer tensor whose fill is its grid's zero (``GAP_CENTER``),
+    along the axis whose shift saves most order-0 entropy, or None where no axis saves ``MIN_GAIN``
+    bytes beyond the offsets' own. ``open_gap`` inverts it exactly; the fill stays the fill, other
+    values keep their side of it."""
+    center = GAP_CENTER.get(q.dtype)
+    if center is None or q.ndim == 0 or fill_value(q) != center:
         return None
-    kept = q != 0
+    wide = q.astype(np.int16) - center
+    kept = wide != 0
     if not kept.any():
         return None
-    wide = q.astype(np.int16)
     before = _entropy_bytes(wide[kept])
     best: tuple[float, np.ndarray, np.ndarray] | None = None
     for axis in range(q.ndim):
@@ -147,14 +154,16 @@ def close_gap(q: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         spread = int(offsets.max() - offsets.min()) + 1
         gain = before - _entropy_bytes(shifted[kept]) - offsets.size * max(np.log2(spread), 1.0) / 8.0
         if gain >= MIN_GAIN and (best is None or gain > best[0]):
-            best = (gain, shifted.astype(np.int8), offsets.astype(np.int8))
+            best = (gain, (shifted + center).astype(q.dtype), offsets.astype(np.int8))
     return None if best is None else (best[1], best[2])
 
 
-def open_gap(shifted: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """numpy twin of the gap's decoding nodes: q = v + sign(v) offsets, in the stored dtype."""
+def open_gap(shifted: np.ndarray, offsets: np.ndarray, center: int | None = None) -> np.ndarray:
+    """numpy twin of the gap's decoding nodes: q = v + sign(v - center) offsets, in the stored dtype
+    (center: the grid's zero, by default ``GAP_CENTER`` of the dtype)."""
     wide = shifted.astype(np.int32)
-    return (wide + np.sign(wide) * offsets.astype(np.int32)).astype(shifted.dtype)
+    center = GAP_CENTER[shifted.dtype] if center is None else center
+    return (wide + np.sign(wide - center) * offsets.astype(np.int32)).astype(shifted.dtype)
 
 
 def unpack(mask: np.ndarray, values: np.ndarray, count: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -194,16 +203,22 @@ def _decode_nodes(model: onnx.ModelProto, weight: str, mask: str, values: str, c
     ]
 
 
-def _gap_nodes(model: onnx.ModelProto, weight: str, shifted: str, offsets: str, dtype: int) -> list[onnx.NodeProto]:
-    names = [graph.unique_name(model, f"{weight}_gap_{step}") for step in ("wide", "sign", "offsets", "step", "sum")]
-    return [
-        helper.make_node("Cast", [shifted], [names[0]], name=names[0], to=TensorProto.INT32),
-        helper.make_node("Sign", [names[0]], [names[1]], name=names[1]),
-        helper.make_node("Cast", [offsets], [names[2]], name=names[2], to=TensorProto.INT32),
-        helper.make_node("Mul", [names[1], names[2]], [names[3]], name=names[3]),
-        helper.make_node("Add", [names[0], names[3]], [names[4]], name=names[4]),
-        helper.make_node("Cast", [names[4]], [weight], name=graph.unique_name(model, f"{weight}_gap"), to=dtype),
+def _gap_nodes(model: onnx.ModelProto, weight: str, shifted: str, offsets: str, dtype: int,
+               center: str | None) -> list[onnx.NodeProto]:
+    """``center``: the int32 initializer holding the grid's zero where it is not 0 (uint8)."""
+    names = [graph.unique_name(model, f"{weight}_gap_{step}")
+             for step in ("wide", "centered", "sign", "offsets", "step", "sum")]
+    nodes = [helper.make_node("Cast", [shifted], [names[0]], name=names[0], to=TensorProto.INT32)]
+    if center is not None:
+        nodes.append(helper.make_node("Sub", [names[0], center], [names[1]], name=names[1]))
+    nodes += [
+        helper.make_node("Sign", [names[1] if center is not None else names[0]], [names[2]], name=names[2]),
+        helper.make_node("Cast", [offsets], [names[3]], name=names[3], to=TensorProto.INT32),
+        helper.make_node("Mul", [names[2], names[3]], [names[4]], name=names[4]),
+        helper.make_node("Add", [names[0], names[4]], [names[5]], name=names[5]),
+        helper.make_node("Cast", [names[5]], [weight], name=graph.unique_name(model, f"{weight}_gap"), to=dtype),
     ]
+    return nodes
 
 
 def _shared_constants(model: onnx.ModelProto) -> tuple[dict[str, str], list[str]]:
@@ -266,9 +281,13 @@ def _apply(model: onnx.ModelProto, tensor: onnx.TensorProto, packed: Packed, sha
         offsets_name = graph.unique_name(model, f"{name}_sparse_offsets")
         shifted_name = graph.unique_name(model, f"{name}_sparse_shifted")
         added.append(numpy_helper.from_array(packed.offsets, offsets_name))
+        center = GAP_CENTER[packed.values.dtype]
+        center_name = graph.unique_name(model, f"{name}_sparse_center") if center else None
+        if center_name is not None:
+            added.append(numpy_helper.from_array(np.array(center, dtype=np.int32), center_name))
         nodes = _decode_nodes(model, shifted_name, mask_name, values_name, count_name, shape_name, shared,
                               index_type, base=name)
-        nodes += _gap_nodes(model, name, shifted_name, offsets_name, tensor.data_type)
+        nodes += _gap_nodes(model, name, shifted_name, offsets_name, tensor.data_type, center_name)
     # the sparse form takes the dense tensor's place in the file (neighbours matter to zstd)
     index = _index_of(model, name)
     dense = onnx.TensorProto()
@@ -351,7 +370,7 @@ def store_sparse(model: onnx.ModelProto, whole_file_work: int = WHOLE_FILE_WORK)
             continue
         gap = close_gap(q)
         if gap is not None:                          # the same mask; values nearer each other
-            packed = pack(gap[0], fill=0)
+            packed = pack(gap[0], fill=GAP_CENTER[q.dtype])
             packed.offsets = gap[1]
         row = {"elements": int(q.size), "fill": int(packed.values[0]), "kept": int(packed.values.size - 1),
                "bytes": int(q.nbytes), "bytes_sparse": int(packed.nbytes),
@@ -484,10 +503,19 @@ def _with_gap(sparse: SparseWeight, inits: set[str], producer: dict[str, onnx.No
         return nodes[0] if len(nodes) == 1 and nodes[0].op_type == op else None
 
     wide = only_reader(sparse.weight, "Cast")
-    if wide is None or {n.op_type for n in readers.get(wide.output[0], [])} != {"Sign", "Add"} or \
-            len(readers[wide.output[0]]) != 2:
+    if wide is None or len(readers.get(wide.output[0], [])) != 2:
         return sparse
-    sign = next(n for n in readers[wide.output[0]] if n.op_type == "Sign")
+    ops = {n.op_type: n for n in readers[wide.output[0]]}
+    centered = ops.get("Sub")                        # uint8: the grid's zero is 128
+    if centered is not None:
+        if set(ops) != {"Sub", "Add"} or list(centered.input)[:1] != [wide.output[0]] or \
+                len(centered.input) != 2 or centered.input[1] not in inits:
+            return sparse
+        sign = only_reader(centered.output[0], "Sign")
+    else:
+        sign = ops.get("Sign") if set(ops) == {"Sign", "Add"} else None
+    if sign is None:
+        return sparse
     mul = only_reader(sign.output[0], "Mul")
     if mul is None or len(mul.input) != 2 or mul.input[0] != sign.output[0]:
         return sparse
@@ -499,8 +527,10 @@ def _with_gap(sparse: SparseWeight, inits: set[str], producer: dict[str, onnx.No
     last = only_reader(add.output[0], "Cast")
     if last is None:
         return sparse
+    tail = [wide] + ([centered] if centered is not None else []) + [sign, offsets_cast, mul, add, last]
     return SparseWeight(last.output[0], sparse.mask, sparse.values, sparse.count, sparse.shape,
-                        sparse.nodes + [wide, sign, offsets_cast, mul, add, last], offsets=offsets_cast.input[0])
+                        sparse.nodes + tail, offsets=offsets_cast.input[0],
+                        center=centered.input[1] if centered is not None else None)
 
 
 def decoded_tensor(g: onnx.GraphProto, sparse: SparseWeight, read) -> onnx.TensorProto:
@@ -511,5 +541,6 @@ def decoded_tensor(g: onnx.GraphProto, sparse: SparseWeight, read) -> onnx.Tenso
     shape = tuple(int(d) for d in np.asarray(read(tensors[sparse.shape])).reshape(-1))
     dense = unpack(read(tensors[sparse.mask]), read(tensors[sparse.values]), count, shape)
     if sparse.offsets is not None:
-        dense = open_gap(dense, np.asarray(read(tensors[sparse.offsets])))
+        center = 0 if sparse.center is None else int(np.asarray(read(tensors[sparse.center])))
+        dense = open_gap(dense, np.asarray(read(tensors[sparse.offsets])), center)
     return numpy_helper.from_array(dense, sparse.weight)
