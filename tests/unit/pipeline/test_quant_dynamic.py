@@ -173,3 +173,36 @@ def test_recipe_field_integer_weights_picks_the_storage():
         assert graph.get_array(result.model, _fused(result.model, "fc1").input[1]).dtype == np.dtype(storage)
     with pytest.raises(Exception, match="integer_weights"):
         _params(integer_weights="int4")
+
+
+def test_conv_weights_are_stored_int8_and_computed_in_float():
+    # CNN with BatchNorm: the Gemm goes dynamic; each Conv reads DequantizeLinear(int8 per output
+    # channel) in float, so the file shrinks while the Conv keeps ORT's float kernel
+    model = builders.cnn_bn()
+    result, ctx = _run(model)
+    quantized = result.model
+    assert _io(quantized) == _io(model) and result.metrics["conv_weights_int8"] == 2
+    ops = [n.op_type for n in quantized.graph.node]
+    assert ops.count("DynamicQuantizeMatMul") == 1 and ops.count("Conv") == 2 and "ConvInteger" not in ops
+    dequantize = {n.output[0]: n for n in quantized.graph.node if n.op_type == "DequantizeLinear"}
+    for name in ("conv1.W", "conv2.W"):
+        node = dequantize[name]
+        assert graph.attribute(node, "axis", 1) == 0
+        weight = graph.get_array(model, name)
+        scale = (np.abs(weight).max(axis=(1, 2, 3)) / np.float32(127)).astype(np.float32)
+        q = np.clip(np.rint(weight / scale[:, None, None, None]), -127, 127).astype(np.int8)
+        np.testing.assert_array_equal(graph.get_array(quantized, node.input[0]), q)
+        np.testing.assert_array_equal(graph.get_array(quantized, node.input[1]), scale)
+        record = ctx.layers[name]
+        assert record.bits == 8 and record.grid["axis"] == 0 and "float" in record.extra["activations"]
+        assert record.extra["sqnr_db"] > 30
+    assert not any(t.name in ("conv1.W", "conv2.W") for t in quantized.graph.initializer)
+    assert quantized.ByteSize() < 0.45 * model.ByteSize()
+    evaluation = builders.random_inputs(model, count=32, seed=4)
+    assert builders.rel_l2(builders.run_ort(model, evaluation), builders.run_ort(quantized, evaluation)) < 0.03
+    # an excluded Conv weight stays float; below opset 13 (no per-axis DequantizeLinear) all do
+    kept, _ = _run(model, exclude=["conv2*"])
+    assert any(t.name == "conv2.W" and t.data_type == TensorProto.FLOAT for t in kept.model.graph.initializer)
+    old = builders.cnn_bn()
+    old.opset_import[0].version = 12
+    assert _run(old)[0].metrics["conv_weights_int8"] == 0

@@ -23,9 +23,11 @@ several of these ops read once (DynamicQuantizeLinear + MatMulIntegerToFloat). `
 
 Embedding tables (Gather over a weight, when the recipe's ``embeddings`` is on) become int8 per row,
 dequantized after the Gather (``static.quantize_embedding``); large float tables that are only sliced
-or added (learned positions) int8 per tensor (``static.quantize_table``). Conv stays float
-(ConvInteger is slower than float Conv on CPU); weights with other readers than MatMul / Gemm keep
-their float copy for those readers.
+or added (learned positions) int8 per tensor (``static.quantize_table``). Conv computes in float
+(ConvInteger is slower than float Conv on CPU), but its weights are stored int8 weight-only (per
+output channel, symmetric, DequantizeLinear; the runner writes it in the form ONNX Runtime folds at
+load): on the digits CNN the file goes from 2.86x to 3.8x smaller at the float Conv's speed. Weights
+with other readers than MatMul / Gemm (or Conv) keep their float copy for those readers.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ import kernels
 from core.errors import RecipeError
 from core.recipe import QuantizeStep
 from worker.pipeline import graph
-from worker.pipeline.quant import constants, integer_kernels
+from worker.pipeline.quant import constants, integer_kernels, weight_only
 from worker.pipeline.quant.attention_layout import fuse_attention_heads
 from worker.pipeline.quant.shared_quantization import share_input_quantization
 from worker.pipeline.quant.static import (add_initializer, embedding_layers, quantize_embedding, quantize_table,
@@ -47,6 +49,8 @@ from worker.pipeline.quant.static import (add_initializer, embedding_layers, qua
 from worker.pipeline.step import LayerRecord, StepContext, StepResult
 
 DYNAMIC_OPS = ("MatMul", "Gemm")
+WEIGHT_ONLY_OPS = ("Conv",)      # float compute, int8 storage
+PER_AXIS_DEQUANTIZE_OPSET = 13
 MS_DOMAIN = "com.microsoft"
 
 
@@ -162,6 +166,7 @@ def quantize_dynamic(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
             replaced += 1
         ctx.progress((position + 1) / len(layers), f"dynamic int8 {layer.weight}")
     shared = share_input_quantization(quantized) if rewrites else 0
+    convs = _conv_weights_int8(quantized, params, ctx, per_channel)
     embeddings = embedding_layers(quantized, params)
     for layer in embeddings:
         grid = quantize_embedding(quantized, layer)
@@ -196,10 +201,40 @@ def quantize_dynamic(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
                                        "weight-only int8 (table)")
         ctx.layers[layer.weight] = record
     metrics = {"format": "DynamicQuantizeMatMul", "quantized_weights": len(layers), "layers_replaced": replaced,
+               "conv_weights_int8": len(convs),
                "quantized_embeddings": len(embeddings) - len(tables), "quantized_tables": len(tables),
                "per_channel": per_channel, "attention_blocks_relaid": len(split),
                "shared_input_quantizations": shared}
-    return StepResult(quantized, [layer.weight for layer in layers + embeddings], metrics)
+    return StepResult(quantized, [layer.weight for layer in layers + embeddings + convs], metrics)
+
+
+def _conv_weights_int8(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext,
+                       per_channel: bool) -> list[graph.WeightLayer]:
+    """Store the selected Conv weights int8 weight-only (see the module docstring): float Conv
+    compute, the same grid as the MatMul weights. Left float: weights read by anything else than a
+    Conv's weight input, and per-channel grids below opset 13 (per-axis DequantizeLinear)."""
+    if per_channel and graph.opset(model) < PER_AXIS_DEQUANTIZE_OPSET:
+        return []
+    inits = graph.initializers(model)
+    readers = graph.consumers(model)
+    done = []
+    for layer in graph.weight_layers(model, ops=WEIGHT_ONLY_OPS, include=params.include, exclude=params.exclude,
+                                     min_params=params.min_params):
+        tensor = inits.get(layer.weight)
+        if tensor is None or tensor.data_type != onnx.TensorProto.FLOAT or \
+                any(node.op_type not in WEIGHT_ONLY_OPS or index != 1 for node, index in readers.get(layer.weight, [])):
+            continue
+        ctx.check_cancelled()
+        grid = weight_only.Grid(8, True, True, layer.out_axis if per_channel else None, None, "absmax")
+        w = graph.get_array(model, layer.weight).astype(np.float32)
+        q, scale, zero_point = weight_only.quantize_rtn(np.ascontiguousarray(w), grid)
+        weight_only.replace_with_dequantize(model, layer, q, scale, zero_point, grid, onnx.TensorProto.FLOAT)
+        w_hat = weight_only.dequantize(q, scale, zero_point, grid)
+        weight_only.record_layer(ctx, layer, grid, w_hat, w, scale, zero_point,
+                                 activations="float (Conv: weight-only int8; ONNX Runtime's ConvInteger is "
+                                             "slower than float Conv on CPU)")
+        done.append(layer)
+    return done
 
 
 def _layers_after_split(model: onnx.ModelProto, layers: list[graph.WeightLayer],
