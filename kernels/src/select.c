@@ -107,12 +107,8 @@ static int fw_kth_radix(const float *const *arrays, const int64_t *lengths, int6
 
 #define FW_KTH_SAMPLE 65536
 
-typedef void (*fw_bracket_fn)(const float *x, int64_t n, uint32_t lo, uint32_t span,
-                              int64_t *below, uint32_t *buf, int64_t *nb, int64_t cap,
-                              int *overflow);
-
 typedef struct {
-    fw_bracket_fn bracket;
+    const fw_ops *ops;
     const float *const *arrays;
     const int64_t *lengths;
     const int64_t *offsets;
@@ -140,8 +136,8 @@ static void fw_bracket_task(void *vctx, int64_t b, int64_t e, int tid) {
         int64_t t = e - c->offsets[a];
         if (t > c->lengths[a]) t = c->lengths[a];
         if (t > s)
-            c->bracket(c->arrays[a] + s, t - s, c->lo, c->span, &c->below[tid], c->buf[tid],
-                       &c->nbuf[tid], c->cap[tid], &ovf);
+            c->ops->bracket(c->arrays[a] + s, t - s, c->lo, c->span, &c->below[tid], c->buf[tid],
+                            &c->nbuf[tid], c->cap[tid], &ovf);
     }
     if (ovf) __atomic_store_n(&c->overflow, 1, __ATOMIC_RELAXED);
 }
@@ -171,7 +167,7 @@ static int fw_kth_bracket(const float *const *arrays, const int64_t *lengths, co
     int nt = fw_threads_for(n, 1 << 18);
     fw_bracket_ctx *c = (fw_bracket_ctx *)calloc(1, sizeof *c);
     if (!c) return 0;
-    c->bracket = fw_ops_get()->bracket;
+    c->ops = fw_ops_get();
     c->arrays = arrays;
     c->lengths = lengths;
     c->offsets = off;
@@ -264,10 +260,8 @@ typedef struct {
  * (the hardware prefetcher follows one stream per core well; the interleave also costs two
  * indirect calls per 64 elements: 0.92 -> 0.30 ms for 4M floats read from L3). Piece sizes
  * 256 / 1024 / 4096 measured 2.1-2.2 ms on one thread and 1.6-2.3 ms on two. The AVX2 variant
- * keeps the walk it was tuned with. */
-static int fw_mask_one_stream(const fw_ops *ops) {
-    return ops->mask_one_stream;
-}
+ * keeps the walk it was tuned with. The ops table's mask_one_stream says which walk a variant
+ * takes. */
 
 /* The AVX-512 magnitude mask writes masks of FW_STREAM_MIN_BYTES or more with non-temporal
  * stores by default (its absgt_mask_nt: aligned loads, no staging copy), unless
@@ -295,7 +289,7 @@ static void fw_absgt_task(void *vctx, int64_t b, int64_t e, int tid) {
     if (!c->stream) {
         if (c->nt)
             c->ops->absgt_mask_nt(c->w + b, e - b, c->thr, c->mask + b);
-        else if (fw_mask_one_stream(c->ops))
+        else if (c->ops->mask_one_stream)
             c->ops->absgt_mask(c->w + b, e - b, c->thr, c->mask + b);
         else
             fw_interleaved(b, e, FW_MASK_PIECE, fw_absgt_piece, c);

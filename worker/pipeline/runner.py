@@ -233,16 +233,16 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
         raise StepCancelled("job cancelled")
     quantized = [i for i, step in enumerate(recipe.steps) if step.op == "quantize"]
     if quantized:
+        row = step_rows[quantized[-1]]
         # weight-only DequantizeLinear as constant-foldable Cast / Mul where that runs faster here
-        step_rows[quantized[-1]]["dequantize_form"] = _dequantize_form(
+        row["dequantize_form"] = _dequantize_form(
             model, recipe.steps[quantized[-1]], eval_set or cal_set or data_mod.generated(original, count=1),
             target, options, ctx.layers)
-    if quantized and options.get("sparse_storage", True):
-        # pruned integer weights as bitmask + values where the file compresses smaller
-        step_rows[quantized[-1]]["sparse_storage"] = sparse_storage.store_pipeline_output(model, ctx.layers)
-    if quantized:
+        if options.get("sparse_storage", True):
+            # pruned integer weights as bitmask + values where the file compresses smaller
+            row["sparse_storage"] = sparse_storage.store_pipeline_output(model, ctx.layers)
         # integer values, floats and masks each together: zstd's per-block Huffman tables fit them
-        step_rows[quantized[-1]]["initializer_order"] = sparse_storage.group_initializers(model)
+        row["initializer_order"] = sparse_storage.group_initializers(model)
 
     # 3. check, write, measure
     progress(STEPS_SHARE, "checking the result")

@@ -327,8 +327,9 @@ def _file_zstd(model: onnx.ModelProto, grouped: bool = False) -> int:
     return zstd_size(copy.SerializeToString())
 
 
-def _group(model: onnx.ModelProto) -> None:
-    masks = {sparse.mask for sparse in find_sparse_weights(model.graph)}
+def _group(model: onnx.ModelProto, masks: set[str] | None = None) -> None:
+    if masks is None:
+        masks = {sparse.mask for sparse in find_sparse_weights(model.graph)}
     ordered = sorted(model.graph.initializer, key=lambda t: _layout_group(t, masks))   # stable in a group
     copies = []
     for tensor in ordered:
@@ -428,7 +429,7 @@ def group_initializers(model: onnx.ModelProto, limit: int = 4 * WHOLE_FILE_WORK)
         return {"grouped": False}
     current, trial = _file_zstd(model), _file_zstd(model, grouped=True)
     if trial < current:
-        _group(model)
+        _group(model, masks)
         return {"grouped": True, "file_zstd": current, "file_zstd_grouped": trial}
     return {"grouped": False, "file_zstd": current, "file_zstd_grouped": trial}
 
