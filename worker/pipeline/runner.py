@@ -28,7 +28,7 @@ from core.recipe import Recipe
 from core.targets import Target
 from worker.pipeline import data as data_mod
 from worker.pipeline import graph, metrics, registry
-from worker.pipeline.quant import dequantize_form, sparse_storage
+from worker.pipeline.quant import dequantize_form, file_layout, sparse_storage
 from worker.pipeline.report import build_report, write_report, write_report_html
 from worker.pipeline.step import StepCancelled, StepContext
 
@@ -241,8 +241,8 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
         if options.get("sparse_storage", True):
             # pruned integer weights as bitmask + values where the file compresses smaller
             row["sparse_storage"] = sparse_storage.store_pipeline_output(model, ctx.layers)
-        # integer values, floats and masks each together: zstd's per-block Huffman tables fit them
-        row["initializer_order"] = sparse_storage.group_initializers(model)
+        # each kind of tensor together, in the measured order zstd's per-block Huffman tables fit best
+        row["initializer_order"] = file_layout.order_initializers(model)
 
     # 3. check, write, measure
     progress(STEPS_SHARE, "checking the result")

@@ -47,17 +47,17 @@ file by 12 %.)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from worker.pipeline import graph
+from worker.pipeline.quant import file_layout
+from worker.pipeline.quant.file_layout import zstd_size
 
 MIN_OPSET = 11                      # BitShift, CumSum
 MIN_ELEMENTS = 256                  # below this the nine decoding nodes cost more than any saving
-ZSTD_LEVEL = 3                      # CONTRACT.md §4's transport_size_ratio: metrics.zstd_bytes
 PACKABLE = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8}
 INT32_INDEX_LIMIT = 2 ** 31 - 1     # CumSum in int32 below this (half the memory of int64 at load)
 # where a symmetric grid's zero sits in storage: int8 0, uint8 128 (integer_kernels' shifted form)
@@ -158,6 +158,25 @@ def close_gap(q: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return None if best is None else (best[1], best[2])
 
 
+def shift_whole(q: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``close_gap`` with one offset for the whole tensor (offsets shaped [1] * ndim), where the
+    fill is the grid's zero and every other value lies beyond +-1; otherwise None.
+
+    It saves nothing in the tensor's own entropy (a shift keeps it), but its values then start at
+    +-1 as every closed tensor's do: a per-tensor grid pruned at a per-layer threshold puts each
+    layer's values on a range of its own, and a zstd block they share codes the union of those
+    ranges. Whether that pays depends on the neighbours, so ``store_sparse`` measures it."""
+    center = GAP_CENTER.get(q.dtype)
+    if center is None or q.ndim == 0 or fill_value(q) != center:
+        return None
+    wide = q.astype(np.int16) - center
+    kept = wide != 0
+    if not kept.any() or int(np.abs(wide[kept]).min()) < 2:
+        return None
+    offsets = np.full((1,) * q.ndim, int(np.abs(wide[kept]).min()) - 1, dtype=np.int16)
+    return (wide - np.sign(wide) * offsets + center).astype(q.dtype), offsets.astype(np.int8)
+
+
 def open_gap(shifted: np.ndarray, offsets: np.ndarray, center: int | None = None) -> np.ndarray:
     """numpy twin of the gap's decoding nodes: q = v + sign(v - center) offsets, in the stored dtype
     (center: the grid's zero, by default ``GAP_CENTER`` of the dtype)."""
@@ -171,15 +190,6 @@ def unpack(mask: np.ndarray, values: np.ndarray, count: int, shape: tuple[int, .
     flags = np.unpackbits(np.asarray(mask, dtype=np.uint8).reshape(-1), bitorder="little")[:count].astype(np.int64)
     index = np.cumsum(flags) * flags
     return np.asarray(values)[index].reshape(shape)
-
-
-def zstd_size(data: bytes) -> int:
-    """Bytes after zstd at ``ZSTD_LEVEL``, streamed without a size hint as ``metrics.zstd_bytes``
-    compresses a file (a size hint picks other parameters and other sizes)."""
-    import zstandard
-
-    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
-    return len(compressor.compress(data)) + len(compressor.flush())
 
 
 # ---------------------------------------------------------------------------- graph
@@ -316,122 +326,121 @@ def _undo(model: onnx.ModelProto, rewrite: _Rewrite) -> None:
         del model.graph.node[position]
 
 
-def _file_zstd(model: onnx.ModelProto, grouped: bool = False) -> int:
-    """The serialized model's zstd bytes; ``grouped``: as ``group_initializers`` would lay it out
-    (measured on a copy), so that each sparse form is judged where its mask and values will lie."""
-    if not grouped:
-        return zstd_size(model.SerializeToString())
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    _group(copy)
-    return zstd_size(copy.SerializeToString())
+def _file_zstd(model: onnx.ModelProto) -> int:
+    """The file's zstd bytes with its initializers laid out in ``file_layout``'s default order (measured
+    on a copy), so that each sparse form is judged where its mask and values will lie."""
+    return file_layout.arranged_zstd(model)
 
 
-def _group(model: onnx.ModelProto, masks: set[str] | None = None) -> None:
-    if masks is None:
-        masks = {sparse.mask for sparse in find_sparse_weights(model.graph)}
-    ordered = sorted(model.graph.initializer, key=lambda t: _layout_group(t, masks))   # stable in a group
-    copies = []
-    for tensor in ordered:
-        copy = onnx.TensorProto()
-        copy.CopyFrom(tensor)
-        copies.append(copy)
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(copies)
+def _sparse_forms(q: np.ndarray) -> list[Packed]:
+    """``q``'s bitmask + values forms worth trying, the first the one judged alone: the gap closed
+    along an axis where that pays, else the whole tensor shifted (the values of every closed tensor
+    start at +-1), then the values as they are. Empty where nothing equals the fill."""
+    packed = pack(q)
+    if packed.values.size - 1 == q.size:
+        return []
+    gap = close_gap(q) or shift_whole(q)
+    if gap is None:
+        return [packed]
+    shifted = pack(gap[0], fill=GAP_CENTER[q.dtype])     # the same mask; values nearer each other
+    shifted.offsets = gap[1]
+    return [shifted, packed]
 
 
-def store_sparse(model: onnx.ModelProto, whole_file_work: int = WHOLE_FILE_WORK) -> dict[str, dict]:
+def _zstd_alone(packed: Packed) -> int:
+    return (zstd_size(packed.mask.tobytes()) + zstd_size(packed.values.tobytes())
+            + (0 if packed.offsets is None else zstd_size(packed.offsets.tobytes())))
+
+
+def store_sparse(model: onnx.ModelProto, whole_file_work: int | None = None) -> dict[str, dict]:
     """Rewrite, in place, every candidate integer weight whose sparse form makes the file compress
     smaller (see the module docstring). Returns, for each tensor looked at, its dense and sparse
     bytes (raw and zstd) and whether it was stored sparse.
 
-    zstd codes all literals of a 128 KiB block with one Huffman table, so a tensor's bytes cost
-    what they cost next to its neighbours, not alone (in a file under a block, one table codes the
-    mask, the values and every other tensor). Where compressing the whole serialized model once per
-    candidate stays within ``whole_file_work`` bytes, each tensor, largest first, is stored sparse
-    where that shrinks the zstd bytes of the whole model (the measure of ``metrics.zstd_bytes``),
-    laid out as ``group_initializers`` will lay it out;
-    otherwise tensor by tensor (the mask's and values' zstd bytes plus the decoding nodes' against
-    the dense tensor's), which is what counts where tensors span blocks of their own."""
+    First each tensor alone: its sparse form is taken where the mask's and values' zstd bytes plus the
+    decoding nodes' undercut the dense tensor's by ``MIN_GAIN``. That is what counts where tensors
+    span zstd blocks of their own, and a good start elsewhere. Then, where compressing the whole
+    serialized model a few times per candidate stays within ``whole_file_work`` bytes, each tensor,
+    largest first, is tried in its other states (dense, or its other sparse form: see
+    ``_sparse_forms``) on the whole file, laid out as ``file_layout`` lays it out, and moved where
+    that saves ``MIN_GAIN`` bytes: zstd codes all literals of a 128 KiB block with one Huffman table,
+    so a tensor's bytes cost what they cost next to its neighbours. (Starting from the dense file
+    instead, the first tensors judged share blocks with dense tensors full of zeros, and were refused
+    a form that saves 4 KB once their neighbours are sparse too: on the bench transformer that left
+    9 KB, 3 %, on the table.)"""
     if graph.opset(model) < MIN_OPSET:
         return {}
     found = [t.name for t in sorted(candidates(model), key=lambda t: -int(np.prod(t.dims, dtype=np.int64)))]
     if not found:
         return {}
-    whole = model.ByteSize() * len(found) <= whole_file_work
-    current = _file_zstd(model, grouped=True) if whole else 0
+    whole_file_work = WHOLE_FILE_WORK if whole_file_work is None else whole_file_work
     shared, added = _shared_constants(model)
     decisions: dict[str, dict] = {}
-    used = False
+    forms: dict[str, list[Packed]] = {}          # forms that may be taken: the file's bytes do not grow
+    rewrites: dict[str, tuple[int, _Rewrite]] = {}   # the form each sparse tensor is in
     for name in found:
         tensor = model.graph.initializer[_index_of(model, name)]
         q = numpy_helper.to_array(tensor)
-        packed = pack(q)
-        if packed.values.size - 1 == q.size:        # nothing equals the fill value: no gain possible
+        tried = _sparse_forms(q)
+        if not tried:                            # nothing equals the fill value: no gain possible
             continue
-        gap = close_gap(q)
-        if gap is not None:                          # the same mask; values nearer each other
-            packed = pack(gap[0], fill=GAP_CENTER[q.dtype])
-            packed.offsets = gap[1]
+        packed = tried[0]
         row = {"elements": int(q.size), "fill": int(packed.values[0]), "kept": int(packed.values.size - 1),
-               "bytes": int(q.nbytes), "bytes_sparse": int(packed.nbytes),
-               "zstd": zstd_size(q.tobytes()),
-               "zstd_sparse": zstd_size(packed.mask.tobytes()) + zstd_size(packed.values.tobytes())
-               + (0 if packed.offsets is None else zstd_size(packed.offsets.tobytes())),
-               "gap_closed": packed.offsets is not None, "sparse": False}
-        decisions[tensor.name] = row
-        if row["bytes_sparse"] > row["bytes"]:      # the file would grow: M counts its bytes
-            continue
-        size_before = model.ByteSize()
-        rewrite = _apply(model, tensor, packed, shared)
-        if model.ByteSize() > size_before:          # the decoding nodes outweigh what the mask saved
-            better = False
-        elif whole:
-            trial = _file_zstd(model, grouped=True)
-            row["file_zstd"], row["file_zstd_sparse"] = current, trial
-            better = trial <= current - MIN_GAIN
-        else:
+               "bytes": int(q.nbytes), "bytes_sparse": int(packed.nbytes), "zstd": zstd_size(q.tobytes()),
+               "zstd_sparse": _zstd_alone(packed), "gap_closed": packed.offsets is not None, "sparse": False}
+        decisions[name] = row
+        allowed = []
+        for candidate in tried:
+            if candidate.nbytes > row["bytes"]:  # the file would grow: M counts its bytes
+                continue
+            size_before = model.ByteSize()
+            rewrite = _apply(model, _dense(model, name), candidate, shared)
+            grows = model.ByteSize() > size_before   # the decoding nodes outweigh what the mask saved
             overhead = zstd_size(b"".join(node.SerializeToString() for node in rewrite.nodes))
-            better = row["zstd_sparse"] + overhead <= row["zstd"] - MIN_GAIN
-        if better:
-            current = trial if whole else current
-            row["sparse"] = used = True
-        else:
             _undo(model, rewrite)
-    if not used:
+            if not grows:
+                allowed.append((candidate, overhead))
+        if not allowed:
+            continue
+        forms[name] = [candidate for candidate, _ in allowed]
+        first, overhead = allowed[0]
+        if first is packed and row["zstd_sparse"] + overhead <= row["zstd"] - MIN_GAIN:
+            rewrites[name] = (0, _apply(model, _dense(model, name), first, shared))
+            row["sparse"] = True
+    if forms and model.ByteSize() * sum(len(f) for f in forms.values()) <= whole_file_work:
+        current = _file_zstd(model)
+        for name, choices in forms.items():      # largest first, as found
+            row = decisions[name]
+            state = rewrites[name][0] if name in rewrites else -1      # -1: dense
+            row["file_zstd_" + ("dense" if state < 0 else "sparse")] = current
+            for other in [-1, *range(len(choices))]:
+                if other == state:
+                    continue
+                if state >= 0:
+                    _undo(model, rewrites.pop(name)[1])
+                if other >= 0:
+                    rewrites[name] = (other, _apply(model, _dense(model, name), choices[other], shared))
+                trial = _file_zstd(model)
+                row.setdefault("file_zstd_" + ("dense" if other < 0 else "sparse"), trial)
+                if trial <= current - MIN_GAIN:
+                    current, state = trial, other
+                    continue
+                if other >= 0:                   # back to the state it was in
+                    _undo(model, rewrites.pop(name)[1])
+                if state >= 0:
+                    rewrites[name] = (state, _apply(model, _dense(model, name), choices[state], shared))
+            row["sparse"] = state >= 0
+            if state >= 0:
+                chosen = choices[state]
+                row.update(kept=int(chosen.values.size - 1), bytes_sparse=int(chosen.nbytes),
+                           zstd_sparse=_zstd_alone(chosen), gap_closed=chosen.offsets is not None)
+    if not rewrites:
         graph.remove_initializers(model, added)
     return decisions
 
 
-def _layout_group(tensor: onnx.TensorProto, masks: set[str]) -> int:
-    if tensor.name in masks:
-        return 2                                    # near-random bytes: Huffman leaves them as they are
-    if tensor.data_type in PACKABLE:
-        return 0                                    # integer values: one peaked distribution
-    return 1 if tensor.data_type == TensorProto.FLOAT else 3
-
-
-def group_initializers(model: onnx.ModelProto, limit: int = 4 * WHOLE_FILE_WORK) -> dict[str, Any]:
-    """Order the main graph's initializers as integer values, floats, sparse masks, the rest (each
-    group in its own order) where that makes the file's zstd bytes smaller; otherwise leave them.
-
-    Why: zstd codes each 128 KiB block's literals with one Huffman table. Integer weights, float
-    scales and biases, and the near-uniform mask bytes interleaved tensor by tensor share tables that
-    fit none of them: on the bench transformer pruned 50 % and quantized int8 grouping saves 1.5 %
-    of the zstd bytes. Files past ``limit`` bytes are left as they are (each tensor spans blocks of
-    its own there, and measuring would serialize the whole model twice)."""
-    size = model.ByteSize()
-    if size > limit or len(model.graph.initializer) < 2:
-        return {"grouped": False}
-    masks = {sparse.mask for sparse in find_sparse_weights(model.graph)}
-    groups = [_layout_group(t, masks) for t in model.graph.initializer]
-    if groups == sorted(groups):
-        return {"grouped": False}
-    current, trial = _file_zstd(model), _file_zstd(model, grouped=True)
-    if trial < current:
-        _group(model, masks)
-        return {"grouped": True, "file_zstd": current, "file_zstd_grouped": trial}
-    return {"grouped": False, "file_zstd": current, "file_zstd_grouped": trial}
+def _dense(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
+    return model.graph.initializer[_index_of(model, name)]
 
 
 def store_pipeline_output(model: onnx.ModelProto, layers: dict) -> dict[str, dict]:
