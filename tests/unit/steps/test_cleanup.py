@@ -144,3 +144,47 @@ def test_float16_weights_keep_their_dtype():
     got = assert_valid_same_io(result.model, model, feeds)[0]
     assert got.dtype == np.float16
     assert {t.data_type for t in result.model.graph.initializer if t.data_type in (1, 10)} == {10}
+
+
+def _trained_norms(beta1: float) -> onnx.ModelProto:
+    """The encoder block with LayerNorm scales and biases away from 1 and 0 (as training leaves
+    them); ``beta1``: the size of ln1's bias, whose readers (q, k, v) have no bias to take it."""
+    model = attention()
+    rng = np.random.default_rng(5)
+    for tensor in model.graph.initializer:
+        values = {"ln1_g": 1 + 0.3 * rng.standard_normal(32), "ln2_g": 1 + 0.3 * rng.standard_normal(32),
+                  "ln1_b": beta1 * rng.standard_normal(32), "ln2_b": 0.2 * rng.standard_normal(32)}
+        if tensor.name in values:
+            tensor.CopyFrom(numpy_helper.from_array(values[tensor.name].astype(np.float32), tensor.name))
+    return model
+
+
+def test_layernorm_scale_and_bias_fold_into_the_layers_it_feeds():
+    model = _trained_norms(beta1=0.0)
+    feeds = inputs_for(model, count=4)
+    result = cleanup.run(model, _params(), StepContext(original=model))
+    got = assert_valid_same_io(result.model, model, feeds)[0]
+    np.testing.assert_allclose(got, run_model(model, feeds)[0], rtol=1e-4, atol=1e-5)
+    assert result.metrics["layernorms_folded"] == 2
+    inits = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    old = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for ln in (n for n in result.model.graph.node if n.op_type == "LayerNormalization"):
+        assert len(ln.input) == 2 and np.array_equal(inits[ln.input[1]], np.ones(32, np.float32))
+    nodes = {n.name: n for n in result.model.graph.node}
+    # the closed form: W' = gamma[:, None] W, b' = b + beta W
+    np.testing.assert_allclose(inits[nodes["proj_q"].input[1]], old["ln1_g"][:, None] * old["wq"], rtol=1e-6)
+    up_bias = next(i for i in nodes["ffn_up_bias"].input if i in inits)
+    np.testing.assert_allclose(inits[up_bias], old["b_up"] + old["ln2_b"] @ old["w_up"], rtol=1e-5, atol=1e-6)
+    again = cleanup.run(result.model, _params(), StepContext(original=result.model))
+    assert again.metrics["layernorms_folded"] == 0          # nothing left to fold
+
+
+def test_layernorm_bias_with_no_bias_to_join_is_left_in_place():
+    model = _trained_norms(beta1=0.2)                        # q, k, v: MatMul with no Add after
+    result = cleanup.run(model, _params(), StepContext(original=model))
+    assert result.metrics["layernorms_folded"] == 1          # ln2 only
+    ln1 = next(n for n in result.model.graph.node if n.name == "ln1")
+    assert list(ln1.input) == ["x", "ln1_g", "ln1_b"]
+    feeds = inputs_for(model, count=4)
+    np.testing.assert_allclose(assert_valid_same_io(result.model, model, feeds)[0], run_model(model, feeds)[0],
+                               rtol=1e-4, atol=1e-5)
