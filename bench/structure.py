@@ -14,9 +14,12 @@ with their fixed calibration / evaluation splits) every variant goes through
                        transformer: every MatMul / Gemm, the MLP hidden features are what can go)
     channel30-distill  the same, then distill layerwise (each changed layer refit on calibration data)
     lowrank50          lowrank rank_ratio 0.5 on the MatMul / Gemm weights
-    prune50-int8       prune magnitude 50 %, then quantize weights int8 per channel (pruned int8
-                       weights stored sparse, bitmask + values, where that shrinks the zstd bytes)
-    prune50-int8-dense the same recipe with every weight kept dense (runner option
+    prune50-int8       cleanup (BatchNorm, LayerNorm affines folded), prune magnitude 50 % (scope
+                       global), then quantize weights int8 per channel (pruned int8 weights stored
+                       sparse, bitmask + values, where that shrinks the zstd bytes)
+    prune50-int8-tensor the same with one int8 scale per tensor (ONNX Runtime's quantizers' default):
+                       no per-channel scales to store, and one value range for every layer
+    prune50-int8-dense the per-channel recipe with every weight kept dense (runner option
                        ``sparse_storage: false``): what the sparse storage changes, in the same run
     cluster4           cluster 4 bits (16 shared values per tensor)
 
@@ -59,9 +62,11 @@ def _recipe(variant: str, model_name: str) -> dict:
         steps = _recipe("channel30", model_name)["steps"] + [{"op": "distill", "method": "layerwise"}]
     elif variant == "lowrank50":
         steps = [{"op": "lowrank", "rank_ratio": 0.5, "conv": "none", "min_params": 0}]
-    elif variant in ("prune50-int8", "prune50-int8-dense"):
-        steps = [{"op": "prune", "method": "magnitude", "sparsity": 0.5, "min_params": 0},
-                 {"op": "quantize", "weights": {"bits": 8, "symmetric": True, "granularity": "channel"},
+    elif variant in ("prune50-int8", "prune50-int8-tensor", "prune50-int8-dense"):
+        granularity = "tensor" if variant.endswith("-tensor") else "channel"
+        steps = [{"op": "cleanup"},
+                 {"op": "prune", "method": "magnitude", "sparsity": 0.5, "min_params": 0},
+                 {"op": "quantize", "weights": {"bits": 8, "symmetric": True, "granularity": granularity},
                   "min_params": 0}]
     elif variant == "cluster4":
         steps = [{"op": "cluster", "bits": 4, "min_params": 0}]
@@ -71,7 +76,7 @@ def _recipe(variant: str, model_name: str) -> dict:
 
 
 VARIANTS = ("magnitude50", "sparsegpt50", "magnitude50-global", "sparsegpt50-global", "channel30", "channel30-distill",
-            "lowrank50", "prune50-int8", "prune50-int8-dense", "cluster4")
+            "lowrank50", "prune50-int8", "prune50-int8-tensor", "prune50-int8-dense", "cluster4")
 
 
 def _options(variant: str) -> dict:
@@ -178,13 +183,17 @@ def bars(results: dict) -> list[tuple[str, bool, str]]:
                         row["linear_params_ratio"] <= 0.5 + 1e-9 and row["latency_ratio"] >= 0.95,
                         f"linear params x{row['linear_params_ratio']:.3f}, latency ratio {row['latency_ratio']:.2f}, "
                         f"rel_l2 {row['rel_l2']:.4f}, accuracy {row['accuracy']}"))
-        row = variants.get("prune50-int8", {})
+        row = variants.get("prune50-int8-tensor", {})
         if "transport_size_ratio" in row:
-            dense = variants.get("prune50-int8-dense", {})
-            against = (f"; stored dense: transport x{dense['transport_size_ratio']:.2f}, file x{dense['size_ratio']:.2f}"
-                       if "transport_size_ratio" in dense else "")
-            out.append((f"{name} prune 50% + int8: transport_size_ratio >= 6", row["transport_size_ratio"] >= 6,
-                        f"transport x{row['transport_size_ratio']:.2f} (file x{row['size_ratio']:.2f}){against}"))
+            beside = []
+            for label, other in (("per channel", "prune50-int8"), ("per channel stored dense", "prune50-int8-dense")):
+                if "transport_size_ratio" in variants.get(other, {}):
+                    beside.append(f"{label}: x{variants[other]['transport_size_ratio']:.3f} "
+                                  f"(rel_l2 {variants[other]['rel_l2']:.4f})")
+            out.append((f"{name} prune 50% + int8 (per-tensor scales): transport_size_ratio >= 6",
+                        row["transport_size_ratio"] >= 6,
+                        f"transport x{row['transport_size_ratio']:.3f} (file x{row['size_ratio']:.2f}, "
+                        f"rel_l2 {row['rel_l2']:.4f}, accuracy {row['accuracy']}); " + "; ".join(beside)))
     return out
 
 
