@@ -188,3 +188,15 @@ def test_layernorm_bias_with_no_bias_to_join_is_left_in_place():
     feeds = inputs_for(model, count=4)
     np.testing.assert_allclose(assert_valid_same_io(result.model, model, feeds)[0], run_model(model, feeds)[0],
                                rtol=1e-4, atol=1e-5)
+
+
+def test_layernorm_is_not_folded_into_a_weight_other_nodes_read():
+    # a tied weight: folding would need a second copy of it in the file
+    model = _trained_norms(beta1=0.0)
+    for node in model.graph.node:
+        if node.name == "proj_k":
+            node.input[1] = "wq"
+    result = cleanup.run(model, _params(), StepContext(original=model))
+    assert result.metrics["layernorms_folded"] == 1          # ln2 only
+    assert sum(t.dims == [32, 32] for t in result.model.graph.initializer) == \
+        sum(t.dims == [32, 32] for t in model.graph.initializer if t.name != "wk")

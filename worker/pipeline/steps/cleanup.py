@@ -330,9 +330,7 @@ def fold_layernorm(g: _Graph) -> int:
             shape[1 - out_axis] = -1          # the input axis
             wide = w.astype(np.float64)
             new_w = (wide * gamma.reshape(shape)).astype(w.dtype)
-            new_w_name = unique_name(g.model, f"{w_name}_ln") if len(g.readers.get(w_name, [])) > 1 else w_name
-            _put(g.model, new_w_name, new_w)
-            layer.input[1] = new_w_name
+            _put(g.model, w_name, new_w)
             if bias_name is not None:
                 shift = weight_scale * (beta @ (wide if out_axis == 1 else wide.T))
                 bias = g.array(bias_name)
@@ -365,7 +363,8 @@ def _layernorm_readers(g: _Graph, ln: onnx.NodeProto, width: int, needs_bias: bo
                 or layer.input[0] != ln.output[0] or layer.input[1] not in g.constants:
             return None
         w = g.array(layer.input[1])
-        if w.ndim != 2 or not np.issubdtype(w.dtype, np.floating):
+        # a weight other nodes read too (a tied embedding) would have to be copied: the file grows
+        if w.ndim != 2 or not np.issubdtype(w.dtype, np.floating) or len(g.readers.get(layer.input[1], [])) > 1:
             return None
         bias_name, weight_scale, out_axis = None, 1.0, 1
         if layer.op_type == "Gemm":
