@@ -32,16 +32,18 @@ between -t and t (around that zero) in a channel, where t, the channel's smalles
 differs from channel to channel with the channel's scale (20 to 75 on the digits CNN's Gemm). The
 values are stored as v = q - sign(q) (t - 1), so that every channel's values start at +-1 and one
 zstd Huffman table fits all channels: on that Gemm order-0 entropy falls from 7.44 to 6.92 bits a
-value. ``close_gap`` picks the axis that gains most (none where less than ``MIN_GAIN`` bytes); the
-offsets t - 1 are stored int8, shaped to broadcast along that axis, and decoded after the Reshape:
+value. ``close_gap`` picks the axis that gains most (none where less than ``MIN_GAIN`` bytes); where
+none does and the whole tensor has one gap (a per-tensor grid), ``shift_whole`` closes it with one
+offset. The offsets t - 1 are stored int8, shaped to broadcast along that axis (or [1] * ndim), and
+decoded after the Reshape:
 
     v --Cast int32--> w [--Sub(128), uint8 only] --Sign--> --Mul(Cast int32(offsets))--> --Add(w)-->
       --Cast(dtype)--> q
 
 A weight is stored this way only where that makes the file's zstd bytes (level 3, as
 ``metrics.zstd_bytes`` measures them) smaller by at least ``MIN_GAIN``, measured here
-(``store_sparse``), and the file's own bytes no larger (the size ratio M counts them); otherwise it
-stays dense. (Without the second rule a dense weight whose sparse form saved one zstd byte grew the
+(``store_sparse``: alone, then on the whole file), and the file's own bytes no larger (the size ratio
+M counts them); otherwise it stays dense. (Without the second rule a dense weight whose sparse form saved one zstd byte grew the
 file by 12 %.)
 """
 from __future__ import annotations
