@@ -144,9 +144,10 @@ def test_per_tensor_int8_pruned_weights_decode_exactly_with_one_offset(tmp_path,
     monkeypatch.setattr(sparse_storage, "WHOLE_FILE_WORK", 0)       # each tensor in its first form
     model = builders.mlp(inputs=256, hidden=512, classes=16)
     per_tensor = {**WEIGHT_ONLY, "weights": {"bits": 8, "symmetric": True, "granularity": "tensor"}}
-    dense, stored, _ = _both(model, [PRUNE, per_tensor])
+    dense, stored, ctx = _both(model, [PRUNE, per_tensor])
     found = sparse_storage.find_sparse_weights(stored.graph)
     assert found and all(s.offsets is not None for s in found)
+    assert ctx.layers["W1"].extra["storage"].endswith(", its gap around 0 closed")
     inits = {t.name: numpy_helper.to_array(t) for t in stored.graph.initializer}
     assert all(inits[s.offsets].size == 1 for s in found)
     folded = _folded_initializers(stored, tmp_path / "folded.onnx")

@@ -349,6 +349,13 @@ def _sparse_forms(q: np.ndarray) -> list[Packed]:
     return [shifted, packed]
 
 
+def _gap_of(packed: Packed) -> str | None:
+    """How the form's gap around zero was closed: "channel" (an offset per slice), "tensor", or None."""
+    if packed.offsets is None:
+        return None
+    return "tensor" if packed.offsets.size == 1 else "channel"
+
+
 def _zstd_alone(packed: Packed) -> int:
     return (zstd_size(packed.mask.tobytes()) + zstd_size(packed.values.tobytes())
             + (0 if packed.offsets is None else zstd_size(packed.offsets.tobytes())))
@@ -389,7 +396,7 @@ def store_sparse(model: onnx.ModelProto, whole_file_work: int | None = None) -> 
         packed = tried[0]
         row = {"elements": int(q.size), "fill": int(packed.values[0]), "kept": int(packed.values.size - 1),
                "bytes": int(q.nbytes), "bytes_sparse": int(packed.nbytes), "zstd": zstd_size(q.tobytes()),
-               "zstd_sparse": _zstd_alone(packed), "gap_closed": packed.offsets is not None, "sparse": False}
+               "zstd_sparse": _zstd_alone(packed), "gap_closed": _gap_of(packed), "sparse": False}
         decisions[name] = row
         allowed = []
         for candidate in tried:
@@ -435,7 +442,7 @@ def store_sparse(model: onnx.ModelProto, whole_file_work: int | None = None) -> 
             if state >= 0:
                 chosen = choices[state]
                 row.update(kept=int(chosen.values.size - 1), bytes_sparse=int(chosen.nbytes),
-                           zstd_sparse=_zstd_alone(chosen), gap_closed=chosen.offsets is not None)
+                           zstd_sparse=_zstd_alone(chosen), gap_closed=_gap_of(chosen))
     if not rewrites:
         graph.remove_initializers(model, added)
     return decisions
@@ -458,7 +465,8 @@ def store_pipeline_output(model: onnx.ModelProto, layers: dict) -> dict[str, dic
         if owners:
             layers[max(owners, key=len)].extra["storage"] = (
                 f"bitmask + {row['kept']} of {row['elements']} values (the rest {row['fill']})"
-                + (", each channel's gap around 0 closed" if row["gap_closed"] else ""))
+                + {"channel": ", each channel's gap around 0 closed", "tensor": ", its gap around 0 closed",
+                   None: ""}[row["gap_closed"]])
     return decisions
 
 
