@@ -241,8 +241,10 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
         if options.get("sparse_storage", True):
             # pruned integer weights as bitmask + values where the file compresses smaller
             row["sparse_storage"] = sparse_storage.store_pipeline_output(model, ctx.layers)
+    if step_rows:
         # each kind of tensor together, in the measured order zstd's per-block Huffman tables fit best
-        row["initializer_order"] = file_layout.order_initializers(model)
+        # (integers and floats of quantized and clustered models; never a larger file after zstd)
+        step_rows[quantized[-1] if quantized else -1]["initializer_order"] = file_layout.order_initializers(model)
 
     # 3. check, write, measure
     progress(STEPS_SHARE, "checking the result")

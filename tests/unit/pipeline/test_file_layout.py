@@ -54,3 +54,18 @@ def test_past_the_limits_nothing_is_moved_or_only_the_default_order_is_tried():
     assert file_layout.order_initializers(stored, limit=100) == {"arranged": False}
     decision = file_layout.order_initializers(stored, work=stored.ByteSize() * 3)
     assert decision["orders_measured"] == 1
+
+
+def test_the_runner_lays_out_every_recipes_output_not_only_quantized_ones(tmp_path):
+    from core.recipe import parse_recipe
+    from worker.pipeline import runner
+
+    model = builders.mlp(inputs=256, hidden=512, classes=16)
+    path = tmp_path / "mlp.onnx"
+    onnx.save_model(model, str(path))
+    recipe = parse_recipe({"steps": [{"op": "cluster", "bits": 4, "min_params": 0}]})
+    result = runner.run(path, recipe, workdir=tmp_path / "out", options={"layer_errors": False, "latency_runs": 2})
+    order = result.report["steps"][-1]["initializer_order"]
+    if order["arranged"]:
+        assert order["file_zstd_arranged"] < order["file_zstd"]
+    assert order.get("orders_measured", 0) >= 1
