@@ -50,6 +50,7 @@ def kind_of(tensor: onnx.TensorProto, masks: set[str], values: set[str]) -> str:
 
 
 def _sparse_parts(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
+    # imported here: sparse_storage measures its decisions with this module's layout
     from worker.pipeline.quant.sparse_storage import find_sparse_weights
 
     found = find_sparse_weights(model.graph)
@@ -74,7 +75,7 @@ def arrange(model: onnx.ModelProto, order: tuple[str, ...] = DEFAULT_ORDER,
 
 def arranged_zstd(model: onnx.ModelProto, order: tuple[str, ...] = DEFAULT_ORDER,
                   parts: tuple[set[str], set[str]] | None = None) -> int:
-    """The file's zstd bytes were its initializers laid out in ``order`` (measured on a copy)."""
+    """The file's zstd bytes with its initializers laid out in ``order`` (measured on a copy)."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     arrange(copy, order, parts)
