@@ -131,18 +131,26 @@ def _entropy_bytes(values: np.ndarray) -> float:
     return float(-(counts * np.log2(p)).sum() / 8.0)
 
 
-def close_gap(q: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """(shifted tensor, offsets) for an integer tensor whose fill is its grid's zero (``GAP_CENTER``),
-    along the axis whose shift saves most order-0 entropy, or None where no axis saves ``MIN_GAIN``
-    bytes beyond the offsets' own. ``open_gap`` inverts it exactly; the fill stays the fill, other
-    values keep their side of it."""
+def _centered(q: np.ndarray) -> tuple[int, np.ndarray, np.ndarray] | None:
+    """(the grid's zero, q - zero in int16, where q is not the zero) for a tensor whose fill is its
+    grid's zero and that holds something else; otherwise None: no gap to close."""
     center = GAP_CENTER.get(q.dtype)
     if center is None or q.ndim == 0 or fill_value(q) != center:
         return None
     wide = q.astype(np.int16) - center
     kept = wide != 0
-    if not kept.any():
+    return (center, wide, kept) if kept.any() else None
+
+
+def close_gap(q: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(shifted tensor, offsets) for an integer tensor whose fill is its grid's zero (``GAP_CENTER``),
+    along the axis whose shift saves most order-0 entropy, or None where no axis saves ``MIN_GAIN``
+    bytes beyond the offsets' own. ``open_gap`` inverts it exactly; the fill stays the fill, other
+    values keep their side of it."""
+    centered = _centered(q)
+    if centered is None:
         return None
+    center, wide, kept = centered
     before = _entropy_bytes(wide[kept])
     best: tuple[float, np.ndarray, np.ndarray] | None = None
     for axis in range(q.ndim):
@@ -168,14 +176,14 @@ def shift_whole(q: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     +-1 as every closed tensor's do: a per-tensor grid pruned at a per-layer threshold puts each
     layer's values on a range of its own, and a zstd block they share codes the union of those
     ranges. Whether that pays depends on the neighbours, so ``store_sparse`` measures it."""
-    center = GAP_CENTER.get(q.dtype)
-    if center is None or q.ndim == 0 or fill_value(q) != center:
+    centered = _centered(q)
+    if centered is None:
         return None
-    wide = q.astype(np.int16) - center
-    kept = wide != 0
-    if not kept.any() or int(np.abs(wide[kept]).min()) < 2:
+    center, wide, kept = centered
+    smallest = int(np.abs(wide[kept]).min())
+    if smallest < 2:
         return None
-    offsets = np.full((1,) * q.ndim, int(np.abs(wide[kept]).min()) - 1, dtype=np.int16)
+    offsets = np.full((1,) * q.ndim, smallest - 1, dtype=np.int16)
     return (wide - np.sign(wide) * offsets + center).astype(q.dtype), offsets.astype(np.int8)
 
 
@@ -328,12 +336,6 @@ def _undo(model: onnx.ModelProto, rewrite: _Rewrite) -> None:
         del model.graph.node[position]
 
 
-def _file_zstd(model: onnx.ModelProto) -> int:
-    """The file's zstd bytes with its initializers laid out in ``file_layout``'s default order (measured
-    on a copy), so that each sparse form is judged where its mask and values will lie."""
-    return file_layout.arranged_zstd(model)
-
-
 def _sparse_forms(q: np.ndarray) -> list[Packed]:
     """``q``'s bitmask + values forms worth trying, the first the one judged alone: the gap closed
     along an axis where that pays, else the whole tensor shifted (the values of every closed tensor
@@ -417,7 +419,7 @@ def store_sparse(model: onnx.ModelProto, whole_file_work: int | None = None) -> 
             rewrites[name] = (0, _apply(model, _dense(model, name), first, shared))
             row["sparse"] = True
     if forms and model.ByteSize() * sum(len(f) for f in forms.values()) <= whole_file_work:
-        current = _file_zstd(model)
+        current = file_layout.arranged_zstd(model)   # laid out as it will be
         for name, choices in forms.items():      # largest first, as found
             row = decisions[name]
             state = rewrites[name][0] if name in rewrites else -1      # -1: dense
@@ -429,7 +431,7 @@ def store_sparse(model: onnx.ModelProto, whole_file_work: int | None = None) -> 
                     _undo(model, rewrites.pop(name)[1])
                 if other >= 0:
                     rewrites[name] = (other, _apply(model, _dense(model, name), choices[other], shared))
-                trial = _file_zstd(model)
+                trial = file_layout.arranged_zstd(model)
                 row.setdefault("file_zstd_" + ("dense" if other < 0 else "sparse"), trial)
                 if trial <= current - MIN_GAIN:
                     current, state = trial, other
