@@ -2,9 +2,9 @@
 
 The API enqueues with ``send_task`` by name, so it never imports ``worker``. Messages are JSON only;
 each target has its own queue (core.targets). On the embedded default the broker is kombu's
-``filesystem://`` transport with its folders under ``$FEATHERWEIGHT_HOME/broker``; on the full stack
-it is Redis, with a visibility timeout longer than the task hard time limit so a running job is
-never delivered twice.
+``filesystem://`` transport (as mended in core.fs_broker) with its folders under
+``$FEATHERWEIGHT_HOME/broker``; on the full stack it is Redis, with a visibility timeout longer than
+the task hard time limit so a running job is never delivered twice.
 """
 from __future__ import annotations
 
@@ -45,6 +45,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     exchange = Exchange("featherweight", type="direct")
     return {
         "broker_url": settings.resolved_broker_url,
+        # kombu's filesystem transport can hand a consumer a message file still being written
+        "broker_transport": "core.fs_broker:Transport" if settings.broker_is_filesystem else None,
         "broker_transport_options": broker_transport_options(settings),
         "broker_connection_retry_on_startup": True,
         "result_backend": None,
