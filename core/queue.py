@@ -14,6 +14,7 @@ from typing import Any
 
 from celery import Celery
 from kombu import Exchange, Queue
+from kombu.exceptions import ChannelError
 
 from core.errors import Unavailable
 from core.settings import Settings, get_settings
@@ -95,6 +96,22 @@ def enqueue(job_id: str, target: str) -> None:
             TASK_RUN_JOB, args=[job_id], queue=queue, routing_key=queue, exchange="",
             retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
         )
+    except Exception as exc:  # kombu raises OperationalError, OSError, redis errors ...
+        raise Unavailable(f"the job queue is unreachable: {type(exc).__name__}: {exc}") from exc
+
+
+def waiting_messages(target: str) -> int:
+    """How many messages wait on ``target``'s queue, not yet taken by a worker (``Unavailable`` when the
+    broker does not answer). A message a worker has taken but not acknowledged is not counted."""
+    name = queue_for(target)
+    try:
+        with get_producer().connection_for_read() as connection:
+            try:
+                return connection.default_channel.queue_declare(queue=name, passive=True).message_count
+            except ChannelError as exc:
+                if "NOT_FOUND" in str(exc):   # Redis keeps no empty list: a queue never used holds nothing
+                    return 0
+                raise
     except Exception as exc:  # kombu raises OperationalError, OSError, redis errors ...
         raise Unavailable(f"the job queue is unreachable: {type(exc).__name__}: {exc}") from exc
 

@@ -16,6 +16,12 @@ A queued job still marked ``submitting`` a minute after it was created belongs t
 that died between recording the job and enqueueing it: the reaper enqueues it (a duplicate message,
 if the request did send one, finds the job claimed and is dropped).
 
+A queued job whose target's queue has held no message at all for ``queued_resend_seconds`` since it
+was queued (or last sent) lost its message: a broker restarted without persistence, or a message
+that could not be read. The reaper sends it again and records that in the job's history. A queue
+that still holds messages is left alone, so a backlog never gets duplicates; a message a worker had
+just taken makes at worst one duplicate, which finds the job claimed and is dropped.
+
 Several workers may reap at once: every write is a guarded UPDATE, so each job is handled once.
 """
 from __future__ import annotations
@@ -41,7 +47,7 @@ SUBMIT_GRACE = dt.timedelta(seconds=60)
 @dataclass(frozen=True)
 class Reaped:
     job_id: str
-    action: str  # "requeued" | "failed" | "enqueued"
+    action: str  # "requeued" | "failed" | "enqueued" | "resent"
     reason: str
 
 
@@ -66,6 +72,7 @@ def reap_lost_jobs(settings: Settings | None = None, now: dt.datetime | None = N
             JobRepo(session).mark_submitted(job_id)
         log.warning("reaper: job %s enqueued (its submit request died before sending it)", job_id)
         done.append(Reaped(job_id, "enqueued", "submit request died before enqueueing"))
+    done += _resend_lost_messages(now - dt.timedelta(seconds=settings.queued_resend_seconds))
     hard_before = now - dt.timedelta(seconds=settings.task_hard_time_limit)
     for job_id, target, attempts, max_attempts, worker, started_at in lost:
         try:
@@ -78,6 +85,32 @@ def reap_lost_jobs(settings: Settings | None = None, now: dt.datetime | None = N
             continue
         log.warning("reaper: job %s %s (%s)", job_id, outcome.action, outcome.reason)
         done.append(outcome)
+    return done
+
+
+def _resend_lost_messages(queued_before: dt.datetime) -> list[Reaped]:
+    with session_scope() as session:
+        waiting = [(j.id, j.target) for j in JobRepo(session).waiting_since_before(queued_before)]
+    done: list[Reaped] = []
+    for target in sorted({target for _, target in waiting}):
+        try:
+            if queue.waiting_messages(target):
+                continue  # its messages are still there: a backlog, not a loss
+        except FeatherweightError as exc:
+            log.warning("reaper could not count the messages on %s: %s", target, exc.detail)
+            continue
+        for job_id in [job_id for job_id, job_target in waiting if job_target == target]:
+            reason = f"queue {target} held no message for it: its message was lost, sent again"
+            try:
+                queue.enqueue(job_id, target)
+            except FeatherweightError as exc:
+                log.warning("reaper could not enqueue job %s: %s", job_id, exc.detail)
+                break
+            with session_scope() as session:
+                if not JobRepo(session).mark_resent(job_id, queued_before, reason):
+                    continue  # claimed, cancelled or sent by another reaper meanwhile: the extra message is dropped
+            log.warning("reaper: job %s %s", job_id, reason)
+            done.append(Reaped(job_id, "resent", reason))
     return done
 
 

@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     # hard time limit).
     job_max_attempts: int = Field(default=3, ge=1, le=100)
     reaper_interval_seconds: float = Field(default=30.0, gt=0)
+    # A job queued this long whose target's queue holds no message at all lost its message (a broker
+    # restarted without persistence): the reaper sends it again (core.reaper).
+    queued_resend_seconds: float = Field(default=300.0, gt=0)
     # A running job that is cancelled stops at its next cancel check (seconds); if it has not stopped
     # this long after, its worker process is killed (the hard fallback).
     cancel_grace_seconds: float = Field(default=30.0, gt=0)

@@ -247,6 +247,24 @@ class JobRepo:
             select(Job).where(Job.state == JobState.QUEUED.value, Job.stage == "submitting",
                               Job.created_at < created_before).order_by(Job.created_at).limit(limit)))
 
+    def waiting_since_before(self, updated_before: dt.datetime, limit: int = 100) -> list[Job]:
+        """Queued jobs, past their submit, last queued (or sent again) before ``updated_before``."""
+        return list(self.session.scalars(
+            select(Job).where(Job.state == JobState.QUEUED.value,
+                              or_(Job.stage.is_(None), Job.stage != "submitting"),
+                              Job.updated_at < updated_before).order_by(Job.updated_at).limit(limit)))
+
+    def mark_resent(self, job_id: str, updated_before: dt.datetime, message: str) -> bool:
+        """Record that a queued job's message was sent again (guarded: one reaper records it)."""
+        result = self.session.execute(
+            update(Job).where(Job.id == job_id, Job.state == JobState.QUEUED.value, Job.updated_at < updated_before)
+            .values(updated_at=utcnow()).execution_options(synchronize_session=False))
+        if result.rowcount != 1:
+            return False
+        job = self.session.scalar(select(Job).where(Job.id == job_id))
+        self._event(job_id, "stage", JobState.QUEUED, job.stage, job.progress, message)
+        return True
+
     def count_by_state(self) -> dict[str, int]:
         from sqlalchemy import func
 

@@ -210,3 +210,35 @@ def test_broker_crash_and_restart_during_a_job(full_stack, tmp_path, monkeypatch
     finally:
         service.stop()
         broker.kill()
+
+
+def test_a_job_whose_message_a_broker_restart_lost_is_sent_again(full_stack, tmp_path, monkeypatch, onnx_models):
+    """Submitted while no worker runs, then Redis (no persistence) restarts empty: the job's message is
+    gone. A worker's reaper finds the job queued with nothing on its queue and sends it again."""
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from tests.conftest import reset_service_caches
+
+    broker = PrivateRedis(tmp_path)
+    broker.start()
+    env = {**full_stack, **FAST_FAULTS, "FEATHERWEIGHT_BROKER_URL": broker.url, "FEATHERWEIGHT_QUEUED_RESEND_SECONDS": "2"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    reset_service_caches()
+    service = Service("", tmp_path)
+    try:
+        with TestClient(create_app(), raise_server_exceptions=False) as api:
+            model_id = api.post("/v1/models", files={"file": ("m.onnx", onnx_models.mlp().SerializeToString())}).json()["id"]
+            job_id = api.post("/v1/jobs", json={"model_id": model_id, "recipe": RECIPE}).json()["id"]
+            broker.kill()
+            broker.start()
+            service.start("worker", [sys.executable, "-m", "featherweight.cli", "worker", "--queue", "cpu-x86"],
+                          subprocess_env(env))
+            job = _wait(api, job_id, lambda j: j["state"] in {"succeeded", "failed", "cancelled"}, service.logs)
+            assert job["state"] == "succeeded", f"{job}\n{service.logs()}"
+            messages = [e["message"] or "" for e in api.get(f"/v1/jobs/{job_id}/events").json()]
+            assert any("its message was lost, sent again" in m for m in messages), messages
+    finally:
+        service.stop()
+        broker.kill()

@@ -203,3 +203,46 @@ def test_pool_process_limits_cap_memory_and_cpu(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "'memory_bytes': 536870912" in result.stdout and "'cpu_seconds': 120" in result.stdout
     assert result.stdout.strip().endswith("refused")
+
+
+def _age_queued(job_id: str, seconds: float) -> None:
+    with session_scope() as session:
+        session.query(Job).filter(Job.id == job_id).update({Job.updated_at: utcnow() - dt.timedelta(seconds=seconds)})
+
+
+def test_reaper_sends_again_a_queued_job_whose_message_was_lost(job_id):
+    """On the real embedded broker: the job's message is gone (never sent here), so its queue is empty."""
+    resend_after = get_settings().queued_resend_seconds
+    _age_queued(job_id, resend_after - 30)
+    assert reap_lost_jobs() == [] and queue.waiting_messages("cpu-x86") == 0   # not waiting long enough yet
+    _age_queued(job_id, resend_after + 5)
+    assert [(r.job_id, r.action) for r in reap_lost_jobs()] == [(job_id, "resent")]
+    assert queue.waiting_messages("cpu-x86") == 1
+    with session_scope() as session:
+        assert "its message was lost, sent again" in JobRepo(session).events(job_id)[-1].message
+    assert reap_lost_jobs() == []                              # sent just now: not again
+    _age_queued(job_id, resend_after + 5)
+    assert reap_lost_jobs() == [] and queue.waiting_messages("cpu-x86") == 1   # a message waits: a backlog
+    assert _claim(job_id, "w1").outcome is ClaimOutcome.CLAIMED
+
+
+def test_a_backlog_on_another_target_does_not_hide_a_lost_message(job_id):
+    with session_scope() as session:
+        arm = JobRepo(session).create("m1", RECIPE, "cpu-arm").id
+    queue.enqueue(arm, "cpu-arm")                              # waits for an ARM worker: not lost
+    for job in (job_id, arm):
+        _age_queued(job, get_settings().queued_resend_seconds + 5)
+    assert [(r.job_id, r.action) for r in reap_lost_jobs()] == [(job_id, "resent")]
+    assert queue.waiting_messages("cpu-arm") == 1
+
+
+def test_reaper_leaves_lost_messages_for_the_next_round_while_the_broker_is_down(job_id, monkeypatch):
+    from core.errors import Unavailable
+
+    def down(target):
+        raise Unavailable("broker down")
+
+    monkeypatch.setattr(queue, "waiting_messages", down)
+    _age_queued(job_id, get_settings().queued_resend_seconds + 5)
+    assert reap_lost_jobs() == []
+    assert _job(job_id).state == "queued"
