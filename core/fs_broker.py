@@ -16,10 +16,10 @@ kombu's filesystem channel has three gaps that lose jobs:
 Here ``Channel._put`` writes under a name no consumer matches (``.<name>.part``) and renames it into
 place, so a ``.msg`` file is always whole. ``Channel._get`` takes a message by renaming it into
 ``claimed/`` in the same folder (one filesystem: exactly one consumer's rename succeeds), under a name
-that says which host and process hold it, and the file stays there until the message is acknowledged,
-rejected or restored. A consumer puts back in the queue, at its first read and then every
-``RECOVER_INTERVAL_S``, the claimed messages of processes on its host that no longer run; the job's
-own claim (core.repos) makes that second delivery harmless if the first had started it. A file that
+that says which host and process hold it (pid and start time), and the file stays there until the
+message is acknowledged, rejected or restored. A consumer puts back in the queue, at its first read
+and then every ``RECOVER_INTERVAL_S``, the claimed messages of processes on its host that no longer
+run; the job's own claim (core.repos) makes that second delivery harmless if the first had started it. A file that
 does not decode is moved to ``unreadable/`` and logged, never retried in a loop. Exchanges, bindings,
 size and purge are kombu's.
 
@@ -31,7 +31,6 @@ import contextlib
 import logging
 import os
 import socket
-import time
 import uuid
 from queue import Empty
 from time import monotonic
@@ -49,26 +48,44 @@ PARTIAL_SUFFIX = ".part"
 RECOVER_INTERVAL_S = 30.0
 
 
-def claim_name(message_name: str, host: str, pid: int) -> str:
-    return f"{message_name}@{host}@{pid}"
+def claim_name(message_name: str, host: str, holder: str) -> str:
+    return f"{message_name}@{host}@{holder}"
 
 
-def parse_claim_name(name: str) -> tuple[str, str, int] | None:
-    """(message name, host, pid) of a file in ``claimed/``, or None when it is not one of ours."""
+def parse_claim_name(name: str) -> tuple[str, str, str] | None:
+    """(message name, host, holder) of a file in ``claimed/``, or None when it is not one of ours."""
     parts = name.rsplit("@", 2)
-    if len(parts) != 3 or not parts[2].isdigit():
-        return None
-    return parts[0], parts[1], int(parts[2])
+    return (parts[0], parts[1], parts[2]) if len(parts) == 3 else None
 
 
-def process_alive(pid: int) -> bool:
+def process_identity(pid: int) -> str:
+    """``<pid>-<start time>``: the kernel's start time (Linux ``/proc``) tells apart a later process that
+    got the same pid (after a reboot, or in a new container); elsewhere only the pid."""
+    return f"{pid}-{_start_time(pid)}"
+
+
+def _start_time(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            stat = file.read()
+    except OSError:
+        return ""
+    # field 22 (starttime); the command name before it may hold spaces and ")", so count from its end
+    return stat.rsplit(b")", 1)[1].split()[19].decode()
+
+
+def holder_gone(holder: str) -> bool:
+    pid_text, _, started = holder.partition("-")
+    if not pid_text.isdigit():
+        return False  # not a holder this module wrote: left alone
+    pid = int(pid_text)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
         return True
-    return True
+    except PermissionError:  # alive, another user's
+        pass
+    return bool(started) and _start_time(pid) not in ("", started)
 
 
 class Channel(filesystem.Channel):
@@ -101,7 +118,7 @@ class Channel(filesystem.Channel):
         for name in sorted(os.listdir(self.data_folder_in)):
             if name.partition(".")[2] != wanted:
                 continue
-            claimed = os.path.join(claimed_folder, claim_name(name, socket.gethostname(), os.getpid()))
+            claimed = os.path.join(claimed_folder, claim_name(name, socket.gethostname(), process_identity(os.getpid())))
             try:
                 os.rename(os.path.join(self.data_folder_in, name), claimed)
             except FileNotFoundError:
@@ -140,7 +157,7 @@ class Channel(filesystem.Channel):
                 os.unlink(claimed)
 
     def _recover_if_due(self) -> None:
-        now = time.monotonic()
+        now = monotonic()
         if self._recovered_at is None or now - self._recovered_at >= RECOVER_INTERVAL_S:
             self._recovered_at = now
             recover_claims(self.data_folder_in)
@@ -160,7 +177,8 @@ class Channel(filesystem.Channel):
 
 def recover_claims(messages_folder: str, host: str | None = None) -> list[str]:
     """Put back in ``messages_folder`` the messages claimed by processes of this host that are gone;
-    return their names."""
+    return their names. Claims made on another host are left alone: whether their process lives
+    cannot be told from here."""
     host = host or socket.gethostname()
     claimed_folder = os.path.join(messages_folder, CLAIMED_FOLDER)
     try:
@@ -170,13 +188,13 @@ def recover_claims(messages_folder: str, host: str | None = None) -> list[str]:
     recovered = []
     for name in names:
         parsed = parse_claim_name(name)
-        if parsed is None or parsed[1] != host or process_alive(parsed[2]):
+        if parsed is None or parsed[1] != host or not holder_gone(parsed[2]):
             continue
         try:
             os.rename(os.path.join(claimed_folder, name), os.path.join(messages_folder, parsed[0]))
         except FileNotFoundError:
             continue  # another consumer recovered it first
-        log.warning("broker message %s put back in the queue: process %d that took it is gone", parsed[0],
+        log.warning("broker message %s put back in the queue: process %s that took it is gone", parsed[0],
                     parsed[2])
         recovered.append(parsed[0])
     return recovered

@@ -15,7 +15,7 @@ from queue import Empty
 import pytest
 from kombu import Connection
 
-from core.fs_broker import CLAIMED_FOLDER, UNREADABLE_FOLDER, Transport, parse_claim_name
+from core.fs_broker import CLAIMED_FOLDER, UNREADABLE_FOLDER, Transport, parse_claim_name, process_identity
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
@@ -121,7 +121,7 @@ def test_a_message_taken_by_a_process_that_died_unacknowledged_is_delivered_agai
     job, pid = dead.stdout.split()
     assert job == "j1", dead.stderr
     [name] = claimed(folder)
-    assert parse_claim_name(name)[2] == int(pid)                    # the dead process's claim is on disk
+    assert parse_claim_name(name)[2].startswith(f"{pid}-")           # the dead process's claim is on disk
     assert producer._size("q") == 0
 
     message = channel(folder).basic_get("q")                        # a fresh consumer's first read recovers it
@@ -134,6 +134,19 @@ def test_a_live_consumers_claim_is_not_taken_over(folder):
     holder = channel(folder)
     assert holder.basic_get("q") is not None
     assert channel(folder).basic_get("q") is None                   # this process holds it, alive
+
+
+def test_a_claim_by_an_earlier_process_with_a_reused_pid_is_taken_back(folder):
+    producer = channel(folder)
+    publish(producer, "q", {"job": "j1"})
+    assert channel(folder).basic_get("q") is not None
+    [name] = claimed(folder)
+    me = process_identity(os.getpid())
+    assert name.endswith(f"@{me}") and me.split("-")[1]             # Linux: the start time is known
+    # the same pid with another start time: a process before this one (a reboot, a new container)
+    (folder / CLAIMED_FOLDER / name).rename(folder / CLAIMED_FOLDER / name.replace(f"@{me}", f"@{os.getpid()}-1"))
+    message = channel(folder).basic_get("q")
+    assert message is not None and message.decode() == {"job": "j1"}
 
 
 def test_a_message_that_does_not_decode_is_set_aside_once(folder):
