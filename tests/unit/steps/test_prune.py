@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
 from core.errors import RecipeError
@@ -380,3 +381,112 @@ def test_drift_correction_is_identity_without_drift_and_exact_least_squares_with
     fitted = drift_corrected(m, x_now.T @ x_now / len(x), x.T @ x_now / len(x))
     plain = np.linalg.norm(x @ m.T - x_now @ m.T)
     assert np.linalg.norm(x @ m.T - x_now @ fitted.T) < 0.05 * plain
+
+
+# ------------------------------------------------------------------------------ attention heads
+
+
+def _without_heads(model, weight: str, heads: list[int], head_size: int):
+    """The model with the output projection's rows of ``heads`` zeroed: what removing those heads computes."""
+    from worker.pipeline.graph import set_array
+
+    reference = onnx.ModelProto()
+    reference.CopyFrom(model)
+    rows = get_array(reference, weight).copy()
+    for head in heads:
+        rows[head * head_size:(head + 1) * head_size] = 0.0
+    set_array(reference, weight, rows)
+    return reference
+
+
+def _removed_heads(kept_columns: list[int], heads: int, head_size: int) -> list[int]:
+    return sorted(set(range(heads)) - {column % (heads * head_size) // head_size for column in kept_columns})
+
+
+def test_channel_pruning_removes_whole_attention_heads_exactly():
+    """Separate Q, K, V projections: a head's columns go from all three, its rows from the output
+    projection, the head count from the reshapes; the result computes the original without that head."""
+    model = attention()
+    ctx = StepContext(original=model, options={"channel_block": 1})
+    result = prune.run(model, _params(sparsity=0.25, structure="channel", include=["wq", "wk", "wv"], min_params=0), ctx)
+    feeds = inputs_for(model)
+    got = assert_valid_same_io(result.model, model, feeds)[0]
+    dims = _dims(result.model)
+    assert dims["wq"] == dims["wk"] == dims["wv"] == (32, 24) and dims["wo"] == (24, 32)
+    assert [layer for layer in result.metrics["layers"] if layer["op"] == "heads"] == [
+        {"name": "wq, wk, wv, wo", "op": "heads", "channels": 4, "kept": 3, "removed": 1, "head_size": 8}]
+    shapes = [get_array(result.model, n.input[1]).tolist() for n in result.model.graph.node if n.op_type == "Reshape"]
+    assert shapes == [[0, 0, 3, 8]] * 3 + [[0, 0, 24]]
+    removed = _removed_heads(ctx.layers["wq"].extra["kept_outputs"], 4, 8)
+    assert len(removed) == 1 and ctx.layers["wo"].extra["kept_inputs"] == ctx.layers["wq"].extra["kept_outputs"]
+    np.testing.assert_allclose(got, run_model(_without_heads(model, "wo", removed, 8), feeds)[0], atol=1e-5)
+
+
+def test_packed_qkv_of_a_torch_export_loses_heads_in_all_three_thirds():
+    from tests.unit.pipeline.test_attention_layout import _feeds, packed_attention
+
+    model = packed_attention()
+    ctx = StepContext(original=model, options={"channel_block": 1})
+    result = prune.run(model, _params(sparsity=0.5, structure="channel", include=["W_qkv"], min_params=0), ctx)
+    feeds = _feeds(model)
+    got = assert_valid_same_io(result.model, model, feeds)[0]
+    assert _dims(result.model)["W_qkv"] == (32, 48) and _dims(result.model)["b_qkv"] == (48,)
+    assert _dims(result.model)["W_o"] == (16, 32)
+    kept = ctx.layers["W_qkv"].extra["kept_outputs"]
+    removed = _removed_heads(kept, 4, 8)
+    assert len(removed) == 2 and [c // 32 for c in kept] == [0] * 16 + [1] * 16 + [2] * 16   # the same heads in q, k, v
+    np.testing.assert_allclose(got, run_model(_without_heads(model, "W_o", removed, 8), feeds)[0], atol=1e-5)
+
+
+def test_attention_that_is_not_head_by_head_keeps_its_heads():
+    from tests.unit.pipeline.test_attention_layout import packed_attention
+
+    model = packed_attention(packed_read_elsewhere=True)      # the packed projection is read elsewhere too
+    result = prune.run(model, _params(sparsity=0.5, structure="channel", include=["W_qkv"], min_params=0),
+                       StepContext(original=model, options={"channel_block": 1}))
+    assert _dims(result.model)["W_qkv"] == (32, 96)
+    assert any(s["name"] == "W_qkv" and "ReduceSum" in s["reason"] for s in result.metrics["skipped"])
+
+
+def test_with_calibration_the_head_that_adds_nothing_goes_whatever_its_weight_norms():
+    """Head 2's values are zero, so it adds nothing to the output, but its query and key columns are
+    the largest: weight norms would keep it; the measured contribution removes it, and the output stays."""
+    from worker.pipeline.graph import set_array
+
+    model = attention()
+    for name, scale in (("wq", 4.0), ("wk", 4.0), ("wv", 0.0)):
+        w = get_array(model, name).copy()
+        w[:, 16:24] *= scale
+        set_array(model, name, w)
+    rng = np.random.default_rng(5)
+    calibration = {"x": rng.standard_normal((64, 6, 32)).astype(np.float32)}
+    for data, removed_head in ((None, None), (calibration, 2)):
+        ctx = StepContext(original=model, calibration=data, options={"channel_block": 1})
+        result = prune.run(model, _params(sparsity=0.25, structure="channel", include=["wq", "wk", "wv"], min_params=0), ctx)
+        removed = _removed_heads(ctx.layers["wq"].extra["kept_outputs"], 4, 8)
+        if removed_head is None:
+            assert removed != [2]
+        else:
+            assert removed == [2]
+            feeds = inputs_for(model)
+            np.testing.assert_allclose(run_model(result.model, feeds)[0], run_model(model, feeds)[0], atol=1e-4)
+
+
+def test_a_matmul_that_loses_inputs_moves_their_mean_into_the_bias_after_it():
+    """fc2 (MatMul, then Add b2) loses ReLU features, whose mean is far from zero: the refit moves
+    that mean into b2, and the output is closer than with b2 left as it was."""
+    from worker.pipeline.graph import set_array
+
+    model = mlp()
+    rng = np.random.default_rng(2)
+    calibration = {"x": rng.standard_normal((512, 64)).astype(np.float32)}
+    feeds = {"x": rng.standard_normal((64, 64)).astype(np.float32)}
+    result = prune.run(model, _params(sparsity=0.5, structure="channel", include=["w1"], min_params=0),
+                       StepContext(original=model, calibration=calibration, options={"channel_block": 1}))
+    b2 = get_array(result.model, "b2")
+    assert b2.shape == get_array(model, "b2").shape and not np.allclose(b2, get_array(model, "b2"))
+    old_bias = onnx.ModelProto()
+    old_bias.CopyFrom(result.model)
+    set_array(old_bias, "b2", get_array(model, "b2"))
+    want = run_model(model, feeds)[0]
+    assert rel_l2(run_model(result.model, feeds)[0], want) < 0.9 * rel_l2(run_model(old_bias, feeds)[0], want)

@@ -16,8 +16,14 @@ channel), pooling, depthwise Conv (its weight, bias and ``group`` shrink with it
 along the channel axis, Flatten and Reshape that keep or flatten the channel axis (an explicit
 size in the shape constant is rewritten). Layers that read a layout (Conv, MatMul, Gemm) lose the
 matching input rows. Anything else that reads a grouped tensor (a graph output, Softmax, a
-LayerNormalization over the channels, a Reshape into attention heads, a Transpose, a subgraph)
-*blocks* its groups: they are left whole and reported with the reason.
+LayerNormalization over the channels, a Reshape into attention heads that ``structure.heads`` does
+not recognise, a Transpose, a subgraph) *blocks* its groups: they are left whole and reported with
+the reason.
+
+Attention heads: where ``structure.heads`` finds a multi-head attention block that works head by
+head, its Q, K, V projections make one group whose channels are the heads (``head_size`` columns
+each, in each third of a packed projection); the Reshapes' head counts are rewritten and the output
+projection loses the matching rows.
 
 How many go: ``round(sparsity * sum C)`` over the groups that can be pruned, apportioned to the
 groups in whole blocks of the target's channel block (``channel_block``, ``apportion``): ONNX
@@ -27,7 +33,9 @@ Which go: in each group, the channels with the smallest importance
 after the producer (1 otherwise): each producer's norms are made comparable before they are summed.
 
 With calibration data, every layer that loses inputs is refit by least squares to reproduce its
-original outputs from the inputs it keeps (``worker.pipeline.structure.compensate``).
+original outputs from the inputs it keeps (``worker.pipeline.structure.compensate``), its bias
+included: a MatMul's is the constant of the Add right after it. Heads are then chosen by what they
+measurably add to the output projection (``_head_contributions``), not by weight norms.
 """
 from __future__ import annotations
 
@@ -40,10 +48,12 @@ from onnx import helper, numpy_helper
 import kernels
 from core.errors import RecipeError
 from core.recipe import PruneStep
+from worker.pipeline import activations
 from worker.pipeline.data import bind
 from worker.pipeline.graph import attribute, topological_nodes, unique_name, weight_layers
 from worker.pipeline.step import StepContext, StepResult
 from worker.pipeline.structure.compensate import InputCut, compensate
+from worker.pipeline.structure.heads import find_head_sites
 from worker.pipeline.structure.records import StepLog, layer_record, sparsity_of
 
 UNARY = frozenset({"Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu", "Celu",
@@ -80,6 +90,7 @@ class Producer:
     node: str
     output: str
     scale: np.ndarray | None = None
+    span: tuple[int, int] = (1, 1)   # (copies, positions) per channel: a head is copies x head_size columns
 
 
 @dataclass
@@ -103,6 +114,8 @@ class ChannelGraph:
     reasons: list[list[str]] = field(default_factory=list)
     producers: list[list[Producer]] = field(default_factory=list)
     actions: list[Action] = field(default_factory=list)
+    head_sizes: dict[int, int] = field(default_factory=dict)   # group -> head size, for groups of heads
+    head_outputs: dict[int, str] = field(default_factory=dict)  # group of heads -> its output projection
 
     def new_group(self, channels: int) -> int:
         self.parent.append(len(self.parent))
@@ -160,6 +173,12 @@ class _Analysis:
                 self.readers[name] = self.readers.get(name, 0) + 1
         self.graph = ChannelGraph()
         self.layouts: dict[str, Layout] = {}
+        self.sites = find_head_sites(model, self.inits, self.shapes)
+        self.head_projections = {name: (index, copies) for index, site in enumerate(self.sites)
+                                 for name, copies in site.projections}
+        self.head_splits = {name for site in self.sites for name in site.splits}
+        self.head_merges = {site.merge: index for index, site in enumerate(self.sites)}
+        self.site_groups: dict[int, int] = {}
 
     def rank(self, name: str) -> int | None:
         shape = self.shapes.get(name)
@@ -266,6 +285,8 @@ class _Analysis:
             if x.axis != x.rank - 1:
                 return False
             self._act("input", node, 1, 0, x)
+        if node.name in self.head_projections:
+            return self._head_projection(node)
         group = self._produce(node, node.input[1], 1, int(b.shape[1]), self.rank(node.input[0]))
         if group is not None:
             self._act("slice", node, 1, 1, self.layouts[node.output[0]])
@@ -293,6 +314,36 @@ class _Analysis:
                 self.graph.reasons[group].append(f"Gemm {node.name} adds a computed C")
             elif c.ndim >= 1 and c.shape[-1] == b.shape[out_axis] and c.shape[-1] > 1:
                 self._act("slice", node, 2, c.ndim - 1, layout)
+        return True
+
+    # -- attention heads (structure.heads) -------------------------------------------------------
+    def _head_group(self, index: int) -> int:
+        """The group whose channels are site ``index``'s heads; made, with the rewrite of every
+        constant that holds the head count, by the site's first projection."""
+        if index in self.site_groups:
+            return self.site_groups[index]
+        site = self.sites[index]
+        group = self.graph.new_group(site.heads)
+        self.graph.head_sizes[group] = site.head_size
+        self.site_groups[index] = group
+        for entry in site.shape_entries:
+            layout = Layout(0, 1, (Segment(group, site.heads, entry.per_head),))
+            self.graph.actions.append(Action("reshape", entry.node, entry.index, entry.name, entry.entry, layout))
+        return group
+
+    def _head_projection(self, node: onnx.NodeProto) -> bool:
+        index, copies = self.head_projections[node.name]
+        site, rank = self.sites[index], self.rank(node.input[0])
+        if rank is None:
+            return False
+        group = self._head_group(index)
+        self.graph.producers[group].append(Producer(node.input[1], 1, node.name, node.output[0],
+                                                    span=(copies, site.head_size)))
+        if node.input[1] not in self.selected:
+            self.graph.reasons[group].append(f"{node.input[1]} is not selected (include / exclude / min_params)")
+        layout = Layout(rank - 1, rank, (Segment(group, site.heads, site.head_size),) * copies)
+        self.layouts[node.output[0]] = layout
+        self._act("slice", node, 1, 1, layout)
         return True
 
     # -- pass-through ops ----------------------------------------------------------------------
@@ -416,6 +467,20 @@ class _Analysis:
 
     def _Reshape(self, node: onnx.NodeProto, ins: list[Layout | None]) -> bool:
         x = ins[0]
+        if node.name in self.head_splits:
+            return ins[1] is None          # into heads: the head count is rewritten by its shape entry
+        if node.name in self.head_merges and x is None and ins[1] is None:
+            site = self.sites[self.head_merges[node.name]]
+            group = self.site_groups.get(self.head_merges[node.name])
+            rank = self.rank(node.output[0])
+            if group is not None and rank is not None:
+                self.layouts[node.output[0]] = Layout(rank - 1, rank, (Segment(group, site.heads, site.head_size),))
+                output = next(n for n in self.model.graph.node if n.name == site.output)
+                # a head's rows of the output projection count in its importance, as its Q, K, V columns do
+                self.graph.producers[group].append(Producer(output.input[1], 0, output.name, output.output[0],
+                                                            span=(1, site.head_size)))
+                self.graph.head_outputs[group] = output.name
+            return True
         if x is None:
             return ins[1] is None
         target = self.inits.get(node.input[1])
@@ -466,11 +531,45 @@ def _importance(graph: ChannelGraph, root: int, arrays: dict[str, np.ndarray]) -
     for producer in graph.producers[root]:
         norms = kernels.channel_norms(np.ascontiguousarray(arrays[producer.weight], dtype=np.float32),
                                       axis=producer.axis, p=2).astype(np.float64)
+        copies, positions = producer.span
+        if (copies, positions) != (1, 1):   # a head: the L2 norm over all its columns (or rows)
+            norms = np.sqrt((norms.reshape(copies, -1, positions) ** 2).sum(axis=(0, 2)))
         if producer.scale is not None:
             norms = norms * producer.scale
         mean = norms.mean()
         total += norms / mean if mean > 0 else norms
     return total
+
+
+def _head_contributions(model: onnx.ModelProto, graph: ChannelGraph, roots: list[int], arrays: dict[str, np.ndarray],
+                        ctx: StepContext) -> dict[int, np.ndarray]:
+    """Per head of each group in ``roots``: the energy, over the calibration data, of what the head
+    adds to its output projection's result, less its mean (the refit moves a mean into the bias).
+    Weight norms say little about a head: on the bench transformer (one head of four removed per
+    block, nothing refit) they chose a pair that left accuracy 0.933, this measure one that left
+    0.949, where the best of the 16 pairs gives 0.951."""
+    sites = {}
+    nodes = {node.name: node for node in model.graph.node}
+    for root in roots:
+        if root in graph.head_outputs:
+            output = nodes[graph.head_outputs[root]]
+            sites[root] = (output.input[0], arrays[output.input[1]].astype(np.float64), graph.head_sizes[root])
+    if not sites:
+        return {}
+    sums = {root: [0, 0.0, None] for root in sites}     # rows, sum of squares per head, sum per head
+    for batch in activations.capture(model, bind(model, ctx.calibration), sorted({s[0] for s in sites.values()}),
+                                     batch_size=64):
+        for root, (tensor, weight, head_size) in sites.items():
+            x = batch[tensor].reshape(-1, weight.shape[0]).astype(np.float64)
+            heads = weight.shape[0] // head_size
+            parts = np.stack([x[:, h * head_size:(h + 1) * head_size] @ weight[h * head_size:(h + 1) * head_size]
+                              for h in range(heads)])                         # [heads, rows, outputs]
+            acc = sums[root]
+            acc[0] += x.shape[0]
+            acc[1] = acc[1] + (parts ** 2).sum(axis=(1, 2))
+            acc[2] = parts.sum(axis=1) if acc[2] is None else acc[2] + parts.sum(axis=1)
+    return {root: rows_squares - (totals ** 2).sum(axis=1) / max(rows, 1)
+            for root, (rows, rows_squares, totals) in sums.items()}
 
 
 def _positions(layout: Layout, keep: dict[int, np.ndarray], graph: ChannelGraph) -> np.ndarray:
@@ -497,11 +596,12 @@ def _compensation(model: onnx.ModelProto, graph: ChannelGraph, keep: dict[int, n
         weight_name = node.input[1]
         if positions.size == action.layout.positions or readers.get(weight_name, 0) > 1:
             continue
-        bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        bias_name = _following_bias(node, model, arrays) if node.op_type == "MatMul" else \
+            node.input[2] if len(node.input) > 2 and node.input[2] else None
         bias = arrays.get(bias_name) if bias_name else None
         rows = arrays[weight_name].shape[0 if node.op_type == "Conv" or _gemm_trans_b(node) else 1]
         beta = float(attribute(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0
-        if bias is None or bias.shape != (rows,) or readers.get(bias_name, 0) > 1 or node.op_type == "MatMul" or beta == 0:
+        if bias is None or bias.shape != (rows,) or readers.get(bias_name, 0) > 1 or beta == 0:
             bias, bias_name = None, None
         cuts.append(InputCut(node, arrays[weight_name], None if bias is None else bias * beta, positions,
                              action.layout.positions))
@@ -514,6 +614,19 @@ def _compensation(model: onnx.ModelProto, graph: ChannelGraph, keep: dict[int, n
         if bias_name is not None and bias is not None:
             updated[bias_name] = (bias / beta).astype(bias.dtype)
     return updated
+
+
+def _following_bias(node: onnx.NodeProto, model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> str | None:
+    """The constant vector added to MatMul ``node``'s output right after it (``Add(y, b)``, as exporters
+    write a linear layer's bias), where nothing else reads that output: the refit can move the mean
+    of what the removed inputs carried there."""
+    readers = [n for n in model.graph.node if node.output[0] in n.input]
+    if len(readers) != 1 or readers[0].op_type != "Add" or node.output[0] in {o.name for o in model.graph.output}:
+        return None
+    add = readers[0]
+    other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+    value = arrays.get(other)
+    return other if value is not None and value.ndim == 1 else None
 
 
 def _gemm_trans_b(node: onnx.NodeProto) -> bool:
@@ -583,13 +696,19 @@ def prune_channels(model: onnx.ModelProto, params: PruneStep, ctx: StepContext) 
     removals = apportion([graph.channels[root] for root in prunable], params.sparsity, block)
     removed_total = sum(removals)
     channels_total = sum(graph.channels[root] for root in prunable)
+    measured = _head_contributions(out, graph, [r for r, n in zip(prunable, removals) if n and r in graph.head_sizes],
+                                   arrays, ctx) if ctx.calibration else {}
     for root, remove in zip(prunable, removals):
         channels = graph.channels[root]
         if remove > 0:
-            order = np.argsort(-_importance(graph, root, arrays), kind="stable")
+            importance = measured[root] if root in measured else _importance(graph, root, arrays)
+            order = np.argsort(-importance, kind="stable")
             keep[root] = np.sort(order[:channels - remove])
-        log.layers.append({"name": ", ".join(p.weight for p in graph.producers[root]), "op": "channels",
-                           "channels": channels, "kept": channels - remove, "removed": remove})
+        entry = {"name": ", ".join(p.weight for p in graph.producers[root]), "op": "channels",
+                 "channels": channels, "kept": channels - remove, "removed": remove}
+        if root in graph.head_sizes:
+            entry.update(op="heads", head_size=graph.head_sizes[root])
+        log.layers.append(entry)
 
     readers: dict[str, int] = {}
     for node in out.graph.node:
