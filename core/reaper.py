@@ -63,10 +63,7 @@ def reap_lost_jobs(settings: Settings | None = None, now: dt.datetime | None = N
     with session_scope() as session:
         stuck = [(j.id, j.target) for j in JobRepo(session).stuck_submissions(now - SUBMIT_GRACE)]
     for job_id, target in stuck:
-        try:
-            queue.enqueue(job_id, target)
-        except FeatherweightError as exc:
-            log.warning("reaper could not enqueue job %s: %s", job_id, exc.detail)
+        if not _enqueue(job_id, target):
             continue
         with session_scope() as session:
             JobRepo(session).mark_submitted(job_id)
@@ -88,6 +85,16 @@ def reap_lost_jobs(settings: Settings | None = None, now: dt.datetime | None = N
     return done
 
 
+def _enqueue(job_id: str, target: str) -> bool:
+    """Send job ``job_id``'s message; False (logged) when the broker does not take it."""
+    try:
+        queue.enqueue(job_id, target)
+    except FeatherweightError as exc:
+        log.warning("reaper could not enqueue job %s: %s", job_id, exc.detail)
+        return False
+    return True
+
+
 def _resend_lost_messages(queued_before: dt.datetime) -> list[Reaped]:
     with session_scope() as session:
         waiting = [(j.id, j.target) for j in JobRepo(session).waiting_since_before(queued_before)]
@@ -101,11 +108,8 @@ def _resend_lost_messages(queued_before: dt.datetime) -> list[Reaped]:
             continue
         for job_id in [job_id for job_id, job_target in waiting if job_target == target]:
             reason = f"queue {target} held no message for it: its message was lost, sent again"
-            try:
-                queue.enqueue(job_id, target)
-            except FeatherweightError as exc:
-                log.warning("reaper could not enqueue job %s: %s", job_id, exc.detail)
-                break
+            if not _enqueue(job_id, target):
+                break  # the broker is away: the next round tries again
             with session_scope() as session:
                 if not JobRepo(session).mark_resent(job_id, queued_before, reason):
                     continue  # claimed, cancelled or sent by another reaper meanwhile: the extra message is dropped

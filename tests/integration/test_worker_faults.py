@@ -5,6 +5,7 @@ be killed while it holds a job.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -168,9 +169,10 @@ class PrivateRedis:
             self.process.wait()
 
 
-def test_broker_crash_and_restart_during_a_job(full_stack, tmp_path, monkeypatch, onnx_models):
-    """Redis (no persistence) SIGKILLed mid-job and restarted: the running job still succeeds, and the
-    worker and the API reconnect and run the next job."""
+@contextlib.contextmanager
+def _api_on_private_redis(full_stack, tmp_path, monkeypatch, **settings: str):
+    """(API test client, the private Redis, a Service to start workers in) on the full stack with a
+    Redis of this test's own as the broker; ``settings`` are more FEATHERWEIGHT_* values."""
     from fastapi.testclient import TestClient
 
     from api.main import create_app
@@ -178,67 +180,59 @@ def test_broker_crash_and_restart_during_a_job(full_stack, tmp_path, monkeypatch
 
     broker = PrivateRedis(tmp_path)
     broker.start()
-    env = {**full_stack, **FAST_FAULTS, "FEATHERWEIGHT_BROKER_URL": broker.url}
+    env = {**full_stack, **FAST_FAULTS, "FEATHERWEIGHT_BROKER_URL": broker.url, **settings}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     reset_service_caches()
     service = Service("", tmp_path)
+    service.start_worker = lambda: service.start(  # type: ignore[attr-defined]
+        "worker", [sys.executable, "-m", "featherweight.cli", "worker", "--queue", "cpu-x86"], subprocess_env(env))
     try:
         with TestClient(create_app(), raise_server_exceptions=False) as api:
-            service.start("worker", [sys.executable, "-m", "featherweight.cli", "worker", "--queue", "cpu-x86"],
-                          subprocess_env(env))
-            model_id = api.post("/v1/models", files={"file": ("m.onnx", onnx_models.mlp().SerializeToString())}).json()["id"]
-            first = api.post("/v1/jobs", json={"model_id": model_id, "recipe": RECIPE}).json()["id"]
-            _wait(api, first, lambda j: j["state"] == "running" and (j["stage"] or "").startswith("step"), service.logs)
-            broker.kill()
-            time.sleep(1)
-            broker.start()
-            job = _wait(api, first, lambda j: j["state"] in {"succeeded", "failed", "cancelled"}, service.logs)
-            assert job["state"] == "succeeded", f"{job}\n{service.logs()}"
-            deadline = time.monotonic() + 60
-            while True:  # the API's producer reconnects: a submit may answer 503 (with Retry-After) meanwhile
-                response = api.post("/v1/jobs", json={"model_id": model_id, "recipe": RECIPE})
-                if response.status_code == 202 or time.monotonic() > deadline:
-                    break
-                assert response.status_code == 503 and response.headers["retry-after"], response.text
-                time.sleep(1)
-            assert response.status_code == 202, response.text
-            second = _wait(api, response.json()["id"], lambda j: j["state"] in {"succeeded", "failed"}, service.logs)
-            assert second["state"] == "succeeded", f"{second}\n{service.logs()}"
-            assert _bucket_keys(f"jobs/{first}/") == sorted(f"jobs/{first}/1/{n}" for n in
-                                                             ("model.onnx", "report.html", "report.json"))
+            yield api, broker, service
     finally:
         service.stop()
         broker.kill()
+
+
+def test_broker_crash_and_restart_during_a_job(full_stack, tmp_path, monkeypatch, onnx_models):
+    """Redis (no persistence) SIGKILLed mid-job and restarted: the running job still succeeds, and the
+    worker and the API reconnect and run the next job."""
+    with _api_on_private_redis(full_stack, tmp_path, monkeypatch) as (api, broker, service):
+        service.start_worker()
+        model_id = api.post("/v1/models", files={"file": ("m.onnx", onnx_models.mlp().SerializeToString())}).json()["id"]
+        first = api.post("/v1/jobs", json={"model_id": model_id, "recipe": RECIPE}).json()["id"]
+        _wait(api, first, lambda j: j["state"] == "running" and (j["stage"] or "").startswith("step"), service.logs)
+        broker.kill()
+        time.sleep(1)
+        broker.start()
+        job = _wait(api, first, lambda j: j["state"] in {"succeeded", "failed", "cancelled"}, service.logs)
+        assert job["state"] == "succeeded", f"{job}\n{service.logs()}"
+        deadline = time.monotonic() + 60
+        while True:  # the API's producer reconnects: a submit may answer 503 (with Retry-After) meanwhile
+            response = api.post("/v1/jobs", json={"model_id": model_id, "recipe": RECIPE})
+            if response.status_code == 202 or time.monotonic() > deadline:
+                break
+            assert response.status_code == 503 and response.headers["retry-after"], response.text
+            time.sleep(1)
+        assert response.status_code == 202, response.text
+        second = _wait(api, response.json()["id"], lambda j: j["state"] in {"succeeded", "failed"}, service.logs)
+        assert second["state"] == "succeeded", f"{second}\n{service.logs()}"
+        assert _bucket_keys(f"jobs/{first}/") == sorted(f"jobs/{first}/1/{n}" for n in
+                                                         ("model.onnx", "report.html", "report.json"))
 
 
 def test_a_job_whose_message_a_broker_restart_lost_is_sent_again(full_stack, tmp_path, monkeypatch, onnx_models):
     """Submitted while no worker runs, then Redis (no persistence) restarts empty: the job's message is
     gone. A worker's reaper finds the job queued with nothing on its queue and sends it again."""
-    from fastapi.testclient import TestClient
-
-    from api.main import create_app
-    from tests.conftest import reset_service_caches
-
-    broker = PrivateRedis(tmp_path)
-    broker.start()
-    env = {**full_stack, **FAST_FAULTS, "FEATHERWEIGHT_BROKER_URL": broker.url, "FEATHERWEIGHT_QUEUED_RESEND_SECONDS": "2"}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    reset_service_caches()
-    service = Service("", tmp_path)
-    try:
-        with TestClient(create_app(), raise_server_exceptions=False) as api:
-            model_id = api.post("/v1/models", files={"file": ("m.onnx", onnx_models.mlp().SerializeToString())}).json()["id"]
-            job_id = api.post("/v1/jobs", json={"model_id": model_id, "recipe": RECIPE}).json()["id"]
-            broker.kill()
-            broker.start()
-            service.start("worker", [sys.executable, "-m", "featherweight.cli", "worker", "--queue", "cpu-x86"],
-                          subprocess_env(env))
-            job = _wait(api, job_id, lambda j: j["state"] in {"succeeded", "failed", "cancelled"}, service.logs)
-            assert job["state"] == "succeeded", f"{job}\n{service.logs()}"
-            messages = [e["message"] or "" for e in api.get(f"/v1/jobs/{job_id}/events").json()]
-            assert any("its message was lost, sent again" in m for m in messages), messages
-    finally:
-        service.stop()
+    with _api_on_private_redis(full_stack, tmp_path, monkeypatch,
+                               FEATHERWEIGHT_QUEUED_RESEND_SECONDS="2") as (api, broker, service):
+        model_id = api.post("/v1/models", files={"file": ("m.onnx", onnx_models.mlp().SerializeToString())}).json()["id"]
+        job_id = api.post("/v1/jobs", json={"model_id": model_id, "recipe": RECIPE}).json()["id"]
         broker.kill()
+        broker.start()
+        service.start_worker()
+        job = _wait(api, job_id, lambda j: j["state"] in {"succeeded", "failed", "cancelled"}, service.logs)
+        assert job["state"] == "succeeded", f"{job}\n{service.logs()}"
+        messages = [e["message"] or "" for e in api.get(f"/v1/jobs/{job_id}/events").json()]
+        assert any("its message was lost, sent again" in m for m in messages), messages

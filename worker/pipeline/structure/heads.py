@@ -129,19 +129,28 @@ def _projection(look: _Lookup, tensor: str) -> onnx.NodeProto | None:
     return node
 
 
+def _projected_heads(look: _Lookup, transpose: onnx.NodeProto, length: int):
+    """(projection, the reshape's last dims, where they are stored, the reshape) when ``transpose``
+    reads ``Reshape(P, shape of `length` dims)`` of a projection P, each read by nothing else."""
+    reshape = look.made_by(transpose.input[0], "Reshape")
+    if reshape is None or look.only_reader(reshape.output[0]) is not transpose:
+        return None
+    tail = _shape_tail(look, reshape, length)
+    projection = _projection(look, reshape.input[0])
+    if tail is None or projection is None or look.only_reader(reshape.input[0]) is not reshape:
+        return None
+    return projection, tail[0], tail[1], reshape
+
+
 def _separate(look: _Lookup, tensor: str, perm: list[int]):
     """(projection, heads, head_size, entries, reshape) for ``Transpose(Reshape(P, [B, S, N, H]), perm)``."""
     transpose = look.made_by(tensor, "Transpose")
     if transpose is None or _perm(transpose) != perm or look.only_reader(tensor) is None:
         return None
-    reshape = look.made_by(transpose.input[0], "Reshape")
-    if reshape is None or look.only_reader(reshape.output[0]) is not transpose:
+    found = _projected_heads(look, transpose, 4)
+    if found is None:
         return None
-    tail = _shape_tail(look, reshape, 4)
-    projection = _projection(look, reshape.input[0])
-    if tail is None or projection is None or look.only_reader(reshape.input[0]) is not reshape:
-        return None
-    (heads, head_size), entries = tail
+    projection, (heads, head_size), entries, reshape = found
     entry = entries[0]
     return projection, heads, head_size, [ShapeEntry(entry.node, entry.index, entry.name, entry.entry, 1)], reshape
 
@@ -171,14 +180,10 @@ def _packed(look: _Lookup, parts: list[str]):
     transpose = look.made_by(split.input[0], "Transpose")
     if transpose is None or _perm(transpose) != [2, 0, 3, 1, 4] or look.only_reader(transpose.output[0]) is not split:
         return None
-    reshape = look.made_by(transpose.input[0], "Reshape")
-    if reshape is None or look.only_reader(reshape.output[0]) is not transpose:
+    found = _projected_heads(look, transpose, 5)
+    if found is None:
         return None
-    tail = _shape_tail(look, reshape, 5)
-    projection = _projection(look, reshape.input[0])
-    if tail is None or projection is None or look.only_reader(reshape.input[0]) is not reshape:
-        return None
-    (three, heads, head_size), entries = tail
+    projection, (three, heads, head_size), entries, reshape = found
     if three != 3:
         return None
     entry = entries[1]
