@@ -19,9 +19,9 @@ place, so a ``.msg`` file is always whole. ``Channel._get`` takes a message by r
 that says which host and process hold it (pid and start time), and the file stays there until the
 message is acknowledged, rejected or restored. A consumer puts back in the queue, at its first read
 and then every ``RECOVER_INTERVAL_S``, the claimed messages of processes on its host that no longer
-run; the job's own claim (core.repos) makes that second delivery harmless if the first had started it. A file that
-does not decode is moved to ``unreadable/`` and logged, never retried in a loop. Exchanges, bindings,
-size and purge are kombu's.
+run; the job's own claim (core.repos) makes that second delivery harmless if the first had started
+it. A file that does not decode is moved to ``unreadable/`` and logged, never retried in a loop.
+Exchanges, bindings, size and purge are kombu's.
 
 Celery uses this transport through ``broker_transport`` (core.queue) while the URL stays ``filesystem://``.
 """

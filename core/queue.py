@@ -46,7 +46,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     exchange = Exchange("featherweight", type="direct")
     return {
         "broker_url": settings.resolved_broker_url,
-        # kombu's filesystem transport can hand a consumer a message file still being written
+        # kombu's filesystem transport, mended: no half-written reads, no loss before the ack
         "broker_transport": "core.fs_broker:Transport" if settings.broker_is_filesystem else None,
         "broker_transport_options": broker_transport_options(settings),
         "broker_connection_retry_on_startup": True,

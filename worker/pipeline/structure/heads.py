@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from worker.pipeline.graph import attribute
+from worker.pipeline.graph import attribute, opset
 
 
 @dataclass(frozen=True)
@@ -258,9 +258,11 @@ def find_head_sites(model: onnx.ModelProto, inits: dict[str, np.ndarray], shapes
     """Every attention block of ``model`` whose heads can be removed whole (see the module docstring).
     ``inits`` must hold every constant (Constant nodes turned into initializers)."""
     look = _Lookup(model, inits, shapes)
+    # before opset 13 Softmax's default axis is 1, over [N, S, S] flattened: across the heads
+    default_axis = -1 if opset(model) >= 13 else 1
     sites = []
     for softmax in model.graph.node:
-        if softmax.op_type != "Softmax" or attribute(softmax, "axis", -1) not in (-1, 3):
+        if softmax.op_type != "Softmax" or attribute(softmax, "axis", default_axis) not in (-1, 3):
             continue
         if len(shapes.get(softmax.input[0]) or []) != 4:
             continue
@@ -287,9 +289,9 @@ def find_head_sites(model: onnx.ModelProto, inits: dict[str, np.ndarray], shapes
             projection, heads, head_size, entries, head_split = packed
             projections = ((projection.name, 3),)
             splits = (head_split.name,)
-        widths = [look.inits[next(n for n in model.graph.node if n.name == name).input[1]].shape[1] // copies
-                  for name, copies in projections]
-        if heads < 2 or head_size < 1 or any(w != heads * head_size for w in widths):
+        columns = [(look.inits[next(n for n in model.graph.node if n.name == name).input[1]].shape[1], copies)
+                   for name, copies in projections]
+        if heads < 2 or head_size < 1 or any(width != copies * heads * head_size for width, copies in columns):
             continue
         merged = _merge(look, context, heads, head_size)
         if merged is None:
