@@ -448,6 +448,38 @@ def test_attention_that_is_not_head_by_head_keeps_its_heads():
     assert any(s["name"] == "W_qkv" and "ReduceSum" in s["reason"] for s in result.metrics["skipped"])
 
 
+def _softmax_node(model):
+    return next(n for n in model.graph.node if n.op_type == "Softmax")
+
+
+@pytest.mark.parametrize("change", ["per-head mask", "softmax over the heads (opset 11, no axis)"])
+def test_attention_whose_heads_are_not_independent_keeps_them(change):
+    """A mask with one slice per head, or a Softmax that normalizes across heads (before opset 13 the
+    default axis is 1), ties the heads together: no head may go."""
+    from onnx import helper
+
+    model = attention()
+    if change == "per-head mask":
+        mask = onnx.numpy_helper.from_array(np.zeros((1, 4, 1, 1), np.float32), "head_bias")
+        model.graph.initializer.append(mask)
+        scale = next(n for n in model.graph.node if n.name == "scale")
+        scale.output[0] = "scaled_raw"
+        index = list(model.graph.node).index(scale)
+        model.graph.node.insert(index + 1, helper.make_node("Add", ["scaled_raw", "head_bias"], ["scaled"], name="bias"))
+    else:
+        for node in model.graph.node:      # opset 11 has no LayerNormalization: the block without them
+            if node.op_type == "LayerNormalization":
+                node.op_type = "Identity"
+                del node.input[1:]
+                del node.attribute[:]
+        del _softmax_node(model).attribute[:]
+        model.opset_import[0].version = 11
+    result = prune.run(model, _params(sparsity=0.25, structure="channel", include=["wq", "wk", "wv"], min_params=0),
+                       StepContext(original=model, options={"channel_block": 1}))
+    assert _dims(result.model)["wq"] == (32, 32) and _dims(result.model)["wo"] == (32, 32)
+    assert not any(layer["op"] == "heads" for layer in result.metrics["layers"])
+
+
 def test_with_calibration_the_head_that_adds_nothing_goes_whatever_its_weight_norms():
     """Head 2's values are zero, so it adds nothing to the output, but its query and key columns are
     the largest: weight norms would keep it; the measured contribution removes it, and the output stays."""
