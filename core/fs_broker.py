@@ -93,6 +93,8 @@ class Channel(filesystem.Channel):
         super().__init__(*args, **kwargs)
         self._claims: dict[str, str] = {}   # delivery tag -> its file in claimed/
         self._recovered_at: float | None = None
+        self._claimed_folder: str | None = None
+        self._holder: tuple[int, str] | None = None   # (pid, identity): a forked child gets its own
 
     def _put(self, queue, payload, **kwargs):
         name = f"{int(round(monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
@@ -114,11 +116,10 @@ class Channel(filesystem.Channel):
     def _get(self, queue):
         self._recover_if_due()
         wanted = f"{queue}.msg"
-        claimed_folder = self._folder(CLAIMED_FOLDER)
         for name in sorted(os.listdir(self.data_folder_in)):
             if name.partition(".")[2] != wanted:
                 continue
-            claimed = os.path.join(claimed_folder, claim_name(name, socket.gethostname(), process_identity(os.getpid())))
+            claimed = os.path.join(self._claims_folder(), claim_name(name, socket.gethostname(), self._identity()))
             try:
                 os.rename(os.path.join(self.data_folder_in, name), claimed)
             except FileNotFoundError:
@@ -161,6 +162,17 @@ class Channel(filesystem.Channel):
         if self._recovered_at is None or now - self._recovered_at >= RECOVER_INTERVAL_S:
             self._recovered_at = now
             recover_claims(self.data_folder_in)
+
+    def _claims_folder(self) -> str:
+        if self._claimed_folder is None:   # made once, not on every poll
+            self._claimed_folder = self._folder(CLAIMED_FOLDER)
+        return self._claimed_folder
+
+    def _identity(self) -> str:
+        pid = os.getpid()
+        if self._holder is None or self._holder[0] != pid:
+            self._holder = (pid, process_identity(pid))
+        return self._holder[1]
 
     def _folder(self, name: str) -> str:
         folder = os.path.join(self.data_folder_in, name)

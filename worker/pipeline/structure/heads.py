@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from worker.pipeline import graph
 from worker.pipeline.graph import attribute, opset
 
 
@@ -63,12 +64,11 @@ class _Lookup:
     def __init__(self, model: onnx.ModelProto, inits: dict[str, np.ndarray], shapes: dict[str, list]):
         self.inits = inits
         self.shapes = shapes
-        self.producer = {name: node for node in model.graph.node for name in node.output}
-        self.readers: dict[str, list[onnx.NodeProto]] = {}
-        for node in model.graph.node:
-            for name in node.input:
-                self.readers.setdefault(name, []).append(node)
-        self.outputs = {o.name for o in model.graph.output}
+        self.producer = graph.producers(model)
+        self.readers = {name: [node for node, _ in reads] for name, reads in graph.consumers(model).items()}
+        # a tensor a graph output or an If / Loop body reads has a reader the walk cannot see
+        self.outputs = {o.name for o in model.graph.output} | graph.subgraph_reads(model)
+        self.nodes = {node.name: node for node in model.graph.node}
 
     def made_by(self, tensor: str, op: str) -> onnx.NodeProto | None:
         node = self.producer.get(tensor)
@@ -289,8 +289,7 @@ def find_head_sites(model: onnx.ModelProto, inits: dict[str, np.ndarray], shapes
             projection, heads, head_size, entries, head_split = packed
             projections = ((projection.name, 3),)
             splits = (head_split.name,)
-        columns = [(look.inits[next(n for n in model.graph.node if n.name == name).input[1]].shape[1], copies)
-                   for name, copies in projections]
+        columns = [(look.inits[look.nodes[name].input[1]].shape[1], copies) for name, copies in projections]
         if heads < 2 or head_size < 1 or any(width != copies * heads * head_size for width, copies in columns):
             continue
         merged = _merge(look, context, heads, head_size)
