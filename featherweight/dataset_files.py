@@ -144,6 +144,7 @@ def build_from_images(folder: str | os.PathLike[str], output: str | os.PathLike[
     """Every image under ``folder`` (sorted; in class sub-folders for ``_labels``) resized to the
     input's height and width, laid out NCHW or NHWC, value = (pixel * scale - mean) / std."""
     Image, ImageOps = _import_pillow()
+    _check_output(output)
     folder = Path(folder)
     spec, layout, channels, (height, width), notes = _image_geometry(model, options)
     extensions = {ext for ext, _ in Image.registered_extensions().items()}
@@ -262,6 +263,7 @@ def build_from_audio(folder: str | os.PathLike[str], output: str | os.PathLike[s
     """Every audio file under ``folder``, mixed to mono, resampled to ``sample_rate`` and cut into
     frames of the input's length (the last one zero-padded): each frame is one sample."""
     soundfile, resample_poly = _import_audio()
+    _check_output(output)
     folder = Path(folder)
     spec, length, axis_shape, notes = _audio_geometry(model, options)
     hop = options.hop or length
@@ -356,6 +358,7 @@ def build_from_text(text_file: str | os.PathLike[str], tokenizer_file: str | os.
         from tokenizers import Tokenizer
     except ImportError:
         raise DatasetBuildError("text", f"tokenizing text needs tokenizers: {EXTRA_HINT}") from None
+    _check_output(output)
     try:
         tokenizer = Tokenizer.from_file(str(tokenizer_file))
     except Exception as exc:  # the Rust side raises plain Exception for a bad file
@@ -428,6 +431,13 @@ def _pad(tokenizer) -> tuple[int, str]:
 
 
 # ---------------------------------------------------------------------------- shared
+
+
+def _check_output(output: str | os.PathLike[str]) -> None:
+    """Before any work: the output's folder must exist (the file is written beside it, then renamed)."""
+    parent = Path(output).parent
+    if not parent.is_dir():
+        raise DatasetBuildError(output, f"the folder {parent} does not exist")
 
 
 def _files(folder: Path, extensions: set[str], limit: int | None) -> tuple[list[Path], list[Path]]:

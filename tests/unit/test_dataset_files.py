@@ -250,3 +250,20 @@ def test_an_empty_folder_is_refused(tmp_path, capsys):
     assert cli_main(["dataset", "images", str(tmp_path / "empty"), "--input", "x", "--size", "4x4",
                      "-o", str(tmp_path / "d.npz")]) == 2
     assert str(tmp_path / "empty") in capsys.readouterr().err
+
+
+def test_an_output_in_a_missing_folder_is_refused_by_name(tmp_path, capsys):
+    _images(tmp_path / "imgs", [(4, 4)])
+    target = tmp_path / "nowhere" / "d.npz"
+    assert cli_main(["dataset", "images", str(tmp_path / "imgs"), "--input", "x", "--size", "4x4",
+                     "-o", str(target)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(target) in err and err.count("\n") == 0
+
+
+def test_a_missing_reader_names_the_extra(tmp_path, monkeypatch, capsys):
+    _images(tmp_path / "imgs", [(4, 4)])
+    monkeypatch.setitem(__import__("sys").modules, "PIL", None)      # as if Pillow were not installed
+    assert cli_main(["dataset", "images", str(tmp_path / "imgs"), "--input", "x", "--size", "4x4",
+                     "-o", str(tmp_path / "d.npz")]) == 2
+    assert "featherweight[dataset]" in capsys.readouterr().err
