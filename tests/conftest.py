@@ -149,10 +149,24 @@ def build_dynamic_batch(seed: int = 2) -> onnx.ModelProto:
     return model
 
 
+def weights_in_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every initializer moved into a Constant node, as paddle2onnx exports weights."""
+    constants = [helper.make_node("Constant", [], [t.name], name=f"{t.name}.constant", value=t)
+                 for t in model.graph.initializer]
+    nodes = constants + list(model.graph.node)
+    del model.graph.initializer[:]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 @pytest.fixture
 def onnx_models() -> SimpleNamespace:
-    """Builders of the tiny models the service tests upload: mlp, cnn, dynamic_batch (each -> ModelProto)."""
-    return SimpleNamespace(mlp=build_mlp, cnn=build_cnn, dynamic_batch=build_dynamic_batch)
+    """Builders of the tiny models the service tests upload: mlp, cnn, dynamic_batch (each -> ModelProto);
+    ``constants(model)`` moves a model's weights into Constant nodes."""
+    return SimpleNamespace(mlp=build_mlp, cnn=build_cnn, dynamic_batch=build_dynamic_batch,
+                           constants=weights_in_constants)
 
 
 # --- integration services ---------------------------------------------------------------------------
