@@ -2,10 +2,13 @@
 and the integration services (Postgres, Redis, a moto S3 server).
 
 Integration fixtures read FEATHERWEIGHT_TEST_POSTGRES_URL and FEATHERWEIGHT_TEST_REDIS_URL. Without
-them the tests skip, except under CI=true, where a missing service is a failure, not a skip.
+them they use the local Postgres and Redis (LOCAL_SERVICES, as .ci/run starts them) when those answer;
+otherwise the tests skip with one summary line saying how to run them, except under CI=true, where a
+missing service is a failure, not a skip.
 """
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import uuid
@@ -169,16 +172,68 @@ def onnx_models() -> SimpleNamespace:
                            constants=weights_in_constants)
 
 
+def require_torch():
+    """``import torch`` for the tests of distill method kd: a skip without it, a failure under CI=true
+    (where `make install` must have installed it; a skip there would hide the kd tests)."""
+    if os.environ.get("CI", "").lower() == "true":
+        try:
+            import torch
+        except ImportError as exc:
+            pytest.fail(f"torch is required under CI=true (make install installs it): {exc}")
+        return torch
+    return pytest.importorskip("torch")
+
+
 # --- integration services ---------------------------------------------------------------------------
 
-def _service_url(variable: str) -> str:
+# Where `make test` looks for the services when the variables are unset: the local Postgres and Redis
+# that .ci/run starts (and uses with these same URLs).
+LOCAL_SERVICES = {
+    "FEATHERWEIGHT_TEST_POSTGRES_URL": "postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
+    "FEATHERWEIGHT_TEST_REDIS_URL": "redis://127.0.0.1:6379/15",
+}
+SKIPPED_INTEGRATION = ("integration tests skipped: no Postgres / Redis answers on 127.0.0.1; start them and run "
+                       "`make test` again, or run .ci/run, or set FEATHERWEIGHT_TEST_POSTGRES_URL and "
+                       "FEATHERWEIGHT_TEST_REDIS_URL")
+
+
+@functools.cache
+def service_answers(url: str) -> bool:
+    """Whether the Postgres or Redis at ``url`` accepts a connection (asked once per session)."""
+    if url.startswith("redis"):
+        import redis
+
+        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url, connect_args={"connect_timeout": 2})
+    try:
+        with engine.connect():
+            return True
+    except sa.exc.SQLAlchemyError:
+        return False
+    finally:
+        engine.dispose()
+
+
+def service_url(variable: str) -> str:
+    """The variable's URL; unset, the local service's when it answers; else skip (fail under CI=true)."""
     url = os.environ.get(variable)
     if url:
         return url
-    message = f"{variable} is not set; integration tests need it"
+    local = LOCAL_SERVICES[variable]
+    if service_answers(local):
+        return local
     if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message + " (CI=true: failing instead of skipping)")
-    pytest.skip(message)
+        pytest.fail(f"{variable} is not set and nothing answers at {local} (CI=true: failing instead of skipping)")
+    # One reason for every such test: pytest's -ra summary shows it as a single line.
+    pytest.skip(SKIPPED_INTEGRATION)
 
 
 @pytest.fixture
@@ -187,7 +242,7 @@ def postgres_url() -> Iterator[str]:
     import sqlalchemy as sa
     from sqlalchemy.engine import make_url
 
-    base = make_url(_service_url("FEATHERWEIGHT_TEST_POSTGRES_URL"))
+    base = make_url(service_url("FEATHERWEIGHT_TEST_POSTGRES_URL"))
     name = f"fw_test_{uuid.uuid4().hex[:12]}"
     admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
     try:
@@ -205,7 +260,7 @@ def redis_url() -> str:
     """The test Redis database, flushed before the test."""
     import redis
 
-    url = _service_url("FEATHERWEIGHT_TEST_REDIS_URL")
+    url = service_url("FEATHERWEIGHT_TEST_REDIS_URL")
     client = redis.Redis.from_url(url)
     try:
         client.flushdb()
