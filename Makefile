@@ -6,7 +6,7 @@ HOST   ?= 127.0.0.1
 BIN    := $(VENV)/bin
 KERNEL_SOURCES := $(wildcard kernels/src/*.c kernels/src/*.h kernels/include/*.h kernels/build_ffi.py)
 
-.PHONY: install torch run test test-unit bench kernels-arm clean
+.PHONY: install torch run demo test test-unit bench kernels-arm clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,11 @@ torch:
 run: install
 	$(BIN)/featherweight serve --host $(HOST) --port $(PORT)
 
+# A first job: trains a small digit classifier here and runs it through the service that `make run`
+# serves (in another terminal) on the same HOST and PORT; results land in demo-output/.
+demo: install
+	$(BIN)/python -m featherweight.demo --server http://$(HOST):$(PORT) --out demo-output
+
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
@@ -43,4 +48,4 @@ kernels-arm:
 	kernels/cross_arm.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info kernels/_ffi.* .pytest_cache
+	rm -rf $(VENV) build *.egg-info kernels/_ffi.* .pytest_cache demo-output

@@ -141,3 +141,13 @@ def test_a_failed_torch_install_fails_make_under_ci_only(tmp_path, ci):
         assert result.returncode != 0 and "torch install failed" in result.stderr
     else:
         assert result.returncode == 0 and "distill method kd unavailable" in result.stdout
+
+
+def test_readme_first_screen_has_the_commands_and_make_demo_exists():
+    first_screen = "\n".join((ROOT / "README.md").read_text().splitlines()[:40])
+    for command in ("make run", "make test", "make demo"):
+        assert command in first_screen, command
+    result = subprocess.run(["make", "-n", "-C", str(ROOT), "demo", "BIN=.venv/bin", "PORT=8123"],
+                            capture_output=True, text=True, timeout=60) if shutil.which("make") else None
+    if result is not None:
+        assert "-m featherweight.demo --server http://127.0.0.1:8123" in result.stdout, result.stdout + result.stderr
