@@ -222,6 +222,16 @@ def service_answers(url: str) -> bool:
         engine.dispose()
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Every skip for want of the integration services at one location, so that pytest's -ra
+    summary prints them as one line (with their count) rather than one line per test."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and isinstance(report.longrepr, tuple) and SKIPPED_INTEGRATION in str(report.longrepr[2]):
+        report.longrepr = (str(Path(__file__)), service_url.__code__.co_firstlineno, report.longrepr[2])
+
+
 def service_url(variable: str) -> str:
     """The variable's URL; unset, the local service's when it answers; else skip (fail under CI=true)."""
     url = os.environ.get(variable)

@@ -39,6 +39,20 @@ def test_unset_and_nothing_answering_skips_saying_how_to_run_them(unset):
     assert ".ci/run" in message and "FEATHERWEIGHT_TEST_POSTGRES_URL" in message and "make test" in message
 
 
+def test_the_skips_share_one_location_so_the_summary_prints_one_line():
+    from types import SimpleNamespace
+
+    locations = set()
+    for test in ("tests/integration/a.py", "tests/integration/b.py"):
+        report = SimpleNamespace(skipped=True, longrepr=(test, 12, "Skipped: " + conftest.SKIPPED_INTEGRATION))
+        hook = conftest.pytest_runtest_makereport(item=None, call=None)
+        next(hook)
+        with pytest.raises(StopIteration):
+            hook.send(SimpleNamespace(get_result=lambda report=report: report))
+        locations.add(report.longrepr)
+    assert len(locations) == 1 and next(iter(locations))[0].endswith("conftest.py")
+
+
 def test_under_ci_nothing_answering_fails(unset, monkeypatch):
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception):
