@@ -47,7 +47,7 @@ def create_app() -> FastAPI:
         title="Featherweight",
         version="0.1.0",
         summary="Compression as a service for ONNX models",
-        description="Upload an ONNX model, submit a recipe (CONTRACT.md §1), poll the job, download the result. "
+        description="Upload an ONNX model, submit a recipe (docs/recipes.md), poll the job, download the result. "
         "Errors are application/problem+json (RFC 9457).",
     )
     problems.install(app)

@@ -1,4 +1,4 @@
-"""Validation of an uploaded .npz data set (SECURITY.md: data sets) without trusting any byte of it.
+"""Validation of an uploaded .npz data set (docs/datasets.md) without trusting any byte of it.
 
 An .npz is a zip of ``<name>.npy`` entries. ``validate_npz(path)`` checks the archive first (entry
 count, no directories, symlinks or paths, per-entry and total uncompressed size, compression ratio,

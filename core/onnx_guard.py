@@ -1,4 +1,4 @@
-"""Validation of an uploaded ONNX file before anything else touches it (SECURITY.md).
+"""Validation of an uploaded ONNX file before anything else touches it (an upload is untrusted input).
 
 ``validate(path)`` parses the protobuf without loading external data, then checks, in every place a
 tensor can hide (initializers, sparse initializers, Constant and other tensor attributes, local

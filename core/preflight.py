@@ -4,7 +4,7 @@ Works from what was recorded at upload (the model's inputs, opset and parameter 
 set's array names, shapes and dtypes), so the API never loads a model or a data set:
 
 - the recipe needs calibration data (``Recipe.needs_calibration``) and none was named;
-- each data set fits the model's inputs by the rules of CONTRACT.md §2 (one array per input, the
+- each data set fits the model's inputs by the rules of docs/datasets.md (one array per input, the
   input's rank (concatenated) or one more (stacked), the fixed dims, a compatible dtype, the same
   number of samples everywhere, at least one, ``_labels`` of shape [N]), as the worker's binding
   checks them;

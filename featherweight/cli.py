@@ -265,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         compress = commands.add_parser("compress", help="compress a model locally, no server")
         compress_cmd.add_arguments(compress)
         compress.set_defaults(handler=compress_cmd.main)
+    importlib.import_module("featherweight.dataset_cmd").add_subcommands(commands)
     if importlib.util.find_spec("featherweight.remote_cmds") is not None:
         importlib.import_module("featherweight.remote_cmds").add_subcommands(commands)
     return parser

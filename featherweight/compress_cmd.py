@@ -1,4 +1,4 @@
-"""``featherweight compress``: the pipeline on one local file, no server (CONTRACT.md §3).
+"""``featherweight compress``: the pipeline on one local file, no server (docs/cli.md).
 
     featherweight compress MODEL.onnx --recipe R.yaml [--calibration C.npz] [--eval E.npz]
                            [--target cpu-x86|cpu-arm|gpu] [--student S.onnx] -o OUT.onnx
@@ -35,8 +35,8 @@ class _BadInput(Exception):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL.onnx", help="the ONNX model to compress")
-    parser.add_argument("--recipe", required=True, metavar="RECIPE.yaml", help="recipe, YAML or JSON (CONTRACT.md §1)")
-    parser.add_argument("--calibration", metavar="CAL.npz", help="calibration data (CONTRACT.md §2)")
+    parser.add_argument("--recipe", required=True, metavar="RECIPE.yaml", help="recipe, YAML or JSON (docs/recipes.md)")
+    parser.add_argument("--calibration", metavar="CAL.npz", help="calibration data, .npz (docs/datasets.md)")
     parser.add_argument("--eval", dest="evaluation", metavar="EVAL.npz", help="evaluation data for the report")
     parser.add_argument("--target", default=None, choices=("cpu-x86", "cpu-arm", "gpu"),
                         help="where the model will run (default: this machine's CPU)")

@@ -18,7 +18,7 @@
 5. on any error marks the job ``failed`` with the problem ``type`` and ``detail`` and deletes what it
    uploaded; the scratch directory is always removed.
 
-Outages (SECURITY.md "Faults"): the database calls that decide the job (the claim, the final
+Outages (no job lost, none stuck): the database calls that decide the job (the claim, the final
 transition, the failure) retry with backoff for ``database_retry_seconds`` while the database is
 unreachable, and each object fetch or upload for ``storage_retry_seconds`` while the store is
 (``Unavailable``). Past that the attempt fails with the store's error, or, when not even the failure

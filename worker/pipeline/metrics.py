@@ -1,4 +1,4 @@
-"""What the report measures (CONTRACT.md §4): bytes, params, MACs, latency, fidelity, accuracy,
+"""What the report measures (docs/report.md): bytes, params, MACs, latency, fidelity, accuracy,
 and the per-layer weight and output error.
 
 Every measure reads the model from disk or walks its protobuf without copying the weights:

@@ -1,4 +1,4 @@
-"""report.json (CONTRACT.md §4): the numbers a run is judged by, built from the saved models.
+"""report.json (docs/report.md defines each field): the numbers a run is judged by, built from the saved models.
 
 ``build_report`` measures the original and compressed files side by side (``metrics``) and lists the
 steps and layers. Every float it writes is finite or null, so the report is plain JSON.
@@ -144,7 +144,7 @@ def _layer_output_pairs(original: onnx.ModelProto, compressed: onnx.ModelProto,
 def build_report(*, original_path: Path, compressed_path: Path, target: str, steps: Sequence[dict[str, Any]],
                  layers: Mapping[str, LayerRecord], evaluation: Dataset | None, calibration: Dataset | None,
                  options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The CONTRACT §4 report of the two model files; external-data tensors are read one at a time."""
+    """The report (docs/report.md) of the two model files; external-data tensors are read one at a time."""
     options = dict(options or {})
     original, compressed = _structure(original_path), _structure(compressed_path)
     provider = metrics.provider_for(target)

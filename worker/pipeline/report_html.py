@@ -1,4 +1,4 @@
-"""report.html: the compression report as one self-contained page (CONTRACT.md §4, issue 8).
+"""report.html: the compression report as one self-contained page (docs/report.md, issue 8).
 
 Owns turning a report.json dict into HTML: headline figures, the per-layer table and inline SVG
 plots (per-layer error, size by layer before/after, and for several reports accuracy against size

@@ -1,5 +1,5 @@
 """The pipeline as a pure library: one model, one recipe, optional data -> a compressed model and
-its report (CONTRACT.md §4). No HTTP, no database, no Celery: the worker task and
+its report (docs/report.md). No HTTP, no database, no Celery: the worker task and
 ``featherweight compress`` both call ``run``.
 
 Order of work:

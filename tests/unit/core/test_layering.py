@@ -1,4 +1,4 @@
-"""Imports point one way (DESIGN.md): core imports neither api nor worker nor featherweight; api never
+"""Imports point one way: core imports neither api nor worker nor featherweight; api never
 imports worker or kernels. Checked on the source with ast, so lazy imports inside functions count too."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
 # onnxruntime too: an uploaded model is opened by ONNX Runtime only in a worker's pool process
-# (SECURITY.md; an InferenceSession can exhaust memory before its first run), never in the API.
+# (uploads are untrusted; an InferenceSession can exhaust memory before its first run), never in the API.
 FORBIDDEN = {
     "core": {"api", "worker", "kernels", "featherweight", "onnxruntime"},
     "api": {"worker", "kernels", "featherweight", "onnxruntime"},

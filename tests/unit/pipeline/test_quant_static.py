@@ -55,7 +55,7 @@ def test_mlp_weights_bit_exact_outputs_close_io_unchanged():
     for name in ("W1", "W2"):
         weight = graph.get_array(model, name)
         q, scale, zero, axis = _quantized_weight(quantized, name)
-        # CONTRACT §1, symmetric per output channel (MatMul W[K, N]: axis 1): s = absmax / 127
+        # docs/recipes.md, symmetric per output channel (MatMul W[K, N]: axis 1): s = absmax / 127
         expected_scale = (np.abs(weight).max(axis=0) / np.float32(127)).astype(np.float32)
         expected_q = np.clip(np.rint(weight / expected_scale), -128, 127).astype(np.int8)
         # int8, or on x86 without VNNI uint8 + 128 (the same grid; quant/integer_kernels.py)

@@ -1,7 +1,7 @@
 """Weight-only int4 / int2 (per tensor, channel, block; symmetric and asymmetric), MatMulNBits,
 GPTQ, embeddings, recurrent cells and subgraph weights.
 
-Stored integers are compared bit for bit with CONTRACT §1's formula computed here in numpy.
+Stored integers are compared bit for bit with docs/recipes.md's formula computed here in numpy.
 Output bounds in ORT are stated per test: int4 blocked ~ a few percent, int2 tens of percent.
 """
 from __future__ import annotations
@@ -276,7 +276,7 @@ def test_if_branch_weights_are_quantized(bits):
     assert set(ctx.layers) == {"W", "W_then"}
     assert ctx.layers["W_then"].node == "branch/MatMul_0" and ctx.layers["W_then"].bits == bits
     assert result.metrics["skipped"] == []
-    if bits == 8:   # CONTRACT §1: symmetric per output channel, s = absmax / 127, q = rne(w / s)
+    if bits == 8:   # docs/recipes.md: symmetric per output channel, s = absmax / 127, q = rne(w / s)
         _, stored = dq_of(result.model, "W_then")
         s = (np.abs(w_then).max(axis=0) / np.float32(127)).astype(np.float32)
         np.testing.assert_array_equal(stored["q"], np.clip(np.rint(w_then / s), -128, 127))

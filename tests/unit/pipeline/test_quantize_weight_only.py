@@ -1,5 +1,5 @@
 """Weight-only quantization (quantize step, no activations): stored values bit-exact to
-CONTRACT §1's formula computed here in numpy, outputs in ONNX Runtime close to the original's,
+docs/recipes.md's formula computed here in numpy, outputs in ONNX Runtime close to the original's,
 inputs and outputs unchanged.
 
 Bounds: ONNX Runtime (>= 1.2x) fuses DequantizeLinear + MatMul into MatMulNBits with int8
@@ -54,7 +54,7 @@ def dq_of(model: onnx.ModelProto, weight: str) -> tuple[onnx.NodeProto, dict[str
 
 
 def symmetric_reference(w: np.ndarray, bits: int, reduce_axes, keepdims=True):
-    """CONTRACT §1 symmetric: s = absmax / qmax (float32), q = clamp(rint(w / s), qmin, qmax)."""
+    """docs/recipes.md symmetric: s = absmax / qmax (float32), q = clamp(rint(w / s), qmin, qmax)."""
     qmax = 2 ** (bits - 1) - 1
     absmax = np.max(np.abs(w), axis=reduce_axes, keepdims=keepdims).astype(np.float32)
     s = (absmax / np.float32(qmax)).astype(np.float32)

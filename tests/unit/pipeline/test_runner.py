@@ -1,5 +1,5 @@
 """worker.pipeline.runner: checks before work, steps in order with progress and cancellation,
-the output contract, and the CONTRACT §4 report."""
+the output contract, and the report (docs/report.md)."""
 from __future__ import annotations
 
 from pathlib import Path

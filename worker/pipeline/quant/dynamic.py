@@ -5,7 +5,7 @@ is the only input of) and each Gemm (transA 0, alpha 1, beta 1) becomes one com.
 ``DynamicQuantizeMatMul(A, B_int8, b_scale, b_zero_point, bias)``: ONNX Runtime quantizes A to
 uint8 per call (its own min/max, asymmetric), multiplies in integers, and rescales to float.
 
-Numbers (CONTRACT.md §1, computed by ``kernels``): B is int8, symmetric, one scale per output
+Numbers (docs/recipes.md, computed by ``kernels``): B is int8, symmetric, one scale per output
 channel, s = absmax / 127, q = clamp(rne(w / s), -128, 127) (per tensor when the recipe says
 granularity: tensor). B is stored [K, N] as the op wants it (a Gemm's transB weight transposed);
 the LayerRecord's grid is along the original weight's output axis.

@@ -1,4 +1,4 @@
-"""The order of a model's initializers in its file, chosen for zstd (CONTRACT.md §4's
+"""The order of a model's initializers in its file, chosen for zstd (docs/report.md's
 ``transport_size_ratio``: ``metrics.zstd_bytes``, level 3, streamed).
 
 Why the order matters: zstd at level 3 cuts its input into blocks of 128 KiB at fixed offsets and

@@ -8,7 +8,7 @@ is exact (about 20% slower there, still faster than float). VNNI (``vpdpbusd``) 
 products accumulate in 32 bits, so int8 is exact and fastest there.
 
 So on an x86 worker without VNNI the same symmetric grid is stored shifted: ``q_u8 = q + 128`` with
-zero point 128, ``(q_u8 - 128) * s == q * s`` exactly; CONTRACT §1's numbers (s = absmax / 127,
+zero point 128, ``(q_u8 - 128) * s == q * s`` exactly; docs/recipes.md's numbers (s = absmax / 127,
 q = clamp(rne(w / s), -128, 127)) are unchanged, only the storage type differs. The report's
 layer records say which (``weight_storage``).
 

@@ -2,7 +2,7 @@
 pairs) that ONNX Runtime fuses into integer kernels (QLinearConv, QLinearMatMul, QGemm,
 MatMulIntegerToFloat).
 
-Numbers (CONTRACT.md §1, computed by ``kernels``):
+Numbers (docs/recipes.md, computed by ``kernels``):
     weights      int8, symmetric, one scale per output channel (the layer's out_axis; per tensor
                  when the recipe says granularity: tensor): s = absmax / 127, q = clamp(rne(w / s))
     activations  one (s, z) per tensor from its calibrated range [lo, hi] (``calibrate``):

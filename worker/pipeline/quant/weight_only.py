@@ -2,7 +2,7 @@
 symmetric or asymmetric, chosen by RTN or GPTQ, stored as DequantizeLinear feeding the layer (or,
 for MatMul, as com.microsoft MatMulNBits where that runs faster on the target).
 
-Numbers (CONTRACT.md §1), computed by ``kernels``:
+Numbers (docs/recipes.md), computed by ``kernels``:
     q  = clamp(round_half_to_even(w / s) + z, qmin, qmax)        w' = (q - z) * s
     symmetric:  signed q, z = 0, s = absmax / qmax (scale_search absmax; mse searches the clip)
     asymmetric: unsigned q, s, z from [min(w, 0), max(w, 0)] (minmax; mse searches the clip)

@@ -1,4 +1,4 @@
-"""The ``quantize`` step (CONTRACT.md §1): checks the recipe against the model, then hands the
+"""The ``quantize`` step (docs/recipes.md): checks the recipe against the model, then hands the
 work to the quantizer the recipe names.
 
 - ``activations`` set: int8 activations too, static (QDQ, calibrated ranges:
