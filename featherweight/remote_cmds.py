@@ -133,6 +133,9 @@ def _common_arguments() -> argparse.ArgumentParser:
     common.add_argument("--api-key", metavar="KEY", help=f"API key (default: ${ENV_API_KEY})")
     common.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    # SUPPRESS: given after the command or not at all, it leaves `featherweight -v submit` alone.
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="also log each HTTP request (method, URL, status) on stderr")
     return common
 
 

@@ -11,7 +11,8 @@ Definitions:
   (for a quantized tensor: stored values not equal to zero; for MatMulNBits, whose B packs
   8/bits weights per byte, the N x K weights it encodes, nonzero where not at their zero point; for
   a weight stored sparse, bitmask + values, the dense tensor it decodes to).
-- ``macs``: multiply-accumulates for one sample (symbolic dims taken as 1) of Conv, ConvTranspose,
+- ``macs``: multiply-accumulates for one sample (symbolic dims: the sizes of the evaluation or
+  calibration data where given, else 1, and then a lower bound, see ``MacCount``) of Conv, ConvTranspose,
   Gemm, MatMul, their quantized and fused forms (QLinearConv, ConvInteger, QLinearMatMul,
   MatMulInteger, MatMulIntegerToFloat, DynamicQuantizeMatMul, FusedMatMul, MatMulNBits) and the
   recurrent cells (LSTM: 4, GRU: 3, RNN: 1 gates of ``H * (I + H)`` per step and direction).
@@ -242,8 +243,11 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     return sk
 
 
-def _fix_symbolic(model: onnx.ModelProto, given: dict[str, tuple[int, ...]] | None = None) -> None:
-    """Concrete input dims: those of ``given`` (a feed's shapes), else 1 for every symbolic dim."""
+def _fix_symbolic(model: onnx.ModelProto, given: dict[str, tuple[int, ...]] | None = None,
+                  guessed: list[str] | None = None) -> None:
+    """Concrete input dims: those of ``given`` (a feed's shapes), else 1 for every symbolic dim.
+    ``guessed`` collects ``input[axis]`` of each symbolic dim past the first (the batch axis, 1 by
+    the definition of per-sample figures) that was taken as 1 for want of a shape."""
     given = given or {}
     for value in model.graph.input:
         shape = given.get(value.name)
@@ -252,9 +256,11 @@ def _fix_symbolic(model: onnx.ModelProto, given: dict[str, tuple[int, ...]] | No
             for dim, size in zip(dims, shape):
                 dim.dim_value = int(size)
             continue
-        for dim in dims:
+        for axis, dim in enumerate(dims):
             if not dim.HasField("dim_value"):
                 dim.dim_value = 1
+                if axis > 0 and guessed is not None:
+                    guessed.append(f"{value.name}[{axis}]")
 
 
 def _infer(sk: onnx.ModelProto) -> onnx.ModelProto:
@@ -287,12 +293,12 @@ def _contrib_output_shapes(sk: onnx.ModelProto) -> bool:
     return added
 
 
-def inferred_shapes(model: onnx.ModelProto, inputs: dict[str, tuple[int, ...]] | None = None
-                    ) -> dict[str, tuple[int, ...]]:
+def inferred_shapes(model: onnx.ModelProto, inputs: dict[str, tuple[int, ...]] | None = None,
+                    guessed: list[str] | None = None) -> dict[str, tuple[int, ...]]:
     """name -> shape for every tensor shape inference could make concrete, with the graph inputs
-    of the shapes ``inputs`` gives (symbolic dims otherwise taken as 1)."""
+    of the shapes ``inputs`` gives (symbolic dims otherwise taken as 1, listed in ``guessed``)."""
     sk = skeleton(model)
-    _fix_symbolic(sk, inputs)
+    _fix_symbolic(sk, inputs, guessed)
     sk = _infer(sk)
     for _ in range(16):
         if not _contrib_output_shapes(sk):
@@ -316,13 +322,17 @@ def _prod(values: Sequence[int]) -> int:
     return int(np.prod(values, dtype=np.int64)) if len(values) else 1
 
 
+_MATMUL_OPS = frozenset({"MatMul", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
+                         "FusedMatMul", "MatMulNBits", "MatMulBnb4", "MatMulFpQ4"})
+MAC_OPS = _MATMUL_OPS | {"Gemm", "Conv", "ConvInteger", "QLinearConv", "ConvTranspose", "LSTM", "GRU", "RNN"}
+
+
 def node_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int:
     """Multiply-accumulates of one node from its inferred shapes (0 when unknown or not counted)."""
     op = node.op_type
     out = shapes.get(node.output[0]) if node.output else None
     get = lambda i: shapes.get(node.input[i]) if len(node.input) > i and node.input[i] else None  # noqa: E731
-    if op in ("MatMul", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
-              "FusedMatMul", "MatMulNBits", "MatMulBnb4", "MatMulFpQ4"):
+    if op in _MATMUL_OPS:
         a = get(0)
         if out is None or a is None or not a:
             return 0
@@ -363,9 +373,34 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int:
     return 0
 
 
-def macs(model: onnx.ModelProto) -> int:
-    shapes = inferred_shapes(model)
-    return sum(node_macs(node, shapes) for node in model.graph.node)
+@dataclass(frozen=True)
+class MacCount:
+    """MACs for one sample and whether they are only a lower bound: a symbolic input dim was taken
+    as 1 (no data gave its size), a layer's shapes stayed unknown (it counts 0), or layers inside
+    If / Loop / Scan bodies (not counted) exist."""
+    macs: int
+    lower_bound: bool
+
+
+def _body_has_mac_ops(node: onnx.NodeProto) -> bool:
+    return any(inner.op_type in MAC_OPS or _body_has_mac_ops(inner)
+               for body in subgraphs.bodies(node) for inner in body.node)
+
+
+def mac_count(model: onnx.ModelProto, inputs: dict[str, tuple[int, ...]] | None = None) -> MacCount:
+    """MACs with the graph inputs of the shapes ``inputs`` gives (one sample of the data), see MacCount."""
+    guessed: list[str] = []
+    shapes = inferred_shapes(model, inputs, guessed)
+    total, unknown = 0, False
+    for node in model.graph.node:
+        count = node_macs(node, shapes)
+        total += count
+        unknown = unknown or (count == 0 and node.op_type in MAC_OPS) or _body_has_mac_ops(node)
+    return MacCount(total, bool(guessed) or unknown)
+
+
+def macs(model: onnx.ModelProto, inputs: dict[str, tuple[int, ...]] | None = None) -> int:
+    return mac_count(model, inputs).macs
 
 
 # ---------------------------------------------------------------------------- sessions
