@@ -10,7 +10,7 @@ import onnx
 
 from worker.pipeline import activations
 from worker.pipeline.data import Dataset
-from worker.pipeline.structure.unfold import unfold2d
+from worker.pipeline.unfold import unfold2d
 
 CALIBRATION_BATCH = 64
 DAMPING = 0.01          # relative to mean(diag H), as SparseGPT / GPTQ damp

@@ -172,10 +172,10 @@ def _node_inputs(g: onnx.GraphProto, skip: set[str]) -> Iterable[str]:
 
 def _sparse_stored(model: onnx.ModelProto, base_dir: str | Path | None
                    ) -> tuple[list[onnx.TensorProto], set[str]]:
-    """Weights stored sparse (``quant.sparse_storage``: bitmask + values, decoded at load), as the
+    """Weights stored sparse (``quantize.sparse_storage``: bitmask + values, decoded at load), as the
     dense tensors they decode to, and the initializers that only their decoding reads. Counting the
     dense tensors instead of those initializers gives the counts of the same model stored dense."""
-    from worker.pipeline.quant import sparse_storage
+    from worker.pipeline.quantize import sparse_storage
 
     found = sparse_storage.find_sparse_weights(model.graph)
     if not found:

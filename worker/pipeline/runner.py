@@ -28,7 +28,7 @@ from core.recipe import Recipe
 from core.targets import Target
 from worker.pipeline import data as data_mod
 from worker.pipeline import graph, metrics, registry
-from worker.pipeline.quant import dequantize_form, file_layout, sparse_storage
+from worker.pipeline.quantize import dequantize_form, file_layout, sparse_storage
 from worker.pipeline.report import build_report, write_report, write_report_html
 from worker.pipeline.step import StepCancelled, StepContext
 

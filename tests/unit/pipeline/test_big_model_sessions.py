@@ -12,8 +12,8 @@ import pytest
 from onnx import numpy_helper
 
 from tests.unit.pipeline import builders
-from tests.unit.pipeline.test_quantize_low_bit import correlated
-from tests.unit.pipeline.test_quantize_weight_only import apply
+from tests.unit.pipeline.quantize.test_quantize_low_bit import correlated
+from tests.unit.pipeline.quantize.test_quantize_weight_only import apply
 from worker.pipeline import activations, graph, metrics
 
 

@@ -25,7 +25,7 @@ import onnx
 from onnx import numpy_helper
 
 from worker.pipeline import graph
-from worker.pipeline.structure.unfold import conv_weight_from_matrix, conv_weight_matrix, unfold2d
+from worker.pipeline.unfold import conv_weight_from_matrix, conv_weight_matrix, unfold2d
 
 _INT_RANGES = {
     onnx.TensorProto.INT8: (-128, 127), onnx.TensorProto.UINT8: (0, 255),
@@ -143,7 +143,7 @@ def _dequantize_source(model: onnx.ModelProto, node: onnx.NodeProto, inits: dict
             # a 4-bit grid stored in an 8-bit type keeps its 4-bit range
             signed = grid_bits.get("signed", qmin < 0)
             lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
-            if signed and qmin >= 0:   # a signed grid stored unsigned, shifted to mid-range (integer_kernels)
+            if signed and qmin >= 0:   # a signed grid stored unsigned, shifted to mid-range (int8_storage)
                 lo, hi = lo + (qmax + 1) // 2, hi + (qmax + 1) // 2
             qmin, qmax = max(qmin, lo), min(qmax, hi)
     grid = Grid(_expand(scale, shape, axis, block_size).astype(np.float32),

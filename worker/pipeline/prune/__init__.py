@@ -1,3 +1,5 @@
-"""Shared machinery of the structural steps (prune, lowrank, cluster, cleanup): what they record
-about each layer, the exact-count magnitude masks, Conv input unfolding, and the channel-dependency
-analysis that lets channel pruning shrink tensors consistently."""
+"""The ``prune`` step's work beyond its entry module (worker/pipeline/steps/prune.py): the
+exact-count magnitude masks, channel pruning (the channel-dependency analysis that shrinks tensors
+consistently, attention heads as channel groups) and the least-squares compensation of the layers
+that lose inputs. Helpers other structural steps share (records, Hessians, Conv unfolding) live
+beside ``graph.py``."""

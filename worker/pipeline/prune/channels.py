@@ -16,11 +16,11 @@ channel), pooling, depthwise Conv (its weight, bias and ``group`` shrink with it
 along the channel axis, Flatten and Reshape that keep or flatten the channel axis (an explicit
 size in the shape constant is rewritten). Layers that read a layout (Conv, MatMul, Gemm) lose the
 matching input rows. Anything else that reads a grouped tensor (a graph output, Softmax, a
-LayerNormalization over the channels, a Reshape into attention heads that ``structure.heads`` does
+LayerNormalization over the channels, a Reshape into attention heads that ``prune.heads`` does
 not recognise, a Transpose, a subgraph) *blocks* its groups: they are left whole and reported with
 the reason.
 
-Attention heads: where ``structure.heads`` finds a multi-head attention block that works head by
+Attention heads: where ``prune.heads`` finds a multi-head attention block that works head by
 head, its Q, K, V projections make one group whose channels are the heads (``head_size`` columns
 each, in each third of a packed projection); the Reshapes' head counts are rewritten and the output
 projection loses the matching rows.
@@ -33,7 +33,7 @@ Which go: in each group, the channels with the smallest importance
 after the producer (1 otherwise): each producer's norms are made comparable before they are summed.
 
 With calibration data, every layer that loses inputs is refit by least squares to reproduce its
-original outputs from the inputs it keeps (``worker.pipeline.structure.compensate``), its bias
+original outputs from the inputs it keeps (``worker.pipeline.prune.compensate``), its bias
 included: a MatMul's is the constant of the Add right after it. Heads are then chosen by what they
 measurably add to the output projection (``_head_contributions``), not by weight norms.
 """
@@ -52,9 +52,9 @@ from worker.pipeline import activations
 from worker.pipeline.data import bind
 from worker.pipeline.graph import attribute, topological_nodes, unique_name, weight_layers
 from worker.pipeline.step import StepContext, StepResult
-from worker.pipeline.structure.compensate import InputCut, compensate
-from worker.pipeline.structure.heads import find_head_sites
-from worker.pipeline.structure.records import StepLog, layer_record, sparsity_of
+from worker.pipeline.prune.compensate import InputCut, compensate
+from worker.pipeline.prune.heads import find_head_sites
+from worker.pipeline.records import StepLog, layer_record, sparsity_of
 
 UNARY = frozenset({"Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu", "Celu",
                    "Softplus", "Softsign", "Gelu", "Erf", "Exp", "Log", "Abs", "Neg", "Sqrt", "Reciprocal",
@@ -316,7 +316,7 @@ class _Analysis:
                 self._act("slice", node, 2, c.ndim - 1, layout)
         return True
 
-    # -- attention heads (structure.heads) -------------------------------------------------------
+    # -- attention heads (prune.heads) -------------------------------------------------------
     def _head_group(self, index: int) -> int:
         """The group whose channels are site ``index``'s heads; made, with the rewrite of every
         constant that holds the head count, by the site's first projection."""
@@ -585,7 +585,7 @@ def _positions(layout: Layout, keep: dict[int, np.ndarray], graph: ChannelGraph)
 def _compensation(model: onnx.ModelProto, graph: ChannelGraph, keep: dict[int, np.ndarray],
                   nodes: dict[str, onnx.NodeProto], readers: dict[str, int], arrays: dict[str, np.ndarray],
                   ctx: StepContext) -> dict[str, np.ndarray]:
-    """Refit the layers that lose inputs on the calibration data (``structure.compensate``):
+    """Refit the layers that lose inputs on the calibration data (``prune.compensate``):
     returns new full-size weights and biases by initializer name."""
     cuts, names = [], {}
     for action in graph.actions:

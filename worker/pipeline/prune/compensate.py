@@ -21,7 +21,7 @@ import onnx
 
 from worker.pipeline import activations
 from worker.pipeline.data import Dataset
-from worker.pipeline.structure.unfold import conv2d_geometry, conv_weight_from_matrix, conv_weight_matrix, unfold2d
+from worker.pipeline.unfold import conv2d_geometry, conv_weight_from_matrix, conv_weight_matrix, unfold2d
 
 DAMPING = 0.01
 CALIBRATION_BATCH = 64

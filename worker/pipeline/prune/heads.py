@@ -1,6 +1,6 @@
 """Attention heads as channels: find multi-head attention blocks whose heads can be removed whole.
 
-Channel pruning (``structure.channels``) stops at the Reshape that splits a projection into heads:
+Channel pruning (``prune.channels``) stops at the Reshape that splits a projection into heads:
 past it a channel is no longer a position on one axis. A head is, though: removing head ``h`` removes
 columns ``[h*H, (h+1)*H)`` of each of the Q, K and V projections (of each third of a packed QKV
 projection), the same rows of the output projection, and one from the head count in the reshapes;

@@ -41,10 +41,10 @@ import kernels
 from core.errors import RecipeError
 from core.recipe import QuantizeStep
 from worker.pipeline import graph
-from worker.pipeline.quant import constants, integer_kernels, weight_only
-from worker.pipeline.quant.attention_layout import fuse_attention_heads
-from worker.pipeline.quant.shared_quantization import share_input_quantization
-from worker.pipeline.quant.static import (add_initializer, embedding_layers, quantize_embedding, quantize_table,
+from worker.pipeline.quantize import lift_constants, int8_storage, weight_only
+from worker.pipeline.quantize.attention_layout import fuse_attention_heads
+from worker.pipeline.quantize.shared_quantization import share_input_quantization
+from worker.pipeline.quantize.static import (add_initializer, embedding_layers, quantize_embedding, quantize_table,
                                           table_tensors)
 from worker.pipeline.step import LayerRecord, StepContext, StepResult
 
@@ -57,7 +57,7 @@ MS_DOMAIN = "com.microsoft"
 def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
     prepared = onnx.ModelProto()
     prepared.CopyFrom(model)
-    constants.lift_constant_weights(prepared)
+    lift_constants.lift_constant_weights(prepared)
     graph.ensure_node_names(prepared)
     return prepared
 
@@ -133,7 +133,7 @@ def quantize_dynamic(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
     storage: dict[tuple[str, bool], tuple[str, str, str]] = {}
     grids: dict[str, dict[str, Any]] = {}
     replaced = 0
-    unsigned = integer_kernels.unsigned_weights(ctx.target, ctx.options, params.integer_weights)
+    unsigned = int8_storage.unsigned_weights(ctx.target, ctx.options, params.integer_weights)
     for position, layer in enumerate(layers):
         ctx.check_cancelled()
         weight = graph.get_array(quantized, layer.weight).astype(np.float32)
@@ -153,7 +153,7 @@ def quantize_dynamic(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
             key = (layer.weight, transposed)
             if key not in storage:
                 # The op wants B as [K, N] with one scale per column N.
-                stored, zero_point = integer_kernels.stored(q.T if transposed else q, unsigned)
+                stored, zero_point = int8_storage.stored(q.T if transposed else q, unsigned)
                 names = tuple(graph.unique_name(quantized, f"{layer.weight}_{suffix}")
                               for suffix in ("quantized" + ("_t" if transposed else ""), "scale", "zero_point"))
                 graph.set_array(quantized, names[0], np.ascontiguousarray(stored))
@@ -193,7 +193,7 @@ def quantize_dynamic(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
         record.bits = 8
         record.grid = grids[layer.weight]
         if layer.op in DYNAMIC_OPS:
-            record.extra["weight_storage"] = integer_kernels.storage_name(unsigned)
+            record.extra["weight_storage"] = int8_storage.storage_name(unsigned)
         if layer.weight in split_from:
             record.extra["split_from"] = split_from[layer.weight]
         record.extra["activations"] = ("dynamic int8 (DynamicQuantizeMatMul)" if layer.op in DYNAMIC_OPS else

@@ -51,7 +51,7 @@ def kind_of(tensor: onnx.TensorProto, masks: set[str], values: set[str]) -> str:
 
 def _sparse_parts(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
     # imported here: sparse_storage measures its decisions with this module's layout
-    from worker.pipeline.quant.sparse_storage import find_sparse_weights
+    from worker.pipeline.quantize.sparse_storage import find_sparse_weights
 
     found = find_sparse_weights(model.graph)
     return ({s.mask for s in found},

@@ -30,7 +30,7 @@ import kernels
 from worker.pipeline import graph, metrics
 from worker.pipeline.data import bind
 from worker.pipeline.step import StepContext
-from worker.pipeline.structure.unfold import conv2d_geometry, conv_weight_from_matrix, conv_weight_matrix, unfold2d
+from worker.pipeline.unfold import conv2d_geometry, conv_weight_from_matrix, conv_weight_matrix, unfold2d
 
 DAMPING = 0.01
 MAX_COLUMNS = 16384            # H is columns^2 float64; past this RTN is used
@@ -156,7 +156,7 @@ class GptqRunner:
 
     def quantize(self, layer: graph.WeightLayer, w: np.ndarray, grid) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(q, scale, zero_point, w') in the DequantizeLinear layout of ``grid``."""
-        from worker.pipeline.quant.weight_only import choose_grid_params
+        from worker.pipeline.quantize.weight_only import choose_grid_params
 
         plan = self.plans[layer.weight]
         if layer.weight not in self.hessians:

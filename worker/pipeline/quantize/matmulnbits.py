@@ -164,7 +164,7 @@ def layer_models(model: onnx.ModelProto, packed: Packed, float_type: int,
     fused = onnx.ModelProto()
     fused.CopyFrom(qdq)
     to_matmulnbits(fused, packed, float_type)
-    from worker.pipeline.quant import dequantize_form
+    from worker.pipeline.quantize import dequantize_form
 
     dequantize_form.fold(qdq, dequantize_form.weight_only_dequantizers(qdq))
     return qdq, fused

@@ -21,7 +21,7 @@ from onnx import helper, numpy_helper
 import kernels
 from core.recipe import QuantizeStep
 from worker.pipeline import graph
-from worker.pipeline.quant import matmulnbits, weight_only
+from worker.pipeline.quantize import matmulnbits, weight_only
 from worker.pipeline.step import StepContext, StepResult
 
 

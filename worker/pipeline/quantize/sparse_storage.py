@@ -27,7 +27,7 @@ Decoding (opset 11: BitShift, CumSum), evaluated once by constant folding:
     (the rank among the non-fill values, 0 at a fill position) --Gather(values)--> Reshape(shape)
 
 Closing the gap (tensors whose fill is their symmetric grid's zero: 0 for int8, 128 for the uint8
-storage of ``integer_kernels``; i.e. pruned symmetric weights): magnitude pruning leaves no value
+storage of ``int8_storage``; i.e. pruned symmetric weights): magnitude pruning leaves no value
 between -t and t (around that zero) in a channel, where t, the channel's smallest kept magnitude,
 differs from channel to channel with the channel's scale (20 to 75 on the digits CNN's Gemm). The
 values are stored as v = q - sign(q) (t - 1), so that every channel's values start at +-1 and one
@@ -55,14 +55,14 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from worker.pipeline import graph
-from worker.pipeline.quant import file_layout
-from worker.pipeline.quant.file_layout import zstd_size
+from worker.pipeline.quantize import file_layout
+from worker.pipeline.quantize.file_layout import zstd_size
 
 MIN_OPSET = 11                      # BitShift, CumSum
 MIN_ELEMENTS = 256                  # below this the nine decoding nodes cost more than any saving
 PACKABLE = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8}
 INT32_INDEX_LIMIT = 2 ** 31 - 1     # CumSum in int32 below this (half the memory of int64 at load)
-# where a symmetric grid's zero sits in storage: int8 0, uint8 128 (integer_kernels' shifted form)
+# where a symmetric grid's zero sits in storage: int8 0, uint8 128 (int8_storage' shifted form)
 GAP_CENTER = {np.dtype(np.int8): 0, np.dtype(np.uint8): 128}
 MIN_GAIN = 64                       # zstd bytes a sparse form must save: less is noise, and costs nine nodes
 WHOLE_FILE_WORK = 64 << 20          # bytes zstd may go through judging every candidate on the whole file

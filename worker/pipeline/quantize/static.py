@@ -50,7 +50,7 @@ from core.errors import PipelineError, RecipeError
 from core.recipe import QuantizeStep
 from worker.pipeline import activations, calibrate, graph, subgraphs
 from worker.pipeline.data import DataError, Dataset, bind
-from worker.pipeline.quant import constants, integer_kernels
+from worker.pipeline.quantize import lift_constants, int8_storage
 from worker.pipeline.step import LayerRecord, StepContext, StepResult
 
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
@@ -104,7 +104,7 @@ def check(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext) -> Non
     calibration_data(model, ctx)
     prepared = onnx.ModelProto()
     prepared.CopyFrom(model)
-    constants.lift_constant_weights(prepared)
+    lift_constants.lift_constant_weights(prepared)
     if not selected_layers(prepared, params):
         if params.include:
             loc, why = ["include"], f"no Conv / MatMul / Gemm weight matches include {list(params.include)}"
@@ -128,7 +128,7 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy with weights as initializers, named nodes, opset >= 13 and BatchNorm folded into Conv."""
     prepared = onnx.ModelProto()
     prepared.CopyFrom(model)
-    constants.lift_constant_weights(prepared)
+    lift_constants.lift_constant_weights(prepared)
     subgraphs.hoist_weights(prepared)
     graph.ensure_node_names(prepared)
     if graph.opset(prepared) < MIN_OPSET:
@@ -318,13 +318,13 @@ def quantize_weight(model: onnx.ModelProto, layer: graph.WeightLayer, params: Qu
                     unsigned_storage: bool = False) -> WeightGrid:
     """Replace the float weight by int8 + DequantizeLinear whose output keeps the weight's name, so
     every reader (a shared weight's second layer too) reads the dequantized tensor unchanged.
-    ``unsigned_storage``: symmetric int8 values stored as uint8 + 128 (``integer_kernels``)."""
+    ``unsigned_storage``: symmetric int8 values stored as uint8 + 128 (``int8_storage``)."""
     weight = graph.get_array(model, layer.weight).astype(np.float32)
     grid = weight_grid(weight, layer, params)
     signed = params.weights is None or params.weights.symmetric
     q = kernels.quantize(np.ascontiguousarray(weight), grid.scale, grid.zero_point, bits=8, signed=signed, axis=grid.axis)
     if signed and unsigned_storage:
-        q, shift = integer_kernels.stored(q, unsigned=True)
+        q, shift = int8_storage.stored(q, unsigned=True)
         zero_point = np.full(np.shape(grid.zero_point), shift, np.uint8)
     else:
         np_dtype = np.int8 if signed else np.uint8
@@ -596,8 +596,8 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
     quantized = onnx.ModelProto()
     quantized.CopyFrom(prepared)
     weight_grids: dict[str, WeightGrid] = {}
-    # uint8 activations meet these weights in ORT's u8s8 kernels: see integer_kernels
-    unsigned = not spec.symmetric and integer_kernels.unsigned_weights(ctx.target, ctx.options, params.integer_weights)
+    # uint8 activations meet these weights in ORT's u8s8 kernels: see int8_storage
+    unsigned = not spec.symmetric and int8_storage.unsigned_weights(ctx.target, ctx.options, params.integer_weights)
     for layer in layers:
         weight_grids[layer.weight] = quantize_weight(quantized, layer, params, unsigned)
     embeddings = embedding_layers(quantized, params)
@@ -655,7 +655,7 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
         record.grid = {"scale": grid.scale, "zero_point": grid.zero_point, "axis": grid.axis,
                        "block_size": None, "bits": 8, "signed": bool(signed)}
         if layer in layers:
-            record.extra["weight_storage"] = integer_kernels.storage_name(unsigned and bool(signed))
+            record.extra["weight_storage"] = int8_storage.storage_name(unsigned and bool(signed))
         record.extra["activations"] = ("weight-only int8 rows (embedding)" if layer.op == "Gather" else
                                        "weight-only int8 (table)" if layer.op in TABLE_READERS else
                                        "weight-only int8 (inside a control-flow body)" if layer in bodies else

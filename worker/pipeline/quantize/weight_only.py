@@ -28,7 +28,7 @@ from core.errors import PipelineError, RecipeError
 from core.recipe import QuantizeStep, WeightQuantSpec
 from worker.pipeline import graph, metrics, subgraphs
 from worker.pipeline.data import bind, generated
-from worker.pipeline.quant import constants, matmulnbits
+from worker.pipeline.quantize import lift_constants, matmulnbits
 from worker.pipeline.step import LayerRecord, StepContext, StepResult
 
 LAYER_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
@@ -124,7 +124,7 @@ def candidate_layers(model: onnx.ModelProto, params: QuantizeStep) -> list[graph
     found += subgraphs.body_layers(model, ops, seen, include=params.include, exclude=params.exclude,
                                    min_params=params.min_params)
     consumers = graph.consumers(model)
-    for node in constants.constant_weights(model):
+    for node in lift_constants.constant_weights(model):
         name = node.output[0]
         if name in seen:
             continue
@@ -259,7 +259,7 @@ def keep_pruned_zeros(record: LayerRecord | None, q: np.ndarray, w_hat: np.ndarr
     (round(0 / s) + z = z); GPTQ's error compensation may move them, so they are put back here."""
     if record is None or record.mask is None or record.mask.shape != q.shape:
         return q, w_hat
-    from worker.pipeline.quant.gptq import expand
+    from worker.pipeline.quantize.gptq import expand
 
     pruned = ~np.asarray(record.mask, dtype=bool)
     zeros = expand(zero_point, q.shape, grid.axis, grid.block_size).astype(q.dtype)
@@ -296,7 +296,7 @@ def prepare(model: onnx.ModelProto, params: QuantizeStep, opset: int) -> tuple[o
     """Lift Constant weights, move If / Loop / Scan body weights to the main graph (where the
     DequantizeLinear that replaces them can live), raise the opset; returns the model to work on and
     the lifted names."""
-    lifted = constants.lift_constant_weights(model)
+    lifted = lift_constants.lift_constant_weights(model)
     subgraphs.hoist_weights(model)
     try:
         model = raise_opset(model, opset)
@@ -313,7 +313,7 @@ def quantize_weights(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
     layers = candidate_layers(model, params)
     runner = None
     if params.method == "gptq":
-        from worker.pipeline.quant import gptq
+        from worker.pipeline.quantize import gptq
         runner = gptq.GptqRunner(model, layers, ctx)
     inits = graph.initializers(model)
     changed: list[str] = []

@@ -40,7 +40,7 @@ from onnx import helper, numpy_helper
 from core.recipe import CleanupStep
 from worker.pipeline.graph import attribute, sort_graph, unique_name
 from worker.pipeline.step import StepContext, StepResult
-from worker.pipeline.structure.records import StepLog
+from worker.pipeline.records import StepLog
 
 name = "cleanup"
 Params = CleanupStep

@@ -1,5 +1,5 @@
-"""The attention layout rewrite (quant.attention_layout) and the shared run-time quantization
-(quant.shared_quantization): each fires on its exact pattern only, the result passes the checker,
+"""The attention layout rewrite (quantize.attention_layout) and the shared run-time quantization
+(quantize.shared_quantization): each fires on its exact pattern only, the result passes the checker,
 keeps the original I/O, and computes what the original computes (bit for bit where the arithmetic
 is the same; within float rounding where ONNX Runtime's own MatMulScaleFusion would differ too)."""
 from __future__ import annotations
@@ -11,9 +11,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from core.recipe import QuantizeStep
 from tests.unit.pipeline import builders
-from worker.pipeline.quant.dynamic import quantize_dynamic
-from worker.pipeline.quant.attention_layout import fuse_attention_heads
-from worker.pipeline.quant.shared_quantization import share_input_quantization
+from worker.pipeline.quantize.dynamic import quantize_dynamic
+from worker.pipeline.quantize.attention_layout import fuse_attention_heads
+from worker.pipeline.quantize.shared_quantization import share_input_quantization
 from worker.pipeline.step import StepContext
 
 FLOAT_MIN = float(np.finfo(np.float32).min)

@@ -11,9 +11,9 @@ from onnx import TensorProto, numpy_helper
 
 from core.recipe import parse_recipe
 from tests.unit.pipeline import builders
-from tests.unit.pipeline.test_quantize_weight_only import apply
+from tests.unit.pipeline.quantize.test_quantize_weight_only import apply
 from worker.pipeline import runner
-from worker.pipeline.quant import dequantize_form
+from worker.pipeline.quantize import dequantize_form
 
 
 def _optimized_ops(model: onnx.ModelProto, tmp_path) -> list[str]:

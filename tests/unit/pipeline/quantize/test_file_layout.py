@@ -5,8 +5,8 @@ import numpy as np
 import onnx
 
 from tests.unit.pipeline import builders
-from tests.unit.pipeline.test_sparse_storage import PRUNE, WEIGHT_ONLY, _both
-from worker.pipeline.quant import file_layout, sparse_storage
+from tests.unit.pipeline.quantize.test_sparse_storage import PRUNE, WEIGHT_ONLY, _both
+from worker.pipeline.quantize import file_layout, sparse_storage
 
 
 def _kinds(model: onnx.ModelProto) -> list[str]:

@@ -11,7 +11,7 @@ from core.errors import RecipeError
 from core.recipe import QuantizeStep
 from tests.unit.pipeline import builders
 from worker.pipeline import graph
-from worker.pipeline.quant.dynamic import check, quantize_dynamic
+from worker.pipeline.quantize.dynamic import check, quantize_dynamic
 from worker.pipeline.step import StepContext
 
 
@@ -33,7 +33,7 @@ _io = builders.io_of
 
 def _values(model, node) -> np.ndarray:
     """B's symmetric int8 values, whichever storage the CPU got (int8, or uint8 with zero point 128
-    where ORT's u8s8 kernel would saturate: see quant/integer_kernels.py)."""
+    where ORT's u8s8 kernel would saturate: see quantize/int8_storage.py)."""
     stored, zero = graph.get_array(model, node.input[1]), graph.get_array(model, node.input[3])
     assert (stored.dtype, int(np.max(zero)), int(np.min(zero))) in ((np.int8, 0, 0), (np.uint8, 128, 128))
     return stored.astype(np.int32) - zero.astype(np.int32)

@@ -12,7 +12,7 @@ from core.errors import InvalidInput, RecipeError
 from core.recipe import QuantizeStep
 from tests.unit.pipeline import builders
 from worker.pipeline import graph
-from worker.pipeline.quant.static import check, quantize_static
+from worker.pipeline.quantize.static import check, quantize_static
 from worker.pipeline.step import StepContext
 
 FLOAT_MIN = float(np.finfo(np.float32).min)
@@ -58,7 +58,7 @@ def test_mlp_weights_bit_exact_outputs_close_io_unchanged():
         # CONTRACT §1, symmetric per output channel (MatMul W[K, N]: axis 1): s = absmax / 127
         expected_scale = (np.abs(weight).max(axis=0) / np.float32(127)).astype(np.float32)
         expected_q = np.clip(np.rint(weight / expected_scale), -128, 127).astype(np.int8)
-        # int8, or on x86 without VNNI uint8 + 128 (the same grid; quant/integer_kernels.py)
+        # int8, or on x86 without VNNI uint8 + 128 (the same grid; quantize/int8_storage.py)
         assert axis == 1 and (q.dtype, int(zero.min()), int(zero.max())) in ((np.int8, 0, 0), (np.uint8, 128, 128))
         np.testing.assert_array_equal(scale, expected_scale)
         np.testing.assert_array_equal(q.astype(np.int32) - zero.astype(np.int32), expected_q)

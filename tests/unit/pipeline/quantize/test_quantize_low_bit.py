@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from tests.unit.pipeline import builders
-from tests.unit.pipeline.test_quantize_weight_only import apply, dq_of, step
+from tests.unit.pipeline.quantize.test_quantize_weight_only import apply, dq_of, step
 from worker.pipeline.step import StepContext
 from worker.pipeline.steps import quantize as quantize_step
 
@@ -331,7 +331,7 @@ def test_body_weight_whose_name_is_taken_outside_stays_float_and_is_reported():
 
 
 def test_sign_stores_int2_signs_and_mean_abs_alpha():
-    from worker.pipeline.quant.sign import ort_runs_int2
+    from worker.pipeline.quantize.sign import ort_runs_int2
 
     model = builders.mlp()
     w1 = weight(model, "W1")

@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from core.recipe import parse_recipe
 from tests.unit.pipeline import builders
 from worker.pipeline import metrics, runner
-from worker.pipeline.quant import sparse_storage
+from worker.pipeline.quantize import sparse_storage
 from worker.pipeline.step import StepContext
 from worker.pipeline.steps import prune, quantize
 
@@ -85,7 +85,7 @@ def test_closing_the_gap_is_undone_exactly_and_keeps_zeros_and_signs(seed, rows,
     w[np.abs(w) < np.quantile(np.abs(w), sparsity)] = 0.0   # magnitude-pruned: a gap around 0
     q = np.clip(np.rint(w / (np.abs(w).max(axis=0, keepdims=True) + 1e-12) * 127), -127, 127).astype(np.int8)
     center = 128 if unsigned else 0
-    stored = (q.astype(np.int16) + 128).astype(np.uint8) if unsigned else q     # integer_kernels' uint8 form
+    stored = (q.astype(np.int16) + 128).astype(np.uint8) if unsigned else q     # int8_storage' uint8 form
     closed = sparse_storage.close_gap(stored)
     if closed is None:
         return

@@ -249,7 +249,7 @@ def test_channel_pruning_through_concat_and_explicit_reshape():
 
 
 def test_channels_go_in_whole_hardware_blocks():
-    from worker.pipeline.structure.channels import apportion
+    from worker.pipeline.prune.channels import apportion
     # the digits CNN: 30 % of 32 + 64 channels in blocks of 16 -> 16 + 16 removed (33 %)
     assert apportion([32, 64], 0.3, 16) == [16, 16]
     assert apportion([32, 64], 0.3, 8) == [8, 24]                  # 32 of 96: the nearest to 28.8 in blocks of 8
@@ -369,7 +369,7 @@ def test_channel_pruning_blocks_at_custom_domain_ops():
 
 
 def test_drift_correction_is_identity_without_drift_and_exact_least_squares_with_it():
-    from worker.pipeline.structure.hessians import drift_corrected
+    from worker.pipeline.hessians import drift_corrected
     rng = np.random.default_rng(4)
     x = rng.standard_normal((4000, 12))
     m = rng.standard_normal((5, 12))
