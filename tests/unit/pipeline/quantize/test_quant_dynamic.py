@@ -139,7 +139,7 @@ def test_embedding_table_is_quantized_per_row():
 
 
 def test_weight_also_read_inside_an_if_subgraph_keeps_its_float_copy():
-    from tests.unit.pipeline.test_quant_static import if_subgraph_model
+    from tests.unit.pipeline.quantize.test_quant_static import if_subgraph_model
 
     model = if_subgraph_model()
     result, _ = _run(model)

@@ -423,7 +423,7 @@ def test_channel_pruning_removes_whole_attention_heads_exactly():
 
 
 def test_packed_qkv_of_a_torch_export_loses_heads_in_all_three_thirds():
-    from tests.unit.pipeline.test_attention_layout import _feeds, packed_attention
+    from tests.unit.pipeline.quantize.test_attention_layout import _feeds, packed_attention
 
     model = packed_attention()
     ctx = StepContext(original=model, options={"channel_block": 1})
@@ -439,7 +439,7 @@ def test_packed_qkv_of_a_torch_export_loses_heads_in_all_three_thirds():
 
 
 def test_attention_that_is_not_head_by_head_keeps_its_heads():
-    from tests.unit.pipeline.test_attention_layout import packed_attention
+    from tests.unit.pipeline.quantize.test_attention_layout import packed_attention
 
     model = packed_attention(packed_read_elsewhere=True)      # the packed projection is read elsewhere too
     result = prune.run(model, _params(sparsity=0.5, structure="channel", include=["W_qkv"], min_params=0),
