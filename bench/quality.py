@@ -151,6 +151,7 @@ def _fuse_only(model_path: Path, out_path: Path) -> None:
 
 def _compress_ours(variant: str, model_path: Path, out_path: Path, calibration_method: str, calibration) -> None:
     from core.recipe import parse_recipe
+    from worker.pipeline import artifacts
     from worker.pipeline.runner import run
 
     model = onnx.load(str(model_path))
@@ -162,10 +163,10 @@ def _compress_ours(variant: str, model_path: Path, out_path: Path, calibration_m
     if variant.endswith("-plain"):
         options["dynamic_layout_rewrites"] = False
     run(model_path, recipe, calibration=calibration, workdir=workdir, options=options)
-    shutil.move(str(workdir / "model.onnx"), str(out_path))
-    data = workdir / "model.onnx.data"
+    shutil.move(str(workdir / artifacts.MODEL_FILE), str(out_path))
+    data = workdir / artifacts.MODEL_DATA_FILE
     if data.exists():
-        shutil.move(str(data), str(out_path) + ".data")
+        shutil.move(str(data), artifacts.external_data_file(str(out_path)))
 
 
 def compress_one(model_name: str, variant: str, calibration_method: str, out_dir: Path) -> dict:

@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from worker.pipeline import artifacts
+
 # Protobuf refuses to serialize a message past 2 GiB; stay clear of it with a margin.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
@@ -31,7 +33,7 @@ def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
     tmp = path.with_name(path.name + ".partial")
     if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
         onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
+                        location=artifacts.external_data_file(path.name), size_threshold=1024)
     else:
         onnx.save_model(model, str(tmp))
     tmp.replace(path)

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from worker.pipeline import graph
+from worker.pipeline import graph, sessions
 from worker.pipeline.unfold import conv_weight_from_matrix, conv_weight_matrix, unfold2d
 
 _INT_RANGES = {
@@ -167,8 +167,6 @@ def constant_values(model: onnx.ModelProto, names: list[str]) -> dict[str, np.nd
     the nodes that compute them, no inputs."""
     if not names:
         return {}
-    import onnxruntime as ort   # the runtime is already what evaluates everything else; imported late
-
     constant = constant_nodes(model)
     producers = {out: node for node in constant for out in node.output}
     needed, stack, used_inits = [], list(names), set()
@@ -189,9 +187,7 @@ def constant_values(model: onnx.ModelProto, names: list[str]) -> dict[str, np.nd
     sub = onnx.helper.make_graph(order, "constants", [], [onnx.helper.make_empty_tensor_value_info(n) for n in names],
                                  [inits[n] for n in sorted(used_inits)])
     sub_model = onnx.helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    run = ort.InferenceSession(sub_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    run = sessions.session(sub_model)
     return dict(zip(names, run.run(names, {})))
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from worker.pipeline import activations, graph, metrics
+from worker.pipeline import graph, metrics, sessions
 
 # the integer types Cast reads, and the opset from which it does
 CAST_OPSET = {TensorProto.INT8: 13, TensorProto.UINT8: 13, TensorProto.INT4: 21, TensorProto.UINT4: 21,
@@ -182,7 +182,7 @@ def choose_form(model: onnx.ModelProto, feeds: dict[str, np.ndarray], target: st
         return {"form": "qdq", "weights": []}
     if forced == "qdq":
         return {"form": "qdq", "weights": [], "reason": "format: qdq"}
-    provider = metrics.provider_for(target)
+    provider = sessions.provider_for(target)
     if forced != "folded":
         before = _session(model, provider)
     done = fold(model, dequantizers)
@@ -199,5 +199,4 @@ def choose_form(model: onnx.ModelProto, feeds: dict[str, np.ndarray], target: st
 
 
 def _session(model: onnx.ModelProto, provider: str):
-    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
-    return activations.session(model, providers)
+    return sessions.session(model, sessions.providers_for(provider))

@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 
 import kernels
-from worker.pipeline import graph, metrics
+from worker.pipeline import graph, sessions
 from worker.pipeline.data import bind
 from worker.pipeline.step import StepContext
 from worker.pipeline.unfold import conv2d_geometry, conv_weight_from_matrix, conv_weight_matrix, unfold2d
@@ -127,7 +127,7 @@ class GptqRunner:
         sums = {key: np.zeros((p.columns, p.columns)) for key, p in views.items()}
         rows = {key: 0 for key in views}
         inputs = {i.name for i in self.model.graph.input}
-        run = None if source in inputs else metrics.exposed_session(self.model, [source])
+        run = None if source in inputs else sessions.exposed_session(self.model, [source])
         for feeds in self.data.batches(CAPTURE_BATCH, self.limit):
             self.ctx.check_cancelled()
             x = np.asarray(feeds[source] if run is None else run.run([source], feeds)[0], dtype=np.float32)
@@ -137,7 +137,7 @@ class GptqRunner:
                 sums[key] += flat.T @ flat
                 rows[key] += flat.shape[0]
         del run
-        metrics.release_memory()
+        sessions.release_memory()
         for key in views:
             if rows[key]:
                 sums[key] *= 2.0 / rows[key]

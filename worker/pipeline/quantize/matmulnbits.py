@@ -26,7 +26,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 import kernels
-from worker.pipeline import graph, metrics
+from worker.pipeline import graph, metrics, sessions
 
 DOMAIN = "com.microsoft"
 SUPPORTED_BITS = (2, 4, 8)
@@ -173,7 +173,7 @@ def layer_models(model: onnx.ModelProto, packed: Packed, float_type: int,
 def choose(qdq_model: onnx.ModelProto, nbits_model: onnx.ModelProto, feeds: dict[str, np.ndarray], provider: str,
            *, runs: int = 20, budget_s: float = 1.0) -> tuple[str, dict[str, float]]:
     """Time both models interleaved on ``feeds``; ("qdq" | "matmulnbits", p50 ms of each)."""
-    sessions = [metrics.session_from_proto(model, ".", provider) for model in (qdq_model, nbits_model)]
-    qdq, nbits = metrics.latency(sessions, feeds, runs=runs, budget_s=budget_s)
+    pair = [sessions.session_from_proto(model, ".", provider) for model in (qdq_model, nbits_model)]
+    qdq, nbits = metrics.latency(pair, feeds, runs=runs, budget_s=budget_s)
     timing = {"qdq": qdq["p50"], "matmulnbits": nbits["p50"]}
     return ("matmulnbits" if nbits["p50"] < qdq["p50"] else "qdq"), timing

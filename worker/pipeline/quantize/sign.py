@@ -15,12 +15,11 @@ import functools
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 import kernels
 from core.recipe import QuantizeStep
-from worker.pipeline import graph
+from worker.pipeline import graph, sessions
 from worker.pipeline.quantize import matmulnbits, weight_only
 from worker.pipeline.step import StepContext, StepResult
 
@@ -34,9 +33,7 @@ def ort_runs_int2() -> bool:
     g = helper.make_graph([node], "probe", [], [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 2])], [q, s])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 25)])
     try:
-        options = ort.SessionOptions()
-        options.log_severity_level = 4
-        out = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, {})[0]
+        out = sessions.session(model, log_severity=4).run(None, {})[0]
     except Exception:   # any failure to load or run the probe means: not supported here
         return False
     return bool(np.array_equal(out, np.array([[-1, 1], [-1, 1]], np.float32)))

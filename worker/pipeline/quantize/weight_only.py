@@ -26,7 +26,7 @@ from onnx import helper, numpy_helper
 import kernels
 from core.errors import PipelineError, RecipeError
 from core.recipe import QuantizeStep, WeightQuantSpec
-from worker.pipeline import graph, metrics, subgraphs
+from worker.pipeline import graph, metrics, sessions, shape_inference, subgraphs
 from worker.pipeline.data import bind, generated
 from worker.pipeline.quantize import lift_constants, matmulnbits
 from worker.pipeline.step import LayerRecord, StepContext, StepResult
@@ -273,7 +273,7 @@ def raise_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
     inputs of the same type) and are moved into the converted model afterwards, one at a time."""
     if graph.opset(model) >= version:
         return model
-    shell = metrics.skeleton(model)
+    shell = shape_inference.skeleton(model)
     kept = {t.name for t in shell.graph.initializer}
     moved = {t.name for t in model.graph.initializer if t.name not in kept}
     converted = graph.ensure_opset(shell, version)
@@ -377,9 +377,9 @@ def choose_format(model: onnx.ModelProto, params: QuantizeStep, layers: list[gra
     if params.format == "auto":
         dataset = bind(model, ctx.calibration) if ctx.calibration is not None else generated(model, count=1)
         feeds = next(dataset.head(1).batches(1))
-        shapes = metrics.inferred_shapes(model, {name: value.shape for name, value in feeds.items()})
+        shapes = shape_inference.inferred_shapes(model, {name: value.shape for name, value in feeds.items()})
         readers = graph.consumers(model)
-        provider = metrics.provider_for(ctx.target)
+        provider = sessions.provider_for(ctx.target)
         rng = np.random.default_rng(0)
         measured: dict[tuple, tuple[str, dict[str, float]]] = {}
         for packed, float_type in eligible:

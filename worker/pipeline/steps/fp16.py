@@ -30,7 +30,7 @@ from onnx import helper, numpy_helper
 
 from core.errors import PipelineError, RecipeError
 from core.recipe import Fp16Step
-from worker.pipeline import graph, metrics, subgraphs
+from worker.pipeline import graph, metrics, sessions, subgraphs
 from worker.pipeline.data import Dataset, bind, generated
 from worker.pipeline.step import LayerRecord, StepContext, StepResult
 
@@ -91,7 +91,7 @@ def measure(model: onnx.ModelProto, data: Dataset) -> TensorStats:
     names = [out for node in model.graph.node for out in node.output if out]
     for spec in data.specs:
         stats.dtype[spec.name] = _NUMPY_TO_ONNX.get(spec.dtype, onnx.TensorProto.UNDEFINED)
-    session = metrics.exposed_session(model, names)
+    session = sessions.exposed_session(model, names)
     available = {o.name for o in session.get_outputs()}
     names = [n for n in names if n in available]
     for feeds in data.batches(MEASURE_BATCH, MEASURE_SAMPLES):
@@ -316,7 +316,7 @@ def problems(converted: onnx.ModelProto, plans: dict[str, NodePlan], data: Datas
     float16 tensors stay finite on the data wherever the float32 ones were."""
     watched = [t for n in converted.graph.node if n.name in plans for t in n.output if t]
     try:
-        session = metrics.exposed_session(converted, watched)
+        session = sessions.exposed_session(converted, watched)
     except Exception as exc:   # ORT raises its own exception types for a missing kernel
         match = _NO_KERNEL.search(str(exc))
         if match is None:
@@ -379,7 +379,7 @@ def run(model: onnx.ModelProto, params: Fp16Step, ctx: StepContext) -> StepResul
     data, source = _dataset(model, ctx)
     ctx.progress(0.05, "measuring activations")
     stats = measure(model, data)
-    metrics.release_memory()
+    sessions.release_memory()
     opset = graph.opset(model)
     block = set(params.op_block_list)
     pinned = subgraph_reads(model)
@@ -402,7 +402,7 @@ def run(model: onnx.ModelProto, params: Fp16Step, ctx: StepContext) -> StepResul
         ctx.progress(0.3 + 0.6 * round_ / MAX_ROUNDS, "converting")
         converted, casts = convert(model, plans)
         found = problems(converted, plans, data, stats)
-        metrics.release_memory()
+        sessions.release_memory()
         if not found:
             break
         for node_name, why in found.items():

@@ -284,7 +284,7 @@ def test_channel_pruning_with_calibration_refits_the_layers_that_lose_inputs():
 def test_quantizing_after_pruning_keeps_zeros_zero():
     """Steps compose: the int8 weights the quantize step writes decode to exactly zero wherever
     prune left a zero (its LayerRecord mask), whichever storage the quantize step picks."""
-    from worker.pipeline.activations import session
+    from worker.pipeline.sessions import session
     from worker.pipeline.steps import quantize
     model = mlp()
     ctx = StepContext(original=model)

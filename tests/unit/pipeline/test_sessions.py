@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from tests.unit.pipeline import builders
 from tests.unit.pipeline.quantize.test_quantize_low_bit import correlated
 from tests.unit.pipeline.quantize.test_quantize_weight_only import apply
-from worker.pipeline import activations, graph, metrics
+from worker.pipeline import graph, sessions
 
 
 @pytest.fixture
@@ -26,15 +26,15 @@ def test_big_model_session_reads_weights_from_scratch_and_leaves_the_model_intac
     model = builders.mlp()
     before = model.SerializeToString()
     options = ort.SessionOptions()
-    data, scratch = activations.payload(model, options)
+    data, scratch = sessions.payload(model, options)
     assert scratch is not None and len(data) < len(before) // 10      # the structure only
     assert model.SerializeToString() == before                        # every weight read back
     feeds = builders.random_inputs(model)
-    run = activations.session(model, outputs=[model.graph.node[0].output[0]])
+    run = sessions.session(model, outputs=[model.graph.node[0].output[0]])
     expected = ort.InferenceSession(before, providers=["CPUExecutionProvider"]).run(None, feeds)
     np.testing.assert_array_equal(run.run([model.graph.output[0].name], feeds)[0], expected[0])
     assert model.SerializeToString() == before                        # extra outputs taken off again
-    exposed = metrics.exposed_session(model, [model.graph.node[0].output[0]])
+    exposed = sessions.exposed_session(model, [model.graph.node[0].output[0]])
     assert len(exposed.get_outputs()) == len(model.graph.output) + 1
 
 
