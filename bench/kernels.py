@@ -1,4 +1,4 @@
-"""Kernel benchmark (not a test): `python -m kernels.bench [--json] [--quick] [--only NAME,...]`.
+"""Kernel benchmark (not a test): `python -m bench.kernels [--json] [--quick] [--only NAME,...]`.
 
 For each kernel at realistic sizes (4096 x 4096 float32 weights; 16M-element activations), on one
 thread and on all, in alternating rounds (best of N each, so a change in machine load hits every
@@ -339,7 +339,7 @@ def run(quick: bool = False, only: set[str] | None = None, log=sys.stderr) -> li
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true", help="print a JSON list of result objects")
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     ap.add_argument("--only", default="", help="comma-separated kernel names")

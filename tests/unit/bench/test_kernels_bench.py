@@ -1,4 +1,4 @@
-"""`python -m kernels.bench` runs and prints the documented JSON (smoke test at small sizes)."""
+"""`python -m bench.kernels` runs and prints the documented JSON (smoke test at small sizes)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 
 def test_bench_json_smoke():
     r = subprocess.run(
-        [sys.executable, "-m", "kernels.bench", "--json", "--quick",
+        [sys.executable, "-m", "bench.kernels", "--json", "--quick",
          "--only", "quantize_int8_axis,magnitude_mask,kth_smallest_abs"],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
         env=dict(os.environ, PYTHONPATH=ROOT),
