@@ -38,6 +38,7 @@ from onnx import numpy_helper
 from worker.pipeline import graph, sessions, subgraphs
 from worker.pipeline import shape_inference
 from worker.pipeline.data import Dataset
+from worker.pipeline.quantize import sparse_form
 
 
 
@@ -170,19 +171,17 @@ def _node_inputs(g: onnx.GraphProto, skip: set[str]) -> Iterable[str]:
 
 def _sparse_stored(model: onnx.ModelProto, base_dir: str | Path | None
                    ) -> tuple[list[onnx.TensorProto], set[str]]:
-    """Weights stored sparse (``quantize.sparse_storage``: bitmask + values, decoded at load), as the
+    """Weights stored sparse (``quantize.sparse_storage``, read by ``quantize.sparse_form``: bitmask + values, decoded at load), as the
     dense tensors they decode to, and the initializers that only their decoding reads. Counting the
     dense tensors instead of those initializers gives the counts of the same model stored dense."""
-    from worker.pipeline.quantize import sparse_storage
-
-    found = sparse_storage.find_sparse_weights(model.graph)
+    found = sparse_form.find_sparse_weights(model.graph)
     if not found:
         return [], set()
     decoding = {node.name for sparse in found for node in sparse.nodes}
     read_elsewhere = set(_node_inputs(model.graph, decoding)) | {o.name for o in model.graph.output}
     hidden = {name for sparse in found for name in sparse.inputs() if name not in read_elsewhere}
     read = lambda tensor: tensor_values(tensor, base_dir)  # noqa: E731
-    return [sparse_storage.decoded_tensor(model.graph, sparse, read) for sparse in found], hidden
+    return [sparse_form.decoded_tensor(model.graph, sparse, read) for sparse in found], hidden
 
 
 def param_counts(model: onnx.ModelProto, base_dir: str | Path | None = None) -> tuple[int, int]:

@@ -48,7 +48,7 @@ from onnx import helper, numpy_helper
 import kernels
 from core.errors import RecipeError
 from core.recipe import PruneStep
-from worker.pipeline import activations
+from worker.pipeline import activations, subgraphs
 from worker.pipeline.data import bind
 from worker.pipeline.graph import attribute, topological_nodes, unique_name, weight_layers
 from worker.pipeline.step import StepContext, StepResult
@@ -194,7 +194,7 @@ class _Analysis:
     def run(self) -> ChannelGraph:
         for node in topological_nodes(self.model):
             ins = [self.layouts.get(name) if name else None for name in node.input]
-            hidden = _subgraph_reads(node)
+            hidden = subgraphs.inner_reads(node)
             grouped = any(layout is not None for layout in ins)
             if hidden:
                 for name in hidden:
@@ -500,17 +500,6 @@ class _Analysis:
                 self.layouts[node.output[0]] = layout
                 return True
         return False
-
-
-def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
-    names: set[str] = set()
-    for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for graph in graphs:
-            for inner in graph.node:
-                names.update(name for name in inner.input if name)
-                names |= _subgraph_reads(inner)
-    return names
 
 
 def _constants_to_initializers(model: onnx.ModelProto) -> None:

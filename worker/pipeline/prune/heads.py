@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from worker.pipeline import graph
+from worker.pipeline import graph, subgraphs
 from worker.pipeline.graph import attribute, opset
 
 
@@ -67,7 +67,7 @@ class _Lookup:
         self.producer = graph.producers(model)
         self.readers = {name: [node for node, _ in reads] for name, reads in graph.consumers(model).items()}
         # a tensor a graph output or an If / Loop body reads has a reader the walk cannot see
-        self.outputs = {o.name for o in model.graph.output} | graph.subgraph_reads(model)
+        self.outputs = {o.name for o in model.graph.output} | subgraphs.subgraph_reads(model)
         self.nodes = {node.name: node for node in model.graph.node}
 
     def made_by(self, tensor: str, op: str) -> onnx.NodeProto | None:

@@ -40,7 +40,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from worker.pipeline import graph
+from worker.pipeline import graph, subgraphs
 
 MS_DOMAIN = "com.microsoft"
 
@@ -73,7 +73,7 @@ class _Graph:
         self.producer = graph.producers(model)
         self.readers = graph.consumers(model)
         self.inits = graph.initializers(model)
-        self.outputs = {o.name for o in model.graph.output} | graph.subgraph_reads(model)
+        self.outputs = {o.name for o in model.graph.output} | subgraphs.subgraph_reads(model)
         self.shapes = shapes
 
     def rank(self, tensor: str) -> int | None:
@@ -325,7 +325,7 @@ def _rewrite(model: onnx.ModelProto, g: _Graph, m: _Match, index: int) -> list[s
 def _drop_dead(model: onnx.ModelProto) -> None:
     """Remove nodes nothing reads any more (the shape arithmetic that fed the removed Reshape) and
     the initializers only they read."""
-    keep = {o.name for o in model.graph.output} | graph.subgraph_reads(model)
+    keep = {o.name for o in model.graph.output} | subgraphs.subgraph_reads(model)
     while True:
         read = {name for node in model.graph.node for name in node.input} | keep
         dead = [node for node in model.graph.node if not any(o in read for o in node.output if o)]

@@ -17,7 +17,7 @@ of the data the report uses) and keeps the folded form unless DequantizeLinear i
 Folded is the default because it runs the original's own float layers (pre-packed): on one sample
 the two forms often measure within noise, while on a batch of 32 DequantizeLinear cost the bench
 transformer's int4 model 1.25x the folded form's time (9.5 against 7.5 ms). It runs
-once on the recipe's final model (runner), so that steps after ``quantize`` (``distill``) still see
+once on the recipe's final model (``finalize``), so that steps after ``quantize`` (``distill``) still see
 DequantizeLinear and its grid. Left alone: pairs that static int8 fuses into integer kernels (a
 reader whose activation comes from a DequantizeLinear), sub-byte types Cast cannot read at the
 model's opset, and recipes that asked for ``format: qdq``.
@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from worker.pipeline import graph, metrics, sessions
+from worker.pipeline import graph, metrics, sessions, subgraphs
 
 # the integer types Cast reads, and the opset from which it does
 CAST_OPSET = {TensorProto.INT8: 13, TensorProto.UINT8: 13, TensorProto.INT4: 21, TensorProto.UINT4: 21,
@@ -46,7 +46,7 @@ def weight_only_dequantizers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     readers = graph.consumers(model)
     outputs = {o.name for o in model.graph.output}
     version = graph.opset(model)
-    read_by_bodies = graph.subgraph_reads(model)
+    read_by_bodies = subgraphs.subgraph_reads(model)
     found = []
     for node in model.graph.node:
         if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
@@ -106,7 +106,7 @@ def fold(model: onnx.ModelProto, dequantizers: list[onnx.NodeProto]) -> Folded:
     del model.graph.node[:]
     model.graph.node.extend(rewritten)
     # scales / zero points only the old nodes read: their reshaped copies replace them
-    read = {name for n in model.graph.node for name in n.input} | graph.subgraph_reads(model)
+    read = {name for n in model.graph.node for name in n.input} | subgraphs.subgraph_reads(model)
     stale = {n.input[1] for n in dequantizers} | {n.input[2] for n in dequantizers if len(n.input) > 2}
     done.dropped = [_copy(t) for t in model.graph.initializer if t.name in stale and t.name not in read]
     graph.remove_initializers(model, [t.name for t in done.dropped])

@@ -25,7 +25,7 @@ Embedding tables (Gather over a weight, when the recipe's ``embeddings`` is on) 
 dequantized after the Gather (``static.quantize_embedding``); large float tables that are only sliced
 or added (learned positions) int8 per tensor (``static.quantize_table``). Conv computes in float
 (ConvInteger is slower than float Conv on CPU), but its weights are stored int8 weight-only (per
-output channel, symmetric, DequantizeLinear; the runner writes it in the form ONNX Runtime folds at
+output channel, symmetric, DequantizeLinear; ``finalize`` writes it in the form ONNX Runtime folds at
 load): on the digits CNN the file goes from 2.86x to 3.8x smaller at the float Conv's speed. Weights
 with other readers than MatMul / Gemm (or Conv) keep their float copy for those readers.
 """
@@ -40,9 +40,10 @@ from onnx import helper
 import kernels
 from core.errors import RecipeError
 from core.recipe import QuantizeStep
-from worker.pipeline import graph
+from worker.pipeline import graph, subgraphs
 from worker.pipeline.quantize import lift_constants, int8_storage, weight_only
 from worker.pipeline.quantize.attention_layout import fuse_attention_heads
+from worker.pipeline.quantize.grid import Grid, dequantize, quantize_rtn
 from worker.pipeline.quantize.shared_quantization import share_input_quantization
 from worker.pipeline.quantize.static import (add_initializer, embedding_layers, quantize_embedding, quantize_table,
                                           table_tensors)
@@ -178,7 +179,7 @@ def quantize_dynamic(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
         grids[layer.weight] = {"scale": grid.scale, "zero_point": grid.zero_point, "axis": None,
                                "block_size": None, "bits": 8, "signed": True}
     embeddings += tables
-    used = {name for node in quantized.graph.node for name in node.input} | graph.subgraph_reads(quantized)
+    used = {name for node in quantized.graph.node for name in node.input} | subgraphs.subgraph_reads(quantized)
     unused = [t.name for t in quantized.graph.initializer if t.name not in used]
     graph.remove_initializers(quantized, unused)
     kept_inputs = [v for v in quantized.graph.input if v.name not in set(unused)]
@@ -225,11 +226,11 @@ def _conv_weights_int8(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCo
                 any(node.op_type not in WEIGHT_ONLY_OPS or index != 1 for node, index in readers.get(layer.weight, [])):
             continue
         ctx.check_cancelled()
-        grid = weight_only.Grid(8, True, True, layer.out_axis if per_channel else None, None, "absmax")
+        grid = Grid(8, True, True, layer.out_axis if per_channel else None, None, "absmax")
         w = graph.get_array(model, layer.weight).astype(np.float32)
-        q, scale, zero_point = weight_only.quantize_rtn(np.ascontiguousarray(w), grid)
+        q, scale, zero_point = quantize_rtn(np.ascontiguousarray(w), grid)
         weight_only.replace_with_dequantize(model, layer, q, scale, zero_point, grid, onnx.TensorProto.FLOAT)
-        w_hat = weight_only.dequantize(q, scale, zero_point, grid)
+        w_hat = dequantize(q, scale, zero_point, grid)
         weight_only.record_layer(ctx, layer, grid, w_hat, w, scale, zero_point,
                                  activations="float (Conv: weight-only int8; ONNX Runtime's ConvInteger is "
                                              "slower than float Conv on CPU)")

@@ -20,6 +20,8 @@ from typing import Any
 import onnx
 from onnx import TensorProto
 
+from worker.pipeline.quantize.sparse_form import find_sparse_weights
+
 VALUES, INTEGERS, FLOATS, MASKS, REST = "values", "integers", "floats", "masks", "rest"
 # the order measured best on the bench models pruned 50 % and quantized int8; the fallback order
 DEFAULT_ORDER = (VALUES, INTEGERS, FLOATS, MASKS, REST)
@@ -50,9 +52,6 @@ def kind_of(tensor: onnx.TensorProto, masks: set[str], values: set[str]) -> str:
 
 
 def _sparse_parts(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
-    # imported here: sparse_storage measures its decisions with this module's layout
-    from worker.pipeline.quantize.sparse_storage import find_sparse_weights
-
     found = find_sparse_weights(model.graph)
     return ({s.mask for s in found},
             {s.values for s in found} | {s.offsets for s in found if s.offsets is not None})

@@ -29,6 +29,7 @@ import onnx
 import kernels
 from worker.pipeline import graph, sessions
 from worker.pipeline.data import bind
+from worker.pipeline.quantize.grid import choose_grid_params, expand
 from worker.pipeline.step import StepContext
 from worker.pipeline.unfold import conv2d_geometry, conv_weight_from_matrix, conv_weight_matrix, unfold2d
 
@@ -58,18 +59,6 @@ def _plan(layer: graph.WeightLayer, node: onnx.NodeProto) -> _Plan | str:
             return "Conv that is not 2-D with group 1 and explicit padding"
         return _Plan(int(np.prod(layer.shape[1:])), node.input[0], geometry)
     return f"{layer.op} has no GPTQ form"
-
-
-def expand(param: np.ndarray, shape: tuple[int, ...], axis: int | None, block_size: int | None) -> np.ndarray:
-    """A DequantizeLinear scale / zero point broadcast to one value per weight element."""
-    param = np.asarray(param)
-    if axis is None or param.ndim == 0:
-        return np.broadcast_to(param.reshape(()), shape).copy()
-    if block_size is None:
-        view = [1] * len(shape)
-        view[axis] = shape[axis]
-        return np.broadcast_to(param.reshape(view), shape).copy()
-    return np.repeat(param, block_size, axis=axis).take(np.arange(shape[axis]), axis=axis)
 
 
 def hinv_upper(hessian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -156,8 +145,6 @@ class GptqRunner:
 
     def quantize(self, layer: graph.WeightLayer, w: np.ndarray, grid) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(q, scale, zero_point, w') in the DequantizeLinear layout of ``grid``."""
-        from worker.pipeline.quantize.weight_only import choose_grid_params
-
         plan = self.plans[layer.weight]
         if layer.weight not in self.hessians:
             self._capture(plan.source)

@@ -26,7 +26,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 import kernels
-from worker.pipeline import graph, metrics, sessions
+from worker.pipeline import graph, metrics, sessions, subgraphs
 
 DOMAIN = "com.microsoft"
 SUPPORTED_BITS = (2, 4, 8)
@@ -83,7 +83,7 @@ def eligible(model: onnx.ModelProto, packed: Packed) -> bool:
         return False
     readers = graph.consumers(model).get(packed.weight, [])
     outputs = {o.name for o in model.graph.output}
-    if packed.weight in graph.subgraph_reads(model):     # an If / Loop body reads the dequantized weight
+    if packed.weight in subgraphs.subgraph_reads(model):     # an If / Loop body reads the dequantized weight
         return False
     return bool(readers) and packed.weight not in outputs and all(
         node.op_type == "MatMul" and index == 1 for node, index in readers)
@@ -150,7 +150,7 @@ def layer_models(model: onnx.ModelProto, packed: Packed, float_type: int,
                  lead: tuple[int, ...]) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """One MatMul of ``A[*lead, K]`` with this weight, as it stands in ``model`` (its
     DequantizeLinear, copied) and as MatMulNBits: the pair ``choose`` times. The DequantizeLinear
-    side is timed in the form the runner may fold it into (``dequantize_form``: ONNX Runtime expands
+    side is timed in the form ``finalize`` may fold it into (``dequantize_form``: ONNX Runtime expands
     the weight once at load), so the choice is between MatMulNBits and a float MatMul."""
     producer = graph.producers(model)[packed.weight]
     inits = graph.initializers(model)

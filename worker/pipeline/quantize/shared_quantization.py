@@ -20,7 +20,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from worker.pipeline import graph
+from worker.pipeline import graph, subgraphs
 
 MS_DOMAIN = "com.microsoft"
 
@@ -37,7 +37,7 @@ def _quantize_before_transpose(model: onnx.ModelProto, quantize: onnx.NodeProto)
     """DQL(Transpose(x)) -> Transpose(DQL(x)) when the transposed float tensor has no other reader."""
     source = quantize.input[0]
     transpose = graph.producers(model).get(source)
-    outputs = {o.name for o in model.graph.output} | graph.subgraph_reads(model)
+    outputs = {o.name for o in model.graph.output} | subgraphs.subgraph_reads(model)
     if transpose is None or transpose.op_type != "Transpose" or source in outputs:
         return False
     if len(graph.consumers(model).get(source, [])) != 1:

@@ -21,6 +21,7 @@ import kernels
 from core.recipe import QuantizeStep
 from worker.pipeline import graph, sessions
 from worker.pipeline.quantize import matmulnbits, weight_only
+from worker.pipeline.quantize.grid import Grid, dequantize
 from worker.pipeline.step import StepContext, StepResult
 
 
@@ -51,11 +52,11 @@ def quantize_sign(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext
         tensor = inits[layer.weight]
         w = numpy_helper.to_array(tensor).astype(np.float32)
         signs, alpha = kernels.sign_quantize(np.ascontiguousarray(w), axis=layer.out_axis)
-        grid = weight_only.Grid(bits=storage_bits, signed=True, symmetric=True, axis=layer.out_axis,
+        grid = Grid(bits=storage_bits, signed=True, symmetric=True, axis=layer.out_axis,
                                 block_size=None, method="sign")
         zero = np.zeros(alpha.shape, np.int32)
         changed += weight_only.replace_with_dequantize(model, layer, signs, alpha, zero, grid, tensor.data_type)
-        w_hat = weight_only.dequantize(signs, alpha, zero, grid)
+        w_hat = dequantize(signs, alpha, zero, grid)
         record = weight_only.record_layer(ctx, layer, grid, w_hat, w, alpha, zero, format="qdq", method="sign",
                                           storage=f"int{storage_bits}")
         record.bits = 1

@@ -4,7 +4,7 @@ in order. ONNX Runtime's constant folding decodes it once, at session load, with
 the dense tensor under its original name: its readers (DequantizeLinear, DynamicQuantizeMatMul,
 MatMulNBits, an embedding's Gather) are untouched and inference runs on the same dense weight.
 
-The runner applies it to the final model of a recipe that quantizes, after the last step: a later
+``finalize`` applies it to the final model of a recipe that quantizes, after the last step: a later
 step (``distill`` after ``quantize``) reads the quantized weights as initializers, so the storage
 form is the file's business, not a step's.
 
@@ -57,13 +57,12 @@ from onnx import TensorProto, helper, numpy_helper
 from worker.pipeline import graph
 from worker.pipeline.quantize import file_layout
 from worker.pipeline.quantize.file_layout import zstd_size
+from worker.pipeline.quantize.sparse_form import GAP_CENTER, find_sparse_weights
 
 MIN_OPSET = 11                      # BitShift, CumSum
 MIN_ELEMENTS = 256                  # below this the nine decoding nodes cost more than any saving
 PACKABLE = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8}
 INT32_INDEX_LIMIT = 2 ** 31 - 1     # CumSum in int32 below this (half the memory of int64 at load)
-# where a symmetric grid's zero sits in storage: int8 0, uint8 128 (int8_storage' shifted form)
-GAP_CENTER = {np.dtype(np.int8): 0, np.dtype(np.uint8): 128}
 MIN_GAIN = 64                       # zstd bytes a sparse form must save: less is noise, and costs nine nodes
 WHOLE_FILE_WORK = 64 << 20          # bytes zstd may go through judging every candidate on the whole file
 
@@ -84,24 +83,6 @@ class Packed:
     @property
     def nbytes(self) -> int:
         return self.mask.nbytes + self.values.nbytes + (0 if self.offsets is None else self.offsets.nbytes)
-
-
-@dataclass
-class SparseWeight:
-    """A sparse-stored weight found in a graph: the tensor ``weight`` the decoding nodes produce,
-    the initializers they read, and the nodes themselves."""
-
-    weight: str
-    mask: str
-    values: str
-    count: str
-    shape: str
-    nodes: list[onnx.NodeProto]
-    offsets: str | None = None
-    center: str | None = None
-
-    def inputs(self) -> set[str]:
-        return {name for node in self.nodes for name in node.input if name}
 
 
 # ---------------------------------------------------------------------------- numbers
@@ -145,7 +126,7 @@ def _centered(q: np.ndarray) -> tuple[int, np.ndarray, np.ndarray] | None:
 def close_gap(q: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """(shifted tensor, offsets) for an integer tensor whose fill is its grid's zero (``GAP_CENTER``),
     along the axis whose shift saves most order-0 entropy, or None where no axis saves ``MIN_GAIN``
-    bytes beyond the offsets' own. ``open_gap`` inverts it exactly; the fill stays the fill, other
+    bytes beyond the offsets' own. ``sparse_form.open_gap`` inverts it exactly; the fill stays the fill, other
     values keep their side of it."""
     centered = _centered(q)
     if centered is None:
@@ -185,21 +166,6 @@ def shift_whole(q: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     offsets = np.full((1,) * q.ndim, smallest - 1, dtype=np.int16)
     return (wide - np.sign(wide) * offsets + center).astype(q.dtype), offsets.astype(np.int8)
-
-
-def open_gap(shifted: np.ndarray, offsets: np.ndarray, center: int | None = None) -> np.ndarray:
-    """numpy twin of the gap's decoding nodes: q = v + sign(v - center) offsets, in the stored dtype
-    (center: the grid's zero, by default ``GAP_CENTER`` of the dtype)."""
-    wide = shifted.astype(np.int32)
-    center = GAP_CENTER[shifted.dtype] if center is None else center
-    return (wide + np.sign(wide - center) * offsets.astype(np.int32)).astype(shifted.dtype)
-
-
-def unpack(mask: np.ndarray, values: np.ndarray, count: int, shape: tuple[int, ...]) -> np.ndarray:
-    """numpy twin of the decoding nodes: the dense tensor of ``shape``."""
-    flags = np.unpackbits(np.asarray(mask, dtype=np.uint8).reshape(-1), bitorder="little")[:count].astype(np.int64)
-    index = np.cumsum(flags) * flags
-    return np.asarray(values)[index].reshape(shape)
 
 
 # ---------------------------------------------------------------------------- graph
@@ -470,99 +436,3 @@ def store_pipeline_output(model: onnx.ModelProto, layers: dict) -> dict[str, dic
                 + {"channel": ", each channel's gap around 0 closed", "tensor": ", its gap around 0 closed",
                    None: ""}[row["gap_closed"]])
     return decisions
-
-
-def find_sparse_weights(g: onnx.GraphProto) -> list[SparseWeight]:
-    """The sparse-stored weights of graph ``g``: the exact decoding chain of ``_decode_nodes``
-    from an initializer mask and values to the tensor it produces (through ``_gap_nodes`` where
-    the gap was closed)."""
-    inits = {t.name for t in g.initializer}
-    producer = {out: node for node in g.node for out in node.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in g.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    found = []
-    for last in g.node:
-        if last.op_type != "Reshape" or len(last.input) != 2 or last.input[1] not in inits:
-            continue
-        chain = [last]
-        gather = producer.get(last.input[0])
-        if gather is None or gather.op_type != "Gather" or gather.input[0] not in inits:
-            continue
-        chain.append(gather)
-        mul = producer.get(gather.input[1])
-        if mul is None or mul.op_type != "Mul":
-            continue
-        chain.append(mul)
-        cumsum = producer.get(mul.input[0])
-        cast = producer.get(mul.input[1])
-        if cumsum is None or cast is None or cumsum.op_type != "CumSum" or cast.op_type != "Cast" or \
-                cumsum.input[0] != cast.output[0]:
-            continue
-        chain += [cumsum, cast]
-        node = cast
-        for op in ("Slice", "Reshape", "BitShift", "BitShift"):
-            node = producer.get(node.input[0])
-            if node is None or node.op_type != op:
-                break
-            chain.append(node)
-        else:
-            slice_node = chain[5]
-            if len(slice_node.input) != 3 or slice_node.input[2] not in inits or chain[-1].input[0] not in inits:
-                continue
-            sparse = SparseWeight(last.output[0], chain[-1].input[0], gather.input[0], slice_node.input[2],
-                                  last.input[1], list(reversed(chain)))
-            found.append(_with_gap(sparse, inits, producer, readers))
-    return found
-
-
-def _with_gap(sparse: SparseWeight, inits: set[str], producer: dict[str, onnx.NodeProto],
-              readers: dict[str, list[onnx.NodeProto]]) -> SparseWeight:
-    """``sparse`` extended by the exact chain of ``_gap_nodes`` where one reads its output."""
-    def only_reader(name: str, op: str) -> onnx.NodeProto | None:
-        nodes = readers.get(name, [])
-        return nodes[0] if len(nodes) == 1 and nodes[0].op_type == op else None
-
-    wide = only_reader(sparse.weight, "Cast")
-    if wide is None or len(readers.get(wide.output[0], [])) != 2:
-        return sparse
-    ops = {n.op_type: n for n in readers[wide.output[0]]}
-    centered = ops.get("Sub")                        # uint8: the grid's zero is 128
-    if centered is not None:
-        if set(ops) != {"Sub", "Add"} or list(centered.input)[:1] != [wide.output[0]] or \
-                len(centered.input) != 2 or centered.input[1] not in inits:
-            return sparse
-        sign = only_reader(centered.output[0], "Sign")
-    else:
-        sign = ops.get("Sign") if set(ops) == {"Sign", "Add"} else None
-    if sign is None:
-        return sparse
-    mul = only_reader(sign.output[0], "Mul")
-    if mul is None or len(mul.input) != 2 or mul.input[0] != sign.output[0]:
-        return sparse
-    offsets_cast = producer.get(mul.input[1])
-    add = only_reader(mul.output[0], "Add")
-    if offsets_cast is None or offsets_cast.op_type != "Cast" or offsets_cast.input[0] not in inits or \
-            add is None or list(add.input) != [wide.output[0], mul.output[0]]:
-        return sparse
-    last = only_reader(add.output[0], "Cast")
-    if last is None:
-        return sparse
-    tail = [wide] + ([centered] if centered is not None else []) + [sign, offsets_cast, mul, add, last]
-    return SparseWeight(last.output[0], sparse.mask, sparse.values, sparse.count, sparse.shape,
-                        sparse.nodes + tail, offsets=offsets_cast.input[0],
-                        center=centered.input[1] if centered is not None else None)
-
-
-def decoded_tensor(g: onnx.GraphProto, sparse: SparseWeight, read) -> onnx.TensorProto:
-    """The dense tensor a sparse weight decodes to, named as the weight (``read``: TensorProto ->
-    numpy array, for tensors held as external data)."""
-    tensors = {t.name: t for t in g.initializer}
-    count = int(np.asarray(read(tensors[sparse.count])).reshape(-1)[0])
-    shape = tuple(int(d) for d in np.asarray(read(tensors[sparse.shape])).reshape(-1))
-    dense = unpack(read(tensors[sparse.mask]), read(tensors[sparse.values]), count, shape)
-    if sparse.offsets is not None:
-        center = 0 if sparse.center is None else int(np.asarray(read(tensors[sparse.center])))
-        dense = open_gap(dense, np.asarray(read(tensors[sparse.offsets])), center)
-    return numpy_helper.from_array(dense, sparse.weight)

@@ -178,7 +178,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> list[str]:
         model.graph.node.remove(node)
         folded.append(node.name)
     if folded:
-        used = {name for n in model.graph.node for name in n.input} | graph.subgraph_reads(model)
+        used = {name for n in model.graph.node for name in n.input} | subgraphs.subgraph_reads(model)
         graph.remove_initializers(model, [t.name for t in model.graph.initializer if t.name not in used])
     return folded
 
@@ -368,7 +368,7 @@ def quantize_embedding(model: onnx.ModelProto, layer: graph.WeightLayer) -> Weig
     graph.set_array(model, q_name, q)
     graph.set_array(model, rows_name, np.asarray(scale, np.float32).reshape(-1, 1))
     # a subgraph reading the table needs the whole (dequantized) table under its name
-    others: list = [layer.weight] if layer.weight in graph.subgraph_reads(model) else []
+    others: list = [layer.weight] if layer.weight in subgraphs.subgraph_reads(model) else []
     for node, index in graph.consumers(model).get(layer.weight, []):
         if node.op_type != "Gather" or index != 0 or graph.attribute(node, "axis", 0) != 0:
             others.append(node)
@@ -608,7 +608,7 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
         weight_grids[layer.weight] = quantize_table(quantized, layer)
     # layers inside If / Loop / Scan bodies: their weights int8 (the DequantizeLinear in the main
     # graph, read from the outer scope); activations inside a body are not calibrated and stay float
-    bodies = subgraphs.body_layers(quantized, COMPUTE_OPS, {layer.weight for layer in layers + embeddings + tables},
+    bodies = graph.body_layers(quantized, COMPUTE_OPS, {layer.weight for layer in layers + embeddings + tables},
                                    include=params.include, exclude=params.exclude, min_params=params.min_params)
     for layer in bodies:
         weight_grids[layer.weight] = quantize_weight(quantized, layer, params)

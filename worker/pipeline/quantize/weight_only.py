@@ -16,7 +16,6 @@ sub-byte types two (four) to a byte, first element in the low bits.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,7 +27,8 @@ from core.errors import PipelineError, RecipeError
 from core.recipe import QuantizeStep, WeightQuantSpec
 from worker.pipeline import graph, metrics, sessions, shape_inference, subgraphs
 from worker.pipeline.data import bind, generated
-from worker.pipeline.quantize import lift_constants, matmulnbits
+from worker.pipeline.quantize import gptq, lift_constants, matmulnbits
+from worker.pipeline.quantize.grid import Grid, dequantize, expand, grid_for, quantize_rtn
 from worker.pipeline.step import LayerRecord, StepContext, StepResult
 
 LAYER_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
@@ -41,22 +41,6 @@ _STORAGE = {
 }
 
 
-@dataclass(frozen=True)
-class Grid:
-    """Where the (scale, zero point) pairs run: ``axis`` None = one for the tensor; with
-    ``block_size`` the blocks run along ``axis``."""
-
-    bits: int
-    signed: bool
-    symmetric: bool
-    axis: int | None
-    block_size: int | None
-    method: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"bits": self.bits, "signed": self.signed, "axis": self.axis, "block_size": self.block_size}
-
-
 def required_opset(spec: WeightQuantSpec) -> int:
     """The lowest default-domain opset whose DequantizeLinear takes this storage and layout."""
     if spec.bits <= 2:
@@ -66,35 +50,6 @@ def required_opset(spec: WeightQuantSpec) -> int:
     if spec.granularity == "channel":
         return 13
     return 10
-
-
-def grid_for(layer: graph.WeightLayer, spec: WeightQuantSpec) -> Grid:
-    signed = spec.symmetric
-    method = spec.scale_search or ("absmax" if spec.symmetric else "minmax")
-    if spec.granularity == "tensor":
-        axis, block = None, None
-    elif spec.granularity == "channel":
-        axis, block = layer.out_axis, None
-    else:
-        axis, block = layer.in_axis, spec.block_size
-    return Grid(spec.bits, signed, spec.symmetric, axis, block, method)
-
-
-def choose_grid_params(w: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
-    return kernels.choose_qparams(w, bits=grid.bits, symmetric=grid.symmetric, signed=grid.signed,
-                                  axis=grid.axis, block_size=grid.block_size, method=grid.method)
-
-
-def quantize_rtn(w: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(q unpacked int8/uint8, scale float32, zero_point int32) by round-to-nearest."""
-    scale, zero_point = choose_grid_params(w, grid)
-    q = kernels.quantize(w, scale, zero_point, bits=grid.bits, signed=grid.signed, axis=grid.axis,
-                         block_size=grid.block_size)
-    return q, scale, zero_point
-
-
-def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, grid: Grid) -> np.ndarray:
-    return kernels.dequantize(q, scale, zero_point, axis=grid.axis, block_size=grid.block_size)
 
 
 def storage_tensor(name: str, values: np.ndarray, bits: int, signed: bool) -> onnx.TensorProto:
@@ -121,7 +76,7 @@ def candidate_layers(model: onnx.ModelProto, params: QuantizeStep) -> list[graph
     found += [layer for layer in recurrent_layers(model, seen)
               if layer.params >= params.min_params and graph.selected(layer, params.include, params.exclude)]
     seen = {layer.weight for layer in found}
-    found += subgraphs.body_layers(model, ops, seen, include=params.include, exclude=params.exclude,
+    found += graph.body_layers(model, ops, seen, include=params.include, exclude=params.exclude,
                                    min_params=params.min_params)
     consumers = graph.consumers(model)
     for node in lift_constants.constant_weights(model):
@@ -259,8 +214,6 @@ def keep_pruned_zeros(record: LayerRecord | None, q: np.ndarray, w_hat: np.ndarr
     (round(0 / s) + z = z); GPTQ's error compensation may move them, so they are put back here."""
     if record is None or record.mask is None or record.mask.shape != q.shape:
         return q, w_hat
-    from worker.pipeline.quantize.gptq import expand
-
     pruned = ~np.asarray(record.mask, dtype=bool)
     zeros = expand(zero_point, q.shape, grid.axis, grid.block_size).astype(q.dtype)
     q = np.where(pruned, zeros, q)
@@ -313,7 +266,6 @@ def quantize_weights(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
     layers = candidate_layers(model, params)
     runner = None
     if params.method == "gptq":
-        from worker.pipeline.quantize import gptq
         runner = gptq.GptqRunner(model, layers, ctx)
     inits = graph.initializers(model)
     changed: list[str] = []

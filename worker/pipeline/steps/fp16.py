@@ -170,23 +170,6 @@ def plan_node(node: onnx.NodeProto, opset: int, stats: TensorStats) -> NodePlan 
     return NodePlan(inputs, outputs)
 
 
-def subgraph_reads(model: onnx.ModelProto) -> set[str]:
-    """Names that nodes inside subgraphs read from the enclosing graph."""
-    reads: set[str] = set()
-
-    def walk(g: onnx.GraphProto) -> None:
-        local = {i.name for i in g.input} | {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
-        for node in g.node:
-            reads.update(name for name in node.input if name and name not in local)
-            for sub in subgraphs.bodies(node):
-                walk(sub)
-
-    for node in model.graph.node:
-        for sub in subgraphs.bodies(node):
-            walk(sub)
-    return reads
-
-
 # ---------------------------------------------------------------------------- rewriting
 
 
@@ -202,12 +185,7 @@ class _Rewriter:
                       | {o.name for o in model.graph.output})
 
     def fresh(self, base: str) -> str:
-        name, suffix = base, 0
-        while name in self.taken:
-            suffix += 1
-            name = f"{base}_{suffix}"
-        self.taken.add(name)
-        return name
+        return graph.fresh_name(base, self.taken)
 
     def as_type(self, tensor: str, to: int) -> str:
         """``tensor`` in type ``to``: a float16 copy of an initializer, or one Cast per tensor."""
@@ -298,7 +276,7 @@ def convert(model: onnx.ModelProto, plans: dict[str, NodePlan]) -> tuple[onnx.Mo
             elif index not in wanted and tensor in fp16_tensors:
                 node.input[index] = rewriter.as_type(tensor, FLOAT)
     # float32 initializers no longer read by anything are dropped (their float16 copies remain)
-    read = {t for n in list(out.graph.node) + rewriter.new_nodes for t in n.input} | graph_outputs | subgraph_reads(out)
+    read = {t for n in list(out.graph.node) + rewriter.new_nodes for t in n.input} | graph_outputs | subgraphs.subgraph_reads(out, outer_only=True)
     out.graph.initializer.extend(t for t in model.graph.initializer if t.name in read)
     out.graph.initializer.extend(rewriter.new_inits)
     out.graph.node.extend(rewriter.new_nodes)
@@ -382,7 +360,7 @@ def run(model: onnx.ModelProto, params: Fp16Step, ctx: StepContext) -> StepResul
     sessions.release_memory()
     opset = graph.opset(model)
     block = set(params.op_block_list)
-    pinned = subgraph_reads(model)
+    pinned = subgraphs.subgraph_reads(model, outer_only=True)
     plans: dict[str, NodePlan] = {}
     kept: dict[str, str] = {}
     for node in model.graph.node:

@@ -11,7 +11,7 @@ work to the quantizer the recipe names.
   transformer's weight-only model.
 
 The int8 / uint8 weights a quantizer leaves are stored sparse (bitmask + values) where that
-compresses smaller, once the whole recipe has run (``runner`` -> ``quantize.sparse_storage``): a
+compresses smaller, once the whole recipe has run (``finalize`` -> ``quantize.sparse_storage``): a
 later step (``distill``) reads the quantized weights as initializers.
 """
 from __future__ import annotations

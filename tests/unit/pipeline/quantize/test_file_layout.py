@@ -6,11 +6,11 @@ import onnx
 
 from tests.unit.pipeline import builders
 from tests.unit.pipeline.quantize.test_sparse_storage import PRUNE, WEIGHT_ONLY, _both
-from worker.pipeline.quantize import file_layout, sparse_storage
+from worker.pipeline.quantize import file_layout, sparse_form
 
 
 def _kinds(model: onnx.ModelProto) -> list[str]:
-    found = sparse_storage.find_sparse_weights(model.graph)
+    found = sparse_form.find_sparse_weights(model.graph)
     masks = {s.mask for s in found}
     values = {s.values for s in found} | {s.offsets for s in found if s.offsets is not None}
     return [file_layout.kind_of(t, masks, values) for t in model.graph.initializer]

@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from core.recipe import parse_recipe
 from tests.unit.pipeline import builders
 from worker.pipeline import metrics, runner
-from worker.pipeline.quantize import sparse_storage
+from worker.pipeline.quantize import sparse_form, sparse_storage
 from worker.pipeline.step import StepContext
 from worker.pipeline.steps import prune, quantize
 
@@ -66,12 +66,12 @@ def test_pack_unpack_round_trip_keeps_every_value_and_the_fill():
     packed = sparse_storage.pack(q)
     assert packed.values[0] == 0 and packed.values.size - 1 == np.count_nonzero(q)
     assert packed.mask.shape == (-(-q.size // 8), 1)
-    assert np.array_equal(sparse_storage.unpack(packed.mask, packed.values, q.size, q.shape), q)
+    assert np.array_equal(sparse_form.unpack(packed.mask, packed.values, q.size, q.shape), q)
     # uint8 weights whose pruned entries sit at the zero point 128: the fill is 128, not 0
     u = (q.astype(np.int16) + 128).astype(np.uint8)
     packed = sparse_storage.pack(u)
     assert packed.values[0] == 128
-    restored = sparse_storage.unpack(packed.mask, packed.values, u.size, u.shape)
+    restored = sparse_form.unpack(packed.mask, packed.values, u.size, u.shape)
     assert restored.dtype == np.uint8 and np.array_equal(restored, u)
 
 
@@ -93,7 +93,7 @@ def test_closing_the_gap_is_undone_exactly_and_keeps_zeros_and_signs(seed, rows,
     assert shifted.dtype == stored.dtype and offsets.dtype == np.int8 and offsets.min() >= 0
     side = np.sign(shifted.astype(np.int16) - center)
     assert np.array_equal(side, np.sign(q)) and np.array_equal(side == 0, q == 0)
-    assert np.array_equal(sparse_storage.open_gap(shifted, offsets), stored)
+    assert np.array_equal(sparse_form.open_gap(shifted, offsets), stored)
 
 
 def test_a_gap_is_closed_only_where_it_pays():
@@ -136,7 +136,7 @@ def test_shifting_the_whole_tensor_is_undone_exactly(seed, rows, cols, threshold
     assert offsets.shape == (1, 1) and int(offsets[0, 0]) == np.abs(q[kept]).min() - 1
     wide = values.astype(np.int16) - center
     assert np.abs(wide[kept]).min() == 1 and np.array_equal(np.sign(wide), np.sign(q))
-    assert np.array_equal(sparse_storage.open_gap(values, offsets), stored)
+    assert np.array_equal(sparse_form.open_gap(values, offsets), stored)
 
 
 def test_per_tensor_int8_pruned_weights_decode_exactly_with_one_offset(tmp_path, monkeypatch):
@@ -145,7 +145,7 @@ def test_per_tensor_int8_pruned_weights_decode_exactly_with_one_offset(tmp_path,
     model = builders.mlp(inputs=256, hidden=512, classes=16)
     per_tensor = {**WEIGHT_ONLY, "weights": {"bits": 8, "symmetric": True, "granularity": "tensor"}}
     dense, stored, ctx = _both(model, [PRUNE, per_tensor])
-    found = sparse_storage.find_sparse_weights(stored.graph)
+    found = sparse_form.find_sparse_weights(stored.graph)
     assert found and all(s.offsets is not None for s in found)
     assert ctx.layers["W1"].extra["storage"].endswith(", its gap around 0 closed")
     inits = {t.name: numpy_helper.to_array(t) for t in stored.graph.initializer}
@@ -194,7 +194,7 @@ def _wide_conv() -> onnx.ModelProto:
 def test_pruned_conv_with_closed_gaps_decodes_bit_exact_and_counts_as_dense(tmp_path):
     model = _wide_conv()
     dense, stored, ctx = _both(model, [PRUNE, WEIGHT_ONLY])
-    found = {s.weight: s for s in sparse_storage.find_sparse_weights(stored.graph)}
+    found = {s.weight: s for s in sparse_form.find_sparse_weights(stored.graph)}
     gapped = [name for name, s in found.items() if s.offsets is not None]
     assert gapped, "no weight of the pruned CNN had its gap closed"
     dense_w = {t.name: numpy_helper.to_array(t) for t in dense.graph.initializer}
@@ -203,7 +203,7 @@ def test_pruned_conv_with_closed_gaps_decodes_bit_exact_and_counts_as_dense(tmp_
     for name in found:
         assert np.array_equal(folded[name], dense_w[name])
         assert np.array_equal(numpy_helper.to_array(
-            sparse_storage.decoded_tensor(stored.graph, found[name], numpy_helper.to_array)), dense_w[name])
+            sparse_form.decoded_tensor(stored.graph, found[name], numpy_helper.to_array)), dense_w[name])
     feeds = builders.random_inputs(model, count=8)
     for a, b in zip(builders.run_ort(dense, feeds), builders.run_ort(stored, feeds)):
         assert np.array_equal(a, b)
@@ -214,7 +214,7 @@ def test_pruned_conv_with_closed_gaps_decodes_bit_exact_and_counts_as_dense(tmp_
 def test_pruned_int8_mlp_decodes_to_the_dense_weights_with_identical_outputs(tmp_path):
     model = builders.mlp(inputs=256, hidden=512, classes=16)
     dense, stored, ctx = _both(model, [PRUNE, WEIGHT_ONLY])
-    found = sparse_storage.find_sparse_weights(stored.graph)
+    found = sparse_form.find_sparse_weights(stored.graph)
     stored_sparse = {s.weight for s in found}
     assert "W1_quantized" in stored_sparse
     assert {t.name for t in stored.graph.initializer}.isdisjoint(stored_sparse)
@@ -251,7 +251,7 @@ def test_smaller_zstd_file_and_dense_weights_without_zeros_stay_dense(tmp_path):
 
     # quantized without pruning: hardly a zero among the int8 values, nothing to gain
     unpruned, _ = _compress(model, [WEIGHT_ONLY], sparse=True)
-    assert sparse_storage.find_sparse_weights(unpruned.graph) == []
+    assert sparse_form.find_sparse_weights(unpruned.graph) == []
     assert any(t.name == "W1_quantized" and t.data_type == onnx.TensorProto.INT8 for t in unpruned.graph.initializer)
 
 
@@ -264,14 +264,14 @@ def test_static_qdq_weights_stored_sparse_run_identically(tmp_path, storage, mon
     model = builders.mlp(inputs=256, hidden=512, classes=16)
     calibration = builders.random_inputs(model, count=64, seed=3)
     dense, stored, _ = _both(model, [PRUNE, {**STATIC, "integer_weights": storage}], calibration=calibration)
-    found = sparse_storage.find_sparse_weights(stored.graph)
+    found = sparse_form.find_sparse_weights(stored.graph)
     gapped = [s for s in found if s.offsets is not None]
     assert gapped and all((s.center is not None) == (storage == "uint8") for s in gapped)
     dense_w = {t.name: numpy_helper.to_array(t) for t in dense.graph.initializer}
     folded = _folded_initializers(stored, tmp_path / "folded.onnx")
     for s in found:
         assert folded[s.weight].dtype == np.dtype(storage) and np.array_equal(folded[s.weight], dense_w[s.weight])
-        decoded = sparse_storage.decoded_tensor(stored.graph, s, numpy_helper.to_array)
+        decoded = sparse_form.decoded_tensor(stored.graph, s, numpy_helper.to_array)
         assert np.array_equal(numpy_helper.to_array(decoded), dense_w[s.weight])
     feeds = builders.random_inputs(model, count=32)
     for a, b in zip(builders.run_ort(dense, feeds), builders.run_ort(stored, feeds)):
@@ -283,7 +283,7 @@ def test_static_qdq_weights_stored_sparse_run_identically(tmp_path, storage, mon
 def test_dynamic_int8_b_weights_stored_sparse_run_identically():
     model = builders.mlp(inputs=256, hidden=512, classes=16)
     dense, stored, _ = _both(model, [PRUNE, DYNAMIC])
-    found = sparse_storage.find_sparse_weights(stored.graph)
+    found = sparse_form.find_sparse_weights(stored.graph)
     assert found
     readers = {i for node in stored.graph.node if node.op_type == "DynamicQuantizeMatMul" for i in node.input}
     assert {s.weight for s in found} <= readers
@@ -323,7 +323,7 @@ def test_a_sparse_form_that_would_grow_the_file_or_save_next_to_nothing_is_not_t
     assert decisions["mostly_set"]["bytes_sparse"] > decisions["mostly_set"]["bytes"]
     assert not decisions["mostly_set"]["sparse"]
     assert not decisions["one_off"]["sparse"]
-    assert sparse_storage.find_sparse_weights(model.graph) == []
+    assert sparse_form.find_sparse_weights(model.graph) == []
 
 
 def test_opset_below_11_is_left_dense():
@@ -378,8 +378,8 @@ def test_runner_stores_sparse_after_the_last_step_so_distill_still_refits(tmp_pa
     dense = runner.run(path, recipe, calibration=calibration, workdir=tmp_path / "dense",
                        options={**options, "sparse_storage": False})
     stored_model = onnx.load(str(stored.model_path))
-    assert sparse_storage.find_sparse_weights(stored_model.graph)
-    assert not sparse_storage.find_sparse_weights(onnx.load(str(dense.model_path)).graph)
+    assert sparse_form.find_sparse_weights(stored_model.graph)
+    assert not sparse_form.find_sparse_weights(onnx.load(str(dense.model_path)).graph)
     rows = stored.report["steps"][1]["sparse_storage"]
     assert rows["W1_quantized"]["sparse"] and rows["W1_quantized"]["kept"] <= 0.5 * 256 * 512
     for key in ("params", "nonzero_params", "macs"):
@@ -398,7 +398,7 @@ def test_matmulnbits_8bit_b_pruned_weights_sit_at_128_and_are_counted_as_zeros()
     steps = [PRUNE, {**WEIGHT_ONLY, "format": "matmulnbits"}]
     dense, stored, _ = _both(model, steps)
     assert [n.op_type for n in stored.graph.node if n.op_type == "MatMulNBits"]
-    found = sparse_storage.find_sparse_weights(stored.graph)
+    found = sparse_form.find_sparse_weights(stored.graph)
     assert found
     for sparse in found:
         values = numpy_helper.to_array(next(t for t in stored.graph.initializer if t.name == sparse.values))
