@@ -1,6 +1,6 @@
 """Which Constant nodes of an ONNX graph hold a layer's weights, shared by the upload's parameter
 count (``core.onnx_guard``) and the pipeline, which lifts them to initializers
-(``worker.pipeline.quant.constants``) so that weight steps see them.
+(``worker.pipeline.quantize.lift_constants``) so that weight steps see them.
 
 Converted models (paddle2onnx, some TensorFlow exports) keep every weight in a Constant node rather
 than an initializer. A Constant counts as a weight when its tensor is floating point and its output
