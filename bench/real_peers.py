@@ -61,11 +61,16 @@ def _feeds(real, batch_size: int = 8) -> list[dict[str, np.ndarray]]:
 
 
 def _constants_to_initializers(model: onnx.ModelProto) -> int:
-    """Main-graph Constant nodes holding a tensor become initializers (exact); how many moved."""
+    """Main-graph Constant nodes holding a tensor become initializers (exact); how many moved.
+
+    Constants read by a Cast stay nodes: they are never weights, and NNCF 3.4's nop-Cast pass
+    crashes on a Cast of an initializer (it reads ``.type`` from the TensorProto)."""
+    cast_inputs = {i for n in model.graph.node if n.op_type == "Cast" for i in n.input}
     moved, kept = 0, []
     for node in model.graph.node:
         value = next((a for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR), None)
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None:
+        if (node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None
+                and node.output[0] not in cast_inputs):
             tensor = onnx.TensorProto()
             tensor.CopyFrom(value.t)
             tensor.name = node.output[0]
