@@ -163,7 +163,7 @@ def ocr_det(quick: bool = False) -> RealModel:
     from bench import real_data
 
     path = package_file(RAPIDOCR, "rapidocr_onnxruntime", "models/ch_PP-OCRv4_det_infer.onnx")
-    n_cal, n_eval = _sizes(quick, 32, 32, 4, 6)
+    n_cal, n_eval = _sizes(quick, 16, 16, 4, 6)
 
     def build():
         out = {}
@@ -242,7 +242,7 @@ def ocr_rec(quick: bool = False) -> RealModel:
     from bench import real_data
 
     path = package_file(RAPIDOCR, "rapidocr_onnxruntime", "models/ch_PP-OCRv4_rec_infer.onnx")
-    n_cal, n_eval = _sizes(quick, 64, 96, 8, 16)
+    n_cal, n_eval = _sizes(quick, 32, 64, 8, 16)
 
     def build():
         out = {}
@@ -278,7 +278,7 @@ def ocr_cls(quick: bool = False) -> RealModel:
     from bench import real_data
 
     path = package_file(RAPIDOCR, "rapidocr_onnxruntime", "models/ch_ppocr_mobile_v2.0_cls_infer.onnx")
-    n_cal, n_eval = _sizes(quick, 64, 128, 8, 24)
+    n_cal, n_eval = _sizes(quick, 32, 64, 8, 24)
 
     def build():
         out = {}
@@ -402,7 +402,7 @@ def minilm(quick: bool = False) -> RealModel:
     path = CACHE_DIR / f"minilm-v{VERSION}.onnx"
     if not path.exists():
         _export_minilm(folder, path)
-    n_cal, n_eval = _sizes(quick, 128, 128, 16, 32)
+    n_cal, n_eval = _sizes(quick, 64, 96, 16, 32)
 
     def build():
         texts = real_data.sentences(n_cal + n_eval, SEED + 6)

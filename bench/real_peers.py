@@ -50,8 +50,10 @@ MATMUL_ONLY = {"ours-int4-gptq", "ort-int4-rtn", "ort-int4-gptq"}
 
 def has_matmul_weights(path: Path) -> bool:
     model = onnx.load(str(path))
-    initializers = {i.name for i in model.graph.initializer}
-    return any(n.op_type == "MatMul" and any(i in initializers for i in n.input) for n in model.graph.node)
+    # Weights are initializers, or Constant nodes where the exporter wrote them so (paddle2onnx).
+    weights = {i.name for i in model.graph.initializer}
+    weights |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    return any(n.op_type == "MatMul" and any(i in weights for i in n.input) for n in model.graph.node)
 
 
 def _feeds(real, batch_size: int = 8) -> list[dict[str, np.ndarray]]:
