@@ -142,6 +142,10 @@ class QuantizeStep(_WeightStep):
         max_length=64, description="op types kept in float under static activation quantization")
     bias_correction: bool = True
     embeddings: bool = Field(True, description="quantize Gather tables (embeddings) too")
+    max_output_error: float | None = Field(
+        None, gt=0.0, le=10.0,
+        description="bound on the model output's rel_l2 on the calibration data: the most sensitive weights and "
+                    "activations move to higher precision (int8 instead of int4 / int2, float) until it holds")
     integer_weights: Literal["auto", "int8", "uint8"] = Field(
         "auto", description="static / dynamic int8: storage of the weights ONNX Runtime's integer kernels read; "
                             "auto picks uint8 + 128 (exact u8u8) on x86 CPUs without VNNI, where int8 saturates, "
@@ -185,8 +189,24 @@ Step = Annotated[
 STEP_OPS = ("cleanup", "prune", "lowrank", "cluster", "quantize", "distill", "fp16")
 
 
+class SensitivitySpec(_Spec):
+    """Measure, before each quantize / prune step, every layer (and static activation) alone at the
+    step's setting: report.json ``sensitivity``, the sensitivity.json artifact."""
+
+    samples: int = Field(32, ge=1, le=4096, description="calibration samples the measurement runs on")
+    top: int = Field(50, ge=1, le=100000, description="entries per step listed in report.json")
+
+
 class Recipe(_Spec):
     steps: list[Step] = Field(..., min_length=1, max_length=MAX_STEPS)
+    sensitivity: SensitivitySpec | None = None
+
+    @field_validator("sensitivity", mode="before")
+    @classmethod
+    def _sensitivity_flag(cls, value: Any) -> Any:
+        if value is True:
+            return {}
+        return None if value is False else value
 
     def needs_calibration(self) -> list[str]:
         """Field paths of steps that cannot run without calibration data."""
@@ -200,6 +220,8 @@ class Recipe(_Spec):
                 paths.append(f"steps.{index}.activations.calibration")
             elif isinstance(step, DistillStep):
                 paths.append(f"steps.{index}.method")
+            if isinstance(step, QuantizeStep) and step.max_output_error is not None:
+                paths.append(f"steps.{index}.max_output_error")
         return paths
 
 

@@ -69,6 +69,12 @@ ARTIFACT_FILES: tuple[tuple[str, str, str], ...] = (
     ("model", "model.onnx", "application/octet-stream"),
     ("report.json", "report.json", "application/json"),
     ("report.html", "report.html", "text/html; charset=utf-8"),
+    # per-layer sensitivity (recipes with ``sensitivity`` or a quantize ``max_output_error``)
+    ("sensitivity.json", "sensitivity.json", "application/json"),
+    # a goal's best verified candidates after the chosen one (worker.pipeline.search.runner)
+    ("candidate-1", "candidate-1.onnx", "application/octet-stream"),
+    ("candidate-2", "candidate-2.onnx", "application/octet-stream"),
+    ("candidate-3", "candidate-3.onnx", "application/octet-stream"),
     # models past protobuf's 2 GB limit keep their tensors beside model.onnx (worker.pipeline.graph.save_model)
     ("model.onnx.data", "model.onnx.data", "application/octet-stream"),
 )

@@ -27,9 +27,9 @@ from core.errors import FeatherweightError, InvalidInput, InvalidModel, Pipeline
 from core.recipe import Recipe
 from core.targets import Target
 from worker.pipeline import data as data_mod
-from worker.pipeline import graph, metrics, registry
+from worker.pipeline import graph, metrics, registry, sensitivity
 from worker.pipeline.quant import dequantize_form, file_layout, sparse_storage
-from worker.pipeline.report import build_report, write_report, write_report_html
+from worker.pipeline.report import build_report, json_safe, write_report, write_report_html
 from worker.pipeline.step import StepCancelled, StepContext
 
 STEPS_SHARE = 0.8          # fraction of the progress bar the steps take; checks and report the rest
@@ -206,6 +206,7 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
     # 2. the steps
     workdir.mkdir(parents=True, exist_ok=True)
     step_rows: list[dict[str, Any]] = []
+    measured: list[sensitivity.Sensitivity] = []
     for index, (step, module) in enumerate(zip(recipe.steps, modules)):
         if cancelled():
             raise StepCancelled("job cancelled")
@@ -220,6 +221,16 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
         ctx.options["step_index"] = index
         progress(STEPS_SHARE * index / count, stage)
         started = time.perf_counter()
+        ctx.options.pop("sensitivity", None)
+        if sensitivity.wanted(recipe, step):
+            data, source = sensitivity.data_for(cal_set, eval_set, original)
+            spec = recipe.sensitivity
+            found = sensitivity.measure(model, step, data, samples=spec.samples if spec else sensitivity.DEFAULT_SAMPLES,
+                                        step_index=index, cancelled=cancelled,
+                                        progress=lambda f, m, _p=step_progress: _p(0.3 * f, m))
+            found.data = source
+            measured.append(found)
+            ctx.options["sensitivity"] = found      # the step's error bound starts from it
         try:
             result = module.run(model, step, ctx)
         except (FeatherweightError, StepCancelled):
@@ -261,6 +272,10 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
     progress(STEPS_SHARE + 0.05, "measuring")
     report = build_report(original_path=model_path, compressed_path=out_path, target=target, steps=step_rows,
                           layers=layers, evaluation=eval_set, calibration=cal_set, options=options)
+    if measured:
+        top = recipe.sensitivity.top if recipe.sensitivity else 50
+        report["sensitivity"] = json_safe(sensitivity.report_rows(measured, top))
+        sensitivity.write_artifact(measured, workdir / sensitivity.SENSITIVITY_NAME)
     write_report(report, workdir / REPORT_NAME)
     write_report_html(report, workdir / HTML_REPORT_NAME, title=f"{options.get('model_name') or Path(model_path).name}: compression report")
     progress(1.0, "done")
