@@ -206,7 +206,9 @@ def static_activations(model: onnx.ModelProto, step: QuantizeStep,
     produced_by = {static._layer_output(node, readers, inits): node.name for node in decided.compute_nodes}
     outputs = {o.name for o in model.graph.output}
     # the layers whose exclusion keeps the tensor float: those that read it and the one whose output it is
-    readers_of = {t: sorted({n.name for n, _ in readers.get(t, []) if n.name in compute}
+    # (a ReLU folded into a tensor's quantization: the ReLU's readers read the quantized tensor)
+    read_as = {t: [t] + ([decided.relu_folds[t].output[0]] if t in decided.relu_folds else []) for t in decided.calibrated}
+    readers_of = {t: sorted({n.name for r in read_as[t] for n, _ in readers.get(r, []) if n.name in compute}
                             | ({produced_by[t]} if t in produced_by else set())) for t in decided.calibrated}
     return ({t: s for t, s in decided.calibrated.items() if t not in outputs}, readers_of)
 

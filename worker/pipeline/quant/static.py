@@ -616,9 +616,12 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
 
     grids: dict[str, ActivationGrid] = {}
     kept_float: dict[str, str] = {}
+    forced_float = ctx.options.get("float_activations") or ()     # mixed_precision's choices
     for tensor, source in decided.calibrated.items():
         found = ranges.get(source)
-        if found is None:
+        if tensor in forced_float:
+            kept_float[tensor] = "kept float: max_output_error"
+        elif found is None:
             kept_float[tensor] = "never seen on the calibration data"
         elif found.masked:
             kept_float[tensor] = "mask sentinel values (|x| >= 1e8) in calibration"
