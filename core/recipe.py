@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ValidationInfo
 
 from core.errors import RecipeError
 
@@ -197,9 +198,41 @@ class SensitivitySpec(_Spec):
     top: int = Field(50, ge=1, le=100000, description="entries per step listed in report.json")
 
 
+GOAL_METRICS = ("accuracy", "top1_agreement", "cosine", "rel_l2", "iou", "decision_agreement", "spearman")
+THRESHOLD_METRICS = ("iou", "decision_agreement")
+
+
+class GoalSpec(_Spec):
+    """An accuracy budget instead of (or besides) fixed steps: the service searches per-layer settings
+    for the smallest / fastest model whose ``metric`` on the evaluation data stays within ``max_drop``
+    of the original's. Whether ``output`` / ``metric`` fit the model is checked at submit (core.goal)."""
+
+    metric: Literal["accuracy", "top1_agreement", "cosine", "rel_l2", "iou", "decision_agreement", "spearman"]
+    output: str | None = Field(None, min_length=1, max_length=256, description="which model output (default: the first)")
+    threshold: float | None = Field(None, validate_default=True,
+                                    description="iou / decision_agreement: elements above it count")
+    max_drop: float = Field(0.01, ge=0.0, le=1e6,
+                            description="absolute drop from the original's score (rel_l2: the largest rel_l2)")
+    minimize: Literal["size", "transport_size", "latency"] = "size"
+    time_budget_s: float = Field(1200.0, gt=0.0, le=7 * 24 * 3600.0)
+    holdout: float = Field(0.25, gt=0.0, lt=1.0, description="with calibration data only: the fraction held out "
+                                                             "as evaluation data")
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, value: float | None, info: ValidationInfo) -> float | None:
+        metric = info.data.get("metric")
+        if metric in THRESHOLD_METRICS and value is None:
+            raise ValueError(f"{metric} needs a threshold")
+        if metric is not None and metric not in THRESHOLD_METRICS and value is not None:
+            raise ValueError("threshold applies only to iou and decision_agreement")
+        return value
+
+
 class Recipe(_Spec):
-    steps: list[Step] = Field(..., min_length=1, max_length=MAX_STEPS)
+    steps: list[Step] = Field(default_factory=list, max_length=MAX_STEPS)
     sensitivity: SensitivitySpec | None = None
+    goal: GoalSpec | None = None
 
     @field_validator("sensitivity", mode="before")
     @classmethod
@@ -248,7 +281,7 @@ def parse_recipe(source: dict[str, Any] | str | bytes) -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError("a recipe is a mapping with a 'steps' list", [{"loc": [], "msg": "expected a mapping"}])
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         steps = data.get("steps") if isinstance(data.get("steps"), list) else []
         errors = []
@@ -263,6 +296,18 @@ def parse_recipe(source: dict[str, Any] | str | bytes) -> Recipe:
         first = errors[0]
         where = ".".join(str(part) for part in first["loc"]) or "recipe"
         raise RecipeError(f"invalid recipe: {where}: {first['msg']}", errors) from None
+    if not recipe.steps and recipe.goal is None:
+        why = "give steps (at least one), a goal, or both"
+        raise RecipeError(f"invalid recipe: steps: {why}", [{"loc": ["steps"], "msg": why}])
+    if recipe.goal is not None:
+        for index, step in enumerate(recipe.steps[:-1]):
+            if isinstance(step, QuantizeStep):
+                why = "with a goal, quantize is the last step (the search varies it per layer)"
+                raise RecipeError(f"invalid recipe: steps.{index}.op: {why}", [{"loc": ["steps", index, "op"], "msg": why}])
+        if sum(isinstance(step, QuantizeStep) for step in recipe.steps) > 1:
+            why = "with a goal, at most one quantize step"
+            raise RecipeError(f"invalid recipe: steps: {why}", [{"loc": ["steps"], "msg": why}])
+    return recipe
 
 
 def recipe_to_json(recipe: Recipe) -> str:

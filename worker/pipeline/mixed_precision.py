@@ -76,6 +76,12 @@ def build(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext, assign
     base_bits = params.weights.bits if params.weights is not None else 8
     raised = {n for n, b in assignment.weights.items() if base_bits < b < FLOAT}
     first = params.model_copy(update={"exclude": list(params.exclude) + _escaped(floats | raised)})
+    if trial:
+        # the quantizers work in place (weight-only even clears the initializers it moves while raising
+        # the opset): every trial starts from its own copy
+        source = model
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
     try:
         result = quantize_once(model, first, work)
     except RecipeError:

@@ -170,6 +170,10 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
     graph.ensure_node_names(model)
     cal_set = _bind(model, calibration, "calibration")
     eval_set = _bind(model, evaluation, "evaluation")
+    held_out = None
+    if recipe.goal is not None:
+        from worker.pipeline.search import engine as goal_search
+        cal_set, eval_set, held_out = goal_search.check_and_split(model, recipe.goal, cal_set, eval_set)
 
     student_path = options.pop("student_model_path", None)
     if student_path is not None and "student_model" not in options:
@@ -210,6 +214,8 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
     for index, (step, module) in enumerate(zip(recipe.steps, modules)):
         if cancelled():
             raise StepCancelled("job cancelled")
+        if recipe.goal is not None and step.op == "quantize":
+            continue          # the goal search varies it per layer (below)
         stage = f"step {index + 1}/{count}: {step.op}"
 
         def step_progress(fraction: float, message: str = "", _index: int = index, _stage: str = stage) -> None:
@@ -242,12 +248,25 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
         del result          # the previous model may be freed while the next step runs
     if cancelled():
         raise StepCancelled("job cancelled")
-    quantized = [i for i, step in enumerate(recipe.steps) if step.op == "quantize"]
-    if quantized:
-        row = step_rows[quantized[-1]]
+    searched = None
+    if recipe.goal is not None:
+        progress(STEPS_SHARE * 0.5, "goal search")
+        ctx.progress = lambda fraction, message="": progress(
+            STEPS_SHARE * (0.5 + 0.5 * min(max(float(fraction), 0.0), 1.0)), message or "goal search")
+        started = time.perf_counter()
+        searched = goal_search.run_goal(model, original, recipe, ctx, eval_set, cal_set is not None, workdir)
+        model, ctx.layers = searched.model, searched.layers
+        step_rows.append({"op": "goal", "seconds": time.perf_counter() - started, "family": searched.chosen.family,
+                          "label": searched.chosen.label, **searched.chosen.step_metrics})
+    quantized = [i for i, step in enumerate(recipe.steps) if step.op == "quantize" and recipe.goal is None]
+    final_step, final_row = (recipe.steps[quantized[-1]], step_rows[quantized[-1]]) if quantized else (None, None)
+    if searched is not None and searched.params is not None:
+        final_step, final_row = searched.params, step_rows[-1]
+    if final_step is not None:
+        row = final_row
         # weight-only DequantizeLinear as constant-foldable Cast / Mul where that runs faster here
         row["dequantize_form"] = _dequantize_form(
-            model, recipe.steps[quantized[-1]], eval_set or cal_set or data_mod.generated(original, count=1),
+            model, final_step, eval_set or cal_set or data_mod.generated(original, count=1),
             target, options, ctx.layers)
         if options.get("sparse_storage", True):
             # pruned integer weights as bitmask + values where the file compresses smaller
@@ -255,7 +274,7 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
     if step_rows:
         # each kind of tensor together, in the measured order zstd's per-block Huffman tables fit best
         # (integers and floats of quantized and clustered models; never a larger file after zstd)
-        step_rows[quantized[-1] if quantized else -1]["initializer_order"] = file_layout.order_initializers(model)
+        (final_row if final_row is not None else step_rows[-1])["initializer_order"] = file_layout.order_initializers(model)
 
     # 3. check, write, measure
     progress(STEPS_SHARE, "checking the result")
@@ -272,6 +291,11 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
     progress(STEPS_SHARE + 0.05, "measuring")
     report = build_report(original_path=model_path, compressed_path=out_path, target=target, steps=step_rows,
                           layers=layers, evaluation=eval_set, calibration=cal_set, options=options)
+    if searched is not None:
+        for name, path in searched.artifacts.items():
+            check_result(graph.load_model(model_path, load_external_data=False), graph.load_model(path))
+        report["goal"] = json_safe({**searched.goal_report, "evaluation_data": held_out or "the evaluation data"})
+        report["candidates"] = json_safe([c.row(recipe.goal) for c in searched.candidates])
     if measured:
         top = recipe.sensitivity.top if recipe.sensitivity else 50
         report["sensitivity"] = json_safe(sensitivity.report_rows(measured, top))
