@@ -11,11 +11,12 @@ input axis for N:M, the output channels of least L2 norm for ``channel``).
 Cost: ONE ONNX Runtime session for all candidates of a step, not one per candidate:
 - every candidate weight is also declared as a graph input, so its initializer is only a default
   that a feed overrides (ONNX IR >= 4): one candidate = one run with its compressed copy fed;
-- every candidate activation ``t`` is rewired through ``t + g_t * (DQ(Q(t)) - t)`` with a scalar
-  gate ``g_t`` (an overridable initializer, 0): feeding ``g_t = 1`` quantizes that tensor alone.
-A run with no overrides gives the float reference (``t + 0 * (...)`` is ``t``), so N candidates
-cost N + 1 forward passes of the subset. Graph optimisation stays at the basic level so that ONNX
-Runtime neither folds the overridable weights nor fuses the gates.
+- every candidate activation ``t`` is rewired through ``If(g_t, DQ(Q(t)), t)`` with a boolean gate
+  ``g_t`` (an overridable initializer, false): feeding ``g_t = true`` quantizes that tensor alone,
+  and a closed gate runs only an Identity.
+A run with no overrides gives the float reference, so N candidates cost N + 1 forward passes of the
+subset. Graph optimisation stays at the basic level so that ONNX Runtime neither folds the
+overridable weights nor fuses anything across a gate.
 
 The error of a candidate is ``loss(reference outputs, outputs)``; by default the relative L2 norm
 over every float output, as the report's fidelity measures it.
@@ -214,27 +215,30 @@ def static_activations(model: onnx.ModelProto, step: QuantizeStep,
 
 
 def _gate(model: onnx.ModelProto, tensor: str, scale: float, zero_point: int, signed: bool) -> str:
-    """Rewire ``tensor``'s readers through ``tensor + gate * (DQ(Q(tensor)) - tensor)``; returns the gate's name."""
+    """Rewire ``tensor``'s readers through ``If(gate, DQ(Q(tensor)), tensor)``; returns the gate's
+    name. ONNX Runtime runs only the branch taken, so a closed gate costs next to nothing (a gated
+    arithmetic blend ``t + g * (DQ(Q(t)) - t)`` computed every Q/DQ on every run: on the PP-OCR
+    detector, 200 of them made each probe run several times slower than the model)."""
     base = graph.unique_name(model, tensor + GATE_SUFFIX)
-    names = {k: graph.unique_name(model, f"{base}_{k}") for k in ("s", "z", "q", "dq", "d", "gd", "out")}
+    names = {k: graph.unique_name(model, f"{base}_{k}") for k in ("s", "z", "q", "dq", "same", "out")}
     zdtype = np.int8 if signed else np.uint8
-    model.graph.initializer.extend([
-        numpy_helper.from_array(np.asarray(scale, dtype=np.float32), names["s"]),
-        numpy_helper.from_array(np.asarray(zero_point, dtype=zdtype), names["z"]),
-        numpy_helper.from_array(np.asarray(0.0, dtype=np.float32), base),
-    ])
-    model.graph.input.append(helper.make_tensor_value_info(base, onnx.TensorProto.FLOAT, []))
+    model.graph.initializer.append(numpy_helper.from_array(np.asarray(False), base))
+    model.graph.input.append(helper.make_tensor_value_info(base, onnx.TensorProto.BOOL, []))
+    quantized = helper.make_graph(
+        [helper.make_node("QuantizeLinear", [tensor, names["s"], names["z"]], [names["q"]], name=names["q"]),
+         helper.make_node("DequantizeLinear", [names["q"], names["s"], names["z"]], [names["dq"]], name=names["dq"])],
+        names["dq"] + "_branch", [], [helper.make_tensor_value_info(names["dq"], onnx.TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.asarray(scale, dtype=np.float32), names["s"]),
+         numpy_helper.from_array(np.asarray(zero_point, dtype=zdtype), names["z"])])
+    unchanged = helper.make_graph(
+        [helper.make_node("Identity", [tensor], [names["same"]], name=names["same"])],
+        names["same"] + "_branch", [], [helper.make_tensor_value_info(names["same"], onnx.TensorProto.FLOAT, None)])
     for node in model.graph.node:
         for index, name in enumerate(node.input):
             if name == tensor:
                 node.input[index] = names["out"]
-    model.graph.node.extend([
-        helper.make_node("QuantizeLinear", [tensor, names["s"], names["z"]], [names["q"]], name=names["q"]),
-        helper.make_node("DequantizeLinear", [names["q"], names["s"], names["z"]], [names["dq"]], name=names["dq"]),
-        helper.make_node("Sub", [names["dq"], tensor], [names["d"]], name=names["d"]),
-        helper.make_node("Mul", [names["d"], base], [names["gd"]], name=names["gd"]),
-        helper.make_node("Add", [tensor, names["gd"]], [names["out"]], name=names["out"]),
-    ])
+    model.graph.node.append(helper.make_node("If", [base], [names["out"]], name=names["out"],
+                                             then_branch=quantized, else_branch=unchanged))
     return base
 
 
@@ -351,11 +355,10 @@ def measure(model: onnx.ModelProto, step: QuantizeStep | PruneStep, data: Datase
         entries.append(Entry(layer.weight, "weight", layer.op, layer.node, layer.params, label, error,
                              [glob_escape(layer.weight)]))
         progress((index + 1) / max(total, 1), f"sensitivity {index + 1}/{total}")
-    one = np.asarray(1.0, dtype=np.float32)
     for index, (tensor, gate) in enumerate(gate_names.items()):
         if cancelled():
             raise StepCancelled("job cancelled")
-        error = probe.error({gate: one}, loss)
+        error = probe.error({gate: np.asarray(True)}, loss)
         entries.append(Entry(tensor, "activation", "QuantizeLinear", ", ".join(readers_of.get(tensor, [])), 0,
                              f"activations int8 {step.activations.calibration}", error,
                              [glob_escape(n) for n in readers_of.get(tensor, [])]))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -495,6 +496,10 @@ def run_goal(model: onnx.ModelProto, original: onnx.ModelProto, recipe: Any, ctx
 
     given = [step for step in recipe.steps if isinstance(step, QuantizeStep)]
     families = [space.recipe_family(given[0])] if given else space.default_families(has_calibration)
-    search = Search(model, original, recipe.goal, families, ctx, evaluation, workdir / ".search")
-    search.run()
-    return search.finish(workdir)
+    scratch = workdir / ".search"
+    try:
+        search = Search(model, original, recipe.goal, families, ctx, evaluation, scratch)
+        search.run()
+        return search.finish(workdir)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)     # every candidate's file: the kept ones were copied
