@@ -10,7 +10,9 @@ ladder and the step is built again:
     activations  int8 -> float                                  (static; the layers around the
                  tensor stay int8 where their other inputs are quantized)
 
-The candidate moved is always the one with the largest error alone at its current level; one moved
+The candidates moved are always those with the largest error alone at their current level (as many
+as the alone errors, added as independent noise and scaled to the last measured error, predict
+are needed: usually one at a time near the bound, several at once far from it); one moved
 to a level below float is measured alone again there (on the sensitivity probe) and re-queued, so an
 int8 layer that still hurts goes on to float before less sensitive ones move. The loop ends at the
 first build that meets the bound (after 40 builds moves go in growing batches; at 200, or
@@ -170,7 +172,7 @@ def run_bounded(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext,
     max_builds = int(ctx.options.get("max_bound_builds", MAX_TOTAL_BUILDS))
     while error > bound and heap and builds < max_builds:
         ctx.check_cancelled()
-        batch = 1 if builds < MAX_BUILDS else 2 ** min(10, (builds - MAX_BUILDS) // 4 + 1)
+        batch = _batch(heap, error, bound) if builds < MAX_BUILDS else 2 ** min(10, (builds - MAX_BUILDS) // 4 + 1)
         taken = [heapq.heappop(heap) for _ in range(min(batch, len(heap)))]
         for negative, kind, name in taken:
             before = current(kind, name)
@@ -219,6 +221,24 @@ def run_bounded(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext,
                     ("" if error <= bound else "; the bound was MISSED, the build with the lowest error is kept")),
     }
     return final
+
+
+def _batch(heap: list, error: float, bound: float) -> int:
+    """How many of the most sensitive candidates to move in the next build: the fewest whose
+    removal brings the predicted error within the bound. Predicted: the alone errors added as
+    independent noise (root of the sum of squares), scaled to the error the last build measured,
+    and each moved candidate counted as error-free (optimistic: the batch is never larger than
+    needed by the model's own measure)."""
+    errors = [-entry[0] for entry in sorted(heap)]
+    total = sum(e * e for e in errors)
+    if total <= 0:
+        return 1
+    scale = error / math.sqrt(total)
+    count, left = 0, total
+    while count < len(errors) and scale * math.sqrt(max(left, 0.0)) > bound:
+        left -= errors[count] ** 2
+        count += 1
+    return max(1, count)
 
 
 def _finite(value: float) -> float:
