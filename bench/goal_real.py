@@ -44,16 +44,21 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=300.0)
     parser.add_argument("--bound", type=float, default=0.05)
     parser.add_argument("--out", default="bench/out/goal_real.json")
+    parser.add_argument("--only", choices=("sensitivity", "bound", "goal"), action="append",
+                        help="run only these (repeatable; default all three)")
     args = parser.parse_args()
     rows = []
     for name in args.models:
         model = load(name, quick=args.quick)
         reference = model.infer(_session(model.path))
         recipes = {
-            "static int8 + sensitivity": {"sensitivity": {"samples": 16}, "steps": [STATIC]},
-            f"static int8, max_output_error {args.bound:g}": {"steps": [{**STATIC, "max_output_error": args.bound}]},
-            "goal": {"goal": {**GOALS[name], "max_drop": 0.01, "minimize": "size", "time_budget_s": args.budget}},
+            "sensitivity": ("static int8 + sensitivity", {"sensitivity": {"samples": 16}, "steps": [STATIC]}),
+            "bound": (f"static int8, max_output_error {args.bound:g}",
+                      {"steps": [{**STATIC, "max_output_error": args.bound}]}),
+            "goal": ("goal", {"goal": {**GOALS[name], "max_drop": 0.01, "minimize": "size",
+                                       "time_budget_s": args.budget}}),
         }
+        recipes = dict(value for key, value in recipes.items() if not args.only or key in args.only)
         for label, recipe in recipes.items():
             with tempfile.TemporaryDirectory() as scratch:
                 started = time.perf_counter()

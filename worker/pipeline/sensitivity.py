@@ -46,6 +46,10 @@ GATE_SUFFIX = "__fw_sensitivity_gate"
 Loss = Callable[[list[np.ndarray], list[np.ndarray]], float]
 
 
+class OutOfTime(Exception):
+    """The caller's time ran out while measuring."""
+
+
 @dataclass
 class Entry:
     """One candidate's measured effect. ``exclude``: patterns a recipe's ``exclude`` takes to keep it float."""
@@ -306,8 +310,10 @@ def build_probe(model: onnx.ModelProto, data: Dataset, weights: Sequence[str],
 def measure(model: onnx.ModelProto, step: QuantizeStep | PruneStep, data: Dataset, *,
             samples: int = DEFAULT_SAMPLES, step_index: int | None = None, loss: Loss = rel_l2,
             metric: str = "rel_l2", cancelled: Callable[[], bool] = lambda: False,
-            progress: Callable[[float, str], None] = lambda f, m: None) -> Sensitivity:
-    """Every candidate of ``step`` alone on ``model`` over the first ``samples`` samples of ``data``."""
+            progress: Callable[[float, str], None] = lambda f, m: None,
+            out_of_time: Callable[[], bool] = lambda: False) -> Sensitivity:
+    """Every candidate of ``step`` alone on ``model`` over the first ``samples`` samples of ``data``;
+    ``OutOfTime`` as soon as ``out_of_time()`` says so (the goal search's budget)."""
     from worker.pipeline.step import StepCancelled
 
     started = time.perf_counter()
@@ -347,6 +353,8 @@ def measure(model: onnx.ModelProto, step: QuantizeStep | PruneStep, data: Datase
     for index, layer in enumerate(layers):
         if cancelled():
             raise StepCancelled("job cancelled")
+        if out_of_time():
+            raise OutOfTime(f"sensitivity stopped after {index} of {total} candidates")
         tensor = graph.initializers(prepared)[layer.weight]
         w = numpy_helper.to_array(tensor)
         compressed = (fake_prune(w, layer, step) if isinstance(step, PruneStep)
@@ -358,6 +366,8 @@ def measure(model: onnx.ModelProto, step: QuantizeStep | PruneStep, data: Datase
     for index, (tensor, gate) in enumerate(gate_names.items()):
         if cancelled():
             raise StepCancelled("job cancelled")
+        if out_of_time():
+            raise OutOfTime(f"sensitivity stopped after {len(layers) + index} of {total} candidates")
         error = probe.error({gate: np.asarray(True)}, loss)
         entries.append(Entry(tensor, "activation", "QuantizeLinear", ", ".join(readers_of.get(tensor, [])), 0,
                              f"activations int8 {step.activations.calibration}", error,

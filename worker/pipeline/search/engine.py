@@ -330,8 +330,13 @@ class Search:
         def loss(_reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
             return self.screen.score(np.asarray(outputs[out]).reshape(reference_shape))[1] - baseline.screen_drop
 
-        found = sensitivity.measure(self.model, params, self.screen_data, samples=self.screen_data.size, loss=loss,
-                                    metric=f"{self.goal.metric} drop", cancelled=self.ctx.cancelled)
+        try:
+            found = sensitivity.measure(self.model, params, self.screen_data, samples=self.screen_data.size,
+                                        loss=loss, metric=f"{self.goal.metric} drop", cancelled=self.ctx.cancelled,
+                                        out_of_time=lambda: self.clock() > self.deadline)
+        except sensitivity.OutOfTime as exc:
+            self.stopped = f"time budget: {self.goal.time_budget_s:g} s reached measuring {family.name} ({exc})"
+            return [], 0
         self.notes.append(f"{family.name}: sensitivity of {len(found.entries)} layers / activations on "
                           f"{found.samples} samples in {found.seconds:.1f} s")
         if "activation" in family.kinds():
@@ -394,6 +399,8 @@ class Search:
                                    granularity="channel" if spec.granularity == "block" else spec.granularity)
             for name, layer in layers.items():
                 self.ctx.check_cancelled()
+                if self.clock() > self.deadline:
+                    return        # the layers left keep no middle level: the path jumps them to float
                 if ("weight", name) not in drops:
                     continue
                 w = numpy_helper.to_array(inits[name])
