@@ -125,3 +125,14 @@ def test_metrics_on_known_values():
     assert scores.value(spec("rel_l2"), y, 1.1 * y) == pytest.approx(0.1)
     assert scores.value(spec("accuracy"), y, y, np.array([2, 1, 0, 1])) == pytest.approx(0.75)
     assert scores.quality(spec("rel_l2"), 0.1) == -0.1
+
+
+def test_built_candidates_keep_the_original_io_annotations():
+    from onnx import helper
+
+    source = fragile_mlp()
+    built = onnx.ModelProto()
+    built.CopyFrom(source)
+    built.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", "Div_dim_1"]))
+    space.keep_io_annotations(source, built)
+    assert built.graph.output[0] == source.graph.output[0]

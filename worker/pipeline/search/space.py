@@ -80,9 +80,28 @@ def applies(family: Family, model: onnx.ModelProto, ctx: StepContext) -> str | N
     return None
 
 
+def keep_io_annotations(source: onnx.ModelProto, built: onnx.ModelProto) -> None:
+    """Give ``built``'s graph inputs and outputs ``source``'s type annotations. The opset upgrade
+    int4 needs rewrites fixed dims it cannot re-derive as new dim_params (all-MiniLM-L6-v2's
+    ``sentence_embedding`` [batch, 384] came back [batch, 'Divsentence_embedding_dim_1']), which the
+    runner's interface check refuses after the whole search; the values computed are the same."""
+    for theirs, ours in ((source.graph.input, built.graph.input), (source.graph.output, built.graph.output)):
+        by_name = {value.name: value for value in theirs}
+        for value in ours:
+            if value.name in by_name and value.type != by_name[value.name].type:
+                value.type.CopyFrom(by_name[value.name].type)
+
+
 def build(model: onnx.ModelProto, family: Family, assignment: mixed_precision.Assignment,
           ctx: StepContext) -> tuple[StepResult, StepContext]:
     """The model with ``family`` at ``assignment`` (a trial: the job's layer records untouched)."""
+    result, work = _build(model, family, assignment, ctx)
+    keep_io_annotations(model, result.model)
+    return result, work
+
+
+def _build(model: onnx.ModelProto, family: Family, assignment: mixed_precision.Assignment,
+           ctx: StepContext) -> tuple[StepResult, StepContext]:
     if family.params is None:
         from dataclasses import replace
         import copy
