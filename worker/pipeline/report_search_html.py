@@ -5,9 +5,8 @@ Drawn with report_html's own SVG helpers; nothing here runs a model."""
 from __future__ import annotations
 
 import math
-from typing import Any
 
-from worker.pipeline.report_html import _esc, _fmt, _fmt_bytes, _num, bar_chart, scatter_plot, _BLUE, _RED
+from worker.pipeline.report_html import _RED, _esc, _fmt, _fmt_bytes, _num, bar_chart, scatter_plot
 
 SHOWN = 25
 

@@ -10,6 +10,9 @@ Order of work:
    ``RecipeError`` it raises gets ``["steps", i]`` put in front of its field path).
 2. Run the steps in order through the closed registry, reporting overall progress with the stage
    ``"step 2/3: quantize"`` and checking ``cancelled`` between steps (``StepCancelled``).
+   Before a quantize / prune step, per-layer sensitivity where the recipe asks for it or the
+   step's ``max_output_error`` needs it (``sensitivity``). With a ``goal``, the quantize step is
+   not run as written: after the other steps the goal search (``search.engine``) picks the model.
 3. Check the result (``onnx.checker.check_model(full_check=True)``; inputs and outputs with the
    original's names, dtypes and shapes), write ``workdir/model.onnx`` and ``workdir/report.json``.
 """
