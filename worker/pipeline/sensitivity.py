@@ -35,12 +35,11 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from core.recipe import PruneStep, QuantizeStep, WeightQuantSpec
-from worker.pipeline import activations, calibrate, graph, subgraphs
+from worker.pipeline import calibrate, graph, sessions, subgraphs
 from worker.pipeline.data import Dataset
-from worker.pipeline.quant import constants
+from worker.pipeline.quantize import lift_constants
 
 DEFAULT_SAMPLES = 32
-SENSITIVITY_NAME = "sensitivity.json"
 GATE_SUFFIX = "__fw_sensitivity_gate"
 
 Loss = Callable[[list[np.ndarray], list[np.ndarray]], float]
@@ -127,7 +126,7 @@ def setting_label(step: QuantizeStep | PruneStep) -> str:
 
 def fake_quantize(w: np.ndarray, layer: graph.WeightLayer, spec: WeightQuantSpec) -> np.ndarray:
     """w' = dequantize(quantize(w)) on the grid ``spec`` gives this layer (round to nearest even)."""
-    from worker.pipeline.quant import weight_only
+    from worker.pipeline.quantize import weight_only
 
     w32 = np.ascontiguousarray(w, dtype=np.float32)
     if spec.bits == 1:
@@ -175,7 +174,7 @@ def prepared_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     """Weights as main-graph initializers (Constant weights lifted, control-flow bodies' hoisted)."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    constants.lift_constant_weights(copy)
+    lift_constants.lift_constant_weights(copy)
     subgraphs.hoist_weights(copy)
     graph.ensure_node_names(copy)
     return copy
@@ -189,10 +188,10 @@ def candidate_weights(model: onnx.ModelProto, step: QuantizeStep | PruneStep) ->
         found = graph.weight_layers(model, ops=PRUNABLE_OPS, include=step.include, exclude=step.exclude,
                                     min_params=step.min_params)
     elif step.activations is not None and step.activations.calibration != "dynamic":
-        from worker.pipeline.quant import static
+        from worker.pipeline.quantize import static
         found = static.selected_layers(model, step)
     else:
-        from worker.pipeline.quant import weight_only
+        from worker.pipeline.quantize import weight_only
         found = weight_only.candidate_layers(model, step)
     return [layer for layer in found if layer.weight in inits
             and inits[layer.weight].data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
@@ -202,7 +201,7 @@ def static_activations(model: onnx.ModelProto, step: QuantizeStep,
                        layers: list[graph.WeightLayer]) -> tuple[dict[str, str], dict[str, list[str]]]:
     """(tensor -> tensor whose range it takes, tensor -> compute nodes that read it) as the static
     quantizer plans them."""
-    from worker.pipeline.quant import static
+    from worker.pipeline.quantize import static
 
     decided = static.plan(model, step, layers)
     readers = graph.consumers(model)
@@ -255,14 +254,6 @@ def _overridable(model: onnx.ModelProto, names: Sequence[str]) -> None:
             model.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
 
 
-def probe_session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.add_session_config_entry("session.disable_prepacking", "1")
-    return activations.build_session(model, options, ["CPUExecutionProvider"])
-
-
 @dataclass
 class Probe:
     """One session over a subset, able to measure any override set; also the goal search's tool."""
@@ -296,7 +287,7 @@ def build_probe(model: onnx.ModelProto, data: Dataset, weights: Sequence[str],
     _overridable(probe_model, weights)
     gate_names = {t: _gate(probe_model, t, *grid) for t, grid in gates.items()}
     graph.sort_graph(probe_model)
-    session = probe_session(probe_model)
+    session = sessions.probe_session(probe_model)
     del probe_model
     feeds = list(data.batches(64, limit=samples))
     names = [o.name for o in model.graph.output]
@@ -320,7 +311,7 @@ def measure(model: onnx.ModelProto, step: QuantizeStep | PruneStep, data: Datase
     prepared = prepared_copy(model)
     if isinstance(step, QuantizeStep) and step.activations is not None \
             and step.activations.calibration != "dynamic" and graph.opset(prepared) < 13:
-        from worker.pipeline.quant import static
+        from worker.pipeline.quantize import static
         prepared = static.prepare(prepared)       # static quantizes per axis at opset >= 13, BatchNorm folded
     from worker.pipeline.data import bind
     data = bind(prepared, {**data.arrays, **({} if data.labels is None else {"_labels": data.labels})}).head(samples)

@@ -45,7 +45,7 @@ def test_weight_probe_matches_a_model_with_that_weight_replaced_and_fragile_laye
 
 
 def test_activation_probe_matches_a_model_with_one_qdq():
-    from worker.pipeline.quant import static
+    from worker.pipeline.quantize import static
 
     model, data = fragile_mlp(), inputs(32)
     step = _step({"activations": {"calibration": "minmax"}, "min_params": 16})

@@ -35,17 +35,17 @@ import onnx
 from onnx import numpy_helper
 
 from core.recipe import GoalSpec, WeightQuantSpec
-from worker.pipeline import activations, graph, metrics, sensitivity
+from worker.pipeline import artifacts, graph, metrics, sensitivity, sessions
 from worker.pipeline.data import Dataset, bind
-from worker.pipeline.mixed_precision import FLOAT, Assignment, ladder
-from worker.pipeline.quant import file_layout
+from worker.pipeline.quantize.mixed_precision import FLOAT, Assignment, ladder
+from worker.pipeline.quantize import file_layout
 from worker.pipeline.search import scores, space
 from worker.pipeline.step import StepCancelled, StepContext
 
 SCREEN_SAMPLES = 64
 SAFETY = 0.7                 # the greedy path aims at this fraction of the budget: the drops of
                              # layers measured alone add up to less than their drop together
-ARTIFACTS = 3
+
 LATENCY_RUNS = 10
 
 
@@ -134,13 +134,13 @@ class Search:
     # ---------------------------------------------------------------- measuring
 
     def _outputs(self, model: onnx.ModelProto, data: Dataset) -> np.ndarray:
-        session = activations.session(model, prepack=False)
+        session = sessions.session(model, prepack=False)
         found = [session.run([self.output], feeds)[0] for feeds in data.batches(64)]
         return scores.stack_outputs(found, data.batchable)
 
     def _latency(self, model: onnx.ModelProto) -> float:
         feeds = next(self.evaluation.head(1).batches(1))
-        session = activations.session(model)
+        session = sessions.session(model)
         return metrics.latency([session], feeds, runs=LATENCY_RUNS, warmup=2, budget_s=2.0)[0]["p50"]
 
     def objective(self, c: Candidate) -> float:
@@ -417,13 +417,12 @@ class Search:
         chosen = self._best()
         chosen.chosen = True
         extra = sorted((c for c in verified if c.pareto and not c.chosen and c.id != 0),
-                       key=lambda c: (not c.meets, self.objective(c)))[:ARTIFACTS]
-        artifacts: dict[str, Path] = {}
+                       key=lambda c: (not c.meets, self.objective(c)))[:artifacts.CANDIDATE_COUNT]
+        saved: dict[str, Path] = {}
         for index, c in enumerate(extra, start=1):
-            target = workdir / f"candidate-{index}.onnx"
             model = graph.load_model(c.path)
-            artifacts[f"candidate-{index}"] = graph.save_model(model, target)
-            c.artifact = f"candidate-{index}"
+            c.artifact = artifacts.candidate_name(index)
+            saved[c.artifact] = graph.save_model(model, workdir / artifacts.candidate_file(index))
         model = graph.load_model(chosen.path)
         met = chosen.meets
         summary = (f"chose #{chosen.id} ({chosen.label}): {self.goal.metric} {chosen.value:.4g} "
@@ -442,7 +441,7 @@ class Search:
             "summary": summary,
         }
         return SearchResult(model, chosen.layers, self.params_of.get(chosen.family), chosen, self.candidates,
-                            report, artifacts)
+                            report, saved)
 
 
 def _apply(moves: list[tuple[str, str, int]], touching: dict[str, list[str]]) -> Assignment:

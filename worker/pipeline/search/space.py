@@ -20,7 +20,8 @@ import onnx
 
 from core.errors import FeatherweightError, RecipeError
 from core.recipe import Fp16Step, QuantizeStep
-from worker.pipeline import mixed_precision, registry
+from worker.pipeline import registry
+from worker.pipeline.quantize import mixed_precision
 from worker.pipeline.step import StepContext, StepResult
 
 
