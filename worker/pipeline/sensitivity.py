@@ -35,7 +35,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from core.recipe import PruneStep, QuantizeStep, WeightQuantSpec
-from worker.pipeline import calibrate, graph, sessions, subgraphs
+from worker.pipeline import calibrate, graph, sessions
 from worker.pipeline.data import Dataset
 from worker.pipeline.quantize import lift_constants
 
@@ -170,14 +170,8 @@ def fake_prune(w: np.ndarray, layer: graph.WeightLayer, step: PruneStep) -> np.n
 # ------------------------------------------------------------------------------ the probe model
 
 
-def prepared_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Weights as main-graph initializers (Constant weights lifted, control-flow bodies' hoisted)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    lift_constants.lift_constant_weights(copy)
-    subgraphs.hoist_weights(copy)
-    graph.ensure_node_names(copy)
-    return copy
+# weights as main-graph initializers (Constant weights lifted, control-flow bodies' hoisted)
+prepared_copy = lift_constants.lifted_copy
 
 
 def candidate_weights(model: onnx.ModelProto, step: QuantizeStep | PruneStep) -> list[graph.WeightLayer]:

@@ -126,11 +126,7 @@ def selected_layers(model: onnx.ModelProto, params: QuantizeStep) -> list[graph.
 
 def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy with weights as initializers, named nodes, opset >= 13 and BatchNorm folded into Conv."""
-    prepared = onnx.ModelProto()
-    prepared.CopyFrom(model)
-    lift_constants.lift_constant_weights(prepared)
-    subgraphs.hoist_weights(prepared)
-    graph.ensure_node_names(prepared)
+    prepared = lift_constants.lifted_copy(model)
     if graph.opset(prepared) < MIN_OPSET:
         try:
             prepared = graph.ensure_opset(prepared, MIN_OPSET)
