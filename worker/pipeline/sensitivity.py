@@ -23,10 +23,12 @@ over every float output, as the report's fidelity measures it.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -34,10 +36,13 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
+import kernels
 from core.recipe import PruneStep, QuantizeStep, WeightQuantSpec
 from worker.pipeline import calibrate, graph, sessions
-from worker.pipeline.data import Dataset
-from worker.pipeline.quantize import lift_constants
+from worker.pipeline.data import Dataset, bind, generated
+from worker.pipeline.quantize import lift_constants, static, weight_only
+from worker.pipeline.step import StepCancelled
+from worker.pipeline.steps.prune import PRUNABLE_OPS
 
 DEFAULT_SAMPLES = 32
 GATE_SUFFIX = "__fw_sensitivity_gate"
@@ -126,8 +131,6 @@ def setting_label(step: QuantizeStep | PruneStep) -> str:
 
 def fake_quantize(w: np.ndarray, layer: graph.WeightLayer, spec: WeightQuantSpec) -> np.ndarray:
     """w' = dequantize(quantize(w)) on the grid ``spec`` gives this layer (round to nearest even)."""
-    from worker.pipeline.quantize import weight_only
-
     w32 = np.ascontiguousarray(w, dtype=np.float32)
     if spec.bits == 1:
         axes = tuple(i for i in range(w32.ndim) if i != layer.out_axis)
@@ -178,14 +181,11 @@ def candidate_weights(model: onnx.ModelProto, step: QuantizeStep | PruneStep) ->
     """The main-graph weights the step would touch (the quantizer's own selection)."""
     inits = graph.initializers(model)
     if isinstance(step, PruneStep):
-        from worker.pipeline.steps.prune import PRUNABLE_OPS
         found = graph.weight_layers(model, ops=PRUNABLE_OPS, include=step.include, exclude=step.exclude,
                                     min_params=step.min_params)
     elif step.activations is not None and step.activations.calibration != "dynamic":
-        from worker.pipeline.quantize import static
         found = static.selected_layers(model, step)
     else:
-        from worker.pipeline.quantize import weight_only
         found = weight_only.candidate_layers(model, step)
     return [layer for layer in found if layer.weight in inits
             and inits[layer.weight].data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
@@ -195,8 +195,6 @@ def static_activations(model: onnx.ModelProto, step: QuantizeStep,
                        layers: list[graph.WeightLayer]) -> tuple[dict[str, str], dict[str, list[str]]]:
     """(tensor -> tensor whose range it takes, tensor -> compute nodes that read it) as the static
     quantizer plans them."""
-    from worker.pipeline.quantize import static
-
     decided = static.plan(model, step, layers)
     readers = graph.consumers(model)
     inits = graph.initializers(model)
@@ -299,23 +297,17 @@ def measure(model: onnx.ModelProto, step: QuantizeStep | PruneStep, data: Datase
             out_of_time: Callable[[], bool] = lambda: False) -> Sensitivity:
     """Every candidate of ``step`` alone on ``model`` over the first ``samples`` samples of ``data``;
     ``OutOfTime`` as soon as ``out_of_time()`` says so (the goal search's budget)."""
-    from worker.pipeline.step import StepCancelled
-
     started = time.perf_counter()
     prepared = prepared_copy(model)
     if isinstance(step, QuantizeStep) and step.activations is not None \
             and step.activations.calibration != "dynamic" and graph.opset(prepared) < 13:
-        from worker.pipeline.quantize import static
         prepared = static.prepare(prepared)       # static quantizes per axis at opset >= 13, BatchNorm folded
-    from worker.pipeline.data import bind
     data = bind(prepared, {**data.arrays, **({} if data.labels is None else {"_labels": data.labels})}).head(samples)
     layers = candidate_weights(prepared, step)
 
     gates: dict[str, tuple[float, int, bool]] = {}
     readers_of: dict[str, list[str]] = {}
     if isinstance(step, QuantizeStep) and step.activations is not None and step.activations.calibration != "dynamic":
-        import kernels
-
         plan, readers_of = static_activations(prepared, step, layers)
         spec = step.activations
         ranges = calibrate.calibrate(prepared, data, sorted(set(plan.values())), method=spec.calibration,
@@ -398,8 +390,6 @@ def wanted(recipe: Any, step: Any) -> bool:
 
 def data_for(calibration: Dataset | None, evaluation: Dataset | None, model: onnx.ModelProto) -> tuple[Dataset, str]:
     """The calibration data, else the evaluation data, else generated inputs (and which it was)."""
-    from worker.pipeline.data import generated
-
     if calibration is not None:
         return calibration, "calibration"
     if evaluation is not None:
@@ -408,9 +398,6 @@ def data_for(calibration: Dataset | None, evaluation: Dataset | None, model: onn
 
 
 def write_artifact(results: Sequence[Sensitivity], path: Any) -> None:
-    import json
-    from pathlib import Path
-
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(json.dumps(_finite(artifact(results)), indent=2, allow_nan=False) + "\n")

@@ -34,7 +34,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from core.recipe import GoalSpec, WeightQuantSpec
+from core.errors import RecipeError
+from core.goal import check_goal
+from core.recipe import GoalSpec, QuantizeStep, WeightQuantSpec
 from worker.pipeline import artifacts, graph, metrics, sensitivity, sessions
 from worker.pipeline.data import Dataset, bind
 from worker.pipeline.quantize.mixed_precision import FLOAT, Assignment, ladder
@@ -466,9 +468,6 @@ def check_and_split(model: onnx.ModelProto, goal: GoalSpec, calibration: Dataset
     """Refuse (RecipeError at goal.<field>) a goal that does not fit the model or the data; without
     evaluation data hold out ``goal.holdout`` of the calibration data. Returns (calibration,
     evaluation, how the evaluation data was obtained when held out)."""
-    from core.goal import check_goal
-    from core.errors import RecipeError
-
     outputs = []
     for value in model.graph.output:
         tensor_type = value.type.tensor_type
@@ -498,8 +497,6 @@ def check_and_split(model: onnx.ModelProto, goal: GoalSpec, calibration: Dataset
 def run_goal(model: onnx.ModelProto, original: onnx.ModelProto, recipe: Any, ctx: StepContext,
              evaluation: Dataset, has_calibration: bool, workdir: Path) -> SearchResult:
     """The search for ``recipe.goal`` on ``model`` (the recipe's other steps already applied)."""
-    from core.recipe import QuantizeStep
-
     given = [step for step in recipe.steps if isinstance(step, QuantizeStep)]
     families = [space.recipe_family(given[0])] if given else space.default_families(has_calibration)
     scratch = workdir / ".search"

@@ -14,7 +14,8 @@ Sparsity and low rank are not searched (yet): a recipe's prune / lowrank steps r
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
 
 import onnx
 
@@ -23,6 +24,7 @@ from core.recipe import Fp16Step, QuantizeStep
 from worker.pipeline import registry
 from worker.pipeline.quantize import mixed_precision
 from worker.pipeline.step import StepContext, StepResult
+from worker.pipeline.steps.quantize import run_once
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,6 @@ def recipe_family(step: QuantizeStep) -> Family:
 
 
 def quantize_once(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext) -> StepResult:
-    from worker.pipeline.steps.quantize import run_once
-
     return run_once(model, params, ctx)
 
 
@@ -104,9 +104,6 @@ def build(model: onnx.ModelProto, family: Family, assignment: mixed_precision.As
 def _build(model: onnx.ModelProto, family: Family, assignment: mixed_precision.Assignment,
            ctx: StepContext) -> tuple[StepResult, StepContext]:
     if family.params is None:
-        from dataclasses import replace
-        import copy
-
         work = replace(ctx, layers=copy.deepcopy(ctx.layers), options=dict(ctx.options))
         own = onnx.ModelProto()
         own.CopyFrom(model)
