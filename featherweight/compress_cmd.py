@@ -4,6 +4,9 @@
                            [--target cpu-x86|cpu-arm|gpu] [--student S.onnx] -o OUT.onnx
                            [--report REPORT.json] [--report-html REPORT.html]
 
+A recipe that measures sensitivity also writes OUT.sensitivity.json; a goal's next best verified
+candidates are written as OUT.candidate-1.onnx ... (the job artifacts of the same names).
+
 Bad input (a recipe, data set or model that cannot be used) prints one line,
 ``featherweight: error: <file>: <field path>: <message>``, and exits 2; a failure of the
 compression itself exits 1. Nothing is left at ``-o`` unless the run succeeded: the model is built
@@ -95,6 +98,22 @@ def _relocate_external_data(model_file: Path, output: Path) -> list[Path]:
     return [data_file]
 
 
+def _keep_extras(scratch: Path, output: Path) -> list[str]:
+    """sensitivity.json and a goal's next best candidates, beside the output as OUT.sensitivity.json,
+    OUT.candidate-1.onnx ... (the job's artifacts of the same names)."""
+    from worker.pipeline import artifacts
+
+    kept = []
+    names = [artifacts.SENSITIVITY_FILE,
+             *(artifacts.candidate_file(rank) for rank in range(1, artifacts.CANDIDATE_COUNT + 1))]
+    for source in (scratch / name for name in names):
+        if source.is_file():
+            target = output.with_name(f"{output.stem}.{source.name}")
+            source.replace(target)
+            kept.append(str(target))
+    return kept
+
+
 def main(args: argparse.Namespace) -> int:
     from core.errors import FeatherweightError, InvalidInput
     from core.targets import native_target
@@ -127,6 +146,7 @@ def main(args: argparse.Namespace) -> int:
                 write_report(result.report, args.report)
             if args.report_html:
                 write_report_html(result.report, args.report_html, title=f"{Path(args.model).name}: compression report")
+            extras = _keep_extras(scratch, output)
             result.model_path.replace(output)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -147,7 +167,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"featherweight: compression failed: {exc.detail}", file=sys.stderr)
         return EXIT_FAILED
     summary = {key: result.report.get(key) for key in ("size_ratio", "transport_size_ratio", "latency_ratio", "fidelity")}
-    print(json.dumps({"output": str(output), **summary}))
+    print(json.dumps({"output": str(output), **summary, **({"also_written": extras} if extras else {})}))
     return EXIT_OK
 
 

@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 
 import onnx
 
-from core.recipe import Recipe
+from core.recipe import QuantizeStep, Recipe
 from worker.pipeline import data as data_mod
 from worker.pipeline.quantize import dequantize_form, file_layout, sparse_storage
 from worker.pipeline.step import StepContext
@@ -41,15 +41,25 @@ def drop_added_value_info(original: onnx.ModelProto, compressed: onnx.ModelProto
 
 
 def finalize(model: onnx.ModelProto, recipe: Recipe, step_rows: Sequence[dict[str, Any]], ctx: StepContext, *,
-             evaluation: data_mod.Dataset | None, calibration: data_mod.Dataset | None) -> None:
+             evaluation: data_mod.Dataset | None, calibration: data_mod.Dataset | None,
+             chosen: QuantizeStep | None = None) -> None:
     """Put ``model`` (the last step's result, changed in place) in its output format; ``step_rows``
-    are the steps' metrics rows, in recipe order, that the decisions are added to."""
-    quantized = [i for i, step in enumerate(recipe.steps) if step.op == "quantize"]
-    if quantized:
-        row = step_rows[quantized[-1]]
+    are the steps' metrics rows, in recipe order, that the decisions are added to. With a ``goal``
+    the recipe's quantize steps were not run as written: the search's row is the last one, and
+    ``chosen`` the quantize setting it picked (None: a float or fp16 model)."""
+    final: tuple[QuantizeStep, dict[str, Any]] | None = None
+    if recipe.goal is not None:
+        if chosen is not None:
+            final = (chosen, step_rows[-1])
+    else:
+        quantized = [i for i, step in enumerate(recipe.steps) if step.op == "quantize"]
+        if quantized:
+            final = (recipe.steps[quantized[-1]], step_rows[quantized[-1]])
+    if final is not None:
+        step, row = final
         # weight-only DequantizeLinear as constant-foldable Cast / Mul where that runs faster here
         row["dequantize_form"] = _dequantize_form(
-            model, recipe.steps[quantized[-1]], evaluation or calibration or data_mod.generated(ctx.original, count=1),
+            model, step, evaluation or calibration or data_mod.generated(ctx.original, count=1),
             ctx.target, ctx.options, ctx.layers)
         if ctx.options.get("sparse_storage", True):
             # pruned integer weights as bitmask + values where the file compresses smaller
@@ -57,5 +67,5 @@ def finalize(model: onnx.ModelProto, recipe: Recipe, step_rows: Sequence[dict[st
     if step_rows:
         # each kind of tensor together, in the measured order zstd's per-block Huffman tables fit best
         # (integers and floats of quantized and clustered models; never a larger file after zstd)
-        step_rows[quantized[-1] if quantized else -1]["initializer_order"] = file_layout.order_initializers(model)
+        (final[1] if final is not None else step_rows[-1])["initializer_order"] = file_layout.order_initializers(model)
     drop_added_value_info(ctx.original, model)

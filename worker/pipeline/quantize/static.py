@@ -126,11 +126,7 @@ def selected_layers(model: onnx.ModelProto, params: QuantizeStep) -> list[graph.
 
 def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy with weights as initializers, named nodes, opset >= 13 and BatchNorm folded into Conv."""
-    prepared = onnx.ModelProto()
-    prepared.CopyFrom(model)
-    lift_constants.lift_constant_weights(prepared)
-    subgraphs.hoist_weights(prepared)
-    graph.ensure_node_names(prepared)
+    prepared = lift_constants.lifted_copy(model)
     if graph.opset(prepared) < MIN_OPSET:
         try:
             prepared = graph.ensure_opset(prepared, MIN_OPSET)
@@ -616,9 +612,12 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
 
     grids: dict[str, ActivationGrid] = {}
     kept_float: dict[str, str] = {}
+    forced_float = ctx.options.get("float_activations") or ()     # mixed_precision's choices
     for tensor, source in decided.calibrated.items():
         found = ranges.get(source)
-        if found is None:
+        if tensor in forced_float:
+            kept_float[tensor] = "kept float: max_output_error"
+        elif found is None:
             kept_float[tensor] = "never seen on the calibration data"
         elif found.masked:
             kept_float[tensor] = "mask sentinel values (|x| >= 1e8) in calibration"
