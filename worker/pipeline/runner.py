@@ -118,6 +118,31 @@ def drop_added_value_info(original: onnx.ModelProto, compressed: onnx.ModelProto
     compressed.graph.value_info.extend(values)
 
 
+def restore_io_annotations(original: onnx.ModelProto, compressed: onnx.ModelProto) -> list[str]:
+    """Give the compressed model's inputs and outputs the original's shape annotations where they
+    describe the same tensor: same name, element type and rank, and no axis where both give a
+    different fixed size. Steps that upgrade the opset or infer shapes rewrite these annotations
+    (a symbolic ``Divsentence_embedding_dim_1`` becomes 384); that is no interface change, and the
+    user keeps the names their code reads. Returns the names restored."""
+    by_name = {value.name: value for value in list(original.graph.input) + list(original.graph.output)}
+    restored = []
+    for value in list(compressed.graph.input) + list(compressed.graph.output):
+        before = by_name.get(value.name)
+        if before is None or before.type == value.type or not before.type.HasField("tensor_type"):
+            continue
+        old, new = before.type.tensor_type, value.type.tensor_type
+        if old.elem_type != new.elem_type or not old.HasField("shape") or not new.HasField("shape"):
+            continue
+        if len(old.shape.dim) != len(new.shape.dim):
+            continue
+        if any(a.HasField("dim_value") and b.HasField("dim_value") and a.dim_value != b.dim_value
+               for a, b in zip(old.shape.dim, new.shape.dim)):
+            continue          # two fixed sizes that disagree: a real change, check_result says so
+        value.type.CopyFrom(before.type)
+        restored.append(value.name)
+    return restored
+
+
 def check_result(original: onnx.ModelProto, compressed: onnx.ModelProto) -> None:
     """The output contract: a valid model with the original's inputs and outputs (PipelineError)."""
     before, after = io_signature(original), io_signature(compressed)
@@ -249,6 +274,7 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
     # 3. check, write, measure
     progress(STEPS_SHARE, "checking the result")
     drop_added_value_info(original, model)
+    restore_io_annotations(original, model)
     check_result(original, model)
     too_big_to_check_in_memory = model.ByteSize() >= graph.EXTERNAL_DATA_THRESHOLD
     out_path = graph.save_model(model, workdir / OUTPUT_NAME)
