@@ -389,3 +389,19 @@ def test_forced_weight_storage_keeps_the_contract_grid(storage):
     assert q.dtype == np.dtype(storage) and int(zero.max()) == int(zero.min()) == (128 if storage == "uint8" else 0)
     np.testing.assert_array_equal(q.astype(np.int32) - zero.astype(np.int32), np.clip(np.rint(weight / scale), -128, 127))
     assert ctx.layers["W1"].extra["weight_storage"].startswith(storage)
+
+
+def test_lstm_inside_an_if_gets_weight_only_int8_recurrent_weights():
+    model = builders.lstm_in_if()
+    calibration = {"x": np.random.default_rng(4).standard_normal((8, 5, 1, 32)).astype(np.float32)}
+    result, ctx = _run(model, calibration)
+    for name, rows in (("lstm_W", 256), ("lstm_R", 256)):
+        q, scale, _, axis = _quantized_weight(result.model, name)
+        assert q.dtype == np.int8 and axis == 1 and scale.shape == (rows,)   # one scale per gate row
+        assert ctx.layers[name].extra["activations"] == "weight-only int8 (inside a control-flow body)"
+    floats = [t.name for t in result.model.graph.initializer
+              if t.data_type == TensorProto.FLOAT and np.prod(t.dims) >= 1024]
+    assert floats == []
+    for sample in calibration["x"]:
+        feeds = {"x": sample}
+        assert builders.rel_l2(builders.run_ort(model, feeds), builders.run_ort(result.model, feeds)) < 0.03

@@ -24,7 +24,8 @@ What gets Q/DQ:
   Erf, Exp, Log, Pow, Sqrt, ReduceMean) stay in float; one of ``SENSITIVE_OPS`` that the recipe
   drops from ``float_ops`` gets Q/DQ on its float inputs and output.
 - a tensor whose calibration showed mask sentinels (``calibrate.MASK_MAGNITUDE``) stays float.
-Embedding tables (Gather over a weight, when the recipe's ``embeddings`` is on) are int8 per row,
+Recurrent cells (LSTM / GRU / RNN, in the main graph or an If / Loop body) keep float compute: their W
+and R are int8 weight-only, one scale per gate row. Embedding tables (Gather over a weight, when the recipe's ``embeddings`` is on) are int8 per row,
 dequantized after the Gather (``quantize_embedding``). Other float initializers as large as a weight
 that are only sliced, reshaped or added (learned position tables) are int8 per tensor behind a
 DequantizeLinear (``quantize_table``).
@@ -50,7 +51,7 @@ from core.errors import PipelineError, RecipeError
 from core.recipe import QuantizeStep
 from worker.pipeline import activations, calibrate, graph, subgraphs
 from worker.pipeline.data import DataError, Dataset, bind
-from worker.pipeline.quant import constants, integer_kernels
+from worker.pipeline.quant import constants, integer_kernels, weight_only
 from worker.pipeline.step import LayerRecord, StepContext, StepResult
 
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
@@ -608,8 +609,14 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
         weight_grids[layer.weight] = quantize_table(quantized, layer)
     # layers inside If / Loop / Scan bodies: their weights int8 (the DequantizeLinear in the main
     # graph, read from the outer scope); activations inside a body are not calibrated and stay float
-    bodies = subgraphs.body_layers(quantized, COMPUTE_OPS, {layer.weight for layer in layers + embeddings + tables},
-                                   include=params.include, exclude=params.exclude, min_params=params.min_params)
+    # and recurrent cells' W / R (LSTM / GRU / RNN, main graph or body: ONNX Runtime runs them in
+    # float, so weight-only int8, one scale per gate row, is what shrinks them)
+    taken = {layer.weight for layer in layers + embeddings + tables}
+    recurrent = [layer for layer in weight_only.recurrent_layers(quantized, taken)
+                 if layer.params >= params.min_params and graph.selected(layer, params.include, params.exclude)]
+    bodies = recurrent + subgraphs.body_layers(quantized, COMPUTE_OPS + weight_only.RECURRENT_OPS,
+                                               taken | {layer.weight for layer in recurrent}, include=params.include,
+                                               exclude=params.exclude, min_params=params.min_params)
     for layer in bodies:
         weight_grids[layer.weight] = quantize_weight(quantized, layer, params)
     embeddings += tables + bodies
@@ -658,6 +665,7 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
             record.extra["weight_storage"] = integer_kernels.storage_name(unsigned and bool(signed))
         record.extra["activations"] = ("weight-only int8 rows (embedding)" if layer.op == "Gather" else
                                        "weight-only int8 (table)" if layer.op in TABLE_READERS else
+                                       "weight-only int8 (recurrent cell)" if layer in recurrent else
                                        "weight-only int8 (inside a control-flow body)" if layer in bodies else
                                        f"static int8 ({spec.calibration})")
         ctx.layers[layer.weight] = record
