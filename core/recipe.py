@@ -141,6 +141,9 @@ class QuantizeStep(_WeightStep):
                                  "GroupNormalization", "Erf", "Exp", "Log", "Pow", "Sqrt", "ReduceMean"],
         max_length=64, description="op types kept in float under static activation quantization")
     bias_correction: bool = True
+    smoothquant: float | None = Field(
+        None, ge=0.0, le=1.0, description="static int8: SmoothQuant alpha, activation outliers of MatMul / Gemm "
+                                          "inputs moved into the weights (exact in float); null = off")
     embeddings: bool = Field(True, description="quantize Gather tables (embeddings) too")
     integer_weights: Literal["auto", "int8", "uint8"] = Field(
         "auto", description="static / dynamic int8: storage of the weights ONNX Runtime's integer kernels read; "

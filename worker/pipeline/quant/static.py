@@ -587,6 +587,7 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
     prepared = prepare(model)
     data = calibration_data(prepared, ctx)
     layers = selected_layers(prepared, params)
+    smoothed = _smooth(prepared, params, layers, data, ctx)
     decided = plan(prepared, params, layers)
     ctx.progress(0.05, "calibrating activation ranges")
     ranges = calibrate.calibrate(prepared, data, sorted(set(decided.calibrated.values())),
@@ -682,10 +683,23 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
         "float_activations": kept_float,
         "relu_folded": len(decided.relu_folds),
         "bias_corrected": len(corrected),
+        "smoothed_inputs": len(smoothed),
         "int32_biases": int(int32_biases),
         "opset": graph.opset(quantized),
     }
     return StepResult(quantized, [layer.weight for layer in layers + embeddings], metrics)
+
+
+def _smooth(model: onnx.ModelProto, params: QuantizeStep, layers: list[graph.WeightLayer], data: Dataset,
+            ctx: StepContext) -> list[str]:
+    """SmoothQuant (``quant.smoothquant``) on the selected MatMul / Gemm layers, before calibration."""
+    if params.smoothquant is None:
+        return []
+    from worker.pipeline.quant import smoothquant
+
+    ctx.progress(0.02, "smoothing activation outliers into weights")
+    chosen = {layer.node for layer in layers if layer.op in ("MatMul", "Gemm")}
+    return smoothquant.smooth(model, data, [n for n in model.graph.node if n.name in chosen], params.smoothquant)
 
 
 def _dequantized_grids(model: onnx.ModelProto, grids: dict[str, ActivationGrid]) -> dict[str, ActivationGrid]:
