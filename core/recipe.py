@@ -123,7 +123,7 @@ class WeightQuantSpec(_Spec):
 
 class ActivationQuantSpec(_Spec):
     bits: Literal[8] = 8
-    calibration: Literal["minmax", "percentile", "entropy", "dynamic"] = "minmax"
+    calibration: Literal["minmax", "percentile", "entropy", "mse", "dynamic"] = "minmax"
     percentile: float = Field(99.999, gt=50.0, le=100.0)
     symmetric: bool = False
 

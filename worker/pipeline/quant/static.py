@@ -9,8 +9,8 @@ Numbers (CONTRACT.md §1, computed by ``kernels``):
                  uint8 with s = (hi - lo) / 255 when asymmetric, int8 with s = absmax / 127 when symmetric
     bias         int32 with s_b = s_x * s_w (per output channel), z = 0, so the integer kernels add
                  it in the accumulator; kept float where it would overflow int32
-    bias correction  b -= E[y_quantized - y_float] per output channel, measured on the calibration
-                 data with every layer quantized at once (one pass: empirical bias correction)
+    bias correction  b -= each layer's own mean output shift E[x'] W' - E[x] W, from its input's
+                 means before and after its Q/DQ pair on the calibration data (``quant.bias_correction``)
 
 What gets Q/DQ:
 - Conv / MatMul / Gemm whose weight the recipe selects (and MatMul of two activations, such as
@@ -59,7 +59,6 @@ PASSTHROUGH_OPS = ("MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Uns
 SENSITIVE_OPS = ("Softmax", "LayerNormalization", "InstanceNormalization", "GroupNormalization",
                  "Sigmoid", "Tanh", "Erf", "Exp", "Log", "Pow", "Sqrt", "ReduceMean")
 MIN_OPSET = 13                       # per-axis DequantizeLinear
-BIAS_CORRECTION_SAMPLES = 512        # calibration samples used to measure the mean output error
 _INT32 = np.iinfo(np.int32)
 
 
@@ -500,53 +499,6 @@ def _bias_input(model: onnx.ModelProto, node: onnx.NodeProto) -> tuple[str | Non
     return None, -1
 
 
-def correct_biases(float_model: onnx.ModelProto, quantized: onnx.ModelProto, nodes: list[onnx.NodeProto],
-                   data: Dataset, ctx: StepContext) -> list[str]:
-    """b -= E[y_q - y_f] per output channel, for every quantized layer with a bias it can shift
-    (a Conv or Gemm without one gets one). Means accumulate batch by batch (bounded memory)."""
-    targets: list[tuple[onnx.NodeProto, int]] = []
-    for node in nodes:
-        if node.op_type == "MatMul" and _bias_input(quantized, node)[0] is None:
-            continue
-        if node.op_type == "Gemm" and (graph.attribute(node, "beta", 1.0) != 1.0 or
-                                       (len(node.input) > 2 and node.input[2] and _bias_input(quantized, node)[0] is None)):
-            continue
-        targets.append((node, 1 if node.op_type in ("Conv", "Gemm") else -1))
-    if not targets:
-        return []
-    names = [node.output[0] for node, _ in targets]
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-    limit = min(data.size, BIAS_CORRECTION_SAMPLES)
-    float_values = activations.capture(float_model, data, names, limit=limit)
-    quant_values = activations.capture(quantized, data, names, limit=limit)
-    for reference, approximate in zip(float_values, quant_values):
-        for (node, axis), name in zip(targets, names):
-            error = np.moveaxis(approximate[name].astype(np.float64) - reference[name], axis, -1)
-            flat = error.reshape(-1, error.shape[-1])
-            sums[name] = sums.get(name, 0.0) + flat.sum(0)
-            counts[name] = counts.get(name, 0) + flat.shape[0]
-        ctx.check_cancelled()
-    corrected = []
-    for (node, _), name in zip(targets, names):
-        if not counts.get(name):
-            continue
-        shift = (sums[name] / counts[name]).astype(np.float32)
-        bias_name, _ = _bias_input(quantized, node)
-        if bias_name is None:
-            bias_name = graph.unique_name(quantized, f"{node.name}_bias")
-            while len(node.input) < 3:
-                node.input.append("")
-            node.input[2] = bias_name
-            graph.set_array(quantized, bias_name, -shift)
-        elif len(graph.consumers(quantized).get(bias_name, [])) == 1:
-            graph.set_array(quantized, bias_name, graph.get_array(quantized, bias_name).astype(np.float32) - shift)
-        else:
-            continue      # a bias another layer reads too cannot take this layer's shift
-        corrected.append(node.name)
-    return corrected
-
-
 def quantize_bias(model: onnx.ModelProto, node: onnx.NodeProto, input_grid: ActivationGrid, weight: WeightGrid) -> bool:
     """Conv / Gemm bias -> int32 with s_b = s_x * s_w, z = 0, behind a DequantizeLinear that keeps
     the bias's name. False (bias left float) where it would overflow int32 or others read it."""
@@ -644,7 +596,10 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
     corrected: list[str] = []
     if params.bias_correction:
         ctx.progress(0.65, "bias correction")
-        corrected = correct_biases(prepared, quantized, decided.compute_nodes, data, ctx)
+        from worker.pipeline.quant import bias_correction
+        corrected = bias_correction.correct(prepared, quantized, decided.compute_nodes,
+                                            {layer.node: layer.weight for layer in layers}, data, ctx,
+                                            relu_folded=set(decided.relu_folds))
 
     int32_biases = 0
     weight_of = {layer.node: layer.weight for layer in layers}
