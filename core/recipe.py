@@ -123,7 +123,8 @@ class WeightQuantSpec(_Spec):
 
 class ActivationQuantSpec(_Spec):
     bits: Literal[8] = 8
-    calibration: Literal["minmax", "percentile", "entropy", "mse", "dynamic"] = "minmax"
+    # percentile by measurement: PP-OCRv4 det IoU 0.981 vs 0.970 (minmax) / 0.978 (mse), MiniLM equal
+    calibration: Literal["minmax", "percentile", "entropy", "mse", "dynamic"] = "percentile"
     percentile: float = Field(99.999, gt=50.0, le=100.0)
     symmetric: bool = False
 
@@ -142,7 +143,7 @@ class QuantizeStep(_WeightStep):
         max_length=64, description="op types kept in float under static activation quantization")
     bias_correction: bool = True
     smoothquant: float | None = Field(
-        None, ge=0.0, le=1.0, description="static int8: SmoothQuant alpha, activation outliers of MatMul / Gemm "
+        0.5, ge=0.0, le=1.0, description="static int8: SmoothQuant alpha, activation outliers of MatMul / Gemm "
                                           "inputs moved into the weights (exact in float); null = off")
     embeddings: bool = Field(True, description="quantize Gather tables (embeddings) too")
     integer_weights: Literal["auto", "int8", "uint8"] = Field(
