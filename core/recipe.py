@@ -127,6 +127,9 @@ class ActivationQuantSpec(_Spec):
     calibration: Literal["minmax", "percentile", "entropy", "mse", "dynamic"] = "percentile"
     percentile: float = Field(99.999, gt=50.0, le=100.0)
     symmetric: bool = False
+    int16: list[Pattern] = Field(default_factory=list, max_length=MAX_PATTERNS,
+                                 description="static: glob patterns over tensor names quantized to 16 bits "
+                                             "(uint16 / int16 QDQ, opset 21) instead of 8")
 
 
 class QuantizeStep(_WeightStep):

@@ -433,3 +433,22 @@ def test_bias_correction_of_a_chain_removes_each_layers_shift_once():
     corrected, _ = _run(model, calibration, bias_correction=True)
     assert corrected.metrics["bias_corrected"] == 3
     assert mean_error(corrected) < 0.05 * mean_error(plain)   # the one-pass output form leaves 0.26
+
+
+def test_int16_activations_for_chosen_tensors():
+    model = builders.mlp()
+    calibration = builders.random_inputs(model, count=64)
+    reference = builders.run_ort(model, calibration)
+    plain, _ = _run(model, calibration)
+    wide, _ = _run(model, calibration, activations={"calibration": "minmax", "int16": ["*"]})
+    assert graph.opset(wide.model) >= 21
+    zero_points = {t.name: t.data_type for t in wide.model.graph.initializer if t.name.endswith("_zero_point")}
+    activation_zero_points = [n.input[2] for n in wide.model.graph.node if n.op_type == "QuantizeLinear"]
+    assert activation_zero_points and all(zero_points[z] == TensorProto.UINT16 for z in activation_zero_points)
+    assert wide.metrics["int16_activations"] and not plain.metrics["int16_activations"]
+    # the same calibrated range on 65536 levels instead of 256 (int8 weights dominate what is left)
+    for tensor in wide.metrics["int16_activations"]:
+        scales = [graph.get_array(m.model, f"{tensor}_scale") for m in (plain, wide)]
+        assert np.isclose(scales[0] / scales[1], 65535 / 255, rtol=1e-3)
+    assert builders.rel_l2(reference, builders.run_ort(wide.model, calibration)) < \
+        builders.rel_l2(reference, builders.run_ort(plain.model, calibration))

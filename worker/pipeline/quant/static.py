@@ -51,7 +51,7 @@ from core.errors import PipelineError, RecipeError
 from core.recipe import QuantizeStep
 from worker.pipeline import calibrate, graph, subgraphs
 from worker.pipeline.data import DataError, Dataset, bind
-from worker.pipeline.quant import constants, integer_kernels, weight_only
+from worker.pipeline.quant import constants, integer_kernels, weight_only, wide_activations
 from worker.pipeline.step import LayerRecord, StepContext, StepResult
 
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
@@ -537,6 +537,12 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
     check(model, params, ctx)
     spec = params.activations
     prepared = prepare(model)
+    if spec.int16:
+        try:
+            prepared = graph.ensure_opset(prepared, wide_activations.MIN_OPSET)
+        except Exception as error:   # the converter raises several types; all mean "cannot upgrade"
+            raise PipelineError(f"cannot raise the model's opset to {wide_activations.MIN_OPSET} for 16-bit "
+                                f"activations: {error}") from error
     data = calibration_data(prepared, ctx)
     layers = selected_layers(prepared, params)
     smoothed = _smooth(prepared, params, layers, data, ctx)
@@ -582,6 +588,8 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
             kept_float[tensor] = "never seen on the calibration data"
         elif found.masked:
             kept_float[tensor] = "mask sentinel values (|x| >= 1e8) in calibration"
+        elif spec.int16 and wide_activations.chosen(tensor, spec.int16):
+            grids[tensor] = wide_activations.grid16(quantized, tensor, found.lo, found.hi, spec.symmetric)
         else:
             grids[tensor] = activation_grid(quantized, tensor, found.lo, found.hi, spec.symmetric)
     folded_outputs = {relu.output[0]: out for out, relu in decided.relu_folds.items()}
@@ -635,6 +643,8 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
         "quantized_tables": len(tables),
         "quantized_body_weights": len(bodies),
         "quantized_activations": len(grids),
+        "int16_activations": sorted(t for t, g in grids.items() if g.dtype in (onnx.TensorProto.UINT16,
+                                                                             onnx.TensorProto.INT16)),
         "float_activations": kept_float,
         "relu_folded": len(decided.relu_folds),
         "bias_corrected": len(corrected),
