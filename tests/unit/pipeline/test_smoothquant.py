@@ -87,3 +87,25 @@ def test_static_int8_with_smoothquant_has_lower_error_on_outlier_channels():
         errors[alpha] = _error(model, result.model, calibration)
         assert result.metrics["smoothed_inputs"] == (0 if alpha is None else 2)
     assert errors[0.5] < 0.7 * errors[None]
+
+
+def test_gemm_with_transposed_weight_is_smoothed_exactly():
+    rng = np.random.default_rng(2)
+    gamma = np.ones(D, np.float32)
+    gamma[[5, 9]] = [20.0, -30.0]
+    inits = [numpy_helper.from_array(gamma, "g"), numpy_helper.from_array(np.zeros(D, np.float32), "b"),
+             numpy_helper.from_array((rng.standard_normal((H, D)) / 8).astype(np.float32), "W"),
+             numpy_helper.from_array((rng.standard_normal(H) / 8).astype(np.float32), "c")]
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["ln"], axis=-1, name="ln"),
+             helper.make_node("Gemm", ["ln", "W", "c"], ["y"], transB=1, name="fc")]
+    graph_ = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", D])],
+                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", H])], inits)
+    model = helper.make_model(graph_, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    calibration = {"x": rng.standard_normal((32, D)).astype(np.float32)}
+    smoothed = onnx.ModelProto()
+    smoothed.CopyFrom(model)
+    assert smoothquant.smooth(smoothed, bind(smoothed, calibration), [smoothed.graph.node[1]], alpha=0.5) == ["ln"]
+    assert len(smoothed.graph.node) == 2          # folded into the LayerNormalization's scale and bias
+    before, after = builders.run_ort(model, calibration)[0], builders.run_ort(smoothed, calibration)[0]
+    assert np.linalg.norm(after - before) / np.linalg.norm(before) < 1e-5
