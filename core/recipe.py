@@ -145,6 +145,8 @@ class QuantizeStep(_WeightStep):
                                  "GroupNormalization", "Erf", "Exp", "Log", "Pow", "Sqrt", "ReduceMean"],
         max_length=64, description="op types kept in float under static activation quantization")
     bias_correction: bool = True
+    equalize: bool = Field(False, description="static int8: cross-layer equalization of Conv -> [ReLU ->] Conv "
+                                              "chains (exact in float) before calibration")
     smoothquant: float | None = Field(
         0.5, ge=0.0, le=1.0, description="static int8: SmoothQuant alpha, activation outliers of MatMul / Gemm "
                                           "inputs moved into the weights (exact in float); null = off")

@@ -544,6 +544,10 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
             raise PipelineError(f"cannot raise the model's opset to {wide_activations.MIN_OPSET} for 16-bit "
                                 f"activations: {error}") from error
     data = calibration_data(prepared, ctx)
+    equalized: list[str] = []
+    if params.equalize:
+        from worker.pipeline.quant import equalize
+        equalized = equalize.equalize(prepared)
     layers = selected_layers(prepared, params)
     smoothed = _smooth(prepared, params, layers, data, ctx)
     decided = plan(prepared, params, layers)
@@ -649,6 +653,7 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
         "relu_folded": len(decided.relu_folds),
         "bias_corrected": len(corrected),
         "smoothed_inputs": len(smoothed),
+        "equalized_layers": len(equalized),
         "int32_biases": int(int32_biases),
         "opset": graph.opset(quantized),
     }
