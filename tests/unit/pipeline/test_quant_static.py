@@ -452,3 +452,17 @@ def test_int16_activations_for_chosen_tensors():
         assert np.isclose(scales[0] / scales[1], 65535 / 255, rtol=1e-3)
     assert builders.rel_l2(reference, builders.run_ort(wide.model, calibration)) < \
         builders.rel_l2(reference, builders.run_ort(plain.model, calibration))
+
+
+def test_a_model_whose_only_layers_are_inside_an_if_is_accepted_and_stored_int8():
+    """silero-vad's shape: every layer inside the If on the sample rate; the step must not refuse it
+    for having no main-graph Conv / MatMul / Gemm."""
+    model = builders.lstm_in_if()
+    model.graph.node[0].CopyFrom(helper.make_node("Identity", ["x"], ["h"], name="outer"))
+    kept = [t for t in model.graph.initializer if t.name != "W"]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    calibration = {"x": np.random.default_rng(4).standard_normal((4, 5, 1, 32)).astype(np.float32)}
+    result, ctx = _run(model, calibration, min_params=1024)
+    assert result.metrics["quantized_body_weights"] == 2
+    assert {"lstm_W", "lstm_R"} <= set(ctx.layers)

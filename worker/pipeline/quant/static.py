@@ -105,7 +105,8 @@ def check(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext) -> Non
     prepared = onnx.ModelProto()
     prepared.CopyFrom(model)
     constants.lift_constant_weights(prepared)
-    if not selected_layers(prepared, params):
+    subgraphs.hoist_weights(prepared)
+    if not selected_layers(prepared, params) and not _weight_only_layers(prepared, params, set()):
         if params.include:
             loc, why = ["include"], f"no Conv / MatMul / Gemm weight matches include {list(params.include)}"
         elif params.exclude:
@@ -113,6 +114,16 @@ def check(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext) -> Non
         else:
             loc, why = ["min_params"], f"no Conv / MatMul / Gemm weight has {params.min_params} or more elements"
         raise RecipeError(why, [{"loc": loc, "msg": why}])
+
+
+def _weight_only_layers(model: onnx.ModelProto, params: QuantizeStep, taken: set[str]) -> list[graph.WeightLayer]:
+    """Weights static int8 stores int8 without quantizing the activations around them: recurrent
+    cells' W / R (main graph) and every layer inside an If / Loop / Scan body (hoisted weights)."""
+    recurrent = [layer for layer in weight_only.recurrent_layers(model, taken)
+                 if layer.params >= params.min_params and graph.selected(layer, params.include, params.exclude)]
+    return recurrent + subgraphs.body_layers(model, COMPUTE_OPS + weight_only.RECURRENT_OPS,
+                                             taken | {layer.weight for layer in recurrent}, include=params.include,
+                                             exclude=params.exclude, min_params=params.min_params)
 
 
 def selected_layers(model: onnx.ModelProto, params: QuantizeStep) -> list[graph.WeightLayer]:
@@ -574,12 +585,9 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
     # graph, read from the outer scope); activations inside a body are not calibrated and stay float
     # and recurrent cells' W / R (LSTM / GRU / RNN, main graph or body: ONNX Runtime runs them in
     # float, so weight-only int8, one scale per gate row, is what shrinks them)
-    taken = {layer.weight for layer in layers + embeddings + tables}
-    recurrent = [layer for layer in weight_only.recurrent_layers(quantized, taken)
-                 if layer.params >= params.min_params and graph.selected(layer, params.include, params.exclude)]
-    bodies = recurrent + subgraphs.body_layers(quantized, COMPUTE_OPS + weight_only.RECURRENT_OPS,
-                                               taken | {layer.weight for layer in recurrent}, include=params.include,
-                                               exclude=params.exclude, min_params=params.min_params)
+    bodies = _weight_only_layers(quantized, params, {layer.weight for layer in layers + embeddings + tables})
+    main_nodes = {node.name for node in quantized.graph.node}
+    recurrent = [layer for layer in bodies if layer.op in weight_only.RECURRENT_OPS and layer.node in main_nodes]
     for layer in bodies:
         weight_grids[layer.weight] = quantize_weight(quantized, layer, params)
     embeddings += tables + bodies
