@@ -49,7 +49,12 @@ WORK_DIR = OUT_DIR / "real_bench"
 
 
 def _peak_rss_bytes() -> int:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """This process's peak RSS since it started (VmHWM), or that of a child it ran, if larger.
+
+    Not ``getrusage(RUSAGE_SELF).ru_maxrss``: Linux carries it over fork and exec, so a compression
+    spawned by a bench that already holds gigabytes of sessions would report the bench's peak."""
+    with open("/proc/self/status") as status:
+        own = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return max(own, children) * 1024
 
@@ -78,7 +83,7 @@ def _spawn(model_name: str, method: str, quick: bool, timeout: float) -> dict:
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     log.write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    lines = [line[line.index('{"seconds"'):] for line in done.stdout.splitlines() if '{"seconds"' in line]
     if done.returncode != 0 or not lines:
         errors = [line for line in done.stderr.strip().splitlines() if line.strip()]
         tail = next((line for line in reversed(errors) if "Error" in line or "error" in line), None)
@@ -235,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compress-one", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.compress_one:
-        print(json.dumps(compress_one(*args.compress_one, args.quick)))
+        # On a line of its own: tools' progress bars end without a newline.
+        print("\n" + json.dumps(compress_one(*args.compress_one, args.quick)))
         return 0
     models = [m for m in args.models.split(",") if m]
     methods = [m for m in args.methods.split(",") if m]

@@ -28,8 +28,11 @@ Models (``NAMES``), each located inside its installed package by path; a missing
               inside: mean pooling under the attention mask, then L2 normalization -> ``sentence_embedding``.
               Data: standard-library docstring sentences, tokenized with the shipped tokenizer.json.
               Metric: Spearman correlation of all pairwise cosine similarities with FP32's.
-    vad       silero-vad: silero_vad.onnx (opset 16; the 16 kHz and 8 kHz networks, each an LSTM, inside
-              an If on ``sr``). Data: 16 kHz speech (espeak-ng, or a synthetic voice: bench.real_data)
+    vad       silero-vad: silero_vad_16k_op15.onnx (opset 15; 16 kHz network: STFT and convs in the main
+              graph, the LSTM inside If, its weights main-graph initializers read from the branch).
+    vad_dual  silero-vad: silero_vad.onnx, the file silero's wrapper loads (opset 16; the 16 kHz and
+              8 kHz networks, each with its LSTM, inside an If on ``sr``; every weight a Constant node
+              inside the branches). Both: data 16 kHz speech (espeak-ng, or a synthetic voice: bench.real_data)
               with pauses and noise, streamed in 512-sample chunks with 64 samples of context and the
               state carried chunk to chunk, as silero's own wrapper does. Calibration: chunks with the
               FP32 state at that point (stacked layout: input [N,1,576], state [N,2,1,128], sr [N]).
@@ -52,7 +55,7 @@ import numpy as np
 
 VERSION = 1
 CACHE_DIR = Path(__file__).resolve().parent / "out" / "real"
-NAMES = ("ocr_det", "ocr_rec", "ocr_cls", "minilm", "vad")
+NAMES = ("ocr_det", "ocr_rec", "ocr_cls", "minilm", "vad", "vad_dual")
 SEED = 1234
 DET_THRESHOLD = 0.3          # PP-OCR's DBPostProcess ``thresh`` (rapidocr config.yaml Det.thresh)
 VAD_THRESHOLD = 0.5          # silero-vad's default speech threshold
@@ -100,7 +103,8 @@ def batches(data: dict[str, np.ndarray], input_ranks: dict[str, int], batch_size
     step = 1 if stacked else batch_size
     for start in range(0, size, step):
         if stacked:
-            yield {k: (v[start] if v.ndim == input_ranks[k] + 1 else v[start:start + 1]) for k, v in feeds.items()}
+            yield {k: (np.asarray(v[start]) if v.ndim == input_ranks[k] + 1 else v[start:start + 1])
+                   for k, v in feeds.items()}
         else:
             yield {k: v[start:start + step] for k, v in feeds.items()}
 
@@ -159,7 +163,7 @@ def ocr_det(quick: bool = False) -> RealModel:
     from bench import real_data
 
     path = package_file(RAPIDOCR, "rapidocr_onnxruntime", "models/ch_PP-OCRv4_det_infer.onnx")
-    n_cal, n_eval = _sizes(quick, 32, 32, 4, 6)
+    n_cal, n_eval = _sizes(quick, 16, 16, 4, 6)
 
     def build():
         out = {}
@@ -238,7 +242,7 @@ def ocr_rec(quick: bool = False) -> RealModel:
     from bench import real_data
 
     path = package_file(RAPIDOCR, "rapidocr_onnxruntime", "models/ch_PP-OCRv4_rec_infer.onnx")
-    n_cal, n_eval = _sizes(quick, 64, 96, 8, 16)
+    n_cal, n_eval = _sizes(quick, 32, 64, 8, 16)
 
     def build():
         out = {}
@@ -274,7 +278,7 @@ def ocr_cls(quick: bool = False) -> RealModel:
     from bench import real_data
 
     path = package_file(RAPIDOCR, "rapidocr_onnxruntime", "models/ch_ppocr_mobile_v2.0_cls_infer.onnx")
-    n_cal, n_eval = _sizes(quick, 64, 128, 8, 24)
+    n_cal, n_eval = _sizes(quick, 32, 64, 8, 24)
 
     def build():
         out = {}
@@ -398,7 +402,7 @@ def minilm(quick: bool = False) -> RealModel:
     path = CACHE_DIR / f"minilm-v{VERSION}.onnx"
     if not path.exists():
         _export_minilm(folder, path)
-    n_cal, n_eval = _sizes(quick, 128, 128, 16, 32)
+    n_cal, n_eval = _sizes(quick, 64, 96, 16, 32)
 
     def build():
         texts = real_data.sentences(n_cal + n_eval, SEED + 6)
@@ -439,11 +443,11 @@ def _vad_stream(session, audio: np.ndarray, states_out: list | None = None) -> n
     return np.stack(probabilities)
 
 
-def vad(quick: bool = False) -> RealModel:
+def _silero(name: str, file: str, description: str, quick: bool) -> RealModel:
     from bench import real_data
     from bench.sessions import single_thread_session
 
-    path = package_file(SILERO, "silero_vad", "data/silero_vad.onnx")
+    path = package_file(SILERO, "silero_vad", f"data/{file}")
     streams, seconds, n_cal = (2, 3.0, 64) if quick else (8, 6.0, 256)
 
     def stacked_chunks(audio: np.ndarray, n: int, seed: int) -> dict[str, np.ndarray]:
@@ -464,11 +468,11 @@ def vad(quick: bool = False) -> RealModel:
         out.update({f"eval/{k}": v for k, v in stacked_chunks(eval_audio, n_cal, SEED + 9).items()})
         return out
 
-    arrays = _cached_data(f"vad-{'quick' if quick else 'full'}", build)
+    # The audio and chunks are the same for both files (the same seeds); the states are each file's own.
+    arrays = _cached_data(f"{name}-{'quick' if quick else 'full'}", build)
     audio = arrays["audio"]
     return RealModel(
-        name="vad", package=SILERO, path=path,
-        description="silero-vad v6 (16k / 8k LSTM networks inside If), streaming 512-sample chunks",
+        name=name, package=SILERO, path=path, description=description,
         # ``evaluation`` holds chunks with FP32's state (feeds for tools that want them); the metric
         # streams ``meta['audio']`` through ``infer``, each model carrying its own state.
         calibration=_split(arrays, "cal/"), evaluation=_split(arrays, "eval/"),
@@ -478,7 +482,20 @@ def vad(quick: bool = False) -> RealModel:
         meta={"audio": audio, "speech_source": str(arrays["speech_source"])})
 
 
-_LOADERS = {"ocr_det": ocr_det, "ocr_rec": ocr_rec, "ocr_cls": ocr_cls, "minilm": minilm, "vad": vad}
+def vad(quick: bool = False) -> RealModel:
+    """silero_vad_16k_op15.onnx: 16 kHz network, weights as main-graph initializers, LSTM inside If."""
+    return _silero("vad", "silero_vad_16k_op15.onnx",
+                   "silero-vad v6 16 kHz (opset 15; convs in the main graph, the LSTM inside If)", quick)
+
+
+def vad_dual(quick: bool = False) -> RealModel:
+    """silero_vad.onnx, the file silero's own wrapper loads: both networks inside an If on ``sr``."""
+    return _silero("vad_dual", "silero_vad.onnx",
+                   "silero-vad v6 16k+8k (opset 16; every weight a Constant inside If branches)", quick)
+
+
+_LOADERS = {"ocr_det": ocr_det, "ocr_rec": ocr_rec, "ocr_cls": ocr_cls, "minilm": minilm, "vad": vad,
+            "vad_dual": vad_dual}
 
 
 def load(name: str, quick: bool = False) -> RealModel:

@@ -50,8 +50,10 @@ MATMUL_ONLY = {"ours-int4-gptq", "ort-int4-rtn", "ort-int4-gptq"}
 
 def has_matmul_weights(path: Path) -> bool:
     model = onnx.load(str(path))
-    initializers = {i.name for i in model.graph.initializer}
-    return any(n.op_type == "MatMul" and any(i in initializers for i in n.input) for n in model.graph.node)
+    # Weights are initializers, or Constant nodes where the exporter wrote them so (paddle2onnx).
+    weights = {i.name for i in model.graph.initializer}
+    weights |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    return any(n.op_type == "MatMul" and any(i in weights for i in n.input) for n in model.graph.node)
 
 
 def _feeds(real, batch_size: int = 8) -> list[dict[str, np.ndarray]]:
@@ -60,18 +62,50 @@ def _feeds(real, batch_size: int = 8) -> list[dict[str, np.ndarray]]:
     return list(batches(real.calibration, input_ranks(real.path), batch_size))
 
 
+def _constants_to_initializers(model: onnx.ModelProto) -> int:
+    """Main-graph Constant nodes holding a tensor become initializers (exact); how many moved.
+
+    Constants read by a Cast stay nodes: they are never weights, and NNCF 3.4's nop-Cast pass
+    crashes on a Cast of an initializer (it reads ``.type`` from the TensorProto)."""
+    cast_inputs = {i for n in model.graph.node if n.op_type == "Cast" for i in n.input}
+    moved, kept = 0, []
+    for node in model.graph.node:
+        value = next((a for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR), None)
+        if (node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None
+                and node.output[0] not in cast_inputs):
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value.t)
+            tensor.name = node.output[0]
+            model.graph.initializer.append(tensor)
+            moved += 1
+        else:
+            kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return moved
+
+
 def _peer_source(real, out_path: Path, notes: list[str]) -> Path:
-    """The model file a peer starts from: as shipped, or upgraded to opset 13 when older."""
+    """The model file a peer starts from: upgraded to opset 13 when older, and with its weights
+    as initializers where the exporter wrote Constant nodes (paddle2onnx does): ORT's quantizers
+    and NNCF quantize initializer weights only, and a user would make this exact change first."""
     model = onnx.load(str(real.path))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset >= PEER_MIN_OPSET:
-        return real.path
-    from onnx import version_converter
+    changed = False
+    if opset < PEER_MIN_OPSET:
+        from onnx import version_converter
 
-    upgraded = version_converter.convert_version(model, PEER_MIN_OPSET)
-    path = out_path.with_name(out_path.stem + f"-opset{PEER_MIN_OPSET}.onnx")
-    onnx.save(upgraded, str(path))
-    notes.append(f"opset {opset}->{PEER_MIN_OPSET} first")
+        model = version_converter.convert_version(model, PEER_MIN_OPSET)
+        notes.append(f"opset {opset}->{PEER_MIN_OPSET} first")
+        changed = True
+    moved = _constants_to_initializers(model)
+    if moved:
+        notes.append(f"{moved} Constant nodes -> initializers first")
+        changed = True
+    if not changed:
+        return real.path
+    path = out_path.with_name(out_path.stem + "-source.onnx")
+    onnx.save(model, str(path))
     return path
 
 

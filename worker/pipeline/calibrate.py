@@ -10,7 +10,7 @@ Ranges:
     entropy     the KL-divergence threshold t on |x| (TensorRT style, 128 quantized bins; exact
                 zeros left out of the search): [max(min(x), -t), min(max(x), t)]
     mse         the [lo, hi] minimising the expected 8-bit rounding + clipping error over the
-                histogram (``quant.range_search``)
+                histogram (``quantize.range_search``)
 Every range is widened to hold 0, so that 0 (zero padding, ReLU's floor) is exactly representable.
 
 Mask sentinels. Attention masks filled with float32's minimum (-3.4e38) or -1e9 reach tensors such
@@ -103,7 +103,7 @@ class ActivationStatistics:
             threshold = self._entropy_threshold(name)
             low, high = max(low, -threshold), min(high, threshold)
         elif method == "mse" and histogram.range > 0.0:
-            from worker.pipeline.quant.range_search import mse_range
+            from worker.pipeline.quantize.range_search import mse_range
             low, high = mse_range(histogram.counts, histogram.range, self.zeros[name], min(low, 0.0), max(high, 0.0))
         return TensorRange(name, min(low, 0.0), max(high, 0.0), name in self.masked, self.counts[name])
 

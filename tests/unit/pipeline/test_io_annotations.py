@@ -1,4 +1,4 @@
-"""runner.restore_io_annotations: a shape annotation that a step's opset upgrade rewrote is no
+"""finalize.restore_io_annotations: a shape annotation that a step's opset upgrade rewrote is no
 interface change (int4 GPTQ on an opset-11 sentence encoder failed its output check on it)."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from core.errors import PipelineError
 from core.recipe import parse_recipe
-from worker.pipeline import runner
+from worker.pipeline import finalize, runner
 from worker.pipeline.graph import opset as graph_opset
 
 FAST = {"latency_runs": 3, "latency_budget_s": 0.5}
@@ -46,12 +46,12 @@ def test_int4_gptq_keeps_a_symbolic_output_annotation(tmp_path: Path):
 def test_two_fixed_sizes_that_disagree_are_still_an_interface_change():
     original, changed = _encoder(64), _encoder(64)
     changed.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 32
-    assert runner.restore_io_annotations(original, changed) == []
+    assert finalize.restore_io_annotations(original, changed) == []
     with pytest.raises(PipelineError, match="outputs differ"):
         runner.check_result(original, changed)
 
 
 def test_a_symbolic_axis_made_concrete_takes_the_original_annotation_back():
     original, changed = _encoder(), _encoder(64)
-    assert runner.restore_io_annotations(original, changed) == ["sentence_embedding"]
+    assert finalize.restore_io_annotations(original, changed) == ["sentence_embedding"]
     assert changed.graph.output[0].type == original.graph.output[0].type
