@@ -124,9 +124,13 @@ class WeightQuantSpec(_Spec):
 
 class ActivationQuantSpec(_Spec):
     bits: Literal[8] = 8
-    calibration: Literal["minmax", "percentile", "entropy", "dynamic"] = "minmax"
+    # percentile by measurement: PP-OCRv4 det IoU 0.981 vs 0.970 (minmax) / 0.978 (mse), MiniLM equal
+    calibration: Literal["minmax", "percentile", "entropy", "mse", "dynamic"] = "percentile"
     percentile: float = Field(99.999, gt=50.0, le=100.0)
     symmetric: bool = False
+    int16: list[Pattern] = Field(default_factory=list, max_length=MAX_PATTERNS,
+                                 description="static: glob patterns over tensor names quantized to 16 bits "
+                                             "(uint16 / int16 QDQ, opset 21) instead of 8")
 
 
 class QuantizeStep(_WeightStep):
@@ -142,6 +146,11 @@ class QuantizeStep(_WeightStep):
                                  "GroupNormalization", "Erf", "Exp", "Log", "Pow", "Sqrt", "ReduceMean"],
         max_length=64, description="op types kept in float under static activation quantization")
     bias_correction: bool = True
+    equalize: bool = Field(False, description="static int8: cross-layer equalization of Conv -> [ReLU ->] Conv "
+                                              "chains (exact in float) before calibration")
+    smoothquant: float | None = Field(
+        0.5, ge=0.0, le=1.0, description="static int8: SmoothQuant alpha, activation outliers of MatMul / Gemm "
+                                          "inputs moved into the weights (exact in float); null = off")
     embeddings: bool = Field(True, description="quantize Gather tables (embeddings) too")
     max_output_error: float | None = Field(
         None, gt=0.0, le=10.0,

@@ -1,7 +1,8 @@
 """The output format, chosen once the last step has run (between the steps and the checks of the
 result): how weight-only DequantizeLinear is written (as is, or as constant-foldable Cast / Mul
 where that runs faster here), pruned integer weights stored as bitmask + values where the file
-compresses smaller, the initializers' order in the file, and the value_info the original carried.
+compresses smaller, the initializers' order in the file, the value_info the original carried, and
+the original's shape annotations on inputs and outputs that a step rewrote without changing them.
 Each decision is recorded in the metrics of the step it concerns."""
 from __future__ import annotations
 
@@ -40,6 +41,31 @@ def drop_added_value_info(original: onnx.ModelProto, compressed: onnx.ModelProto
     compressed.graph.value_info.extend(values)
 
 
+def restore_io_annotations(original: onnx.ModelProto, compressed: onnx.ModelProto) -> list[str]:
+    """Give the compressed model's inputs and outputs the original's shape annotations where they
+    describe the same tensor: same name, element type and rank, and no axis where both give a
+    different fixed size. Steps that upgrade the opset or infer shapes rewrite these annotations
+    (a symbolic ``Divsentence_embedding_dim_1`` becomes 384); that is no interface change, and the
+    user keeps the names their code reads. Returns the names restored."""
+    by_name = {value.name: value for value in list(original.graph.input) + list(original.graph.output)}
+    restored = []
+    for value in list(compressed.graph.input) + list(compressed.graph.output):
+        before = by_name.get(value.name)
+        if before is None or before.type == value.type or not before.type.HasField("tensor_type"):
+            continue
+        old, new = before.type.tensor_type, value.type.tensor_type
+        if old.elem_type != new.elem_type or not old.HasField("shape") or not new.HasField("shape"):
+            continue
+        if len(old.shape.dim) != len(new.shape.dim):
+            continue
+        if any(a.HasField("dim_value") and b.HasField("dim_value") and a.dim_value != b.dim_value
+               for a, b in zip(old.shape.dim, new.shape.dim)):
+            continue          # two fixed sizes that disagree: a real change, check_result says so
+        value.type.CopyFrom(before.type)
+        restored.append(value.name)
+    return restored
+
+
 def finalize(model: onnx.ModelProto, recipe: Recipe, step_rows: Sequence[dict[str, Any]], ctx: StepContext, *,
              evaluation: data_mod.Dataset | None, calibration: data_mod.Dataset | None,
              chosen: QuantizeStep | None = None) -> None:
@@ -69,3 +95,4 @@ def finalize(model: onnx.ModelProto, recipe: Recipe, step_rows: Sequence[dict[st
         # (integers and floats of quantized and clustered models; never a larger file after zstd)
         (final[1] if final is not None else step_rows[-1])["initializer_order"] = file_layout.order_initializers(model)
     drop_added_value_info(ctx.original, model)
+    restore_io_annotations(ctx.original, model)
