@@ -79,7 +79,8 @@ def _spawn(model_name: str, method: str, quick: bool, timeout: float) -> dict:
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     log = WORK_DIR / model_name / f"{method}.log"
     try:
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+        # In the model's work folder: ORT's pre-processing and GPTQ leave temporary files in the cwd.
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, cwd=log.parent)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     log.write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
