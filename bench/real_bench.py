@@ -101,7 +101,7 @@ def _latency_feed(real, session) -> dict[str, np.ndarray]:
     from bench.real_models import batches
 
     ranks = {i.name: len(i.shape) for i in session.get_inputs()}
-    if real.name == "vad":     # one 512-sample step of all streams, the state as streaming has it
+    if real.name.startswith("vad"):     # one 512-sample step of all streams, the state as streaming has it
         streams = real.meta["audio"].shape[0]
         return {"input": np.ascontiguousarray(real.meta["audio"][:, :576]),
                 "state": np.zeros((2, streams, 128), np.float32), "sr": np.array(16000, np.int64)}
