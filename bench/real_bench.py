@@ -79,7 +79,8 @@ def _spawn(model_name: str, method: str, quick: bool, timeout: float) -> dict:
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     log = WORK_DIR / model_name / f"{method}.log"
     try:
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+        # In the model's work folder: ORT's pre-processing and GPTQ leave temporary files in the cwd.
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, cwd=log.parent)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     log.write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
@@ -95,7 +96,7 @@ def _latency_feed(real, session) -> dict[str, np.ndarray]:
     from bench.real_models import batches
 
     ranks = {i.name: len(i.shape) for i in session.get_inputs()}
-    if real.name == "vad":     # one 512-sample step of all streams, the state as streaming has it
+    if real.name.startswith("vad"):     # one 512-sample step of all streams, the state as streaming has it
         streams = real.meta["audio"].shape[0]
         return {"input": np.ascontiguousarray(real.meta["audio"][:, :576]),
                 "state": np.zeros((2, streams, 128), np.float32), "sr": np.array(16000, np.int64)}
