@@ -312,9 +312,11 @@ def quantize_weights(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
     model, lifted = prepare(model, params, required_opset(spec))
     layers = candidate_layers(model, params)
     runner = None
+    solved: dict[str, tuple] = {}
     if params.method == "gptq":
         from worker.pipeline.quant import gptq
         runner = gptq.GptqRunner(model, layers, ctx)
+        solved = runner.quantize_all(layers, lambda layer: grid_for(layer, spec))
     inits = graph.initializers(model)
     changed: list[str] = []
     packs: list[tuple[matmulnbits.Packed, int]] = []
@@ -325,10 +327,10 @@ def quantize_weights(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
         float_type = tensor.data_type
         w = numpy_helper.to_array(tensor).astype(np.float32)
         grid = grid_for(layer, spec)
-        if runner is not None and runner.supports(layer):
-            q, scale, zero_point, w_hat = runner.quantize(layer, w, grid)
+        if layer.weight in solved:
+            q, scale, zero_point, w_hat, w = solved.pop(layer.weight)   # w: the float weight before GPTQ
+            w = w.astype(np.float32)
             method = "gptq"
-            q, w_hat = keep_pruned_zeros(ctx.layers.get(layer.weight), q, w_hat, zero_point, grid)
         else:
             q, scale, zero_point = quantize_rtn(w, grid)
             w_hat = dequantize(q, scale, zero_point, grid)
@@ -359,6 +361,8 @@ def quantize_weights(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
             ctx.layers[weight].extra["format_latency_ms"] = measured
     if fallback:
         metrics_out["rtn_fallback"] = fallback
+    if runner is not None and getattr(runner, "propagation", None):
+        metrics_out["propagation"] = runner.propagation
     return StepResult(model, changed, metrics_out)
 
 

@@ -276,7 +276,7 @@ def _run_layerwise(model: onnx.ModelProto, params: DistillStep, ctx: StepContext
     student.CopyFrom(model)
     rows = layerwise.run(student, ctx.original, fits, dataset, damping=params.damping,
                          batch_size=max(params.batch_size, LAYERWISE_MIN_BATCH), progress=ctx.progress,
-                         check_cancelled=ctx.check_cancelled)
+                         check_cancelled=ctx.check_cancelled, cost=ctx.cost)
     changed = []
     for item, row in zip(fits, rows):
         if row["kept"]:

@@ -3,6 +3,7 @@ weight with (a Conv's input unfolded to receptive fields), for every layer in on
 SparseGPT prunes with it, data-aware low-rank factorizes with it."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Hashable
 
 import numpy as np
@@ -10,6 +11,7 @@ import onnx
 
 from worker.pipeline import activations
 from worker.pipeline.data import Dataset
+from worker.pipeline.sequential import lockstep
 from worker.pipeline.structure.unfold import unfold2d
 
 CALIBRATION_BATCH = 64
@@ -76,3 +78,74 @@ def drift_corrected(matrix: np.ndarray, hessian: np.ndarray, cross: np.ndarray) 
     size = hessian.shape[0]
     regularized = hessian + lam * np.eye(size)
     return np.linalg.solve(regularized, (cross + lam * np.eye(size)).T @ matrix.T).T
+
+
+def gram(a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+    """``a^T b`` (``a^T a`` without ``b``) of one batch's rows in float32 BLAS, returned as float64
+    for the running sum: per batch the float32 product's relative error stays ~1e-6, and summing
+    the batches in float64 keeps it there however many batches come (a float64 product of the same
+    rows costs twice the time and copies them twice the size)."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if b is None:
+        return (a.T @ a).astype(np.float64)
+    return (a.T @ np.ascontiguousarray(b, dtype=np.float32)).astype(np.float64)
+
+
+def _rows(x: np.ndarray, columns: int, geometry: dict | None) -> np.ndarray:
+    return unfold2d(x, geometry) if geometry is not None else x.reshape(-1, columns)
+
+
+def _timed(batches, cost, name: str):
+    """The batches of a propagation, with the time spent producing them counted as ``name``."""
+    iterator = iter(batches)
+    while True:
+        if cost is None:
+            item = next(iterator, None)
+        else:
+            with cost.phase(name):
+                item = next(iterator, None)
+        if item is None:
+            return
+        yield item
+
+
+def accumulate_hessians(batches, plans: dict[str, list[tuple[Hashable, int, dict | None]]],
+                        cost=None) -> dict[Hashable, np.ndarray]:
+    """``capture_hessians`` over batches a propagation streams (``{source: value}`` per batch)."""
+    hessians = {key: np.zeros((columns, columns)) for group in plans.values() for key, columns, _ in group}
+    rows = {key: 0 for key in hessians}
+    for batch in _timed(batches, cost, "capture"):
+        with cost.phase("statistics") if cost is not None else nullcontext():
+            for source, group in plans.items():
+                for key, columns, geometry in group:
+                    flat = _rows(batch[source], columns, geometry)
+                    hessians[key] += gram(flat)
+                    rows[key] += flat.shape[0]
+    for key, count in rows.items():
+        if count:
+            hessians[key] *= 2.0 / count
+    return hessians
+
+
+def accumulate_drift(reference, current, plans: dict[str, list[tuple[Hashable, int, dict | None]]],
+                     cost=None) -> dict[Hashable, tuple[np.ndarray, np.ndarray]]:
+    """``capture_drift`` over two propagations in lockstep: the original model's (``reference``)
+    and the one being changed (``current``), on the same samples."""
+    found = {key: [np.zeros((columns, columns)), np.zeros((columns, columns)), 0]
+             for group in plans.values() for key, columns, _ in group}
+    for before, after in _timed(lockstep(reference, current), cost, "capture"):
+        with cost.phase("statistics") if cost is not None else nullcontext():
+            for source, group in plans.items():
+                for key, columns, geometry in group:
+                    x, x_now = _rows(before[source], columns, geometry), _rows(after[source], columns, geometry)
+                    found[key][0] += gram(x_now)
+                    found[key][1] += gram(x, x_now)
+                    found[key][2] += x.shape[0]
+    return {key: (h * 2.0 / max(n, 1), c * 2.0 / max(n, 1)) for key, (h, c, n) in found.items()}
+
+
+def log_propagation(log, *propagations) -> None:
+    """What the propagations cost, for the step's metrics: sessions built, restarts, spilled batches."""
+    log.extra["propagation"] = [{"segments": p.stats.segments, "nodes": p.stats.nodes, "restarts": p.stats.restarts,
+                        "spilled_batches": p.stats.spilled,
+                        "peak_held_bytes": max(p.stats.held_bytes, default=0)} for p in propagations]
