@@ -104,19 +104,20 @@ class ActivationStatistics:
 
 
 def collect(model: onnx.ModelProto, data: Dataset, names: Sequence[str], *, bins: int = DEFAULT_BINS,
-            batch_size: int = 64, limit: int | None = None, progress=None) -> ActivationStatistics:
+            batch_size: int = 64, limit: int | None = None, progress=None,
+            budget_bytes: int = activations.CAPTURE_BUDGET) -> ActivationStatistics:
     """Run ``model`` over ``data`` and stream every tensor in ``names`` into its histogram.
     Only one batch of activations is held at a time."""
     statistics = ActivationStatistics(names, bins)
     if not names:
         return statistics
     total = data.size if limit is None else min(limit, data.size)
-    step = batch_size if data.batchable else 1
     done = 0
-    for values in activations.capture(model, data, list(names), batch_size=batch_size, limit=limit):
+    for count, values in activations.capture_counted(model, data, list(names), batch_size=batch_size, limit=limit,
+                                                           budget_bytes=budget_bytes):
         for name, value in values.items():
             statistics.update(name, value)
-        done = min(done + step, total)
+        done = min(done + count, total)
         if progress is not None and total:
             progress(done / total, f"calibration {done}/{total}")
     return statistics
@@ -124,9 +125,11 @@ def collect(model: onnx.ModelProto, data: Dataset, names: Sequence[str], *, bins
 
 def calibrate(model: onnx.ModelProto, data: Dataset, names: Sequence[str], *, method: str = "minmax",
               percentile: float = 99.999, bins: int = DEFAULT_BINS, batch_size: int = 64,
-              limit: int | None = None, progress=None) -> dict[str, TensorRange]:
+              limit: int | None = None, progress=None, budget_bytes: int = activations.CAPTURE_BUDGET
+              ) -> dict[str, TensorRange]:
     """Ranges of ``names`` on ``data`` by ``method``; tensors never seen are absent."""
-    statistics = collect(model, data, names, bins=bins, batch_size=batch_size, limit=limit, progress=progress)
+    statistics = collect(model, data, names, bins=bins, batch_size=batch_size, limit=limit, progress=progress,
+                         budget_bytes=budget_bytes)
     ranges = {}
     for name in names:
         found = statistics.range(name, method, percentile)

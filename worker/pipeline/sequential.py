@@ -44,6 +44,11 @@ _NUMPY_TO_ONNX = {np.dtype(np.float32): onnx.TensorProto.FLOAT, np.dtype(np.floa
                   np.dtype(np.uint8): onnx.TensorProto.UINT8, np.dtype(np.bool_): onnx.TensorProto.BOOL}
 
 
+def budget_of(options) -> int:
+    """The in-memory budget a job's options ask for (``propagation_budget_bytes``), else the default."""
+    return int((options or {}).get("propagation_budget_bytes", DEFAULT_BUDGET))
+
+
 class SequenceError(RuntimeError):
     """A propagation used out of order (a stream abandoned half way)."""
 

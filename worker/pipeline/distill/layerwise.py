@@ -48,7 +48,7 @@ import onnx
 from worker.pipeline import graph
 from worker.pipeline.cost import CostMeter, LayerClock
 from worker.pipeline.data import Dataset
-from worker.pipeline.sequential import Propagation, lockstep
+from worker.pipeline.sequential import DEFAULT_BUDGET, Propagation, lockstep
 from worker.pipeline.distill.layers import Grid, LinearLayer
 
 
@@ -395,7 +395,8 @@ def pointwise_pair(first: LinearLayer, second: LinearLayer) -> bool:
 
 def run(student: onnx.ModelProto, teacher: onnx.ModelProto, fits: list[LayerFit], data: Dataset, *,
         damping: float, batch_size: int, progress: Callable[[float, str], None],
-        check_cancelled: Callable[[], None], cost: CostMeter | None = None) -> list[dict]:
+        check_cancelled: Callable[[], None], cost: CostMeter | None = None,
+        budget_bytes: int = DEFAULT_BUDGET) -> list[dict]:
     """Refit ``fits`` in ``student``, in place; rows in the order of ``fits``.
 
     The calibration samples are carried through the student and the teacher once each, segment by
@@ -408,8 +409,8 @@ def run(student: onnx.ModelProto, teacher: onnx.ModelProto, fits: list[LayerFit]
     order = sorted(range(len(fits)), key=lambda i: made_at.get(readers[i].input, -1))
     clock = LayerClock(len(fits), progress)
     rows: dict[int, dict] = {}
-    with Propagation(student, data, batch_size=batch_size) as student_flow, \
-            Propagation(teacher, data, batch_size=batch_size) as teacher_flow:
+    with Propagation(student, data, batch_size=batch_size, budget_bytes=budget_bytes) as student_flow, \
+            Propagation(teacher, data, batch_size=batch_size, budget_bytes=budget_bytes) as teacher_flow:
         for done, index in enumerate(order):
             check_cancelled()
             item, reader = fits[index], readers[index]

@@ -34,7 +34,7 @@ import kernels
 from worker.pipeline import graph
 from worker.pipeline.cost import LayerClock
 from worker.pipeline.data import bind
-from worker.pipeline.sequential import Propagation
+from worker.pipeline.sequential import Propagation, budget_of
 from worker.pipeline.step import StepContext
 from worker.pipeline.structure.hessians import accumulate_hessians
 from worker.pipeline.structure.unfold import conv2d_geometry, conv_weight_from_matrix, conv_weight_matrix, unfold2d
@@ -155,7 +155,8 @@ class GptqRunner:
         results: dict[str, tuple] = {}
         done = 0
         batch = int(self.ctx.options.get("capture_batch", CAPTURE_BATCH))
-        with Propagation(self.model, self.data, batch_size=batch, limit=self.limit) as propagation:
+        with Propagation(self.model, self.data, batch_size=batch, limit=self.limit,
+                         budget_bytes=budget_of(self.ctx.options)) as propagation:
             for source, group in ordered:
                 self.ctx.check_cancelled()
                 clock.tick(done, group[0].weight, "capture")

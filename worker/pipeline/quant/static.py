@@ -517,8 +517,10 @@ def correct_biases(float_model: onnx.ModelProto, quantized: onnx.ModelProto, nod
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     limit = min(data.size, BIAS_CORRECTION_SAMPLES)
-    float_values = activations.capture(float_model, data, names, limit=limit)
-    quant_values = activations.capture(quantized, data, names, limit=limit)
+    # two captures in lockstep hold one batch each: half the budget each, the same batches (same tensors)
+    budget = int(ctx.options.get("capture_budget_bytes", activations.CAPTURE_BUDGET)) // 2
+    float_values = activations.capture(float_model, data, names, limit=limit, budget_bytes=budget)
+    quant_values = activations.capture(quantized, data, names, limit=limit, budget_bytes=budget)
     for reference, approximate in zip(float_values, quant_values):
         for (node, axis), name in zip(targets, names):
             error = np.moveaxis(approximate[name].astype(np.float64) - reference[name], axis, -1)
@@ -590,7 +592,8 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
     ctx.progress(0.05, "calibrating activation ranges")
     ranges = calibrate.calibrate(prepared, data, sorted(set(decided.calibrated.values())),
                                  method=spec.calibration, percentile=spec.percentile,
-                                 progress=lambda f, m: ctx.progress(0.05 + 0.55 * f, m))
+                                 progress=lambda f, m: ctx.progress(0.05 + 0.55 * f, m),
+                                 budget_bytes=int(ctx.options.get("capture_budget_bytes", activations.CAPTURE_BUDGET)))
     ctx.check_cancelled()
 
     quantized = onnx.ModelProto()

@@ -48,7 +48,7 @@ from worker.pipeline.data import bind
 from worker.pipeline.graph import WeightLayer, attribute, get_array, set_array, weight_layers
 from worker.pipeline.step import StepContext, StepResult
 from worker.pipeline.cost import LayerClock
-from worker.pipeline.sequential import Propagation
+from worker.pipeline.sequential import Propagation, budget_of
 from worker.pipeline.structure.hessians import (accumulate_drift, accumulate_hessians, damped, drift_corrected,
                                                 log_propagation)
 from worker.pipeline.structure.masks import exact_masks, normalized_scores
@@ -210,8 +210,9 @@ def _sparsegpt(model: onnx.ModelProto, original: onnx.ModelProto, layers: list[W
     ordered = sorted(plans.items(), key=lambda item: made_at.get(item[0], -1))
     clock = LayerClock(len(ordered), ctx.progress)
     batch = int(ctx.options.get("capture_batch", CAPTURE_BATCH))
-    with Propagation(model, data, batch_size=batch) as current, \
-            Propagation(original, data, batch_size=batch) as reference:
+    budget = budget_of(ctx.options)
+    with Propagation(model, data, batch_size=batch, budget_bytes=budget) as current, \
+            Propagation(original, data, batch_size=batch, budget_bytes=budget) as reference:
         for done, (source, group) in enumerate(ordered):
             ctx.check_cancelled()
             clock.tick(done, source, "capture")
