@@ -122,8 +122,7 @@ def capture_counted(model: onnx.ModelProto, data: Dataset, names: Sequence[str],
     yield 1, first
     del first
     step = max(1, min(batch_size, budget_bytes // per_sample))
-    rest = Dataset({k: v[1:total] for k, v in data.arrays.items()}, data.stacked,
-                   None if data.labels is None else data.labels[1:total], data.specs, total - 1)
+    rest = data.slice(1, total)
     for start, feeds in zip(range(0, total - 1, step), rest.batches(step)):
         yield min(step, total - 1 - start), dict(zip(names, run.run(list(names), feeds)))
 

@@ -58,45 +58,49 @@ def reset_peak() -> bool:
 
 @dataclass
 class CostMeter:
-    """Phase times of one step (seconds) and its peak memory."""
+    """Phase times of one step (wall seconds, and CPU seconds of every thread: on a machine other
+    jobs share, the CPU time is what the work cost) and its peak memory."""
 
     phases: dict[str, float] = field(default_factory=dict)
+    phases_cpu: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+    started_cpu: float = field(default_factory=time.process_time)
     peak_scope: str = "process"
     _stack: list[list] = field(default_factory=list)
 
     def start(self) -> None:
         self.phases.clear()
-        self.started = time.perf_counter()
+        self.phases_cpu.clear()
+        self.started, self.started_cpu = time.perf_counter(), time.process_time()
         self.peak_scope = "step" if reset_peak() else "process"
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        entry = [name, time.perf_counter(), 0.0]       # name, start, time spent in nested phases
+        # name, wall start, cpu start, wall and cpu time spent in nested phases
+        entry = [name, time.perf_counter(), time.process_time(), 0.0, 0.0]
         self._stack.append(entry)
         try:
             yield
         finally:
             self._stack.pop()
-            spent = time.perf_counter() - entry[1]
-            self.phases[name] = self.phases.get(name, 0.0) + spent - entry[2]
+            wall, cpu = time.perf_counter() - entry[1], time.process_time() - entry[2]
+            self.phases[name] = self.phases.get(name, 0.0) + wall - entry[3]
+            self.phases_cpu[name] = self.phases_cpu.get(name, 0.0) + cpu - entry[4]
             if self._stack:
-                self._stack[-1][2] += spent
-
-    def add(self, name: str, seconds: float) -> None:
-        """Time measured elsewhere (a helper's own clock), counted into ``name``."""
-        self.phases[name] = self.phases.get(name, 0.0) + seconds
-        if self._stack:
-            self._stack[-1][2] += seconds
+                self._stack[-1][3] += wall
+                self._stack[-1][4] += cpu
 
     def row(self, seconds: float | None = None) -> dict:
         """The step's cost for the report: phases (with ``other``), peak memory, slowest phase."""
         total = time.perf_counter() - self.started if seconds is None else seconds
+        total_cpu = time.process_time() - self.started_cpu
         phases = {name: round(value, 4) for name, value in self.phases.items() if value > 0}
         phases["other"] = round(max(total - sum(self.phases.values()), 0.0), 4)
+        cpu = {name: round(value, 4) for name, value in self.phases_cpu.items() if name in phases}
+        cpu["other"] = round(max(total_cpu - sum(self.phases_cpu.values()), 0.0), 4)
         slowest = max(phases.items(), key=lambda item: item[1])
-        return {"phases": phases, "peak_rss_bytes": peak_rss_bytes(), "peak_rss_scope": self.peak_scope,
-                "slowest_phase": slowest[0]}
+        return {"phases": phases, "phases_cpu": cpu, "cpu_seconds": round(total_cpu, 4),
+                "peak_rss_bytes": peak_rss_bytes(), "peak_rss_scope": self.peak_scope, "slowest_phase": slowest[0]}
 
 
 def slowest(steps: list[dict]) -> dict | None:

@@ -100,6 +100,13 @@ class Dataset:
         for start in range(0, total, step):
             yield self.labels[start:min(start + step, total)]
 
+    def slice(self, start: int, stop: int) -> "Dataset":
+        """Samples ``start`` to ``stop`` (views, no copy)."""
+        stop = min(stop, self.size)
+        start = min(start, stop)
+        return Dataset({k: v[start:stop] for k, v in self.arrays.items()}, self.stacked,
+                       None if self.labels is None else self.labels[start:stop], self.specs, stop - start)
+
     def head(self, count: int) -> "Dataset":
         count = min(count, self.size)
         return Dataset({k: v[:count] for k, v in self.arrays.items()}, self.stacked,

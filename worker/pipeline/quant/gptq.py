@@ -36,7 +36,7 @@ from worker.pipeline.cost import LayerClock
 from worker.pipeline.data import bind
 from worker.pipeline.sequential import Propagation, budget_of
 from worker.pipeline.step import StepContext
-from worker.pipeline.structure.hessians import accumulate_hessians
+from worker.pipeline.structure.hessians import accumulate_hessians, inverse_upper_factor
 from worker.pipeline.structure.unfold import conv2d_geometry, conv_weight_from_matrix, conv_weight_matrix, unfold2d
 
 DAMPING = 0.01
@@ -90,10 +90,7 @@ def hinv_upper(hessian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     for _ in range(6):
         damped = hessian + damping * mean_diag * np.eye(hessian.shape[0])
         try:
-            lower = np.linalg.cholesky(damped)
-            lower_inv = np.linalg.inv(lower)
-            hinv = lower_inv.T @ lower_inv
-            return np.ascontiguousarray(np.linalg.cholesky(hinv).T, dtype=np.float32), dead
+            return np.ascontiguousarray(inverse_upper_factor(damped), dtype=np.float32), dead
         except np.linalg.LinAlgError:
             damping *= 10.0
     raise np.linalg.LinAlgError("the calibration Hessian stays singular after dampening")

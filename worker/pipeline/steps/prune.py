@@ -50,7 +50,7 @@ from worker.pipeline.step import StepContext, StepResult
 from worker.pipeline.cost import LayerClock
 from worker.pipeline.sequential import Propagation, budget_of
 from worker.pipeline.structure.hessians import (accumulate_drift, accumulate_hessians, damped, drift_corrected,
-                                                log_propagation)
+                                                inverse_upper_factor, log_propagation)
 from worker.pipeline.structure.masks import exact_masks, normalized_scores
 from worker.pipeline.structure.records import StepLog, layer_record, sparsity_of
 from worker.pipeline.structure.unfold import conv2d_geometry, conv_weight_from_matrix, conv_weight_matrix
@@ -182,11 +182,7 @@ def _from_matrix(matrix: np.ndarray, layer: WeightLayer, geometry: dict | None) 
 def _hinv_cholesky(hessian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Upper Cholesky factor of (H + damping)^-1, and which inputs were never active (diag 0)."""
     dead = np.diag(hessian) == 0
-    hessian = damped(hessian)
-    lower = np.linalg.cholesky(hessian)
-    lower_inv = np.linalg.inv(lower)
-    hinv = lower_inv.T @ lower_inv
-    return np.ascontiguousarray(np.linalg.cholesky(hinv).T, dtype=np.float32), dead
+    return np.ascontiguousarray(inverse_upper_factor(damped(hessian)), dtype=np.float32), dead
 
 
 def _sparsegpt(model: onnx.ModelProto, original: onnx.ModelProto, layers: list[WeightLayer], targets: dict[str, float],
