@@ -453,6 +453,9 @@ def _is_classifier(array: np.ndarray) -> bool:
     return array.ndim == 2 and array.shape[1] > 1 and array.dtype.kind == "f"
 
 
+FIDELITY_BATCH_BYTES = 16 << 20     # inputs per fidelity batch: two models run it, every intermediate alive
+
+
 def fidelity(original: ort.InferenceSession, compressed: ort.InferenceSession, data: Dataset, *,
              batch_size: int = 64, limit: int | None = 512) -> Fidelity:
     """Compare the two sessions' outputs over ``data`` (see the module docstring for the formulas)."""
@@ -460,6 +463,7 @@ def fidelity(original: ort.InferenceSession, compressed: ort.InferenceSession, d
     diff2 = ref2 = out2 = dot = 0.0
     agree = total = 0
     correct_o = correct_c = labelled = 0
+    batch_size = data.batch_for(FIDELITY_BATCH_BYTES, batch_size)
     labels_iter = data.label_batches(batch_size, limit) if data.labels is not None else None
     samples = 0
     for feeds in data.batches(batch_size, limit):

@@ -36,7 +36,8 @@ from worker.pipeline import activations
 from worker.pipeline.data import Dataset
 from worker.pipeline.subgraphs import outer_reads
 
-DEFAULT_BUDGET = 256 << 20        # bytes of live activations held in memory per propagation
+DEFAULT_BUDGET = 128 << 20        # bytes of live activations held in memory per propagation
+BATCH_INPUT_BYTES = 8 << 20       # a batch's model inputs at most this big (intermediates are a few x that)
 
 _NUMPY_TO_ONNX = {np.dtype(np.float32): onnx.TensorProto.FLOAT, np.dtype(np.float64): onnx.TensorProto.DOUBLE,
                   np.dtype(np.float16): onnx.TensorProto.FLOAT16, np.dtype(np.int64): onnx.TensorProto.INT64,
@@ -92,7 +93,9 @@ class Propagation:
                  scratch: str | Path | None = None):
         self.model = model
         self.data = data
-        self.batch_size = batch_size
+        # images are big samples: 32 detector inputs of 3 x 480 x 480 are 88 MB, and each segment's
+        # intermediates for the batch several times that; token ids are tiny
+        self.batch_size = data.batch_for(BATCH_INPUT_BYTES, batch_size)
         self.limit = limit
         self.budget = budget_bytes
         self.providers = list(providers)

@@ -523,10 +523,12 @@ def correct_biases(float_model: onnx.ModelProto, quantized: onnx.ModelProto, nod
     quant_values = activations.capture(quantized, data, names, limit=limit, budget_bytes=budget)
     for reference, approximate in zip(float_values, quant_values):
         for (node, axis), name in zip(targets, names):
-            error = np.moveaxis(approximate[name].astype(np.float64) - reference[name], axis, -1)
-            flat = error.reshape(-1, error.shape[-1])
-            sums[name] = sums.get(name, 0.0) + flat.sum(0)
-            counts[name] = counts.get(name, 0) + flat.shape[0]
+            # per-channel sums straight off the difference (float64 accumulation, no transposed copy)
+            error = np.subtract(approximate[name], reference[name], dtype=np.float32)
+            channel = axis % error.ndim
+            others = tuple(i for i in range(error.ndim) if i != channel)
+            sums[name] = sums.get(name, 0.0) + error.sum(axis=others, dtype=np.float64)
+            counts[name] = counts.get(name, 0) + error.size // error.shape[channel]
         ctx.check_cancelled()
     corrected = []
     for (node, _), name in zip(targets, names):
