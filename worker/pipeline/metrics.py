@@ -453,7 +453,7 @@ def _is_classifier(array: np.ndarray) -> bool:
     return array.ndim == 2 and array.shape[1] > 1 and array.dtype.kind == "f"
 
 
-FIDELITY_BATCH_BYTES = 16 << 20     # inputs per fidelity batch: two models run it, every intermediate alive
+FIDELITY_BATCH_BYTES = 4 << 20     # inputs per fidelity batch: two models run it, every intermediate alive
 
 
 def fidelity(original: ort.InferenceSession, compressed: ort.InferenceSession, data: Dataset, *,

@@ -37,7 +37,7 @@ from worker.pipeline.data import Dataset
 from worker.pipeline.subgraphs import outer_reads
 
 DEFAULT_BUDGET = 128 << 20        # bytes of live activations held in memory per propagation
-BATCH_INPUT_BYTES = 8 << 20       # a batch's model inputs at most this big (intermediates are a few x that)
+BATCH_INPUT_BYTES = 4 << 20       # a batch's model inputs at most this big (intermediates are a few x that)
 
 _NUMPY_TO_ONNX = {np.dtype(np.float32): onnx.TensorProto.FLOAT, np.dtype(np.float64): onnx.TensorProto.DOUBLE,
                   np.dtype(np.float16): onnx.TensorProto.FLOAT16, np.dtype(np.int64): onnx.TensorProto.INT64,
@@ -172,6 +172,9 @@ class Propagation:
         options.log_severity_level = 3
         # a session that runs a handful of batches: pre-packing would copy every weight for nothing
         options.add_session_config_entry("session.disable_prepacking", "1")
+        # no arena: a segment's intermediates go back to the OS after each batch instead of every
+        # segment session keeping its own high-water mark of image-sized buffers
+        options.enable_cpu_mem_arena = False
         session = activations.build_session(segment, options, self.providers)
         self.stats.segments += 1
         self.stats.nodes += len(nodes)
