@@ -140,7 +140,7 @@ def _rapidocr(name: str, workdir: Path) -> Path:
     import onnx
     import rapidocr_onnxruntime
 
-    from worker.pipeline.quant.constants import lift_constant_weights
+    from worker.pipeline.quantize.lift_constants import lift_constant_weights
 
     path = workdir / name
     if not path.exists():

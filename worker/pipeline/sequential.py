@@ -32,7 +32,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from worker.pipeline import activations
+from worker.pipeline import sessions
 from worker.pipeline.data import Dataset
 from worker.pipeline.subgraphs import outer_reads
 
@@ -168,14 +168,10 @@ class Propagation:
         segment = helper.make_model(graph, opset_imports=list(self.model.opset_import))
         segment.ir_version = self.model.ir_version
         segment.functions.extend(self.model.functions)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        # a session that runs a handful of batches: pre-packing would copy every weight for nothing
-        options.add_session_config_entry("session.disable_prepacking", "1")
+        # a session that runs a handful of batches: pre-packing would copy every weight for nothing;
         # no arena: a segment's intermediates go back to the OS after each batch instead of every
         # segment session keeping its own high-water mark of image-sized buffers
-        options.enable_cpu_mem_arena = False
-        session = activations.build_session(segment, options, self.providers)
+        session = sessions.session(segment, self.providers, prepack=False, arena=False)
         self.stats.segments += 1
         self.stats.nodes += len(nodes)
         return session, outputs

@@ -9,11 +9,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from tests.unit.pipeline.builders import _model, attention, mlp, run_ort
-from worker.pipeline import activations
+from worker.pipeline import activations, sessions
 from worker.pipeline.data import bind
 from worker.pipeline.sequential import Propagation, SequenceError, lockstep
-from worker.pipeline.structure.hessians import (accumulate_drift, accumulate_hessians, capture_drift,
-                                                capture_hessians)
+from worker.pipeline.hessians import accumulate_drift, accumulate_hessians, capture_drift, capture_hessians
 
 
 def _residual_mlp(width: int = 16, depth: int = 3, seed: int = 0) -> onnx.ModelProto:
@@ -31,7 +30,7 @@ def _residual_mlp(width: int = 16, depth: int = 3, seed: int = 0) -> onnx.ModelP
 
 
 def _whole(model, feeds, names):
-    return dict(zip(names, activations.session(model, outputs=names).run(list(names), feeds)))
+    return dict(zip(names, sessions.session(model, outputs=names).run(list(names), feeds)))
 
 
 @pytest.mark.parametrize("budget", [1 << 30, 1])
