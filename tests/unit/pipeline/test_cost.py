@@ -92,7 +92,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np, onnx
     from onnx import TensorProto, helper, numpy_helper
-    from worker.pipeline import cost, metrics
+    from worker.pipeline import cost, sessions
     from worker.pipeline.step import StepContext
     job, samples = sys.argv[1], int(sys.argv[2])
     rng = np.random.default_rng(0)
@@ -112,7 +112,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     x = rng.standard_normal((samples, tokens, width)).astype(np.float32)
     ctx = StepContext(original=model, calibration={"x": x},
                       options={"propagation_budget_bytes": 16 << 20, "capture_budget_bytes": 16 << 20})
-    metrics.release_memory()
+    sessions.release_memory()
     cost.reset_peak()
     before = cost.rss_bytes()
     if job == "sparsegpt":
