@@ -167,6 +167,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"featherweight: compression failed: {exc.detail}", file=sys.stderr)
         return EXIT_FAILED
     summary = {key: result.report.get(key) for key in ("size_ratio", "transport_size_ratio", "latency_ratio", "fidelity")}
+    slowest = (result.report.get("cost") or {}).get("slowest_phase")
+    if slowest:
+        summary["slowest_phase"] = slowest
+        print(f"featherweight: slowest phase: step {slowest['step'] + 1} ({slowest['op']}) {slowest['phase']}, "
+              f"{slowest['seconds']:.1f} s", file=sys.stderr)
     print(json.dumps({"output": str(output), **summary, **({"also_written": extras} if extras else {})}))
     return EXIT_OK
 

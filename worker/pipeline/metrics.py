@@ -337,6 +337,9 @@ def _is_classifier(array: np.ndarray) -> bool:
     return array.ndim == 2 and array.shape[1] > 1 and array.dtype.kind == "f"
 
 
+FIDELITY_BATCH_BYTES = 4 << 20     # inputs per fidelity batch: two models run it, every intermediate alive
+
+
 def fidelity(original: ort.InferenceSession, compressed: ort.InferenceSession, data: Dataset, *,
              batch_size: int = 64, limit: int | None = 512) -> Fidelity:
     """Compare the two sessions' outputs over ``data`` (see the module docstring for the formulas)."""
@@ -344,6 +347,7 @@ def fidelity(original: ort.InferenceSession, compressed: ort.InferenceSession, d
     diff2 = ref2 = out2 = dot = 0.0
     agree = total = 0
     correct_o = correct_c = labelled = 0
+    batch_size = data.batch_for(FIDELITY_BATCH_BYTES, batch_size)
     labels_iter = data.label_batches(batch_size, limit) if data.labels is not None else None
     samples = 0
     for feeds in data.batches(batch_size, limit):
@@ -428,17 +432,29 @@ def _tensor_errors(original_path, compressed_path, pairs, data, scratch, provide
     kept: list[list[np.ndarray]] = []
     stored = 0
     run = sessions.exposed_file_session(original_path, [pairs[k][0] for k in keys], provider, scratch)
-    for feeds in data.batches(batch_size, limit):
-        values = [np.asarray(v, dtype=np.float32) for v in run.run([pairs[k][0] for k in keys], feeds)]
+    total = data.size if limit is None else min(limit, data.size)
+    # the first sample alone tells what one sample's tensors take: the batch is sized so that the
+    # kept tensors stay within the budget (64 samples of every layer output of a BERT is ~0.5 GB,
+    # and a whole batch used to be kept before the budget was looked at)
+    parts = [data.slice(0, 1)]
+    first = [np.asarray(v, dtype=np.float32) for v in run.run([pairs[k][0] for k in keys], next(parts[0].batches(1)))]
+    per_sample = max(sum(v.nbytes for v in first), 1)
+    kept.append(first)
+    stored = per_sample
+    step = max(1, min(batch_size, budget_bytes // (2 * per_sample))) if data.batchable else 1
+    for start in range(1, total, step):
+        if stored + per_sample * min(step, total - start) > budget_bytes:
+            break
+        part = data.slice(start, start + step)
+        values = [np.asarray(v, dtype=np.float32) for v in run.run([pairs[k][0] for k in keys], next(part.batches(step)))]
+        parts.append(part)
         kept.append(values)
         stored += sum(v.nbytes for v in values)
-        if stored >= budget_bytes:
-            break
     del run
     sessions.release_memory()
     sums = {key: [0.0, 0.0] for key in keys}
     run = sessions.exposed_file_session(compressed_path, [pairs[k][1] for k in keys], provider, scratch)
-    for feeds, originals in zip(data.batches(batch_size, limit), kept):
+    for feeds, originals in zip((next(part.batches(part.size)) for part in parts), kept):
         for key, y, z in zip(keys, originals, run.run([pairs[k][1] for k in keys], feeds)):
             y64 = y.astype(np.float64).ravel()
             z64 = np.asarray(z, dtype=np.float64).ravel()

@@ -19,6 +19,8 @@ import html
 import math
 from typing import Any, Iterable, Sequence
 
+from worker.pipeline.report_cost import cost_section
+
 # The plots stay readable with this many bars; the table below them always lists every layer.
 MAX_BARS = 40
 PLOT_WIDTH = 760
@@ -463,6 +465,7 @@ def render_html(report: dict, *, title: str, extra: Sequence[str] = ()) -> str:
         headline_cards(report),
         "<h2>Before and after</h2>", summary_table(report),
         "<h2>Steps</h2>", steps_table(report),
+        "<h2>Cost</h2>", cost_section(report),
         "<h2>Which layers lose the most</h2>", error_plots(report),
         "<h2>Size by layer</h2>", size_plot(report),
         "<h2>Layers</h2>", layer_table(report),

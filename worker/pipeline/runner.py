@@ -32,7 +32,7 @@ from core.errors import FeatherweightError, InvalidInput, InvalidModel, Pipeline
 from core.recipe import Recipe
 from core.targets import Target
 from worker.pipeline import data as data_mod
-from worker.pipeline import artifacts, graph, registry, sensitivity, sessions
+from worker.pipeline import artifacts, cost, graph, registry, sensitivity, sessions
 from worker.pipeline.finalize import finalize
 from worker.pipeline.report import build_report, json_safe, write_report, write_report_html
 from worker.pipeline.search import engine as goal_search
@@ -203,6 +203,8 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
         ctx.progress = step_progress
         ctx.options["step_index"] = index
         progress(STEPS_SHARE * index / count, stage)
+        ctx.cost = cost.CostMeter()
+        ctx.cost.start()
         started = time.perf_counter()
         ctx.options.pop("sensitivity", None)
         if sensitivity.wanted(recipe, step):
@@ -221,7 +223,8 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
         except Exception as exc:
             raise PipelineError(f"{stage} failed: {type(exc).__name__}: {exc}") from exc
         model = result.model
-        step_rows.append({"op": step.op, "seconds": time.perf_counter() - started, **result.metrics})
+        seconds = time.perf_counter() - started
+        step_rows.append({"op": step.op, "seconds": seconds, **result.metrics, **ctx.cost.row(seconds)})
         del result          # the previous model may be freed while the next step runs
     if cancelled():
         raise StepCancelled("job cancelled")
@@ -252,6 +255,8 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
     del model, original, ctx
     sessions.release_memory()
     progress(STEPS_SHARE + 0.05, "measuring")
+    measuring = time.perf_counter()
+    cost.reset_peak()
     report = build_report(original_path=model_path, compressed_path=out_path, target=target, steps=step_rows,
                           layers=layers, evaluation=eval_set, calibration=cal_set, options=options)
     if searched is not None:
@@ -263,6 +268,11 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
         top = recipe.sensitivity.top if recipe.sensitivity else 50
         report["sensitivity"] = json_safe(sensitivity.report_rows(measured, top))
         sensitivity.write_artifact(measured, workdir / artifacts.SENSITIVITY_FILE)
+    report["cost"] = {"steps_seconds": sum(row["seconds"] for row in step_rows),
+                      "measure_seconds": time.perf_counter() - measuring,
+                      "measure_peak_rss_bytes": cost.peak_rss_bytes(),
+                      "peak_rss_bytes": max([row.get("peak_rss_bytes") or 0 for row in step_rows] + [cost.peak_rss_bytes() or 0]),
+                      "slowest_phase": cost.slowest(step_rows)}
     write_report(report, workdir / artifacts.REPORT_FILE)
     write_report_html(report, workdir / artifacts.REPORT_HTML_FILE, title=f"{options.get('model_name') or Path(model_path).name}: compression report")
     progress(1.0, "done")

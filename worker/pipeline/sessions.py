@@ -69,8 +69,10 @@ def providers_for(provider: str) -> list[str]:
 
 
 def _options(threads: int = 0, *, prepack: bool = True, optimize: bool = True,
-             log_severity: int = 3) -> ort.SessionOptions:
+             log_severity: int = 3, arena: bool = True) -> ort.SessionOptions:
     options = ort.SessionOptions()
+    if not arena:
+        options.enable_cpu_mem_arena = False
     options.log_severity_level = log_severity
     if threads:
         options.intra_op_num_threads = threads
@@ -91,12 +93,13 @@ def build_session(model: onnx.ModelProto, options: ort.SessionOptions, providers
 
 def session(model: onnx.ModelProto, providers: Sequence[str] = ("CPUExecutionProvider",),
             threads: int = 0, *, outputs: Iterable[str] = (), prepack: bool = True, optimize: bool = True,
-            log_severity: int = 3) -> ort.InferenceSession:
+            log_severity: int = 3, arena: bool = True) -> ort.InferenceSession:
     """A session on the in-memory ``model``; ``outputs`` are added as extra graph outputs for the
     serialization and taken off again (the model is not copied). ``prepack=False`` spares the
     pre-packed second copy of the weights that only speed needs; ``optimize=False`` runs the graph
-    as written (no fusions)."""
-    options = _options(threads, prepack=prepack, optimize=optimize, log_severity=log_severity)
+    as written (no fusions); ``arena=False`` hands a run's intermediates back to the OS after each
+    run instead of keeping the session's high-water mark of buffers."""
+    options = _options(threads, prepack=prepack, optimize=optimize, log_severity=log_severity, arena=arena)
     count = len(model.graph.output)
     present = {output.name for output in model.graph.output}
     model.graph.output.extend(helper.make_empty_tensor_value_info(name)

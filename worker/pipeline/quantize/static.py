@@ -561,7 +561,8 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
     ctx.progress(0.05, "calibrating activation ranges")
     ranges = calibrate.calibrate(prepared, data, sorted(set(decided.calibrated.values())),
                                  method=spec.calibration, percentile=spec.percentile,
-                                 progress=lambda f, m: ctx.progress(0.05 + 0.55 * f, m))
+                                 progress=lambda f, m: ctx.progress(0.05 + 0.55 * f, m),
+                                 budget_bytes=int(ctx.options.get("capture_budget_bytes", activations.CAPTURE_BUDGET)))
     ctx.check_cancelled()
 
     quantized = onnx.ModelProto()
