@@ -49,7 +49,7 @@ from onnx import helper, numpy_helper
 import kernels
 from core.errors import PipelineError, RecipeError
 from core.recipe import QuantizeStep
-from worker.pipeline import calibrate, graph, subgraphs
+from worker.pipeline import activations, calibrate, graph, subgraphs
 from worker.pipeline.data import DataError, Dataset, bind
 from worker.pipeline.quantize import int8_storage, lift_constants, weight_only, wide_activations
 from worker.pipeline.step import LayerRecord, StepContext, StepResult
