@@ -144,7 +144,11 @@ def main(args: argparse.Namespace) -> int:
     except FeatherweightError as exc:
         print(f"featherweight: compression failed: {exc.detail}", file=sys.stderr)
         return EXIT_FAILED
-    summary = {key: result.report.get(key) for key in ("size_ratio", "transport_size_ratio", "latency_ratio", "fidelity")}
+    summary = {key: result.report.get(key) for key in ("size_ratio", "transport_size_ratio", "latency_ratio", "fidelity",
+                                                       "target_match")}
+    if result.report.get("target_notice"):
+        # on stderr, where people look, beside the JSON summary scripts read on stdout
+        print(f"featherweight: notice: {result.report['target_notice']}", file=sys.stderr)
     print(json.dumps({"output": str(output), **summary}))
     return EXIT_OK
 

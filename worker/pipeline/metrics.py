@@ -37,7 +37,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from worker.pipeline import activations, graph, subgraphs
+from worker.pipeline import activations, graph, host, subgraphs
 from worker.pipeline.data import Dataset
 
 SKELETON_MAX_ELEMENTS = 4096   # initializers at most this big stay in the shape-inference skeleton
@@ -382,10 +382,8 @@ def release_memory() -> None:
 
 
 def provider_for(target: str) -> str:
-    """The target's provider where this ONNX Runtime has it, else the CPU provider."""
-    if target == "gpu" and "CUDAExecutionProvider" in ort.get_available_providers():
-        return "CUDAExecutionProvider"
-    return "CPUExecutionProvider"
+    """The target's provider where it proved to run here (``host.provider_for``), else the CPU's."""
+    return host.provider_for(target)
 
 
 def session(path: str | Path, provider: str = "CPUExecutionProvider", threads: int = 0) -> ort.InferenceSession:
