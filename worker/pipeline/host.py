@@ -187,6 +187,37 @@ def provider_for(target: str) -> str:
     return CPU_PROVIDER
 
 
+def require_target(target: str, allow_mismatch: bool = False) -> None:
+    """Refuse (``TargetUnavailable`` at ``target``) a ``gpu`` job where CUDA cannot run, unless
+    the request allowed measuring on other hardware: gpu never silently becomes CPU."""
+    if allow_mismatch:
+        return
+    refusal = gpu_refusal(target)
+    if refusal is not None:
+        from core.errors import TargetUnavailable
+
+        raise TargetUnavailable(refusal, [{"loc": ["target"], "msg": refusal}])
+
+
+def probe_cuda_isolated(timeout: float = 180.0) -> str | None:
+    """``probe_cuda()`` in a child interpreter: a CUDA context made before a fork is unusable in the
+    forked children (the worker's job processes), so the worker's main process never makes one."""
+    import json
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run([sys.executable, "-m", "worker.pipeline.host", "--probe-cuda"], capture_output=True,
+                              text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return f"running a test model on {CUDA_PROVIDER} took longer than {timeout:.0f} s"
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"the CUDA probe process failed (exit {done.returncode}): {tail}"
+    return json.loads(lines[-1])["problem"]
+
+
 def gpu_refusal(target: str) -> str | None:
     """The one-line reason a ``gpu`` job cannot run on this host, or None."""
     if target != "gpu":
@@ -266,3 +297,12 @@ def measured_on(provider: str, options: MutableMapping[str, Any] | None = None, 
         "emulated": cpu.emulated,
         "choices": list((options or {}).get(CHOICES_KEY, [])),
     }
+
+
+if __name__ == "__main__":   # python -m worker.pipeline.host --probe-cuda (see probe_cuda_isolated)
+    import json
+    import sys
+
+    if sys.argv[1:] != ["--probe-cuda"]:
+        sys.exit("usage: python -m worker.pipeline.host --probe-cuda")
+    print(json.dumps({"problem": probe_cuda()}))

@@ -50,7 +50,7 @@ from core.errors import PipelineError, RecipeError
 from core.recipe import QuantizeStep
 from worker.pipeline import activations, calibrate, graph, subgraphs
 from worker.pipeline.data import DataError, Dataset, bind
-from worker.pipeline.quant import constants, integer_kernels
+from worker.pipeline.quant import constants, integer_kernels, tensorrt_qdq
 from worker.pipeline.step import LayerRecord, StepContext, StepResult
 
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
@@ -581,6 +581,7 @@ def quantize_bias(model: onnx.ModelProto, node: onnx.NodeProto, input_grid: Acti
 
 def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext) -> StepResult:
     """Static int8 QDQ (see the module docstring); records a LayerRecord per quantized weight."""
+    params = tensorrt_qdq.adapt(params, ctx)     # gpu with TensorRT: its symmetric form
     check(model, params, ctx)
     spec = params.activations
     prepared = prepare(model)
