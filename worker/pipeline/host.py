@@ -145,6 +145,12 @@ def probe_cuda() -> str | None:
     if CUDA_PROVIDER not in ort.get_available_providers():
         return (f"this ONNX Runtime ({ort.__version__}, {ort.get_device()}) has no {CUDA_PROVIDER}: "
                 "install the gpu extra (pip install 'featherweight[gpu]') on a machine with an NVIDIA GPU")
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:    # CUDA and cuDNN from the nvidia-* wheels of onnxruntime-gpu[cuda,cudnn], where installed
+            preload()
+        except Exception:  # noqa: BLE001 - the session below reports what is really missing
+            pass
     options = ort.SessionOptions()
     options.log_severity_level = 4
     # every node must run on the GPU: a session that quietly put them on the CPU proves nothing
