@@ -229,6 +229,8 @@ def _describe(job: Any) -> list[str]:
     headline = _headline(job.report)
     if headline:
         lines.append(f"  report: {headline}")
+    if job.report and job.report.get("target_match") is False and job.report.get("target_notice"):
+        lines.append(f"  notice: {job.report['target_notice']}")
     for artifact in job.artifacts:
         size = f"{artifact.bytes:,} bytes" if isinstance(artifact.bytes, int) else "size unknown"
         lines.append(f"  artifact {artifact.name}: {size}, sha256 {artifact.sha256}")
