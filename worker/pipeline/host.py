@@ -80,8 +80,28 @@ def _emulated(machine: str) -> bool:
     return Path(f"/proc/sys/fs/binfmt_misc/qemu-{name}").exists()
 
 
-def parse_cpu(text: str, machine: str, cores: int = 1, emulated: bool = False) -> CpuInfo:
-    """A CpuInfo from /proc/cpuinfo's text and the machine name (separate for tests)."""
+# aarch64 AT_HWCAP / AT_HWCAP2 bits (the kernel's asm/hwcap.h), for where /proc/cpuinfo is the
+# host's (qemu-user shows the x86 host's file): what the emulated CPU offers, as ORT itself reads it
+ARM_HWCAP = {"asimd": 1 << 1, "asimdhp": 1 << 10, "asimddp": 1 << 20, "sve": 1 << 22}
+ARM_HWCAP2 = {"i8mm": 1 << 13}
+
+
+def _arm_hwcap_flags() -> frozenset[str]:
+    try:
+        import ctypes
+
+        getauxval = ctypes.CDLL(None).getauxval
+        getauxval.restype = ctypes.c_ulong
+        hwcap, hwcap2 = getauxval(16), getauxval(26)     # AT_HWCAP, AT_HWCAP2
+    except (OSError, AttributeError):
+        return frozenset()
+    return frozenset([f for f, bit in ARM_HWCAP.items() if hwcap & bit] + [f for f, bit in ARM_HWCAP2.items() if hwcap2 & bit])
+
+
+def parse_cpu(text: str, machine: str, cores: int = 1, emulated: bool = False,
+              hwcap_flags: frozenset[str] | None = None) -> CpuInfo:
+    """A CpuInfo from /proc/cpuinfo's text and the machine name (separate for tests);
+    ``hwcap_flags``: aarch64 features from the auxiliary vector, used where cpuinfo has none."""
     machine = machine.lower()
     fields = _cpuinfo_fields(text)
     flags = frozenset((fields.get("flags") or fields.get("features") or "").split())
@@ -91,6 +111,9 @@ def parse_cpu(text: str, machine: str, cores: int = 1, emulated: bool = False) -
         arch, names = "aarch64", ARM_FEATURES
     else:
         arch, names = machine, {}
+    foreign = arch == "aarch64" and "features" not in fields    # the host's x86 cpuinfo under qemu
+    if foreign:
+        flags = frozenset(hwcap_flags or ())
     features = {name: False for name in names.values()}
     for flag, name in names.items():
         if flag in flags:
@@ -98,6 +121,8 @@ def parse_cpu(text: str, machine: str, cores: int = 1, emulated: bool = False) -
     model = fields.get("model name") or fields.get("hardware") or ""
     if not model and "cpu implementer" in fields:      # aarch64 kernels name the part, not the model
         model = f"implementer {fields['cpu implementer']} part {fields.get('cpu part', '?')}"
+    if foreign:
+        model = f"emulated aarch64 on {model or 'an unknown host CPU'}"
     return CpuInfo(machine=machine, arch=arch, model=model or platform.processor() or machine,
                    features=features, flags=flags, cores=max(1, cores), emulated=emulated)
 
@@ -113,7 +138,8 @@ def cpu_info() -> CpuInfo:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    return parse_cpu(text, machine, cores=cores, emulated=_emulated(machine))
+    hwcap = _arm_hwcap_flags() if machine in ARM_MACHINES else None
+    return parse_cpu(text, machine, cores=cores, emulated=_emulated(machine), hwcap_flags=hwcap)
 
 
 # ---------------------------------------------------------------------------- GPU

@@ -35,6 +35,13 @@ def test_parse_arm_features():
     assert cpu.features == {"neon": True, "dotprod": True, "fp16": True, "i8mm": True, "sve": False}
 
 
+def test_emulated_arm_reads_features_from_the_auxiliary_vector():
+    """Under qemu-user /proc/cpuinfo is the x86 host's: its flags say nothing about the aarch64 CPU."""
+    cpu = host.parse_cpu(X86_VNNI, "aarch64", hwcap_flags=frozenset({"asimd", "asimddp"}))
+    assert cpu.features == {"neon": True, "dotprod": True, "fp16": False, "i8mm": False, "sve": False}
+    assert cpu.model == "emulated aarch64 on Intel(R) Xeon(R) Gold"
+
+
 def test_target_match_needs_the_targets_hardware_natively():
     x86, arm = host.parse_cpu(X86_VNNI, "x86_64"), host.parse_cpu(ARM, "aarch64")
     emulated_arm = host.parse_cpu(ARM, "aarch64", emulated=True)
