@@ -1,4 +1,4 @@
-"""Renders every error as RFC 9457 ``application/problem+json`` (DESIGN.md house rule 9).
+"""Renders every error as RFC 9457 ``application/problem+json`` (docs/rest.md, "Errors").
 
 ``FeatherweightError`` carries its own status and type; FastAPI's request validation errors become a
 422 ``invalid-input`` problem with each field's path; Starlette's HTTP errors (404 for an unknown

@@ -14,7 +14,7 @@ Owns the two models every quality and speed bench compares on:
   wrecks naive activation ranges); output ``logits`` [batch, 10].
 
 Each returns ``(onnx.ModelProto, calibration, evaluation)`` where the data sets are dicts in the
-CONTRACT.md §2 layout (one array per input, concatenated along the batch axis, plus ``_labels``).
+docs/datasets.md layout (one array per input, concatenated along the batch axis, plus ``_labels``).
 Everything is cached under ``bench/out/models`` keyed by ``VERSION``: the second call only loads.
 Seeds are fixed, so a cache rebuilt elsewhere holds the same splits (weights match up to torch's
 CPU kernels' float non-associativity).

@@ -1,4 +1,4 @@
-"""The one exception tree of Featherweight (DESIGN.md house rule 9).
+"""The one exception tree of Featherweight (rendered as docs/rest.md describes under "Errors").
 
 Every error a client can cause, or that the service reports, is a ``FeatherweightError``. Each class
 carries the HTTP status and the RFC 9457 problem ``type`` URI that ``api.problems`` renders as

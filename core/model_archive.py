@@ -1,4 +1,4 @@
-"""A model uploaded as a .zip: one ``.onnx`` and its external-data files (CONTRACT.md §5).
+"""A model uploaded as a .zip: one ``.onnx`` and its external-data files (docs/rest.md).
 
 ``unpack_model_archive(zip, dest)`` checks the archive before inflating anything (entry count, no
 directories, links or devices, no absolute or ``..`` paths, total and per-entry compression ratio

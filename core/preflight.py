@@ -4,9 +4,10 @@ Works from what was recorded at upload (the model's inputs, opset and parameter 
 set's array names, shapes and dtypes), so the API never loads a model or a data set:
 
 - the recipe needs calibration data (``Recipe.needs_calibration``) and none was named;
-- each data set fits the model's inputs by the rules of CONTRACT.md §2 (one array per input, the
+- each data set fits the model's inputs by the rules of docs/datasets.md (one array per input, the
   input's rank (concatenated) or one more (stacked), the fixed dims, a compatible dtype, the same
-  number of samples everywhere, ``_labels`` of shape [N]), as the worker's binding checks them;
+  number of samples everywhere, at least one, ``_labels`` of shape [N]), as the worker's binding
+  checks them;
 - a distill step's ``student_model_id`` names an uploaded model;
 - weight steps have weights to work on;
 - the format can be produced: sign / 2-bit weights need opset 25, and the model's opset must not be
@@ -71,6 +72,9 @@ def check_dataset(inputs: list[dict[str, Any]], arrays: list[dict[str, Any]], fi
         if dtype is not None and want_dtype is not None and dtype.kind != want_dtype.kind \
                 and not (dtype.kind in "iu" and want_dtype.kind in "iu"):
             raise refuse(name, f"array {name!r} has dtype {dtype}; input wants {want_dtype}")
+    empty = [name for name, size in sizes.items() if size == 0]
+    if empty:
+        raise refuse(empty[0], f"array {empty[0]!r} holds 0 samples; a data set needs at least one")
     if len(set(sizes.values())) > 1:
         raise refuse(next(iter(sizes)), f"arrays hold different numbers of samples: {sizes}")
     if LABELS in given:

@@ -1,4 +1,4 @@
-"""The recipe: an ordered list of compression steps (CONTRACT.md §1), validated before any work.
+"""The recipe: an ordered list of compression steps (docs/recipes.md), validated before any work.
 
 Owns the schema of every step's fields (pydantic, discriminated on ``op``, ``extra="forbid"``) and
 ``parse_recipe``, which turns JSON / YAML / a dict into a ``Recipe`` or raises ``RecipeError`` with

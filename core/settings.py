@@ -1,4 +1,4 @@
-"""The one settings object (DESIGN.md house rule 2), read from ``FEATHERWEIGHT_*`` environment variables.
+"""The one settings object (docs/settings.md lists each), read from ``FEATHERWEIGHT_*`` environment variables.
 
 Built on first use through the cached ``get_settings()``, never at import. The embedded default needs
 no variables at all: SQLite at ``$FEATHERWEIGHT_HOME/featherweight.db``, artifacts under
@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     s3_secret_access_key: str | None = None
     s3_region: str = "us-east-1"
 
-    # Upload limits (SECURITY.md).
+    # Upload limits: every upload is untrusted input.
     max_upload_bytes: int = Field(default=2 * 1024**3, gt=0)
     max_tensor_elements: int = Field(default=2**31, gt=0)
     max_graph_depth: int = Field(default=16, gt=0)
@@ -105,7 +105,7 @@ class Settings(BaseSettings):
     cancel_grace_seconds: float = Field(default=30.0, gt=0)
     # Outages: a worker that finds the database or the object store unreachable (claiming a job,
     # fetching its inputs, storing its artifacts, recording its end) retries with backoff for this
-    # long before it gives the attempt up (SECURITY.md: jobs resume or fail cleanly).
+    # long before it gives the attempt up (jobs resume or fail cleanly).
     database_retry_seconds: float = Field(default=60.0, ge=0)
     storage_retry_seconds: float = Field(default=60.0, ge=0)
     # Fault-injection for tests and demos: the worker sleeps this long at every stage change of a job,

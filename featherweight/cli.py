@@ -240,6 +240,7 @@ def _webhook_secret(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featherweight", description="Compression as a service for ONNX models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="also log each HTTP request the command makes")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="API and one worker on the embedded default (or the configured stack)")
@@ -274,14 +275,27 @@ def build_parser() -> argparse.ArgumentParser:
         compress = commands.add_parser("compress", help="compress a model locally, no server")
         compress_cmd.add_arguments(compress)
         compress.set_defaults(handler=compress_cmd.main)
+    importlib.import_module("featherweight.dataset_cmd").add_subcommands(commands)
     if importlib.util.find_spec("featherweight.remote_cmds") is not None:
         importlib.import_module("featherweight.remote_cmds").add_subcommands(commands)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+# Libraries that log every request at INFO: their lines would land between a command's own progress
+# lines, so they speak only with -v.
+CHATTY_LOGGERS = ("httpx", "httpcore")
+
+
+def configure_logging(verbose: bool) -> None:
+    """Our own INFO lines on stderr; the HTTP libraries' request lines only when ``verbose``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging(bool(getattr(args, "verbose", False)))
     return int(args.handler(args) or 0)
 
 

@@ -1,4 +1,4 @@
-"""The Python client other services use to talk to a Featherweight server (CONTRACT.md §5).
+"""The Python client other services use to talk to a Featherweight server (docs/rest.md).
 
 Owns: uploading models and data sets (streamed, with progress and an end-to-end sha256 check),
 submitting jobs, polling them with backoff that honours Retry-After, cancelling and listing them,
@@ -640,7 +640,7 @@ class Client:
         return UploadedModel.from_json(self._upload("/v1/models", Path(path), progress))
 
     def upload_dataset(self, path: str | os.PathLike[str], progress: ProgressCallback | None = None) -> UploadedDataset:
-        """Stream an .npz (CONTRACT.md §2) to ``POST /v1/datasets``."""
+        """Stream an .npz (docs/datasets.md) to ``POST /v1/datasets``."""
         return UploadedDataset.from_json(self._upload("/v1/datasets", Path(path), progress))
 
     def _upload(self, endpoint: str, path: Path, progress: ProgressCallback | None) -> dict[str, Any]:
@@ -890,3 +890,36 @@ class AsyncClient:
                     raise
         except httpx.TransportError as exc:
             raise error_from_transport(exc, self.base_url) from None
+
+
+# -- data sets from the files people have (needs the ``dataset`` extra; the HTTP client above does not)
+
+
+def dataset_from_images(folder: str | os.PathLike[str], output: str | os.PathLike[str], *,
+                        model: str | os.PathLike[str] | None = None, **options: Any):
+    """Build an .npz from a folder of images, as ``featherweight dataset images`` does (docs/datasets.md).
+    ``options`` are ``featherweight.dataset_files.ImageOptions`` fields (size, layout, channels, mean,
+    std, scale, resize, input_name, labels, limit). Returns a ``BuiltDataset``; pass its ``path`` to
+    ``Client.upload_dataset``. Raises ``DatasetBuildError`` naming a file it cannot read."""
+    from featherweight import dataset_files
+
+    return dataset_files.build_from_images(folder, output, model=model, options=dataset_files.ImageOptions(**options))
+
+
+def dataset_from_audio(folder: str | os.PathLike[str], output: str | os.PathLike[str], *,
+                       model: str | os.PathLike[str] | None = None, **options: Any):
+    """Build an .npz from a folder of audio files (``AudioOptions``: sample_rate, length, hop, input_name,
+    labels, limit), as ``featherweight dataset audio`` does."""
+    from featherweight import dataset_files
+
+    return dataset_files.build_from_audio(folder, output, model=model, options=dataset_files.AudioOptions(**options))
+
+
+def dataset_from_text(text_file: str | os.PathLike[str], tokenizer_file: str | os.PathLike[str],
+                      output: str | os.PathLike[str], *, model: str | os.PathLike[str] | None = None, **options: Any):
+    """Build an .npz from text lines and a tokenizers JSON file (``TextOptions``: max_length, inputs,
+    limit), as ``featherweight dataset text`` does."""
+    from featherweight import dataset_files
+
+    return dataset_files.build_from_text(text_file, tokenizer_file, output, model=model,
+                                         options=dataset_files.TextOptions(**options))

@@ -1,4 +1,4 @@
-"""``featherweight compress``: the pipeline on one local file, no server (CONTRACT.md §3).
+"""``featherweight compress``: the pipeline on one local file, no server (docs/cli.md).
 
     featherweight compress MODEL.onnx --recipe R.yaml [--calibration C.npz] [--eval E.npz]
                            [--target cpu-x86|cpu-arm|gpu] [--student S.onnx] -o OUT.onnx
@@ -38,8 +38,8 @@ class _BadInput(Exception):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL.onnx", help="the ONNX model to compress")
-    parser.add_argument("--recipe", required=True, metavar="RECIPE.yaml", help="recipe, YAML or JSON (CONTRACT.md §1)")
-    parser.add_argument("--calibration", metavar="CAL.npz", help="calibration data (CONTRACT.md §2)")
+    parser.add_argument("--recipe", required=True, metavar="RECIPE.yaml", help="recipe, YAML or JSON (docs/recipes.md)")
+    parser.add_argument("--calibration", metavar="CAL.npz", help="calibration data, .npz (docs/datasets.md)")
     parser.add_argument("--eval", dest="evaluation", metavar="EVAL.npz", help="evaluation data for the report")
     parser.add_argument("--target", default=None, choices=("cpu-x86", "cpu-arm", "gpu"),
                         help="where the model will run (default: this machine's CPU)")
@@ -86,11 +86,13 @@ def _relocate_external_data(model_file: Path, output: Path) -> list[Path]:
     output and point the model at it. Returns the data files in their final names (to rename)."""
     import onnx
 
-    data_file = model_file.with_name(model_file.name + ".data")
+    from worker.pipeline import artifacts
+
+    data_file = model_file.with_name(artifacts.external_data_file(model_file.name))
     if not data_file.exists():
         return []
     model = onnx.load(str(model_file), load_external_data=False)
-    new_location = output.name + ".data"
+    new_location = artifacts.external_data_file(output.name)
     for tensor in model.graph.initializer:
         for entry in tensor.external_data:
             if entry.key == "location":
@@ -102,7 +104,7 @@ def _relocate_external_data(model_file: Path, output: Path) -> list[Path]:
 def main(args: argparse.Namespace) -> int:
     from core.errors import FeatherweightError, InvalidInput
     from core.targets import native_target
-    from worker.pipeline import runner
+    from worker.pipeline import artifacts, runner
     from worker.pipeline.report import write_report, write_report_html
 
     output = Path(args.output)
@@ -128,7 +130,7 @@ def main(args: argparse.Namespace) -> int:
                                 target=target, workdir=scratch, options=options)
             data_files = _relocate_external_data(result.model_path, output)
             for data_file in data_files:
-                data_file.replace(output.with_name(output.name + ".data"))
+                data_file.replace(output.with_name(artifacts.external_data_file(output.name)))
             if args.report:
                 write_report(result.report, args.report)
             if args.report_html:

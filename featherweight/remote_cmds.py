@@ -1,4 +1,4 @@
-"""The CLI commands that talk to a Featherweight server: submit, status, wait, download (CONTRACT.md §3).
+"""The CLI commands that talk to a Featherweight server: submit, status, wait, download (docs/cli.md).
 
 Owns argument parsing for those four commands, progress display on stderr, ``--json`` output on
 stdout and turning every failure into one ``featherweight: error: ...`` line. All HTTP goes through
@@ -133,6 +133,9 @@ def _common_arguments() -> argparse.ArgumentParser:
     common.add_argument("--api-key", metavar="KEY", help=f"API key (default: ${ENV_API_KEY})")
     common.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    # SUPPRESS: given after the command or not at all, it leaves `featherweight -v submit` alone.
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="also log each HTTP request (method, URL, status) on stderr")
     return common
 
 
@@ -143,8 +146,8 @@ def add_subcommands(subparsers: Any) -> None:
     submit = subparsers.add_parser("submit", parents=[common], help="upload a model and submit a job to a server",
                                    description="Upload MODEL.onnx (and data sets), submit a job, optionally wait.")
     submit.add_argument("model", metavar="MODEL.onnx", help="the ONNX model (or a .zip with external data)")
-    submit.add_argument("--recipe", required=True, metavar="RECIPE.yaml", help="recipe, YAML or JSON (CONTRACT.md §1)")
-    submit.add_argument("--calibration", metavar="CAL.npz", help="calibration data (CONTRACT.md §2)")
+    submit.add_argument("--recipe", required=True, metavar="RECIPE.yaml", help="recipe, YAML or JSON (docs/recipes.md)")
+    submit.add_argument("--calibration", metavar="CAL.npz", help="calibration data, .npz (docs/datasets.md)")
     submit.add_argument("--eval", dest="evaluation", metavar="EVAL.npz", help="evaluation data for the report")
     submit.add_argument("--target", default="cpu-x86", choices=TARGETS, help="where the model will run")
     submit.add_argument("--webhook-url", metavar="URL", help="POSTed to when the job ends")
@@ -256,7 +259,7 @@ def _checked_recipe(path: Path) -> Any:
     """The recipe read from ``path``, validated here when core.recipe is installed alongside.
 
     Checking before the upload saves sending a large model only to have the recipe refused, and
-    lets the error name the file (CONTRACT.md §3). The server validates again in any case.
+    lets the error name the file (docs/cli.md). The server validates again in any case.
     """
     from featherweight.client import load_recipe
 

@@ -30,7 +30,7 @@ UPLOAD_BODY = {
 
 @router.post(
     "", status_code=201, response_model=DatasetPublic, summary="Upload a calibration / evaluation data set (.npz)",
-    description="One array per model input, keyed by the input's name (CONTRACT.md §2); optional `_labels`. "
+    description="One array per model input, keyed by the input's name (docs/datasets.md); optional `_labels`. "
     "Loaded with allow_pickle=False: object arrays, non-numeric dtypes, NaN/Inf and zip bombs are refused (422).",
     openapi_extra=UPLOAD_BODY, responses={400: _PROBLEM, 413: _PROBLEM, 422: _PROBLEM},
 )

@@ -19,10 +19,10 @@ class JobCreate(BaseModel):
     )
 
     model_id: str = Field(..., min_length=1, max_length=64)
-    recipe: dict[str, Any] | str = Field(..., description="the recipe (CONTRACT.md §1) as an object, or JSON/YAML text")
+    recipe: dict[str, Any] | str = Field(..., description="the recipe (docs/recipes.md) as an object, or JSON/YAML text")
     target: Target = Target.CPU_X86
     calibration_dataset_id: str | None = Field(None, min_length=1, max_length=64,
-                                               description="a data set from POST /v1/datasets (CONTRACT.md §2)")
+                                               description="a data set from POST /v1/datasets (docs/datasets.md)")
     eval_dataset_id: str | None = Field(None, min_length=1, max_length=64,
                                         description="data for the report's fidelity and accuracy")
     webhook_url: str | None = Field(None, min_length=8, max_length=2048,

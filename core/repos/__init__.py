@@ -1,4 +1,4 @@
-"""Repositories: the only code that issues queries (DESIGN.md house rule 1). Each takes a Session."""
+"""Repositories: the only code that issues queries (routes stay thin). Each takes a Session."""
 from core.repos.artifacts import ArtifactRepo
 from core.repos.datasets import DatasetRepo
 from core.repos.jobs import JobRepo

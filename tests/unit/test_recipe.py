@@ -1,4 +1,4 @@
-"""Recipe validation: CONTRACT.md §1 fields, refused before any work with the field's path."""
+"""Recipe validation: docs/recipes.md fields, refused before any work with the field's path."""
 import json
 
 import pytest

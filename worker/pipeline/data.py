@@ -1,4 +1,4 @@
-"""Calibration / evaluation data sets (CONTRACT.md §2) checked against a model and fed in batches.
+"""Calibration / evaluation data sets (docs/datasets.md) checked against a model and fed in batches.
 
 An .npz holds one array per model input, keyed by the input's name, plus optional ``_labels``.
 The array's rank tells its layout: the input's own rank = samples concatenated along the input's

@@ -1,6 +1,6 @@
 """The closed registry of pipeline steps: recipe ``op`` -> the module that implements it.
 
-An explicit table (DESIGN.md house rule 4): a recipe can only pick one of these names, never name
+An explicit table, never a package walk: a recipe can only pick one of these names, never name
 code to load. Modules are imported on first use so a step's heavy dependencies (torch for ``distill``)
 load only when a recipe asks for that step.
 """

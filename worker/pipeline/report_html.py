@@ -1,4 +1,4 @@
-"""report.html: the compression report as one self-contained page (CONTRACT.md §4, issue 8).
+"""report.html: the compression report as one self-contained page (docs/report.md, issue 8).
 
 Owns turning a report.json dict into HTML: headline figures, the per-layer table and inline SVG
 plots (per-layer error, size by layer before/after, and for several reports accuracy against size
@@ -102,6 +102,12 @@ def _fmt_bytes(value: Any) -> str:
             return f"{number:,.0f} {unit}" if unit == "B" else f"{number:,.2f} {unit}"
         number /= 1024
     return f"{number:,.2f} GiB"
+
+
+def _fmt_macs(side: dict) -> str:
+    """MACs, with "at least" where the report says a dim was guessed or a layer's shape unknown."""
+    text = _fmt(side.get("macs"), 0)
+    return f"\u2265 {text} (lower bound)" if side.get("macs_lower_bound") and text != "n/a" else text
 
 
 def _fmt_percent(value: Any) -> str:
@@ -325,7 +331,7 @@ def summary_table(report: dict) -> str:
         ("Parameters", _fmt(original.get("params"), 0), _fmt(compressed.get("params"), 0)),
         ("Non-zero parameters", _fmt(original.get("nonzero_params", original.get("params")), 0),
          _fmt(compressed.get("nonzero_params"), 0)),
-        ("MACs", _fmt(original.get("macs"), 0), _fmt(compressed.get("macs"), 0)),
+        ("MACs", _fmt_macs(original), _fmt_macs(compressed)),
         ("Latency p50", _fmt(_get(original, "latency_ms", "p50"), 3, " ms"),
          _fmt(_get(compressed, "latency_ms", "p50"), 3, " ms")),
         ("Latency p95", _fmt(_get(original, "latency_ms", "p95"), 3, " ms"),

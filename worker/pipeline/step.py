@@ -1,4 +1,4 @@
-"""The contract every pipeline step follows (DESIGN.md house rule 3).
+"""The contract every pipeline step follows: one entry module per recipe op.
 
 A step is one module under ``worker/pipeline/steps`` exposing:
 
@@ -56,7 +56,7 @@ class StepContext:
     """Everything a step may use besides the model. Pure data: no DB, no HTTP, no Celery."""
 
     original: onnx.ModelProto                              # the teacher, never mutated
-    calibration: Mapping[str, np.ndarray] | None = None    # CONTRACT.md §2 arrays, keyed by input name
+    calibration: Mapping[str, np.ndarray] | None = None    # docs/datasets.md arrays, keyed by input name
     evaluation: Mapping[str, np.ndarray] | None = None
     target: str = "cpu-x86"
     workdir: Path | None = None

@@ -1,4 +1,4 @@
-"""Small ONNX models built with onnx.helper for the pipeline tests (DESIGN.md house rule 5).
+"""Small ONNX models built with onnx.helper for the pipeline tests (the pipeline is pure: tests build their models).
 
 Each builder returns a ModelProto with fixed-seed weights, a dynamic batch axis named "batch"
 unless said otherwise, and every node named.

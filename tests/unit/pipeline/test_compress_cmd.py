@@ -12,6 +12,7 @@ import pytest
 
 from featherweight import compress_cmd
 from tests.unit.pipeline import builders
+from tests.conftest import require_torch
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -105,7 +106,7 @@ def test_report_html_is_written_beside_the_model(files, capsys):
 
 
 def test_student_is_distilled_and_training_progress_is_reported(tmp_path, capsys):
-    pytest.importorskip("torch")
+    require_torch()
     from worker.pipeline import runner
     from core.recipe import parse_recipe
 

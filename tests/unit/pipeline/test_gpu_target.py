@@ -1,21 +1,20 @@
 """gpu never silently becomes CPU: refused where CUDA cannot run a model (for real on this CUDA-less
 host, and with the CUDA check mocked at its boundary), unless the request allows the mismatch, which
-the report states; GPU-specific choices (fp16 kernels by the CUDA provider, TensorRT's QDQ form)."""
+the report states; the fp16 kernels checked in the CUDA provider (TensorRT's QDQ form:
+quantize/test_tensorrt_qdq.py)."""
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 
 from core.errors import TargetUnavailable
 from core.recipe import parse_recipe
 from featherweight import compress_cmd
-from worker.pipeline import host, metrics, runner
-from worker.pipeline.quant import tensorrt_qdq
+from worker.pipeline import host, runner, sessions
 from worker.pipeline.step import StepContext
 from tests.unit.pipeline import builders
 
@@ -112,12 +111,12 @@ def test_cli_allow_target_mismatch_runs_and_the_report_says_so(cuda_less, model_
 class _SessionSpy:
     def __init__(self, monkeypatch):
         self.providers: list[str] = []
-        real = metrics.exposed_session
+        real = sessions.exposed_session
 
         def spy(model, names, provider="CPUExecutionProvider"):
             self.providers.append(provider)
             return real(model, names, "CPUExecutionProvider")   # this host has no CUDA to run it on
-        monkeypatch.setattr(metrics, "exposed_session", spy)
+        monkeypatch.setattr(sessions, "exposed_session", spy)
 
 
 @pytest.mark.parametrize("target, cuda, provider", [("gpu", None, "CUDAExecutionProvider"),
@@ -133,30 +132,3 @@ def test_fp16_checks_kernels_in_the_targets_provider(monkeypatch, target, cuda, 
     # the float32 model's ranges are measured on the CPU; the float16 kernel checks in the target's provider
     assert spy.providers[-1] == provider and set(spy.providers) <= {provider, "CPUExecutionProvider"}
     assert result.metrics["kernels_checked_in"] == provider
-
-
-def test_tensorrt_form_is_symmetric_per_channel():
-    params = parse_recipe("steps:\n  - op: quantize\n    weights: {bits: 8, symmetric: false, granularity: tensor}\n"
-                          "    activations: {calibration: minmax}\n").steps[0]
-    adapted = tensorrt_qdq.tensorrt_form(params)
-    assert adapted.activations.symmetric and adapted.weights.symmetric and adapted.weights.granularity == "channel"
-    assert not params.activations.symmetric      # the recipe itself is untouched
-
-
-@pytest.mark.parametrize("target, trt, symmetric", [("gpu", True, True), ("gpu", False, False), ("cpu-x86", True, False)])
-def test_static_int8_takes_tensorrt_form_only_for_gpu_with_tensorrt(monkeypatch, target, trt, symmetric):
-    from worker.pipeline.quant.static import quantize_static
-
-    monkeypatch.setattr(host, "tensorrt_present", lambda: trt)
-    model = builders.mlp(inputs=64, hidden=64, classes=4)
-    data = {"x": np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)}
-    params = parse_recipe("steps:\n  - op: quantize\n    weights: {bits: 8}\n    activations: {calibration: minmax}\n").steps[0]
-    ctx = StepContext(original=model, calibration=data, target=target)
-    result = quantize_static(model, params, ctx)
-    zero_points = [onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer
-                   if t.name in {n.input[2] for n in result.model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2}]
-    assert zero_points
-    assert all(z.dtype == (np.int8 if symmetric else np.uint8) for z in zero_points)
-    if symmetric:
-        assert all((z == 0).all() for z in zero_points)
-        assert ctx.options[host.CHOICES_KEY][-1]["choice"] == "int8 QDQ form"

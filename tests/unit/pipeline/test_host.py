@@ -10,9 +10,9 @@ import pytest
 
 from core.recipe import parse_recipe
 from worker.pipeline import host, runner
-from worker.pipeline.quant import integer_kernels
+from worker.pipeline.quantize import int8_storage
 from worker.pipeline.report_html import render_html
-from worker.pipeline.structure.channels import channel_block
+from worker.pipeline.prune.channels import channel_block
 from tests.unit.pipeline import builders
 
 X86_VNNI = "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Gold\nflags\t\t: fpu sse avx2 fma avx512f avx512_vnni f16c\n\nprocessor\t: 1\n"
@@ -68,10 +68,10 @@ def test_emulation_flag_from_environment(monkeypatch):
 def test_integer_weight_storage_names_the_feature_it_read(monkeypatch, text, unsigned, read):
     monkeypatch.setattr(host, "cpu_info", lambda: host.parse_cpu(text, "x86_64"))
     options: dict = {}
-    assert integer_kernels.unsigned_weights("cpu-x86", options) is unsigned
+    assert int8_storage.unsigned_weights("cpu-x86", options) is unsigned
     [choice] = options[host.CHOICES_KEY]
     assert choice["choice"] == "int8 weight storage" and read in choice["read"]
-    assert choice["value"] == integer_kernels.storage_name(unsigned)
+    assert choice["value"] == int8_storage.storage_name(unsigned)
 
 
 def test_channel_block_names_the_feature_it_read(monkeypatch):

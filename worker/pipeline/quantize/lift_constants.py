@@ -1,0 +1,36 @@
+"""Weights held in Constant nodes (common in converted models) lifted to initializers, so the
+steps that select and rewrite weights by initializer name see them.
+
+Only a Constant whose float tensor is read where a layer takes its weight (``graph.weight_layers``'
+positions: MatMul / Gemm B, Conv / ConvTranspose W, Gather's table; ``core.onnx_weights`` decides)
+is lifted; the initializer takes the Constant's output name, so every reader keeps reading the same
+name.
+"""
+from __future__ import annotations
+
+import onnx
+
+from core import onnx_weights
+from worker.pipeline import graph
+
+# Which Constants hold weights is decided in core, so the upload counts exactly what is lifted here.
+constant_weights = onnx_weights.constant_weights
+
+
+def lift_constant_weights(model: onnx.ModelProto) -> list[str]:
+    """Move weight-carrying Constant nodes' tensors to initializers; return the lifted names."""
+    graph_outputs = {o.name for o in model.graph.output}
+    lifted = []
+    for node in constant_weights(model):
+        name = node.output[0]
+        if name in graph_outputs:
+            continue     # an initializer cannot be a graph output by itself; leave it
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(onnx_weights.constant_tensor(node))
+        tensor.name = name
+        model.graph.initializer.append(tensor)
+        model.graph.node.remove(node)
+        lifted.append(name)
+    if lifted:
+        graph.sort_graph(model)
+    return lifted
