@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from core.db import session_scope
-from core.repos import JobRepo, ModelRepo
-from core.storage import get_store
+from core.repos import JobRepo
 from featherweight.client import submit_body
 from worker.pipeline import host
+from tests.unit.core.stored_jobs import stored_job
 from worker.tasks import execute_job
 
 RECIPE = {"steps": [{"op": "quantize", "weights": {"bits": 8}}]}
@@ -24,13 +24,7 @@ def cuda_less():
 
 
 def _gpu_job(tmp_path, onnx_models, **fields) -> str:
-    source = tmp_path / "upload.onnx"
-    source.write_bytes(onnx_models.mlp().SerializeToString())
-    get_store().put_file("models/m1/model.onnx", source)
-    with session_scope() as session:
-        model = ModelRepo(session).create(id="m1", filename="m.onnx", sha256="0" * 64, bytes=1, params=1, opset=17,
-                                          ir_version=8, inputs=[], outputs=[], storage_key="models/m1/model.onnx")
-        return JobRepo(session).create(model.id, RECIPE, "gpu", **fields).id
+    return stored_job(tmp_path, onnx_models.mlp(), RECIPE, "gpu", **fields)
 
 
 def test_gpu_job_without_cuda_fails_clearly(cuda_less, migrated, tmp_path, onnx_models):
