@@ -42,7 +42,7 @@ import numpy as np
 
 from bench.real_models import NAMES, load
 from bench.real_peers import MATMUL_ONLY, METHODS, compress, has_matmul_weights
-from bench.sessions import single_thread_session
+from bench.sessions import open_variants
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 WORK_DIR = OUT_DIR / "real_bench"
@@ -79,7 +79,8 @@ def _spawn(model_name: str, method: str, quick: bool, timeout: float) -> dict:
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     log = WORK_DIR / model_name / f"{method}.log"
     try:
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+        # In the model's work folder: ORT's pre-processing and GPTQ leave temporary files in the cwd.
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, cwd=log.parent)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     log.write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
@@ -91,16 +92,11 @@ def _spawn(model_name: str, method: str, quick: bool, timeout: float) -> dict:
     return json.loads(lines[-1])
 
 
-def _file_bytes(path: Path) -> int:
-    extra = Path(str(path) + ".data")
-    return path.stat().st_size + (extra.stat().st_size if extra.exists() else 0)
-
-
 def _latency_feed(real, session) -> dict[str, np.ndarray]:
     from bench.real_models import batches
 
     ranks = {i.name: len(i.shape) for i in session.get_inputs()}
-    if real.name == "vad":     # one 512-sample step of all streams, the state as streaming has it
+    if real.name.startswith("vad"):     # one 512-sample step of all streams, the state as streaming has it
         streams = real.meta["audio"].shape[0]
         return {"input": np.ascontiguousarray(real.meta["audio"][:, :576]),
                 "state": np.zeros((2, streams, 128), np.float32), "sr": np.array(16000, np.int64)}
@@ -124,17 +120,7 @@ def evaluate(model_name: str, methods: list[str], quick: bool, runs: int, timeou
         print(f"  {model_name} {method}: {time.perf_counter() - started:.1f} s"
               f"{' FAILED ' + rows[method]['error'] if 'error' in rows[method] else ''}", file=sys.stderr, flush=True)
 
-    sessions = {}
-    for name, row in rows.items():
-        if "error" in row:
-            continue
-        path = out_dir / f"{name}.onnx"
-        try:
-            sessions[name] = single_thread_session(path)
-        except Exception as error:   # a file ORT cannot load is a finding, reported in its row
-            row["error"] = f"ORT cannot load: {str(error).splitlines()[0][:200]}"
-            continue
-        row["bytes"] = _file_bytes(path)
+    sessions = open_variants(rows, out_dir, error_chars=200)
 
     reference = real.infer(sessions["fp32"])
     for name, session in list(sessions.items()):

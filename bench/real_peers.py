@@ -206,6 +206,7 @@ def _recipe(method: str) -> dict:
 def compress_ours(method: str, real, out_path: Path) -> dict:
     """The pipeline's run, as `featherweight compress` calls it, with the report's extras trimmed."""
     from core.recipe import parse_recipe
+    from worker.pipeline import artifacts
     from worker.pipeline.runner import run
 
     recipe = parse_recipe(_recipe(method))
@@ -216,10 +217,10 @@ def compress_ours(method: str, real, out_path: Path) -> dict:
     options = {"latency_runs": 3, "latency_budget_s": 2, "layer_errors": False, "fidelity_samples": 32}
     calibration = {k: v for k, v in real.calibration.items() if k != "_labels"}
     run(real.path, recipe, calibration=calibration, workdir=workdir, options=options)
-    shutil.move(str(workdir / "model.onnx"), str(out_path))
-    data = workdir / "model.onnx.data"
+    shutil.move(str(workdir / artifacts.MODEL_FILE), str(out_path))
+    data = workdir / artifacts.MODEL_DATA_FILE
     if data.exists():
-        shutil.move(str(data), str(out_path) + ".data")
+        shutil.move(str(data), artifacts.external_data_file(str(out_path)))
     return {"notes": []}
 
 

@@ -10,6 +10,7 @@ set's array names, shapes and dtypes), so the API never loads a model or a data 
   checks them;
 - a distill step's ``student_model_id`` names an uploaded model;
 - weight steps have weights to work on;
+- a ``goal`` fits the model's outputs and the data (core.goal: output, metric, labels);
 - the format can be produced: sign / 2-bit weights need opset 25, and the model's opset must not be
   newer than the one this service's ONNX converts to.
 """
@@ -99,6 +100,14 @@ def check_job(recipe: Recipe, model: Any, *, calibration: list[dict[str, Any]] |
         check_dataset(model.inputs, calibration, "calibration_dataset_id")
     if evaluation is not None:
         check_dataset(model.inputs, evaluation, "eval_dataset_id")
+    if recipe.goal is not None:
+        from core.goal import check_goal
+
+        data = evaluation if evaluation is not None else calibration
+        labels = data is not None and any(a["name"] == LABELS for a in data)
+        counts = [a["shape"][0] for a in (data or []) if a["name"] != LABELS and a.get("shape")]
+        check_goal(recipe.goal, model.outputs or [], has_data=data is not None, has_labels=labels,
+                   samples=min(counts) if counts else None, prefix=["body", "recipe"])
     newest = onnx.defs.onnx_opset_version()
     if model.opset > newest:
         raise InvalidInput(f"the model's opset {model.opset} is newer than this service's ONNX supports ({newest})",

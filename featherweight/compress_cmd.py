@@ -7,6 +7,9 @@
 ``--target gpu`` where CUDA cannot run a model is bad input (exit 2) unless
 ``--allow-target-mismatch`` is given; any run measured off the target's hardware prints a notice.
 
+A recipe that measures sensitivity also writes OUT.sensitivity.json; a goal's next best verified
+candidates are written as OUT.candidate-1.onnx ... (the job artifacts of the same names).
+
 Bad input (a recipe, data set or model that cannot be used) prints one line,
 ``featherweight: error: <file>: <field path>: <message>``, and exits 2; a failure of the
 compression itself exits 1. Nothing is left at ``-o`` unless the run succeeded: the model is built
@@ -101,6 +104,22 @@ def _relocate_external_data(model_file: Path, output: Path) -> list[Path]:
     return [data_file]
 
 
+def _keep_extras(scratch: Path, output: Path) -> list[str]:
+    """sensitivity.json and a goal's next best candidates, beside the output as OUT.sensitivity.json,
+    OUT.candidate-1.onnx ... (the job's artifacts of the same names)."""
+    from worker.pipeline import artifacts
+
+    kept = []
+    names = [artifacts.SENSITIVITY_FILE,
+             *(artifacts.candidate_file(rank) for rank in range(1, artifacts.CANDIDATE_COUNT + 1))]
+    for source in (scratch / name for name in names):
+        if source.is_file():
+            target = output.with_name(f"{output.stem}.{source.name}")
+            source.replace(target)
+            kept.append(str(target))
+    return kept
+
+
 def main(args: argparse.Namespace) -> int:
     from core.errors import FeatherweightError, InvalidInput
     from core.targets import native_target
@@ -135,6 +154,7 @@ def main(args: argparse.Namespace) -> int:
                 write_report(result.report, args.report)
             if args.report_html:
                 write_report_html(result.report, args.report_html, title=f"{Path(args.model).name}: compression report")
+            extras = _keep_extras(scratch, output)
             result.model_path.replace(output)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -159,7 +179,7 @@ def main(args: argparse.Namespace) -> int:
     if result.report.get("target_notice"):
         # on stderr, where people look, beside the JSON summary scripts read on stdout
         print(f"featherweight: notice: {result.report['target_notice']}", file=sys.stderr)
-    print(json.dumps({"output": str(output), **summary}))
+    print(json.dumps({"output": str(output), **summary, **({"also_written": extras} if extras else {})}))
     return EXIT_OK
 
 

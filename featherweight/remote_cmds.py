@@ -27,7 +27,7 @@ ENV_SERVER = "FEATHERWEIGHT_SERVER"
 ENV_API_KEY = "FEATHERWEIGHT_API_KEY"
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 TARGETS = ("cpu-x86", "cpu-arm", "gpu")
-ARTIFACTS = ("model", "report.json", "report.html")
+ARTIFACTS = ("model", "report.json", "report.html", "sensitivity.json", "candidate-1", "candidate-2", "candidate-3")
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 

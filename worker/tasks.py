@@ -70,6 +70,11 @@ ARTIFACT_FILES: tuple[tuple[str, str, str], ...] = (
     ("model", artifacts.MODEL_FILE, "application/octet-stream"),
     ("report.json", artifacts.REPORT_FILE, "application/json"),
     ("report.html", artifacts.REPORT_HTML_FILE, "text/html; charset=utf-8"),
+    # per-layer sensitivity (recipes with ``sensitivity`` or a quantize ``max_output_error``)
+    (artifacts.SENSITIVITY_FILE, artifacts.SENSITIVITY_FILE, "application/json"),
+    # a goal's best verified candidates after the chosen one
+    *((artifacts.candidate_name(rank), artifacts.candidate_file(rank), "application/octet-stream")
+      for rank in range(1, artifacts.CANDIDATE_COUNT + 1)),
     # models past protobuf's 2 GB limit keep their tensors beside model.onnx (worker.pipeline.graph.save_model)
     ("model.onnx.data", artifacts.MODEL_DATA_FILE, "application/octet-stream"),
 )

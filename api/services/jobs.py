@@ -28,7 +28,7 @@ from core.storage import ObjectStore
 
 # Public artifact names; "model.onnx" is accepted as another name for "model".
 ARTIFACT_ALIASES = {"model.onnx": "model"}
-ARTIFACT_FILENAMES = {"model": "model.onnx"}
+ARTIFACT_FILENAMES = {"model": "model.onnx", **{f"candidate-{i}": f"candidate-{i}.onnx" for i in (1, 2, 3)}}
 
 
 SUBMITTING = "submitting"

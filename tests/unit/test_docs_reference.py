@@ -77,7 +77,8 @@ def test_every_recipe_field_and_choice_is_documented():
 # ---------------------------------------------------------------------------- report
 
 # Maps keyed by tensor names: their keys are data, their values' keys are fields.
-NAME_KEYED = {"sparse_storage", "formats", "format_latency_ms", "float_activations", "rtn_fallback"}
+NAME_KEYED = {"sparse_storage", "formats", "format_latency_ms", "float_activations", "rtn_fallback",
+              "weights"}   # higher_precision.weights: weight name -> its level; elsewhere a list
 
 RUNS = [
     ("mlp", [{"op": "cleanup"}, {"op": "prune", "sparsity": 0.5},
@@ -90,6 +91,12 @@ RUNS = [
     ("mlp", [{"op": "quantize", "weights": {"bits": 1}}, {"op": "fp16"}]),
     ("cnn_bn", [{"op": "cleanup"}, {"op": "prune", "sparsity": 0.3, "structure": "channel", "min_params": 16},
                 {"op": "distill"}]),
+    # a whole recipe where the top level matters: sensitivity, an error bound, a goal
+    ("mlp", {"sensitivity": {"samples": 8},
+             "steps": [{"op": "quantize", "weights": {"bits": 4, "granularity": "block", "block_size": 32},
+                        "min_params": 16, "max_output_error": 0.001}]}),
+    ("mlp", {"goal": {"metric": "cosine", "max_drop": 0.001, "time_budget_s": 60},
+             "steps": [{"op": "quantize", "weights": {"bits": 8}, "activations": {"bits": 8}, "min_params": 16}]}),
 ]
 
 
@@ -123,7 +130,8 @@ def report_keys() -> dict[str, str]:
         with tempfile.TemporaryDirectory() as scratch:
             path = Path(scratch) / "model.onnx"
             onnx.save(model, str(path))
-            result = runner.run(path, parse_recipe({"steps": steps}), calibration=data, evaluation=data,
+            recipe = parse_recipe(steps if isinstance(steps, dict) else {"steps": steps})
+            result = runner.run(path, recipe, calibration=data, evaluation=data,
                                 workdir=Path(scratch) / "work", options=dict(options))
         _keys(result.report, "", keys)
     return keys
@@ -132,7 +140,8 @@ def report_keys() -> dict[str, str]:
 def test_every_report_field_is_documented(report_keys):
     # the runs reach what the page must cover: both models, ratios, accuracy, layers and every op's record
     for expected in ("size_ratio", "accuracy.compressed", "layers[].sqnr_db", "steps[].sparse_storage.*.fill",
-                     "steps[].kept_float32", "steps[].layers[].rel_l2_after", "steps[].param_ratio"):
+                     "steps[].kept_float32", "steps[].layers[].rel_l2_after", "steps[].param_ratio",
+                     "sensitivity[].entries[].error", "steps[].mixed_precision.met", "goal.chosen", "candidates[].pareto"):
         assert expected in report_keys
     documented = _names_in("docs/report.md")
     missing = sorted(path for path, name in report_keys.items() if name not in documented)

@@ -9,6 +9,8 @@ Ranges:
     percentile  [P(100 - p), P(p)] of the signed values (p from the recipe, default 99.999)
     entropy     the KL-divergence threshold t on |x| (TensorRT style, 128 quantized bins; exact
                 zeros left out of the search): [max(min(x), -t), min(max(x), t)]
+    mse         the [lo, hi] minimising the expected 8-bit rounding + clipping error over the
+                histogram (``quantize.range_search``)
 Every range is widened to hold 0, so that 0 (zero padding, ReLU's floor) is exactly representable.
 
 Mask sentinels. Attention masks filled with float32's minimum (-3.4e38) or -1e9 reach tensors such
@@ -34,7 +36,7 @@ from worker.pipeline.data import Dataset
 MASK_MAGNITUDE = 1e8
 DEFAULT_BINS = 2048
 ENTROPY_QUANT_BINS = 128
-METHODS = ("minmax", "percentile", "entropy")
+METHODS = ("minmax", "percentile", "entropy", "mse")
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,9 @@ class ActivationStatistics:
         elif method == "entropy":
             threshold = self._entropy_threshold(name)
             low, high = max(low, -threshold), min(high, threshold)
+        elif method == "mse" and histogram.range > 0.0:
+            from worker.pipeline.quantize.range_search import mse_range
+            low, high = mse_range(histogram.counts, histogram.range, self.zeros[name], min(low, 0.0), max(high, 0.0))
         return TensorRange(name, min(low, 0.0), max(high, 0.0), name in self.masked, self.counts[name])
 
 

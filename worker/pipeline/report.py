@@ -38,6 +38,9 @@ def _clean(value: Any) -> Any:
     return value
 
 
+json_safe = _clean
+
+
 def _structure(path: Path) -> onnx.ModelProto:
     """The model without its external data (those tensors are read one at a time when needed)."""
     return onnx.load(str(path), load_external_data=False)
@@ -216,9 +219,10 @@ def write_report(report: Mapping[str, Any], path: str | Path) -> Path:
 def write_report_html(report: Mapping[str, Any], path: str | Path, *, title: str) -> Path:
     """report.html beside report.json: the same figures, one self-contained page."""
     from worker.pipeline.report_html import render_html
+    from worker.pipeline.report_search_html import sections
 
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(render_html(dict(report), title=title), encoding="utf-8")
+    tmp.write_text(render_html(dict(report), title=title, extra=sections(dict(report))), encoding="utf-8")
     tmp.replace(path)
     return path

@@ -483,7 +483,7 @@ def _page(title: str, sections: Iterable[str]) -> str:
 # ------------------------------------------------------------------------------ public API
 
 
-def render_html(report: dict, *, title: str) -> str:
+def render_html(report: dict, *, title: str, extra: Sequence[str] = ()) -> str:
     """One job's report.json as a self-contained HTML page."""
     meta = (f"Target {report.get('target', 'n/a')} \u00b7 provider {report.get('provider', 'n/a')}")
     evaluated_on = report.get("fidelity_data")
@@ -503,6 +503,7 @@ def render_html(report: dict, *, title: str) -> str:
         "<h2>Layers</h2>", layer_table(report),
         "<h2>Measured on</h2>", measured_on_table(report),
     ]
+    sections[4:4] = list(extra)     # after the steps: sensitivity, error bound, goal candidates
     return _page(title, sections)
 
 

@@ -107,6 +107,16 @@ def session(model: onnx.ModelProto, providers: Sequence[str] = ("CPUExecutionPro
         del model.graph.output[count:]
 
 
+def probe_session(model: onnx.ModelProto) -> ort.InferenceSession:
+    """The sensitivity probe's session (``sensitivity.build_probe``): its weights are graph inputs
+    that each run overrides, so pre-packing them is wasted work and memory, and only the basic
+    graph optimizations run (the fusions of the higher levels are for speed, which the probe does
+    not measure)."""
+    options = _options(prepack=False)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return build_session(model, options, ["CPUExecutionProvider"])
+
+
 def release_memory() -> None:
     """Hand freed heap back to the OS (glibc keeps it otherwise), so that the sessions built next
     do not stack on top of the models and sessions just dropped."""

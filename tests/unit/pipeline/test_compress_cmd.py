@@ -148,3 +148,28 @@ def test_cli_prints_the_notice_when_not_measured_on_the_target(files, capsys, mo
     assert code == 0
     assert json.loads(captured.out)["target_match"] is False
     assert "featherweight: notice: Latency was not measured on the target's hardware: target cpu-arm" in captured.err
+
+
+def test_goal_recipe_writes_model_and_next_best_candidates(files, capsys, tmp_path):
+    from tests.unit.pipeline.fragile import fragile_mlp, inputs
+
+    onnx.save_model(fragile_mlp(), str(files["model"]))
+    files["recipe"].write_text("goal:\n  metric: cosine\n  max_drop: 0.001\n  time_budget_s: 120\n")
+    np.savez(tmp_path / "c.npz", **inputs(64))
+    np.savez(tmp_path / "e.npz", **inputs(32, seed=5))
+    code = compress_cmd.main(parse(str(files["model"]), "--recipe", str(files["recipe"]), "--calibration",
+                                   str(tmp_path / "c.npz"), "--eval", str(tmp_path / "e.npz"), "-o", str(files["out"]),
+                                   "--report", str(files["report"])))
+    assert code == 0
+    report = json.loads(files["report"].read_text())
+    assert report["goal"]["met"] and report["size_ratio"] > 1.5
+    written = json.loads(capsys.readouterr().out)["also_written"]
+    assert str(tmp_path / "out.candidate-1.onnx") in written
+    onnx.checker.check_model(str(tmp_path / "out.candidate-1.onnx"), full_check=True)
+
+
+def test_goal_naming_a_missing_output_is_exit_2_with_its_path(files, capsys, tmp_path):
+    files["recipe"].write_text("goal:\n  metric: cosine\n  output: embeddings\n")
+    np.savez(tmp_path / "c.npz", x=np.zeros((8, 128), np.float32))
+    expect_bad_input(capsys, files, [str(files["model"]), "--recipe", str(files["recipe"]), "--calibration",
+                                     str(tmp_path / "c.npz"), "-o", str(files["out"])], files["recipe"], "goal.output")

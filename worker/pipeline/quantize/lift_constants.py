@@ -11,7 +11,7 @@ from __future__ import annotations
 import onnx
 
 from core import onnx_weights
-from worker.pipeline import graph
+from worker.pipeline import graph, subgraphs
 
 # Which Constants hold weights is decided in core, so the upload counts exactly what is lifted here.
 constant_weights = onnx_weights.constant_weights
@@ -34,3 +34,15 @@ def lift_constant_weights(model: onnx.ModelProto) -> list[str]:
     if lifted:
         graph.sort_graph(model)
     return lifted
+
+
+def lifted_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose weights are all main-graph initializers (Constant weights lifted,
+    control-flow bodies' weights hoisted), with every node named: the form static int8 and the
+    sensitivity probe select weights on."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    lift_constant_weights(copy)
+    subgraphs.hoist_weights(copy)
+    graph.ensure_node_names(copy)
+    return copy

@@ -76,8 +76,8 @@ def candidate_layers(model: onnx.ModelProto, params: QuantizeStep) -> list[graph
     found += [layer for layer in recurrent_layers(model, seen)
               if layer.params >= params.min_params and graph.selected(layer, params.include, params.exclude)]
     seen = {layer.weight for layer in found}
-    found += graph.body_layers(model, ops, seen, include=params.include, exclude=params.exclude,
-                                   min_params=params.min_params)
+    found += graph.body_layers(model, ops + RECURRENT_OPS, seen, include=params.include, exclude=params.exclude,
+                               min_params=params.min_params)
     consumers = graph.consumers(model)
     for node in lift_constants.constant_weights(model):
         name = node.output[0]
