@@ -2,7 +2,10 @@
 
     featherweight compress MODEL.onnx --recipe R.yaml [--calibration C.npz] [--eval E.npz]
                            [--target cpu-x86|cpu-arm|gpu] [--student S.onnx] -o OUT.onnx
-                           [--report REPORT.json] [--report-html REPORT.html]
+                           [--report REPORT.json] [--report-html REPORT.html] [--allow-target-mismatch]
+
+``--target gpu`` where CUDA cannot run a model is bad input (exit 2) unless
+``--allow-target-mismatch`` is given; any run measured off the target's hardware prints a notice.
 
 A recipe that measures sensitivity also writes OUT.sensitivity.json; a goal's next best verified
 candidates are written as OUT.candidate-1.onnx ... (the job artifacts of the same names).
@@ -48,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--student", metavar="STUDENT.onnx",
                         help="distill into this smaller model (same inputs and outputs) instead of the original")
     parser.add_argument("--report-html", metavar="REPORT.html", help="also write the HTML report here")
+    parser.add_argument("--allow-target-mismatch", action="store_true",
+                        help="compress for --target even where this machine cannot run it (gpu without CUDA): "
+                             "latency is then measured here, and the report says so")
 
 
 def _load_recipe(path: str):
@@ -136,9 +142,11 @@ def main(args: argparse.Namespace) -> int:
         target = args.target or native_target().value
         scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
         try:
+            options: dict[str, Any] = {"allow_target_mismatch": bool(args.allow_target_mismatch)}
+            if args.student:
+                options["student_model_path"] = Path(args.student)
             result = runner.run(Path(args.model), recipe, calibration=calibration, evaluation=evaluation,
-                                target=target, workdir=scratch,
-                                options={"student_model_path": Path(args.student)} if args.student else None)
+                                target=target, workdir=scratch, options=options)
             data_files = _relocate_external_data(result.model_path, output)
             for data_file in data_files:
                 data_file.replace(output.with_name(artifacts.external_data_file(output.name)))
@@ -166,7 +174,11 @@ def main(args: argparse.Namespace) -> int:
     except FeatherweightError as exc:
         print(f"featherweight: compression failed: {exc.detail}", file=sys.stderr)
         return EXIT_FAILED
-    summary = {key: result.report.get(key) for key in ("size_ratio", "transport_size_ratio", "latency_ratio", "fidelity")}
+    summary = {key: result.report.get(key) for key in ("size_ratio", "transport_size_ratio", "latency_ratio", "fidelity",
+                                                       "target_match")}
+    if result.report.get("target_notice"):
+        # on stderr, where people look, beside the JSON summary scripts read on stdout
+        print(f"featherweight: notice: {result.report['target_notice']}", file=sys.stderr)
     slowest = (result.report.get("cost") or {}).get("slowest_phase")
     if slowest:
         summary["slowest_phase"] = slowest

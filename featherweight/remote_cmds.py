@@ -151,6 +151,8 @@ def add_subcommands(subparsers: Any) -> None:
     submit.add_argument("--eval", dest="evaluation", metavar="EVAL.npz", help="evaluation data for the report")
     submit.add_argument("--target", default="cpu-x86", choices=TARGETS, help="where the model will run")
     submit.add_argument("--webhook-url", metavar="URL", help="POSTed to when the job ends")
+    submit.add_argument("--allow-target-mismatch", action="store_true",
+                        help="run even where the target's hardware cannot (a gpu job without CUDA); the report says so")
     submit.add_argument("--wait", action="store_true", help="wait for the job to finish")
     submit.add_argument("--timeout", type=float, metavar="SECONDS", help="with --wait: give up after this long")
     submit.add_argument("-o", "--output", metavar="OUT.onnx", help="wait, then download the compressed model here")
@@ -230,6 +232,8 @@ def _describe(job: Any) -> list[str]:
     headline = _headline(job.report)
     if headline:
         lines.append(f"  report: {headline}")
+    if job.report and job.report.get("target_match") is False and job.report.get("target_notice"):
+        lines.append(f"  notice: {job.report['target_notice']}")
     for artifact in job.artifacts:
         size = f"{artifact.bytes:,} bytes" if isinstance(artifact.bytes, int) else "size unknown"
         lines.append(f"  artifact {artifact.name}: {size}, sha256 {artifact.sha256}")
@@ -295,7 +299,8 @@ def submit(args: argparse.Namespace, progress: Progress) -> int:
             eval_id = client.upload_dataset(evaluation, progress=progress.transfer(f"upload {evaluation.name}")).id
         try:
             job = client.submit(uploaded.id, recipe, target=args.target, calibration_dataset_id=calibration_id,
-                                eval_dataset_id=eval_id, webhook_url=args.webhook_url)
+                                eval_dataset_id=eval_id, webhook_url=args.webhook_url,
+                                allow_target_mismatch=args.allow_target_mismatch)
         except InvalidRequest as exc:
             _name_recipe_file(exc, args.recipe)
             raise

@@ -170,7 +170,8 @@ def execute_job(job_id: str, worker: str, settings: Settings | None = None, stor
             recipe = parse_recipe(inputs.recipe)
             calibration = _fetch_dataset(store, inputs.calibration_key, scratch / "input" / "calibration.npz", settings)
             evaluation = _fetch_dataset(store, inputs.evaluation_key, scratch / "input" / "evaluation.npz", settings)
-            options: dict[str, Any] = {"model_name": inputs.model_filename}   # the report's title
+            options: dict[str, Any] = {"model_name": inputs.model_filename,   # the report's title
+                                       "allow_target_mismatch": inputs.allow_target_mismatch}
             if inputs.student_key is not None:
                 # the runner loads it (and refuses a student that does not load, as the model's fault)
                 options["student_model_path"] = _fetch_model(store, inputs.student_key, scratch / "student", settings)
@@ -216,6 +217,7 @@ class JobInputs:
     calibration_key: str | None
     evaluation_key: str | None
     student_key: str | None
+    allow_target_mismatch: bool = False
 
 
 def _job_inputs(job_id: str) -> JobInputs:
@@ -231,6 +233,7 @@ def _job_inputs(job_id: str) -> JobInputs:
             calibration_key=datasets.get(job.calibration_dataset_id).storage_key if job.calibration_dataset_id else None,
             evaluation_key=datasets.get(job.eval_dataset_id).storage_key if job.eval_dataset_id else None,
             student_key=models.get(students[0]).storage_key if students else None,
+            allow_target_mismatch=bool(job.allow_target_mismatch),
         )
 
 

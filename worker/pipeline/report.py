@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from worker.pipeline import data as data_mod
-from worker.pipeline import graph, metrics, sessions
+from worker.pipeline import graph, host, metrics, sessions
 from worker.pipeline.data import Dataset
 from worker.pipeline.step import LayerRecord
 
@@ -197,6 +197,11 @@ def build_report(*, original_path: Path, compressed_path: Path, target: str, ste
                      {"original": fid.accuracy_original, "compressed": fid.accuracy_compressed}),
         "target": target,
         "provider": provider_used,
+        "measured_on": host.measured_on(provider_used, options),
+        "target_match": host.target_match(target, provider_used),
+        "target_notice": host.target_notice(target, provider_used,
+                                            allowed_mismatch=bool(options.get("allow_target_mismatch"))),
+        "target_mismatch_allowed": bool(options.get("allow_target_mismatch")),
         "steps": list(steps),
         "layers": _layer_rows(original, layers, errors),
     }

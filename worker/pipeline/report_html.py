@@ -48,6 +48,8 @@ th { background: #eef1f6; }
 td.name, th.name { text-align: left; font-family: ui-monospace, Menlo, Consolas, monospace; }
 td.text { text-align: left; }
 .note { color: #5b6475; font-size: 12px; }
+.notice { border: 2px solid #c8413b; background: #fdf0ef; color: #7a1f1a; border-radius: 6px;
+          padding: 8px 12px; margin-top: 12px; font-weight: 600; }
 svg text { font-family: system-ui, sans-serif; font-size: 11px; fill: #1d2433; }
 """
 
@@ -439,6 +441,38 @@ def size_plot(report: dict) -> str:
     return chart + f'<p class="note">{_esc((shown + note).strip()) or "Every layer with weights."}</p>'
 
 
+def target_notice(report: dict) -> str:
+    """A visible box when latency was not measured on the target's hardware (``target_match``
+    false): the page must not pass off this host's timings as the target's."""
+    if report.get("target_match", True) is not False:
+        return ""
+    text = report.get("target_notice") or (f"Latency was not measured on the target's hardware "
+                                           f"(target {report.get('target', 'n/a')}).")
+    return f'<div class="notice" role="alert">{_esc(text)}</div>'
+
+
+def measured_on_table(report: dict) -> str:
+    """Where the figures were measured and the choices made from this host's CPU."""
+    where = report.get("measured_on")
+    if not isinstance(where, dict):
+        return '<p class="note">Not recorded.</p>'
+    isa = ", ".join(f"{name} {'yes' if flag else 'no'}" for name, flag in (where.get("isa") or {}).items())
+    rows = [("architecture", where.get("architecture")), ("CPU", where.get("cpu_model")), ("ISA", isa),
+            ("cores used", where.get("cores")), ("ONNX Runtime", where.get("onnxruntime")),
+            ("execution provider", where.get("execution_provider")),
+            ("emulated", "yes" if where.get("emulated") else "no"),
+            ("target matched", "yes" if report.get("target_match") else "no")]
+    body = "".join(f'<tr><th class="name">{_esc(k)}</th><td class="text">{_esc(v)}</td></tr>' for k, v in rows)
+    choices = where.get("choices") or []
+    table = f"<table>{body}</table>"
+    if choices:
+        items = "".join(f'<tr><td class="text">{_esc(c.get("choice"))}</td><td class="text">{_esc(c.get("value"))}</td>'
+                        f'<td class="text">{_esc(c.get("read"))}</td></tr>' for c in choices)
+        table += ('<p class="note">Choices made from this host\'s CPU:</p><table><tr><th class="name">choice</th>'
+                  f'<th class="name">value</th><th class="name">read</th></tr>{items}</table>')
+    return table
+
+
 def _page(title: str, sections: Iterable[str]) -> str:
     return ("<!DOCTYPE html>\n"
             '<html lang="en"><head><meta charset="utf-8"/>'
@@ -462,6 +496,7 @@ def render_html(report: dict, *, title: str, extra: Sequence[str] = ()) -> str:
     sections = [
         f"<h1>{_esc(title)}</h1>",
         f'<div class="meta">{_esc(meta)}</div>',
+        target_notice(report),
         headline_cards(report),
         "<h2>Before and after</h2>", summary_table(report),
         "<h2>Steps</h2>", steps_table(report),
@@ -469,6 +504,7 @@ def render_html(report: dict, *, title: str, extra: Sequence[str] = ()) -> str:
         "<h2>Which layers lose the most</h2>", error_plots(report),
         "<h2>Size by layer</h2>", size_plot(report),
         "<h2>Layers</h2>", layer_table(report),
+        "<h2>Measured on</h2>", measured_on_table(report),
     ]
     sections[4:4] = list(extra)     # after the steps: sensitivity, error bound, goal candidates
     return _page(title, sections)

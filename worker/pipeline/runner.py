@@ -32,7 +32,7 @@ from core.errors import FeatherweightError, InvalidInput, InvalidModel, Pipeline
 from core.recipe import Recipe
 from core.targets import Target
 from worker.pipeline import data as data_mod
-from worker.pipeline import artifacts, cost, graph, registry, sensitivity, sessions
+from worker.pipeline import artifacts, cost, graph, host, registry, sensitivity, sessions
 from worker.pipeline.finalize import finalize
 from worker.pipeline.report import build_report, json_safe, write_report, write_report_html
 from worker.pipeline.search import engine as goal_search
@@ -125,7 +125,8 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
     ``options`` go to every step's context and tune the report: ``latency_runs`` (50),
     ``latency_budget_s`` (10), ``fidelity_samples`` (512), ``layer_errors`` (True),
     ``layer_error_samples`` (64), ``generated_samples`` (32); ``model_name`` titles report.html;
-    ``sparse_storage`` (True): false keeps every quantized weight dense.
+    ``sparse_storage`` (True): false keeps every quantized weight dense; ``allow_target_mismatch``
+    (False): run a ``gpu`` job where CUDA cannot run, measured on the CPU (the report says so).
     """
     model_path, workdir = Path(model_path), Path(workdir)
     options = dict(options or {})
@@ -133,6 +134,7 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
         target = Target(target).value
     except ValueError:
         raise InvalidInput(f"unknown target {target!r}", [{"loc": ["target"], "msg": f"one of {[t.value for t in Target]}"}]) from None
+    host.require_target(target, bool(options.get("allow_target_mismatch")))
 
     # 1. checks, before any work
     if calibration is None:

@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from worker.pipeline import graph
+from worker.pipeline import graph, host
 
 EXTERNAL_ALIGNMENT = 4096      # page-aligned offsets let ONNX Runtime map the file
 
@@ -131,10 +131,8 @@ def release_memory() -> None:
 
 
 def provider_for(target: str) -> str:
-    """The target's provider where this ONNX Runtime has it, else the CPU provider."""
-    if target == "gpu" and "CUDAExecutionProvider" in ort.get_available_providers():
-        return "CUDAExecutionProvider"
-    return "CPUExecutionProvider"
+    """The target's provider where it proved to run here (``host.provider_for``), else the CPU's."""
+    return host.provider_for(target)
 
 
 def file_session(path: str | Path, provider: str = "CPUExecutionProvider", threads: int = 0) -> ort.InferenceSession:

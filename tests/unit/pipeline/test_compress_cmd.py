@@ -137,6 +137,19 @@ def test_missing_student_file_is_bad_input(files, capsys, tmp_path):
                                      "--student", str(missing)), missing, "")
 
 
+def test_cli_prints_the_notice_when_not_measured_on_the_target(files, capsys, monkeypatch):
+    from worker.pipeline import host
+
+    # this host, whatever it is, stands in for an x86 machine asked for cpu-arm
+    monkeypatch.setattr(host, "cpu_info", lambda: host.parse_cpu("model name\t: Test CPU\nflags\t: avx2\n", "x86_64"))
+    code = compress_cmd.main(parse(str(files["model"]), "--recipe", str(files["recipe"]), "-o", str(files["out"]),
+                                   "--target", "cpu-arm"))
+    captured = capsys.readouterr()
+    assert code == 0
+    assert json.loads(captured.out)["target_match"] is False
+    assert "featherweight: notice: Latency was not measured on the target's hardware: target cpu-arm" in captured.err
+
+
 def test_goal_recipe_writes_model_and_next_best_candidates(files, capsys, tmp_path):
     from tests.unit.pipeline.fragile import fragile_mlp, inputs
 

@@ -51,7 +51,7 @@ from core.errors import PipelineError, RecipeError
 from core.recipe import QuantizeStep
 from worker.pipeline import activations, calibrate, graph, subgraphs
 from worker.pipeline.data import DataError, Dataset, bind
-from worker.pipeline.quantize import int8_storage, lift_constants, weight_only, wide_activations
+from worker.pipeline.quantize import int8_storage, lift_constants, tensorrt_qdq, weight_only, wide_activations
 from worker.pipeline.step import LayerRecord, StepContext, StepResult
 
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
@@ -541,6 +541,7 @@ def quantize_bias(model: onnx.ModelProto, node: onnx.NodeProto, input_grid: Acti
 
 def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext) -> StepResult:
     """Static int8 QDQ (see the module docstring); records a LayerRecord per quantized weight."""
+    params = tensorrt_qdq.adapt(params, ctx)     # gpu with TensorRT: its symmetric form
     check(model, params, ctx)
     spec = params.activations
     prepared = prepare(model)
