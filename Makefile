@@ -27,7 +27,7 @@ test-unit: install
 	$(BIN)/python -m pytest -q tests/unit
 
 bench: install
-	$(BIN)/python -m kernels.bench
+	$(BIN)/python -m bench.kernels
 	$(BIN)/python -m bench.quality
 
 # The NEON paths: cross-compile the C library for aarch64 and run its C test driver under qemu-user

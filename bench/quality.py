@@ -15,12 +15,12 @@ with the same calibration and evaluation splits:
                     dynamic int8, and weight-only int4 RTN / GPTQ, int2 GPTQ, sign (1 bit) on the
                     same MatMul weights ORT's MatMulNBits takes
     ours-dynamic-s8 dynamic int8 with the weights stored int8 whatever the CPU (ORT's u8s8 kernel;
-                    ``ours-dynamic`` picks uint8 + 128 where that kernel saturates: quant.integer_kernels)
+                    ``ours-dynamic`` picks uint8 + 128 where that kernel saturates: quantize.int8_storage)
     ours-dynamic-plain, ours-dynamic-s8-plain
                     the same without the dynamic step's exact layout rewrites (attention_layout,
                     shared_quantization): before / after in one run
     fp32-fused      the float model with only the dynamic step's exact layout rewrite
-                    (quant.attention_layout), no quantization: what the rewrite alone buys
+                    (quantize.attention_layout), no quantization: what the rewrite alone buys
 
 Each compression runs in its own subprocess so its peak RSS (``resource.getrusage``) is its own.
 Then, in this one process: accuracy and fidelity (rel_l2, cosine, top-1 agreement against FP32) on
@@ -141,7 +141,7 @@ def _compress_ort(variant: str, model_path: Path, out_path: Path, calibration_me
 
 def _fuse_only(model_path: Path, out_path: Path) -> None:
     """The float model with the dynamic step's layout rewrite alone (no recipe: no quantization)."""
-    from worker.pipeline.quant.attention_layout import fuse_attention_heads
+    from worker.pipeline.quantize.attention_layout import fuse_attention_heads
 
     model = onnx.load(str(model_path))
     fuse_attention_heads(model)
@@ -151,6 +151,7 @@ def _fuse_only(model_path: Path, out_path: Path) -> None:
 
 def _compress_ours(variant: str, model_path: Path, out_path: Path, calibration_method: str, calibration) -> None:
     from core.recipe import parse_recipe
+    from worker.pipeline import artifacts
     from worker.pipeline.runner import run
 
     model = onnx.load(str(model_path))
@@ -162,10 +163,10 @@ def _compress_ours(variant: str, model_path: Path, out_path: Path, calibration_m
     if variant.endswith("-plain"):
         options["dynamic_layout_rewrites"] = False
     run(model_path, recipe, calibration=calibration, workdir=workdir, options=options)
-    shutil.move(str(workdir / "model.onnx"), str(out_path))
-    data = workdir / "model.onnx.data"
+    shutil.move(str(workdir / artifacts.MODEL_FILE), str(out_path))
+    data = workdir / artifacts.MODEL_DATA_FILE
     if data.exists():
-        shutil.move(str(data), str(out_path) + ".data")
+        shutil.move(str(data), artifacts.external_data_file(str(out_path)))
 
 
 def compress_one(model_name: str, variant: str, calibration_method: str, out_dir: Path) -> dict:

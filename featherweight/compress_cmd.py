@@ -80,11 +80,13 @@ def _relocate_external_data(model_file: Path, output: Path) -> list[Path]:
     output and point the model at it. Returns the data files in their final names (to rename)."""
     import onnx
 
-    data_file = model_file.with_name(model_file.name + ".data")
+    from worker.pipeline import artifacts
+
+    data_file = model_file.with_name(artifacts.external_data_file(model_file.name))
     if not data_file.exists():
         return []
     model = onnx.load(str(model_file), load_external_data=False)
-    new_location = output.name + ".data"
+    new_location = artifacts.external_data_file(output.name)
     for tensor in model.graph.initializer:
         for entry in tensor.external_data:
             if entry.key == "location":
@@ -96,7 +98,7 @@ def _relocate_external_data(model_file: Path, output: Path) -> list[Path]:
 def main(args: argparse.Namespace) -> int:
     from core.errors import FeatherweightError, InvalidInput
     from core.targets import native_target
-    from worker.pipeline import runner
+    from worker.pipeline import artifacts, runner
     from worker.pipeline.report import write_report, write_report_html
 
     output = Path(args.output)
@@ -120,7 +122,7 @@ def main(args: argparse.Namespace) -> int:
                                 options={"student_model_path": Path(args.student)} if args.student else None)
             data_files = _relocate_external_data(result.model_path, output)
             for data_file in data_files:
-                data_file.replace(output.with_name(output.name + ".data"))
+                data_file.replace(output.with_name(artifacts.external_data_file(output.name)))
             if args.report:
                 write_report(result.report, args.report)
             if args.report_html:

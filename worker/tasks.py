@@ -61,16 +61,17 @@ from core.recipe import parse_recipe
 from core.repos import ArtifactRepo, DatasetRepo, JobRepo, ModelRepo
 from core.settings import Settings, get_settings
 from core.storage import ObjectStore, get_store
+from worker.pipeline import artifacts
 
 log = logging.getLogger("featherweight.worker")
 
 # (artifact name, file the pipeline writes in its workdir, content type)
 ARTIFACT_FILES: tuple[tuple[str, str, str], ...] = (
-    ("model", "model.onnx", "application/octet-stream"),
-    ("report.json", "report.json", "application/json"),
-    ("report.html", "report.html", "text/html; charset=utf-8"),
+    ("model", artifacts.MODEL_FILE, "application/octet-stream"),
+    ("report.json", artifacts.REPORT_FILE, "application/json"),
+    ("report.html", artifacts.REPORT_HTML_FILE, "text/html; charset=utf-8"),
     # models past protobuf's 2 GB limit keep their tensors beside model.onnx (worker.pipeline.graph.save_model)
-    ("model.onnx.data", "model.onnx.data", "application/octet-stream"),
+    ("model.onnx.data", artifacts.MODEL_DATA_FILE, "application/octet-stream"),
 )
 CANCEL_CHECK_SECONDS = 2.0
 

@@ -121,7 +121,7 @@ T static void avx2_absgt_mask(const float *w, int64_t n, float thr, uint8_t *mas
     for (; i < n; i++) mask[i] = fabsf(w[i]) > thr;
 }
 
-T static void avx2_apply_mask(const float *w, const uint8_t *mask, int64_t n, float *out) {
+T void fw_avx2_apply_mask(const float *w, const uint8_t *mask, int64_t n, float *out) {
     __m256i zero = _mm256_setzero_si256();
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
@@ -152,8 +152,8 @@ T static inline void avx2_hist_add8(__m256i idx, uint32_t *c0, uint32_t *c1, uin
     c3[a3 >> 32]++;
 }
 
-T static void avx2_hist_accum(const float *x, int64_t n, float lo, float scale, float maxbin,
-                              uint32_t *counts, int64_t stride) {
+T void fw_avx2_hist_accum(const float *x, int64_t n, float lo, float scale, float maxbin,
+                           uint32_t *counts, int64_t stride) {
     uint32_t *c0 = counts, *c1 = counts + stride, *c2 = counts + 2 * stride, *c3 = counts + 3 * stride;
     __m256 lov = _mm256_set1_ps(lo), sc = _mm256_set1_ps(scale), mb = _mm256_set1_ps(maxbin);
     __m256 zero = _mm256_setzero_ps();
@@ -190,7 +190,7 @@ T static void avx2_hist_accum(const float *x, int64_t n, float lo, float scale, 
 
 /* ---------------------------------------------------------------- norms */
 
-T static double avx2_run_sum(const float *x, int64_t n, int p) {
+T double fw_avx2_run_sum(const float *x, int64_t n, int p) {
     __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
     __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
     int64_t j = 0;
@@ -219,7 +219,7 @@ T static double avx2_run_sum(const float *x, int64_t n, int p) {
     return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
 }
 
-T static void avx2_col_accum(const float *x, int64_t n, int p, double *acc) {
+T void fw_avx2_col_accum(const float *x, int64_t n, int p, double *acc) {
     __m256d absm = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7FFFFFFFFFFFFFFFll));
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) {
@@ -426,44 +426,14 @@ const fw_ops fw_ops_avx2 = {
     avx2_dequant_run_s8,
     avx2_dequant_run_u8,
     avx2_absgt_mask,
-    avx2_apply_mask,
-    avx2_hist_accum,
-    avx2_run_sum,
-    avx2_col_accum,
+    fw_avx2_apply_mask,
+    fw_avx2_hist_accum,
+    fw_avx2_run_sum,
+    fw_avx2_col_accum,
     avx2_rank_update,
     avx2_bracket,
     NULL, /* absgt_mask_nt */
     0,    /* mask_one_stream */
-};
-
-/* The avx512 table: AVX-512 quantize / dequantize / mask / rank update / selection bracket
- * (avx512.c), AVX2 for the rest (their cost is in scalar scatter or memory traffic, not lane
- * width); its magnitude mask walks one stream per task and streams large masks (select.c says
- * why). */
-void fw_avx512_rank_update(float *W, int64_t ldw, const float *E, int64_t lde, const float *U,
-                           int64_t ldu, int64_t rows, int64_t kb, int64_t ncols);
-void fw_avx512_quant_run(const float *x, int64_t n, const float *s, const int32_t *z,
-                         int64_t sstride, float qmin, float qmax, uint8_t *out);
-void fw_avx512_dequant_run_s8(const int8_t *q, int64_t n, const float *s, const int32_t *z,
-                              int64_t sstride, float *out);
-void fw_avx512_dequant_run_u8(const uint8_t *q, int64_t n, const float *s, const int32_t *z,
-                              int64_t sstride, float *out);
-void fw_avx512_absgt_mask(const float *w, int64_t n, float thr, uint8_t *mask);
-
-const fw_ops fw_ops_avx512 = {
-    "avx512",
-    fw_avx512_quant_run,
-    fw_avx512_dequant_run_s8,
-    fw_avx512_dequant_run_u8,
-    fw_avx512_absgt_mask,
-    avx2_apply_mask,
-    avx2_hist_accum,
-    avx2_run_sum,
-    avx2_col_accum,
-    fw_avx512_rank_update,
-    fw_avx512_bracket,
-    fw_avx512_absgt_mask_nt,
-    1,
 };
 
 #endif

@@ -1,7 +1,7 @@
 /* AVX-512 (F/BW/DQ/VL) primitives (x86-64): quantize / dequantize / magnitude mask (twice the
  * lanes per instruction) and the GPTQ / SparseGPT rank-k update (the compute-bound loop). Same
- * per-element operations and order as ref.c. The rest of the avx512 table reuses the AVX2
- * primitives (see avx2.c). */
+ * per-element operations and order as ref.c. The avx512 table at the end reuses the AVX2
+ * primitives for the rest. */
 #include "fw_internal.h"
 
 #if (defined(__x86_64__) || defined(_M_X64)) && !defined(FW_NO_SIMD)
@@ -240,5 +240,25 @@ T void fw_avx512_rank_update(float *W, int64_t ldw, const float *E, int64_t lde,
     }
     if (pk && pk != stackbuf) free(pk);
 }
+
+/* The avx512 table: AVX-512 quantize / dequantize / mask / rank update / selection bracket
+ * (this file), AVX2 for the rest (avx2.c: their cost is in scalar scatter or memory traffic,
+ * not lane width); its magnitude mask walks one stream per task and streams large masks
+ * (select.c says why). */
+const fw_ops fw_ops_avx512 = {
+    "avx512",
+    fw_avx512_quant_run,
+    fw_avx512_dequant_run_s8,
+    fw_avx512_dequant_run_u8,
+    fw_avx512_absgt_mask,
+    fw_avx2_apply_mask,
+    fw_avx2_hist_accum,
+    fw_avx2_run_sum,
+    fw_avx2_col_accum,
+    fw_avx512_rank_update,
+    fw_avx512_bracket,
+    fw_avx512_absgt_mask_nt,
+    1,
+};
 
 #endif

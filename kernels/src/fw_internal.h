@@ -234,11 +234,12 @@ extern const fw_ops fw_ops_ref;
 extern const fw_ops fw_ops_avx2;
 extern const fw_ops fw_ops_avx512;
 #if !defined(FW_NO_SIMD)
-/* AVX-512 selection bracket pass (avx512.c), the avx512 table's bracket entry */
-void fw_avx512_bracket(const float *x, int64_t n, uint32_t lo, uint32_t span, int64_t *below,
-                       uint32_t *buf, int64_t *nb, int64_t cap, int *overflow);
-/* the AVX-512 magnitude mask with non-temporal mask stores (avx512.c), the table's absgt_mask_nt */
-void fw_avx512_absgt_mask_nt(const float *w, int64_t n, float thr, uint8_t *mask);
+/* AVX2 primitives (avx2.c) the avx512 table reuses where lane width does not pay (avx512.c) */
+void fw_avx2_apply_mask(const float *w, const uint8_t *mask, int64_t n, float *out);
+void fw_avx2_hist_accum(const float *x, int64_t n, float lo, float scale, float maxbin,
+                        uint32_t *counts, int64_t stride);
+double fw_avx2_run_sum(const float *x, int64_t n, int p);
+void fw_avx2_col_accum(const float *x, int64_t n, int p, double *acc);
 #endif
 #endif
 #if defined(__aarch64__)

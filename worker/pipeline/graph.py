@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from worker.pipeline import artifacts, subgraphs
+
 # Protobuf refuses to serialize a message past 2 GiB; stay clear of it with a margin.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
@@ -31,7 +33,7 @@ def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
     tmp = path.with_name(path.name + ".partial")
     if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
         onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
+                        location=artifacts.external_data_file(path.name), size_threshold=1024)
     else:
         onnx.save_model(model, str(tmp))
     tmp.replace(path)
@@ -131,6 +133,14 @@ def _weight_axes(node: onnx.NodeProto, input_index: int, rank: int) -> tuple[int
     return None
 
 
+def _take(layer: WeightLayer, seen: set[str], found: list[WeightLayer], include: Sequence[str],
+          exclude: Sequence[str], min_params: int) -> None:
+    """``layer`` added to ``found`` (its weight to ``seen``) where it passes the recipe's selection."""
+    if layer.params >= min_params and selected(layer, include, exclude):
+        seen.add(layer.weight)
+        found.append(layer)
+
+
 def weight_layers(model: onnx.ModelProto, *, ops: Sequence[str] = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather"),
                   include: Sequence[str] = (), exclude: Sequence[str] = (), min_params: int = 0) -> list[WeightLayer]:
     """Float weights consumed by layers of ``ops``, in graph order, filtered by the recipe's selection.
@@ -150,11 +160,8 @@ def weight_layers(model: onnx.ModelProto, *, ops: Sequence[str] = ("MatMul", "Ge
             axes = _weight_axes(node, index, len(tensor.dims))
             if axes is None:
                 continue
-            layer = WeightLayer(name, node.name, node.op_type, tuple(tensor.dims), *axes)
-            if layer.params < min_params or not selected(layer, include, exclude):
-                continue
-            seen.add(name)
-            found.append(layer)
+            _take(WeightLayer(name, node.name, node.op_type, tuple(tensor.dims), *axes), seen, found,
+                  include, exclude, min_params)
     return found
 
 
@@ -179,16 +186,26 @@ def ensure_node_names(model: onnx.ModelProto) -> None:
             taken.add(name)
 
 
-def unique_name(model: onnx.ModelProto, base: str) -> str:
-    taken = {t.name for t in model.graph.initializer} | {n.name for n in model.graph.node}
-    taken |= {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
-    if base not in taken:
+def fresh_name(base: str, taken: set[str], *, numbered: bool = False) -> str:
+    """The one maker of new names: ``base`` where ``taken`` lacks it (``numbered``: never bare),
+    else ``base_<n>`` with the smallest free n (from 1; from 0 when ``numbered``). The name is
+    added to ``taken``."""
+    if not numbered and base not in taken:
+        taken.add(base)
         return base
-    for suffix in itertools.count(1):
+    for suffix in itertools.count(0 if numbered else 1):
         candidate = f"{base}_{suffix}"
         if candidate not in taken:
+            taken.add(candidate)
             return candidate
     raise AssertionError("unreachable")
+
+
+def unique_name(model: onnx.ModelProto, base: str) -> str:
+    """A name no initializer, node, node output or graph input of ``model`` has (see ``fresh_name``)."""
+    taken = {t.name for t in model.graph.initializer} | {n.name for n in model.graph.node}
+    taken |= {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    return fresh_name(base, taken)
 
 
 def opset(model: onnx.ModelProto, domain: str = "") -> int:
@@ -218,12 +235,10 @@ def ensure_domain(model: onnx.ModelProto, domain: str, version: int) -> None:
 def topological_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """Nodes in an order where every input is produced before it is read (ONNX requires the graph
     to be sorted already; this also tolerates graphs a rewrite left unsorted)."""
-    from worker.pipeline.subgraphs import outer_reads
-
     available = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
     produced = {name for node in model.graph.node for name in node.output}
     # an If / Loop / Scan also waits for what its bodies read from this graph (implicit inputs)
-    pending = [(node, list(node.input) + sorted(outer_reads(node) & produced)) for node in model.graph.node]
+    pending = [(node, list(node.input) + sorted(subgraphs.outer_reads(node) & produced)) for node in model.graph.node]
     ordered: list[onnx.NodeProto] = []
     while pending:
         progressed = False
@@ -248,9 +263,31 @@ def sort_graph(model: onnx.ModelProto) -> None:
     model.graph.node.extend(nodes)
 
 
-def subgraph_reads(model: onnx.ModelProto) -> set[str]:
-    """Names read by nodes inside If / Loop / Scan subgraphs (at any depth): outer-scope tensors a
-    rewrite of the main graph must keep, even where no main-graph node reads them."""
-    from worker.pipeline.subgraphs import all_bodies
-
-    return {name for body in all_bodies(model) for node in body.node for name in node.input if name}
+def body_layers(model: onnx.ModelProto, ops: Sequence[str], seen: set[str], *, include: Sequence[str] = (),
+                exclude: Sequence[str] = (), min_params: int = 0) -> list[WeightLayer]:
+    """Layers inside bodies whose weight is a main-graph float initializer not in ``seen`` (read from
+    the outer scope) or the body's own (before ``subgraphs.hoist_weights`` moved it), filtered like
+    ``weight_layers``. Unnamed body nodes are named here (``<control-flow node>/<op>_<n>``)
+    so the report and include / exclude can address them."""
+    inits = initializers(model)
+    names = {n.name for _, n, _ in subgraphs.body_nodes(model) if n.name} | {n.name for n in model.graph.node}
+    found: list[WeightLayer] = []
+    for top, node, body in subgraphs.body_nodes(model):
+        if node.op_type not in ops:
+            continue
+        own = subgraphs.scope_names(body)
+        local = {t.name: t for t in body.initializer}
+        for index, name in enumerate(node.input):
+            if name in local and name in inits:     # shadows an outer name: hoisting leaves it in the body
+                continue
+            tensor = local.get(name, inits.get(name))
+            if tensor is None or name in seen or name in own or tensor.data_type not in subgraphs.FLOAT_TYPES:
+                continue
+            axes = _weight_axes(node, index, len(tensor.dims))
+            if axes is None:
+                continue
+            if not node.name:
+                node.name = fresh_name(f"{top.name or top.op_type}/{node.op_type}", names, numbered=True)
+            _take(WeightLayer(name, node.name, node.op_type, tuple(tensor.dims), *axes), seen, found,
+                  include, exclude, min_params)
+    return found

@@ -2,8 +2,8 @@
 and the per-layer weight and output error.
 
 Every measure reads the model from disk or walks its protobuf without copying the weights:
-sessions are built from the saved file, shapes are inferred on a skeleton that holds only the
-small initializers, and zstd streams the file.
+sessions (``sessions``) are built from the saved file, shapes are inferred (``shape_inference``) on a
+skeleton that holds only the small initializers, and zstd streams the file.
 
 Definitions:
 - ``params``: elements over every initializer and Constant tensor (subgraphs included), counted
@@ -22,8 +22,6 @@ Definitions:
 """
 from __future__ import annotations
 
-import ctypes
-import gc
 import itertools
 import math
 import shutil
@@ -35,12 +33,13 @@ from typing import Iterable, Sequence
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
-from worker.pipeline import activations, graph, subgraphs
+from worker.pipeline import graph, sessions, subgraphs
+from worker.pipeline import shape_inference
 from worker.pipeline.data import Dataset
+from worker.pipeline.quantize import sparse_form
 
-SKELETON_MAX_ELEMENTS = 4096   # initializers at most this big stay in the shape-inference skeleton
 
 
 # ---------------------------------------------------------------------------- files and bytes
@@ -172,19 +171,17 @@ def _node_inputs(g: onnx.GraphProto, skip: set[str]) -> Iterable[str]:
 
 def _sparse_stored(model: onnx.ModelProto, base_dir: str | Path | None
                    ) -> tuple[list[onnx.TensorProto], set[str]]:
-    """Weights stored sparse (``quant.sparse_storage``: bitmask + values, decoded at load), as the
+    """Weights stored sparse (``quantize.sparse_storage``, read by ``quantize.sparse_form``: bitmask + values, decoded at load), as the
     dense tensors they decode to, and the initializers that only their decoding reads. Counting the
     dense tensors instead of those initializers gives the counts of the same model stored dense."""
-    from worker.pipeline.quant import sparse_storage
-
-    found = sparse_storage.find_sparse_weights(model.graph)
+    found = sparse_form.find_sparse_weights(model.graph)
     if not found:
         return [], set()
     decoding = {node.name for sparse in found for node in sparse.nodes}
     read_elsewhere = set(_node_inputs(model.graph, decoding)) | {o.name for o in model.graph.output}
     hidden = {name for sparse in found for name in sparse.inputs() if name not in read_elsewhere}
     read = lambda tensor: tensor_values(tensor, base_dir)  # noqa: E731
-    return [sparse_storage.decoded_tensor(model.graph, sparse, read) for sparse in found], hidden
+    return [sparse_form.decoded_tensor(model.graph, sparse, read) for sparse in found], hidden
 
 
 def param_counts(model: onnx.ModelProto, base_dir: str | Path | None = None) -> tuple[int, int]:
@@ -216,100 +213,6 @@ def param_counts(model: onnx.ModelProto, base_dir: str | Path | None = None) -> 
 
 
 # ---------------------------------------------------------------------------- MACs
-
-
-def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` for shape inference that holds only small initializers; the big ones
-    become graph inputs of the same type and shape, so no weight is copied."""
-    g = onnx.GraphProto()
-    g.name = model.graph.name
-    g.node.extend(model.graph.node)
-    g.input.extend(model.graph.input)
-    g.output.extend(model.graph.output)
-    g.value_info.extend(model.graph.value_info)
-    listed = {value.name for value in model.graph.input}
-    for tensor in model.graph.initializer:
-        count = int(np.prod(tensor.dims)) if tensor.dims else 1
-        if count <= SKELETON_MAX_ELEMENTS and tensor.data_location != onnx.TensorProto.EXTERNAL:
-            g.initializer.append(tensor)
-        elif tensor.name not in listed:
-            g.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
-    sk = onnx.ModelProto()
-    sk.ir_version = model.ir_version
-    sk.opset_import.extend(model.opset_import)
-    sk.functions.extend(model.functions)
-    sk.graph.CopyFrom(g)
-    return sk
-
-
-def _fix_symbolic(model: onnx.ModelProto, given: dict[str, tuple[int, ...]] | None = None) -> None:
-    """Concrete input dims: those of ``given`` (a feed's shapes), else 1 for every symbolic dim."""
-    given = given or {}
-    for value in model.graph.input:
-        shape = given.get(value.name)
-        dims = value.type.tensor_type.shape.dim
-        if shape is not None and len(shape) == len(dims):
-            for dim, size in zip(dims, shape):
-                dim.dim_value = int(size)
-            continue
-        for dim in dims:
-            if not dim.HasField("dim_value"):
-                dim.dim_value = 1
-
-
-def _infer(sk: onnx.ModelProto) -> onnx.ModelProto:
-    for data_prop in (True, False):
-        try:
-            return onnx.shape_inference.infer_shapes(sk, data_prop=data_prop)
-        except Exception:   # inference is best effort: MACs of what it cannot type are 0
-            continue
-    return sk
-
-
-def _contrib_output_shapes(sk: onnx.ModelProto) -> bool:
-    """ONNX has no shape function for com.microsoft MatMulNBits: give its output ``A[..., :-1] + [N]``
-    as value_info so that inference continues past it. True when something was added."""
-    known = {v.name: v for v in list(sk.graph.input) + list(sk.graph.value_info) + list(sk.graph.output)
-             if v.type.tensor_type.HasField("shape")}
-    added = False
-    for node in sk.graph.node:
-        if node.op_type != "MatMulNBits" or not node.output or node.output[0] in known:
-            continue
-        a = known.get(node.input[0])
-        if a is None:
-            continue
-        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in a.type.tensor_type.shape.dim]
-        value = helper.make_tensor_value_info(node.output[0], a.type.tensor_type.elem_type,
-                                              dims[:-1] + [int(graph.attribute(node, "N", 0))])
-        sk.graph.value_info.append(value)
-        known[node.output[0]] = value
-        added = True
-    return added
-
-
-def inferred_shapes(model: onnx.ModelProto, inputs: dict[str, tuple[int, ...]] | None = None
-                    ) -> dict[str, tuple[int, ...]]:
-    """name -> shape for every tensor shape inference could make concrete, with the graph inputs
-    of the shapes ``inputs`` gives (symbolic dims otherwise taken as 1)."""
-    sk = skeleton(model)
-    _fix_symbolic(sk, inputs)
-    sk = _infer(sk)
-    for _ in range(16):
-        if not _contrib_output_shapes(sk):
-            break
-        sk = _infer(sk)
-    shapes: dict[str, tuple[int, ...]] = {}
-    for value in list(sk.graph.input) + list(sk.graph.value_info) + list(sk.graph.output):
-        tensor_type = value.type.tensor_type
-        if not tensor_type.HasField("shape"):
-            continue
-        dims = []
-        for dim in tensor_type.shape.dim:
-            dims.append(dim.dim_value if dim.HasField("dim_value") else 1)
-        shapes[value.name] = tuple(dims)
-    for tensor in model.graph.initializer:
-        shapes[tensor.name] = tuple(tensor.dims)
-    return shapes
 
 
 def _prod(values: Sequence[int]) -> int:
@@ -364,57 +267,8 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int:
 
 
 def macs(model: onnx.ModelProto) -> int:
-    shapes = inferred_shapes(model)
+    shapes = shape_inference.inferred_shapes(model)
     return sum(node_macs(node, shapes) for node in model.graph.node)
-
-
-# ---------------------------------------------------------------------------- sessions
-
-
-def release_memory() -> None:
-    """Hand freed heap back to the OS (glibc keeps it otherwise), so that the sessions built next
-    do not stack on top of the models and sessions just dropped."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):   # not glibc (macOS, musl): nothing to trim
-        pass
-
-
-def provider_for(target: str) -> str:
-    """The target's provider where this ONNX Runtime has it, else the CPU provider."""
-    if target == "gpu" and "CUDAExecutionProvider" in ort.get_available_providers():
-        return "CUDAExecutionProvider"
-    return "CPUExecutionProvider"
-
-
-def session(path: str | Path, provider: str = "CPUExecutionProvider", threads: int = 0) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
-    return ort.InferenceSession(str(path), options, providers=providers)
-
-
-def session_from_proto(model: onnx.ModelProto, base_dir: str | Path, provider: str = "CPUExecutionProvider",
-                       threads: int = 0) -> ort.InferenceSession:
-    """A session on an in-memory model whose external data (if any) lives in ``base_dir``."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base_dir))
-    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
-    return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
-
-
-def exposed_session(model: onnx.ModelProto, names: Sequence[str], provider: str = "CPUExecutionProvider"
-                    ) -> ort.InferenceSession:
-    """A session on the in-memory ``model`` (any size) with ``names`` as extra outputs, for looking
-    at intermediate tensors; weights are not prepacked (a second copy that only speed needs)."""
-    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
-    return activations.session(model, providers, outputs=names, prepack=False)
 
 
 def latency(sessions: Sequence[ort.InferenceSession], feeds: dict[str, np.ndarray], *, runs: int = 50,
@@ -520,27 +374,6 @@ def sqnr_db(original: np.ndarray, reconstructed: np.ndarray) -> float:
 TENSOR_ERROR_BYTES = 256 * 1024 * 1024   # intermediate outputs of the original kept for comparison
 
 
-def _has_external_data(model: onnx.ModelProto) -> bool:
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-
-
-def _exposed_session(path: str | Path, names: list[str], provider: str, scratch: Path) -> ort.InferenceSession:
-    """A session on the model at ``path`` with ``names`` as extra outputs. A model with external
-    data gets them as a structure-only copy reading the weights beside the original; one without is
-    re-written under ``scratch`` with its weights as external data, which ONNX Runtime maps rather
-    than copies (building it from bytes would hold the weights three or four times at once)."""
-    model = onnx.load(str(path), load_external_data=False)
-    _add_outputs(model, names)
-    if _has_external_data(model):
-        return session_from_proto(model, Path(path).parent, provider)
-    scratch.mkdir(parents=True, exist_ok=True)
-    exposed = scratch / f"{Path(path).stem}.exposed.onnx"
-    onnx.save_model(model, str(exposed), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=exposed.name + ".data", size_threshold=1024)
-    del model
-    return session(exposed, provider)
-
-
 def tensor_errors(original_path: str | Path, compressed_path: str | Path, pairs: dict[str, tuple[str, str]],
                   data: Dataset, *, scratch: str | Path, provider: str = "CPUExecutionProvider", batch_size: int = 64,
                   limit: int = 64, budget_bytes: int = TENSOR_ERROR_BYTES) -> dict[str, float]:
@@ -564,7 +397,7 @@ def _tensor_errors(original_path, compressed_path, pairs, data, scratch, provide
     keys = list(pairs)
     kept: list[list[np.ndarray]] = []
     stored = 0
-    run = _exposed_session(original_path, [pairs[k][0] for k in keys], provider, scratch)
+    run = sessions.exposed_file_session(original_path, [pairs[k][0] for k in keys], provider, scratch)
     for feeds in data.batches(batch_size, limit):
         values = [np.asarray(v, dtype=np.float32) for v in run.run([pairs[k][0] for k in keys], feeds)]
         kept.append(values)
@@ -572,9 +405,9 @@ def _tensor_errors(original_path, compressed_path, pairs, data, scratch, provide
         if stored >= budget_bytes:
             break
     del run
-    release_memory()
+    sessions.release_memory()
     sums = {key: [0.0, 0.0] for key in keys}
-    run = _exposed_session(compressed_path, [pairs[k][1] for k in keys], provider, scratch)
+    run = sessions.exposed_file_session(compressed_path, [pairs[k][1] for k in keys], provider, scratch)
     for feeds, originals in zip(data.batches(batch_size, limit), kept):
         for key, y, z in zip(keys, originals, run.run([pairs[k][1] for k in keys], feeds)):
             y64 = y.astype(np.float64).ravel()
@@ -587,14 +420,6 @@ def _tensor_errors(original_path, compressed_path, pairs, data, scratch, provide
             sums[key][1] += float(np.dot(y64, y64))
     return {key: (math.sqrt(e) / math.sqrt(s) if s > 0 else (0.0 if e == 0 else math.inf))
             for key, (e, s) in sums.items()}
-
-
-def _add_outputs(model: onnx.ModelProto, names: Iterable[str]) -> None:
-    present = {output.name for output in model.graph.output}
-    for name in names:
-        if name not in present:
-            model.graph.output.append(helper.make_empty_tensor_value_info(name))
-            present.add(name)
 
 
 def finite_or_none(value: float | None) -> float | None:

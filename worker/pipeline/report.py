@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from worker.pipeline import data as data_mod
-from worker.pipeline import graph, metrics
+from worker.pipeline import graph, metrics, sessions
 from worker.pipeline.data import Dataset
 from worker.pipeline.step import LayerRecord
 
@@ -104,7 +104,7 @@ def build_report(*, original_path: Path, compressed_path: Path, target: str, ste
     """The report (docs/report.md) of the two model files; external-data tensors are read one at a time."""
     options = dict(options or {})
     original, compressed = _structure(original_path), _structure(compressed_path)
-    provider = metrics.provider_for(target)
+    provider = sessions.provider_for(target)
     before = _model_summary(original_path, original)
     after = _model_summary(compressed_path, compressed)
     before.pop("nonzero_params")
@@ -116,8 +116,8 @@ def build_report(*, original_path: Path, compressed_path: Path, target: str, ste
     else:
         dataset, source = data_mod.generated(original, count=int(options.get("generated_samples", 32))), "generated"
 
-    s_orig = metrics.session(original_path, provider)
-    s_comp = metrics.session(compressed_path, provider)
+    s_orig = sessions.file_session(original_path, provider)
+    s_comp = sessions.file_session(compressed_path, provider)
     provider_used = s_comp.get_providers()[0]
     fid = metrics.fidelity(s_orig, s_comp, dataset, limit=int(options.get("fidelity_samples", 512)))
 
@@ -126,7 +126,7 @@ def build_report(*, original_path: Path, compressed_path: Path, target: str, ste
                                    budget_s=float(options.get("latency_budget_s", 10.0)))
     before["latency_ms"], after["latency_ms"] = lat_o, lat_c
     del s_orig, s_comp
-    metrics.release_memory()
+    sessions.release_memory()
 
     _sqnr_from_models(original, compressed, layers, original_path.parent, compressed_path.parent)
     errors: dict[str, float] = {}

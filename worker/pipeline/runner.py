@@ -10,7 +10,9 @@ Order of work:
    ``RecipeError`` it raises gets ``["steps", i]`` put in front of its field path).
 2. Run the steps in order through the closed registry, reporting overall progress with the stage
    ``"step 2/3: quantize"`` and checking ``cancelled`` between steps (``StepCancelled``).
-3. Check the result (``onnx.checker.check_model(full_check=True)``; inputs and outputs with the
+3. Put the result in its output format (``finalize``: dequantize form, sparse storage, the
+   initializers' order).
+4. Check the result (``onnx.checker.check_model(full_check=True)``; inputs and outputs with the
    original's names, dtypes and shapes), write ``workdir/model.onnx`` and ``workdir/report.json``.
 """
 from __future__ import annotations
@@ -27,15 +29,12 @@ from core.errors import FeatherweightError, InvalidInput, InvalidModel, Pipeline
 from core.recipe import Recipe
 from core.targets import Target
 from worker.pipeline import data as data_mod
-from worker.pipeline import graph, metrics, registry
-from worker.pipeline.quant import dequantize_form, file_layout, sparse_storage
+from worker.pipeline import artifacts, graph, registry, sessions
+from worker.pipeline.finalize import finalize
 from worker.pipeline.report import build_report, write_report, write_report_html
 from worker.pipeline.step import StepCancelled, StepContext
 
 STEPS_SHARE = 0.8          # fraction of the progress bar the steps take; checks and report the rest
-OUTPUT_NAME = "model.onnx"
-REPORT_NAME = "report.json"
-HTML_REPORT_NAME = "report.html"
 
 
 @dataclass
@@ -78,19 +77,6 @@ def _arrays(dataset: data_mod.Dataset | None) -> dict[str, np.ndarray] | None:
     return arrays
 
 
-def _dequantize_form(model: onnx.ModelProto, step: Any, dataset: data_mod.Dataset, target: str,
-                     options: Mapping[str, Any], layers: Mapping[str, Any]) -> dict[str, Any]:
-    """``dequantize_form.choose_form`` on the final model, with one batch of the data the report
-    measures latency on; ``options["dequantize_form"]`` ("folded" | "qdq") forces it (tests)."""
-    forced = options.get("dequantize_form") or ("qdq" if getattr(step, "format", "auto") == "qdq" else None)
-    feeds = next(dataset.head(1).batches(1))
-    decision = dequantize_form.choose_form(model, feeds, target, forced=forced)
-    for weight in decision["weights"]:
-        if weight in layers:
-            layers[weight].extra["format"] = "folded (Cast / Mul, constant-folded at load)"
-    return decision
-
-
 def io_signature(model: onnx.ModelProto) -> tuple[list[tuple], list[tuple]]:
     """(inputs, outputs) as (name, elem_type, dims) with dims as ints or dim_param names."""
     inits = {t.name for t in model.graph.initializer}
@@ -104,18 +90,6 @@ def io_signature(model: onnx.ModelProto) -> tuple[list[tuple], list[tuple]]:
     inputs = [describe(v) for v in model.graph.input if v.name not in inits]
     outputs = [describe(v) for v in model.graph.output]
     return inputs, outputs
-
-
-def drop_added_value_info(original: onnx.ModelProto, compressed: onnx.ModelProto) -> None:
-    """Keep only the value_info (intermediate shapes) the original carried. Steps add their own
-    (shape inference, the opset upgrade int4 needs), and with shapes known ONNX Runtime fuses
-    patterns it leaves alone in the original: on the bench transformer a SkipLayerNormalization that
-    runs 5x slower than the Add and LayerNormalization it replaced, and a slower Softmax, which made
-    the int4 model 1.10x slower than the float one (1.00x without them)."""
-    kept = {value.name for value in original.graph.value_info}
-    values = [value for value in compressed.graph.value_info if value.name in kept]
-    del compressed.graph.value_info[:]
-    compressed.graph.value_info.extend(values)
 
 
 def check_result(original: onnx.ModelProto, compressed: onnx.ModelProto) -> None:
@@ -231,37 +205,25 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
         del result          # the previous model may be freed while the next step runs
     if cancelled():
         raise StepCancelled("job cancelled")
-    quantized = [i for i, step in enumerate(recipe.steps) if step.op == "quantize"]
-    if quantized:
-        row = step_rows[quantized[-1]]
-        # weight-only DequantizeLinear as constant-foldable Cast / Mul where that runs faster here
-        row["dequantize_form"] = _dequantize_form(
-            model, recipe.steps[quantized[-1]], eval_set or cal_set or data_mod.generated(original, count=1),
-            target, options, ctx.layers)
-        if options.get("sparse_storage", True):
-            # pruned integer weights as bitmask + values where the file compresses smaller
-            row["sparse_storage"] = sparse_storage.store_pipeline_output(model, ctx.layers)
-    if step_rows:
-        # each kind of tensor together, in the measured order zstd's per-block Huffman tables fit best
-        # (integers and floats of quantized and clustered models; never a larger file after zstd)
-        step_rows[quantized[-1] if quantized else -1]["initializer_order"] = file_layout.order_initializers(model)
 
-    # 3. check, write, measure
+    # 3. the output format
+    finalize(model, recipe, step_rows, ctx, evaluation=eval_set, calibration=cal_set)
+
+    # 4. check, write, measure
     progress(STEPS_SHARE, "checking the result")
-    drop_added_value_info(original, model)
     check_result(original, model)
     too_big_to_check_in_memory = model.ByteSize() >= graph.EXTERNAL_DATA_THRESHOLD
-    out_path = graph.save_model(model, workdir / OUTPUT_NAME)
+    out_path = graph.save_model(model, workdir / artifacts.MODEL_FILE)
     if too_big_to_check_in_memory:
         _check_file(out_path)
     # the report reads both models from their files: the weights are not held twice meanwhile
     layers = ctx.layers
     del model, original, ctx
-    metrics.release_memory()
+    sessions.release_memory()
     progress(STEPS_SHARE + 0.05, "measuring")
     report = build_report(original_path=model_path, compressed_path=out_path, target=target, steps=step_rows,
                           layers=layers, evaluation=eval_set, calibration=cal_set, options=options)
-    write_report(report, workdir / REPORT_NAME)
-    write_report_html(report, workdir / HTML_REPORT_NAME, title=f"{options.get('model_name') or Path(model_path).name}: compression report")
+    write_report(report, workdir / artifacts.REPORT_FILE)
+    write_report_html(report, workdir / artifacts.REPORT_HTML_FILE, title=f"{options.get('model_name') or Path(model_path).name}: compression report")
     progress(1.0, "done")
     return PipelineResult(model_path=out_path, report=report)

@@ -5,17 +5,18 @@ a Loop). A body's own initializers are invisible to rewrites of the main graph, 
 float. ``hoist_weights`` moves them to the main graph under the same name: ONNX lets a body read
 outer-scope tensors, the name was already unique model-wide (ONNX's SSA rule covers nested scopes),
 so no reader is rewritten and the model computes exactly the same. From there the weight is a main-
-graph initializer like any other; ``body_layers`` names the layers inside bodies that consume such
-outer-scope weights, so weight-only quantization (a DequantizeLinear in the main graph whose output
-keeps the weight's name) covers them too.
+graph initializer like any other; ``graph.body_layers`` names the layers inside bodies that consume
+such outer-scope weights, so weight-only quantization (a DequantizeLinear in the main graph whose
+output keeps the weight's name) covers them too.
+
+The lowest floor of the graph helpers (it imports no other pipeline module): the bodies, and the one
+walk over the names read inside them (``outer_reads``, ``inner_reads``, ``subgraph_reads``).
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import onnx
-
-from worker.pipeline import graph
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
 
@@ -41,7 +42,7 @@ def body_nodes(model: onnx.ModelProto) -> Iterator[tuple[onnx.NodeProto, onnx.No
             yield from visit(node, body)
 
 
-def _scope_names(g: onnx.GraphProto) -> set[str]:
+def scope_names(g: onnx.GraphProto) -> set[str]:
     """Names a body defines itself (its inputs and node outputs): those are not outer-scope reads."""
     return {v.name for v in g.input} | {name for n in g.node for name in n.output}
 
@@ -70,7 +71,7 @@ def hoist_weights(model: onnx.ModelProto) -> list[str]:
 
 
 def _hoist_from(model: onnx.ModelProto, body: onnx.GraphProto, taken: set[str], hoisted: list[str]) -> None:
-    own = _scope_names(body)
+    own = scope_names(body)
     keep = []
     for tensor in body.initializer:
         if (tensor.data_type in FLOAT_TYPES and len(tensor.dims) >= 2 and tensor.name not in taken
@@ -88,55 +89,14 @@ def _hoist_from(model: onnx.ModelProto, body: onnx.GraphProto, taken: set[str], 
         body.initializer.extend(kept)
 
 
-def body_layers(model: onnx.ModelProto, ops: Sequence[str], seen: set[str], *, include: Sequence[str] = (),
-                exclude: Sequence[str] = (), min_params: int = 0) -> list[graph.WeightLayer]:
-    """Layers inside bodies whose weight is a main-graph float initializer not in ``seen`` (read from
-    the outer scope) or the body's own (before ``hoist_weights`` moved it), filtered like
-    ``graph.weight_layers``. Unnamed body nodes are named here (``<control-flow node>/<op>_<n>``)
-    so the report and include / exclude can address them."""
-    inits = graph.initializers(model)
-    names = {n.name for _, n, _ in body_nodes(model) if n.name} | {n.name for n in model.graph.node}
-    found: list[graph.WeightLayer] = []
-    for top, node, body in body_nodes(model):
-        if node.op_type not in ops:
-            continue
-        own = _scope_names(body)
-        local = {t.name: t for t in body.initializer}
-        for index, name in enumerate(node.input):
-            if name in local and name in inits:     # shadows an outer name: hoisting leaves it in the body
-                continue
-            tensor = local.get(name, inits.get(name))
-            if tensor is None or name in seen or name in own or tensor.data_type not in FLOAT_TYPES:
-                continue
-            axes = graph._weight_axes(node, index, len(tensor.dims))
-            if axes is None:
-                continue
-            if not node.name:
-                node.name = _fresh(f"{top.name or top.op_type}/{node.op_type}", names)
-            layer = graph.WeightLayer(name, node.name, node.op_type, tuple(tensor.dims), *axes)
-            if layer.params < min_params or not graph.selected(layer, include, exclude):
-                continue
-            seen.add(name)
-            found.append(layer)
-    return found
-
-
-def _fresh(base: str, names: set[str]) -> str:
-    for n in range(len(names) + 1):
-        candidate = f"{base}_{n}"
-        if candidate not in names:
-            names.add(candidate)
-            return candidate
-    raise AssertionError("unreachable")
-
-
-def outer_reads(node: onnx.NodeProto) -> set[str]:
-    """Names the bodies of ``node`` (at any depth) read from outside themselves: the node's implicit
-    inputs, which must be produced before it runs."""
+def _reads(node: onnx.NodeProto, outer_only: bool) -> set[str]:
+    """The one walk over what the bodies of ``node`` (at any depth) read: every name, or with
+    ``outer_only`` those defined outside the bodies (by no enclosing body's inputs, initializers or
+    nodes)."""
     found: set[str] = set()
 
     def visit(g: onnx.GraphProto, outer_defined: set[str]) -> None:
-        defined = outer_defined | _scope_names(g) | {t.name for t in g.initializer}
+        defined = outer_defined | scope_names(g) | {t.name for t in g.initializer} if outer_only else outer_defined
         for inner in g.node:
             found.update(name for name in inner.input if name and name not in defined)
             for sub in bodies(inner):
@@ -145,3 +105,21 @@ def outer_reads(node: onnx.NodeProto) -> set[str]:
     for body in bodies(node):
         visit(body, set())
     return found
+
+
+def outer_reads(node: onnx.NodeProto) -> set[str]:
+    """Names the bodies of ``node`` (at any depth) read from outside themselves: the node's implicit
+    inputs, which must be produced before it runs."""
+    return _reads(node, outer_only=True)
+
+
+def inner_reads(node: onnx.NodeProto) -> set[str]:
+    """Every name a node inside the bodies of ``node`` (at any depth) reads."""
+    return _reads(node, outer_only=False)
+
+
+def subgraph_reads(model: onnx.ModelProto, *, outer_only: bool = False) -> set[str]:
+    """Names read by nodes inside If / Loop / Scan bodies (at any depth) of the main graph's nodes:
+    tensors a rewrite of the main graph must keep, even where no main-graph node reads them
+    (``outer_only``: only those the bodies do not define themselves)."""
+    return {name for node in model.graph.node for name in _reads(node, outer_only)}

@@ -87,7 +87,7 @@ def test_calibration_needed_but_missing_is_refused_with_the_field_path(mlp_path:
     ({"x": np.full((4, 128), np.nan, np.float32)}, ["calibration", "x"]),
 ])
 def test_calibration_that_does_not_fit_is_refused_before_work(mlp_path, tmp_path, monkeypatch, arrays, loc):
-    from worker.pipeline.quant import weight_only
+    from worker.pipeline.quantize import weight_only
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("work started before the data was checked")

@@ -25,13 +25,12 @@ from typing import Callable
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 
 from core.errors import PipelineError
 from core.recipe import DistillStep
-from worker.pipeline import activations, graph
+from worker.pipeline import graph, sessions
 from worker.pipeline.data import Dataset
 from worker.pipeline.distill.layers import WeightSource, constant_nodes, constant_values, linear_layer, weight_source
 from worker.pipeline.distill.torch_graph import TorchGraph, WeightSpec
@@ -151,7 +150,7 @@ class _Batches:
     def __init__(self, data: Dataset, teacher: onnx.ModelProto, targets: list[str]):
         self.data = data
         self.targets = targets
-        run = activations.session(teacher, outputs=targets)
+        run = sessions.session(teacher, outputs=targets)
         per_call = [run.run(targets, feeds) for feeds in data.batches(256)]
         if data.batchable:
             self.teacher = [np.concatenate([values[k] for values in per_call]) for k in range(len(targets))]
@@ -220,10 +219,7 @@ def _check_translation(net: TorchGraph, student: onnx.ModelProto, data: Dataset)
     Graph optimizations are off for this run: ORT fuses DequantizeLinear(int4) + MatMul into
     MatMulNBits, whose kernel rounds the activations too (about 0.5% off on small models), and the
     check is about the ONNX semantics, not one runtime's fused approximation of them."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    run = ort.InferenceSession(student.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    run = sessions.session(student, optimize=False)
     feeds = next(iter(data.batches(64)))
     want = run.run(None, feeds)
     with torch.no_grad():

@@ -24,8 +24,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from worker.pipeline import graph
-from worker.pipeline.structure.unfold import conv_weight_from_matrix, conv_weight_matrix, unfold2d
+from worker.pipeline import graph, sessions
+from worker.pipeline.unfold import conv_weight_from_matrix, conv_weight_matrix, unfold2d
 
 _INT_RANGES = {
     onnx.TensorProto.INT8: (-128, 127), onnx.TensorProto.UINT8: (0, 255),
@@ -143,7 +143,7 @@ def _dequantize_source(model: onnx.ModelProto, node: onnx.NodeProto, inits: dict
             # a 4-bit grid stored in an 8-bit type keeps its 4-bit range
             signed = grid_bits.get("signed", qmin < 0)
             lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
-            if signed and qmin >= 0:   # a signed grid stored unsigned, shifted to mid-range (integer_kernels)
+            if signed and qmin >= 0:   # a signed grid stored unsigned, shifted to mid-range (int8_storage)
                 lo, hi = lo + (qmax + 1) // 2, hi + (qmax + 1) // 2
             qmin, qmax = max(qmin, lo), min(qmax, hi)
     grid = Grid(_expand(scale, shape, axis, block_size).astype(np.float32),
@@ -167,8 +167,6 @@ def constant_values(model: onnx.ModelProto, names: list[str]) -> dict[str, np.nd
     the nodes that compute them, no inputs."""
     if not names:
         return {}
-    import onnxruntime as ort   # the runtime is already what evaluates everything else; imported late
-
     constant = constant_nodes(model)
     producers = {out: node for node in constant for out in node.output}
     needed, stack, used_inits = [], list(names), set()
@@ -189,9 +187,7 @@ def constant_values(model: onnx.ModelProto, names: list[str]) -> dict[str, np.nd
     sub = onnx.helper.make_graph(order, "constants", [], [onnx.helper.make_empty_tensor_value_info(n) for n in names],
                                  [inits[n] for n in sorted(used_inits)])
     sub_model = onnx.helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    run = ort.InferenceSession(sub_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    run = sessions.session(sub_model)
     return dict(zip(names, run.run(names, {})))
 
 

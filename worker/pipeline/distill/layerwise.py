@@ -43,7 +43,7 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx
 
-from worker.pipeline import activations, graph
+from worker.pipeline import graph, sessions
 from worker.pipeline.data import Dataset
 from worker.pipeline.distill.layers import Grid, LinearLayer
 
@@ -392,7 +392,7 @@ def run(student: onnx.ModelProto, teacher: onnx.ModelProto, fits: list[LayerFit]
         check_cancelled: Callable[[], None]) -> list[dict]:
     """Refit ``fits`` (already in the student's topological order) in ``student``, in place."""
     inputs = {spec.name for spec in data.specs}
-    teacher_run = activations.session(teacher, outputs=sorted({f.target for f in fits}))
+    teacher_run = sessions.session(teacher, outputs=sorted({f.target for f in fits}))
     rows = []
     for index, item in enumerate(fits):
         check_cancelled()
@@ -400,7 +400,7 @@ def run(student: onnx.ModelProto, teacher: onnx.ModelProto, fits: list[LayerFit]
         # both low-rank factors are refit from what the first one reads; otherwise the layer's own input
         reader = item.first if item.first is not None else layer
         student_run = None if reader.input in inputs else \
-            activations.session(student, outputs=[reader.input])
+            sessions.session(student, outputs=[reader.input])
 
         def batches():
             for feeds in data.batches(batch_size):

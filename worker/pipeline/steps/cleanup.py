@@ -38,9 +38,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from core.recipe import CleanupStep
+from worker.pipeline import subgraphs
 from worker.pipeline.graph import attribute, sort_graph, unique_name
 from worker.pipeline.step import StepContext, StepResult
-from worker.pipeline.structure.records import StepLog
+from worker.pipeline.records import StepLog
 
 name = "cleanup"
 Params = CleanupStep
@@ -75,7 +76,7 @@ class _Graph:
         self.constants = {k for k in self.inits if k not in self.inputs}   # graph inputs can override
         self.readers: dict[str, list[onnx.NodeProto]] = {}
         for node in graph.node:
-            for tensor in set(node.input) | _subgraph_reads(node):
+            for tensor in set(node.input) | subgraphs.inner_reads(node):
                 if tensor:
                     self.readers.setdefault(tensor, []).append(node)
         self.producer = {out: node for node in graph.node for out in node.output if out}
@@ -124,15 +125,6 @@ def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
         for attr in node.attribute:
             for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
                 yield from _all_nodes(sub)
-
-
-def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
-    names: set[str] = set()
-    for attr in node.attribute:
-        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-            for inner in _all_nodes(sub):
-                names.update(inner.input)
-    return names
 
 
 def _static_shape(type_proto: onnx.TypeProto | None) -> list[int] | None:
@@ -222,7 +214,7 @@ def fold_constants(g: _Graph) -> int:
     for node in list(g.model.graph.node):
         inputs = [t for t in node.input if t]
         if (not inputs or not all(t in g.constants for t in inputs) or node.op_type in RANDOM_OPS
-                or node.domain not in ("", "ai.onnx") or _subgraph_reads(node) or node.op_type == "Constant"):
+                or node.domain not in ("", "ai.onnx") or subgraphs.inner_reads(node) or node.op_type == "Constant"):
             continue
         graph = helper.make_graph([node], "fold", [], [helper.make_empty_tensor_value_info(o) for o in node.output if o],
                                   [g.inits[t] for t in set(inputs)])

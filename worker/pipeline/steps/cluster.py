@@ -32,7 +32,7 @@ from core.errors import RecipeError
 from core.recipe import ClusterStep
 from worker.pipeline.graph import ensure_opset, get_array, opset, remove_initializers, unique_name, weight_layers
 from worker.pipeline.step import StepContext, StepResult
-from worker.pipeline.structure.records import StepLog, layer_record, sparsity_of
+from worker.pipeline.records import StepLog, layer_record, sparsity_of
 
 name = "cluster"
 Params = ClusterStep

@@ -30,7 +30,7 @@ from onnx import helper, numpy_helper
 
 from core.errors import PipelineError, RecipeError
 from core.recipe import Fp16Step
-from worker.pipeline import graph, metrics, subgraphs
+from worker.pipeline import graph, metrics, sessions, subgraphs
 from worker.pipeline.data import Dataset, bind, generated
 from worker.pipeline.step import LayerRecord, StepContext, StepResult
 
@@ -91,7 +91,7 @@ def measure(model: onnx.ModelProto, data: Dataset) -> TensorStats:
     names = [out for node in model.graph.node for out in node.output if out]
     for spec in data.specs:
         stats.dtype[spec.name] = _NUMPY_TO_ONNX.get(spec.dtype, onnx.TensorProto.UNDEFINED)
-    session = metrics.exposed_session(model, names)
+    session = sessions.exposed_session(model, names)
     available = {o.name for o in session.get_outputs()}
     names = [n for n in names if n in available]
     for feeds in data.batches(MEASURE_BATCH, MEASURE_SAMPLES):
@@ -170,23 +170,6 @@ def plan_node(node: onnx.NodeProto, opset: int, stats: TensorStats) -> NodePlan 
     return NodePlan(inputs, outputs)
 
 
-def subgraph_reads(model: onnx.ModelProto) -> set[str]:
-    """Names that nodes inside subgraphs read from the enclosing graph."""
-    reads: set[str] = set()
-
-    def walk(g: onnx.GraphProto) -> None:
-        local = {i.name for i in g.input} | {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
-        for node in g.node:
-            reads.update(name for name in node.input if name and name not in local)
-            for sub in subgraphs.bodies(node):
-                walk(sub)
-
-    for node in model.graph.node:
-        for sub in subgraphs.bodies(node):
-            walk(sub)
-    return reads
-
-
 # ---------------------------------------------------------------------------- rewriting
 
 
@@ -202,12 +185,7 @@ class _Rewriter:
                       | {o.name for o in model.graph.output})
 
     def fresh(self, base: str) -> str:
-        name, suffix = base, 0
-        while name in self.taken:
-            suffix += 1
-            name = f"{base}_{suffix}"
-        self.taken.add(name)
-        return name
+        return graph.fresh_name(base, self.taken)
 
     def as_type(self, tensor: str, to: int) -> str:
         """``tensor`` in type ``to``: a float16 copy of an initializer, or one Cast per tensor."""
@@ -298,7 +276,7 @@ def convert(model: onnx.ModelProto, plans: dict[str, NodePlan]) -> tuple[onnx.Mo
             elif index not in wanted and tensor in fp16_tensors:
                 node.input[index] = rewriter.as_type(tensor, FLOAT)
     # float32 initializers no longer read by anything are dropped (their float16 copies remain)
-    read = {t for n in list(out.graph.node) + rewriter.new_nodes for t in n.input} | graph_outputs | subgraph_reads(out)
+    read = {t for n in list(out.graph.node) + rewriter.new_nodes for t in n.input} | graph_outputs | subgraphs.subgraph_reads(out, outer_only=True)
     out.graph.initializer.extend(t for t in model.graph.initializer if t.name in read)
     out.graph.initializer.extend(rewriter.new_inits)
     out.graph.node.extend(rewriter.new_nodes)
@@ -316,7 +294,7 @@ def problems(converted: onnx.ModelProto, plans: dict[str, NodePlan], data: Datas
     float16 tensors stay finite on the data wherever the float32 ones were."""
     watched = [t for n in converted.graph.node if n.name in plans for t in n.output if t]
     try:
-        session = metrics.exposed_session(converted, watched)
+        session = sessions.exposed_session(converted, watched)
     except Exception as exc:   # ORT raises its own exception types for a missing kernel
         match = _NO_KERNEL.search(str(exc))
         if match is None:
@@ -379,10 +357,10 @@ def run(model: onnx.ModelProto, params: Fp16Step, ctx: StepContext) -> StepResul
     data, source = _dataset(model, ctx)
     ctx.progress(0.05, "measuring activations")
     stats = measure(model, data)
-    metrics.release_memory()
+    sessions.release_memory()
     opset = graph.opset(model)
     block = set(params.op_block_list)
-    pinned = subgraph_reads(model)
+    pinned = subgraphs.subgraph_reads(model, outer_only=True)
     plans: dict[str, NodePlan] = {}
     kept: dict[str, str] = {}
     for node in model.graph.node:
@@ -402,7 +380,7 @@ def run(model: onnx.ModelProto, params: Fp16Step, ctx: StepContext) -> StepResul
         ctx.progress(0.3 + 0.6 * round_ / MAX_ROUNDS, "converting")
         converted, casts = convert(model, plans)
         found = problems(converted, plans, data, stats)
-        metrics.release_memory()
+        sessions.release_memory()
         if not found:
             break
         for node_name, why in found.items():

@@ -44,9 +44,9 @@ from core.recipe import LowrankStep
 from worker.pipeline.graph import WeightLayer, attribute, get_array, remove_initializers, sort_graph, unique_name, weight_layers
 from worker.pipeline.step import StepContext, StepResult
 from worker.pipeline.data import bind
-from worker.pipeline.structure.hessians import capture_hessians, damped
-from worker.pipeline.structure.records import StepLog, layer_record
-from worker.pipeline.structure.unfold import conv2d_geometry
+from worker.pipeline.hessians import capture_hessians, damped
+from worker.pipeline.records import StepLog, layer_record
+from worker.pipeline.unfold import conv2d_geometry
 
 name = "lowrank"
 Params = LowrankStep

@@ -19,7 +19,7 @@ Methods and the math:
   are updated to compensate. Layers are done in graph order on the model pruned so far; layers
   sharing one input share one capture. Once layers upstream are pruned a layer's input X~ differs
   from the original X, so its weights are first refit to the original outputs,
-  ``M' = M (X^T X~ + lam I)(X~^T X~ + lam I)^-1`` (``structure.hessians.drift_corrected``), and
+  ``M' = M (X^T X~ + lam I)(X~^T X~ + lam I)^-1`` (``hessians.drift_corrected``), and
   then pruned with the Hessian of X~: together that minimises ``||X M^T - X~ M_pruned^T||`` rather
   than each layer's error on its own inputs (on the bench transformer at 50 %: output rel_l2 0.066
   -> 0.042 with ``scope: global``).
@@ -28,7 +28,7 @@ Methods and the math:
   MatMul K, Gemm K, Conv input channels) the N largest |w| are kept (magnitude) or chosen by OBS
   (sparsegpt); the sparsity is then 1 - N/M and the ``sparsity`` field is not used. Layers whose
   input axis is not a multiple of M are left alone and reported.
-* ``structure: channel`` — see ``worker.pipeline.structure.channels``.
+* ``structure: channel`` — see ``worker.pipeline.prune.channels``.
 
 Zeros stay zeros downstream: every pruned weight's ``LayerRecord`` carries ``mask`` (True = kept,
 combined with any earlier mask) and ``sparsity`` for quantize, cluster and distill.
@@ -47,10 +47,10 @@ from core.recipe import PruneStep
 from worker.pipeline.data import bind
 from worker.pipeline.graph import WeightLayer, attribute, get_array, set_array, weight_layers
 from worker.pipeline.step import StepContext, StepResult
-from worker.pipeline.structure.hessians import capture_drift, capture_hessians, damped, drift_corrected
-from worker.pipeline.structure.masks import exact_masks, normalized_scores
-from worker.pipeline.structure.records import StepLog, layer_record, sparsity_of
-from worker.pipeline.structure.unfold import conv2d_geometry, conv_weight_from_matrix, conv_weight_matrix
+from worker.pipeline.hessians import capture_drift, capture_hessians, damped, drift_corrected
+from worker.pipeline.prune.masks import exact_masks, normalized_scores
+from worker.pipeline.records import StepLog, layer_record, sparsity_of
+from worker.pipeline.unfold import conv2d_geometry, conv_weight_from_matrix, conv_weight_matrix
 
 name = "prune"
 Params = PruneStep
@@ -69,7 +69,7 @@ def check(model: onnx.ModelProto, params: PruneStep, ctx: StepContext) -> None:
 
 def run(model: onnx.ModelProto, params: PruneStep, ctx: StepContext) -> StepResult:
     if params.structure == "channel":
-        from worker.pipeline.structure.channels import prune_channels
+        from worker.pipeline.prune.channels import prune_channels
         return prune_channels(model, params, ctx)
     layers = weight_layers(model, ops=PRUNABLE_OPS, include=params.include, exclude=params.exclude,
                            min_params=params.min_params)

@@ -2,16 +2,16 @@
 work to the quantizer the recipe names.
 
 - ``activations`` set: int8 activations too, static (QDQ, calibrated ranges:
-  ``quant.static.quantize_static``) or ``calibration: dynamic`` (``quant.dynamic.quantize_dynamic``);
-- ``weights.bits`` 1: sign quantization, ``w' = alpha * sign(w)`` (``quant.sign``);
-- otherwise weight-only int8 / int4 / int2, RTN or GPTQ (``quant.weight_only``); large float
+  ``quantize.static.quantize_static``) or ``calibration: dynamic`` (``quantize.dynamic.quantize_dynamic``);
+- ``weights.bits`` 1: sign quantization, ``w' = alpha * sign(w)`` (``quantize.sign``);
+- otherwise weight-only int8 / int4 / int2, RTN or GPTQ (``quantize.weight_only``); large float
   tables that no layer multiplies and that are only sliced or added (learned position tables) go
   int8 per tensor behind a DequantizeLinear, as static and dynamic int8 store them
-  (``quant.static.quantize_table``): left float they are the biggest float tensor of a
+  (``quantize.static.quantize_table``): left float they are the biggest float tensor of a
   transformer's weight-only model.
 
 The int8 / uint8 weights a quantizer leaves are stored sparse (bitmask + values) where that
-compresses smaller, once the whole recipe has run (``runner`` -> ``quant.sparse_storage``): a
+compresses smaller, once the whole recipe has run (``finalize`` -> ``quantize.sparse_storage``): a
 later step (``distill``) reads the quantized weights as initializers.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import onnx
 
 from core.recipe import QuantizeStep
 from worker.pipeline import graph, metrics
-from worker.pipeline.quant import weight_only
+from worker.pipeline.quantize import weight_only
 from worker.pipeline.step import LayerRecord, StepContext, StepResult
 
 name = "quantize"
@@ -32,9 +32,9 @@ def check(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext) -> Non
     """Refuse (RecipeError, path relative to the step) a quantize step that cannot apply."""
     if params.activations is not None:
         if params.activations.calibration == "dynamic":
-            from worker.pipeline.quant import dynamic as module
+            from worker.pipeline.quantize import dynamic as module
         else:
-            from worker.pipeline.quant import static as module
+            from worker.pipeline.quantize import static as module
         hook = getattr(module, "check", None)
         if hook is not None:
             hook(model, params, ctx)
@@ -45,12 +45,12 @@ def check(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext) -> Non
 def run(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext) -> StepResult:
     if params.activations is not None:
         if params.activations.calibration == "dynamic":
-            from worker.pipeline.quant.dynamic import quantize_dynamic
+            from worker.pipeline.quantize.dynamic import quantize_dynamic
             return quantize_dynamic(model, params, ctx)
-        from worker.pipeline.quant.static import quantize_static
+        from worker.pipeline.quantize.static import quantize_static
         return quantize_static(model, params, ctx)
     if params.weights.bits == 1:
-        from worker.pipeline.quant.sign import quantize_sign
+        from worker.pipeline.quantize.sign import quantize_sign
         return quantize_sign(model, params, ctx)
     result = weight_only.quantize_weights(model, params, ctx)
     _quantize_tables(result, params, ctx)
@@ -60,7 +60,7 @@ def run(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext) -> StepR
 def _quantize_tables(result: StepResult, params: QuantizeStep, ctx: StepContext) -> None:
     """Weight-only: the recipe's float tables (``static.table_tensors``) int8 per tensor, each with
     its layer record (bits, grid, SQNR) like every quantized weight."""
-    from worker.pipeline.quant.static import quantize_table, table_tensors
+    from worker.pipeline.quantize.static import quantize_table, table_tensors
 
     tables = table_tensors(result.model, params)
     for layer in tables:

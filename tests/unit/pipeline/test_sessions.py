@@ -1,0 +1,64 @@
+"""Sessions on in-memory models past protobuf's 2 GiB: the weights go to ONNX Runtime as external
+data written once to a scratch file, so GPTQ, calibration and the fp16 overflow check work on them.
+
+A real 2 GiB model would take minutes and gigabytes here; the threshold is lowered instead, so the
+same code path runs on small models, and its results must equal the in-memory path's bit for bit."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from tests.unit.pipeline import builders
+from tests.unit.pipeline.quantize.test_quantize_low_bit import correlated
+from tests.unit.pipeline.quantize.test_quantize_weight_only import apply
+from worker.pipeline import graph, sessions
+
+
+@pytest.fixture
+def tiny_threshold(monkeypatch):
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 1)
+
+
+def test_big_model_session_reads_weights_from_scratch_and_leaves_the_model_intact(tiny_threshold):
+    model = builders.mlp()
+    before = model.SerializeToString()
+    options = ort.SessionOptions()
+    data, scratch = sessions.payload(model, options)
+    assert scratch is not None and len(data) < len(before) // 10      # the structure only
+    assert model.SerializeToString() == before                        # every weight read back
+    feeds = builders.random_inputs(model)
+    run = sessions.session(model, outputs=[model.graph.node[0].output[0]])
+    expected = ort.InferenceSession(before, providers=["CPUExecutionProvider"]).run(None, feeds)
+    np.testing.assert_array_equal(run.run([model.graph.output[0].name], feeds)[0], expected[0])
+    assert model.SerializeToString() == before                        # extra outputs taken off again
+    exposed = sessions.exposed_session(model, [model.graph.node[0].output[0]])
+    assert len(exposed.get_outputs()) == len(model.graph.output) + 1
+
+
+def test_gptq_on_a_big_model_equals_gptq_in_memory(monkeypatch):
+    spec = {"weights": {"bits": 4, "granularity": "block", "block_size": 32}, "method": "gptq"}
+    calibration = correlated(builders.mlp(), 128, seed=1)
+    small, _ = apply(builders.mlp(), spec, calibration=calibration)
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 1)
+    big, ctx = apply(builders.mlp(), spec, calibration=calibration)
+    assert {r.extra["method"] for r in ctx.layers.values()} == {"gptq"}
+    stored = {t.name: numpy_helper.to_array(t) for t in small.model.graph.initializer}
+    for tensor in big.model.graph.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(tensor), stored[tensor.name])
+    onnx.checker.check_model(big.model, full_check=True)
+
+
+@pytest.mark.parametrize("calibration_mode", ["minmax", "dynamic"])
+def test_static_and_dynamic_int8_on_a_big_model_equal_the_in_memory_result(monkeypatch, calibration_mode):
+    spec = {"weights": {"bits": 8}, "activations": {"bits": 8, "calibration": calibration_mode}}
+    calibration = builders.random_inputs(builders.mlp(), count=64, seed=3)
+    small, _ = apply(builders.mlp(), spec, calibration=calibration)
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 1)
+    big, _ = apply(builders.mlp(), spec, calibration=calibration)
+    stored = {t.name: numpy_helper.to_array(t) for t in small.model.graph.initializer}
+    assert set(stored) == {t.name for t in big.model.graph.initializer}
+    for tensor in big.model.graph.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(tensor), stored[tensor.name])

@@ -1,0 +1,16 @@
+"""The files a run writes in its workdir, named once: the runner writes them, the worker task
+uploads them, ``featherweight compress`` moves them. Imports nothing, so the Celery process can read
+the names without loading the pipeline."""
+from __future__ import annotations
+
+MODEL_FILE = "model.onnx"
+# a model past protobuf's 2 GB limit keeps its tensors in one file beside it (graph.save_model)
+EXTERNAL_DATA_SUFFIX = ".data"
+MODEL_DATA_FILE = MODEL_FILE + EXTERNAL_DATA_SUFFIX
+REPORT_FILE = "report.json"
+REPORT_HTML_FILE = "report.html"
+
+
+def external_data_file(model_file: str) -> str:
+    """The name of the file that holds ``model_file``'s tensors when they are stored beside it."""
+    return model_file + EXTERNAL_DATA_SUFFIX

@@ -1,0 +1,202 @@
+"""Weight-only DequantizeLinear in the form ONNX Runtime runs fastest on the target.
+
+ONNX Runtime keeps DequantizeLinear out of constant folding (its QDQ fusions must see it), so a
+weight-only layer's weight is dequantized on every run, and the layer no longer reads a constant
+weight: the CPU provider can then neither pre-pack it nor move a Conv to its blocked (NCHWc) layout.
+On the digits CNN that costs 1.82 ms against the float model's 1.13 ms. The same integers, scales
+and zero points written as
+
+    Cast(q -> float) [- Cast(zero point)] * scale        (scale shaped to broadcast along the axis)
+
+compute the same values ((q - z) * s in float32) and are folded once when the session loads: the
+layer runs on a constant float weight at the float model's speed, while the file keeps its integers.
+The price is memory at run time (the float weight, as in the original model).
+
+``choose_form`` measures the model both ways on the target (whole model, interleaved runs, one batch
+of the data the report uses) and keeps the folded form unless DequantizeLinear is measurably faster.
+Folded is the default because it runs the original's own float layers (pre-packed): on one sample
+the two forms often measure within noise, while on a batch of 32 DequantizeLinear cost the bench
+transformer's int4 model 1.25x the folded form's time (9.5 against 7.5 ms). It runs
+once on the recipe's final model (``finalize``), so that steps after ``quantize`` (``distill``) still see
+DequantizeLinear and its grid. Left alone: pairs that static int8 fuses into integer kernels (a
+reader whose activation comes from a DequantizeLinear), sub-byte types Cast cannot read at the
+model's opset, and recipes that asked for ``format: qdq``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from worker.pipeline import graph, metrics, sessions, subgraphs
+
+# the integer types Cast reads, and the opset from which it does
+CAST_OPSET = {TensorProto.INT8: 13, TensorProto.UINT8: 13, TensorProto.INT4: 21, TensorProto.UINT4: 21,
+              TensorProto.INT2: 25, TensorProto.UINT2: 25}
+FASTER_BY = 0.97       # DequantizeLinear must beat the folded form by 3% to be kept
+
+
+def weight_only_dequantizers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """DequantizeLinear nodes of the main graph that dequantize a stored weight for float layers."""
+    inits = graph.initializers(model)
+    producers = graph.producers(model)
+    readers = graph.consumers(model)
+    outputs = {o.name for o in model.graph.output}
+    version = graph.opset(model)
+    read_by_bodies = subgraphs.subgraph_reads(model)
+    found = []
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
+            continue
+        names = [name for name in node.input if name]
+        if not all(name in inits for name in names):
+            continue
+        if CAST_OPSET.get(inits[node.input[0]].data_type, 10**6) > version or node.output[0] in outputs:
+            continue
+        if node.output[0] in read_by_bodies:
+            continue
+        fused = any(producers.get(other) is not None and producers[other].op_type == "DequantizeLinear"
+                    for reader, _ in readers.get(node.output[0], []) for other in reader.input
+                    if other and other != node.output[0])
+        if not fused and readers.get(node.output[0]):
+            found.append(node)
+    return found
+
+
+@dataclass
+class Folded:
+    """What ``fold`` changed, so that ``unfold`` can put the DequantizeLinear form back."""
+
+    nodes: list[onnx.NodeProto] = field(default_factory=list)      # the graph's nodes before
+    added: list[str] = field(default_factory=list)                 # initializers added
+    dropped: list[onnx.TensorProto] = field(default_factory=list)  # initializers only they read
+    weights: list[str] = field(default_factory=list)
+
+
+def fold(model: onnx.ModelProto, dequantizers: list[onnx.NodeProto]) -> Folded:
+    """Rewrite each DequantizeLinear as Cast [- Cast(z)] * scale, in place (see the module doc)."""
+    done = Folded(nodes=[_copy(n) for n in model.graph.node])
+    inits = graph.initializers(model)
+    targets = {node.output[0] for node in dequantizers}
+    rewritten: list[onnx.NodeProto] = []
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.output[0] not in targets:
+            rewritten.append(_copy(node))
+            continue
+        weight = node.output[0]
+        q = inits[node.input[0]]
+        float_type = inits[node.input[1]].data_type
+        value = graph.unique_name(model, f"{weight}_as_float")
+        rewritten.append(helper.make_node("Cast", [node.input[0]], [value], to=float_type,
+                                          name=graph.unique_name(model, f"{weight}_Cast")))
+        s_name = _broadcastable(model, node, node.input[1], q, rewritten, done)
+        if len(node.input) > 2 and node.input[2]:
+            z_float = graph.unique_name(model, f"{weight}_zero_point_as_float")
+            rewritten.append(helper.make_node("Cast", [node.input[2]], [z_float], to=float_type,
+                                              name=graph.unique_name(model, f"{weight}_zero_point_Cast")))
+            z_name = _broadcastable(model, node, z_float, q, rewritten, done, dims=tuple(inits[node.input[2]].dims))
+            centred = graph.unique_name(model, f"{weight}_centred")
+            rewritten.append(helper.make_node("Sub", [value, z_name], [centred], name=graph.unique_name(model, f"{weight}_Sub")))
+            value = centred
+        rewritten.append(helper.make_node("Mul", [value, s_name], [weight], name=graph.unique_name(model, f"{weight}_Mul")))
+        done.weights.append(weight)
+    del model.graph.node[:]
+    model.graph.node.extend(rewritten)
+    # scales / zero points only the old nodes read: their reshaped copies replace them
+    read = {name for n in model.graph.node for name in n.input} | subgraphs.subgraph_reads(model)
+    stale = {n.input[1] for n in dequantizers} | {n.input[2] for n in dequantizers if len(n.input) > 2}
+    done.dropped = [_copy(t) for t in model.graph.initializer if t.name in stale and t.name not in read]
+    graph.remove_initializers(model, [t.name for t in done.dropped])
+    return done
+
+
+def _constant(model: onnx.ModelProto, done: Folded, base: str, values: list[int]) -> str:
+    name = graph.unique_name(model, base)
+    model.graph.initializer.append(numpy_helper.from_array(np.asarray(values, dtype=np.int64), name))
+    done.added.append(name)
+    return name
+
+
+def _broadcastable(model: onnx.ModelProto, node: onnx.NodeProto, source: str, q: onnx.TensorProto,
+                   nodes: list[onnx.NodeProto], done: Folded, dims: tuple[int, ...] | None = None) -> str:
+    """A tensor holding ``source``'s scale (or float zero point) that broadcasts against q:
+    per tensor as is; per axis reshaped to [1, .., C, .., 1]; per block repeated ``block_size`` times
+    along the axis and cut to q's length there (Unsqueeze / Expand / Reshape / Slice, folded at load)."""
+    inits = graph.initializers(model)
+    if dims is None:
+        dims = tuple(inits[source].dims)
+    rank, axis = len(q.dims), graph.attribute(node, "axis", 1)
+    block = graph.attribute(node, "block_size", 0)
+    if not rank or not dims or (len(dims) == 1 and dims[0] == 1 and not block):
+        return source
+    axis %= rank
+    weight = node.output[0]
+    if not block:                                     # one value per channel along the axis
+        shape = [1] * rank
+        shape[axis] = dims[0]
+        out = graph.unique_name(model, f"{source}_along_axis")
+        nodes.append(helper.make_node("Reshape", [source, _constant(model, done, f"{weight}_axis_shape", shape)], [out],
+                                      name=graph.unique_name(model, f"{source}_Reshape")))
+        return out
+    widened = list(dims[:axis + 1]) + [block] + list(dims[axis + 1:])
+    merged = list(dims)
+    merged[axis] = dims[axis] * block
+    names = [graph.unique_name(model, f"{source}_block_{step}") for step in ("unsqueezed", "expanded", "merged", "cut")]
+    nodes += [
+        helper.make_node("Unsqueeze", [source, _constant(model, done, f"{weight}_block_axis", [axis + 1])], [names[0]],
+                         name=graph.unique_name(model, f"{source}_Unsqueeze")),
+        helper.make_node("Expand", [names[0], _constant(model, done, f"{weight}_block_widened", widened)], [names[1]],
+                         name=graph.unique_name(model, f"{source}_Expand")),
+        helper.make_node("Reshape", [names[1], _constant(model, done, f"{weight}_block_merged", merged)], [names[2]],
+                         name=graph.unique_name(model, f"{source}_Reshape")),
+        helper.make_node("Slice", [names[2], _constant(model, done, f"{weight}_block_start", [0]),
+                                   _constant(model, done, f"{weight}_block_end", [q.dims[axis]]),
+                                   _constant(model, done, f"{weight}_block_slice_axis", [axis])], [names[3]],
+                         name=graph.unique_name(model, f"{source}_Slice")),
+    ]
+    return names[3]
+
+
+def unfold(model: onnx.ModelProto, done: Folded) -> None:
+    del model.graph.node[:]
+    model.graph.node.extend(done.nodes)
+    graph.remove_initializers(model, done.added)
+    model.graph.initializer.extend(done.dropped)
+
+
+def _copy(message):
+    copy = type(message)()
+    copy.CopyFrom(message)
+    return copy
+
+
+def choose_form(model: onnx.ModelProto, feeds: dict[str, np.ndarray], target: str, *, forced: str | None = None,
+                runs: int = 30, budget_s: float = 3.0) -> dict[str, Any]:
+    """Fold the weight-only DequantizeLinear nodes where that runs faster on the target (or as
+    ``forced``: "folded" | "qdq"). Returns the decision for the report's step row."""
+    dequantizers = weight_only_dequantizers(model)
+    if not dequantizers:
+        return {"form": "qdq", "weights": []}
+    if forced == "qdq":
+        return {"form": "qdq", "weights": [], "reason": "format: qdq"}
+    provider = sessions.provider_for(target)
+    if forced != "folded":
+        before = _session(model, provider)
+    done = fold(model, dequantizers)
+    if forced == "folded":
+        return {"form": "folded", "weights": done.weights}
+    after = _session(model, provider)
+    lat_qdq, lat_folded = metrics.latency([before, after], feeds, runs=runs, budget_s=budget_s)
+    timing = {"qdq": lat_qdq["p50"], "folded": lat_folded["p50"]}
+    del before, after
+    if not lat_qdq["p50"] < FASTER_BY * lat_folded["p50"]:
+        return {"form": "folded", "weights": done.weights, "latency_ms": timing}
+    unfold(model, done)
+    return {"form": "qdq", "weights": [], "latency_ms": timing}
+
+
+def _session(model: onnx.ModelProto, provider: str):
+    return sessions.session(model, sessions.providers_for(provider))

@@ -1,0 +1,690 @@
+"""Static int8 quantization of weights and activations, as QDQ (QuantizeLinear / DequantizeLinear
+pairs) that ONNX Runtime fuses into integer kernels (QLinearConv, QLinearMatMul, QGemm,
+MatMulIntegerToFloat).
+
+Numbers (docs/recipes.md, computed by ``kernels``):
+    weights      int8, symmetric, one scale per output channel (the layer's out_axis; per tensor
+                 when the recipe says granularity: tensor): s = absmax / 127, q = clamp(rne(w / s))
+    activations  one (s, z) per tensor from its calibrated range [lo, hi] (``calibrate``):
+                 uint8 with s = (hi - lo) / 255 when asymmetric, int8 with s = absmax / 127 when symmetric
+    bias         int32 with s_b = s_x * s_w (per output channel), z = 0, so the integer kernels add
+                 it in the accumulator; kept float where it would overflow int32
+    bias correction  b -= E[y_quantized - y_float] per output channel, measured on the calibration
+                 data with every layer quantized at once (one pass: empirical bias correction)
+
+What gets Q/DQ:
+- Conv / MatMul / Gemm whose weight the recipe selects (and MatMul of two activations, such as
+  attention's Q K^T): every float activation input, and the output of a Conv (QLinearConv needs
+  it). A ReLU that is its producer's only reader is folded into the producer's output quantization
+  (asymmetric activations: the range starts at 0, so the zero point is qmin and QuantizeLinear's
+  clamp *is* the ReLU).
+- MaxPool / Flatten / Reshape / Transpose / Squeeze / Unsqueeze of a quantized tensor: the output
+  takes the input's grid (same scale and zero point), which lets ONNX Runtime run them on int8.
+- numerically sensitive ops (the recipe's ``float_ops``, by default Softmax, the normalizations,
+  Erf, Exp, Log, Pow, Sqrt, ReduceMean) stay in float; one of ``SENSITIVE_OPS`` that the recipe
+  drops from ``float_ops`` gets Q/DQ on its float inputs and output.
+- a tensor whose calibration showed mask sentinels (``calibrate.MASK_MAGNITUDE``) stays float.
+Embedding tables (Gather over a weight, when the recipe's ``embeddings`` is on) are int8 per row,
+dequantized after the Gather (``quantize_embedding``). Other float initializers as large as a weight
+that are only sliced, reshaped or added (learned position tables) are int8 per tensor behind a
+DequantizeLinear (``quantize_table``).
+Elementwise Add / Mul (residuals, masks) are left in float between a DequantizeLinear and a
+QuantizeLinear: cheap, and where residual streams keep their precision.
+
+Per-axis DequantizeLinear needs opset 13, so older models are upgraded first. A Conv followed by
+BatchNormalization is folded before the weights are quantized: the grid must be chosen for the
+weights that actually multiply.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+import kernels
+from core.errors import PipelineError, RecipeError
+from core.recipe import QuantizeStep
+from worker.pipeline import activations, calibrate, graph, subgraphs
+from worker.pipeline.data import DataError, Dataset, bind
+from worker.pipeline.quantize import lift_constants, int8_storage
+from worker.pipeline.step import LayerRecord, StepContext, StepResult
+
+COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
+PASSTHROUGH_OPS = ("MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze")
+SENSITIVE_OPS = ("Softmax", "LayerNormalization", "InstanceNormalization", "GroupNormalization",
+                 "Sigmoid", "Tanh", "Erf", "Exp", "Log", "Pow", "Sqrt", "ReduceMean")
+MIN_OPSET = 13                       # per-axis DequantizeLinear
+BIAS_CORRECTION_SAMPLES = 512        # calibration samples used to measure the mean output error
+_INT32 = np.iinfo(np.int32)
+
+
+@dataclass(frozen=True)
+class ActivationGrid:
+    """One tensor's (scale, zero point) and the initializer names that hold them."""
+
+    scale: float
+    zero_point: int
+    dtype: int            # onnx.TensorProto.UINT8 or INT8
+    scale_name: str
+    zero_point_name: str
+
+
+@dataclass(frozen=True)
+class WeightGrid:
+    scale: np.ndarray      # float32: () per tensor or [channels]
+    zero_point: np.ndarray
+    axis: int | None
+
+
+# ----------------------------------------------------------------------------------------- checks
+
+def calibration_data(model: onnx.ModelProto, ctx: StepContext) -> Dataset:
+    """The calibration data bound to ``model``; RecipeError when it is missing or does not fit."""
+    if ctx.calibration is None:
+        why = "static activation quantization needs calibration data (or calibration: dynamic)"
+        raise RecipeError(why, [{"loc": ["activations", "calibration"], "msg": why}])
+    try:
+        return bind(model, ctx.calibration)
+    except DataError as error:
+        raise RecipeError(f"calibration data: {error}", [{"loc": ["calibration", *error.path], "msg": str(error)}])
+
+
+def check(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext) -> None:
+    """Refuse, before any work, a static quantize step that cannot apply."""
+    if params.weights is not None and params.weights.granularity == "block":
+        why = "static int8 takes per-tensor or per-channel weights (integer kernels have no blocks)"
+        raise RecipeError(why, [{"loc": ["weights", "granularity"], "msg": why}])
+    if params.activations.calibration not in calibrate.METHODS:
+        why = f"static calibration is one of {calibrate.METHODS}"
+        raise RecipeError(why, [{"loc": ["activations", "calibration"], "msg": why}])
+    calibration_data(model, ctx)
+    prepared = onnx.ModelProto()
+    prepared.CopyFrom(model)
+    lift_constants.lift_constant_weights(prepared)
+    if not selected_layers(prepared, params):
+        if params.include:
+            loc, why = ["include"], f"no Conv / MatMul / Gemm weight matches include {list(params.include)}"
+        elif params.exclude:
+            loc, why = ["exclude"], "exclude leaves no Conv / MatMul / Gemm weight to quantize"
+        else:
+            loc, why = ["min_params"], f"no Conv / MatMul / Gemm weight has {params.min_params} or more elements"
+        raise RecipeError(why, [{"loc": loc, "msg": why}])
+
+
+def selected_layers(model: onnx.ModelProto, params: QuantizeStep) -> list[graph.WeightLayer]:
+    float_ops = set(params.float_ops)
+    return [layer for layer in graph.weight_layers(model, ops=COMPUTE_OPS, include=params.include,
+                                                   exclude=params.exclude, min_params=params.min_params)
+            if layer.op not in float_ops]
+
+
+# ------------------------------------------------------------------------------------- preparing
+
+def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with weights as initializers, named nodes, opset >= 13 and BatchNorm folded into Conv."""
+    prepared = onnx.ModelProto()
+    prepared.CopyFrom(model)
+    lift_constants.lift_constant_weights(prepared)
+    subgraphs.hoist_weights(prepared)
+    graph.ensure_node_names(prepared)
+    if graph.opset(prepared) < MIN_OPSET:
+        try:
+            prepared = graph.ensure_opset(prepared, MIN_OPSET)
+        except Exception as error:   # the converter raises several types; all mean "cannot upgrade"
+            raise PipelineError(f"cannot raise the model's opset to {MIN_OPSET} for per-channel QDQ: {error}") from error
+    fold_batchnorm(prepared)
+    return prepared
+
+
+def fold_batchnorm(model: onnx.ModelProto) -> list[str]:
+    """Fold inference-mode BatchNormalization into the Conv before it (the Conv's only reader):
+    W' = W * g / sqrt(v + eps) per output channel, b' = (b - m) * g / sqrt(v + eps) + beta.
+    Returns the folded BatchNormalization node names."""
+    inits = graph.initializers(model)
+    readers = graph.consumers(model)
+    outputs = {o.name for o in model.graph.output}
+    folded = []
+    for node in list(model.graph.node):
+        if node.op_type != "BatchNormalization" or len(node.output) != 1:
+            continue
+        conv = graph.producers(model).get(node.input[0])
+        if conv is None or conv.op_type != "Conv" or conv.input[1] not in inits:
+            continue
+        if len(readers.get(conv.output[0], [])) != 1 or conv.output[0] in outputs:
+            continue
+        if not all(name in inits for name in node.input[1:5]):
+            continue
+        if len(readers.get(conv.input[1], [])) != 1:
+            continue          # a weight another layer also reads cannot take this BN's factors
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[name]).astype(np.float64) for name in node.input[1:5])
+        eps = graph.attribute(node, "epsilon", 1e-5)
+        factor = gamma / np.sqrt(var + eps)
+        weight = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
+        shape = (-1,) + (1,) * (weight.ndim - 1)
+        bias = np.zeros(weight.shape[0]) if len(conv.input) < 3 or not conv.input[2] else \
+            numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64)
+        graph.set_array(model, conv.input[1], (weight * factor.reshape(shape)).astype(np.float32))
+        bias_name = conv.input[2] if len(conv.input) > 2 and conv.input[2] and \
+            len(readers.get(conv.input[2], [])) == 1 else graph.unique_name(model, conv.input[1] + "_bias")
+        graph.set_array(model, bias_name, ((bias - mean) * factor + beta).astype(np.float32))
+        while len(conv.input) < 3:
+            conv.input.append("")
+        conv.input[2] = bias_name
+        conv.output[0] = node.output[0]
+        model.graph.node.remove(node)
+        folded.append(node.name)
+    if folded:
+        used = {name for n in model.graph.node for name in n.input} | subgraphs.subgraph_reads(model)
+        graph.remove_initializers(model, [t.name for t in model.graph.initializer if t.name not in used])
+    return folded
+
+
+# ------------------------------------------------------------------------------------------ plan
+
+@dataclass
+class Plan:
+    """Which tensors get which grid, decided before the graph is touched."""
+
+    compute_nodes: list[onnx.NodeProto]
+    calibrated: dict[str, str]        # tensor to quantize -> tensor whose range it takes (itself, or a folded ReLU's output)
+    relu_folds: dict[str, onnx.NodeProto]   # producer output -> the ReLU folded into its quantization
+    inherits: dict[str, str]          # passthrough output -> the input whose grid it takes
+    sensitive_nodes: list[onnx.NodeProto]
+
+
+def _float_activation(name: str, inits: dict, types: dict[str, int]) -> bool:
+    return bool(name) and name not in inits and types.get(name, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT
+
+
+def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:   # inference is best effort: unknown tensors are assumed float
+        inferred = model
+    values = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
+    return {v.name: v.type.tensor_type.elem_type for v in values if v.type.HasField("tensor_type")}
+
+
+def _node_selected(node_name: str, params: QuantizeStep) -> bool:
+    """include / exclude over a node's name, for layers that have no weight to match."""
+    if params.include and not any(fnmatch.fnmatchcase(node_name, p) for p in params.include):
+        return False
+    return not any(fnmatch.fnmatchcase(node_name, p) for p in params.exclude)
+
+
+def _layer_output(node: onnx.NodeProto, readers: dict, inits: dict) -> str:
+    """The tensor a layer's result ends in: a MatMul's bias Add (its only reader, adding a 1-D
+    initializer) belongs to the layer."""
+    out = node.output[0]
+    found = readers.get(out, [])
+    if node.op_type == "MatMul" and len(found) == 1 and found[0][0].op_type == "Add":
+        add, index = found[0]
+        other = add.input[1 - index]
+        if other in inits and len(inits[other].dims) == 1:
+            return add.output[0]
+    return out
+
+
+def plan(model: onnx.ModelProto, params: QuantizeStep, layers: list[graph.WeightLayer]) -> Plan:
+    inits = graph.initializers(model)
+    types = _tensor_types(model)
+    readers = graph.consumers(model)
+    outputs = {o.name for o in model.graph.output}
+    float_ops = set(params.float_ops)
+    weight_nodes = {layer.node for layer in layers}
+    symmetric = params.activations.symmetric
+
+    compute, sensitive = [], []
+    calibrated: dict[str, str] = {}
+    relu_folds: dict[str, onnx.NodeProto] = {}
+    inherits: dict[str, str] = {}
+    folded: set[str] = set()     # outputs of ReLUs folded into their producer's quantization
+    for node in graph.topological_nodes(model):
+        op = node.op_type
+        if op in float_ops or node.domain not in ("", "ai.onnx"):
+            continue
+        is_activation_matmul = (op == "MatMul" and all(_float_activation(n, inits, types) for n in node.input)
+                                and _node_selected(node.name, params))
+        if op in COMPUTE_OPS and (node.name in weight_nodes or is_activation_matmul):
+            compute.append(node)
+            for name in node.input[:2]:
+                if _float_activation(name, inits, types) and name not in calibrated and name not in inherits \
+                        and name not in folded:
+                    calibrated[name] = name
+            out = _layer_output(node, readers, inits)
+            relu = [reader for reader, _ in readers.get(out, [])]
+            if (len(relu) == 1 and relu[0].op_type == "Relu" and not symmetric and out not in outputs
+                    and relu[0].output[0] not in outputs and "Relu" not in float_ops):
+                relu_folds[out] = relu[0]
+                calibrated[out] = relu[0].output[0]
+                folded.add(relu[0].output[0])
+            elif op == "Conv" and out not in outputs:
+                calibrated[out] = out
+        elif op in PASSTHROUGH_OPS:
+            source = node.input[0]
+            if (source in calibrated or source in inherits or source in folded) and node.output[0] not in outputs:
+                inherits[node.output[0]] = source
+        elif op in SENSITIVE_OPS:
+            sensitive.append(node)
+            for name in list(node.input[:1]) + [node.output[0]]:
+                if _float_activation(name, inits, types) and name not in outputs and name not in calibrated \
+                        and name not in inherits and name not in folded:
+                    calibrated[name] = name
+    return Plan(compute, calibrated, relu_folds, inherits, sensitive)
+
+
+# ---------------------------------------------------------------------------------------- grids
+
+def add_initializer(model: onnx.ModelProto, name: str, array: np.ndarray) -> None:
+    """Append a new initializer keeping a 0-d array 0-d (a per-tensor scale / zero point must be a
+    scalar; ``graph.set_array`` goes through np.ascontiguousarray, which makes it 1-D)."""
+    model.graph.initializer.append(numpy_helper.from_array(np.asarray(array), name))
+
+
+def activation_grid(model: onnx.ModelProto, tensor: str, lo: float, hi: float, symmetric: bool) -> ActivationGrid:
+    """(scale, zero point) for [lo, hi] by the contract's formula (kernels.choose_qparams), stored
+    as two new scalar initializers."""
+    bounds = np.array([lo, hi], dtype=np.float32)
+    if symmetric:
+        scale, zero = kernels.choose_qparams(bounds, bits=8, symmetric=True, signed=True, method="absmax")
+        dtype, np_dtype = onnx.TensorProto.INT8, np.int8
+    else:
+        scale, zero = kernels.choose_qparams(bounds, bits=8, symmetric=False, signed=False, method="minmax")
+        dtype, np_dtype = onnx.TensorProto.UINT8, np.uint8
+    scale_name = graph.unique_name(model, f"{tensor}_scale")
+    add_initializer(model, scale_name, np.asarray(scale, dtype=np.float32).reshape(()))
+    zero_name = graph.unique_name(model, f"{tensor}_zero_point")
+    add_initializer(model, zero_name, np.asarray(zero).astype(np_dtype).reshape(()))
+    return ActivationGrid(float(np.asarray(scale)), int(np.asarray(zero)), dtype, scale_name, zero_name)
+
+
+def weight_grid(weight: np.ndarray, layer: graph.WeightLayer, params: QuantizeStep) -> WeightGrid:
+    spec = params.weights
+    per_channel = spec is None or spec.granularity == "channel"
+    symmetric = spec is None or spec.symmetric
+    method = (spec.scale_search if spec is not None and spec.scale_search else
+              ("absmax" if symmetric else "minmax"))
+    axis = layer.out_axis if per_channel else None
+    scale, zero = kernels.choose_qparams(weight, bits=8, symmetric=symmetric, signed=symmetric,
+                                         axis=axis, method=method)
+    return WeightGrid(np.asarray(scale, dtype=np.float32), np.asarray(zero), axis)
+
+
+def quantize_weight(model: onnx.ModelProto, layer: graph.WeightLayer, params: QuantizeStep,
+                    unsigned_storage: bool = False) -> WeightGrid:
+    """Replace the float weight by int8 + DequantizeLinear whose output keeps the weight's name, so
+    every reader (a shared weight's second layer too) reads the dequantized tensor unchanged.
+    ``unsigned_storage``: symmetric int8 values stored as uint8 + 128 (``int8_storage``)."""
+    weight = graph.get_array(model, layer.weight).astype(np.float32)
+    grid = weight_grid(weight, layer, params)
+    signed = params.weights is None or params.weights.symmetric
+    q = kernels.quantize(np.ascontiguousarray(weight), grid.scale, grid.zero_point, bits=8, signed=signed, axis=grid.axis)
+    if signed and unsigned_storage:
+        q, shift = int8_storage.stored(q, unsigned=True)
+        zero_point = np.full(np.shape(grid.zero_point), shift, np.uint8)
+    else:
+        np_dtype = np.int8 if signed else np.uint8
+        q, zero_point = q.astype(np_dtype), grid.zero_point.astype(np_dtype)
+    q_name = graph.unique_name(model, f"{layer.weight}_quantized")
+    s_name = graph.unique_name(model, f"{layer.weight}_scale")
+    z_name = graph.unique_name(model, f"{layer.weight}_zero_point")
+    graph.remove_initializers(model, [layer.weight])
+    _drop_graph_input(model, layer.weight)
+    graph.set_array(model, q_name, q)
+    add_initializer(model, s_name, grid.scale)
+    add_initializer(model, z_name, zero_point)
+    attrs = {"axis": grid.axis} if grid.axis is not None else {}
+    dq = helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [layer.weight],
+                          name=graph.unique_name(model, f"{layer.weight}_DequantizeLinear"), **attrs)
+    model.graph.node.insert(0, dq)
+    return grid
+
+
+def embedding_layers(model: onnx.ModelProto, params: QuantizeStep) -> list[graph.WeightLayer]:
+    """Gather tables (embeddings) the recipe selects, when ``embeddings`` is on."""
+    if not params.embeddings or "Gather" in params.float_ops:
+        return []
+    return graph.weight_layers(model, ops=("Gather",), include=params.include, exclude=params.exclude,
+                               min_params=params.min_params)
+
+
+def quantize_embedding(model: onnx.ModelProto, layer: graph.WeightLayer) -> WeightGrid:
+    """An embedding table [V, D] -> int8, one symmetric scale per row (s = absmax / 127).
+
+    Each ``Gather(table, ids)`` becomes ``Gather(q, ids) -> Cast -> Mul(Gather(s[V, 1], ids))``:
+    only the gathered rows are dequantized, never the whole table (a DequantizeLinear in front of
+    the Gather would rebuild a BERT-size table on every call). ``Cast(q) * s`` is exactly
+    DequantizeLinear's ``(q - 0) * s``. A table that something other than such a Gather also reads
+    keeps a DequantizeLinear for those readers."""
+    table = graph.get_array(model, layer.weight).astype(np.float32)
+    scale, zero = kernels.choose_qparams(table, bits=8, symmetric=True, signed=True, axis=0, method="absmax")
+    q = kernels.quantize(np.ascontiguousarray(table), scale, zero, bits=8, signed=True, axis=0)
+    q_name = graph.unique_name(model, f"{layer.weight}_quantized")
+    rows_name = graph.unique_name(model, f"{layer.weight}_row_scale")
+    graph.set_array(model, q_name, q)
+    graph.set_array(model, rows_name, np.asarray(scale, np.float32).reshape(-1, 1))
+    # a subgraph reading the table needs the whole (dequantized) table under its name
+    others: list = [layer.weight] if layer.weight in subgraphs.subgraph_reads(model) else []
+    for node, index in graph.consumers(model).get(layer.weight, []):
+        if node.op_type != "Gather" or index != 0 or graph.attribute(node, "axis", 0) != 0:
+            others.append(node)
+            continue
+        output, ids = node.output[0], node.input[1]
+        gathered = graph.unique_name(model, f"{output}_int8")
+        widened = graph.unique_name(model, f"{output}_float")
+        row_scales = graph.unique_name(model, f"{output}_scale")
+        node.input[0], node.output[0] = q_name, gathered
+        model.graph.node.extend([
+            helper.make_node("Cast", [gathered], [widened], to=onnx.TensorProto.FLOAT,
+                             name=graph.unique_name(model, f"{node.name}_dequantize_cast")),
+            helper.make_node("Gather", [rows_name, ids], [row_scales], axis=0,
+                             name=graph.unique_name(model, f"{node.name}_row_scales")),
+            helper.make_node("Mul", [widened, row_scales], [output],
+                             name=graph.unique_name(model, f"{node.name}_dequantize_scale")),
+        ])
+    graph.remove_initializers(model, [layer.weight])
+    _drop_graph_input(model, layer.weight)
+    if others:
+        s_name = graph.unique_name(model, f"{layer.weight}_scale")
+        add_initializer(model, s_name, np.asarray(scale, np.float32))
+        model.graph.node.insert(0, helper.make_node("DequantizeLinear", [q_name, s_name], [layer.weight], axis=0,
+                                                    name=graph.unique_name(model, f"{layer.weight}_DequantizeLinear")))
+    graph.sort_graph(model)
+    return WeightGrid(np.asarray(scale, np.float32), np.asarray(zero), 0)
+
+
+TABLE_READERS = ("Slice", "Add", "Expand", "Concat", "Reshape", "Unsqueeze", "Squeeze", "Transpose", "Tile")
+
+
+def table_tensors(model: onnx.ModelProto, params: QuantizeStep) -> list[graph.WeightLayer]:
+    """Float initializers that no layer multiplies but that are as large as a layer's weight and
+    only moved or added (learned position tables and the like): left in float they cap the size
+    ratio. Selected by the recipe's include / exclude / min_params like any weight."""
+    readers = graph.consumers(model)
+    found = []
+    for tensor in model.graph.initializer:
+        if tensor.data_type != onnx.TensorProto.FLOAT or len(tensor.dims) < 2:     # 1-D: biases, norms
+            continue
+        layer = graph.WeightLayer(tensor.name, "", "", tuple(tensor.dims), 0, 0)
+        users = readers.get(tensor.name, [])
+        if (layer.params < max(params.min_params, 1024) or not users or
+                not graph.selected(layer, params.include, params.exclude)):
+            continue
+        if all(node.op_type in TABLE_READERS and node.op_type not in params.float_ops
+               and (index == 0 or node.op_type in ("Add", "Concat")) for node, index in users):
+            found.append(graph.WeightLayer(tensor.name, users[0][0].name, users[0][0].op_type,
+                                           tuple(tensor.dims), 0, 0))
+    return found
+
+
+def quantize_table(model: onnx.ModelProto, layer: graph.WeightLayer) -> WeightGrid:
+    """int8, one symmetric scale for the tensor, behind a DequantizeLinear that keeps its name."""
+    values = graph.get_array(model, layer.weight).astype(np.float32)
+    scale, zero = kernels.choose_qparams(values, bits=8, symmetric=True, signed=True, method="absmax")
+    q = kernels.quantize(np.ascontiguousarray(values), scale, zero, bits=8, signed=True)
+    q_name = graph.unique_name(model, f"{layer.weight}_quantized")
+    s_name = graph.unique_name(model, f"{layer.weight}_scale")
+    graph.remove_initializers(model, [layer.weight])
+    _drop_graph_input(model, layer.weight)
+    graph.set_array(model, q_name, q)
+    add_initializer(model, s_name, np.asarray(scale, np.float32).reshape(()))
+    model.graph.node.insert(0, helper.make_node("DequantizeLinear", [q_name, s_name], [layer.weight],
+                                                name=graph.unique_name(model, f"{layer.weight}_DequantizeLinear")))
+    return WeightGrid(np.asarray(scale, np.float32), np.asarray(zero), None)
+
+
+def _drop_graph_input(model: onnx.ModelProto, name: str) -> None:
+    """Old models list initializers among the graph inputs too; a weight that became a node output
+    must leave that list."""
+    kept = [value for value in model.graph.input if value.name != name]
+    if len(kept) != len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+
+
+def insert_qdq(model: onnx.ModelProto, tensor: str, grid: ActivationGrid, relu: onnx.NodeProto | None = None) -> None:
+    """QuantizeLinear -> DequantizeLinear on ``tensor``. Its readers read the dequantized tensor;
+    with ``relu`` (folded) the pair replaces the ReLU and its output keeps the ReLU's output name."""
+    position = _position_after(model, tensor)
+    q_name = graph.unique_name(model, f"{tensor}_quantized")
+    if relu is not None:
+        dq_name = relu.output[0]
+        model.graph.node.remove(relu)
+        position = _position_after(model, tensor)
+    else:
+        dq_name = graph.unique_name(model, f"{tensor}_dequantized")
+        for node in model.graph.node:
+            for index, name in enumerate(node.input):
+                if name == tensor:
+                    node.input[index] = dq_name
+    quantize = helper.make_node("QuantizeLinear", [tensor, grid.scale_name, grid.zero_point_name], [q_name],
+                                name=graph.unique_name(model, f"{tensor}_QuantizeLinear"))
+    dequantize = helper.make_node("DequantizeLinear", [q_name, grid.scale_name, grid.zero_point_name], [dq_name],
+                                  name=graph.unique_name(model, f"{tensor}_DequantizeLinear"))
+    model.graph.node.insert(position, dequantize)
+    model.graph.node.insert(position, quantize)
+
+
+def _position_after(model: onnx.ModelProto, tensor: str) -> int:
+    for index, node in enumerate(model.graph.node):
+        if tensor in node.output:
+            return index + 1
+    return 0   # a graph input
+
+
+# ------------------------------------------------------------------------------- bias handling
+
+def _bias_input(model: onnx.ModelProto, node: onnx.NodeProto) -> tuple[str | None, int]:
+    """(bias initializer name or None, channel axis of the node's output)."""
+    inits = graph.initializers(model)
+    if node.op_type == "Conv":
+        name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        return (name if name in inits else None), 1
+    if node.op_type == "Gemm":
+        name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        if name in inits and len(inits[name].dims) == 1:
+            return name, 1
+        return None, 1
+    # MatMul: the bias lives in an Add that is the output's only reader
+    readers = graph.consumers(model).get(node.output[0], [])
+    if len(readers) == 1 and readers[0][0].op_type == "Add":
+        add = readers[0][0]
+        other = add.input[1 - readers[0][1]]
+        if other in inits and len(inits[other].dims) == 1:
+            return other, -1
+    return None, -1
+
+
+def correct_biases(float_model: onnx.ModelProto, quantized: onnx.ModelProto, nodes: list[onnx.NodeProto],
+                   data: Dataset, ctx: StepContext) -> list[str]:
+    """b -= E[y_q - y_f] per output channel, for every quantized layer with a bias it can shift
+    (a Conv or Gemm without one gets one). Means accumulate batch by batch (bounded memory)."""
+    targets: list[tuple[onnx.NodeProto, int]] = []
+    for node in nodes:
+        if node.op_type == "MatMul" and _bias_input(quantized, node)[0] is None:
+            continue
+        if node.op_type == "Gemm" and (graph.attribute(node, "beta", 1.0) != 1.0 or
+                                       (len(node.input) > 2 and node.input[2] and _bias_input(quantized, node)[0] is None)):
+            continue
+        targets.append((node, 1 if node.op_type in ("Conv", "Gemm") else -1))
+    if not targets:
+        return []
+    names = [node.output[0] for node, _ in targets]
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    limit = min(data.size, BIAS_CORRECTION_SAMPLES)
+    float_values = activations.capture(float_model, data, names, limit=limit)
+    quant_values = activations.capture(quantized, data, names, limit=limit)
+    for reference, approximate in zip(float_values, quant_values):
+        for (node, axis), name in zip(targets, names):
+            error = np.moveaxis(approximate[name].astype(np.float64) - reference[name], axis, -1)
+            flat = error.reshape(-1, error.shape[-1])
+            sums[name] = sums.get(name, 0.0) + flat.sum(0)
+            counts[name] = counts.get(name, 0) + flat.shape[0]
+        ctx.check_cancelled()
+    corrected = []
+    for (node, _), name in zip(targets, names):
+        if not counts.get(name):
+            continue
+        shift = (sums[name] / counts[name]).astype(np.float32)
+        bias_name, _ = _bias_input(quantized, node)
+        if bias_name is None:
+            bias_name = graph.unique_name(quantized, f"{node.name}_bias")
+            while len(node.input) < 3:
+                node.input.append("")
+            node.input[2] = bias_name
+            graph.set_array(quantized, bias_name, -shift)
+        elif len(graph.consumers(quantized).get(bias_name, [])) == 1:
+            graph.set_array(quantized, bias_name, graph.get_array(quantized, bias_name).astype(np.float32) - shift)
+        else:
+            continue      # a bias another layer reads too cannot take this layer's shift
+        corrected.append(node.name)
+    return corrected
+
+
+def quantize_bias(model: onnx.ModelProto, node: onnx.NodeProto, input_grid: ActivationGrid, weight: WeightGrid) -> bool:
+    """Conv / Gemm bias -> int32 with s_b = s_x * s_w, z = 0, behind a DequantizeLinear that keeps
+    the bias's name. False (bias left float) where it would overflow int32 or others read it."""
+    if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or not node.input[2]:
+        return False
+    name = node.input[2]
+    inits = graph.initializers(model)
+    if name not in inits or len(inits[name].dims) != 1 or len(graph.consumers(model).get(name, [])) != 1:
+        return False
+    bias = numpy_helper.to_array(inits[name]).astype(np.float64)
+    scale = (np.float32(input_grid.scale) * weight.scale).astype(np.float32)
+    if scale.ndim == 0:
+        scale = np.full(bias.shape, scale, dtype=np.float32)
+    if scale.shape != bias.shape or not (scale > 0).all():
+        return False
+    q = np.rint(bias / scale.astype(np.float64))     # rint: round half to even, as QuantizeLinear
+    if q.min() < _INT32.min or q.max() > _INT32.max:
+        return False
+    q_name = graph.unique_name(model, f"{name}_quantized")
+    s_name = graph.unique_name(model, f"{name}_scale")
+    z_name = graph.unique_name(model, f"{name}_zero_point")
+    graph.remove_initializers(model, [name])
+    _drop_graph_input(model, name)
+    graph.set_array(model, q_name, q.astype(np.int32))
+    graph.set_array(model, s_name, scale)
+    graph.set_array(model, z_name, np.zeros(bias.shape, dtype=np.int32))
+    model.graph.node.insert(0, helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [name], axis=0,
+                                                name=graph.unique_name(model, f"{name}_DequantizeLinear")))
+    return True
+
+
+# --------------------------------------------------------------------------------------- the step
+
+def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext) -> StepResult:
+    """Static int8 QDQ (see the module docstring); records a LayerRecord per quantized weight."""
+    check(model, params, ctx)
+    spec = params.activations
+    prepared = prepare(model)
+    data = calibration_data(prepared, ctx)
+    layers = selected_layers(prepared, params)
+    decided = plan(prepared, params, layers)
+    ctx.progress(0.05, "calibrating activation ranges")
+    ranges = calibrate.calibrate(prepared, data, sorted(set(decided.calibrated.values())),
+                                 method=spec.calibration, percentile=spec.percentile,
+                                 progress=lambda f, m: ctx.progress(0.05 + 0.55 * f, m))
+    ctx.check_cancelled()
+
+    quantized = onnx.ModelProto()
+    quantized.CopyFrom(prepared)
+    weight_grids: dict[str, WeightGrid] = {}
+    # uint8 activations meet these weights in ORT's u8s8 kernels: see int8_storage
+    unsigned = not spec.symmetric and int8_storage.unsigned_weights(ctx.target, ctx.options, params.integer_weights)
+    for layer in layers:
+        weight_grids[layer.weight] = quantize_weight(quantized, layer, params, unsigned)
+    embeddings = embedding_layers(quantized, params)
+    for layer in embeddings:
+        weight_grids[layer.weight] = quantize_embedding(quantized, layer)
+    tables = table_tensors(quantized, params)
+    for layer in tables:
+        weight_grids[layer.weight] = quantize_table(quantized, layer)
+    # layers inside If / Loop / Scan bodies: their weights int8 (the DequantizeLinear in the main
+    # graph, read from the outer scope); activations inside a body are not calibrated and stay float
+    bodies = graph.body_layers(quantized, COMPUTE_OPS, {layer.weight for layer in layers + embeddings + tables},
+                                   include=params.include, exclude=params.exclude, min_params=params.min_params)
+    for layer in bodies:
+        weight_grids[layer.weight] = quantize_weight(quantized, layer, params)
+    embeddings += tables + bodies
+
+    grids: dict[str, ActivationGrid] = {}
+    kept_float: dict[str, str] = {}
+    for tensor, source in decided.calibrated.items():
+        found = ranges.get(source)
+        if found is None:
+            kept_float[tensor] = "never seen on the calibration data"
+        elif found.masked:
+            kept_float[tensor] = "mask sentinel values (|x| >= 1e8) in calibration"
+        else:
+            grids[tensor] = activation_grid(quantized, tensor, found.lo, found.hi, spec.symmetric)
+    folded_outputs = {relu.output[0]: out for out, relu in decided.relu_folds.items()}
+    for output, source in decided.inherits.items():      # topological order: chains resolve in turn
+        root = folded_outputs.get(source, source)
+        if root in grids:
+            grids[output] = grids[root]
+    for tensor, grid in grids.items():
+        insert_qdq(quantized, tensor, grid, decided.relu_folds.get(tensor))
+    graph.sort_graph(quantized)
+
+    corrected: list[str] = []
+    if params.bias_correction:
+        ctx.progress(0.65, "bias correction")
+        corrected = correct_biases(prepared, quantized, decided.compute_nodes, data, ctx)
+
+    int32_biases = 0
+    weight_of = {layer.node: layer.weight for layer in layers}
+    input_grids = _dequantized_grids(quantized, grids)
+    for node in list(quantized.graph.node):
+        if node.name in weight_of and node.input[0] in input_grids:
+            int32_biases += quantize_bias(quantized, node, input_grids[node.input[0]], weight_grids[weight_of[node.name]])
+    graph.sort_graph(quantized)
+    graph.check_if_in_memory(quantized)
+
+    for layer in layers + embeddings:
+        grid = weight_grids[layer.weight]
+        record = ctx.layers.get(layer.weight) or LayerRecord(layer.weight, layer.node, layer.op)
+        record.bits = 8
+        signed = layer.op not in COMPUTE_OPS or params.weights is None or params.weights.symmetric
+        record.grid = {"scale": grid.scale, "zero_point": grid.zero_point, "axis": grid.axis,
+                       "block_size": None, "bits": 8, "signed": bool(signed)}
+        if layer in layers:
+            record.extra["weight_storage"] = int8_storage.storage_name(unsigned and bool(signed))
+        record.extra["activations"] = ("weight-only int8 rows (embedding)" if layer.op == "Gather" else
+                                       "weight-only int8 (table)" if layer.op in TABLE_READERS else
+                                       "weight-only int8 (inside a control-flow body)" if layer in bodies else
+                                       f"static int8 ({spec.calibration})")
+        ctx.layers[layer.weight] = record
+    ctx.progress(1.0, "static int8 done")
+    metrics: dict[str, Any] = {
+        "format": "qdq",
+        "calibration": spec.calibration,
+        "activation_dtype": "int8" if spec.symmetric else "uint8",
+        "quantized_weights": len(layers),
+        "quantized_embeddings": len(embeddings) - len(tables) - len(bodies),
+        "quantized_tables": len(tables),
+        "quantized_body_weights": len(bodies),
+        "quantized_activations": len(grids),
+        "float_activations": kept_float,
+        "relu_folded": len(decided.relu_folds),
+        "bias_corrected": len(corrected),
+        "int32_biases": int(int32_biases),
+        "opset": graph.opset(quantized),
+    }
+    return StepResult(quantized, [layer.weight for layer in layers + embeddings], metrics)
+
+
+def _dequantized_grids(model: onnx.ModelProto, grids: dict[str, ActivationGrid]) -> dict[str, ActivationGrid]:
+    """Map each DequantizeLinear output that carries an activation grid to that grid."""
+    by_scale = {grid.scale_name: grid for grid in grids.values()}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[1] in by_scale:
+            found[node.output[0]] = by_scale[node.input[1]]
+    return found

@@ -1,0 +1,173 @@
+"""Every ONNX Runtime session the pipeline builds, built here: the providers a target gets, the
+intra-op threads, prepacking, graph optimizations, and models of any size.
+
+Sessions on in-memory models go through ``payload``: a model too big for one protobuf (2 GiB) is
+handed over as its structure, its weights written once to a scratch file that ONNX Runtime reads as
+external data, so nothing is held twice in memory and nothing hits protobuf's limit. Sessions on
+saved models read the file (``file_session``), or a structure-only proto whose external data lives
+in a directory (``session_from_proto``).
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from worker.pipeline import graph
+
+EXTERNAL_ALIGNMENT = 4096      # page-aligned offsets let ONNX Runtime map the file
+
+
+def payload(model: onnx.ModelProto, options: ort.SessionOptions) -> tuple[bytes, tempfile.TemporaryDirectory | None]:
+    """The bytes to build a session from, and the scratch directory that must outlive the session
+    (None for a model that serializes whole). For a big model every raw-data initializer of 1 KiB or
+    more is written to ``weights.bin`` and cleared, the structure serialized, then each is read back:
+    memory never holds more than the model plus one tensor."""
+    if model.ByteSize() < graph.EXTERNAL_DATA_THRESHOLD:
+        return model.SerializeToString(), None
+    scratch = tempfile.TemporaryDirectory(prefix="fw-session-")
+    data_path = Path(scratch.name) / "weights.bin"
+    moved: list[tuple[onnx.TensorProto, int, int]] = []
+    with open(data_path, "wb") as sink:
+        for tensor in model.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.raw_data) < 1024:
+                continue
+            sink.seek(-sink.tell() % EXTERNAL_ALIGNMENT, 1)
+            offset, length = sink.tell(), sink.write(tensor.raw_data)
+            tensor.ClearField("raw_data")
+            _point_to(tensor, data_path.name, offset, length)
+            moved.append((tensor, offset, length))
+    try:
+        structure = model.SerializeToString()
+    finally:
+        with open(data_path, "rb") as source:
+            for tensor, offset, length in moved:
+                del tensor.external_data[:]
+                tensor.ClearField("data_location")
+                source.seek(offset)
+                tensor.raw_data = source.read(length)
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", scratch.name)
+    return structure, scratch
+
+
+def _point_to(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def providers_for(provider: str) -> list[str]:
+    """``provider`` with the CPU provider behind it to take the ops it lacks."""
+    return [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+
+
+def _options(threads: int = 0, *, prepack: bool = True, optimize: bool = True,
+             log_severity: int = 3) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.log_severity_level = log_severity
+    if threads:
+        options.intra_op_num_threads = threads
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return options
+
+
+def build_session(model: onnx.ModelProto, options: ort.SessionOptions, providers: Sequence[str]) -> ort.InferenceSession:
+    """An ONNX Runtime session on the in-memory ``model``, whatever its size (see ``payload``)."""
+    data, scratch = payload(model, options)
+    run = ort.InferenceSession(data, options, providers=list(providers))
+    run._featherweight_scratch = scratch     # the external weights live as long as the session
+    return run
+
+
+def session(model: onnx.ModelProto, providers: Sequence[str] = ("CPUExecutionProvider",),
+            threads: int = 0, *, outputs: Iterable[str] = (), prepack: bool = True, optimize: bool = True,
+            log_severity: int = 3) -> ort.InferenceSession:
+    """A session on the in-memory ``model``; ``outputs`` are added as extra graph outputs for the
+    serialization and taken off again (the model is not copied). ``prepack=False`` spares the
+    pre-packed second copy of the weights that only speed needs; ``optimize=False`` runs the graph
+    as written (no fusions)."""
+    options = _options(threads, prepack=prepack, optimize=optimize, log_severity=log_severity)
+    count = len(model.graph.output)
+    present = {output.name for output in model.graph.output}
+    model.graph.output.extend(helper.make_empty_tensor_value_info(name)
+                              for name in dict.fromkeys(outputs) if name not in present)
+    try:
+        return build_session(model, options, providers)
+    finally:
+        del model.graph.output[count:]
+
+
+def release_memory() -> None:
+    """Hand freed heap back to the OS (glibc keeps it otherwise), so that the sessions built next
+    do not stack on top of the models and sessions just dropped."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc (macOS, musl): nothing to trim
+        pass
+
+
+def provider_for(target: str) -> str:
+    """The target's provider where this ONNX Runtime has it, else the CPU provider."""
+    if target == "gpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return "CUDAExecutionProvider"
+    return "CPUExecutionProvider"
+
+
+def file_session(path: str | Path, provider: str = "CPUExecutionProvider", threads: int = 0) -> ort.InferenceSession:
+    """A session on the saved model at ``path`` (its external data read beside it)."""
+    return ort.InferenceSession(str(path), _options(threads), providers=providers_for(provider))
+
+
+def session_from_proto(model: onnx.ModelProto, base_dir: str | Path, provider: str = "CPUExecutionProvider",
+                       threads: int = 0) -> ort.InferenceSession:
+    """A session on an in-memory model whose external data (if any) lives in ``base_dir``."""
+    options = _options(threads)
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base_dir))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=providers_for(provider))
+
+
+def exposed_session(model: onnx.ModelProto, names: Sequence[str], provider: str = "CPUExecutionProvider"
+                    ) -> ort.InferenceSession:
+    """A session on the in-memory ``model`` (any size) with ``names`` as extra outputs, for looking
+    at intermediate tensors; weights are not prepacked (a second copy that only speed needs)."""
+    return session(model, providers_for(provider), outputs=names, prepack=False)
+
+
+def _has_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def exposed_file_session(path: str | Path, names: list[str], provider: str, scratch: Path) -> ort.InferenceSession:
+    """A session on the model at ``path`` with ``names`` as extra outputs. A model with external
+    data gets them as a structure-only copy reading the weights beside the original; one without is
+    re-written under ``scratch`` with its weights as external data, which ONNX Runtime maps rather
+    than copies (building it from bytes would hold the weights three or four times at once)."""
+    model = onnx.load(str(path), load_external_data=False)
+    _add_outputs(model, names)
+    if _has_external_data(model):
+        return session_from_proto(model, Path(path).parent, provider)
+    scratch.mkdir(parents=True, exist_ok=True)
+    exposed = scratch / f"{Path(path).stem}.exposed.onnx"
+    onnx.save_model(model, str(exposed), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=exposed.name + ".data", size_threshold=1024)
+    del model
+    return file_session(exposed, provider)
+
+
+def _add_outputs(model: onnx.ModelProto, names: Iterable[str]) -> None:
+    present = {output.name for output in model.graph.output}
+    for name in names:
+        if name not in present:
+            model.graph.output.append(helper.make_empty_tensor_value_info(name))
+            present.add(name)
