@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 
 from core.errors import FeatherweightError, InvalidInput, InvalidModel, PipelineError, RecipeError
+from core.exports import check_formats
 from core.recipe import Recipe
 from core.targets import Target
 from worker.pipeline import data as data_mod
@@ -112,6 +113,21 @@ def _check_file(path: Path) -> None:
         raise PipelineError(f"the compressed model is not valid ONNX: {str(exc).splitlines()[0]}") from exc
 
 
+def _exports(recipe: Recipe, original_path: Path, compressed_path: Path, report: dict, target: str,
+             evaluation: data_mod.Dataset | None, calibration: data_mod.Dataset | None, options: dict,
+             progress: Callable[[float, str], None]) -> dict:
+    """The report's ``exports``: each format the recipe lists, converted beside model.onnx and measured."""
+    from worker.pipeline.export.context import ExportContext
+    from worker.pipeline.export.exports import measure_data, run_exports
+
+    data = measure_data(report.get("fidelity_data", ""), evaluation, calibration, original_path,
+                        int(options.get("generated_samples", 32)))
+    ctx = ExportContext(model_path=compressed_path, workdir=compressed_path.parent, recipe=recipe, target=target,
+                        calibration=calibration, measure_data=data, options=options)
+    return run_exports(ctx, original_path, sessions.provider_for(target),
+                       progress=lambda stage: progress(STEPS_SHARE + 0.1, stage))
+
+
 def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] | None = None,
         evaluation: dict[str, np.ndarray] | None = None, target: str = "cpu-x86", workdir: Path,
         progress: Callable[[float, str], None] = _no_progress, cancelled: Callable[[], bool] = _never,
@@ -131,6 +147,7 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
         raise InvalidInput(f"unknown target {target!r}", [{"loc": ["target"], "msg": f"one of {[t.value for t in Target]}"}]) from None
 
     # 1. checks, before any work
+    check_formats(recipe.export)
     if calibration is None:
         needed = recipe.needs_calibration()
         if needed:
@@ -223,6 +240,8 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
     progress(STEPS_SHARE + 0.05, "measuring")
     report = build_report(original_path=model_path, compressed_path=out_path, target=target, steps=step_rows,
                           layers=layers, evaluation=eval_set, calibration=cal_set, options=options)
+    if recipe.extra_formats():
+        report["exports"] = _exports(recipe, model_path, out_path, report, target, eval_set, cal_set, options, progress)
     write_report(report, workdir / artifacts.REPORT_FILE)
     write_report_html(report, workdir / artifacts.REPORT_HTML_FILE, title=f"{options.get('model_name') or Path(model_path).name}: compression report")
     progress(1.0, "done")
