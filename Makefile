@@ -14,7 +14,8 @@ $(VENV)/.installed: pyproject.toml setup.py $(KERNEL_SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q -e '.[dev,dataset]'
-	$(BIN)/python -m pip install -q 'torch==2.13.0' || echo "torch not installed: distill method kd unavailable"
+	$(BIN)/python -m pip install -q 'torch==2.13.0' || echo "torch not installed: distill method kd and export pytorch unavailable"
+	$(BIN)/python -m pip install -q -e '.[tflite]' || echo "featherweight[tflite] not installed: export tflite unavailable"
 	touch $@
 
 run: install

@@ -2,7 +2,11 @@
 
     featherweight compress MODEL.onnx --recipe R.yaml [--calibration C.npz] [--eval E.npz]
                            [--target cpu-x86|cpu-arm|gpu] [--student S.onnx] -o OUT.onnx
-                           [--report REPORT.json] [--report-html REPORT.html]
+                           [--report REPORT.json] [--report-html REPORT.html] [--export onnx,ort,tflite,pytorch]
+
+``--export`` (or the recipe's ``export``) writes each deploy format beside ``-o`` under its name:
+``OUT.ort`` and ``OUT.required_operators_and_types.config``, ``OUT.pt`` and ``OUT.state_dict.pt``,
+``OUT.tflite``; a format that failed writes nothing and the printed summary says why.
 
 Bad input (a recipe, data set or model that cannot be used) prints one line,
 ``featherweight: error: <file>: <field path>: <message>``, and exits 2; a failure of the
@@ -45,6 +49,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--student", metavar="STUDENT.onnx",
                         help="distill into this smaller model (same inputs and outputs) instead of the original")
     parser.add_argument("--report-html", metavar="REPORT.html", help="also write the HTML report here")
+    parser.add_argument("--export", type=export_formats, metavar="FORMATS",
+                        help="deploy formats, comma-separated: onnx, ort, tflite, pytorch (overrides the recipe's export)")
+
+
+def export_formats(text: str) -> list[str]:
+    """``--export ort,tflite`` -> ["ort", "tflite"]; argparse reports a bad name (exit 2)."""
+    from core.exports import FORMATS
+
+    formats = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [fmt for fmt in formats if fmt not in FORMATS]
+    if unknown or not formats:
+        raise argparse.ArgumentTypeError(f"unknown format {unknown[0]!r}; expected a comma-separated list of "
+                                         f"{', '.join(FORMATS)}" if unknown else "give at least one format")
+    return formats
+
+
+def _with_export(recipe, formats: list[str] | None, path: str):
+    """The recipe with ``export`` replaced by the command line's formats (validated as the recipe is)."""
+    if formats is None:
+        return recipe
+    from core.errors import RecipeError
+    from core.recipe import parse_recipe
+
+    try:
+        return parse_recipe({**recipe.model_dump(mode="json", exclude_none=True), "export": formats})
+    except RecipeError as exc:
+        first = exc.errors[0] if exc.errors else {"loc": [], "msg": exc.detail}
+        raise _BadInput("--export", list(first["loc"])[1:], first["msg"]) from None
+
+
+def _place_exports(workdir: Path, output: Path, report: dict) -> dict[str, list[str]]:
+    """Move each exported format's files beside ``output`` (``model.ort`` -> ``OUT.ort``)."""
+    from worker.pipeline import artifacts
+
+    placed: dict[str, list[str]] = {}
+    for fmt, row in (report.get("exports") or {}).items():
+        for name in artifacts.EXPORT_FILES.get(fmt, ()):
+            source = workdir / name
+            if row.get("state") == "ok" and source.is_file():
+                target = output.with_name(output.stem + name.removeprefix("model"))
+                source.replace(target)
+                placed.setdefault(fmt, []).append(str(target))
+    return placed
 
 
 def _load_recipe(path: str):
@@ -105,7 +152,7 @@ def main(args: argparse.Namespace) -> int:
     files = {"calibration": args.calibration, "evaluation": args.evaluation, "recipe": args.recipe,
              "model": args.model, "target": "--target", "student_model": args.student}
     try:
-        recipe = _load_recipe(args.recipe)
+        recipe = _with_export(_load_recipe(args.recipe), getattr(args, "export", None), args.recipe)
         calibration = _load_data(args.calibration)
         evaluation = _load_data(args.evaluation)
         if not Path(args.model).is_file():
@@ -127,6 +174,7 @@ def main(args: argparse.Namespace) -> int:
                 write_report(result.report, args.report)
             if args.report_html:
                 write_report_html(result.report, args.report_html, title=f"{Path(args.model).name}: compression report")
+            placed = _place_exports(result.model_path.parent, output, result.report)
             result.model_path.replace(output)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -147,6 +195,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"featherweight: compression failed: {exc.detail}", file=sys.stderr)
         return EXIT_FAILED
     summary = {key: result.report.get(key) for key in ("size_ratio", "transport_size_ratio", "latency_ratio", "fidelity")}
+    if result.report.get("exports"):
+        summary["exports"] = {fmt: {"state": row.get("state"), "files": placed.get(fmt, []),
+                                    **({"reason": row["reason"]} if row.get("reason") else {})}
+                              for fmt, row in result.report["exports"].items()}
     print(json.dumps({"output": str(output), **summary}))
     return EXIT_OK
 

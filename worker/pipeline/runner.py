@@ -14,6 +14,10 @@ Order of work:
    initializers' order).
 4. Check the result (``onnx.checker.check_model(full_check=True)``; inputs and outputs with the
    original's names, dtypes and shapes), write ``workdir/model.onnx`` and ``workdir/report.json``.
+5. Convert to each format the recipe's ``export`` lists besides onnx (``worker.pipeline.export``),
+   beside model.onnx, each measured in its own runtime (``report["exports"]``); a format that
+   fails is reported and leaves no file, the run still succeeds. A format whose optional extra is
+   not installed is refused in step 1 (``RecipeError`` at ``export.<i>``).
 """
 from __future__ import annotations
 

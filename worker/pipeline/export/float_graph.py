@@ -16,9 +16,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from worker.pipeline import graph as graph_mod
-from worker.pipeline.graph import fresh_name
-
 from worker.pipeline.distill.layers import constant_nodes, constant_values
+from worker.pipeline.graph import fresh_name
 
 
 def _is_constant_subgraph_output(model: onnx.ModelProto) -> list[str]:

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from worker.pipeline import artifacts
 from worker.pipeline.export.context import ExportContext
 from worker.pipeline.export.runtime import Runner
 
-FILES = ("model.ort", "model.required_operators_and_types.config")
+FILES = artifacts.EXPORT_FILES["ort"]
 RUNTIME = f"onnxruntime {ort.__version__}"
 DISABLED_OPTIMIZERS = ["NchwcTransformer"]
 

@@ -14,8 +14,8 @@ compression survives the conversion instead of being dequantized away:
   4- or 2-bit weight is stored in 8 bits: LiteRT has no narrower weight type);
 - fp16 -> float16 weights; nothing quantized -> float32 (pruned zeros stay zeros, stored dense).
 
-The file takes one sample per call, with the shapes of the measure data's first sample; inputs of
-rank 3 to 5 keep ONNX's channel-first layout. The report names the converter's versions, its mode
+The file takes one sample per call, with the shapes of the measure data's first sample, in ONNX's
+layout (``_layouts``). The report names the converter's versions, its mode
 and the bytes of the float32 file of the same graph (``float32_bytes``).
 """
 from __future__ import annotations
@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from worker.pipeline import graph
+from worker.pipeline import artifacts, graph
 from worker.pipeline.export.context import ExportContext
 from worker.pipeline.export.float_graph import float_graph
 from worker.pipeline.export.runtime import Runner
 
-FILES = ("model.tflite",)
+FILES = artifacts.EXPORT_FILES["tflite"]
 RUNTIME = "ai-edge-litert"
 SCRATCH = ".tflite"
 CALIBRATION_SAMPLES = 256
@@ -78,7 +78,7 @@ def convert(ctx: ExportContext) -> dict:
         shapes = {name: [int(d) for d in np.shape(sample[name])] for name in inputs}
         mode = MODES[ctx.quantization()]
         job = {"float_onnx": str(work / "float.onnx"), "folder": str(work), "output": str(ctx.workdir / FILES[0]),
-               "mode": mode, "shapes": shapes, "keep_layout": [n for n in inputs if 3 <= len(shapes[n]) <= 5]}
+               "mode": mode, "shapes": shapes, **_layouts(plain, inputs, shapes)}
         if mode == "int8":
             data = ctx.calibration if ctx.calibration is not None else ctx.measure_data
             np.savez(work / "calibration.npz", **_single_samples(ctx, data, CALIBRATION_SAMPLES))
@@ -98,6 +98,21 @@ def convert(ctx: ExportContext) -> dict:
     return {"converter": f"onnx2tf {versions['onnx2tf']} + TensorFlow {versions['tensorflow']} LiteRT converter",
             "mode": mode, "quantization": DESCRIPTIONS[mode], "input_shapes": shapes,
             "float32_bytes": versions.get("float32_bytes"), **folded}
+
+
+SPATIAL_OPS = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
+               "BatchNormalization", "InstanceNormalization", "Resize", "DepthToSpace", "SpaceToDepth"}
+
+
+def _layouts(model: onnx.ModelProto, inputs: list[str], shapes: dict[str, list[int]]) -> dict[str, list[str]]:
+    """How onnx2tf must read each input of rank 3 to 5 so that the file takes ONNX's arrays as they
+    are: channel-first (``keep_ncw``: an image or a signal a Conv reads; onnx2tf goes NHWC inside
+    and transposes once at the input) in a model with spatial ops, else exactly as given
+    (``keep_as_is``: a sequence of embeddings ``[batch, seq, d]``, which has no channel axis to move;
+    read as channel-first, onnx2tf mis-shapes the residual Adds)."""
+    spatial = any(node.op_type in SPATIAL_OPS for node in model.graph.node)
+    ranked = [name for name in inputs if 3 <= len(shapes[name]) <= 5]
+    return {"keep_ncw": ranked if spatial else [], "keep_as_is": [] if spatial else ranked}
 
 
 def _last_error(stderr: str) -> str:

@@ -4,13 +4,12 @@ for the life of a process, so the worker never imports it.
 
 Reads JOB.json: ``float_onnx`` (the float graph, ``float_graph``), ``folder`` (scratch),
 ``output`` (model.tflite), ``mode`` (``int8`` full-integer | ``dynamic`` | ``fp16`` | ``float32``),
-``shapes`` (each input's shape for one sample), ``keep_layout`` (inputs whose channel-first layout
-is kept), ``calibration`` (an .npz of concatenated single samples, for ``int8``). Writes
+``shapes`` (each input's shape for one sample), ``keep_ncw`` / ``keep_as_is`` (inputs read as
+channel-first / taken exactly as given; both keep ONNX's order), ``calibration`` (an .npz of concatenated single samples, for ``int8``). Writes
 ``output`` and prints one JSON line: the converter's choices and the float32 file's bytes.
 
-onnx2tf builds a TensorFlow graph from the ONNX model (NHWC inside; the inputs named in
-``keep_layout`` keep ONNX's channel-first order, so the file takes the same arrays as the ONNX
-model) and saves it; TensorFlow's LiteRT converter then writes the flat buffer:
+onnx2tf builds a TensorFlow graph from the ONNX model (NHWC inside; the inputs keep the order
+ONNX gives them, so the file takes the same arrays as the ONNX model) and saves it; TensorFlow's LiteRT converter then writes the flat buffer:
 - ``int8``: full-integer: weights int8 per output channel, activations int8 with ranges from the
   calibration samples (the representative data set), float32 inputs and outputs kept;
 - ``dynamic``: dynamic-range: weights int8, activations quantized at run time by the kernels that can;
@@ -58,7 +57,8 @@ def main(job_file: str) -> int:
     onnx2tf.convert(
         input_onnx_file_path=job["float_onnx"], output_folder_path=str(folder / "saved_model"),
         overwrite_input_shape=[f"{name}:{','.join(str(d) for d in dims)}" for name, dims in job["shapes"].items()],
-        keep_ncw_or_nchw_or_ncdhw_input_names=job["keep_layout"] or None,
+        keep_ncw_or_nchw_or_ncdhw_input_names=job["keep_ncw"] or None,
+        keep_shape_absolutely_input_names=job["keep_as_is"] or None,
         output_signaturedefs=True, not_use_onnxsim=True, non_verbose=True,
     )
     float_file = next((folder / "saved_model").glob("*_float32.tflite"), None)

@@ -22,11 +22,11 @@ import warnings
 import numpy as np
 import onnx
 
-from worker.pipeline import graph
+from worker.pipeline import artifacts, graph
 from worker.pipeline.export.context import ExportContext
 from worker.pipeline.export.runtime import Runner
 
-FILES = ("model.pt", "model.state_dict.pt")
+FILES = artifacts.EXPORT_FILES["pytorch"]
 _NARROW = {onnx.TensorProto.INT4: np.int8, onnx.TensorProto.INT2: np.int8,
            onnx.TensorProto.UINT4: np.uint8, onnx.TensorProto.UINT2: np.uint8}
 
