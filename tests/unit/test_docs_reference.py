@@ -77,7 +77,8 @@ def test_every_recipe_field_and_choice_is_documented():
 # ---------------------------------------------------------------------------- report
 
 # Maps keyed by tensor names: their keys are data, their values' keys are fields.
-NAME_KEYED = {"sparse_storage", "formats", "format_latency_ms", "float_activations", "rtn_fallback"}
+NAME_KEYED = {"sparse_storage", "formats", "format_latency_ms", "float_activations", "rtn_fallback",
+              "input_shapes", "stored_dtypes"}
 
 RUNS = [
     ("mlp", [{"op": "cleanup"}, {"op": "prune", "sparsity": 0.5},
@@ -90,6 +91,8 @@ RUNS = [
     ("mlp", [{"op": "quantize", "weights": {"bits": 1}}, {"op": "fp16"}]),
     ("cnn_bn", [{"op": "cleanup"}, {"op": "prune", "sparsity": 0.3, "structure": "channel", "min_params": 16},
                 {"op": "distill"}]),
+    # a whole recipe: the export formats' report (tflite's converter fields are listed in its own docs)
+    ("mlp", {"steps": [{"op": "quantize", "weights": {"bits": 8}}], "export": ["onnx", "ort", "pytorch"]}),
 ]
 
 
@@ -123,7 +126,8 @@ def report_keys() -> dict[str, str]:
         with tempfile.TemporaryDirectory() as scratch:
             path = Path(scratch) / "model.onnx"
             onnx.save(model, str(path))
-            result = runner.run(path, parse_recipe({"steps": steps}), calibration=data, evaluation=data,
+            recipe = steps if isinstance(steps, dict) else {"steps": steps}
+            result = runner.run(path, parse_recipe(recipe), calibration=data, evaluation=data,
                                 workdir=Path(scratch) / "work", options=dict(options))
         _keys(result.report, "", keys)
     return keys

@@ -105,7 +105,7 @@ def convert(ctx: ExportContext) -> dict:
     torch.save(state, str(ctx.workdir / FILES[1]))
     return {"converter": f"featherweight ONNX-to-PyTorch interpreter, torch.jit.trace ({_runtime()})",
             "input_shapes": {name: list(sample[name].shape) for name in inputs},
-            "weights": {str(dtype).removeprefix("torch."): count for dtype, count in
+            "stored_dtypes": {str(dtype).removeprefix("torch."): count for dtype, count in
                         _dtype_counts(state).items()}}
 
 

@@ -79,7 +79,7 @@ def test_pytorch_module_and_state_dict_keep_int8_and_agree(tmp_path):
     assert int8, {name: tensor.dtype for name, tensor in state.items()}
     # pruned zeros survive in the stored integers
     assert max(float((state[name] == 0).float().mean()) for name in int8) >= 0.4
-    assert row["agreement"]["cosine"] >= 0.999 and row["converter"]["weights"]["int8"] >= 32 * 64
+    assert row["agreement"]["cosine"] >= 0.999 and row["converter"]["stored_dtypes"]["int8"] >= 32 * 64
 
 
 def test_a_drifting_format_fails_alone_and_leaves_no_file(tmp_path, monkeypatch):
