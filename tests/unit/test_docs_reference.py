@@ -78,7 +78,7 @@ def test_every_recipe_field_and_choice_is_documented():
 
 # Maps keyed by tensor names: their keys are data, their values' keys are fields.
 NAME_KEYED = {"sparse_storage", "formats", "format_latency_ms", "float_activations", "rtn_fallback",
-              "input_shapes", "stored_dtypes"}
+              "input_shapes", "stored_dtypes", "candidate_bytes"}
 
 RUNS = [
     ("mlp", [{"op": "cleanup"}, {"op": "prune", "sparsity": 0.5},

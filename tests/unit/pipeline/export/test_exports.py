@@ -141,3 +141,25 @@ def test_recipe_export_field():
         parse_recipe({"steps": [{"op": "fp16"}], "export": ["ort", "ort"]})
     assert caught.value.errors[0]["loc"] == ["export"]
     assert parse_recipe({"steps": [{"op": "fp16"}], "export": ["ort", "onnx"]}).extra_formats() == ["ort"]
+
+
+def test_report_html_lists_each_format_with_its_state():
+    from worker.pipeline.report_html import render_html
+
+    report = {"exports": {"ort": {"state": "ok", "bytes": 2048, "size_ratio": 3.9,
+                                  "agreement": {"cosine": 1.0, "top1_agreement": 1.0}, "fidelity": {"cosine": 0.999},
+                                  "latency_ms": {"p50": 0.1}},
+                          "pytorch": {"state": "failed", "reason": "conversion failed: no translation for Sin"}}}
+    page = render_html(report, title="t")
+    assert "Deploy formats" in page and "no translation for Sin" in page and "3.9" in page
+    assert "Deploy formats" not in render_html({}, title="t")
+
+
+def test_ort_keeps_int8_weights_instead_of_folding_them_to_float(tmp_path):
+    # ONNX Runtime's constant folding would turn int8 -> Cast -> Mul into a float weight: a file
+    # as big as the float model
+    result = _run(tmp_path, builders.mlp(), [{"op": "quantize", "weights": {"bits": 8}}], ["onnx", "ort"])
+    row = result.report["exports"]["ort"]
+    assert row["state"] == "ok"
+    assert row["size_ratio"] >= 2.5, row["converter"]
+    assert row["converter"]["candidate_bytes"]["all"] > row["bytes"]
