@@ -5,7 +5,8 @@ workdir), load the main file in the format's own runtime, and measure on the rep
 evaluation set, else the calibration set, else generated inputs):
 
 - ``agreement``: its outputs against the compressed ONNX model's, run by ONNX Runtime (what the
-  conversion itself changed: ``rel_l2``, ``cosine``, ``top1_agreement`` as in docs/report.md);
+  conversion itself changed: ``rel_l2``, ``cosine``, ``top1_agreement`` as in docs/report.md), fed
+  the same way (one sample per call where the format takes one);
 - ``fidelity``: the same against the original model's, beside the report's own ``fidelity``;
 - ``latency_ms``: p50 / p95 of one sample on this worker, in the format's runtime;
 - ``bytes`` and ``size_ratio`` (original ONNX bytes / this format's model file), each file's sha256.
@@ -29,6 +30,7 @@ from worker.pipeline import data as data_mod
 from worker.pipeline import metrics, sessions
 from worker.pipeline.data import Dataset
 from worker.pipeline.export.context import ExportContext
+from worker.pipeline.export.runtime import Runner
 
 FIDELITY_SAMPLES = 256     # samples each converted format is measured on (per-sample runtimes are slow)
 
@@ -99,10 +101,10 @@ def export_one(fmt: str, ctx: ExportContext, original_path: Path, provider: str)
     if hasattr(runtime, "batched_inputs"):
         runtime.batched_inputs = data.batchable
     try:
-        compressed = sessions.file_session(ctx.model_path, provider)
+        compressed = _alike(sessions.file_session(ctx.model_path, provider), runtime, data.batchable)
         agreement = metrics.fidelity(compressed, runtime, data, limit=limit)
         row["agreement"] = _fidelity_row(agreement)
-        original = sessions.file_session(original_path, provider)
+        original = _alike(sessions.file_session(original_path, provider), runtime, data.batchable)
         row["fidelity"] = _fidelity_row(metrics.fidelity(original, runtime, data, limit=limit))
         del original
         del compressed
@@ -128,6 +130,17 @@ def export_one(fmt: str, ctx: ExportContext, original_path: Path, provider: str)
         row["state"] = "ok"
     row["seconds"] = time.perf_counter() - started
     return row
+
+
+def _alike(session: Any, runtime: Any, batchable: bool) -> Any:
+    """The ONNX session fed as ``runtime`` is: one sample per call where the format takes one
+    (dynamic quantization finds its ranges per call, so a batch of 64 and 64 single samples differ
+    in the ONNX model itself)."""
+    if not getattr(runtime, "per_sample", False):
+        return session
+    names = [o.name for o in session.get_outputs()]
+    return Runner(names, lambda feeds: dict(zip(names, session.run(names, feeds))), per_sample=True,
+                  batched_inputs=batchable)
 
 
 def _remove(module: ModuleType | None, ctx: ExportContext) -> None:

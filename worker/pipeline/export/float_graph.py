@@ -1,5 +1,6 @@
 """The compressed model as a plain float graph, for converters that quantize on their own terms
-(LiteRT's): every constant subgraph (a weight's DequantizeLinear, the dequantize form's Cast and
+(LiteRT's): ONNX Runtime's fused weight MatMuls (DynamicQuantizeMatMul, MatMulNBits) as
+MatMul with the float weight they encode, every constant subgraph (a weight's DequantizeLinear, the dequantize form's Cast and
 Mul, a cluster step's codebook lookup) evaluated once into a float initializer, and every
 activation QuantizeLinear -> DequantizeLinear pair replaced by the Clip to its interval (the
 converter re-quantizes from the job's calibration data; the clamp stays, since a static quantizer
@@ -16,7 +17,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from worker.pipeline import graph as graph_mod
-from worker.pipeline.distill.layers import constant_nodes, constant_values
+from worker.pipeline.distill.layers import constant_nodes, constant_values, linear_layer
 from worker.pipeline.graph import fresh_name
 
 
@@ -43,10 +44,11 @@ def float_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]
     out.graph.node.extend(kept)
     for name, value in values.items():
         out.graph.initializer.append(numpy_helper.from_array(value, name))
+    contrib = _contrib_to_matmul(out)
     pairs = _drop_activation_qdq(out)
     _prune_inits(out)
     graph_mod.sort_graph(out)
-    return out, {"constants_folded": len(values), "activation_qdq_to_clip": pairs}
+    return out, {"constants_folded": len(values), "activation_qdq_to_clip": pairs, "contrib_matmuls_to_float": contrib}
 
 
 def _prune_inits(model: onnx.ModelProto) -> None:
@@ -54,6 +56,38 @@ def _prune_inits(model: onnx.ModelProto) -> None:
     keep = [t for t in model.graph.initializer if t.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
+
+
+# ONNX Runtime's fused weight MatMuls, which other converters do not know: the float weight they stand for
+CONTRIB_MATMULS = {("com.microsoft", "DynamicQuantizeMatMul"): 4, ("com.microsoft", "MatMulNBits"): 5}
+
+
+def _contrib_to_matmul(model: onnx.ModelProto) -> int:
+    """Replace each ``CONTRIB_MATMULS`` node by ``MatMul(A, W)`` (+ ``Add`` of its bias) with W the
+    float weight it encodes (``distill.layers.linear_layer`` reads it); returns the count."""
+    taken = {name for node in model.graph.node for name in (*node.input, *node.output)}
+    taken |= {t.name for t in model.graph.initializer}
+    rewritten: list[onnx.NodeProto] = []
+    count = 0
+    for node in model.graph.node:
+        bias_index = CONTRIB_MATMULS.get((node.domain, node.op_type))
+        if bias_index is None:
+            rewritten.append(node)
+            continue
+        layer, why = linear_layer(model, node)
+        if layer is None:
+            raise ValueError(f"{node.op_type} {node.name}: {why}")
+        weight = fresh_name(f"{node.name or node.output[0]}.float_weight", taken)
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray(layer.weight.read(model), np.float32), weight))
+        bias = node.input[bias_index] if len(node.input) > bias_index else ""
+        product = fresh_name(node.output[0] + "_matmul", taken) if bias else node.output[0]
+        rewritten.append(helper.make_node("MatMul", [node.input[0], weight], [product], name=node.name))
+        if bias:
+            rewritten.append(helper.make_node("Add", [product, bias], [node.output[0]], name=f"{node.name}_bias"))
+        count += 1
+    del model.graph.node[:]
+    model.graph.node.extend(rewritten)
+    return count
 
 
 def _clip_range(model: onnx.ModelProto, quantize: onnx.NodeProto) -> tuple[float, float] | None:
