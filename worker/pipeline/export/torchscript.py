@@ -12,7 +12,8 @@ zeros. 4- and 2-bit weights (no torch type) are held in int8, one value per byte
 What tracing fixes: every shape the interpreter reads becomes a constant, so the module takes the
 traced sample's shapes, one sample per call (a dynamic batch axis is fixed at 1; the report's
 measures feed samples one by one). Ops the interpreter lacks (ONNX Runtime's fused integer
-kernels such as QLinearConv, control flow) fail the conversion with their names.
+kernels such as QLinearConv, control flow) fail the conversion with their names; so does a
+float16 model (the interpreter computes in float32: the module would not keep the compression).
 """
 from __future__ import annotations
 
@@ -60,6 +61,12 @@ def _module(model: onnx.ModelProto):
     missing = unsupported_ops(model)
     if missing:
         raise ValueError(f"the ONNX-to-PyTorch interpreter has no translation for {', '.join(missing)}")
+    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer) or any(
+            node.op_type == "Cast" and graph.attribute(node, "to") == onnx.TensorProto.FLOAT16 for node in model.graph.node):
+        # the interpreter computes float16 tensors in float32 (as ONNX Runtime's CPU kernels mostly
+        # do): the module would hold float32 weights, twice the compressed model's
+        raise ValueError("float16 models are not exported to PyTorch: the interpreter computes in float32 "
+                         "and would store float32 weights (the ort and tflite formats keep float16)")
     interpreter = TorchGraph(model, [])
     narrow = {t.name: _NARROW[t.data_type] for t in model.graph.initializer if t.data_type in _NARROW}
     for name, dtype in narrow.items():

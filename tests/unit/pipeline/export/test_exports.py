@@ -163,3 +163,10 @@ def test_ort_keeps_int8_weights_instead_of_folding_them_to_float(tmp_path):
     assert row["state"] == "ok"
     assert row["size_ratio"] >= 2.5, row["converter"]
     assert row["converter"]["candidate_bytes"]["all"] > row["bytes"]
+
+
+def test_a_float16_model_is_not_exported_to_pytorch_with_float32_weights(tmp_path):
+    result = _run(tmp_path, builders.mlp(inputs=32, hidden=64, classes=4), [{"op": "fp16"}], ["onnx", "pytorch", "ort"])
+    rows = result.report["exports"]
+    assert rows["pytorch"]["state"] == "failed" and "float16" in rows["pytorch"]["reason"]
+    assert rows["ort"]["state"] == "ok"
