@@ -55,14 +55,14 @@ def _io(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     return [v.name for v in model.graph.input if v.name not in inits], [v.name for v in model.graph.output]
 
 
-def _single_samples(ctx: ExportContext, dataset, limit: int) -> dict[str, np.ndarray]:
-    """Up to ``limit`` samples, each with a batch axis of 1, concatenated."""
+def _per_call_samples(dataset, limit: int) -> dict[str, np.ndarray]:
+    """Up to ``limit`` feeds of one sample each (what the file takes per call), stacked on a new
+    first axis: ``arrays[name][i]`` is the i-th call's input."""
     parts: dict[str, list[np.ndarray]] = {}
     for feeds in dataset.batches(1, limit):
         for name, value in feeds.items():
-            value = np.asarray(value)
-            parts.setdefault(name, []).append(value if dataset.batchable else value[None] if value.ndim == 0 else value)
-    return {name: np.concatenate(values, axis=0) if values[0].ndim else np.stack(values) for name, values in parts.items()}
+            parts.setdefault(name, []).append(np.asarray(value))
+    return {name: np.stack(values) for name, values in parts.items()}
 
 
 def convert(ctx: ExportContext) -> dict:
@@ -81,7 +81,7 @@ def convert(ctx: ExportContext) -> dict:
                "mode": mode, "shapes": shapes, **_layouts(plain, inputs, shapes)}
         if mode == "int8":
             data = ctx.calibration if ctx.calibration is not None else ctx.measure_data
-            np.savez(work / "calibration.npz", **_single_samples(ctx, data, CALIBRATION_SAMPLES))
+            np.savez(work / "calibration.npz", **_per_call_samples(data, CALIBRATION_SAMPLES))
             job["calibration"] = str(work / "calibration.npz")
         (work / "job.json").write_text(json.dumps(job))
         done = subprocess.run([sys.executable, "-m", "worker.pipeline.export.tflite_convert", str(work / "job.json")],

@@ -5,7 +5,7 @@ for the life of a process, so the worker never imports it.
 Reads JOB.json: ``float_onnx`` (the float graph, ``float_graph``), ``folder`` (scratch),
 ``output`` (model.tflite), ``mode`` (``int8`` full-integer | ``dynamic`` | ``fp16`` | ``float32``),
 ``shapes`` (each input's shape for one sample), ``keep_ncw`` / ``keep_as_is`` (inputs read as
-channel-first / taken exactly as given; both keep ONNX's order), ``calibration`` (an .npz of concatenated single samples, for ``int8``). Writes
+channel-first / taken exactly as given; both keep ONNX's order), ``calibration`` (an .npz of the feeds of one call each, stacked on a new first axis, for ``int8``). Writes
 ``output`` and prints one JSON line: the converter's choices and the float32 file's bytes.
 
 onnx2tf builds a TensorFlow graph from the ONNX model (NHWC inside; the inputs keep the order
@@ -40,7 +40,7 @@ def _converter(folder: Path, mode: str, calibration: Path | None, inputs: list[s
         def representative():
             # keyed by input name: the saved model's signature takes the ONNX input names
             for index in range(count):
-                yield {name: arrays[name][index:index + 1] for name in inputs}
+                yield {name: arrays[name][index] for name in inputs}
 
         converter.representative_dataset = representative
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
