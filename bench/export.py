@@ -60,6 +60,7 @@ def _line(fmt: str, row: dict) -> str:
     return (f"  {fmt:8s} {row['bytes']:>9,} B  x{row['size_ratio']:.2f}  "
             f"vs ONNX cos {agreement.get('cosine', 1.0):.5f} top1 {agreement.get('top1_agreement', 1.0) or 0:.3f}  "
             f"vs original cos {fidelity.get('cosine', 0):.5f} top1 {top1 if top1 is None else round(top1, 3)}  "
+            f"accuracy {row.get('accuracy') if not isinstance(row.get('accuracy'), dict) else row['accuracy'].get('compressed')}  "
             f"p50 {row['latency_ms']['p50']:.3f} ms")
 
 

@@ -7,7 +7,8 @@ evaluation set, else the calibration set, else generated inputs):
 - ``agreement``: its outputs against the compressed ONNX model's, run by ONNX Runtime (what the
   conversion itself changed: ``rel_l2``, ``cosine``, ``top1_agreement`` as in docs/report.md), fed
   the same way (one sample per call where the format takes one);
-- ``fidelity``: the same against the original model's, beside the report's own ``fidelity``;
+- ``fidelity``: the same against the original model's, beside the report's own ``fidelity``, and
+  ``accuracy`` against ``_labels`` where the data has them;
 - ``latency_ms``: p50 / p95 of one sample on this worker, in the format's runtime;
 - ``bytes`` and ``size_ratio`` (original ONNX bytes / this format's model file), each file's sha256.
 
@@ -105,7 +106,10 @@ def export_one(fmt: str, ctx: ExportContext, original_path: Path, provider: str)
         agreement = metrics.fidelity(compressed, runtime, data, limit=limit)
         row["agreement"] = _fidelity_row(agreement)
         original = _alike(sessions.file_session(original_path, provider), runtime, data.batchable)
-        row["fidelity"] = _fidelity_row(metrics.fidelity(original, runtime, data, limit=limit))
+        against_original = metrics.fidelity(original, runtime, data, limit=limit)
+        row["fidelity"] = _fidelity_row(against_original)
+        # with _labels: the format's own accuracy, beside the report's accuracy.compressed
+        row["accuracy"] = against_original.accuracy_compressed
         del original
         del compressed
         sessions.release_memory()

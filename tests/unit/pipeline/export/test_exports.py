@@ -170,3 +170,17 @@ def test_a_float16_model_is_not_exported_to_pytorch_with_float32_weights(tmp_pat
     rows = result.report["exports"]
     assert rows["pytorch"]["state"] == "failed" and "float16" in rows["pytorch"]["reason"]
     assert rows["ort"]["state"] == "ok"
+
+
+def test_with_labels_each_format_reports_its_own_accuracy(tmp_path):
+    model = builders.mlp(inputs=32, hidden=64, classes=4)
+    path = tmp_path / "model_in.onnx"
+    onnx.save_model(model, str(path))
+    data = builders.random_inputs(model, 16)
+    # labels the original model gets right: the compressed formats should too
+    data["_labels"] = builders.run_ort(model, data)[0].argmax(1)
+    result = runner.run(path, parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 8}}], "export": ["ort"]}),
+                        evaluation=data, workdir=tmp_path / "work", options=dict(FAST))
+    row = result.report["exports"]["ort"]
+    assert row["accuracy"] == pytest.approx(result.report["accuracy"]["compressed"])
+    assert row["accuracy"] >= 0.9
