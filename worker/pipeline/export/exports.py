@@ -120,7 +120,7 @@ def export_one(fmt: str, ctx: ExportContext, original_path: Path, provider: str)
                                             budget_s=float(ctx.options.get("latency_budget_s", 10.0)))[0]
     except Exception as exc:  # the runtime refused the converted file or its outputs do not fit
         row["reason"] = f"the {fmt} runtime could not run the converted model: {_first_line(exc)}"
-        _remove(module, ctx)
+        _remove(module, ctx, row)
         row["seconds"] = time.perf_counter() - started
         return row
     finally:
@@ -129,7 +129,7 @@ def export_one(fmt: str, ctx: ExportContext, original_path: Path, provider: str)
     reason = _drift(ctx.recipe, agreement)
     if reason is not None:
         row["reason"] = reason
-        _remove(module, ctx)
+        _remove(module, ctx, row)
     else:
         row["state"] = "ok"
     row["seconds"] = time.perf_counter() - started
@@ -147,7 +147,10 @@ def _alike(session: Any, runtime: Any, batchable: bool) -> Any:
                   batched_inputs=batchable)
 
 
-def _remove(module: ModuleType | None, ctx: ExportContext) -> None:
+def _remove(module: ModuleType | None, ctx: ExportContext, row: dict[str, Any] | None = None) -> None:
+    """Delete a failed format's files (so none is stored) and take them off its row."""
+    if row is not None:
+        row.pop("files", None)
     for name in getattr(module, "FILES", ()):
         (ctx.workdir / name).unlink(missing_ok=True)
 

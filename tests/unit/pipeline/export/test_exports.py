@@ -99,7 +99,7 @@ def test_a_drifting_format_fails_alone_and_leaves_no_file(tmp_path, monkeypatch)
     rows = result.report["exports"]
     assert rows["ort"]["state"] == "failed" and "export_min_cosine" in rows["ort"]["reason"]
     assert rows["ort"]["agreement"]["cosine"] < 0.99
-    assert not (tmp_path / "work" / "model.ort").exists()
+    assert not (tmp_path / "work" / "model.ort").exists() and "files" not in rows["ort"]
     assert not (tmp_path / "work" / "model.required_operators_and_types.config").exists()
     assert rows["pytorch"]["state"] == "ok" and (tmp_path / "work" / "model.pt").exists()
     assert result.model_path.exists()
