@@ -33,7 +33,7 @@ from worker.pipeline.data import Dataset
 from worker.pipeline.export.context import ExportContext
 from worker.pipeline.export.runtime import Runner
 
-FIDELITY_SAMPLES = 256     # samples each converted format is measured on (per-sample runtimes are slow)
+FIDELITY_SAMPLES = 512     # samples each format is measured on: as many as the report's fidelity
 
 
 def format_module(fmt: str) -> ModuleType:
@@ -97,7 +97,8 @@ def export_one(fmt: str, ctx: ExportContext, original_path: Path, provider: str)
                     for name in module.FILES if (ctx.workdir / name).is_file()]
     row["bytes"] = main.stat().st_size
     row["size_ratio"] = metrics.file_bytes(original_path) / row["bytes"] if row["bytes"] else None
-    limit = int(ctx.options.get("export_fidelity_samples", FIDELITY_SAMPLES))
+    # the same samples as the report's fidelity, so the formats' figures sit beside ONNX's
+    limit = int(ctx.options.get("export_fidelity_samples", ctx.options.get("fidelity_samples", FIDELITY_SAMPLES)))
     data = ctx.measure_data
     if hasattr(runtime, "batched_inputs"):
         runtime.batched_inputs = data.batchable
