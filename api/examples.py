@@ -32,6 +32,19 @@ JOB_EXAMPLES: dict[str, dict[str, Any]] = {
                   "recipe": {"steps": [{"op": "prune", "method": "magnitude", "sparsity": 0.5},
                                        {"op": "quantize", "weights": {"bits": 8}}]}},
     },
+    "int4-bounded": {
+        "summary": "int4 weight-only, with layers moved to int8 / float until the output rel_l2 <= 0.02",
+        "value": {"model_id": _MODEL, "target": "cpu-x86", "calibration_dataset_id": _CALIBRATION,
+                  "recipe": {"sensitivity": {"samples": 32},
+                             "steps": [{"op": "quantize", "max_output_error": 0.02,
+                                        "weights": {"bits": 4, "granularity": "block", "block_size": 32}}]}},
+    },
+    "goal": {
+        "summary": "goal: the smallest model within 0.01 top-1 agreement of the original (searched per layer)",
+        "value": {"model_id": _MODEL, "target": "cpu-x86", "calibration_dataset_id": _CALIBRATION,
+                  "recipe": {"goal": {"metric": "top1_agreement", "max_drop": 0.01, "minimize": "size",
+                                      "time_budget_s": 1200}}},
+    },
     "full-pipeline": {
         "summary": "cleanup, SparseGPT 2:4, low-rank, int4 GPTQ, layer-wise distillation",
         "value": {"model_id": _MODEL, "target": "cpu-x86", "calibration_dataset_id": _CALIBRATION,

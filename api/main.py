@@ -2,6 +2,8 @@
 
 ``create_app()`` builds a fresh app (tests make one per settings); ``app`` is the module-level
 instance uvicorn serves (``uvicorn api.main:app``). Nothing here touches the database at import.
+Swagger UI (``/docs``) and ReDoc (``/redoc``) are served with their assets from this service (the
+``fastapi-offline`` package ships them), so they work without internet access.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from api import problems
 from api.overload import LoadShedder
@@ -18,6 +21,7 @@ from api.routes import datasets, health, jobs, metrics, models
 
 
 log = logging.getLogger("featherweight.api")
+STATIC_DOCS_URL = "/static/docs"
 
 
 @contextlib.asynccontextmanager
@@ -34,7 +38,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app() -> FastAPI:
-    app = FastAPI(
+    # FastAPIOffline is FastAPI whose /docs (Swagger UI) and /redoc pages load their scripts, styles
+    # and favicon from this service (STATIC_DOCS_URL), not from a CDN: a service in a closed network
+    # still shows them.
+    app = FastAPIOffline(
+        static_url=STATIC_DOCS_URL,
         lifespan=_lifespan,
         title="Featherweight",
         version="0.1.0",

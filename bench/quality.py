@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from bench.sessions import single_thread_session
+from bench.sessions import open_variants
 
 OUT_DIR = Path(__file__).resolve().parent / "out" / "quality"
 BLOCK_SIZE = 32
@@ -201,11 +201,6 @@ def _spawn(model_name: str, variant: str, calibration_method: str, out_dir: Path
     return json.loads(lines[-1])
 
 
-def _file_bytes(path: Path) -> int:
-    extra = Path(str(path) + ".data")
-    return path.stat().st_size + (extra.stat().st_size if extra.exists() else 0)
-
-
 def evaluate(model_name: str, variants: list[str], calibration_method: str, runs: int) -> dict:
     model, calibration, evaluation = _load(model_name)
     out_dir = OUT_DIR / model_name
@@ -222,17 +217,7 @@ def evaluate(model_name: str, variants: list[str], calibration_method: str, runs
 
     feeds = {k: v for k, v in evaluation.items() if k != "_labels"}
     labels = evaluation["_labels"]
-    sessions = {}
-    for name, row in rows.items():
-        if "error" in row:
-            continue
-        path = out_dir / f"{name}.onnx"
-        try:
-            sessions[name] = single_thread_session(path)
-        except Exception as error:   # a file ORT cannot load is a finding, reported in its row
-            row["error"] = f"ORT cannot load: {str(error).splitlines()[0][:160]}"
-            continue
-        row["bytes"] = _file_bytes(path)
+    sessions = open_variants(rows, out_dir, error_chars=160)
     reference = sessions["fp32"].run(None, feeds)[0].astype(np.float64)
     for name, session in sessions.items():
         output = session.run(None, feeds)[0].astype(np.float64)

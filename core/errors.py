@@ -61,6 +61,14 @@ class InvalidModel(InvalidInput):
     title = "Invalid model"
 
 
+class TargetUnavailable(InvalidInput):
+    """The job's target cannot run where the job runs (a ``gpu`` job on a host without working
+    CUDA), and the request did not allow measuring on other hardware."""
+
+    type = PROBLEM_BASE + "target-unavailable"
+    title = "Target unavailable here"
+
+
 class BadRequest(FeatherweightError):
     """The HTTP request itself is malformed (not multipart, no file part, too many parts)."""
 

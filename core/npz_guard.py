@@ -3,7 +3,8 @@
 An .npz is a zip of ``<name>.npy`` entries. ``validate_npz(path)`` checks the archive first (entry
 count, no directories, symlinks or paths, per-entry and total uncompressed size, compression ratio,
 so a zip bomb is refused before it is inflated), then reads each entry's .npy header (shape, dtype)
-and refuses object dtypes (pickles), non-numeric dtypes, and NaN/Inf in float arrays, loading one
+and refuses object dtypes (pickles), non-numeric dtypes, empty arrays (0 samples: a job could only
+fail on them) and NaN/Inf in float arrays, loading one
 array at a time with ``allow_pickle=False``. It returns each array's name, shape and dtype.
 """
 from __future__ import annotations
@@ -108,6 +109,9 @@ def validate_npz(path: Path, settings: Settings | None = None) -> list[dict[str,
                 if dtype.kind not in "biuf":
                     raise InvalidDataset(f"array {name!r} has dtype {dtype}; only bool, integer and float arrays are accepted",
                                          [{"loc": ["file", name], "msg": "not a number type"}])
+                if shape and math.prod(shape) == 0:
+                    raise InvalidDataset(f"array {name!r} has shape {list(shape)}: it holds no samples; a data set "
+                                         "needs at least one", [{"loc": ["file", name], "msg": "0 samples"}])
                 if math.prod(shape) * dtype.itemsize > entry.size:
                     raise InvalidDataset(f"array {name!r} declares more data than its entry holds",
                                          [{"loc": ["file", name], "msg": "truncated"}])

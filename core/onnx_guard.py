@@ -28,6 +28,7 @@ import onnx
 from onnx import AttributeProto, GraphProto, TensorProto
 from google.protobuf.message import DecodeError
 
+from core import onnx_weights
 from core.errors import InvalidModel
 from core.settings import Settings, get_settings
 
@@ -94,6 +95,9 @@ class _Guard:
         self._graph(model.graph, depth=1, where="graph")
         for function in model.functions:
             self._nodes(function.node, depth=2, where=f"function {function.name!r}")
+        # Weights held in Constant nodes (paddle2onnx and other converters) are weights too: the
+        # pipeline lifts them to initializers (their dims were checked by _graph above).
+        self.params += onnx_weights.constant_weight_params(model)
 
     def _graph(self, graph: GraphProto, depth: int, where: str) -> None:
         if depth > self.settings.max_graph_depth:

@@ -6,10 +6,12 @@ set's array names, shapes and dtypes), so the API never loads a model or a data 
 - the recipe needs calibration data (``Recipe.needs_calibration``) and none was named;
 - each data set fits the model's inputs by the rules of docs/datasets.md (one array per input, the
   input's rank (concatenated) or one more (stacked), the fixed dims, a compatible dtype, the same
-  number of samples everywhere, ``_labels`` of shape [N]), as the worker's binding checks them;
+  number of samples everywhere, at least one, ``_labels`` of shape [N]), as the worker's binding
+  checks them;
 - a distill step's ``student_model_id`` names an uploaded model;
 - weight steps have weights to work on;
 - each ``export`` format can be produced here (its optional extra is installed: ``core.exports``);
+- a ``goal`` fits the model's outputs and the data (core.goal: output, metric, labels);
 - the format can be produced: sign / 2-bit weights need opset 25, and the model's opset must not be
   newer than the one this service's ONNX converts to.
 """
@@ -73,6 +75,9 @@ def check_dataset(inputs: list[dict[str, Any]], arrays: list[dict[str, Any]], fi
         if dtype is not None and want_dtype is not None and dtype.kind != want_dtype.kind \
                 and not (dtype.kind in "iu" and want_dtype.kind in "iu"):
             raise refuse(name, f"array {name!r} has dtype {dtype}; input wants {want_dtype}")
+    empty = [name for name, size in sizes.items() if size == 0]
+    if empty:
+        raise refuse(empty[0], f"array {empty[0]!r} holds 0 samples; a data set needs at least one")
     if len(set(sizes.values())) > 1:
         raise refuse(next(iter(sizes)), f"arrays hold different numbers of samples: {sizes}")
     if LABELS in given:
@@ -98,6 +103,14 @@ def check_job(recipe: Recipe, model: Any, *, calibration: list[dict[str, Any]] |
     if evaluation is not None:
         check_dataset(model.inputs, evaluation, "eval_dataset_id")
     check_formats(recipe.export, ["body", "recipe"])
+    if recipe.goal is not None:
+        from core.goal import check_goal
+
+        data = evaluation if evaluation is not None else calibration
+        labels = data is not None and any(a["name"] == LABELS for a in data)
+        counts = [a["shape"][0] for a in (data or []) if a["name"] != LABELS and a.get("shape")]
+        check_goal(recipe.goal, model.outputs or [], has_data=data is not None, has_labels=labels,
+                   samples=min(counts) if counts else None, prefix=["body", "recipe"])
     newest = onnx.defs.onnx_opset_version()
     if model.opset > newest:
         raise InvalidInput(f"the model's opset {model.opset} is newer than this service's ONNX supports ({newest})",

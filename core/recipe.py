@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ValidationInfo
 
 from core.errors import RecipeError
 
@@ -123,9 +124,13 @@ class WeightQuantSpec(_Spec):
 
 class ActivationQuantSpec(_Spec):
     bits: Literal[8] = 8
-    calibration: Literal["minmax", "percentile", "entropy", "dynamic"] = "minmax"
+    # percentile by measurement: PP-OCRv4 det IoU 0.981 vs 0.970 (minmax) / 0.978 (mse), MiniLM equal
+    calibration: Literal["minmax", "percentile", "entropy", "mse", "dynamic"] = "percentile"
     percentile: float = Field(99.999, gt=50.0, le=100.0)
     symmetric: bool = False
+    int16: list[Pattern] = Field(default_factory=list, max_length=MAX_PATTERNS,
+                                 description="static: glob patterns over tensor names quantized to 16 bits "
+                                             "(uint16 / int16 QDQ, opset 21) instead of 8")
 
 
 class QuantizeStep(_WeightStep):
@@ -141,7 +146,16 @@ class QuantizeStep(_WeightStep):
                                  "GroupNormalization", "Erf", "Exp", "Log", "Pow", "Sqrt", "ReduceMean"],
         max_length=64, description="op types kept in float under static activation quantization")
     bias_correction: bool = True
+    equalize: bool = Field(False, description="static int8: cross-layer equalization of Conv -> [ReLU ->] Conv "
+                                              "chains (exact in float) before calibration")
+    smoothquant: float | None = Field(
+        0.5, ge=0.0, le=1.0, description="static int8: SmoothQuant alpha, activation outliers of MatMul / Gemm "
+                                          "inputs moved into the weights (exact in float); null = off")
     embeddings: bool = Field(True, description="quantize Gather tables (embeddings) too")
+    max_output_error: float | None = Field(
+        None, gt=0.0, le=10.0,
+        description="bound on the model output's rel_l2 on the calibration data: the most sensitive weights and "
+                    "activations move to higher precision (int8 instead of int4 / int2, float) until it holds")
     integer_weights: Literal["auto", "int8", "uint8"] = Field(
         "auto", description="static / dynamic int8: storage of the weights ONNX Runtime's integer kernels read; "
                             "auto picks uint8 + 128 (exact u8u8) on x86 CPUs without VNNI, where int8 saturates, "
@@ -185,11 +199,60 @@ Step = Annotated[
 STEP_OPS = ("cleanup", "prune", "lowrank", "cluster", "quantize", "distill", "fp16")
 
 
+class SensitivitySpec(_Spec):
+    """Measure, before each quantize / prune step, every layer (and static activation) alone at the
+    step's setting: report.json ``sensitivity``, the sensitivity.json artifact."""
+
+    samples: int = Field(32, ge=1, le=4096, description="calibration samples the measurement runs on")
+    top: int = Field(50, ge=1, le=100000, description="entries per step listed in report.json")
+
+
+GOAL_METRICS = ("accuracy", "top1_agreement", "cosine", "rel_l2", "iou", "decision_agreement", "spearman")
+THRESHOLD_METRICS = ("iou", "decision_agreement")
+
+
+class GoalSpec(_Spec):
+    """An accuracy budget instead of (or besides) fixed steps: the service searches per-layer settings
+    for the smallest / fastest model whose ``metric`` on the evaluation data stays within ``max_drop``
+    of the original's. Whether ``output`` / ``metric`` fit the model is checked at submit (core.goal)."""
+
+    metric: Literal["accuracy", "top1_agreement", "cosine", "rel_l2", "iou", "decision_agreement", "spearman"]
+    output: str | None = Field(None, min_length=1, max_length=256, description="which model output (default: the first)")
+    threshold: float | None = Field(None, validate_default=True,
+                                    description="iou / decision_agreement: elements above it count")
+    max_drop: float = Field(0.01, ge=0.0, le=1e6,
+                            description="absolute drop from the original's score (rel_l2: the largest rel_l2)")
+    minimize: Literal["size", "transport_size", "latency"] = "size"
+    time_budget_s: float = Field(1200.0, gt=0.0, le=7 * 24 * 3600.0)
+    holdout: float = Field(0.25, gt=0.0, lt=1.0, description="with calibration data only: the fraction held out "
+                                                             "as evaluation data")
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, value: float | None, info: ValidationInfo) -> float | None:
+        metric = info.data.get("metric")
+        if metric in THRESHOLD_METRICS and value is None:
+            raise ValueError(f"{metric} needs a threshold")
+        if metric is not None and metric not in THRESHOLD_METRICS and value is not None:
+            raise ValueError("threshold applies only to iou and decision_agreement")
+        return value
+
+
 ExportFormat = Literal["onnx", "ort", "tflite", "pytorch"]
 
 
 class Recipe(_Spec):
-    steps: list[Step] = Field(..., min_length=1, max_length=MAX_STEPS)
+    steps: list[Step] = Field(default_factory=list, max_length=MAX_STEPS)
+    sensitivity: SensitivitySpec | None = None
+    goal: GoalSpec | None = None
+
+    @field_validator("sensitivity", mode="before")
+    @classmethod
+    def _sensitivity_flag(cls, value: Any) -> Any:
+        if value is True:
+            return {}
+        return None if value is False else value
+
     export: list[ExportFormat] = Field(
         default_factory=lambda: ["onnx"], min_length=1, max_length=8,
         description="deploy formats to hand back beside model.onnx (always produced): ort, tflite, pytorch")
@@ -222,6 +285,8 @@ class Recipe(_Spec):
                 paths.append(f"steps.{index}.activations.calibration")
             elif isinstance(step, DistillStep):
                 paths.append(f"steps.{index}.method")
+            if isinstance(step, QuantizeStep) and step.max_output_error is not None:
+                paths.append(f"steps.{index}.max_output_error")
         return paths
 
 
@@ -248,7 +313,7 @@ def parse_recipe(source: dict[str, Any] | str | bytes) -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError("a recipe is a mapping with a 'steps' list", [{"loc": [], "msg": "expected a mapping"}])
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         steps = data.get("steps") if isinstance(data.get("steps"), list) else []
         errors = []
@@ -263,6 +328,18 @@ def parse_recipe(source: dict[str, Any] | str | bytes) -> Recipe:
         first = errors[0]
         where = ".".join(str(part) for part in first["loc"]) or "recipe"
         raise RecipeError(f"invalid recipe: {where}: {first['msg']}", errors) from None
+    if not recipe.steps and recipe.goal is None:
+        why = "give steps (at least one), a goal, or both"
+        raise RecipeError(f"invalid recipe: steps: {why}", [{"loc": ["steps"], "msg": why}])
+    if recipe.goal is not None:
+        for index, step in enumerate(recipe.steps[:-1]):
+            if isinstance(step, QuantizeStep):
+                why = "with a goal, quantize is the last step (the search varies it per layer)"
+                raise RecipeError(f"invalid recipe: steps.{index}.op: {why}", [{"loc": ["steps", index, "op"], "msg": why}])
+        if sum(isinstance(step, QuantizeStep) for step in recipe.steps) > 1:
+            why = "with a goal, at most one quantize step"
+            raise RecipeError(f"invalid recipe: steps: {why}", [{"loc": ["steps"], "msg": why}])
+    return recipe
 
 
 def recipe_to_json(recipe: Recipe) -> str:

@@ -119,12 +119,16 @@ def deliver_due(settings: Settings | None = None, client: Any = None) -> int:
     tried = 0
     own_client = client is None
     client = client or httpx.Client(timeout=settings.webhook_timeout_seconds, follow_redirects=False)
+    # Only what was due when this pass began: a retry it schedules waits for the next pass, even when
+    # its backoff has already run out by the time the loop comes round (a loaded machine, a short backoff).
+    started = utcnow()
     try:
         while True:
             now = utcnow()
             with session_scope() as session:
                 jobs = JobRepo(session)
-                job = jobs.take_webhook(now, lease=dt.timedelta(seconds=settings.webhook_timeout_seconds + 30))
+                job = jobs.take_webhook(now, lease=dt.timedelta(seconds=settings.webhook_timeout_seconds + 30),
+                                        due_by=started)
                 if job is None:
                     return tried
                 tenant = TenantRepo(session).find(job.tenant_id)

@@ -17,8 +17,9 @@ and ``keys list`` manage them; ``webhook-secret --tenant NAME`` prints the secre
 webhooks are signed with. They talk to the configured database directly (run them where the
 service's settings are).
 
-``worker`` refuses (exit status 2) a queue this machine cannot serve truthfully: ``gpu`` without ONNX
-Runtime's CUDA provider, or the other CPU architecture's queue, whose timings would be wrong.
+``worker`` refuses (exit status 2) a queue this machine cannot serve truthfully: ``gpu`` where a small
+model does not run on ONNX Runtime's CUDA provider (proved at startup by running one, not by listing
+providers), or the other CPU architecture's queue, whose timings would be wrong.
 """
 from __future__ import annotations
 
@@ -65,15 +66,18 @@ def prepare_service() -> None:
 
 def default_serve_queues() -> list[str]:
     from core.targets import Target, native_target
+    from worker.pipeline import host
 
     queues = [native_target().value]
     try:
         import onnxruntime
 
-        if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-            queues.append(Target.GPU.value)
+        listed = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
     except ImportError:
-        pass
+        listed = False
+    # a listed provider is not proof: add gpu only where a model actually ran on CUDA
+    if listed and host.probe_cuda_isolated() is None:
+        queues.append(Target.GPU.value)
     return queues
 
 
@@ -88,8 +92,14 @@ def queue_problem(queue: str, machine: str | None = None) -> str | None:
         except ImportError:
             return "queue 'gpu' needs onnxruntime-gpu (pip install 'featherweight[gpu]')"
         if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-            return "queue 'gpu' needs ONNX Runtime's CUDAExecutionProvider, which this machine does not offer"
-        return None
+            return ("queue 'gpu' needs ONNX Runtime's CUDAExecutionProvider, which this machine does not offer "
+                    "(pip install 'featherweight[gpu]' on a machine with an NVIDIA GPU)")
+        from worker.pipeline import host
+
+        # proof, not a listing: a small model must run on CUDA (in a child process, so that this
+        # process, which forks the job processes, never holds a CUDA context)
+        problem = host.probe_cuda_isolated()
+        return None if problem is None else f"queue 'gpu' cannot run models on CUDA here: {problem}"
     native = native_target(machine)
     if target is not native:
         return f"queue {queue!r} needs a {queue} machine; this one is {native.value}"
@@ -230,6 +240,7 @@ def _webhook_secret(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featherweight", description="Compression as a service for ONNX models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="also log each HTTP request the command makes")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="API and one worker on the embedded default (or the configured stack)")
@@ -270,9 +281,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+# Libraries that log every request at INFO: their lines would land between a command's own progress
+# lines, so they speak only with -v.
+CHATTY_LOGGERS = ("httpx", "httpcore")
+
+
+def configure_logging(verbose: bool) -> None:
+    """Our own INFO lines on stderr; the HTTP libraries' request lines only when ``verbose``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging(bool(getattr(args, "verbose", False)))
     return int(args.handler(args) or 0)
 
 

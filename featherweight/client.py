@@ -353,8 +353,11 @@ def with_export(recipe: dict[str, Any] | str, export: Sequence[str] | None) -> d
 
 def submit_body(model_id: str, recipe: Mapping[str, Any] | str | os.PathLike[str], target: str,
                 calibration_dataset_id: str | None, eval_dataset_id: str | None,
-                webhook_url: str | None, export: Sequence[str] | None = None) -> dict[str, Any]:
+                webhook_url: str | None, export: Sequence[str] | None = None,
+                allow_target_mismatch: bool = False) -> dict[str, Any]:
     body: dict[str, Any] = {"model_id": model_id, "recipe": with_export(load_recipe(recipe), export), "target": target}
+    if allow_target_mismatch:
+        body["allow_target_mismatch"] = True
     # Optional fields are sent only when set: the server forbids unknown keys, and an absent key
     # keeps this client working against servers that predate data sets or webhooks.
     for key, value in (("calibration_dataset_id", calibration_dataset_id), ("eval_dataset_id", eval_dataset_id),
@@ -681,14 +684,16 @@ class Client:
     def submit(self, model_id: str, recipe: Mapping[str, Any] | str | os.PathLike[str], target: str = "cpu-x86",
                calibration_dataset_id: str | None = None, eval_dataset_id: str | None = None,
                webhook_url: str | None = None, idempotency_key: str | None = None,
-               export: Sequence[str] | None = None) -> Job:
+               export: Sequence[str] | None = None, allow_target_mismatch: bool = False) -> Job:
         """``POST /v1/jobs``. ``recipe`` is a dict, a .yaml/.json path, or YAML/JSON text;
         ``export`` (onnx, ort, tflite, pytorch) replaces the recipe's deploy formats.
+        ``allow_target_mismatch``: run even where the target's hardware cannot (the report says so).
 
         An Idempotency-Key is always sent (a fresh one unless given), so a retried submit cannot
         create a second job on a server that honours it.
         """
-        body = submit_body(model_id, recipe, target, calibration_dataset_id, eval_dataset_id, webhook_url, export)
+        body = submit_body(model_id, recipe, target, calibration_dataset_id, eval_dataset_id, webhook_url, export,
+                           allow_target_mismatch)
         headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
         try:
             return Job.from_json(self._json("POST", "/v1/jobs", json=body, headers=headers, retry_reads=False))
@@ -844,8 +849,10 @@ class AsyncClient:
     async def submit(self, model_id: str, recipe: Mapping[str, Any] | str | os.PathLike[str],
                      target: str = "cpu-x86", calibration_dataset_id: str | None = None,
                      eval_dataset_id: str | None = None, webhook_url: str | None = None,
-                     idempotency_key: str | None = None, export: Sequence[str] | None = None) -> Job:
-        body = submit_body(model_id, recipe, target, calibration_dataset_id, eval_dataset_id, webhook_url, export)
+                     idempotency_key: str | None = None, export: Sequence[str] | None = None,
+                     allow_target_mismatch: bool = False) -> Job:
+        body = submit_body(model_id, recipe, target, calibration_dataset_id, eval_dataset_id, webhook_url, export,
+                           allow_target_mismatch)
         headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
         try:
             return Job.from_json(await self._json("POST", "/v1/jobs", json=body, headers=headers, retry_reads=False))

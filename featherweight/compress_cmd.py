@@ -2,11 +2,18 @@
 
     featherweight compress MODEL.onnx --recipe R.yaml [--calibration C.npz] [--eval E.npz]
                            [--target cpu-x86|cpu-arm|gpu] [--student S.onnx] -o OUT.onnx
-                           [--report REPORT.json] [--report-html REPORT.html] [--export onnx,ort,tflite,pytorch]
+                           [--report REPORT.json] [--report-html REPORT.html] [--allow-target-mismatch]
+                           [--export onnx,ort,tflite,pytorch]
 
 ``--export`` (or the recipe's ``export``) writes each deploy format beside ``-o`` under its name:
 ``OUT.ort`` and ``OUT.required_operators_and_types.config``, ``OUT.pt`` and ``OUT.state_dict.pt``,
 ``OUT.tflite``; a format that failed writes nothing and the printed summary says why.
+
+``--target gpu`` where CUDA cannot run a model is bad input (exit 2) unless
+``--allow-target-mismatch`` is given; any run measured off the target's hardware prints a notice.
+
+A recipe that measures sensitivity also writes OUT.sensitivity.json; a goal's next best verified
+candidates are written as OUT.candidate-1.onnx ... (the job artifacts of the same names).
 
 Bad input (a recipe, data set or model that cannot be used) prints one line,
 ``featherweight: error: <file>: <field path>: <message>``, and exits 2; a failure of the
@@ -49,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--student", metavar="STUDENT.onnx",
                         help="distill into this smaller model (same inputs and outputs) instead of the original")
     parser.add_argument("--report-html", metavar="REPORT.html", help="also write the HTML report here")
+    parser.add_argument("--allow-target-mismatch", action="store_true",
+                        help="compress for --target even where this machine cannot run it (gpu without CUDA): "
+                             "latency is then measured here, and the report says so")
     parser.add_argument("--export", type=export_formats, metavar="FORMATS",
                         help="deploy formats, comma-separated: onnx, ort, tflite, pytorch (overrides the recipe's export)")
 
@@ -142,6 +152,22 @@ def _relocate_external_data(model_file: Path, output: Path) -> list[Path]:
     return [data_file]
 
 
+def _keep_extras(scratch: Path, output: Path) -> list[str]:
+    """sensitivity.json and a goal's next best candidates, beside the output as OUT.sensitivity.json,
+    OUT.candidate-1.onnx ... (the job's artifacts of the same names)."""
+    from worker.pipeline import artifacts
+
+    kept = []
+    names = [artifacts.SENSITIVITY_FILE,
+             *(artifacts.candidate_file(rank) for rank in range(1, artifacts.CANDIDATE_COUNT + 1))]
+    for source in (scratch / name for name in names):
+        if source.is_file():
+            target = output.with_name(f"{output.stem}.{source.name}")
+            source.replace(target)
+            kept.append(str(target))
+    return kept
+
+
 def main(args: argparse.Namespace) -> int:
     from core.errors import FeatherweightError, InvalidInput
     from core.targets import native_target
@@ -164,9 +190,11 @@ def main(args: argparse.Namespace) -> int:
         target = args.target or native_target().value
         scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
         try:
+            options: dict[str, Any] = {"allow_target_mismatch": bool(args.allow_target_mismatch)}
+            if args.student:
+                options["student_model_path"] = Path(args.student)
             result = runner.run(Path(args.model), recipe, calibration=calibration, evaluation=evaluation,
-                                target=target, workdir=scratch,
-                                options={"student_model_path": Path(args.student)} if args.student else None)
+                                target=target, workdir=scratch, options=options)
             data_files = _relocate_external_data(result.model_path, output)
             for data_file in data_files:
                 data_file.replace(output.with_name(artifacts.external_data_file(output.name)))
@@ -175,6 +203,7 @@ def main(args: argparse.Namespace) -> int:
             if args.report_html:
                 write_report_html(result.report, args.report_html, title=f"{Path(args.model).name}: compression report")
             placed = _place_exports(result.model_path.parent, output, result.report)
+            extras = _keep_extras(scratch, output)
             result.model_path.replace(output)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -194,12 +223,21 @@ def main(args: argparse.Namespace) -> int:
     except FeatherweightError as exc:
         print(f"featherweight: compression failed: {exc.detail}", file=sys.stderr)
         return EXIT_FAILED
-    summary = {key: result.report.get(key) for key in ("size_ratio", "transport_size_ratio", "latency_ratio", "fidelity")}
+    summary = {key: result.report.get(key) for key in ("size_ratio", "transport_size_ratio", "latency_ratio", "fidelity",
+                                                       "target_match")}
+    if result.report.get("target_notice"):
+        # on stderr, where people look, beside the JSON summary scripts read on stdout
+        print(f"featherweight: notice: {result.report['target_notice']}", file=sys.stderr)
+    slowest = (result.report.get("cost") or {}).get("slowest_phase")
+    if slowest:
+        summary["slowest_phase"] = slowest
+        print(f"featherweight: slowest phase: step {slowest['step'] + 1} ({slowest['op']}) {slowest['phase']}, "
+              f"{slowest['seconds']:.1f} s", file=sys.stderr)
     if result.report.get("exports"):
         summary["exports"] = {fmt: {"state": row.get("state"), "files": placed.get(fmt, []),
                                     **({"reason": row["reason"]} if row.get("reason") else {})}
                               for fmt, row in result.report["exports"].items()}
-    print(json.dumps({"output": str(output), **summary}))
+    print(json.dumps({"output": str(output), **summary, **({"also_written": extras} if extras else {})}))
     return EXIT_OK
 
 

@@ -27,8 +27,9 @@ ENV_SERVER = "FEATHERWEIGHT_SERVER"
 ENV_API_KEY = "FEATHERWEIGHT_API_KEY"
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 TARGETS = ("cpu-x86", "cpu-arm", "gpu")
-ARTIFACTS = ("model", "report.json", "report.html", "model.onnx.data", "model.ort",
-             "model.required_operators_and_types.config", "model.pt", "model.state_dict.pt", "model.tflite")
+ARTIFACTS = ("model", "report.json", "report.html", "sensitivity.json", "candidate-1", "candidate-2", "candidate-3",
+             "model.onnx.data", "model.ort", "model.required_operators_and_types.config", "model.pt",
+             "model.state_dict.pt", "model.tflite")
 EXPORT_FORMATS = ("onnx", "ort", "tflite", "pytorch")
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -135,6 +136,9 @@ def _common_arguments() -> argparse.ArgumentParser:
     common.add_argument("--api-key", metavar="KEY", help=f"API key (default: ${ENV_API_KEY})")
     common.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    # SUPPRESS: given after the command or not at all, it leaves `featherweight -v submit` alone.
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="also log each HTTP request (method, URL, status) on stderr")
     return common
 
 
@@ -152,6 +156,8 @@ def add_subcommands(subparsers: Any) -> None:
     submit.add_argument("--webhook-url", metavar="URL", help="POSTed to when the job ends")
     submit.add_argument("--export", type=_export_formats, metavar="FORMATS",
                         help="deploy formats, comma-separated: onnx, ort, tflite, pytorch (overrides the recipe's export)")
+    submit.add_argument("--allow-target-mismatch", action="store_true",
+                        help="run even where the target's hardware cannot (a gpu job without CUDA); the report says so")
     submit.add_argument("--wait", action="store_true", help="wait for the job to finish")
     submit.add_argument("--timeout", type=float, metavar="SECONDS", help="with --wait: give up after this long")
     submit.add_argument("-o", "--output", metavar="OUT.onnx", help="wait, then download the compressed model here")
@@ -241,6 +247,8 @@ def _describe(job: Any) -> list[str]:
     headline = _headline(job.report)
     if headline:
         lines.append(f"  report: {headline}")
+    if job.report and job.report.get("target_match") is False and job.report.get("target_notice"):
+        lines.append(f"  notice: {job.report['target_notice']}")
     for artifact in job.artifacts:
         size = f"{artifact.bytes:,} bytes" if isinstance(artifact.bytes, int) else "size unknown"
         lines.append(f"  artifact {artifact.name}: {size}, sha256 {artifact.sha256}")
@@ -311,7 +319,8 @@ def submit(args: argparse.Namespace, progress: Progress) -> int:
             eval_id = client.upload_dataset(evaluation, progress=progress.transfer(f"upload {evaluation.name}")).id
         try:
             job = client.submit(uploaded.id, recipe, target=args.target, calibration_dataset_id=calibration_id,
-                                eval_dataset_id=eval_id, webhook_url=args.webhook_url)
+                                eval_dataset_id=eval_id, webhook_url=args.webhook_url,
+                                allow_target_mismatch=args.allow_target_mismatch)
         except InvalidRequest as exc:
             _name_recipe_file(exc, args.recipe)
             raise

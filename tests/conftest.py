@@ -2,10 +2,13 @@
 and the integration services (Postgres, Redis, a moto S3 server).
 
 Integration fixtures read FEATHERWEIGHT_TEST_POSTGRES_URL and FEATHERWEIGHT_TEST_REDIS_URL. Without
-them the tests skip, except under CI=true, where a missing service is a failure, not a skip.
+them they use the local Postgres and Redis (LOCAL_SERVICES, as .ci/run starts them) when those answer;
+otherwise the tests skip with one summary line saying how to run them, except under CI=true, where a
+missing service is a failure, not a skip.
 """
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import uuid
@@ -149,22 +152,98 @@ def build_dynamic_batch(seed: int = 2) -> onnx.ModelProto:
     return model
 
 
+def weights_in_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every initializer moved into a Constant node, as paddle2onnx exports weights."""
+    constants = [helper.make_node("Constant", [], [t.name], name=f"{t.name}.constant", value=t)
+                 for t in model.graph.initializer]
+    nodes = constants + list(model.graph.node)
+    del model.graph.initializer[:]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 @pytest.fixture
 def onnx_models() -> SimpleNamespace:
-    """Builders of the tiny models the service tests upload: mlp, cnn, dynamic_batch (each -> ModelProto)."""
-    return SimpleNamespace(mlp=build_mlp, cnn=build_cnn, dynamic_batch=build_dynamic_batch)
+    """Builders of the tiny models the service tests upload: mlp, cnn, dynamic_batch (each -> ModelProto);
+    ``constants(model)`` moves a model's weights into Constant nodes."""
+    return SimpleNamespace(mlp=build_mlp, cnn=build_cnn, dynamic_batch=build_dynamic_batch,
+                           constants=weights_in_constants)
+
+
+def require_torch():
+    """``import torch`` for the tests of distill method kd: a skip without it, a failure under CI=true
+    (where `make install` must have installed it; a skip there would hide the kd tests)."""
+    if os.environ.get("CI", "").lower() == "true":
+        try:
+            import torch
+        except ImportError as exc:
+            pytest.fail(f"torch is required under CI=true (make install installs it): {exc}")
+        return torch
+    return pytest.importorskip("torch")
 
 
 # --- integration services ---------------------------------------------------------------------------
 
-def _service_url(variable: str) -> str:
+# Where `make test` looks for the services when the variables are unset: the local Postgres and Redis
+# that .ci/run starts (and uses with these same URLs).
+LOCAL_SERVICES = {
+    "FEATHERWEIGHT_TEST_POSTGRES_URL": "postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
+    "FEATHERWEIGHT_TEST_REDIS_URL": "redis://127.0.0.1:6379/15",
+}
+SKIPPED_INTEGRATION = ("integration tests skipped: no Postgres / Redis answers on 127.0.0.1; start them and run "
+                       "`make test` again, or run .ci/run, or set FEATHERWEIGHT_TEST_POSTGRES_URL and "
+                       "FEATHERWEIGHT_TEST_REDIS_URL")
+
+
+@functools.cache
+def service_answers(url: str) -> bool:
+    """Whether the Postgres or Redis at ``url`` accepts a connection (asked once per session)."""
+    if url.startswith("redis"):
+        import redis
+
+        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url, connect_args={"connect_timeout": 2})
+    try:
+        with engine.connect():
+            return True
+    except sa.exc.SQLAlchemyError:
+        return False
+    finally:
+        engine.dispose()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Every skip for want of the integration services at one location, so that pytest's -ra
+    summary prints them as one line (with their count) rather than one line per test."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and isinstance(report.longrepr, tuple) and SKIPPED_INTEGRATION in str(report.longrepr[2]):
+        report.longrepr = (str(Path(__file__)), service_url.__code__.co_firstlineno, report.longrepr[2])
+
+
+def service_url(variable: str) -> str:
+    """The variable's URL; unset, the local service's when it answers; else skip (fail under CI=true)."""
     url = os.environ.get(variable)
     if url:
         return url
-    message = f"{variable} is not set; integration tests need it"
+    local = LOCAL_SERVICES[variable]
+    if service_answers(local):
+        return local
     if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message + " (CI=true: failing instead of skipping)")
-    pytest.skip(message)
+        pytest.fail(f"{variable} is not set and nothing answers at {local} (CI=true: failing instead of skipping)")
+    # One reason for every such test: pytest's -ra summary shows it as a single line.
+    pytest.skip(SKIPPED_INTEGRATION)
 
 
 @pytest.fixture
@@ -173,7 +252,7 @@ def postgres_url() -> Iterator[str]:
     import sqlalchemy as sa
     from sqlalchemy.engine import make_url
 
-    base = make_url(_service_url("FEATHERWEIGHT_TEST_POSTGRES_URL"))
+    base = make_url(service_url("FEATHERWEIGHT_TEST_POSTGRES_URL"))
     name = f"fw_test_{uuid.uuid4().hex[:12]}"
     admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
     try:
@@ -191,7 +270,7 @@ def redis_url() -> str:
     """The test Redis database, flushed before the test."""
     import redis
 
-    url = _service_url("FEATHERWEIGHT_TEST_REDIS_URL")
+    url = service_url("FEATHERWEIGHT_TEST_REDIS_URL")
     client = redis.Redis.from_url(url)
     try:
         client.flushdb()

@@ -70,6 +70,11 @@ ARTIFACT_FILES: tuple[tuple[str, str, str], ...] = (
     ("model", artifacts.MODEL_FILE, "application/octet-stream"),
     ("report.json", artifacts.REPORT_FILE, "application/json"),
     ("report.html", artifacts.REPORT_HTML_FILE, "text/html; charset=utf-8"),
+    # per-layer sensitivity (recipes with ``sensitivity`` or a quantize ``max_output_error``)
+    (artifacts.SENSITIVITY_FILE, artifacts.SENSITIVITY_FILE, "application/json"),
+    # a goal's best verified candidates after the chosen one
+    *((artifacts.candidate_name(rank), artifacts.candidate_file(rank), "application/octet-stream")
+      for rank in range(1, artifacts.CANDIDATE_COUNT + 1)),
     # models past protobuf's 2 GB limit keep their tensors beside model.onnx (worker.pipeline.graph.save_model)
     ("model.onnx.data", artifacts.MODEL_DATA_FILE, "application/octet-stream"),
     # the recipe's export formats; a format that failed left no file (the report says why)
@@ -168,7 +173,8 @@ def execute_job(job_id: str, worker: str, settings: Settings | None = None, stor
             recipe = parse_recipe(inputs.recipe)
             calibration = _fetch_dataset(store, inputs.calibration_key, scratch / "input" / "calibration.npz", settings)
             evaluation = _fetch_dataset(store, inputs.evaluation_key, scratch / "input" / "evaluation.npz", settings)
-            options: dict[str, Any] = {"model_name": inputs.model_filename}   # the report's title
+            options: dict[str, Any] = {"model_name": inputs.model_filename,   # the report's title
+                                       "allow_target_mismatch": inputs.allow_target_mismatch}
             if inputs.student_key is not None:
                 # the runner loads it (and refuses a student that does not load, as the model's fault)
                 options["student_model_path"] = _fetch_model(store, inputs.student_key, scratch / "student", settings)
@@ -214,6 +220,7 @@ class JobInputs:
     calibration_key: str | None
     evaluation_key: str | None
     student_key: str | None
+    allow_target_mismatch: bool = False
 
 
 def _job_inputs(job_id: str) -> JobInputs:
@@ -229,6 +236,7 @@ def _job_inputs(job_id: str) -> JobInputs:
             calibration_key=datasets.get(job.calibration_dataset_id).storage_key if job.calibration_dataset_id else None,
             evaluation_key=datasets.get(job.eval_dataset_id).storage_key if job.eval_dataset_id else None,
             student_key=models.get(students[0]).storage_key if students else None,
+            allow_target_mismatch=bool(job.allow_target_mismatch),
         )
 
 

@@ -27,6 +27,9 @@ class JobCreate(BaseModel):
                                         description="data for the report's fidelity and accuracy")
     webhook_url: str | None = Field(None, min_length=8, max_length=2048,
                                     description="POSTed a signed event when the job finishes (http or https, public host)")
+    allow_target_mismatch: bool = Field(
+        False, description="run even where the target's hardware cannot (a gpu job on a worker without CUDA); "
+                           "the report then says its latency was not measured on the target")
 
 
 class ArtifactPublic(BaseModel):
@@ -45,6 +48,7 @@ class JobPublic(BaseModel):
     stage: str | None
     error: dict[str, Any] | None
     target: str
+    allow_target_mismatch: bool = False
     recipe: dict[str, Any]
     report: dict[str, Any] | None
     artifacts: list[ArtifactPublic]

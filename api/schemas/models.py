@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class TensorInfo(BaseModel):
@@ -19,7 +19,8 @@ class ModelPublic(BaseModel):
     filename: str
     sha256: str
     bytes: int
-    params: int
+    params: int = Field(description="elements of the model's weights: every initializer, and each Constant node "
+                                    "a layer reads as its weight (converters such as paddle2onnx write weights so)")
     opset: int
     ir_version: int
     inputs: list[TensorInfo]

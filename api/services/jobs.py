@@ -28,7 +28,7 @@ from core.storage import ObjectStore
 
 # Public artifact names; "model.onnx" is accepted as another name for "model".
 ARTIFACT_ALIASES = {"model.onnx": "model"}
-ARTIFACT_FILENAMES = {"model": "model.onnx"}
+ARTIFACT_FILENAMES = {"model": "model.onnx", **{f"candidate-{i}": f"candidate-{i}.onnx" for i in (1, 2, 3)}}
 
 
 SUBMITTING = "submitting"
@@ -74,6 +74,7 @@ def submit_job(session: Session, body: JobCreate, settings: Settings, tenant: st
         job = jobs.create(model_id=body.model_id, recipe=json.loads(recipe_to_json(recipe)), target=target,
                           max_attempts=settings.job_max_attempts, calibration_dataset_id=body.calibration_dataset_id,
                           eval_dataset_id=body.eval_dataset_id, tenant_id=tenant, webhook_url=body.webhook_url,
+                          allow_target_mismatch=body.allow_target_mismatch,
                           idempotency_key=idempotency_key, request_sha256=digest, stage=SUBMITTING)
         session.commit()
     except IntegrityError:
@@ -176,7 +177,7 @@ def job_view(session: Session, job: Job, settings: Settings) -> JobPublic:
     ]
     return JobPublic(
         id=job.id, model_id=job.model_id, state=job.state, progress=job.progress, stage=stage, error=job.error,
-        target=job.target, recipe=job.recipe, report=job.report, artifacts=artifacts, attempts=job.attempts,
+        target=job.target, allow_target_mismatch=bool(job.allow_target_mismatch), recipe=job.recipe, report=job.report, artifacts=artifacts, attempts=job.attempts,
         max_attempts=job.max_attempts, calibration_dataset_id=job.calibration_dataset_id,
         eval_dataset_id=job.eval_dataset_id, webhook_url=job.webhook_url, webhook_state=job.webhook_state,
         created_at=job.created_at, updated_at=job.updated_at, started_at=job.started_at, finished_at=job.finished_at,

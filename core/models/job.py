@@ -12,7 +12,7 @@ import datetime as dt
 import enum
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint, false
 from sqlalchemy.orm import Mapped, mapped_column
 
 from core.models.base import Base, UTCDateTime, new_id, utcnow
@@ -55,6 +55,8 @@ class Job(Base):
         ForeignKey("datasets.id", ondelete="RESTRICT"), nullable=True, index=True)
     recipe: Mapped[dict[str, Any]] = mapped_column(JSON)
     target: Mapped[str] = mapped_column(String(16))
+    # run where the target cannot (a gpu job without CUDA), measured on this host; the report says so
+    allow_target_mismatch: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     state: Mapped[str] = mapped_column(String(16), index=True, default=JobState.QUEUED.value)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     stage: Mapped[str | None] = mapped_column(String(255), nullable=True)

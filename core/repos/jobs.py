@@ -207,12 +207,12 @@ class JobRepo:
         )
         return result.rowcount == 1
 
-    def take_webhook(self, now: dt.datetime, lease: dt.timedelta) -> Job | None:
-        """One due webhook delivery, taken for this sender: attempts + 1 and not due again before
-        ``lease`` passes (a sender that dies mid-send leaves it to be retried)."""
+    def take_webhook(self, now: dt.datetime, lease: dt.timedelta, due_by: dt.datetime | None = None) -> Job | None:
+        """One webhook delivery due by ``due_by`` (default ``now``), taken for this sender: attempts + 1
+        and not due again before ``lease`` passes (a sender that dies mid-send leaves it to be retried)."""
         candidate = self.session.execute(
             select(Job.id, Job.webhook_attempts)
-            .where(Job.webhook_state == "pending", Job.webhook_next_at <= now)
+            .where(Job.webhook_state == "pending", Job.webhook_next_at <= (due_by or now))
             .order_by(Job.webhook_next_at).limit(1)
         ).first()
         if candidate is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -29,24 +30,24 @@ FAST_FAULTS = {
 DEADLINE_S = 240
 
 
-@pytest.fixture
-def api(full_stack, monkeypatch):
+@contextlib.contextmanager
+def _api_client(settings: dict[str, str], monkeypatch):
     from fastapi.testclient import TestClient
 
     from api.main import create_app
     from tests.conftest import reset_service_caches
 
-    for key, value in FAST_FAULTS.items():
+    for key, value in settings.items():
         monkeypatch.setenv(key, value)
     reset_service_caches()
     with TestClient(create_app(), raise_server_exceptions=False) as client:
         yield client
 
 
-@pytest.fixture
-def workers(full_stack, tmp_path):
-    service = Service("", tmp_path)
-    env = subprocess_env({**full_stack, **FAST_FAULTS})
+@contextlib.contextmanager
+def _worker_service(full_stack: dict[str, str], settings: dict[str, str], log_dir):
+    service = Service("", log_dir)
+    env = subprocess_env({**full_stack, **settings})
 
     def start(name: str):
         return service.start(name, [sys.executable, "-m", "featherweight.cli", "worker", "--queue", "cpu-x86"], env)
@@ -56,6 +57,18 @@ def workers(full_stack, tmp_path):
         yield service
     finally:
         service.stop()
+
+
+@pytest.fixture
+def api(full_stack, monkeypatch):
+    with _api_client(FAST_FAULTS, monkeypatch) as client:
+        yield client
+
+
+@pytest.fixture
+def workers(full_stack, tmp_path):
+    with _worker_service(full_stack, FAST_FAULTS, tmp_path) as service:
+        yield service
 
 
 def _wait(api, job_id: str, until, logs) -> dict:
@@ -236,3 +249,54 @@ def test_a_job_whose_message_a_broker_restart_lost_is_sent_again(full_stack, tmp
         assert job["state"] == "succeeded", f"{job}\n{service.logs()}"
         messages = [e["message"] or "" for e in api.get(f"/v1/jobs/{job_id}/events").json()]
         assert any("its message was lost, sent again" in m for m in messages), messages
+
+
+def _grace_seconds() -> int:
+    """The worker Deployments' terminationGracePeriodSeconds (deploy/k8s): SIGTERM to SIGKILL."""
+    import yaml
+
+    from tests.e2e.conftest import REPO_ROOT
+
+    spec = yaml.safe_load((REPO_ROOT / "deploy" / "k8s" / "base" / "worker-cpu-x86.yaml").read_text())
+    return int(spec["spec"]["template"]["spec"]["terminationGracePeriodSeconds"])
+
+
+# No worker is lost in the shutdown test: leases may go unrenewed for a while on a loaded machine
+# without the reaper taking the job away from the worker that still runs it.
+PATIENT = {**FAST_FAULTS, "FEATHERWEIGHT_WORKER_HEARTBEAT_SECONDS": "1", "FEATHERWEIGHT_WORKER_STALE_SECONDS": "120"}
+
+
+def test_sigterm_lets_the_running_job_finish_and_loses_no_job(full_stack, monkeypatch, tmp_path, onnx_models):
+    """What Kubernetes does on scale-in, rollout or drain: SIGTERM to the worker's main process (PID 1
+    in its container) only. The worker finishes the job it holds, exits 0 well within the grace
+    period, and the job queued behind it stays queued for the next worker: none lost, none run twice."""
+    with _api_client(PATIENT, monkeypatch) as api, _worker_service(full_stack, PATIENT, tmp_path) as workers:
+        _sigterm_scenario(api, workers, onnx_models)
+
+
+def _sigterm_scenario(api, workers, onnx_models) -> None:
+    model_id = api.post("/v1/models", files={"file": ("mlp.onnx", onnx_models.mlp().SerializeToString())}).json()["id"]
+    first_worker = workers.start_worker("worker-1")
+    running = api.post("/v1/jobs", json={"model_id": model_id, "recipe": RECIPE}).json()["id"]
+    _wait(api, running, lambda j: j["state"] == "running" and (j["stage"] or "").startswith("step"), workers.logs)
+    waiting = api.post("/v1/jobs", json={"model_id": model_id, "recipe": RECIPE}).json()["id"]
+
+    signalled = time.monotonic()
+    os.kill(first_worker.pid, signal.SIGTERM)
+    grace = min(_grace_seconds(), DEADLINE_S)
+    try:
+        code = first_worker.wait(timeout=grace)
+    except subprocess.TimeoutExpired:   # the pod would be SIGKILLed here
+        raise AssertionError(f"the worker did not exit within {grace} s of SIGTERM\n{workers.logs()}") from None
+    stopped_after = time.monotonic() - signalled
+    assert code == 0, f"worker exit status {code}\n{workers.logs()}"
+
+    finished = api.get(f"/v1/jobs/{running}").json()
+    assert finished["state"] == "succeeded" and finished["attempts"] == 1, f"{finished}\n{workers.logs()}"
+    assert api.get(f"/v1/jobs/{waiting}").json()["state"] == "queued"
+    assert stopped_after < grace
+
+    workers.start_worker("worker-2")
+    done = _wait(api, waiting, lambda j: j["state"] in {"succeeded", "failed", "cancelled"}, workers.logs)
+    assert done["state"] == "succeeded" and done["attempts"] == 1, f"{done}\n{workers.logs()}"
+    assert api.get(f"/v1/jobs/{running}").json()["attempts"] == 1      # not run again by worker-2

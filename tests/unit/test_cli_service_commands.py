@@ -36,9 +36,15 @@ def test_serve_worker_takes_the_native_cpu_queue(monkeypatch):
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
     monkeypatch.setattr("platform.machine", lambda: "aarch64")
     assert cli.default_serve_queues() == ["cpu-arm"]
+    from worker.pipeline import host
+
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    monkeypatch.setattr(host, "probe_cuda_isolated", lambda: None)
     assert cli.default_serve_queues() == ["cpu-x86", "gpu"]
+    # listed but unable to run a model (no driver, no device): no gpu queue
+    monkeypatch.setattr(host, "probe_cuda_isolated", lambda: "CUDA failure 100: no CUDA-capable device is detected")
+    assert cli.default_serve_queues() == ["cpu-x86"]
 
 
 def test_worker_argv_is_json_prefork_one_queue(fw_home, monkeypatch):
@@ -73,8 +79,27 @@ def test_a_worker_only_serves_queues_this_machine_can_run(monkeypatch, capsys):
     assert cli.queue_problem("cpu-arm", machine="aarch64") is None
     assert "needs a cpu-arm machine" in cli.queue_problem("cpu-arm", machine="x86_64")
     assert "CUDAExecutionProvider" in cli.queue_problem("gpu")
+    from worker.pipeline import host
+
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(host, "probe_cuda_isolated", lambda: None)
     assert cli.queue_problem("gpu") is None
+    # a listed provider is not proof: the startup probe must run a model on CUDA
+    monkeypatch.setattr(host, "probe_cuda_isolated", lambda: "CUDAExecutionProvider cannot run a model here: libcudart.so.12 missing")
+    assert "cannot run models on CUDA here: CUDAExecutionProvider cannot run a model here" in cli.queue_problem("gpu")
+    assert cli.main(["worker", "--queue", "gpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("featherweight worker: queue 'gpu'") and len(err.strip().splitlines()) == 1
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert cli.main(["worker", "--queue", "gpu"]) == 2
+    assert "featherweight worker: queue 'gpu'" in capsys.readouterr().err
+
+
+def test_this_cuda_less_host_refuses_a_gpu_worker_for_real(capsys):
+    """No mocks: on a machine where CUDA cannot run (this CI host), the real startup probe refuses."""
+    from worker.pipeline import host
+
+    if host.probe_cuda_isolated() is None:
+        pytest.skip("CUDA runs here: the refusal cannot be shown")
     assert cli.main(["worker", "--queue", "gpu"]) == 2
     assert "featherweight worker: queue 'gpu'" in capsys.readouterr().err

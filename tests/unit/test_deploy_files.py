@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -123,3 +125,29 @@ def test_dockerignore_keeps_host_build_outputs_out_of_images():
     assert {".venv", ".git", "**/*.so", "kernels/_ffi.c"} <= patterns
     copied = {rest.split()[0] for keyword, rest in dockerfile_instructions() if keyword == "COPY" and "--from" not in rest}
     assert not any(path.rstrip("/") in patterns for path in copied)
+
+
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_a_failed_torch_install_fails_make_under_ci_only(tmp_path, ci):
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python").write_text("#!/bin/sh\nexit 1\n")   # every pip install fails
+    (fake / "python").chmod(0o755)
+    result = subprocess.run(["make", "-s", "-C", str(ROOT), "torch", f"BIN={fake}", f"CI={ci}"],
+                            capture_output=True, text=True, timeout=60)
+    if ci:
+        assert result.returncode != 0 and "torch install failed" in result.stderr
+    else:
+        assert result.returncode == 0 and "distill method kd unavailable" in result.stdout
+
+
+def test_readme_first_screen_has_the_commands_and_make_demo_exists():
+    first_screen = "\n".join((ROOT / "README.md").read_text().splitlines()[:40])
+    for command in ("make run", "make test", "make demo"):
+        assert command in first_screen, command
+    result = subprocess.run(["make", "-n", "-C", str(ROOT), "demo", "BIN=.venv/bin", "PORT=8123"],
+                            capture_output=True, text=True, timeout=60) if shutil.which("make") else None
+    if result is not None:
+        assert "-m featherweight.demo --server http://127.0.0.1:8123" in result.stdout, result.stdout + result.stderr

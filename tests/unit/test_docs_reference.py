@@ -78,7 +78,8 @@ def test_every_recipe_field_and_choice_is_documented():
 
 # Maps keyed by tensor names: their keys are data, their values' keys are fields.
 NAME_KEYED = {"sparse_storage", "formats", "format_latency_ms", "float_activations", "rtn_fallback",
-              "input_shapes", "stored_dtypes", "candidate_bytes"}
+              "input_shapes", "stored_dtypes", "candidate_bytes",
+              "weights"}   # higher_precision.weights: weight name -> its level; elsewhere a list
 
 RUNS = [
     ("mlp", [{"op": "cleanup"}, {"op": "prune", "sparsity": 0.5},
@@ -93,6 +94,12 @@ RUNS = [
                 {"op": "distill"}]),
     # a whole recipe: the export formats' report (tflite's converter fields are listed in its own docs)
     ("mlp", {"steps": [{"op": "quantize", "weights": {"bits": 8}}], "export": ["onnx", "ort", "pytorch"]}),
+    # a whole recipe where the top level matters: sensitivity, an error bound, a goal
+    ("mlp", {"sensitivity": {"samples": 8},
+             "steps": [{"op": "quantize", "weights": {"bits": 4, "granularity": "block", "block_size": 32},
+                        "min_params": 16, "max_output_error": 0.001}]}),
+    ("mlp", {"goal": {"metric": "cosine", "max_drop": 0.001, "time_budget_s": 60},
+             "steps": [{"op": "quantize", "weights": {"bits": 8}, "activations": {"bits": 8}, "min_params": 16}]}),
 ]
 
 
@@ -126,8 +133,8 @@ def report_keys() -> dict[str, str]:
         with tempfile.TemporaryDirectory() as scratch:
             path = Path(scratch) / "model.onnx"
             onnx.save(model, str(path))
-            recipe = steps if isinstance(steps, dict) else {"steps": steps}
-            result = runner.run(path, parse_recipe(recipe), calibration=data, evaluation=data,
+            recipe = parse_recipe(steps if isinstance(steps, dict) else {"steps": steps})
+            result = runner.run(path, recipe, calibration=data, evaluation=data,
                                 workdir=Path(scratch) / "work", options=dict(options))
         _keys(result.report, "", keys)
     return keys
@@ -136,7 +143,8 @@ def report_keys() -> dict[str, str]:
 def test_every_report_field_is_documented(report_keys):
     # the runs reach what the page must cover: both models, ratios, accuracy, layers and every op's record
     for expected in ("size_ratio", "accuracy.compressed", "layers[].sqnr_db", "steps[].sparse_storage.*.fill",
-                     "steps[].kept_float32", "steps[].layers[].rel_l2_after", "steps[].param_ratio"):
+                     "steps[].kept_float32", "steps[].layers[].rel_l2_after", "steps[].param_ratio",
+                     "sensitivity[].entries[].error", "steps[].mixed_precision.met", "goal.chosen", "candidates[].pareto"):
         assert expected in report_keys
     documented = _names_in("docs/report.md")
     missing = sorted(path for path, name in report_keys.items() if name not in documented)

@@ -128,3 +128,13 @@ def test_server_and_key_come_from_the_environment(monkeypatch):
     assert made == {"base_url": "https://fw.example:8443", "api_key": "env-key"}
     assert remote_cmds.main(["status", "j1", "--server", "http://other:1", "--api-key", "flag-key"]) == 2
     assert made == {"base_url": "http://other:1", "api_key": "flag-key"}
+
+
+def test_status_prints_the_notice_when_not_measured_on_the_target():
+    notice = "Latency was not measured on the target's hardware: target gpu, measured on x86_64"
+    job = Job.from_json({"id": "j1", "state": "succeeded", "progress": 1.0, "stage": "done",
+                         "report": {"size_ratio": 4.0, "target_match": False, "target_notice": notice}})
+    assert f"  notice: {notice}" in remote_cmds._describe(job)
+    matched = Job.from_json({"id": "j1", "state": "succeeded", "progress": 1.0, "stage": "done",
+                             "report": {"size_ratio": 4.0, "target_match": True, "target_notice": None}})
+    assert not any("notice" in line for line in remote_cmds._describe(matched))

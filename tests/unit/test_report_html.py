@@ -262,3 +262,11 @@ def test_chromium_renders_a_non_blank_page(tmp_path: Path):
     # A blank (all white) or failed page has one colour; text, cards and bars give many, and ink.
     assert len(colours) > 20, f"only {len(colours)} colours: the page looks blank"
     assert dark / sampled > 0.005, "almost no dark pixels: no text was drawn"
+
+
+def test_macs_marked_as_a_lower_bound_say_so():
+    report = sample_report()
+    report["original"]["macs_lower_bound"] = True
+    text = visible_text(parse_strictly(render_html(report, title="t")))
+    assert "\u2265 7,000,000 (lower bound)" in text
+    assert text.count("(lower bound)") == 1   # the compressed side is not marked

@@ -15,13 +15,40 @@ from worker.pipeline import sessions
 from worker.pipeline.data import Dataset
 
 
+CAPTURE_BUDGET = 256 << 20     # bytes of captured tensors one batch may hold
+
+
 def capture(model: onnx.ModelProto, data: Dataset, names: Sequence[str], *, batch_size: int = 64,
-            limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Yield ``{name: value}`` for the wanted tensors, one dict per batch of ``data``."""
+            limit: int | None = None, budget_bytes: int = CAPTURE_BUDGET) -> Iterator[dict[str, np.ndarray]]:
+    """Yield ``{name: value}`` for the wanted tensors, one dict per batch of ``data`` (see
+    ``capture_counted``)."""
+    for _, values in capture_counted(model, data, names, batch_size=batch_size, limit=limit, budget_bytes=budget_bytes):
+        yield values
+
+
+def capture_counted(model: onnx.ModelProto, data: Dataset, names: Sequence[str], *, batch_size: int = 64,
+                    limit: int | None = None, budget_bytes: int = CAPTURE_BUDGET
+                    ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """Yield ``(samples in the batch, {name: value})`` for the wanted tensors, batch by batch.
+
+    The batch is at most ``batch_size`` samples and small enough that the captured tensors of one
+    batch stay within ``budget_bytes``: the first sample runs alone and measures what a sample's
+    tensors take (every intermediate tensor of a BERT layer at 64 x 104 tokens is ~3 GB)."""
     run = sessions.session(model, outputs=names)
-    for feeds in data.batches(batch_size, limit):
-        values = run.run(list(names), feeds)
-        yield dict(zip(names, values))
+    total = data.size if limit is None else min(limit, data.size)
+    if not data.batchable or total <= 1 or batch_size <= 1:
+        step = batch_size if data.batchable else 1
+        for start, feeds in zip(range(0, total, step), data.batches(batch_size, limit)):
+            yield min(step, total - start), dict(zip(names, run.run(list(names), feeds)))
+        return
+    first = dict(zip(names, run.run(list(names), next(data.head(1).batches(1)))))
+    per_sample = max(sum(int(v.nbytes) for v in first.values()), 1)
+    yield 1, first
+    del first
+    step = max(1, min(batch_size, budget_bytes // per_sample))
+    rest = data.slice(1, total)
+    for start, feeds in zip(range(0, total - 1, step), rest.batches(step)):
+        yield min(step, total - 1 - start), dict(zip(names, run.run(list(names), feeds)))
 
 
 def hessian_of_inputs(samples: Iterable[np.ndarray], columns: int) -> tuple[np.ndarray, int]:

@@ -20,3 +20,17 @@ EXPORT_FILES: dict[str, tuple[str, ...]] = {
 def external_data_file(model_file: str) -> str:
     """The name of the file that holds ``model_file``'s tensors when they are stored beside it."""
     return model_file + EXTERNAL_DATA_SUFFIX
+# per-layer sensitivity (recipes with ``sensitivity`` or a quantize ``max_output_error``)
+SENSITIVITY_FILE = "sensitivity.json"
+# a goal's best verified candidates after the chosen one, best first (worker.pipeline.search.engine)
+CANDIDATE_COUNT = 3
+
+
+def candidate_name(rank: int) -> str:
+    """The artifact name of a goal's ``rank``-th next best candidate (1-based)."""
+    return f"candidate-{rank}"
+
+
+def candidate_file(rank: int) -> str:
+    """The workdir file that holds the ``rank``-th next best candidate."""
+    return candidate_name(rank) + ".onnx"

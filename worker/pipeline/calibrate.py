@@ -9,6 +9,8 @@ Ranges:
     percentile  [P(100 - p), P(p)] of the signed values (p from the recipe, default 99.999)
     entropy     the KL-divergence threshold t on |x| (TensorRT style, 128 quantized bins; exact
                 zeros left out of the search): [max(min(x), -t), min(max(x), t)]
+    mse         the [lo, hi] minimising the expected 8-bit rounding + clipping error over the
+                histogram (``quantize.range_search``)
 Every range is widened to hold 0, so that 0 (zero padding, ReLU's floor) is exactly representable.
 
 Mask sentinels. Attention masks filled with float32's minimum (-3.4e38) or -1e9 reach tensors such
@@ -34,7 +36,7 @@ from worker.pipeline.data import Dataset
 MASK_MAGNITUDE = 1e8
 DEFAULT_BINS = 2048
 ENTROPY_QUANT_BINS = 128
-METHODS = ("minmax", "percentile", "entropy")
+METHODS = ("minmax", "percentile", "entropy", "mse")
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,9 @@ class TensorRange:
 class ActivationStatistics:
     """One streaming histogram per tensor, fed one batch at a time."""
 
-    def __init__(self, names: Iterable[str], bins: int = DEFAULT_BINS):
+    def __init__(self, names: Iterable[str], bins: int = DEFAULT_BINS, *, count_zeros: bool = True):
         self.bins = bins
+        self.count_zeros = count_zeros      # only the entropy range reads the zero counts
         self.histograms = {name: kernels.Histogram(bins=bins) for name in names}
         self.masked: set[str] = set()
         self.counts = {name: 0 for name in self.histograms}
@@ -64,15 +67,19 @@ class ActivationStatistics:
         flat = np.asarray(values)
         if flat.dtype.kind != "f":
             return
-        flat = flat.reshape(-1)
-        ordinary = np.abs(flat) < MASK_MAGNITUDE      # False for NaN and +-Inf as well
-        if not ordinary.all():
+        flat = np.ascontiguousarray(flat, dtype=np.float32).reshape(-1)
+        # one C pass tells whether any value is a sentinel; only then is the mask built (it used
+        # to be two numpy passes and a bool array over every tensor of every batch)
+        low, high, finite = kernels.minmax(flat) if flat.size else (0.0, 0.0, 0)
+        if finite != flat.size or low <= -MASK_MAGNITUDE or high >= MASK_MAGNITUDE:
+            ordinary = np.abs(flat) < MASK_MAGNITUDE      # False for NaN and +-Inf as well
             self.masked.add(name)
             flat = flat[ordinary]
         if flat.size:
-            self.histograms[name].update(np.ascontiguousarray(flat, dtype=np.float32))
+            self.histograms[name].update(flat)
             self.counts[name] += int(flat.size)
-            self.zeros[name] += int(np.count_nonzero(flat == 0))
+            if self.count_zeros:
+                self.zeros[name] += int(flat.size - np.count_nonzero(flat))
 
     def _entropy_threshold(self, name: str) -> float:
         """KL threshold on |x| without the exact zeros: every grid holds 0 exactly, so a ReLU's half
@@ -100,23 +107,27 @@ class ActivationStatistics:
         elif method == "entropy":
             threshold = self._entropy_threshold(name)
             low, high = max(low, -threshold), min(high, threshold)
+        elif method == "mse" and histogram.range > 0.0:
+            from worker.pipeline.quantize.range_search import mse_range
+            low, high = mse_range(histogram.counts, histogram.range, self.zeros[name], min(low, 0.0), max(high, 0.0))
         return TensorRange(name, min(low, 0.0), max(high, 0.0), name in self.masked, self.counts[name])
 
 
 def collect(model: onnx.ModelProto, data: Dataset, names: Sequence[str], *, bins: int = DEFAULT_BINS,
-            batch_size: int = 64, limit: int | None = None, progress=None) -> ActivationStatistics:
+            batch_size: int = 64, limit: int | None = None, progress=None,
+            budget_bytes: int = activations.CAPTURE_BUDGET, count_zeros: bool = True) -> ActivationStatistics:
     """Run ``model`` over ``data`` and stream every tensor in ``names`` into its histogram.
     Only one batch of activations is held at a time."""
-    statistics = ActivationStatistics(names, bins)
+    statistics = ActivationStatistics(names, bins, count_zeros=count_zeros)
     if not names:
         return statistics
     total = data.size if limit is None else min(limit, data.size)
-    step = batch_size if data.batchable else 1
     done = 0
-    for values in activations.capture(model, data, list(names), batch_size=batch_size, limit=limit):
+    for count, values in activations.capture_counted(model, data, list(names), batch_size=batch_size, limit=limit,
+                                                           budget_bytes=budget_bytes):
         for name, value in values.items():
             statistics.update(name, value)
-        done = min(done + step, total)
+        done = min(done + count, total)
         if progress is not None and total:
             progress(done / total, f"calibration {done}/{total}")
     return statistics
@@ -124,9 +135,11 @@ def collect(model: onnx.ModelProto, data: Dataset, names: Sequence[str], *, bins
 
 def calibrate(model: onnx.ModelProto, data: Dataset, names: Sequence[str], *, method: str = "minmax",
               percentile: float = 99.999, bins: int = DEFAULT_BINS, batch_size: int = 64,
-              limit: int | None = None, progress=None) -> dict[str, TensorRange]:
+              limit: int | None = None, progress=None, budget_bytes: int = activations.CAPTURE_BUDGET
+              ) -> dict[str, TensorRange]:
     """Ranges of ``names`` on ``data`` by ``method``; tensors never seen are absent."""
-    statistics = collect(model, data, names, bins=bins, batch_size=batch_size, limit=limit, progress=progress)
+    statistics = collect(model, data, names, bins=bins, batch_size=batch_size, limit=limit, progress=progress,
+                         budget_bytes=budget_bytes, count_zeros=method == "entropy")
     ranges = {}
     for name in names:
         found = statistics.range(name, method, percentile)

@@ -1,7 +1,8 @@
 """The output format, chosen once the last step has run (between the steps and the checks of the
 result): how weight-only DequantizeLinear is written (as is, or as constant-foldable Cast / Mul
 where that runs faster here), pruned integer weights stored as bitmask + values where the file
-compresses smaller, the initializers' order in the file, and the value_info the original carried.
+compresses smaller, the initializers' order in the file, the value_info the original carried, and
+the original's shape annotations on inputs and outputs that a step rewrote without changing them.
 Each decision is recorded in the metrics of the step it concerns."""
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any, Mapping, Sequence
 
 import onnx
 
-from core.recipe import Recipe
+from core.recipe import QuantizeStep, Recipe
 from worker.pipeline import data as data_mod
 from worker.pipeline.quantize import dequantize_form, file_layout, sparse_storage
 from worker.pipeline.step import StepContext
@@ -40,16 +41,51 @@ def drop_added_value_info(original: onnx.ModelProto, compressed: onnx.ModelProto
     compressed.graph.value_info.extend(values)
 
 
+def restore_io_annotations(original: onnx.ModelProto, compressed: onnx.ModelProto) -> list[str]:
+    """Give the compressed model's inputs and outputs the original's shape annotations where they
+    describe the same tensor: same name, element type and rank, and no axis where both give a
+    different fixed size. Steps that upgrade the opset or infer shapes rewrite these annotations
+    (a symbolic ``Divsentence_embedding_dim_1`` becomes 384); that is no interface change, and the
+    user keeps the names their code reads. Returns the names restored."""
+    by_name = {value.name: value for value in list(original.graph.input) + list(original.graph.output)}
+    restored = []
+    for value in list(compressed.graph.input) + list(compressed.graph.output):
+        before = by_name.get(value.name)
+        if before is None or before.type == value.type or not before.type.HasField("tensor_type"):
+            continue
+        old, new = before.type.tensor_type, value.type.tensor_type
+        if old.elem_type != new.elem_type or not old.HasField("shape") or not new.HasField("shape"):
+            continue
+        if len(old.shape.dim) != len(new.shape.dim):
+            continue
+        if any(a.HasField("dim_value") and b.HasField("dim_value") and a.dim_value != b.dim_value
+               for a, b in zip(old.shape.dim, new.shape.dim)):
+            continue          # two fixed sizes that disagree: a real change, check_result says so
+        value.type.CopyFrom(before.type)
+        restored.append(value.name)
+    return restored
+
+
 def finalize(model: onnx.ModelProto, recipe: Recipe, step_rows: Sequence[dict[str, Any]], ctx: StepContext, *,
-             evaluation: data_mod.Dataset | None, calibration: data_mod.Dataset | None) -> None:
+             evaluation: data_mod.Dataset | None, calibration: data_mod.Dataset | None,
+             chosen: QuantizeStep | None = None) -> None:
     """Put ``model`` (the last step's result, changed in place) in its output format; ``step_rows``
-    are the steps' metrics rows, in recipe order, that the decisions are added to."""
-    quantized = [i for i, step in enumerate(recipe.steps) if step.op == "quantize"]
-    if quantized:
-        row = step_rows[quantized[-1]]
+    are the steps' metrics rows, in recipe order, that the decisions are added to. With a ``goal``
+    the recipe's quantize steps were not run as written: the search's row is the last one, and
+    ``chosen`` the quantize setting it picked (None: a float or fp16 model)."""
+    final: tuple[QuantizeStep, dict[str, Any]] | None = None
+    if recipe.goal is not None:
+        if chosen is not None:
+            final = (chosen, step_rows[-1])
+    else:
+        quantized = [i for i, step in enumerate(recipe.steps) if step.op == "quantize"]
+        if quantized:
+            final = (recipe.steps[quantized[-1]], step_rows[quantized[-1]])
+    if final is not None:
+        step, row = final
         # weight-only DequantizeLinear as constant-foldable Cast / Mul where that runs faster here
         row["dequantize_form"] = _dequantize_form(
-            model, recipe.steps[quantized[-1]], evaluation or calibration or data_mod.generated(ctx.original, count=1),
+            model, step, evaluation or calibration or data_mod.generated(ctx.original, count=1),
             ctx.target, ctx.options, ctx.layers)
         if ctx.options.get("sparse_storage", True):
             # pruned integer weights as bitmask + values where the file compresses smaller
@@ -57,5 +93,6 @@ def finalize(model: onnx.ModelProto, recipe: Recipe, step_rows: Sequence[dict[st
     if step_rows:
         # each kind of tensor together, in the measured order zstd's per-block Huffman tables fit best
         # (integers and floats of quantized and clustered models; never a larger file after zstd)
-        step_rows[quantized[-1] if quantized else -1]["initializer_order"] = file_layout.order_initializers(model)
+        (final[1] if final is not None else step_rows[-1])["initializer_order"] = file_layout.order_initializers(model)
     drop_added_value_info(ctx.original, model)
+    restore_io_annotations(ctx.original, model)

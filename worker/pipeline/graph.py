@@ -130,6 +130,8 @@ def _weight_axes(node: onnx.NodeProto, input_index: int, rank: int) -> tuple[int
         return 1, 0                                   # W[I, O/g, k...]
     if node.op_type == "Gather" and input_index == 0 and rank == 2 and attribute(node, "axis", 0) == 0:
         return 0, 1                                   # embedding table [V, D]: one row per token
+    if node.op_type in ("LSTM", "GRU", "RNN") and input_index in (1, 2) and rank == 3:
+        return 1, 2                                   # W / R [directions, gates * hidden, inputs]: one row per gate unit
     return None
 
 

@@ -11,7 +11,8 @@ Definitions:
   (for a quantized tensor: stored values not equal to zero; for MatMulNBits, whose B packs
   8/bits weights per byte, the N x K weights it encodes, nonzero where not at their zero point; for
   a weight stored sparse, bitmask + values, the dense tensor it decodes to).
-- ``macs``: multiply-accumulates for one sample (symbolic dims taken as 1) of Conv, ConvTranspose,
+- ``macs``: multiply-accumulates for one sample (symbolic dims: the sizes of the evaluation or
+  calibration data where given, else 1, and then a lower bound, see ``MacCount``) of Conv, ConvTranspose,
   Gemm, MatMul, their quantized and fused forms (QLinearConv, ConvInteger, QLinearMatMul,
   MatMulInteger, MatMulIntegerToFloat, DynamicQuantizeMatMul, FusedMatMul, MatMulNBits) and the
   recurrent cells (LSTM: 4, GRU: 3, RNN: 1 gates of ``H * (I + H)`` per step and direction).
@@ -219,13 +220,17 @@ def _prod(values: Sequence[int]) -> int:
     return int(np.prod(values, dtype=np.int64)) if len(values) else 1
 
 
+_MATMUL_OPS = frozenset({"MatMul", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
+                         "FusedMatMul", "MatMulNBits", "MatMulBnb4", "MatMulFpQ4"})
+MAC_OPS = _MATMUL_OPS | {"Gemm", "Conv", "ConvInteger", "QLinearConv", "ConvTranspose", "LSTM", "GRU", "RNN"}
+
+
 def node_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int:
     """Multiply-accumulates of one node from its inferred shapes (0 when unknown or not counted)."""
     op = node.op_type
     out = shapes.get(node.output[0]) if node.output else None
     get = lambda i: shapes.get(node.input[i]) if len(node.input) > i and node.input[i] else None  # noqa: E731
-    if op in ("MatMul", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
-              "FusedMatMul", "MatMulNBits", "MatMulBnb4", "MatMulFpQ4"):
+    if op in _MATMUL_OPS:
         a = get(0)
         if out is None or a is None or not a:
             return 0
@@ -266,9 +271,34 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int:
     return 0
 
 
-def macs(model: onnx.ModelProto) -> int:
-    shapes = shape_inference.inferred_shapes(model)
-    return sum(node_macs(node, shapes) for node in model.graph.node)
+@dataclass(frozen=True)
+class MacCount:
+    """MACs for one sample and whether they are only a lower bound: a symbolic input dim was taken
+    as 1 (no data gave its size), a layer's shapes stayed unknown (it counts 0), or layers inside
+    If / Loop / Scan bodies (not counted) exist."""
+    macs: int
+    lower_bound: bool
+
+
+def _body_has_mac_ops(node: onnx.NodeProto) -> bool:
+    return any(inner.op_type in MAC_OPS or _body_has_mac_ops(inner)
+               for body in subgraphs.bodies(node) for inner in body.node)
+
+
+def mac_count(model: onnx.ModelProto, inputs: dict[str, tuple[int, ...]] | None = None) -> MacCount:
+    """MACs with the graph inputs of the shapes ``inputs`` gives (one sample of the data), see MacCount."""
+    guessed: list[str] = []
+    shapes = shape_inference.inferred_shapes(model, inputs, guessed)
+    total, unknown = 0, False
+    for node in model.graph.node:
+        count = node_macs(node, shapes)
+        total += count
+        unknown = unknown or (count == 0 and node.op_type in MAC_OPS) or _body_has_mac_ops(node)
+    return MacCount(total, bool(guessed) or unknown)
+
+
+def macs(model: onnx.ModelProto, inputs: dict[str, tuple[int, ...]] | None = None) -> int:
+    return mac_count(model, inputs).macs
 
 
 def latency(sessions: Sequence[ort.InferenceSession], feeds: dict[str, np.ndarray], *, runs: int = 50,
@@ -307,6 +337,9 @@ def _is_classifier(array: np.ndarray) -> bool:
     return array.ndim == 2 and array.shape[1] > 1 and array.dtype.kind == "f"
 
 
+FIDELITY_BATCH_BYTES = 4 << 20     # inputs per fidelity batch: two models run it, every intermediate alive
+
+
 def fidelity(original: ort.InferenceSession, compressed: ort.InferenceSession, data: Dataset, *,
              batch_size: int = 64, limit: int | None = 512) -> Fidelity:
     """Compare the two sessions' outputs over ``data`` (see the module docstring for the formulas)."""
@@ -314,6 +347,7 @@ def fidelity(original: ort.InferenceSession, compressed: ort.InferenceSession, d
     diff2 = ref2 = out2 = dot = 0.0
     agree = total = 0
     correct_o = correct_c = labelled = 0
+    batch_size = data.batch_for(FIDELITY_BATCH_BYTES, batch_size)
     labels_iter = data.label_batches(batch_size, limit) if data.labels is not None else None
     samples = 0
     for feeds in data.batches(batch_size, limit):
@@ -398,17 +432,29 @@ def _tensor_errors(original_path, compressed_path, pairs, data, scratch, provide
     kept: list[list[np.ndarray]] = []
     stored = 0
     run = sessions.exposed_file_session(original_path, [pairs[k][0] for k in keys], provider, scratch)
-    for feeds in data.batches(batch_size, limit):
-        values = [np.asarray(v, dtype=np.float32) for v in run.run([pairs[k][0] for k in keys], feeds)]
+    total = data.size if limit is None else min(limit, data.size)
+    # the first sample alone tells what one sample's tensors take: the batch is sized so that the
+    # kept tensors stay within the budget (64 samples of every layer output of a BERT is ~0.5 GB,
+    # and a whole batch used to be kept before the budget was looked at)
+    parts = [data.slice(0, 1)]
+    first = [np.asarray(v, dtype=np.float32) for v in run.run([pairs[k][0] for k in keys], next(parts[0].batches(1)))]
+    per_sample = max(sum(v.nbytes for v in first), 1)
+    kept.append(first)
+    stored = per_sample
+    step = max(1, min(batch_size, budget_bytes // (2 * per_sample))) if data.batchable else 1
+    for start in range(1, total, step):
+        if stored + per_sample * min(step, total - start) > budget_bytes:
+            break
+        part = data.slice(start, start + step)
+        values = [np.asarray(v, dtype=np.float32) for v in run.run([pairs[k][0] for k in keys], next(part.batches(step)))]
+        parts.append(part)
         kept.append(values)
         stored += sum(v.nbytes for v in values)
-        if stored >= budget_bytes:
-            break
     del run
     sessions.release_memory()
     sums = {key: [0.0, 0.0] for key in keys}
     run = sessions.exposed_file_session(compressed_path, [pairs[k][1] for k in keys], provider, scratch)
-    for feeds, originals in zip(data.batches(batch_size, limit), kept):
+    for feeds, originals in zip((next(part.batches(part.size)) for part in parts), kept):
         for key, y, z in zip(keys, originals, run.run([pairs[k][1] for k in keys], feeds)):
             y64 = y.astype(np.float64).ravel()
             z64 = np.asarray(z, dtype=np.float64).ravel()

@@ -32,9 +32,10 @@ class StepLog:
 
     layers: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)     # e.g. what the activation propagation cost
 
     def skip(self, name: str, reason: str) -> None:
         self.skipped.append({"name": name, "reason": reason})
 
     def metrics(self, **extra: Any) -> dict[str, Any]:
-        return {"layers": self.layers, "skipped": self.skipped, **extra}
+        return {"layers": self.layers, "skipped": self.skipped, **self.extra, **extra}

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from worker.pipeline import data as data_mod
-from worker.pipeline import graph, metrics, sessions
+from worker.pipeline import graph, host, metrics, sessions
 from worker.pipeline.data import Dataset
 from worker.pipeline.step import LayerRecord
 
@@ -38,20 +38,35 @@ def _clean(value: Any) -> Any:
     return value
 
 
+json_safe = _clean
+
+
 def _structure(path: Path) -> onnx.ModelProto:
     """The model without its external data (those tensors are read one at a time when needed)."""
     return onnx.load(str(path), load_external_data=False)
 
 
-def _model_summary(path: Path, model: onnx.ModelProto) -> dict[str, Any]:
+def _model_summary(path: Path, model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None
+                   ) -> dict[str, Any]:
     params, nonzero = metrics.param_counts(model, path.parent)
+    macs = metrics.mac_count(model, input_shapes)
     return {"bytes": metrics.file_bytes(path), "params": params, "nonzero_params": nonzero,
-            "macs": metrics.macs(model)}
+            "macs": macs.macs, "macs_lower_bound": macs.lower_bound}
+
+
+def _weights(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """The main graph's initializers and Constant tensors by name: a step that lifts or folds a
+    Constant (quantize, cleanup) names the weight after the Constant's output."""
+    tensors = {node.output[0]: node.attribute[0].t for node in model.graph.node
+               if node.op_type == "Constant" and node.output and len(node.attribute) == 1
+               and node.attribute[0].type == onnx.AttributeProto.TENSOR}
+    tensors.update(graph.initializers(model))
+    return tensors
 
 
 def _layer_rows(original: onnx.ModelProto, layers: Mapping[str, LayerRecord],
                 errors: Mapping[str, float]) -> list[dict[str, Any]]:
-    shapes = {t.name: tuple(t.dims) for t in original.graph.initializer}
+    shapes = {name: tuple(t.dims) for name, t in _weights(original).items()}
     rows = []
     for name, record in layers.items():
         params = int(np.prod(shapes[name])) if name in shapes else record.extra.get("params")
@@ -62,7 +77,7 @@ def _layer_rows(original: onnx.ModelProto, layers: Mapping[str, LayerRecord],
         }
         if errors:
             row["output_rel_l2"] = errors.get(name)
-        for key in ("format", "granularity", "block_size", "symmetric", "storage", "method"):
+        for key in ("format", "granularity", "block_size", "symmetric", "storage", "weight_storage", "method"):
             if key in record.extra:
                 row[key] = record.extra[key]
         rows.append(row)
@@ -74,7 +89,7 @@ def _sqnr_from_models(original: onnx.ModelProto, compressed: onnx.ModelProto, la
     """SQNR for layers whose step left the weight in float under its own name (pruning,
     clustering) and did not record one: compare the two initializers directly."""
     inits = graph.initializers(compressed)
-    originals = graph.initializers(original)
+    originals = _weights(original)
     for name, record in layers.items():
         if "sqnr_db" in record.extra or name not in inits or name not in originals:
             continue
@@ -82,6 +97,37 @@ def _sqnr_from_models(original: onnx.ModelProto, compressed: onnx.ModelProto, la
         before = metrics.tensor_values(originals[name], original_dir)
         if after.shape == before.shape and after.dtype.kind == "f":
             record.extra["sqnr_db"] = metrics.sqnr_db(before, after)
+
+
+def _sqnr_from_stored_integers(original: onnx.ModelProto, compressed: onnx.ModelProto,
+                               layers: Mapping[str, LayerRecord], original_dir: Path, compressed_dir: Path) -> None:
+    """SQNR for layers quantized to integers on a per-tensor or per-axis grid (static and dynamic
+    int8 store ``<weight>_quantized``, ``_scale``, ``_zero_point``) that did not record one: the
+    stored integers dequantized, ``(q - zero_point) * scale``, against the original weight."""
+    inits = graph.initializers(compressed)
+    originals = _weights(original)
+    for name, record in layers.items():
+        if "sqnr_db" in record.extra or not record.grid or record.grid.get("block_size") or name not in originals:
+            continue
+        stored, scale_t = inits.get(f"{name}_quantized"), inits.get(f"{name}_scale")
+        if stored is None or scale_t is None:
+            continue
+        before = metrics.tensor_values(originals[name], original_dir)
+        q = metrics.tensor_values(stored, compressed_dir).astype(np.float64)
+        scale = metrics.tensor_values(scale_t, compressed_dir).astype(np.float64)
+        zero_t = inits.get(f"{name}_zero_point")
+        zero = metrics.tensor_values(zero_t, compressed_dir).astype(np.float64) if zero_t is not None else 0.0 * scale
+        if q.shape != before.shape or before.dtype.kind != "f" or zero.shape != scale.shape:
+            continue
+        if scale.size > 1:
+            axis = record.grid.get("axis")
+            if axis is None or scale.ndim != 1 or not -before.ndim <= axis < before.ndim \
+                    or before.shape[axis] != scale.size:
+                continue
+            shape = [1] * before.ndim
+            shape[axis] = scale.size
+            scale, zero = scale.reshape(shape), zero.reshape(shape)
+        record.extra["sqnr_db"] = metrics.sqnr_db(before, (q - zero) * scale)
 
 
 def _layer_output_pairs(original: onnx.ModelProto, compressed: onnx.ModelProto,
@@ -105,23 +151,24 @@ def build_report(*, original_path: Path, compressed_path: Path, target: str, ste
     options = dict(options or {})
     original, compressed = _structure(original_path), _structure(compressed_path)
     provider = sessions.provider_for(target)
-    before = _model_summary(original_path, original)
-    after = _model_summary(compressed_path, compressed)
-    before.pop("nonzero_params")
-
     if evaluation is not None:
         dataset, source = evaluation, "evaluation"
     elif calibration is not None:
         dataset, source = calibration, "calibration"
     else:
         dataset, source = data_mod.generated(original, count=int(options.get("generated_samples", 32))), "generated"
+    feeds = next(dataset.head(1).batches(1))
+    # MACs of one sample of the user's data: its shapes fill the dynamic dims (a recognizer's width).
+    sample_shapes = {name: tuple(value.shape) for name, value in feeds.items()} if source != "generated" else None
+    before = _model_summary(original_path, original, sample_shapes)
+    after = _model_summary(compressed_path, compressed, sample_shapes)
+    before.pop("nonzero_params")
 
     s_orig = sessions.file_session(original_path, provider)
     s_comp = sessions.file_session(compressed_path, provider)
     provider_used = s_comp.get_providers()[0]
     fid = metrics.fidelity(s_orig, s_comp, dataset, limit=int(options.get("fidelity_samples", 512)))
 
-    feeds = next(dataset.head(1).batches(1))
     lat_o, lat_c = metrics.latency([s_orig, s_comp], feeds, runs=int(options.get("latency_runs", 50)),
                                    budget_s=float(options.get("latency_budget_s", 10.0)))
     before["latency_ms"], after["latency_ms"] = lat_o, lat_c
@@ -129,6 +176,7 @@ def build_report(*, original_path: Path, compressed_path: Path, target: str, ste
     sessions.release_memory()
 
     _sqnr_from_models(original, compressed, layers, original_path.parent, compressed_path.parent)
+    _sqnr_from_stored_integers(original, compressed, layers, original_path.parent, compressed_path.parent)
     errors: dict[str, float] = {}
     if layers and options.get("layer_errors", True):
         pairs = _layer_output_pairs(original, compressed, layers)
@@ -149,6 +197,11 @@ def build_report(*, original_path: Path, compressed_path: Path, target: str, ste
                      {"original": fid.accuracy_original, "compressed": fid.accuracy_compressed}),
         "target": target,
         "provider": provider_used,
+        "measured_on": host.measured_on(provider_used, options),
+        "target_match": host.target_match(target, provider_used),
+        "target_notice": host.target_notice(target, provider_used,
+                                            allowed_mismatch=bool(options.get("allow_target_mismatch"))),
+        "target_mismatch_allowed": bool(options.get("allow_target_mismatch")),
         "steps": list(steps),
         "layers": _layer_rows(original, layers, errors),
     }
@@ -166,9 +219,10 @@ def write_report(report: Mapping[str, Any], path: str | Path) -> Path:
 def write_report_html(report: Mapping[str, Any], path: str | Path, *, title: str) -> Path:
     """report.html beside report.json: the same figures, one self-contained page."""
     from worker.pipeline.report_html import render_html
+    from worker.pipeline.report_search_html import sections
 
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(render_html(dict(report), title=title), encoding="utf-8")
+    tmp.write_text(render_html(dict(report), title=title, extra=sections(dict(report))), encoding="utf-8")
     tmp.replace(path)
     return path

@@ -19,6 +19,8 @@ import html
 import math
 from typing import Any, Iterable, Sequence
 
+from worker.pipeline.report_cost import cost_section
+
 # The plots stay readable with this many bars; the table below them always lists every layer.
 MAX_BARS = 40
 PLOT_WIDTH = 760
@@ -46,6 +48,8 @@ th { background: #eef1f6; }
 td.name, th.name { text-align: left; font-family: ui-monospace, Menlo, Consolas, monospace; }
 td.text { text-align: left; }
 .note { color: #5b6475; font-size: 12px; }
+.notice { border: 2px solid #c8413b; background: #fdf0ef; color: #7a1f1a; border-radius: 6px;
+          padding: 8px 12px; margin-top: 12px; font-weight: 600; }
 svg text { font-family: system-ui, sans-serif; font-size: 11px; fill: #1d2433; }
 """
 
@@ -100,6 +104,12 @@ def _fmt_bytes(value: Any) -> str:
             return f"{number:,.0f} {unit}" if unit == "B" else f"{number:,.2f} {unit}"
         number /= 1024
     return f"{number:,.2f} GiB"
+
+
+def _fmt_macs(side: dict) -> str:
+    """MACs, with "at least" where the report says a dim was guessed or a layer's shape unknown."""
+    text = _fmt(side.get("macs"), 0)
+    return f"\u2265 {text} (lower bound)" if side.get("macs_lower_bound") and text != "n/a" else text
 
 
 def _fmt_percent(value: Any) -> str:
@@ -323,7 +333,7 @@ def summary_table(report: dict) -> str:
         ("Parameters", _fmt(original.get("params"), 0), _fmt(compressed.get("params"), 0)),
         ("Non-zero parameters", _fmt(original.get("nonzero_params", original.get("params")), 0),
          _fmt(compressed.get("nonzero_params"), 0)),
-        ("MACs", _fmt(original.get("macs"), 0), _fmt(compressed.get("macs"), 0)),
+        ("MACs", _fmt_macs(original), _fmt_macs(compressed)),
         ("Latency p50", _fmt(_get(original, "latency_ms", "p50"), 3, " ms"),
          _fmt(_get(compressed, "latency_ms", "p50"), 3, " ms")),
         ("Latency p95", _fmt(_get(original, "latency_ms", "p95"), 3, " ms"),
@@ -431,6 +441,38 @@ def size_plot(report: dict) -> str:
     return chart + f'<p class="note">{_esc((shown + note).strip()) or "Every layer with weights."}</p>'
 
 
+def target_notice(report: dict) -> str:
+    """A visible box when latency was not measured on the target's hardware (``target_match``
+    false): the page must not pass off this host's timings as the target's."""
+    if report.get("target_match", True) is not False:
+        return ""
+    text = report.get("target_notice") or (f"Latency was not measured on the target's hardware "
+                                           f"(target {report.get('target', 'n/a')}).")
+    return f'<div class="notice" role="alert">{_esc(text)}</div>'
+
+
+def measured_on_table(report: dict) -> str:
+    """Where the figures were measured and the choices made from this host's CPU."""
+    where = report.get("measured_on")
+    if not isinstance(where, dict):
+        return '<p class="note">Not recorded.</p>'
+    isa = ", ".join(f"{name} {'yes' if flag else 'no'}" for name, flag in (where.get("isa") or {}).items())
+    rows = [("architecture", where.get("architecture")), ("CPU", where.get("cpu_model")), ("ISA", isa),
+            ("cores used", where.get("cores")), ("ONNX Runtime", where.get("onnxruntime")),
+            ("execution provider", where.get("execution_provider")),
+            ("emulated", "yes" if where.get("emulated") else "no"),
+            ("target matched", "yes" if report.get("target_match") else "no")]
+    body = "".join(f'<tr><th class="name">{_esc(k)}</th><td class="text">{_esc(v)}</td></tr>' for k, v in rows)
+    choices = where.get("choices") or []
+    table = f"<table>{body}</table>"
+    if choices:
+        items = "".join(f'<tr><td class="text">{_esc(c.get("choice"))}</td><td class="text">{_esc(c.get("value"))}</td>'
+                        f'<td class="text">{_esc(c.get("read"))}</td></tr>' for c in choices)
+        table += ('<p class="note">Choices made from this host\'s CPU:</p><table><tr><th class="name">choice</th>'
+                  f'<th class="name">value</th><th class="name">read</th></tr>{items}</table>')
+    return table
+
+
 def _page(title: str, sections: Iterable[str]) -> str:
     return ("<!DOCTYPE html>\n"
             '<html lang="en"><head><meta charset="utf-8"/>'
@@ -460,7 +502,7 @@ def exports_table(report: dict) -> str:
 # ------------------------------------------------------------------------------ public API
 
 
-def render_html(report: dict, *, title: str) -> str:
+def render_html(report: dict, *, title: str, extra: Sequence[str] = ()) -> str:
     """One job's report.json as a self-contained HTML page."""
     meta = (f"Target {report.get('target', 'n/a')} \u00b7 provider {report.get('provider', 'n/a')}")
     evaluated_on = report.get("fidelity_data")
@@ -471,15 +513,20 @@ def render_html(report: dict, *, title: str) -> str:
     sections = [
         f"<h1>{_esc(title)}</h1>",
         f'<div class="meta">{_esc(meta)}</div>',
+        target_notice(report),
         headline_cards(report),
         "<h2>Before and after</h2>", summary_table(report),
         "<h2>Steps</h2>", steps_table(report),
+        "<h2>Cost</h2>", cost_section(report),
         "<h2>Which layers lose the most</h2>", error_plots(report),
         "<h2>Size by layer</h2>", size_plot(report),
         "<h2>Layers</h2>", layer_table(report),
+        "<h2>Measured on</h2>", measured_on_table(report),
     ]
     if report.get("exports"):
-        sections[4:4] = ["<h2>Deploy formats</h2>", exports_table(report)]
+        at = sections.index("<h2>Cost</h2>")     # after the steps
+        sections[at:at] = ["<h2>Deploy formats</h2>", exports_table(report)]
+    sections[4:4] = list(extra)     # after the steps: sensitivity, error bound, goal candidates
     return _page(title, sections)
 
 

@@ -10,6 +10,9 @@ Order of work:
    ``RecipeError`` it raises gets ``["steps", i]`` put in front of its field path).
 2. Run the steps in order through the closed registry, reporting overall progress with the stage
    ``"step 2/3: quantize"`` and checking ``cancelled`` between steps (``StepCancelled``).
+   Before a quantize / prune step, per-layer sensitivity where the recipe asks for it or the
+   step's ``max_output_error`` needs it (``sensitivity``). With a ``goal``, the quantize step is
+   not run as written: after the other steps the goal search (``search.engine``) picks the model.
 3. Put the result in its output format (``finalize``: dequantize form, sparse storage, the
    initializers' order).
 4. Check the result (``onnx.checker.check_model(full_check=True)``; inputs and outputs with the
@@ -34,9 +37,10 @@ from core.exports import check_formats
 from core.recipe import Recipe
 from core.targets import Target
 from worker.pipeline import data as data_mod
-from worker.pipeline import artifacts, graph, registry, sessions
+from worker.pipeline import artifacts, cost, graph, host, registry, sensitivity, sessions
 from worker.pipeline.finalize import finalize
-from worker.pipeline.report import build_report, write_report, write_report_html
+from worker.pipeline.report import build_report, json_safe, write_report, write_report_html
+from worker.pipeline.search import engine as goal_search
 from worker.pipeline.step import StepCancelled, StepContext
 
 STEPS_SHARE = 0.8          # fraction of the progress bar the steps take; checks and report the rest
@@ -141,7 +145,8 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
     ``options`` go to every step's context and tune the report: ``latency_runs`` (50),
     ``latency_budget_s`` (10), ``fidelity_samples`` (512), ``layer_errors`` (True),
     ``layer_error_samples`` (64), ``generated_samples`` (32); ``model_name`` titles report.html;
-    ``sparse_storage`` (True): false keeps every quantized weight dense.
+    ``sparse_storage`` (True): false keeps every quantized weight dense; ``allow_target_mismatch``
+    (False): run a ``gpu`` job where CUDA cannot run, measured on the CPU (the report says so).
     """
     model_path, workdir = Path(model_path), Path(workdir)
     options = dict(options or {})
@@ -149,6 +154,7 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
         target = Target(target).value
     except ValueError:
         raise InvalidInput(f"unknown target {target!r}", [{"loc": ["target"], "msg": f"one of {[t.value for t in Target]}"}]) from None
+    host.require_target(target, bool(options.get("allow_target_mismatch")))
 
     # 1. checks, before any work
     check_formats(recipe.export)
@@ -165,6 +171,9 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
     graph.ensure_node_names(model)
     cal_set = _bind(model, calibration, "calibration")
     eval_set = _bind(model, evaluation, "evaluation")
+    held_out = None
+    if recipe.goal is not None:
+        cal_set, eval_set, held_out = goal_search.check_and_split(model, recipe.goal, cal_set, eval_set)
 
     student_path = options.pop("student_model_path", None)
     if student_path is not None and "student_model" not in options:
@@ -201,9 +210,12 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
     # 2. the steps
     workdir.mkdir(parents=True, exist_ok=True)
     step_rows: list[dict[str, Any]] = []
+    measured: list[sensitivity.Sensitivity] = []
     for index, (step, module) in enumerate(zip(recipe.steps, modules)):
         if cancelled():
             raise StepCancelled("job cancelled")
+        if recipe.goal is not None and step.op == "quantize":
+            continue          # the goal search varies it per layer (below)
         stage = f"step {index + 1}/{count}: {step.op}"
 
         def step_progress(fraction: float, message: str = "", _index: int = index, _stage: str = stage) -> None:
@@ -214,7 +226,19 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
         ctx.progress = step_progress
         ctx.options["step_index"] = index
         progress(STEPS_SHARE * index / count, stage)
+        ctx.cost = cost.CostMeter()
+        ctx.cost.start()
         started = time.perf_counter()
+        ctx.options.pop("sensitivity", None)
+        if sensitivity.wanted(recipe, step):
+            data, source = sensitivity.data_for(cal_set, eval_set, original)
+            spec = recipe.sensitivity
+            found = sensitivity.measure(model, step, data, samples=spec.samples if spec else sensitivity.DEFAULT_SAMPLES,
+                                        step_index=index, cancelled=cancelled,
+                                        progress=lambda f, m, _p=step_progress: _p(0.3 * f, m))
+            found.data = source
+            measured.append(found)
+            ctx.options["sensitivity"] = found      # the step's error bound starts from it
         try:
             result = module.run(model, step, ctx)
         except (FeatherweightError, StepCancelled):
@@ -222,13 +246,25 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
         except Exception as exc:
             raise PipelineError(f"{stage} failed: {type(exc).__name__}: {exc}") from exc
         model = result.model
-        step_rows.append({"op": step.op, "seconds": time.perf_counter() - started, **result.metrics})
+        seconds = time.perf_counter() - started
+        step_rows.append({"op": step.op, "seconds": seconds, **result.metrics, **ctx.cost.row(seconds)})
         del result          # the previous model may be freed while the next step runs
     if cancelled():
         raise StepCancelled("job cancelled")
+    searched = None
+    if recipe.goal is not None:
+        progress(STEPS_SHARE * 0.5, "goal search")
+        ctx.progress = lambda fraction, message="": progress(
+            STEPS_SHARE * (0.5 + 0.5 * min(max(float(fraction), 0.0), 1.0)), message or "goal search")
+        started = time.perf_counter()
+        searched = goal_search.run_goal(model, original, recipe, ctx, eval_set, cal_set is not None, workdir)
+        model, ctx.layers = searched.model, searched.layers
+        step_rows.append({"op": "goal", "seconds": time.perf_counter() - started, "family": searched.chosen.family,
+                          "label": searched.chosen.label, **searched.chosen.step_metrics})
 
     # 3. the output format
-    finalize(model, recipe, step_rows, ctx, evaluation=eval_set, calibration=cal_set)
+    finalize(model, recipe, step_rows, ctx, evaluation=eval_set, calibration=cal_set,
+             chosen=searched.params if searched is not None else None)
 
     # 4. check, write, measure
     progress(STEPS_SHARE, "checking the result")
@@ -242,8 +278,24 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
     del model, original, ctx
     sessions.release_memory()
     progress(STEPS_SHARE + 0.05, "measuring")
+    measuring = time.perf_counter()
+    cost.reset_peak()
     report = build_report(original_path=model_path, compressed_path=out_path, target=target, steps=step_rows,
                           layers=layers, evaluation=eval_set, calibration=cal_set, options=options)
+    if searched is not None:
+        for name, path in searched.artifacts.items():
+            check_result(graph.load_model(model_path, load_external_data=False), graph.load_model(path))
+        report["goal"] = json_safe({**searched.goal_report, "evaluation_data": held_out or "the evaluation data"})
+        report["candidates"] = json_safe([c.row(recipe.goal) for c in searched.candidates])
+    if measured:
+        top = recipe.sensitivity.top if recipe.sensitivity else 50
+        report["sensitivity"] = json_safe(sensitivity.report_rows(measured, top))
+        sensitivity.write_artifact(measured, workdir / artifacts.SENSITIVITY_FILE)
+    report["cost"] = {"steps_seconds": sum(row["seconds"] for row in step_rows),
+                      "measure_seconds": time.perf_counter() - measuring,
+                      "measure_peak_rss_bytes": cost.peak_rss_bytes(),
+                      "peak_rss_bytes": max([row.get("peak_rss_bytes") or 0 for row in step_rows] + [cost.peak_rss_bytes() or 0]),
+                      "slowest_phase": cost.slowest(step_rows)}
     if recipe.extra_formats():
         report["exports"] = _exports(recipe, model_path, out_path, report, target, eval_set, cal_set, options, progress)
     write_report(report, workdir / artifacts.REPORT_FILE)

@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from worker.pipeline import graph
+from worker.pipeline import graph, host
 
 EXTERNAL_ALIGNMENT = 4096      # page-aligned offsets let ONNX Runtime map the file
 
@@ -69,8 +69,10 @@ def providers_for(provider: str) -> list[str]:
 
 
 def _options(threads: int = 0, *, prepack: bool = True, optimize: bool = True,
-             log_severity: int = 3) -> ort.SessionOptions:
+             log_severity: int = 3, arena: bool = True) -> ort.SessionOptions:
     options = ort.SessionOptions()
+    if not arena:
+        options.enable_cpu_mem_arena = False
     options.log_severity_level = log_severity
     if threads:
         options.intra_op_num_threads = threads
@@ -91,12 +93,13 @@ def build_session(model: onnx.ModelProto, options: ort.SessionOptions, providers
 
 def session(model: onnx.ModelProto, providers: Sequence[str] = ("CPUExecutionProvider",),
             threads: int = 0, *, outputs: Iterable[str] = (), prepack: bool = True, optimize: bool = True,
-            log_severity: int = 3) -> ort.InferenceSession:
+            log_severity: int = 3, arena: bool = True) -> ort.InferenceSession:
     """A session on the in-memory ``model``; ``outputs`` are added as extra graph outputs for the
     serialization and taken off again (the model is not copied). ``prepack=False`` spares the
     pre-packed second copy of the weights that only speed needs; ``optimize=False`` runs the graph
-    as written (no fusions)."""
-    options = _options(threads, prepack=prepack, optimize=optimize, log_severity=log_severity)
+    as written (no fusions); ``arena=False`` hands a run's intermediates back to the OS after each
+    run instead of keeping the session's high-water mark of buffers."""
+    options = _options(threads, prepack=prepack, optimize=optimize, log_severity=log_severity, arena=arena)
     count = len(model.graph.output)
     present = {output.name for output in model.graph.output}
     model.graph.output.extend(helper.make_empty_tensor_value_info(name)
@@ -105,6 +108,16 @@ def session(model: onnx.ModelProto, providers: Sequence[str] = ("CPUExecutionPro
         return build_session(model, options, providers)
     finally:
         del model.graph.output[count:]
+
+
+def probe_session(model: onnx.ModelProto) -> ort.InferenceSession:
+    """The sensitivity probe's session (``sensitivity.build_probe``): its weights are graph inputs
+    that each run overrides, so pre-packing them is wasted work and memory, and only the basic
+    graph optimizations run (the fusions of the higher levels are for speed, which the probe does
+    not measure)."""
+    options = _options(prepack=False)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return build_session(model, options, ["CPUExecutionProvider"])
 
 
 def release_memory() -> None:
@@ -118,10 +131,8 @@ def release_memory() -> None:
 
 
 def provider_for(target: str) -> str:
-    """The target's provider where this ONNX Runtime has it, else the CPU provider."""
-    if target == "gpu" and "CUDAExecutionProvider" in ort.get_available_providers():
-        return "CUDAExecutionProvider"
-    return "CPUExecutionProvider"
+    """The target's provider where it proved to run here (``host.provider_for``), else the CPU's."""
+    return host.provider_for(target)
 
 
 def file_session(path: str | Path, provider: str = "CPUExecutionProvider", threads: int = 0) -> ort.InferenceSession:

@@ -37,8 +37,11 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     return sk
 
 
-def _fix_symbolic(model: onnx.ModelProto, given: dict[str, tuple[int, ...]] | None = None) -> None:
-    """Concrete input dims: those of ``given`` (a feed's shapes), else 1 for every symbolic dim."""
+def _fix_symbolic(model: onnx.ModelProto, given: dict[str, tuple[int, ...]] | None = None,
+                  guessed: list[str] | None = None) -> None:
+    """Concrete input dims: those of ``given`` (a feed's shapes), else 1 for every symbolic dim.
+    ``guessed`` collects ``input[axis]`` of each symbolic dim past the first (the batch axis, 1 by
+    the definition of per-sample figures) that was taken as 1 for want of a shape."""
     given = given or {}
     for value in model.graph.input:
         shape = given.get(value.name)
@@ -47,9 +50,11 @@ def _fix_symbolic(model: onnx.ModelProto, given: dict[str, tuple[int, ...]] | No
             for dim, size in zip(dims, shape):
                 dim.dim_value = int(size)
             continue
-        for dim in dims:
+        for axis, dim in enumerate(dims):
             if not dim.HasField("dim_value"):
                 dim.dim_value = 1
+                if axis > 0 and guessed is not None:
+                    guessed.append(f"{value.name}[{axis}]")
 
 
 def _infer(sk: onnx.ModelProto) -> onnx.ModelProto:
@@ -82,12 +87,12 @@ def _contrib_output_shapes(sk: onnx.ModelProto) -> bool:
     return added
 
 
-def inferred_shapes(model: onnx.ModelProto, inputs: dict[str, tuple[int, ...]] | None = None
-                    ) -> dict[str, tuple[int, ...]]:
+def inferred_shapes(model: onnx.ModelProto, inputs: dict[str, tuple[int, ...]] | None = None,
+                    guessed: list[str] | None = None) -> dict[str, tuple[int, ...]]:
     """name -> shape for every tensor shape inference could make concrete, with the graph inputs
-    of the shapes ``inputs`` gives (symbolic dims otherwise taken as 1)."""
+    of the shapes ``inputs`` gives (symbolic dims otherwise taken as 1, listed in ``guessed``)."""
     sk = skeleton(model)
-    _fix_symbolic(sk, inputs)
+    _fix_symbolic(sk, inputs, guessed)
     sk = _infer(sk)
     for _ in range(16):
         if not _contrib_output_shapes(sk):

@@ -23,6 +23,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import onnx
 
+from worker.pipeline.cost import CostMeter
+
 ProgressFn = Callable[[float, str], None]  # (fraction of this step in 0..1, message)
 
 
@@ -64,6 +66,7 @@ class StepContext:
     cancelled: Callable[[], bool] = lambda: False
     layers: dict[str, LayerRecord] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)  # e.g. {"student_model": ModelProto}
+    cost: CostMeter = field(default_factory=CostMeter)     # the running step's phases and peak memory
 
     def check_cancelled(self) -> None:
         if self.cancelled():

@@ -77,6 +77,8 @@ BOMB = _zip({"x.npy": _npy(np.zeros((4096, 1024), np.float32))}, zipfile.ZIP_DEF
     ("compression bomb", BOMB),
     ("no arrays", _zip({})),
     ("bad labels", _npz(x=np.zeros((2, 3), np.float32), _labels=np.zeros((2, 2), np.int64))),
+    ("0 samples", _npz(x=np.zeros((0, 128), np.float32))),
+    ("0 labels", _npz(x=np.zeros((2, 3), np.float32), _labels=np.zeros((0,), np.int64))),
 ])
 def test_bad_dataset_is_422_and_leaves_nothing(api_client, migrated, case, payload):
     response = api_client.post("/v1/datasets", files={"file": ("d.npz", payload)})
@@ -130,3 +132,23 @@ def test_upload_over_the_byte_cap_is_413(api_client, migrated, monkeypatch):
     assert response.status_code == 413
     assert _count("datasets") == 0 and _leftovers(migrated) == []
     assert not os.listdir(migrated / "scratch")
+
+
+def test_an_empty_array_is_refused_naming_it(api_client, migrated):
+    response = api_client.post("/v1/datasets", files={"file": ("d.npz", _npz(x=np.zeros((0, 3, 8, 8), np.float32)))})
+    assert response.status_code == 422 and response.headers["content-type"] == PROBLEM
+    body = response.json()
+    assert [e["loc"] for e in body["errors"]] == [["file", "x"]]
+    assert "no samples" in body["detail"] and "[0, 3, 8, 8]" in body["detail"]
+
+
+def test_submit_refuses_a_recorded_data_set_of_0_samples_with_its_field_path():
+    # Data sets recorded before uploads refused empty arrays are caught at submit.
+    from core.errors import InvalidInput
+    from core.preflight import check_dataset
+
+    inputs = [{"name": "x", "shape": ["batch", 3], "dtype": "float32"}]
+    with pytest.raises(InvalidInput) as refused:
+        check_dataset(inputs, [{"name": "x", "shape": [0, 3], "dtype": "float32"}], "eval_dataset_id")
+    assert [e["loc"] for e in refused.value.errors] == [["body", "eval_dataset_id", "x"]]
+    assert "0 samples" in str(refused.value.detail)

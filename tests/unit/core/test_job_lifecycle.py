@@ -14,6 +14,7 @@ from core.errors import RecipeError
 from core.models import JobState
 from core.repos import ArtifactRepo, JobRepo, ModelRepo
 from core.storage import get_store
+from tests.unit.core.stored_jobs import stored_job
 from worker.tasks import CancelProbe, ThrottledProgress, execute_job, json_safe
 
 RECIPE = {"steps": [{"op": "quantize", "weights": {"bits": 8}}]}
@@ -21,13 +22,7 @@ RECIPE = {"steps": [{"op": "quantize", "weights": {"bits": 8}}]}
 
 @pytest.fixture
 def job_id(migrated, tmp_path, onnx_models) -> str:
-    source = tmp_path / "upload.onnx"
-    source.write_bytes(onnx_models.mlp().SerializeToString())
-    get_store().put_file("models/m1/model.onnx", source)
-    with session_scope() as session:
-        model = ModelRepo(session).create(id="m1", filename="m.onnx", sha256="0" * 64, bytes=1, params=1, opset=17,
-                                          ir_version=8, inputs=[], outputs=[], storage_key="models/m1/model.onnx")
-        return JobRepo(session).create(model.id, RECIPE, "cpu-x86").id
+    return stored_job(tmp_path, onnx_models.mlp(), RECIPE, "cpu-x86")
 
 
 def _job(job_id):
@@ -228,3 +223,21 @@ def test_a_deleted_data_set_fails_the_job_clearly(job_id, monkeypatch):
     assert execute_job(job_id, worker="w1") == "failed"
     job, _, _ = _job(job_id)
     assert job.error["type"].endswith("/not-found") and "gone" in job.error["detail"]
+
+
+def test_sensitivity_and_goal_candidates_are_stored_as_artifacts(job_id, migrated, monkeypatch):
+    def fake_run(model_path, recipe, *, workdir, **_):
+        workdir.mkdir(parents=True)
+        (workdir / "model.onnx").write_bytes(b"chosen")
+        (workdir / "report.json").write_text("{}")
+        (workdir / "sensitivity.json").write_text('{"steps": []}')
+        (workdir / "candidate-1.onnx").write_bytes(b"next best")
+        (workdir / "candidate-2.onnx").write_bytes(b"third")
+        return runner.PipelineResult(model_path=workdir / "model.onnx", report={})
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    assert execute_job(job_id, worker="w1") == "succeeded"
+    _, artifacts, _ = _job(job_id)
+    by_name = {a.name: a for a in artifacts}
+    assert set(by_name) == {"model", "report.json", "sensitivity.json", "candidate-1", "candidate-2"}
+    assert by_name["candidate-1"].sha256 == hashlib.sha256(b"next best").hexdigest()

@@ -19,7 +19,7 @@ from core.reaper import reap_lost_jobs
 from core.repos import ArtifactRepo, JobRepo, ModelRepo
 from core.repos.jobs import ClaimOutcome
 from core.settings import get_settings
-from core.storage import get_store
+from tests.unit.core.stored_jobs import stored_job
 from worker.tasks import execute_job, owner_alive, worker_identity
 
 RECIPE = {"steps": [{"op": "quantize", "weights": {"bits": 8}}]}
@@ -27,13 +27,7 @@ RECIPE = {"steps": [{"op": "quantize", "weights": {"bits": 8}}]}
 
 @pytest.fixture
 def job_id(migrated, tmp_path, onnx_models) -> str:
-    source = tmp_path / "upload.onnx"
-    source.write_bytes(onnx_models.mlp().SerializeToString())
-    get_store().put_file("models/m1/model.onnx", source)
-    with session_scope() as session:
-        model = ModelRepo(session).create(id="m1", filename="m.onnx", sha256="0" * 64, bytes=1, params=1, opset=17,
-                                          ir_version=8, inputs=[], outputs=[], storage_key="models/m1/model.onnx")
-        return JobRepo(session).create(model.id, RECIPE, "cpu-x86", max_attempts=2).id
+    return stored_job(tmp_path, onnx_models.mlp(), RECIPE, "cpu-x86", max_attempts=2)
 
 
 def _job(job_id: str) -> Job:

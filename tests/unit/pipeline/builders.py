@@ -183,3 +183,31 @@ def io_of(model: onnx.ModelProto):
                  [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]) for v in values]
     inits = {t.name for t in model.graph.initializer}
     return describe([v for v in model.graph.input if v.name not in inits]), describe(model.graph.output)
+
+
+def lstm_in_if(d: int = 32, hidden: int = 64, seq: int = 5) -> onnx.ModelProto:
+    """A streaming VAD's shape: h = x W (main graph); If(cond) then: LSTM over h with its own W and R
+    ([1, 4H, d], [1, 4H, H]) and bias, else: zeros. The recurrent weights are the model's largest."""
+    rng = np.random.default_rng(3)
+    lstm = helper.make_node("LSTM", ["h", "lstm_W", "lstm_R", "lstm_B"], ["seq_out", "y_h"], hidden_size=hidden,
+                            name="cell")
+    squeeze = helper.make_node("Squeeze", ["y_h", "axes0"], ["t"], name="drop_direction")
+    then_branch = helper.make_graph(
+        [lstm, squeeze], "then", [], [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["batch", hidden])],
+        [numpy_helper.from_array((rng.standard_normal((1, 4 * hidden, d)) / 6).astype(np.float32), "lstm_W"),
+         numpy_helper.from_array((rng.standard_normal((1, 4 * hidden, hidden)) / 8).astype(np.float32), "lstm_R"),
+         numpy_helper.from_array((rng.standard_normal((1, 8 * hidden)) / 10).astype(np.float32), "lstm_B"),
+         numpy_helper.from_array(np.array([0], np.int64), "axes0")])
+    else_branch = helper.make_graph(
+        [helper.make_node("ConstantOfShape", ["shape"], ["e"], name="zeros")], "else", [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, ["batch", hidden])],
+        [numpy_helper.from_array(np.array([1, hidden], np.int64), "shape")])
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="outer"),
+             helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_branch, else_branch=else_branch)]
+    graph_ = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [seq, 1, d])],
+                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, hidden])],
+                               [numpy_helper.from_array((rng.standard_normal((d, d)) / 4).astype(np.float32), "W"),
+                                numpy_helper.from_array(np.array(True), "cond")])
+    model = helper.make_model(graph_, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model

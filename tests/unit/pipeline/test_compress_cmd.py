@@ -12,6 +12,7 @@ import pytest
 
 from featherweight import compress_cmd
 from tests.unit.pipeline import builders
+from tests.conftest import require_torch
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -105,7 +106,7 @@ def test_report_html_is_written_beside_the_model(files, capsys):
 
 
 def test_student_is_distilled_and_training_progress_is_reported(tmp_path, capsys):
-    pytest.importorskip("torch")
+    require_torch()
     from worker.pipeline import runner
     from core.recipe import parse_recipe
 
@@ -134,3 +135,41 @@ def test_missing_student_file_is_bad_input(files, capsys, tmp_path):
     missing = tmp_path / "nope.onnx"
     expect_bad_input(capsys, files, (str(files["model"]), "--recipe", str(files["recipe"]), "-o", str(files["out"]),
                                      "--student", str(missing)), missing, "")
+
+
+def test_cli_prints_the_notice_when_not_measured_on_the_target(files, capsys, monkeypatch):
+    from worker.pipeline import host
+
+    # this host, whatever it is, stands in for an x86 machine asked for cpu-arm
+    monkeypatch.setattr(host, "cpu_info", lambda: host.parse_cpu("model name\t: Test CPU\nflags\t: avx2\n", "x86_64"))
+    code = compress_cmd.main(parse(str(files["model"]), "--recipe", str(files["recipe"]), "-o", str(files["out"]),
+                                   "--target", "cpu-arm"))
+    captured = capsys.readouterr()
+    assert code == 0
+    assert json.loads(captured.out)["target_match"] is False
+    assert "featherweight: notice: Latency was not measured on the target's hardware: target cpu-arm" in captured.err
+
+
+def test_goal_recipe_writes_model_and_next_best_candidates(files, capsys, tmp_path):
+    from tests.unit.pipeline.fragile import fragile_mlp, inputs
+
+    onnx.save_model(fragile_mlp(), str(files["model"]))
+    files["recipe"].write_text("goal:\n  metric: cosine\n  max_drop: 0.001\n  time_budget_s: 120\n")
+    np.savez(tmp_path / "c.npz", **inputs(64))
+    np.savez(tmp_path / "e.npz", **inputs(32, seed=5))
+    code = compress_cmd.main(parse(str(files["model"]), "--recipe", str(files["recipe"]), "--calibration",
+                                   str(tmp_path / "c.npz"), "--eval", str(tmp_path / "e.npz"), "-o", str(files["out"]),
+                                   "--report", str(files["report"])))
+    assert code == 0
+    report = json.loads(files["report"].read_text())
+    assert report["goal"]["met"] and report["size_ratio"] > 1.5
+    written = json.loads(capsys.readouterr().out)["also_written"]
+    assert str(tmp_path / "out.candidate-1.onnx") in written
+    onnx.checker.check_model(str(tmp_path / "out.candidate-1.onnx"), full_check=True)
+
+
+def test_goal_naming_a_missing_output_is_exit_2_with_its_path(files, capsys, tmp_path):
+    files["recipe"].write_text("goal:\n  metric: cosine\n  output: embeddings\n")
+    np.savez(tmp_path / "c.npz", x=np.zeros((8, 128), np.float32))
+    expect_bad_input(capsys, files, [str(files["model"]), "--recipe", str(files["recipe"]), "--calibration",
+                                     str(tmp_path / "c.npz"), "-o", str(files["out"])], files["recipe"], "goal.output")

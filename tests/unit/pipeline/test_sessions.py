@@ -62,3 +62,14 @@ def test_static_and_dynamic_int8_on_a_big_model_equal_the_in_memory_result(monke
     assert set(stored) == {t.name for t in big.model.graph.initializer}
     for tensor in big.model.graph.initializer:
         np.testing.assert_array_equal(numpy_helper.to_array(tensor), stored[tensor.name])
+
+
+def test_session_without_arena_or_prepacking_runs_the_same():
+    # segment sessions of a sequential propagation are built so: no arena keeping a high-water mark
+    model = builders.mlp(inputs=8, hidden=16, classes=3)
+    feeds = {"x": np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)}
+    plain = sessions.session(model)
+    lean = sessions.session(model, arena=False, prepack=False)
+    assert plain.get_session_options().enable_cpu_mem_arena
+    assert not lean.get_session_options().enable_cpu_mem_arena
+    np.testing.assert_allclose(lean.run(None, feeds)[0], plain.run(None, feeds)[0], rtol=1e-6)

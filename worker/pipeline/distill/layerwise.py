@@ -34,6 +34,8 @@ Constraints earlier steps left are kept exactly:
 
 Layers go in the student's topological order, and each layer's inputs are captured from the
 student *after* the layers before it were refit, so the fit also corrects the drift they pass on.
+The inputs come from sequential propagation (``worker.pipeline.sequential``): the samples cross each
+model once, not once per layer.
 """
 from __future__ import annotations
 
@@ -43,8 +45,10 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx
 
-from worker.pipeline import graph, sessions
+from worker.pipeline import graph
+from worker.pipeline.cost import CostMeter, LayerClock
 from worker.pipeline.data import Dataset
+from worker.pipeline.sequential import DEFAULT_BUDGET, Propagation, lockstep
 from worker.pipeline.distill.layers import Grid, LinearLayer
 
 
@@ -81,6 +85,8 @@ def accumulate(layer: LinearLayer, batches: Sequence[tuple[np.ndarray, np.ndarra
             if a.shape[0] != t.shape[0]:
                 raise ValueError(f"layer {layer.node.name}: {a.shape[0]} input rows but {t.shape[0]} output rows")
             a64, t64 = a.astype(np.float64), t.astype(np.float64)
+            # float64 products: ``residual`` subtracts terms of the size of ||T||^2 to measure a fit
+            # ~1e-4 of it, which float32 sums (1e-7 relative) would drown
             st.hessian += a64.T @ a64
             st.cross += a64.T @ t64
             st.input_sum += a64.sum(axis=0)
@@ -389,34 +395,64 @@ def pointwise_pair(first: LinearLayer, second: LinearLayer) -> bool:
 
 def run(student: onnx.ModelProto, teacher: onnx.ModelProto, fits: list[LayerFit], data: Dataset, *,
         damping: float, batch_size: int, progress: Callable[[float, str], None],
-        check_cancelled: Callable[[], None]) -> list[dict]:
-    """Refit ``fits`` (already in the student's topological order) in ``student``, in place."""
-    inputs = {spec.name for spec in data.specs}
-    teacher_run = sessions.session(teacher, outputs=sorted({f.target for f in fits}))
-    rows = []
-    for index, item in enumerate(fits):
-        check_cancelled()
-        layer = item.layer
-        # both low-rank factors are refit from what the first one reads; otherwise the layer's own input
-        reader = item.first if item.first is not None else layer
-        student_run = None if reader.input in inputs else \
-            sessions.session(student, outputs=[reader.input])
+        check_cancelled: Callable[[], None], cost: CostMeter | None = None,
+        budget_bytes: int = DEFAULT_BUDGET) -> list[dict]:
+    """Refit ``fits`` in ``student``, in place; rows in the order of ``fits``.
 
-        def batches():
-            for feeds in data.batches(batch_size):
-                x = feeds[reader.input] if student_run is None else student_run.run([reader.input], feeds)[0]
-                y = teacher_run.run([item.target], feeds)[0]
-                if item.target_channels is not None:
-                    y = np.take(y, item.target_channels, axis=1 if layer.kind == "conv" else -1)
-                yield x, y
+    The calibration samples are carried through the student and the teacher once each, segment by
+    segment (``worker.pipeline.sequential``): a layer is refit when the student's propagation
+    reaches its input, so every layer upstream has been refit already (what the order of ``fits``
+    promised), and only the segment's nodes run again - not the whole model per layer."""
+    cost = cost if cost is not None else CostMeter()
+    made_at = {name: index for index, node in enumerate(student.graph.node) for name in node.output}
+    readers = [item.first if item.first is not None else item.layer for item in fits]
+    order = sorted(range(len(fits)), key=lambda i: made_at.get(readers[i].input, -1))
+    clock = LayerClock(len(fits), progress)
+    rows: dict[int, dict] = {}
+    with Propagation(student, data, batch_size=batch_size, budget_bytes=budget_bytes) as student_flow, \
+            Propagation(teacher, data, batch_size=batch_size, budget_bytes=budget_bytes) as teacher_flow:
+        for done, index in enumerate(order):
+            check_cancelled()
+            item, reader = fits[index], readers[index]
+            layer = item.layer
+            clock.tick(done, item.key, "capture")
 
-        if item.first is not None:
-            paired = _Paired(item.first, layer)
-            errors = fit_lowrank(student, item.first, layer, accumulate(paired, batches())[0], damping)
-        else:
-            errors = fit(student, layer, item.constraints, accumulate(layer, batches()), damping)
-        rows.append({"name": item.key, "node": layer.node.name, "op": layer.node.op_type, **errors})
-        progress((index + 1) / len(fits),
-                 f"layer {index + 1}/{len(fits)} {item.key}: rel_l2 {errors['rel_l2_before']:.4f} -> "
-                 f"{errors['rel_l2_after']:.4f}")
-    return rows
+            def batches(item=item, reader=reader, layer=layer):
+                pairs = lockstep(student_flow.stream([reader.input]), teacher_flow.stream([item.target]))
+                while True:
+                    with cost.phase("capture"):
+                        pair = next(pairs, None)
+                    if pair is None:
+                        return
+                    x, y = pair[0][reader.input], pair[1][item.target]
+                    if item.target_channels is not None:
+                        y = np.take(y, item.target_channels, axis=1 if layer.kind == "conv" else -1)
+                    yield x, y
+
+            if item.first is not None:
+                paired = _Paired(item.first, layer)
+                stats = _accumulate_timed(paired, batches(), cost)[0]
+                clock.tick(done, item.key, "solve")
+                with cost.phase("solve"):
+                    errors = fit_lowrank(student, item.first, layer, stats, damping)
+            else:
+                stats = _accumulate_timed(layer, batches(), cost)
+                clock.tick(done, item.key, "solve")
+                with cost.phase("solve"):
+                    errors = fit(student, layer, item.constraints, stats, damping)
+            rows[index] = {"name": item.key, "node": layer.node.name, "op": layer.node.op_type, **errors}
+            progress((done + 1) / len(fits),
+                     f"layer {done + 1}/{len(fits)} {item.key}: rel_l2 {errors['rel_l2_before']:.4f} -> "
+                     f"{errors['rel_l2_after']:.4f}")
+        restarts = teacher_flow.stats.restarts + student_flow.stats.restarts
+    if restarts:
+        for row in rows.values():
+            row.setdefault("propagation_restarts", restarts)
+    return [rows[i] for i in range(len(fits))]
+
+
+def _accumulate_timed(layer, batches, cost: CostMeter) -> list[Statistics]:
+    """``accumulate`` with its own arithmetic counted as ``statistics`` (the capture inside
+    ``batches`` counts itself, and nested phases are taken out of the outer one)."""
+    with cost.phase("statistics"):
+        return accumulate(layer, batches)

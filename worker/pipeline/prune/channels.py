@@ -40,7 +40,7 @@ measurably add to the output projection (``_head_contributions``), not by weight
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -48,7 +48,7 @@ from onnx import helper, numpy_helper
 import kernels
 from core.errors import RecipeError
 from core.recipe import PruneStep
-from worker.pipeline import activations, subgraphs
+from worker.pipeline import activations, host, subgraphs
 from worker.pipeline.data import bind
 from worker.pipeline.graph import attribute, topological_nodes, unique_name, weight_layers
 from worker.pipeline.step import StepContext, StepResult
@@ -622,21 +622,21 @@ def _gemm_trans_b(node: onnx.NodeProto) -> bool:
     return node.op_type == "Gemm" and bool(attribute(node, "transB", 0))
 
 
-def channel_block(target: str) -> int:
+def channel_block(target: str, options: dict | None = None) -> int:
     """Channels ONNX Runtime's convolution kernels process together on ``target``: MLAS's NCHWc
     layout works in blocks of 16 channels with AVX-512 and 8 with AVX2; a partly filled block
     costs about as much as a full one, and a ragged channel count can even fall off the fast
     path (measured on the digits CNN: 22 / 45 channels ran 1.4x slower than the original 32 / 64,
-    16 / 48 ran 2x faster). GPUs' tensor cores want multiples of 8; NEON kernels 4."""
+    16 / 48 ran 2x faster). GPUs' tensor cores want multiples of 8; NEON kernels 4. For cpu-x86
+    the block reads this host's AVX-512, recorded in ``options`` (host.note_choice)."""
     if target == "cpu-arm":
         return 4
     if target == "gpu":
         return 8
-    try:
-        flags = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return 8
-    return 16 if " avx512f" in flags else 8
+    cpu = host.cpu_info()
+    block = 16 if cpu.has("avx512") else 8
+    host.note_choice(options, "channel block", block, host.feature_text(cpu, "avx512"))
+    return block
 
 
 def apportion(channels: list[int], sparsity: float, block: int) -> list[int]:
@@ -681,7 +681,7 @@ def prune_channels(model: onnx.ModelProto, params: PruneStep, ctx: StepContext) 
             log.skip(", ".join(producers), "; ".join(graph.reasons[root]))
         else:
             prunable.append(root)
-    block = int(ctx.options.get("channel_block") or channel_block(ctx.target))
+    block = int(ctx.options.get("channel_block") or channel_block(ctx.target, ctx.options))
     removals = apportion([graph.channels[root] for root in prunable], params.sparsity, block)
     removed_total = sum(removals)
     channels_total = sum(graph.channels[root] for root in prunable)

@@ -15,7 +15,9 @@ Act-order (``options["gptq_act_order"]``, default on): columns in order of decre
 most active inputs are rounded first, while there is most freedom left to compensate.
 
 Layers are done in graph order on the model quantized so far (each sees the inputs the quantized
-layers before it produce); layers reading the same input share one capture. MatMul, Gemm (transA 0)
+layers before it produce), by sequential propagation: the calibration samples are carried through
+the model once, segment by segment (``worker.pipeline.sequential``); layers reading the same input
+share one capture. MatMul, Gemm (transA 0)
 and plain 2-D Conv (group 1) take GPTQ; other layers (embeddings, recurrent cells, grouped Conv)
 fall back to RTN, and the step's metrics say so.
 """
@@ -25,12 +27,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 import kernels
-from worker.pipeline import graph, sessions
+from worker.pipeline import graph
+from worker.pipeline.cost import LayerClock
 from worker.pipeline.data import bind
-from worker.pipeline.quantize.grid import choose_grid_params, expand
-from worker.pipeline.step import StepContext
+from worker.pipeline.hessians import accumulate_hessians, inverse_upper_factor
+from worker.pipeline.quantize.grid import Grid, choose_grid_params, expand
+from worker.pipeline.sequential import Propagation, budget_of
+from worker.pipeline.step import LayerRecord, StepContext
 from worker.pipeline.unfold import conv2d_geometry, conv_weight_from_matrix, conv_weight_matrix, unfold2d
 
 DAMPING = 0.01
@@ -72,10 +78,7 @@ def hinv_upper(hessian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     for _ in range(6):
         damped = hessian + damping * mean_diag * np.eye(hessian.shape[0])
         try:
-            lower = np.linalg.cholesky(damped)
-            lower_inv = np.linalg.inv(lower)
-            hinv = lower_inv.T @ lower_inv
-            return np.ascontiguousarray(np.linalg.cholesky(hinv).T, dtype=np.float32), dead
+            return np.ascontiguousarray(inverse_upper_factor(damped), dtype=np.float32), dead
         except np.linalg.LinAlgError:
             damping *= 10.0
     raise np.linalg.LinAlgError("the calibration Hessian stays singular after dampening")
@@ -107,31 +110,57 @@ class GptqRunner:
     def supports(self, layer: graph.WeightLayer) -> bool:
         return layer.weight in self.plans
 
-    def _capture(self, source: str) -> None:
-        """Hessians of every planned, not yet captured layer that reads ``source``; layers that see
-        the input the same way (Q, K and V projections) share one matrix."""
+    def _capture(self, source: str, batches) -> None:
+        """Hessians of every planned, not yet captured layer that reads ``source``, from the batches
+        the propagation streams; layers that see the input the same way (Q, K and V projections)
+        share one matrix."""
         group = {w: p for w, p in self.plans.items() if p.source == source and w not in self.hessians}
         keys = {w: (p.columns, repr(sorted(p.geometry.items())) if p.geometry else None) for w, p in group.items()}
         views = {keys[w]: p for w, p in group.items()}
-        sums = {key: np.zeros((p.columns, p.columns)) for key, p in views.items()}
-        rows = {key: 0 for key in views}
-        inputs = {i.name for i in self.model.graph.input}
-        run = None if source in inputs else sessions.exposed_session(self.model, [source])
-        for feeds in self.data.batches(CAPTURE_BATCH, self.limit):
-            self.ctx.check_cancelled()
-            x = np.asarray(feeds[source] if run is None else run.run([source], feeds)[0], dtype=np.float32)
-            for key, plan in views.items():
-                flat = unfold2d(x, plan.geometry) if plan.geometry is not None else x.reshape(-1, plan.columns)
-                flat = flat.astype(np.float64)
-                sums[key] += flat.T @ flat
-                rows[key] += flat.shape[0]
-        del run
-        sessions.release_memory()
-        for key in views:
-            if rows[key]:
-                sums[key] *= 2.0 / rows[key]
+        plan = {source: [(key, p.columns, p.geometry) for key, p in views.items()]}
+        sums = accumulate_hessians(batches, plan, self.ctx.cost)
         for weight in group:
             self.hessians[weight] = sums[keys[weight]]
+
+    def quantize_all(self, layers: list[graph.WeightLayer], grid_of) -> dict[str, tuple]:
+        """GPTQ for every supported layer, by sequential propagation (``worker.pipeline.sequential``):
+        groups of layers that read one input go in the order that input is made; each group's
+        Hessian comes from the calibration samples carried through the model with every layer
+        upstream already quantized (its float weight replaced by ``w'``, which is what the
+        DequantizeLinear put in later computes). Returns weight -> (q, scale, zero point, w', w)."""
+        chosen = [layer for layer in layers if self.supports(layer)]
+        made_at = {name: index for index, node in enumerate(self.model.graph.node) for name in node.output}
+        sources: dict[str, list[graph.WeightLayer]] = {}
+        for layer in chosen:
+            sources.setdefault(self.plans[layer.weight].source, []).append(layer)
+        ordered = sorted(sources.items(), key=lambda item: made_at.get(item[0], -1))
+        clock = LayerClock(len(chosen), self.ctx.progress, share=(0.0, 0.9))
+        results: dict[str, tuple] = {}
+        done = 0
+        batch = int(self.ctx.options.get("capture_batch", CAPTURE_BATCH))
+        with Propagation(self.model, self.data, batch_size=batch, limit=self.limit,
+                         budget_bytes=budget_of(self.ctx.options)) as propagation:
+            for source, group in ordered:
+                self.ctx.check_cancelled()
+                clock.tick(done, group[0].weight, "capture")
+                self._capture(source, propagation.stream([source]))
+                for layer in group:
+                    clock.tick(done, layer.weight, "solve")
+                    tensor = graph.initializers(self.model)[layer.weight]
+                    w = numpy_helper.to_array(tensor)
+                    grid = grid_of(layer)
+                    with self.ctx.cost.phase("solve"):
+                        q, scale, zero_point, w_hat = self.quantize(layer, w.astype(np.float32), grid)
+                        q, w_hat = keep_pruned_zeros(self.ctx.layers.get(layer.weight), q, w_hat, zero_point, grid)
+                    with self.ctx.cost.phase("write"):
+                        # downstream groups see this layer as the DequantizeLinear will compute it
+                        graph.set_array(self.model, layer.weight, w_hat.astype(w.dtype))
+                    results[layer.weight] = (q, scale, zero_point, w_hat, w)
+                    done += 1
+            self.propagation = {"segments": propagation.stats.segments, "restarts": propagation.stats.restarts,
+                                "spilled_batches": propagation.stats.spilled,
+                                "peak_held_bytes": max(propagation.stats.held_bytes, default=0)}
+        return results
 
     def _as_matrix(self, array: np.ndarray, layer: graph.WeightLayer) -> np.ndarray:
         if self.plans[layer.weight].geometry is not None:
@@ -147,7 +176,7 @@ class GptqRunner:
         """(q, scale, zero_point, w') in the DequantizeLinear layout of ``grid``."""
         plan = self.plans[layer.weight]
         if layer.weight not in self.hessians:
-            self._capture(plan.source)
+            raise KeyError(f"no Hessian captured for {layer.weight!r} (use quantize_all)")
         hessian = self.hessians.pop(layer.weight)
         scale, zero_point = choose_grid_params(w, grid)
         s_full = self._as_matrix(expand(scale, w.shape, grid.axis, grid.block_size).astype(np.float32), layer)
@@ -164,3 +193,15 @@ class GptqRunner:
         q = self._from_matrix(np.ascontiguousarray(q_perm[:, inverse]), layer)
         w_hat = kernels.dequantize(q, scale, zero_point, axis=grid.axis, block_size=grid.block_size)
         return q, scale, zero_point, w_hat
+
+
+def keep_pruned_zeros(record: LayerRecord | None, q: np.ndarray, w_hat: np.ndarray, zero_point: np.ndarray,
+                      grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """Weights an earlier prune step zeroed stay exactly zero (q = z). RTN keeps them by itself
+    (round(0 / s) + z = z); GPTQ's error compensation may move them, so they are put back here."""
+    if record is None or record.mask is None or record.mask.shape != q.shape:
+        return q, w_hat
+    pruned = ~np.asarray(record.mask, dtype=bool)
+    zeros = expand(zero_point, q.shape, grid.axis, grid.block_size).astype(q.dtype)
+    q = np.where(pruned, zeros, q)
+    return q, np.where(pruned, np.float32(0.0), w_hat).astype(np.float32)

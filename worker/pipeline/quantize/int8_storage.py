@@ -18,32 +18,29 @@ who compress on one machine and deploy on another; ``ctx.options["integer_weight
 """
 from __future__ import annotations
 
-import platform
-from functools import lru_cache
-from pathlib import Path
-
 import numpy as np
 
-VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+from worker.pipeline import host
 
 
-@lru_cache(maxsize=1)
 def cpu_has_vnni() -> bool:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:          # not Linux: assume a modern CPU, as ORT's own default does
-        return True
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return any(flag in flags for flag in VNNI_FLAGS)
+    return host.cpu_info().has("vnni") or host.cpu_info().has("amx_int8")
 
 
 def unsigned_weights(target: str, options: dict | None = None, requested: str = "auto") -> bool:
-    """True where int8 weights for integer kernels must be stored as uint8 + 128 (see module doc)."""
+    """True where int8 weights for integer kernels must be stored as uint8 + 128 (see module doc).
+    The automatic choice reads this host's CPU and is recorded in ``options`` (host.note_choice)."""
     forced = (options or {}).get("integer_weights", requested)
     if forced in ("int8", "uint8"):
         return forced == "uint8"
-    x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
-    return target == "cpu-x86" and x86 and not cpu_has_vnni()
+    cpu = host.cpu_info()
+    unsigned = target == "cpu-x86" and cpu.arch == "x86_64" and not cpu_has_vnni()
+    if target == "cpu-x86" and cpu.arch == "x86_64":
+        read = host.feature_text(cpu, "vnni", "amx_int8")
+    else:
+        read = f"target {target} and this host's architecture ({cpu.arch}); no CPU feature decides it there"
+    host.note_choice(options, "int8 weight storage", storage_name(unsigned), read)
+    return unsigned
 
 
 def stored(q: np.ndarray, unsigned: bool) -> tuple[np.ndarray, int]:

@@ -2,35 +2,19 @@
 steps that select and rewrite weights by initializer name see them.
 
 Only a Constant whose float tensor is read where a layer takes its weight (``graph.weight_layers``'
-positions: MatMul / Gemm B, Conv / ConvTranspose W, Gather's table) is lifted; the initializer takes
-the Constant's output name, so every reader keeps reading the same name.
+positions: MatMul / Gemm B, Conv / ConvTranspose W, Gather's table; ``core.onnx_weights`` decides)
+is lifted; the initializer takes the Constant's output name, so every reader keeps reading the same
+name.
 """
 from __future__ import annotations
 
 import onnx
 
-from worker.pipeline import graph
+from core import onnx_weights
+from worker.pipeline import graph, subgraphs
 
-_FLOAT = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
-_WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "Gather": 0}
-
-
-def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
-    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.attribute) != 1:
-        return None
-    attr = node.attribute[0]
-    if attr.name != "value" or attr.type != onnx.AttributeProto.TENSOR:
-        return None
-    return attr.t if attr.t.data_type in _FLOAT else None
-
-
-def constant_weights(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """Constant nodes of the main graph whose output is some layer's weight input."""
-    weight_inputs = {node.input[index] for node in model.graph.node
-                     for op, index in _WEIGHT_INPUT.items()
-                     if node.op_type == op and len(node.input) > index}
-    return [node for node in model.graph.node
-            if _constant_tensor(node) is not None and node.output[0] in weight_inputs]
+# Which Constants hold weights is decided in core, so the upload counts exactly what is lifted here.
+constant_weights = onnx_weights.constant_weights
 
 
 def lift_constant_weights(model: onnx.ModelProto) -> list[str]:
@@ -42,7 +26,7 @@ def lift_constant_weights(model: onnx.ModelProto) -> list[str]:
         if name in graph_outputs:
             continue     # an initializer cannot be a graph output by itself; leave it
         tensor = onnx.TensorProto()
-        tensor.CopyFrom(_constant_tensor(node))
+        tensor.CopyFrom(onnx_weights.constant_tensor(node))
         tensor.name = name
         model.graph.initializer.append(tensor)
         model.graph.node.remove(node)
@@ -50,3 +34,15 @@ def lift_constant_weights(model: onnx.ModelProto) -> list[str]:
     if lifted:
         graph.sort_graph(model)
     return lifted
+
+
+def lifted_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose weights are all main-graph initializers (Constant weights lifted,
+    control-flow bodies' weights hoisted), with every node named: the form static int8 and the
+    sensitivity probe select weights on."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    lift_constant_weights(copy)
+    subgraphs.hoist_weights(copy)
+    graph.ensure_node_names(copy)
+    return copy

@@ -9,8 +9,8 @@ Numbers (docs/recipes.md, computed by ``kernels``):
                  uint8 with s = (hi - lo) / 255 when asymmetric, int8 with s = absmax / 127 when symmetric
     bias         int32 with s_b = s_x * s_w (per output channel), z = 0, so the integer kernels add
                  it in the accumulator; kept float where it would overflow int32
-    bias correction  b -= E[y_quantized - y_float] per output channel, measured on the calibration
-                 data with every layer quantized at once (one pass: empirical bias correction)
+    bias correction  b -= each layer's own mean output shift E[x'] W' - E[x] W, from its input's
+                 means before and after its Q/DQ pair on the calibration data (``quantize.bias_correction``)
 
 What gets Q/DQ:
 - Conv / MatMul / Gemm whose weight the recipe selects (and MatMul of two activations, such as
@@ -24,7 +24,8 @@ What gets Q/DQ:
   Erf, Exp, Log, Pow, Sqrt, ReduceMean) stay in float; one of ``SENSITIVE_OPS`` that the recipe
   drops from ``float_ops`` gets Q/DQ on its float inputs and output.
 - a tensor whose calibration showed mask sentinels (``calibrate.MASK_MAGNITUDE``) stays float.
-Embedding tables (Gather over a weight, when the recipe's ``embeddings`` is on) are int8 per row,
+Recurrent cells (LSTM / GRU / RNN, in the main graph or an If / Loop body) keep float compute: their W
+and R are int8 weight-only, one scale per gate row. Embedding tables (Gather over a weight, when the recipe's ``embeddings`` is on) are int8 per row,
 dequantized after the Gather (``quantize_embedding``). Other float initializers as large as a weight
 that are only sliced, reshaped or added (learned position tables) are int8 per tensor behind a
 DequantizeLinear (``quantize_table``).
@@ -50,7 +51,7 @@ from core.errors import PipelineError, RecipeError
 from core.recipe import QuantizeStep
 from worker.pipeline import activations, calibrate, graph, subgraphs
 from worker.pipeline.data import DataError, Dataset, bind
-from worker.pipeline.quantize import lift_constants, int8_storage
+from worker.pipeline.quantize import int8_storage, lift_constants, tensorrt_qdq, weight_only, wide_activations
 from worker.pipeline.step import LayerRecord, StepContext, StepResult
 
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
@@ -58,7 +59,6 @@ PASSTHROUGH_OPS = ("MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Uns
 SENSITIVE_OPS = ("Softmax", "LayerNormalization", "InstanceNormalization", "GroupNormalization",
                  "Sigmoid", "Tanh", "Erf", "Exp", "Log", "Pow", "Sqrt", "ReduceMean")
 MIN_OPSET = 13                       # per-axis DequantizeLinear
-BIAS_CORRECTION_SAMPLES = 512        # calibration samples used to measure the mean output error
 _INT32 = np.iinfo(np.int32)
 
 
@@ -105,7 +105,8 @@ def check(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext) -> Non
     prepared = onnx.ModelProto()
     prepared.CopyFrom(model)
     lift_constants.lift_constant_weights(prepared)
-    if not selected_layers(prepared, params):
+    subgraphs.hoist_weights(prepared)
+    if not selected_layers(prepared, params) and not _weight_only_layers(prepared, params, set()):
         if params.include:
             loc, why = ["include"], f"no Conv / MatMul / Gemm weight matches include {list(params.include)}"
         elif params.exclude:
@@ -113,6 +114,16 @@ def check(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext) -> Non
         else:
             loc, why = ["min_params"], f"no Conv / MatMul / Gemm weight has {params.min_params} or more elements"
         raise RecipeError(why, [{"loc": loc, "msg": why}])
+
+
+def _weight_only_layers(model: onnx.ModelProto, params: QuantizeStep, taken: set[str]) -> list[graph.WeightLayer]:
+    """Weights static int8 stores int8 without quantizing the activations around them: recurrent
+    cells' W / R (main graph) and every layer inside an If / Loop / Scan body (hoisted weights)."""
+    recurrent = [layer for layer in weight_only.recurrent_layers(model, taken)
+                 if layer.params >= params.min_params and graph.selected(layer, params.include, params.exclude)]
+    return recurrent + graph.body_layers(model, COMPUTE_OPS + weight_only.RECURRENT_OPS,
+                                         taken | {layer.weight for layer in recurrent}, include=params.include,
+                                         exclude=params.exclude, min_params=params.min_params)
 
 
 def selected_layers(model: onnx.ModelProto, params: QuantizeStep) -> list[graph.WeightLayer]:
@@ -126,11 +137,7 @@ def selected_layers(model: onnx.ModelProto, params: QuantizeStep) -> list[graph.
 
 def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy with weights as initializers, named nodes, opset >= 13 and BatchNorm folded into Conv."""
-    prepared = onnx.ModelProto()
-    prepared.CopyFrom(model)
-    lift_constants.lift_constant_weights(prepared)
-    subgraphs.hoist_weights(prepared)
-    graph.ensure_node_names(prepared)
+    prepared = lift_constants.lifted_copy(model)
     if graph.opset(prepared) < MIN_OPSET:
         try:
             prepared = graph.ensure_opset(prepared, MIN_OPSET)
@@ -499,53 +506,6 @@ def _bias_input(model: onnx.ModelProto, node: onnx.NodeProto) -> tuple[str | Non
     return None, -1
 
 
-def correct_biases(float_model: onnx.ModelProto, quantized: onnx.ModelProto, nodes: list[onnx.NodeProto],
-                   data: Dataset, ctx: StepContext) -> list[str]:
-    """b -= E[y_q - y_f] per output channel, for every quantized layer with a bias it can shift
-    (a Conv or Gemm without one gets one). Means accumulate batch by batch (bounded memory)."""
-    targets: list[tuple[onnx.NodeProto, int]] = []
-    for node in nodes:
-        if node.op_type == "MatMul" and _bias_input(quantized, node)[0] is None:
-            continue
-        if node.op_type == "Gemm" and (graph.attribute(node, "beta", 1.0) != 1.0 or
-                                       (len(node.input) > 2 and node.input[2] and _bias_input(quantized, node)[0] is None)):
-            continue
-        targets.append((node, 1 if node.op_type in ("Conv", "Gemm") else -1))
-    if not targets:
-        return []
-    names = [node.output[0] for node, _ in targets]
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-    limit = min(data.size, BIAS_CORRECTION_SAMPLES)
-    float_values = activations.capture(float_model, data, names, limit=limit)
-    quant_values = activations.capture(quantized, data, names, limit=limit)
-    for reference, approximate in zip(float_values, quant_values):
-        for (node, axis), name in zip(targets, names):
-            error = np.moveaxis(approximate[name].astype(np.float64) - reference[name], axis, -1)
-            flat = error.reshape(-1, error.shape[-1])
-            sums[name] = sums.get(name, 0.0) + flat.sum(0)
-            counts[name] = counts.get(name, 0) + flat.shape[0]
-        ctx.check_cancelled()
-    corrected = []
-    for (node, _), name in zip(targets, names):
-        if not counts.get(name):
-            continue
-        shift = (sums[name] / counts[name]).astype(np.float32)
-        bias_name, _ = _bias_input(quantized, node)
-        if bias_name is None:
-            bias_name = graph.unique_name(quantized, f"{node.name}_bias")
-            while len(node.input) < 3:
-                node.input.append("")
-            node.input[2] = bias_name
-            graph.set_array(quantized, bias_name, -shift)
-        elif len(graph.consumers(quantized).get(bias_name, [])) == 1:
-            graph.set_array(quantized, bias_name, graph.get_array(quantized, bias_name).astype(np.float32) - shift)
-        else:
-            continue      # a bias another layer reads too cannot take this layer's shift
-        corrected.append(node.name)
-    return corrected
-
-
 def quantize_bias(model: onnx.ModelProto, node: onnx.NodeProto, input_grid: ActivationGrid, weight: WeightGrid) -> bool:
     """Conv / Gemm bias -> int32 with s_b = s_x * s_w, z = 0, behind a DequantizeLinear that keeps
     the bias's name. False (bias left float) where it would overflow int32 or others read it."""
@@ -581,16 +541,29 @@ def quantize_bias(model: onnx.ModelProto, node: onnx.NodeProto, input_grid: Acti
 
 def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext) -> StepResult:
     """Static int8 QDQ (see the module docstring); records a LayerRecord per quantized weight."""
+    params = tensorrt_qdq.adapt(params, ctx)     # gpu with TensorRT: its symmetric form
     check(model, params, ctx)
     spec = params.activations
     prepared = prepare(model)
+    if spec.int16:
+        try:
+            prepared = graph.ensure_opset(prepared, wide_activations.MIN_OPSET)
+        except Exception as error:   # the converter raises several types; all mean "cannot upgrade"
+            raise PipelineError(f"cannot raise the model's opset to {wide_activations.MIN_OPSET} for 16-bit "
+                                f"activations: {error}") from error
     data = calibration_data(prepared, ctx)
+    equalized: list[str] = []
+    if params.equalize:
+        from worker.pipeline.quantize import equalize
+        equalized = equalize.equalize(prepared)
     layers = selected_layers(prepared, params)
+    smoothed = _smooth(prepared, params, layers, data, ctx)
     decided = plan(prepared, params, layers)
     ctx.progress(0.05, "calibrating activation ranges")
     ranges = calibrate.calibrate(prepared, data, sorted(set(decided.calibrated.values())),
                                  method=spec.calibration, percentile=spec.percentile,
-                                 progress=lambda f, m: ctx.progress(0.05 + 0.55 * f, m))
+                                 progress=lambda f, m: ctx.progress(0.05 + 0.55 * f, m),
+                                 budget_bytes=int(ctx.options.get("capture_budget_bytes", activations.CAPTURE_BUDGET)))
     ctx.check_cancelled()
 
     quantized = onnx.ModelProto()
@@ -608,20 +581,29 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
         weight_grids[layer.weight] = quantize_table(quantized, layer)
     # layers inside If / Loop / Scan bodies: their weights int8 (the DequantizeLinear in the main
     # graph, read from the outer scope); activations inside a body are not calibrated and stay float
-    bodies = graph.body_layers(quantized, COMPUTE_OPS, {layer.weight for layer in layers + embeddings + tables},
-                                   include=params.include, exclude=params.exclude, min_params=params.min_params)
+    # and recurrent cells' W / R (LSTM / GRU / RNN, main graph or body: ONNX Runtime runs them in
+    # float, so weight-only int8, one scale per gate row, is what shrinks them)
+    bodies = _weight_only_layers(quantized, params, {layer.weight for layer in layers + embeddings + tables})
+    main_nodes = {node.name for node in quantized.graph.node}
+    recurrent = [layer for layer in bodies if layer.op in weight_only.RECURRENT_OPS and layer.node in main_nodes]
     for layer in bodies:
         weight_grids[layer.weight] = quantize_weight(quantized, layer, params)
     embeddings += tables + bodies
 
     grids: dict[str, ActivationGrid] = {}
     kept_float: dict[str, str] = {}
+    forced_float = ctx.options.get("float_activations") or ()     # mixed_precision's choices
     for tensor, source in decided.calibrated.items():
         found = ranges.get(source)
-        if found is None:
+        if tensor in forced_float:
+            kept_float[tensor] = "kept float: max_output_error"
+        elif found is None:
             kept_float[tensor] = "never seen on the calibration data"
         elif found.masked:
             kept_float[tensor] = "mask sentinel values (|x| >= 1e8) in calibration"
+        elif spec.int16 and wide_activations.chosen(tensor, spec.int16):
+            grids[tensor] = ActivationGrid(*wide_activations.grid16(quantized, tensor, found.lo, found.hi,
+                                                                   spec.symmetric))
         else:
             grids[tensor] = activation_grid(quantized, tensor, found.lo, found.hi, spec.symmetric)
     folded_outputs = {relu.output[0]: out for out, relu in decided.relu_folds.items()}
@@ -636,7 +618,10 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
     corrected: list[str] = []
     if params.bias_correction:
         ctx.progress(0.65, "bias correction")
-        corrected = correct_biases(prepared, quantized, decided.compute_nodes, data, ctx)
+        from worker.pipeline.quantize import bias_correction
+        corrected = bias_correction.correct(prepared, quantized, decided.compute_nodes,
+                                            {layer.node: layer.weight for layer in layers}, data, ctx,
+                                            relu_folded=set(decided.relu_folds), bias_input=_bias_input)
 
     int32_biases = 0
     weight_of = {layer.node: layer.weight for layer in layers}
@@ -658,6 +643,7 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
             record.extra["weight_storage"] = int8_storage.storage_name(unsigned and bool(signed))
         record.extra["activations"] = ("weight-only int8 rows (embedding)" if layer.op == "Gather" else
                                        "weight-only int8 (table)" if layer.op in TABLE_READERS else
+                                       "weight-only int8 (recurrent cell)" if layer in recurrent else
                                        "weight-only int8 (inside a control-flow body)" if layer in bodies else
                                        f"static int8 ({spec.calibration})")
         ctx.layers[layer.weight] = record
@@ -671,13 +657,29 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
         "quantized_tables": len(tables),
         "quantized_body_weights": len(bodies),
         "quantized_activations": len(grids),
+        "int16_activations": sorted(t for t, g in grids.items() if g.dtype in (onnx.TensorProto.UINT16,
+                                                                             onnx.TensorProto.INT16)),
         "float_activations": kept_float,
         "relu_folded": len(decided.relu_folds),
         "bias_corrected": len(corrected),
+        "smoothed_inputs": len(smoothed),
+        "equalized_layers": len(equalized),
         "int32_biases": int(int32_biases),
         "opset": graph.opset(quantized),
     }
     return StepResult(quantized, [layer.weight for layer in layers + embeddings], metrics)
+
+
+def _smooth(model: onnx.ModelProto, params: QuantizeStep, layers: list[graph.WeightLayer], data: Dataset,
+            ctx: StepContext) -> list[str]:
+    """SmoothQuant (``quantize.smoothquant``) on the selected MatMul / Gemm layers, before calibration."""
+    if params.smoothquant is None:
+        return []
+    from worker.pipeline.quantize import smoothquant
+
+    ctx.progress(0.02, "smoothing activation outliers into weights")
+    chosen = {layer.node for layer in layers if layer.op in ("MatMul", "Gemm")}
+    return smoothquant.smooth(model, data, [n for n in model.graph.node if n.name in chosen], params.smoothquant)
 
 
 def _dequantized_grids(model: onnx.ModelProto, grids: dict[str, ActivationGrid]) -> dict[str, ActivationGrid]:

@@ -76,8 +76,8 @@ def candidate_layers(model: onnx.ModelProto, params: QuantizeStep) -> list[graph
     found += [layer for layer in recurrent_layers(model, seen)
               if layer.params >= params.min_params and graph.selected(layer, params.include, params.exclude)]
     seen = {layer.weight for layer in found}
-    found += graph.body_layers(model, ops, seen, include=params.include, exclude=params.exclude,
-                                   min_params=params.min_params)
+    found += graph.body_layers(model, ops + RECURRENT_OPS, seen, include=params.include, exclude=params.exclude,
+                               min_params=params.min_params)
     consumers = graph.consumers(model)
     for node in lift_constants.constant_weights(model):
         name = node.output[0]
@@ -208,17 +208,6 @@ def record_layer(ctx: StepContext, layer: graph.WeightLayer, grid: Grid, w_hat: 
     return record
 
 
-def keep_pruned_zeros(record: LayerRecord | None, q: np.ndarray, w_hat: np.ndarray, zero_point: np.ndarray,
-                      grid: Grid) -> tuple[np.ndarray, np.ndarray]:
-    """Weights an earlier prune step zeroed stay exactly zero (q = z). RTN keeps them by itself
-    (round(0 / s) + z = z); GPTQ's error compensation may move them, so they are put back here."""
-    if record is None or record.mask is None or record.mask.shape != q.shape:
-        return q, w_hat
-    pruned = ~np.asarray(record.mask, dtype=bool)
-    zeros = expand(zero_point, q.shape, grid.axis, grid.block_size).astype(q.dtype)
-    q = np.where(pruned, zeros, q)
-    return q, np.where(pruned, np.float32(0.0), w_hat).astype(np.float32)
-
 
 def raise_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
     """``graph.ensure_opset`` run on the graph's structure only: ONNX's version converter copies
@@ -265,8 +254,10 @@ def quantize_weights(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
     model, lifted = prepare(model, params, required_opset(spec))
     layers = candidate_layers(model, params)
     runner = None
+    solved: dict[str, tuple] = {}
     if params.method == "gptq":
         runner = gptq.GptqRunner(model, layers, ctx)
+        solved = runner.quantize_all(layers, lambda layer: grid_for(layer, spec))
     inits = graph.initializers(model)
     changed: list[str] = []
     packs: list[tuple[matmulnbits.Packed, int]] = []
@@ -277,10 +268,10 @@ def quantize_weights(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
         float_type = tensor.data_type
         w = numpy_helper.to_array(tensor).astype(np.float32)
         grid = grid_for(layer, spec)
-        if runner is not None and runner.supports(layer):
-            q, scale, zero_point, w_hat = runner.quantize(layer, w, grid)
+        if layer.weight in solved:
+            q, scale, zero_point, w_hat, w = solved.pop(layer.weight)   # w: the float weight before GPTQ
+            w = w.astype(np.float32)
             method = "gptq"
-            q, w_hat = keep_pruned_zeros(ctx.layers.get(layer.weight), q, w_hat, zero_point, grid)
         else:
             q, scale, zero_point = quantize_rtn(w, grid)
             w_hat = dequantize(q, scale, zero_point, grid)
@@ -311,6 +302,8 @@ def quantize_weights(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
             ctx.layers[weight].extra["format_latency_ms"] = measured
     if fallback:
         metrics_out["rtn_fallback"] = fallback
+    if runner is not None and getattr(runner, "propagation", None):
+        metrics_out["propagation"] = runner.propagation
     return StepResult(model, changed, metrics_out)
 
 

@@ -43,6 +43,7 @@ from worker.pipeline import data as data_mod
 from worker.pipeline import graph
 from worker.pipeline.distill import layerwise
 from worker.pipeline.distill.layers import linear_layer
+from worker.pipeline.sequential import budget_of
 from worker.pipeline.step import LayerRecord, StepContext, StepResult
 
 name = "distill"
@@ -276,7 +277,8 @@ def _run_layerwise(model: onnx.ModelProto, params: DistillStep, ctx: StepContext
     student.CopyFrom(model)
     rows = layerwise.run(student, ctx.original, fits, dataset, damping=params.damping,
                          batch_size=max(params.batch_size, LAYERWISE_MIN_BATCH), progress=ctx.progress,
-                         check_cancelled=ctx.check_cancelled)
+                         check_cancelled=ctx.check_cancelled, cost=ctx.cost,
+                         budget_bytes=budget_of(ctx.options))
     changed = []
     for item, row in zip(fits, rows):
         if row["kept"]:

@@ -10,8 +10,8 @@ carries float32 here and allows float16 - so Resize's scales, LayerNormalization
 - kept float32 always: ops whose outputs or attributes are typed float32 by construction (Range,
   ConstantOfShape, EyeLike, Random*), ops with subgraphs (If, Loop, Scan) and the producers of any
   tensor a subgraph reads, ops outside the default domain, and the recipe's ``op_block_list``;
-- then checked in ONNX Runtime's CPU provider: an op without a float16 kernel there is put back
-  to float32, and a node whose float16 output is NaN / Inf on the data where the float32 one was
+- then checked in the target's ONNX Runtime provider (CUDA for ``gpu`` where it runs, else the
+  CPU provider): an op without a float16 kernel there is put back to float32, and a node whose float16 output is NaN / Inf on the data where the float32 one was
   finite too, until the model loads and is finite on the data.
 
 Casts go where float16 and float32 meet (one per tensor and direction); float32 initializers read
@@ -289,12 +289,14 @@ def convert(model: onnx.ModelProto, plans: dict[str, NodePlan]) -> tuple[onnx.Mo
 
 
 def problems(converted: onnx.ModelProto, plans: dict[str, NodePlan], data: Dataset,
-             stats: TensorStats) -> dict[str, str]:
-    """Float16 nodes to put back to float32 (name -> why); empty when the model loads and its
-    float16 tensors stay finite on the data wherever the float32 ones were."""
+             stats: TensorStats, provider: str = "CPUExecutionProvider") -> dict[str, str]:
+    """Float16 nodes to put back to float32 (name -> why); empty when the model loads in
+    ``provider`` (the target's: CUDA's float16 kernels for gpu) and its float16 tensors stay
+    finite on the data wherever the float32 ones were."""
     watched = [t for n in converted.graph.node if n.name in plans for t in n.output if t]
+    where = f"ONNX Runtime's {provider}"
     try:
-        session = sessions.exposed_session(converted, watched)
+        session = sessions.exposed_session(converted, watched, provider)
     except Exception as exc:   # ORT raises its own exception types for a missing kernel
         match = _NO_KERNEL.search(str(exc))
         if match is None:
@@ -302,8 +304,8 @@ def problems(converted: onnx.ModelProto, plans: dict[str, NodePlan], data: Datas
         op_type = match.group(1)
         nodes = {n.name for n in converted.graph.node if n.op_type == op_type} & set(plans)
         if not nodes:
-            raise PipelineError(f"fp16: no float16 kernel for {op_type} in ONNX Runtime's CPU provider") from exc
-        return {n: f"no float16 {op_type} kernel in ONNX Runtime's CPU provider" for n in nodes}
+            raise PipelineError(f"fp16: no float16 kernel for {op_type} in {where}") from exc
+        return {n: f"no float16 {op_type} kernel in {where}" for n in nodes}
     available = {o.name for o in session.get_outputs()}
     watched = [t for t in watched if t in available]
     producer = {t: n.name for n in converted.graph.node for t in n.output}
@@ -375,11 +377,13 @@ def run(model: onnx.ModelProto, params: Fp16Step, ctx: StepContext) -> StepResul
             plans[node.name] = plan
         elif "no float32 tensor" not in plan:
             kept[node.name] = plan
+    # which float16 kernels exist is the target's provider's business: CUDA has many the CPU lacks
+    provider = sessions.provider_for(ctx.target)
     for round_ in range(MAX_ROUNDS):
         ctx.check_cancelled()
         ctx.progress(0.3 + 0.6 * round_ / MAX_ROUNDS, "converting")
         converted, casts = convert(model, plans)
-        found = problems(converted, plans, data, stats)
+        found = problems(converted, plans, data, stats, provider)
         sessions.release_memory()
         if not found:
             break
@@ -392,5 +396,6 @@ def run(model: onnx.ModelProto, params: Fp16Step, ctx: StepContext) -> StepResul
     changed = sorted(plans)
     return StepResult(converted, changed, {
         "fp16_nodes": len(plans), "float32_nodes": len(kept), "casts": casts, "measured_on": source,
+        "kernels_checked_in": provider,
         "kept_float32": [{"node": n, "reason": why} for n, why in kept.items()],
     })

@@ -47,7 +47,10 @@ from core.recipe import PruneStep
 from worker.pipeline.data import bind
 from worker.pipeline.graph import WeightLayer, attribute, get_array, set_array, weight_layers
 from worker.pipeline.step import StepContext, StepResult
-from worker.pipeline.hessians import capture_drift, capture_hessians, damped, drift_corrected
+from worker.pipeline.cost import LayerClock
+from worker.pipeline.sequential import Propagation, budget_of
+from worker.pipeline.hessians import (accumulate_drift, accumulate_hessians, damped, drift_corrected,
+                                      inverse_upper_factor, log_propagation)
 from worker.pipeline.prune.masks import exact_masks, normalized_scores
 from worker.pipeline.records import StepLog, layer_record, sparsity_of
 from worker.pipeline.unfold import conv2d_geometry, conv_weight_from_matrix, conv_weight_matrix
@@ -58,6 +61,7 @@ Params = PruneStep
 PRUNABLE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 SPARSEGPT_BLOCK = 128             # columns pruned together before their error is propagated on
 MAX_HESSIAN_COLUMNS = 16384       # H is columns^2 float64; past this the memory is not worth it
+CAPTURE_BATCH = 32                # samples per propagation batch (options["capture_batch"])
 
 
 def check(model: onnx.ModelProto, params: PruneStep, ctx: StepContext) -> None:
@@ -178,11 +182,7 @@ def _from_matrix(matrix: np.ndarray, layer: WeightLayer, geometry: dict | None) 
 def _hinv_cholesky(hessian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Upper Cholesky factor of (H + damping)^-1, and which inputs were never active (diag 0)."""
     dead = np.diag(hessian) == 0
-    hessian = damped(hessian)
-    lower = np.linalg.cholesky(hessian)
-    lower_inv = np.linalg.inv(lower)
-    hinv = lower_inv.T @ lower_inv
-    return np.ascontiguousarray(np.linalg.cholesky(hinv).T, dtype=np.float32), dead
+    return np.ascontiguousarray(inverse_upper_factor(damped(hessian)), dtype=np.float32), dead
 
 
 def _sparsegpt(model: onnx.ModelProto, original: onnx.ModelProto, layers: list[WeightLayer], targets: dict[str, float],
@@ -200,33 +200,49 @@ def _sparsegpt(model: onnx.ModelProto, original: onnx.ModelProto, layers: list[W
             continue
         columns, source, geometry = found
         plans.setdefault(source, []).append((layer, columns, geometry))
-    for done, (source, group) in enumerate(plans.items()):
-        ctx.check_cancelled()
-        ctx.progress(done / max(len(plans), 1), f"sparsegpt: {source}")
-        plan = {source: [(layer.weight, columns, geometry) for layer, columns, geometry in group]}
-        # once a layer upstream is pruned, this one's inputs drift: correct for it first
-        drift = capture_drift(original, model, data, plan) if done else None
-        hessians = {key: pair[0] for key, pair in drift.items()} if drift else capture_hessians(model, data, plan)
-        for layer, columns, geometry in group:
-            hinv_chol, dead = _hinv_cholesky(hessians[layer.weight])
-            w = get_array(model, layer.weight)
-            matrix = _as_matrix(w, layer, geometry)
-            if drift:
-                matrix = drift_corrected(matrix.astype(np.float64), *drift[layer.weight]).astype(np.float32)
-            matrix[:, dead] = 0.0          # an input that is never active carries nothing to keep
-            n, m = n_m if n_m is not None else (0, 0)
-            block = SPARSEGPT_BLOCK if not m else m * max(1, SPARSEGPT_BLOCK // m)   # whole N:M groups per block
-            w_hat, mask = kernels.sparsegpt_prune(matrix, hinv_chol, sparsity=targets[layer.weight], n=n, m=m,
-                                                  block=block)
-            if not n:
-                # the kernel prunes floor(s * rows * block_cols) per column block; the few weights
-                # that leaves short of round(s * size) go by magnitude, so the count is exact
-                mask = exact_masks([np.where(mask != 0, np.abs(w_hat), 0.0).astype(np.float32)],
-                                   round(targets[layer.weight] * w_hat.size))[0]
-                w_hat = np.where(mask, w_hat, 0.0).astype(np.float32)
-            new_w = _from_matrix(w_hat, layer, geometry).astype(w.dtype)
-            set_array(model, layer.weight, new_w)     # later groups see this layer already pruned
-            results[layer.weight] = (new_w, _from_matrix(mask, layer, geometry).astype(bool), "sparsegpt")
+    # groups in the order their input is made, so that every layer upstream of a group is pruned
+    # before the propagation runs through it (sequential propagation, see worker.pipeline.sequential)
+    made_at = {name: index for index, node in enumerate(model.graph.node) for name in node.output}
+    ordered = sorted(plans.items(), key=lambda item: made_at.get(item[0], -1))
+    clock = LayerClock(len(ordered), ctx.progress)
+    batch = int(ctx.options.get("capture_batch", CAPTURE_BATCH))
+    budget = budget_of(ctx.options)
+    with Propagation(model, data, batch_size=batch, budget_bytes=budget) as current, \
+            Propagation(original, data, batch_size=batch, budget_bytes=budget) as reference:
+        for done, (source, group) in enumerate(ordered):
+            ctx.check_cancelled()
+            clock.tick(done, source, "capture")
+            plan = {source: [(layer.weight, columns, geometry) for layer, columns, geometry in group]}
+            # once a layer upstream is pruned, this one's inputs drift: correct for it first
+            if done:
+                drift = accumulate_drift(reference.stream([source]), current.stream([source]), plan, ctx.cost)
+                hessians = {key: pair[0] for key, pair in drift.items()}
+            else:
+                drift, hessians = None, accumulate_hessians(current.stream([source]), plan, ctx.cost)
+            clock.tick(done, source, "solve")
+            for layer, columns, geometry in group:
+                with ctx.cost.phase("solve"):
+                    hinv_chol, dead = _hinv_cholesky(hessians.pop(layer.weight))
+                    w = get_array(model, layer.weight)
+                    matrix = _as_matrix(w, layer, geometry)
+                    if drift:
+                        matrix = drift_corrected(matrix.astype(np.float64), *drift.pop(layer.weight)).astype(np.float32)
+                    matrix[:, dead] = 0.0          # an input that is never active carries nothing to keep
+                    n, m = n_m if n_m is not None else (0, 0)
+                    block = SPARSEGPT_BLOCK if not m else m * max(1, SPARSEGPT_BLOCK // m)   # whole N:M groups per block
+                    w_hat, mask = kernels.sparsegpt_prune(matrix, hinv_chol, sparsity=targets[layer.weight], n=n, m=m,
+                                                          block=block)
+                    if not n:
+                        # the kernel prunes floor(s * rows * block_cols) per column block; the few weights
+                        # that leaves short of round(s * size) go by magnitude, so the count is exact
+                        mask = exact_masks([np.where(mask != 0, np.abs(w_hat), 0.0).astype(np.float32)],
+                                           round(targets[layer.weight] * w_hat.size))[0]
+                        w_hat = np.where(mask, w_hat, 0.0).astype(np.float32)
+                with ctx.cost.phase("write"):
+                    new_w = _from_matrix(w_hat, layer, geometry).astype(w.dtype)
+                    set_array(model, layer.weight, new_w)     # later groups see this layer already pruned
+                    results[layer.weight] = (new_w, _from_matrix(mask, layer, geometry).astype(bool), "sparsegpt")
+        log_propagation(log, current, reference)
     return results
 
 

@@ -43,6 +43,14 @@ def check(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext) -> Non
 
 
 def run(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext) -> StepResult:
+    if params.max_output_error is not None:
+        # the most sensitive layers move to higher precision until the output error bound holds
+        from worker.pipeline.quantize.mixed_precision import run_bounded
+        return run_bounded(model, params, ctx, run_once)
+    return run_once(model, params, ctx)
+
+
+def run_once(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext) -> StepResult:
     if params.activations is not None:
         if params.activations.calibration == "dynamic":
             from worker.pipeline.quantize.dynamic import quantize_dynamic

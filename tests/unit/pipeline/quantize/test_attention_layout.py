@@ -15,6 +15,7 @@ from worker.pipeline.quantize.dynamic import quantize_dynamic
 from worker.pipeline.quantize.attention_layout import fuse_attention_heads
 from worker.pipeline.quantize.shared_quantization import share_input_quantization
 from worker.pipeline.step import StepContext
+from tests.conftest import require_torch
 
 FLOAT_MIN = float(np.finfo(np.float32).min)
 
@@ -281,7 +282,7 @@ def test_single_reader_is_left_as_the_fused_op():
 def _torch_encoder(d: int = 32, heads: int = 4, seq: int = 7, layers: int = 2) -> onnx.ModelProto:
     """A small pre-norm encoder written the way the bench transformer is, exported by torch's
     TorchScript exporter: the exporter's own graph, not a hand-built copy of it."""
-    torch = pytest.importorskip("torch")
+    torch = require_torch()
     import io
 
     from torch import nn

@@ -182,3 +182,12 @@ def test_include_exclude_select_weights():
     assert set(ctx.layers) == {"W2"}
     result, ctx = apply(builders.mlp(), {"weights": {"bits": 8}, "exclude": ["W2"]})
     assert set(ctx.layers) == {"W1"}
+
+
+def test_lstm_inside_an_if_gets_int8_recurrent_weights_weight_only():
+    model = builders.lstm_in_if()
+    result, _ = apply(model, {"weights": {"bits": 8}, "min_params": 0})
+    quantized = {node.output[0] for node in result.model.graph.node if node.op_type == "DequantizeLinear"}
+    assert {"lstm_W", "lstm_R"} <= quantized
+    sample = {"x": np.random.default_rng(2).standard_normal((5, 1, 32)).astype(np.float32)}
+    assert builders.rel_l2(builders.run_ort(model, sample), builders.run_ort(result.model, sample)) < 0.03

@@ -17,6 +17,7 @@ from worker.pipeline import graph
 from worker.pipeline.distill.layers import Grid
 from worker.pipeline.step import LayerRecord, StepContext
 from worker.pipeline.steps import distill
+from tests.conftest import require_torch
 
 RNG_SEED = 7
 
@@ -381,7 +382,7 @@ def _magnitude_prune(model: onnx.ModelProto, ctx: StepContext, name: str, node: 
 
 
 def test_kd_repairs_damaged_classifier_on_held_out_data():
-    torch = pytest.importorskip("torch")
+    torch = require_torch()
     torch.set_num_threads(1)
     teacher, calibration, held = _digits_mlp()
     student = _copy(teacher)
@@ -406,7 +407,7 @@ def test_kd_repairs_damaged_classifier_on_held_out_data():
 
 
 def test_kd_keeps_quantization_grid_and_codebook():
-    torch = pytest.importorskip("torch")
+    torch = require_torch()
     torch.set_num_threads(1)
     teacher, calibration, held = _digits_mlp()
     w1, w2 = graph.get_array(teacher, "w1"), graph.get_array(teacher, "w2")
@@ -443,7 +444,7 @@ def test_kd_keeps_quantization_grid_and_codebook():
 
 
 def test_kd_trains_a_separate_student():
-    torch = pytest.importorskip("torch")
+    torch = require_torch()
     torch.set_num_threads(1)
     teacher, calibration, held = _digits_mlp()
     rng = np.random.default_rng(1)
@@ -533,7 +534,7 @@ def _compress(teacher, calibration, steps):
 @pytest.mark.parametrize("method", ["layerwise", "kd"])
 def test_distill_after_real_steps_keeps_their_constraints(steps, method):
     if method == "kd":
-        torch = pytest.importorskip("torch")
+        torch = require_torch()
         torch.set_num_threads(1)
     teacher, calibration, held = _digits_mlp()
     compressed, ctx = _compress(teacher, calibration, steps)
@@ -584,7 +585,7 @@ def _const(name, array):
 
 @pytest.mark.parametrize("kind", ["cnn", "sequence"])
 def test_torch_translation_matches_onnx_runtime(kind):
-    torch = pytest.importorskip("torch")
+    torch = require_torch()
     torch.set_num_threads(1)
     from worker.pipeline.distill.kd import trainable_weights
     from worker.pipeline.distill.torch_graph import TorchGraph, unsupported_ops

@@ -1,0 +1,51 @@
+"""Whether a recipe's ``goal`` fits the model and data it will run on, from what upload recorded
+(the model's outputs: name, shape, dtype; the data sets' arrays), so the API refuses at submit and
+the worker refuses before any work, with the same field paths (``["goal", "output"]`` ...).
+
+- ``output`` names one of the model's outputs (default: the first);
+- every metric compares float outputs (an argmax needs scores too);
+- ``top1_agreement`` / ``accuracy`` need a last axis of 2 or more (the classes);
+- ``accuracy`` needs ``_labels`` in the evaluation data (or, without it, the calibration data);
+- the search needs evaluation or calibration data; ``spearman`` needs 3 or more samples to rank.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from core.errors import RecipeError
+from core.recipe import GoalSpec
+
+FLOAT_DTYPES = ("float16", "float32", "float64", "bfloat16")
+
+
+def _refuse(field: str, message: str, prefix: Sequence[Any]) -> RecipeError:
+    loc = [*prefix, "goal", field]
+    return RecipeError(f"invalid recipe: {'.'.join(str(p) for p in loc)}: {message}", [{"loc": loc, "msg": message}])
+
+
+def check_goal(goal: GoalSpec, outputs: Sequence[dict[str, Any]], *, has_data: bool, has_labels: bool,
+               samples: int | None = None, prefix: Sequence[Any] = ()) -> None:
+    """Raise RecipeError at ``prefix + ["goal", <field>]`` when the goal cannot be measured on this model."""
+    names = [o.get("name") for o in outputs]
+    if goal.output is not None and goal.output not in names:
+        raise _refuse("output", f"the model has no output {goal.output!r} (outputs: {names})", prefix)
+    chosen = next((o for o in outputs if o.get("name") == (goal.output or names[0])), None) if names else None
+    if chosen is None:
+        raise _refuse("output", "the model has no outputs", prefix)
+    dtype = str(chosen.get("dtype") or "")
+    if dtype and dtype not in FLOAT_DTYPES:
+        raise _refuse("metric", f"{goal.metric} compares float outputs; {chosen['name']!r} is {dtype}", prefix)
+    shape = chosen.get("shape")
+    if goal.metric in ("top1_agreement", "accuracy"):
+        if shape is not None and len(shape) == 0:
+            raise _refuse("metric", f"{goal.metric} takes an argmax over the last axis; {chosen['name']!r} is a scalar",
+                          prefix)
+        if shape and isinstance(shape[-1], int) and shape[-1] < 2:
+            raise _refuse("metric", f"{goal.metric} takes an argmax over the last axis; {chosen['name']!r} has "
+                                    f"{shape[-1]} element(s) there", prefix)
+    if not has_data:
+        raise _refuse("metric", "a goal is measured on evaluation data: give evaluation or calibration data", prefix)
+    if goal.metric == "accuracy" and not has_labels:
+        raise _refuse("metric", "accuracy needs _labels in the evaluation data (or the calibration data)", prefix)
+    if goal.metric == "spearman" and samples is not None and samples < 3:
+        raise _refuse("metric", f"spearman ranks pairs of samples: needs 3 or more, the data has {samples}", prefix)

@@ -1,0 +1,67 @@
+"""quantize.max_output_error: the loop moves the most sensitive layers up until the bound holds,
+stops there, reports each move; a bound no build meets still gives a model and says it was missed."""
+from __future__ import annotations
+
+import onnx
+import pytest
+
+from core.recipe import parse_recipe
+from worker.pipeline.runner import run
+from tests.unit.pipeline.builders import rel_l2, run_ort
+from tests.unit.pipeline.fragile import fragile_mlp, inputs
+
+OPTIONS = {"latency_runs": 2, "layer_errors": False, "bound_samples": 64}
+
+
+def _compress(tmp_path, model, step, **options):
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    recipe = parse_recipe({"steps": [{"op": "quantize", "min_params": 16, **step}]})
+    return run(path, recipe, calibration=inputs(64), workdir=tmp_path / "out", options={**OPTIONS, **options})
+
+
+def test_int4_loop_lifts_the_fragile_layer_and_stops_at_the_bound(tmp_path):
+    model = fragile_mlp(outlier=200.0)
+    result = _compress(tmp_path, model, {"weights": {"bits": 4, "granularity": "block"}, "max_output_error": 0.3})
+    mixed = result.report["steps"][0]["mixed_precision"]
+    assert mixed["met"] and mixed["final_rel_l2"] <= 0.3 < mixed["initial_rel_l2"]
+    moves = mixed["moves"]
+    # int8 is not enough for the fragile layer (measured alone again at int8), so it goes on to float
+    assert [(m["name"], m["to"]) for m in moves] == [("W1", "int8"), ("W1", "float")]
+    # it stops at the first build that meets the bound: every earlier build was above it
+    assert all(m["rel_l2_after"] > 0.3 for m in moves[:-1]) and moves[-1]["rel_l2_after"] <= 0.3
+    assert all("bytes_cost" in m and "latency_cost_ms" in m for m in moves)
+    out = onnx.load(result.model_path)
+    bits = {row["name"]: row["bits"] for row in result.report["layers"]}
+    assert bits["W0"] == bits["W2"] == bits["W3"] == 4           # the rest stays compressed
+    higher = mixed["higher_precision"]["weights"]
+    assert higher == {"W1": "float"} and bits.get("W1", 32) == 32
+    data = inputs(64)
+    assert rel_l2(run_ort(model, data)[0], run_ort(out, data)[0]) == pytest.approx(mixed["final_rel_l2"], rel=0.05)
+    assert "Error bound of step 0" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_static_int8_bound_moves_weights_and_activations_to_float(tmp_path):
+    model = fragile_mlp(outlier=200.0)
+    result = _compress(tmp_path, model, {"weights": {"bits": 8}, "activations": {"calibration": "minmax"},
+                                         "max_output_error": 0.03})
+    mixed = result.report["steps"][0]["mixed_precision"]
+    assert mixed["met"] and mixed["final_rel_l2"] <= 0.03 < mixed["initial_rel_l2"]
+    first = mixed["moves"][0]
+    assert (first["name"], first["to"]) == ("W1", "float")
+    # a float layer's input must not come out of a DequantizeLinear (ONNX Runtime would run it on int8)
+    assert "a0" in first["with_activations"]
+    bits = {row["name"]: row["bits"] for row in result.report["layers"]}
+    assert [bits.get(w) for w in ("W0", "W2", "W3", "Wout")] == [8, 8, 8, 8]   # the rest stays int8
+
+
+def test_a_bound_no_build_meets_keeps_the_best_model_and_says_so(tmp_path):
+    model = fragile_mlp(outlier=200.0)
+    # float meets any bound: a bound is missed when the builds run out before (here after 2)
+    result = _compress(tmp_path, model, {"weights": {"bits": 4, "granularity": "block"}, "max_output_error": 1e-9},
+                       max_bound_builds=2)
+    mixed = result.report["steps"][0]["mixed_precision"]
+    assert mixed["met"] is False and "MISSED" in mixed["summary"]
+    assert mixed["final_rel_l2"] <= mixed["initial_rel_l2"] and mixed["builds"] == 3   # 2 trials, the final build
+    assert "MISSED" in (tmp_path / "out" / "report.html").read_text()
+    assert result.model_path.is_file()

@@ -1,0 +1,138 @@
+"""The goal search on a model with one fragile layer: the budget holds on the evaluation data, the
+fragile layer ends at higher precision and the rest compressed, the time budget ends it with the
+best verified model, cancel stops it, and with calibration data only part of it is held out."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+import pytest
+
+from core.recipe import parse_recipe
+from worker.pipeline.data import bind
+from worker.pipeline.runner import run
+from worker.pipeline.search import engine, scores, space
+from worker.pipeline.step import StepCancelled, StepContext
+from tests.unit.pipeline.builders import run_ort
+from tests.unit.pipeline.fragile import fragile_mlp, inputs
+
+OPTIONS = {"latency_runs": 2, "layer_errors": False}
+GOAL = {"metric": "cosine", "max_drop": 0.001, "time_budget_s": 120}
+
+
+def _run(tmp_path, goal=GOAL, evaluation=True, **kwargs):
+    path = tmp_path / "m.onnx"
+    onnx.save(fragile_mlp(), path)
+    return run(path, parse_recipe({"goal": goal}), calibration=inputs(64), workdir=tmp_path / "out",
+               evaluation=inputs(48, seed=7) if evaluation else None, options=OPTIONS, **kwargs)
+
+
+def test_budget_met_on_evaluation_data_and_fragile_layer_kept_at_higher_precision(tmp_path):
+    result = _run(tmp_path)
+    goal, candidates = result.report["goal"], result.report["candidates"]
+    assert goal["met"] and goal["evaluation_samples"] == 48
+    chosen = next(c for c in candidates if c["chosen"])
+    assert chosen["verified"] and chosen["drop"] <= 0.001
+    # measured again here, independently of the search
+    evaluation = inputs(48, seed=7)
+    y, z = run_ort(fragile_mlp(), evaluation)[0], run_ort(onnx.load(result.model_path), evaluation)[0]
+    assert scores.value(parse_recipe({"goal": GOAL}).goal, y, z) >= 1 - 0.001
+    # the fragile layer above the family's setting, every other layer compressed
+    assert chosen["higher_precision"]["weights"].get("W1") in ("int8", "float")
+    bits = {row["name"]: row["bits"] for row in result.report["layers"]}
+    assert all(bits[w] <= 8 for w in ("W0", "W2", "W3"))
+    assert result.report["size_ratio"] > 1.5
+    # a frontier: several verified points, the chosen one marked, the next best downloadable
+    assert sum(c["verified"] and c["pareto"] for c in candidates) >= 3
+    assert [c["artifact"] for c in candidates if c["artifact"]][:1] == ["candidate-1"]
+    saved = onnx.load(tmp_path / "out" / "candidate-1.onnx")
+    assert run_ort(saved, evaluation)[0].shape == y.shape
+    assert "Goal search" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_calibration_only_holds_part_out_and_says_so(tmp_path):
+    result = _run(tmp_path, evaluation=False)
+    goal = result.report["goal"]
+    assert goal["evaluation_samples"] == 16 and "held out the last 16 of 64" in goal["evaluation_data"]
+    assert result.report["fidelity_data"] == "evaluation" and result.report["fidelity_samples"] == 16
+
+
+def test_time_budget_ends_the_search_with_the_best_verified_model(tmp_path):
+    model = fragile_mlp()
+    data = bind(model, inputs(64))
+    ctx = StepContext(original=model, calibration=data.arrays)
+    goal = parse_recipe({"goal": {**GOAL, "time_budget_s": 40}}).goal
+    ticks = itertools.count()
+
+    def clock() -> float:       # every look at the clock costs a second: the budget runs out mid-search
+        return float(next(ticks))
+
+    search = engine.Search(model, model, goal, space.default_families(True), ctx, bind(model, inputs(48, seed=7)),
+                           tmp_path / "s", clock=clock)
+    search.run()
+    result = search.finish(tmp_path)
+    assert search.stopped and "time budget" in search.stopped
+    unlimited = engine.Search(model, model, parse_recipe({"goal": GOAL}).goal, space.default_families(True), ctx,
+                              bind(model, inputs(48, seed=7)), tmp_path / "u")
+    unlimited.run()
+    assert 1 <= len(search.candidates) < len(unlimited.candidates)
+    verified = [c for c in search.candidates if c.verified]
+    assert result.chosen in verified
+    meeting = [c for c in verified if c.meets]
+    assert result.chosen.bytes == min(c.bytes for c in meeting)
+    assert "time budget" in result.goal_report["summary"]
+
+
+def test_cancel_stops_the_search(tmp_path):
+    seen = []
+    flag = {"cancel": False}
+
+    def progress(fraction, stage):
+        seen.append(stage)
+        if "3 verified" in stage:
+            flag["cancel"] = True
+
+    with pytest.raises(StepCancelled):
+        _run(tmp_path, progress=progress, cancelled=lambda: flag["cancel"])
+    assert any("3 verified" in s for s in seen)
+    assert not any("6 verified" in s for s in seen)
+    assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+@pytest.mark.parametrize(("goal", "loc"), [
+    ({"metric": "cosine", "output": "nope"}, ["goal", "output"]),
+    ({"metric": "accuracy"}, ["goal", "metric"]),
+])
+def test_goal_that_does_not_fit_is_refused_before_work(tmp_path, goal, loc):
+    from core.errors import RecipeError
+    with pytest.raises(RecipeError) as caught:
+        _run(tmp_path, goal=goal)
+    assert caught.value.errors[0]["loc"] == loc
+
+
+def test_metrics_on_known_values():
+    def spec(metric, **extra):
+        return parse_recipe({"goal": {"metric": metric, **extra}}).goal
+
+    y = np.array([[1.0, 0.0, 2.0], [0.0, 3.0, 1.0], [2.0, 2.0, 0.0], [0.5, 0.1, 0.2]])
+    assert scores.value(spec("cosine"), y, y) == pytest.approx(1.0)
+    assert scores.value(spec("top1_agreement"), y, y[:, [2, 1, 0]]) == pytest.approx(0.25)
+    assert scores.value(spec("iou", threshold=1.5), y, y) == 1.0
+    assert scores.value(spec("iou", threshold=1.5), y, np.where(y > 2.5, 0, y)) == pytest.approx(3 / 4)
+    assert scores.value(spec("decision_agreement", threshold=1.5), y, np.zeros_like(y)) == pytest.approx(8 / 12)
+    assert scores.value(spec("spearman"), y, 2 * y) == pytest.approx(1.0)
+    assert scores.value(spec("rel_l2"), y, 1.1 * y) == pytest.approx(0.1)
+    assert scores.value(spec("accuracy"), y, y, np.array([2, 1, 0, 1])) == pytest.approx(0.75)
+    assert scores.quality(spec("rel_l2"), 0.1) == -0.1
+
+
+def test_built_candidates_keep_the_original_io_annotations():
+    from onnx import helper
+
+    source = fragile_mlp()
+    built = onnx.ModelProto()
+    built.CopyFrom(source)
+    built.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", "Div_dim_1"]))
+    space.keep_io_annotations(source, built)
+    assert built.graph.output[0] == source.graph.output[0]
