@@ -24,8 +24,10 @@ COPY api ./api
 COPY worker ./worker
 COPY featherweight ./featherweight
 COPY migrations ./migrations
+# the export formats' converters (pytorch, tflite); the API checks the same install at submit
+ARG EXPORT_EXTRAS=torch,tflite
 RUN pip install --upgrade pip setuptools wheel cffi \
- && pip install . \
+ && pip install ".[${EXPORT_EXTRAS}]" \
  && python -c "import kernels, core, api.main, worker.celery_app, migrations"
 
 FROM builder AS builder-gpu

@@ -15,14 +15,15 @@ $(VENV)/.installed: pyproject.toml setup.py $(KERNEL_SOURCES)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q -e '.[dev,dataset]'
 	$(MAKE) --no-print-directory torch
+	$(BIN)/python -m pip install -q -e '.[tflite]' || echo "featherweight[tflite] not installed: export tflite unavailable"
 	touch $@
 
-# PyTorch CPU, for distill method kd. Optional on a laptop: a failed install leaves a note. Under
+# PyTorch CPU, for distill method kd and export pytorch. Optional on a laptop: a failed install leaves a note. Under
 # CI=true it fails the build, so the kd tests cannot turn into skips unnoticed.
 torch:
 	$(BIN)/python -m pip install -q 'torch==2.13.0' || { \
 	  if [ "$$CI" = true ]; then echo "torch install failed (CI=true: the distill kd tests need it)" >&2; exit 1; fi; \
-	  echo "torch not installed: distill method kd unavailable"; }
+	  echo "torch not installed: distill method kd and export pytorch unavailable"; }
 
 run: install
 	$(BIN)/featherweight serve --host $(HOST) --port $(PORT)

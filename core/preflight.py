@@ -10,6 +10,7 @@ set's array names, shapes and dtypes), so the API never loads a model or a data 
   checks them;
 - a distill step's ``student_model_id`` names an uploaded model;
 - weight steps have weights to work on;
+- each ``export`` format can be produced here (its optional extra is installed: ``core.exports``);
 - a ``goal`` fits the model's outputs and the data (core.goal: output, metric, labels);
 - the format can be produced: sign / 2-bit weights need opset 25, and the model's opset must not be
   newer than the one this service's ONNX converts to.
@@ -23,6 +24,7 @@ import numpy as np
 import onnx
 
 from core.errors import InvalidInput, RecipeError
+from core.exports import check_formats
 from core.recipe import CleanupStep, DistillStep, Fp16Step, QuantizeStep, Recipe
 
 LABELS = "_labels"
@@ -100,6 +102,7 @@ def check_job(recipe: Recipe, model: Any, *, calibration: list[dict[str, Any]] |
         check_dataset(model.inputs, calibration, "calibration_dataset_id")
     if evaluation is not None:
         check_dataset(model.inputs, evaluation, "eval_dataset_id")
+    check_formats(recipe.export, ["body", "recipe"])
     if recipe.goal is not None:
         from core.goal import check_goal
 

@@ -238,6 +238,9 @@ class GoalSpec(_Spec):
         return value
 
 
+ExportFormat = Literal["onnx", "ort", "tflite", "pytorch"]
+
+
 class Recipe(_Spec):
     steps: list[Step] = Field(default_factory=list, max_length=MAX_STEPS)
     sensitivity: SensitivitySpec | None = None
@@ -249,6 +252,26 @@ class Recipe(_Spec):
         if value is True:
             return {}
         return None if value is False else value
+
+    export: list[ExportFormat] = Field(
+        default_factory=lambda: ["onnx"], min_length=1, max_length=8,
+        description="deploy formats to hand back beside model.onnx (always produced): ort, tflite, pytorch")
+    export_min_cosine: float = Field(
+        0.99, ge=0.0, le=1.0, description="an exported format whose outputs' cosine with the compressed "
+                                          "ONNX model's falls below this fails (that artifact only)")
+    export_min_top1_agreement: float = Field(
+        0.95, ge=0.0, le=1.0, description="the same bound on top-1 agreement, for classifier outputs")
+
+    @field_validator("export")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("each format once")
+        return value
+
+    def extra_formats(self) -> list[str]:
+        """The formats converted from model.onnx, in the order given."""
+        return [fmt for fmt in self.export if fmt != "onnx"]
 
     def needs_calibration(self) -> list[str]:
         """Field paths of steps that cannot run without calibration data."""

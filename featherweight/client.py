@@ -30,7 +30,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Mapping
+from typing import Any, BinaryIO, Callable, Mapping, Sequence
 
 import httpx
 
@@ -327,10 +327,35 @@ def load_recipe(recipe: Mapping[str, Any] | str | os.PathLike[str]) -> dict[str,
     return parsed
 
 
+def with_export(recipe: dict[str, Any] | str, export: Sequence[str] | None) -> dict[str, Any] | str:
+    """``recipe`` (as ``load_recipe`` returns it) with its ``export`` list replaced by ``export``
+    (deploy formats: onnx, ort, tflite, pytorch); unchanged when ``export`` is None. Recipe text is
+    parsed for it (JSON, or YAML with PyYAML installed)."""
+    if export is None:
+        return recipe
+    if isinstance(recipe, str):
+        try:
+            parsed = json.loads(recipe)
+        except ValueError:
+            try:
+                import yaml
+            except ImportError:
+                raise RecipeFileError("export= needs the recipe as a mapping, JSON text or (with PyYAML) YAML text") from None
+            try:
+                parsed = yaml.safe_load(recipe)
+            except yaml.YAMLError as exc:
+                raise RecipeFileError(f"the recipe text is not valid YAML: {' '.join(str(exc).split())}") from None
+        if not isinstance(parsed, dict):
+            raise RecipeFileError("a recipe is a mapping with 'steps'")
+        recipe = parsed
+    return {**recipe, "export": list(export)}
+
+
 def submit_body(model_id: str, recipe: Mapping[str, Any] | str | os.PathLike[str], target: str,
                 calibration_dataset_id: str | None, eval_dataset_id: str | None,
-                webhook_url: str | None, allow_target_mismatch: bool = False) -> dict[str, Any]:
-    body: dict[str, Any] = {"model_id": model_id, "recipe": load_recipe(recipe), "target": target}
+                webhook_url: str | None, export: Sequence[str] | None = None,
+                allow_target_mismatch: bool = False) -> dict[str, Any]:
+    body: dict[str, Any] = {"model_id": model_id, "recipe": with_export(load_recipe(recipe), export), "target": target}
     if allow_target_mismatch:
         body["allow_target_mismatch"] = True
     # Optional fields are sent only when set: the server forbids unknown keys, and an absent key
@@ -659,14 +684,15 @@ class Client:
     def submit(self, model_id: str, recipe: Mapping[str, Any] | str | os.PathLike[str], target: str = "cpu-x86",
                calibration_dataset_id: str | None = None, eval_dataset_id: str | None = None,
                webhook_url: str | None = None, idempotency_key: str | None = None,
-               allow_target_mismatch: bool = False) -> Job:
-        """``POST /v1/jobs``. ``recipe`` is a dict, a .yaml/.json path, or YAML/JSON text.
+               export: Sequence[str] | None = None, allow_target_mismatch: bool = False) -> Job:
+        """``POST /v1/jobs``. ``recipe`` is a dict, a .yaml/.json path, or YAML/JSON text;
+        ``export`` (onnx, ort, tflite, pytorch) replaces the recipe's deploy formats.
         ``allow_target_mismatch``: run even where the target's hardware cannot (the report says so).
 
         An Idempotency-Key is always sent (a fresh one unless given), so a retried submit cannot
         create a second job on a server that honours it.
         """
-        body = submit_body(model_id, recipe, target, calibration_dataset_id, eval_dataset_id, webhook_url,
+        body = submit_body(model_id, recipe, target, calibration_dataset_id, eval_dataset_id, webhook_url, export,
                            allow_target_mismatch)
         headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
         try:
@@ -717,7 +743,7 @@ class Client:
 
     def download(self, job_id: str, name: str = "model", dest: str | os.PathLike[str] = ".",
                  progress: ProgressCallback | None = None) -> Download:
-        """Stream artifact ``name`` (model, report.json, report.html) to ``dest`` (a file or a directory).
+        """Stream artifact ``name`` (model, report.json, report.html, an export such as model.tflite) to ``dest`` (a file or a directory).
 
         The file appears only complete and checked: bytes go to a temporary file beside it, are
         hashed, compared with the server's sha256 (the response header, else the job's artifact
@@ -823,8 +849,9 @@ class AsyncClient:
     async def submit(self, model_id: str, recipe: Mapping[str, Any] | str | os.PathLike[str],
                      target: str = "cpu-x86", calibration_dataset_id: str | None = None,
                      eval_dataset_id: str | None = None, webhook_url: str | None = None,
-                     idempotency_key: str | None = None, allow_target_mismatch: bool = False) -> Job:
-        body = submit_body(model_id, recipe, target, calibration_dataset_id, eval_dataset_id, webhook_url,
+                     idempotency_key: str | None = None, export: Sequence[str] | None = None,
+                     allow_target_mismatch: bool = False) -> Job:
+        body = submit_body(model_id, recipe, target, calibration_dataset_id, eval_dataset_id, webhook_url, export,
                            allow_target_mismatch)
         headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
         try:

@@ -3,6 +3,11 @@
     featherweight compress MODEL.onnx --recipe R.yaml [--calibration C.npz] [--eval E.npz]
                            [--target cpu-x86|cpu-arm|gpu] [--student S.onnx] -o OUT.onnx
                            [--report REPORT.json] [--report-html REPORT.html] [--allow-target-mismatch]
+                           [--export onnx,ort,tflite,pytorch]
+
+``--export`` (or the recipe's ``export``) writes each deploy format beside ``-o`` under its name:
+``OUT.ort`` and ``OUT.required_operators_and_types.config``, ``OUT.pt`` and ``OUT.state_dict.pt``,
+``OUT.tflite``; a format that failed writes nothing and the printed summary says why.
 
 ``--target gpu`` where CUDA cannot run a model is bad input (exit 2) unless
 ``--allow-target-mismatch`` is given; any run measured off the target's hardware prints a notice.
@@ -54,6 +59,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-target-mismatch", action="store_true",
                         help="compress for --target even where this machine cannot run it (gpu without CUDA): "
                              "latency is then measured here, and the report says so")
+    parser.add_argument("--export", type=export_formats, metavar="FORMATS",
+                        help="deploy formats, comma-separated: onnx, ort, tflite, pytorch (overrides the recipe's export)")
+
+
+def export_formats(text: str) -> list[str]:
+    """``--export ort,tflite`` -> ["ort", "tflite"]; argparse reports a bad name (exit 2)."""
+    from core.exports import FORMATS
+
+    formats = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [fmt for fmt in formats if fmt not in FORMATS]
+    if unknown or not formats:
+        raise argparse.ArgumentTypeError(f"unknown format {unknown[0]!r}; expected a comma-separated list of "
+                                         f"{', '.join(FORMATS)}" if unknown else "give at least one format")
+    return formats
+
+
+def _with_export(recipe, formats: list[str] | None, path: str):
+    """The recipe with ``export`` replaced by the command line's formats (validated as the recipe is)."""
+    if formats is None:
+        return recipe
+    from core.errors import RecipeError
+    from core.recipe import parse_recipe
+
+    try:
+        return parse_recipe({**recipe.model_dump(mode="json", exclude_none=True), "export": formats})
+    except RecipeError as exc:
+        first = exc.errors[0] if exc.errors else {"loc": [], "msg": exc.detail}
+        raise _BadInput("--export", list(first["loc"])[1:], first["msg"]) from None
+
+
+def _place_exports(workdir: Path, output: Path, report: dict) -> dict[str, list[str]]:
+    """Move each exported format's files beside ``output`` (``model.ort`` -> ``OUT.ort``)."""
+    from worker.pipeline import artifacts
+
+    placed: dict[str, list[str]] = {}
+    for fmt, row in (report.get("exports") or {}).items():
+        for name in artifacts.EXPORT_FILES.get(fmt, ()):
+            source = workdir / name
+            if row.get("state") == "ok" and source.is_file():
+                target = output.with_name(output.stem + name.removeprefix("model"))
+                source.replace(target)
+                placed.setdefault(fmt, []).append(str(target))
+    return placed
 
 
 def _load_recipe(path: str):
@@ -130,7 +178,7 @@ def main(args: argparse.Namespace) -> int:
     files = {"calibration": args.calibration, "evaluation": args.evaluation, "recipe": args.recipe,
              "model": args.model, "target": "--target", "student_model": args.student}
     try:
-        recipe = _load_recipe(args.recipe)
+        recipe = _with_export(_load_recipe(args.recipe), getattr(args, "export", None), args.recipe)
         calibration = _load_data(args.calibration)
         evaluation = _load_data(args.evaluation)
         if not Path(args.model).is_file():
@@ -154,6 +202,7 @@ def main(args: argparse.Namespace) -> int:
                 write_report(result.report, args.report)
             if args.report_html:
                 write_report_html(result.report, args.report_html, title=f"{Path(args.model).name}: compression report")
+            placed = _place_exports(result.model_path.parent, output, result.report)
             extras = _keep_extras(scratch, output)
             result.model_path.replace(output)
         finally:
@@ -184,6 +233,10 @@ def main(args: argparse.Namespace) -> int:
         summary["slowest_phase"] = slowest
         print(f"featherweight: slowest phase: step {slowest['step'] + 1} ({slowest['op']}) {slowest['phase']}, "
               f"{slowest['seconds']:.1f} s", file=sys.stderr)
+    if result.report.get("exports"):
+        summary["exports"] = {fmt: {"state": row.get("state"), "files": placed.get(fmt, []),
+                                    **({"reason": row["reason"]} if row.get("reason") else {})}
+                              for fmt, row in result.report["exports"].items()}
     print(json.dumps({"output": str(output), **summary, **({"also_written": extras} if extras else {})}))
     return EXIT_OK
 

@@ -27,7 +27,10 @@ ENV_SERVER = "FEATHERWEIGHT_SERVER"
 ENV_API_KEY = "FEATHERWEIGHT_API_KEY"
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 TARGETS = ("cpu-x86", "cpu-arm", "gpu")
-ARTIFACTS = ("model", "report.json", "report.html", "sensitivity.json", "candidate-1", "candidate-2", "candidate-3")
+ARTIFACTS = ("model", "report.json", "report.html", "sensitivity.json", "candidate-1", "candidate-2", "candidate-3",
+             "model.onnx.data", "model.ort", "model.required_operators_and_types.config", "model.pt",
+             "model.state_dict.pt", "model.tflite")
+EXPORT_FORMATS = ("onnx", "ort", "tflite", "pytorch")
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 
@@ -151,6 +154,8 @@ def add_subcommands(subparsers: Any) -> None:
     submit.add_argument("--eval", dest="evaluation", metavar="EVAL.npz", help="evaluation data for the report")
     submit.add_argument("--target", default="cpu-x86", choices=TARGETS, help="where the model will run")
     submit.add_argument("--webhook-url", metavar="URL", help="POSTed to when the job ends")
+    submit.add_argument("--export", type=_export_formats, metavar="FORMATS",
+                        help="deploy formats, comma-separated: onnx, ort, tflite, pytorch (overrides the recipe's export)")
     submit.add_argument("--allow-target-mismatch", action="store_true",
                         help="run even where the target's hardware cannot (a gpu job without CUDA); the report says so")
     submit.add_argument("--wait", action="store_true", help="wait for the job to finish")
@@ -172,6 +177,16 @@ def add_subcommands(subparsers: Any) -> None:
     download.add_argument("-o", "--output", required=True, metavar="OUT", help="file (or directory) to write")
     download.add_argument("--artifact", default="model", choices=ARTIFACTS, help="which artifact (default: model)")
     download.set_defaults(handler=run_download)
+
+
+def _export_formats(text: str) -> list[str]:
+    """``--export ort,tflite`` -> ["ort", "tflite"]; argparse reports a bad name (exit 2)."""
+    formats = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [fmt for fmt in formats if fmt not in EXPORT_FORMATS]
+    if unknown or not formats:
+        raise argparse.ArgumentTypeError(f"unknown format {unknown[0]!r}; expected a comma-separated list of "
+                                         f"{', '.join(EXPORT_FORMATS)}" if unknown else "give at least one format")
+    return formats
 
 
 # ---------------------------------------------------------------------------------- commands
@@ -255,15 +270,20 @@ def _wait(client: Any, job_id: str, timeout: float | None, progress: Progress) -
     return client.wait(job_id, timeout=timeout, on_progress=progress.job)
 
 
-def _checked_recipe(path: Path) -> Any:
-    """The recipe read from ``path``, validated here when core.recipe is installed alongside.
+def _checked_recipe(path: Path, export: list[str] | None = None) -> Any:
+    """The recipe read from ``path`` (with ``export`` in place of its own, when given), validated
+    here when core.recipe is installed alongside.
 
     Checking before the upload saves sending a large model only to have the recipe refused, and
     lets the error name the file (docs/cli.md). The server validates again in any case.
     """
-    from featherweight.client import load_recipe
+    from featherweight.client import RecipeFileError, load_recipe, with_export
 
     recipe = load_recipe(path)
+    try:
+        recipe = with_export(recipe, export)
+    except RecipeFileError as exc:
+        raise CommandError(f"{path}: {exc}") from None
     try:
         from core.errors import RecipeError
         from core.recipe import parse_recipe
@@ -287,7 +307,7 @@ def submit(args: argparse.Namespace, progress: Progress) -> int:
     from featherweight.client import InvalidRequest
 
     model = _existing_file(args.model, "model")
-    recipe = _checked_recipe(_existing_file(args.recipe, "recipe"))
+    recipe = _checked_recipe(_existing_file(args.recipe, "recipe"), getattr(args, "export", None))
     calibration = _existing_file(args.calibration, "calibration data") if args.calibration else None
     evaluation = _existing_file(args.evaluation, "evaluation data") if args.evaluation else None
     with _client(args) as client:

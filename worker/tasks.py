@@ -11,8 +11,8 @@
 3. calls ``worker.pipeline.runner.run`` with a throttled progress callback (at most one DB write per
    ``progress_min_interval_seconds``, always on a stage change) and a cancel probe that reads the
    job's state (a job moved out of ``running`` by someone else stops at the next check);
-4. uploads ``model.onnx`` and ``report.json`` (and ``report.html`` / ``model.onnx.data`` where the
-   pipeline wrote them) under ``jobs/<id>/<attempt>/`` with their sha256, and moves the job to
+4. uploads ``model.onnx`` and ``report.json`` (and ``report.html`` / ``model.onnx.data`` and the
+   recipe's export formats, ``model.ort`` ..., where the pipeline wrote them) under ``jobs/<id>/<attempt>/`` with their sha256, and moves the job to
    ``succeeded`` (guarded on still being this attempt) and records them in one transaction; if that
    transition is refused the uploaded objects are deleted, so one artifact set is ever committed;
 5. on any error marks the job ``failed`` with the problem ``type`` and ``detail`` and deletes what it
@@ -77,6 +77,9 @@ ARTIFACT_FILES: tuple[tuple[str, str, str], ...] = (
       for rank in range(1, artifacts.CANDIDATE_COUNT + 1)),
     # models past protobuf's 2 GB limit keep their tensors beside model.onnx (worker.pipeline.graph.save_model)
     ("model.onnx.data", artifacts.MODEL_DATA_FILE, "application/octet-stream"),
+    # the recipe's export formats; a format that failed left no file (the report says why)
+    *((name, name, "text/plain; charset=utf-8" if name.endswith(".config") else "application/octet-stream")
+      for files in artifacts.EXPORT_FILES.values() for name in files),
 )
 CANCEL_CHECK_SECONDS = 2.0
 

@@ -79,7 +79,8 @@ def job_events(job_id: str, session: SessionDep, tenant: TenantDep) -> list[JobE
 @router.get(
     "/{job_id}/artifacts/{name}",
     summary="Download an artifact: model (model.onnx), report.json, report.html, sensitivity.json, "
-            "candidate-1..3 (a goal's next best verified models)",
+            "candidate-1..3 (a goal's next best verified models), or an export format's file "
+            "(model.ort, model.tflite, model.pt ...)",
     response_class=StreamingResponse,
     responses={200: {"content": {"application/octet-stream": {}}}, 404: _PROBLEM},
 )

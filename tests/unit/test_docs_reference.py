@@ -78,6 +78,7 @@ def test_every_recipe_field_and_choice_is_documented():
 
 # Maps keyed by tensor names: their keys are data, their values' keys are fields.
 NAME_KEYED = {"sparse_storage", "formats", "format_latency_ms", "float_activations", "rtn_fallback",
+              "input_shapes", "stored_dtypes", "candidate_bytes",
               "weights"}   # higher_precision.weights: weight name -> its level; elsewhere a list
 
 RUNS = [
@@ -91,6 +92,8 @@ RUNS = [
     ("mlp", [{"op": "quantize", "weights": {"bits": 1}}, {"op": "fp16"}]),
     ("cnn_bn", [{"op": "cleanup"}, {"op": "prune", "sparsity": 0.3, "structure": "channel", "min_params": 16},
                 {"op": "distill"}]),
+    # a whole recipe: the export formats' report (tflite's converter fields are listed in its own docs)
+    ("mlp", {"steps": [{"op": "quantize", "weights": {"bits": 8}}], "export": ["onnx", "ort", "pytorch"]}),
     # a whole recipe where the top level matters: sensitivity, an error bound, a goal
     ("mlp", {"sensitivity": {"samples": 8},
              "steps": [{"op": "quantize", "weights": {"bits": 4, "granularity": "block", "block_size": 32},

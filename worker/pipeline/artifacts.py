@@ -9,6 +9,12 @@ EXTERNAL_DATA_SUFFIX = ".data"
 MODEL_DATA_FILE = MODEL_FILE + EXTERNAL_DATA_SUFFIX
 REPORT_FILE = "report.json"
 REPORT_HTML_FILE = "report.html"
+# the deploy formats a recipe's ``export`` adds (worker.pipeline.export): the model file first
+EXPORT_FILES: dict[str, tuple[str, ...]] = {
+    "ort": ("model.ort", "model.required_operators_and_types.config"),
+    "pytorch": ("model.pt", "model.state_dict.pt"),
+    "tflite": ("model.tflite",),
+}
 
 
 def external_data_file(model_file: str) -> str:

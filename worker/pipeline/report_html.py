@@ -482,6 +482,23 @@ def _page(title: str, sections: Iterable[str]) -> str:
             + "".join(sections) + "</body></html>\n")
 
 
+def exports_table(report: dict) -> str:
+    """One row per exported format: state, file bytes and size ratio, agreement with the compressed
+    ONNX model and fidelity to the original, latency; a failed format's reason in its row."""
+    header = ("<tr><th class=\"name\">Format</th><th>State</th><th>Bytes</th><th>Size ratio</th>"
+              "<th>Cosine vs ONNX</th><th>Top-1 vs ONNX</th><th>Cosine vs original</th><th>p50 ms</th></tr>")
+    rows = []
+    for fmt, row in (report.get("exports") or {}).items():
+        state = row.get("state", "n/a") + (f": {row['reason']}" if row.get("reason") else "")
+        rows.append(f'<tr><td class="name">{_esc(fmt)}</td><td class="name">{_esc(state)}</td>'
+                    f'<td>{_esc(_fmt_bytes(row.get("bytes")))}</td><td>{_esc(_fmt_ratio(row.get("size_ratio")))}</td>'
+                    f'<td>{_esc(_fmt(_get(row, "agreement", "cosine"), 4))}</td>'
+                    f'<td>{_esc(_fmt_percent(_get(row, "agreement", "top1_agreement")))}</td>'
+                    f'<td>{_esc(_fmt(_get(row, "fidelity", "cosine"), 4))}</td>'
+                    f'<td>{_esc(_fmt(_get(row, "latency_ms", "p50"), 3))}</td></tr>')
+    return f"<table><thead>{header}</thead><tbody>{''.join(rows)}</tbody></table>"
+
+
 # ------------------------------------------------------------------------------ public API
 
 
@@ -506,6 +523,9 @@ def render_html(report: dict, *, title: str, extra: Sequence[str] = ()) -> str:
         "<h2>Layers</h2>", layer_table(report),
         "<h2>Measured on</h2>", measured_on_table(report),
     ]
+    if report.get("exports"):
+        at = sections.index("<h2>Cost</h2>")     # after the steps
+        sections[at:at] = ["<h2>Deploy formats</h2>", exports_table(report)]
     sections[4:4] = list(extra)     # after the steps: sensitivity, error bound, goal candidates
     return _page(title, sections)
 

@@ -17,6 +17,10 @@ Order of work:
    initializers' order).
 4. Check the result (``onnx.checker.check_model(full_check=True)``; inputs and outputs with the
    original's names, dtypes and shapes), write ``workdir/model.onnx`` and ``workdir/report.json``.
+5. Convert to each format the recipe's ``export`` lists besides onnx (``worker.pipeline.export``),
+   beside model.onnx, each measured in its own runtime (``report["exports"]``); a format that
+   fails is reported and leaves no file, the run still succeeds. A format whose optional extra is
+   not installed is refused in step 1 (``RecipeError`` at ``export.<i>``).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import numpy as np
 import onnx
 
 from core.errors import FeatherweightError, InvalidInput, InvalidModel, PipelineError, RecipeError
+from core.exports import check_formats
 from core.recipe import Recipe
 from core.targets import Target
 from worker.pipeline import data as data_mod
@@ -116,6 +121,21 @@ def _check_file(path: Path) -> None:
         raise PipelineError(f"the compressed model is not valid ONNX: {str(exc).splitlines()[0]}") from exc
 
 
+def _exports(recipe: Recipe, original_path: Path, compressed_path: Path, report: dict, target: str,
+             evaluation: data_mod.Dataset | None, calibration: data_mod.Dataset | None, options: dict,
+             progress: Callable[[float, str], None]) -> dict:
+    """The report's ``exports``: each format the recipe lists, converted beside model.onnx and measured."""
+    from worker.pipeline.export.context import ExportContext
+    from worker.pipeline.export.exports import measure_data, run_exports
+
+    data = measure_data(report.get("fidelity_data", ""), evaluation, calibration, original_path,
+                        int(options.get("generated_samples", 32)))
+    ctx = ExportContext(model_path=compressed_path, workdir=compressed_path.parent, recipe=recipe, target=target,
+                        calibration=calibration, measure_data=data, options=options)
+    return run_exports(ctx, original_path, sessions.provider_for(target),
+                       progress=lambda stage: progress(STEPS_SHARE + 0.1, stage))
+
+
 def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] | None = None,
         evaluation: dict[str, np.ndarray] | None = None, target: str = "cpu-x86", workdir: Path,
         progress: Callable[[float, str], None] = _no_progress, cancelled: Callable[[], bool] = _never,
@@ -137,6 +157,7 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
     host.require_target(target, bool(options.get("allow_target_mismatch")))
 
     # 1. checks, before any work
+    check_formats(recipe.export)
     if calibration is None:
         needed = recipe.needs_calibration()
         if needed:
@@ -275,6 +296,8 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
                       "measure_peak_rss_bytes": cost.peak_rss_bytes(),
                       "peak_rss_bytes": max([row.get("peak_rss_bytes") or 0 for row in step_rows] + [cost.peak_rss_bytes() or 0]),
                       "slowest_phase": cost.slowest(step_rows)}
+    if recipe.extra_formats():
+        report["exports"] = _exports(recipe, model_path, out_path, report, target, eval_set, cal_set, options, progress)
     write_report(report, workdir / artifacts.REPORT_FILE)
     write_report_html(report, workdir / artifacts.REPORT_HTML_FILE, title=f"{options.get('model_name') or Path(model_path).name}: compression report")
     progress(1.0, "done")

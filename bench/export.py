@@ -1,0 +1,88 @@
+"""Deploy-format bench: the bench's real models (``bench.models``: the digits CNN and the
+digits-as-sequences transformer encoder, trained here) compressed with a recipe and exported to
+every format, each format's figures beside the ONNX model's.
+
+    .venv/bin/python -m bench.export [--json] [--models digits_cnn,transformer_encoder]
+                                     [--formats ort,tflite,pytorch] [--recipe static|dynamic|weights]
+
+Prints, per model: the ONNX model's size ratio, fidelity against the original and accuracy, then
+for each exported format its state (or reason), file bytes and size ratio, agreement with the
+compressed ONNX model, fidelity against the original, and latency p50 on one sample, all from the
+report's ``exports`` (docs/report.md). A format whose extra is not installed is skipped with the
+reason.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import onnx
+
+RECIPES = {
+    "static": [{"op": "quantize", "weights": {"bits": 8}, "activations": {"bits": 8}}],
+    "dynamic": [{"op": "quantize", "weights": {"bits": 8}, "activations": {"calibration": "dynamic"}}],
+    "weights": [{"op": "quantize", "weights": {"bits": 8}}],
+}
+
+
+def run(model_name: str, formats: list[str], recipe_name: str) -> dict:
+    from bench import models
+    from core.exports import missing_extra
+    from core.recipe import parse_recipe
+    from worker.pipeline import runner
+
+    model, calibration, evaluation = getattr(models, model_name)()
+    skipped = {fmt: reason for fmt in formats if (reason := missing_extra(fmt))}
+    export = ["onnx", *[fmt for fmt in formats if fmt not in skipped]]
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / f"{model_name}.onnx"
+        onnx.save_model(model, str(path))
+        result = runner.run(path, parse_recipe({"steps": RECIPES[recipe_name], "export": export}),
+                            calibration=calibration, evaluation=evaluation, workdir=Path(scratch) / "work",
+                            options={"latency_runs": 30, "latency_budget_s": 5.0, "layer_errors": False})
+    report = result.report
+    rows = {"onnx": {"state": "ok", "bytes": report["compressed"]["bytes"], "size_ratio": report["size_ratio"],
+                     "fidelity": report["fidelity"], "latency_ms": report["compressed"]["latency_ms"],
+                     "accuracy": report["accuracy"]}}
+    rows.update(report.get("exports", {}))
+    rows.update({fmt: {"state": "skipped", "reason": reason} for fmt, reason in skipped.items()})
+    return rows
+
+
+def _line(fmt: str, row: dict) -> str:
+    if row.get("state") != "ok":
+        return f"  {fmt:8s} {row.get('state')}: {row.get('reason')}"
+    agreement = row.get("agreement") or {}
+    fidelity = row.get("fidelity") or {}
+    top1 = fidelity.get("top1_agreement")
+    return (f"  {fmt:8s} {row['bytes']:>9,} B  x{row['size_ratio']:.2f}  "
+            f"vs ONNX cos {agreement.get('cosine', 1.0):.5f} top1 {agreement.get('top1_agreement', 1.0) or 0:.3f}  "
+            f"vs original cos {fidelity.get('cosine', 0):.5f} top1 {top1 if top1 is None else round(top1, 3)}  "
+            f"accuracy {row.get('accuracy') if not isinstance(row.get('accuracy'), dict) else row['accuracy'].get('compressed')}  "
+            f"p50 {row['latency_ms']['p50']:.3f} ms")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.export", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="digits_cnn,transformer_encoder")
+    parser.add_argument("--formats", default="ort,tflite,pytorch")
+    parser.add_argument("--recipe", default="static", choices=sorted(RECIPES))
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    results = {name: run(name, args.formats.split(","), args.recipe) for name in args.models.split(",")}
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for name, rows in results.items():
+        accuracy = rows["onnx"].get("accuracy") or {}
+        print(f"{name} ({args.recipe} int8; accuracy original {accuracy.get('original')}, "
+              f"compressed {accuracy.get('compressed')})")
+        for fmt, row in rows.items():
+            print(_line(fmt, row))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,161 @@
+"""``tflite``: a LiteRT flat buffer (``model.tflite``), run by ``ai-edge-litert``'s interpreter.
+
+Needs the optional extra ``featherweight[tflite]`` (onnx2tf, TensorFlow, ai-edge-litert); without it
+a recipe asking for the format is refused before any work (``core.exports``).
+
+The compressed model is first made a plain float graph (``float_graph``: quantized weights as the
+float values of their grid, activation quantize pairs as the Clip to their range), then converted
+in a separate process (``tflite_convert``) with the quantization the recipe chose, so the
+compression survives the conversion instead of being dequantized away:
+
+- activations quantized with calibration (static int8) -> full-integer int8, calibrated on the
+  job's calibration samples (the same data the ONNX model's ranges came from);
+- dynamic int8 or weight-only quantization -> dynamic-range int8 (int8 weights per channel; a
+  4- or 2-bit weight is stored in 8 bits: LiteRT has no narrower weight type);
+- fp16 -> float16 weights; nothing quantized -> float32 (pruned zeros stay zeros, stored dense).
+
+The file takes one sample per call, with the shapes of the measure data's first sample, in ONNX's
+layout (``_layouts``). The report names the converter's versions, its mode
+and the bytes of the float32 file of the same graph (``float32_bytes``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from worker.pipeline import artifacts, graph
+from worker.pipeline.export.context import ExportContext
+from worker.pipeline.export.float_graph import float_graph
+from worker.pipeline.export.runtime import Runner
+
+FILES = artifacts.EXPORT_FILES["tflite"]
+RUNTIME = "ai-edge-litert"
+SCRATCH = ".tflite"
+CALIBRATION_SAMPLES = 256
+DEFAULT_TIMEOUT_S = 900
+
+MODES = {"static": "int8", "dynamic": "dynamic", "weights": "dynamic", "fp16": "fp16", "float": "float32"}
+DESCRIPTIONS = {
+    "int8": "full-integer int8: int8 weights per channel, int8 activations calibrated on the calibration data, "
+            "float32 inputs and outputs",
+    "dynamic": "dynamic-range int8: int8 weights per channel, activations quantized at run time",
+    "fp16": "float16 weights",
+    "float32": "float32",
+}
+
+
+def _io(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    inits = {t.name for t in model.graph.initializer}
+    return [v.name for v in model.graph.input if v.name not in inits], [v.name for v in model.graph.output]
+
+
+def _per_call_samples(dataset, limit: int) -> dict[str, np.ndarray]:
+    """Up to ``limit`` feeds of one sample each (what the file takes per call), stacked on a new
+    first axis: ``arrays[name][i]`` is the i-th call's input."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for feeds in dataset.batches(1, limit):
+        for name, value in feeds.items():
+            parts.setdefault(name, []).append(np.asarray(value))
+    return {name: np.stack(values) for name, values in parts.items()}
+
+
+def convert(ctx: ExportContext) -> dict:
+    model = graph.load_model(ctx.model_path)
+    plain, folded = float_graph(model)
+    inputs, _ = _io(plain)
+    del model
+    work = ctx.workdir / SCRATCH
+    work.mkdir(exist_ok=True)
+    try:
+        onnx.save_model(plain, str(work / "float.onnx"))
+        sample = next(ctx.measure_data.head(1).batches(1))
+        shapes = {name: [int(d) for d in np.shape(sample[name])] for name in inputs}
+        mode = MODES[ctx.quantization()]
+        job = {"float_onnx": str(work / "float.onnx"), "folder": str(work), "output": str(ctx.workdir / FILES[0]),
+               "mode": mode, "shapes": shapes, **_layouts(plain, inputs, shapes)}
+        if mode == "int8":
+            data = ctx.calibration if ctx.calibration is not None else ctx.measure_data
+            np.savez(work / "calibration.npz", **_per_call_samples(data, CALIBRATION_SAMPLES))
+            job["calibration"] = str(work / "calibration.npz")
+        (work / "job.json").write_text(json.dumps(job))
+        done = subprocess.run([sys.executable, "-m", "worker.pipeline.export.tflite_convert", str(work / "job.json")],
+                              capture_output=True, text=True, cwd=os.getcwd(),
+                              timeout=float(ctx.options.get("export_timeout_s", DEFAULT_TIMEOUT_S)),
+                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        if done.returncode != 0 or not (ctx.workdir / FILES[0]).is_file():
+            raise RuntimeError(_last_error(done.stderr) or f"the converter exited with status {done.returncode}")
+        versions = json.loads(done.stdout.strip().splitlines()[-1])
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return {"converter": f"onnx2tf {versions['onnx2tf']} + TensorFlow {versions['tensorflow']} LiteRT converter",
+            "mode": mode, "quantization": DESCRIPTIONS[mode], "input_shapes": shapes,
+            "float32_bytes": versions.get("float32_bytes"), **folded}
+
+
+SPATIAL_OPS = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
+               "BatchNormalization", "InstanceNormalization", "Resize", "DepthToSpace", "SpaceToDepth"}
+
+
+def _layouts(model: onnx.ModelProto, inputs: list[str], shapes: dict[str, list[int]]) -> dict[str, list[str]]:
+    """How onnx2tf must read each input of rank 3 to 5 so that the file takes ONNX's arrays as they
+    are: channel-first (``keep_ncw``: an image or a signal a Conv reads; onnx2tf goes NHWC inside
+    and transposes once at the input) in a model with spatial ops, else exactly as given
+    (``keep_as_is``: a sequence of embeddings ``[batch, seq, d]``, which has no channel axis to move;
+    read as channel-first, onnx2tf mis-shapes the residual Adds)."""
+    spatial = any(node.op_type in SPATIAL_OPS for node in model.graph.node)
+    ranked = [name for name in inputs if 3 <= len(shapes[name]) <= 5]
+    return {"keep_ncw": ranked if spatial else [], "keep_as_is": [] if spatial else ranked}
+
+
+def _last_error(stderr: str) -> str:
+    """The converter's own message: the last line that reads like an error."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Error" in line or "error:" in line:
+            return line[:500]
+    return lines[-1][:500] if lines else ""
+
+
+def _interpreter(path: Path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    return interpreter
+
+
+def _match_inputs(details: list[dict], names: list[str]) -> list[tuple[str, dict]]:
+    """Each ONNX input with its LiteRT tensor: by name (``serving_default_x:0`` for ``x``), else in order."""
+    def bare(name: str) -> str:
+        return name.removeprefix("serving_default_").split(":")[0]
+
+    by_name = {bare(d["name"]): d for d in details}
+    if all(name in by_name for name in names):
+        return [(name, by_name[name]) for name in names]
+    return list(zip(names, details))
+
+
+def runner(ctx: ExportContext) -> Runner:
+    """The saved flat buffer in LiteRT's interpreter, one sample per call."""
+    interpreter = _interpreter(ctx.workdir / FILES[0])
+    inputs, outputs = _io(onnx.load(str(ctx.model_path), load_external_data=False))
+    matched = _match_inputs(interpreter.get_input_details(), inputs)
+    output_details = interpreter.get_output_details()
+    if len(output_details) != len(outputs):
+        raise ValueError(f"the LiteRT model has {len(output_details)} outputs; the ONNX model {len(outputs)}")
+
+    def call(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for name, detail in matched:
+            interpreter.set_tensor(detail["index"], np.asarray(feeds[name], dtype=detail["dtype"]).reshape(detail["shape"]))
+        interpreter.invoke()
+        return {name: interpreter.get_tensor(detail["index"]).copy() for name, detail in zip(outputs, output_details)}
+
+    return Runner(outputs, call, per_sample=True)
