@@ -49,6 +49,7 @@ from scipy.linalg import lapack
 from worker.pipeline import graph
 from worker.pipeline.cost import CostMeter, LayerClock
 from worker.pipeline.data import Dataset
+from worker.pipeline.hessians import serial_lapack
 from worker.pipeline.sequential import DEFAULT_BUDGET, Propagation, lockstep
 from worker.pipeline.distill.layers import Grid, LinearLayer
 
@@ -454,12 +455,12 @@ def run(student: onnx.ModelProto, teacher: onnx.ModelProto, fits: list[LayerFit]
                 paired = _Paired(item.first, layer)
                 stats = _accumulate_timed(paired, batches(), cost)[0]
                 clock.tick(done, item.key, "solve")
-                with cost.phase("solve"):
+                with cost.phase("solve"), serial_lapack():
                     errors = fit_lowrank(student, item.first, layer, stats, damping)
             else:
                 stats = _accumulate_timed(layer, batches(), cost)
                 clock.tick(done, item.key, "solve")
-                with cost.phase("solve"):
+                with cost.phase("solve"), serial_lapack():
                     errors = fit(student, layer, item.constraints, stats, damping)
             rows[index] = {"name": item.key, "node": layer.node.name, "op": layer.node.op_type, **errors}
             progress((done + 1) / len(fits),

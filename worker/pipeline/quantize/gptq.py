@@ -33,7 +33,7 @@ import kernels
 from worker.pipeline import graph
 from worker.pipeline.cost import LayerClock
 from worker.pipeline.data import bind
-from worker.pipeline.hessians import accumulate_hessians, inverse_upper_factor
+from worker.pipeline.hessians import accumulate_hessians, inverse_upper_factor, serial_lapack
 from worker.pipeline.quantize.grid import Grid, choose_grid_params, expand
 from worker.pipeline.sequential import Propagation, budget_of
 from worker.pipeline.step import LayerRecord, StepContext
@@ -149,7 +149,7 @@ class GptqRunner:
                     tensor = graph.initializers(self.model)[layer.weight]
                     w = numpy_helper.to_array(tensor)
                     grid = grid_of(layer)
-                    with self.ctx.cost.phase("solve"):
+                    with self.ctx.cost.phase("solve"), serial_lapack():
                         q, scale, zero_point, w_hat = self.quantize(layer, w.astype(np.float32), grid)
                         q, w_hat = keep_pruned_zeros(self.ctx.layers.get(layer.weight), q, w_hat, zero_point, grid)
                     with self.ctx.cost.phase("write"):

@@ -51,7 +51,7 @@ from worker.pipeline.step import StepContext, StepResult
 from worker.pipeline.cost import LayerClock
 from worker.pipeline.sequential import Propagation, budget_of
 from worker.pipeline.hessians import (accumulate_drift, accumulate_hessians, damped, drift_refit,
-                                      inverse_upper_factor, log_propagation)
+                                      inverse_upper_factor, log_propagation, serial_lapack)
 from worker.pipeline.prune.masks import exact_masks, normalized_scores
 from worker.pipeline.records import StepLog, layer_record, sparsity_of
 from worker.pipeline.unfold import conv2d_geometry, conv_weight_from_matrix, conv_weight_matrix
@@ -225,7 +225,7 @@ def _sparsegpt(model: onnx.ModelProto, original: onnx.ModelProto, layers: list[W
                 drift, hessians = None, accumulate_hessians(current.stream([source]), plan, ctx.cost)
             clock.tick(done, source, "solve")
             for layer, columns, geometry in group:
-                with ctx.cost.phase("solve"):
+                with ctx.cost.phase("solve"), serial_lapack():
                     hinv_chol, dead = _hinv_cholesky(hessians.pop(layer.weight))
                     w = get_array(model, layer.weight)
                     matrix = matrices.pop(layer.weight)
