@@ -5,20 +5,24 @@ Only a Constant whose float tensor is read where a layer takes its weight (``gra
 positions: MatMul / Gemm B, Conv / ConvTranspose W, Gather's table; ``core.onnx_weights`` decides)
 is lifted; the initializer takes the Constant's output name, so every reader keeps reading the same
 name.
+
+Weights inside If / Loop / Scan bodies held in Constant nodes, or computed from constants by layout
+ops, become main-graph initializers too (``body_weights``).
 """
 from __future__ import annotations
 
 import onnx
 
 from core import onnx_weights
-from worker.pipeline import graph, subgraphs
+from worker.pipeline import body_weights, graph, subgraphs
 
 # Which Constants hold weights is decided in core, so the upload counts exactly what is lifted here.
 constant_weights = onnx_weights.constant_weights
 
 
 def lift_constant_weights(model: onnx.ModelProto) -> list[str]:
-    """Move weight-carrying Constant nodes' tensors to initializers; return the lifted names."""
+    """Move weight-carrying Constant nodes' tensors to initializers, and bodies' Constant or
+    constant-computed weights to the main graph (``body_weights``); return the lifted names."""
     graph_outputs = {o.name for o in model.graph.output}
     lifted = []
     for node in constant_weights(model):
@@ -31,6 +35,7 @@ def lift_constant_weights(model: onnx.ModelProto) -> list[str]:
         model.graph.initializer.append(tensor)
         model.graph.node.remove(node)
         lifted.append(name)
+    lifted += body_weights.lift_body_weights(model)
     if lifted:
         graph.sort_graph(model)
     return lifted
