@@ -1,8 +1,9 @@
 """The output format, chosen once the last step has run (between the steps and the checks of the
 result): how weight-only DequantizeLinear is written (as is, or as constant-foldable Cast / Mul
 where that runs faster here), pruned integer weights stored as bitmask + values where the file
-compresses smaller, the initializers' order in the file, the value_info the original carried, and
-the original's shape annotations on inputs and outputs that a step rewrote without changing them.
+compresses smaller, all-zero zero points left to ONNX's default (``zero_points``), the
+initializers' order in the file, the value_info the original carried, and the original's shape
+annotations on inputs and outputs that a step rewrote without changing them.
 Each decision is recorded in the metrics of the step it concerns."""
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import onnx
 
 from core.recipe import QuantizeStep, Recipe
 from worker.pipeline import data as data_mod
-from worker.pipeline.quantize import dequantize_form, file_layout, sparse_storage
+from worker.pipeline.quantize import dequantize_form, file_layout, sparse_storage, zero_points
 from worker.pipeline.step import StepContext
 
 
@@ -90,6 +91,8 @@ def finalize(model: onnx.ModelProto, recipe: Recipe, step_rows: Sequence[dict[st
         if ctx.options.get("sparse_storage", True):
             # pruned integer weights as bitmask + values where the file compresses smaller
             row["sparse_storage"] = sparse_storage.store_pipeline_output(model, ctx.layers)
+        # all-zero zero points of symmetric weights and int32 biases: ONNX's default, not stored
+        row["zero_points_dropped"] = len(zero_points.drop_zero_points(model))
     if step_rows:
         # each kind of tensor together, in the measured order zstd's per-block Huffman tables fit best
         # (integers and floats of quantized and clustered models; never a larger file after zstd)
