@@ -159,3 +159,22 @@ def test_weights_left_for_the_runtime_still_refuse_when_too_small():
     model = nested_vad()
     with pytest.raises(RecipeError):
         check(model, _params(min_params=1 << 20), StepContext(original=model, calibration=_calibration()))
+
+
+def test_dynamic_int8_stores_the_nested_weights_int8_instead_of_refusing():
+    from worker.pipeline.quantize.dynamic import check as check_dynamic, quantize_dynamic
+
+    model = nested_vad()
+    params = QuantizeStep(op="quantize", weights={"bits": 8}, activations={"calibration": "dynamic"})
+    ctx = StepContext(original=model, calibration=None)
+    check_dynamic(model, params, ctx)     # refused before: "no 2-D MatMul / Gemm weight has 1024 or more elements"
+    result = quantize_dynamic(model, params, ctx)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert result.metrics["recurrent_and_body_weights_int8"] == 3
+    assert {"proj", "weight_ih_LSTM_W", "weight_hh_LSTM_R"} <= set(ctx.layers)
+    floats = [t.name for t in result.model.graph.initializer
+              if t.data_type == TensorProto.FLOAT and np.prod(t.dims) >= 1024]
+    assert floats == []
+    for has_state in (True, False):
+        for feed in _feeds(4, has_state, seed=7):
+            assert builders.rel_l2(builders.run_ort(model, feed), builders.run_ort(result.model, feed)) < 0.03
