@@ -84,6 +84,9 @@ def finalize(model: onnx.ModelProto, recipe: Recipe, step_rows: Sequence[dict[st
             final = (recipe.steps[quantized[-1]], step_rows[quantized[-1]])
     if final is not None:
         step, row = final
+        # all-zero zero points of symmetric weights and int32 biases: ONNX's default, not stored
+        # (first: the Cast / Mul form below would otherwise carry them, and a Sub, into the file)
+        row["zero_points_dropped"] = len(zero_points.drop_zero_points(model))
         # weight-only DequantizeLinear as constant-foldable Cast / Mul where that runs faster here
         row["dequantize_form"] = _dequantize_form(
             model, step, evaluation or calibration or data_mod.generated(ctx.original, count=1),
@@ -91,8 +94,6 @@ def finalize(model: onnx.ModelProto, recipe: Recipe, step_rows: Sequence[dict[st
         if ctx.options.get("sparse_storage", True):
             # pruned integer weights as bitmask + values where the file compresses smaller
             row["sparse_storage"] = sparse_storage.store_pipeline_output(model, ctx.layers)
-        # all-zero zero points of symmetric weights and int32 biases: ONNX's default, not stored
-        row["zero_points_dropped"] = len(zero_points.drop_zero_points(model))
     if step_rows:
         # each kind of tensor together, in the measured order zstd's per-block Huffman tables fit best
         # (integers and floats of quantized and clustered models; never a larger file after zstd)
