@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ENV_DIR=${FEATHERWEIGHT_ARM_ENV:-$HOME/.cache/featherweight-arm}
 SYSROOT=$ENV_DIR/sysroot
-for part in "$SYSROOT/usr/bin/python3.11" "$SYSROOT/proc/cpuinfo" "$ENV_DIR/site" kernels/_ffi.cpython-311-aarch64-linux-gnu.so; do
+for part in "$SYSROOT/usr/bin/python3.11" "$SYSROOT/proc/cpuinfo" "$ENV_DIR/cpu" "$ENV_DIR/site" kernels/_ffi.cpython-311-aarch64-linux-gnu.so; do
   [ -e "$part" ] || { echo "arm worker: $part is missing; run deploy/arm/build_env.sh (make arm-env)" >&2; exit 2; }
 done
 export FEATHERWEIGHT_EMULATED=1
@@ -22,4 +22,4 @@ export FW_KERNELS_NO_AUTOBUILD=1          # the kernels are cross-built; there i
 export PYTHONPATH="$PWD:$ENV_DIR/site"
 export PYTHONUNBUFFERED=1
 # -s: no user site-packages of the host's user; the sysroot's own prefix is the interpreter's
-exec qemu-aarch64 -L "$SYSROOT" "$SYSROOT/usr/bin/python3.11" -s -m featherweight.cli worker --queue cpu-arm "$@"
+exec qemu-aarch64 -cpu "$(cat "$ENV_DIR/cpu")" -L "$SYSROOT" "$SYSROOT/usr/bin/python3.11" -s -m featherweight.cli worker --queue cpu-arm "$@"
