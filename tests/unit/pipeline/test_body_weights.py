@@ -99,6 +99,16 @@ def _calibration() -> dict[str, np.ndarray]:
     return {name: np.stack([feed[name] for feed in feeds]) for name in feeds[0]}
 
 
+def _assert_no_float_weight_and_close(model: onnx.ModelProto, quantized: onnx.ModelProto) -> None:
+    """Nothing as large as a weight left float, and both branches of the inner If close to float."""
+    floats = [t.name for t in quantized.graph.initializer
+              if t.data_type == TensorProto.FLOAT and np.prod(t.dims) >= 1024]
+    assert floats == []
+    for has_state in (True, False):
+        for feed in _feeds(4, has_state, seed=7):
+            assert builders.rel_l2(builders.run_ort(model, feed), builders.run_ort(quantized, feed)) < 0.03
+
+
 def test_lifting_is_exact_shares_the_lstm_weights_of_both_branches_and_drops_the_chains():
     model = nested_vad()
     lifted = onnx.ModelProto()
@@ -147,12 +157,7 @@ def test_static_int8_accepts_constant_weights_in_nested_ifs_and_stores_the_lstm_
         q = next(t for t in result.model.graph.initializer if t.name == dq.input[0])
         scale = next(t for t in result.model.graph.initializer if t.name == dq.input[1])
         assert q.data_type == TensorProto.INT8 and list(scale.dims) == [rows]       # one scale per gate row
-    floats = [t.name for t in result.model.graph.initializer
-              if t.data_type == TensorProto.FLOAT and np.prod(t.dims) >= 1024]
-    assert floats == []
-    for has_state in (True, False):
-        for feed in _feeds(4, has_state, seed=7):
-            assert builders.rel_l2(builders.run_ort(model, feed), builders.run_ort(result.model, feed)) < 0.03
+    _assert_no_float_weight_and_close(model, result.model)
 
 
 def test_weights_left_for_the_runtime_still_refuse_when_too_small():
@@ -172,9 +177,4 @@ def test_dynamic_int8_stores_the_nested_weights_int8_instead_of_refusing():
     onnx.checker.check_model(result.model, full_check=True)
     assert result.metrics["recurrent_and_body_weights_int8"] == 3
     assert {"proj", "weight_ih_LSTM_W", "weight_hh_LSTM_R"} <= set(ctx.layers)
-    floats = [t.name for t in result.model.graph.initializer
-              if t.data_type == TensorProto.FLOAT and np.prod(t.dims) >= 1024]
-    assert floats == []
-    for has_state in (True, False):
-        for feed in _feeds(4, has_state, seed=7):
-            assert builders.rel_l2(builders.run_ort(model, feed), builders.run_ort(result.model, feed)) < 0.03
+    _assert_no_float_weight_and_close(model, result.model)
