@@ -30,16 +30,15 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from core import onnx_weights
 from worker.pipeline import graph, subgraphs
 
-# where a layer reads its weight (the positions ``graph._weight_axes`` knows), and a recurrent
+# Where a layer reads its weight (the positions ``graph._weight_axes`` knows), and a recurrent
 # cell's bias B: folded too, since its gate re-ordering is the same Slice / Concat chain (nodes the
-# file would otherwise keep, twice when both branches of an If run the cell)
-WEIGHT_INPUTS = {"MatMul": (1,), "Gemm": (1,), "Conv": (1,), "ConvTranspose": (1,), "Gather": (0,),
-                 "LSTM": (1, 2, 3), "GRU": (1, 2, 3), "RNN": (1, 2, 3)}
-# ops that only move or re-shape values: folding them is exact
-LAYOUT_OPS = frozenset({"Slice", "Concat", "Unsqueeze", "Squeeze", "Reshape", "Transpose", "Identity", "Flatten",
-                        "Split", "Gather"})
+# file would otherwise keep, twice when both branches of an If run the cell). Ops that only move or
+# re-shape values: folding them is exact. Both decided in core, so the upload counts what is lifted.
+WEIGHT_INPUTS = onnx_weights.BODY_WEIGHT_INPUTS
+LAYOUT_OPS = onnx_weights.LAYOUT_OPS
 # a float source this large that another reader keeps would be stored twice by a fold
 SHARED_SOURCE_ELEMENTS = 1024
 

@@ -178,3 +178,15 @@ def test_dynamic_int8_stores_the_nested_weights_int8_instead_of_refusing():
     assert result.metrics["recurrent_and_body_weights_int8"] == 3
     assert {"proj", "weight_ih_LSTM_W", "weight_hh_LSTM_R"} <= set(ctx.layers)
     _assert_no_float_weight_and_close(model, result.model)
+
+
+def test_the_upload_counts_the_weights_held_in_body_constants(tmp_path):
+    from core.onnx_guard import validate
+    from core.settings import Settings
+
+    model = nested_vad()
+    path = tmp_path / "vad.onnx"
+    path.write_bytes(model.SerializeToString())
+    info = validate(path, Settings(home=tmp_path / "home"))
+    # weight_ih, weight_hh (initializers) and proj (a Constant inside the If: was not counted)
+    assert info.params == 4 * H * D + 4 * H * H + D * D
