@@ -12,8 +12,12 @@ quantizers and NNCF, each a function ``(RealModel, out_path) -> dict`` of notes 
     ort-dynamic        quantize_dynamic, per_channel, int8 weights
     ort-int4-rtn       MatMulNBitsQuantizer, 4 bits, symmetric, block 32, RTN (MatMul weights)
     ort-int4-gptq      the same with GPTQ (ORT's bundled Intel Neural Compressor port), same calibration
-    nncf               nncf.quantize on the ONNX model, default (performance) preset; the encoder with
-                       model_type=nncf.ModelType.TRANSFORMER, as NNCF documents for transformers
+    nncf-performance   nncf.quantize on the ONNX model, preset PERFORMANCE (symmetric activations; NNCF's default)
+    nncf-mixed         the same, preset MIXED (asymmetric activations, symmetric weights)
+    nncf-transformer   the same, model_type=nncf.ModelType.TRANSFORMER (as NNCF documents for transformers;
+                       its own preset, MIXED); models with MatMul weights only
+Each NNCF preset is a method of its own, so "NNCF's best preset" in a findings line is the best of
+those that ran, measured, not assumed.
 
 Peers get the shipped file upgraded to opset 13 first when it is older (per-channel QDQ needs
 DequantizeLinear's ``axis``, opset 13; ORT's own quantize_static writes an unloadable file otherwise):
@@ -43,9 +47,11 @@ METHODS = {
     "ort-dynamic": "ORT quantize_dynamic per-channel",
     "ort-int4-rtn": f"ORT MatMulNBits int4 RTN b{BLOCK_SIZE}",
     "ort-int4-gptq": f"ORT MatMulNBits int4 GPTQ b{BLOCK_SIZE}",
-    "nncf": "NNCF quantize (transformer preset for the encoder)",
+    "nncf-performance": "NNCF quantize, preset PERFORMANCE",
+    "nncf-mixed": "NNCF quantize, preset MIXED",
+    "nncf-transformer": "NNCF quantize, model_type TRANSFORMER",
 }
-MATMUL_ONLY = {"ours-int4-gptq", "ort-int4-rtn", "ort-int4-gptq"}
+MATMUL_ONLY = {"ours-int4-gptq", "ort-int4-rtn", "ort-int4-gptq", "nncf-transformer"}
 
 
 def has_matmul_weights(path: Path) -> bool:
@@ -171,16 +177,15 @@ def compress_ort(method: str, real, out_path: Path) -> dict:
     return {"notes": notes}
 
 
-def compress_nncf(real, out_path: Path) -> dict:
+def compress_nncf(method: str, real, out_path: Path) -> dict:
     import nncf
 
     notes: list[str] = []
     source = _peer_source(real, out_path, notes)
     feeds = _feeds(real)
-    options = {}
-    if real.name == "minilm":
-        options["model_type"] = nncf.ModelType.TRANSFORMER
-        notes.append("model_type=TRANSFORMER")
+    options = {"nncf-performance": {"preset": nncf.QuantizationPreset.PERFORMANCE},
+               "nncf-mixed": {"preset": nncf.QuantizationPreset.MIXED},
+               "nncf-transformer": {"model_type": nncf.ModelType.TRANSFORMER}}[method]
     quantized = nncf.quantize(onnx.load(str(source)), nncf.Dataset(feeds), subset_size=len(feeds) * 8, **options)
     onnx.save(quantized, str(out_path))
     return {"notes": notes}
@@ -229,7 +234,7 @@ def compress(method: str, real, out_path: Path) -> dict:
         return compress_ours(method, real, out_path)
     if method.startswith("ort-"):
         return compress_ort(method, real, out_path)
-    if method == "nncf":
-        return compress_nncf(real, out_path)
+    if method.startswith("nncf-"):
+        return compress_nncf(method, real, out_path)
     print(f"unknown method {method}", file=sys.stderr)
     raise ValueError(method)
