@@ -1,8 +1,11 @@
 """The compressions the real-model bench compares: ours (the pipeline with a recipe), ONNX Runtime's
 quantizers and NNCF, each a function ``(RealModel, out_path) -> dict`` of notes on what it did.
 
-    ours-static        quantize: weights int8 per channel, activations static, every option default (minmax)
-    ours-static-pct    the same with percentile calibration (the recipe issue #14 measured)
+    ours-static        quantize: weights int8 per channel, activations static, every option default
+                       (percentile calibration)
+    ours-static-pct    the same with percentile calibration named (the recipe issue #14 measured)
+    ours-static-minmax the same with minmax calibration
+    ours-static-mse    the same with mse calibration (each tensor's range minimising its rounding error)
     ours-dynamic       quantize: weights int8, activations dynamic
     ours-int4-gptq     quantize: weights int4 block 32, GPTQ (models with MatMul weights only)
     ours-fp16          fp16 with the defaults (inputs / outputs kept float32)
@@ -38,6 +41,8 @@ PEER_MIN_OPSET = 13
 METHODS = {
     "ours-static": "ours static int8, default options",
     "ours-static-pct": "ours static int8, percentile",
+    "ours-static-minmax": "ours static int8, minmax",
+    "ours-static-mse": "ours static int8, mse",
     "ours-dynamic": "ours dynamic int8",
     "ours-int4-gptq": f"ours int4 GPTQ b{BLOCK_SIZE}",
     "ours-fp16": "ours fp16",
@@ -194,8 +199,9 @@ def compress_nncf(method: str, real, out_path: Path) -> dict:
 def _recipe(method: str) -> dict:
     if method == "ours-static":
         step = {"op": "quantize", "weights": {"bits": 8}, "activations": {}}
-    elif method == "ours-static-pct":
-        step = {"op": "quantize", "weights": {"bits": 8}, "activations": {"calibration": "percentile"}}
+    elif method in ("ours-static-pct", "ours-static-minmax", "ours-static-mse"):
+        calibration = {"ours-static-pct": "percentile", "ours-static-minmax": "minmax", "ours-static-mse": "mse"}[method]
+        step = {"op": "quantize", "weights": {"bits": 8}, "activations": {"calibration": calibration}}
     elif method == "ours-dynamic":
         step = {"op": "quantize", "weights": {"bits": 8}, "activations": {"calibration": "dynamic"}}
     elif method == "ours-int4-gptq":
