@@ -169,3 +169,26 @@ def test_identical_small_initializers_are_stored_once_with_outputs_bit_identical
             if numpy_helper.to_array(t).nbytes <= small_tensors.MAX_BYTES]
     assert len(keys) == len(set(keys))
     assert small_tensors.share_identical(quantized) == 0
+
+
+def _pooled_conv(seed: int = 0) -> onnx.ModelProto:
+    """x[batch, 32, 4, 4] -> GlobalAveragePool -> 1x1 Conv (32 -> 16, with bias) -> y: an SE block's
+    first conv, which sees one value per channel per sample."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(builders._w(rng, 16, 32, 1, 1), "se.W"),
+             numpy_helper.from_array(np.zeros(16, np.float32), "se.b")]
+    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["pooled"], name="pool"),
+             helper.make_node("Conv", ["pooled", "se.W", "se.b"], ["y"], name="se")]
+    return builders._model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32, 4, 4])],
+                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16, 1, 1])], inits)
+
+
+def test_bias_correction_leaves_a_layer_whose_mean_rests_on_too_few_values():
+    from worker.pipeline.quantize import bias_correction
+
+    model = _pooled_conv()
+    rng = np.random.default_rng(3)
+    few = {"x": rng.uniform(0, 1, (bias_correction.MIN_OBSERVATIONS // 8, 32, 4, 4)).astype(np.float32)}
+    many = {"x": rng.uniform(0, 1, (bias_correction.MIN_OBSERVATIONS * 2, 32, 4, 4)).astype(np.float32)}
+    assert _run(model, few, min_products=0)[0].metrics["bias_corrected"] == 0
+    assert _run(model, many, min_products=0)[0].metrics["bias_corrected"] == 1
