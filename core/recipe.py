@@ -153,9 +153,10 @@ class QuantizeStep(_WeightStep):
     smoothquant: float | None = Field(
         0.5, ge=0.0, le=1.0, description="static int8: SmoothQuant alpha, activation outliers of MatMul / Gemm "
                                           "inputs moved into the weights (exact in float); null = off")
-    awq: bool | None = Field(
-        None, description="weight-only 4 / 2 bits: activation-aware per-input-channel scales (AWQ), searched on "
-                          "calibration data; null = on for method gptq at 4 or 2 bits, off otherwise")
+    # off by default: on all-MiniLM-L6-v2 int4 GPTQ it raised the output rel_l2 (0.195 -> 0.200)
+    awq: bool = Field(
+        False, description="weight-only 4 / 2 bits: activation-aware per-input-channel scales (AWQ), searched on "
+                           "calibration data")
     embeddings: bool = Field(True, description="quantize Gather tables (embeddings) too")
     max_output_error: float | None = Field(
         None, gt=0.0, le=10.0,
@@ -178,11 +179,9 @@ class QuantizeStep(_WeightStep):
 
     @field_validator("awq")
     @classmethod
-    def _awq(cls, value: bool | None, info: ValidationInfo) -> bool | None:
-        if not value:
-            return value
+    def _awq(cls, value: bool, info: ValidationInfo) -> bool:
         weights, activations = info.data.get("weights"), info.data.get("activations")
-        if activations is not None or weights is None or weights.bits not in (2, 4):
+        if value and (activations is not None or weights is None or weights.bits not in (2, 4)):
             raise ValueError("awq applies to weight-only quantization with weights.bits 4 or 2")
         return value
 
@@ -202,12 +201,6 @@ class QuantizeStep(_WeightStep):
                              "or choose absmax / minmax / mse")
         return value
 
-    def uses_awq(self) -> bool:
-        """AWQ on: as the recipe says, else (null) for weight-only GPTQ at 4 or 2 bits."""
-        if self.awq is not None:
-            return self.awq
-        return (self.activations is None and self.weights is not None and self.weights.bits in (2, 4)
-                and self.method == "gptq")
 
 
 class DistillStep(_WeightStep):

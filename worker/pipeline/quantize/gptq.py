@@ -193,8 +193,11 @@ class GptqRunner:
         weights = {layer.weight: numpy_helper.to_array(inits[layer.weight]).astype(np.float32) for layer in chosen}
 
         def nearest(matrix: np.ndarray, layer: graph.WeightLayer) -> np.ndarray:
+            # the search rounds on the plain absmax / minmax grid, as AWQ does: a scale search
+            # inside each of the alphas would cost 10-100x more for a choice it hardly moves
             grid = grid_of(layer)
-            grid = Grid(grid.bits, grid.signed, grid.symmetric, grid.axis, grid.block_size, base_method(grid))
+            grid = Grid(grid.bits, grid.signed, grid.symmetric, grid.axis, grid.block_size,
+                        "absmax" if grid.symmetric else "minmax")
             array = self._from_matrix(matrix, layer)
             q, scale, zero_point = quantize_rtn(array, grid)
             return self._as_matrix(dequantize(q, scale, zero_point, grid), layer)

@@ -256,7 +256,7 @@ def quantize_weights(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
     layers = candidate_layers(model, params)
     runner = None
     solved: dict[str, tuple] = {}
-    use_awq = params.uses_awq()
+    use_awq = params.awq
     if params.method == "gptq" or use_awq or spec.scale_search == "output":
         # calibrated: each layer on the Hessian of the inputs it sees with the layers before it quantized
         runner = gptq.GptqRunner(model, layers, ctx, rounding="gptq" if params.method == "gptq" else "nearest",
