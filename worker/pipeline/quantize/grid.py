@@ -31,9 +31,9 @@ class Grid:
 
 
 def default_scale_search(spec: WeightQuantSpec, method: str = "rtn") -> str:
-    """``weights.scale_search`` when the recipe leaves it null: ``mse`` for GPTQ at 4 or 2 bits
-    (all-MiniLM-L6-v2 int4 block 32: output rel_l2 0.220 -> 0.195, docs/recipes.md), else absmax
-    (symmetric) / minmax (asymmetric), the contract's grid."""
+    """``weights.scale_search`` when the recipe leaves it null: ``mse`` for the layers GPTQ solves at
+    4 or 2 bits (all-MiniLM-L6-v2 int4 block 32: output rel_l2 0.220 -> 0.195, docs/recipes.md),
+    else absmax (symmetric) / minmax (asymmetric), the contract's grid."""
     if spec.scale_search:
         return spec.scale_search
     if method == "gptq" and spec.bits <= 4:

@@ -271,7 +271,8 @@ def quantize_weights(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
         tensor = inits[layer.weight]
         float_type = tensor.data_type
         w = numpy_helper.to_array(tensor).astype(np.float32)
-        grid = grid_for(layer, spec, params.method)
+        # GPTQ's default scale search is for the layers it solves; the rest keep RTN's grid
+        grid = grid_for(layer, spec, params.method if layer.weight in solved else "rtn")
         extra: dict[str, Any] = {"scale_search": grid.method}
         if layer.weight in solved:
             q, scale, zero_point, w_hat, w = solved.pop(layer.weight)   # w: the float weight before GPTQ

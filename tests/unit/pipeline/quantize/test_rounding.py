@@ -108,15 +108,16 @@ def outlier_mlp(layernorm: bool) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-@pytest.mark.parametrize("layernorm", [True, False])
-def test_awq_beats_plain_rtn_on_outlier_input_channels(layernorm):
+@pytest.mark.parametrize("layernorm, method", [(True, "rtn"), (False, "rtn"), (False, "gptq")])
+def test_awq_beats_plain_rtn_on_outlier_input_channels(layernorm, method):
     outliers = () if layernorm else (3, 40, 77, 100)
     calibration = correlated(256, seed=1, outliers=outliers)
     evaluation = correlated(128, seed=2, outliers=outliers)
     expected = builders.run_ort(outlier_mlp(layernorm), evaluation)
     weights = {"bits": 4, "granularity": "block", "block_size": 32}
     rtn, _ = apply(outlier_mlp(layernorm), {"weights": weights})
-    scaled, ctx = apply(outlier_mlp(layernorm), {"weights": weights, "awq": True}, calibration=calibration)
+    scaled, ctx = apply(outlier_mlp(layernorm), {"weights": weights, "awq": True, "method": method},
+                        calibration=calibration)
     rtn_error = builders.rel_l2(expected, builders.run_ort(rtn.model, evaluation))
     awq_error = builders.rel_l2(expected, builders.run_ort(scaled.model, evaluation))
     assert awq_error < 0.8 * rtn_error, (awq_error, rtn_error)
@@ -127,6 +128,7 @@ def test_awq_beats_plain_rtn_on_outlier_input_channels(layernorm):
     ops = [n.op_type for n in scaled.model.graph.node]
     assert ("Mul" in ops) is not layernorm
     assert ctx.layers["W"].extra["awq_alpha"] == found["alpha"][source]
+    assert ctx.layers["W"].extra["method"] == method
 
 
 def test_awq_rescaling_is_exact_in_float():
