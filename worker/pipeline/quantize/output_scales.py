@@ -58,23 +58,18 @@ def search(matrix: np.ndarray, hessian: np.ndarray, scale: np.ndarray, zero_poin
         return (scale * best_c[:, None]).astype(np.float32)
     chosen = np.ones(matrix.shape, dtype=np.float32)
     d = _rounded(matrix, scale, z, qmin, qmax) - matrix
+    candidates = CANDIDATES.astype(np.float32)[:, None, None]
     for _ in range(SWEEPS):
         for cols_b in column_groups:
             h_bb = h[np.ix_(cols_b, cols_b)]
             w_b, s_b, z_b = matrix[:, cols_b], scale[:, cols_b], z[:, cols_b]
             rest = d @ h[:, cols_b] - d[:, cols_b] @ h_bb       # the other blocks' coupling
-            best_err = np.full(rows, np.inf)
-            best_d = d[:, cols_b]
-            best_c = chosen[:, cols_b[0]].copy()
-            for c in CANDIDATES:
-                d_b = _rounded(w_b, s_b * np.float32(c), z_b, qmin, qmax) - w_b
-                err = np.einsum("ij,ij->i", d_b @ h_bb + 2.0 * rest, d_b, dtype=np.float64)
-                better = err < best_err
-                best_err[better] = err[better]
-                best_d[better] = d_b[better]
-                best_c[better] = c
-            d[:, cols_b] = best_d
-            chosen[:, cols_b] = best_c[:, None]
+            d_all = _rounded(w_b, s_b * candidates, z_b, qmin, qmax) - w_b      # [candidates, rows, B]
+            err = np.einsum("crj,crj->cr", d_all @ h_bb + 2.0 * rest, d_all)
+            best = np.argmin(err, axis=0)                        # first (largest c) on ties
+            rows_index = np.arange(rows)
+            d[:, cols_b] = d_all[best, rows_index]
+            chosen[:, cols_b] = CANDIDATES.astype(np.float32)[best][:, None]
     return (scale * chosen).astype(np.float32)
 
 
