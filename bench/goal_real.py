@@ -2,14 +2,14 @@
 Runtime's quantizers, NNCF) and our fixed recipes, all in one run, all scored by the bench's own
 task evaluation (``bench.real_models``), not by the search's metric.
 
-    python -m bench.goal_real [--models ocr_det,minilm] [--quick] [--budget 600]
+    python -m bench.goal_real [--models ocr_det,minilm] [--quick] [--budget 600] [--out FILE]
                               [--peers ort-static-minmax,ort-dynamic,nncf]
                               [--fixed ours-static,ours-dynamic,ours-int4-gptq,ours-fp16]
                               [--search-data calibration|evaluation] [--json]
 
 Per model: every peer and fixed recipe compresses the float file in its own subprocess
 (``bench.real_bench.spawn``); the goal (``GOALS``: the metric that suits the model, max_drop 0.01,
-minimize size, time_budget_s ``--budget``) runs in a subprocess too, so its wall time and peak RSS
+minimize size, time_budget_s ``--budget`` or ``BUDGETS``) runs in a subprocess too, so its wall time and peak RSS
 are its own. Then, in this process, every file on the model's evaluation set (``real_bench.measure``):
 task metric against FP32, size ratio, latency. The goal's frontier (its ``candidate-N`` artifacts)
 is scored the same way.
@@ -55,6 +55,7 @@ GOALS = {
     "vad": {"metric": "decision_agreement", "threshold": 0.5, "output": "output"},
     "vad_dual": {"metric": "decision_agreement", "threshold": 0.5, "output": "output"},
 }
+BUDGETS = {"ocr_det": 600, "ocr_rec": 600, "ocr_cls": 300, "minilm": 900, "vad": 300, "vad_dual": 300}
 MAX_DROP = 0.01
 TASK_TOLERANCE = 0.015       # the issue's bar: within this of FP32's task metric
 PEERS = ("ort-static-minmax", "ort-static-pct", "ort-dynamic", "nncf")
@@ -223,15 +224,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", default=",".join(PEERS), help="comma-separated peer methods (bench.real_peers)")
     parser.add_argument("--fixed", default=",".join(FIXED), help="comma-separated fixed recipes of ours")
     parser.add_argument("--quick", action="store_true", help="the quick data sets, 5 latency runs")
-    parser.add_argument("--budget", type=float, default=600.0, help="the goal's time_budget_s")
+    parser.add_argument("--budget", type=float, default=None,
+                        help=f"the goal's time_budget_s (default per model: {BUDGETS})")
     parser.add_argument("--search-data", choices=("calibration", "evaluation"), default="calibration")
     parser.add_argument("--runs", type=int, default=None, help="latency runs (default 20, quick 5)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per peer compression")
     parser.add_argument("--json", action="store_true", help="print the JSON document instead of tables")
+    parser.add_argument("--out", type=Path, default=OUT_DIR / "goal_real.json", help="the JSON document")
     parser.add_argument("--goal-one", metavar="MODEL", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.goal_one:
-        print("\n" + json.dumps(goal_one(args.goal_one, args.quick, args.budget, args.search_data, WORK_DIR)))
+        budget = args.budget if args.budget is not None else BUDGETS[args.goal_one]
+        print("\n" + json.dumps(goal_one(args.goal_one, args.quick, budget, args.search_data, WORK_DIR)))
         return 0
     models = [m for m in args.models.split(",") if m]
     peers = [m for m in args.peers.split(",") if m]
@@ -247,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     results = []
     for name in models:
-        result = evaluate(name, peers, fixed, args.quick, args.budget, args.search_data, runs, args.timeout)
+        budget = args.budget if args.budget is not None else BUDGETS[name]
+        result = evaluate(name, peers, fixed, args.quick, budget, args.search_data, runs, args.timeout)
         result["findings"] = findings(result)
         results.append(result)
         if not args.json:
@@ -259,10 +264,10 @@ def main(argv: list[str] | None = None) -> int:
                                                               "cpus": os.cpu_count(),
                                                               "onnxruntime": onnxruntime.__version__},
                 "results": results}
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(document, indent=2)
-    (OUT_DIR / "goal_real.json").write_text(text)
-    (OUT_DIR / f"goal_real-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(started))}.json").write_text(text)
+    args.out.write_text(text)
+    args.out.with_name(f"{args.out.stem}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(started))}.json").write_text(text)
     if args.json:
         print(text)
     return 0
