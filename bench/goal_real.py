@@ -32,15 +32,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench.real_bench import _peak_rss_bytes, measure, spawn
+from bench.real_bench import _peak_rss_bytes, measure, run_child, spawn, table_row, write_document
 from bench.real_models import NAMES, load
 from bench.real_peers import MATMUL_ONLY, METHODS, has_matmul_weights
 
@@ -114,18 +111,7 @@ def goal_one(name: str, quick: bool, budget: float, search_data: str, work_dir: 
 def _spawn_goal(name: str, quick: bool, budget: float, search_data: str, timeout: float) -> dict:
     command = [sys.executable, "-m", "bench.goal_real", "--goal-one", name, "--budget", str(budget),
                "--search-data", search_data] + (["--quick"] if quick else [])
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    log = WORK_DIR / name / f"{GOAL}.log"
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, cwd=log.parent)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    log.write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
-    lines = [line[line.index('{"seconds"'):] for line in done.stdout.splitlines() if '{"seconds"' in line]
-    if done.returncode != 0 or not lines:
-        errors = [line for line in done.stderr.strip().splitlines() if line.strip()]
-        return {"error": (errors or ["no output"])[-1].strip()[:300]}
-    return json.loads(lines[-1])
+    return run_child(command, WORK_DIR / name / f"{GOAL}.log", timeout)
 
 
 def evaluate(name: str, peers: list[str], fixed: list[str], quick: bool, budget: float, search_data: str,
@@ -205,15 +191,7 @@ def table(result: dict) -> str:
              f"{result['calibration_samples']} calibration / {result['evaluation_samples']} evaluation samples", "",
              "| method | task | truth | rel_l2 | size x | bytes | latency x | compress s | peak MiB | notes |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, row in result["rows"].items():
-        if "error" in row:
-            lines.append(f"| {name} | FAILED: {row['error'].replace('|', '/')} | | | | | | | | |")
-            continue
-        truth_cell = f"{row['truth']:.4f}" if "truth" in row else "-"
-        rss = f"{row['peak_rss_bytes'] / 2**20:.0f}" if "peak_rss_bytes" in row else "-"
-        lines.append(f"| {name} | {row['task']:.4f} | {truth_cell} | {row['rel_l2']:.4f} | {row['size_ratio']:.2f} | "
-                     f"{row['bytes']:,} | {row['latency_ratio']:.2f} | {row['seconds']:.1f} | {rss} | "
-                     f"{'; '.join(row.get('notes', [])).replace('|', '/')} |")
+    lines += [table_row(name, row, with_bytes=True) for name, row in result["rows"].items()]
     lines += [""] + [f"- {line}" for line in result["findings"]]
     return "\n".join(lines)
 
@@ -257,17 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
         if not args.json:
             print(table(result) + "\n", flush=True)
-    import onnxruntime
-
-    document = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "quick": args.quick,
-                "seconds": time.time() - started, "machine": {"cpu": platform.processor() or platform.machine(),
-                                                              "cpus": os.cpu_count(),
-                                                              "onnxruntime": onnxruntime.__version__},
-                "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(document, indent=2)
-    args.out.write_text(text)
-    args.out.with_name(f"{args.out.stem}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(started))}.json").write_text(text)
+    text = write_document(results, args.quick, started, args.out)
     if args.json:
         print(text)
     return 0

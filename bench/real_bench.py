@@ -80,8 +80,14 @@ def spawn(model_name: str, method: str, quick: bool, timeout: float, work_dir: P
                "--work-dir", str(work_dir)]
     if quick:
         command.append("--quick")
+    return run_child(command, work_dir / model_name / f"{method}.log", timeout)
+
+
+def run_child(command: list[str], log: Path, timeout: float) -> dict:
+    """Run a bench child (``--compress-one`` and the like) in ``log``'s folder with this checkout
+    first on the path; its last ``{"seconds": ...}`` line, or ``{"error": ...}`` with the reason.
+    Its stdout and stderr go to ``log``."""
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    log = work_dir / model_name / f"{method}.log"
     try:
         # In the model's work folder: ORT's pre-processing and GPTQ leave temporary files in the cwd.
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, cwd=log.parent)
@@ -213,17 +219,38 @@ def table(result: dict) -> str:
              f"{result['latency_feed']}, 1 thread, {result['runs']} interleaved runs", "",
              "| method | task | truth | rel_l2 | size x | latency x | compress s | peak MiB | notes |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for name, row in result["rows"].items():
-        if "error" in row:
-            lines.append(f"| {name} | FAILED: {row['error'].replace('|', '/')} | | | | | "
-                         f"{row.get('seconds', float('nan')):.1f} | | |")
-            continue
-        truth_cell = f"{row['truth']:.4f}" if "truth" in row else "-"
-        rss = f"{row['peak_rss_bytes'] / 2**20:.0f}" if "peak_rss_bytes" in row else "-"
-        lines.append(f"| {name} | {row['task']:.4f} | {truth_cell} | {row['rel_l2']:.4f} | {row['size_ratio']:.2f} | "
-                     f"{row['latency_ratio']:.2f} | {row['seconds']:.1f} | {rss} | {'; '.join(row.get('notes', []))} |")
+    lines += [table_row(name, row) for name, row in result["rows"].items()]
     lines += [""] + [f"- {line}" for line in findings(result)]
     return "\n".join(lines)
+
+
+def table_row(name: str, row: dict, with_bytes: bool = False) -> str:
+    """One method's markdown row (``table``'s columns; ``with_bytes``: the file's bytes after size x)."""
+    if "error" in row:
+        return (f"| {name} | FAILED: {row['error'].replace('|', '/')} | | | | {'| ' if with_bytes else ''}| "
+                f"{row.get('seconds', float('nan')):.1f} | | |")
+    truth_cell = f"{row['truth']:.4f}" if "truth" in row else "-"
+    rss = f"{row['peak_rss_bytes'] / 2**20:.0f}" if "peak_rss_bytes" in row else "-"
+    size = f"{row['size_ratio']:.2f} | " + (f"{row['bytes']:,} | " if with_bytes else "")
+    return (f"| {name} | {row['task']:.4f} | {truth_cell} | {row['rel_l2']:.4f} | {size}"
+            f"{row['latency_ratio']:.2f} | {row['seconds']:.1f} | {rss} | "
+            f"{'; '.join(row.get('notes', [])).replace('|', '/')} |")
+
+
+def write_document(results: list[dict], quick: bool, started: float, out: Path) -> str:
+    """The run's JSON document (machine, results) to ``out`` and a timestamped copy beside it."""
+    import onnxruntime
+
+    document = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "quick": quick,
+                "seconds": time.time() - started, "machine": {"cpu": platform.processor() or platform.machine(),
+                                                              "cpus": os.cpu_count(),
+                                                              "onnxruntime": onnxruntime.__version__},
+                "results": results}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(document, indent=2)
+    out.write_text(text)
+    out.with_name(f"{out.stem}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(started))}.json").write_text(text)
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,17 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
         if not args.json:
             print(table(result) + "\n", flush=True)
-    import onnxruntime
-
-    document = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "quick": args.quick,
-                "seconds": time.time() - started, "machine": {"cpu": platform.processor() or platform.machine(),
-                                                              "cpus": os.cpu_count(),
-                                                              "onnxruntime": onnxruntime.__version__},
-                "results": results}
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(document, indent=2)
-    (OUT_DIR / "real_bench.json").write_text(text)
-    (OUT_DIR / f"real_bench-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(started))}.json").write_text(text)
+    text = write_document(results, args.quick, started, OUT_DIR / "real_bench.json")
     if args.json:
         print(text)
     return 0
