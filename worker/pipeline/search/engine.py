@@ -264,6 +264,7 @@ class Search:
                 # agreement 0.75 on the PP-OCR classifier pruned to 50 %); such a family starts from
                 # its sensitivity-ordered path, after the quantize families, with the time left
                 transformed.append(family)
+                self.planned -= 1         # no uniform build (its path is planned below)
                 continue
             built = self._build(family, Assignment(), f"{family.name}, every layer", 0)
             if built is None:
