@@ -5,10 +5,13 @@ Order of work (each build checks the time budget and cancellation first):
    always has a model to return;
 2. one uniform build per family (``space``): every layer at the family's setting, scored on a
    screening subset of the evaluation data (the first ``SCREEN_SAMPLES``), verified on the full
-   evaluation data when no verified candidate dominates it;
-3. per family whose uniform build misses the budget (smallest first): per-layer sensitivity measured
-   once on the subset with the goal's own metric (``sensitivity.measure``, one session), and for
-   weights that can stop half-way (int4 -> int8) measured again at that level; a greedy path of moves
+   evaluation data when no verified candidate dominates it; families with a transform (sparsity,
+   low rank) get no uniform build;
+3. per family whose uniform build misses the budget (smallest first), then per transform family:
+   per-layer sensitivity measured on the subset with the goal's own metric: static int8's weights
+   and activations with ``sensitivity.measure`` (one gated session); the weight-only families' every
+   weight alone at every level below float (transformed, int4, int8) on ONE probe session shared by
+   those families, a (weight, setting) measured once and reused by each family that has it; a greedy path of moves
    ordered by *loss removed per byte added* (a move: one weight or activation one level up); the
    prefix of the path whose predicted drop (the sum of the moved-from drops left) fits 0.7 x the
    budget is built and screened; if it misses, the prefix grows (repair) until it meets, then
