@@ -30,6 +30,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from featherweight.remote_cmds import parse_export_formats
+
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
@@ -59,20 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-target-mismatch", action="store_true",
                         help="compress for --target even where this machine cannot run it (gpu without CUDA): "
                              "latency is then measured here, and the report says so")
-    parser.add_argument("--export", type=export_formats, metavar="FORMATS",
+    parser.add_argument("--export", type=parse_export_formats, metavar="FORMATS",
                         help="deploy formats, comma-separated: onnx, ort, tflite, pytorch (overrides the recipe's export)")
-
-
-def export_formats(text: str) -> list[str]:
-    """``--export ort,tflite`` -> ["ort", "tflite"]; argparse reports a bad name (exit 2)."""
-    from core.exports import FORMATS
-
-    formats = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [fmt for fmt in formats if fmt not in FORMATS]
-    if unknown or not formats:
-        raise argparse.ArgumentTypeError(f"unknown format {unknown[0]!r}; expected a comma-separated list of "
-                                         f"{', '.join(FORMATS)}" if unknown else "give at least one format")
-    return formats
 
 
 def _with_export(recipe, formats: list[str] | None, path: str):

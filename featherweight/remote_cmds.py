@@ -30,6 +30,8 @@ TARGETS = ("cpu-x86", "cpu-arm", "gpu")
 ARTIFACTS = ("model", "report.json", "report.html", "sensitivity.json", "candidate-1", "candidate-2", "candidate-3",
              "model.onnx.data", "model.ort", "model.required_operators_and_types.config", "model.pt",
              "model.state_dict.pt", "model.tflite")
+# core.exports.FORMATS, restated: this module talks HTTP only and does not import the service
+# (tests/unit/test_remote_cmds.py checks the two agree).
 EXPORT_FORMATS = ("onnx", "ort", "tflite", "pytorch")
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -154,7 +156,7 @@ def add_subcommands(subparsers: Any) -> None:
     submit.add_argument("--eval", dest="evaluation", metavar="EVAL.npz", help="evaluation data for the report")
     submit.add_argument("--target", default="cpu-x86", choices=TARGETS, help="where the model will run")
     submit.add_argument("--webhook-url", metavar="URL", help="POSTed to when the job ends")
-    submit.add_argument("--export", type=_export_formats, metavar="FORMATS",
+    submit.add_argument("--export", type=parse_export_formats, metavar="FORMATS",
                         help="deploy formats, comma-separated: onnx, ort, tflite, pytorch (overrides the recipe's export)")
     submit.add_argument("--allow-target-mismatch", action="store_true",
                         help="run even where the target's hardware cannot (a gpu job without CUDA); the report says so")
@@ -179,8 +181,9 @@ def add_subcommands(subparsers: Any) -> None:
     download.set_defaults(handler=run_download)
 
 
-def _export_formats(text: str) -> list[str]:
-    """``--export ort,tflite`` -> ["ort", "tflite"]; argparse reports a bad name (exit 2)."""
+def parse_export_formats(text: str) -> list[str]:
+    """``--export ort,tflite`` -> ["ort", "tflite"]; argparse reports a bad name (exit 2). Used by
+    ``submit`` and by ``featherweight compress``."""
     formats = [part.strip() for part in text.split(",") if part.strip()]
     unknown = [fmt for fmt in formats if fmt not in EXPORT_FORMATS]
     if unknown or not formats:
@@ -221,9 +224,12 @@ def _headline(report: dict[str, Any] | None) -> str:
     if not report:
         return ""
     parts = []
+    emulated = bool((report.get("measured_on") or {}).get("emulated"))
     for key, label in (("size_ratio", "size"), ("transport_size_ratio", "transport"), ("latency_ratio", "latency")):
         value = report.get(key)
-        if isinstance(value, (int, float)):
+        if key == "latency_ratio" and emulated:
+            parts.append("latency emulated (no figure)")    # qemu's timings say nothing about the target
+        elif isinstance(value, (int, float)):
             parts.append(f"{label} {value:.2f}x")
     fidelity = report.get("fidelity") or {}
     if isinstance(fidelity.get("cosine"), (int, float)):

@@ -138,3 +138,19 @@ def test_status_prints_the_notice_when_not_measured_on_the_target():
     matched = Job.from_json({"id": "j1", "state": "succeeded", "progress": 1.0, "stage": "done",
                              "report": {"size_ratio": 4.0, "target_match": True, "target_notice": None}})
     assert not any("notice" in line for line in remote_cmds._describe(matched))
+
+
+def test_the_clis_export_formats_are_the_services():
+    """remote_cmds restates core.exports.FORMATS so as not to import the service; they must agree."""
+    from core.exports import FORMATS
+    from featherweight.remote_cmds import EXPORT_FORMATS, parse_export_formats
+
+    assert EXPORT_FORMATS == FORMATS
+    assert parse_export_formats("ort, tflite") == ["ort", "tflite"]
+
+
+def test_headline_quotes_no_emulated_latency():
+    report = {"size_ratio": 3.9, "latency_ratio": 1.7, "fidelity": {"cosine": 0.9991}}
+    assert remote_cmds._headline(report) == "size 3.90x, latency 1.70x, cosine 0.9991"
+    emulated = {**report, "measured_on": {"architecture": "aarch64", "emulated": True}}
+    assert remote_cmds._headline(emulated) == "size 3.90x, latency emulated (no figure), cosine 0.9991"
