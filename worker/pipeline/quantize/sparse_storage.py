@@ -88,9 +88,21 @@ class Packed:
 # ---------------------------------------------------------------------------- numbers
 
 
+def value_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(values, return_counts=True)``; for 8- and 16-bit integers by counting (one pass)
+    rather than sorting: the sort was 2 of the 20 CPU seconds of static int8 on a BERT."""
+    flat = np.asarray(values).reshape(-1)
+    if flat.dtype.kind not in "iu" or flat.dtype.itemsize > 2 or flat.size == 0:
+        return np.unique(flat, return_counts=True)
+    low = int(flat.min())
+    counts = np.bincount(flat.astype(np.int32) - low)
+    present = np.flatnonzero(counts)
+    return (present + low).astype(flat.dtype), counts[present]
+
+
 def fill_value(q: np.ndarray) -> int:
     """The tensor's most common value (ties: the one nearest zero, then the smaller)."""
-    values, counts = np.unique(q.reshape(-1), return_counts=True)
+    values, counts = value_counts(q)
     best = np.flatnonzero(counts == counts.max())
     return int(values[min(best, key=lambda i: (abs(int(values[i])), int(values[i])))])
 
@@ -107,7 +119,7 @@ def pack(q: np.ndarray, fill: int | None = None) -> Packed:
 
 def _entropy_bytes(values: np.ndarray) -> float:
     """Order-0 entropy of ``values`` in bytes: what zstd's literal coding approaches."""
-    _, counts = np.unique(values, return_counts=True)
+    _, counts = value_counts(values)
     p = counts / counts.sum()
     return float(-(counts * np.log2(p)).sum() / 8.0)
 
