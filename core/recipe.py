@@ -158,6 +158,13 @@ class QuantizeStep(_WeightStep):
         False, description="weight-only 4 / 2 bits: activation-aware per-input-channel scales (AWQ), searched on "
                            "calibration data")
     embeddings: bool = Field(True, description="quantize Gather tables (embeddings) too")
+    min_products: int = Field(
+        64, ge=0, le=1 << 20,
+        description="static int8: a Conv with fewer multiply-adds per output than this (a 3x3 depthwise conv has 9) "
+                    "keeps float activations, its weight int8 (weight-only); 0 = none")
+    float_gelu_inputs: bool = Field(
+        True, description="static int8: a MatMul / Gemm whose input is a GELU output keeps float activations, "
+                          "its weight int8 (weight-only)")
     max_output_error: float | None = Field(
         None, gt=0.0, le=10.0,
         description="bound on the model output's rel_l2 on the calibration data: the most sensitive weights and "
