@@ -144,12 +144,12 @@ def test_awq_rescaling_is_exact_in_float():
     np.testing.assert_allclose(s.max() * s.min(), 1.0)       # centred: sqrt(max * min) divided out
 
 
-def test_gptq_low_bit_defaults_to_mse_scales_without_awq():
+def test_gptq_low_bit_defaults_to_the_contracts_absmax_grid_without_awq():
     model = builders.mlp()
     calibration = correlated(256, seed=1)
     result, ctx = apply(model, {"weights": {"bits": 4, "granularity": "block"}, "method": "gptq"},
                         calibration=calibration)
-    assert {r.extra["scale_search"] for r in ctx.layers.values()} == {"mse"}
+    assert {r.extra["scale_search"] for r in ctx.layers.values()} == {"absmax"}
     assert "awq" not in result.metrics
     result, ctx = apply(builders.mlp(), {"weights": {"bits": 8}, "method": "gptq"}, calibration=calibration)
     assert {r.extra["scale_search"] for r in ctx.layers.values()} == {"absmax"}
