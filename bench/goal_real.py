@@ -1,99 +1,245 @@
-"""Sensitivity, ``max_output_error`` and ``goal`` on the real pretrained models of bench.real_models:
-each result scored by the bench's own task metric (not the search's), beside static int8 as shipped.
+"""Issue #15's bars on the real pretrained models: a recipe's ``goal`` beside the peers (ONNX
+Runtime's quantizers, NNCF) and our fixed recipes, all in one run, all scored by the bench's own
+task evaluation (``bench.real_models``), not by the search's metric.
 
-    python -m bench.goal_real ocr_det minilm [--quick] [--budget 300] [--out bench/out/goal_real.json]
+    python -m bench.goal_real [--models ocr_det,minilm] [--quick] [--budget 600] [--out FILE]
+                              [--peers ort-static-minmax,ort-dynamic,nncf]
+                              [--fixed ours-static,ours-dynamic,ours-int4-gptq,ours-fp16]
+                              [--search-data calibration|evaluation] [--json]
 
-Per model: FP32; static int8 (per-channel weights, minmax activations) with sensitivity measured;
-the same with ``max_output_error``; and a ``goal`` with the metric that suits the model
-(max_drop 0.01, minimize size). Prints one JSON line per result and writes them all to --out.
+Per model: every peer and fixed recipe compresses the float file in its own subprocess
+(``bench.real_bench.spawn``); the goal (``GOALS``: the metric that suits the model, max_drop 0.01,
+minimize size, time_budget_s ``--budget`` or ``BUDGETS``) runs in a subprocess too, so its wall time and peak RSS
+are its own. Then, in this process, every file on the model's evaluation set (``real_bench.measure``):
+task metric against FP32, size ratio, latency. The goal's frontier (its ``candidate-N`` artifacts)
+is scored the same way.
+
+The search's data: by default the model's *calibration* set is both what it calibrates on and what
+it scores candidates on, so the bench's evaluation set is data the search never saw (the bar would
+mean little if the search were tuned on the samples that judge it); ``--search-data evaluation``
+gives it the bench's evaluation set instead, as a user with a separate validation set would.
+
+The bars (``findings``), per model:
+    within     the goal's task metric >= FP32's - 0.015
+    peers      its file <= the smallest peer file whose task metric is within 0.015 of FP32's
+    fixed      its file <= the smallest of our fixed recipes within 0.015 (none within: its task
+               metric >= the best of theirs)
+    time       the search's own seconds <= time_budget_s (and the whole job's, beside it)
+    frontier   >= 3 verified Pareto points in report.json ``candidates[]``
+Results: a markdown table per model on stdout, JSON in ``bench/out/goal_real.json``.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
+import shutil
+import sys
 import time
 from pathlib import Path
 
-import onnxruntime as ort
+from bench.real_bench import _peak_rss_bytes, measure, run_child, spawn, table_row, write_document
+from bench.real_models import NAMES, load
+from bench.real_peers import MATMUL_ONLY, METHODS, has_matmul_weights
 
-from bench.real_models import load
-from core.recipe import parse_recipe
-from worker.pipeline.runner import run
-
+OUT_DIR = Path(__file__).resolve().parent / "out"
+WORK_DIR = OUT_DIR / "goal_real"
+MODELS = ("ocr_det", "ocr_rec", "ocr_cls", "minilm", "vad")
 GOALS = {
     "ocr_det": {"metric": "iou", "threshold": 0.3},
     "ocr_rec": {"metric": "top1_agreement"},
     "ocr_cls": {"metric": "top1_agreement"},
     "minilm": {"metric": "spearman"},
     "vad": {"metric": "decision_agreement", "threshold": 0.5, "output": "output"},
+    "vad_dual": {"metric": "decision_agreement", "threshold": 0.5, "output": "output"},
 }
-STATIC = {"op": "quantize", "weights": {"bits": 8}, "activations": {"calibration": "minmax"}}
+BUDGETS = {"ocr_det": 600, "ocr_rec": 600, "ocr_cls": 300, "minilm": 900, "vad": 300, "vad_dual": 300}
+MAX_DROP = 0.01
+TASK_TOLERANCE = 0.015       # the issue's bar: within this of FP32's task metric
+PEERS = ("ort-static-minmax", "ort-static-pct", "ort-dynamic", "nncf")
+FIXED = ("ours-static", "ours-dynamic", "ours-int4-gptq", "ours-fp16")
+GOAL = "ours-goal"
 
 
-def _session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+def goal_recipe(name: str, budget: float) -> dict:
+    return {"goal": {**GOALS[name], "max_drop": MAX_DROP, "minimize": "size", "time_budget_s": budget}}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("models", nargs="+")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--budget", type=float, default=300.0)
-    parser.add_argument("--bound", type=float, default=0.05)
-    parser.add_argument("--out", default="bench/out/goal_real.json")
-    parser.add_argument("--only", choices=("sensitivity", "bound", "goal"), action="append",
-                        help="run only these (repeatable; default all three)")
-    args = parser.parse_args()
-    rows = []
-    for name in args.models:
-        model = load(name, quick=args.quick)
-        reference = model.infer(_session(model.path))
-        recipes = {
-            "sensitivity": ("static int8 + sensitivity", {"sensitivity": {"samples": 16}, "steps": [STATIC]}),
-            "bound": (f"static int8, max_output_error {args.bound:g}",
-                      {"steps": [{**STATIC, "max_output_error": args.bound}]}),
-            "goal": ("goal", {"goal": {**GOALS[name], "max_drop": 0.01, "minimize": "size",
-                                       "time_budget_s": args.budget}}),
-        }
-        recipes = dict(value for key, value in recipes.items() if not args.only or key in args.only)
-        for label, recipe in recipes.items():
-            with tempfile.TemporaryDirectory() as scratch:
-                started = time.perf_counter()
-                result = run(model.path, parse_recipe(recipe), calibration=model.calibration,
-                             evaluation=model.evaluation, workdir=Path(scratch),
-                             options={"latency_runs": 10, "layer_errors": False})
-                seconds = time.perf_counter() - started
-                output = model.infer(_session(result.model_path))
-                report = result.report
-                row = {"model": name, "recipe": label, "task_metric": model.metric_name,
-                       "task": model.task_metric(reference, output), "size_ratio": report["size_ratio"],
-                       "latency_ratio": report["latency_ratio"], "seconds": seconds,
-                       "eval_samples": len(reference)}
-                if report.get("sensitivity"):
-                    sens = report["sensitivity"][0]
-                    row["sensitivity"] = {"seconds": sens["seconds"], "samples": sens["samples"],
-                                          "entries": len(sens["entries"]),
-                                          "top": [(e["name"], e["kind"], round(e["error"], 4)) for e in sens["entries"][:5]]}
-                mixed = next((s.get("mixed_precision") for s in report["steps"] if s.get("mixed_precision")), None)
-                if mixed:
-                    row["bound"] = {k: mixed[k] for k in ("met", "initial_rel_l2", "final_rel_l2", "builds", "seconds")}
-                    row["bound"]["moves"] = [(m["name"], m["to"]) for m in mixed["moves"]][:12]
-                if report.get("goal"):
-                    goal = report["goal"]
-                    chosen = next(c for c in report["candidates"] if c["chosen"])
-                    row["goal"] = {"met": goal["met"], "search_score": chosen["score"], "chosen": chosen["label"],
-                                   "candidates": len(report["candidates"]),
-                                   "verified": sum(c["verified"] for c in report["candidates"]),
-                                   "pareto": sum(bool(c["pareto"]) for c in report["candidates"]),
-                                   "seconds": goal["seconds"], "stopped": goal["stopped"]}
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+def goal_one(name: str, quick: bool, budget: float, search_data: str, work_dir: Path) -> dict:
+    """Child process: the goal's job on one model, as ``featherweight compress`` runs it; the model
+    and its frontier's artifacts into ``work_dir/<name>/``; seconds, peak RSS and the search's report."""
+    import onnxruntime  # noqa: F401  (imported before the baseline, as the other methods)
+
+    from core.recipe import parse_recipe
+    from worker.pipeline import artifacts
+    from worker.pipeline.runner import run
+
+    real = load(name, quick)
+    baseline = _peak_rss_bytes()
+    out_dir = work_dir / name
+    job_dir = out_dir / f"{GOAL}-work"
+    if job_dir.exists():
+        shutil.rmtree(job_dir)
+    data = real.calibration if search_data == "calibration" else real.evaluation
+    data = {k: v for k, v in data.items() if k != "_labels"}
+    calibration = {k: v for k, v in real.calibration.items() if k != "_labels"}
+    options = {"latency_runs": 3, "latency_budget_s": 2, "layer_errors": False, "fidelity_samples": 32}
+    started = time.perf_counter()
+    result = run(real.path, parse_recipe(goal_recipe(name, budget)), calibration=calibration, evaluation=data,
+                 workdir=job_dir, options=options)
+    seconds = time.perf_counter() - started
+    report = result.report
+    shutil.move(str(job_dir / artifacts.MODEL_FILE), str(out_dir / f"{GOAL}.onnx"))
+    frontier = []
+    for c in report["candidates"]:
+        if c.get("artifact"):
+            target = out_dir / f"{GOAL}-{c['artifact']}.onnx"
+            shutil.move(str(job_dir / artifacts.candidate_file(int(c["artifact"].rsplit("-", 1)[1]))), str(target))
+            frontier.append(c["artifact"])
+    goal = report["goal"]
+    chosen = next(c for c in report["candidates"] if c["chosen"])
+    return {"seconds": seconds, "peak_rss_bytes": _peak_rss_bytes(), "baseline_rss_bytes": baseline,
+            "notes": [f"search {goal['metric']} {chosen['score']:.4f} (drop {chosen['drop']:.4f}), {chosen['label']}"],
+            "goal": {"met": goal["met"], "seconds": goal["seconds"], "stopped": goal["stopped"],
+                     "summary": goal["summary"], "search_notes": goal["notes"],
+                     "evaluation_samples": goal["evaluation_samples"], "data": search_data,
+                     "candidates": [{k: c[k] for k in ("id", "family", "label", "score", "drop", "verified", "meets",
+                                                       "bytes", "pareto", "chosen", "artifact")}
+                                    for c in report["candidates"]],
+                     "frontier_artifacts": frontier}}
+
+
+def _spawn_goal(name: str, quick: bool, budget: float, search_data: str, timeout: float) -> dict:
+    command = [sys.executable, "-m", "bench.goal_real", "--goal-one", name, "--budget", str(budget),
+               "--search-data", search_data] + (["--quick"] if quick else [])
+    return run_child(command, WORK_DIR / name / f"{GOAL}.log", timeout)
+
+
+def evaluate(name: str, peers: list[str], fixed: list[str], quick: bool, budget: float, search_data: str,
+             runs: int, timeout: float) -> dict:
+    real = load(name, quick)
+    out_dir = WORK_DIR / name
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    shutil.copy(real.path, out_dir / "fp32.onnx")
+    matmul = has_matmul_weights(real.path)
+    rows: dict[str, dict] = {"fp32": {"seconds": 0.0, "notes": []}}
+    for method in [*peers, *fixed]:
+        if method in MATMUL_ONLY and not matmul:
+            continue
+        started = time.perf_counter()
+        rows[method] = spawn(name, method, quick, timeout, WORK_DIR)
+        print(f"  {name} {method}: {time.perf_counter() - started:.1f} s"
+              f"{' FAILED ' + rows[method]['error'] if 'error' in rows[method] else ''}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    rows[GOAL] = _spawn_goal(name, quick, budget, search_data, timeout=max(timeout, 3 * budget + 600))
+    print(f"  {name} {GOAL}: {time.perf_counter() - started:.1f} s"
+          f"{' FAILED ' + rows[GOAL]['error'] if 'error' in rows[GOAL] else ''}", file=sys.stderr, flush=True)
+    for artifact in rows[GOAL].get("goal", {}).get("frontier_artifacts", []):
+        rows[f"{GOAL}-{artifact}"] = {"seconds": 0.0, "notes": ["from the goal's frontier"]}
+    measured = measure(real, rows, out_dir, runs)
+    return {"model": name, "description": real.description, "metric": real.metric_name,
+            "truth_metric": real.truth_name, "goal": goal_recipe(name, budget)["goal"], "search_data": search_data,
+            "calibration_samples": len(next(iter(real.calibration.values()))),
+            "evaluation_samples": len(next(iter(real.evaluation.values()))), **measured}
+
+
+def _smallest_keeping(rows: dict[str, dict], names, floor: float) -> str | None:
+    keeping = [n for n in names if n in rows and "task" in rows[n] and rows[n]["task"] >= floor]
+    return min(keeping, key=lambda n: rows[n]["bytes"]) if keeping else None
+
+
+def findings(result: dict) -> list[str]:
+    rows = result["rows"]
+    goal = rows.get(GOAL, {})
+    if "task" not in goal:
+        return [f"goal FAILED: {goal.get('error', 'no result')}"]
+    floor = rows["fp32"]["task"] - TASK_TOLERANCE
+    found = [f"within: goal task {goal['task']:.4f} >= FP32 {rows['fp32']['task']:.4f} - {TASK_TOLERANCE}: "
+             f"{'PASS' if goal['task'] >= floor else 'FAIL'}"]
+    peer = _smallest_keeping(rows, PEERS, floor)
+    if peer is None:
+        found.append("peers: no peer keeps the task metric within 0.015: PASS (nothing smaller to match)")
+    else:
+        found.append(f"peers: goal {goal['bytes']:,} B <= smallest peer keeping the metric {peer} "
+                     f"{rows[peer]['bytes']:,} B: {'PASS' if goal['bytes'] <= rows[peer]['bytes'] else 'FAIL'}")
+    ours = _smallest_keeping(rows, FIXED, floor)
+    if ours is not None:
+        found.append(f"fixed: goal {goal['bytes']:,} B <= our smallest fixed recipe keeping the metric {ours} "
+                     f"{rows[ours]['bytes']:,} B: {'PASS' if goal['bytes'] <= rows[ours]['bytes'] else 'FAIL'}")
+    else:
+        tried = [n for n in FIXED if "task" in rows.get(n, {})]
+        if tried:
+            best = max(tried, key=lambda n: rows[n]["task"])
+            found.append(f"fixed: none keeps the metric; goal task {goal['task']:.4f} >= best fixed {best} "
+                         f"{rows[best]['task']:.4f}: {'PASS' if goal['task'] >= rows[best]['task'] else 'FAIL'}")
+    search = goal["goal"]
+    budget = result["goal"]["time_budget_s"]
+    found.append(f"time: search {search['seconds']:.0f} s <= time_budget_s {budget:g} (whole job "
+                 f"{goal['seconds']:.0f} s): {'PASS' if search['seconds'] <= budget else 'FAIL'}")
+    pareto = [c for c in search["candidates"] if c["verified"] and c["pareto"]]
+    found.append(f"frontier: {len(pareto)} verified Pareto points >= 3: {'PASS' if len(pareto) >= 3 else 'FAIL'}")
+    found.append(f"search: met={search['met']}, {search['summary']}")
+    return found
+
+
+def table(result: dict) -> str:
+    truth = result["truth_metric"]
+    lines = [f"### {result['model']}: {result['description']}", "",
+             f"task metric: {result['metric']} vs FP32" + (f"; truth: {truth}" if truth else "") +
+             f"; goal {json.dumps(result['goal'])} on the {result['search_data']} set; "
+             f"{result['calibration_samples']} calibration / {result['evaluation_samples']} evaluation samples", "",
+             "| method | task | truth | rel_l2 | size x | bytes | latency x | compress s | peak MiB | notes |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [table_row(name, row, with_bytes=True) for name, row in result["rows"].items()]
+    lines += [""] + [f"- {line}" for line in result["findings"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench.goal_real", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {','.join(GOALS)}")
+    parser.add_argument("--peers", default=",".join(PEERS), help="comma-separated peer methods (bench.real_peers)")
+    parser.add_argument("--fixed", default=",".join(FIXED), help="comma-separated fixed recipes of ours")
+    parser.add_argument("--quick", action="store_true", help="the quick data sets, 5 latency runs")
+    parser.add_argument("--budget", type=float, default=None,
+                        help=f"the goal's time_budget_s (default per model: {BUDGETS})")
+    parser.add_argument("--search-data", choices=("calibration", "evaluation"), default="calibration")
+    parser.add_argument("--runs", type=int, default=None, help="latency runs (default 20, quick 5)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per peer compression")
+    parser.add_argument("--json", action="store_true", help="print the JSON document instead of tables")
+    parser.add_argument("--out", type=Path, default=OUT_DIR / "goal_real.json", help="the JSON document")
+    parser.add_argument("--goal-one", metavar="MODEL", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.goal_one:
+        budget = args.budget if args.budget is not None else BUDGETS[args.goal_one]
+        print("\n" + json.dumps(goal_one(args.goal_one, args.quick, budget, args.search_data, WORK_DIR)))
+        return 0
+    models = [m for m in args.models.split(",") if m]
+    peers = [m for m in args.peers.split(",") if m]
+    fixed = [m for m in args.fixed.split(",") if m]
+    for chosen, known, what in ((models, GOALS, "models"), (peers + fixed, METHODS, "methods")):
+        unknown = sorted(set(chosen) - set(known))
+        if unknown:
+            parser.error(f"unknown {what} {unknown}; choose from {list(known)}")
+    unknown = sorted(set(models) - set(NAMES))
+    if unknown:
+        parser.error(f"unknown models {unknown}")
+    runs = args.runs if args.runs is not None else (5 if args.quick else 20)
+    started = time.time()
+    results = []
+    for name in models:
+        budget = args.budget if args.budget is not None else BUDGETS[name]
+        result = evaluate(name, peers, fixed, args.quick, budget, args.search_data, runs, args.timeout)
+        result["findings"] = findings(result)
+        results.append(result)
+        if not args.json:
+            print(table(result) + "\n", flush=True)
+    text = write_document(results, args.quick, started, args.out)
+    if args.json:
+        print(text)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -59,25 +59,35 @@ def _peak_rss_bytes() -> int:
     return max(own, children) * 1024
 
 
-def compress_one(model_name: str, method: str, quick: bool) -> dict:
-    """Child process: compress one (model, method), report seconds and peak RSS."""
+def compress_one(model_name: str, method: str, quick: bool, work_dir: Path = WORK_DIR) -> dict:
+    """Child process: compress one (model, method) into ``work_dir/<model>/<method>.onnx``, report
+    seconds and peak RSS."""
     import onnxruntime  # noqa: F401  (imported before the baseline: every method pays for it)
 
     real = load(model_name, quick)
     baseline = _peak_rss_bytes()
-    out_path = WORK_DIR / model_name / f"{method}.onnx"
+    out_path = work_dir / model_name / f"{method}.onnx"
     started = time.perf_counter()
     notes = compress(method, real, out_path)
     return {"seconds": time.perf_counter() - started, "peak_rss_bytes": _peak_rss_bytes(),
             "baseline_rss_bytes": baseline, **notes}
 
 
-def _spawn(model_name: str, method: str, quick: bool, timeout: float) -> dict:
-    command = [sys.executable, "-m", "bench.real_bench", "--compress-one", model_name, method]
+def spawn(model_name: str, method: str, quick: bool, timeout: float, work_dir: Path = WORK_DIR) -> dict:
+    """Compress one (model, method) in a subprocess of its own (its time and peak RSS its own);
+    the row's figures, or ``{"error": ...}`` with the reason."""
+    command = [sys.executable, "-m", "bench.real_bench", "--compress-one", model_name, method,
+               "--work-dir", str(work_dir)]
     if quick:
         command.append("--quick")
+    return run_child(command, work_dir / model_name / f"{method}.log", timeout)
+
+
+def run_child(command: list[str], log: Path, timeout: float) -> dict:
+    """Run a bench child (``--compress-one`` and the like) in ``log``'s folder with this checkout
+    first on the path; its last ``{"seconds": ...}`` line, or ``{"error": ...}`` with the reason.
+    Its stdout and stderr go to ``log``."""
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    log = WORK_DIR / model_name / f"{method}.log"
     try:
         # In the model's work folder: ORT's pre-processing and GPTQ leave temporary files in the cwd.
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, cwd=log.parent)
@@ -116,10 +126,20 @@ def evaluate(model_name: str, methods: list[str], quick: bool, runs: int, timeou
         if method in MATMUL_ONLY and not matmul:
             continue
         started = time.perf_counter()
-        rows[method] = _spawn(model_name, method, quick, timeout)
+        rows[method] = spawn(model_name, method, quick, timeout)
         print(f"  {model_name} {method}: {time.perf_counter() - started:.1f} s"
               f"{' FAILED ' + rows[method]['error'] if 'error' in rows[method] else ''}", file=sys.stderr, flush=True)
 
+    return {"model": model_name, "package": real.package, "description": real.description,
+            "metric": real.metric_name, "truth_metric": real.truth_name,
+            "calibration_samples": len(next(iter(real.calibration.values()))),
+            "meta": {k: v for k, v in real.meta.items() if isinstance(v, str)}, **measure(real, rows, out_dir, runs)}
+
+
+def measure(real, rows: dict[str, dict], out_dir: Path, runs: int) -> dict:
+    """Every row's ``out_dir/<name>.onnx`` (``fp32`` among them) on the evaluation set, in this
+    process: task metric, truth, rel_l2, size ratio; then latency, all variants interleaved run by
+    run. Fills ``rows`` in place; returns the run's shared facts (float bytes, latency feed, runs)."""
     sessions = open_variants(rows, out_dir, error_chars=200)
 
     reference = real.infer(sessions["fp32"])
@@ -151,11 +171,8 @@ def evaluate(model_name: str, methods: list[str], quick: bool, runs: int, timeou
     for name, values in timings.items():
         rows[name]["latency_ms_p50"] = float(np.percentile(values, 50) * 1e3)
         rows[name]["latency_ratio"] = rows[name]["latency_ms_p50"] / float(np.percentile(timings["fp32"], 50) * 1e3)
-    return {"model": model_name, "package": real.package, "description": real.description,
-            "metric": real.metric_name, "truth_metric": real.truth_name, "float_bytes": rows["fp32"]["bytes"],
-            "calibration_samples": len(next(iter(real.calibration.values()))),
-            "latency_feed": {k: list(v.shape) for k, v in feed.items()}, "runs": runs,
-            "meta": {k: v for k, v in real.meta.items() if isinstance(v, str)}, "rows": rows}
+    return {"float_bytes": rows["fp32"]["bytes"], "latency_feed": {k: list(v.shape) for k, v in feed.items()},
+            "runs": runs, "rows": rows}
 
 
 def findings(result: dict) -> list[str]:
@@ -163,13 +180,13 @@ def findings(result: dict) -> list[str]:
     rows = {k: v for k, v in result["rows"].items() if "task" in v}
     found = []
     peers = [m for m in rows if m.startswith(("ort-static", "ort-dynamic", "nncf"))]
-    for ours in ("ours-static", "ours-static-pct"):
+    for ours in ("ours-static", "ours-static-pct", "ours-static-minmax", "ours-static-mse"):
         if ours in rows and peers:
             best = max(peers, key=lambda m: rows[m]["task"])
             verdict = "PASS" if rows[ours]["task"] >= rows[best]["task"] else "FAIL"
             found.append(f"{ours} task {rows[ours]['task']:.4f} >= best peer {best} {rows[best]['task']:.4f}: {verdict}")
     fp32 = rows.get("fp32", {}).get("task", 1.0)
-    for name in ("ours-static", "ours-static-pct", "ours-dynamic"):
+    for name in ("ours-static", "ours-static-pct", "ours-static-minmax", "ours-static-mse", "ours-dynamic"):
         if name in rows:
             verdict = "PASS" if rows[name]["task"] >= 0.95 * fp32 else "FAIL"
             found.append(f"{name} task {rows[name]['task']:.4f} >= 0.95 of FP32: {verdict}")
@@ -202,17 +219,38 @@ def table(result: dict) -> str:
              f"{result['latency_feed']}, 1 thread, {result['runs']} interleaved runs", "",
              "| method | task | truth | rel_l2 | size x | latency x | compress s | peak MiB | notes |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for name, row in result["rows"].items():
-        if "error" in row:
-            lines.append(f"| {name} | FAILED: {row['error'].replace('|', '/')} | | | | | "
-                         f"{row.get('seconds', float('nan')):.1f} | | |")
-            continue
-        truth_cell = f"{row['truth']:.4f}" if "truth" in row else "-"
-        rss = f"{row['peak_rss_bytes'] / 2**20:.0f}" if "peak_rss_bytes" in row else "-"
-        lines.append(f"| {name} | {row['task']:.4f} | {truth_cell} | {row['rel_l2']:.4f} | {row['size_ratio']:.2f} | "
-                     f"{row['latency_ratio']:.2f} | {row['seconds']:.1f} | {rss} | {'; '.join(row.get('notes', []))} |")
+    lines += [table_row(name, row) for name, row in result["rows"].items()]
     lines += [""] + [f"- {line}" for line in findings(result)]
     return "\n".join(lines)
+
+
+def table_row(name: str, row: dict, with_bytes: bool = False) -> str:
+    """One method's markdown row (``table``'s columns; ``with_bytes``: the file's bytes after size x)."""
+    if "error" in row:
+        return (f"| {name} | FAILED: {row['error'].replace('|', '/')} | | | | {'| ' if with_bytes else ''}| "
+                f"{row.get('seconds', float('nan')):.1f} | | |")
+    truth_cell = f"{row['truth']:.4f}" if "truth" in row else "-"
+    rss = f"{row['peak_rss_bytes'] / 2**20:.0f}" if "peak_rss_bytes" in row else "-"
+    size = f"{row['size_ratio']:.2f} | " + (f"{row['bytes']:,} | " if with_bytes else "")
+    return (f"| {name} | {row['task']:.4f} | {truth_cell} | {row['rel_l2']:.4f} | {size}"
+            f"{row['latency_ratio']:.2f} | {row['seconds']:.1f} | {rss} | "
+            f"{'; '.join(row.get('notes', [])).replace('|', '/')} |")
+
+
+def write_document(results: list[dict], quick: bool, started: float, out: Path) -> str:
+    """The run's JSON document (machine, results) to ``out`` and a timestamped copy beside it."""
+    import onnxruntime
+
+    document = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "quick": quick,
+                "seconds": time.time() - started, "machine": {"cpu": platform.processor() or platform.machine(),
+                                                              "cpus": os.cpu_count(),
+                                                              "onnxruntime": onnxruntime.__version__},
+                "results": results}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(document, indent=2)
+    out.write_text(text)
+    out.with_name(f"{out.stem}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(started))}.json").write_text(text)
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,10 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per compression")
     parser.add_argument("--json", action="store_true", help="print the JSON document instead of tables")
     parser.add_argument("--compress-one", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--work-dir", type=Path, default=WORK_DIR, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.compress_one:
         # On a line of its own: tools' progress bars end without a newline.
-        print("\n" + json.dumps(compress_one(*args.compress_one, args.quick)))
+        print("\n" + json.dumps(compress_one(*args.compress_one, args.quick, args.work_dir)))
         return 0
     models = [m for m in args.models.split(",") if m]
     methods = [m for m in args.methods.split(",") if m]
@@ -244,17 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
         if not args.json:
             print(table(result) + "\n", flush=True)
-    import onnxruntime
-
-    document = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "quick": args.quick,
-                "seconds": time.time() - started, "machine": {"cpu": platform.processor() or platform.machine(),
-                                                              "cpus": os.cpu_count(),
-                                                              "onnxruntime": onnxruntime.__version__},
-                "results": results}
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(document, indent=2)
-    (OUT_DIR / "real_bench.json").write_text(text)
-    (OUT_DIR / f"real_bench-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(started))}.json").write_text(text)
+    text = write_document(results, args.quick, started, OUT_DIR / "real_bench.json")
     if args.json:
         print(text)
     return 0

@@ -23,9 +23,18 @@ constant_weights = onnx_weights.constant_weights
 def lift_constant_weights(model: onnx.ModelProto) -> list[str]:
     """Move weight-carrying Constant nodes' tensors to initializers, and bodies' Constant or
     constant-computed weights to the main graph (``body_weights``); return the lifted names."""
+    lifted = _lift(model, constant_weights(model))
+    lifted += body_weights.lift_body_weights(model)
+    if lifted:
+        graph.sort_graph(model)
+    return lifted
+
+
+def _lift(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> list[str]:
+    """Each Constant node of ``nodes`` replaced by an initializer under its output's name."""
     graph_outputs = {o.name for o in model.graph.output}
     lifted = []
-    for node in constant_weights(model):
+    for node in nodes:
         name = node.output[0]
         if name in graph_outputs:
             continue     # an initializer cannot be a graph output by itself; leave it
@@ -35,10 +44,17 @@ def lift_constant_weights(model: onnx.ModelProto) -> list[str]:
         model.graph.initializer.append(tensor)
         model.graph.node.remove(node)
         lifted.append(name)
-    lifted += body_weights.lift_body_weights(model)
-    if lifted:
-        graph.sort_graph(model)
     return lifted
+
+
+def lift_batchnorm_parameters(model: onnx.ModelProto) -> list[str]:
+    """BatchNormalization's scale / bias / mean / var held in Constant nodes (paddle2onnx writes
+    them so) moved to initializers, so that ``static.fold_batchnorm`` can fold the BN into the Conv
+    before it: an unfolded BN leaves the Conv's output grid on the pre-BN values, per tensor, when
+    the BN rescales each channel (35 such BNs on the PP-OCR orientation classifier)."""
+    wanted = {name for node in model.graph.node if node.op_type == "BatchNormalization" for name in node.input[1:5]}
+    return _lift(model, [node for node in model.graph.node
+                         if node.output and node.output[0] in wanted and onnx_weights.constant_tensor(node) is not None])
 
 
 def lifted_copy(model: onnx.ModelProto) -> onnx.ModelProto:

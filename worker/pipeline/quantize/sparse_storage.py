@@ -329,10 +329,14 @@ def _zstd_alone(packed: Packed) -> int:
             + (0 if packed.offsets is None else zstd_size(packed.offsets.tobytes())))
 
 
-def store_sparse(model: onnx.ModelProto, whole_file_work: int | None = None) -> dict[str, dict]:
+def store_sparse(model: onnx.ModelProto, whole_file_work: int | None = None, by: str = "zstd") -> dict[str, dict]:
     """Rewrite, in place, every candidate integer weight whose sparse form makes the file compress
     smaller (see the module docstring). Returns, for each tensor looked at, its dense and sparse
     bytes (raw and zstd) and whether it was stored sparse.
+
+    ``by="raw"``: the file's own bytes decide instead (a goal that minimizes ``size``: the file as
+    it lies on disk, not as it travels): a tensor goes sparse where its smallest sparse form, with
+    its decoding nodes, makes the serialized model ``MIN_GAIN`` bytes smaller; no zstd trials.
 
     First each tensor alone: its sparse form is taken where the mask's and values' zstd bytes plus the
     decoding nodes' undercut the dense tensor's by ``MIN_GAIN``. That is what counts where tensors
@@ -372,19 +376,26 @@ def store_sparse(model: onnx.ModelProto, whole_file_work: int | None = None) -> 
                 continue
             size_before = model.ByteSize()
             rewrite = _apply(model, _dense(model, name), candidate, shared)
-            grows = model.ByteSize() > size_before   # the decoding nodes outweigh what the mask saved
+            saved = size_before - model.ByteSize()   # < 0: the decoding nodes outweigh what the mask saved
             overhead = zstd_size(b"".join(node.SerializeToString() for node in rewrite.nodes))
             _undo(model, rewrite)
-            if not grows:
-                allowed.append((candidate, overhead))
+            if saved >= 0:
+                allowed.append((candidate, overhead if by == "zstd" else -saved))
         if not allowed:
+            continue
+        if by == "raw":
+            best, cost = min(allowed, key=lambda pair: pair[1])
+            if -cost >= MIN_GAIN:
+                rewrites[name] = (0, _apply(model, _dense(model, name), best, shared))
+                row.update(sparse=True, kept=int(best.values.size - 1), bytes_sparse=int(best.nbytes),
+                           zstd_sparse=_zstd_alone(best), gap_closed=_gap_of(best))
             continue
         forms[name] = [candidate for candidate, _ in allowed]
         first, overhead = allowed[0]
         if first is packed and row["zstd_sparse"] + overhead <= row["zstd"] - MIN_GAIN:
             rewrites[name] = (0, _apply(model, _dense(model, name), first, shared))
             row["sparse"] = True
-    if forms and model.ByteSize() * sum(len(f) for f in forms.values()) <= whole_file_work:
+    if by == "zstd" and forms and model.ByteSize() * sum(len(f) for f in forms.values()) <= whole_file_work:
         current = file_layout.arranged_zstd(model)   # laid out as it will be
         for name, choices in forms.items():      # largest first, as found
             row = decisions[name]
@@ -420,11 +431,11 @@ def _dense(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
     return model.graph.initializer[_index_of(model, name)]
 
 
-def store_pipeline_output(model: onnx.ModelProto, layers: dict) -> dict[str, dict]:
+def store_pipeline_output(model: onnx.ModelProto, layers: dict, by: str = "zstd") -> dict[str, dict]:
     """``store_sparse`` on a pipeline's final model; each layer whose integer weight went sparse
     says so in its record (the report's ``storage``). Bits, sparsity and params of a layer do not
     change: the decoded tensor is the dense one, value for value."""
-    decisions = store_sparse(model)
+    decisions = store_sparse(model, by=by)
     for stored, row in decisions.items():
         if not row["sparse"]:
             continue

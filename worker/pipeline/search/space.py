@@ -4,37 +4,87 @@ per layer (``mixed_precision.Assignment``), and building one choice into a model
 Families (without a quantize step in the recipe; each only where the model has layers it applies to
 and, for static int8, calibration data):
     weight-only int8 per channel      weights int8 | float per layer
+    weight-only int4 per channel      weights int4 | int8 | float per layer (one scale per output
+                                      channel: Conv weights too, where blocks of 32 along a
+                                      depthwise Conv's 9 inputs would store a scale per weight)
     weight-only int4 block 32         weights int4 | int8 | float per layer (int8 / float where needed)
+    sparse 50% + int8                 weights pruned by magnitude (half of each layer) then int8 |
+                                      int8 | float per layer; the pruned integer weights stored as
+                                      bitmask + values (``sparse_storage``)
+    low rank 50% + int8               MatMul / Gemm weights as two SVD factors holding half the
+                                      parameters, then int8 | int8 | float per layer
     dynamic int8                      weights int8 | float per layer, activations quantized at run time
     static int8                       weights int8 | float, each activation int8 | float
     fp16                              one setting for the whole model
+A family with a *transform* (``prune`` / ``lowrank``) has one level below its quantize setting,
+``TRANSFORMED``: the layer transformed, then quantized. A layer the transform does not select
+(an embedding, a depthwise Conv for low rank) starts at the quantize setting.
 With a quantize step in the recipe, that step is the only family: its setting is where every layer
-starts, and the search relaxes layers from there (int4 -> int8 -> float, int8 -> float).
-Sparsity and low rank are not searched (yet): a recipe's prune / lowrank steps run before the search.
+starts, and the search relaxes layers from there (int4 -> int8 -> float, int8 -> float); a recipe's
+prune / lowrank steps run before the search as given.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, replace
 
+import numpy as np
 import onnx
 
 from core.errors import FeatherweightError, RecipeError
-from core.recipe import Fp16Step, QuantizeStep
-from worker.pipeline import registry
-from worker.pipeline.quantize import mixed_precision
+from core.recipe import Fp16Step, LowrankStep, PruneStep, QuantizeStep
+from worker.pipeline import graph, registry, sensitivity
+from worker.pipeline.quantize import mixed_precision, sparse_storage
 from worker.pipeline.step import StepContext, StepResult
+from worker.pipeline.steps.lowrank import truncated_svd
 from worker.pipeline.steps.quantize import run_once
+
+TRANSFORMED = 0              # a weight's level: the family's transform applied, then its quantize setting
+SPARSITY = 0.5
+RANK_RATIO = 0.5
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
     params: QuantizeStep | None          # None: fp16
+    transform: PruneStep | LowrankStep | None = None
 
     @property
     def per_layer(self) -> bool:
         return self.params is not None
+
+    def ladder(self, kind: str) -> list[int]:
+        """A weight's or activation's levels, lowest first (bits; FLOAT; TRANSFORMED below the setting)."""
+        levels = mixed_precision.ladder(self.params, kind)
+        return [TRANSFORMED, *levels] if self.transform is not None and kind == "weight" else levels
+
+    def bits(self, level: int) -> float:
+        """Stored bits per weight of the original layer at ``level`` (what a move up costs)."""
+        if level != TRANSFORMED:
+            return float(level)
+        base = self.params.weights.bits if self.params.weights is not None else 8
+        if isinstance(self.transform, PruneStep):
+            return base * (1.0 - self.transform.sparsity) + 1.0     # the kept values + a bitmask bit
+        return base * self.transform.rank_ratio
+
+    def transformable(self, model: onnx.ModelProto) -> set[str]:
+        """The weights the transform selects (empty without one)."""
+        if self.transform is None:
+            return set()
+        ops = ("MatMul", "Gemm") if isinstance(self.transform, LowrankStep) else sensitivity.PRUNABLE_OPS
+        return {layer.weight for layer in graph.weight_layers(model, ops=ops, min_params=self.transform.min_params)}
+
+    def transformed_weight(self, w: np.ndarray, layer: graph.WeightLayer) -> np.ndarray:
+        """``w`` transformed as the build transforms it (low rank: in weight space, as a probe)."""
+        if isinstance(self.transform, PruneStep):
+            return sensitivity.fake_prune(w, layer, self.transform)
+        matrix = np.asarray(w, np.float32)
+        if layer.op == "Gemm" and layer.in_axis == 1:         # transB: W[N, K]
+            matrix = matrix.T
+        a, b, _, _ = truncated_svd(matrix, self.transform)
+        approximation = a @ b
+        return (approximation.T if layer.op == "Gemm" and layer.in_axis == 1 else approximation).astype(np.float32)
 
     def kinds(self) -> tuple[str, ...]:
         if self.params is None:
@@ -57,6 +107,14 @@ def default_families(has_calibration: bool) -> list[Family]:
     if has_calibration:
         families.insert(2, Family("static int8", _quantize({"weights": {"bits": 8},
                                                             "activations": {"calibration": "minmax"}})))
+    int8 = _quantize({"weights": {"bits": 8, "granularity": "channel"}})
+    families += [
+        Family("weight-only int4 per channel", _quantize({"weights": {"bits": 4, "granularity": "channel"}})),
+        Family(f"sparse {SPARSITY:.0%} + int8", int8,
+               PruneStep(op="prune", method="magnitude", sparsity=SPARSITY, scope="layer")),
+        Family(f"low rank {RANK_RATIO:.0%} + int8", int8,
+               LowrankStep(op="lowrank", rank_ratio=RANK_RATIO, conv="none")),
+    ]
     return families
 
 
@@ -72,13 +130,29 @@ def applies(family: Family, model: onnx.ModelProto, ctx: StepContext) -> str | N
     """None when the family can be built on this model, else why not."""
     module = registry.step_module("fp16" if family.params is None else "quantize")
     check = getattr(module, "check", None)
-    if check is None:
-        return None
     try:
-        check(model, family.params or Fp16Step(op="fp16"), ctx)
+        if check is not None:
+            check(model, family.params or Fp16Step(op="fp16"), ctx)
+        if family.transform is not None:
+            model = sensitivity.prepared_copy(model)     # Constant-node weights as initializers
+            registry.step_module(family.transform.op).check(model, family.transform, ctx)
     except RecipeError as exc:
         return exc.detail
+    if family.transform is not None and not family.transformable(model):
+        return f"no weight the {family.transform.op} step selects"
     return None
+
+
+def stored_bytes(model: onnx.ModelProto, family: Family, by: str) -> bytes:
+    """The model's file as the job would write it, for its size: a pruned family's integer weights
+    in the sparse storage ``finalize`` gives them, judged ``by`` raw or zstd bytes (each tensor
+    alone: no whole-file trials)."""
+    if not isinstance(family.transform, PruneStep):
+        return model.SerializeToString()
+    stored = onnx.ModelProto()
+    stored.CopyFrom(model)
+    sparse_storage.store_sparse(stored, whole_file_work=0, by=by)
+    return stored.SerializeToString()
 
 
 def keep_io_annotations(source: onnx.ModelProto, built: onnx.ModelProto) -> None:
@@ -108,6 +182,19 @@ def _build(model: onnx.ModelProto, family: Family, assignment: mixed_precision.A
         own = onnx.ModelProto()
         own.CopyFrom(model)
         return registry.step_module("fp16").run(own, Fp16Step(op="fp16"), work), work
+    if family.transform is not None:
+        # the layers still at TRANSFORMED (every one the assignment did not move up) transformed
+        # first, on a copy with Constant-node weights lifted (the prune and lowrank steps read
+        # initializers), with the trial's own layer records (a prune's masks reach the quantizer)
+        own = sensitivity.prepared_copy(model)
+        chosen = sorted(family.transformable(own) - set(assignment.weights))
+        if chosen:
+            ctx = replace(ctx, layers=copy.deepcopy(ctx.layers), options=dict(ctx.options))
+            # low rank in weight space, as the sensitivity probe measured it: the output-aware SVD
+            # captures every layer's input Hessian per build (115 s a build on all-MiniLM-L6-v2)
+            transform_ctx = replace(ctx, calibration=None) if isinstance(family.transform, LowrankStep) else ctx
+            step = family.transform.model_copy(update={"include": [sensitivity.glob_escape(n) for n in chosen]})
+            model = registry.step_module(step.op).run(own, step, transform_ctx).model
     return mixed_precision.build(model, family.params, ctx, assignment, quantize_once)
 
 

@@ -27,7 +27,8 @@ def _fused_ops(model: onnx.ModelProto, path) -> Counter:
 def test_zero_points_of_weights_and_biases_go_the_rest_stays(tmp_path):
     model = builders.cnn_bn()
     calibration = builders.random_inputs(model, count=32)
-    params = QuantizeStep(op="quantize", weights={"bits": 8}, activations={"calibration": "minmax"}, min_params=0)
+    params = QuantizeStep(op="quantize", weights={"bits": 8}, activations={"calibration": "minmax"}, min_params=0,
+                          min_products=0)   # conv1 (1 input channel) computed in int8 too
     quantized = quantize_static(model, params, StepContext(original=model, calibration=calibration)).model
     before = onnx.ModelProto()
     before.CopyFrom(quantized)
@@ -48,7 +49,8 @@ def test_zero_points_of_weights_and_biases_go_the_rest_stays(tmp_path):
 def test_matmul_weights_keep_their_zero_points(tmp_path):
     model = builders.mlp()
     calibration = builders.random_inputs(model, count=32)
-    params = QuantizeStep(op="quantize", weights={"bits": 8}, activations={"calibration": "minmax"}, min_params=0)
+    params = QuantizeStep(op="quantize", weights={"bits": 8}, activations={"calibration": "minmax"}, min_params=0,
+                          min_products=0)   # conv1 (1 input channel) computed in int8 too
     quantized = quantize_static(model, params, StepContext(original=model, calibration=calibration)).model
     fused_before = _fused_ops(quantized, tmp_path / "a.onnx")
     assert not {"W1_zero_point", "W2_zero_point"} & set(drop_zero_points(quantized))

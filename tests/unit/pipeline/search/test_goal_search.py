@@ -45,7 +45,7 @@ def test_budget_met_on_evaluation_data_and_fragile_layer_kept_at_higher_precisio
     assert result.report["size_ratio"] > 1.5
     # a frontier: several verified points, the chosen one marked, the next best downloadable
     assert sum(c["verified"] and c["pareto"] for c in candidates) >= 3
-    assert [c["artifact"] for c in candidates if c["artifact"]][:1] == ["candidate-1"]
+    assert sorted(c["artifact"] for c in candidates if c["artifact"])[:1] == ["candidate-1"]
     saved = onnx.load(tmp_path / "out" / "candidate-1.onnx")
     assert run_ort(saved, evaluation)[0].shape == y.shape
     assert "Goal search" in (tmp_path / "out" / "report.html").read_text()
