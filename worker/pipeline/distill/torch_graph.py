@@ -442,7 +442,9 @@ def _run_node(node: onnx.NodeProto, args: list, opset: int) -> list:
             shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
         return [x.reshape(shape)]
     if op == "Flatten":
-        axis = int(a.get("axis", 1)) % max(x.dim(), 1) if x.dim() else 0
+        # axis is in [-rank, rank]: axis == rank gives [N, 1] (a transformers mask flattens so)
+        axis = int(a.get("axis", 1))
+        axis = axis + x.dim() if axis < 0 else axis
         return [x.reshape(int(np.prod(x.shape[:axis])), -1)]
     if op == "Transpose":
         perm = a.get("perm", list(reversed(range(x.dim()))))

@@ -620,12 +620,13 @@ def test_torch_translation_matches_onnx_runtime(kind):
             helper.make_node("Neg", ["x"], ["negx"], name="neg"),
             helper.make_node("Where", ["keep1", "x", "negx"], ["masked"], name="where"),
             helper.make_node("ReduceL2", ["masked"], ["norms"], name="l2", axes=[2], keepdims=0),
-            helper.make_node("Gemm", ["norms", "w"], ["y"], name="fc"),
+            helper.make_node("Flatten", ["norms"], ["column"], name="flat_last", axis=2),   # axis == rank: [N, 1]
+            helper.make_node("MatMul", ["column", "w"], ["y"], name="fc"),
         ]
         inits = [_const("zero", np.array(0, np.int64)), _const("one", np.array(1, np.int64)),
-                 _const("two", np.array(2, np.int64)), _const("last", np.array([-1], np.int64)), _const("w", f(4, 6))]
+                 _const("two", np.array(2, np.int64)), _const("last", np.array([-1], np.int64)), _const("w", f(1, 6))]
         x = f(3, 4, 6)
-        in_shape, out_shape = ["batch", 4, 6], ["batch", 6]
+        in_shape, out_shape = ["batch", 4, 6], ["rows", 6]
     else:
         nodes = [
             helper.make_node("LayerNormalization", ["x", "ln_s", "ln_b"], ["ln"], name="ln", axis=-1),
