@@ -30,13 +30,13 @@ from worker.pipeline import graph
 from worker.pipeline.distill.layers import Grid, constant_nodes
 
 OPS = frozenset({
-    "Abs", "Add", "And", "AveragePool", "BatchNormalization", "Cast", "Clip", "Concat", "Constant",
-    "ConstantOfShape", "Conv", "DequantizeLinear", "Div", "Dropout", "Equal", "Erf", "Exp", "Expand",
+    "Abs", "Add", "And", "AveragePool", "BatchNormalization", "BitShift", "Cast", "Clip", "Concat", "Constant",
+    "ConstantOfShape", "Conv", "CumSum", "DequantizeLinear", "Div", "Dropout", "Equal", "Erf", "Exp", "Expand",
     "Flatten", "Gather", "Gelu", "Gemm", "GlobalAveragePool", "GlobalMaxPool", "Greater", "GreaterOrEqual",
     "HardSigmoid", "HardSwish", "Identity", "LayerNormalization", "LeakyRelu", "Less", "LessOrEqual", "Log",
     "LogSoftmax", "MatMul", "Max", "MaxPool", "Min", "Mul", "Neg", "Not", "Or", "Pow", "QuantizeLinear", "Range",
     "Reciprocal", "ReduceL2", "ReduceMax", "ReduceMean", "ReduceSum", "Relu", "Reshape", "Shape", "Sigmoid",
-    "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze", "Where",
+    "Sign", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze", "Where",
 })
 
 # contrib ops with a translation: ORT's fused weight-only MatMul (its weight enters as a float tensor)
@@ -403,6 +403,20 @@ def _run_node(node: onnx.NodeProto, args: list, opset: int) -> list:
         return [torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)]
     if op == "Not":
         return [torch.logical_not(x)]
+    # the sparse storage's bitmask decoding (``sparse_form``), where the model runs it per call
+    if op == "BitShift":
+        shift = torch.bitwise_left_shift if a.get("direction") == b"LEFT" or a.get("direction") == "LEFT" \
+            else torch.bitwise_right_shift
+        return [shift(args[0], args[1].to(args[0].dtype))]
+    if op == "CumSum":
+        axis = int(_ints(args[1])[0])
+        values = x.flip(axis) if a.get("reverse", 0) else x
+        out = torch.cumsum(values, dim=axis).to(x.dtype)
+        if a.get("exclusive", 0):
+            out = out - values
+        return [out.flip(axis) if a.get("reverse", 0) else out]
+    if op == "Sign":
+        return [torch.sign(x)]
     if op in ("Max", "Min"):
         out = args[0]
         for other in args[1:]:

@@ -583,7 +583,7 @@ def _const(name, array):
     return numpy_helper.from_array(np.asarray(array), name)
 
 
-@pytest.mark.parametrize("kind", ["cnn", "sequence", "mask"])
+@pytest.mark.parametrize("kind", ["cnn", "sequence", "mask", "bits"])
 def test_torch_translation_matches_onnx_runtime(kind):
     torch = require_torch()
     torch.set_num_threads(1)
@@ -607,6 +607,24 @@ def test_torch_translation_matches_onnx_runtime(kind):
                  _const("mu", f(4)), _const("var", np.abs(f(4)) + 0.5), _const("fw", f(5, 4 * 6 * 4)), _const("fb", f(5))]
         x = f(3, 2, 6, 7)
         in_shape, out_shape = ["batch", 2, 6, 7], ["batch", 5]
+    elif kind == "bits":
+        # the sparse storage's bitmask decoding ops (BitShift, CumSum, Sign), on values from the input
+        nodes = [
+            helper.make_node("Abs", ["x"], ["ax"], name="abs"),
+            helper.make_node("Mul", ["ax", "twenty"], ["scaled"], name="scale"),
+            helper.make_node("Cast", ["scaled"], ["q"], name="q", to=TensorProto.UINT8),
+            helper.make_node("BitShift", ["q", "one_u8"], ["half"], name="right", direction="RIGHT"),
+            helper.make_node("BitShift", ["half", "one_u8"], ["even"], name="left", direction="LEFT"),
+            helper.make_node("Cast", ["even"], ["ev"], name="ev", to=TensorProto.FLOAT),
+            helper.make_node("CumSum", ["ev", "axis1"], ["running"], name="cumsum", exclusive=1),
+            helper.make_node("Sign", ["x"], ["sign"], name="sign"),
+            helper.make_node("Mul", ["running", "sign"], ["signed"], name="signed"),
+            helper.make_node("MatMul", ["signed", "w"], ["y"], name="fc"),
+        ]
+        inits = [_const("twenty", np.array(20.0, np.float32)), _const("one_u8", np.array(1, np.uint8)),
+                 _const("axis1", np.array(1, np.int64)), _const("w", f(8, 6))]
+        x = f(3, 8)
+        in_shape, out_shape = ["batch", 8], ["batch", 6]
     elif kind == "mask":
         # what a transformers encoder export builds its mask and its L2 normalization with
         nodes = [
