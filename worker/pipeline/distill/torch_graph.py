@@ -443,6 +443,11 @@ def _run_node(node: onnx.NodeProto, args: list, opset: int) -> list:
         raise ValueError("Constant without a supported value attribute")
     if op == "ConstantOfShape":
         value = numpy_helper.to_array(a["value"]) if "value" in a else np.zeros(1, np.float32)
+        if value.dtype == np.bool_:
+            # a bool fill traces to aten::full(bool), which TorchScript's alias analysis refuses
+            # (all-MiniLM-L6-v2's mask); ones / zeros of bool trace to ops it knows
+            make = torch.ones if bool(value.reshape(-1)[0]) else torch.zeros
+            return [make(_ints(x), dtype=torch.bool)]
         return [torch.full(_ints(x), value.reshape(-1)[0].item(), dtype=_to_torch(value).dtype)]
     if op == "Cast":
         return [x.to(_DTYPES[int(a["to"])])]

@@ -694,3 +694,39 @@ def test_torch_translation_matches_onnx_runtime(kind):
     np.testing.assert_allclose(got.detach().numpy(), want, rtol=1e-4, atol=1e-5)
     got.sum().backward()   # differentiable end to end: every trained weight gets a gradient
     assert all(p.grad is not None for p in net.params.parameters())
+
+
+def test_a_bool_constant_of_shape_traces_and_saves_as_torchscript(tmp_path):
+    """A transformers encoder's mask starts from a bool ConstantOfShape: traced as aten::full with a
+    bool fill, TorchScript refused the module (all-MiniLM-L6-v2's pytorch export failed)."""
+    torch = require_torch()
+    import warnings
+
+    from worker.pipeline.distill.torch_graph import TorchGraph
+
+    nodes = [helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+             helper.make_node("ConstantOfShape", ["shape"], ["all"], name="ones",
+                              value=numpy_helper.from_array(np.array([True]))),
+             helper.make_node("Cast", ["x"], ["nonzero"], name="nz", to=TensorProto.BOOL),
+             helper.make_node("And", ["all", "nonzero"], ["keep"], name="and"),
+             helper.make_node("Where", ["keep", "x", "zero"], ["y"], name="where")]
+    g = helper.make_graph(nodes, "mask", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+                          [_const("zero", np.array(0.0, np.float32))])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    net = TorchGraph(model, [])
+
+    class Module(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net({"x": x})["y"]
+
+    x = torch.tensor([[0.0, 1.5, -2.0], [3.0, 0.0, 4.0]])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(Module().eval(), (x,), check_trace=False)
+    traced.save(str(tmp_path / "mask.pt"))
+    np.testing.assert_array_equal(torch.jit.load(str(tmp_path / "mask.pt"))(x).numpy(), x.numpy())
