@@ -146,3 +146,29 @@ def test_static_calibration_memory_stays_bounded():
     batches sized to the 16 MB capture budget keep the growth well below that."""
     found = _growth("static", 64)
     assert found["growth"] < 120 << 20, found
+
+
+def test_remove_initializers_in_place_keeps_the_order_of_the_rest():
+    from onnx import helper, numpy_helper
+
+    from worker.pipeline import graph
+
+    tensors = [numpy_helper.from_array(np.full(3, i, np.float32), f"w{i}") for i in range(6)]
+    model = helper.make_model(helper.make_graph([], "g", [], [], initializer=tensors))
+    graph.remove_initializers(model, ["w1", "w4", "absent"])
+    assert [t.name for t in model.graph.initializer] == ["w0", "w2", "w3", "w5"]
+    assert np.array_equal(numpy_helper.to_array(model.graph.initializer[2]), np.full(3, 3, np.float32))
+
+
+def test_value_counts_matches_unique_for_every_integer_width():
+    from worker.pipeline.quantize.sparse_storage import fill_value, value_counts
+
+    rng = np.random.default_rng(3)
+    for dtype in (np.int8, np.uint8, np.int16, np.int32, np.float32):
+        values = (rng.normal(size=5000) * 40).astype(dtype)
+        found, expected = value_counts(values), np.unique(values, return_counts=True)
+        assert found[0].dtype == expected[0].dtype
+        np.testing.assert_array_equal(found[0], expected[0])
+        np.testing.assert_array_equal(found[1], expected[1])
+    # ties go to the value nearest zero
+    assert fill_value(np.array([-3, -3, 2, 2, 7], np.int8)) == 2

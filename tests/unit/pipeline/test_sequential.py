@@ -152,3 +152,40 @@ def _attention_inputs(model: onnx.ModelProto) -> dict[str, np.ndarray]:
         dims = [d.dim_value or 13 for d in value.type.tensor_type.shape.dim]
         out[value.name] = rng.standard_normal(dims).astype(np.float32)
     return out
+
+
+def test_drift_from_outputs_equals_drift_from_the_cross_gram():
+    """accumulate_drift with weights: P = M C whether summed from the outputs (narrow layer) or
+    from the shared cross Gram (wide layers), and the refit equals drift_corrected's."""
+    from worker.pipeline.hessians import accumulate_drift, drift_corrected, drift_refit
+
+    rng = np.random.default_rng(5)
+    before = [{"x": rng.normal(size=(4, 7, 12)).astype(np.float32)} for _ in range(3)]
+    after = [{"x": b["x"] + 0.1 * rng.normal(size=b["x"].shape).astype(np.float32)} for b in before]
+    weights = {"narrow": rng.normal(size=(3, 12)), "wide_a": rng.normal(size=(12, 12)), "wide_b": rng.normal(size=(12, 12))}
+    plans = {"x": [("narrow", 12, None)]}
+    plans_wide = {"x": [("wide_a", 12, None), ("wide_b", 12, None)]}
+    narrow = accumulate_drift(iter(before), iter(after), plans, weights={"narrow": weights["narrow"]})
+    wide = accumulate_drift(iter(before), iter(after), plans_wide,
+                            weights={k: weights[k] for k in ("wide_a", "wide_b")})
+    plain = accumulate_drift(iter(before), iter(after), {"x": plans["x"] + plans_wide["x"]})
+    assert wide["wide_a"][0] is wide["wide_b"][0]          # one Hessian for layers reading one input
+    for key, found in {**narrow, **wide}.items():
+        h, c = plain[key]
+        np.testing.assert_allclose(found[0], h, rtol=1e-6)
+        np.testing.assert_allclose(found[1], weights[key] @ c, rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(drift_refit(weights[key], *found), drift_corrected(weights[key], h, c),
+                                   rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("geometry", [
+    {"kernel": (3, 3), "strides": (1, 1), "pads": (1, 1, 1, 1), "dilations": (1, 1)},
+    {"kernel": (3, 3), "strides": (2, 2), "pads": (1, 0, 1, 0), "dilations": (1, 1)},
+    {"kernel": (1, 1), "strides": (1, 1), "pads": (0, 0, 0, 0), "dilations": (1, 1)},
+    {"kernel": (3, 3), "strides": (1, 2), "pads": (2, 2, 2, 2), "dilations": (2, 2)}])
+def test_unfold_every_is_the_strided_full_unfold(geometry):
+    from worker.pipeline.unfold import unfold2d, unfold2d_every
+
+    x = np.random.default_rng(2).normal(size=(3, 5, 17, 13)).astype(np.float32)
+    for every in (1, 3, 7, 1000):
+        np.testing.assert_array_equal(unfold2d_every(x, geometry, every), unfold2d(x, geometry)[::every])
