@@ -24,12 +24,17 @@ def _fused_ops(model: onnx.ModelProto, path) -> Counter:
     return Counter(node.op_type for node in onnx.load(str(path)).graph.node)
 
 
+def _static_int8(model, calibration):
+    """Every layer in int8, conv1 (one input channel, few products per output) included."""
+    params = QuantizeStep(op="quantize", weights={"bits": 8}, activations={"calibration": "minmax"}, min_params=0,
+                          min_products=0)
+    return quantize_static(model, params, StepContext(original=model, calibration=calibration)).model
+
+
 def test_zero_points_of_weights_and_biases_go_the_rest_stays(tmp_path):
     model = builders.cnn_bn()
     calibration = builders.random_inputs(model, count=32)
-    params = QuantizeStep(op="quantize", weights={"bits": 8}, activations={"calibration": "minmax"}, min_params=0,
-                          min_products=0)   # conv1 (1 input channel) computed in int8 too
-    quantized = quantize_static(model, params, StepContext(original=model, calibration=calibration)).model
+    quantized = _static_int8(model, calibration)
     before = onnx.ModelProto()
     before.CopyFrom(quantized)
     dropped = drop_zero_points(quantized)
@@ -49,9 +54,7 @@ def test_zero_points_of_weights_and_biases_go_the_rest_stays(tmp_path):
 def test_matmul_weights_keep_their_zero_points(tmp_path):
     model = builders.mlp()
     calibration = builders.random_inputs(model, count=32)
-    params = QuantizeStep(op="quantize", weights={"bits": 8}, activations={"calibration": "minmax"}, min_params=0,
-                          min_products=0)   # conv1 (1 input channel) computed in int8 too
-    quantized = quantize_static(model, params, StepContext(original=model, calibration=calibration)).model
+    quantized = _static_int8(model, calibration)
     fused_before = _fused_ops(quantized, tmp_path / "a.onnx")
     assert not {"W1_zero_point", "W2_zero_point"} & set(drop_zero_points(quantized))
     assert _fused_ops(quantized, tmp_path / "b.onnx") == fused_before
