@@ -6,7 +6,7 @@ HOST   ?= 127.0.0.1
 BIN    := $(VENV)/bin
 KERNEL_SOURCES := $(wildcard kernels/src/*.c kernels/src/*.h kernels/include/*.h kernels/build_ffi.py)
 
-.PHONY: install torch run demo test test-unit bench kernels-arm clean
+.PHONY: install torch run demo test test-unit bench kernels-arm arm-env arm-worker clean
 
 install: $(VENV)/.installed
 
@@ -47,6 +47,16 @@ bench: install
 # (needs Debian's gcc-aarch64-linux-gnu and qemu-user; .ci/run installs them).
 kernels-arm:
 	kernels/cross_arm.sh
+
+# A whole cpu-arm worker on aarch64 under qemu-user (deploy/arm/): arm-env builds or refreshes its
+# environment (Debian's arm64 python3.11, the dependencies' aarch64 wheels, the cross-built kernels),
+# cached in ~/.cache/featherweight-arm (FEATHERWEIGHT_ARM_ENV); arm-worker runs the worker with this
+# shell's FEATHERWEIGHT_* settings (the same Postgres, Redis and S3 as the API).
+arm-env: install
+	PYTHON=$(BIN)/python deploy/arm/build_env.sh
+
+arm-worker: arm-env
+	deploy/arm/worker.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info kernels/_ffi.* .pytest_cache demo-output

@@ -1,15 +1,20 @@
-"""Deploy-format bench: the bench's real models (``bench.models``: the digits CNN and the
-digits-as-sequences transformer encoder, trained here) compressed with a recipe and exported to
-every format, each format's figures beside the ONNX model's.
+"""Deploy-format bench: models compressed with a recipe and exported to every format, each format's
+figures beside the ONNX model's.
 
-    .venv/bin/python -m bench.export [--json] [--models digits_cnn,transformer_encoder]
-                                     [--formats ort,tflite,pytorch] [--recipe static|dynamic|weights]
+    .venv/bin/python -m bench.export [--json] [--models digits_cnn,transformer_encoder,ocr_cls,minilm,vad]
+                                     [--formats ort,tflite,pytorch] [--recipe static|dynamic|weights] [--quick]
+
+Models: the bench's trained models (``bench.models``: the digits CNN and the digits-as-sequences
+transformer encoder) and the real pretrained models (``bench.real_models``: PP-OCR detector,
+recognizer and orientation classifier, all-MiniLM-L6-v2, silero-vad), each with its own
+calibration and evaluation data (``--quick``: the real models' few-sample sets, about a minute of
+conversion each; a full set of a real model is built on first use).
 
 Prints, per model: the ONNX model's size ratio, fidelity against the original and accuracy, then
 for each exported format its state (or reason), file bytes and size ratio, agreement with the
 compressed ONNX model, fidelity against the original, and latency p50 on one sample, all from the
-report's ``exports`` (docs/report.md). A format whose extra is not installed is skipped with the
-reason.
+report's ``exports`` (docs/report.md), each format run in its own runtime. A format whose extra is
+not installed is skipped with the reason; a conversion that fails prints the converter's reason.
 """
 from __future__ import annotations
 
@@ -27,18 +32,33 @@ RECIPES = {
 }
 
 
-def run(model_name: str, formats: list[str], recipe_name: str) -> dict:
-    from bench import models
+TRAINED = ("digits_cnn", "transformer_encoder")
+
+
+def _model_and_data(model_name: str, scratch: Path, quick: bool) -> tuple[Path, dict, dict]:
+    """(float ONNX file, calibration, evaluation) of a trained bench model or a real one."""
+    if model_name in TRAINED:
+        from bench import models
+
+        model, calibration, evaluation = getattr(models, model_name)()
+        path = scratch / f"{model_name}.onnx"
+        onnx.save_model(model, str(path))
+        return path, calibration, evaluation
+    from bench import real_models
+
+    real = real_models.load(model_name, quick)
+    return real.path, dict(real.calibration), dict(real.evaluation)
+
+
+def run(model_name: str, formats: list[str], recipe_name: str, quick: bool = False) -> dict:
     from core.exports import missing_extra
     from core.recipe import parse_recipe
     from worker.pipeline import runner
 
-    model, calibration, evaluation = getattr(models, model_name)()
     skipped = {fmt: reason for fmt in formats if (reason := missing_extra(fmt))}
     export = ["onnx", *[fmt for fmt in formats if fmt not in skipped]]
     with tempfile.TemporaryDirectory() as scratch:
-        path = Path(scratch) / f"{model_name}.onnx"
-        onnx.save_model(model, str(path))
+        path, calibration, evaluation = _model_and_data(model_name, Path(scratch), quick)
         result = runner.run(path, parse_recipe({"steps": RECIPES[recipe_name], "export": export}),
                             calibration=calibration, evaluation=evaluation, workdir=Path(scratch) / "work",
                             options={"latency_runs": 30, "latency_budget_s": 5.0, "layer_errors": False})
@@ -66,12 +86,14 @@ def _line(fmt: str, row: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.export", description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="digits_cnn,transformer_encoder")
+    parser.add_argument("--models", default=",".join(TRAINED),
+                        help="comma-separated: digits_cnn, transformer_encoder and bench.real_models' names")
+    parser.add_argument("--quick", action="store_true", help="the real models' few-sample data sets")
     parser.add_argument("--formats", default="ort,tflite,pytorch")
     parser.add_argument("--recipe", default="static", choices=sorted(RECIPES))
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    results = {name: run(name, args.formats.split(","), args.recipe) for name in args.models.split(",")}
+    results = {name: run(name, args.formats.split(","), args.recipe, args.quick) for name in args.models.split(",")}
     if args.json:
         print(json.dumps(results, indent=2))
         return 0

@@ -180,13 +180,13 @@ def findings(result: dict) -> list[str]:
     rows = {k: v for k, v in result["rows"].items() if "task" in v}
     found = []
     peers = [m for m in rows if m.startswith(("ort-static", "ort-dynamic", "nncf"))]
-    for ours in ("ours-static", "ours-static-pct"):
+    for ours in ("ours-static", "ours-static-pct", "ours-static-minmax", "ours-static-mse"):
         if ours in rows and peers:
             best = max(peers, key=lambda m: rows[m]["task"])
             verdict = "PASS" if rows[ours]["task"] >= rows[best]["task"] else "FAIL"
             found.append(f"{ours} task {rows[ours]['task']:.4f} >= best peer {best} {rows[best]['task']:.4f}: {verdict}")
     fp32 = rows.get("fp32", {}).get("task", 1.0)
-    for name in ("ours-static", "ours-static-pct", "ours-dynamic"):
+    for name in ("ours-static", "ours-static-pct", "ours-static-minmax", "ours-static-mse", "ours-dynamic"):
         if name in rows:
             verdict = "PASS" if rows[name]["task"] >= 0.95 * fp32 else "FAIL"
             found.append(f"{name} task {rows[name]['task']:.4f} >= 0.95 of FP32: {verdict}")

@@ -1,8 +1,11 @@
 """The compressions the real-model bench compares: ours (the pipeline with a recipe), ONNX Runtime's
 quantizers and NNCF, each a function ``(RealModel, out_path) -> dict`` of notes on what it did.
 
-    ours-static        quantize: weights int8 per channel, activations static, every option default (minmax)
-    ours-static-pct    the same with percentile calibration (the recipe issue #14 measured)
+    ours-static        quantize: weights int8 per channel, activations static, every option default
+                       (percentile calibration)
+    ours-static-pct    the same with percentile calibration named (the recipe issue #14 measured)
+    ours-static-minmax the same with minmax calibration
+    ours-static-mse    the same with mse calibration (each tensor's range minimising its rounding error)
     ours-dynamic       quantize: weights int8, activations dynamic
     ours-int4-gptq     quantize: weights int4 block 32, GPTQ (models with MatMul weights only)
     ours-fp16          fp16 with the defaults (inputs / outputs kept float32)
@@ -12,8 +15,12 @@ quantizers and NNCF, each a function ``(RealModel, out_path) -> dict`` of notes 
     ort-dynamic        quantize_dynamic, per_channel, int8 weights
     ort-int4-rtn       MatMulNBitsQuantizer, 4 bits, symmetric, block 32, RTN (MatMul weights)
     ort-int4-gptq      the same with GPTQ (ORT's bundled Intel Neural Compressor port), same calibration
-    nncf               nncf.quantize on the ONNX model, default (performance) preset; the encoder with
-                       model_type=nncf.ModelType.TRANSFORMER, as NNCF documents for transformers
+    nncf-performance   nncf.quantize on the ONNX model, preset PERFORMANCE (symmetric activations; NNCF's default)
+    nncf-mixed         the same, preset MIXED (asymmetric activations, symmetric weights)
+    nncf-transformer   the same, model_type=nncf.ModelType.TRANSFORMER (as NNCF documents for transformers;
+                       its own preset, MIXED); models with MatMul weights only
+Each NNCF preset is a method of its own, so "NNCF's best preset" in a findings line is the best of
+those that ran, measured, not assumed.
 
 Peers get the shipped file upgraded to opset 13 first when it is older (per-channel QDQ needs
 DequantizeLinear's ``axis``, opset 13; ORT's own quantize_static writes an unloadable file otherwise):
@@ -34,6 +41,8 @@ PEER_MIN_OPSET = 13
 METHODS = {
     "ours-static": "ours static int8, default options",
     "ours-static-pct": "ours static int8, percentile",
+    "ours-static-minmax": "ours static int8, minmax",
+    "ours-static-mse": "ours static int8, mse",
     "ours-dynamic": "ours dynamic int8",
     "ours-int4-gptq": f"ours int4 GPTQ b{BLOCK_SIZE}",
     "ours-fp16": "ours fp16",
@@ -43,9 +52,11 @@ METHODS = {
     "ort-dynamic": "ORT quantize_dynamic per-channel",
     "ort-int4-rtn": f"ORT MatMulNBits int4 RTN b{BLOCK_SIZE}",
     "ort-int4-gptq": f"ORT MatMulNBits int4 GPTQ b{BLOCK_SIZE}",
-    "nncf": "NNCF quantize (transformer preset for the encoder)",
+    "nncf-performance": "NNCF quantize, preset PERFORMANCE",
+    "nncf-mixed": "NNCF quantize, preset MIXED",
+    "nncf-transformer": "NNCF quantize, model_type TRANSFORMER",
 }
-MATMUL_ONLY = {"ours-int4-gptq", "ort-int4-rtn", "ort-int4-gptq"}
+MATMUL_ONLY = {"ours-int4-gptq", "ort-int4-rtn", "ort-int4-gptq", "nncf-transformer"}
 
 
 def has_matmul_weights(path: Path) -> bool:
@@ -171,16 +182,15 @@ def compress_ort(method: str, real, out_path: Path) -> dict:
     return {"notes": notes}
 
 
-def compress_nncf(real, out_path: Path) -> dict:
+def compress_nncf(method: str, real, out_path: Path) -> dict:
     import nncf
 
     notes: list[str] = []
     source = _peer_source(real, out_path, notes)
     feeds = _feeds(real)
-    options = {}
-    if real.name == "minilm":
-        options["model_type"] = nncf.ModelType.TRANSFORMER
-        notes.append("model_type=TRANSFORMER")
+    options = {"nncf-performance": {"preset": nncf.QuantizationPreset.PERFORMANCE},
+               "nncf-mixed": {"preset": nncf.QuantizationPreset.MIXED},
+               "nncf-transformer": {"model_type": nncf.ModelType.TRANSFORMER}}[method]
     quantized = nncf.quantize(onnx.load(str(source)), nncf.Dataset(feeds), subset_size=len(feeds) * 8, **options)
     onnx.save(quantized, str(out_path))
     return {"notes": notes}
@@ -189,8 +199,9 @@ def compress_nncf(real, out_path: Path) -> dict:
 def _recipe(method: str) -> dict:
     if method == "ours-static":
         step = {"op": "quantize", "weights": {"bits": 8}, "activations": {}}
-    elif method == "ours-static-pct":
-        step = {"op": "quantize", "weights": {"bits": 8}, "activations": {"calibration": "percentile"}}
+    elif method in ("ours-static-pct", "ours-static-minmax", "ours-static-mse"):
+        calibration = {"ours-static-pct": "percentile", "ours-static-minmax": "minmax", "ours-static-mse": "mse"}[method]
+        step = {"op": "quantize", "weights": {"bits": 8}, "activations": {"calibration": calibration}}
     elif method == "ours-dynamic":
         step = {"op": "quantize", "weights": {"bits": 8}, "activations": {"calibration": "dynamic"}}
     elif method == "ours-int4-gptq":
@@ -229,7 +240,7 @@ def compress(method: str, real, out_path: Path) -> dict:
         return compress_ours(method, real, out_path)
     if method.startswith("ort-"):
         return compress_ort(method, real, out_path)
-    if method == "nncf":
-        return compress_nncf(real, out_path)
+    if method.startswith("nncf-"):
+        return compress_nncf(method, real, out_path)
     print(f"unknown method {method}", file=sys.stderr)
     raise ValueError(method)

@@ -97,7 +97,7 @@ class _Guard:
             self._nodes(function.node, depth=2, where=f"function {function.name!r}")
         # Weights held in Constant nodes (paddle2onnx and other converters) are weights too: the
         # pipeline lifts them to initializers (their dims were checked by _graph above).
-        self.params += onnx_weights.constant_weight_params(model)
+        self.params += onnx_weights.constant_weight_params(model) + onnx_weights.body_constant_weight_params(model)
 
     def _graph(self, graph: GraphProto, depth: int, where: str) -> None:
         if depth > self.settings.max_graph_depth:

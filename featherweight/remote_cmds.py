@@ -224,9 +224,12 @@ def _headline(report: dict[str, Any] | None) -> str:
     if not report:
         return ""
     parts = []
+    emulated = bool((report.get("measured_on") or {}).get("emulated"))
     for key, label in (("size_ratio", "size"), ("transport_size_ratio", "transport"), ("latency_ratio", "latency")):
         value = report.get(key)
-        if isinstance(value, (int, float)):
+        if key == "latency_ratio" and emulated:
+            parts.append("latency emulated (no figure)")    # qemu's timings say nothing about the target
+        elif isinstance(value, (int, float)):
             parts.append(f"{label} {value:.2f}x")
     fidelity = report.get("fidelity") or {}
     if isinstance(fidelity.get("cosine"), (int, float)):

@@ -147,3 +147,10 @@ def test_the_clis_export_formats_are_the_services():
 
     assert EXPORT_FORMATS == FORMATS
     assert parse_export_formats("ort, tflite") == ["ort", "tflite"]
+
+
+def test_headline_quotes_no_emulated_latency():
+    report = {"size_ratio": 3.9, "latency_ratio": 1.7, "fidelity": {"cosine": 0.9991}}
+    assert remote_cmds._headline(report) == "size 3.90x, latency 1.70x, cosine 0.9991"
+    emulated = {**report, "measured_on": {"architecture": "aarch64", "emulated": True}}
+    assert remote_cmds._headline(emulated) == "size 3.90x, latency emulated (no figure), cosine 0.9991"

@@ -270,3 +270,17 @@ def test_macs_marked_as_a_lower_bound_say_so():
     text = visible_text(parse_strictly(render_html(report, title="t")))
     assert "\u2265 7,000,000 (lower bound)" in text
     assert text.count("(lower bound)") == 1   # the compressed side is not marked
+
+
+def test_emulated_latency_is_no_headline_figure():
+    """Timings taken under qemu (measured_on.emulated) say nothing about the target: the latency card
+    says so instead of quoting a ratio; the milliseconds stay visible, marked."""
+    from worker.pipeline.report_html import headline_cards
+
+    def cards(report: dict) -> str:
+        return visible_text(parse_strictly(f"<!DOCTYPE html>\n<div>{headline_cards(report)}</div>"))
+
+    native, emulated = cards(sample_report()), cards(sample_report(measured_on={"emulated": True}))
+    assert "2.00\u00d7" in native and "emulated" not in native
+    assert "2.00\u00d7" not in emulated
+    assert "emulated" in emulated and "no performance figure" in emulated and "2.500 ms" in emulated

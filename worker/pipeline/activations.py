@@ -34,7 +34,7 @@ def capture_counted(model: onnx.ModelProto, data: Dataset, names: Sequence[str],
     The batch is at most ``batch_size`` samples and small enough that the captured tensors of one
     batch stay within ``budget_bytes``: the first sample runs alone and measures what a sample's
     tensors take (every intermediate tensor of a BERT layer at 64 x 104 tokens is ~3 GB)."""
-    run = sessions.session(model, outputs=names)
+    run = sessions.session(model, outputs=names, spin=False)
     total = data.size if limit is None else min(limit, data.size)
     if not data.batchable or total <= 1 or batch_size <= 1:
         step = batch_size if data.batchable else 1

@@ -1,8 +1,10 @@
 """The output format, chosen once the last step has run (between the steps and the checks of the
-result): how weight-only DequantizeLinear is written (as is, or as constant-foldable Cast / Mul
-where that runs faster here), pruned integer weights stored as bitmask + values where the file
-compresses smaller, the initializers' order in the file, the value_info the original carried, and
-the original's shape annotations on inputs and outputs that a step rewrote without changing them.
+result): all-zero zero points left to ONNX's default (``zero_points``), how weight-only
+DequantizeLinear is written (as is, or as constant-foldable Cast / Mul where that runs faster
+here), identical small initializers (scales, zero points) stored once (``small_tensors``), pruned
+integer weights stored as bitmask + values where the file compresses smaller, the initializers'
+order in the file, the value_info the original carried, and the original's shape annotations on
+inputs and outputs that a step rewrote without changing them.
 Each decision is recorded in the metrics of the step it concerns."""
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import onnx
 
 from core.recipe import QuantizeStep, Recipe
 from worker.pipeline import data as data_mod
-from worker.pipeline.quantize import dequantize_form, file_layout, sparse_storage
+from worker.pipeline.quantize import dequantize_form, file_layout, small_tensors, sparse_storage, zero_points
 from worker.pipeline.step import StepContext
 
 
@@ -83,10 +85,15 @@ def finalize(model: onnx.ModelProto, recipe: Recipe, step_rows: Sequence[dict[st
             final = (recipe.steps[quantized[-1]], step_rows[quantized[-1]])
     if final is not None:
         step, row = final
+        # all-zero zero points of symmetric weights and int32 biases: ONNX's default, not stored
+        # (first: the Cast / Mul form below would otherwise carry them, and a Sub, into the file)
+        row["zero_points_dropped"] = len(zero_points.drop_zero_points(model))
         # weight-only DequantizeLinear as constant-foldable Cast / Mul where that runs faster here
         row["dequantize_form"] = _dequantize_form(
             model, step, evaluation or calibration or data_mod.generated(ctx.original, count=1),
             ctx.target, ctx.options, ctx.layers)
+        # the scales / zero points every Q/DQ pair and layer wrote, identical ones stored once
+        row["shared_small_tensors"] = small_tensors.share_identical(model)
         if ctx.options.get("sparse_storage", True):
             # pruned integer weights as bitmask + values where the file compresses smaller
             # (a goal minimizing size judges by the file's own bytes: ``goal_search.run_goal`` says so)

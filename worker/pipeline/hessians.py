@@ -8,11 +8,12 @@ from typing import Hashable
 
 import numpy as np
 import onnx
+from scipy.linalg import cho_factor, cho_solve, lapack
 
 from worker.pipeline import activations
 from worker.pipeline.data import Dataset
 from worker.pipeline.sequential import lockstep
-from worker.pipeline.unfold import unfold2d
+from worker.pipeline.unfold import unfold2d, unfold2d_every
 
 CALIBRATION_BATCH = 64
 DAMPING = 0.01          # relative to mean(diag H), as SparseGPT / GPTQ damp
@@ -51,12 +52,17 @@ def inverse_upper_factor(hessian: np.ndarray) -> np.ndarray:
     """The upper triangular ``U`` with ``U^T U = H^-1`` (what SparseGPT and GPTQ sweep with), from one
     Cholesky factorization and one triangular inverse: with ``J`` the reversal, the Cholesky factor
     of ``J H J`` flipped back is an upper ``U'`` with ``H = U' U'^T``, so ``U = U'^-1``. The usual
-    route (Cholesky, inverse, product, Cholesky again) costs ~3x the arithmetic. float64: the
+    route (Cholesky, inverse, product, Cholesky again) costs ~3x the arithmetic, and a general
+    inverse of the triangle (numpy's LU ``inv``) 6x that of LAPACK's triangular one. float64: the
     Cholesky of a calibration Hessian is where the precision is needed. Raises LinAlgError where H
     is not positive definite."""
-    flipped = np.linalg.cholesky(np.asarray(hessian, dtype=np.float64)[::-1, ::-1])
-    upper = np.ascontiguousarray(flipped[::-1, ::-1])
-    return np.triu(np.linalg.inv(upper))
+    flipped, info = lapack.dpotrf(np.asarray(hessian, dtype=np.float64)[::-1, ::-1], lower=1, clean=1)
+    if info:
+        raise np.linalg.LinAlgError(f"the Hessian is not positive definite (leading minor {info})")
+    inverse, info = lapack.dtrtri(np.ascontiguousarray(flipped[::-1, ::-1]), lower=0)
+    if info:
+        raise np.linalg.LinAlgError(f"the Cholesky factor is singular (pivot {info})")
+    return np.triu(inverse)
 
 
 def capture_drift(original: onnx.ModelProto, current: onnx.ModelProto, data: Dataset,
@@ -86,10 +92,21 @@ def drift_corrected(matrix: np.ndarray, hessian: np.ndarray, cross: np.ndarray) 
     the drifted inputs ``X~``, ridge-pulled towards M: ``min ||X M^T - X~ M'^T||^2 + lam ||M' - M||^2``
     gives ``M' = M (C + lam I)(H + lam I)^-1`` (``lam`` the usual damping), which is M itself when
     the inputs did not drift (C = H)."""
+    return drift_refit(matrix, hessian, matrix @ cross)
+
+
+def drift_refit(matrix: np.ndarray, hessian: np.ndarray, projected: np.ndarray) -> np.ndarray:
+    """``drift_corrected`` from ``P = M C`` (what ``accumulate_drift`` gives with ``weights``):
+    ``M' = (P + lam M)(H + lam I)^-1``, solved through the Cholesky factor of the symmetric
+    positive definite ``H + lam I`` (half the arithmetic of a general solve)."""
     lam = DAMPING * float(np.mean(np.diag(hessian))) or DAMPING
-    size = hessian.shape[0]
-    regularized = hessian + lam * np.eye(size)
-    return np.linalg.solve(regularized, (cross + lam * np.eye(size)).T @ matrix.T).T
+    regularized = np.array(hessian, dtype=np.float64)
+    regularized[np.diag_indices_from(regularized)] += lam
+    rhs = (np.asarray(projected, dtype=np.float64) + lam * np.asarray(matrix, dtype=np.float64)).T
+    try:
+        return cho_solve(cho_factor(regularized, lower=True, check_finite=False), rhs, check_finite=False).T
+    except np.linalg.LinAlgError:
+        return np.linalg.lstsq(regularized, rhs, rcond=None)[0].T
 
 
 def gram(a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
@@ -126,10 +143,11 @@ def _rows(x: np.ndarray, columns: int, geometry: dict | None) -> np.ndarray:
     the columns) gives the same H to within sampling noise. Row ranks and MatMul rows are all kept."""
     if geometry is None:
         return x.reshape(-1, columns)
-    rows = unfold2d(x, geometry)
-    per_sample = rows.shape[0] // max(x.shape[0], 1)
-    stride = -(-per_sample // ROWS_PER_SAMPLE)
-    return rows[::stride] if stride > 1 else rows
+    kh, kw = geometry["kernel"]
+    (sh, sw), (dh, dw), (top, left, bottom, right) = geometry["strides"], geometry["dilations"], geometry["pads"]
+    per_sample = (((x.shape[2] + top + bottom - dh * (kh - 1) - 1) // sh + 1)
+                  * ((x.shape[3] + left + right - dw * (kw - 1) - 1) // sw + 1))
+    return unfold2d_every(x, geometry, -(-per_sample // ROWS_PER_SAMPLE))
 
 
 def _timed(batches, cost, name: str):
@@ -146,44 +164,95 @@ def _timed(batches, cost, name: str):
         yield item
 
 
+def _views(group: list[tuple[Hashable, int, dict | None]]) -> list[tuple[list[Hashable], int, dict | None]]:
+    """The keys of one input's plan by the way they see the input (columns, Conv geometry), as
+    ``(keys, columns, geometry)``: layers that see it alike (Q, K and V projections, Convs of one
+    shape over one tensor) have one Hessian, computed once."""
+    views: dict[tuple, tuple[list[Hashable], int, dict | None]] = {}
+    for key, columns, geometry in group:
+        how = (columns, repr(sorted(geometry.items())) if geometry else None)
+        views.setdefault(how, ([], columns, geometry))[0].append(key)
+    return list(views.values())
+
+
 def accumulate_hessians(batches, plans: dict[str, list[tuple[Hashable, int, dict | None]]],
                         cost=None) -> dict[Hashable, np.ndarray]:
-    """``capture_hessians`` over batches a propagation streams (``{source: value}`` per batch)."""
-    hessians = {key: np.zeros((columns, columns)) for group in plans.values() for key, columns, _ in group}
-    rows = {key: 0 for key in hessians}
+    """``capture_hessians`` over batches a propagation streams (``{source: value}`` per batch).
+    Keys that see their input alike share one matrix (the same array: read it, do not change it)."""
+    views = {source: _views(group) for source, group in plans.items()}
+    sums = {keys[0]: np.zeros((columns, columns)) for group in views.values() for keys, columns, _ in group}
+    rows = {key: 0 for key in sums}
     for batch in _timed(batches, cost, "capture"):
         with cost.phase("statistics") if cost is not None else nullcontext():
-            for source, group in plans.items():
-                for key, columns, geometry in group:
+            for source, group in views.items():
+                for keys, columns, geometry in group:
                     x = batch[source]
                     for start, stop in _chunks(x, columns, geometry):
                         flat = _rows(x[start:stop] if geometry is not None else x, columns, geometry)
-                        hessians[key] += gram(flat)
-                        rows[key] += flat.shape[0]
-    for key, count in rows.items():
-        if count:
-            hessians[key] *= 2.0 / count
+                        sums[keys[0]] += gram(flat)
+                        rows[keys[0]] += flat.shape[0]
+    hessians = {}
+    for group in views.values():
+        for keys, _, _ in group:
+            if rows[keys[0]]:
+                sums[keys[0]] *= 2.0 / rows[keys[0]]
+            hessians.update((key, sums[keys[0]]) for key in keys)
     return hessians
 
 
 def accumulate_drift(reference, current, plans: dict[str, list[tuple[Hashable, int, dict | None]]],
-                     cost=None) -> dict[Hashable, tuple[np.ndarray, np.ndarray]]:
+                     cost=None, weights: dict[Hashable, np.ndarray] | None = None
+                     ) -> dict[Hashable, tuple[np.ndarray, np.ndarray]]:
     """``capture_drift`` over two propagations in lockstep: the original model's (``reference``)
-    and the one being changed (``current``), on the same samples."""
-    found = {key: [np.zeros((columns, columns)), np.zeros((columns, columns)), 0]
-             for group in plans.values() for key, columns, _ in group}
+    and the one being changed (``current``), on the same samples. Keys that see their input alike
+    share one ``H`` (and ``C``).
+
+    With ``weights`` (key -> ``M``, rows = outputs, for every key) the second matrix of each key is
+    ``P = M C`` (what ``drift_refit`` takes) rather than ``C``. For a layer with fewer outputs than
+    half its inputs (a BERT's FFN down-projection: 384 of 1536) ``P`` is summed as ``Y^T X~`` with
+    ``Y = X M^T`` the original outputs: ``4 r K N`` flops a batch of ``r`` rows where ``X^T X~``
+    is ``2 r K^2``; otherwise ``C`` is summed once for the keys sharing it and multiplied at the end."""
+    found: dict[Hashable, list] = {}
+    views = []
+    for source, group in plans.items():
+        for keys, columns, geometry in _views(group):
+            outputs = sum(weights[k].shape[0] for k in keys) if weights is not None else None
+            direct = [] if outputs is None or 2 * outputs >= columns else keys
+            views.append((source, keys, columns, geometry, direct))
+            found[keys[0]] = [np.zeros((columns, columns)),
+                              np.zeros((columns, columns)) if len(direct) < len(keys) else None, 0,
+                              {k: np.zeros((weights[k].shape[0], columns)) for k in direct}]
+    projections = {k: np.ascontiguousarray(np.asarray(weights[k], dtype=np.float32).T)
+                   for _, _, _, _, direct in views for k in direct}
     for before, after in _timed(lockstep(reference, current), cost, "capture"):
         with cost.phase("statistics") if cost is not None else nullcontext():
-            for source, group in plans.items():
-                for key, columns, geometry in group:
-                    a, b = before[source], after[source]
-                    for start, stop in _chunks(a, columns, geometry):
-                        part = slice(start, stop) if geometry is not None else slice(None)
-                        x, x_now = _rows(a[part], columns, geometry), _rows(b[part], columns, geometry)
-                        found[key][0] += gram(x_now)
-                        found[key][1] += gram(x, x_now)
-                        found[key][2] += x.shape[0]
-    return {key: (h * 2.0 / max(n, 1), c * 2.0 / max(n, 1)) for key, (h, c, n) in found.items()}
+            for source, keys, columns, geometry, direct in views:
+                sums = found[keys[0]]
+                a, b = before[source], after[source]
+                for start, stop in _chunks(a, columns, geometry):
+                    part = slice(start, stop) if geometry is not None else slice(None)
+                    x, x_now = _rows(a[part], columns, geometry), _rows(b[part], columns, geometry)
+                    sums[0] += gram(x_now)
+                    if sums[1] is not None:
+                        sums[1] += gram(x, x_now)
+                    for key in direct:
+                        sums[3][key] += gram(np.ascontiguousarray(x, dtype=np.float32) @ projections[key], x_now)
+                    sums[2] += x.shape[0]
+    out: dict[Hashable, tuple[np.ndarray, np.ndarray]] = {}
+    for _, keys, _, _, direct in views:
+        h, c, n, direct_sums = found[keys[0]]
+        scale = 2.0 / max(n, 1)
+        h *= scale
+        if c is not None:
+            c *= scale
+        for key in keys:
+            if weights is None:
+                out[key] = (h, c)
+            elif key in direct_sums:
+                out[key] = (h, direct_sums[key] * scale)
+            else:
+                out[key] = (h, np.asarray(weights[key], dtype=np.float64) @ c)
+    return out
 
 
 def log_propagation(log, *propagations) -> None:

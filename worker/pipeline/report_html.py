@@ -300,6 +300,16 @@ def _card(label: str, value: str, sub: str = "") -> str:
             f'<div class="value">{_esc(value)}</div>{sub_html}</div>')
 
 
+def latency_card(report: dict, original: dict, compressed: dict) -> str:
+    """The latency ratio, or where the timings were emulated (qemu), no figure: an emulator's
+    timings say nothing about the target, so the headline never quotes them as one."""
+    timings = (f"p50 {_fmt(_get(original, 'latency_ms', 'p50'), 3, ' ms')} \u2192 "
+               f"{_fmt(_get(compressed, 'latency_ms', 'p50'), 3, ' ms')}")
+    if (report.get("measured_on") or {}).get("emulated"):
+        return _card("Latency ratio", "emulated", f"no performance figure ({timings} under emulation)")
+    return _card("Latency ratio", _fmt_ratio(report.get("latency_ratio")), timings)
+
+
 def headline_cards(report: dict) -> str:
     """The figures people decide from, each with the absolute numbers beneath."""
     original, compressed = report.get("original") or {}, report.get("compressed") or {}
@@ -315,9 +325,7 @@ def headline_cards(report: dict) -> str:
         _card("Size ratio", _fmt_ratio(report.get("size_ratio")),
               f"{_fmt_bytes(_get(original, 'bytes'))} \u2192 {_fmt_bytes(_get(compressed, 'bytes'))}"),
         _card("Transport size ratio", _fmt_ratio(report.get("transport_size_ratio")), "after zstd"),
-        _card("Latency ratio", _fmt_ratio(report.get("latency_ratio")),
-              f"p50 {_fmt(_get(original, 'latency_ms', 'p50'), 3, ' ms')} \u2192 "
-              f"{_fmt(_get(compressed, 'latency_ms', 'p50'), 3, ' ms')}"),
+        latency_card(report, original, compressed),
         _card("Fidelity (cosine)", _fmt(fidelity.get("cosine"), 4),
               f"rel. L2 {_fmt(fidelity.get('rel_l2'), 4)}, top-1 agreement "
               f"{_fmt_percent(fidelity.get('top1_agreement'))}"),

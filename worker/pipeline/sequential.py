@@ -171,7 +171,7 @@ class Propagation:
         # a session that runs a handful of batches: pre-packing would copy every weight for nothing;
         # no arena: a segment's intermediates go back to the OS after each batch instead of every
         # segment session keeping its own high-water mark of image-sized buffers
-        session = sessions.session(segment, self.providers, prepack=False, arena=False)
+        session = sessions.session(segment, self.providers, prepack=False, arena=False, spin=False)
         self.stats.segments += 1
         self.stats.nodes += len(nodes)
         return session, outputs

@@ -55,3 +55,27 @@ def unfold2d(x: np.ndarray, geometry: dict) -> np.ndarray:
             window = padded[:, :, dy * dh: dy * dh + sh * (ho - 1) + 1: sh, dx * dw: dx * dw + sw * (wo - 1) + 1: sw]
             cols[:, :, :, dy, dx, :] = window.transpose(0, 2, 3, 1)
     return cols.reshape(n * ho * wo, kh * kw * c)
+
+
+def unfold2d_every(x: np.ndarray, geometry: dict, every: int) -> np.ndarray:
+    """``unfold2d(x, geometry)[::every]`` without unfolding the rows that are skipped: each kept
+    receptive field is gathered from the (padded, channels-last) input directly. A Hessian that
+    takes every 4th field of a 120 x 120 map unfolded all of them first, 4x the copying."""
+    if every <= 1:
+        return unfold2d(x, geometry)
+    kh, kw = geometry["kernel"]
+    sh, sw = geometry["strides"]
+    top, left, bottom, right = geometry["pads"]
+    dh, dw = geometry["dilations"]
+    n, c, h, w = x.shape
+    ho = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + left + right - dw * (kw - 1) - 1) // sw + 1
+    picked = np.arange(0, n * ho * wo, every)
+    sample, position = np.divmod(picked, ho * wo)
+    oy, ox = np.divmod(position, wo)
+    channels_last = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right))).transpose(0, 2, 3, 1)
+    rows = np.empty((picked.size, kh, kw, c), dtype=x.dtype)
+    for dy in range(kh):
+        for dx in range(kw):
+            rows[:, dy, dx, :] = channels_last[sample, oy * sh + dy * dh, ox * sw + dx * dw]
+    return rows.reshape(picked.size, kh * kw * c)

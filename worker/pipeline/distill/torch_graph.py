@@ -32,11 +32,11 @@ from worker.pipeline.distill.layers import Grid, constant_nodes
 OPS = frozenset({
     "Abs", "Add", "And", "AveragePool", "BatchNormalization", "Cast", "Clip", "Concat", "Constant",
     "ConstantOfShape", "Conv", "DequantizeLinear", "Div", "Dropout", "Equal", "Erf", "Exp", "Expand",
-    "Flatten", "Gather", "Gelu", "Gemm", "GlobalAveragePool", "GlobalMaxPool", "Greater", "HardSigmoid",
-    "HardSwish", "Identity", "LayerNormalization", "LeakyRelu", "Less", "Log", "LogSoftmax", "MatMul",
-    "Max", "MaxPool", "Min", "Mul", "Neg", "Not", "Pow", "QuantizeLinear", "Reciprocal", "ReduceMax",
-    "ReduceMean", "ReduceSum", "Relu", "Reshape", "Shape", "Sigmoid", "Slice", "Softmax", "Split", "Sqrt",
-    "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze", "Where",
+    "Flatten", "Gather", "Gelu", "Gemm", "GlobalAveragePool", "GlobalMaxPool", "Greater", "GreaterOrEqual",
+    "HardSigmoid", "HardSwish", "Identity", "LayerNormalization", "LeakyRelu", "Less", "LessOrEqual", "Log",
+    "LogSoftmax", "MatMul", "Max", "MaxPool", "Min", "Mul", "Neg", "Not", "Or", "Pow", "QuantizeLinear", "Range",
+    "Reciprocal", "ReduceL2", "ReduceMax", "ReduceMean", "ReduceSum", "Relu", "Reshape", "Shape", "Sigmoid",
+    "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze", "Where",
 })
 
 # contrib ops with a translation: ORT's fused weight-only MatMul (its weight enters as a float tensor)
@@ -395,8 +395,12 @@ def _run_node(node: onnx.NodeProto, args: list, opset: int) -> list:
         if op == "Div" and not left.is_floating_point() and not right.is_floating_point():
             return [torch.div(left, right, rounding_mode="trunc")]
         return [{"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div, "Pow": torch.pow}[op](left, right)]
-    if op in ("Equal", "Less", "Greater", "And"):
-        return [{"Equal": torch.eq, "Less": torch.lt, "Greater": torch.gt, "And": torch.logical_and}[op](args[0], args[1])]
+    if op in ("Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or"):
+        return [{"Equal": torch.eq, "Less": torch.lt, "Greater": torch.gt, "LessOrEqual": torch.le,
+                 "GreaterOrEqual": torch.ge, "And": torch.logical_and, "Or": torch.logical_or}[op](args[0], args[1])]
+    if op == "Range":     # (a transformers export builds its attention mask's positions with it)
+        start, limit, delta = (arg.reshape(()) for arg in args[:3])
+        return [torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)]
     if op == "Not":
         return [torch.logical_not(x)]
     if op in ("Max", "Min"):
@@ -485,6 +489,8 @@ def _run_node(node: onnx.NodeProto, args: list, opset: int) -> list:
         return [_reduce(x, args if opset >= 13 else [x], a, torch.sum)]
     if op == "ReduceMax":
         return [_reduce(x, args if opset >= 18 else [x], a, torch.amax)]
+    if op == "ReduceL2":   # sqrt of the sum of squares (a sentence encoder's L2 normalization)
+        return [torch.sqrt(_reduce(x * x, args if opset >= 18 else [x], a, torch.sum))]
     if op == "MaxPool":
         return [_pool(x, a, "max")] + ([None] if len(node.output) > 1 and node.output[1] else [])
     if op == "AveragePool":

@@ -65,9 +65,40 @@ def _per_call_samples(dataset, limit: int) -> dict[str, np.ndarray]:
     return {name: np.stack(values) for name, values in parts.items()}
 
 
+def bool_expands_as_integers(model: onnx.ModelProto) -> int:
+    """``Expand`` of a bool tensor becomes ``Cast(Expand(Cast(x -> int32)) -> bool)``, the same
+    values: onnx2tf expands by multiplying with ones, which TensorFlow refuses for bool (a
+    transformers BERT export builds its attention mask that way: all-MiniLM-L6-v2 failed with
+    "Value passed to parameter 'x' has DataType bool"). Returns how many were rewritten."""
+    try:
+        types = {v.name: v.type.tensor_type.elem_type
+                 for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    except Exception:       # without types nothing is known to be bool: nothing to rewrite
+        return 0
+    types.update({v.name: v.type.tensor_type.elem_type for v in model.graph.input})
+    rewritten: list[onnx.NodeProto] = []
+    count = 0
+    for node in model.graph.node:
+        if node.op_type != "Expand" or types.get(node.input[0]) != onnx.TensorProto.BOOL:
+            rewritten.append(node)
+            continue
+        wide, expanded = graph.unique_name(model, f"{node.input[0]}_as_int32"), graph.unique_name(model, f"{node.output[0]}_int32")
+        rewritten += [onnx.helper.make_node("Cast", [node.input[0]], [wide], to=onnx.TensorProto.INT32,
+                                            name=graph.unique_name(model, f"{node.name}_widen")),
+                      onnx.helper.make_node("Expand", [wide, node.input[1]], [expanded],
+                                            name=graph.unique_name(model, f"{node.name}_int32")),
+                      onnx.helper.make_node("Cast", [expanded], [node.output[0]], to=onnx.TensorProto.BOOL,
+                                            name=graph.unique_name(model, f"{node.name}_narrow"))]
+        count += 1
+    del model.graph.node[:]
+    model.graph.node.extend(rewritten)
+    return count
+
+
 def convert(ctx: ExportContext) -> dict:
     model = graph.load_model(ctx.model_path)
     plain, folded = float_graph(model)
+    bool_expands_as_integers(plain)
     inputs, _ = _io(plain)
     del model
     work = ctx.workdir / SCRATCH

@@ -56,12 +56,13 @@ def weight_only_dequantizers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
             continue
         if CAST_OPSET.get(inits[node.input[0]].data_type, 10**6) > version or node.output[0] in outputs:
             continue
-        if node.output[0] in read_by_bodies:
-            continue
+        # a weight read inside an If / Loop / Scan body (hoisted there: an LSTM in a branch) is
+        # weight-only by construction; folded in the main graph, the body reads a constant
+        # (silero-vad 16k+8k static int8: 1.29 ms -> 0.79 ms per chunk, 1 thread)
         fused = any(producers.get(other) is not None and producers[other].op_type == "DequantizeLinear"
                     for reader, _ in readers.get(node.output[0], []) for other in reader.input
                     if other and other != node.output[0])
-        if not fused and readers.get(node.output[0]):
+        if not fused and (readers.get(node.output[0]) or node.output[0] in read_by_bodies):
             found.append(node)
     return found
 

@@ -27,7 +27,11 @@ or added (learned positions) int8 per tensor (``static.quantize_table``). Conv c
 (ConvInteger is slower than float Conv on CPU), but its weights are stored int8 weight-only (per
 output channel, symmetric, DequantizeLinear; ``finalize`` writes it in the form ONNX Runtime folds at
 load): on the digits CNN the file goes from 2.86x to 3.8x smaller at the float Conv's speed. Weights
-with other readers than MatMul / Gemm (or Conv) keep their float copy for those readers.
+with other readers than MatMul / Gemm (or Conv) keep their float copy for those readers. Recurrent
+cells' W / R (LSTM / GRU / RNN: ONNX Runtime runs them in float) and every layer inside an If / Loop /
+Scan body (weights lifted and hoisted to the main graph, ``lift_constants``) are stored int8 the same
+way, one scale per gate row / output channel: a model such as silero-vad, whose only layers are
+Convs and an LSTM inside an If, is quantized rather than refused for having no MatMul.
 """
 from __future__ import annotations
 
@@ -59,6 +63,7 @@ def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
     prepared = onnx.ModelProto()
     prepared.CopyFrom(model)
     lift_constants.lift_constant_weights(prepared)
+    subgraphs.hoist_weights(prepared)
     graph.ensure_node_names(prepared)
     return prepared
 
@@ -91,13 +96,15 @@ def check(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext) -> Non
         loc = ["weights", "granularity"] if params.weights.granularity == "block" else ["weights", "symmetric"]
         why = "dynamic int8 takes symmetric per-tensor or per-channel int8 weights"
         raise RecipeError(why, [{"loc": loc, "msg": why}])
-    if not selected_layers(_prepared(model), params):
+    prepared = _prepared(model)
+    if not selected_layers(prepared, params) and not _weight_only_candidates(prepared, params):
         if params.include:
             loc, why = ["include"], f"no MatMul / Gemm weight matches include {list(params.include)}"
         elif params.exclude:
             loc, why = ["exclude"], "exclude leaves no MatMul / Gemm weight to quantize"
         else:
-            loc, why = ["min_params"], f"no 2-D MatMul / Gemm weight has {params.min_params} or more elements"
+            loc, why = ["min_params"], (f"no 2-D MatMul / Gemm or recurrent weight has {params.min_params} "
+                                        "or more elements")
         raise RecipeError(why, [{"loc": loc, "msg": why}])
 
 
@@ -168,6 +175,8 @@ def quantize_dynamic(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
         ctx.progress((position + 1) / len(layers), f"dynamic int8 {layer.weight}")
     shared = share_input_quantization(quantized) if rewrites else 0
     convs = _conv_weights_int8(quantized, params, ctx, per_channel)
+    cells = _recurrent_and_body_weights_int8(quantized, params, ctx, per_channel,
+                                             {layer.weight for layer in layers + convs})
     embeddings = embedding_layers(quantized, params)
     for layer in embeddings:
         grid = quantize_embedding(quantized, layer)
@@ -202,11 +211,11 @@ def quantize_dynamic(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
                                        "weight-only int8 (table)")
         ctx.layers[layer.weight] = record
     metrics = {"format": "DynamicQuantizeMatMul", "quantized_weights": len(layers), "layers_replaced": replaced,
-               "conv_weights_int8": len(convs),
+               "conv_weights_int8": len(convs), "recurrent_and_body_weights_int8": len(cells),
                "quantized_embeddings": len(embeddings) - len(tables), "quantized_tables": len(tables),
                "per_channel": per_channel, "attention_blocks_relaid": len(split),
                "shared_input_quantizations": shared}
-    return StepResult(quantized, [layer.weight for layer in layers + embeddings + convs], metrics)
+    return StepResult(quantized, [layer.weight for layer in layers + embeddings + convs + cells], metrics)
 
 
 def _conv_weights_int8(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext,
@@ -234,6 +243,41 @@ def _conv_weights_int8(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCo
         weight_only.record_layer(ctx, layer, grid, w_hat, w, scale, zero_point,
                                  activations="float (Conv: weight-only int8; ONNX Runtime's ConvInteger is "
                                              "slower than float Conv on CPU)")
+        done.append(layer)
+    return done
+
+
+def _weight_only_candidates(model: onnx.ModelProto, params: QuantizeStep,
+                            taken: set[str] = frozenset()) -> list[graph.WeightLayer]:
+    """What dynamic int8 stores weight-only besides MatMul / Gemm and main-graph Convs: recurrent
+    cells' W / R and every layer inside an If / Loop / Scan body (reading a main-graph weight).
+    (Main-graph Convs alone do not make a model dynamic int8 applies to: it would be weight-only.)"""
+    recurrent = [layer for layer in weight_only.recurrent_layers(model, set(taken))
+                 if layer.params >= params.min_params and graph.selected(layer, params.include, params.exclude)]
+    taken = set(taken) | {layer.weight for layer in recurrent}
+    return recurrent + graph.body_layers(model, DYNAMIC_OPS + WEIGHT_ONLY_OPS + weight_only.RECURRENT_OPS,
+                                                 taken, include=params.include, exclude=params.exclude,
+                                                 min_params=params.min_params)
+
+
+def _recurrent_and_body_weights_int8(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext,
+                                     per_channel: bool, taken: set[str]) -> list[graph.WeightLayer]:
+    """Recurrent cells' W / R and layers inside bodies: int8 weight-only (float compute), the grid of
+    ``_conv_weights_int8``; left float below opset 13 when per channel (per-axis DequantizeLinear)."""
+    if per_channel and graph.opset(model) < PER_AXIS_DEQUANTIZE_OPSET:
+        return []
+    done = []
+    for layer in _weight_only_candidates(model, params, taken):
+        ctx.check_cancelled()
+        tensor = graph.initializers(model).get(layer.weight)
+        if tensor is None or tensor.data_type != onnx.TensorProto.FLOAT:
+            continue
+        grid = Grid(8, True, True, layer.out_axis if per_channel else None, None, "absmax")
+        w = graph.get_array(model, layer.weight).astype(np.float32)
+        q, scale, zero_point = quantize_rtn(np.ascontiguousarray(w), grid)
+        weight_only.replace_with_dequantize(model, layer, q, scale, zero_point, grid, onnx.TensorProto.FLOAT)
+        weight_only.record_layer(ctx, layer, grid, dequantize(q, scale, zero_point, grid), w, scale, zero_point,
+                                 activations="float (weight-only int8: recurrent cell or inside a control-flow body)")
         done.append(layer)
     return done
 

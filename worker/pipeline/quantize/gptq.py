@@ -14,6 +14,11 @@ any layout - a Conv's blocks, act-order's permuted columns - maps onto the same 
 Act-order (``options["gptq_act_order"]``, default on): columns in order of decreasing H_jj, so the
 most active inputs are rounded first, while there is most freedom left to compensate.
 
+The same runner serves the other calibrated weight-only choices (``GptqRunner(rounding=...)``):
+``rounding="nearest"`` rounds to nearest instead of compensating (with ``weights.scale_search:
+output``, ``quantize.output_scales``, and / or AWQ); ``awq=True`` scales each group's weights by
+activation-aware factors first (``quantize.awq``), GPTQ then solving the scaled problem.
+
 Layers are done in graph order on the model quantized so far (each sees the inputs the quantized
 layers before it produce), by sequential propagation: the calibration samples are carried through
 the model once, segment by segment (``worker.pipeline.sequential``); layers reading the same input
@@ -34,7 +39,8 @@ from worker.pipeline import graph
 from worker.pipeline.cost import LayerClock
 from worker.pipeline.data import bind
 from worker.pipeline.hessians import accumulate_hessians, inverse_upper_factor
-from worker.pipeline.quantize.grid import Grid, choose_grid_params, expand
+from worker.pipeline.quantize import awq, output_scales
+from worker.pipeline.quantize.grid import Grid, base_method, choose_grid_params, collapse, dequantize, expand, quantize_rtn
 from worker.pipeline.sequential import Propagation, budget_of
 from worker.pipeline.step import LayerRecord, StepContext
 from worker.pipeline.unfold import conv2d_geometry, conv_weight_from_matrix, conv_weight_matrix, unfold2d
@@ -87,8 +93,14 @@ def hinv_upper(hessian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class GptqRunner:
     """Hessians captured lazily, per input tensor, on the model as quantized so far."""
 
-    def __init__(self, model: onnx.ModelProto, layers: list[graph.WeightLayer], ctx: StepContext):
+    def __init__(self, model: onnx.ModelProto, layers: list[graph.WeightLayer], ctx: StepContext,
+                 rounding: str = "gptq", use_awq: bool = False):
         self.model = model
+        self.rounding = rounding
+        self.use_awq = use_awq
+        self.scaled: dict[str, np.ndarray] = {}          # AWQ: weight -> diag(s) W, the weight's layout
+        self.input_scales: dict[str, tuple[str, np.ndarray]] = {}   # weight -> (input tensor, s)
+        self.awq_alpha: dict[str, float] = {}            # input tensor -> the alpha chosen
         self.ctx = ctx
         self.data = bind(model, ctx.calibration)
         self.limit = int(ctx.options.get("gptq_samples", DEFAULT_SAMPLES))
@@ -144,23 +156,70 @@ class GptqRunner:
                 self.ctx.check_cancelled()
                 clock.tick(done, group[0].weight, "capture")
                 self._capture(source, propagation.stream([source]))
+                if self.use_awq:
+                    with self.ctx.cost.phase("awq"):
+                        self._scale_inputs(source, group, grid_of)
                 for layer in group:
                     clock.tick(done, layer.weight, "solve")
                     tensor = graph.initializers(self.model)[layer.weight]
                     w = numpy_helper.to_array(tensor)
                     grid = grid_of(layer)
                     with self.ctx.cost.phase("solve"):
-                        q, scale, zero_point, w_hat = self.quantize(layer, w.astype(np.float32), grid)
+                        target = self.scaled.pop(layer.weight, w.astype(np.float32))
+                        q, scale, zero_point, w_hat = self.quantize(layer, target, grid)
                         q, w_hat = keep_pruned_zeros(self.ctx.layers.get(layer.weight), q, w_hat, zero_point, grid)
                     with self.ctx.cost.phase("write"):
-                        # downstream groups see this layer as the DequantizeLinear will compute it
-                        graph.set_array(self.model, layer.weight, w_hat.astype(w.dtype))
+                        # downstream groups see this layer as the DequantizeLinear (and the 1/s in
+                        # front of it, with AWQ) will compute it
+                        graph.set_array(self.model, layer.weight, self.effective(layer, w_hat).astype(w.dtype))
                     results[layer.weight] = (q, scale, zero_point, w_hat, w)
                     done += 1
             self.propagation = {"segments": propagation.stats.segments, "restarts": propagation.stats.restarts,
                                 "spilled_batches": propagation.stats.spilled,
                                 "peak_held_bytes": max(propagation.stats.held_bytes, default=0)}
         return results
+
+    def _scale_inputs(self, source: str, group: list[graph.WeightLayer], grid_of) -> None:
+        """AWQ (``quantize.awq``) for the MatMul / Gemm layers of ``group``: one ``s`` for them all,
+        chosen on their captured Hessian, which is rescaled to the scaled weights' input."""
+        nodes = {node.name: node for node in self.model.graph.node}
+        readers = graph.consumers(self.model)
+        chosen = [layer for layer in group if self.plans[layer.weight].geometry is None
+                  and awq.eligible(nodes[layer.node], layer.weight, readers)]
+        if not chosen:
+            return
+        hessian = self.hessians[chosen[0].weight]
+        inits = graph.initializers(self.model)
+        weights = {layer.weight: numpy_helper.to_array(inits[layer.weight]).astype(np.float32) for layer in chosen}
+
+        def nearest(matrix: np.ndarray, layer: graph.WeightLayer) -> np.ndarray:
+            # the search rounds on the plain absmax / minmax grid, as AWQ does: a scale search
+            # inside each of the alphas would cost 10-100x more for a choice it hardly moves
+            grid = grid_of(layer)
+            grid = Grid(grid.bits, grid.signed, grid.symmetric, grid.axis, grid.block_size,
+                        "absmax" if grid.symmetric else "minmax")
+            array = self._from_matrix(matrix, layer)
+            q, scale, zero_point = quantize_rtn(array, grid)
+            return self._as_matrix(dequantize(q, scale, zero_point, grid), layer)
+
+        matrices = [self._as_matrix(weights[layer.weight], layer) for layer in chosen]
+        quantizers = [lambda matrix, layer=layer: nearest(matrix, layer) for layer in chosen]
+        alpha, s, _ = awq.search(matrices, hessian, quantizers)
+        self.awq_alpha[source] = alpha
+        if alpha == 0.0:
+            return
+        scaled_hessian = hessian / np.outer(s, s)
+        for matrix, layer in zip(matrices, chosen):
+            self.scaled[layer.weight] = self._from_matrix(np.ascontiguousarray(matrix * s), layer)
+            self.input_scales[layer.weight] = (source, s)
+            self.hessians[layer.weight] = scaled_hessian
+
+    def effective(self, layer: graph.WeightLayer, w_hat: np.ndarray) -> np.ndarray:
+        """The float weight the layer computes with: ``w'``, divided back by AWQ's ``s`` where it was scaled."""
+        if layer.weight not in self.input_scales:
+            return w_hat
+        _, s = self.input_scales[layer.weight]
+        return self._from_matrix(self._as_matrix(w_hat, layer) / s, layer)
 
     def _as_matrix(self, array: np.ndarray, layer: graph.WeightLayer) -> np.ndarray:
         if self.plans[layer.weight].geometry is not None:
@@ -178,7 +237,14 @@ class GptqRunner:
         if layer.weight not in self.hessians:
             raise KeyError(f"no Hessian captured for {layer.weight!r} (use quantize_all)")
         hessian = self.hessians.pop(layer.weight)
-        scale, zero_point = choose_grid_params(w, grid)
+        if grid.method == "output":
+            scale, zero_point = self._output_scales(layer, w, grid, hessian)
+        else:
+            scale, zero_point = choose_grid_params(w, grid)
+        if self.rounding == "nearest":
+            q = kernels.quantize(w, scale, zero_point, bits=grid.bits, signed=grid.signed, axis=grid.axis,
+                                 block_size=grid.block_size)
+            return q, scale, zero_point, dequantize(q, scale, zero_point, grid)
         s_full = self._as_matrix(expand(scale, w.shape, grid.axis, grid.block_size).astype(np.float32), layer)
         z_full = self._as_matrix(expand(zero_point, w.shape, grid.axis, grid.block_size).astype(np.int32), layer)
         matrix = self._as_matrix(w.astype(np.float32), layer)
@@ -193,6 +259,29 @@ class GptqRunner:
         q = self._from_matrix(np.ascontiguousarray(q_perm[:, inverse]), layer)
         w_hat = kernels.dequantize(q, scale, zero_point, axis=grid.axis, block_size=grid.block_size)
         return q, scale, zero_point, w_hat
+
+    def _output_scales(self, layer: graph.WeightLayer, w: np.ndarray, grid: Grid,
+                       hessian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``weights.scale_search: output`` (``quantize.output_scales``): each channel's / block's clip
+        chosen for the layer's output error on its captured Hessian, from the absmax / minmax grid."""
+        base = Grid(grid.bits, grid.signed, grid.symmetric, grid.axis, grid.block_size, base_method(grid))
+        scale, zero_point = choose_grid_params(w, base)
+        expanded = lambda param, dtype: self._as_matrix(  # noqa: E731
+            expand(param, w.shape, grid.axis, grid.block_size).astype(dtype), layer)
+        ids = expanded(np.arange(scale.size).reshape(scale.shape), np.int64)
+        if grid.block_size is not None:
+            first_row = ids[0]
+            groups = [np.flatnonzero(first_row == index) for index in np.unique(first_row)]
+        else:
+            groups = None
+        qmin, qmax = (-(1 << (grid.bits - 1)), (1 << (grid.bits - 1)) - 1) if grid.signed else (0, (1 << grid.bits) - 1)
+        dead = np.diag(hessian) == 0
+        h = np.array(hessian, dtype=np.float64)
+        h[dead, dead] = 1.0
+        full = output_scales.search(self._as_matrix(w.astype(np.float32), layer), h,
+                                    expanded(scale, np.float32), expanded(zero_point, np.int32),
+                                    groups, grid.axis is None, qmin, qmax)
+        return collapse(self._from_matrix(full, layer), grid.axis, grid.block_size).astype(np.float32), zero_point
 
 
 def keep_pruned_zeros(record: LayerRecord | None, q: np.ndarray, w_hat: np.ndarray, zero_point: np.ndarray,

@@ -30,9 +30,28 @@ class Grid:
         return {"bits": self.bits, "signed": self.signed, "axis": self.axis, "block_size": self.block_size}
 
 
-def grid_for(layer: graph.WeightLayer, spec: WeightQuantSpec) -> Grid:
+def default_scale_search(spec: WeightQuantSpec, method: str = "rtn") -> str:
+    """``weights.scale_search`` when the recipe leaves it null: ``mse`` for the layers GPTQ solves at
+    4 or 2 bits (all-MiniLM-L6-v2 int4 block 32: output rel_l2 0.220 -> 0.195, docs/recipes.md),
+    else absmax (symmetric) / minmax (asymmetric), the contract's grid."""
+    if spec.scale_search:
+        return spec.scale_search
+    if method == "gptq" and spec.bits <= 4:
+        return "mse"
+    return "absmax" if spec.symmetric else "minmax"
+
+
+def base_method(grid: Grid) -> str:
+    """The scale rule a search starts from: ``output`` starts from absmax / minmax."""
+    if grid.method == "output":
+        return "absmax" if grid.symmetric else "minmax"
+    return grid.method
+
+
+def grid_for(layer: graph.WeightLayer, spec: WeightQuantSpec, method: str = "rtn") -> Grid:
+    """The layer's grid under ``spec``, quantized by ``method`` (rtn | gptq: the default scale search)."""
     signed = spec.symmetric
-    method = spec.scale_search or ("absmax" if spec.symmetric else "minmax")
+    method = default_scale_search(spec, method)
     if spec.granularity == "tensor":
         axis, block = None, None
     elif spec.granularity == "channel":
@@ -57,6 +76,19 @@ def quantize_rtn(w: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray, np.
 
 def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, grid: Grid) -> np.ndarray:
     return kernels.dequantize(q, scale, zero_point, axis=grid.axis, block_size=grid.block_size)
+
+
+def collapse(full: np.ndarray, axis: int | None, block_size: int | None) -> np.ndarray:
+    """``expand``'s inverse: one value per weight element (constant per parameter) back to the
+    DequantizeLinear layout."""
+    full = np.asarray(full)
+    if axis is None:
+        return full.reshape(-1)[:1].reshape(())
+    if block_size is None:
+        index = [0] * full.ndim
+        index[axis] = slice(None)
+        return full[tuple(index)].copy()
+    return np.take(full, np.arange(0, full.shape[axis], block_size), axis=axis)
 
 
 def expand(param: np.ndarray, shape: tuple[int, ...], axis: int | None, block_size: int | None) -> np.ndarray:

@@ -5,23 +5,36 @@ Only a Constant whose float tensor is read where a layer takes its weight (``gra
 positions: MatMul / Gemm B, Conv / ConvTranspose W, Gather's table; ``core.onnx_weights`` decides)
 is lifted; the initializer takes the Constant's output name, so every reader keeps reading the same
 name.
+
+Weights inside If / Loop / Scan bodies held in Constant nodes, or computed from constants by layout
+ops, become main-graph initializers too (``body_weights``).
 """
 from __future__ import annotations
 
 import onnx
 
 from core import onnx_weights
-from worker.pipeline import graph, subgraphs
+from worker.pipeline import body_weights, graph, subgraphs
 
 # Which Constants hold weights is decided in core, so the upload counts exactly what is lifted here.
 constant_weights = onnx_weights.constant_weights
 
 
 def lift_constant_weights(model: onnx.ModelProto) -> list[str]:
-    """Move weight-carrying Constant nodes' tensors to initializers; return the lifted names."""
+    """Move weight-carrying Constant nodes' tensors to initializers, and bodies' Constant or
+    constant-computed weights to the main graph (``body_weights``); return the lifted names."""
+    lifted = _lift(model, constant_weights(model))
+    lifted += body_weights.lift_body_weights(model)
+    if lifted:
+        graph.sort_graph(model)
+    return lifted
+
+
+def _lift(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> list[str]:
+    """Each Constant node of ``nodes`` replaced by an initializer under its output's name."""
     graph_outputs = {o.name for o in model.graph.output}
     lifted = []
-    for node in constant_weights(model):
+    for node in nodes:
         name = node.output[0]
         if name in graph_outputs:
             continue     # an initializer cannot be a graph output by itself; leave it
@@ -31,9 +44,17 @@ def lift_constant_weights(model: onnx.ModelProto) -> list[str]:
         model.graph.initializer.append(tensor)
         model.graph.node.remove(node)
         lifted.append(name)
-    if lifted:
-        graph.sort_graph(model)
     return lifted
+
+
+def lift_batchnorm_parameters(model: onnx.ModelProto) -> list[str]:
+    """BatchNormalization's scale / bias / mean / var held in Constant nodes (paddle2onnx writes
+    them so) moved to initializers, so that ``static.fold_batchnorm`` can fold the BN into the Conv
+    before it: an unfolded BN leaves the Conv's output grid on the pre-BN values, per tensor, when
+    the BN rescales each channel (35 such BNs on the PP-OCR orientation classifier)."""
+    wanted = {name for node in model.graph.node if node.op_type == "BatchNormalization" for name in node.input[1:5]}
+    return _lift(model, [node for node in model.graph.node
+                         if node.output and node.output[0] in wanted and onnx_weights.constant_tensor(node) is not None])
 
 
 def lifted_copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -50,7 +50,7 @@ class Group:
     weights: list[str]
 
 
-def _weight_rows_axis(node: onnx.NodeProto) -> int | None:
+def weight_rows_axis(node: onnx.NodeProto) -> int | None:
     """The weight axis indexed by the input channel, or None where the node is no plain layer."""
     if node.op_type == "MatMul":
         return 0
@@ -66,7 +66,7 @@ def groups(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> list[Group]:
     readers = graph.consumers(model)
     found: dict[str, Group] = {}
     for node in nodes:
-        axis = _weight_rows_axis(node)
+        axis = weight_rows_axis(node)
         if axis is None or len(node.input) < 2 or node.input[1] not in inits or node.input[0] in inits:
             continue
         weight = inits[node.input[1]]
@@ -77,7 +77,7 @@ def groups(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> list[Group]:
         group.weights.append(node.input[1])
     kept = []
     for group in found.values():
-        sizes = {inits[w].dims[_weight_rows_axis(n)] for n, w in zip(group.nodes, group.weights)}
+        sizes = {inits[w].dims[weight_rows_axis(n)] for n, w in zip(group.nodes, group.weights)}
         if len(sizes) == 1 and _normalized(model, group.tensor, sizes.pop(), readers):
             kept.append(group)
     return kept
@@ -135,7 +135,7 @@ def smooth(model: onnx.ModelProto, data: Dataset, nodes: list[onnx.NodeProto], a
     smoothed = []
     for group in found:
         x_max = maxima.get(group.tensor)
-        rows = [(graph.get_array(model, w).astype(np.float64), _weight_rows_axis(n))
+        rows = [(graph.get_array(model, w).astype(np.float64), weight_rows_axis(n))
                 for n, w in zip(group.nodes, group.weights)]
         if x_max is None or x_max.shape[0] != rows[0][0].shape[rows[0][1]]:
             continue
@@ -144,14 +144,14 @@ def smooth(model: onnx.ModelProto, data: Dataset, nodes: list[onnx.NodeProto], a
         for (weight, axis), name in zip(rows, group.weights):
             shape = (-1, 1) if axis == 0 else (1, -1)
             graph.set_array(model, name, (weight * s.reshape(shape)).astype(np.float32))
-        _divide_input(model, group, (1.0 / s).astype(np.float32))
+        divide_input(model, group, (1.0 / s).astype(np.float32))
         smoothed.append(group.tensor)
     if smoothed:
         graph.sort_graph(model)
     return smoothed
 
 
-def _divide_input(model: onnx.ModelProto, group: Group, inverse: np.ndarray) -> None:
+def divide_input(model: onnx.ModelProto, group: Group, inverse: np.ndarray) -> None:
     """X -> X / s for the group's layers: folded into the producer where exact, else a Mul."""
     if _fold_into_producer(model, group, inverse):
         return

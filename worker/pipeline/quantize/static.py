@@ -51,7 +51,8 @@ from core.errors import PipelineError, RecipeError
 from core.recipe import QuantizeStep
 from worker.pipeline import activations, calibrate, graph, subgraphs
 from worker.pipeline.data import DataError, Dataset, bind
-from worker.pipeline.quantize import int8_storage, lift_constants, tensorrt_qdq, weight_only, wide_activations
+from worker.pipeline.quantize import (int8_storage, lift_constants, tensorrt_qdq, weight_only, weight_only_compute,
+                                      wide_activations)
 from worker.pipeline.step import LayerRecord, StepContext, StepResult
 
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
@@ -138,6 +139,7 @@ def selected_layers(model: onnx.ModelProto, params: QuantizeStep) -> list[graph.
 def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy with weights as initializers, named nodes, opset >= 13 and BatchNorm folded into Conv."""
     prepared = lift_constants.lifted_copy(model)
+    lift_constants.lift_batchnorm_parameters(prepared)
     if graph.opset(prepared) < MIN_OPSET:
         try:
             prepared = graph.ensure_opset(prepared, MIN_OPSET)
@@ -223,6 +225,26 @@ def _node_selected(node_name: str, params: QuantizeStep) -> bool:
     return not any(fnmatch.fnmatchcase(node_name, p) for p in params.exclude)
 
 
+def excluded_nodes(model: onnx.ModelProto, params: QuantizeStep) -> frozenset[str]:
+    """Conv / MatMul / Gemm nodes that the recipe's include / exclude leave out (by the node's name or
+    a weight's): they stay float, inputs included. Were they to read a quantized neighbour's
+    DequantizeLinear output, they would take its rounding error while the user asked for float."""
+    if not params.include and not params.exclude:
+        return frozenset()
+    inits = graph.initializers(model)
+    found = set()
+    for node in model.graph.node:
+        if node.op_type not in COMPUTE_OPS:
+            continue
+        weights = [name for name in node.input[1:2] if name in inits]
+        names = [node.name] + weights
+        if params.include and not any(fnmatch.fnmatchcase(n, p) for n in names for p in params.include):
+            found.add(node.name)
+        elif any(fnmatch.fnmatchcase(n, p) for n in names for p in params.exclude):
+            found.add(node.name)
+    return frozenset(found)
+
+
 def _layer_output(node: onnx.NodeProto, readers: dict, inits: dict) -> str:
     """The tensor a layer's result ends in: a MatMul's bias Add (its only reader, adding a 1-D
     initializer) belongs to the layer."""
@@ -236,7 +258,16 @@ def _layer_output(node: onnx.NodeProto, readers: dict, inits: dict) -> str:
     return out
 
 
-def plan(model: onnx.ModelProto, params: QuantizeStep, layers: list[graph.WeightLayer]) -> Plan:
+def _read_in_float_only(tensor: str, readers: dict, float_readers: frozenset[str]) -> bool:
+    """Every reader of ``tensor``, or of the one ReLU that reads it, is a layer kept float."""
+    found = [reader for reader, _ in readers.get(tensor, [])]
+    if len(found) == 1 and found[0].op_type == "Relu":
+        found = [reader for reader, _ in readers.get(found[0].output[0], [])]
+    return bool(found) and all(reader.name in float_readers for reader in found)
+
+
+def plan(model: onnx.ModelProto, params: QuantizeStep, layers: list[graph.WeightLayer],
+         float_readers: frozenset[str] = frozenset()) -> Plan:
     inits = graph.initializers(model)
     types = _tensor_types(model)
     readers = graph.consumers(model)
@@ -264,8 +295,11 @@ def plan(model: onnx.ModelProto, params: QuantizeStep, layers: list[graph.Weight
                     calibrated[name] = name
             out = _layer_output(node, readers, inits)
             relu = [reader for reader, _ in readers.get(out, [])]
-            if (len(relu) == 1 and relu[0].op_type == "Relu" and not symmetric and out not in outputs
-                    and relu[0].output[0] not in outputs and "Relu" not in float_ops):
+            if _read_in_float_only(out, readers, float_readers):
+                pass     # only excluded layers read it (directly or through a ReLU): no grid to take
+            elif (len(relu) == 1 and relu[0].op_type == "Relu" and not symmetric and out not in outputs
+                    and relu[0].output[0] not in outputs and "Relu" not in float_ops
+                    and not any(r.name in float_readers for r, _ in readers.get(relu[0].output[0], []))):
                 relu_folds[out] = relu[0]
                 calibrated[out] = relu[0].output[0]
                 folded.add(relu[0].output[0])
@@ -453,9 +487,12 @@ def _drop_graph_input(model: onnx.ModelProto, name: str) -> None:
         model.graph.input.extend(kept)
 
 
-def insert_qdq(model: onnx.ModelProto, tensor: str, grid: ActivationGrid, relu: onnx.NodeProto | None = None) -> None:
-    """QuantizeLinear -> DequantizeLinear on ``tensor``. Its readers read the dequantized tensor;
-    with ``relu`` (folded) the pair replaces the ReLU and its output keeps the ReLU's output name."""
+def insert_qdq(model: onnx.ModelProto, tensor: str, grid: ActivationGrid, relu: onnx.NodeProto | None = None,
+               float_readers: frozenset[str] = frozenset()) -> None:
+    """QuantizeLinear -> DequantizeLinear on ``tensor``. Its readers read the dequantized tensor,
+    except the nodes named in ``float_readers`` (layers the recipe excludes), which keep reading the
+    float tensor; with ``relu`` (folded) the pair replaces the ReLU and its output keeps the ReLU's
+    output name."""
     position = _position_after(model, tensor)
     q_name = graph.unique_name(model, f"{tensor}_quantized")
     if relu is not None:
@@ -465,6 +502,8 @@ def insert_qdq(model: onnx.ModelProto, tensor: str, grid: ActivationGrid, relu: 
     else:
         dq_name = graph.unique_name(model, f"{tensor}_dequantized")
         for node in model.graph.node:
+            if node.name in float_readers:
+                continue
             for index, name in enumerate(node.input):
                 if name == tensor:
                     node.input[index] = dq_name
@@ -557,8 +596,12 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
         from worker.pipeline.quantize import equalize
         equalized = equalize.equalize(prepared)
     layers = selected_layers(prepared, params)
-    smoothed = _smooth(prepared, params, layers, data, ctx)
-    decided = plan(prepared, params, layers)
+    # layers whose activations stay float (weight-only int8): see weight_only_compute
+    float_compute = weight_only_compute.choose(prepared, layers, params)
+    integer_layers = [layer for layer in layers if layer.node not in float_compute]
+    smoothed = _smooth(prepared, params, integer_layers, data, ctx)
+    float_readers = excluded_nodes(prepared, params)
+    decided = plan(prepared, params, integer_layers, float_readers)
     ctx.progress(0.05, "calibrating activation ranges")
     ranges = calibrate.calibrate(prepared, data, sorted(set(decided.calibrated.values())),
                                  method=spec.calibration, percentile=spec.percentile,
@@ -612,7 +655,7 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
         if root in grids:
             grids[output] = grids[root]
     for tensor, grid in grids.items():
-        insert_qdq(quantized, tensor, grid, decided.relu_folds.get(tensor))
+        insert_qdq(quantized, tensor, grid, decided.relu_folds.get(tensor), float_readers)
     graph.sort_graph(quantized)
 
     corrected: list[str] = []
@@ -620,11 +663,11 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
         ctx.progress(0.65, "bias correction")
         from worker.pipeline.quantize import bias_correction
         corrected = bias_correction.correct(prepared, quantized, decided.compute_nodes,
-                                            {layer.node: layer.weight for layer in layers}, data, ctx,
+                                            {layer.node: layer.weight for layer in integer_layers}, data, ctx,
                                             relu_folded=set(decided.relu_folds), bias_input=_bias_input)
 
     int32_biases = 0
-    weight_of = {layer.node: layer.weight for layer in layers}
+    weight_of = {layer.node: layer.weight for layer in integer_layers}
     input_grids = _dequantized_grids(quantized, grids)
     for node in list(quantized.graph.node):
         if node.name in weight_of and node.input[0] in input_grids:
@@ -645,6 +688,8 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
                                        "weight-only int8 (table)" if layer.op in TABLE_READERS else
                                        "weight-only int8 (recurrent cell)" if layer in recurrent else
                                        "weight-only int8 (inside a control-flow body)" if layer in bodies else
+                                       f"weight-only int8, float activations: {float_compute[layer.node]}"
+                                       if layer.node in float_compute else
                                        f"static int8 ({spec.calibration})")
         ctx.layers[layer.weight] = record
     ctx.progress(1.0, "static int8 done")
@@ -653,6 +698,7 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
         "calibration": spec.calibration,
         "activation_dtype": "int8" if spec.symmetric else "uint8",
         "quantized_weights": len(layers),
+        "float_activation_layers": len(float_compute),
         "quantized_embeddings": len(embeddings) - len(tables) - len(bodies),
         "quantized_tables": len(tables),
         "quantized_body_weights": len(bodies),

@@ -16,6 +16,7 @@ sub-byte types two (four) to a byte, first element in the low bits.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -27,8 +28,8 @@ from core.errors import PipelineError, RecipeError
 from core.recipe import QuantizeStep, WeightQuantSpec
 from worker.pipeline import graph, metrics, sessions, shape_inference, subgraphs
 from worker.pipeline.data import bind, generated
-from worker.pipeline.quantize import gptq, lift_constants, matmulnbits
-from worker.pipeline.quantize.grid import Grid, dequantize, expand, grid_for, quantize_rtn
+from worker.pipeline.quantize import awq, gptq, lift_constants, matmulnbits
+from worker.pipeline.quantize.grid import Grid, base_method, dequantize, expand, grid_for, quantize_rtn
 from worker.pipeline.step import LayerRecord, StepContext, StepResult
 
 LAYER_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
@@ -255,9 +256,12 @@ def quantize_weights(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
     layers = candidate_layers(model, params)
     runner = None
     solved: dict[str, tuple] = {}
-    if params.method == "gptq":
-        runner = gptq.GptqRunner(model, layers, ctx)
-        solved = runner.quantize_all(layers, lambda layer: grid_for(layer, spec))
+    use_awq = params.awq
+    if params.method == "gptq" or use_awq or spec.scale_search == "output":
+        # calibrated: each layer on the Hessian of the inputs it sees with the layers before it quantized
+        runner = gptq.GptqRunner(model, layers, ctx, rounding="gptq" if params.method == "gptq" else "nearest",
+                                 use_awq=use_awq)
+        solved = runner.quantize_all(layers, lambda layer: grid_for(layer, spec, params.method))
     inits = graph.initializers(model)
     changed: list[str] = []
     packs: list[tuple[matmulnbits.Packed, int]] = []
@@ -267,25 +271,35 @@ def quantize_weights(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
         tensor = inits[layer.weight]
         float_type = tensor.data_type
         w = numpy_helper.to_array(tensor).astype(np.float32)
-        grid = grid_for(layer, spec)
+        # GPTQ's default scale search is for the layers it solves; the rest keep RTN's grid
+        grid = grid_for(layer, spec, params.method if layer.weight in solved else "rtn")
+        extra: dict[str, Any] = {"scale_search": grid.method}
         if layer.weight in solved:
             q, scale, zero_point, w_hat, w = solved.pop(layer.weight)   # w: the float weight before GPTQ
             w = w.astype(np.float32)
-            method = "gptq"
+            method = params.method
+            if layer.weight in runner.input_scales:
+                source = runner.input_scales[layer.weight][0]
+                extra["awq_alpha"] = runner.awq_alpha[source]
+                w_hat = runner.effective(layer, w_hat)       # what the layer computes, after the 1/s
         else:
+            if grid.method == "output":      # a layer the runner could not take: its starting grid
+                grid = replace(grid, method=base_method(grid))
+                extra["scale_search"] = grid.method
             q, scale, zero_point = quantize_rtn(w, grid)
             w_hat = dequantize(q, scale, zero_point, grid)
             method = "rtn"
             if runner is not None:
                 fallback[layer.weight] = runner.fallback.get(layer.weight, "no GPTQ form")
         changed += replace_with_dequantize(model, layer, q, scale, zero_point, grid, float_type)
-        record_layer(ctx, layer, grid, w_hat, w, scale, zero_point, format="qdq", method=method)
+        record_layer(ctx, layer, grid, w_hat, w, scale, zero_point, format="qdq", method=method, **extra)
         packed = matmulnbits.from_grid(layer.weight, q, scale, zero_point, bits=grid.bits, signed=grid.signed,
                                        symmetric=grid.symmetric, axis=grid.axis,
                                        block_size=grid.block_size) if layer.op == "MatMul" else None
         if packed is not None:
             packs.append((packed, float_type))
         ctx.progress(0.9 * (position + 1) / max(len(layers), 1), f"quantized {layer.weight}")
+    awq_inputs = _divide_awq_inputs(model, runner, layers) if runner is not None else {}
     graph.sort_graph(model)
     model, formats, timing = choose_format(model, params, layers, packs, ctx)
     for weight, chosen in formats.items():
@@ -302,9 +316,31 @@ def quantize_weights(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
             ctx.layers[weight].extra["format_latency_ms"] = measured
     if fallback:
         metrics_out["rtn_fallback"] = fallback
+    if runner is not None and use_awq:
+        metrics_out["awq"] = {"alpha": dict(runner.awq_alpha), "scaled_inputs": awq_inputs}
     if runner is not None and getattr(runner, "propagation", None):
         metrics_out["propagation"] = runner.propagation
     return StepResult(model, changed, metrics_out)
+
+
+def _divide_awq_inputs(model: onnx.ModelProto, runner: gptq.GptqRunner,
+                      layers: list[graph.WeightLayer]) -> dict[str, str]:
+    """AWQ's ``X / s`` in front of each scaled group (``quantize.awq.divide_inputs``); returns
+    input tensor -> where the division went (``folded`` into its producer, or a ``Mul``)."""
+    nodes = {node.name: node for node in model.graph.node}
+    groups: dict[str, tuple[list[onnx.NodeProto], list[str], np.ndarray]] = {}
+    for layer in layers:
+        if layer.weight in runner.input_scales:
+            source, s = runner.input_scales[layer.weight]
+            found = groups.setdefault(source, ([], [], s))
+            found[0].append(nodes[layer.node])
+            found[1].append(layer.weight)
+    placed = {}
+    for source, (group_nodes, weights, s) in groups.items():
+        count = len(model.graph.node)
+        awq.divide_inputs(model, source, group_nodes, weights, s)
+        placed[source] = "Mul" if len(model.graph.node) > count else "folded"
+    return placed
 
 
 def choose_format(model: onnx.ModelProto, params: QuantizeStep, layers: list[graph.WeightLayer],

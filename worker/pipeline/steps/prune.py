@@ -19,7 +19,8 @@ Methods and the math:
   are updated to compensate. Layers are done in graph order on the model pruned so far; layers
   sharing one input share one capture. Once layers upstream are pruned a layer's input X~ differs
   from the original X, so its weights are first refit to the original outputs,
-  ``M' = M (X^T X~ + lam I)(X~^T X~ + lam I)^-1`` (``hessians.drift_corrected``), and
+  ``M' = M (X^T X~ + lam I)(X~^T X~ + lam I)^-1`` (``hessians.drift_corrected``; ``P = M X^T X~`` summed as
+  ``(X M^T)^T X~`` where the layer has few outputs), and
   then pruned with the Hessian of X~: together that minimises ``||X M^T - X~ M_pruned^T||`` rather
   than each layer's error on its own inputs (on the bench transformer at 50 %: output rel_l2 0.066
   -> 0.042 with ``scope: global``).
@@ -49,7 +50,7 @@ from worker.pipeline.graph import WeightLayer, attribute, get_array, set_array, 
 from worker.pipeline.step import StepContext, StepResult
 from worker.pipeline.cost import LayerClock
 from worker.pipeline.sequential import Propagation, budget_of
-from worker.pipeline.hessians import (accumulate_drift, accumulate_hessians, damped, drift_corrected,
+from worker.pipeline.hessians import (accumulate_drift, accumulate_hessians, damped, drift_refit,
                                       inverse_upper_factor, log_propagation)
 from worker.pipeline.prune.masks import exact_masks, normalized_scores
 from worker.pipeline.records import StepLog, layer_record, sparsity_of
@@ -214,8 +215,11 @@ def _sparsegpt(model: onnx.ModelProto, original: onnx.ModelProto, layers: list[W
             clock.tick(done, source, "capture")
             plan = {source: [(layer.weight, columns, geometry) for layer, columns, geometry in group]}
             # once a layer upstream is pruned, this one's inputs drift: correct for it first
+            matrices = {layer.weight: _as_matrix(get_array(model, layer.weight), layer, geometry)
+                        for layer, _, geometry in group}
             if done:
-                drift = accumulate_drift(reference.stream([source]), current.stream([source]), plan, ctx.cost)
+                drift = accumulate_drift(reference.stream([source]), current.stream([source]), plan, ctx.cost,
+                                         weights=matrices)
                 hessians = {key: pair[0] for key, pair in drift.items()}
             else:
                 drift, hessians = None, accumulate_hessians(current.stream([source]), plan, ctx.cost)
@@ -224,9 +228,9 @@ def _sparsegpt(model: onnx.ModelProto, original: onnx.ModelProto, layers: list[W
                 with ctx.cost.phase("solve"):
                     hinv_chol, dead = _hinv_cholesky(hessians.pop(layer.weight))
                     w = get_array(model, layer.weight)
-                    matrix = _as_matrix(w, layer, geometry)
+                    matrix = matrices.pop(layer.weight)
                     if drift:
-                        matrix = drift_corrected(matrix.astype(np.float64), *drift.pop(layer.weight)).astype(np.float32)
+                        matrix = drift_refit(matrix.astype(np.float64), *drift.pop(layer.weight)).astype(np.float32)
                     matrix[:, dead] = 0.0          # an input that is never active carries nothing to keep
                     n, m = n_m if n_m is not None else (0, 0)
                     block = SPARSEGPT_BLOCK if not m else m * max(1, SPARSEGPT_BLOCK // m)   # whole N:M groups per block

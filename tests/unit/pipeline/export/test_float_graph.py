@@ -31,7 +31,7 @@ def _cosine(a, b) -> float:
 def test_static_int8_keeps_the_relu_folded_into_a_quantization_range(tmp_path):
     model = builders.cnn_bn()
     compressed = _compressed(tmp_path, model, [{"op": "quantize", "weights": {"bits": 8}, "activations": {"bits": 8},
-                                                "min_params": 16}])
+                                                "min_params": 16, "min_products": 0}])   # conv1 in int8 too
     assert "Relu" not in {n.op_type for n in compressed.graph.node}   # the quantizer folded it into [0, max]
     plain, counts = float_graph(compressed)
     onnx.checker.check_model(plain, full_check=True)

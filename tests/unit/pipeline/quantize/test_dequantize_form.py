@@ -112,3 +112,25 @@ def test_runner_reports_the_form(tmp_path, forced, fmt, form):
     assert ("DequantizeLinear" in ops) == (form == "qdq")
     formats = {layer["name"]: layer.get("format") for layer in report["layers"]}
     assert (formats["conv1.W"] or "").startswith("folded") == (form == "folded")
+
+
+def test_a_weight_read_inside_an_if_body_is_folded_too(tmp_path):
+    """An LSTM inside an If (silero-vad's shape): its W / R DequantizeLinear live in the main graph
+    and only the branch reads them. Folded, ONNX Runtime computes them once at load: no
+    DequantizeLinear left, and the same values."""
+    from core.recipe import QuantizeStep
+    from worker.pipeline.quantize.static import quantize_static
+    from worker.pipeline.step import StepContext
+
+    model = builders.lstm_in_if()
+    calibration = {"x": np.random.default_rng(4).standard_normal((4, 5, 1, 32)).astype(np.float32)}
+    params = QuantizeStep(op="quantize", weights={"bits": 8}, activations={"calibration": "minmax"}, min_params=1024)
+    quantized = quantize_static(model, params, StepContext(original=model, calibration=calibration)).model
+    chosen = {node.output[0] for node in dequantize_form.weight_only_dequantizers(quantized)}
+    assert {"lstm_W", "lstm_R"} <= chosen
+    reference = _dequantized_float(quantized)
+    dequantize_form.fold(quantized, dequantize_form.weight_only_dequantizers(quantized))
+    assert "DequantizeLinear" not in _optimized_ops(quantized, tmp_path)
+    feeds = {"x": calibration["x"][0]}
+    np.testing.assert_allclose(builders.run_ort(quantized, feeds)[0], builders.run_ort(reference, feeds)[0],
+                               rtol=1e-5, atol=1e-6)

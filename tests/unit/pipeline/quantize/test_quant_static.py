@@ -19,7 +19,10 @@ FLOAT_MIN = float(np.finfo(np.float32).min)
 
 
 def _params(**overrides) -> QuantizeStep:
-    fields = {"op": "quantize", "weights": {"bits": 8}, "activations": {"calibration": "minmax"}, "min_params": 0}
+    # min_products 0: the small convs built here would otherwise keep float activations
+    # (weight_only_compute); these tests are about the integer path
+    fields = {"op": "quantize", "weights": {"bits": 8}, "activations": {"calibration": "minmax"}, "min_params": 0,
+              "min_products": 0}
     fields.update(overrides)
     return QuantizeStep(**fields)
 

@@ -583,7 +583,7 @@ def _const(name, array):
     return numpy_helper.from_array(np.asarray(array), name)
 
 
-@pytest.mark.parametrize("kind", ["cnn", "sequence"])
+@pytest.mark.parametrize("kind", ["cnn", "sequence", "mask"])
 def test_torch_translation_matches_onnx_runtime(kind):
     torch = require_torch()
     torch.set_num_threads(1)
@@ -607,6 +607,25 @@ def test_torch_translation_matches_onnx_runtime(kind):
                  _const("mu", f(4)), _const("var", np.abs(f(4)) + 0.5), _const("fw", f(5, 4 * 6 * 4)), _const("fb", f(5))]
         x = f(3, 2, 6, 7)
         in_shape, out_shape = ["batch", 2, 6, 7], ["batch", 5]
+    elif kind == "mask":
+        # what a transformers encoder export builds its mask and its L2 normalization with
+        nodes = [
+            helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+            helper.make_node("Gather", ["shape", "one"], ["steps"], name="steps", axis=0),
+            helper.make_node("Range", ["zero", "steps", "one"], ["positions"], name="range"),
+            helper.make_node("GreaterOrEqual", ["positions", "two"], ["late"], name="ge"),
+            helper.make_node("LessOrEqual", ["positions", "zero"], ["first"], name="le"),
+            helper.make_node("Or", ["late", "first"], ["keep"], name="or"),
+            helper.make_node("Unsqueeze", ["keep", "last"], ["keep1"], name="unsq"),
+            helper.make_node("Neg", ["x"], ["negx"], name="neg"),
+            helper.make_node("Where", ["keep1", "x", "negx"], ["masked"], name="where"),
+            helper.make_node("ReduceL2", ["masked"], ["norms"], name="l2", axes=[2], keepdims=0),
+            helper.make_node("Gemm", ["norms", "w"], ["y"], name="fc"),
+        ]
+        inits = [_const("zero", np.array(0, np.int64)), _const("one", np.array(1, np.int64)),
+                 _const("two", np.array(2, np.int64)), _const("last", np.array([-1], np.int64)), _const("w", f(4, 6))]
+        x = f(3, 4, 6)
+        in_shape, out_shape = ["batch", 4, 6], ["batch", 6]
     else:
         nodes = [
             helper.make_node("LayerNormalization", ["x", "ln_s", "ln_b"], ["ln"], name="ln", axis=-1),
