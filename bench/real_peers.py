@@ -44,7 +44,7 @@ METHODS = {
     "ours-static-minmax": "ours static int8, minmax",
     "ours-static-mse": "ours static int8, mse",
     "ours-dynamic": "ours dynamic int8",
-    "ours-int4-gptq": f"ours int4 GPTQ b{BLOCK_SIZE}",
+    "ours-int4-gptq": f"ours int4 GPTQ b{BLOCK_SIZE}, mse scales",
     "ours-fp16": "ours fp16",
     "ort-static-minmax": "ORT quantize_static QDQ per-channel MinMax",
     "ort-static-pct": "ORT quantize_static QDQ per-channel Percentile",
@@ -205,8 +205,8 @@ def _recipe(method: str) -> dict:
     elif method == "ours-dynamic":
         step = {"op": "quantize", "weights": {"bits": 8}, "activations": {"calibration": "dynamic"}}
     elif method == "ours-int4-gptq":
-        step = {"op": "quantize", "weights": {"bits": 4, "granularity": "block", "block_size": BLOCK_SIZE},
-                "method": "gptq"}
+        step = {"op": "quantize", "weights": {"bits": 4, "granularity": "block", "block_size": BLOCK_SIZE,
+                                            "scale_search": "mse"}, "method": "gptq"}
     elif method == "ours-fp16":
         step = {"op": "fp16"}
     else:

@@ -153,7 +153,7 @@ class QuantizeStep(_WeightStep):
     smoothquant: float | None = Field(
         0.5, ge=0.0, le=1.0, description="static int8: SmoothQuant alpha, activation outliers of MatMul / Gemm "
                                           "inputs moved into the weights (exact in float); null = off")
-    # off by default: on all-MiniLM-L6-v2 int4 GPTQ it raised the output rel_l2 (0.195 -> 0.200)
+    # off by default: on all-MiniLM-L6-v2 int4 GPTQ it raised the output rel_l2 (0.195 -> 0.202), and it needs calibration data that RTN does not
     awq: bool = Field(
         False, description="weight-only 4 / 2 bits: activation-aware per-input-channel scales (AWQ), searched on "
                            "calibration data")

@@ -30,13 +30,13 @@ from worker.pipeline import graph
 from worker.pipeline.distill.layers import Grid, constant_nodes
 
 OPS = frozenset({
-    "Abs", "Add", "And", "AveragePool", "BatchNormalization", "Cast", "Clip", "Concat", "Constant",
-    "ConstantOfShape", "Conv", "DequantizeLinear", "Div", "Dropout", "Equal", "Erf", "Exp", "Expand",
+    "Abs", "Add", "And", "AveragePool", "BatchNormalization", "BitShift", "Cast", "Clip", "Concat", "Constant",
+    "ConstantOfShape", "Conv", "CumSum", "DequantizeLinear", "Div", "Dropout", "Equal", "Erf", "Exp", "Expand",
     "Flatten", "Gather", "Gelu", "Gemm", "GlobalAveragePool", "GlobalMaxPool", "Greater", "GreaterOrEqual",
     "HardSigmoid", "HardSwish", "Identity", "LayerNormalization", "LeakyRelu", "Less", "LessOrEqual", "Log",
     "LogSoftmax", "MatMul", "Max", "MaxPool", "Min", "Mul", "Neg", "Not", "Or", "Pow", "QuantizeLinear", "Range",
     "Reciprocal", "ReduceL2", "ReduceMax", "ReduceMean", "ReduceSum", "Relu", "Reshape", "Shape", "Sigmoid",
-    "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze", "Where",
+    "Sign", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze", "Where",
 })
 
 # contrib ops with a translation: ORT's fused weight-only MatMul (its weight enters as a float tensor)
@@ -403,6 +403,20 @@ def _run_node(node: onnx.NodeProto, args: list, opset: int) -> list:
         return [torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)]
     if op == "Not":
         return [torch.logical_not(x)]
+    # the sparse storage's bitmask decoding (``sparse_form``), where the model runs it per call
+    if op == "BitShift":
+        shift = torch.bitwise_left_shift if a.get("direction") == b"LEFT" or a.get("direction") == "LEFT" \
+            else torch.bitwise_right_shift
+        return [shift(args[0], args[1].to(args[0].dtype))]
+    if op == "CumSum":
+        axis = int(_ints(args[1])[0])
+        values = x.flip(axis) if a.get("reverse", 0) else x
+        out = torch.cumsum(values, dim=axis).to(x.dtype)
+        if a.get("exclusive", 0):
+            out = out - values
+        return [out.flip(axis) if a.get("reverse", 0) else out]
+    if op == "Sign":
+        return [torch.sign(x)]
     if op in ("Max", "Min"):
         out = args[0]
         for other in args[1:]:
@@ -429,6 +443,11 @@ def _run_node(node: onnx.NodeProto, args: list, opset: int) -> list:
         raise ValueError("Constant without a supported value attribute")
     if op == "ConstantOfShape":
         value = numpy_helper.to_array(a["value"]) if "value" in a else np.zeros(1, np.float32)
+        if value.dtype == np.bool_:
+            # a bool fill traces to aten::full(bool), which TorchScript's alias analysis refuses
+            # (all-MiniLM-L6-v2's mask); ones / zeros of bool trace to ops it knows
+            make = torch.ones if bool(value.reshape(-1)[0]) else torch.zeros
+            return [make(_ints(x), dtype=torch.bool)]
         return [torch.full(_ints(x), value.reshape(-1)[0].item(), dtype=_to_torch(value).dtype)]
     if op == "Cast":
         return [x.to(_DTYPES[int(a["to"])])]
@@ -442,7 +461,9 @@ def _run_node(node: onnx.NodeProto, args: list, opset: int) -> list:
             shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
         return [x.reshape(shape)]
     if op == "Flatten":
-        axis = int(a.get("axis", 1)) % max(x.dim(), 1) if x.dim() else 0
+        # axis is in [-rank, rank]: axis == rank gives [N, 1] (a transformers mask flattens so)
+        axis = int(a.get("axis", 1))
+        axis = axis + x.dim() if axis < 0 else axis
         return [x.reshape(int(np.prod(x.shape[:axis])), -1)]
     if op == "Transpose":
         perm = a.get("perm", list(reversed(range(x.dim()))))

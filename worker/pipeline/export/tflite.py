@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -95,18 +96,56 @@ def bool_expands_as_integers(model: onnx.ModelProto) -> int:
     return count
 
 
+TF_SCOPE_NAME = re.compile(r"[^A-Za-z0-9_./>-]")      # what TensorFlow refuses in a scope name
+
+
+def fixed_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> None:
+    """The inputs' dims written as the one sample's, and the intermediate shapes dropped (onnx2tf
+    infers them again from there). onnx2tf reads the graph's own input dims before its
+    ``overwrite_input_shape`` applies: paddle2onnx writes -1 for the batch, which TensorFlow
+    refuses ("Dimension -1 must be >= 0": the PP-OCR orientation classifier failed on it)."""
+    for value in model.graph.input:
+        if value.name not in shapes or not value.type.HasField("tensor_type"):
+            continue
+        dims = value.type.tensor_type.shape.dim
+        for dim, size in zip(dims, shapes[value.name]):
+            dim.Clear()
+            dim.dim_value = size
+    for value in model.graph.output:      # a -1 there is no size either: left for inference
+        for dim in value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else ():
+            if dim.HasField("dim_value") and dim.dim_value < 0:
+                dim.Clear()
+    del model.graph.value_info[:]
+
+
+def scope_safe_node_names(model: onnx.ModelProto) -> int:
+    """Node names TensorFlow takes as scope names (onnx2tf names its layers after the nodes):
+    other characters become ``_`` ("'Softmax@0' is not a valid scope name", paddle2onnx's naming).
+    Names only: the graph computes the same. Returns how many were renamed."""
+    taken = {node.name for node in model.graph.node}
+    renamed = 0
+    for node in model.graph.node:
+        if not TF_SCOPE_NAME.search(node.name):
+            continue
+        node.name = graph.fresh_name(TF_SCOPE_NAME.sub("_", node.name) or node.op_type, taken)
+        renamed += 1
+    return renamed
+
+
 def convert(ctx: ExportContext) -> dict:
     model = graph.load_model(ctx.model_path)
     plain, folded = float_graph(model)
     bool_expands_as_integers(plain)
+    scope_safe_node_names(plain)
     inputs, _ = _io(plain)
     del model
     work = ctx.workdir / SCRATCH
     work.mkdir(exist_ok=True)
     try:
-        onnx.save_model(plain, str(work / "float.onnx"))
         sample = next(ctx.measure_data.head(1).batches(1))
         shapes = {name: [int(d) for d in np.shape(sample[name])] for name in inputs}
+        fixed_input_shapes(plain, shapes)
+        onnx.save_model(plain, str(work / "float.onnx"))
         mode = MODES[ctx.quantization()]
         job = {"float_onnx": str(work / "float.onnx"), "folder": str(work), "output": str(ctx.workdir / FILES[0]),
                "mode": mode, "shapes": shapes, **_layouts(plain, inputs, shapes)}

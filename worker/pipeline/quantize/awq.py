@@ -10,11 +10,11 @@ largest activations get ``s > 1``: their weights take a larger share of each blo
 rounding error - which those activations multiply - shrinks relative to the rest (Lin et al., 2023,
 "AWQ"). The factor:
 
-    s = a ** alpha / sqrt(max(a ** alpha) * min(a ** alpha)),     a_k = rms(X_k)
+    s = a ** alpha / sqrt(max(a ** alpha) * min(a ** alpha)),     a_k = mean |X_k|
 
-(``a`` from the diagonal of the layer's input Hessian, which the runner has captured anyway; the
-root mean square stands in for AWQ's mean |x|), with ``alpha`` searched over ``ALPHAS`` for the
-smallest output error of the whole group on the calibration data, from the same Hessian:
+(``a`` summed while the runner captures the layer's input Hessian, in the same pass), with
+``alpha`` searched over ``ALPHAS`` for the smallest output error of the whole group on the
+calibration data, from that Hessian:
 
     E(alpha) = sum_g sum_i D_gi H D_gi^T,     D_g = Q(W_g diag(s)) diag(1/s) - W_g      (matrix form)
 
@@ -40,25 +40,28 @@ ALPHAS = np.linspace(0.0, 1.0, 11)
 FACTOR_RANGE = (1e-4, 1e4)
 
 
-def factors(hessian: np.ndarray, alpha: float) -> np.ndarray:
-    """``s`` for one alpha (see the module docstring); 1 for never-active inputs."""
-    rms = np.sqrt(np.maximum(np.diag(hessian), 0.0) / 2.0)
-    live = rms > 0
-    s = np.ones(rms.shape, dtype=np.float64)
+def factors(mean_abs: np.ndarray, alpha: float) -> np.ndarray:
+    """``s`` for one alpha from each input channel's mean |x| (see the module docstring); 1 for
+    never-active inputs."""
+    mean_abs = np.asarray(mean_abs, dtype=np.float64)
+    live = mean_abs > 0
+    s = np.ones(mean_abs.shape, dtype=np.float64)
     if not live.any() or alpha == 0.0:
         return s
-    powered = rms[live] ** alpha
+    powered = mean_abs[live] ** alpha
     s[live] = powered / np.sqrt(powered.max() * powered.min())
     return np.clip(s, *FACTOR_RANGE)
 
 
-def search(matrices: list[np.ndarray], hessian: np.ndarray, quantizers: list) -> tuple[float, np.ndarray, float]:
+def search(matrices: list[np.ndarray], hessian: np.ndarray, mean_abs: np.ndarray,
+           quantizers: list) -> tuple[float, np.ndarray, float]:
     """(alpha, s, error) minimising the group's output error. ``matrices``: the group's weights in
-    matrix form ``[outputs, K]``; ``quantizers[i](matrix) -> w'``: round-to-nearest on layer i's grid."""
+    matrix form ``[outputs, K]``; ``mean_abs``: mean |x| per input channel; ``quantizers[i](matrix)
+    -> w'``: round-to-nearest on layer i's grid."""
     h = np.asarray(hessian, dtype=np.float32)
     best: tuple[float, np.ndarray, float] | None = None
     for alpha in ALPHAS:
-        s = factors(hessian, float(alpha)).astype(np.float32)
+        s = factors(mean_abs, float(alpha)).astype(np.float32)
         error = 0.0
         for matrix, quantize in zip(matrices, quantizers):
             d = quantize(matrix * s) / s - matrix

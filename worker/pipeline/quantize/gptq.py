@@ -101,6 +101,7 @@ class GptqRunner:
         self.scaled: dict[str, np.ndarray] = {}          # AWQ: weight -> diag(s) W, the weight's layout
         self.input_scales: dict[str, tuple[str, np.ndarray]] = {}   # weight -> (input tensor, s)
         self.awq_alpha: dict[str, float] = {}            # input tensor -> the alpha chosen
+        self.mean_abs: dict[str, np.ndarray] = {}        # AWQ: input tensor -> mean |x| per last-axis channel
         self.ctx = ctx
         self.data = bind(model, ctx.calibration)
         self.limit = int(ctx.options.get("gptq_samples", DEFAULT_SAMPLES))
@@ -155,7 +156,8 @@ class GptqRunner:
             for source, group in ordered:
                 self.ctx.check_cancelled()
                 clock.tick(done, group[0].weight, "capture")
-                self._capture(source, propagation.stream([source]))
+                batches = propagation.stream([source])
+                self._capture(source, self._measuring(source, batches) if self.use_awq else batches)
                 if self.use_awq:
                     with self.ctx.cost.phase("awq"):
                         self._scale_inputs(source, group, grid_of)
@@ -178,6 +180,19 @@ class GptqRunner:
                                 "spilled_batches": propagation.stats.spilled,
                                 "peak_held_bytes": max(propagation.stats.held_bytes, default=0)}
         return results
+
+    def _measuring(self, source: str, batches):
+        """The batches, unchanged, while AWQ's mean |x| per input channel of ``source`` is summed."""
+        total, count = None, 0
+        for batch in batches:
+            x = batch[source]
+            flat = np.abs(x.reshape(-1, x.shape[-1]), dtype=np.float64) if x.ndim else None
+            if flat is not None:
+                total = flat.sum(axis=0) if total is None else total + flat.sum(axis=0)
+                count += flat.shape[0]
+            yield batch
+        if count:
+            self.mean_abs[source] = total / count
 
     def _scale_inputs(self, source: str, group: list[graph.WeightLayer], grid_of) -> None:
         """AWQ (``quantize.awq``) for the MatMul / Gemm layers of ``group``: one ``s`` for them all,
@@ -204,7 +219,10 @@ class GptqRunner:
 
         matrices = [self._as_matrix(weights[layer.weight], layer) for layer in chosen]
         quantizers = [lambda matrix, layer=layer: nearest(matrix, layer) for layer in chosen]
-        alpha, s, _ = awq.search(matrices, hessian, quantizers)
+        mean_abs = self.mean_abs.get(source)
+        if mean_abs is None or mean_abs.shape[0] != matrices[0].shape[1]:
+            return
+        alpha, s, _ = awq.search(matrices, hessian, mean_abs, quantizers)
         self.awq_alpha[source] = alpha
         if alpha == 0.0:
             return

@@ -30,17 +30,6 @@ class Grid:
         return {"bits": self.bits, "signed": self.signed, "axis": self.axis, "block_size": self.block_size}
 
 
-def default_scale_search(spec: WeightQuantSpec, method: str = "rtn") -> str:
-    """``weights.scale_search`` when the recipe leaves it null: ``mse`` for the layers GPTQ solves at
-    4 or 2 bits (all-MiniLM-L6-v2 int4 block 32: output rel_l2 0.220 -> 0.195, docs/recipes.md),
-    else absmax (symmetric) / minmax (asymmetric), the contract's grid."""
-    if spec.scale_search:
-        return spec.scale_search
-    if method == "gptq" and spec.bits <= 4:
-        return "mse"
-    return "absmax" if spec.symmetric else "minmax"
-
-
 def base_method(grid: Grid) -> str:
     """The scale rule a search starts from: ``output`` starts from absmax / minmax."""
     if grid.method == "output":
@@ -48,10 +37,12 @@ def base_method(grid: Grid) -> str:
     return grid.method
 
 
-def grid_for(layer: graph.WeightLayer, spec: WeightQuantSpec, method: str = "rtn") -> Grid:
-    """The layer's grid under ``spec``, quantized by ``method`` (rtn | gptq: the default scale search)."""
+def grid_for(layer: graph.WeightLayer, spec: WeightQuantSpec) -> Grid:
+    """The layer's grid under ``spec``. Left null, the scale rule is the contract's: absmax / qmax
+    (symmetric) or min / max (asymmetric); ``mse`` lowers GPTQ's int4 error further (docs/recipes.md)
+    but is a searched clip, not that grid, so it is the user's choice."""
     signed = spec.symmetric
-    method = default_scale_search(spec, method)
+    method = spec.scale_search or ("absmax" if spec.symmetric else "minmax")
     if spec.granularity == "tensor":
         axis, block = None, None
     elif spec.granularity == "channel":

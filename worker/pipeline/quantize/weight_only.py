@@ -261,7 +261,7 @@ def quantize_weights(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
         # calibrated: each layer on the Hessian of the inputs it sees with the layers before it quantized
         runner = gptq.GptqRunner(model, layers, ctx, rounding="gptq" if params.method == "gptq" else "nearest",
                                  use_awq=use_awq)
-        solved = runner.quantize_all(layers, lambda layer: grid_for(layer, spec, params.method))
+        solved = runner.quantize_all(layers, lambda layer: grid_for(layer, spec))
     inits = graph.initializers(model)
     changed: list[str] = []
     packs: list[tuple[matmulnbits.Packed, int]] = []
@@ -271,8 +271,7 @@ def quantize_weights(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
         tensor = inits[layer.weight]
         float_type = tensor.data_type
         w = numpy_helper.to_array(tensor).astype(np.float32)
-        # GPTQ's default scale search is for the layers it solves; the rest keep RTN's grid
-        grid = grid_for(layer, spec, params.method if layer.weight in solved else "rtn")
+        grid = grid_for(layer, spec)
         extra: dict[str, Any] = {"scale_search": grid.method}
         if layer.weight in solved:
             q, scale, zero_point, w_hat, w = solved.pop(layer.weight)   # w: the float weight before GPTQ

@@ -179,8 +179,8 @@ def test_gptq_beats_rtn_on_held_out_data(bits):
     expected = builders.run_ort(model, evaluation)
     spec = {"weights": {"bits": bits, "granularity": "block", "block_size": 32}, "format": "qdq"}
     rtn, _ = apply(builders.mlp(), spec)
-    # the contract's absmax grid (mse is GPTQ's default at 4 / 2 bits: test_rounding.py), so that
-    # the integers can be compared with RTN's grid below
+    # the contract's absmax grid (the default, said explicitly), so that the integers can be compared
+    # with RTN's grid below
     gptq, ctx = apply(builders.mlp(), {**spec, "weights": {**spec["weights"], "scale_search": "absmax"},
                                        "method": "gptq"}, calibration=calibration)
     assert {r.extra["method"] for r in ctx.layers.values()} == {"gptq"}

@@ -135,20 +135,21 @@ def test_awq_rescaling_is_exact_in_float():
     """s and 1/s cancel: the search's w' / s, put back against X / s, is the layer's product."""
     rng = np.random.default_rng(2)
     x = rng.standard_normal((64, 32)) * np.logspace(0, 1, 32)
-    h = (2.0 / len(x)) * x.T @ x
-    s = awq.factors(h, 0.5)
+    mean_abs = np.abs(x).mean(axis=0)
+    s = awq.factors(mean_abs, 0.5)
     w = rng.standard_normal((16, 32))
     np.testing.assert_allclose((x / s) @ (w * s).T, x @ w.T, rtol=1e-10)
-    assert awq.factors(h, 0.0).tolist() == [1.0] * 32
-    assert np.argmax(s) == np.argmax(np.diag(h))
+    assert awq.factors(mean_abs, 0.0).tolist() == [1.0] * 32
+    assert np.argmax(s) == np.argmax(mean_abs)
+    np.testing.assert_allclose(s.max() * s.min(), 1.0)       # centred: sqrt(max * min) divided out
 
 
-def test_gptq_low_bit_defaults_to_mse_scales_without_awq():
+def test_gptq_low_bit_defaults_to_the_contracts_absmax_grid_without_awq():
     model = builders.mlp()
     calibration = correlated(256, seed=1)
     result, ctx = apply(model, {"weights": {"bits": 4, "granularity": "block"}, "method": "gptq"},
                         calibration=calibration)
-    assert {r.extra["scale_search"] for r in ctx.layers.values()} == {"mse"}
+    assert {r.extra["scale_search"] for r in ctx.layers.values()} == {"absmax"}
     assert "awq" not in result.metrics
     result, ctx = apply(builders.mlp(), {"weights": {"bits": 8}, "method": "gptq"}, calibration=calibration)
     assert {r.extra["scale_search"] for r in ctx.layers.values()} == {"absmax"}

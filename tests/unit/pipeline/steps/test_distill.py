@@ -583,7 +583,7 @@ def _const(name, array):
     return numpy_helper.from_array(np.asarray(array), name)
 
 
-@pytest.mark.parametrize("kind", ["cnn", "sequence", "mask"])
+@pytest.mark.parametrize("kind", ["cnn", "sequence", "mask", "bits"])
 def test_torch_translation_matches_onnx_runtime(kind):
     torch = require_torch()
     torch.set_num_threads(1)
@@ -607,6 +607,24 @@ def test_torch_translation_matches_onnx_runtime(kind):
                  _const("mu", f(4)), _const("var", np.abs(f(4)) + 0.5), _const("fw", f(5, 4 * 6 * 4)), _const("fb", f(5))]
         x = f(3, 2, 6, 7)
         in_shape, out_shape = ["batch", 2, 6, 7], ["batch", 5]
+    elif kind == "bits":
+        # the sparse storage's bitmask decoding ops (BitShift, CumSum, Sign), on values from the input
+        nodes = [
+            helper.make_node("Abs", ["x"], ["ax"], name="abs"),
+            helper.make_node("Mul", ["ax", "twenty"], ["scaled"], name="scale"),
+            helper.make_node("Cast", ["scaled"], ["q"], name="q", to=TensorProto.UINT8),
+            helper.make_node("BitShift", ["q", "one_u8"], ["half"], name="right", direction="RIGHT"),
+            helper.make_node("BitShift", ["half", "one_u8"], ["even"], name="left", direction="LEFT"),
+            helper.make_node("Cast", ["even"], ["ev"], name="ev", to=TensorProto.FLOAT),
+            helper.make_node("CumSum", ["ev", "axis1"], ["running"], name="cumsum", exclusive=1),
+            helper.make_node("Sign", ["x"], ["sign"], name="sign"),
+            helper.make_node("Mul", ["running", "sign"], ["signed"], name="signed"),
+            helper.make_node("MatMul", ["signed", "w"], ["y"], name="fc"),
+        ]
+        inits = [_const("twenty", np.array(20.0, np.float32)), _const("one_u8", np.array(1, np.uint8)),
+                 _const("axis1", np.array(1, np.int64)), _const("w", f(8, 6))]
+        x = f(3, 8)
+        in_shape, out_shape = ["batch", 8], ["batch", 6]
     elif kind == "mask":
         # what a transformers encoder export builds its mask and its L2 normalization with
         nodes = [
@@ -620,12 +638,13 @@ def test_torch_translation_matches_onnx_runtime(kind):
             helper.make_node("Neg", ["x"], ["negx"], name="neg"),
             helper.make_node("Where", ["keep1", "x", "negx"], ["masked"], name="where"),
             helper.make_node("ReduceL2", ["masked"], ["norms"], name="l2", axes=[2], keepdims=0),
-            helper.make_node("Gemm", ["norms", "w"], ["y"], name="fc"),
+            helper.make_node("Flatten", ["norms"], ["column"], name="flat_last", axis=2),   # axis == rank: [N, 1]
+            helper.make_node("MatMul", ["column", "w"], ["y"], name="fc"),
         ]
         inits = [_const("zero", np.array(0, np.int64)), _const("one", np.array(1, np.int64)),
-                 _const("two", np.array(2, np.int64)), _const("last", np.array([-1], np.int64)), _const("w", f(4, 6))]
+                 _const("two", np.array(2, np.int64)), _const("last", np.array([-1], np.int64)), _const("w", f(1, 6))]
         x = f(3, 4, 6)
-        in_shape, out_shape = ["batch", 4, 6], ["batch", 6]
+        in_shape, out_shape = ["batch", 4, 6], ["rows", 6]
     else:
         nodes = [
             helper.make_node("LayerNormalization", ["x", "ln_s", "ln_b"], ["ln"], name="ln", axis=-1),
@@ -675,3 +694,39 @@ def test_torch_translation_matches_onnx_runtime(kind):
     np.testing.assert_allclose(got.detach().numpy(), want, rtol=1e-4, atol=1e-5)
     got.sum().backward()   # differentiable end to end: every trained weight gets a gradient
     assert all(p.grad is not None for p in net.params.parameters())
+
+
+def test_a_bool_constant_of_shape_traces_and_saves_as_torchscript(tmp_path):
+    """A transformers encoder's mask starts from a bool ConstantOfShape: traced as aten::full with a
+    bool fill, TorchScript refused the module (all-MiniLM-L6-v2's pytorch export failed)."""
+    torch = require_torch()
+    import warnings
+
+    from worker.pipeline.distill.torch_graph import TorchGraph
+
+    nodes = [helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+             helper.make_node("ConstantOfShape", ["shape"], ["all"], name="ones",
+                              value=numpy_helper.from_array(np.array([True]))),
+             helper.make_node("Cast", ["x"], ["nonzero"], name="nz", to=TensorProto.BOOL),
+             helper.make_node("And", ["all", "nonzero"], ["keep"], name="and"),
+             helper.make_node("Where", ["keep", "x", "zero"], ["y"], name="where")]
+    g = helper.make_graph(nodes, "mask", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+                          [_const("zero", np.array(0.0, np.float32))])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    net = TorchGraph(model, [])
+
+    class Module(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net({"x": x})["y"]
+
+    x = torch.tensor([[0.0, 1.5, -2.0], [3.0, 0.0, 4.0]])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(Module().eval(), (x,), check_trace=False)
+    traced.save(str(tmp_path / "mask.pt"))
+    np.testing.assert_array_equal(torch.jit.load(str(tmp_path / "mask.pt"))(x).numpy(), x.numpy())
