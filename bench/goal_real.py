@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.real_bench import _peak_rss_bytes, measure, run_child, spawn, table_row, write_document
+from bench.real_bench import _peak_rss_bytes, measure, run_child, spawn, table_body, write_document
 from bench.real_models import NAMES, load
 from bench.real_peers import MATMUL_ONLY, METHODS, has_matmul_weights
 
@@ -189,10 +189,7 @@ def table(result: dict) -> str:
              f"task metric: {result['metric']} vs FP32" + (f"; truth: {truth}" if truth else "") +
              f"; goal {json.dumps(result['goal'])} on the {result['search_data']} set; "
              f"{result['calibration_samples']} calibration / {result['evaluation_samples']} evaluation samples", "",
-             "| method | task | truth | rel_l2 | size x | bytes | latency x | compress s | peak MiB | notes |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [table_row(name, row, with_bytes=True) for name, row in result["rows"].items()]
-    lines += [""] + [f"- {line}" for line in result["findings"]]
+             *table_body(result["rows"], result["findings"], with_bytes=True)]
     return "\n".join(lines)
 
 

@@ -217,11 +217,17 @@ def table(result: dict) -> str:
              f"task metric: {result['metric']} vs FP32" + (f"; truth: {truth}" if truth else "") +
              f"; {result['calibration_samples']} calibration samples; latency feed "
              f"{result['latency_feed']}, 1 thread, {result['runs']} interleaved runs", "",
-             "| method | task | truth | rel_l2 | size x | latency x | compress s | peak MiB | notes |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    lines += [table_row(name, row) for name, row in result["rows"].items()]
-    lines += [""] + [f"- {line}" for line in findings(result)]
+             *table_body(result["rows"], findings(result))]
     return "\n".join(lines)
+
+
+def table_body(rows: dict[str, dict], found: list[str], with_bytes: bool = False) -> list[str]:
+    """The methods' markdown table (``table_row``'s columns) and the findings under it."""
+    columns = ["method", "task", "truth", "rel_l2", "size x"] + (["bytes"] if with_bytes else []) + [
+        "latency x", "compress s", "peak MiB", "notes"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += [table_row(name, row, with_bytes) for name, row in rows.items()]
+    return lines + [""] + [f"- {line}" for line in found]
 
 
 def table_row(name: str, row: dict, with_bytes: bool = False) -> str:
