@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.real_bench import _peak_rss_bytes, measure, run_child, spawn, table_body, write_document
+from bench.real_bench import _peak_rss_bytes, fresh_work_dir, measure, run_child, spawn, markdown, write_document
 from bench.real_models import NAMES, load
 from bench.real_peers import MATMUL_ONLY, METHODS, has_matmul_weights
 
@@ -117,11 +117,7 @@ def _spawn_goal(name: str, quick: bool, budget: float, search_data: str, timeout
 def evaluate(name: str, peers: list[str], fixed: list[str], quick: bool, budget: float, search_data: str,
              runs: int, timeout: float) -> dict:
     real = load(name, quick)
-    out_dir = WORK_DIR / name
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
-    shutil.copy(real.path, out_dir / "fp32.onnx")
+    out_dir = fresh_work_dir(real, WORK_DIR / name)
     matmul = has_matmul_weights(real.path)
     rows: dict[str, dict] = {"fp32": {"seconds": 0.0, "notes": []}}
     for method in [*peers, *fixed]:
@@ -184,13 +180,10 @@ def findings(result: dict) -> list[str]:
 
 
 def table(result: dict) -> str:
-    truth = result["truth_metric"]
-    lines = [f"### {result['model']}: {result['description']}", "",
-             f"task metric: {result['metric']} vs FP32" + (f"; truth: {truth}" if truth else "") +
-             f"; goal {json.dumps(result['goal'])} on the {result['search_data']} set; "
-             f"{result['calibration_samples']} calibration / {result['evaluation_samples']} evaluation samples", "",
-             *table_body(result["rows"], result["findings"], with_bytes=True)]
-    return "\n".join(lines)
+    return markdown(result, result["description"],
+                    f"; goal {json.dumps(result['goal'])} on the {result['search_data']} set; "
+                    f"{result['calibration_samples']} calibration / {result['evaluation_samples']} evaluation samples",
+                    result["findings"], with_bytes=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -113,13 +113,18 @@ def _latency_feed(real, session) -> dict[str, np.ndarray]:
     return next(iter(batches(real.evaluation, ranks, 8)))
 
 
-def evaluate(model_name: str, methods: list[str], quick: bool, runs: int, timeout: float) -> dict:
-    real = load(model_name, quick)
-    out_dir = WORK_DIR / model_name
+def fresh_work_dir(real, out_dir: Path) -> Path:
+    """``out_dir`` emptied, with the float model in it as fp32.onnx (every method's source)."""
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     shutil.copy(real.path, out_dir / "fp32.onnx")
+    return out_dir
+
+
+def evaluate(model_name: str, methods: list[str], quick: bool, runs: int, timeout: float) -> dict:
+    real = load(model_name, quick)
+    out_dir = fresh_work_dir(real, WORK_DIR / model_name)
     matmul = has_matmul_weights(real.path)
     rows: dict[str, dict] = {"fp32": {"seconds": 0.0, "notes": []}}
     for method in methods:
@@ -212,12 +217,17 @@ def findings(result: dict) -> list[str]:
 
 
 def table(result: dict) -> str:
+    return markdown(result, f"{result['description']} (pip: {result['package']})",
+                    f"; {result['calibration_samples']} calibration samples; latency feed "
+                    f"{result['latency_feed']}, 1 thread, {result['runs']} interleaved runs", findings(result))
+
+
+def markdown(result: dict, title: str, details: str, found: list[str], with_bytes: bool = False) -> str:
+    """One model's section: its title, the task metric and ``details``, the methods' table, ``found``."""
     truth = result["truth_metric"]
-    lines = [f"### {result['model']}: {result['description']} (pip: {result['package']})", "",
-             f"task metric: {result['metric']} vs FP32" + (f"; truth: {truth}" if truth else "") +
-             f"; {result['calibration_samples']} calibration samples; latency feed "
-             f"{result['latency_feed']}, 1 thread, {result['runs']} interleaved runs", "",
-             *table_body(result["rows"], findings(result))]
+    lines = [f"### {result['model']}: {title}", "",
+             f"task metric: {result['metric']} vs FP32" + (f"; truth: {truth}" if truth else "") + details, "",
+             *table_body(result["rows"], found, with_bytes)]
     return "\n".join(lines)
 
 
