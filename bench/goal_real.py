@@ -37,8 +37,9 @@ import sys
 import time
 from pathlib import Path
 
-from bench.real_bench import _peak_rss_bytes, fresh_work_dir, measure, run_child, spawn, markdown, write_document
-from bench.real_models import NAMES, load
+from bench.real_bench import (_peak_rss_bytes, fresh_work_dir, markdown, measure, refuse_unknown, run_child, spawn,
+                              write_document)
+from bench.real_models import load
 from bench.real_peers import MATMUL_ONLY, METHODS, has_matmul_weights
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
@@ -208,13 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     models = [m for m in args.models.split(",") if m]
     peers = [m for m in args.peers.split(",") if m]
     fixed = [m for m in args.fixed.split(",") if m]
-    for chosen, known, what in ((models, GOALS, "models"), (peers + fixed, METHODS, "methods")):
-        unknown = sorted(set(chosen) - set(known))
-        if unknown:
-            parser.error(f"unknown {what} {unknown}; choose from {list(known)}")
-    unknown = sorted(set(models) - set(NAMES))
-    if unknown:
-        parser.error(f"unknown models {unknown}")
+    refuse_unknown(parser, (models, GOALS, "models"), (peers + fixed, METHODS, "methods"))
     runs = args.runs if args.runs is not None else (5 if args.quick else 20)
     started = time.time()
     results = []

@@ -113,6 +113,14 @@ def _latency_feed(real, session) -> dict[str, np.ndarray]:
     return next(iter(batches(real.evaluation, ranks, 8)))
 
 
+def refuse_unknown(parser: argparse.ArgumentParser, *choices: tuple[list[str], object, str]) -> None:
+    """``parser.error`` (exit 2) on the first (chosen, known, what) whose chosen names are not all known."""
+    for chosen, known, what in choices:
+        unknown = sorted(set(chosen) - set(known))
+        if unknown:
+            parser.error(f"unknown {what} {unknown}; choose from {list(known)}")
+
+
 def fresh_work_dir(real, out_dir: Path) -> Path:
     """``out_dir`` emptied, with the float model in it as fp32.onnx (every method's source)."""
     if out_dir.exists():
@@ -286,10 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     models = [m for m in args.models.split(",") if m]
     methods = [m for m in args.methods.split(",") if m]
-    for chosen, known, what in ((models, NAMES, "models"), (methods, METHODS, "methods")):
-        unknown = sorted(set(chosen) - set(known))
-        if unknown:
-            parser.error(f"unknown {what} {unknown}; choose from {list(known)}")
+    refuse_unknown(parser, (models, NAMES, "models"), (methods, METHODS, "methods"))
     runs = args.runs if args.runs is not None else (5 if args.quick else 20)
     started = time.time()
     results = []
