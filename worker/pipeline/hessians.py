@@ -14,7 +14,7 @@ from threadpoolctl import ThreadpoolController
 from worker.pipeline import activations
 from worker.pipeline.data import Dataset
 from worker.pipeline.sequential import lockstep
-from worker.pipeline.unfold import unfold2d, unfold2d_every
+from worker.pipeline.unfold import output_size, unfold2d, unfold2d_every
 
 CALIBRATION_BATCH = 64
 
@@ -159,10 +159,8 @@ def _rows(x: np.ndarray, columns: int, geometry: dict | None) -> np.ndarray:
     the columns) gives the same H to within sampling noise. Row ranks and MatMul rows are all kept."""
     if geometry is None:
         return x.reshape(-1, columns)
-    kh, kw = geometry["kernel"]
-    (sh, sw), (dh, dw), (top, left, bottom, right) = geometry["strides"], geometry["dilations"], geometry["pads"]
-    per_sample = (((x.shape[2] + top + bottom - dh * (kh - 1) - 1) // sh + 1)
-                  * ((x.shape[3] + left + right - dw * (kw - 1) - 1) // sw + 1))
+    ho, wo = output_size(x.shape[2], x.shape[3], geometry)
+    per_sample = ho * wo
     return unfold2d_every(x, geometry, -(-per_sample // ROWS_PER_SAMPLE))
 
 

@@ -39,6 +39,15 @@ def conv_weight_from_matrix(matrix: np.ndarray, shape: Sequence[int]) -> np.ndar
     return np.ascontiguousarray(matrix.reshape(o, kh, kw, c).transpose(0, 3, 1, 2))
 
 
+def output_size(h: int, w: int, geometry: dict) -> tuple[int, int]:
+    """(Ho, Wo): the Conv's output grid over an H x W input (pads, strides and dilations applied)."""
+    kh, kw = geometry["kernel"]
+    sh, sw = geometry["strides"]
+    top, left, bottom, right = geometry["pads"]
+    dh, dw = geometry["dilations"]
+    return (h + top + bottom - dh * (kh - 1) - 1) // sh + 1, (w + left + right - dw * (kw - 1) - 1) // sw + 1
+
+
 def unfold2d(x: np.ndarray, geometry: dict) -> np.ndarray:
     """x[N, C, H, W] -> rows[N*Ho*Wo, kh*kw*C]: every receptive field the Conv multiplies with W."""
     kh, kw = geometry["kernel"]
@@ -47,8 +56,7 @@ def unfold2d(x: np.ndarray, geometry: dict) -> np.ndarray:
     dh, dw = geometry["dilations"]
     n, c, h, w = x.shape
     padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
-    ho = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
-    wo = (w + left + right - dw * (kw - 1) - 1) // sw + 1
+    ho, wo = output_size(h, w, geometry)
     cols = np.empty((n, ho, wo, kh, kw, c), dtype=x.dtype)
     for dy in range(kh):
         for dx in range(kw):
@@ -68,8 +76,7 @@ def unfold2d_every(x: np.ndarray, geometry: dict, every: int) -> np.ndarray:
     top, left, bottom, right = geometry["pads"]
     dh, dw = geometry["dilations"]
     n, c, h, w = x.shape
-    ho = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
-    wo = (w + left + right - dw * (kw - 1) - 1) // sw + 1
+    ho, wo = output_size(h, w, geometry)
     picked = np.arange(0, n * ho * wo, every)
     sample, position = np.divmod(picked, ho * wo)
     oy, ox = np.divmod(position, wo)
