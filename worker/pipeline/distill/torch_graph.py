@@ -34,9 +34,9 @@ OPS = frozenset({
     "ConstantOfShape", "Conv", "CumSum", "DequantizeLinear", "Div", "Dropout", "Equal", "Erf", "Exp", "Expand",
     "Flatten", "Gather", "Gelu", "Gemm", "GlobalAveragePool", "GlobalMaxPool", "Greater", "GreaterOrEqual",
     "HardSigmoid", "HardSwish", "Identity", "LayerNormalization", "LeakyRelu", "Less", "LessOrEqual", "Log",
-    "LogSoftmax", "MatMul", "Max", "MaxPool", "Min", "Mul", "Neg", "Not", "Or", "Pow", "QuantizeLinear", "Range",
-    "Reciprocal", "ReduceL2", "ReduceMax", "ReduceMean", "ReduceSum", "Relu", "Reshape", "Shape", "Sigmoid",
-    "Sign", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze", "Where",
+    "LogSoftmax", "LSTM", "MatMul", "Max", "MaxPool", "Min", "Mul", "Neg", "Not", "Or", "Pad", "Pow", "QuantizeLinear",
+    "Range", "Reciprocal", "ReduceL2", "ReduceMax", "ReduceMean", "ReduceSum", "Relu", "Reshape", "Shape", "Sigmoid",
+    "Sign", "Size", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze", "Where",
 })
 
 # contrib ops with a translation: ORT's fused weight-only MatMul (its weight enters as a float tensor)
@@ -312,11 +312,23 @@ def _slice(x, args):
     axes = _ints(args[3]) if len(args) > 3 and args[3] is not None else list(range(len(starts)))
     steps = _ints(args[4]) if len(args) > 4 and args[4] is not None else [1] * len(starts)
     index = [slice(None)] * x.dim()
+    backwards = []
     for start, end, axis, step in zip(starts, ends, axes, steps):
-        if step <= 0:
-            raise ValueError("Slice with a non-positive step is not supported")
-        index[axis % x.dim()] = slice(start, end, step)
-    return x[tuple(index)]
+        if step == 0:
+            raise ValueError("Slice with step 0")
+        if step > 0:
+            index[axis % x.dim()] = slice(start, end, step)
+        else:
+            backwards.append((start, end, axis % x.dim(), step))
+    x = x[tuple(index)]
+    for start, end, axis, step in backwards:
+        # torch has no negative-step slice: the positions ONNX reads (start, end counted from the
+        # end when negative, then clamped to [0, n-1] and [-1, n-1]) gathered with index_select
+        size = x.shape[axis]
+        start, end = start + size if start < 0 else start, end + size if end < 0 else end
+        start, end = min(max(start, 0), size - 1), min(max(end, -1), size - 1)
+        x = x.index_select(axis, torch.arange(start, end, step, dtype=torch.int64))
+    return x
 
 
 def _fake_quant_activation(x, scale, zero, a):
@@ -331,9 +343,63 @@ def _fake_quant_activation(x, scale, zero, a):
     return scale, zero
 
 
+PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}
+
+
+def _pad(x: torch.Tensor, args: list, a: dict) -> torch.Tensor:
+    """ONNX Pad (pads as an input, opset >= 11; ``axes`` when given): torch's pad lists the last
+    axis first, begin then end."""
+    pads = _ints(args[1])
+    axes = _ints(args[3]) if len(args) > 3 and args[3] is not None else list(range(x.dim()))
+    axes = [axis % x.dim() for axis in axes]
+    begin, end = pads[:len(axes)], pads[len(axes):]
+    per_axis = {axis: (b, e) for axis, b, e in zip(axes, begin, end)}
+    flat: list[int] = []
+    for axis in range(x.dim() - 1, -1, -1):
+        flat += list(per_axis.get(axis, (0, 0)))
+    while len(flat) > 2 and flat[-2:] == [0, 0]:     # unpadded leading axes: reflect pads at most 3 axes
+        flat = flat[:-2]
+    mode = PAD_MODES[a.get("mode", "constant")]
+    if mode == "constant":
+        value = float(args[2]) if len(args) > 2 and args[2] is not None and args[2].numel() else 0.0
+        return F.pad(x, flat, mode="constant", value=value)
+    return F.pad(x, flat, mode=mode)
+
+
+def _lstm(args: list, a: dict) -> list:
+    """ONNX LSTM, one forward direction, default activations (sigmoid, tanh, tanh), no peepholes,
+    every sequence full length; gates in ONNX's order i, o, f, c. Y[seq, 1, batch, H], Y_h, Y_c."""
+    if a.get("direction", "forward") != "forward" or a.get("activations") or a.get("clip") \
+            or a.get("input_forget", 0) or a.get("layout", 0):
+        raise ValueError("LSTM: only a forward LSTM with default activations, no clip, layout 0 is translated")
+    if (len(args) > 4 and args[4] is not None) or (len(args) > 7 and args[7] is not None):
+        raise ValueError("LSTM: sequence_lens and peepholes are not translated")
+    x, w, r = args[0], args[1][0], args[2][0]
+    hidden = int(a["hidden_size"])
+    bias = args[3][0] if len(args) > 3 and args[3] is not None else torch.zeros(8 * hidden, dtype=x.dtype)
+    batch = x.shape[1]
+    h = args[5][0] if len(args) > 5 and args[5] is not None else torch.zeros(batch, hidden, dtype=x.dtype)
+    c = args[6][0] if len(args) > 6 and args[6] is not None else torch.zeros(batch, hidden, dtype=x.dtype)
+    projected = torch.matmul(x, w.t()) + bias[:4 * hidden] + bias[4 * hidden:]
+    steps = []
+    for t in range(x.shape[0]):
+        gates = projected[t] + torch.matmul(h, r.t())
+        i, o, f, g = gates.chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        steps.append(h)
+    return [torch.stack(steps).unsqueeze(1), h.unsqueeze(0), c.unsqueeze(0)]
+
+
 def _run_node(node: onnx.NodeProto, args: list, opset: int) -> list:
     op, a = node.op_type, _attrs(node)
     x = args[0] if args else None
+    if op == "LSTM":
+        return _lstm(args, a)
+    if op == "Pad":
+        return [_pad(x, args, a)]
+    if op == "Size":
+        return [torch.tensor(int(x.numel()), dtype=torch.int64)]
     if op == "MatMul":
         return [torch.matmul(args[0], args[1])]
     if op == "MatMulNBits":

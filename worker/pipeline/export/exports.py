@@ -13,7 +13,7 @@ evaluation set, else the calibration set, else generated inputs):
 - ``bytes`` and ``size_ratio`` (original ONNX bytes / this format's model file), each file's sha256.
 
 A conversion that raises, or whose ``agreement`` falls below the recipe's ``export_min_cosine``
-or ``export_min_top1_agreement``, fails that format alone: ``state: failed`` with its ``reason``,
+or, on a classifier (``classifier_evidence``), ``export_min_top1_agreement``, fails that format alone: ``state: failed`` with its ``reason``,
 its files deleted (so no artifact is stored for it); model.onnx and the other formats stand.
 """
 from __future__ import annotations
@@ -66,12 +66,38 @@ def _fidelity_row(fid: metrics.Fidelity) -> dict[str, Any]:
     return {"rel_l2": fid.rel_l2, "cosine": fid.cosine, "top1_agreement": fid.top1_agreement}
 
 
-def _drift(recipe: Any, fid: metrics.Fidelity) -> str | None:
-    """Why the converted model drifted too far from the compressed ONNX model, or None."""
+CLASS_SCORE_OPS = ("Softmax", "LogSoftmax")     # an output they produce is class scores by construction
+TOP1_GOAL_METRICS = ("accuracy", "top1_agreement")
+
+
+def classifier_evidence(ctx: ExportContext) -> str | None:
+    """Why the model's outputs are class scores, or None: the top-1 bound applies only then.
+
+    A 2-D output is not a classifier by its shape alone: a sentence embedding ``[N, 384]`` has no
+    class axis, and its argmax (the largest coordinate) flips between two nearly equal coordinates
+    while the vectors agree to cosine 0.999 (all-MiniLM-L6-v2's PyTorch module: top-1 0.94, cosine
+    0.9991). So the job must say it: labels in the data (accuracy is measured against them), a goal
+    scored by ``accuracy`` / ``top1_agreement``, or a Softmax / LogSoftmax producing an output."""
+    if ctx.measure_data.labels is not None:
+        return "the data has _labels"
+    goal = getattr(ctx.recipe, "goal", None)
+    if goal is not None and goal.metric in TOP1_GOAL_METRICS:
+        return f"the goal's metric is {goal.metric}"
+    model = onnx.load(str(ctx.model_path), load_external_data=False)
+    outputs = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        if node.op_type in CLASS_SCORE_OPS and outputs.intersection(node.output):
+            return f"an output is a {node.op_type}'s"
+    return None
+
+
+def _drift(recipe: Any, fid: metrics.Fidelity, classifier: bool = True) -> str | None:
+    """Why the converted model drifted too far from the compressed ONNX model, or None; the top-1
+    bound is checked only on a ``classifier`` (``classifier_evidence``)."""
     if not fid.cosine >= recipe.export_min_cosine:
         return (f"its outputs drift from the compressed ONNX model's: cosine {fid.cosine:.4f} < "
                 f"export_min_cosine {recipe.export_min_cosine}")
-    if fid.top1_agreement is not None and not fid.top1_agreement >= recipe.export_min_top1_agreement:
+    if classifier and fid.top1_agreement is not None and not fid.top1_agreement >= recipe.export_min_top1_agreement:
         return (f"its outputs drift from the compressed ONNX model's: top-1 agreement {fid.top1_agreement:.4f} < "
                 f"export_min_top1_agreement {recipe.export_min_top1_agreement}")
     return None
@@ -127,7 +153,10 @@ def export_one(fmt: str, ctx: ExportContext, original_path: Path, provider: str)
     finally:
         del runtime
         sessions.release_memory()
-    reason = _drift(ctx.recipe, agreement)
+    evidence = classifier_evidence(ctx)
+    row["top1_bound"] = f"applied: {evidence}" if evidence else \
+        "not applied: nothing says the outputs are class scores (no _labels, no accuracy goal, no Softmax output)"
+    reason = _drift(ctx.recipe, agreement, classifier=evidence is not None)
     if reason is not None:
         row["reason"] = reason
         _remove(module, ctx, row)

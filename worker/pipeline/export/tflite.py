@@ -33,6 +33,7 @@ import onnx
 from worker.pipeline import artifacts, graph
 from worker.pipeline.export.context import ExportContext
 from worker.pipeline.export.float_graph import float_graph
+from worker.pipeline.export.inline_if import inline_constant_ifs
 from worker.pipeline.export.runtime import Runner
 
 FILES = artifacts.EXPORT_FILES["tflite"]
@@ -132,17 +133,24 @@ def scope_safe_node_names(model: onnx.ModelProto) -> int:
     return renamed
 
 
+def pre_rewrites(model: onnx.ModelProto) -> dict[str, int]:
+    """The graph made into ops onnx2tf converts right, each rewrite computing the same values in
+    float; in place. Returns each rewrite's count (the report's ``converter.rewrites``)."""
+    return {"bool_expands_as_integers": bool_expands_as_integers(model),
+            "scope_safe_node_names": scope_safe_node_names(model)}
+
+
 def convert(ctx: ExportContext) -> dict:
     model = graph.load_model(ctx.model_path)
+    sample = next(ctx.measure_data.head(1).batches(1))
+    inlined = inline_constant_ifs(model, sample)
     plain, folded = float_graph(model)
-    bool_expands_as_integers(plain)
-    scope_safe_node_names(plain)
+    rewrites = pre_rewrites(plain)
     inputs, _ = _io(plain)
     del model
     work = ctx.workdir / SCRATCH
     work.mkdir(exist_ok=True)
     try:
-        sample = next(ctx.measure_data.head(1).batches(1))
         shapes = {name: [int(d) for d in np.shape(sample[name])] for name in inputs}
         fixed_input_shapes(plain, shapes)
         onnx.save_model(plain, str(work / "float.onnx"))
@@ -167,7 +175,7 @@ def convert(ctx: ExportContext) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     return {"converter": f"onnx2tf {versions['onnx2tf']} + TensorFlow {versions['tensorflow']} LiteRT converter",
             "mode": mode, "quantization": DESCRIPTIONS[mode], "input_shapes": shapes,
-            "float32_bytes": versions.get("float32_bytes"), **folded}
+            "float32_bytes": versions.get("float32_bytes"), "ifs_inlined": inlined, "rewrites": rewrites, **folded}
 
 
 SPATIAL_OPS = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",

@@ -99,10 +99,13 @@ def convert(ctx: ExportContext) -> dict:
     """Trace the interpreter on the first sample of the measure data; write the module and state dict."""
     import torch
 
+    from worker.pipeline.export.inline_if import inline_constant_ifs
+
     model = graph.load_model(ctx.model_path)
+    sample = next(ctx.measure_data.head(1).batches(1))
+    inlined = inline_constant_ifs(model, sample)     # the trace fixes the shapes: so are such Ifs
     module, inputs, _ = _module(model)
     module.eval()
-    sample = next(ctx.measure_data.head(1).batches(1))
     example = tuple(torch.from_numpy(np.ascontiguousarray(sample[name])) for name in inputs)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")    # TracerWarning: shapes read as constants, which is the point
@@ -111,7 +114,7 @@ def convert(ctx: ExportContext) -> dict:
     state = {module.onnx_names[key]: tensor.clone() for key, tensor in module.named_buffers() if key in module.onnx_names}
     torch.save(state, str(ctx.workdir / FILES[1]))
     return {"converter": f"featherweight ONNX-to-PyTorch interpreter, torch.jit.trace ({_runtime()})",
-            "input_shapes": {name: list(sample[name].shape) for name in inputs},
+            "input_shapes": {name: list(sample[name].shape) for name in inputs}, "ifs_inlined": inlined,
             "stored_dtypes": {str(dtype).removeprefix("torch."): count for dtype, count in
                         _dtype_counts(state).items()}}
 
