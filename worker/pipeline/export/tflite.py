@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 
 from worker.pipeline import artifacts, graph
+from worker.pipeline.export import tflite_rewrites
 from worker.pipeline.export.context import ExportContext
 from worker.pipeline.export.float_graph import float_graph
 from worker.pipeline.export.inline_if import inline_constant_ifs
@@ -136,8 +137,25 @@ def scope_safe_node_names(model: onnx.ModelProto) -> int:
 def pre_rewrites(model: onnx.ModelProto) -> dict[str, int]:
     """The graph made into ops onnx2tf converts right, each rewrite computing the same values in
     float; in place. Returns each rewrite's count (the report's ``converter.rewrites``)."""
-    return {"bool_expands_as_integers": bool_expands_as_integers(model),
+    types, ranks = _types_and_ranks(model)
+    return {"bool_wheres_as_arithmetic": tflite_rewrites.bool_wheres_as_arithmetic(model, types, ranks),
+            "bool_expands_as_integers": bool_expands_as_integers(model),
+            "erf_gelus_as_gelu": tflite_rewrites.erf_gelus_as_gelu(model),
+            "constant_first_adds_swapped": tflite_rewrites.constant_first_adds_swapped(model),
             "scope_safe_node_names": scope_safe_node_names(model)}
+
+
+def _types_and_ranks(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]:
+    """Element type and rank of every value ONNX's shape inference knows."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:       # nothing known: the rewrites that need types find nothing to do
+        return {}, {}
+    values = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+    types = {v.name: v.type.tensor_type.elem_type for v in values if v.type.HasField("tensor_type")}
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in values
+             if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+    return types, ranks
 
 
 def convert(ctx: ExportContext) -> dict:
