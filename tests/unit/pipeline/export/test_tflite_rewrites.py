@@ -59,3 +59,74 @@ def test_paddle_style_inputs_and_names_are_made_what_tensorflow_takes():
     assert [n.name for n in model.graph.node][2:4] == ["Relu_0", "fc_2_x"]
     onnx.checker.check_model(model, full_check=True)
     np.testing.assert_array_equal(builders.run_ort(model, {"x": np.ones((1, 128), np.float32)})[0], reference)
+
+
+def _bert_like(d: int = 16, seq: int = 6) -> onnx.ModelProto:
+    """PyTorch's export of a BERT block's pieces: a Linear as MatMul then Add(bias, product), the
+    erf GELU (both placements of its 0.5), and the attention mask as Where over a 4-D bool."""
+    rng = np.random.default_rng(0)
+    node = helper.make_node
+    nodes = [node("MatMul", ["x", "W"], ["mm"], name="query/MatMul"),
+             node("Add", ["bias", "mm"], ["h"], name="query/Add"),
+             # gelu 1: x * (1 + erf(x / sqrt2)) * 0.5
+             node("Div", ["h", "sqrt2"], ["g1_div"], name="g1/Div"), node("Erf", ["g1_div"], ["g1_erf"], name="g1/Erf"),
+             node("Add", ["g1_erf", "one"], ["g1_add"], name="g1/Add"), node("Mul", ["h", "g1_add"], ["g1_mul"], name="g1/Mul"),
+             node("Mul", ["g1_mul", "half"], ["g1"], name="g1/Mul_1"),
+             # gelu 2: (0.5 * x) * (1 + erf(x * (1 / sqrt2)))
+             node("Mul", ["g1", "inv_sqrt2"], ["g2_s"], name="g2/Mul"), node("Erf", ["g2_s"], ["g2_erf"], name="g2/Erf"),
+             node("Add", ["one", "g2_erf"], ["g2_add"], name="g2/Add"), node("Mul", ["half", "g1"], ["g2_half"], name="g2/Half"),
+             node("Mul", ["g2_half", "g2_add"], ["g2"], name="g2/Mul_1"),
+             node("Transpose", ["g2"], ["g2t"], name="kt", perm=[0, 2, 1]),
+             node("MatMul", ["g2", "g2t"], ["scores3"], name="scores"),
+             node("Unsqueeze", ["scores3", "axes1"], ["scores"], name="heads"),
+             node("Cast", ["mask"], ["keep"], to=TensorProto.BOOL, name="to_bool"),
+             node("Unsqueeze", ["keep", "axes12"], ["keep4"], name="unsq"),
+             node("Expand", ["keep4", "shape4"], ["wide"], name="expand"),
+             node("Where", ["wide", "zero", "low"], ["mask_bias"], name="where"),
+             node("Add", ["scores", "mask_bias"], ["masked"], name="masked"),
+             node("Softmax", ["masked"], ["y"], name="softmax", axis=-1)]
+    inits = [numpy_helper.from_array((0.3 * rng.standard_normal((d, d))).astype(np.float32), "W"),
+             numpy_helper.from_array((0.1 * rng.standard_normal(d)).astype(np.float32), "bias"),
+             numpy_helper.from_array(np.array(1.4142135381698608, np.float32), "sqrt2"),
+             numpy_helper.from_array(np.array(0.7071067690849304, np.float32), "inv_sqrt2"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+             numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+             numpy_helper.from_array(np.array([1], np.int64), "axes1"),
+             numpy_helper.from_array(np.array([1, 2], np.int64), "axes12"),
+             numpy_helper.from_array(np.array([1, 1, seq, seq], np.int64), "shape4"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+             numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32), "low")]
+    graph_ = helper.make_graph(nodes, "bert", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, d]),
+                                               helper.make_tensor_value_info("mask", TensorProto.INT64, [1, seq])],
+                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, seq, seq])], inits)
+    return helper.make_model(graph_, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_bert_blocks_gelus_mask_and_bias_adds_become_ops_litert_converts_with_the_same_values():
+    from worker.pipeline.export.tflite import pre_rewrites
+
+    model = _bert_like()
+    onnx.checker.check_model(model, full_check=True)
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    counts = pre_rewrites(rewritten)
+    assert counts["erf_gelus_as_gelu"] == 2 and counts["bool_wheres_as_arithmetic"] == 1
+    assert counts["constant_first_adds_swapped"] == 1
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert "Erf" not in ops and "Where" not in ops and ops.count("Gelu") == 2
+    add = next(n for n in rewritten.graph.node if n.name == "query/Add")
+    assert list(add.input) == ["mm", "bias"]
+    rng = np.random.default_rng(1)
+    for mask in ([[1, 1, 1, 1, 0, 0]], [[1, 1, 1, 1, 1, 1]]):
+        feeds = {"x": rng.standard_normal((1, 6, 16)).astype(np.float32), "mask": np.array(mask, np.int64)}
+        want, got = builders.run_ort(model, feeds)[0], builders.run_ort(rewritten, feeds)[0]
+        # the same function: exp(finfo.min - max) is 0 in both, the GELU differs by float rounding only
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        assert (got[..., 4:] == 0).all() if mask[0][4] == 0 else (got > 0).all()
+    # a Where on an infinite constant is left alone: 0 * inf would be NaN
+    infinite = _bert_like()
+    next(t for t in infinite.graph.initializer if t.name == "low").CopyFrom(
+        numpy_helper.from_array(np.array(-np.inf, np.float32), "low"))
+    assert pre_rewrites(infinite)["bool_wheres_as_arithmetic"] == 0
+    assert "Where" in [n.op_type for n in infinite.graph.node]
+    assert pre_rewrites(builders.mlp())["erf_gelus_as_gelu"] == 0
