@@ -62,7 +62,14 @@ def _outer_names(node: onnx.NodeProto) -> list[str]:
 
 
 def _conditions(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, bool]:
-    """The conditions' values for ``feeds`` (ONNX Runtime on the model with them as extra outputs)."""
+    """The conditions' values for ``feeds``."""
+    values = evaluate(model, feeds, names)
+    return {name: bool(np.asarray(values[name]).reshape(-1)[0]) for name in names}
+
+
+def evaluate(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+    """The values of the tensors ``names`` for ``feeds`` (ONNX Runtime on the model with them as
+    its outputs, unoptimized so every name survives)."""
     import onnxruntime as ort
 
     probe = onnx.ModelProto()
@@ -75,7 +82,7 @@ def _conditions(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: lis
     inits = {t.name for t in model.graph.initializer}
     wanted = {v.name for v in model.graph.input if v.name not in inits}
     values = session.run(names, {key: value for key, value in feeds.items() if key in wanted})
-    return {name: bool(np.asarray(value).reshape(-1)[0]) for name, value in zip(names, values)}
+    return dict(zip(names, values))
 
 
 def _rename_reads(sub: onnx.GraphProto, renames: dict[str, str]) -> None:

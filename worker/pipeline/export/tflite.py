@@ -134,11 +134,14 @@ def scope_safe_node_names(model: onnx.ModelProto) -> int:
     return renamed
 
 
-def pre_rewrites(model: onnx.ModelProto) -> dict[str, int]:
+def pre_rewrites(model: onnx.ModelProto, sample: dict[str, np.ndarray] | None = None) -> dict[str, int]:
     """The graph made into ops onnx2tf converts right, each rewrite computing the same values in
-    float; in place. Returns each rewrite's count (the report's ``converter.rewrites``)."""
+    float for inputs of ``sample``'s shapes; in place. Returns each rewrite's count (the report's
+    ``converter.rewrites``)."""
+    folded = tflite_rewrites.shape_computations_folded(model, sample) if sample is not None else 0
     types, ranks = _types_and_ranks(model)
-    return {"bool_wheres_as_arithmetic": tflite_rewrites.bool_wheres_as_arithmetic(model, types, ranks),
+    return {"shape_computations_folded": folded,
+            "bool_wheres_as_arithmetic": tflite_rewrites.bool_wheres_as_arithmetic(model, types, ranks),
             "bool_expands_as_integers": bool_expands_as_integers(model),
             "erf_gelus_as_gelu": tflite_rewrites.erf_gelus_as_gelu(model),
             "constant_first_adds_swapped": tflite_rewrites.constant_first_adds_swapped(model),
@@ -163,7 +166,7 @@ def convert(ctx: ExportContext) -> dict:
     sample = next(ctx.measure_data.head(1).batches(1))
     inlined = inline_constant_ifs(model, sample)
     plain, folded = float_graph(model)
-    rewrites = pre_rewrites(plain)
+    rewrites = pre_rewrites(plain, sample)
     inputs, _ = _io(plain)
     del model
     work = ctx.workdir / SCRATCH

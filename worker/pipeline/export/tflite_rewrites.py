@@ -11,6 +11,11 @@ written in ops that onnx2tf and LiteRT's builtins convert right.
   only where ``x`` and ``y`` are finite constants (then ``m`` in {0, 1} gives exactly x or y; an
   infinite one would make 0 * inf = NaN): onnx2tf lays a 4-D bool tensor out as NHWC and TensorFlow
   has no int8 select, so the mask is kept in float arithmetic the converter quantizes like any other.
+- ``shape_computations_folded``: with the inputs' shapes fixed (the file takes one sample's
+  shapes), every value computed from shapes and constants alone (a transformers export's
+  ``Shape -> Gather -> Concat -> Reshape`` of the attention heads) becomes the constant it is;
+  onnx2tf, which keeps its own transposed layout for each tensor, mis-reads such computed shapes
+  (all-MiniLM-L6-v2's heads came out as [0, 42, 32, 32] instead of [1, 12, 42, 42]).
 - ``constant_first_adds_swapped``: ``Add(constant, x)`` (how PyTorch writes a Linear's bias after
   its MatMul) as ``Add(x, constant)``: onnx2tf broadcasts a constant first operand against the
   transposed layout it keeps for x and misplaces the bias.
@@ -161,3 +166,64 @@ def constant_first_adds_swapped(model: onnx.ModelProto) -> int:
             node.input[0], node.input[1] = node.input[1], node.input[0]
             count += 1
     return count
+
+
+SHAPE_SOURCES = ("Shape", "Size")
+
+
+def shape_computations_folded(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> int:
+    """Each value that depends on the inputs' shapes only (through Shape / Size) and is read by a
+    node that depends on values, as an initializer of its value for ``feeds``' shapes; the nodes
+    left without a reader go. In place; returns how many values were folded."""
+    from worker.pipeline.export.inline_if import evaluate
+
+    known = {t.name for t in model.graph.initializer}
+    shape_only: set[str] = set()
+    for node in model.graph.node:
+        has_subgraph = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+        if has_subgraph:
+            continue
+        if node.op_type in SHAPE_SOURCES or (node.input and all(not n or n in known or n in shape_only for n in node.input)) \
+                or (not node.input and node.op_type == "Constant"):
+            shape_only.update(out for out in node.output if out)
+    shape_only -= known
+    frontier = sorted({name for node in model.graph.node if not set(node.output) & shape_only
+                       for name in node.input if name in shape_only}
+                      | {o.name for o in model.graph.output if o.name in shape_only})
+    if not frontier:
+        return 0
+    reshapes = [node for node in model.graph.node if node.op_type == "Reshape"]
+    values = evaluate(model, feeds, frontier + [node.output[0] for node in reshapes])
+    model.graph.initializer.extend(numpy_helper.from_array(np.asarray(values[name]), name) for name in frontier)
+    folded = set(frontier)
+    kept = [node for node in model.graph.node if not set(node.output) & folded]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    # a Reshape's -1 / 0 written out as the size it stands for: onnx2tf resolves them against its
+    # own (transposed) layout of the input
+    for node in model.graph.node:
+        if node.op_type != "Reshape" or node.output[0] not in values:
+            continue
+        target = graph_mod.get_array(model, node.input[1]) if node.input[1] in graph_mod.initializers(model) else None
+        if target is not None and (target <= 0).any():
+            name = graph_mod.unique_name(model, f"{node.input[1]}_explicit")
+            model.graph.initializer.append(numpy_helper.from_array(
+                np.array(np.shape(values[node.output[0]]), np.int64), name))
+            node.input[1] = name
+    _drop_unread(model)
+    return len(frontier)
+
+
+def _drop_unread(model: onnx.ModelProto) -> None:
+    """Nodes and initializers nobody reads any more, removed (repeatedly: a chain goes whole)."""
+    outputs = {o.name for o in model.graph.output}
+    while True:
+        read = {name for node in model.graph.node for name in node.input} | outputs
+        kept = [node for node in model.graph.node if any(out in read for out in node.output)]
+        if len(kept) == len(model.graph.node):
+            break
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+    inits = [t for t in model.graph.initializer if t.name in read]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(inits)

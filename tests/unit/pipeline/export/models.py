@@ -1,5 +1,6 @@
-"""The two models the deploy-format bars are measured on, built here with onnx.helper: a CNN
-classifier and a transformer encoder block, big enough that weights dominate every file format."""
+"""The models the deploy-format bars are measured on, built here with onnx.helper: a CNN classifier
+trained here on scikit-learn's digits (``digits_cnn``), an untrained CNN and a transformer encoder
+block, big enough that weights dominate every file format."""
 from __future__ import annotations
 
 import numpy as np
@@ -74,3 +75,55 @@ def samples(model: onnx.ModelProto, count: int, seed: int) -> dict[str, np.ndarr
     value = model.graph.input[0]
     dims = [count] + [d.dim_value for d in value.type.tensor_type.shape.dim[1:]]
     return {value.name: rng.standard_normal(dims).astype(np.float32)}
+
+
+def digits_cnn(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A CNN classifier trained here (torch, CPU, a few seconds) on scikit-learn's 8x8 digits:
+    x[batch, 1, 8, 8] (pixels / 16) -> Conv 3x3 16 + Relu -> Conv 3x3 32 stride 2 + Relu -> Flatten
+    -> Gemm 512 + Relu -> Gemm 10 -> logits; ~270k weights, most in the Gemms (cheap to train).
+    Returns the ONNX model, 128 training images (calibration) and the 497 held-out images with
+    ``_labels`` (evaluation). A trained classifier's logits have margins, so top-1 agreement
+    measures the conversion, not ties between random logits."""
+    import torch
+    from sklearn.datasets import load_digits
+    from torch import nn
+
+    digits = load_digits()
+    images = (digits.images[:, None] / 16.0).astype(np.float32)
+    labels = digits.target.astype(np.int64)
+    order = np.random.default_rng(seed).permutation(len(images))
+    train, held_out = order[:1300], order[1300:]
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+    optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
+    x, y = torch.from_numpy(images[train]), torch.from_numpy(labels[train])
+    generator = torch.Generator().manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)    # small batches: one thread is as fast, and spins no idle ones on a busy machine
+    try:
+        for _ in range(6):
+            for batch in torch.randperm(len(train), generator=generator).split(64):
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(net(x[batch]), y[batch]).backward()
+                optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    state = {name: value.detach().numpy().astype(np.float32) for name, value in net.state_dict().items()}
+    names = {"0": "c1", "2": "c2", "5": "fc1", "7": "fc2"}
+    inits = [numpy_helper.from_array(state[f"{index}.{part}"], f"{name}.{'W' if part == 'weight' else 'b'}")
+             for index, name in names.items() for part in ("weight", "bias")]
+    node = helper.make_node
+    nodes = [node("Conv", ["x", "c1.W", "c1.b"], ["c1.y"], name="c1", pads=[1, 1, 1, 1]),
+             node("Relu", ["c1.y"], ["c1.r"], name="c1.relu"),
+             node("Conv", ["c1.r", "c2.W", "c2.b"], ["c2.y"], name="c2", pads=[1, 1, 1, 1], strides=[2, 2]),
+             node("Relu", ["c2.y"], ["c2.r"], name="c2.relu"),
+             node("Flatten", ["c2.r"], ["f"], name="flatten"),
+             node("Gemm", ["f", "fc1.W", "fc1.b"], ["h"], name="fc1", transB=1),
+             node("Relu", ["h"], ["h.r"], name="fc1.relu"),
+             node("Gemm", ["h.r", "fc2.W", "fc2.b"], ["logits"], name="fc2", transB=1)]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 8, 8])],
+                   [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], inits)
+    calibration = {"x": images[train[:128]]}
+    evaluation = {"x": images[held_out], "_labels": labels[held_out]}
+    return model, calibration, evaluation
