@@ -130,3 +130,29 @@ def test_a_bert_blocks_gelus_mask_and_bias_adds_become_ops_litert_converts_with_
     assert pre_rewrites(infinite)["bool_wheres_as_arithmetic"] == 0
     assert "Where" in [n.op_type for n in infinite.graph.node]
     assert pre_rewrites(builders.mlp())["erf_gelus_as_gelu"] == 0
+
+
+def test_shape_computations_become_the_constants_the_fixed_shapes_make_them():
+    """A transformers export computes its heads' Reshape target from Shape: with the input's shape
+    fixed (the file takes one sample's), it is a constant, its -1 written out."""
+    from worker.pipeline.export.tflite_rewrites import shape_computations_folded
+
+    node = helper.make_node
+    nodes = [node("Shape", ["x"], ["shape"], name="shape"),
+             node("Gather", ["shape", "zero_i"], ["batch"], name="batch", axis=0),
+             node("Unsqueeze", ["batch", "axes0"], ["batch1"], name="batch1"),
+             node("Concat", ["batch1", "heads"], ["target"], name="target", axis=0),
+             node("Reshape", ["x", "target"], ["split"], name="split"),
+             node("Transpose", ["split"], ["y"], name="heads_first", perm=[0, 2, 1, 3])]
+    inits = [numpy_helper.from_array(np.array(0, np.int64), "zero_i"),
+             numpy_helper.from_array(np.array([0], np.int64), "axes0"),
+             numpy_helper.from_array(np.array([6, -1, 4], np.int64), "heads")]
+    model = builders._model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6, 16])],
+                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 6, 4])], inits)
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 6, 16)).astype(np.float32)}
+    want = builders.run_ort(model, feeds)[0]
+    assert shape_computations_folded(model, feeds) == 1
+    assert [n.op_type for n in model.graph.node] == ["Reshape", "Transpose"]
+    reshape = model.graph.node[0]
+    assert numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == reshape.input[1])).tolist() == [1, 6, 4, 4]
+    np.testing.assert_array_equal(builders.run_ort(model, feeds)[0], want)
