@@ -81,7 +81,7 @@ def digits_cnn(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, np.ndarray], d
     """A CNN classifier trained here (torch, CPU, a few seconds) on scikit-learn's 8x8 digits:
     x[batch, 1, 8, 8] (pixels / 16) -> Conv 3x3 16 + Relu -> Conv 3x3 32 stride 2 + Relu -> Flatten
     -> Gemm 512 + Relu -> Gemm 10 -> logits; ~270k weights, most in the Gemms (cheap to train).
-    Returns the ONNX model, 128 training images (calibration) and the 497 held-out images with
+    Returns the ONNX model, 256 training images (calibration) and the 497 held-out images with
     ``_labels`` (evaluation). A trained classifier's logits have margins, so top-1 agreement
     measures the conversion, not ties between random logits."""
     import torch
@@ -102,7 +102,7 @@ def digits_cnn(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, np.ndarray], d
     threads = torch.get_num_threads()
     torch.set_num_threads(1)    # small batches: one thread is as fast, and spins no idle ones on a busy machine
     try:
-        for _ in range(6):
+        for _ in range(12):
             for batch in torch.randperm(len(train), generator=generator).split(64):
                 optimizer.zero_grad()
                 nn.functional.cross_entropy(net(x[batch]), y[batch]).backward()
@@ -124,6 +124,6 @@ def digits_cnn(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, np.ndarray], d
              node("Gemm", ["h.r", "fc2.W", "fc2.b"], ["logits"], name="fc2", transB=1)]
     model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 8, 8])],
                    [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], inits)
-    calibration = {"x": images[train[:128]]}
+    calibration = {"x": images[train[:256]]}
     evaluation = {"x": images[held_out], "_labels": labels[held_out]}
     return model, calibration, evaluation

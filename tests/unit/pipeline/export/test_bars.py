@@ -79,12 +79,12 @@ def test_int8_static_exports_agree_and_tflite_keeps_the_compression(which, tmp_p
     want = ort.InferenceSession(str(result.model_path), providers=["CPUExecutionProvider"]).run(None, {"x": held_out})[0]
     from_ort = ort_format.load(tmp_path / "work" / "model.ort").run(None, {"x": held_out})[0]
     from_tflite = _litert(tmp_path / "work" / "model.tflite", held_out)
-    for got in (from_ort, from_tflite):
+    for fmt, got in (("ort", from_ort), ("tflite", from_tflite)):
         assert got.shape == want.shape
-        assert _cosine(got, want) >= 0.99
+        assert _cosine(got, want) >= 0.99, fmt
         if which == "cnn":
             # the bar on a classifier, on 241 held-out digits the calibration never saw
-            assert np.mean(got.argmax(1) == want.argmax(1)) >= 0.99
+            assert np.mean(got.argmax(1) == want.argmax(1)) >= 0.99, fmt
 
     tflite = rows["tflite"]
     assert tflite["converter"]["mode"] == "int8"
