@@ -117,6 +117,8 @@ def _sqnr_from_stored_integers(original: onnx.ModelProto, compressed: onnx.Model
         scale = metrics.tensor_values(scale_t, compressed_dir).astype(np.float64)
         zero_t = inits.get(f"{name}_zero_point")
         zero = metrics.tensor_values(zero_t, compressed_dir).astype(np.float64) if zero_t is not None else 0.0 * scale
+        # the folded form stores a per-axis scale shaped [1, .., C, .., 1] (dequantize_form): its values, flat
+        scale, zero = (v.reshape(-1) if v.ndim > 1 and v.size == max(v.shape) else v for v in (scale, zero))
         if q.shape != before.shape or before.dtype.kind != "f" or zero.shape != scale.shape:
             continue
         if scale.size > 1:
