@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from worker.pipeline import data as data_mod
-from worker.pipeline import graph, host, metrics, sessions
+from worker.pipeline import file_names, graph, host, metrics, sessions
 from worker.pipeline.data import Dataset
 from worker.pipeline.step import LayerRecord
 
@@ -148,10 +148,14 @@ def _layer_output_pairs(original: onnx.ModelProto, compressed: onnx.ModelProto,
 
 def build_report(*, original_path: Path, compressed_path: Path, target: str, steps: Sequence[dict[str, Any]],
                  layers: Mapping[str, LayerRecord], evaluation: Dataset | None, calibration: Dataset | None,
-                 options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The report (docs/report.md) of the two model files; external-data tensors are read one at a time."""
+                 options: Mapping[str, Any] | None = None, stored_names: Mapping[str, str] | None = None
+                 ) -> dict[str, Any]:
+    """The report (docs/report.md) of the two model files; external-data tensors are read one at a time.
+    ``stored_names``: the compressed file's short names -> the names the steps wrote (``finalize``);
+    the per-layer analysis reads the file under the latter."""
     options = dict(options or {})
     original, compressed = _structure(original_path), _structure(compressed_path)
+    file_names.restore(compressed, dict(stored_names or {}))
     provider = sessions.provider_for(target)
     if evaluation is not None:
         dataset, source = evaluation, "evaluation"
