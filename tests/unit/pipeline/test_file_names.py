@@ -100,8 +100,9 @@ def test_the_runner_writes_short_names_and_reports_under_the_steps_names(tmp_pat
     path = tmp_path / "cnn.onnx"
     original = builders.cnn_bn()
     onnx.save(original, str(path))
-    recipe = parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 8}, "format": "qdq", "min_params": 0}]})
-    outcome = runner.run(path, recipe, workdir=tmp_path / "work",
+    recipe = parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 8}, "activations": {"calibration": "minmax"},
+                                      "min_params": 0}]})
+    outcome = runner.run(path, recipe, workdir=tmp_path / "work", calibration=builders.random_inputs(original, count=16),
                          options={"latency_runs": 3, "layer_errors": False})
     written = onnx.load(str(outcome.model_path))
     row = outcome.report["steps"][0]
@@ -109,4 +110,4 @@ def test_the_runner_writes_short_names_and_reports_under_the_steps_names(tmp_pat
     assert not any(name.endswith(("_quantized", "_scale")) for name in file_names.tensor_names(written))
     assert builders.io_of(written) == builders.io_of(original)
     # the per-layer SQNR is read from the stored integers under the names the step wrote
-    assert all(layer["sqnr_db"] is not None and layer["sqnr_db"] > 20 for layer in outcome.report["layers"])
+    assert all(layer["sqnr_db"] is not None and layer["sqnr_db"] > 10 for layer in outcome.report["layers"])
