@@ -105,6 +105,7 @@ def finalize(model: onnx.ModelProto, recipe: Recipe, step_rows: Sequence[dict[st
             # (a goal minimizing size judges by the file's own bytes: ``goal_search.run_goal`` says so)
             row["sparse_storage"] = sparse_storage.store_pipeline_output(
                 model, ctx.layers, by=ctx.options.get("sparse_storage_by", "zstd"))
+    # the names the steps invented, short (last: the report's layers read the steps' names through the map)
     row = final[1] if final is not None else (step_rows[-1] if step_rows else {})
     row["node_names_cleared"] = file_names.clear_added_node_names(model, ctx.original)
     names = file_names.shorten(model, ctx.original)
@@ -112,7 +113,7 @@ def finalize(model: onnx.ModelProto, recipe: Recipe, step_rows: Sequence[dict[st
     if step_rows:
         # each kind of tensor together, in the measured order zstd's per-block Huffman tables fit best
         # (integers and floats of quantized and clustered models; never a larger file after zstd)
-        (final[1] if final is not None else step_rows[-1])["initializer_order"] = file_layout.order_initializers(model)
+        row["initializer_order"] = file_layout.order_initializers(model)
     drop_added_value_info(ctx.original, model)
     restore_io_annotations(ctx.original, model)
     return names
