@@ -71,6 +71,10 @@ def run(model_name: str, formats: list[str], recipe_name: str, quick: bool = Fal
     return rows
 
 
+def _top1(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def _line(fmt: str, row: dict) -> str:
     if row.get("state") != "ok":
         return f"  {fmt:8s} {row.get('state')}: {row.get('reason')}"
@@ -78,7 +82,8 @@ def _line(fmt: str, row: dict) -> str:
     fidelity = row.get("fidelity") or {}
     top1 = fidelity.get("top1_agreement")
     return (f"  {fmt:8s} {row['bytes']:>9,} B  x{row['size_ratio']:.2f}  "
-            f"vs ONNX cos {agreement.get('cosine', 1.0):.5f} top1 {agreement.get('top1_agreement', 1.0) or 0:.3f}  "
+            f"vs ONNX cos {agreement.get('cosine', 1.0):.5f} top1 {_top1(agreement.get('top1_agreement', 1.0))}"
+            f"{'' if str(row.get('top1_bound', 'applied')).startswith('applied') else ' (bound not applied)'}  "
             f"vs original cos {fidelity.get('cosine', 0):.5f} top1 {top1 if top1 is None else round(top1, 3)}  "
             f"accuracy {row.get('accuracy') if not isinstance(row.get('accuracy'), dict) else row['accuracy'].get('compressed')}  "
             f"p50 {row['latency_ms']['p50']:.3f} ms")

@@ -203,15 +203,40 @@ SPATIAL_OPS = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "GlobalAverage
                "BatchNormalization", "InstanceNormalization", "Resize", "DepthToSpace", "SpaceToDepth"}
 
 
+# ops a channel-first tensor passes through on its way to a spatial op, keeping its axes' meaning
+LAYOUT_KEEPING_OPS = {"Cast", "Identity", "Pad", "Relu", "Clip", "Add", "Sub", "Mul", "Div", "Abs", "Neg", "Sqrt",
+                      "Pow", "Exp", "Log", "QuantizeLinear", "DequantizeLinear"}
+
+
+def _feeds_spatial_op(model: onnx.ModelProto, name: str) -> bool:
+    """Whether ``name`` reaches a ``SPATIAL_OPS`` node through layout-keeping ops only (an image
+    into its first Conv), not through a Slice, Gather or LSTM (a recurrent state beside the audio)."""
+    readers = graph.consumers(model)
+    stack, seen = [name], set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        for node, _ in readers.get(current, []):
+            if node.op_type in SPATIAL_OPS:
+                return True
+            if node.op_type in LAYOUT_KEEPING_OPS:
+                stack.extend(out for out in node.output if out)
+    return False
+
+
 def _layouts(model: onnx.ModelProto, inputs: list[str], shapes: dict[str, list[int]]) -> dict[str, list[str]]:
     """How onnx2tf must read each input of rank 3 to 5 so that the file takes ONNX's arrays as they
     are: channel-first (``keep_ncw``: an image or a signal a Conv reads; onnx2tf goes NHWC inside
-    and transposes once at the input) in a model with spatial ops, else exactly as given
-    (``keep_as_is``: a sequence of embeddings ``[batch, seq, d]``, which has no channel axis to move;
-    read as channel-first, onnx2tf mis-shapes the residual Adds)."""
-    spatial = any(node.op_type in SPATIAL_OPS for node in model.graph.node)
+    and transposes once at the input) where it feeds a spatial op (``_feeds_spatial_op``), else
+    exactly as given (``keep_as_is``: a sequence of embeddings ``[batch, seq, d]`` or an LSTM state
+    ``[2, batch, hidden]``, which have no channel axis to move; read as channel-first, onnx2tf
+    mis-shapes the residual Adds, and silero-vad's LSTM refused its state as (128, 1))."""
     ranked = [name for name in inputs if 3 <= len(shapes[name]) <= 5]
-    return {"keep_ncw": ranked if spatial else [], "keep_as_is": [] if spatial else ranked}
+    spatial = {name for name in ranked if _feeds_spatial_op(model, name)}
+    return {"keep_ncw": [name for name in ranked if name in spatial],
+            "keep_as_is": [name for name in ranked if name not in spatial]}
 
 
 def _last_error(stderr: str) -> str:
