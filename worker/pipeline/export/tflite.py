@@ -267,12 +267,29 @@ def _match_inputs(details: list[dict], names: list[str]) -> list[tuple[str, dict
     return list(zip(names, details))
 
 
+def ordered_outputs(interpreter) -> list[dict]:
+    """The output tensors in the ONNX model's order: onnx2tf's signature names them ``output_<i>``
+    after the ONNX output's index, while the interpreter lists them in its own order (silero-vad's
+    ``stateN`` came first)."""
+    details = interpreter.get_output_details()
+    try:
+        signature = interpreter._get_full_signature_list()["serving_default"]["outputs"]
+    except (AttributeError, KeyError):      # no signature: the interpreter's order is all there is
+        return details
+    by_index = {detail["index"]: detail for detail in details}
+    numbered = {int(name.rsplit("_", 1)[1]): index for name, index in signature.items()
+                if name.rsplit("_", 1)[-1].isdigit() and index in by_index}
+    if sorted(numbered) != list(range(len(details))):
+        return details
+    return [by_index[numbered[position]] for position in range(len(details))]
+
+
 def runner(ctx: ExportContext) -> Runner:
     """The saved flat buffer in LiteRT's interpreter, one sample per call."""
     interpreter = _interpreter(ctx.workdir / FILES[0])
     inputs, outputs = _io(onnx.load(str(ctx.model_path), load_external_data=False))
     matched = _match_inputs(interpreter.get_input_details(), inputs)
-    output_details = interpreter.get_output_details()
+    output_details = ordered_outputs(interpreter)
     if len(output_details) != len(outputs):
         raise ValueError(f"the LiteRT model has {len(output_details)} outputs; the ONNX model {len(outputs)}")
 

@@ -156,3 +156,24 @@ def test_shape_computations_become_the_constants_the_fixed_shapes_make_them():
     reshape = model.graph.node[0]
     assert numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == reshape.input[1])).tolist() == [1, 6, 4, 4]
     np.testing.assert_array_equal(builders.run_ort(model, feeds)[0], want)
+
+
+def test_litert_outputs_are_read_in_the_onnx_models_order():
+    """onnx2tf's signature names the outputs ``output_<i>`` after the ONNX index while the
+    interpreter lists them in its own order (silero-vad's state came first)."""
+    from worker.pipeline.export.tflite import ordered_outputs
+
+    class Interpreter:
+        def __init__(self, signature):
+            self.signature = signature
+
+        def get_output_details(self):
+            return [{"name": "PartitionedCall:1", "index": 84}, {"name": "PartitionedCall:0", "index": 81}]
+
+        def _get_full_signature_list(self):
+            return {"serving_default": {"outputs": self.signature}}
+
+    ordered = ordered_outputs(Interpreter({"output_0": 81, "output_1": 84}))
+    assert [d["index"] for d in ordered] == [81, 84]
+    # a signature that does not name every output by its index: the interpreter's order stands
+    assert [d["index"] for d in ordered_outputs(Interpreter({"probs": 81, "state": 84}))] == [84, 81]
