@@ -64,6 +64,7 @@ MIN_ELEMENTS = 256                  # below this the nine decoding nodes cost mo
 PACKABLE = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8}
 INT32_INDEX_LIMIT = 2 ** 31 - 1     # CumSum in int32 below this (half the memory of int64 at load)
 MIN_GAIN = 64                       # zstd bytes a sparse form must save: less is noise, and costs nine nodes
+COUNT_CHUNK = 1 << 16               # elements per bincount in value_counts (fits the cache)
 WHOLE_FILE_WORK = 64 << 20          # bytes zstd may go through judging every candidate on the whole file
 
 
@@ -94,6 +95,19 @@ def value_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     flat = np.asarray(values).reshape(-1)
     if flat.dtype.kind not in "iu" or flat.dtype.itemsize > 2 or flat.size == 0:
         return np.unique(flat, return_counts=True)
+    if flat.dtype.itemsize == 1:
+        # the bytes themselves, a cache-sized slice at a time: bincount widens its input to int64,
+        # and on a whole tensor that copy, not the counting, was the time (4x, 0.1 s on a BERT)
+        counts = np.zeros(256, dtype=np.int64)
+        raw = flat.view(np.uint8)
+        for start in range(0, raw.size, COUNT_CHUNK):
+            counts += np.bincount(raw[start:start + COUNT_CHUNK], minlength=256)
+        if flat.dtype == np.int8:        # byte b holds the value b - 256 from 128 on
+            counts = np.roll(counts, -128)
+            present = np.flatnonzero(counts)
+            return (present - 128).astype(np.int8), counts[present]
+        present = np.flatnonzero(counts)
+        return present.astype(np.uint8), counts[present]
     low = int(flat.min())
     counts = np.bincount(flat.astype(np.int32) - low)
     present = np.flatnonzero(counts)
