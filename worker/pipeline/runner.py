@@ -264,8 +264,10 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
                           "label": searched.chosen.label, **searched.chosen.step_metrics})
 
     # 3. the output format
+    formatting, formatting_cpu = time.perf_counter(), time.process_time()
     finalize(model, recipe, step_rows, ctx, evaluation=eval_set, calibration=cal_set,
              chosen=searched.params if searched is not None else None)
+    formatting, formatting_cpu = time.perf_counter() - formatting, time.process_time() - formatting_cpu
 
     # 4. check, write, measure
     progress(STEPS_SHARE, "checking the result")
@@ -296,6 +298,7 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
         sensitivity.write_artifact(measured, workdir / artifacts.SENSITIVITY_FILE)
     report["cost"] = {"steps_seconds": sum(row["seconds"] for row in step_rows),
                       "compress_seconds": written, "compress_cpu_seconds": written_cpu,
+                      "output_format_seconds": formatting, "output_format_cpu_seconds": formatting_cpu,
                       "measure_seconds": time.perf_counter() - measuring,
                       "measure_peak_rss_bytes": cost.peak_rss_bytes(),
                       "peak_rss_bytes": max([row.get("peak_rss_bytes") or 0 for row in step_rows] + [cost.peak_rss_bytes() or 0]),

@@ -599,14 +599,20 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
     # layers whose activations stay float (weight-only int8): see weight_only_compute
     float_compute = weight_only_compute.choose(prepared, layers, params)
     integer_layers = [layer for layer in layers if layer.node not in float_compute]
-    smoothed = _smooth(prepared, params, integer_layers, data, ctx)
+    # the report's phases (``cost``): capture = running the model over the calibration data
+    # (SmoothQuant's maxima, the ranges' histograms, bias correction's means), solve = the
+    # weights' grids, write = the Q/DQ nodes and int32 biases
+    with ctx.cost.phase("capture"):
+        smoothed = _smooth(prepared, params, integer_layers, data, ctx)
     float_readers = excluded_nodes(prepared, params)
     decided = plan(prepared, params, integer_layers, float_readers)
     ctx.progress(0.05, "calibrating activation ranges")
-    ranges = calibrate.calibrate(prepared, data, sorted(set(decided.calibrated.values())),
-                                 method=spec.calibration, percentile=spec.percentile,
-                                 progress=lambda f, m: ctx.progress(0.05 + 0.55 * f, m),
-                                 budget_bytes=int(ctx.options.get("capture_budget_bytes", activations.CAPTURE_BUDGET)))
+    with ctx.cost.phase("capture"):
+        ranges = calibrate.calibrate(prepared, data, sorted(set(decided.calibrated.values())),
+                                     method=spec.calibration, percentile=spec.percentile,
+                                     progress=lambda f, m: ctx.progress(0.05 + 0.55 * f, m),
+                                     budget_bytes=int(ctx.options.get("capture_budget_bytes",
+                                                                      activations.CAPTURE_BUDGET)))
     ctx.check_cancelled()
 
     quantized = onnx.ModelProto()
@@ -614,14 +620,15 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
     weight_grids: dict[str, WeightGrid] = {}
     # uint8 activations meet these weights in ORT's u8s8 kernels: see int8_storage
     unsigned = not spec.symmetric and int8_storage.unsigned_weights(ctx.target, ctx.options, params.integer_weights)
-    for layer in layers:
-        weight_grids[layer.weight] = quantize_weight(quantized, layer, params, unsigned)
-    embeddings = embedding_layers(quantized, params)
-    for layer in embeddings:
-        weight_grids[layer.weight] = quantize_embedding(quantized, layer)
-    tables = table_tensors(quantized, params)
-    for layer in tables:
-        weight_grids[layer.weight] = quantize_table(quantized, layer)
+    with ctx.cost.phase("solve"):
+        for layer in layers:
+            weight_grids[layer.weight] = quantize_weight(quantized, layer, params, unsigned)
+        embeddings = embedding_layers(quantized, params)
+        for layer in embeddings:
+            weight_grids[layer.weight] = quantize_embedding(quantized, layer)
+        tables = table_tensors(quantized, params)
+        for layer in tables:
+            weight_grids[layer.weight] = quantize_table(quantized, layer)
     # layers inside If / Loop / Scan bodies: their weights int8 (the DequantizeLinear in the main
     # graph, read from the outer scope); activations inside a body are not calibrated and stay float
     # and recurrent cells' W / R (LSTM / GRU / RNN, main graph or body: ONNX Runtime runs them in
@@ -629,8 +636,9 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
     bodies = _weight_only_layers(quantized, params, {layer.weight for layer in layers + embeddings + tables})
     main_nodes = {node.name for node in quantized.graph.node}
     recurrent = [layer for layer in bodies if layer.op in weight_only.RECURRENT_OPS and layer.node in main_nodes]
-    for layer in bodies:
-        weight_grids[layer.weight] = quantize_weight(quantized, layer, params)
+    with ctx.cost.phase("solve"):
+        for layer in bodies:
+            weight_grids[layer.weight] = quantize_weight(quantized, layer, params)
     embeddings += tables + bodies
 
     grids: dict[str, ActivationGrid] = {}
@@ -654,25 +662,29 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
         root = folded_outputs.get(source, source)
         if root in grids:
             grids[output] = grids[root]
-    for tensor, grid in grids.items():
-        insert_qdq(quantized, tensor, grid, decided.relu_folds.get(tensor), float_readers)
-    graph.sort_graph(quantized)
+    with ctx.cost.phase("write"):
+        for tensor, grid in grids.items():
+            insert_qdq(quantized, tensor, grid, decided.relu_folds.get(tensor), float_readers)
+        graph.sort_graph(quantized)
 
     corrected: list[str] = []
     if params.bias_correction:
         ctx.progress(0.65, "bias correction")
         from worker.pipeline.quantize import bias_correction
-        corrected = bias_correction.correct(prepared, quantized, decided.compute_nodes,
-                                            {layer.node: layer.weight for layer in integer_layers}, data, ctx,
-                                            relu_folded=set(decided.relu_folds), bias_input=_bias_input)
+        with ctx.cost.phase("capture"):
+            corrected = bias_correction.correct(prepared, quantized, decided.compute_nodes,
+                                                {layer.node: layer.weight for layer in integer_layers}, data, ctx,
+                                                relu_folded=set(decided.relu_folds), bias_input=_bias_input)
 
     int32_biases = 0
     weight_of = {layer.node: layer.weight for layer in integer_layers}
     input_grids = _dequantized_grids(quantized, grids)
-    for node in list(quantized.graph.node):
-        if node.name in weight_of and node.input[0] in input_grids:
-            int32_biases += quantize_bias(quantized, node, input_grids[node.input[0]], weight_grids[weight_of[node.name]])
-    graph.sort_graph(quantized)
+    with ctx.cost.phase("write"):
+        for node in list(quantized.graph.node):
+            if node.name in weight_of and node.input[0] in input_grids:
+                int32_biases += quantize_bias(quantized, node, input_grids[node.input[0]],
+                                              weight_grids[weight_of[node.name]])
+        graph.sort_graph(quantized)
     graph.check_if_in_memory(quantized)
 
     for layer in layers + embeddings:
