@@ -620,7 +620,7 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
     weight_grids: dict[str, WeightGrid] = {}
     # uint8 activations meet these weights in ORT's u8s8 kernels: see int8_storage
     unsigned = not spec.symmetric and int8_storage.unsigned_weights(ctx.target, ctx.options, params.integer_weights)
-    with ctx.cost.phase("solve"):
+    with ctx.cost.phase("solve"), graph.naming(quantized):
         for layer in layers:
             weight_grids[layer.weight] = quantize_weight(quantized, layer, params, unsigned)
         embeddings = embedding_layers(quantized, params)
@@ -636,36 +636,37 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
     bodies = _weight_only_layers(quantized, params, {layer.weight for layer in layers + embeddings + tables})
     main_nodes = {node.name for node in quantized.graph.node}
     recurrent = [layer for layer in bodies if layer.op in weight_only.RECURRENT_OPS and layer.node in main_nodes]
-    with ctx.cost.phase("solve"):
+    with ctx.cost.phase("solve"), graph.naming(quantized):
         for layer in bodies:
             weight_grids[layer.weight] = quantize_weight(quantized, layer, params)
     embeddings += tables + bodies
 
     grids: dict[str, ActivationGrid] = {}
     kept_float: dict[str, str] = {}
-    forced_float = ctx.options.get("float_activations") or ()     # mixed_precision's choices
-    for tensor, source in decided.calibrated.items():
-        found = ranges.get(source)
-        if tensor in forced_float:
-            kept_float[tensor] = "kept float: max_output_error"
-        elif found is None:
-            kept_float[tensor] = "never seen on the calibration data"
-        elif found.masked:
-            kept_float[tensor] = "mask sentinel values (|x| >= 1e8) in calibration"
-        elif spec.int16 and wide_activations.chosen(tensor, spec.int16):
-            grids[tensor] = ActivationGrid(*wide_activations.grid16(quantized, tensor, found.lo, found.hi,
-                                                                   spec.symmetric))
-        else:
-            grids[tensor] = activation_grid(quantized, tensor, found.lo, found.hi, spec.symmetric)
-    folded_outputs = {relu.output[0]: out for out, relu in decided.relu_folds.items()}
-    for output, source in decided.inherits.items():      # topological order: chains resolve in turn
-        root = folded_outputs.get(source, source)
-        if root in grids:
-            grids[output] = grids[root]
-    with ctx.cost.phase("write"):
-        for tensor, grid in grids.items():
-            insert_qdq(quantized, tensor, grid, decided.relu_folds.get(tensor), float_readers)
-        graph.sort_graph(quantized)
+    with graph.naming(quantized):      # activation grids and their Q/DQ pairs: names only added
+        forced_float = ctx.options.get("float_activations") or ()     # mixed_precision's choices
+        for tensor, source in decided.calibrated.items():
+            found = ranges.get(source)
+            if tensor in forced_float:
+                kept_float[tensor] = "kept float: max_output_error"
+            elif found is None:
+                kept_float[tensor] = "never seen on the calibration data"
+            elif found.masked:
+                kept_float[tensor] = "mask sentinel values (|x| >= 1e8) in calibration"
+            elif spec.int16 and wide_activations.chosen(tensor, spec.int16):
+                grids[tensor] = ActivationGrid(*wide_activations.grid16(quantized, tensor, found.lo, found.hi,
+                                                                       spec.symmetric))
+            else:
+                grids[tensor] = activation_grid(quantized, tensor, found.lo, found.hi, spec.symmetric)
+        folded_outputs = {relu.output[0]: out for out, relu in decided.relu_folds.items()}
+        for output, source in decided.inherits.items():      # topological order: chains resolve in turn
+            root = folded_outputs.get(source, source)
+            if root in grids:
+                grids[output] = grids[root]
+        with ctx.cost.phase("write"):
+            for tensor, grid in grids.items():
+                insert_qdq(quantized, tensor, grid, decided.relu_folds.get(tensor), float_readers)
+    graph.sort_graph(quantized)
 
     corrected: list[str] = []
     if params.bias_correction:
@@ -679,7 +680,7 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
     int32_biases = 0
     weight_of = {layer.node: layer.weight for layer in integer_layers}
     input_grids = _dequantized_grids(quantized, grids)
-    with ctx.cost.phase("write"):
+    with ctx.cost.phase("write"), graph.naming(quantized):
         for node in list(quantized.graph.node):
             if node.name in weight_of and node.input[0] in input_grids:
                 int32_biases += quantize_bias(quantized, node, input_grids[node.input[0]],
