@@ -194,8 +194,8 @@ def choose_form(model: onnx.ModelProto, feeds: dict[str, np.ndarray], target: st
     if forced == "folded":
         return {"form": "folded", "weights": done.weights}
     after = _session(model, provider)
-    lat_qdq, lat_folded = metrics.latency([before, after], feeds, runs=runs, budget_s=budget_s, warmup=1,
-                                          min_runs=3, settled=_settled)
+    lat_qdq, lat_folded = metrics.latency([before, after], feeds, runs=runs, budget_s=budget_s, warmup=2,
+                                          settled=_settled)
     timing = {"qdq": lat_qdq["p50"], "folded": lat_folded["p50"]}
     del before, after
     if not lat_qdq["p50"] < FASTER_BY * lat_folded["p50"]:
@@ -207,10 +207,12 @@ def choose_form(model: onnx.ModelProto, feeds: dict[str, np.ndarray], target: st
 def _settled(times: list[list[float]]) -> bool:
     """Whether more runs would hardly change the decision (DequantizeLinear kept where its p50 beats
     the folded form's by ``FASTER_BY``): one form's fast quarter (p25) is not faster than the other's
-    slow quarter (p75) with the margin, from the third interleaved run on (one warm-up run each:
-    the first run allocates and packs). The measurement used to run its whole budget, three warm-up
-    and at least five timed runs of each form (1.7 of the ocr detector's 3.5 CPU seconds of static
-    int8) where the forms differ by 20 %; it still runs the budget when they are close."""
+    slow quarter (p75) with the margin, from the fifth interleaved run on (after two warm-up runs
+    each: the first allocates and packs). The measurement used to run its whole budget (1.7 of the
+    ocr detector's 3.5 CPU seconds of static int8) where the forms differ by 20 %; it still runs the
+    budget when they are close. Not from the third run: on a loaded machine a run takes either its
+    time or a preempted time slice (2 ms or 50 ms on the orientation classifier at load 16), and
+    three runs of one form all preempted settled a race the wrong way."""
     qdq, folded = (np.asarray(t) for t in times)
     folded_sure = np.percentile(qdq, 25) >= FASTER_BY * np.percentile(folded, 75)
     qdq_sure = np.percentile(qdq, 75) < FASTER_BY * np.percentile(folded, 25)
