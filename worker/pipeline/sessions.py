@@ -107,15 +107,23 @@ def build_session(model: onnx.ModelProto, options: ort.SessionOptions, providers
 
 def session(model: onnx.ModelProto, providers: Sequence[str] = ("CPUExecutionProvider",),
             threads: int = 0, *, outputs: Iterable[str] = (), prepack: bool = True, optimize: bool = True,
-            log_severity: int = 3, arena: bool = True, spin: bool = True) -> ort.InferenceSession:
+            log_severity: int = 3, arena: bool = True, spin: bool = True,
+            optimized_to: str | Path | None = None) -> ort.InferenceSession:
     """A session on the in-memory ``model``; ``outputs`` are added as extra graph outputs for the
     serialization and taken off again (the model is not copied). ``prepack=False`` spares the
     pre-packed second copy of the weights that only speed needs; ``optimize=False`` runs the graph
     as written (no fusions); ``arena=False`` hands a run's intermediates back to the OS after each
     run instead of keeping the session's high-water mark of buffers; ``spin=False`` for sessions
-    that work rather than time (their idle threads sleep)."""
+    that work rather than time (their idle threads sleep). ``optimized_to``: ONNX Runtime writes
+    the graph it will run (after its fusions) to this file, every initializer of 1 KiB or more in
+    ``<file>.data`` beside it, so that the file itself holds the structure only."""
     options = _options(threads, prepack=prepack, optimize=optimize, log_severity=log_severity, arena=arena,
                        spin=spin)
+    if optimized_to is not None:
+        options.optimized_model_filepath = str(optimized_to)
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         Path(optimized_to).name + ".data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     count = len(model.graph.output)
     present = {output.name for output in model.graph.output}
     model.graph.output.extend(helper.make_empty_tensor_value_info(name)
