@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper
@@ -31,8 +32,8 @@ def payload(model: onnx.ModelProto, options: ort.SessionOptions) -> tuple[bytes,
     memory never holds more than the model plus one tensor."""
     # ByteSize serializes the model to count it: where the weights alone are far below the limit,
     # the serialization itself tells (one pass over a BERT's 90 MB, not two, per session)
-    raw = sum(len(tensor.raw_data) for tensor in model.graph.initializer)
-    if raw < graph.EXTERNAL_DATA_THRESHOLD // 2:
+    weights = weight_bytes(model)
+    if weights is not None and weights < graph.EXTERNAL_DATA_THRESHOLD // 2:
         data = model.SerializeToString()
         if len(data) < graph.EXTERNAL_DATA_THRESHOLD:
             return data, None
@@ -62,6 +63,21 @@ def payload(model: onnx.ModelProto, options: ort.SessionOptions) -> tuple[bytes,
                 tensor.raw_data = source.read(length)
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", scratch.name)
     return structure, scratch
+
+
+def weight_bytes(model: onnx.ModelProto) -> int | None:
+    """The main graph's initializers' bytes from their shapes and types (no tensor data read), or
+    None where a type has no fixed size (strings)."""
+    total = 0
+    for tensor in model.graph.initializer:
+        try:
+            size = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            return None
+        if size == 0 or tensor.data_type == onnx.TensorProto.STRING:
+            return None
+        total += int(np.prod(tensor.dims, dtype=np.int64)) * size
+    return total
 
 
 def _point_to(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:

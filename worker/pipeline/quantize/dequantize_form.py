@@ -245,8 +245,8 @@ def _session_and_fusions(model: onnx.ModelProto, provider: str, dequantizers: li
     each form; 1.3 of the ocr detector's 3.4 CPU seconds of static int8) has nothing to tell. Where
     something fused one, or on another provider, or for a model too large to write the optimized
     graph of here, the race decides."""
-    weights = sum(len(tensor.raw_data) for tensor in model.graph.initializer)
-    if provider != "CPUExecutionProvider" or weights >= graph.EXTERNAL_DATA_THRESHOLD // 2:
+    weights = sessions.weight_bytes(model)
+    if provider != "CPUExecutionProvider" or weights is None or weights >= graph.EXTERNAL_DATA_THRESHOLD // 2:
         return _session(model, provider), False
     with tempfile.TemporaryDirectory(prefix="fw-form-") as scratch:
         path = Path(scratch) / "optimized.onnx"
