@@ -530,8 +530,10 @@ def _position_after(model: onnx.ModelProto, tensor: str) -> int:
 
 # ------------------------------------------------------------------------------- bias handling
 
-def _bias_input(model: onnx.ModelProto, node: onnx.NodeProto) -> tuple[str | None, int]:
-    """(bias initializer name or None, channel axis of the node's output)."""
+def _bias_input(model: onnx.ModelProto, node: onnx.NodeProto,
+                readers: dict[str, list[tuple[onnx.NodeProto, int]]] | None = None) -> tuple[str | None, int]:
+    """(bias initializer name or None, channel axis of the node's output). ``readers``: the model's
+    ``graph.consumers`` where the caller holds them (a loop over layers need not rebuild them)."""
     inits = graph.initializers(model)
     if node.op_type == "Conv":
         name = node.input[2] if len(node.input) > 2 and node.input[2] else None
@@ -542,7 +544,7 @@ def _bias_input(model: onnx.ModelProto, node: onnx.NodeProto) -> tuple[str | Non
             return name, 1
         return None, 1
     # MatMul: the bias lives in an Add that is the output's only reader
-    readers = graph.consumers(model).get(node.output[0], [])
+    readers = (graph.consumers(model) if readers is None else readers).get(node.output[0], [])
     if len(readers) == 1 and readers[0][0].op_type == "Add":
         add = readers[0][0]
         other = add.input[1 - readers[0][1]]
