@@ -7,6 +7,8 @@ quantizers and NNCF, each a function ``(RealModel, out_path) -> dict`` of notes 
     ours-static-minmax the same with minmax calibration
     ours-static-mse    the same with mse calibration (each tensor's range minimising its rounding error)
     ours-static-adaround  ours-static with weights.rounding: adaround (learned rounding, issue #14)
+    ours-static-cle    ours-static with equalize: true (cross-layer equalization)
+    ours-static-cle-hba  ours-static with equalize and high_bias_absorption: true
     ours-dynamic       quantize: weights int8, activations dynamic
     ours-int4-gptq     quantize: weights int4 block 32, GPTQ (models with MatMul weights only)
     ours-int4-adaround int4 block 32, mse scales, RTN with weights.rounding: adaround (no GPTQ)
@@ -46,6 +48,8 @@ METHODS = {
     "ours-static-minmax": "ours static int8, minmax",
     "ours-static-mse": "ours static int8, mse",
     "ours-static-adaround": "ours static int8, adaround rounding",
+    "ours-static-cle": "ours static int8, cross-layer equalization",
+    "ours-static-cle-hba": "ours static int8, equalization + high-bias absorption",
     "ours-dynamic": "ours dynamic int8",
     "ours-int4-gptq": f"ours int4 GPTQ b{BLOCK_SIZE}, mse scales",
     "ours-int4-adaround": f"ours int4 RTN b{BLOCK_SIZE}, mse scales, adaround rounding",
@@ -208,6 +212,9 @@ def _recipe(method: str) -> dict:
         step = {"op": "quantize", "weights": {"bits": 8}, "activations": {"calibration": calibration}}
     elif method == "ours-static-adaround":
         step = {"op": "quantize", "weights": {"bits": 8, "rounding": "adaround"}, "activations": {}}
+    elif method in ("ours-static-cle", "ours-static-cle-hba"):
+        step = {"op": "quantize", "weights": {"bits": 8}, "activations": {}, "equalize": True,
+                "high_bias_absorption": method == "ours-static-cle-hba"}
     elif method == "ours-int4-adaround":
         step = {"op": "quantize", "weights": {"bits": 4, "granularity": "block", "block_size": BLOCK_SIZE,
                                             "scale_search": "mse", "rounding": "adaround"}}

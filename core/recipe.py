@@ -154,7 +154,12 @@ class QuantizeStep(_WeightStep):
         max_length=64, description="op types kept in float under static activation quantization")
     bias_correction: bool = True
     equalize: bool = Field(False, description="static int8: cross-layer equalization of Conv -> [ReLU ->] Conv "
-                                              "chains (exact in float) before calibration")
+                                              "chains (exact in float), and through Clip(0, m) where exact on the "
+                                              "calibration data, before calibration")
+    high_bias_absorption: bool = Field(
+        False, description="static int8: for Conv -> Relu / Clip(0, m) -> Conv chains, the part of each channel that "
+                           "stays in the activation's linear range on the calibration data moves from the first "
+                           "Conv's bias into the second's (exact on that data; second Conv unpadded)")
     smoothquant: float | None = Field(
         0.5, ge=0.0, le=1.0, description="static int8: SmoothQuant alpha, activation outliers of MatMul / Gemm "
                                           "inputs moved into the weights (exact in float); null = off")

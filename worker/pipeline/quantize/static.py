@@ -597,9 +597,16 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
                                 f"activations: {error}") from error
     data = calibration_data(prepared, ctx)
     equalized: list[str] = []
-    if params.equalize:
+    absorbed: list[str] = []
+    if params.equalize or params.high_bias_absorption:
         from worker.pipeline.quantize import equalize
-        equalized = equalize.equalize(prepared)
+        # each conv1 output channel's calibration range: Clip(0, m) chains equalize where exact on
+        # it, and high-bias absorption moves what always passes the activation into conv2's bias
+        channel_ranges = equalize.channel_ranges(prepared, data, ctx.check_cancelled)
+        if params.equalize:
+            equalized = equalize.equalize(prepared, channel_ranges)
+        if params.high_bias_absorption:
+            absorbed = equalize.absorb_high_bias(prepared, channel_ranges)
     layers = selected_layers(prepared, params)
     # layers whose activations stay float (weight-only int8): see weight_only_compute
     float_compute = weight_only_compute.choose(prepared, layers, params)
@@ -718,6 +725,7 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
         "bias_corrected": len(corrected),
         "smoothed_inputs": len(smoothed),
         "equalized_layers": len(equalized),
+        "bias_absorbed_layers": len(absorbed),
         "adarounded_layers": sum(1 for info in rounding_info.values() if info["kept"]),
         "int32_biases": int(int32_biases),
         "opset": graph.opset(quantized),
