@@ -11,6 +11,7 @@ quantizers and NNCF, each a function ``(RealModel, out_path) -> dict`` of notes 
     ours-static-cle-hba  ours-static with equalize and high_bias_absorption: true
     ours-dynamic       quantize: weights int8, activations dynamic
     ours-int4-gptq     quantize: weights int4 block 32, GPTQ (models with MatMul weights only)
+    ours-int4-rtn      int4 block 32, mse scales, round to nearest (no calibration): adaround's baseline
     ours-int4-adaround int4 block 32, mse scales, RTN with weights.rounding: adaround (no GPTQ)
     ours-fp16          fp16 with the defaults (inputs / outputs kept float32)
     ort-static-minmax  onnxruntime.quantization.quantize_static: QDQ, per_channel, uint8 activations,
@@ -52,6 +53,7 @@ METHODS = {
     "ours-static-cle-hba": "ours static int8, equalization + high-bias absorption",
     "ours-dynamic": "ours dynamic int8",
     "ours-int4-gptq": f"ours int4 GPTQ b{BLOCK_SIZE}, mse scales",
+    "ours-int4-rtn": f"ours int4 RTN b{BLOCK_SIZE}, mse scales",
     "ours-int4-adaround": f"ours int4 RTN b{BLOCK_SIZE}, mse scales, adaround rounding",
     "ours-fp16": "ours fp16",
     "ort-static-minmax": "ORT quantize_static QDQ per-channel MinMax",
@@ -64,7 +66,7 @@ METHODS = {
     "nncf-mixed": "NNCF quantize, preset MIXED",
     "nncf-transformer": "NNCF quantize, model_type TRANSFORMER",
 }
-MATMUL_ONLY = {"ours-int4-gptq", "ours-int4-adaround", "ort-int4-rtn", "ort-int4-gptq", "nncf-transformer"}
+MATMUL_ONLY = {"ours-int4-gptq", "ours-int4-rtn", "ours-int4-adaround", "ort-int4-rtn", "ort-int4-gptq", "nncf-transformer"}
 
 
 def has_matmul_weights(path: Path) -> bool:
@@ -215,9 +217,10 @@ def _recipe(method: str) -> dict:
     elif method in ("ours-static-cle", "ours-static-cle-hba"):
         step = {"op": "quantize", "weights": {"bits": 8}, "activations": {}, "equalize": True,
                 "high_bias_absorption": method == "ours-static-cle-hba"}
-    elif method == "ours-int4-adaround":
+    elif method in ("ours-int4-rtn", "ours-int4-adaround"):
+        rounding = "adaround" if method == "ours-int4-adaround" else "nearest"
         step = {"op": "quantize", "weights": {"bits": 4, "granularity": "block", "block_size": BLOCK_SIZE,
-                                            "scale_search": "mse", "rounding": "adaround"}}
+                                            "scale_search": "mse", "rounding": rounding}}
     elif method == "ours-dynamic":
         step = {"op": "quantize", "weights": {"bits": 8}, "activations": {"calibration": "dynamic"}}
     elif method == "ours-int4-gptq":
