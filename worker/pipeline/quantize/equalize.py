@@ -23,7 +23,9 @@ Hard-swish is not done: ``s hswish(y / s) != hswish(y)`` for every ``s != 1`` wh
 detector the bench uses (PP-OCRv4, paddle2onnx) it would not apply anyway: each Conv is followed by a
 scalar affine (``Mul``, ``Add`` by one learned number: PP-LCNetV3's learnable affine blocks), then
 the decomposed hard-swish, then another scalar affine, and ``a y / s + b != (a y + b) / s`` for
-``b != 0``: of its 62 Convs one pair is a Conv -> Conv chain equalization can rewrite.
+``b != 0``: the pairs it has are the stem (Conv -> depthwise Conv, no activation) and Conv -> ReLU ->
+Conv chains (squeeze-excite blocks, the FPN), once the Conv biases paddle2onnx writes as Constant
+nodes are initializers (``lift_constants.lift_conv_biases``, done first).
 
 High-bias absorption (``absorb_high_bias``, same paper, section 4.2, with the calibration minimum in
 place of the BatchNorm bound ``beta - 3 gamma``): where channel ``i`` of conv1's output stays in
