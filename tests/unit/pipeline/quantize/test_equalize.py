@@ -146,3 +146,19 @@ def test_static_int8_with_absorption_reports_it():
     result = quantize_static(model, params, StepContext(original=model, calibration=feeds))
     assert result.metrics["bias_absorbed_layers"] == 1
     assert _rel(builders.run_ort(result.model, feeds)[0], builders.run_ort(model, feeds)[0]) < 0.05
+
+
+def test_conv_biases_in_constant_nodes_are_lifted_so_the_chain_is_found():
+    """paddle2onnx writes Conv biases as Constant nodes: static int8 lifts them first, else no pair."""
+    model = _biased_chain()
+    bias = graph.get_array(model, "B1")
+    graph.remove_initializers(model, ["B1"])
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["B1"], value=numpy_helper.from_array(bias, "B1"),
+                                                name="bias_constant"))
+    assert equalize.pairs(model) == []
+    params = QuantizeStep(op="quantize", weights={"bits": 8}, activations={"calibration": "minmax"}, min_params=0,
+                          min_products=0, equalize=True, high_bias_absorption=True)
+    feeds = _feeds()
+    result = quantize_static(model, params, StepContext(original=model, calibration=feeds))
+    assert result.metrics["equalized_layers"] == 1 and result.metrics["bias_absorbed_layers"] == 1
+    assert _rel(builders.run_ort(result.model, feeds)[0], builders.run_ort(model, feeds)[0]) < 0.05
