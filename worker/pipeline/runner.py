@@ -265,8 +265,8 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
 
     # 3. the output format
     formatting, formatting_cpu = time.perf_counter(), time.process_time()
-    finalize(model, recipe, step_rows, ctx, evaluation=eval_set, calibration=cal_set,
-             chosen=searched.params if searched is not None else None)
+    stored_names = finalize(model, recipe, step_rows, ctx, evaluation=eval_set, calibration=cal_set,
+                            chosen=searched.params if searched is not None else None)
     formatting, formatting_cpu = time.perf_counter() - formatting, time.process_time() - formatting_cpu
 
     # 4. check, write, measure
@@ -286,7 +286,8 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
     measuring = time.perf_counter()
     cost.reset_peak()
     report = build_report(original_path=model_path, compressed_path=out_path, target=target, steps=step_rows,
-                          layers=layers, evaluation=eval_set, calibration=cal_set, options=options)
+                          layers=layers, evaluation=eval_set, calibration=cal_set, options=options,
+                          stored_names=stored_names)
     if searched is not None:
         for name, path in searched.artifacts.items():
             check_result(graph.load_model(model_path, load_external_data=False), graph.load_model(path))
