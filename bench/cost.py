@@ -288,7 +288,8 @@ def run_ort(model: str, job: str, path: Path, data: Path, workdir: Path) -> dict
         return None
     out = workdir / f"{model}-{job}-ort.onnx"
     row = _measure([sys.executable, "-m", "bench.cost", "--ort-child", method, str(path), str(data), str(out)],
-                   {**os.environ, "PYTHONPATH": str(ROOT)}, workdir / f"{model}-{job}-ort.log")
+                   {**os.environ, "PYTHONPATH": str(ROOT)}, workdir / f"{model}-{job}-ort.log",
+                   cwd=workdir)     # ORT's shape inference leaves sym_shape_infer_temp.onnx in the cwd
     row["method"] = method
     if not row["rc"]:
         row["rel_l2"] = _rel_l2(path, out, data)
