@@ -4,12 +4,13 @@ SparseGPT prunes with it, data-aware low-rank factorizes with it."""
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
+from functools import lru_cache
 from typing import Hashable
 
 import numpy as np
 import onnx
-from scipy.linalg import cho_factor, cho_solve, lapack
-from threadpoolctl import ThreadpoolController
+# scipy.linalg and threadpoolctl are imported where used: loading them (about 1 s of CPU) was paid by
+# every job that imports the pipeline, static int8 among them, which never solves anything here
 
 from worker.pipeline import activations
 from worker.pipeline.data import Dataset
@@ -27,11 +28,16 @@ def serial_lapack():
     threads than cores the Cholesky and triangular inverse of a 1536 x 1536 Hessian took 1.3 s of
     CPU on two threads against 0.22 s on one (load 20 on 2 cores; wall 7.0 s against 1.3 s). The
     Gram products over calibration rows stay threaded (big, and well shared between threads)."""
-    with _BLAS.limit(limits=1, user_api="blas"):
+    with _blas().limit(limits=1, user_api="blas"):
         yield
 
 
-_BLAS = ThreadpoolController()
+@lru_cache(maxsize=1)
+def _blas():
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
 DAMPING = 0.01          # relative to mean(diag H), as SparseGPT / GPTQ damp
 
 
@@ -72,6 +78,8 @@ def inverse_upper_factor(hessian: np.ndarray) -> np.ndarray:
     inverse of the triangle (numpy's LU ``inv``) 6x that of LAPACK's triangular one. float64: the
     Cholesky of a calibration Hessian is where the precision is needed. Raises LinAlgError where H
     is not positive definite."""
+    from scipy.linalg import lapack
+
     flipped, info = lapack.dpotrf(np.asarray(hessian, dtype=np.float64)[::-1, ::-1], lower=1, clean=1)
     if info:
         raise np.linalg.LinAlgError(f"the Hessian is not positive definite (leading minor {info})")
@@ -115,6 +123,8 @@ def drift_refit(matrix: np.ndarray, hessian: np.ndarray, projected: np.ndarray) 
     """``drift_corrected`` from ``P = M C`` (what ``accumulate_drift`` gives with ``weights``):
     ``M' = (P + lam M)(H + lam I)^-1``, solved through the Cholesky factor of the symmetric
     positive definite ``H + lam I`` (half the arithmetic of a general solve)."""
+    from scipy.linalg import cho_factor, cho_solve
+
     lam = DAMPING * float(np.mean(np.diag(hessian))) or DAMPING
     regularized = np.array(hessian, dtype=np.float64)
     regularized[np.diag_indices_from(regularized)] += lam

@@ -51,7 +51,7 @@ from core.errors import PipelineError, RecipeError
 from core.recipe import QuantizeStep
 from worker.pipeline import activations, calibrate, graph, subgraphs
 from worker.pipeline.data import DataError, Dataset, bind
-from worker.pipeline.quantize import (int8_storage, lift_constants, tensorrt_qdq, weight_only, weight_only_compute,
+from worker.pipeline.quantize import (adaround, int8_storage, lift_constants, tensorrt_qdq, weight_only, weight_only_compute,
                                       wide_activations)
 from worker.pipeline.step import LayerRecord, StepContext, StepResult
 
@@ -210,8 +210,14 @@ def _float_activation(name: str, inits: dict, types: dict[str, int]) -> bool:
 
 
 def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element types of the model's tensors, as ONNX's inference gives them (weights too: they are
+    inputs of the skeleton). On ``shape_inference.skeleton``, which leaves the weights out: a tensor's
+    type does not depend on a weight's values, and inference on the whole model serialized every
+    weight into ONNX's C++ and back (0.1 to 0.3 CPU s of a BERT's static int8)."""
+    from worker.pipeline.shape_inference import skeleton
+
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(skeleton(model))
     except Exception:   # inference is best effort: unknown tensors are assumed float
         inferred = model
     values = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
@@ -356,14 +362,19 @@ def weight_grid(weight: np.ndarray, layer: graph.WeightLayer, params: QuantizeSt
 
 
 def quantize_weight(model: onnx.ModelProto, layer: graph.WeightLayer, params: QuantizeStep,
-                    unsigned_storage: bool = False) -> WeightGrid:
+                    unsigned_storage: bool = False, rounded: np.ndarray | None = None) -> WeightGrid:
     """Replace the float weight by int8 + DequantizeLinear whose output keeps the weight's name, so
     every reader (a shared weight's second layer too) reads the dequantized tensor unchanged.
-    ``unsigned_storage``: symmetric int8 values stored as uint8 + 128 (``int8_storage``)."""
+    ``unsigned_storage``: symmetric int8 values stored as uint8 + 128 (``int8_storage``).
+    ``rounded``: the integers learned on the same grid (``weights.rounding: adaround``), else nearest."""
     weight = graph.get_array(model, layer.weight).astype(np.float32)
     grid = weight_grid(weight, layer, params)
     signed = params.weights is None or params.weights.symmetric
-    q = kernels.quantize(np.ascontiguousarray(weight), grid.scale, grid.zero_point, bits=8, signed=signed, axis=grid.axis)
+    if rounded is not None and rounded.shape == weight.shape:
+        q = rounded
+    else:
+        q = kernels.quantize(np.ascontiguousarray(weight), grid.scale, grid.zero_point, bits=8, signed=signed,
+                             axis=grid.axis)
     if signed and unsigned_storage:
         q, shift = int8_storage.stored(q, unsigned=True)
         zero_point = np.full(np.shape(grid.zero_point), shift, np.uint8)
@@ -524,8 +535,10 @@ def _position_after(model: onnx.ModelProto, tensor: str) -> int:
 
 # ------------------------------------------------------------------------------- bias handling
 
-def _bias_input(model: onnx.ModelProto, node: onnx.NodeProto) -> tuple[str | None, int]:
-    """(bias initializer name or None, channel axis of the node's output)."""
+def _bias_input(model: onnx.ModelProto, node: onnx.NodeProto,
+                readers: dict[str, list[tuple[onnx.NodeProto, int]]] | None = None) -> tuple[str | None, int]:
+    """(bias initializer name or None, channel axis of the node's output). ``readers``: the model's
+    ``graph.consumers`` where the caller holds them (a loop over layers need not rebuild them)."""
     inits = graph.initializers(model)
     if node.op_type == "Conv":
         name = node.input[2] if len(node.input) > 2 and node.input[2] else None
@@ -536,7 +549,7 @@ def _bias_input(model: onnx.ModelProto, node: onnx.NodeProto) -> tuple[str | Non
             return name, 1
         return None, 1
     # MatMul: the bias lives in an Add that is the output's only reader
-    readers = graph.consumers(model).get(node.output[0], [])
+    readers = (graph.consumers(model) if readers is None else readers).get(node.output[0], [])
     if len(readers) == 1 and readers[0][0].op_type == "Add":
         add = readers[0][0]
         other = add.input[1 - readers[0][1]]
@@ -592,21 +605,37 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
                                 f"activations: {error}") from error
     data = calibration_data(prepared, ctx)
     equalized: list[str] = []
-    if params.equalize:
+    absorbed: list[str] = []
+    if params.equalize or params.high_bias_absorption:
         from worker.pipeline.quantize import equalize
-        equalized = equalize.equalize(prepared)
+        # each conv1 output channel's calibration range: Clip(0, m) chains equalize where exact on
+        # it, and high-bias absorption moves what always passes the activation into conv2's bias
+        lift_constants.lift_conv_biases(prepared)
+        channel_ranges = equalize.channel_ranges(prepared, data, ctx.check_cancelled)
+        if params.equalize:
+            equalized = equalize.equalize(prepared, channel_ranges)
+        if params.high_bias_absorption:
+            absorbed = equalize.absorb_high_bias(prepared, channel_ranges)
     layers = selected_layers(prepared, params)
     # layers whose activations stay float (weight-only int8): see weight_only_compute
     float_compute = weight_only_compute.choose(prepared, layers, params)
     integer_layers = [layer for layer in layers if layer.node not in float_compute]
-    smoothed = _smooth(prepared, params, integer_layers, data, ctx)
+    # the report's phases (``cost``): capture = running the model over the calibration data
+    # (SmoothQuant's maxima, the ranges' histograms, bias correction's means), solve = the
+    # weights' grids (learned rounding among them), write = the Q/DQ nodes and int32 biases
+    with ctx.cost.phase("capture"):
+        smoothed = _smooth(prepared, params, integer_layers, data, ctx)
+    with ctx.cost.phase("solve"):
+        learned, rounding_info = _learned_rounding(prepared, params, layers, ctx)
     float_readers = excluded_nodes(prepared, params)
     decided = plan(prepared, params, integer_layers, float_readers)
     ctx.progress(0.05, "calibrating activation ranges")
-    ranges = calibrate.calibrate(prepared, data, sorted(set(decided.calibrated.values())),
-                                 method=spec.calibration, percentile=spec.percentile,
-                                 progress=lambda f, m: ctx.progress(0.05 + 0.55 * f, m),
-                                 budget_bytes=int(ctx.options.get("capture_budget_bytes", activations.CAPTURE_BUDGET)))
+    with ctx.cost.phase("capture"):
+        ranges = calibrate.calibrate(prepared, data, sorted(set(decided.calibrated.values())),
+                                     method=spec.calibration, percentile=spec.percentile,
+                                     progress=lambda f, m: ctx.progress(0.05 + 0.55 * f, m),
+                                     budget_bytes=int(ctx.options.get("capture_budget_bytes",
+                                                                      activations.CAPTURE_BUDGET)))
     ctx.check_cancelled()
 
     quantized = onnx.ModelProto()
@@ -614,14 +643,15 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
     weight_grids: dict[str, WeightGrid] = {}
     # uint8 activations meet these weights in ORT's u8s8 kernels: see int8_storage
     unsigned = not spec.symmetric and int8_storage.unsigned_weights(ctx.target, ctx.options, params.integer_weights)
-    for layer in layers:
-        weight_grids[layer.weight] = quantize_weight(quantized, layer, params, unsigned)
-    embeddings = embedding_layers(quantized, params)
-    for layer in embeddings:
-        weight_grids[layer.weight] = quantize_embedding(quantized, layer)
-    tables = table_tensors(quantized, params)
-    for layer in tables:
-        weight_grids[layer.weight] = quantize_table(quantized, layer)
+    with ctx.cost.phase("solve"), graph.naming(quantized):
+        for layer in layers:
+            weight_grids[layer.weight] = quantize_weight(quantized, layer, params, unsigned, learned.get(layer.weight))
+        embeddings = embedding_layers(quantized, params)
+        for layer in embeddings:
+            weight_grids[layer.weight] = quantize_embedding(quantized, layer)
+        tables = table_tensors(quantized, params)
+        for layer in tables:
+            weight_grids[layer.weight] = quantize_table(quantized, layer)
     # layers inside If / Loop / Scan bodies: their weights int8 (the DequantizeLinear in the main
     # graph, read from the outer scope); activations inside a body are not calibrated and stay float
     # and recurrent cells' W / R (LSTM / GRU / RNN, main graph or body: ONNX Runtime runs them in
@@ -629,50 +659,56 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
     bodies = _weight_only_layers(quantized, params, {layer.weight for layer in layers + embeddings + tables})
     main_nodes = {node.name for node in quantized.graph.node}
     recurrent = [layer for layer in bodies if layer.op in weight_only.RECURRENT_OPS and layer.node in main_nodes]
-    for layer in bodies:
-        weight_grids[layer.weight] = quantize_weight(quantized, layer, params)
+    with ctx.cost.phase("solve"), graph.naming(quantized):
+        for layer in bodies:
+            weight_grids[layer.weight] = quantize_weight(quantized, layer, params)
     embeddings += tables + bodies
 
     grids: dict[str, ActivationGrid] = {}
     kept_float: dict[str, str] = {}
-    forced_float = ctx.options.get("float_activations") or ()     # mixed_precision's choices
-    for tensor, source in decided.calibrated.items():
-        found = ranges.get(source)
-        if tensor in forced_float:
-            kept_float[tensor] = "kept float: max_output_error"
-        elif found is None:
-            kept_float[tensor] = "never seen on the calibration data"
-        elif found.masked:
-            kept_float[tensor] = "mask sentinel values (|x| >= 1e8) in calibration"
-        elif spec.int16 and wide_activations.chosen(tensor, spec.int16):
-            grids[tensor] = ActivationGrid(*wide_activations.grid16(quantized, tensor, found.lo, found.hi,
-                                                                   spec.symmetric))
-        else:
-            grids[tensor] = activation_grid(quantized, tensor, found.lo, found.hi, spec.symmetric)
-    folded_outputs = {relu.output[0]: out for out, relu in decided.relu_folds.items()}
-    for output, source in decided.inherits.items():      # topological order: chains resolve in turn
-        root = folded_outputs.get(source, source)
-        if root in grids:
-            grids[output] = grids[root]
-    for tensor, grid in grids.items():
-        insert_qdq(quantized, tensor, grid, decided.relu_folds.get(tensor), float_readers)
+    with graph.naming(quantized):      # activation grids and their Q/DQ pairs: names only added
+        forced_float = ctx.options.get("float_activations") or ()     # mixed_precision's choices
+        for tensor, source in decided.calibrated.items():
+            found = ranges.get(source)
+            if tensor in forced_float:
+                kept_float[tensor] = "kept float: max_output_error"
+            elif found is None:
+                kept_float[tensor] = "never seen on the calibration data"
+            elif found.masked:
+                kept_float[tensor] = "mask sentinel values (|x| >= 1e8) in calibration"
+            elif spec.int16 and wide_activations.chosen(tensor, spec.int16):
+                grids[tensor] = ActivationGrid(*wide_activations.grid16(quantized, tensor, found.lo, found.hi,
+                                                                       spec.symmetric))
+            else:
+                grids[tensor] = activation_grid(quantized, tensor, found.lo, found.hi, spec.symmetric)
+        folded_outputs = {relu.output[0]: out for out, relu in decided.relu_folds.items()}
+        for output, source in decided.inherits.items():      # topological order: chains resolve in turn
+            root = folded_outputs.get(source, source)
+            if root in grids:
+                grids[output] = grids[root]
+        with ctx.cost.phase("write"):
+            for tensor, grid in grids.items():
+                insert_qdq(quantized, tensor, grid, decided.relu_folds.get(tensor), float_readers)
     graph.sort_graph(quantized)
 
     corrected: list[str] = []
     if params.bias_correction:
         ctx.progress(0.65, "bias correction")
         from worker.pipeline.quantize import bias_correction
-        corrected = bias_correction.correct(prepared, quantized, decided.compute_nodes,
-                                            {layer.node: layer.weight for layer in integer_layers}, data, ctx,
-                                            relu_folded=set(decided.relu_folds), bias_input=_bias_input)
+        with ctx.cost.phase("capture"):
+            corrected = bias_correction.correct(prepared, quantized, decided.compute_nodes,
+                                                {layer.node: layer.weight for layer in integer_layers}, data, ctx,
+                                                relu_folded=set(decided.relu_folds), bias_input=_bias_input)
 
     int32_biases = 0
     weight_of = {layer.node: layer.weight for layer in integer_layers}
     input_grids = _dequantized_grids(quantized, grids)
-    for node in list(quantized.graph.node):
-        if node.name in weight_of and node.input[0] in input_grids:
-            int32_biases += quantize_bias(quantized, node, input_grids[node.input[0]], weight_grids[weight_of[node.name]])
-    graph.sort_graph(quantized)
+    with ctx.cost.phase("write"), graph.naming(quantized):
+        for node in list(quantized.graph.node):
+            if node.name in weight_of and node.input[0] in input_grids:
+                int32_biases += quantize_bias(quantized, node, input_grids[node.input[0]],
+                                              weight_grids[weight_of[node.name]])
+        graph.sort_graph(quantized)
     graph.check_if_in_memory(quantized)
 
     for layer in layers + embeddings:
@@ -684,6 +720,8 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
                        "block_size": None, "bits": 8, "signed": bool(signed)}
         if layer in layers:
             record.extra["weight_storage"] = int8_storage.storage_name(unsigned and bool(signed))
+        if layer.weight in rounding_info:
+            record.extra["rounding"] = adaround.record(rounding_info[layer.weight])
         record.extra["activations"] = ("weight-only int8 rows (embedding)" if layer.op == "Gather" else
                                        "weight-only int8 (table)" if layer.op in TABLE_READERS else
                                        "weight-only int8 (recurrent cell)" if layer in recurrent else
@@ -710,10 +748,39 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
         "bias_corrected": len(corrected),
         "smoothed_inputs": len(smoothed),
         "equalized_layers": len(equalized),
+        "bias_absorbed_layers": len(absorbed),
+        "adarounded_layers": sum(1 for info in rounding_info.values() if info["kept"]),
         "int32_biases": int(int32_biases),
         "opset": graph.opset(quantized),
     }
     return StepResult(quantized, [layer.weight for layer in layers + embeddings], metrics)
+
+
+def _learned_rounding(model: onnx.ModelProto, params: QuantizeStep, layers: list[graph.WeightLayer],
+                      ctx: StepContext) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+    """``weights.rounding: adaround``: each selected layer's int8 integers learned on the grid
+    ``weight_grid`` gives it (``quantize.adaround``), layer by layer on a copy of the model whose
+    weights upstream are already rounded (activations float: the calibration samples carried
+    through by ``quantize.gptq``'s runner). Layers without a matrix form (grouped / depthwise Conv)
+    keep nearest. Returns (weight -> q, weight -> the search's errors)."""
+    if params.weights is None or params.weights.rounding != "adaround":
+        return {}, {}
+    from worker.pipeline.quantize import gptq
+    from worker.pipeline.quantize.grid import Grid
+
+    ctx.progress(0.02, "learning weight rounding (adaround)")
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    spec = params.weights
+    runner = gptq.GptqRunner(work, layers, ctx, rounding="adaround")
+    method = spec.scale_search or ("absmax" if spec.symmetric else "minmax")
+
+    def grid_of(layer: graph.WeightLayer) -> Grid:
+        axis = layer.out_axis if spec.granularity == "channel" else None
+        return Grid(8, spec.symmetric, spec.symmetric, axis, None, method)
+
+    solved = runner.quantize_all(layers, grid_of)
+    return {weight: found[0] for weight, found in solved.items()}, runner.rounding_info
 
 
 def _smooth(model: onnx.ModelProto, params: QuantizeStep, layers: list[graph.WeightLayer], data: Dataset,
