@@ -239,9 +239,13 @@ def _layouts(model: onnx.ModelProto, inputs: list[str], shapes: dict[str, list[i
             "keep_as_is": [name for name in ranked if name not in spatial]}
 
 
+ABSL_LOG_LINE = re.compile(r"^[IWE]\d{4} \d\d:\d\d:\d\d|^WARNING: All log messages")   # TensorFlow's own logging
+
+
 def _last_error(stderr: str) -> str:
-    """The converter's own message: the last line that reads like an error."""
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    """The converter's own message: the last line that reads like an error, TensorFlow's log lines
+    left out (a crash after "Could not find cuda drivers" read as that line)."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip() and not ABSL_LOG_LINE.match(line.strip())]
     for line in reversed(lines):
         if "Error" in line or "error:" in line:
             return line[:500]

@@ -177,3 +177,12 @@ def test_litert_outputs_are_read_in_the_onnx_models_order():
     assert [d["index"] for d in ordered] == [81, 84]
     # a signature that does not name every output by its index: the interpreter's order stands
     assert [d["index"] for d in ordered_outputs(Interpreter({"probs": 81, "state": 84}))] == [84, 81]
+
+
+def test_the_converters_reason_is_its_error_not_tensorflows_log_lines():
+    from worker.pipeline.export.tflite import _last_error
+
+    stderr = ("Traceback (most recent call last):\n  File \"x.py\", line 1\nRuntimeError: tensor 'lstm' is not int8\n"
+              "I0000 00:00:1796603208.061367   23700 cudart_stub.cc:31] Could not find cuda drivers on your machine\n")
+    assert _last_error(stderr) == "RuntimeError: tensor 'lstm' is not int8"
+    assert _last_error("W0000 00:00:1.0 1 x.cc:1] noise\nsegmentation fault\n") == "segmentation fault"
