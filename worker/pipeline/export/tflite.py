@@ -188,7 +188,8 @@ def convert(ctx: ExportContext) -> dict:
                               timeout=float(ctx.options.get("export_timeout_s", DEFAULT_TIMEOUT_S)),
                               env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
         if done.returncode != 0 or not (ctx.workdir / FILES[0]).is_file():
-            raise RuntimeError(_last_error(done.stderr) or f"the converter exited with status {done.returncode}")
+            crashed = f"the converter crashed (signal {-done.returncode})" if done.returncode < 0 else ""
+            raise RuntimeError(crashed or _last_error(done.stderr) or f"the converter exited with status {done.returncode}")
         versions = json.loads(done.stdout.strip().splitlines()[-1])
     finally:
         import shutil
