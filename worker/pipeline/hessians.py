@@ -9,9 +9,8 @@ from typing import Hashable
 import numpy as np
 import onnx
 from scipy.linalg import cho_factor, cho_solve, lapack
-from threadpoolctl import ThreadpoolController
 
-from worker.pipeline import activations
+from worker.pipeline import activations, parallel
 from worker.pipeline.data import Dataset
 from worker.pipeline.sequential import lockstep
 from worker.pipeline.unfold import output_size, unfold2d, unfold2d_every
@@ -26,12 +25,11 @@ def serial_lapack():
     costs a lot on a busy one: its threads spin while they wait for each other, and with more
     threads than cores the Cholesky and triangular inverse of a 1536 x 1536 Hessian took 1.3 s of
     CPU on two threads against 0.22 s on one (load 20 on 2 cores; wall 7.0 s against 1.3 s). The
-    Gram products over calibration rows stay threaded (big, and well shared between threads)."""
-    with _BLAS.limit(limits=1, user_api="blas"):
+    Gram products over calibration rows use both cores by splitting their rows (``gram``)."""
+    with parallel.serial_blas():
         yield
 
 
-_BLAS = ThreadpoolController()
 DAMPING = 0.01          # relative to mean(diag H), as SparseGPT / GPTQ damp
 
 
@@ -125,15 +123,35 @@ def drift_refit(matrix: np.ndarray, hessian: np.ndarray, projected: np.ndarray) 
         return np.linalg.lstsq(regularized, rhs, rcond=None)[0].T
 
 
+GRAM_ROWS = 4096            # rows per float32 product; the products are summed in float64
+GRAM_MIN_ROWS = 256         # a split into pieces smaller than this costs more than it saves
+
+
 def gram(a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
-    """``a^T b`` (``a^T a`` without ``b``) of one batch's rows in float32 BLAS, returned as float64
-    for the running sum: per batch the float32 product's relative error stays ~1e-6, and summing
-    the batches in float64 keeps it there however many batches come (a float64 product of the same
-    rows costs twice the time and copies them twice the size)."""
+    """``a^T b`` (``a^T a`` without ``b``) of one batch's rows, float64: float32 BLAS products of
+    row chunks of at most GRAM_ROWS (split further so that every core gets one, see
+    ``worker.pipeline.parallel``), summed in float64. Per chunk the float32 product's relative
+    error stays ~1e-6, and the float64 sum keeps it there however many rows come (a float64
+    product of the same rows costs twice the time and copies them twice the size). ``a^T a`` of a
+    chunk is BLAS's symmetric product (syrk, half the arithmetic of a general one)."""
     a = np.ascontiguousarray(a, dtype=np.float32)
-    if b is None:
-        return (a.T @ a).astype(np.float64)
-    return (a.T @ np.ascontiguousarray(b, dtype=np.float32)).astype(np.float64)
+    b = None if b is None else np.ascontiguousarray(b, dtype=np.float32)
+
+    def product(part: slice) -> np.ndarray:
+        return a[part].T @ (a[part] if b is None else b[part])
+
+    total = None
+    for piece in parallel.map_serial(product, row_pieces(a.shape[0])):
+        total = piece.astype(np.float64) if total is None else total + piece
+    return total
+
+
+def row_pieces(rows: int) -> list[slice]:
+    """``rows`` cut into pieces of at most GRAM_ROWS, at least one per core (none under
+    GRAM_MIN_ROWS rows unless there are fewer rows than that); never empty."""
+    pieces = max(parallel.cores(), -(-rows // GRAM_ROWS))
+    step = max(GRAM_MIN_ROWS, -(-rows // pieces))
+    return [slice(start, start + step) for start in range(0, max(rows, 1), step)]
 
 
 UNFOLD_BYTES = 64 << 20     # a Conv input is unfolded (im2col) at most this much at a time
