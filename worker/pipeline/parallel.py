@@ -17,6 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, TypeVar
 
+# numpy's and scipy's BLAS loaded before the controller is made: it limits only the libraries
+# loaded by then, and the solves call scipy's LAPACK
+import numpy  # noqa: F401
+import scipy.linalg  # noqa: F401
 from threadpoolctl import ThreadpoolController
 
 T = TypeVar("T")
