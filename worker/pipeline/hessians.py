@@ -215,7 +215,8 @@ def accumulate_hessians(batches, plans: dict[str, list[tuple[Hashable, int, dict
     sums = {keys[0]: np.zeros((columns, columns)) for group in views.values() for keys, columns, _ in group}
     rows = {key: 0 for key in sums}
     for batch in _timed(batches, cost, "capture"):
-        with cost.phase("statistics") if cost is not None else nullcontext():
+        # BLAS serial throughout: the Gram products split their rows over the cores themselves
+        with cost.phase("statistics") if cost is not None else nullcontext(), parallel.serial_blas():
             for source, group in views.items():
                 for keys, columns, geometry in group:
                     x = batch[source]
@@ -257,7 +258,8 @@ def accumulate_drift(reference, current, plans: dict[str, list[tuple[Hashable, i
     projections = {k: np.ascontiguousarray(np.asarray(weights[k], dtype=np.float32).T)
                    for _, _, _, _, direct in views for k in direct}
     for before, after in _timed(lockstep(reference, current), cost, "capture"):
-        with cost.phase("statistics") if cost is not None else nullcontext():
+        # BLAS serial throughout: the Gram products split their rows over the cores themselves
+        with cost.phase("statistics") if cost is not None else nullcontext(), parallel.serial_blas():
             for source, keys, columns, geometry, direct in views:
                 sums = found[keys[0]]
                 a, b = before[source], after[source]
