@@ -226,11 +226,11 @@ def ort_child(method: str, model: str, data: str, out: str) -> None:
         raise SystemExit(f"unknown ORT method {method!r}")
 
 
-def _measure(command: list[str], env: dict[str, str], log: Path) -> dict:
-    """Run ``command``; its wall time, CPU time and peak RSS (this child's own, from wait4)."""
+def _measure(command: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT) -> dict:
+    """Run ``command`` in ``cwd``; its wall time, CPU time and peak RSS (this child's own, from wait4)."""
     started = time.perf_counter()
     with open(log, "w") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
@@ -259,10 +259,12 @@ def run_job(model: str, job: str, path: Path, data: Path, workdir: Path, tree: P
     recipe.write_text(json.dumps(RECIPES[job]))
     tag = "ours" if tree == ROOT else "base"
     out, report = workdir / f"{model}-{job}-{tag}.onnx", workdir / f"{model}-{job}-{tag}.report.json"
+    # run in ``tree`` too: ``python -m`` puts the working directory before PYTHONPATH, so from this
+    # checkout a baseline run imported this checkout's code
     env = {**os.environ, "PYTHONPATH": str(tree)}
     row = _measure([sys.executable, "-m", "featherweight.cli", "compress", str(path), "--recipe", str(recipe),
                     "--calibration", str(data), "-o", str(out), "--report", str(report)], env,
-                   workdir / f"{model}-{job}-{tag}.log")
+                   workdir / f"{model}-{job}-{tag}.log", cwd=tree)
     if not row["rc"]:
         found = json.loads(report.read_text())
         row["rel_l2"] = (found.get("fidelity") or {}).get("rel_l2")
