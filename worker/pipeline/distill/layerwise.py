@@ -217,7 +217,8 @@ def _masked_solve(system: np.ndarray, rhs: np.ndarray, keep: np.ndarray, with_bi
     diagonal = np.diag(system)
     scale = 1.0 / np.sqrt(np.where(diagonal > 0, diagonal, 1.0))
     scaled = (system * scale[:, None] * scale[None, :]).astype(np.float32)
-    scaled_rhs = (rhs * scale[:, None]).astype(np.float32)
+    # outputs as rows: a pattern's right-hand sides are a few rows of it, not a slice of every row
+    scaled_rhs = np.ascontiguousarray((rhs * scale[:, None]).T, dtype=np.float32)
     solution = np.zeros((system.shape[0], rhs.shape[1]))
     patterns, inverse = np.unique(keep.T, axis=0, return_inverse=True)
     inverse = np.asarray(inverse).reshape(-1)
@@ -234,7 +235,7 @@ def _masked_solve(system: np.ndarray, rhs: np.ndarray, keep: np.ndarray, with_bi
         sub = scaled.take(rows, axis=0).take(rows, axis=1)
         # the transpose of a C-ordered matrix is its Fortran-ordered self, which LAPACK takes
         # without a copy; symmetric, so either triangle is the matrix's
-        _, part, info = lapack.sposv(sub.T, scaled_rhs.take(rows, axis=0).take(columns, axis=1),
+        _, part, info = lapack.sposv(sub.T, scaled_rhs.take(columns, axis=0).take(rows, axis=1).T,
                                      lower=0, overwrite_a=1, overwrite_b=1)
         if info == 0:
             return rows, columns, part.astype(np.float64) * scale[rows, None]
