@@ -95,4 +95,8 @@ def test_error_statistics_measure_a_near_exact_fit():
         truth = float(np.sum((a.astype(np.float64) @ w - t) ** 2))
         assert abs(layerwise.residual(st, w, None) - truth) < 0.05 * truth
     assert st.rows == 6000
+    # C and t, derived from the error statistics, are the data's own
+    a64, t64 = a.astype(np.float64), t.astype(np.float64)
+    assert np.abs(st.cross - a64.T @ t64).max() < 1e-5 * np.abs(a64.T @ t64).max()
+    np.testing.assert_allclose(st.target_sum, t64.sum(axis=0), rtol=1e-4, atol=1e-3)
     assert abs(st.target_sq - float(np.sum(t.astype(np.float64) ** 2))) < 1e-9 * st.target_sq

@@ -87,24 +87,24 @@ class Statistics:
 
 
 def _pieces_statistics(a: np.ndarray, t: np.ndarray, base: tuple[np.ndarray, np.ndarray | None] | None
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float, np.ndarray, float]:
-    """One batch's ``(A^T A, A^T T, A^T E, E^T 1, ||E||^2, T^T 1, ||T||^2)`` (``E`` only with
-    ``base``), float32 products over row pieces on every core (``hessians.row_pieces``), summed in
-    float64."""
+                       ) -> list:
+    """One batch's ``[A^T A, ||T||^2, A^T T, T^T 1]``, or with ``base`` ``[A^T A, ||T||^2, A^T E,
+    E^T 1, ||E||^2]`` (``A^T T`` follows from ``A^T E`` and costs as much again: ``accumulate``
+    derives it); float32 products over row pieces on every core (``hessians.row_pieces``),
+    summed in float64."""
     w0 = None if base is None else np.ascontiguousarray(base[0], dtype=np.float32)
     b0 = None if base is None or base[1] is None else np.asarray(base[1], dtype=np.float32)
 
-    def piece(part: slice):
+    def piece(part: slice) -> list:
         ap, tp = a[part], t[part]
-        found = [ap.T @ ap, ap.T @ tp, tp.sum(axis=0, dtype=np.float64),
-                 float(np.einsum("ij,ij->", tp, tp, dtype=np.float64))]
-        if w0 is not None:
-            error = tp - ap @ w0
-            if b0 is not None:
-                error -= b0
-            found += [ap.T @ error, error.sum(axis=0, dtype=np.float64),
-                      float(np.einsum("ij,ij->", error, error, dtype=np.float64))]
-        return found
+        found = [ap.T @ ap, float(np.einsum("ij,ij->", tp, tp, dtype=np.float64))]
+        if w0 is None:
+            return found + [ap.T @ tp, tp.sum(axis=0, dtype=np.float64)]
+        error = tp - ap @ w0
+        if b0 is not None:
+            error -= b0
+        return found + [ap.T @ error, error.sum(axis=0, dtype=np.float64),
+                        float(np.einsum("ij,ij->", error, error, dtype=np.float64))]
 
     total = None
     for found in parallel.map_serial(piece, row_pieces(a.shape[0])):
@@ -116,7 +116,8 @@ def _pieces_statistics(a: np.ndarray, t: np.ndarray, base: tuple[np.ndarray, np.
 def accumulate(layer: LinearLayer, batches: Sequence[tuple[np.ndarray, np.ndarray]] | object,
                base: list[tuple[np.ndarray, np.ndarray | None]] | None = None) -> list[Statistics]:
     """Sum the statistics over ``(student input, teacher output)`` batches, float64 sums; with
-    ``base`` (per group ``(W_0, b_0)``, see ``Statistics``) the error statistics too.
+    ``base`` (per group ``(W_0, b_0)``, see ``Statistics``) the error statistics, from which
+    ``C = A^T E + H W_0 + s b_0^T`` and ``t = E^T 1 + W_0^T s + n b_0`` follow at the end.
 
     The products are float32 BLAS over row pieces summed in float64, on every core: a float64
     product of the same rows took twice the time and copied them twice the size (the encoder's FFN
@@ -140,17 +141,25 @@ def accumulate(layer: LinearLayer, batches: Sequence[tuple[np.ndarray, np.ndarra
             a, t = np.ascontiguousarray(a, dtype=np.float32), np.ascontiguousarray(t, dtype=np.float32)
             found = _pieces_statistics(a, t, base[g] if base is not None else None)
             st.hessian += found[0]
-            st.cross += found[1]
-            st.target_sum += found[2]
-            st.target_sq += found[3]
-            if base is not None:
-                st.error_cross += found[4]
-                st.error_sum += found[5]
-                st.error_sq += found[6]
+            st.target_sq += found[1]
+            if base is None:
+                st.cross += found[2]
+                st.target_sum += found[3]
+            else:
+                st.error_cross += found[2]
+                st.error_sum += found[3]
+                st.error_sq += found[4]
             st.input_sum += a.sum(axis=0, dtype=np.float64)
             st.rows += a.shape[0]
     if stats is None:
         raise ValueError("no calibration batches")
+    if base is not None:
+        for st in stats:
+            st.cross = st.error_cross + st.hessian @ st.base_w
+            st.target_sum = st.error_sum + st.base_w.T @ st.input_sum
+            if st.base_b is not None:
+                st.cross += np.outer(st.input_sum, st.base_b)
+                st.target_sum += st.rows * st.base_b
     return stats
 
 
