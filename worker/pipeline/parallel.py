@@ -29,6 +29,7 @@ R = TypeVar("R")
 _BLAS = ThreadpoolController()
 _LOCK = threading.Lock()
 _POOL: ThreadPoolExecutor | None = None
+_POOL_PID = 0
 _SERIAL_DEPTH = 0
 
 
@@ -41,10 +42,13 @@ def cores() -> int:
 
 
 def _pool() -> ThreadPoolExecutor:
-    global _POOL
+    """The pool of this process: a forked child (the worker's job processes) inherits the parent's
+    pool object but not its threads, and would wait on them forever; it makes its own."""
+    global _POOL, _POOL_PID
     with _LOCK:
-        if _POOL is None:
+        if _POOL is None or _POOL_PID != os.getpid():
             _POOL = ThreadPoolExecutor(max_workers=cores(), thread_name_prefix="fw-solve")
+            _POOL_PID = os.getpid()
         return _POOL
 
 

@@ -100,3 +100,17 @@ def test_error_statistics_measure_a_near_exact_fit():
     assert np.abs(st.cross - a64.T @ t64).max() < 1e-5 * np.abs(a64.T @ t64).max()
     np.testing.assert_allclose(st.target_sum, t64.sum(axis=0), rtol=1e-4, atol=1e-3)
     assert abs(st.target_sq - float(np.sum(t.astype(np.float64) ** 2))) < 1e-9 * st.target_sq
+
+
+def test_a_forked_child_gets_a_pool_of_its_own():
+    """A child forked after the parent used the pool must not wait on the parent's threads."""
+    import multiprocessing
+
+    assert list(parallel.map_serial(abs, [-1, -2, -3])) == [1, 2, 3]
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        assert pool.apply_async(_squares_in_pool).get(timeout=60) == [0, 1, 4, 9]
+
+
+def _squares_in_pool():
+    return list(parallel.map_serial(lambda x: x * x, range(4)))
