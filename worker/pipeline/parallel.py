@@ -1,6 +1,6 @@
-"""The worker's cores for the solvers' numpy / LAPACK work: independent pieces (row chunks of a Gram
-product, one masked least-squares solve per output column) on a small thread pool, each piece on
-one BLAS thread.
+"""The worker's cores for the solvers' numpy / LAPACK work: independent pieces (row pieces of the
+layer-wise statistics, one masked least-squares solve per output column) on a small thread pool,
+each piece on one BLAS thread.
 
 Why not OpenBLAS's own threads: on a busy machine they spin while they wait for each other. A
 14400 x 864 float32 ``X^T X`` took 0.26 CPU s on OpenBLAS's two threads against 0.093 on one (load
