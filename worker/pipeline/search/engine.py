@@ -20,6 +20,9 @@ Order of work (each build checks the time budget and cancellation first):
    data and grown again if the full data says no;
 4. the chosen model: the verified candidate that meets the budget with the smallest objective (size,
    zstd size or latency); none meets -> the one with the best score, and the report says so.
+With ``goal.carry`` every score (the original's, the screen's, the verification's) runs the samples
+one at a time in order as one stream, each fed the carried outputs of the step before; the
+sensitivity probes run on the samples' own arrays (a ranking, re-checked by the builds' scores).
 Every verified build is a candidate in report.json ``candidates[]``; the Pareto set (no other
 verified candidate both smaller and better) is marked, and its best few after the chosen one are
 saved as ``candidate-1`` ... artifacts.
@@ -153,7 +156,24 @@ class Search:
 
     def _outputs(self, model: onnx.ModelProto, data: Dataset) -> np.ndarray:
         session = sessions.session(model, prepack=False)
+        if self.goal.carry:
+            return self._carried_outputs(session, data)
         found = [session.run([self.output], feeds)[0] for feeds in data.batches(64)]
+        return scores.stack_outputs(found, data.batchable)
+
+    def _carried_outputs(self, session, data: Dataset) -> np.ndarray:
+        """``goal.carry``: the samples as consecutive steps of a stream, one at a time in order, each
+        after the first fed the carried outputs of the step before (the model's own state, so the
+        original and each candidate drift as each would in use)."""
+        carried = list(self.goal.carry)
+        names = [self.output, *carried]
+        found, state = [], None
+        for feeds in data.batches(1):
+            if state is not None:
+                feeds = {**feeds, **{self.goal.carry[name]: value for name, value in zip(carried, state)}}
+            outputs = session.run(names, feeds)
+            found.append(outputs[0])
+            state = outputs[1:]
         return scores.stack_outputs(found, data.batchable)
 
     def _latency(self, model: onnx.ModelProto) -> float:
@@ -541,24 +561,32 @@ def _summary(assignment: Assignment) -> dict[str, Any]:
             "float_activations": sorted(assignment.float_activations)}
 
 
+def _np_dtype(elem_type: int) -> str | None:
+    try:
+        return str(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    except (KeyError, ValueError):
+        return None
+
+
 def check_and_split(model: onnx.ModelProto, goal: GoalSpec, calibration: Dataset | None,
                     evaluation: Dataset | None) -> tuple[Dataset | None, Dataset, str | None]:
     """Refuse (RecipeError at goal.<field>) a goal that does not fit the model or the data; without
     evaluation data hold out ``goal.holdout`` of the calibration data. Returns (calibration,
     evaluation, how the evaluation data was obtained when held out)."""
-    outputs = []
+    outputs, inputs = [], []
+    initializers = {t.name for t in model.graph.initializer}
+    for value in model.graph.input:
+        if value.name not in initializers:
+            inputs.append({"name": value.name, "dtype": _np_dtype(value.type.tensor_type.elem_type)})
     for value in model.graph.output:
         tensor_type = value.type.tensor_type
-        try:
-            dtype = str(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-        except (KeyError, ValueError):
-            dtype = None
+        dtype = _np_dtype(tensor_type.elem_type)
         dims = ([d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
                 if tensor_type.HasField("shape") else None)
         outputs.append({"name": value.name, "dtype": dtype, "shape": dims})
     data = evaluation if evaluation is not None else calibration
     check_goal(goal, outputs, has_data=data is not None, has_labels=data is not None and data.labels is not None,
-               samples=data.size if data is not None else None)
+               samples=data.size if data is not None else None, inputs=inputs)
     if evaluation is not None:
         return calibration, evaluation, None
     if calibration.size < 2:
