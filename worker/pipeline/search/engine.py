@@ -33,7 +33,7 @@ import heapq
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -260,10 +260,19 @@ class Search:
         if not self._time_for_another():
             return None
         t0 = self.clock()
+        # a build in flight stops at the deadline too (the quantizers look at ``cancelled`` per layer
+        # or group): the estimate above is the mean build, and one family's build may take several
+        # (int4 GPTQ solves every layer on its calibration Hessian)
+        asked = self.ctx.cancelled
+        bounded = replace(self.ctx, cancelled=lambda: asked() or self.clock() > self.deadline)
         try:
-            result, work = space.build(self.model, family, assignment, self.ctx)
+            result, work = space.build(self.model, family, assignment, bounded)
         except StepCancelled:
-            raise
+            if asked():
+                raise
+            self.stopped = self.stopped or (f"time budget: {self.goal.time_budget_s:g} s reached building "
+                                            f"{family.name} ({label}), that build stopped")
+            return None
         except space.BuildError as exc:
             self.notes.append(f"{family.name} ({label}) could not be built: {str(exc).splitlines()[0]}")
             return None

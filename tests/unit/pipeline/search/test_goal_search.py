@@ -100,6 +100,29 @@ def test_cancel_stops_the_search(tmp_path):
     assert not (tmp_path / "out" / "model.onnx").exists()
 
 
+def test_a_build_that_runs_past_the_deadline_is_stopped_and_the_best_so_far_returned(tmp_path, monkeypatch):
+    model = fragile_mlp()
+    ctx = StepContext(original=model, calibration=bind(model, inputs(64)).arrays)
+    now = [0.0]
+    goal = parse_recipe({"goal": GOAL}).goal
+    search = engine.Search(model, model, goal, space.default_families(True), ctx, bind(model, inputs(48, seed=7)),
+                           tmp_path / "s", clock=lambda: now[0])
+    real_build = space.build
+
+    def slow_gptq(model, family, assignment, ctx):
+        if family.name == space.GPTQ_FAMILY:
+            now[0] = 10 * goal.time_budget_s        # the build started in time, the clock ran out inside it
+        return real_build(model, family, assignment, ctx)
+
+    monkeypatch.setattr(space, "build", slow_gptq)
+    search.run()
+    result = search.finish(tmp_path)
+    assert "that build stopped" in search.stopped and space.GPTQ_FAMILY in search.stopped
+    assert not any(c.family == space.GPTQ_FAMILY for c in search.candidates)
+    # the families built before it are candidates, and the best verified one is returned
+    assert len([c for c in search.candidates if c.verified]) >= 3 and result.chosen.verified
+
+
 @pytest.mark.parametrize(("goal", "loc"), [
     ({"metric": "cosine", "output": "nope"}, ["goal", "output"]),
     ({"metric": "accuracy"}, ["goal", "metric"]),
