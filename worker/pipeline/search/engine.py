@@ -308,6 +308,16 @@ class Search:
                 transformed.append(family)
                 self.planned -= 1         # no uniform build (its path is planned below)
                 continue
+            twin = next((c for f, c in uniform if f.name == family.size_twin), None)
+            best = self._best()
+            if twin is not None and best is not None and best.meets and self.goal.minimize != "latency" \
+                    and self.objective(best) <= self.objective(twin):
+                # same grid, same file: only its score could differ, and its size already loses
+                self.notes.append(f"{family.name}: not built (its files are {family.size_twin}'s size, "
+                                  f"{self.objective(twin):,.0f} >= #{best.id}'s {self.objective(best):,.0f}, "
+                                  f"which meets the budget)")
+                self.planned -= 1
+                continue
             built = self._build(family, Assignment(), f"{family.name}, every layer", 0)
             if built is None:
                 if self.stopped:
@@ -335,7 +345,8 @@ class Search:
         misses most (on the PP-OCR detector, 16 images: int4 per channel, 14 budgets over, measured
         its layers until the 600 s ran out, while weight-only int8, 0.08 of a budget over, waited)."""
         drop = start.drop if start.verified else start.screen_drop
-        return self.objective(start) * (1.0 + max(0.0, drop - self.goal.max_drop) / self.goal.max_drop)
+        budget = max(self.goal.max_drop, 1e-9)      # max_drop 0 (allowed): order by the drop itself
+        return self.objective(start) * (1.0 + max(0.0, drop - self.goal.max_drop) / budget)
 
     def allocate(self, family: space.Family, start: Candidate | None) -> None:
         if not self._time_for_another():
