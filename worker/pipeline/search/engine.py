@@ -308,12 +308,12 @@ class Search:
                 transformed.append(family)
                 self.planned -= 1         # no uniform build (its path is planned below)
                 continue
-            twin = next((c for f, c in uniform if f.name == family.size_twin), None)
+            twin = next((c for f, c in uniform if f.name == family.twin), None)
             best = self._best()
             if twin is not None and best is not None and best.meets and self.goal.minimize != "latency" \
                     and self.objective(best) <= self.objective(twin):
                 # same grid, same file: only its score could differ, and its size already loses
-                self.notes.append(f"{family.name}: not built (its files are {family.size_twin}'s size, "
+                self.notes.append(f"{family.name}: not built (its files are {family.twin}'s size, "
                                   f"{self.objective(twin):,.0f} >= #{best.id}'s {self.objective(best):,.0f}, "
                                   f"which meets the budget)")
                 self.planned -= 1
@@ -490,7 +490,9 @@ class Search:
         started, measured = self.clock(), 0
         probe, prepared = self._weight_probe()
         inits = graph.initializers(prepared)
-        spec = sensitivity.weight_spec(family.params)
+        # a twin's grid (int4 GPTQ: RTN int4 block 32): its measurements are this family's ranking too
+        twin = self.family_of.get(family.twin)
+        spec = sensitivity.weight_spec(twin.params if twin is not None else family.params)
         transformable = family.transformable(prepared)
         drops: dict[tuple[str, str], dict[int, float]] = {}
         sizes: dict[tuple[str, str], int] = {}

@@ -11,10 +11,11 @@ and, for static int8, calibration data):
     int4 GPTQ block 32                the same levels, the int4 layers rounded by GPTQ (each on the
                                       Hessian of its calibration inputs, mse scales: the fixed
                                       ``ours-int4-gptq`` recipe); with calibration data only. Its
-                                      per-layer sensitivity is measured with round-to-nearest on the
-                                      same grid (GPTQ per probe run would be a Hessian solve each):
-                                      it orders the layers, and the bisection on real GPTQ builds
-                                      finds how far the path must go
+                                      per-layer sensitivity is its twin's (RTN int4 block 32, shared:
+                                      GPTQ per probe run would be a Hessian solve each): it orders
+                                      the layers, and the bisection on real GPTQ builds finds how far
+                                      the path must go; not built where the twin, same file size,
+                                      is already larger than a model that meets
     sparse 50% + int8                 weights pruned by magnitude (half of each layer) then int8 |
                                       int8 | float per layer; the pruned integer weights stored as
                                       bitmask + values (``sparse_storage``)
@@ -57,7 +58,8 @@ class Family:
     name: str
     params: QuantizeStep | None          # None: fp16
     transform: PruneStep | LowrankStep | None = None
-    size_twin: str | None = None         # a family whose builds have this one's sizes (the same grid)
+    twin: str | None = None         # a family on the same grid (files the same size) that rounds another
+                                    # way: its per-layer sensitivity is reused as this one's ranking
 
     @property
     def per_layer(self) -> bool:
@@ -122,10 +124,10 @@ def default_families(has_calibration: bool) -> list[Family]:
         # the recipe we ship for int4 (bench ``ours-int4-gptq``): on the PP-OCR recognizer it keeps the
         # task metric at 4.9x where RTN int4 misses the budget and the search fell back to fp16. Last
         # of the uniform builds (a GPTQ build solves every layer: the slowest), and not built where
-        # RTN int4 in blocks of 32 (its size twin) is already larger than a model that meets
+        # RTN int4 in blocks of 32 (its twin) is already larger than a model that meets
         families.append(Family(GPTQ_FAMILY, _quantize({"weights": {"bits": 4, "granularity": "block",
                                                                    "block_size": 32, "scale_search": "mse"},
-                                                       "method": "gptq"}), size_twin="weight-only int4"))
+                                                       "method": "gptq"}), twin="weight-only int4"))
     families += [
         Family(f"sparse {SPARSITY:.0%} + int8", int8,
                PruneStep(op="prune", method="magnitude", sparsity=SPARSITY, scope="layer")),

@@ -124,12 +124,14 @@ def test_a_build_that_runs_past_the_deadline_is_stopped_and_the_best_so_far_retu
 
 
 @pytest.mark.parametrize("max_drop, twin_built", [(100.0, False), (0.0, True)])
-def test_a_family_whose_size_twin_already_loses_is_not_built(tmp_path, max_drop, twin_built):
+def test_a_family_whose_twin_already_loses_is_not_built(tmp_path, max_drop, twin_built):
     model = fragile_mlp()
     ctx = StepContext(original=model, calibration=bind(model, inputs(64)).arrays)
     int8 = next(f for f in space.default_families(True) if f.name == "weight-only int8")
     families = [int8, space.Family("fp16", None),
-                space.Family("same grid", int8.params.model_copy(update={"method": "gptq"}), size_twin=int8.name)]
+                space.Family("same grid", int8.params.model_copy(update={
+                    "method": "gptq", "weights": int8.params.weights.model_copy(update={"scale_search": "mse"})}),
+                    twin=int8.name)]
     # rel_l2 100: every build meets (int8 first, the smallest); 0: none does, the twin may still
     goal = parse_recipe({"goal": {**GOAL, "metric": "rel_l2", "max_drop": max_drop}}).goal
     search = engine.Search(model, model, goal, families, ctx, bind(model, inputs(48, seed=7)), tmp_path / "s")
@@ -138,6 +140,10 @@ def test_a_family_whose_size_twin_already_loses_is_not_built(tmp_path, max_drop,
     assert ("same grid" in built) == twin_built
     # skipped only where a candidate no larger than the twin meets the budget
     assert any("same grid: not built" in n for n in search.notes) == (not twin_built)
+    if twin_built:
+        # both relaxed per layer on one set of measurements: the second family's were all reused
+        measured = [n for n in search.notes if "drop alone at each level" in n]
+        assert len(measured) == 2 and any(" 0 measured" in n for n in measured), measured
 
 
 @pytest.mark.parametrize(("goal", "loc"), [
