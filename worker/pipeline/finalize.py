@@ -3,8 +3,10 @@ result): all-zero zero points left to ONNX's default (``zero_points``), how weig
 DequantizeLinear is written (as is, or as constant-foldable Cast / Mul where that runs faster
 here), identical small initializers (scales, zero points) stored once (``small_tensors``), pruned
 integer weights stored as bitmask + values where the file compresses smaller, the initializers'
-order in the file, the value_info the original carried, and the original's shape annotations on
-inputs and outputs that a step rewrote without changing them.
+order in the file, the value_info the original carried, the original's shape annotations on
+inputs and outputs that a step rewrote without changing them, and the names the steps invented made
+short (``file_names``). Main-graph Constant nodes of a quantized model become initializers first,
+so that identical ones (hard-swish's 3 and 6, repeated per layer) are stored once too.
 Each decision is recorded in the metrics of the step it concerns."""
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import onnx
 
 from core.recipe import QuantizeStep, Recipe
 from worker.pipeline import data as data_mod
+from worker.pipeline import file_names
 from worker.pipeline.quantize import dequantize_form, file_layout, small_tensors, sparse_storage, zero_points
 from worker.pipeline.step import StepContext
 
@@ -70,11 +73,12 @@ def restore_io_annotations(original: onnx.ModelProto, compressed: onnx.ModelProt
 
 def finalize(model: onnx.ModelProto, recipe: Recipe, step_rows: Sequence[dict[str, Any]], ctx: StepContext, *,
              evaluation: data_mod.Dataset | None, calibration: data_mod.Dataset | None,
-             chosen: QuantizeStep | None = None) -> None:
+             chosen: QuantizeStep | None = None) -> dict[str, str]:
     """Put ``model`` (the last step's result, changed in place) in its output format; ``step_rows``
     are the steps' metrics rows, in recipe order, that the decisions are added to. With a ``goal``
     the recipe's quantize steps were not run as written: the search's row is the last one, and
-    ``chosen`` the quantize setting it picked (None: a float or fp16 model)."""
+    ``chosen`` the quantize setting it picked (None: a float or fp16 model). Returns the map of the
+    file's short names to the names the steps wrote (``file_names.shorten``), for the report."""
     final: tuple[QuantizeStep, dict[str, Any]] | None = None
     if recipe.goal is not None:
         if chosen is not None:
@@ -92,16 +96,24 @@ def finalize(model: onnx.ModelProto, recipe: Recipe, step_rows: Sequence[dict[st
         row["dequantize_form"] = _dequantize_form(
             model, step, evaluation or calibration or data_mod.generated(ctx.original, count=1),
             ctx.target, ctx.options, ctx.layers)
-        # the scales / zero points every Q/DQ pair and layer wrote, identical ones stored once
+        # the scales / zero points every Q/DQ pair and layer wrote, and the graph's constants,
+        # identical ones stored once
+        row["constants_lifted"] = small_tensors.lift_constants(model)
         row["shared_small_tensors"] = small_tensors.share_identical(model)
         if ctx.options.get("sparse_storage", True):
             # pruned integer weights as bitmask + values where the file compresses smaller
             # (a goal minimizing size judges by the file's own bytes: ``goal_search.run_goal`` says so)
             row["sparse_storage"] = sparse_storage.store_pipeline_output(
                 model, ctx.layers, by=ctx.options.get("sparse_storage_by", "zstd"))
+    # the names the steps invented, short (last: the report's layers read the steps' names through the map)
+    row = final[1] if final is not None else (step_rows[-1] if step_rows else {})
+    row["node_names_cleared"] = file_names.clear_added_node_names(model, ctx.original)
+    names = file_names.shorten(model, ctx.original)
+    row["names_shortened"] = len(names)
     if step_rows:
         # each kind of tensor together, in the measured order zstd's per-block Huffman tables fit best
         # (integers and floats of quantized and clustered models; never a larger file after zstd)
-        (final[1] if final is not None else step_rows[-1])["initializer_order"] = file_layout.order_initializers(model)
+        row["initializer_order"] = file_layout.order_initializers(model)
     drop_added_value_info(ctx.original, model)
     restore_io_annotations(ctx.original, model)
+    return names

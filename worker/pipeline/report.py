@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from worker.pipeline import data as data_mod
-from worker.pipeline import graph, host, metrics, sessions
+from worker.pipeline import file_names, graph, host, metrics, sessions
 from worker.pipeline.data import Dataset
 from worker.pipeline.step import LayerRecord
 
@@ -117,6 +117,8 @@ def _sqnr_from_stored_integers(original: onnx.ModelProto, compressed: onnx.Model
         scale = metrics.tensor_values(scale_t, compressed_dir).astype(np.float64)
         zero_t = inits.get(f"{name}_zero_point")
         zero = metrics.tensor_values(zero_t, compressed_dir).astype(np.float64) if zero_t is not None else 0.0 * scale
+        # the folded form stores a per-axis scale shaped [1, .., C, .., 1] (dequantize_form): its values, flat
+        scale, zero = (v.reshape(-1) if v.ndim > 1 and v.size == max(v.shape) else v for v in (scale, zero))
         if q.shape != before.shape or before.dtype.kind != "f" or zero.shape != scale.shape:
             continue
         if scale.size > 1:
@@ -146,10 +148,14 @@ def _layer_output_pairs(original: onnx.ModelProto, compressed: onnx.ModelProto,
 
 def build_report(*, original_path: Path, compressed_path: Path, target: str, steps: Sequence[dict[str, Any]],
                  layers: Mapping[str, LayerRecord], evaluation: Dataset | None, calibration: Dataset | None,
-                 options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The report (docs/report.md) of the two model files; external-data tensors are read one at a time."""
+                 options: Mapping[str, Any] | None = None, stored_names: Mapping[str, str] | None = None
+                 ) -> dict[str, Any]:
+    """The report (docs/report.md) of the two model files; external-data tensors are read one at a time.
+    ``stored_names``: the compressed file's short names -> the names the steps wrote (``finalize``);
+    the per-layer analysis reads the file under the latter."""
     options = dict(options or {})
     original, compressed = _structure(original_path), _structure(compressed_path)
+    file_names.restore(compressed, dict(stored_names or {}))
     provider = sessions.provider_for(target)
     if evaluation is not None:
         dataset, source = evaluation, "evaluation"

@@ -263,8 +263,8 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
                           "label": searched.chosen.label, **searched.chosen.step_metrics})
 
     # 3. the output format
-    finalize(model, recipe, step_rows, ctx, evaluation=eval_set, calibration=cal_set,
-             chosen=searched.params if searched is not None else None)
+    stored_names = finalize(model, recipe, step_rows, ctx, evaluation=eval_set, calibration=cal_set,
+                            chosen=searched.params if searched is not None else None)
 
     # 4. check, write, measure
     progress(STEPS_SHARE, "checking the result")
@@ -281,7 +281,8 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
     measuring = time.perf_counter()
     cost.reset_peak()
     report = build_report(original_path=model_path, compressed_path=out_path, target=target, steps=step_rows,
-                          layers=layers, evaluation=eval_set, calibration=cal_set, options=options)
+                          layers=layers, evaluation=eval_set, calibration=cal_set, options=options,
+                          stored_names=stored_names)
     if searched is not None:
         for name, path in searched.artifacts.items():
             check_result(graph.load_model(model_path, load_external_data=False), graph.load_model(path))

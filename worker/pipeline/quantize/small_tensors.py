@@ -4,6 +4,11 @@ int32 bias zero points) repeat hundreds of times in a quantized CNN, and each co
 plus a name and a TensorProto header in the file. On the PP-OCRv4 detector (2.3 MB as int8) they were
 ~3% of the file.
 
+The main graph's Constant nodes count too: ``lift_constants`` makes each an initializer of the same
+name first (exact; ONNX Runtime treats both as constants). An exporter writes one per use (paddle2onnx:
+hard-swish's 3 and 6 once per layer, 18 times each on the PP-OCR classifier, each a node with its
+own output name), so shared they cost their bytes once.
+
 Owns only that deduplication. Exact by construction: a reader is pointed at a tensor with the same
 data type, shape and bytes. Initializers read from inside an If / Loop / Scan body and graph inputs
 (an overridable initializer) are left alone: renaming them would need the body's scoping rules.
@@ -25,6 +30,30 @@ def _key(tensor: onnx.TensorProto) -> tuple | None:
     if array.nbytes > MAX_BYTES:
         return None
     return tensor.data_type, tuple(tensor.dims), array.tobytes()
+
+
+def lift_constants(model: onnx.ModelProto) -> int:
+    """Main-graph Constant nodes holding a tensor (``value``) become initializers of their output's
+    name; returns how many. Not where an initializer would be a graph input (IR version < 4) or
+    where the Constant's output is a graph output."""
+    if model.ir_version < 4:
+        return 0
+    outputs = {value.name for value in model.graph.output}
+    kept, lifted = [], []
+    for node in model.graph.node:
+        if (node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1
+                and node.attribute[0].name == "value" and node.output[0] not in outputs):
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+            lifted.append(tensor)
+        else:
+            kept.append(node)
+    if lifted:
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+        model.graph.initializer.extend(lifted)
+    return len(lifted)
 
 
 def share_identical(model: onnx.ModelProto) -> int:

@@ -134,3 +134,25 @@ def test_a_weight_read_inside_an_if_body_is_folded_too(tmp_path):
     feeds = {"x": calibration["x"][0]}
     np.testing.assert_allclose(builders.run_ort(quantized, feeds)[0], builders.run_ort(reference, feeds)[0],
                                rtol=1e-5, atol=1e-6)
+
+
+def test_a_per_channel_scale_is_stored_shaped_with_no_reshape_node():
+    """The folded form stores a per-channel scale that only its DequantizeLinear read already shaped
+    [C, 1, 1, 1] (the same values), so no Reshape node or shape tensor is written for it; unfold
+    puts the 1-D scale back."""
+    model = builders.cnn_bn()
+    result, _ = apply(model, {"weights": {"bits": 8}, "min_params": 0})
+    quantized = result.model
+    scales = {n.input[1]: numpy_helper.to_array(t) for n in quantized.graph.node if n.op_type == "DequantizeLinear"
+              for t in quantized.graph.initializer if t.name == n.input[1]}
+    found = dequantize_form.weight_only_dequantizers(quantized)
+    done = dequantize_form.fold(quantized, found)
+    assert "Reshape" not in [n.op_type for n in quantized.graph.node]
+    after = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer if t.name in scales}
+    for name, values in scales.items():
+        if values.size > 1:
+            assert after[name].ndim > 1 and sorted(after[name].shape)[-1] == values.size == after[name].size
+            np.testing.assert_array_equal(after[name].reshape(-1), values)
+    dequantize_form.unfold(quantized, done)
+    assert {t.name: numpy_helper.to_array(t).shape for t in quantized.graph.initializer if t.name in scales} == \
+        {name: values.shape for name, values in scales.items()}
