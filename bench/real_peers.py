@@ -6,8 +6,13 @@ quantizers and NNCF, each a function ``(RealModel, out_path) -> dict`` of notes 
     ours-static-pct    the same with percentile calibration named (the recipe issue #14 measured)
     ours-static-minmax the same with minmax calibration
     ours-static-mse    the same with mse calibration (each tensor's range minimising its rounding error)
+    ours-static-adaround  ours-static with weights.rounding: adaround (learned rounding, issue #14)
+    ours-static-cle    ours-static with equalize: true (cross-layer equalization)
+    ours-static-cle-hba  ours-static with equalize and high_bias_absorption: true
     ours-dynamic       quantize: weights int8, activations dynamic
     ours-int4-gptq     quantize: weights int4 block 32, GPTQ (models with MatMul weights only)
+    ours-int4-rtn      int4 block 32, mse scales, round to nearest (no calibration): adaround's baseline
+    ours-int4-adaround int4 block 32, mse scales, RTN with weights.rounding: adaround (no GPTQ)
     ours-fp16          fp16 with the defaults (inputs / outputs kept float32)
     ort-static-minmax  onnxruntime.quantization.quantize_static: QDQ, per_channel, uint8 activations,
     ort-static-pct     int8 weights, MinMax / Percentile / Entropy, after ORT's quant_pre_process
@@ -43,8 +48,13 @@ METHODS = {
     "ours-static-pct": "ours static int8, percentile",
     "ours-static-minmax": "ours static int8, minmax",
     "ours-static-mse": "ours static int8, mse",
+    "ours-static-adaround": "ours static int8, adaround rounding",
+    "ours-static-cle": "ours static int8, cross-layer equalization",
+    "ours-static-cle-hba": "ours static int8, equalization + high-bias absorption",
     "ours-dynamic": "ours dynamic int8",
     "ours-int4-gptq": f"ours int4 GPTQ b{BLOCK_SIZE}, mse scales",
+    "ours-int4-rtn": f"ours int4 RTN b{BLOCK_SIZE}, mse scales",
+    "ours-int4-adaround": f"ours int4 RTN b{BLOCK_SIZE}, mse scales, adaround rounding",
     "ours-fp16": "ours fp16",
     "ort-static-minmax": "ORT quantize_static QDQ per-channel MinMax",
     "ort-static-pct": "ORT quantize_static QDQ per-channel Percentile",
@@ -56,7 +66,7 @@ METHODS = {
     "nncf-mixed": "NNCF quantize, preset MIXED",
     "nncf-transformer": "NNCF quantize, model_type TRANSFORMER",
 }
-MATMUL_ONLY = {"ours-int4-gptq", "ort-int4-rtn", "ort-int4-gptq", "nncf-transformer"}
+MATMUL_ONLY = {"ours-int4-gptq", "ours-int4-rtn", "ours-int4-adaround", "ort-int4-rtn", "ort-int4-gptq", "nncf-transformer"}
 
 
 def has_matmul_weights(path: Path) -> bool:
@@ -202,6 +212,15 @@ def _recipe(method: str) -> dict:
     elif method in ("ours-static-pct", "ours-static-minmax", "ours-static-mse"):
         calibration = {"ours-static-pct": "percentile", "ours-static-minmax": "minmax", "ours-static-mse": "mse"}[method]
         step = {"op": "quantize", "weights": {"bits": 8}, "activations": {"calibration": calibration}}
+    elif method == "ours-static-adaround":
+        step = {"op": "quantize", "weights": {"bits": 8, "rounding": "adaround"}, "activations": {}}
+    elif method in ("ours-static-cle", "ours-static-cle-hba"):
+        step = {"op": "quantize", "weights": {"bits": 8}, "activations": {}, "equalize": True,
+                "high_bias_absorption": method == "ours-static-cle-hba"}
+    elif method in ("ours-int4-rtn", "ours-int4-adaround"):
+        rounding = "adaround" if method == "ours-int4-adaround" else "nearest"
+        step = {"op": "quantize", "weights": {"bits": 4, "granularity": "block", "block_size": BLOCK_SIZE,
+                                            "scale_search": "mse", "rounding": rounding}}
     elif method == "ours-dynamic":
         step = {"op": "quantize", "weights": {"bits": 8}, "activations": {"calibration": "dynamic"}}
     elif method == "ours-int4-gptq":

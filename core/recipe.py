@@ -110,6 +110,9 @@ class WeightQuantSpec(_Spec):
         None, description="how scales are chosen; default mse for method gptq at 4 or 2 bits, else absmax when "
                           "symmetric, minmax otherwise; output: the clip minimising the layer's output error on "
                           "calibration data (weight-only)")
+    rounding: Literal["nearest", "adaround"] = Field(
+        "nearest", description="round to nearest, or adaround: each weight rounded up or down as learned for the "
+                               "layer's output error on calibration data (method rtn; weight-only or static int8)")
 
     @model_validator(mode="after")
     def _block(self) -> "WeightQuantSpec":
@@ -121,6 +124,8 @@ class WeightQuantSpec(_Spec):
             raise ValueError("block_size must be a power of two between 16 and 256")
         if self.bits == 1 and (self.granularity != "channel" or not self.symmetric):
             raise ValueError("bits 1 (sign) is symmetric with one alpha per output channel")
+        if self.bits == 1 and self.rounding != "nearest":
+            raise ValueError("rounding adaround needs bits 2, 4 or 8 (bits 1 has one sign per weight)")
         return self
 
 
@@ -149,7 +154,12 @@ class QuantizeStep(_WeightStep):
         max_length=64, description="op types kept in float under static activation quantization")
     bias_correction: bool = True
     equalize: bool = Field(False, description="static int8: cross-layer equalization of Conv -> [ReLU ->] Conv "
-                                              "chains (exact in float) before calibration")
+                                              "chains (exact in float), and through Clip(0, m) where exact on the "
+                                              "calibration data, before calibration")
+    high_bias_absorption: bool = Field(
+        False, description="static int8: for Conv -> Relu / Clip(0, m) -> Conv chains, the part of each channel that "
+                           "stays in the activation's linear range on the calibration data moves from the first "
+                           "Conv's bias into the second's (exact on that data; second Conv unpadded)")
     smoothquant: float | None = Field(
         0.5, ge=0.0, le=1.0, description="static int8: SmoothQuant alpha, activation outliers of MatMul / Gemm "
                                           "inputs moved into the weights (exact in float); null = off")
@@ -180,6 +190,12 @@ class QuantizeStep(_WeightStep):
             raise ValueError("give weights, activations or both")
         if self.method == "gptq" and (self.weights is None or self.weights.bits == 1):
             raise ValueError("gptq needs weights with bits 2, 4 or 8")
+        if self.method == "gptq" and self.weights.rounding != "nearest":
+            raise ValueError("weights.rounding adaround is for method rtn (gptq chooses its own rounding)")
+        if (self.weights is not None and self.weights.rounding != "nearest" and self.activations is not None
+                and self.activations.calibration == "dynamic"):
+            raise ValueError("weights.rounding adaround is for weight-only or static int8 (dynamic int8 takes no "
+                             "calibration data to learn it on)")
         if self.activations is not None and self.weights is not None and self.weights.bits != 8:
             raise ValueError("activation quantization needs 8-bit weights")
         return self
@@ -342,6 +358,9 @@ class Recipe(_Spec):
             if (isinstance(step, QuantizeStep) and step.method != "gptq" and step.weights is not None
                     and step.weights.scale_search == "output"):
                 paths.append(f"steps.{index}.weights.scale_search")
+            if (isinstance(step, QuantizeStep) and step.weights is not None and step.weights.rounding != "nearest"
+                    and step.activations is None):
+                paths.append(f"steps.{index}.weights.rounding")
             if isinstance(step, QuantizeStep) and step.max_output_error is not None:
                 paths.append(f"steps.{index}.max_output_error")
         return paths

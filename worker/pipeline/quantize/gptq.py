@@ -16,7 +16,8 @@ most active inputs are rounded first, while there is most freedom left to compen
 
 The same runner serves the other calibrated weight-only choices (``GptqRunner(rounding=...)``):
 ``rounding="nearest"`` rounds to nearest instead of compensating (with ``weights.scale_search:
-output``, ``quantize.output_scales``, and / or AWQ); ``awq=True`` scales each group's weights by
+output``, ``quantize.output_scales``, and / or AWQ); ``rounding="adaround"`` learns each weight's
+up / down choice for the layer's output error (``quantize.adaround``); ``awq=True`` scales each group's weights by
 activation-aware factors first (``quantize.awq``), GPTQ then solving the scaled problem.
 
 Layers are done in graph order on the model quantized so far (each sees the inputs the quantized
@@ -39,7 +40,7 @@ from worker.pipeline import graph
 from worker.pipeline.cost import LayerClock
 from worker.pipeline.data import bind
 from worker.pipeline.hessians import accumulate_hessians, inverse_upper_factor, serial_lapack
-from worker.pipeline.quantize import awq, output_scales
+from worker.pipeline.quantize import adaround, awq, output_scales
 from worker.pipeline.quantize.grid import Grid, base_method, choose_grid_params, collapse, dequantize, expand, quantize_rtn
 from worker.pipeline.sequential import Propagation, budget_of
 from worker.pipeline.step import LayerRecord, StepContext
@@ -119,6 +120,7 @@ class GptqRunner:
             else:
                 self.plans[layer.weight] = found
         self.hessians: dict[str, np.ndarray] = {}
+        self.rounding_info: dict[str, dict] = {}        # adaround: weight -> its output errors
 
     def supports(self, layer: graph.WeightLayer) -> bool:
         return layer.weight in self.plans
@@ -259,6 +261,8 @@ class GptqRunner:
             scale, zero_point = self._output_scales(layer, w, grid, hessian)
         else:
             scale, zero_point = choose_grid_params(w, grid)
+        if self.rounding == "adaround":
+            return self._adaround(layer, w, grid, hessian, scale, zero_point)
         if self.rounding == "nearest":
             q = kernels.quantize(w, scale, zero_point, bits=grid.bits, signed=grid.signed, axis=grid.axis,
                                  block_size=grid.block_size)
@@ -277,6 +281,22 @@ class GptqRunner:
         q = self._from_matrix(np.ascontiguousarray(q_perm[:, inverse]), layer)
         w_hat = kernels.dequantize(q, scale, zero_point, axis=grid.axis, block_size=grid.block_size)
         return q, scale, zero_point, w_hat
+
+    def _adaround(self, layer: graph.WeightLayer, w: np.ndarray, grid: Grid, hessian: np.ndarray,
+                  scale: np.ndarray, zero_point: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``weights.rounding: adaround`` (``quantize.adaround``): each weight rounded up or down for the
+        layer's output error on its Hessian, on the grid already chosen; never worse than nearest there."""
+        qmin, qmax = (-(1 << (grid.bits - 1)), (1 << (grid.bits - 1)) - 1) if grid.signed else (0, (1 << grid.bits) - 1)
+        expanded = lambda param, dtype: self._as_matrix(  # noqa: E731
+            expand(param, w.shape, grid.axis, grid.block_size).astype(dtype), layer)
+        h = np.array(hessian, dtype=np.float64)
+        dead = np.diag(h) == 0
+        h[dead, dead] = 1.0         # an input never active: its weights' error costs nothing, as nearest's
+        q_matrix, info = adaround.optimise(self._as_matrix(w.astype(np.float32), layer), h,
+                                           expanded(scale, np.float32), expanded(zero_point, np.float32), qmin, qmax)
+        self.rounding_info[layer.weight] = info
+        q = self._from_matrix(q_matrix, layer).astype(np.int8 if grid.signed else np.uint8)
+        return q, scale, zero_point, dequantize(q, scale, zero_point, grid)
 
     def _output_scales(self, layer: graph.WeightLayer, w: np.ndarray, grid: Grid,
                        hessian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -57,6 +57,15 @@ def lift_batchnorm_parameters(model: onnx.ModelProto) -> list[str]:
                          if node.output and node.output[0] in wanted and onnx_weights.constant_tensor(node) is not None])
 
 
+def lift_conv_biases(model: onnx.ModelProto) -> list[str]:
+    """Conv biases held in Constant nodes (paddle2onnx writes them so) moved to initializers, so that
+    cross-layer equalization and high-bias absorption (``quantize.equalize``) can rescale and shift
+    them."""
+    wanted = {node.input[2] for node in model.graph.node if node.op_type == "Conv" and len(node.input) > 2}
+    return _lift(model, [node for node in model.graph.node if node.op_type == "Constant" and node.output
+                         and node.output[0] in wanted and onnx_weights.constant_tensor(node) is not None])
+
+
 def lifted_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` whose weights are all main-graph initializers (Constant weights lifted,
     control-flow bodies' weights hoisted), with every node named: the form static int8 and the

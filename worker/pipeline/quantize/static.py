@@ -51,7 +51,7 @@ from core.errors import PipelineError, RecipeError
 from core.recipe import QuantizeStep
 from worker.pipeline import activations, calibrate, graph, subgraphs
 from worker.pipeline.data import DataError, Dataset, bind
-from worker.pipeline.quantize import (int8_storage, lift_constants, tensorrt_qdq, weight_only, weight_only_compute,
+from worker.pipeline.quantize import (adaround, int8_storage, lift_constants, tensorrt_qdq, weight_only, weight_only_compute,
                                       wide_activations)
 from worker.pipeline.step import LayerRecord, StepContext, StepResult
 
@@ -356,14 +356,19 @@ def weight_grid(weight: np.ndarray, layer: graph.WeightLayer, params: QuantizeSt
 
 
 def quantize_weight(model: onnx.ModelProto, layer: graph.WeightLayer, params: QuantizeStep,
-                    unsigned_storage: bool = False) -> WeightGrid:
+                    unsigned_storage: bool = False, rounded: np.ndarray | None = None) -> WeightGrid:
     """Replace the float weight by int8 + DequantizeLinear whose output keeps the weight's name, so
     every reader (a shared weight's second layer too) reads the dequantized tensor unchanged.
-    ``unsigned_storage``: symmetric int8 values stored as uint8 + 128 (``int8_storage``)."""
+    ``unsigned_storage``: symmetric int8 values stored as uint8 + 128 (``int8_storage``).
+    ``rounded``: the integers learned on the same grid (``weights.rounding: adaround``), else nearest."""
     weight = graph.get_array(model, layer.weight).astype(np.float32)
     grid = weight_grid(weight, layer, params)
     signed = params.weights is None or params.weights.symmetric
-    q = kernels.quantize(np.ascontiguousarray(weight), grid.scale, grid.zero_point, bits=8, signed=signed, axis=grid.axis)
+    if rounded is not None and rounded.shape == weight.shape:
+        q = rounded
+    else:
+        q = kernels.quantize(np.ascontiguousarray(weight), grid.scale, grid.zero_point, bits=8, signed=signed,
+                             axis=grid.axis)
     if signed and unsigned_storage:
         q, shift = int8_storage.stored(q, unsigned=True)
         zero_point = np.full(np.shape(grid.zero_point), shift, np.uint8)
@@ -592,14 +597,23 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
                                 f"activations: {error}") from error
     data = calibration_data(prepared, ctx)
     equalized: list[str] = []
-    if params.equalize:
+    absorbed: list[str] = []
+    if params.equalize or params.high_bias_absorption:
         from worker.pipeline.quantize import equalize
-        equalized = equalize.equalize(prepared)
+        # each conv1 output channel's calibration range: Clip(0, m) chains equalize where exact on
+        # it, and high-bias absorption moves what always passes the activation into conv2's bias
+        lift_constants.lift_conv_biases(prepared)
+        channel_ranges = equalize.channel_ranges(prepared, data, ctx.check_cancelled)
+        if params.equalize:
+            equalized = equalize.equalize(prepared, channel_ranges)
+        if params.high_bias_absorption:
+            absorbed = equalize.absorb_high_bias(prepared, channel_ranges)
     layers = selected_layers(prepared, params)
     # layers whose activations stay float (weight-only int8): see weight_only_compute
     float_compute = weight_only_compute.choose(prepared, layers, params)
     integer_layers = [layer for layer in layers if layer.node not in float_compute]
     smoothed = _smooth(prepared, params, integer_layers, data, ctx)
+    learned, rounding_info = _learned_rounding(prepared, params, layers, ctx)
     float_readers = excluded_nodes(prepared, params)
     decided = plan(prepared, params, integer_layers, float_readers)
     ctx.progress(0.05, "calibrating activation ranges")
@@ -615,7 +629,7 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
     # uint8 activations meet these weights in ORT's u8s8 kernels: see int8_storage
     unsigned = not spec.symmetric and int8_storage.unsigned_weights(ctx.target, ctx.options, params.integer_weights)
     for layer in layers:
-        weight_grids[layer.weight] = quantize_weight(quantized, layer, params, unsigned)
+        weight_grids[layer.weight] = quantize_weight(quantized, layer, params, unsigned, learned.get(layer.weight))
     embeddings = embedding_layers(quantized, params)
     for layer in embeddings:
         weight_grids[layer.weight] = quantize_embedding(quantized, layer)
@@ -684,6 +698,8 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
                        "block_size": None, "bits": 8, "signed": bool(signed)}
         if layer in layers:
             record.extra["weight_storage"] = int8_storage.storage_name(unsigned and bool(signed))
+        if layer.weight in rounding_info:
+            record.extra["rounding"] = adaround.record(rounding_info[layer.weight])
         record.extra["activations"] = ("weight-only int8 rows (embedding)" if layer.op == "Gather" else
                                        "weight-only int8 (table)" if layer.op in TABLE_READERS else
                                        "weight-only int8 (recurrent cell)" if layer in recurrent else
@@ -710,10 +726,39 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
         "bias_corrected": len(corrected),
         "smoothed_inputs": len(smoothed),
         "equalized_layers": len(equalized),
+        "bias_absorbed_layers": len(absorbed),
+        "adarounded_layers": sum(1 for info in rounding_info.values() if info["kept"]),
         "int32_biases": int(int32_biases),
         "opset": graph.opset(quantized),
     }
     return StepResult(quantized, [layer.weight for layer in layers + embeddings], metrics)
+
+
+def _learned_rounding(model: onnx.ModelProto, params: QuantizeStep, layers: list[graph.WeightLayer],
+                      ctx: StepContext) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+    """``weights.rounding: adaround``: each selected layer's int8 integers learned on the grid
+    ``weight_grid`` gives it (``quantize.adaround``), layer by layer on a copy of the model whose
+    weights upstream are already rounded (activations float: the calibration samples carried
+    through by ``quantize.gptq``'s runner). Layers without a matrix form (grouped / depthwise Conv)
+    keep nearest. Returns (weight -> q, weight -> the search's errors)."""
+    if params.weights is None or params.weights.rounding != "adaround":
+        return {}, {}
+    from worker.pipeline.quantize import gptq
+    from worker.pipeline.quantize.grid import Grid
+
+    ctx.progress(0.02, "learning weight rounding (adaround)")
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    spec = params.weights
+    runner = gptq.GptqRunner(work, layers, ctx, rounding="adaround")
+    method = spec.scale_search or ("absmax" if spec.symmetric else "minmax")
+
+    def grid_of(layer: graph.WeightLayer) -> Grid:
+        axis = layer.out_axis if spec.granularity == "channel" else None
+        return Grid(8, spec.symmetric, spec.symmetric, axis, None, method)
+
+    solved = runner.quantize_all(layers, grid_of)
+    return {weight: found[0] for weight, found in solved.items()}, runner.rounding_info
 
 
 def _smooth(model: onnx.ModelProto, params: QuantizeStep, layers: list[graph.WeightLayer], data: Dataset,

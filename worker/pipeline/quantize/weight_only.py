@@ -1,5 +1,5 @@
 """Weight-only quantization: int8 / int4 / int2 weights, per tensor, output channel or block,
-symmetric or asymmetric, chosen by RTN or GPTQ, stored as DequantizeLinear feeding the layer (or,
+symmetric or asymmetric, chosen by RTN (nearest, or learned rounding: ``adaround``) or GPTQ, stored as DequantizeLinear feeding the layer (or,
 for MatMul, as com.microsoft MatMulNBits where that runs faster on the target).
 
 Numbers (docs/recipes.md), computed by ``kernels``:
@@ -28,7 +28,7 @@ from core.errors import PipelineError, RecipeError
 from core.recipe import QuantizeStep, WeightQuantSpec
 from worker.pipeline import graph, metrics, sessions, shape_inference, subgraphs
 from worker.pipeline.data import bind, generated
-from worker.pipeline.quantize import awq, gptq, lift_constants, matmulnbits
+from worker.pipeline.quantize import adaround, awq, gptq, lift_constants, matmulnbits
 from worker.pipeline.quantize.grid import Grid, base_method, dequantize, expand, grid_for, quantize_rtn
 from worker.pipeline.step import LayerRecord, StepContext, StepResult
 
@@ -257,10 +257,10 @@ def quantize_weights(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
     runner = None
     solved: dict[str, tuple] = {}
     use_awq = params.awq
-    if params.method == "gptq" or use_awq or spec.scale_search == "output":
+    if params.method == "gptq" or use_awq or spec.scale_search == "output" or spec.rounding == "adaround":
         # calibrated: each layer on the Hessian of the inputs it sees with the layers before it quantized
-        runner = gptq.GptqRunner(model, layers, ctx, rounding="gptq" if params.method == "gptq" else "nearest",
-                                 use_awq=use_awq)
+        rounding = "gptq" if params.method == "gptq" else spec.rounding
+        runner = gptq.GptqRunner(model, layers, ctx, rounding=rounding, use_awq=use_awq)
         solved = runner.quantize_all(layers, lambda layer: grid_for(layer, spec))
     inits = graph.initializers(model)
     changed: list[str] = []
@@ -277,6 +277,8 @@ def quantize_weights(model: onnx.ModelProto, params: QuantizeStep, ctx: StepCont
             q, scale, zero_point, w_hat, w = solved.pop(layer.weight)   # w: the float weight before GPTQ
             w = w.astype(np.float32)
             method = params.method
+            if layer.weight in runner.rounding_info:
+                extra["rounding"] = adaround.record(runner.rounding_info[layer.weight])
             if layer.weight in runner.input_scales:
                 source = runner.input_scales[layer.weight][0]
                 extra["awq_alpha"] = runner.awq_alpha[source]
