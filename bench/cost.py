@@ -227,7 +227,10 @@ def ort_child(method: str, model: str, data: str, out: str) -> None:
 
 
 def _measure(command: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT) -> dict:
-    """Run ``command`` in ``cwd``; its wall time, CPU time and peak RSS (this child's own, from wait4)."""
+    """Run ``command`` in ``cwd``; its wall time, CPU time and peak RSS (this child's own, from wait4).
+
+    ``cwd`` is the checkout whose code runs: ``python -m`` puts the working directory first on the
+    path, ahead of ``PYTHONPATH``, so a ``--baseline`` job started here ran this checkout's code."""
     started = time.perf_counter()
     with open(log, "w") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=cwd)
@@ -259,8 +262,6 @@ def run_job(model: str, job: str, path: Path, data: Path, workdir: Path, tree: P
     recipe.write_text(json.dumps(RECIPES[job]))
     tag = "ours" if tree == ROOT else "base"
     out, report = workdir / f"{model}-{job}-{tag}.onnx", workdir / f"{model}-{job}-{tag}.report.json"
-    # run in ``tree`` too: ``python -m`` puts the working directory before PYTHONPATH, so from this
-    # checkout a baseline run imported this checkout's code
     env = {**os.environ, "PYTHONPATH": str(tree)}
     row = _measure([sys.executable, "-m", "featherweight.cli", "compress", str(path), "--recipe", str(recipe),
                     "--calibration", str(data), "-o", str(out), "--report", str(report)], env,
@@ -287,7 +288,8 @@ def run_ort(model: str, job: str, path: Path, data: Path, workdir: Path) -> dict
         return None
     out = workdir / f"{model}-{job}-ort.onnx"
     row = _measure([sys.executable, "-m", "bench.cost", "--ort-child", method, str(path), str(data), str(out)],
-                   {**os.environ, "PYTHONPATH": str(ROOT)}, workdir / f"{model}-{job}-ort.log")
+                   {**os.environ, "PYTHONPATH": str(ROOT)}, workdir / f"{model}-{job}-ort.log",
+                   cwd=workdir)     # ORT's shape inference leaves sym_shape_infer_temp.onnx in the cwd
     row["method"] = method
     if not row["rc"]:
         row["rel_l2"] = _rel_l2(path, out, data)

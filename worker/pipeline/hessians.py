@@ -8,7 +8,8 @@ from typing import Hashable
 
 import numpy as np
 import onnx
-from scipy.linalg import cho_factor, cho_solve, lapack
+# scipy.linalg and threadpoolctl are imported where used: loading them (about 1 s of CPU) was paid by
+# every job that imports the pipeline, static int8 among them, which never solves anything here
 
 from worker.pipeline import activations, parallel
 from worker.pipeline.data import Dataset
@@ -25,7 +26,7 @@ def serial_lapack():
     costs a lot on a busy one: its threads spin while they wait for each other, and with more
     threads than cores the Cholesky and triangular inverse of a 1536 x 1536 Hessian took 1.3 s of
     CPU on two threads against 0.22 s on one (load 20 on 2 cores; wall 7.0 s against 1.3 s). The
-    Gram products over calibration rows use both cores by splitting their rows (``gram``)."""
+    Gram products over calibration rows run on one thread too (``gram``)."""
     with parallel.serial_blas():
         yield
 
@@ -70,6 +71,8 @@ def inverse_upper_factor(hessian: np.ndarray) -> np.ndarray:
     inverse of the triangle (numpy's LU ``inv``) 6x that of LAPACK's triangular one. float64: the
     Cholesky of a calibration Hessian is where the precision is needed. Raises LinAlgError where H
     is not positive definite."""
+    from scipy.linalg import lapack
+
     flipped, info = lapack.dpotrf(np.asarray(hessian, dtype=np.float64)[::-1, ::-1], lower=1, clean=1)
     if info:
         raise np.linalg.LinAlgError(f"the Hessian is not positive definite (leading minor {info})")
@@ -113,6 +116,8 @@ def drift_refit(matrix: np.ndarray, hessian: np.ndarray, projected: np.ndarray) 
     """``drift_corrected`` from ``P = M C`` (what ``accumulate_drift`` gives with ``weights``):
     ``M' = (P + lam M)(H + lam I)^-1``, solved through the Cholesky factor of the symmetric
     positive definite ``H + lam I`` (half the arithmetic of a general solve)."""
+    from scipy.linalg import cho_factor, cho_solve
+
     lam = DAMPING * float(np.mean(np.diag(hessian))) or DAMPING
     regularized = np.array(hessian, dtype=np.float64)
     regularized[np.diag_indices_from(regularized)] += lam

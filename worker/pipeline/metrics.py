@@ -29,7 +29,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -302,9 +302,12 @@ def macs(model: onnx.ModelProto, inputs: dict[str, tuple[int, ...]] | None = Non
 
 
 def latency(sessions: Sequence[ort.InferenceSession], feeds: dict[str, np.ndarray], *, runs: int = 50,
-            warmup: int = 3, budget_s: float = 10.0) -> list[dict[str, float]]:
+            warmup: int = 3, budget_s: float = 10.0, min_runs: int = 5,
+            settled: Callable[[list[list[float]]], bool] | None = None) -> list[dict[str, float]]:
     """p50 / p95 in ms of each session on ``feeds``, runs interleaved so that both see the same
-    machine state; stops early when ``budget_s`` is spent (at least 5 runs each)."""
+    machine state; stops early when ``budget_s`` is spent (at least ``min_runs`` runs each), or,
+    where the caller only needs a decision, as soon as ``settled`` says the times so far (ms, per
+    session) decide it (checked from the ``min_runs``-th run on)."""
     for sess in sessions:
         for _ in range(warmup):
             sess.run(None, feeds)
@@ -315,7 +318,7 @@ def latency(sessions: Sequence[ort.InferenceSession], feeds: dict[str, np.ndarra
             t0 = time.perf_counter()
             sess.run(None, feeds)
             times[which].append((time.perf_counter() - t0) * 1000.0)
-        if index >= 4 and time.perf_counter() - start > budget_s:
+        if index + 1 >= min_runs and (time.perf_counter() - start > budget_s or (settled is not None and settled(times))):
             break
     return [{"p50": float(np.percentile(t, 50)), "p95": float(np.percentile(t, 95))} for t in times]
 

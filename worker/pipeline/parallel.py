@@ -15,18 +15,12 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import Callable, Iterable, Iterator, TypeVar
-
-# numpy's and scipy's BLAS loaded before the controller is made: it limits only the libraries
-# loaded by then, and the solves call scipy's LAPACK
-import numpy  # noqa: F401
-import scipy.linalg  # noqa: F401
-from threadpoolctl import ThreadpoolController
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-_BLAS = ThreadpoolController()
 _LOCK = threading.Lock()
 _POOL: ThreadPoolExecutor | None = None
 _POOL_PID = 0
@@ -52,6 +46,18 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL
 
 
+@lru_cache(maxsize=1)
+def _blas():
+    """The BLAS controller, made on first use (scipy and threadpoolctl cost ~1 s of CPU to load,
+    which a job that never solves should not pay), after scipy's BLAS is loaded: a controller
+    limits only the libraries loaded when it was made, and the solves call scipy's LAPACK."""
+    import numpy  # noqa: F401
+    import scipy.linalg  # noqa: F401
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
 @contextmanager
 def serial_blas():
     """BLAS / LAPACK on one thread inside (re-entrant: only the outermost call switches, since a
@@ -64,7 +70,7 @@ def serial_blas():
         finally:
             _SERIAL_DEPTH -= 1
         return
-    with _BLAS.limit(limits=1, user_api="blas"):
+    with _blas().limit(limits=1, user_api="blas"):
         _SERIAL_DEPTH = 1
         try:
             yield

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper
@@ -29,7 +30,15 @@ def payload(model: onnx.ModelProto, options: ort.SessionOptions) -> tuple[bytes,
     (None for a model that serializes whole). For a big model every raw-data initializer of 1 KiB or
     more is written to ``weights.bin`` and cleared, the structure serialized, then each is read back:
     memory never holds more than the model plus one tensor."""
-    if model.ByteSize() < graph.EXTERNAL_DATA_THRESHOLD:
+    # ByteSize serializes the model to count it: where the weights alone are far below the limit,
+    # the serialization itself tells (one pass over a BERT's 90 MB, not two, per session)
+    weights = weight_bytes(model)
+    if weights is not None and weights < graph.EXTERNAL_DATA_THRESHOLD // 2:
+        data = model.SerializeToString()
+        if len(data) < graph.EXTERNAL_DATA_THRESHOLD:
+            return data, None
+        del data
+    elif model.ByteSize() < graph.EXTERNAL_DATA_THRESHOLD:
         return model.SerializeToString(), None
     scratch = tempfile.TemporaryDirectory(prefix="fw-session-")
     data_path = Path(scratch.name) / "weights.bin"
@@ -54,6 +63,21 @@ def payload(model: onnx.ModelProto, options: ort.SessionOptions) -> tuple[bytes,
                 tensor.raw_data = source.read(length)
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", scratch.name)
     return structure, scratch
+
+
+def weight_bytes(model: onnx.ModelProto) -> int | None:
+    """The main graph's initializers' bytes from their shapes and types (no tensor data read), or
+    None where a type has no fixed size (strings)."""
+    total = 0
+    for tensor in model.graph.initializer:
+        try:
+            size = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            return None
+        if size == 0 or tensor.data_type == onnx.TensorProto.STRING:
+            return None
+        total += int(np.prod(tensor.dims, dtype=np.int64)) * size
+    return total
 
 
 def _point_to(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
@@ -99,15 +123,23 @@ def build_session(model: onnx.ModelProto, options: ort.SessionOptions, providers
 
 def session(model: onnx.ModelProto, providers: Sequence[str] = ("CPUExecutionProvider",),
             threads: int = 0, *, outputs: Iterable[str] = (), prepack: bool = True, optimize: bool = True,
-            log_severity: int = 3, arena: bool = True, spin: bool = True) -> ort.InferenceSession:
+            log_severity: int = 3, arena: bool = True, spin: bool = True,
+            optimized_to: str | Path | None = None) -> ort.InferenceSession:
     """A session on the in-memory ``model``; ``outputs`` are added as extra graph outputs for the
     serialization and taken off again (the model is not copied). ``prepack=False`` spares the
     pre-packed second copy of the weights that only speed needs; ``optimize=False`` runs the graph
     as written (no fusions); ``arena=False`` hands a run's intermediates back to the OS after each
     run instead of keeping the session's high-water mark of buffers; ``spin=False`` for sessions
-    that work rather than time (their idle threads sleep)."""
+    that work rather than time (their idle threads sleep). ``optimized_to``: ONNX Runtime writes
+    the graph it will run (after its fusions) to this file, every initializer of 1 KiB or more in
+    ``<file>.data`` beside it, so that the file itself holds the structure only."""
     options = _options(threads, prepack=prepack, optimize=optimize, log_severity=log_severity, arena=arena,
                        spin=spin)
+    if optimized_to is not None:
+        options.optimized_model_filepath = str(optimized_to)
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         Path(optimized_to).name + ".data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     count = len(model.graph.output)
     present = {output.name for output in model.graph.output}
     model.graph.output.extend(helper.make_empty_tensor_value_info(name)

@@ -115,6 +115,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     # the steps (and scipy's LAPACK, which their solves load) imported before the baseline: a
     # module's code is a constant, not growth with the data
     from worker.pipeline.steps import prune, quantize
+    import scipy.linalg, threadpoolctl  # noqa: F401,E401  (the pipeline imports them where they solve)
     sessions.release_memory()
     cost.reset_peak()
     before = cost.rss_bytes()

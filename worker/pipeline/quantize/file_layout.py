@@ -81,6 +81,60 @@ def arranged_zstd(model: onnx.ModelProto, order: tuple[str, ...] = DEFAULT_ORDER
     return zstd_size(copy.SerializeToString())
 
 
+class Serialized:
+    """A model's file, serialized once, that can be re-laid out without serializing it again.
+
+    The initializers are one field repeated (GraphProto field 5), so in the file they lie back to
+    back, each as its tag, its length and its bytes: the file with another order is the same bytes
+    before and after that run, and the entries in between in the new order (the lengths do not
+    change, so neither do the graph's). Measuring an order then costs a join and zstd, not a copy of
+    the model, a copy of every tensor and a serialization (1.85 of static int8's 7 s on
+    all-MiniLM-L6-v2 went to those for six orders). ``spliced`` is None where the run is not found
+    where expected; callers then lay out a copy (``arranged_zstd``)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.data = model.SerializeToString()
+        self.entries = [_entry(tensor.SerializeToString()) for tensor in model.graph.initializer]
+        self.start = self._run_start()
+
+    def _run_start(self) -> int | None:
+        if not self.entries:
+            return None
+        length = sum(len(entry) for entry in self.entries)
+        start = self.data.find(self.entries[0])
+        while start >= 0:
+            if self.data[start:start + length] == b"".join(self.entries):
+                return start
+            start = self.data.find(self.entries[0], start + 1)
+        return None
+
+    def spliced(self, order: list[int]) -> bytes | None:
+        """The file with the initializers in ``order`` (indices into the model's initializers)."""
+        if self.start is None:
+            return None
+        end = self.start + sum(len(entry) for entry in self.entries)
+        return b"".join([self.data[:self.start], *(self.entries[i] for i in order), self.data[end:]])
+
+
+def _entry(payload: bytes) -> bytes:
+    """One GraphProto.initializer entry as the file holds it: tag (field 5, length-delimited),
+    varint length, bytes."""
+    length, varint = len(payload), bytearray()
+    while True:
+        byte, length = length & 0x7F, length >> 7
+        varint.append(byte | (0x80 if length else 0))
+        if not length:
+            return bytes([5 << 3 | 2]) + bytes(varint) + payload
+
+
+def order_of(model: onnx.ModelProto, order: tuple[str, ...], parts: tuple[set[str], set[str]]) -> list[int]:
+    """The initializers' indices as ``arrange`` lays them out (kind by kind, stable within a kind)."""
+    masks, values = parts
+    rank = {kind: i for i, kind in enumerate(order)}
+    kinds = [rank[kind_of(tensor, masks, values)] for tensor in model.graph.initializer]
+    return sorted(range(len(kinds)), key=kinds.__getitem__)
+
+
 def order_initializers(model: onnx.ModelProto, work: int = LAYOUT_WORK, limit: int = LAYOUT_WORK) -> dict[str, Any]:
     """Lay the initializers out in the order of kinds that makes the file's zstd bytes smallest
     (see the module docstring), in place; returns what was measured. Files past ``limit`` bytes
@@ -94,8 +148,14 @@ def order_initializers(model: onnx.ModelProto, work: int = LAYOUT_WORK, limit: i
     orders = list(itertools.permutations(kinds))
     if size * (len(orders) + 1) > work:
         orders = [kinds]
-    current = zstd_size(model.SerializeToString())
-    best_size, best_order = min((arranged_zstd(model, order, parts), order) for order in orders)
+    serialized = Serialized(model)
+    current = zstd_size(serialized.data)
+
+    def measured(order: tuple[str, ...]) -> int:
+        data = serialized.spliced(order_of(model, order, parts))
+        return arranged_zstd(model, order, parts) if data is None else zstd_size(data)
+
+    best_size, best_order = min((measured(order), order) for order in orders)
     if best_size < current:
         arrange(model, best_order, parts)
         return {"arranged": True, "order": list(best_order), "file_zstd": current, "file_zstd_arranged": best_size,

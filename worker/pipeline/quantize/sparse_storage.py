@@ -64,6 +64,7 @@ MIN_ELEMENTS = 256                  # below this the nine decoding nodes cost mo
 PACKABLE = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8}
 INT32_INDEX_LIMIT = 2 ** 31 - 1     # CumSum in int32 below this (half the memory of int64 at load)
 MIN_GAIN = 64                       # zstd bytes a sparse form must save: less is noise, and costs nine nodes
+COUNT_CHUNK = 1 << 16               # elements per bincount in value_counts (fits the cache)
 WHOLE_FILE_WORK = 64 << 20          # bytes zstd may go through judging every candidate on the whole file
 
 
@@ -94,6 +95,19 @@ def value_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     flat = np.asarray(values).reshape(-1)
     if flat.dtype.kind not in "iu" or flat.dtype.itemsize > 2 or flat.size == 0:
         return np.unique(flat, return_counts=True)
+    if flat.dtype.itemsize == 1:
+        # the bytes themselves, a cache-sized slice at a time: bincount widens its input to int64,
+        # and on a whole tensor that copy, not the counting, was the time (4x, 0.1 s on a BERT)
+        counts = np.zeros(256, dtype=np.int64)
+        raw = flat.view(np.uint8)
+        for start in range(0, raw.size, COUNT_CHUNK):
+            counts += np.bincount(raw[start:start + COUNT_CHUNK], minlength=256)
+        if flat.dtype == np.int8:        # byte b holds the value b - 256 from 128 on
+            counts = np.roll(counts, -128)
+            present = np.flatnonzero(counts)
+            return (present - 128).astype(np.int8), counts[present]
+        present = np.flatnonzero(counts)
+        return present.astype(np.uint8), counts[present]
     low = int(flat.min())
     counts = np.bincount(flat.astype(np.int32) - low)
     present = np.flatnonzero(counts)
@@ -102,9 +116,24 @@ def value_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def fill_value(q: np.ndarray) -> int:
     """The tensor's most common value (ties: the one nearest zero, then the smaller)."""
+    return fill_and_count(q)[0]
+
+
+def fill_and_count(q: np.ndarray) -> tuple[int, int]:
+    """``fill_value`` and how many elements hold it."""
     values, counts = value_counts(q)
     best = np.flatnonzero(counts == counts.max())
-    return int(values[min(best, key=lambda i: (abs(int(values[i])), int(values[i])))])
+    chosen = min(best, key=lambda i: (abs(int(values[i])), int(values[i])))
+    return int(values[chosen]), int(counts[chosen])
+
+
+def smallest_sparse_bytes(q: np.ndarray, fill_count: int) -> int:
+    """The fewest bytes any sparse form of ``q`` can take: its mask and its values (the fill
+    first), gap offsets not counted. Where this exceeds the dense tensor's bytes no form may be
+    taken (the file's bytes must not grow), so a dense tensor (a weight nobody pruned, whose most
+    common value holds less than an eighth of it) needs no trial at all: on all-MiniLM-L6-v2 static
+    int8 those trials were 0.85 of the 7 s the job took."""
+    return -(-q.size // 8) + (q.size - fill_count + 1) * q.itemsize
 
 
 def pack(q: np.ndarray, fill: int | None = None) -> Packed:
@@ -374,6 +403,12 @@ def store_sparse(model: onnx.ModelProto, whole_file_work: int | None = None, by:
     for name in found:
         tensor = model.graph.initializer[_index_of(model, name)]
         q = numpy_helper.to_array(tensor)
+        fill, fill_count = fill_and_count(q)
+        floor = smallest_sparse_bytes(q, fill_count)
+        if floor > q.nbytes:                     # every form would grow the file: not tried
+            decisions[name] = {"elements": int(q.size), "fill": fill, "kept": int(q.size - fill_count),
+                               "bytes": int(q.nbytes), "bytes_sparse": floor, "gap_closed": None, "sparse": False}
+            continue
         tried = _sparse_forms(q)
         if not tried:                            # nothing equals the fill value: no gain possible
             continue

@@ -210,8 +210,14 @@ def _float_activation(name: str, inits: dict, types: dict[str, int]) -> bool:
 
 
 def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element types of the model's tensors, as ONNX's inference gives them (weights too: they are
+    inputs of the skeleton). On ``shape_inference.skeleton``, which leaves the weights out: a tensor's
+    type does not depend on a weight's values, and inference on the whole model serialized every
+    weight into ONNX's C++ and back (0.1 to 0.3 CPU s of a BERT's static int8)."""
+    from worker.pipeline.shape_inference import skeleton
+
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(skeleton(model))
     except Exception:   # inference is best effort: unknown tensors are assumed float
         inferred = model
     values = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
@@ -529,8 +535,10 @@ def _position_after(model: onnx.ModelProto, tensor: str) -> int:
 
 # ------------------------------------------------------------------------------- bias handling
 
-def _bias_input(model: onnx.ModelProto, node: onnx.NodeProto) -> tuple[str | None, int]:
-    """(bias initializer name or None, channel axis of the node's output)."""
+def _bias_input(model: onnx.ModelProto, node: onnx.NodeProto,
+                readers: dict[str, list[tuple[onnx.NodeProto, int]]] | None = None) -> tuple[str | None, int]:
+    """(bias initializer name or None, channel axis of the node's output). ``readers``: the model's
+    ``graph.consumers`` where the caller holds them (a loop over layers need not rebuild them)."""
     inits = graph.initializers(model)
     if node.op_type == "Conv":
         name = node.input[2] if len(node.input) > 2 and node.input[2] else None
@@ -541,7 +549,7 @@ def _bias_input(model: onnx.ModelProto, node: onnx.NodeProto) -> tuple[str | Non
             return name, 1
         return None, 1
     # MatMul: the bias lives in an Add that is the output's only reader
-    readers = graph.consumers(model).get(node.output[0], [])
+    readers = (graph.consumers(model) if readers is None else readers).get(node.output[0], [])
     if len(readers) == 1 and readers[0][0].op_type == "Add":
         add = readers[0][0]
         other = add.input[1 - readers[0][1]]
@@ -612,15 +620,22 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
     # layers whose activations stay float (weight-only int8): see weight_only_compute
     float_compute = weight_only_compute.choose(prepared, layers, params)
     integer_layers = [layer for layer in layers if layer.node not in float_compute]
-    smoothed = _smooth(prepared, params, integer_layers, data, ctx)
-    learned, rounding_info = _learned_rounding(prepared, params, layers, ctx)
+    # the report's phases (``cost``): capture = running the model over the calibration data
+    # (SmoothQuant's maxima, the ranges' histograms, bias correction's means), solve = the
+    # weights' grids (learned rounding among them), write = the Q/DQ nodes and int32 biases
+    with ctx.cost.phase("capture"):
+        smoothed = _smooth(prepared, params, integer_layers, data, ctx)
+    with ctx.cost.phase("solve"):
+        learned, rounding_info = _learned_rounding(prepared, params, layers, ctx)
     float_readers = excluded_nodes(prepared, params)
     decided = plan(prepared, params, integer_layers, float_readers)
     ctx.progress(0.05, "calibrating activation ranges")
-    ranges = calibrate.calibrate(prepared, data, sorted(set(decided.calibrated.values())),
-                                 method=spec.calibration, percentile=spec.percentile,
-                                 progress=lambda f, m: ctx.progress(0.05 + 0.55 * f, m),
-                                 budget_bytes=int(ctx.options.get("capture_budget_bytes", activations.CAPTURE_BUDGET)))
+    with ctx.cost.phase("capture"):
+        ranges = calibrate.calibrate(prepared, data, sorted(set(decided.calibrated.values())),
+                                     method=spec.calibration, percentile=spec.percentile,
+                                     progress=lambda f, m: ctx.progress(0.05 + 0.55 * f, m),
+                                     budget_bytes=int(ctx.options.get("capture_budget_bytes",
+                                                                      activations.CAPTURE_BUDGET)))
     ctx.check_cancelled()
 
     quantized = onnx.ModelProto()
@@ -628,14 +643,15 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
     weight_grids: dict[str, WeightGrid] = {}
     # uint8 activations meet these weights in ORT's u8s8 kernels: see int8_storage
     unsigned = not spec.symmetric and int8_storage.unsigned_weights(ctx.target, ctx.options, params.integer_weights)
-    for layer in layers:
-        weight_grids[layer.weight] = quantize_weight(quantized, layer, params, unsigned, learned.get(layer.weight))
-    embeddings = embedding_layers(quantized, params)
-    for layer in embeddings:
-        weight_grids[layer.weight] = quantize_embedding(quantized, layer)
-    tables = table_tensors(quantized, params)
-    for layer in tables:
-        weight_grids[layer.weight] = quantize_table(quantized, layer)
+    with ctx.cost.phase("solve"), graph.naming(quantized):
+        for layer in layers:
+            weight_grids[layer.weight] = quantize_weight(quantized, layer, params, unsigned, learned.get(layer.weight))
+        embeddings = embedding_layers(quantized, params)
+        for layer in embeddings:
+            weight_grids[layer.weight] = quantize_embedding(quantized, layer)
+        tables = table_tensors(quantized, params)
+        for layer in tables:
+            weight_grids[layer.weight] = quantize_table(quantized, layer)
     # layers inside If / Loop / Scan bodies: their weights int8 (the DequantizeLinear in the main
     # graph, read from the outer scope); activations inside a body are not calibrated and stay float
     # and recurrent cells' W / R (LSTM / GRU / RNN, main graph or body: ONNX Runtime runs them in
@@ -643,50 +659,56 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
     bodies = _weight_only_layers(quantized, params, {layer.weight for layer in layers + embeddings + tables})
     main_nodes = {node.name for node in quantized.graph.node}
     recurrent = [layer for layer in bodies if layer.op in weight_only.RECURRENT_OPS and layer.node in main_nodes]
-    for layer in bodies:
-        weight_grids[layer.weight] = quantize_weight(quantized, layer, params)
+    with ctx.cost.phase("solve"), graph.naming(quantized):
+        for layer in bodies:
+            weight_grids[layer.weight] = quantize_weight(quantized, layer, params)
     embeddings += tables + bodies
 
     grids: dict[str, ActivationGrid] = {}
     kept_float: dict[str, str] = {}
-    forced_float = ctx.options.get("float_activations") or ()     # mixed_precision's choices
-    for tensor, source in decided.calibrated.items():
-        found = ranges.get(source)
-        if tensor in forced_float:
-            kept_float[tensor] = "kept float: max_output_error"
-        elif found is None:
-            kept_float[tensor] = "never seen on the calibration data"
-        elif found.masked:
-            kept_float[tensor] = "mask sentinel values (|x| >= 1e8) in calibration"
-        elif spec.int16 and wide_activations.chosen(tensor, spec.int16):
-            grids[tensor] = ActivationGrid(*wide_activations.grid16(quantized, tensor, found.lo, found.hi,
-                                                                   spec.symmetric))
-        else:
-            grids[tensor] = activation_grid(quantized, tensor, found.lo, found.hi, spec.symmetric)
-    folded_outputs = {relu.output[0]: out for out, relu in decided.relu_folds.items()}
-    for output, source in decided.inherits.items():      # topological order: chains resolve in turn
-        root = folded_outputs.get(source, source)
-        if root in grids:
-            grids[output] = grids[root]
-    for tensor, grid in grids.items():
-        insert_qdq(quantized, tensor, grid, decided.relu_folds.get(tensor), float_readers)
+    with graph.naming(quantized):      # activation grids and their Q/DQ pairs: names only added
+        forced_float = ctx.options.get("float_activations") or ()     # mixed_precision's choices
+        for tensor, source in decided.calibrated.items():
+            found = ranges.get(source)
+            if tensor in forced_float:
+                kept_float[tensor] = "kept float: max_output_error"
+            elif found is None:
+                kept_float[tensor] = "never seen on the calibration data"
+            elif found.masked:
+                kept_float[tensor] = "mask sentinel values (|x| >= 1e8) in calibration"
+            elif spec.int16 and wide_activations.chosen(tensor, spec.int16):
+                grids[tensor] = ActivationGrid(*wide_activations.grid16(quantized, tensor, found.lo, found.hi,
+                                                                       spec.symmetric))
+            else:
+                grids[tensor] = activation_grid(quantized, tensor, found.lo, found.hi, spec.symmetric)
+        folded_outputs = {relu.output[0]: out for out, relu in decided.relu_folds.items()}
+        for output, source in decided.inherits.items():      # topological order: chains resolve in turn
+            root = folded_outputs.get(source, source)
+            if root in grids:
+                grids[output] = grids[root]
+        with ctx.cost.phase("write"):
+            for tensor, grid in grids.items():
+                insert_qdq(quantized, tensor, grid, decided.relu_folds.get(tensor), float_readers)
     graph.sort_graph(quantized)
 
     corrected: list[str] = []
     if params.bias_correction:
         ctx.progress(0.65, "bias correction")
         from worker.pipeline.quantize import bias_correction
-        corrected = bias_correction.correct(prepared, quantized, decided.compute_nodes,
-                                            {layer.node: layer.weight for layer in integer_layers}, data, ctx,
-                                            relu_folded=set(decided.relu_folds), bias_input=_bias_input)
+        with ctx.cost.phase("capture"):
+            corrected = bias_correction.correct(prepared, quantized, decided.compute_nodes,
+                                                {layer.node: layer.weight for layer in integer_layers}, data, ctx,
+                                                relu_folded=set(decided.relu_folds), bias_input=_bias_input)
 
     int32_biases = 0
     weight_of = {layer.node: layer.weight for layer in integer_layers}
     input_grids = _dequantized_grids(quantized, grids)
-    for node in list(quantized.graph.node):
-        if node.name in weight_of and node.input[0] in input_grids:
-            int32_biases += quantize_bias(quantized, node, input_grids[node.input[0]], weight_grids[weight_of[node.name]])
-    graph.sort_graph(quantized)
+    with ctx.cost.phase("write"), graph.naming(quantized):
+        for node in list(quantized.graph.node):
+            if node.name in weight_of and node.input[0] in input_grids:
+                int32_biases += quantize_bias(quantized, node, input_grids[node.input[0]],
+                                              weight_grids[weight_of[node.name]])
+        graph.sort_graph(quantized)
     graph.check_if_in_memory(quantized)
 
     for layer in layers + embeddings:

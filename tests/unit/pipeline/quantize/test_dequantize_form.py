@@ -136,6 +136,53 @@ def test_a_weight_read_inside_an_if_body_is_folded_too(tmp_path):
                                rtol=1e-5, atol=1e-6)
 
 
+def _weight_only(build, weights):
+    result, _ = apply(build(), {"weights": weights, "min_params": 0, "format": "qdq"})
+    return result.model
+
+
+def test_unfused_8_bit_weights_are_folded_without_a_race(monkeypatch):
+    """int8 per-channel weight-only DequantizeLinear: ONNX Runtime's CPU graph keeps every one of
+    them (no kernel reads the integers fused), so the folded form is taken without timing runs."""
+    model = _weight_only(builders.cnn_bn, {"bits": 8})
+    names = {n.output[0] for n in dequantize_form.weight_only_dequantizers(model)}
+    raced = []
+    monkeypatch.setattr(dequantize_form.metrics, "latency", lambda *a, **k: raced.append(1) or [{"p50": 1.0}] * 2)
+    feeds = {k: v[:1] for k, v in builders.random_inputs(model, count=1).items()}
+    decision = dequantize_form.choose_form(model, feeds, "cpu-x86")
+    assert raced == []
+    assert decision["form"] == "folded" and set(decision["weights"]) == names
+    assert decision["reason"] == dequantize_form.UNFUSED and "latency_ms" not in decision
+    assert not dequantize_form.weight_only_dequantizers(model)
+
+
+def test_a_fused_weight_only_dequantizer_is_raced(monkeypatch):
+    """Where ONNX Runtime fused a weight-only DequantizeLinear into a kernel (or the graph could not
+    be read), the forms are timed as before: here the race says DequantizeLinear is faster."""
+    model = _weight_only(builders.cnn_bn, {"bits": 8})
+    monkeypatch.setattr(dequantize_form, "_session_and_fusions",
+                        lambda m, provider, found: (dequantize_form._session(m, provider), False))
+    monkeypatch.setattr(dequantize_form.metrics, "latency", lambda *a, **k: [{"p50": 1.0}, {"p50": 2.0}])
+    feeds = {k: v[:1] for k, v in builders.random_inputs(model, count=1).items()}
+    decision = dequantize_form.choose_form(model, feeds, "cpu-x86")
+    assert decision == {"form": "qdq", "weights": [], "latency_ms": {"qdq": 1.0, "folded": 2.0}}
+    assert dequantize_form.weight_only_dequantizers(model)
+
+
+def test_the_race_settles_early_only_on_a_clear_difference():
+    """(qdq, folded) times: folded is kept unless DequantizeLinear is 3 % faster, so a tie settles
+    for folded at once; DequantizeLinear ahead by about the margin, or preempted runs, do not settle."""
+    clear = [[10.0, 10.2, 9.9, 10.1, 10.0], [8.0, 8.1, 7.9, 8.2, 8.0]]
+    tie = [[10.0, 10.2, 9.9, 10.1, 10.0], [9.9, 10.1, 10.0, 10.2, 9.8]]
+    near_margin = [[9.5, 9.7, 9.6, 9.8, 9.4], [10.0, 10.1, 9.9, 10.2, 10.0]]
+    preempted = [[10.0, 50.0, 10.1, 49.0, 10.0], [8.0, 8.1, 48.0, 8.2, 47.0]]
+    assert dequantize_form._settled(clear)
+    assert dequantize_form._settled(clear[::-1])
+    assert dequantize_form._settled(tie)
+    assert not dequantize_form._settled(near_margin)
+    assert not dequantize_form._settled(preempted)
+
+
 def test_a_per_channel_scale_is_stored_shaped_with_no_reshape_node():
     """The folded form stores a per-channel scale that only its DequantizeLinear read already shaped
     [C, 1, 1, 1] (the same values), so no Reshape node or shape tensor is written for it; unfold

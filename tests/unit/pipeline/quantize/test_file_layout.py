@@ -48,6 +48,22 @@ def test_ordering_keeps_the_model_and_never_grows_its_zstd_bytes():
         assert np.array_equal(a, b)
 
 
+def test_the_spliced_file_is_the_serialized_file_in_every_order():
+    import itertools
+
+    model = builders.mlp(inputs=256, hidden=512, classes=16)
+    _, stored, _ = _both(model, [PRUNE, WEIGHT_ONLY])
+    serialized = file_layout.Serialized(stored)
+    assert serialized.start is not None
+    parts = file_layout._sparse_parts(stored)
+    kinds = tuple(k for k in file_layout.DEFAULT_ORDER if k in set(_kinds(stored)))
+    for order in itertools.permutations(kinds):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(stored)
+        file_layout.arrange(copy, order, parts)
+        assert serialized.spliced(file_layout.order_of(stored, order, parts)) == copy.SerializeToString()
+
+
 def test_past_the_limits_nothing_is_moved_or_only_the_default_order_is_tried():
     model = builders.mlp(inputs=256, hidden=512, classes=16)
     _, stored, _ = _both(model, [PRUNE, WEIGHT_ONLY])

@@ -326,6 +326,25 @@ def test_a_sparse_form_that_would_grow_the_file_or_save_next_to_nothing_is_not_t
     assert sparse_form.find_sparse_weights(model.graph) == []
 
 
+def test_a_tensor_whose_fill_is_under_an_eighth_is_not_tried_and_says_so(monkeypatch):
+    model = builders.mlp(inputs=64, hidden=64, classes=4)
+    rng = np.random.default_rng(1)
+    dense = rng.integers(-100, 100, size=(64, 64)).astype(np.int8)      # each value ~1/200 of it
+    model.graph.initializer.append(numpy_helper.from_array(dense, "dense_q"))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("dense_q", onnx.TensorProto.INT8, [64, 64]))
+    tried = []
+    monkeypatch.setattr(sparse_storage, "_sparse_forms", lambda q: tried.append(q.size) or [])
+    row = sparse_storage.store_sparse(model)["dense_q"]
+    fill, count = sparse_storage.fill_and_count(dense)
+    assert tried == []
+    assert row == {"elements": 4096, "fill": fill, "kept": 4096 - count, "bytes": 4096,
+                   "bytes_sparse": 512 + 4096 - count + 1, "gap_closed": None, "sparse": False}
+    assert row["bytes_sparse"] > row["bytes"]
+    # at an eighth and more the forms are tried (and judged as before)
+    half = np.where(rng.random((64, 64)) < 0.5, 0, dense).astype(np.int8)
+    assert sparse_storage.smallest_sparse_bytes(half, sparse_storage.fill_and_count(half)[1]) < half.nbytes
+
+
 def test_opset_below_11_is_left_dense():
     model = builders.mlp(inputs=64, hidden=64, classes=4, opset=10)
     q = np.zeros((64, 64), dtype=np.int8)
