@@ -15,7 +15,8 @@ task metric against FP32, size ratio, latency. The goal's frontier (its ``candid
 is scored the same way.
 
 The search's data: by default the model's *calibration* set is both what it calibrates on and what
-it scores candidates on, so the bench's evaluation set is data the search never saw (the bar would
+it scores candidates on (the VAD models: consecutive chunks of fresh audio, their state carried by
+the goal's ``carry``, as the task streams them), so the bench's evaluation set is data the search never saw (the bar would
 mean little if the search were tuned on the samples that judge it); ``--search-data evaluation``
 gives it the bench's evaluation set instead, as a user with a separate validation set would.
 
@@ -39,7 +40,10 @@ from pathlib import Path
 
 from bench.real_bench import (_peak_rss_bytes, fresh_work_dir, markdown, measure, refuse_unknown, run_child, spawn,
                               write_document)
-from bench.real_models import load
+import numpy as np
+
+from bench.real_models import _vad_stream, load, vad_stream_steps
+from bench.sessions import single_thread_session
 from bench.real_peers import MATMUL_ONLY, METHODS, has_matmul_weights
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
@@ -50,8 +54,10 @@ GOALS = {
     "ocr_rec": {"metric": "top1_agreement"},
     "ocr_cls": {"metric": "top1_agreement"},
     "minilm": {"metric": "spearman"},
-    "vad": {"metric": "decision_agreement", "threshold": 0.5, "output": "output"},
-    "vad_dual": {"metric": "decision_agreement", "threshold": 0.5, "output": "output"},
+    # the bench's VAD task streams audio, each model carrying its own state: the search scores the
+    # same (``carry``), on consecutive chunks of fresh audio (``real_models.vad_stream_steps``)
+    "vad": {"metric": "decision_agreement", "threshold": 0.5, "output": "output", "carry": {"stateN": "state"}},
+    "vad_dual": {"metric": "decision_agreement", "threshold": 0.5, "output": "output", "carry": {"stateN": "state"}},
 }
 BUDGETS = {"ocr_det": 600, "ocr_rec": 600, "ocr_cls": 300, "minilm": 900, "vad": 300, "vad_dual": 300}
 MAX_DROP = 0.01
@@ -80,8 +86,7 @@ def goal_one(name: str, quick: bool, budget: float, search_data: str, work_dir: 
     job_dir = out_dir / f"{GOAL}-work"
     if job_dir.exists():
         shutil.rmtree(job_dir)
-    data = real.calibration if search_data == "calibration" else real.evaluation
-    data = {k: v for k, v in data.items() if k != "_labels"}
+    data = _search_data(name, real, quick, search_data)
     calibration = {k: v for k, v in real.calibration.items() if k != "_labels"}
     options = {"latency_runs": 3, "latency_budget_s": 2, "layer_errors": False, "fidelity_samples": 32}
     started = time.perf_counter()
@@ -107,6 +112,20 @@ def goal_one(name: str, quick: bool, budget: float, search_data: str, work_dir: 
                                                        "bytes", "pareto", "chosen", "artifact")}
                                     for c in report["candidates"]],
                      "frontier_artifacts": frontier}}
+
+
+def _search_data(name: str, real, quick: bool, search_data: str) -> dict:
+    """The goal's evaluation data: the model's calibration (or evaluation) set; for a goal that
+    carries state, consecutive steps of a stream (fresh audio, or the bench's evaluation audio)."""
+    if "carry" in GOALS[name]:
+        if search_data == "calibration":
+            return vad_stream_steps(name, quick)
+        steps: list = []
+        _vad_stream(single_thread_session(real.path), real.meta["audio"], steps)
+        return {"input": np.stack([x for x, _ in steps]), "state": np.stack([state for _, state in steps]),
+                "sr": np.full(len(steps), 16000, np.int64)}
+    data = real.calibration if search_data == "calibration" else real.evaluation
+    return {k: v for k, v in data.items() if k != "_labels"}
 
 
 def _spawn_goal(name: str, quick: bool, budget: float, search_data: str, timeout: float) -> dict:

@@ -484,6 +484,28 @@ def _silero(name: str, file: str, description: str, quick: bool) -> RealModel:
         meta={"audio": audio, "speech_source": str(arrays["speech_source"])})
 
 
+def vad_stream_steps(name: str, quick: bool) -> dict[str, np.ndarray]:
+    """A goal search's evaluation data for a silero model with ``goal.carry`` (stateN -> state):
+    fresh audio (neither the calibration nor the evaluation audio), the streams' consecutive
+    chunks as steps in the stacked layout ([steps, streams, 576], FP32's state at each step,
+    which the search feeds only to its first step and its sensitivity probe)."""
+    from bench import real_data
+    from bench.sessions import single_thread_session
+
+    path = package_file(SILERO, "silero_vad", f"data/{_SILERO_FILES[name]}")
+    streams, seconds = (2, 3.0) if quick else (8, 6.0)
+
+    def build():
+        rng = np.random.default_rng(SEED + 11)
+        audio = np.stack([real_data.speech_like(seconds, rng) for _ in range(streams)])
+        steps: list = []
+        _vad_stream(single_thread_session(path), audio, steps)
+        return {"input": np.stack([x for x, _ in steps]), "state": np.stack([state for _, state in steps]),
+                "sr": np.full(len(steps), 16000, np.int64)}
+
+    return _cached_data(f"{name}-stream-{'quick' if quick else 'full'}", build)
+
+
 def vad(quick: bool = False) -> RealModel:
     """silero_vad_16k_op15.onnx: 16 kHz network, weights as main-graph initializers, LSTM inside If."""
     return _silero("vad", "silero_vad_16k_op15.onnx",
@@ -496,6 +518,7 @@ def vad_dual(quick: bool = False) -> RealModel:
                    "silero-vad v6 16k+8k (opset 16; every weight a Constant inside If branches)", quick)
 
 
+_SILERO_FILES = {"vad": "silero_vad_16k_op15.onnx", "vad_dual": "silero_vad.onnx"}
 _LOADERS = {"ocr_det": ocr_det, "ocr_rec": ocr_rec, "ocr_cls": ocr_cls, "minilm": minilm, "vad": vad,
             "vad_dual": vad_dual}
 

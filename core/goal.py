@@ -6,7 +6,9 @@ the worker refuses before any work, with the same field paths (``["goal", "outpu
 - every metric compares float outputs (an argmax needs scores too);
 - ``top1_agreement`` / ``accuracy`` need a last axis of 2 or more (the classes);
 - ``accuracy`` needs ``_labels`` in the evaluation data (or, without it, the calibration data);
-- the search needs evaluation or calibration data; ``spearman`` needs 3 or more samples to rank.
+- the search needs evaluation or calibration data; ``spearman`` needs 3 or more samples to rank;
+- ``carry`` maps outputs of the model to inputs of the model (of the same element type where both
+  are recorded).
 """
 from __future__ import annotations
 
@@ -24,9 +26,12 @@ def _refuse(field: str, message: str, prefix: Sequence[Any]) -> RecipeError:
 
 
 def check_goal(goal: GoalSpec, outputs: Sequence[dict[str, Any]], *, has_data: bool, has_labels: bool,
-               samples: int | None = None, prefix: Sequence[Any] = ()) -> None:
-    """Raise RecipeError at ``prefix + ["goal", <field>]`` when the goal cannot be measured on this model."""
+               samples: int | None = None, prefix: Sequence[Any] = (),
+               inputs: Sequence[dict[str, Any]] | None = None) -> None:
+    """Raise RecipeError at ``prefix + ["goal", <field>]`` when the goal cannot be measured on this model
+    (``inputs``: the model's, for ``carry``; None skips that check)."""
     names = [o.get("name") for o in outputs]
+    _check_carry(goal, outputs, inputs, prefix)
     if goal.output is not None and goal.output not in names:
         raise _refuse("output", f"the model has no output {goal.output!r} (outputs: {names})", prefix)
     chosen = next((o for o in outputs if o.get("name") == (goal.output or names[0])), None) if names else None
@@ -49,3 +54,21 @@ def check_goal(goal: GoalSpec, outputs: Sequence[dict[str, Any]], *, has_data: b
         raise _refuse("metric", "accuracy needs _labels in the evaluation data (or the calibration data)", prefix)
     if goal.metric == "spearman" and samples is not None and samples < 3:
         raise _refuse("metric", f"spearman ranks pairs of samples: needs 3 or more, the data has {samples}", prefix)
+
+
+def _check_carry(goal: GoalSpec, outputs: Sequence[dict[str, Any]], inputs: Sequence[dict[str, Any]] | None,
+                 prefix: Sequence[Any]) -> None:
+    by_output = {o.get("name"): o for o in outputs}
+    by_input = {i.get("name"): i for i in inputs} if inputs is not None else None
+    for output, target in goal.carry.items():
+        if output not in by_output:
+            raise _refuse("carry", f"the model has no output {output!r} to feed back (outputs: {list(by_output)})",
+                          prefix)
+        if by_input is None:
+            continue
+        if target not in by_input:
+            raise _refuse("carry", f"the model has no input {target!r} to feed {output!r} to (inputs: "
+                                   f"{list(by_input)})", prefix)
+        theirs, ours = str(by_output[output].get("dtype") or ""), str(by_input[target].get("dtype") or "")
+        if theirs and ours and theirs != ours:
+            raise _refuse("carry", f"output {output!r} is {theirs}, input {target!r} is {ours}", prefix)

@@ -110,7 +110,7 @@ def check_job(recipe: Recipe, model: Any, *, calibration: list[dict[str, Any]] |
         labels = data is not None and any(a["name"] == LABELS for a in data)
         counts = [a["shape"][0] for a in (data or []) if a["name"] != LABELS and a.get("shape")]
         check_goal(recipe.goal, model.outputs or [], has_data=data is not None, has_labels=labels,
-                   samples=min(counts) if counts else None, prefix=["body", "recipe"])
+                   samples=min(counts) if counts else None, prefix=["body", "recipe"], inputs=model.inputs)
     newest = onnx.defs.onnx_opset_version()
     if model.opset > newest:
         raise InvalidInput(f"the model's opset {model.opset} is newer than this service's ONNX supports ({newest})",

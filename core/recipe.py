@@ -280,6 +280,20 @@ class GoalSpec(_Spec):
     time_budget_s: float = Field(1200.0, gt=0.0, le=7 * 24 * 3600.0)
     holdout: float = Field(0.25, gt=0.0, lt=1.0, description="with calibration data only: the fraction held out "
                                                              "as evaluation data")
+    carry: dict[Annotated[str, Field(min_length=1, max_length=256)], Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default_factory=dict, max_length=64,
+        description="streaming models: output -> input fed back. The evaluation samples are then consecutive "
+                    "steps of a stream, run one at a time in order, each after the first with these inputs "
+                    "taken from the outputs the same model gave on the step before (a recurrent state), so the "
+                    "score sees the drift a compressed model's state accumulates")
+
+    @field_validator("carry")
+    @classmethod
+    def _carry_one_way(cls, value: dict[str, str]) -> dict[str, str]:
+        inputs = list(value.values())
+        if len(set(inputs)) != len(inputs):
+            raise ValueError("each input is fed back from one output only")
+        return value
 
     @field_validator("threshold")
     @classmethod

@@ -24,7 +24,8 @@ from worker.pipeline.step import StepContext
 def _dequantize_form(model: onnx.ModelProto, step: Any, dataset: data_mod.Dataset, target: str,
                      options: Mapping[str, Any], layers: Mapping[str, Any]) -> dict[str, Any]:
     """``dequantize_form.choose_form`` on the final model, with one batch of the data the report
-    measures latency on; ``options["dequantize_form"]`` ("folded" | "qdq") forces it (tests)."""
+    measures latency on; ``options["dequantize_form"]`` ("folded" | "qdq") forces it (tests; a goal
+    minimizing size forces "qdq", the smaller file)."""
     forced = options.get("dequantize_form") or ("qdq" if getattr(step, "format", "auto") == "qdq" else None)
     feeds = next(dataset.head(1).batches(1))
     decision = dequantize_form.choose_form(model, feeds, target, forced=forced)

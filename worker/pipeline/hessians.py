@@ -4,7 +4,6 @@ SparseGPT prunes with it, data-aware low-rank factorizes with it."""
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from functools import lru_cache
 from typing import Hashable
 
 import numpy as np
@@ -12,7 +11,7 @@ import onnx
 # scipy.linalg and threadpoolctl are imported where used: loading them (about 1 s of CPU) was paid by
 # every job that imports the pipeline, static int8 among them, which never solves anything here
 
-from worker.pipeline import activations
+from worker.pipeline import activations, parallel
 from worker.pipeline.data import Dataset
 from worker.pipeline.sequential import lockstep
 from worker.pipeline.unfold import output_size, unfold2d, unfold2d_every
@@ -27,16 +26,10 @@ def serial_lapack():
     costs a lot on a busy one: its threads spin while they wait for each other, and with more
     threads than cores the Cholesky and triangular inverse of a 1536 x 1536 Hessian took 1.3 s of
     CPU on two threads against 0.22 s on one (load 20 on 2 cores; wall 7.0 s against 1.3 s). The
-    Gram products over calibration rows stay threaded (big, and well shared between threads)."""
-    with _blas().limit(limits=1, user_api="blas"):
+    Gram products over calibration rows run on one thread too (``gram``)."""
+    with parallel.serial_blas():
         yield
 
-
-@lru_cache(maxsize=1)
-def _blas():
-    from threadpoolctl import ThreadpoolController
-
-    return ThreadpoolController()
 
 DAMPING = 0.01          # relative to mean(diag H), as SparseGPT / GPTQ damp
 
@@ -135,15 +128,35 @@ def drift_refit(matrix: np.ndarray, hessian: np.ndarray, projected: np.ndarray) 
         return np.linalg.lstsq(regularized, rhs, rcond=None)[0].T
 
 
+GRAM_ROWS = 4096            # rows per float32 piece of the layer-wise statistics (summed in float64)
+GRAM_MIN_ROWS = 256         # a split into pieces smaller than this costs more than it saves
+
+
 def gram(a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
     """``a^T b`` (``a^T a`` without ``b``) of one batch's rows in float32 BLAS, returned as float64
     for the running sum: per batch the float32 product's relative error stays ~1e-6, and summing
     the batches in float64 keeps it there however many batches come (a float64 product of the same
-    rows costs twice the time and copies them twice the size)."""
+    rows costs twice the time and copies them twice the size). ``a^T a`` is BLAS's symmetric
+    product (syrk, half the arithmetic of a general one).
+
+    One product per batch, on the BLAS threads the caller allows (the statistics run it on one:
+    ``serial_lapack``): splitting its rows over the cores (as layer-wise distillation does,
+    ``row_pieces``) sums the same numbers in another order, and SparseGPT's and GPTQ's outputs move
+    with that order (MiniLM: SparseGPT's rel_l2 0.1644 -> 0.1678, GPTQ int4's 0.1860 -> 0.1909,
+    where main's own code moves to 0.1695 / 0.1878 with 64-sample batches instead of 32): one
+    product keeps them where they were."""
     a = np.ascontiguousarray(a, dtype=np.float32)
     if b is None:
         return (a.T @ a).astype(np.float64)
     return (a.T @ np.ascontiguousarray(b, dtype=np.float32)).astype(np.float64)
+
+
+def row_pieces(rows: int) -> list[slice]:
+    """``rows`` cut into pieces of at most GRAM_ROWS, at least one per core (none under
+    GRAM_MIN_ROWS rows unless there are fewer rows than that); never empty."""
+    pieces = max(parallel.cores(), -(-rows // GRAM_ROWS))
+    step = max(GRAM_MIN_ROWS, -(-rows // pieces))
+    return [slice(start, start + step) for start in range(0, max(rows, 1), step)]
 
 
 UNFOLD_BYTES = 64 << 20     # a Conv input is unfolded (im2col) at most this much at a time
@@ -207,7 +220,9 @@ def accumulate_hessians(batches, plans: dict[str, list[tuple[Hashable, int, dict
     sums = {keys[0]: np.zeros((columns, columns)) for group in views.values() for keys, columns, _ in group}
     rows = {key: 0 for key in sums}
     for batch in _timed(batches, cost, "capture"):
-        with cost.phase("statistics") if cost is not None else nullcontext():
+        # BLAS on one thread: OpenBLAS's second thread spins while it waits on a busy machine
+        # (2.8x the CPU of one thread for a 14400 x 864 X^T X at load 15 on 2 cores)
+        with cost.phase("statistics") if cost is not None else nullcontext(), parallel.serial_blas():
             for source, group in views.items():
                 for keys, columns, geometry in group:
                     x = batch[source]
@@ -249,7 +264,9 @@ def accumulate_drift(reference, current, plans: dict[str, list[tuple[Hashable, i
     projections = {k: np.ascontiguousarray(np.asarray(weights[k], dtype=np.float32).T)
                    for _, _, _, _, direct in views for k in direct}
     for before, after in _timed(lockstep(reference, current), cost, "capture"):
-        with cost.phase("statistics") if cost is not None else nullcontext():
+        # BLAS on one thread: OpenBLAS's second thread spins while it waits on a busy machine
+        # (2.8x the CPU of one thread for a 14400 x 864 X^T X at load 15 on 2 cores)
+        with cost.phase("statistics") if cost is not None else nullcontext(), parallel.serial_blas():
             for source, keys, columns, geometry, direct in views:
                 sums = found[keys[0]]
                 a, b = before[source], after[source]

@@ -33,6 +33,8 @@ def dataset_id(api_client) -> str:
         ({"metric": "accuracy"}, True, ["body", "recipe", "goal", "metric"]),       # no _labels
         ({"metric": "cosine"}, False, ["body", "recipe", "goal", "metric"]),        # no data at all
         ({"metric": "cosine", "max_drop": -1}, True, ["body", "recipe", "goal", "max_drop"]),
+        ({"metric": "cosine", "carry": {"state": "x"}}, True, ["body", "recipe", "goal", "carry"]),   # no such output
+        ({"metric": "cosine", "carry": {"logits": "state"}}, True, ["body", "recipe", "goal", "carry"]),  # no input
     ],
 )
 def test_goal_that_does_not_fit_is_422_with_its_path(api_client, migrated, model_id, dataset_id, goal, with_data, loc):

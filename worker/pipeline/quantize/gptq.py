@@ -29,7 +29,7 @@ fall back to RTN, and the step's metrics say so.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -213,8 +213,7 @@ class GptqRunner:
             # the search rounds on the plain absmax / minmax grid, as AWQ does: a scale search
             # inside each of the alphas would cost 10-100x more for a choice it hardly moves
             grid = grid_of(layer)
-            grid = Grid(grid.bits, grid.signed, grid.symmetric, grid.axis, grid.block_size,
-                        "absmax" if grid.symmetric else "minmax")
+            grid = replace(grid, method="absmax" if grid.symmetric else "minmax")
             array = self._from_matrix(matrix, layer)
             q, scale, zero_point = quantize_rtn(array, grid)
             return self._as_matrix(dequantize(q, scale, zero_point, grid), layer)
@@ -302,7 +301,7 @@ class GptqRunner:
                        hessian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``weights.scale_search: output`` (``quantize.output_scales``): each channel's / block's clip
         chosen for the layer's output error on its captured Hessian, from the absmax / minmax grid."""
-        base = Grid(grid.bits, grid.signed, grid.symmetric, grid.axis, grid.block_size, base_method(grid))
+        base = replace(grid, method=base_method(grid))
         scale, zero_point = choose_grid_params(w, base)
         expanded = lambda param, dtype: self._as_matrix(  # noqa: E731
             expand(param, w.shape, grid.axis, grid.block_size).astype(dtype), layer)

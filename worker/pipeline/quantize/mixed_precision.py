@@ -95,7 +95,10 @@ def build(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext, assign
         spec = params.weights
         int8 = WeightQuantSpec(bits=8, symmetric=spec.symmetric,
                                granularity="channel" if spec.granularity == "block" else spec.granularity)
-        second = params.model_copy(update={"weights": int8, "include": _escaped(raised), "exclude": []})
+        # round to nearest at int8: GPTQ's gain there is small, and it would capture every raised
+        # layer's Hessian a second time per build
+        second = params.model_copy(update={"weights": int8, "include": _escaped(raised), "exclude": [],
+                                           "method": "rtn"})
         more = quantize_once(result.model, second, work)
         more.metrics = {**result.metrics, "int8_pass": more.metrics}
         more.changed = result.changed + more.changed

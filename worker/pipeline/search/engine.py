@@ -20,6 +20,9 @@ Order of work (each build checks the time budget and cancellation first):
    data and grown again if the full data says no;
 4. the chosen model: the verified candidate that meets the budget with the smallest objective (size,
    zstd size or latency); none meets -> the one with the best score, and the report says so.
+With ``goal.carry`` every score (the original's, the screen's, the verification's) runs the samples
+one at a time in order as one stream, each fed the carried outputs of the step before; the
+sensitivity probes run on the samples' own arrays (a ranking, re-checked by the builds' scores).
 Every verified build is a candidate in report.json ``candidates[]``; the Pareto set (no other
 verified candidate both smaller and better) is marked, and its best few after the chosen one are
 saved as ``candidate-1`` ... artifacts.
@@ -30,7 +33,7 @@ import heapq
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -153,7 +156,24 @@ class Search:
 
     def _outputs(self, model: onnx.ModelProto, data: Dataset) -> np.ndarray:
         session = sessions.session(model, prepack=False)
+        if self.goal.carry:
+            return self._carried_outputs(session, data)
         found = [session.run([self.output], feeds)[0] for feeds in data.batches(64)]
+        return scores.stack_outputs(found, data.batchable)
+
+    def _carried_outputs(self, session, data: Dataset) -> np.ndarray:
+        """``goal.carry``: the samples as consecutive steps of a stream, one at a time in order, each
+        after the first fed the carried outputs of the step before (the model's own state, so the
+        original and each candidate drift as each would in use)."""
+        carried = list(self.goal.carry)
+        names = [self.output, *carried]
+        found, state = [], None
+        for feeds in data.batches(1):
+            if state is not None:
+                feeds = {**feeds, **{self.goal.carry[name]: value for name, value in zip(carried, state)}}
+            outputs = session.run(names, feeds)
+            found.append(outputs[0])
+            state = outputs[1:]
         return scores.stack_outputs(found, data.batchable)
 
     def _latency(self, model: onnx.ModelProto) -> float:
@@ -240,10 +260,19 @@ class Search:
         if not self._time_for_another():
             return None
         t0 = self.clock()
+        # a build in flight stops at the deadline too (the quantizers look at ``cancelled`` per layer
+        # or group): the estimate above is the mean build, and one family's build may take several
+        # (int4 GPTQ solves every layer on its calibration Hessian)
+        asked = self.ctx.cancelled
+        bounded = replace(self.ctx, cancelled=lambda: asked() or self.clock() > self.deadline)
         try:
-            result, work = space.build(self.model, family, assignment, self.ctx)
+            result, work = space.build(self.model, family, assignment, bounded)
         except StepCancelled:
-            raise
+            if asked():
+                raise
+            self.stopped = self.stopped or (f"time budget: {self.goal.time_budget_s:g} s reached building "
+                                            f"{family.name} ({label}), that build stopped")
+            return None
         except space.BuildError as exc:
             self.notes.append(f"{family.name} ({label}) could not be built: {str(exc).splitlines()[0]}")
             return None
@@ -279,6 +308,16 @@ class Search:
                 transformed.append(family)
                 self.planned -= 1         # no uniform build (its path is planned below)
                 continue
+            twin = next((c for f, c in uniform if f.name == family.twin), None)
+            best = self._best()
+            if twin is not None and best is not None and best.meets and self.goal.minimize != "latency" \
+                    and self.objective(best) <= self.objective(twin):
+                # same grid, same file: only its score could differ, and its size already loses
+                self.notes.append(f"{family.name}: not built (its files are {family.twin}'s size, "
+                                  f"{self.objective(twin):,.0f} >= #{best.id}'s {self.objective(best):,.0f}, "
+                                  f"which meets the budget)")
+                self.planned -= 1
+                continue
             built = self._build(family, Assignment(), f"{family.name}, every layer", 0)
             if built is None:
                 if self.stopped:
@@ -306,7 +345,8 @@ class Search:
         misses most (on the PP-OCR detector, 16 images: int4 per channel, 14 budgets over, measured
         its layers until the 600 s ran out, while weight-only int8, 0.08 of a budget over, waited)."""
         drop = start.drop if start.verified else start.screen_drop
-        return self.objective(start) * (1.0 + max(0.0, drop - self.goal.max_drop) / self.goal.max_drop)
+        budget = max(self.goal.max_drop, 1e-9)      # max_drop 0 (allowed): order by the drop itself
+        return self.objective(start) * (1.0 + max(0.0, drop - self.goal.max_drop) / budget)
 
     def allocate(self, family: space.Family, start: Candidate | None) -> None:
         if not self._time_for_another():
@@ -450,7 +490,9 @@ class Search:
         started, measured = self.clock(), 0
         probe, prepared = self._weight_probe()
         inits = graph.initializers(prepared)
-        spec = sensitivity.weight_spec(family.params)
+        # a twin's grid (int4 GPTQ: RTN int4 block 32): its measurements are this family's ranking too
+        twin = self.family_of.get(family.twin)
+        spec = sensitivity.weight_spec(twin.params if twin is not None else family.params)
         transformable = family.transformable(prepared)
         drops: dict[tuple[str, str], dict[int, float]] = {}
         sizes: dict[tuple[str, str], int] = {}
@@ -541,24 +583,32 @@ def _summary(assignment: Assignment) -> dict[str, Any]:
             "float_activations": sorted(assignment.float_activations)}
 
 
+def _np_dtype(elem_type: int) -> str | None:
+    try:
+        return str(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    except (KeyError, ValueError):
+        return None
+
+
 def check_and_split(model: onnx.ModelProto, goal: GoalSpec, calibration: Dataset | None,
                     evaluation: Dataset | None) -> tuple[Dataset | None, Dataset, str | None]:
     """Refuse (RecipeError at goal.<field>) a goal that does not fit the model or the data; without
     evaluation data hold out ``goal.holdout`` of the calibration data. Returns (calibration,
     evaluation, how the evaluation data was obtained when held out)."""
-    outputs = []
+    outputs, inputs = [], []
+    initializers = {t.name for t in model.graph.initializer}
+    for value in model.graph.input:
+        if value.name not in initializers:
+            inputs.append({"name": value.name, "dtype": _np_dtype(value.type.tensor_type.elem_type)})
     for value in model.graph.output:
         tensor_type = value.type.tensor_type
-        try:
-            dtype = str(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-        except (KeyError, ValueError):
-            dtype = None
+        dtype = _np_dtype(tensor_type.elem_type)
         dims = ([d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
                 if tensor_type.HasField("shape") else None)
         outputs.append({"name": value.name, "dtype": dtype, "shape": dims})
     data = evaluation if evaluation is not None else calibration
     check_goal(goal, outputs, has_data=data is not None, has_labels=data is not None and data.labels is not None,
-               samples=data.size if data is not None else None)
+               samples=data.size if data is not None else None, inputs=inputs)
     if evaluation is not None:
         return calibration, evaluation, None
     if calibration.size < 2:
@@ -580,6 +630,11 @@ def run_goal(model: onnx.ModelProto, original: onnx.ModelProto, recipe: Any, ctx
     scratch = workdir / ".search"
     if recipe.goal.minimize == "size":
         ctx.options["sparse_storage_by"] = "raw"      # finalize stores sparse where the file shrinks
+    if recipe.goal.minimize in ("size", "transport_size"):
+        # weight-only DequantizeLinear kept as is: the Cast / Mul form finalize may pick for speed
+        # adds nodes and shaped scales (the classifier's goal 144 bytes above the same static recipe
+        # alone, which measured the other form faster), and the user asked for the smaller file
+        ctx.options.setdefault("dequantize_form", "qdq")
     try:
         search = Search(model, original, recipe.goal, families, ctx, evaluation, scratch)
         search.run()

@@ -49,6 +49,10 @@ def test_budget_met_on_evaluation_data_and_fragile_layer_kept_at_higher_precisio
     saved = onnx.load(tmp_path / "out" / "candidate-1.onnx")
     assert run_ort(saved, evaluation)[0].shape == y.shape
     assert "Goal search" in (tmp_path / "out" / "report.html").read_text()
+    # minimizing size: the weight-only DequantizeLinear nodes stay (not the larger Cast / Mul form),
+    # by the goal's choice, not by a latency measurement
+    row = next(r for r in result.report["steps"] if r["op"] == "goal")
+    assert row["dequantize_form"]["form"] == "qdq" and "reason" in row["dequantize_form"]
 
 
 def test_calibration_only_holds_part_out_and_says_so(tmp_path):
@@ -98,6 +102,52 @@ def test_cancel_stops_the_search(tmp_path):
     assert any("3 verified" in s for s in seen)
     assert not any("6 verified" in s for s in seen)
     assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+def test_a_build_that_runs_past_the_deadline_is_stopped_and_the_best_so_far_returned(tmp_path, monkeypatch):
+    model = fragile_mlp()
+    ctx = StepContext(original=model, calibration=bind(model, inputs(64)).arrays)
+    now = [0.0]
+    goal = parse_recipe({"goal": GOAL}).goal
+    search = engine.Search(model, model, goal, space.default_families(True), ctx, bind(model, inputs(48, seed=7)),
+                           tmp_path / "s", clock=lambda: now[0])
+    real_build = space.build
+
+    def slow_gptq(model, family, assignment, ctx):
+        if family.name == space.GPTQ_FAMILY:
+            now[0] = 10 * goal.time_budget_s        # the build started in time, the clock ran out inside it
+        return real_build(model, family, assignment, ctx)
+
+    monkeypatch.setattr(space, "build", slow_gptq)
+    search.run()
+    result = search.finish(tmp_path)
+    assert "that build stopped" in search.stopped and space.GPTQ_FAMILY in search.stopped
+    assert not any(c.family == space.GPTQ_FAMILY for c in search.candidates)
+    # the families built before it are candidates, and the best verified one is returned
+    assert len([c for c in search.candidates if c.verified]) >= 3 and result.chosen.verified
+
+
+@pytest.mark.parametrize("max_drop, twin_built", [(100.0, False), (0.0, True)])
+def test_a_family_whose_twin_already_loses_is_not_built(tmp_path, max_drop, twin_built):
+    model = fragile_mlp()
+    ctx = StepContext(original=model, calibration=bind(model, inputs(64)).arrays)
+    int8 = next(f for f in space.default_families(True) if f.name == "weight-only int8")
+    families = [int8, space.Family("fp16", None),
+                space.Family("same grid", int8.params.model_copy(update={
+                    "method": "gptq", "weights": int8.params.weights.model_copy(update={"scale_search": "mse"})}),
+                    twin=int8.name)]
+    # rel_l2 100: every build meets (int8 first, the smallest); 0: none does, the twin may still
+    goal = parse_recipe({"goal": {**GOAL, "metric": "rel_l2", "max_drop": max_drop}}).goal
+    search = engine.Search(model, model, goal, families, ctx, bind(model, inputs(48, seed=7)), tmp_path / "s")
+    search.run()
+    built = {c.family for c in search.candidates}
+    assert ("same grid" in built) == twin_built
+    # skipped only where a candidate no larger than the twin meets the budget
+    assert any("same grid: not built" in n for n in search.notes) == (not twin_built)
+    if twin_built:
+        # both relaxed per layer on one set of measurements: the second family's were all reused
+        measured = [n for n in search.notes if "drop alone at each level" in n]
+        assert len(measured) == 2 and any(" 0 measured" in n for n in measured), measured
 
 
 @pytest.mark.parametrize(("goal", "loc"), [

@@ -125,6 +125,31 @@ def test_int4_per_channel_family_keeps_one_scale_per_output_channel():
     assert {inits[n.input[0]].data_type for n in dq} == {TensorProto.INT4}
 
 
+def test_gptq_family_builds_per_layer_and_rounds_closer_than_rtn_on_its_data():
+    gptq = next(f for f in space.default_families(True) if f.name == space.GPTQ_FAMILY)
+    assert gptq.ladder("weight") == [4, 8, FLOAT] and gptq.params.method == "gptq"
+    assert gptq.params.weights.block_size == 32
+    # GPTQ solves on calibration inputs: no family without them
+    assert space.GPTQ_FAMILY not in [f.name for f in space.default_families(False)]
+    # correlated inputs (16 factors mixed into 64 features): what GPTQ's Hessian exploits; with
+    # white inputs its rounding is round-to-nearest's
+    rng = np.random.default_rng(1)
+    mixed = rng.standard_normal((64, 16)) @ rng.standard_normal((16, WIDTH)) + 0.1 * rng.standard_normal((64, WIDTH))
+    model, calibration = half_dead_mlp(seed=2), {"x": mixed.astype(np.float32)}
+    ctx = StepContext(original=model, calibration=calibration)
+    built, work = space.build(model, gptq, Assignment(weights={"W1": 8}), ctx)
+    assert work.layers["W0"].bits == 4 and work.layers["W0"].extra["method"] == "gptq"
+    # a layer moved up to int8 is rounded to nearest (per channel), the rest stays GPTQ int4
+    assert work.layers["W1"].bits == 8 and work.layers["W1"].extra["method"] == "rtn"
+    assert ctx.layers == {}, "a trial build leaves the job's layer records alone"
+    rtn, _ = space.build(model, space.Family("rtn", gptq.params.model_copy(update={"method": "rtn"})),
+                         Assignment(weights={"W1": 8}), ctx)
+    reference = run_ort(model, calibration)[0]
+    error = {name: np.linalg.norm(run_ort(m.model, calibration)[0] - reference)
+             for name, m in (("gptq", built), ("rtn", rtn))}
+    assert error["gptq"] < 0.5 * error["rtn"], error
+
+
 def test_sparse_storage_by_raw_bytes_shrinks_the_file_and_decodes_exactly():
     rng = np.random.default_rng(3)
     q = rng.integers(-127, 128, size=(256, 256), dtype=np.int8)

@@ -97,7 +97,10 @@ def test_layerwise_recovers_exact_sparse_solution():
     assert np.all(graph.get_array(out, "w1")[~mask1] == 0)       # zeros stay exactly zero
     assert np.all(graph.get_array(out, "w2")[~mask2] == 0)
     assert [row["name"] for row in result.metrics["layers"]] == ["w1", "w2"]   # topological order
-    assert all(row["rel_l2_after"] < 1e-4 < row["rel_l2_before"] for row in result.metrics["layers"])
+    # the fit is measured from float32 statistics of the damaged weights' error: an exact fit reads
+    # as ~sqrt(float32 eps) of that error (here 1e-4 of 0.5 and 3e-4 of 3.0), not as 0
+    assert all(row["rel_l2_after"] < 1e-3 * row["rel_l2_before"] for row in result.metrics["layers"])
+    assert all(row["rel_l2_before"] > 0.1 for row in result.metrics["layers"])
     _valid(out, teacher, {"x": x[:5]})
     assert graph.get_array(student, "w1") is not None and np.any(graph.get_array(student, "w1") != graph.get_array(out, "w1"))
 
