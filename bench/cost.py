@@ -186,23 +186,28 @@ def prepare(model: str, workdir: Path, samples: int) -> tuple[Path, Path]:
 
 
 # ---------------------------------------------------------------------------------------- jobs
-class _Reader:
-    """ONNX Runtime's CalibrationDataReader over an .npz, one sample at a time (as its docs do)."""
+def _reader(data: Path):
+    """ONNX Runtime's CalibrationDataReader over an .npz, one sample at a time (as its docs do); a
+    subclass, since ORT's GPTQ iterates the reader (the base class gives ``__iter__``)."""
+    from onnxruntime.quantization import CalibrationDataReader
 
-    def __init__(self, data: Path):
-        with np.load(data) as archive:
-            self.arrays = {k: archive[k] for k in archive.files}
-        self.count = len(next(iter(self.arrays.values())))
-        self.index = 0
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            with np.load(data) as archive:
+                self.arrays = {k: archive[k] for k in archive.files}
+            self.count = len(next(iter(self.arrays.values())))
+            self.index = 0
 
-    def get_next(self):
-        if self.index >= self.count:
-            return None
-        self.index += 1
-        return {k: v[self.index - 1:self.index] for k, v in self.arrays.items()}
+        def get_next(self):
+            if self.index >= self.count:
+                return None
+            self.index += 1
+            return {k: v[self.index - 1:self.index] for k, v in self.arrays.items()}
 
-    def rewind(self):
-        self.index = 0
+        def rewind(self):
+            self.index = 0
+
+    return Reader()
 
 
 def ort_child(method: str, model: str, data: str, out: str) -> None:
@@ -210,7 +215,7 @@ def ort_child(method: str, model: str, data: str, out: str) -> None:
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    reader = _Reader(Path(data))
+    reader = _reader(Path(data))
     if method == "ort-static-minmax":
         quantize_static(model, out, reader, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -219,7 +224,7 @@ def ort_child(method: str, model: str, data: str, out: str) -> None:
         from onnxruntime.quantization.matmul_nbits_quantizer import GPTQWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
         config = GPTQWeightOnlyQuantConfig(calibration_data_reader=reader, block_size=32)
-        quantizer = MatMulNBitsQuantizer(onnx.load(model), block_size=32, is_symmetric=True, algo_config=config)
+        quantizer = MatMulNBitsQuantizer(onnx.load(model), bits=4, block_size=32, is_symmetric=True, algo_config=config)
         quantizer.process()
         quantizer.model.save_model_to_file(out, use_external_data_format=False)
     else:
