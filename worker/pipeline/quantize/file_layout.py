@@ -26,7 +26,11 @@ VALUES, INTEGERS, FLOATS, MASKS, REST = "values", "integers", "floats", "masks",
 # the order measured best on the bench models pruned 50 % and quantized int8; the fallback order
 DEFAULT_ORDER = (VALUES, INTEGERS, FLOATS, MASKS, REST)
 INTEGER_TYPES = {TensorProto.INT8, TensorProto.UINT8}
-LAYOUT_WORK = 256 << 20             # bytes zstd may go through measuring orders
+# Bytes zstd may go through measuring orders. Order matters where tensors are small against zstd's
+# 128 KiB blocks: on MiniLM's 23 MB int8 file the best of 6 orders saved 0.08 % (16 KB) for 0.45 s,
+# a tenth of the static int8 job; such files get the default order measured alone.
+LAYOUT_WORK = 64 << 20
+LAYOUT_LIMIT = 256 << 20            # files past this are left as they are
 ZSTD_LEVEL = 3                      # as metrics.zstd_bytes measures the file
 
 
@@ -135,7 +139,7 @@ def order_of(model: onnx.ModelProto, order: tuple[str, ...], parts: tuple[set[st
     return sorted(range(len(kinds)), key=kinds.__getitem__)
 
 
-def order_initializers(model: onnx.ModelProto, work: int = LAYOUT_WORK, limit: int = LAYOUT_WORK) -> dict[str, Any]:
+def order_initializers(model: onnx.ModelProto, work: int = LAYOUT_WORK, limit: int = LAYOUT_LIMIT) -> dict[str, Any]:
     """Lay the initializers out in the order of kinds that makes the file's zstd bytes smallest
     (see the module docstring), in place; returns what was measured. Files past ``limit`` bytes
     are left as they are (each tensor spans blocks of its own there)."""
