@@ -26,7 +26,7 @@ from typing import Iterator
 
 import onnx
 
-from worker.pipeline import subgraphs
+from worker.pipeline import graph as graph_mod, subgraphs
 
 ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 
@@ -100,17 +100,7 @@ def shorten(model: onnx.ModelProto, original: onnx.ModelProto) -> dict[str, str]
         return {}
     fresh = _short_names(tensor_names(model) | kept)
     renamed = {name: next(fresh) for name in invented}
-    for tensor in graph.initializer:
-        tensor.name = renamed.get(tensor.name, tensor.name)
-    for value in graph.value_info:
-        value.name = renamed.get(value.name, value.name)
-    for node in graph.node:
-        for index, name in enumerate(node.input):
-            if name in renamed:
-                node.input[index] = renamed[name]
-        for index, name in enumerate(node.output):
-            if name in renamed:
-                node.output[index] = renamed[name]
+    _rename(graph, renamed)
     return {new: old for old, new in renamed.items()}
 
 
@@ -118,15 +108,13 @@ def restore(model: onnx.ModelProto, names: dict[str, str]) -> None:
     """Undo ``shorten`` on ``model`` (a copy read for the report), given its returned map."""
     if not names:
         return
-    graph = model.graph
+    _rename(model.graph, names)
+
+
+def _rename(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
+    """The main graph's initializers, value infos and node inputs / outputs renamed as mapped."""
     for tensor in graph.initializer:
-        tensor.name = names.get(tensor.name, tensor.name)
+        tensor.name = renames.get(tensor.name, tensor.name)
     for value in graph.value_info:
-        value.name = names.get(value.name, value.name)
-    for node in graph.node:
-        for index, name in enumerate(node.input):
-            if name in names:
-                node.input[index] = names[name]
-        for index, name in enumerate(node.output):
-            if name in names:
-                node.output[index] = names[name]
+        value.name = renames.get(value.name, value.name)
+    graph_mod.rename_node_tensors(graph.node, renames)

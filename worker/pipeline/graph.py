@@ -193,6 +193,18 @@ def ensure_node_names(model: onnx.ModelProto) -> None:
             taken.add(name)
 
 
+def rename_node_tensors(nodes: Iterable[onnx.NodeProto], renames: dict[str, str]) -> None:
+    """Rename, in place, every input and output of ``nodes`` that ``renames`` maps (this graph's
+    nodes only: a subgraph's reads are the caller's to follow)."""
+    for node in nodes:
+        for index, name in enumerate(node.input):
+            if name in renames:
+                node.input[index] = renames[name]
+        for index, name in enumerate(node.output):
+            if name in renames:
+                node.output[index] = renames[name]
+
+
 def fresh_name(base: str, taken: set[str], *, numbered: bool = False) -> str:
     """The one maker of new names: ``base`` where ``taken`` lacks it (``numbered``: never bare),
     else ``base_<n>`` with the smallest free n (from 1; from 0 when ``numbered``). The name is

@@ -87,13 +87,8 @@ def evaluate(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[s
 
 def _rename_reads(sub: onnx.GraphProto, renames: dict[str, str]) -> None:
     """Rename the inputs every node of ``sub`` (and its nested subgraphs) reads, and its outputs."""
+    graph_mod.rename_node_tensors(sub.node, renames)
     for node in sub.node:
-        for index, name in enumerate(node.input):
-            if name in renames:
-                node.input[index] = renames[name]
-        for index, name in enumerate(node.output):
-            if name in renames:
-                node.output[index] = renames[name]
         for attribute in node.attribute:
             for nested in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)):
                 _rename_reads(nested, renames)

@@ -254,13 +254,7 @@ def convert(model: onnx.ModelProto, plans: dict[str, NodePlan]) -> tuple[onnx.Mo
     renamed: dict[str, str] = {}
     for name in sorted(fp16_tensors & graph_outputs):
         renamed[name] = rewriter.fresh(f"{name}_fp16")
-    for node in out.graph.node:
-        for index, tensor in enumerate(node.output):
-            if tensor in renamed:
-                node.output[index] = renamed[tensor]
-        for index, tensor in enumerate(node.input):
-            if tensor in renamed:
-                node.input[index] = renamed[tensor]
+    graph.rename_node_tensors(out.graph.node, renamed)
     fp16_tensors = {renamed.get(t, t) for t in fp16_tensors}
     for name, new in renamed.items():
         rewriter.new_nodes.append(helper.make_node("Cast", [new], [name], name=rewriter.fresh(f"Cast_{name}"), to=FLOAT))
