@@ -156,6 +156,7 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
     except ValueError:
         raise InvalidInput(f"unknown target {target!r}", [{"loc": ["target"], "msg": f"one of {[t.value for t in Target]}"}]) from None
     host.require_target(target, bool(options.get("allow_target_mismatch")))
+    sessions.return_big_buffers()       # before the first activation-sized buffer is freed
 
     # 1. checks, before any work
     check_formats(recipe.export)

@@ -73,3 +73,25 @@ def test_session_without_arena_or_prepacking_runs_the_same():
     assert plain.get_session_options().enable_cpu_mem_arena
     assert not lean.get_session_options().enable_cpu_mem_arena
     np.testing.assert_allclose(lean.run(None, feeds)[0], plain.run(None, feeds)[0], rtol=1e-6)
+
+
+def test_big_buffers_go_back_to_the_os_once_freed():
+    """With glibc's threshold fixed at 1 MiB, a freed 16 MB array is unmapped at once (glibc's
+    default raises the threshold to 16 MB after the first such free and keeps later ones in the
+    heap, which a mix of sizes then fragments)."""
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's mallopt only")
+    assert sessions.return_big_buffers()
+
+    def rss_kb() -> int:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
+
+    for _ in range(3):
+        before = rss_kb()
+        block = np.ones(4 << 20, np.float32)        # 16 MB, touched
+        assert rss_kb() - before > 12_000
+        del block
+        assert rss_kb() - before < 4_000
