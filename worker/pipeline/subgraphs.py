@@ -90,17 +90,21 @@ def _hoist_from(model: onnx.ModelProto, body: onnx.GraphProto, taken: set[str], 
 
 
 def _reads(node: onnx.NodeProto, outer_only: bool) -> set[str]:
-    """The one walk over what the bodies of ``node`` (at any depth) read: every name, or with
+    """The one walk over what the bodies of ``node`` (at any depth) read (outputs named from outside
+    the body count as reads): every name, or with
     ``outer_only`` those defined outside the bodies (by no enclosing body's inputs, initializers or
     nodes)."""
     found: set[str] = set()
 
     def visit(g: onnx.GraphProto, outer_defined: set[str]) -> None:
-        defined = outer_defined | scope_names(g) | {t.name for t in g.initializer} if outer_only else outer_defined
+        local = outer_defined | scope_names(g) | {t.name for t in g.initializer}
+        defined = local if outer_only else outer_defined
         for inner in g.node:
             found.update(name for name in inner.input if name and name not in defined)
             for sub in bodies(inner):
                 visit(sub, defined)
+        # a body may hand an outer tensor straight back as its output (silero-vad's `else: state`)
+        found.update(value.name for value in g.output if value.name and value.name not in local)
 
     for body in bodies(node):
         visit(body, set())

@@ -36,3 +36,14 @@ def test_fresh_name_takes_the_base_when_free_else_the_smallest_free_suffix():
     assert graph.fresh_name("a", taken) == "a_2"
     assert graph.fresh_name("b", taken, numbered=True) == "b_0"
     assert {"b", "a_2", "b_0"} <= taken
+
+
+def test_a_body_output_that_names_an_outer_tensor_is_read():
+    """An If branch may return an outer tensor as is (no node inside reads it): the If still needs
+    it produced first, and a rewrite must not drop or rename it."""
+    passthrough = helper.make_graph([], "else", [], [helper.make_tensor_value_info("state", TensorProto.FLOAT, [2])])
+    computed = helper.make_graph([helper.make_node("Neg", ["x"], ["negated"])], "then", [],
+                                 [helper.make_tensor_value_info("negated", TensorProto.FLOAT, [2])])
+    node = helper.make_node("If", ["cond"], ["out"], then_branch=computed, else_branch=passthrough)
+    assert subgraphs.outer_reads(node) == {"x", "state"}
+    assert subgraphs.inner_reads(node) == {"x", "state"}

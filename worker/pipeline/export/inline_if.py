@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from worker.pipeline import graph as graph_mod
+from worker.pipeline import graph as graph_mod, subgraphs
 from worker.pipeline.graph import fresh_name
 
 SHAPE_READERS = ("Shape", "Size")       # ops whose output depends on their input's shape only
@@ -44,21 +44,8 @@ def value_inputs_read(model: onnx.ModelProto, name: str) -> list[str]:
         if node is None or node.op_type in SHAPE_READERS:
             continue
         stack.extend(n for n in node.input if n)
-        stack.extend(_outer_names(node))
+        stack.extend(subgraphs.outer_reads(node))
     return sorted(found)
-
-
-def _outer_names(node: onnx.NodeProto) -> list[str]:
-    """Names a node's subgraphs read from the enclosing scope (an ``If`` inside the cone reads them)."""
-    names = []
-    for attribute in node.attribute:
-        for sub in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)):
-            local = {t.name for t in sub.initializer} | {v.name for v in sub.input}
-            local |= {out for n in sub.node for out in n.output}
-            for n in sub.node:
-                names += [i for i in (*n.input, *_outer_names(n)) if i and i not in local]
-            names += [o.name for o in sub.output if o.name not in local]
-    return names
 
 
 def _conditions(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, bool]:
