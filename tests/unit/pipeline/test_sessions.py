@@ -40,6 +40,19 @@ def test_big_model_session_reads_weights_from_scratch_and_leaves_the_model_intac
     assert len(exposed.get_outputs()) == len(model.graph.output) + 1
 
 
+def test_session_hands_weights_over_as_values_and_serializes_the_structure_only():
+    model = builders.mlp()
+    before = model.SerializeToString()
+    data, held = sessions.payload(model, ort.SessionOptions())
+    assert len(data) < len(before) // 10 and held                     # the weights went as OrtValues
+    assert model.SerializeToString() == before                        # the model is not touched
+    structure = onnx.ModelProto.FromString(data)
+    assert {t.name for t in structure.graph.initializer} == {t.name for t in model.graph.initializer}
+    feeds = builders.random_inputs(model)
+    expected = ort.InferenceSession(before, providers=["CPUExecutionProvider"]).run(None, feeds)
+    np.testing.assert_array_equal(sessions.session(model).run(None, feeds)[0], expected[0])
+
+
 def test_gptq_on_a_big_model_equals_gptq_in_memory(monkeypatch):
     spec = {"weights": {"bits": 4, "granularity": "block", "block_size": 32}, "method": "gptq"}
     calibration = correlated(builders.mlp(), 128, seed=1)
