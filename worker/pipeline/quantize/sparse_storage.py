@@ -328,6 +328,21 @@ def _apply(model: onnx.ModelProto, tensor: onnx.TensorProto, packed: Packed, sha
     return _Rewrite(dense, [t.name for t in added], nodes)
 
 
+def _bytes_saved(model: onnx.ModelProto, rewrite: _Rewrite) -> int:
+    """The graph's bytes the rewrite saved: the dense tensor's entry less the entries of the tensors
+    and nodes it added (tag, length, payload each). Measured on these messages alone: the model's
+    ByteSize serializes all of it (four times 0.04 s on MiniLM's int8 file, to compare 2 KB)."""
+    added = [t for t in model.graph.initializer if t.name in set(rewrite.added)]
+    return _entry_bytes(rewrite.dense) - sum(_entry_bytes(m) for m in added + list(rewrite.nodes))
+
+
+def _entry_bytes(message) -> int:
+    """Bytes ``message`` takes as an entry of a GraphProto's node or initializer list (a one-byte tag,
+    the varint length, the payload)."""
+    size = message.ByteSize()
+    return 1 + max(1, (size.bit_length() + 6) // 7) + size
+
+
 def _index_of(model: onnx.ModelProto, name: str) -> int:
     return next(i for i, t in enumerate(model.graph.initializer) if t.name == name)
 
@@ -421,9 +436,8 @@ def store_sparse(model: onnx.ModelProto, whole_file_work: int | None = None, by:
         for candidate in tried:
             if candidate.nbytes > row["bytes"]:  # the file would grow: M counts its bytes
                 continue
-            size_before = model.ByteSize()
             rewrite = _apply(model, _dense(model, name), candidate, shared)
-            saved = size_before - model.ByteSize()   # < 0: the decoding nodes outweigh what the mask saved
+            saved = _bytes_saved(model, rewrite)   # < 0: the decoding nodes outweigh what the mask saved
             overhead = zstd_size(b"".join(node.SerializeToString() for node in rewrite.nodes))
             _undo(model, rewrite)
             if saved >= 0:

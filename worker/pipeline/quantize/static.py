@@ -367,7 +367,7 @@ def quantize_weight(model: onnx.ModelProto, layer: graph.WeightLayer, params: Qu
     every reader (a shared weight's second layer too) reads the dequantized tensor unchanged.
     ``unsigned_storage``: symmetric int8 values stored as uint8 + 128 (``int8_storage``).
     ``rounded``: the integers learned on the same grid (``weights.rounding: adaround``), else nearest."""
-    weight = graph.get_array(model, layer.weight).astype(np.float32)
+    weight = graph.get_array(model, layer.weight).astype(np.float32, copy=False)
     grid = weight_grid(weight, layer, params)
     signed = params.weights is None or params.weights.symmetric
     if rounded is not None and rounded.shape == weight.shape:
@@ -412,7 +412,7 @@ def quantize_embedding(model: onnx.ModelProto, layer: graph.WeightLayer) -> Weig
     the Gather would rebuild a BERT-size table on every call). ``Cast(q) * s`` is exactly
     DequantizeLinear's ``(q - 0) * s``. A table that something other than such a Gather also reads
     keeps a DequantizeLinear for those readers."""
-    table = graph.get_array(model, layer.weight).astype(np.float32)
+    table = graph.get_array(model, layer.weight).astype(np.float32, copy=False)
     scale, zero = kernels.choose_qparams(table, bits=8, symmetric=True, signed=True, axis=0, method="absmax")
     q = kernels.quantize(np.ascontiguousarray(table), scale, zero, bits=8, signed=True, axis=0)
     q_name = graph.unique_name(model, f"{layer.weight}_quantized")
@@ -475,7 +475,7 @@ def table_tensors(model: onnx.ModelProto, params: QuantizeStep) -> list[graph.We
 
 def quantize_table(model: onnx.ModelProto, layer: graph.WeightLayer) -> WeightGrid:
     """int8, one symmetric scale for the tensor, behind a DequantizeLinear that keeps its name."""
-    values = graph.get_array(model, layer.weight).astype(np.float32)
+    values = graph.get_array(model, layer.weight).astype(np.float32, copy=False)
     scale, zero = kernels.choose_qparams(values, bits=8, symmetric=True, signed=True, method="absmax")
     q = kernels.quantize(np.ascontiguousarray(values), scale, zero, bits=8, signed=True)
     q_name = graph.unique_name(model, f"{layer.weight}_quantized")

@@ -64,12 +64,14 @@ def test_the_spliced_file_is_the_serialized_file_in_every_order():
         assert serialized.spliced(file_layout.order_of(stored, order, parts)) == copy.SerializeToString()
 
 
-def test_past_the_limits_nothing_is_moved_or_only_the_default_order_is_tried():
+def test_past_the_limits_nothing_is_moved_or_measured():
     model = builders.mlp(inputs=256, hidden=512, classes=16)
     _, stored, _ = _both(model, [PRUNE, WEIGHT_ONLY])
+    before = stored.SerializeToString()
     assert file_layout.order_initializers(stored, limit=100) == {"arranged": False}
-    decision = file_layout.order_initializers(stored, work=stored.ByteSize() * 3)
-    assert decision["orders_measured"] == 1
+    assert file_layout.order_initializers(stored, work=stored.ByteSize() * 3) == {"arranged": False,
+                                                                                  "orders_measured": 0}
+    assert stored.SerializeToString() == before
 
 
 def test_the_runner_lays_out_every_recipes_output_not_only_quantized_ones(tmp_path):

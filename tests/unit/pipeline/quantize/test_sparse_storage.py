@@ -449,3 +449,17 @@ def test_storing_an_already_sparse_model_again_keeps_its_decoding_intact():
         assert np.array_equal(a, b)
 
 
+
+
+def test_the_bytes_a_sparse_form_saves_are_the_graphs_bytes_it_saves():
+    # counted on the rewrite's own tensors and nodes, not by serializing the model twice
+    model, _ = _compress(builders.mlp(inputs=256, hidden=512, classes=16), [PRUNE, WEIGHT_ONLY], sparse=False)
+    shared, _ = sparse_storage._shared_constants(model)
+    tensors = list(sparse_storage.candidates(model))
+    assert tensors
+    for tensor in tensors:
+        packed = sparse_storage._sparse_forms(numpy_helper.to_array(tensor))[0]
+        before = model.graph.ByteSize()
+        rewrite = sparse_storage._apply(model, sparse_storage._dense(model, tensor.name), packed, shared)
+        assert sparse_storage._bytes_saved(model, rewrite) == before - model.graph.ByteSize()
+        sparse_storage._undo(model, rewrite)
