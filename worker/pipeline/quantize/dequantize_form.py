@@ -200,13 +200,15 @@ def _copy(message):
 
 
 def choose_form(model: onnx.ModelProto, feeds: dict[str, np.ndarray], target: str, *, forced: str | None = None,
-                runs: int = 30, budget_s: float = 1.0) -> dict[str, Any]:
+                runs: int = 30, budget_s: float = 0.4) -> dict[str, Any]:
     """Fold the weight-only DequantizeLinear nodes where that runs faster on the target (or as
     ``forced``: "folded" | "qdq"). Returns the decision for the report's step row.
 
-    ``budget_s`` (1 s of interleaved runs; it was 3 s, a third of the ocr detector's static int8 job)
-    bounds only the races ``_settled`` cannot call: DequantizeLinear ahead by about the 3 % margin,
-    where the two forms are about as fast whichever is kept. Where nothing fused a weight-only
+    ``budget_s`` (0.4 s of interleaved runs; it was 3 s, a third of the ocr detector's static int8
+    job, then 1 s, a fifth of MiniLM's, whose 8-bit MatMulNBits and folded MatMul tie at one
+    sample: 6.8 to 7.5 ms each, either ahead from one race to the next) bounds only the races
+    ``_settled`` cannot call: DequantizeLinear ahead by about the 3 % margin, where the two forms
+    are about as fast whichever is kept. Where nothing fused a weight-only
     DequantizeLinear there is no race at all (``_session_and_fusions``)."""
     dequantizers = weight_only_dequantizers(model)
     if not dequantizers:
