@@ -89,11 +89,13 @@ class Histogram:
     def hi(self) -> float:
         return self.range
 
-    def update(self, x) -> "Histogram":
+    def update(self, x, extremes: tuple[float, float, int] | None = None) -> "Histogram":
+        """Add ``x``. ``extremes``: ``minmax(x)`` where the caller already computed it (one pass
+        over the data fewer)."""
         x = _data(x, np.float32, "x")
         if x.size == 0:
             return self
-        mn, mx, nfin = minmax(x)
+        mn, mx, nfin = minmax(x) if extremes is None else extremes
         if nfin:
             self._min = min(self._min, mn)
             self._max = max(self._max, mx)

@@ -70,13 +70,14 @@ class ActivationStatistics:
         flat = np.ascontiguousarray(flat, dtype=np.float32).reshape(-1)
         # one C pass tells whether any value is a sentinel; only then is the mask built (it used
         # to be two numpy passes and a bool array over every tensor of every batch)
-        low, high, finite = kernels.minmax(flat) if flat.size else (0.0, 0.0, 0)
+        low, high, finite = extremes = kernels.minmax(flat) if flat.size else (0.0, 0.0, 0)
         if finite != flat.size or low <= -MASK_MAGNITUDE or high >= MASK_MAGNITUDE:
             ordinary = np.abs(flat) < MASK_MAGNITUDE      # False for NaN and +-Inf as well
             self.masked.add(name)
             flat = flat[ordinary]
+            extremes = None          # the histogram measures what is left
         if flat.size:
-            self.histograms[name].update(flat)
+            self.histograms[name].update(flat, extremes)
             self.counts[name] += int(flat.size)
             if self.count_zeros:
                 self.zeros[name] += int(flat.size - np.count_nonzero(flat))
