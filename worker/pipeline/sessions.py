@@ -38,19 +38,23 @@ def payload(model: onnx.ModelProto, options: ort.SessionOptions) -> tuple[bytes,
     """The bytes to build a session from, and what must outlive the session.
 
     Every initializer of 1 KiB or more that holds raw bytes goes to ONNX Runtime as an OrtValue over
-    those bytes (``add_external_initializers``), marked external in a structure-only copy of the
-    model, and only that copy is serialized: ONNX Runtime neither parses the weights out of a
-    protobuf nor copies them. Serializing a BERT's 90 MB and parsing them back was 0.3 of its 0.43 s
-    session build (static int8 builds five); so, 0.2 s, most of it reading the bytes out of the
-    proto. The model itself is not touched. A structure still past protobuf's limit (weights held
-    in typed fields) goes through a scratch file instead (``_scratch_payload``)."""
-    structure, names, values = _structure_and_values(model)
-    if structure.ByteSize() >= graph.EXTERNAL_DATA_THRESHOLD:
+    a copy of those bytes (``add_external_initializers``), marked external in a structure-only copy
+    of the model, and only that copy is serialized: ONNX Runtime parses no weights out of a
+    protobuf. Serializing a BERT's 90 MB and parsing them back was 0.3 of its 0.43 s session build
+    (static int8 builds five); so, 0.2 s, most of it reading the bytes out of the proto. The model
+    itself is not touched. A model whose weights pass half of protobuf's limit (or a structure
+    still past it: weights in typed fields) goes through a scratch file instead
+    (``_scratch_payload``), which ONNX Runtime reads from disk rather than from a second copy in
+    memory."""
+    weights = weight_bytes(model)
+    if weights is not None and weights < graph.EXTERNAL_DATA_THRESHOLD // 2:
+        structure, names, values = _structure_and_values(model)
+        if structure.ByteSize() < graph.EXTERNAL_DATA_THRESHOLD:
+            if names:
+                options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(v) for v in values])
+            return structure.SerializeToString(), values
         del structure, names, values
-        return _scratch_payload(model, options)
-    if names:
-        options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(value) for value in values])
-    return structure.SerializeToString(), values
+    return _scratch_payload(model, options)
 
 
 def _structure_and_values(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str], list[np.ndarray]]:
