@@ -59,6 +59,8 @@ def test_calibration_only_holds_part_out_and_says_so(tmp_path):
     result = _run(tmp_path, evaluation=False)
     goal = result.report["goal"]
     assert goal["evaluation_samples"] == 16 and "held out the last 16 of 64" in goal["evaluation_data"]
+    # 16 samples cannot see a drop of 0.001: the report says so
+    assert any("has 16 samples, fewer than 1 / max_drop = 1000" in note for note in goal["notes"])
     assert result.report["fidelity_data"] == "evaluation" and result.report["fidelity_samples"] == 16
 
 
@@ -186,3 +188,13 @@ def test_built_candidates_keep_the_original_io_annotations():
     built.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", "Div_dim_1"]))
     space.keep_io_annotations(source, built)
     assert built.graph.output[0] == source.graph.output[0]
+
+
+@pytest.mark.parametrize("samples, max_drop, warned", [(48, 0.1, False), (8, 0.1, True), (8, 0.0, False)])
+def test_evaluation_data_too_small_for_max_drop_is_noted(tmp_path, samples, max_drop, warned):
+    model = fragile_mlp()
+    ctx = StepContext(original=model, calibration=bind(model, inputs(64)).arrays)
+    goal = parse_recipe({"goal": {**GOAL, "max_drop": max_drop}}).goal
+    search = engine.Search(model, model, goal, space.default_families(True)[:1], ctx,
+                           bind(model, inputs(samples, seed=7)), tmp_path / "s")
+    assert any("fewer than 1 / max_drop" in note for note in search.notes) == warned
