@@ -3,8 +3,8 @@ intra-op threads, prepacking, graph optimizations, and models of any size.
 
 Sessions on in-memory models go through ``payload``: the model's structure is serialized alone
 and its weights handed to ONNX Runtime as values over their bytes (no protobuf of the weights
-written or parsed); a structure still too big for one protobuf (2 GiB) has its weights written once
-to a scratch file that ONNX Runtime reads as external data. Sessions on saved models read the file
+written or parsed); a model whose weights near protobuf's limit (2 GiB) has them written once to a
+scratch file that ONNX Runtime reads as external data. Sessions on saved models read the file
 (``file_session``), or a structure-only proto whose external data lives in a directory
 (``session_from_proto``).
 """
