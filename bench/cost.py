@@ -232,18 +232,24 @@ def ort_child(method: str, model: str, data: str, out: str) -> None:
 
 
 def _measure(command: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT) -> dict:
-    """Run ``command`` in ``cwd``; its wall time, CPU time and peak RSS (this child's own, from wait4).
+    """Run ``command`` (``python -m MODULE ...``) in ``cwd``; its wall time, CPU time (from wait4) and
+    peak RSS (its own VmHWM, written by ``bench/peak_child.py``: wait4's counts this process's size).
 
     ``cwd`` is the checkout whose code runs: ``python -m`` puts the working directory first on the
     path, ahead of ``PYTHONPATH``, so a ``--baseline`` job started here ran this checkout's code."""
+    assert command[1] == "-m", command
+    peak_file = log.with_suffix(".peak")
+    peak_file.unlink(missing_ok=True)
+    wrapped = [command[0], str(ROOT / "bench" / "peak_child.py"), str(peak_file), *command[2:]]
     started = time.perf_counter()
     with open(log, "w") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        process = subprocess.Popen(wrapped, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
+    peak_kib = int(peak_file.read_text()) if peak_file.exists() else usage.ru_maxrss
     result = {"wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
-              "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "rc": process.returncode}
+              "peak_rss_mb": round(peak_kib / 1024, 1), "rc": process.returncode}
     if process.returncode:
         result["error"] = log.read_text()[-600:]
     return result
@@ -280,7 +286,7 @@ def run_job(model: str, job: str, path: Path, data: Path, workdir: Path, tree: P
                          "peak_rss_mb": round((s.get("peak_rss_bytes") or 0) / 2**20, 1) or None}
                         for s in found.get("steps", [])]
         row["measure_s"] = round(cost.get("measure_seconds", 0), 2) if cost else None
-        # the job resets the kernel's high-water mark per step, so the child's ru_maxrss is only the
+        # the job resets the kernel's high-water mark per step, so the child's VmHWM is only the
         # last stretch's: the job's peak is the largest of the report's figures and that
         row["peak_rss_mb"] = round(max([row["peak_rss_mb"], (cost.get("peak_rss_bytes") or 0) / 2**20]), 1)
         row["cpu_phases"] = [s.get("phases_cpu") for s in found.get("steps", [])]
