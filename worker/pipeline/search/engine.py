@@ -18,8 +18,9 @@ Order of work (each build checks the time budget and cancellation first):
    budget is built and screened; if it misses, the prefix grows (repair) until it meets, then
    shrinks by bisection while it still meets; the smallest meeting prefix is verified on the full
    data and grown again if the full data says no;
-4. the chosen model: the verified candidate that meets the budget with the smallest objective (size,
-   zstd size or latency); none meets -> the one with the best score, and the report says so.
+4. the chosen model: the verified candidate that meets the budget (its drop's bootstrap bound on the
+   evaluation data within max_drop: ``scores.drop_bound``) with the smallest objective (size, zstd
+   size or latency); none meets -> the one with the best score, and the report says so.
 With ``goal.carry`` every score (the original's, the screen's, the verification's) runs the samples
 one at a time in order as one stream, each fed the carried outputs of the step before; the
 sensitivity probes run on the samples' own arrays (a ranking, re-checked by the builds' scores).
@@ -72,6 +73,7 @@ class Candidate:
     screen_drop: float
     value: float | None = None
     drop: float | None = None
+    drop_bound: float | None = None        # the verdict's drop: scores.drop_bound
     verified: bool = False
     meets: bool = False
     bytes: int = 0
@@ -89,7 +91,8 @@ class Candidate:
     def row(self, goal: GoalSpec) -> dict[str, Any]:
         return {"id": self.id, "family": self.family, "label": self.label, "moves": self.moves,
                 "score": self.value if self.verified else self.screen_value,
-                "drop": self.drop if self.verified else self.screen_drop, "verified": self.verified,
+                "drop": self.drop if self.verified else self.screen_drop, "drop_bound": self.drop_bound,
+                "verified": self.verified,
                 "meets": self.meets, "screen_score": self.screen_value, "bytes": self.bytes,
                 "transport_bytes": self.transport_bytes, "latency_ms": self.latency_ms,
                 "seconds": self.seconds, "pareto": self.pareto, "chosen": self.chosen,
@@ -212,7 +215,8 @@ class Search:
     def _add(self, family: str, label: str, built: onnx.ModelProto, layers: dict, step_metrics: dict,
              assignment: Assignment | None, seconds: float, moves: int) -> Candidate:
         z = self._outputs(built, self.screen_data)
-        screen_value, screen_drop = self.screen.score(z.reshape(self.screen.reference.shape))
+        z = z.reshape(self.screen.reference.shape)
+        screen_value, screen_drop = self.screen.score(z)
         data = (space.stored_bytes(built, self.family_of[family], self.ctx.options.get("sparse_storage_by", "zstd"))
                 if family in self.family_of else built.SerializeToString())
         candidate = Candidate(len(self.candidates), family, label, moves, screen_value, screen_drop,
@@ -223,7 +227,8 @@ class Search:
         candidate.path = graph.save_model(built, self.scratch / f"candidate-{candidate.id}.onnx")
         if self.evaluation.size <= self.screen_data.size:
             candidate.value, candidate.drop, candidate.verified = screen_value, screen_drop, True
-            candidate.meets = self.full.meets(screen_drop)
+            candidate.drop_bound = self.full.bound(z, screen_drop)
+            candidate.meets = self.full.meets(candidate.drop_bound)
             candidate.latency_ms = self._latency(built)
         self.candidates.append(candidate)
         return candidate
@@ -232,9 +237,10 @@ class Search:
         if candidate.verified:
             return candidate
         model = model if model is not None else graph.load_model(candidate.path)
-        z = self._outputs(model, self.evaluation)
-        candidate.value, candidate.drop = self.full.score(z.reshape(self.full.reference.shape))
-        candidate.verified, candidate.meets = True, self.full.meets(candidate.drop)
+        z = self._outputs(model, self.evaluation).reshape(self.full.reference.shape)
+        candidate.value, candidate.drop = self.full.score(z)
+        candidate.drop_bound = self.full.bound(z, candidate.drop)
+        candidate.verified, candidate.meets = True, self.full.meets(candidate.drop_bound)
         candidate.latency_ms = self._latency(model)
         return candidate
 
@@ -544,7 +550,7 @@ class Search:
         model = graph.load_model(chosen.path)
         met = chosen.meets
         summary = (f"chose #{chosen.id} ({chosen.label}): {self.goal.metric} {chosen.value:.4g} "
-                   f"(original {self.full.original_value:.4g}, drop {chosen.drop:.4g} "
+                   f"(original {self.full.original_value:.4g}, drop {chosen.drop:.4g}, bound {chosen.drop_bound:.4g} "
                    f"{'<=' if met else '>'} max_drop {self.goal.max_drop:g}), {chosen.bytes:,} bytes; "
                    f"{len(verified)} verified of {len(self.candidates)} built")
         if not met:

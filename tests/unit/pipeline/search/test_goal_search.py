@@ -198,3 +198,56 @@ def test_evaluation_data_too_small_for_max_drop_is_noted(tmp_path, samples, max_
     search = engine.Search(model, model, goal, space.default_families(True)[:1], ctx,
                            bind(model, inputs(samples, seed=7)), tmp_path / "s")
     assert any("fewer than 1 / max_drop" in note for note in search.notes) == warned
+
+
+@pytest.mark.parametrize("metric, extra", [("cosine", {}), ("top1_agreement", {}), ("rel_l2", {}),
+                                           ("iou", {"threshold": 0.5}), ("decision_agreement", {"threshold": 0.5}),
+                                           ("accuracy", {})])
+def test_per_sample_parts_add_up_to_the_metric(metric, extra):
+    # the bootstrap resamples per-sample sums: over every sample once they are the metric itself
+    goal = parse_recipe({"goal": {"metric": metric, **extra}}).goal
+    rng = np.random.default_rng(3)
+    y = rng.normal(size=(12, 5))
+    z = y + rng.normal(scale=0.4, size=y.shape)
+    labels = rng.integers(0, 5, size=12)
+    every = np.arange(12)[None, :]
+    parts = scores._per_sample(goal, y, z, labels)
+    if metric == "rel_l2":
+        reference, error = parts
+        drop = float(np.sqrt(scores._ratio(error, reference, every)[0]))
+    else:
+        (o_num, o_den), (c_num, c_den) = parts
+        drop = float(scores._ratio(o_num, o_den, every)[0] - scores._ratio(c_num, c_den, every)[0])
+    scorer = scores.Scorer(goal, y, labels)
+    assert drop == pytest.approx(scorer.score(z)[1])
+
+
+def test_ranks_average_ties():
+    assert scores._ranks(np.array([3.0, 1.0, 2.0, 2.0])).tolist() == [3.0, 0.0, 1.5, 1.5]
+
+
+@pytest.mark.parametrize("metric, few, many", [("top1_agreement", (16, 1), (400, 25)), ("spearman", (48, 1), (200, 3))])
+def test_drop_bound_is_wide_on_few_samples_and_tight_on_many(metric, few, many):
+    """One sample of a few changed: the drop is within a 0.1 budget, but so few samples cannot show
+    that it holds, so the candidate does not meet; on many samples with about the same drop it does."""
+    goal = parse_recipe({"goal": {"metric": metric, "max_drop": 0.1}}).goal
+    rng = np.random.default_rng(0)
+
+    def pair(n, changed):
+        y = rng.normal(size=(n, 8))
+        z = y.copy()
+        z[:changed] = rng.normal(size=(changed, 8))       # those samples' outputs replaced
+        return y, z
+
+    y, z = pair(*few)
+    scorer = scores.Scorer(goal, y, None)
+    _, drop = scorer.score(z)
+    bound = scorer.bound(z, drop)
+    assert drop <= 0.1 < bound
+    assert not scorer.meets(bound)
+    y, z = pair(*many)
+    scorer = scores.Scorer(goal, y, None)
+    _, drop = scorer.score(z)
+    bound = scorer.bound(z, drop)
+    assert drop <= bound <= 0.1 and scorer.meets(bound)
+    assert scorer.bound(y, 0.0) == 0.0          # identical outputs: nothing to bound
