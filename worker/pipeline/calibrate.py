@@ -23,8 +23,8 @@ every bin). Real activations of a trained network stay many orders of magnitude 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -114,33 +114,85 @@ class ActivationStatistics:
         return TensorRange(name, min(low, 0.0), max(high, 0.0), name in self.masked, self.counts[name])
 
 
+@dataclass
+class DeferredScales:
+    """Tensors whose values the histograms must take multiplied by a per-channel (last axis) factor
+    that depends on the data itself: SmoothQuant's ``1/s`` comes from each channel's max |x| over the
+    first ``samples`` samples. ``collect`` holds those tensors' batches until that many samples are
+    read (or the held bytes reach ``budget_bytes``), hands ``resolve`` the maxima, and from then on
+    feeds ``value * factor``: one pass over the data where SmoothQuant took its own before."""
+
+    tensors: list[str]
+    samples: int
+    resolve: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]   # maxima -> {tensor: factor}
+    budget_bytes: int = activations.CAPTURE_BUDGET
+    maxima: dict[str, np.ndarray] = field(default_factory=dict)
+    held: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    factors: dict[str, np.ndarray] | None = None
+
+    def take(self, name: str, value: np.ndarray, statistics: ActivationStatistics | None) -> None:
+        if self.factors is None:
+            found = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
+            self.maxima[name] = found if name not in self.maxima else np.maximum(self.maxima[name], found)
+            if statistics is not None and name in statistics.histograms:
+                self.held.setdefault(name, []).append(value)
+        elif statistics is not None and name in statistics.histograms:
+            factor = self.factors.get(name)
+            statistics.update(name, value if factor is None else value * factor)
+
+    def settle(self, samples_read: int, statistics: ActivationStatistics, finished: bool = False) -> None:
+        """Resolve the factors once enough samples are read (or the held values are too large, or
+        the data ended), and feed what was held."""
+        if self.factors is not None:
+            return
+        held_bytes = sum(v.nbytes for values in self.held.values() for v in values)
+        if samples_read < self.samples and held_bytes < self.budget_bytes and not finished:
+            return
+        self.factors = self.resolve(self.maxima)
+        held, self.held = self.held, {}
+        for name, values in held.items():
+            for value in values:
+                self.take(name, value, statistics)
+
+
 def collect(model: onnx.ModelProto, data: Dataset, names: Sequence[str], *, bins: int = DEFAULT_BINS,
             batch_size: int = 64, limit: int | None = None, progress=None,
-            budget_bytes: int = activations.CAPTURE_BUDGET, count_zeros: bool = True) -> ActivationStatistics:
+            budget_bytes: int = activations.CAPTURE_BUDGET, count_zeros: bool = True,
+            deferred: DeferredScales | None = None) -> ActivationStatistics:
     """Run ``model`` over ``data`` and stream every tensor in ``names`` into its histogram.
-    Only one batch of activations is held at a time."""
+    Only one batch of activations is held at a time (and, with ``deferred``, its tensors' batches
+    until their factors are known)."""
     statistics = ActivationStatistics(names, bins, count_zeros=count_zeros)
-    if not names:
+    scaled = set(deferred.tensors) if deferred is not None else set()
+    wanted = list(names) + [name for name in sorted(scaled) if name not in statistics.histograms]
+    if not wanted:
         return statistics
     total = data.size if limit is None else min(limit, data.size)
     done = 0
-    for count, values in activations.capture_counted(model, data, list(names), batch_size=batch_size, limit=limit,
+    for count, values in activations.capture_counted(model, data, wanted, batch_size=batch_size, limit=limit,
                                                            budget_bytes=budget_bytes):
         for name, value in values.items():
-            statistics.update(name, value)
+            if name in scaled:
+                deferred.take(name, value, statistics)
+            else:
+                statistics.update(name, value)
         done = min(done + count, total)
+        if deferred is not None:
+            deferred.settle(done, statistics)
         if progress is not None and total:
             progress(done / total, f"calibration {done}/{total}")
+    if deferred is not None:
+        deferred.settle(done, statistics, finished=True)
     return statistics
 
 
 def calibrate(model: onnx.ModelProto, data: Dataset, names: Sequence[str], *, method: str = "minmax",
               percentile: float = 99.999, bins: int = DEFAULT_BINS, batch_size: int = 64,
-              limit: int | None = None, progress=None, budget_bytes: int = activations.CAPTURE_BUDGET
-              ) -> dict[str, TensorRange]:
+              limit: int | None = None, progress=None, budget_bytes: int = activations.CAPTURE_BUDGET,
+              deferred: DeferredScales | None = None) -> dict[str, TensorRange]:
     """Ranges of ``names`` on ``data`` by ``method``; tensors never seen are absent."""
     statistics = collect(model, data, names, bins=bins, batch_size=batch_size, limit=limit, progress=progress,
-                         budget_bytes=budget_bytes, count_zeros=method == "entropy")
+                         budget_bytes=budget_bytes, count_zeros=method == "entropy", deferred=deferred)
     ranges = {}
     for name in names:
         found = statistics.range(name, method, percentile)

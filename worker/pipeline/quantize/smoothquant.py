@@ -130,15 +130,45 @@ def factors(x_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:
     return np.clip(s, *FACTOR_RANGE)
 
 
-def smooth(model: onnx.ModelProto, data: Dataset, nodes: list[onnx.NodeProto], alpha: float) -> list[str]:
-    """Apply SmoothQuant in place to the groups of ``nodes``; returns the smoothed tensors' names."""
-    found = groups(model, nodes)
-    if not found:
-        return []
-    maxima = activation_maxima(model, data, [group.tensor for group in found])
-    smoothed = []
-    for group in found:
-        x_max = maxima.get(group.tensor)
+@dataclass
+class Pending:
+    """A group whose ``X -> X / s`` is in the graph with ``s = 1`` until ``resolve`` sets it:
+    ``tensor`` is what its layers now read (``X`` itself where ``1/s`` folds into the producer, else
+    the inserted Mul's output, ``factor`` its ``1/s`` initializer)."""
+
+    group: Group
+    tensor: str
+    factor: str | None
+    folded: list[str]             # the producer's gamma / beta that take 1/s (empty: a Mul)
+    done: bool = False
+
+
+def prepare(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> list[Pending]:
+    """The groups of ``nodes``, each with its division by ``s`` in place at ``s = 1`` (exact: the
+    model computes what it did), so that static int8 plans and calibrates the final graph in one
+    pass and sets ``s`` once the pass has seen SAMPLES samples (``calibrate.DeferredScales``)."""
+    pending = []
+    inits = graph.initializers(model)
+    for group in groups(model, nodes):
+        axis = weight_rows_axis(group.nodes[0])
+        ones = np.ones(inits[group.weights[0]].dims[axis], np.float32)
+        folded = _fold_into_producer(model, group, ones)
+        if folded is not None:
+            pending.append(Pending(group, group.tensor, None, folded))
+        else:
+            pending.append(Pending(group, *_insert_divide(model, group, ones), []))
+    if pending:
+        graph.sort_graph(model)
+    return pending
+
+
+def resolve(model: onnx.ModelProto, pending: list[Pending], maxima: dict[str, np.ndarray],
+            alpha: float) -> dict[str, np.ndarray]:
+    """Set each pending group's ``s`` from ``maxima`` (max |X| per channel of the tensors the groups
+    read, unsmoothed); returns ``{tensor: 1 / s}``, what those tensors' values are now multiplied by."""
+    inverses = {}
+    for item in pending:
+        group, x_max = item.group, maxima.get(item.tensor)
         rows = [(graph.get_array(model, w).astype(np.float64), weight_rows_axis(n))
                 for n, w in zip(group.nodes, group.weights)]
         if x_max is None or x_max.shape[0] != rows[0][0].shape[rows[0][1]]:
@@ -148,17 +178,34 @@ def smooth(model: onnx.ModelProto, data: Dataset, nodes: list[onnx.NodeProto], a
         for (weight, axis), name in zip(rows, group.weights):
             shape = (-1, 1) if axis == 0 else (1, -1)
             graph.set_array(model, name, (weight * s.reshape(shape)).astype(np.float32))
-        divide_input(model, group, (1.0 / s).astype(np.float32))
-        smoothed.append(group.tensor)
-    if smoothed:
-        graph.sort_graph(model)
-    return smoothed
+        inverse = (1.0 / s).astype(np.float32)
+        if item.factor is not None:
+            graph.set_array(model, item.factor, inverse)
+        else:                      # the graph may be re-sorted since: the vectors by name
+            _scale_vectors(model, item.folded, inverse)
+        inverses[item.tensor] = inverse
+        item.done = True
+    return inverses
+
+
+def smooth(model: onnx.ModelProto, data: Dataset, nodes: list[onnx.NodeProto], alpha: float) -> list[str]:
+    """Apply SmoothQuant in place to the groups of ``nodes`` (maxima from their own pass over the
+    data); returns the smoothed tensors' names."""
+    pending = prepare(model, nodes)
+    if not pending:
+        return []
+    resolve(model, pending, activation_maxima(model, data, [item.tensor for item in pending]), alpha)
+    return [item.group.tensor for item in pending if item.done]
 
 
 def divide_input(model: onnx.ModelProto, group: Group, inverse: np.ndarray) -> None:
     """X -> X / s for the group's layers: folded into the producer where exact, else a Mul."""
-    if _fold_into_producer(model, group, inverse):
-        return
+    if _fold_into_producer(model, group, inverse) is None:
+        _insert_divide(model, group, inverse)
+
+
+def _insert_divide(model: onnx.ModelProto, group: Group, inverse: np.ndarray) -> tuple[str, str]:
+    """A ``Mul(X, 1/s)`` in front of the group's layers; returns (its output, its factor's name)."""
     scaled = graph.unique_name(model, f"{group.tensor}_smoothed")
     factor = graph.unique_name(model, f"{group.tensor}_smooth_factor")
     graph.set_array(model, factor, inverse)
@@ -166,6 +213,7 @@ def divide_input(model: onnx.ModelProto, group: Group, inverse: np.ndarray) -> N
         node.input[0] = scaled
     model.graph.node.append(helper.make_node("Mul", [group.tensor, factor], [scaled],
                                              name=graph.unique_name(model, f"{group.tensor}_smooth")))
+    return scaled, factor
 
 
 def _own_vector(model: onnx.ModelProto, name: str, size: int, readers: dict) -> np.ndarray | None:
@@ -179,31 +227,37 @@ def _own_vector(model: onnx.ModelProto, name: str, size: int, readers: dict) -> 
     return value
 
 
-def _fold_into_producer(model: onnx.ModelProto, group: Group, inverse: np.ndarray) -> bool:
+def _fold_into_producer(model: onnx.ModelProto, group: Group, inverse: np.ndarray) -> list[str] | None:
+    """Multiply the producer's per-channel gamma / beta by ``inverse`` where the group's layers are
+    ``X``'s only readers; returns those vectors' names, None where it cannot fold."""
     readers = graph.consumers(model)
     outputs = {o.name for o in model.graph.output}
     if group.tensor in outputs or {id(n) for n, _ in readers.get(group.tensor, [])} != {id(n) for n in group.nodes}:
-        return False
+        return None
     producer = graph.producers(model).get(group.tensor)
     if producer is None:
-        return False
+        return None
     size = inverse.shape[0]
     if producer.op_type == "LayerNormalization" and graph.attribute(producer, "axis", -1) == -1:
         vectors = [name for name in producer.input[1:3] if name]
         values = [_own_vector(model, name, size, readers) for name in vectors]
         if any(value is None for value in values):
-            return False
-        for name, value in zip(vectors, values):
-            graph.set_array(model, name, (value * inverse).astype(np.float32))
-        return True
+            return None
+        _scale_vectors(model, vectors, inverse)
+        return vectors
     if producer.op_type == "Add":
         chain = _mul_add_chain(model, producer, size, readers)
         if chain is None:
-            return False
-        for name, value in chain:
-            graph.set_array(model, name, (value * inverse.reshape(value.shape[-1:])).astype(np.float32))
-        return True
-    return False
+            return None
+        _scale_vectors(model, [name for name, _ in chain], inverse)
+        return [name for name, _ in chain]
+    return None
+
+
+def _scale_vectors(model: onnx.ModelProto, names: list[str], inverse: np.ndarray) -> None:
+    for name in names:
+        value = graph.get_array(model, name)
+        graph.set_array(model, name, (value * inverse.reshape(value.shape[-1:])).astype(np.float32))
 
 
 def _mul_add_chain(model: onnx.ModelProto, add: onnx.NodeProto, size: int, readers: dict):

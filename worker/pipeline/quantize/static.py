@@ -621,12 +621,10 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
     float_compute = weight_only_compute.choose(prepared, layers, params)
     integer_layers = [layer for layer in layers if layer.node not in float_compute]
     # the report's phases (``cost``): capture = running the model over the calibration data
-    # (SmoothQuant's maxima, the ranges' histograms, bias correction's means), solve = the
-    # weights' grids (learned rounding among them), write = the Q/DQ nodes and int32 biases
-    with ctx.cost.phase("capture"):
-        smoothed = _smooth(prepared, params, integer_layers, data, ctx)
-    with ctx.cost.phase("solve"):
-        learned, rounding_info = _learned_rounding(prepared, params, layers, ctx)
+    # (the ranges' histograms with SmoothQuant's maxima in the same pass, bias correction's means),
+    # solve = the weights' grids (learned rounding among them), write = the Q/DQ nodes and int32 biases
+    budget = int(ctx.options.get("capture_budget_bytes", activations.CAPTURE_BUDGET))
+    smoothing = _smoothing(prepared, params, integer_layers, budget)
     float_readers = excluded_nodes(prepared, params)
     decided = plan(prepared, params, integer_layers, float_readers)
     ctx.progress(0.05, "calibrating activation ranges")
@@ -634,9 +632,11 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
         ranges = calibrate.calibrate(prepared, data, sorted(set(decided.calibrated.values())),
                                      method=spec.calibration, percentile=spec.percentile,
                                      progress=lambda f, m: ctx.progress(0.05 + 0.55 * f, m),
-                                     budget_bytes=int(ctx.options.get("capture_budget_bytes",
-                                                                      activations.CAPTURE_BUDGET)))
+                                     budget_bytes=budget, deferred=smoothing[1])
+    smoothed = [item.group.tensor for item in smoothing[0] if item.done]
     ctx.check_cancelled()
+    with ctx.cost.phase("solve"):       # on the smoothed weights
+        learned, rounding_info = _learned_rounding(prepared, params, layers, ctx)
 
     quantized = onnx.ModelProto()
     quantized.CopyFrom(prepared)
@@ -783,16 +783,21 @@ def _learned_rounding(model: onnx.ModelProto, params: QuantizeStep, layers: list
     return {weight: found[0] for weight, found in solved.items()}, runner.rounding_info
 
 
-def _smooth(model: onnx.ModelProto, params: QuantizeStep, layers: list[graph.WeightLayer], data: Dataset,
-            ctx: StepContext) -> list[str]:
-    """SmoothQuant (``quantize.smoothquant``) on the selected MatMul / Gemm layers, before calibration."""
+def _smoothing(model: onnx.ModelProto, params: QuantizeStep, layers: list[graph.WeightLayer], budget: int):
+    """SmoothQuant (``quantize.smoothquant``) on the selected MatMul / Gemm layers: the groups'
+    divisions put in place at s = 1, and the calibration pass's ``DeferredScales`` that sets s from
+    its first samples. ([], None) when off or nothing to smooth."""
     if params.smoothquant is None:
-        return []
+        return [], None
     from worker.pipeline.quantize import smoothquant
-
-    ctx.progress(0.02, "smoothing activation outliers into weights")
-    chosen = {layer.node for layer in layers if layer.op in ("MatMul", "Gemm")}
-    return smoothquant.smooth(model, data, [n for n in model.graph.node if n.name in chosen], params.smoothquant)
+    chosen = {layer.node for layer in layers}
+    pending = smoothquant.prepare(model, [n for n in model.graph.node if n.name in chosen])
+    if not pending:
+        return [], None
+    alpha = params.smoothquant
+    deferred = calibrate.DeferredScales([item.tensor for item in pending], smoothquant.SAMPLES,
+                                        lambda maxima: smoothquant.resolve(model, pending, maxima, alpha), budget)
+    return pending, deferred
 
 
 def _dequantized_grids(model: onnx.ModelProto, grids: dict[str, ActivationGrid]) -> dict[str, ActivationGrid]:

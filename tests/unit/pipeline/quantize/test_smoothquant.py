@@ -4,6 +4,7 @@ static int8 it lowers the error of a model whose activations have outlier channe
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
@@ -109,3 +110,40 @@ def test_gemm_with_transposed_weight_is_smoothed_exactly():
     assert len(smoothed.graph.node) == 2          # folded into the LayerNormalization's scale and bias
     before, after = builders.run_ort(model, calibration)[0], builders.run_ort(smoothed, calibration)[0]
     assert np.linalg.norm(after - before) / np.linalg.norm(before) < 1e-5
+
+
+def test_static_int8_smooths_and_calibrates_in_one_pass_with_the_ranges_of_two(monkeypatch):
+    """The calibration pass sets s from its first samples and feeds the smoothed tensors' histograms
+    ``x / s``: the ranges are those of calibrating the model smoothed beforehand, with one pass over
+    the data fewer."""
+    from worker.pipeline import activations, calibrate
+
+    model, calibration = _block(), _data(smoothquant.SAMPLES)
+    ahead = onnx.ModelProto()
+    ahead.CopyFrom(model)
+    smoothquant.smooth(ahead, bind(ahead, calibration), [n for n in ahead.graph.node if n.op_type == "MatMul"], 0.5)
+    deferred_model = onnx.ModelProto()
+    deferred_model.CopyFrom(model)
+    pending = smoothquant.prepare(deferred_model, [n for n in deferred_model.graph.node if n.op_type == "MatMul"])
+    tensors = [item.tensor for item in pending]
+    assert tensors == ["ln_smoothed", "normed"]
+    deferred = calibrate.DeferredScales(tensors, smoothquant.SAMPLES,
+                                        lambda maxima: smoothquant.resolve(deferred_model, pending, maxima, 0.5))
+    passes = []
+    original = activations.capture_counted
+
+    def counted(*args, **kwargs):
+        passes.append(1)
+        yield from original(*args, **kwargs)
+
+    monkeypatch.setattr(calibrate.activations, "capture_counted", counted)
+    one_pass = calibrate.calibrate(deferred_model, bind(deferred_model, calibration), tensors, batch_size=8,
+                                   deferred=deferred)
+    assert len(passes) == 1 and all(item.done for item in pending)
+    two_passes = calibrate.calibrate(ahead, bind(ahead, calibration), tensors, batch_size=8)
+    for name in tensors:
+        assert one_pass[name].lo == pytest.approx(two_passes[name].lo, rel=1e-4)
+        assert one_pass[name].hi == pytest.approx(two_passes[name].hi, rel=1e-4)
+    # and the model the pass left behind is the smoothed one
+    after = builders.run_ort(deferred_model, calibration)[0]
+    assert np.allclose(after, builders.run_ort(ahead, calibration)[0], rtol=1e-4, atol=1e-3)

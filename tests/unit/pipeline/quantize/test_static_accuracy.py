@@ -192,3 +192,30 @@ def test_bias_correction_leaves_a_layer_whose_mean_rests_on_too_few_values():
     many = {"x": rng.uniform(0, 1, (bias_correction.MIN_OBSERVATIONS * 2, 32, 4, 4)).astype(np.float32)}
     assert _run(model, few, min_products=0)[0].metrics["bias_corrected"] == 0
     assert _run(model, many, min_products=0)[0].metrics["bias_corrected"] == 1
+
+
+def test_bias_correction_stops_reading_once_every_layer_has_enough_rows(monkeypatch):
+    # 1x1 conv on 4 x 4 maps: 16 rows per channel per sample, so STOP_ROWS rows come after
+    # STOP_ROWS / 16 samples; the pass must not read the rest of the calibration set
+    from worker.pipeline import activations
+    from worker.pipeline.quantize import bias_correction
+
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(builders._w(rng, 16, 32, 1, 1), "c.W"),
+             numpy_helper.from_array(np.zeros(16, np.float32), "c.b")]
+    model = builders._model([helper.make_node("Conv", ["x", "c.W", "c.b"], ["y"], name="c")],
+                            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32, 4, 4])],
+                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16, 4, 4])], inits)
+    samples = 2 * bias_correction.STOP_ROWS // 16
+    data = {"x": rng.uniform(0, 1, (samples, 32, 4, 4)).astype(np.float32)}
+    read = []
+    original_capture = activations.capture
+
+    def counting(*args, **kwargs):
+        for batch in original_capture(*args, **kwargs):
+            read.append(len(next(iter(batch.values()))))
+            yield batch
+
+    monkeypatch.setattr(bias_correction.activations, "capture", counting)
+    assert _run(model, data, min_products=0)[0].metrics["bias_corrected"] == 1
+    assert bias_correction.STOP_ROWS // 16 <= sum(read) < samples
