@@ -23,7 +23,9 @@ Jobs (each a recipe run by ``featherweight compress``, the whole command timed):
 Each job runs in its own subprocess, so its wall time, CPU time (user + sys: what the job cost on a
 machine other jobs share) and peak RSS (``os.wait4``) are its own. Per job the table shows those,
 the memory bound (2 x the float model + 1 GiB), the report's slowest phase and phase split, the
-output rel_l2 against FP32, and ORT's figures for the same method. ``--baseline DIR`` also runs
+output rel_l2 against FP32, and ORT's figures for the same method. ``span``: model load to model
+written, the part of the command a compression costs whoever runs it (ours: the report's
+``cost.compress_seconds``, without the report's measuring; ORT's: its quantizer call). ``--baseline DIR`` also runs
 each of our jobs with ``PYTHONPATH=DIR`` (another checkout: before / after in one run).
 """
 from __future__ import annotations
@@ -216,6 +218,7 @@ def ort_child(method: str, model: str, data: str, out: str) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     reader = _reader(Path(data))
+    started = time.perf_counter()
     if method == "ort-static-minmax":
         quantize_static(model, out, reader, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -229,6 +232,9 @@ def ort_child(method: str, model: str, data: str, out: str) -> None:
         quantizer.model.save_model_to_file(out, use_external_data_format=False)
     else:
         raise SystemExit(f"unknown ORT method {method!r}")
+    # the span ours reports as cost.compress_seconds: model load to model written (imports and the
+    # calibration data's loading before it, in both)
+    Path(out).with_suffix(".span").write_text(f"{time.perf_counter() - started:.3f}")
 
 
 def _measure(command: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT) -> dict:
@@ -286,6 +292,7 @@ def run_job(model: str, job: str, path: Path, data: Path, workdir: Path, tree: P
                          "peak_rss_mb": round((s.get("peak_rss_bytes") or 0) / 2**20, 1) or None}
                         for s in found.get("steps", [])]
         row["measure_s"] = round(cost.get("measure_seconds", 0), 2) if cost else None
+        row["span_s"] = round(cost.get("compress_seconds", 0), 2) if cost else None
         # the job resets the kernel's high-water mark per step, so the child's VmHWM is only the
         # last stretch's: the job's peak is the largest of the report's figures and that
         row["peak_rss_mb"] = round(max([row["peak_rss_mb"], (cost.get("peak_rss_bytes") or 0) / 2**20]), 1)
@@ -304,6 +311,8 @@ def run_ort(model: str, job: str, path: Path, data: Path, workdir: Path) -> dict
     row["method"] = method
     if not row["rc"]:
         row["rel_l2"] = _rel_l2(path, out, data)
+        span = out.with_suffix(".span")
+        row["span_s"] = float(span.read_text()) if span.exists() else None
     return row
 
 
@@ -355,9 +364,9 @@ def _print_row(row: dict) -> None:
             return "-"
         if found.get("rc"):
             return f"FAILED ({found.get('error', '').strip().splitlines()[-1:]})"
-        rel = found.get("rel_l2")
+        rel, span = found.get("rel_l2"), found.get("span_s")
         return (f"{found['wall_s']:.1f} s wall, {found['cpu_s']:.1f} s cpu, {found['peak_rss_mb']:.0f} MB"
-                f"{'' if rel is None else f', rel_l2 {rel:.4f}'}")
+                f"{'' if span is None else f', span {span:.1f} s'}{'' if rel is None else f', rel_l2 {rel:.4f}'}")
 
     ours = row["ours"]
     print(f"{row['model']:<10} {row['job']:<10} n={row['samples']:<5} bound {row['bound_mb']:.0f} MB", flush=True)
