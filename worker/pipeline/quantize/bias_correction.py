@@ -8,9 +8,9 @@ is, by linearity,
     E[y' - y] = E[x'] W' - E[x] W          (both x and x' taken in the quantized model)
 
 so only the per-channel means of each layer's input before and after its Q/DQ pair are needed
-(one pass over the calibration data, ending at ``STOP_ROWS`` rows per channel; bounded memory), and ``b -= E[y' - y]``. For a Conv the means
-are per input channel over batch and positions and the kernel is summed over its window (exact
-away from the zero-padded border).
+(one pass over the calibration data, ending at ``STOP_ROWS`` rows per channel; bounded memory),
+and ``b -= E[y' - y]``. For a Conv the means are per input channel over batch and positions and
+the kernel is summed over its window (exact away from the zero-padded border).
 
 Why the layer's own shift and not ``E[y_quantized_model - y_float_model]`` at each layer's output:
 that difference also holds every upstream layer's shift, which the upstream layers' own corrections
