@@ -548,6 +548,8 @@ class Search:
             c.artifact = artifacts.candidate_name(index)
             saved[c.artifact] = graph.save_model(model, workdir / artifacts.candidate_file(index))
         model = graph.load_model(chosen.path)
+        if (note := _unconfirmed_note(verified, chosen, self.goal.max_drop, self.objective)) is not None:
+            self.notes.append(note)
         met = chosen.meets
         summary = (f"chose #{chosen.id} ({chosen.label}): {self.goal.metric} {chosen.value:.4g} "
                    f"(original {self.full.original_value:.4g}, drop {chosen.drop:.4g}, bound {chosen.drop_bound:.4g} "
@@ -579,6 +581,21 @@ def _small_data_note(samples: int, max_drop: float) -> str | None:
     return (f"the evaluation data has {samples} samples, fewer than 1 / max_drop = {wanted}: one sample "
             f"moves a per-sample score by {1.0 / samples:.3g}, more than max_drop {max_drop:g}, so a drop "
             f"the task would show may go unseen; give the search {wanted} or more evaluation samples")
+
+
+def _unconfirmed_note(verified: list[Candidate], chosen: Candidate, max_drop: float,
+                      objective: Callable[[Candidate], float]) -> str | None:
+    """A note where a candidate smaller than the chosen one measured a drop within ``max_drop`` that
+    its bound did not confirm: what more evaluation data could buy."""
+    smaller = [c for c in verified if not c.meets and c.drop is not None and c.drop <= max_drop + 1e-12
+               and objective(c) < objective(chosen)]
+    if not smaller:
+        return None
+    best = min(smaller, key=objective)
+    return (f"{len(smaller)} smaller candidate(s) measured a drop within max_drop that the evaluation data "
+            f"could not confirm: the smallest, #{best.id} ({best.label}), drop {best.drop:.4g} with bound "
+            f"{best.drop_bound:.4g}, {objective(best) / max(objective(chosen), 1e-300):.2f}x the chosen one's "
+            f"objective; more evaluation samples narrow the bound")
 
 
 def _finite(error: float) -> float:

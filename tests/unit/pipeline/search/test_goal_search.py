@@ -251,3 +251,16 @@ def test_drop_bound_is_wide_on_few_samples_and_tight_on_many(metric, few, many):
     bound = scorer.bound(z, drop)
     assert drop <= bound <= 0.1 and scorer.meets(bound)
     assert scorer.bound(y, 0.0) == 0.0          # identical outputs: nothing to bound
+
+
+def test_a_smaller_candidate_the_bound_did_not_confirm_is_noted():
+    def candidate(id_, size, drop, bound):
+        c = engine.Candidate(id_, "f", f"c{id_}", 0, 0.0, drop, drop=drop, drop_bound=bound, verified=True,
+                             meets=bound <= 0.01, bytes=size)
+        return c
+
+    chosen, unconfirmed, too_far = candidate(1, 1000, 0.002, 0.004), candidate(2, 600, 0.008, 0.013), \
+        candidate(3, 400, 0.02, 0.03)
+    note = engine._unconfirmed_note([chosen, unconfirmed, too_far], chosen, 0.01, lambda c: c.bytes)
+    assert note is not None and note.startswith("1 smaller candidate(s)") and "#2" in note and "0.60x" in note
+    assert engine._unconfirmed_note([chosen, too_far], chosen, 0.01, lambda c: c.bytes) is None
