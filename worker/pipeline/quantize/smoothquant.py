@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from worker.pipeline import activations, graph
+from worker.pipeline import calibrate, graph
 from worker.pipeline.data import Dataset
 
 # calibration samples read to find the per-channel activation maxima (static int8: the first
@@ -111,16 +111,6 @@ def _normalized(model: onnx.ModelProto, tensor: str, size: int, readers: dict) -
     return False
 
 
-def activation_maxima(model: onnx.ModelProto, data: Dataset, tensors: list[str]) -> dict[str, np.ndarray]:
-    """max |x| per last-axis channel of each tensor over (at most ``SAMPLES`` of) the data."""
-    maxima: dict[str, np.ndarray] = {}
-    for batch in activations.capture(model, data, tensors, batch_size=16, limit=min(data.size, SAMPLES)):
-        for name, value in batch.items():
-            found = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
-            maxima[name] = found if name not in maxima else np.maximum(maxima[name], found)
-    return maxima
-
-
 def factors(x_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:
     """s = max|X| ** alpha / max|W| ** (1 - alpha), 1 where either is zero, clipped to FACTOR_RANGE."""
     x_max = x_max.astype(np.float64)
@@ -190,12 +180,15 @@ def resolve(model: onnx.ModelProto, pending: list[Pending], maxima: dict[str, np
 
 
 def smooth(model: onnx.ModelProto, data: Dataset, nodes: list[onnx.NodeProto], alpha: float) -> list[str]:
-    """Apply SmoothQuant in place to the groups of ``nodes`` (maxima from their own pass over the
-    data); returns the smoothed tensors' names."""
+    """Apply SmoothQuant in place to the groups of ``nodes``, the maxima from a pass of their own over
+    the first SAMPLES samples (static int8 takes them from its calibration pass instead); returns the
+    smoothed tensors' names."""
     pending = prepare(model, nodes)
     if not pending:
         return []
-    resolve(model, pending, activation_maxima(model, data, [item.tensor for item in pending]), alpha)
+    deferred = calibrate.DeferredScales([item.tensor for item in pending], SAMPLES,
+                                        lambda maxima: resolve(model, pending, maxima, alpha))
+    calibrate.collect(model, data, [], batch_size=16, limit=min(data.size, SAMPLES), deferred=deferred)
     return [item.group.tensor for item in pending if item.done]
 
 

@@ -81,29 +81,15 @@ def value(goal: GoalSpec, y: np.ndarray, z: np.ndarray, labels: np.ndarray | Non
         if not math.isfinite(diff):
             return math.inf
         return diff / ref if ref > 0 else (0.0 if diff == 0 else math.inf)
-    if metric == "cosine":
-        a, b = _rows(y), _rows(z)
-        if not np.isfinite(b).all():
-            return 0.0
-        na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-        both_zero = (na == 0) & (nb == 0)
-        cos = np.where(both_zero, 1.0, (a * b).sum(axis=1) / np.maximum(na * nb, 1e-300))
-        return float(np.mean(cos))
-    if metric in ("top1_agreement", "accuracy"):
-        pz = np.argmax(np.asarray(z), axis=-1)
-        if metric == "top1_agreement":
-            return float(np.mean(np.argmax(np.asarray(y), axis=-1) == pz))
-        pz = pz.reshape(pz.shape[0], -1)[:, 0] if pz.ndim > 1 and pz.size != len(labels) else pz.reshape(-1)
-        return float(np.mean(pz == np.asarray(labels).reshape(-1)))
-    if metric in ("iou", "decision_agreement"):
-        a, b = np.asarray(y) > goal.threshold, np.asarray(z) > goal.threshold
-        if metric == "decision_agreement":
-            return float(np.mean(a == b))
-        union = int(np.count_nonzero(a | b))
-        return 1.0 if union == 0 else int(np.count_nonzero(a & b)) / union
+    if metric == "cosine" and not np.isfinite(_rows(z)).all():
+        return 0.0
     if metric == "spearman":
         return _rank_correlation(_pairwise_cosine(y), _pairwise_cosine(z))
-    raise ValueError(f"unknown metric {metric!r}")
+    parts = _per_sample(goal, y, z, labels)
+    if parts is None:
+        raise ValueError(f"unknown metric {metric!r}")
+    _, (num, den) = parts            # the candidate's sums over every sample once
+    return float(_ratio(num, den, np.arange(len(num))[None, :])[0])
 
 
 def _per_sample(goal: GoalSpec, y: np.ndarray, z: np.ndarray, labels: np.ndarray | None):
