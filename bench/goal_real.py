@@ -51,7 +51,10 @@ WORK_DIR = OUT_DIR / "goal_real"
 MODELS = ("ocr_det", "ocr_rec", "ocr_cls", "minilm", "vad")
 GOALS = {
     "ocr_det": {"metric": "iou", "threshold": 0.3},
-    "ocr_rec": {"metric": "top1_agreement"},
+    # the recognizer's text, decoded as the task decodes it: top1_agreement at every CTC step counted
+    # blank <-> repeat flips at character boundaries, which read the same (uniform static int8 at a
+    # drop of 0.0109 on its 32 lines, where the task's character agreement gave the file 0.9952)
+    "ocr_rec": {"metric": "ctc_agreement"},
     "ocr_cls": {"metric": "top1_agreement"},
     "minilm": {"metric": "spearman"},
     # the bench's VAD task streams audio, each model carrying its own state: the search scores the

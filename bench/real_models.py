@@ -185,19 +185,11 @@ def ocr_det(quick: bool = False) -> RealModel:
         task_metric=_threshold_iou)
 
 
-def _edit_distance(a: str, b: str) -> int:
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        current = [i]
-        for j, cb in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
-        previous = current
-    return previous[-1]
-
-
 def character_accuracy(truth: list[str], predicted: list[str]) -> float:
     """1 - total edit distance / total reference characters (0 when worse than empty)."""
-    errors = sum(_edit_distance(t, p) for t, p in zip(truth, predicted, strict=True))
+    from rapidfuzz.distance import Levenshtein
+
+    errors = sum(Levenshtein.distance(t, p) for t, p in zip(truth, predicted, strict=True))
     return max(0.0, 1.0 - errors / max(1, sum(len(t) for t in truth)))
 
 

@@ -4,7 +4,8 @@ the worker refuses before any work, with the same field paths (``["goal", "outpu
 
 - ``output`` names one of the model's outputs (default: the first);
 - every metric compares float outputs (an argmax needs scores too);
-- ``top1_agreement`` / ``accuracy`` need a last axis of 2 or more (the classes);
+- ``top1_agreement`` / ``accuracy`` / ``ctc_agreement`` need a last axis of 2 or more (the classes);
+  ``ctc_agreement`` a sequence (a time axis before the classes) and its ``blank`` among the classes;
 - ``accuracy`` needs ``_labels`` in the evaluation data (or, without it, the calibration data);
 - the search needs evaluation or calibration data; ``spearman`` needs 3 or more samples to rank;
 - ``carry`` maps outputs of the model to inputs of the model (of the same element type where both
@@ -41,19 +42,33 @@ def check_goal(goal: GoalSpec, outputs: Sequence[dict[str, Any]], *, has_data: b
     if dtype and dtype not in FLOAT_DTYPES:
         raise _refuse("metric", f"{goal.metric} compares float outputs; {chosen['name']!r} is {dtype}", prefix)
     shape = chosen.get("shape")
-    if goal.metric in ("top1_agreement", "accuracy"):
+    if goal.metric in ("top1_agreement", "accuracy", "ctc_agreement"):
         if shape is not None and len(shape) == 0:
             raise _refuse("metric", f"{goal.metric} takes an argmax over the last axis; {chosen['name']!r} is a scalar",
                           prefix)
         if shape and isinstance(shape[-1], int) and shape[-1] < 2:
             raise _refuse("metric", f"{goal.metric} takes an argmax over the last axis; {chosen['name']!r} has "
                                     f"{shape[-1]} element(s) there", prefix)
+    if goal.metric == "ctc_agreement":
+        _check_ctc(goal, chosen["name"], shape, prefix)
     if not has_data:
         raise _refuse("metric", "a goal is measured on evaluation data: give evaluation or calibration data", prefix)
     if goal.metric == "accuracy" and not has_labels:
         raise _refuse("metric", "accuracy needs _labels in the evaluation data (or the calibration data)", prefix)
     if goal.metric == "spearman" and samples is not None and samples < 3:
         raise _refuse("metric", f"spearman ranks pairs of samples: needs 3 or more, the data has {samples}", prefix)
+
+
+def _check_ctc(goal: GoalSpec, name: str, shape: Sequence[Any] | None, prefix: Sequence[Any]) -> None:
+    """A CTC output is [batch, time, classes] (time may be split over more axes): two axes or more
+    after the batch's, and the blank one of the classes."""
+    if shape is None:
+        return
+    if len(shape) < 3:
+        raise _refuse("metric", f"ctc_agreement decodes a sequence of class scores [batch, time, classes]; "
+                                f"{name!r} has {len(shape)} axes", prefix)
+    if isinstance(shape[-1], int) and goal.blank is not None and goal.blank >= shape[-1]:
+        raise _refuse("blank", f"blank {goal.blank} is not one of {name!r}'s {shape[-1]} classes", prefix)
 
 
 def _check_carry(goal: GoalSpec, outputs: Sequence[dict[str, Any]], inputs: Sequence[dict[str, Any]] | None,

@@ -261,7 +261,8 @@ class SensitivitySpec(_Spec):
     top: int = Field(50, ge=1, le=100000, description="entries per step listed in report.json")
 
 
-GOAL_METRICS = ("accuracy", "top1_agreement", "cosine", "rel_l2", "iou", "decision_agreement", "spearman")
+GOAL_METRICS = ("accuracy", "top1_agreement", "cosine", "rel_l2", "iou", "decision_agreement", "spearman",
+                "ctc_agreement")
 THRESHOLD_METRICS = ("iou", "decision_agreement")
 
 
@@ -270,10 +271,13 @@ class GoalSpec(_Spec):
     for the smallest / fastest model whose ``metric`` on the evaluation data stays within ``max_drop``
     of the original's. Whether ``output`` / ``metric`` fit the model is checked at submit (core.goal)."""
 
-    metric: Literal["accuracy", "top1_agreement", "cosine", "rel_l2", "iou", "decision_agreement", "spearman"]
+    metric: Literal["accuracy", "top1_agreement", "cosine", "rel_l2", "iou", "decision_agreement", "spearman",
+                    "ctc_agreement"]
     output: str | None = Field(None, min_length=1, max_length=256, description="which model output (default: the first)")
     threshold: float | None = Field(None, validate_default=True,
                                     description="iou / decision_agreement: elements above it count")
+    blank: int | None = Field(None, ge=0, validate_default=True,
+                              description="ctc_agreement: the blank class's index on the last axis (default 0)")
     max_drop: float = Field(0.01, ge=0.0, le=1e6,
                             description="absolute drop from the original's score (rel_l2: the largest rel_l2)")
     minimize: Literal["size", "transport_size", "latency"] = "size"
@@ -303,6 +307,16 @@ class GoalSpec(_Spec):
             raise ValueError(f"{metric} needs a threshold")
         if metric is not None and metric not in THRESHOLD_METRICS and value is not None:
             raise ValueError("threshold applies only to iou and decision_agreement")
+        return value
+
+    @field_validator("blank")
+    @classmethod
+    def _blank(cls, value: int | None, info: ValidationInfo) -> int | None:
+        metric = info.data.get("metric")
+        if metric == "ctc_agreement":
+            return 0 if value is None else value
+        if metric is not None and value is not None:
+            raise ValueError("blank applies only to ctc_agreement")
         return value
 
 

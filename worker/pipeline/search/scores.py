@@ -14,6 +14,10 @@ labels for accuracy.
     spearman         rank correlation between the pairwise cosine similarities of the samples'
                      outputs under y and under z (what retrieval with embeddings sees)
     accuracy         mean(argmax_last(z) == label)
+    ctc_agreement    1 - sum_i edit(dec(y_i), dec(z_i)) / sum_i max(|dec(y_i)|, |dec(z_i)|), where dec is
+                     greedy CTC decoding (argmax per time step, repeats merged, ``blank`` dropped):
+                     the text a recognizer reads, so a flip between blank and a repeated character
+                     at a boundary, which top1_agreement counts, costs nothing (all empty: 1)
 
 A drop measured on few samples is itself uncertain: one sample of 16 moves a per-sample score by
 0.06, six budgets of 0.01. So a candidate meets the budget by its *drop bound* (``drop_bound``): the
@@ -29,6 +33,7 @@ import math
 from typing import Sequence
 
 import numpy as np
+from rapidfuzz.distance import Levenshtein
 
 from core.recipe import GoalSpec
 
@@ -123,7 +128,22 @@ def _per_sample(goal: GoalSpec, y: np.ndarray, z: np.ndarray, labels: np.ndarray
     if metric == "rel_l2":
         a, b = _rows(y), _rows(z)
         return None if not np.isfinite(b).all() else ((a * a).sum(axis=1), ((b - a) ** 2).sum(axis=1))
+    if metric == "ctc_agreement":
+        read, found = ctc_decode(y, goal.blank or 0), ctc_decode(z, goal.blank or 0)
+        longer = np.array([max(len(r), len(f)) for r, f in zip(read, found)], dtype=np.float64)
+        edits = np.array([Levenshtein.distance(r, f) for r, f in zip(read, found)], dtype=np.float64)
+        return (longer, longer), (longer - edits, longer)
     return None
+
+
+def ctc_decode(scores: np.ndarray, blank: int) -> list[list[int]]:
+    """Greedy CTC decoding per sample: the argmax class per time step (every axis between the
+    samples' and the classes' is time), runs of one class merged, blanks dropped."""
+    scores = np.asarray(scores)
+    best = np.argmax(scores.reshape(scores.shape[0], -1, scores.shape[-1]), axis=-1)
+    previous = np.concatenate([np.full((best.shape[0], 1), -1, best.dtype), best[:, :-1]], axis=1)
+    keep = (best != blank) & (best != previous)
+    return [row[mask].tolist() for row, mask in zip(best, keep)]
 
 
 def _ratio(num: np.ndarray, den: np.ndarray, picks: np.ndarray) -> np.ndarray:

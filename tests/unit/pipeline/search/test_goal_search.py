@@ -264,3 +264,68 @@ def test_a_smaller_candidate_the_bound_did_not_confirm_is_noted():
     note = engine._unconfirmed_note([chosen, unconfirmed, too_far], chosen, 0.01, lambda c: c.bytes)
     assert note is not None and note.startswith("1 smaller candidate(s)") and "#2" in note and "0.60x" in note
     assert engine._unconfirmed_note([chosen, too_far], chosen, 0.01, lambda c: c.bytes) is None
+
+
+def _ctc_scores(texts: list[list[int]], steps: int = 8, classes: int = 5) -> np.ndarray:
+    """One-hot [samples, steps, classes] scores whose greedy decoding is ``texts`` (blank 0)."""
+    out = np.zeros((len(texts), steps, classes), np.float32)
+    for i, text in enumerate(texts):
+        path = list(text) + [0] * (steps - len(text))
+        for t, c in enumerate(path):
+            out[i, t, c] = 1.0
+    return out
+
+
+def test_ctc_agreement_scores_the_decoded_text():
+    goal = parse_recipe({"goal": {"metric": "ctc_agreement"}}).goal
+    y = _ctc_scores([[1, 2, 3], [4], []])
+    assert scores.ctc_decode(y, 0) == [[1, 2, 3], [4], []]
+    # a character stretched over one more step, where the original had blank: the same text, which
+    # top1_agreement per position counts as a change
+    stretched = y.copy()
+    stretched[0, 3] = np.eye(5)[3]
+    assert scores.ctc_decode(stretched, 0)[0] == [1, 2, 3]
+    assert scores.value(goal, y, stretched) == 1.0
+    top1 = parse_recipe({"goal": {"metric": "top1_agreement"}}).goal
+    assert scores.value(top1, y, stretched) < 1.0
+    # one character of the first text substituted, the empty third read as one character: edits
+    # 1 + 1 over the longer lengths 3 + 1 + 1
+    changed = _ctc_scores([[1, 4, 3], [4], [2]])
+    assert scores.value(goal, y, changed) == pytest.approx(1 - 2 / 5)
+    # repeats merge only when adjacent: 1 blank 1 reads two characters
+    assert scores.ctc_decode(_ctc_scores([[1, 0, 1]]), 0) == [[1, 1]]
+    # another blank index
+    other = parse_recipe({"goal": {"metric": "ctc_agreement", "blank": 4}}).goal
+    assert scores.ctc_decode(y, 4)[0] == [1, 2, 3, 0]
+    assert scores.value(other, y, y) == 1.0
+    # the bootstrap's per-sample parts are the metric over every sample once
+    (o_num, o_den), (c_num, c_den) = scores._per_sample(goal, y, changed, None)
+    every = np.arange(3)[None, :]
+    assert scores._ratio(c_num, c_den, every)[0] == pytest.approx(1 - 2 / 5)
+    assert scores._ratio(o_num, o_den, every)[0] == 1.0
+
+
+@pytest.mark.parametrize(("goal", "shape", "loc"), [
+    ({"metric": "ctc_agreement"}, [1, 10], ["goal", "metric"]),             # no time axis
+    ({"metric": "ctc_agreement", "blank": 10}, [1, 25, 10], ["goal", "blank"]),   # not a class
+    ({"metric": "ctc_agreement"}, [1, 25, 1], ["goal", "metric"]),          # nothing to argmax
+])
+def test_ctc_goal_that_does_not_fit_the_output_is_refused(goal, shape, loc):
+    from core.errors import RecipeError
+    from core.goal import check_goal
+
+    spec = parse_recipe({"goal": goal}).goal
+    outputs = [{"name": "probs", "shape": shape, "dtype": "float32"}]
+    with pytest.raises(RecipeError) as caught:
+        check_goal(spec, outputs, has_data=True, has_labels=False)
+    assert caught.value.errors[0]["loc"] == loc
+    check_goal(parse_recipe({"goal": {"metric": "ctc_agreement", "blank": 9}}).goal,
+               [{"name": "probs", "shape": [1, 25, 10], "dtype": "float32"}], has_data=True, has_labels=False)
+
+
+def test_blank_belongs_to_ctc_agreement_only():
+    from core.errors import RecipeError
+
+    assert parse_recipe({"goal": {"metric": "ctc_agreement"}}).goal.blank == 0
+    with pytest.raises(RecipeError):
+        parse_recipe({"goal": {"metric": "top1_agreement", "blank": 0}})
