@@ -170,6 +170,29 @@ def plan_node(node: onnx.NodeProto, opset: int, stats: TensorStats) -> NodePlan 
     return NodePlan(inputs, outputs)
 
 
+def _transposes_ort_crashes_on(model: onnx.ModelProto, plans: dict[str, NodePlan]) -> dict[str, str]:
+    """Float16 Transposes to keep float32 because ONNX Runtime dies loading them (name -> why).
+
+    ONNX Runtime 1.32's NchwcTransformer (ORT_ENABLE_ALL, every session's default) segfaults on a
+    float16 Transpose (perm [1, 0, 2], [1, 2, 0], [1, 2, 0, 3], seen on a CPU with AVX512-FP16) that
+    feeds a MatMul whose other operand is a constant or folds to one (a tied weight behind an
+    Identity): ``nn.MultiheadAttention(batch_first=True)`` and a batch-first RNN's output into a
+    Linear export exactly that. The checks below never see it: their sessions expose every tensor,
+    which blocks the rewrite. A Transpose only moves data: kept float32 with a Cast after it, the
+    MatMul still computes in float16 on float16 weights."""
+    inputs = {i.name for i in model.graph.input}
+    constants = {t.name for t in model.graph.initializer if t.name not in inputs}
+    for node in model.graph.node:
+        if node.op_type == "Constant" or (node.input and all(not t or t in constants for t in node.input)):
+            constants.update(o for o in node.output if o)
+    beside_a_constant = {t for node in model.graph.node
+                         if node.op_type == "MatMul" and node.name in plans and any(t in constants for t in node.input)
+                         for t in node.input}
+    return {node.name: "a float16 Transpose into a MatMul with a constant crashes ONNX Runtime's NchwcTransformer"
+            for node in model.graph.node
+            if node.op_type == "Transpose" and node.name in plans and any(o in beside_a_constant for o in node.output)}
+
+
 # ---------------------------------------------------------------------------- rewriting
 
 
@@ -371,6 +394,9 @@ def run(model: onnx.ModelProto, params: Fp16Step, ctx: StepContext) -> StepResul
             plans[node.name] = plan
         elif "no float32 tensor" not in plan:
             kept[node.name] = plan
+    for node_name, why in _transposes_ort_crashes_on(model, plans).items():
+        plans.pop(node_name)
+        kept[node_name] = why
     # which float16 kernels exist is the target's provider's business: CUDA has many the CPU lacks
     provider = sessions.provider_for(ctx.target)
     for round_ in range(MAX_ROUNDS):

@@ -150,3 +150,42 @@ def test_after_weight_quantization_through_the_runner(tmp_path):
     read_as_scale = {n.input[1] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     scales = [t for t in model.graph.initializer if t.name in read_as_scale]
     assert scales and all(t.data_type == TensorProto.FLOAT16 for t in scales)
+
+
+def batch_first_projection(tied: bool) -> onnx.ModelProto:
+    """y = x.transpose(0, 1) @ W, as nn.MultiheadAttention(batch_first=True) exports its input
+    projection; ``tied``: W reaches the MatMul through an Identity, as a shared weight does."""
+    rng = np.random.default_rng(3)
+    weight = "W_tied" if tied else "W"
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], name="to_time_major", perm=[1, 0, 2]),
+             helper.make_node("MatMul", ["xt", weight], ["y"], name="in_proj")]
+    if tied:
+        nodes.insert(0, helper.make_node("Identity", ["W"], ["W_tied"], name="tie"))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 5, 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, "batch", 48])],
+                          [numpy_helper.from_array(rng.standard_normal((32, 48)).astype(np.float32), "W")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_transpose_into_a_constant_matmul_stays_float32_so_onnx_runtime_loads_it(tmp_path, tied):
+    # ONNX Runtime's NchwcTransformer segfaults loading the float16 pattern (on a CPU with
+    # AVX512-FP16; elsewhere it loads either way): loaded in a child process with every session's
+    # default optimizations, so a crash fails the test instead of killing it
+    import subprocess
+    import sys
+
+    model = batch_first_projection(tied)
+    feeds = builders.random_inputs(model)
+    expected = builders.run_ort(model, feeds)
+    result, _ = convert(model)
+    assert "NchwcTransformer" in kept(result)["to_time_major"]
+    assert "in_proj" not in kept(result)            # the product and its weight are still float16
+    assert [t.data_type for t in result.model.graph.initializer] == [TensorProto.FLOAT16]
+    path = tmp_path / "fp16.onnx"
+    onnx.save(result.model, str(path))
+    load = subprocess.run([sys.executable, "-c", "import onnxruntime as ort, sys; "
+                           "ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert load.returncode == 0, load.stderr[-500:]
+    assert builders.rel_l2(expected, builders.run_ort(result.model, feeds)) < 1e-2
