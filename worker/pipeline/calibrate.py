@@ -8,7 +8,8 @@ Ranges:
     minmax      [min(x), max(x)]
     percentile  [P(100 - p), P(p)] of the signed values (p from the recipe, default 99.999)
     entropy     the KL-divergence threshold t on |x| (TensorRT style, 128 quantized bins; exact
-                zeros left out of the search): [max(min(x), -t), min(max(x), t)]
+                zeros left out of the search; t clips at most 1 % of the nonzero values):
+                [max(min(x), -t), min(max(x), t)]
     mse         the [lo, hi] minimising the expected 8-bit rounding + clipping error over the
                 histogram (``quantize.range_search``)
 Every range is widened to hold 0, so that 0 (zero padding, ReLU's floor) is exactly representable.
@@ -36,6 +37,7 @@ from worker.pipeline.data import Dataset
 MASK_MAGNITUDE = 1e8
 DEFAULT_BINS = 2048
 ENTROPY_QUANT_BINS = 128
+ENTROPY_MAX_CLIPPED = 0.01      # the entropy range clips at most this share of a tensor's nonzero values
 METHODS = ("minmax", "percentile", "entropy", "mse")
 
 
@@ -93,7 +95,15 @@ class ActivationStatistics:
         counts[0] -= min(self.zeros[name], int(counts[0]))
         if not counts.any():
             return 0.0
-        return float(kernels.entropy_threshold(counts, 0.0, histogram.range, ENTROPY_QUANT_BINS))
+        threshold = float(kernels.entropy_threshold(counts, 0.0, histogram.range, ENTROPY_QUANT_BINS))
+        # The KL search compares shapes, not mass: where every value sits far from 0 (a Sigmoid's
+        # output in [0.4, 0.6]), a threshold at the bulk's first bin folds all of it into one bin
+        # that the quantized candidate matches exactly (KL ~ 0) and clips 99.8 % of the tensor.
+        # No clip may take more than ENTROPY_MAX_CLIPPED of the values: the upper edge of the bin
+        # where the values above it first fit within that share.
+        above = counts.sum() - np.cumsum(counts)              # values above each bin's upper edge
+        floor_bin = int(np.argmax(above <= ENTROPY_MAX_CLIPPED * counts.sum()))
+        return max(threshold, (floor_bin + 1) * histogram.range / counts.size)
 
     def range(self, name: str, method: str = "minmax", percentile: float = 99.999) -> TensorRange | None:
         """The range of ``name`` by ``method``; None when no value was ever seen."""

@@ -55,6 +55,16 @@ def test_entropy_clips_a_rare_outlier():
     assert 1.0 < entropy.hi <= 0.5 * minmax.hi and 0.5 * minmax.lo <= entropy.lo < -1.0
 
 
+@pytest.mark.parametrize("low, high", [(0.38, 0.61), (2.0, 3.0)])
+def test_entropy_keeps_values_that_sit_far_from_zero(low, high):
+    # a squeeze-excite Sigmoid's output: the KL search alone put the clip at the bulk's first bin
+    # (everything folded into one bin matches exactly) and clipped 99.8 % of the values
+    values = np.random.default_rng(8).uniform(low, high, 24 * 64).astype(np.float32)
+    found = _stream(values).range("t", "entropy")
+    assert (values > found.hi).mean() <= calibrate.ENTROPY_MAX_CLIPPED
+    assert found.hi <= values.max()
+
+
 def test_mask_sentinels_mark_the_tensor_and_stay_out_of_the_range():
     values = np.random.default_rng(4).standard_normal((64, 16)).astype(np.float32)
     values[:, 10:] = FLOAT_MIN
