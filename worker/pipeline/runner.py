@@ -136,6 +136,19 @@ def _exports(recipe: Recipe, original_path: Path, compressed_path: Path, report:
                        progress=lambda stage: progress(STEPS_SHARE + 0.1, stage))
 
 
+def _at_step(exc: RecipeError, index: int) -> RecipeError:
+    """``exc`` with ``["steps", index]`` in front of every field path not already absolute."""
+    if exc.errors and all(list(e.get("loc", []))[:1] == ["steps"] for e in exc.errors):
+        return exc
+    errors = [{**e, "loc": list(e.get("loc", []))} for e in exc.errors]
+    for error in errors:
+        if error["loc"][:1] != ["steps"]:
+            error["loc"] = ["steps", index, *error["loc"]]
+    errors = errors or [{"loc": ["steps", index], "msg": exc.detail}]
+    where = ".".join(str(p) for p in errors[0]["loc"])
+    return RecipeError(f"invalid recipe: {where}: {errors[0].get('msg', '') or exc.detail}", errors)
+
+
 def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] | None = None,
         evaluation: dict[str, np.ndarray] | None = None, target: str = "cpu-x86", workdir: Path,
         progress: Callable[[float, str], None] = _no_progress, cancelled: Callable[[], bool] = _never,
@@ -203,10 +216,7 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
             try:
                 check(model, step, ctx)
             except RecipeError as exc:
-                errors = [{"loc": ["steps", index, *e.get("loc", [])], "msg": e.get("msg", "")} for e in exc.errors]
-                where = ".".join(str(p) for p in errors[0]["loc"]) if errors else f"steps.{index}"
-                raise RecipeError(f"invalid recipe: {where}: {errors[0]['msg'] if errors else exc.detail}",
-                                  errors or [{"loc": ["steps", index], "msg": exc.detail}]) from None
+                raise _at_step(exc, index) from None
         modules.append(module)
 
     # 2. the steps
@@ -243,6 +253,10 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
             ctx.options["sensitivity"] = found      # the step's error bound starts from it
         try:
             result = module.run(model, step, ctx)
+        except RecipeError as exc:
+            # a refusal only the steps before could reveal (a layer channel pruning took under
+            # min_params): the same field path as a refusal up front
+            raise _at_step(exc, index) from None
         except (FeatherweightError, StepCancelled):
             raise
         except Exception as exc:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import onnx
 
+from core.errors import RecipeError
 from worker.pipeline.cost import CostMeter
 
 ProgressFn = Callable[[float, str], None]  # (fraction of this step in 0..1, message)
@@ -78,3 +79,13 @@ class StepResult:
     model: onnx.ModelProto
     changed: list[str] = field(default_factory=list)   # names of initializers / nodes it changed
     metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def selects_no_weight(op: str, ops: tuple[str, ...], params: Any) -> RecipeError:
+    """The refusal of a step whose selection (``include`` / ``exclude`` / ``min_params``) matches
+    no weight, saying what it looked for: a model whose layers are all of other kinds, or small,
+    is refused with the reason, not only the field."""
+    among = f"matching include {list(params.include)}" if params.include else "in the model"
+    unless = f", exclude {list(params.exclude)}" if params.exclude else ""
+    why = f"no {' / '.join(ops)} weight of {params.min_params} or more elements {among}{unless}"
+    return RecipeError(f"{op} selects no weight tensor: {why}", [{"loc": ["include"], "msg": why}])

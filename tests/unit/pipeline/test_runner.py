@@ -116,6 +116,26 @@ def test_a_step_matching_no_weight_is_refused_with_its_path(mlp_path, tmp_path):
     assert info.value.errors[0]["loc"] == ["steps", 0, "min_params"]
 
 
+def test_a_refusal_only_an_earlier_step_reveals_carries_its_step_path(mlp_path, tmp_path):
+    # channel pruning takes W2 (256 x 16) under min_params; the check up front saw it whole
+    recipe = parse_recipe({"steps": [{"op": "prune", "structure": "channel", "sparsity": 0.9, "include": ["W1"]},
+                                     {"op": "quantize", "weights": {"bits": 8}, "include": ["W2"],
+                                      "activations": {"calibration": "dynamic"}}]})
+    with pytest.raises(RecipeError) as info:
+        runner.run(mlp_path, recipe, workdir=tmp_path / "w")
+    assert info.value.errors[0]["loc"][:2] == ["steps", 1]
+    assert str(info.value).startswith("invalid recipe: steps.1.")
+    assert not (tmp_path / "w" / "model.onnx").exists()
+
+
+def test_a_step_matching_no_weight_says_what_it_looked_for(mlp_path, tmp_path):
+    recipe = parse_recipe({"steps": [{"op": "prune", "sparsity": 0.5, "min_params": 10**6}]})
+    with pytest.raises(RecipeError) as info:
+        runner.run(mlp_path, recipe, workdir=tmp_path)
+    assert info.value.errors[0]["loc"] == ["steps", 0, "include"]
+    assert "no MatMul / Gemm / Conv / ConvTranspose weight of 1000000 or more elements" in info.value.errors[0]["msg"]
+
+
 def test_unknown_target_and_unloadable_model(mlp_path, tmp_path):
     with pytest.raises(InvalidInput) as info:
         runner.run(mlp_path, parse_recipe(INT8), target="tpu", workdir=tmp_path)

@@ -46,12 +46,11 @@ import onnx
 from onnx import helper, numpy_helper
 
 import kernels
-from core.errors import RecipeError
 from core.recipe import PruneStep
 from worker.pipeline import activations, host, subgraphs
 from worker.pipeline.data import bind
 from worker.pipeline.graph import attribute, topological_nodes, unique_name, weight_layers
-from worker.pipeline.step import StepContext, StepResult
+from worker.pipeline.step import StepContext, StepResult, selects_no_weight
 from worker.pipeline.prune.compensate import InputCut, compensate
 from worker.pipeline.prune.heads import find_head_sites
 from worker.pipeline.records import StepLog, layer_record, sparsity_of
@@ -664,7 +663,7 @@ def prune_channels(model: onnx.ModelProto, params: PruneStep, ctx: StepContext) 
     selected_layers = weight_layers(model, ops=("Conv", "Gemm", "MatMul"), include=params.include,
                                     exclude=params.exclude, min_params=params.min_params)
     if not selected_layers:
-        raise RecipeError("prune selects no weight tensor", [{"loc": ["include"], "msg": "matches no weight tensor"}])
+        raise selects_no_weight("prune", ("Conv", "Gemm", "MatMul"), params)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     _constants_to_initializers(out)

@@ -28,10 +28,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import kernels
-from core.errors import RecipeError
 from core.recipe import ClusterStep
 from worker.pipeline.graph import ensure_opset, get_array, opset, remove_initializers, unique_name, weight_layers
-from worker.pipeline.step import StepContext, StepResult
+from worker.pipeline.step import StepContext, StepResult, selects_no_weight
 from worker.pipeline.records import StepLog, layer_record, sparsity_of
 
 name = "cluster"
@@ -82,14 +81,14 @@ def check(model: onnx.ModelProto, params: ClusterStep, ctx: StepContext) -> None
     """Before any work: the selection matches at least one weight."""
     if not weight_layers(model, ops=CLUSTER_OPS, include=params.include, exclude=params.exclude,
                          min_params=params.min_params):
-        raise RecipeError("cluster selects no weight tensor", [{"loc": ["include"], "msg": "matches no weight tensor"}])
+        raise selects_no_weight("cluster", CLUSTER_OPS, params)
 
 
 def run(model: onnx.ModelProto, params: ClusterStep, ctx: StepContext) -> StepResult:
     layers = weight_layers(model, ops=CLUSTER_OPS, include=params.include, exclude=params.exclude,
                            min_params=params.min_params)
     if not layers:
-        raise RecipeError("cluster selects no weight tensor", [{"loc": ["include"], "msg": "matches no weight tensor"}])
+        raise selects_no_weight("cluster", CLUSTER_OPS, params)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     if opset(out) < MIN_OPSET:

@@ -39,10 +39,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from core.errors import RecipeError
 from core.recipe import LowrankStep
 from worker.pipeline.graph import WeightLayer, attribute, get_array, remove_initializers, sort_graph, unique_name, weight_layers
-from worker.pipeline.step import StepContext, StepResult
+from worker.pipeline.step import StepContext, StepResult, selects_no_weight
 from worker.pipeline.data import bind
 from worker.pipeline.hessians import capture_hessians, damped
 from worker.pipeline.records import StepLog, layer_record
@@ -146,21 +145,24 @@ def _conv_geometry(node: onnx.NodeProto, shape: tuple[int, ...]) -> dict | None:
             "dilations": list(attribute(node, "dilations", [1, 1]))}
 
 
+def _ops(params: LowrankStep) -> tuple[str, ...]:
+    return ("MatMul", "Gemm") + (("Conv",) if params.conv != "none" else ())
+
+
 def _selected(model: onnx.ModelProto, params: LowrankStep) -> list[WeightLayer]:
-    ops = ("MatMul", "Gemm") + (("Conv",) if params.conv != "none" else ())
-    return weight_layers(model, ops=ops, include=params.include, exclude=params.exclude, min_params=params.min_params)
+    return weight_layers(model, ops=_ops(params), include=params.include, exclude=params.exclude, min_params=params.min_params)
 
 
 def check(model: onnx.ModelProto, params: LowrankStep, ctx: StepContext) -> None:
     """Before any work: the selection matches at least one weight."""
     if not _selected(model, params):
-        raise RecipeError("lowrank selects no weight tensor", [{"loc": ["include"], "msg": "matches no weight tensor"}])
+        raise selects_no_weight("lowrank", _ops(params), params)
 
 
 def run(model: onnx.ModelProto, params: LowrankStep, ctx: StepContext) -> StepResult:
     layers = _selected(model, params)
     if not layers:
-        raise RecipeError("lowrank selects no weight tensor", [{"loc": ["include"], "msg": "matches no weight tensor"}])
+        raise selects_no_weight("lowrank", _ops(params), params)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     nodes = {node.name: node for node in out.graph.node}

@@ -43,11 +43,11 @@ import numpy as np
 import onnx
 
 import kernels
-from core.errors import InvalidInput, RecipeError
+from core.errors import InvalidInput
 from core.recipe import PruneStep
 from worker.pipeline.data import bind
 from worker.pipeline.graph import WeightLayer, attribute, get_array, set_array, weight_layers
-from worker.pipeline.step import StepContext, StepResult
+from worker.pipeline.step import StepContext, StepResult, selects_no_weight
 from worker.pipeline.cost import LayerClock
 from worker.pipeline.sequential import Propagation, budget_of
 from worker.pipeline.hessians import (accumulate_drift, accumulate_hessians, damped, drift_refit,
@@ -69,7 +69,7 @@ def check(model: onnx.ModelProto, params: PruneStep, ctx: StepContext) -> None:
     """Before any work: the selection matches at least one weight."""
     ops = ("Conv", "Gemm", "MatMul") if params.structure == "channel" else PRUNABLE_OPS
     if not weight_layers(model, ops=ops, include=params.include, exclude=params.exclude, min_params=params.min_params):
-        raise RecipeError("prune selects no weight tensor", [{"loc": ["include"], "msg": "matches no weight tensor"}])
+        raise selects_no_weight("prune", ops, params)
 
 
 def run(model: onnx.ModelProto, params: PruneStep, ctx: StepContext) -> StepResult:
@@ -79,7 +79,7 @@ def run(model: onnx.ModelProto, params: PruneStep, ctx: StepContext) -> StepResu
     layers = weight_layers(model, ops=PRUNABLE_OPS, include=params.include, exclude=params.exclude,
                            min_params=params.min_params)
     if not layers:
-        raise RecipeError("prune selects no weight tensor", [{"loc": ["include"], "msg": "matches no weight tensor"}])
+        raise selects_no_weight("prune", PRUNABLE_OPS, params)
     if params.method == "sparsegpt" and not ctx.calibration:
         raise InvalidInput("prune with method sparsegpt needs calibration data",
                            [{"loc": ["method"], "msg": "needs calibration data"}])
