@@ -540,8 +540,7 @@ class Search:
                                and (self.objective(o) < self.objective(c) or o.drop < c.drop) for o in verified)
         chosen = self._best()
         chosen.chosen = True
-        extra = sorted((c for c in verified if c.pareto and not c.chosen and c.id != 0),
-                       key=lambda c: (not c.meets, self.objective(c)))[:artifacts.CANDIDATE_COUNT]
+        extra = _worth_saving(verified, self.objective)
         saved: dict[str, Path] = {}
         for index, c in enumerate(extra, start=1):
             model = graph.load_model(c.path)
@@ -581,6 +580,16 @@ def _small_data_note(samples: int, max_drop: float) -> str | None:
     return (f"the evaluation data has {samples} samples, fewer than 1 / max_drop = {wanted}: one sample "
             f"moves a per-sample score by {1.0 / samples:.3g}, more than max_drop {max_drop:g}, so a drop "
             f"the task would show may go unseen; give the search {wanted} or more evaluation samples")
+
+
+def _worth_saving(verified: list[Candidate], objective: Callable[[Candidate], float]) -> list[Candidate]:
+    """The Pareto candidates saved beside the chosen one, best first: those that meet the budget by
+    objective (larger, safer alternatives), then the near misses by drop. By size alone the first
+    miss is the smallest point of the frontier, often a collapsed one (the PP-OCR recognizer's
+    weight-only int4 at a drop of 1.0 was ``candidate-1``)."""
+    extra = [c for c in verified if c.pareto and not c.chosen and c.id != 0]
+    extra.sort(key=lambda c: (not c.meets, objective(c) if c.meets else c.drop, objective(c)))
+    return extra[:artifacts.CANDIDATE_COUNT]
 
 
 def _unconfirmed_note(verified: list[Candidate], chosen: Candidate, max_drop: float,

@@ -329,3 +329,16 @@ def test_blank_belongs_to_ctc_agreement_only():
     assert parse_recipe({"goal": {"metric": "ctc_agreement"}}).goal.blank == 0
     with pytest.raises(RecipeError):
         parse_recipe({"goal": {"metric": "top1_agreement", "blank": 0}})
+
+
+def test_saved_candidates_are_the_safer_ones_then_the_near_misses():
+    def candidate(id_, size, drop, meets, chosen=False):
+        return engine.Candidate(id_, "f", f"#{id_}", 0, 0.0, drop, value=1 - drop, drop=drop, verified=True,
+                                meets=meets, bytes=size, pareto=True, chosen=chosen)
+
+    frontier = [candidate(0, 1000, 0.0, True), candidate(1, 500, 0.004, True, chosen=True),
+                candidate(2, 700, 0.001, True), candidate(3, 100, 1.0, False), candidate(4, 450, 0.02, False),
+                candidate(5, 300, 0.3, False)]
+    saved = engine._worth_saving(frontier, lambda c: c.bytes)
+    # the original (#0) and the chosen one are not saved again; the collapsed smallest (#3) comes last
+    assert [c.id for c in saved] == [2, 4, 5]
