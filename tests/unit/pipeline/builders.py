@@ -148,6 +148,17 @@ def shared_weight(d: int = 64, seed: int = 0) -> onnx.ModelProto:
                   [numpy_helper.from_array(_w(rng, d, d), "W")])
 
 
+def float16_mlp() -> onnx.ModelProto:
+    """mlp with its weights, inputs and outputs in float16 (opset 17), as a model
+    converted to half precision before upload comes."""
+    model = mlp()
+    for tensor in model.graph.initializer:
+        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), tensor.name))
+    for value in [*model.graph.input, *model.graph.output]:
+        value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    return model
+
+
 def save_external(model: onnx.ModelProto, path) -> None:
     """Save with every tensor in ``<name>.data`` beside the model."""
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,

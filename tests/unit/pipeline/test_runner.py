@@ -136,6 +136,19 @@ def test_a_step_matching_no_weight_says_what_it_looked_for(mlp_path, tmp_path):
     assert "no MatMul / Gemm / Conv / ConvTranspose weight of 1000000 or more elements" in info.value.errors[0]["msg"]
 
 
+@pytest.mark.parametrize("calibration", ["percentile", "dynamic"])
+def test_int8_activations_on_a_float16_model_are_refused_up_front(tmp_path, calibration):
+    path = tmp_path / "half.onnx"
+    onnx.save(builders.float16_mlp(), path)
+    recipe = parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 8},
+                                      "activations": {"calibration": calibration}}]})
+    calibration_data = {"x": np.random.default_rng(0).standard_normal((8, 128)).astype(np.float16)}
+    with pytest.raises(RecipeError) as info:
+        runner.run(path, recipe, calibration=calibration_data, workdir=tmp_path / "w")
+    assert info.value.errors[0]["loc"] == ["steps", 0, "activations"]
+    assert "float16" in info.value.errors[0]["msg"]
+
+
 def test_unknown_target_and_unloadable_model(mlp_path, tmp_path):
     with pytest.raises(InvalidInput) as info:
         runner.run(mlp_path, parse_recipe(INT8), target="tpu", workdir=tmp_path)

@@ -42,6 +42,9 @@ _STORAGE = {
 }
 
 
+FLOAT16_SCALE_OPSET = 19
+
+
 def required_opset(spec: WeightQuantSpec) -> int:
     """The lowest default-domain opset whose DequantizeLinear takes this storage and layout."""
     if spec.bits <= 2:
@@ -241,6 +244,11 @@ def prepare(model: onnx.ModelProto, params: QuantizeStep, opset: int) -> tuple[o
     the lifted names."""
     lifted = lift_constants.lift_constant_weights(model)
     subgraphs.hoist_weights(model)
+    inits = graph.initializers(model)
+    if any(inits[layer.weight].data_type == onnx.TensorProto.FLOAT16 for layer in candidate_layers(model, params)):
+        # a float16 weight dequantizes to float16, so its scale is float16: DequantizeLinear
+        # takes a float16 scale from opset 19 (13 allows float32 only)
+        opset = max(opset, FLOAT16_SCALE_OPSET)
     try:
         model = raise_opset(model, opset)
     except Exception as exc:   # the version converter refuses some old graphs

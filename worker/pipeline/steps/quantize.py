@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from core.errors import RecipeError
 from core.recipe import QuantizeStep
 from worker.pipeline import graph, metrics
 from worker.pipeline.quantize import weight_only
@@ -31,6 +32,7 @@ Params = QuantizeStep
 def check(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext) -> None:
     """Refuse (RecipeError, path relative to the step) a quantize step that cannot apply."""
     if params.activations is not None:
+        refuse_float16_activations(model, params)
         if params.activations.calibration == "dynamic":
             from worker.pipeline.quantize import dynamic as module
         else:
@@ -40,6 +42,21 @@ def check(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext) -> Non
             hook(model, params, ctx)
         return
     weight_only.refuse_empty_selection(model, params)
+
+
+def refuse_float16_activations(model: onnx.ModelProto, params: QuantizeStep) -> None:
+    """int8 activations need float32 layers: ONNX Runtime's integer kernels and the QDQ pairs
+    around them take float32, so a float16 model was refused deep inside the run (a type clash in
+    ONNX Runtime) or, by dynamic int8, as if it had no weight at all."""
+    inits = graph.initializers(model)
+    half = [layer.weight for layer in graph.weight_layers(model, ops=("Conv", "MatMul", "Gemm"), include=params.include,
+                                                          exclude=params.exclude, min_params=params.min_params)
+            if inits[layer.weight].data_type == onnx.TensorProto.FLOAT16]
+    if half:
+        why = (f"int8 activations need a float32 model; its weights are float16 ({half[0]}"
+               f"{f' and {len(half) - 1} more' if len(half) > 1 else ''}): quantize the float32 model, or "
+               "leave activations out (weight-only int8 / int4 keeps float16 compute)")
+        raise RecipeError(why, [{"loc": ["activations"], "msg": why}])
 
 
 def run(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext) -> StepResult:

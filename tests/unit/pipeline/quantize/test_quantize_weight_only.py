@@ -167,6 +167,19 @@ def test_old_opset_is_raised_for_per_channel():
     assert [o.version for o in result.model.opset_import if o.domain in ("", "ai.onnx")][0] >= 13
 
 
+def test_float16_weights_get_float16_scales_at_an_opset_that_takes_them():
+    # DequantizeLinear takes a float16 scale from opset 19: at 17 ONNX Runtime refused the model
+    model = builders.float16_mlp()
+    feeds = {"x": np.random.default_rng(5).standard_normal((8, 128)).astype(np.float16)}
+    expected = builders.run_ort(model, feeds)
+    result, _ = apply(model, {"weights": {"bits": 8}})
+    assert [o.version for o in result.model.opset_import if o.domain in ("", "ai.onnx")][0] >= 19
+    _, arrays = dq_of(result.model, "W1")
+    assert arrays["scale"].dtype == np.float16 and arrays["q"].dtype == np.int32
+    got = builders.run_ort(result.model, feeds)
+    assert got[0].dtype == np.float16 and builders.rel_l2(expected, got) < 0.03
+
+
 def test_initializers_listed_as_graph_inputs_do_not_become_inputs():
     model = builders.mlp()
     for tensor in model.graph.initializer:        # IR 3 style: initializers also in graph.input
