@@ -149,6 +149,18 @@ def test_int8_activations_on_a_float16_model_are_refused_up_front(tmp_path, cali
     assert "float16" in info.value.errors[0]["msg"]
 
 
+@pytest.mark.parametrize("step", [{"op": "prune", "sparsity": 0.5}, {"op": "prune", "sparsity": 0.25, "structure": "channel"},
+                                  {"op": "lowrank", "rank_ratio": 0.5}, {"op": "cluster", "bits": 4}])
+def test_weights_in_constant_nodes_are_pruned_factorized_and_clustered(tmp_path, step):
+    # converters (paddle2onnx, tf2onnx) write weights as Constant nodes: these steps refused such a
+    # model as having no weight at all, while quantize lifted them
+    path = tmp_path / "constants.onnx"
+    onnx.save(builders.mlp(constants=True), path)
+    result = runner.run(path, parse_recipe({"steps": [step]}), workdir=tmp_path / "w", options=FAST)
+    assert {row["name"] for row in result.report["layers"]} >= {"W1"}
+    assert result.report["fidelity"]["rel_l2"] < 1.0
+
+
 def test_unknown_target_and_unloadable_model(mlp_path, tmp_path):
     with pytest.raises(InvalidInput) as info:
         runner.run(mlp_path, parse_recipe(INT8), target="tpu", workdir=tmp_path)

@@ -11,6 +11,8 @@ ops, become main-graph initializers too (``body_weights``).
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import onnx
 
 from core import onnx_weights
@@ -64,6 +66,14 @@ def lift_conv_biases(model: onnx.ModelProto) -> list[str]:
     wanted = {node.input[2] for node in model.graph.node if node.op_type == "Conv" and len(node.input) > 2}
     return _lift(model, [node for node in model.graph.node if node.op_type == "Constant" and node.output
                          and node.output[0] in wanted and onnx_weights.constant_tensor(node) is not None])
+
+
+def as_checked(model: onnx.ModelProto) -> Iterator[onnx.ModelProto]:
+    """``model``, then, only if a step's up-front check asks on (nothing selected as it is), a
+    lifted copy: a step that lifts Constant weights when it runs must find them when checked, and
+    the copy is made only where it can change the answer."""
+    yield model
+    yield lifted_copy(model)
 
 
 def lifted_copy(model: onnx.ModelProto) -> onnx.ModelProto:

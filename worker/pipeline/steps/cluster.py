@@ -30,6 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 import kernels
 from core.recipe import ClusterStep
 from worker.pipeline.graph import ensure_opset, get_array, opset, remove_initializers, unique_name, weight_layers
+from worker.pipeline.quantize import lift_constants
 from worker.pipeline.step import StepContext, StepResult, selects_no_weight
 from worker.pipeline.records import StepLog, layer_record, sparsity_of
 
@@ -79,12 +80,13 @@ def cluster_weight(w: np.ndarray, bits: int, pruned: np.ndarray | None, init: st
 
 def check(model: onnx.ModelProto, params: ClusterStep, ctx: StepContext) -> None:
     """Before any work: the selection matches at least one weight."""
-    if not weight_layers(model, ops=CLUSTER_OPS, include=params.include, exclude=params.exclude,
-                         min_params=params.min_params):
+    if not any(weight_layers(m, ops=CLUSTER_OPS, include=params.include, exclude=params.exclude,
+                             min_params=params.min_params) for m in lift_constants.as_checked(model)):
         raise selects_no_weight("cluster", CLUSTER_OPS, params)
 
 
 def run(model: onnx.ModelProto, params: ClusterStep, ctx: StepContext) -> StepResult:
+    lift_constants.lift_constant_weights(model)
     layers = weight_layers(model, ops=CLUSTER_OPS, include=params.include, exclude=params.exclude,
                            min_params=params.min_params)
     if not layers:

@@ -41,6 +41,7 @@ from onnx import helper, numpy_helper
 
 from core.recipe import LowrankStep
 from worker.pipeline.graph import WeightLayer, attribute, get_array, remove_initializers, sort_graph, unique_name, weight_layers
+from worker.pipeline.quantize import lift_constants
 from worker.pipeline.step import StepContext, StepResult, selects_no_weight
 from worker.pipeline.data import bind
 from worker.pipeline.hessians import capture_hessians, damped
@@ -155,11 +156,12 @@ def _selected(model: onnx.ModelProto, params: LowrankStep) -> list[WeightLayer]:
 
 def check(model: onnx.ModelProto, params: LowrankStep, ctx: StepContext) -> None:
     """Before any work: the selection matches at least one weight."""
-    if not _selected(model, params):
+    if not any(_selected(m, params) for m in lift_constants.as_checked(model)):
         raise selects_no_weight("lowrank", _ops(params), params)
 
 
 def run(model: onnx.ModelProto, params: LowrankStep, ctx: StepContext) -> StepResult:
+    lift_constants.lift_constant_weights(model)
     layers = _selected(model, params)
     if not layers:
         raise selects_no_weight("lowrank", _ops(params), params)

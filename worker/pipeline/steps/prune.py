@@ -47,6 +47,7 @@ from core.errors import InvalidInput
 from core.recipe import PruneStep
 from worker.pipeline.data import bind
 from worker.pipeline.graph import WeightLayer, attribute, get_array, set_array, weight_layers
+from worker.pipeline.quantize import lift_constants
 from worker.pipeline.step import StepContext, StepResult, selects_no_weight
 from worker.pipeline.cost import LayerClock
 from worker.pipeline.sequential import Propagation, budget_of
@@ -68,11 +69,13 @@ CAPTURE_BATCH = 32                # samples per propagation batch (options["capt
 def check(model: onnx.ModelProto, params: PruneStep, ctx: StepContext) -> None:
     """Before any work: the selection matches at least one weight."""
     ops = ("Conv", "Gemm", "MatMul") if params.structure == "channel" else PRUNABLE_OPS
-    if not weight_layers(model, ops=ops, include=params.include, exclude=params.exclude, min_params=params.min_params):
+    if not any(weight_layers(m, ops=ops, include=params.include, exclude=params.exclude, min_params=params.min_params)
+               for m in lift_constants.as_checked(model)):
         raise selects_no_weight("prune", ops, params)
 
 
 def run(model: onnx.ModelProto, params: PruneStep, ctx: StepContext) -> StepResult:
+    lift_constants.lift_constant_weights(model)
     if params.structure == "channel":
         from worker.pipeline.prune.channels import prune_channels
         return prune_channels(model, params, ctx)
