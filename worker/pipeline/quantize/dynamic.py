@@ -98,6 +98,22 @@ def check(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext) -> Non
         raise RecipeError(why, [{"loc": loc, "msg": why}])
     prepared = _prepared(model)
     if not selected_layers(prepared, params) and not _weight_only_candidates(prepared, params):
+        nodes = {node.name: node for node in prepared.graph.node}
+        unfit = [f"{layer.weight} ({nodes[layer.node].op_type} {list(layer.shape)})"
+                 for layer in graph.weight_layers(prepared, ops=DYNAMIC_OPS, include=params.include,
+                                                  exclude=params.exclude, min_params=params.min_params)]
+        if unfit:
+            # selected, but not in a form the fused integer op takes: say so, not "no weight"
+            why = (f"dynamic int8 takes 2-D float32 MatMul / Gemm weights (Gemm without transA, alpha 1, a 1-D "
+                   f"bias at beta 1); none of the {len(unfit)} selected is: {', '.join(unfit[:3])}; static int8 "
+                   "(calibration: percentile) takes them")
+            raise RecipeError(why, [{"loc": ["activations", "calibration"], "msg": why}])
+        if graph.weight_layers(prepared, ops=WEIGHT_ONLY_OPS, include=params.include, exclude=params.exclude,
+                               min_params=params.min_params):
+            why = ("dynamic int8 quantizes the activations of MatMul / Gemm layers and this selection has only "
+                   "Conv weights (ONNX Runtime runs Conv in float here): static int8 (calibration: percentile, with "
+                   "calibration data) quantizes them, or leave activations out for weight-only int8")
+            raise RecipeError(why, [{"loc": ["activations", "calibration"], "msg": why}])
         if params.include:
             loc, why = ["include"], f"no MatMul / Gemm weight matches include {list(params.include)}"
         elif params.exclude:

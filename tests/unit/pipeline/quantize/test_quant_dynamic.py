@@ -206,3 +206,25 @@ def test_conv_weights_are_stored_int8_and_computed_in_float():
     old = builders.cnn_bn()
     old.opset_import[0].version = 12
     assert _run(old)[0].metrics["conv_weights_int8"] == 0
+
+
+def _gemm(alpha: float) -> onnx.ModelProto:
+    rng = np.random.default_rng(4)
+    g = helper.make_graph([helper.make_node("Gemm", ["x", "W", "b"], ["y"], name="fc", alpha=alpha)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 32])],
+                          [numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "W"),
+                           numpy_helper.from_array(np.zeros(32, np.float32), "b")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("model, says", [("cnn", "only Conv weights"),
+                                         ("gemm", "none of the 1 selected is: W (Gemm [64, 32])")])
+def test_a_selection_dynamic_int8_cannot_take_says_why(model, says):
+    # both were refused as "no 2-D MatMul / Gemm weight has 1024 or more elements"; the CNN's only
+    # MatMul (10 x 32) is under min_params, its second Conv is not
+    built = builders.cnn_bn() if model == "cnn" else _gemm(alpha=2.0)
+    with pytest.raises(RecipeError) as info:
+        check(built, _params(min_params=1024 if model == "cnn" else 0), StepContext(original=built))
+    assert info.value.errors[0]["loc"] == ["activations", "calibration"]
+    assert says in info.value.errors[0]["msg"]
