@@ -172,6 +172,29 @@ def weight_layers(model: onnx.ModelProto, *, ops: Sequence[str] = ("MatMul", "Ge
     return found
 
 
+# ops that read a weight already stored as integers (QDQ, QOperator, ONNX Runtime's fused forms)
+INTEGER_WEIGHT_READERS = frozenset({"DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger",
+                                    "ConvInteger", "MatMulNBits", "DynamicQuantizeMatMul", "GatherBlockQuantized"})
+_INTEGER_TYPES = frozenset({onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4,
+                            onnx.TensorProto.UINT4, onnx.TensorProto.INT16, onnx.TensorProto.UINT16})
+
+
+def integer_weights(model: onnx.ModelProto, min_params: int = 0) -> list[str]:
+    """Integer initializers of at least ``min_params`` elements that a quantized op reads: the
+    weights of a model that was quantized before it came (none of the float weight steps apply)."""
+    inits = initializers(model)
+    found = []
+    for node in model.graph.node:
+        if node.op_type not in INTEGER_WEIGHT_READERS:
+            continue
+        for name in node.input:
+            tensor = inits.get(name)
+            if (tensor is not None and tensor.data_type in _INTEGER_TYPES and name not in found
+                    and int(np.prod(tensor.dims)) >= max(min_params, 2)):
+                found.append(name)
+    return found
+
+
 def selected(layer: WeightLayer, include: Sequence[str], exclude: Sequence[str]) -> bool:
     """include / exclude are glob patterns matched against the weight's and the node's names."""
     names = (layer.weight, layer.node)

@@ -136,6 +136,18 @@ def _exports(recipe: Recipe, original_path: Path, compressed_path: Path, report:
                        progress=lambda stage: progress(STEPS_SHARE + 0.1, stage))
 
 
+def _if_quantized_already(exc: RecipeError, model: onnx.ModelProto, step: Any) -> RecipeError:
+    """A refusal for selecting no weight, on a model quantized before it came, says that is why."""
+    selecting = [e for e in exc.errors if list(e.get("loc", []))[-1:] in (["include"], ["exclude"], ["min_params"])]
+    stored = graph.integer_weights(model, getattr(step, "min_params", 0)) if selecting else []
+    if not stored:
+        return exc
+    hint = (f"; the model's weights are integers already ({len(stored)} behind quantized ops, {stored[0]} first): "
+            "compress the float model it was quantized from")
+    errors = [{**e, "msg": e.get("msg", "") + hint} if e is selecting[0] else e for e in exc.errors]
+    return RecipeError(exc.detail + hint, errors)
+
+
 def _at_step(exc: RecipeError, index: int) -> RecipeError:
     """``exc`` with ``["steps", index]`` in front of every field path not already absolute."""
     if exc.errors and all(list(e.get("loc", []))[:1] == ["steps"] for e in exc.errors):
@@ -216,7 +228,7 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
             try:
                 check(model, step, ctx)
             except RecipeError as exc:
-                raise _at_step(exc, index) from None
+                raise _at_step(_if_quantized_already(exc, model, step), index) from None
         modules.append(module)
 
     # 2. the steps

@@ -161,6 +161,24 @@ def test_weights_in_constant_nodes_are_pruned_factorized_and_clustered(tmp_path,
     assert result.report["fidelity"]["rel_l2"] < 1.0
 
 
+@pytest.mark.parametrize("step", [{"op": "prune", "sparsity": 0.5}, {"op": "quantize", "weights": {"bits": 8}}])
+def test_a_model_quantized_before_it_came_is_refused_with_that_reason(tmp_path, step):
+    rng = np.random.default_rng(6)
+    weights = rng.integers(-127, 128, (64, 64)).astype(np.int8)
+    nodes = [onnx.helper.make_node("DequantizeLinear", ["Wq", "scale"], ["W"]),
+             onnx.helper.make_node("MatMul", ["x", "W"], ["y"])]
+    g = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", 64])],
+                               [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", 64])],
+                               [onnx.numpy_helper.from_array(weights, "Wq"),
+                                onnx.numpy_helper.from_array(np.array(0.01, np.float32), "scale")])
+    path = tmp_path / "qdq.onnx"
+    onnx.save(onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
+    with pytest.raises(RecipeError) as info:
+        runner.run(path, parse_recipe({"steps": [step]}), workdir=tmp_path / "w")
+    assert info.value.errors[0]["loc"][:2] == ["steps", 0]
+    assert "integers already (1 behind quantized ops, Wq first)" in info.value.errors[0]["msg"]
+
+
 def test_unknown_target_and_unloadable_model(mlp_path, tmp_path):
     with pytest.raises(InvalidInput) as info:
         runner.run(mlp_path, parse_recipe(INT8), target="tpu", workdir=tmp_path)
