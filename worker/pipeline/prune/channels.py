@@ -741,7 +741,8 @@ def prune_channels(model: onnx.ModelProto, params: PruneStep, ctx: StepContext) 
     for tensor in out.graph.initializer:
         if tensor.name in new_arrays:
             tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new_arrays[tensor.name]), tensor.name))
-    used = {name for node in out.graph.node for name in node.input}
+    # what If / Loop / Scan bodies read from the main graph stays too (silero-vad's LSTM weights)
+    used = {name for node in out.graph.node for name in node.input} | subgraphs.subgraph_reads(out, outer_only=True)
     kept_inits = [t for t in out.graph.initializer if t.name in used or t.name in {o.name for o in out.graph.output}]
     del out.graph.initializer[:]
     out.graph.initializer.extend(kept_inits)

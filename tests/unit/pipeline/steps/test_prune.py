@@ -522,3 +522,29 @@ def test_a_matmul_that_loses_inputs_moves_their_mean_into_the_bias_after_it():
     set_array(old_bias, "b2", get_array(model, "b2"))
     want = run_model(model, feeds)[0]
     assert rel_l2(run_model(result.model, feeds)[0], want) < 0.9 * rel_l2(run_model(old_bias, feeds)[0], want)
+
+
+def test_channel_pruning_keeps_the_weights_an_if_body_reads_from_the_main_graph():
+    # silero-vad's LSTM weights are main-graph initializers only its If branches read: the rebuilt
+    # graph dropped them as unused and shape inference failed on the branch
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(9)
+    body = helper.make_graph([helper.make_node("MatMul", ["h", "Wb"], ["t"], name="in_body")], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["batch", 16])])
+    other = helper.make_graph([helper.make_node("Identity", ["h16"], ["e"], name="pass")], "else", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, ["batch", 16])])
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["a"], name="fc1"), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("MatMul", ["r", "W2"], ["h"], name="fc2"),
+             helper.make_node("MatMul", ["h", "W3"], ["h16"], name="fc3"),
+             helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=body, else_branch=other)]
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) / 4, name)
+             for name, shape in (("W1", (32, 64)), ("W2", (64, 32)), ("W3", (32, 16)), ("Wb", (32, 16)))]
+    model = onnx.helper.make_model(
+        helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])],
+                          inits + [numpy_helper.from_array(np.array(True), "cond")]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    result = prune.run(model, _params(sparsity=0.25, structure="channel", include=["W1"], min_params=0),
+                       StepContext(original=model))
+    assert_valid_same_io(result.model, model, inputs_for(model))
+    assert _dims(result.model)["W1"] == (32, 48) and _dims(result.model)["Wb"] == (32, 16)
