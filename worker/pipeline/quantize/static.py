@@ -50,6 +50,7 @@ import kernels
 from core.errors import PipelineError, RecipeError
 from core.recipe import QuantizeStep
 from worker.pipeline import activations, calibrate, graph, subgraphs
+from worker.pipeline.metrics import sqnr_db
 from worker.pipeline.data import DataError, Dataset, bind
 from worker.pipeline.quantize import (adaround, int8_storage, lift_constants, tensorrt_qdq, weight_only, weight_only_compute,
                                       wide_activations)
@@ -362,11 +363,14 @@ def weight_grid(weight: np.ndarray, layer: graph.WeightLayer, params: QuantizeSt
 
 
 def quantize_weight(model: onnx.ModelProto, layer: graph.WeightLayer, params: QuantizeStep,
-                    unsigned_storage: bool = False, rounded: np.ndarray | None = None) -> WeightGrid:
+                    unsigned_storage: bool = False, rounded: np.ndarray | None = None,
+                    sqnr: dict[str, float] | None = None) -> WeightGrid:
     """Replace the float weight by int8 + DequantizeLinear whose output keeps the weight's name, so
     every reader (a shared weight's second layer too) reads the dequantized tensor unchanged.
     ``unsigned_storage``: symmetric int8 values stored as uint8 + 128 (``int8_storage``).
-    ``rounded``: the integers learned on the same grid (``weights.rounding: adaround``), else nearest."""
+    ``rounded``: the integers learned on the same grid (``weights.rounding: adaround``), else nearest.
+    ``sqnr``: gets the weight's SQNR against the weight quantized here, which SmoothQuant, CLE or a
+    folded BatchNorm made from the original (against the original it read -3 to -16 dB)."""
     weight = graph.get_array(model, layer.weight).astype(np.float32, copy=False)
     grid = weight_grid(weight, layer, params)
     signed = params.weights is None or params.weights.symmetric
@@ -375,6 +379,13 @@ def quantize_weight(model: onnx.ModelProto, layer: graph.WeightLayer, params: Qu
     else:
         q = kernels.quantize(np.ascontiguousarray(weight), grid.scale, grid.zero_point, bits=8, signed=signed,
                              axis=grid.axis)
+    if sqnr is not None:
+        shape = [1] * weight.ndim
+        if grid.axis is not None:
+            shape[grid.axis] = -1
+        scale, zero = (np.reshape(np.asarray(v, np.float32), shape if np.size(v) > 1 else ())
+                       for v in (grid.scale, grid.zero_point))
+        sqnr[layer.weight] = sqnr_db(weight, (q.astype(np.float32) - zero) * scale)
     if signed and unsigned_storage:
         q, shift = int8_storage.stored(q, unsigned=True)
         zero_point = np.full(np.shape(grid.zero_point), shift, np.uint8)
@@ -641,11 +652,13 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
     quantized = onnx.ModelProto()
     quantized.CopyFrom(prepared)
     weight_grids: dict[str, WeightGrid] = {}
+    sqnr_of: dict[str, float] = {}
     # uint8 activations meet these weights in ORT's u8s8 kernels: see int8_storage
     unsigned = not spec.symmetric and int8_storage.unsigned_weights(ctx.target, ctx.options, params.integer_weights)
     with ctx.cost.phase("solve"), graph.naming(quantized):
         for layer in layers:
-            weight_grids[layer.weight] = quantize_weight(quantized, layer, params, unsigned, learned.get(layer.weight))
+            weight_grids[layer.weight] = quantize_weight(quantized, layer, params, unsigned, learned.get(layer.weight),
+                                                         sqnr_of)
         embeddings = embedding_layers(quantized, params)
         for layer in embeddings:
             weight_grids[layer.weight] = quantize_embedding(quantized, layer)
@@ -720,6 +733,8 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
                        "block_size": None, "bits": 8, "signed": bool(signed)}
         if layer in layers:
             record.extra["weight_storage"] = int8_storage.storage_name(unsigned and bool(signed))
+        if layer.weight in sqnr_of:
+            record.extra["sqnr_db"] = sqnr_of[layer.weight]
         if layer.weight in rounding_info:
             record.extra["rounding"] = adaround.record(rounding_info[layer.weight])
         record.extra["activations"] = ("weight-only int8 rows (embedding)" if layer.op == "Gather" else
