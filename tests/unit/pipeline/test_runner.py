@@ -179,6 +179,19 @@ def test_a_model_quantized_before_it_came_is_refused_with_that_reason(tmp_path, 
     assert "integers already (1 behind quantized ops, Wq first)" in info.value.errors[0]["msg"]
 
 
+def test_layerwise_distillation_refits_a_converters_constant_node_weights(tmp_path):
+    # the teacher (the original) kept its weights in Constant nodes: every layer was refused as
+    # "the weight is not a constant"
+    path = tmp_path / "constants.onnx"
+    onnx.save(builders.mlp(constants=True), path)
+    calibration = {"x": np.random.default_rng(3).standard_normal((256, 128)).astype(np.float32)}
+    recipe = parse_recipe({"steps": [{"op": "prune", "sparsity": 0.6}, {"op": "distill", "method": "layerwise"}]})
+    report = runner.run(path, recipe, calibration=calibration, workdir=tmp_path / "w", options=FAST).report
+    distill = report["steps"][1]
+    assert distill["op"] == "distill" and distill["method"] == "layerwise"
+    assert report["fidelity"]["rel_l2"] < 0.5
+
+
 def test_unknown_target_and_unloadable_model(mlp_path, tmp_path):
     with pytest.raises(InvalidInput) as info:
         runner.run(mlp_path, parse_recipe(INT8), target="tpu", workdir=tmp_path)

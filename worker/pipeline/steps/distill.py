@@ -43,6 +43,7 @@ from worker.pipeline import data as data_mod
 from worker.pipeline import graph
 from worker.pipeline.distill import layerwise
 from worker.pipeline.distill.layers import linear_layer
+from worker.pipeline.quantize import lift_constants
 from worker.pipeline.sequential import budget_of
 from worker.pipeline.step import LayerRecord, StepContext, StepResult
 
@@ -267,15 +268,28 @@ def run(model: onnx.ModelProto, params: DistillStep, ctx: StepContext) -> StepRe
     return StepResult(trained, metrics.pop("changed"), {"method": "kd", **metrics})
 
 
+def _lifted_teacher(original: onnx.ModelProto) -> onnx.ModelProto:
+    """The original with its Constant-node weights lifted to initializers, as the compressing steps
+    lifted the student's (same names): a converter's teacher (paddle2onnx) otherwise has no
+    constant weight to refit against, and every layer was refused as "not a constant"."""
+    if not lift_constants.constant_weights(original):
+        return original
+    teacher = onnx.ModelProto()
+    teacher.CopyFrom(original)
+    lift_constants.lift_constant_weights(teacher)
+    return teacher
+
+
 def _run_layerwise(model: onnx.ModelProto, params: DistillStep, ctx: StepContext, dataset) -> StepResult:
-    fits, skipped = plan_layerwise(model, ctx.original, params, ctx.layers)
+    teacher = _lifted_teacher(ctx.original)
+    fits, skipped = plan_layerwise(model, teacher, params, ctx.layers)
     if not fits:
         reasons = "; ".join(f"{s['name']}: {s['reason']}" for s in skipped) or \
             "no earlier step compressed a layer (run prune, lowrank, cluster or quantize first)"
         raise _refuse(ctx, "method", f"method layerwise has no layer to refit: {reasons}")
     student = onnx.ModelProto()
     student.CopyFrom(model)
-    rows = layerwise.run(student, ctx.original, fits, dataset, damping=params.damping,
+    rows = layerwise.run(student, teacher, fits, dataset, damping=params.damping,
                          batch_size=max(params.batch_size, LAYERWISE_MIN_BATCH), progress=ctx.progress,
                          check_cancelled=ctx.check_cancelled, cost=ctx.cost,
                          budget_bytes=budget_of(ctx.options))
