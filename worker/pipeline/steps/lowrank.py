@@ -96,8 +96,11 @@ def truncated_svd(matrix: np.ndarray, params: LowrankStep,
 
     With the input Hessian ``H = L L^T`` of the layer (x @ W), the factorization minimises the
     output error ``||X (W - A B)||_F^2 = ||L^T (W - A B)||_F^2`` instead of the weight error: the SVD
-    is taken of ``L^T W = U S V^T`` and ``A = L^-T U_r sqrt(S_r)``, ``B = sqrt(S_r) V_r^T``; the energy
-    is then the share of the layer's output energy kept."""
+    is taken of ``L^T W = U S V^T`` and ``A = L^-T U_r sqrt(S_r)``, ``B = sqrt(S_r) V_r^T``. The rank
+    ``energy`` asks for is read off W's own spectrum either way: off ``L^T W``'s a transformer's
+    outlier features put 95 % of an FFN output's energy in one direction and the rank fell to 1
+    (all-MiniLM-L6-v2: output rel_l2 1.07 with calibration data, 0.55 without). The energy kept is
+    W's, ``1 - ||W - A B||^2 / ||W||^2``, measured (the factors are not W's SVD with a Hessian)."""
     k, n = matrix.shape
     work = matrix.astype(np.float64)
     lower = None
@@ -116,22 +119,27 @@ def truncated_svd(matrix: np.ndarray, params: LowrankStep,
     else:
         # the singular values alone cost a fraction of the full SVD; the vectors are then computed
         # for the chosen rank only (randomized where that pays)
-        s = np.linalg.svd(work, compute_uv=False)
-        total = float(np.sum(s * s))
-        cumulative = np.cumsum(s * s)
-        rank = int(np.searchsorted(cumulative, params.energy * cumulative[-1] * (1 - 1e-12)) + 1) if total > 0 else 1
-        rank = min(rank, s.size)
+        spectrum = np.linalg.svd(matrix.astype(np.float64), compute_uv=False)
+        cumulative = np.cumsum(spectrum * spectrum)
+        rank = int(np.searchsorted(cumulative, params.energy * cumulative[-1] * (1 - 1e-12)) + 1) \
+            if cumulative[-1] > 0 else 1
+        rank = min(rank, spectrum.size)
         if _randomized_pays(matrix.size, rank, min(k, n)):
-            u, _, vt = randomized_svd(work, rank)
+            u, s, vt = randomized_svd(work, rank)
         else:
-            u, _, vt = np.linalg.svd(work, full_matrices=False)
+            u, s, vt = np.linalg.svd(work, full_matrices=False)
+        total = float(np.sum(work * work))
     u, s, vt = u[:, :rank], s[:rank], vt[:rank]
     root = np.sqrt(s)
-    kept = float(np.sum(s * s) / total) if total > 0 else 1.0
     a = u * root[None, :]
-    if lower is not None:
+    b = root[:, None] * vt
+    if lower is None:
+        kept = float(np.sum(s * s) / total) if total > 0 else 1.0          # Eckart-Young
+    else:
         a = np.linalg.solve(lower.T, a)
-    return a.astype(np.float32), (root[:, None] * vt).astype(np.float32), s, kept
+        weight_energy = float(np.sum(matrix.astype(np.float64) ** 2))
+        kept = 1.0 - float(np.sum((matrix - a @ b) ** 2)) / weight_energy if weight_energy > 0 else 1.0
+    return a.astype(np.float32), b.astype(np.float32), s, kept
 
 
 def _conv_geometry(node: onnx.NodeProto, shape: tuple[int, ...]) -> dict | None:
@@ -193,7 +201,7 @@ def run(model: onnx.ModelProto, params: LowrankStep, ctx: StepContext) -> StepRe
         rank, factors, kept_energy, new_params = outcome
         record = layer_record(ctx, layer)
         record.rank, record.factors, record.mask, record.sparsity = rank, factors, None, 0.0
-        # ||W - AB||^2 / ||W||^2 is the energy left out (Eckart-Young)
+        # ||W - AB||^2 / ||W||^2 is the energy left out
         record.extra["sqnr_db"] = float(-10 * np.log10(1 - kept_energy)) if kept_energy < 1 else None
         changed.append(layer.weight)
         before += layer.params

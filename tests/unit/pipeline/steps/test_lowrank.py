@@ -174,3 +174,25 @@ def test_float16_weights_keep_their_dtype():
     got = assert_valid_same_io(result.model, model, feeds)[0]
     assert got.dtype == np.float16
     assert {t.data_type for t in result.model.graph.initializer if t.data_type in (1, 10)} == {10}
+
+
+def test_energy_means_the_weights_rank_with_calibration_data_too():
+    # with calibration data the rank came off the output-weighted spectrum: inputs dominated by one
+    # direction put nearly all the output energy in rank 1 and the layer collapsed
+    model = mlp()
+    rng = np.random.default_rng(8)
+    u, _, vt = np.linalg.svd(rng.standard_normal((64, 128)), full_matrices=False)
+    set_array(model, "w1", ((u * np.logspace(0, -2, 64)) @ vt).astype(np.float32))   # a decaying spectrum
+    x = rng.standard_normal((512, 64)).astype(np.float32)
+    x[:, 5] *= 200.0                                     # an outlier feature, as in BERT
+    feeds = {"x": (rng.standard_normal((64, 64)) * np.where(np.arange(64) == 5, 200.0, 1.0)).astype(np.float32)}
+    want = run_model(model, feeds)[0]
+    ranks, errors = [], []
+    for data in (None, {"x": x}):
+        ctx = StepContext(original=model, calibration=data)
+        result = lowrank.run(model, _params(energy=0.9, include=["w1"]), ctx)
+        ranks.append(ctx.layers["w1"].rank)
+        errors.append(rel_l2(assert_valid_same_io(result.model, model, feeds)[0], want))
+        assert result.metrics["layers"][0]["energy"] <= 1.0
+    assert ranks[0] == ranks[1] > 1
+    assert errors[1] <= errors[0]
