@@ -379,19 +379,14 @@ def quantize_weight(model: onnx.ModelProto, layer: graph.WeightLayer, params: Qu
     else:
         q = kernels.quantize(np.ascontiguousarray(weight), grid.scale, grid.zero_point, bits=8, signed=signed,
                              axis=grid.axis)
-    if sqnr is not None:
-        shape = [1] * weight.ndim
-        if grid.axis is not None:
-            shape[grid.axis] = -1
-        scale, zero = (np.reshape(np.asarray(v, np.float32), shape if np.size(v) > 1 else ())
-                       for v in (grid.scale, grid.zero_point))
-        sqnr[layer.weight] = sqnr_db(weight, (q.astype(np.float32) - zero) * scale)
     if signed and unsigned_storage:
         q, shift = int8_storage.stored(q, unsigned=True)
         zero_point = np.full(np.shape(grid.zero_point), shift, np.uint8)
     else:
         np_dtype = np.int8 if signed else np.uint8
         q, zero_point = q.astype(np_dtype), grid.zero_point.astype(np_dtype)
+    if sqnr is not None:
+        sqnr[layer.weight] = sqnr_db(weight, kernels.dequantize(q, grid.scale, zero_point, axis=grid.axis))
     q_name = graph.unique_name(model, f"{layer.weight}_quantized")
     s_name = graph.unique_name(model, f"{layer.weight}_scale")
     z_name = graph.unique_name(model, f"{layer.weight}_zero_point")

@@ -102,7 +102,8 @@ def truncated_svd(matrix: np.ndarray, params: LowrankStep,
     (all-MiniLM-L6-v2: output rel_l2 1.07 with calibration data, 0.55 without). The energy kept is
     W's, ``1 - ||W - A B||^2 / ||W||^2``, measured (the factors are not W's SVD with a Hessian)."""
     k, n = matrix.shape
-    work = matrix.astype(np.float64)
+    weight64 = matrix.astype(np.float64)
+    work = weight64
     lower = None
     if hessian is not None:
         lower = np.linalg.cholesky(damped(hessian))
@@ -119,7 +120,7 @@ def truncated_svd(matrix: np.ndarray, params: LowrankStep,
     else:
         # the singular values alone cost a fraction of the full SVD; the vectors are then computed
         # for the chosen rank only (randomized where that pays)
-        spectrum = np.linalg.svd(matrix.astype(np.float64), compute_uv=False)
+        spectrum = np.linalg.svd(weight64, compute_uv=False)
         cumulative = np.cumsum(spectrum * spectrum)
         rank = int(np.searchsorted(cumulative, params.energy * cumulative[-1] * (1 - 1e-12)) + 1) \
             if cumulative[-1] > 0 else 1
@@ -137,8 +138,8 @@ def truncated_svd(matrix: np.ndarray, params: LowrankStep,
         kept = float(np.sum(s * s) / total) if total > 0 else 1.0          # Eckart-Young
     else:
         a = np.linalg.solve(lower.T, a)
-        weight_energy = float(np.sum(matrix.astype(np.float64) ** 2))
-        kept = 1.0 - float(np.sum((matrix - a @ b) ** 2)) / weight_energy if weight_energy > 0 else 1.0
+        weight_energy = float(np.sum(weight64 * weight64))
+        kept = 1.0 - float(np.sum((weight64 - a @ b) ** 2)) / weight_energy if weight_energy > 0 else 1.0
     return a.astype(np.float32), b.astype(np.float32), s, kept
 
 
