@@ -24,6 +24,14 @@ def test_ctc_greedy_merges_repeats_and_drops_blanks():
     assert real_models.ctc_greedy(probabilities, dictionary) == ["aab", " b"]
 
 
+def test_line_texts_drop_edge_spaces_but_keep_those_between_words():
+    dictionary = ["<blank>", "a", "b", " "]
+    # " a b " and "ab": a leading / trailing space is no content, the one between words is
+    probabilities = np.stack([_one_hot([3, 0, 1, 3, 2, 3, 0, 0], 4), _one_hot([1, 0, 2, 0, 0, 0, 0, 0], 4)])
+    assert real_models.ctc_greedy(probabilities, dictionary) == [" a b ", "ab"]
+    assert real_models.line_texts(probabilities, dictionary) == ["a b", "ab"]
+
+
 def test_character_accuracy_counts_edits():
     assert real_models.character_accuracy(["hello", "ab"], ["hello", "ab"]) == 1.0
     # one substitution and one deletion over 7 reference characters
