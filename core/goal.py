@@ -69,6 +69,9 @@ def _check_ctc(goal: GoalSpec, name: str, shape: Sequence[Any] | None, prefix: S
                                 f"{name!r} has {len(shape)} axes", prefix)
     if isinstance(shape[-1], int) and goal.blank is not None and goal.blank >= shape[-1]:
         raise _refuse("blank", f"blank {goal.blank} is not one of {name!r}'s {shape[-1]} classes", prefix)
+    beyond = [c for c in goal.trim if isinstance(shape[-1], int) and c >= shape[-1]]
+    if beyond:
+        raise _refuse("trim", f"trim {beyond} are not among {name!r}'s {shape[-1]} classes", prefix)
 
 
 def _check_carry(goal: GoalSpec, outputs: Sequence[dict[str, Any]], inputs: Sequence[dict[str, Any]] | None,

@@ -278,6 +278,10 @@ class GoalSpec(_Spec):
                                     description="iou / decision_agreement: elements above it count")
     blank: int | None = Field(None, ge=0, validate_default=True,
                               description="ctc_agreement: the blank class's index on the last axis (default 0)")
+    trim: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=list, max_length=64, validate_default=True,
+        description="ctc_agreement: classes dropped from both ends of each decoded text before comparing "
+                    "(a line recognizer's space class: a line's leading / trailing space is no content)")
     max_drop: float = Field(0.01, ge=0.0, le=1e6,
                             description="absolute drop from the original's score (rel_l2: the largest rel_l2)")
     minimize: Literal["size", "transport_size", "latency"] = "size"
@@ -317,6 +321,14 @@ class GoalSpec(_Spec):
             return 0 if value is None else value
         if metric is not None and value is not None:
             raise ValueError("blank applies only to ctc_agreement")
+        return value
+
+    @field_validator("trim")
+    @classmethod
+    def _trim(cls, value: list[int], info: ValidationInfo) -> list[int]:
+        metric = info.data.get("metric")
+        if value and metric is not None and metric != "ctc_agreement":
+            raise ValueError("trim applies only to ctc_agreement")
         return value
 
 

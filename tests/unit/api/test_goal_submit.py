@@ -37,6 +37,7 @@ def dataset_id(api_client) -> str:
         ({"metric": "cosine", "carry": {"logits": "state"}}, True, ["body", "recipe", "goal", "carry"]),  # no input
         ({"metric": "ctc_agreement"}, True, ["body", "recipe", "goal", "metric"]),  # logits has no time axis
         ({"metric": "cosine", "blank": 0}, True, ["body", "recipe", "goal", "blank"]),
+        ({"metric": "cosine", "trim": [1]}, True, ["body", "recipe", "goal", "trim"]),
     ],
 )
 def test_goal_that_does_not_fit_is_422_with_its_path(api_client, migrated, model_id, dataset_id, goal, with_data, loc):

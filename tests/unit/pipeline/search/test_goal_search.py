@@ -323,6 +323,34 @@ def test_ctc_goal_that_does_not_fit_the_output_is_refused(goal, shape, loc):
                [{"name": "probs", "shape": [1, 25, 10], "dtype": "float32"}], has_data=True, has_labels=False)
 
 
+def test_ctc_agreement_trims_the_named_classes_at_the_ends_only():
+    # class 4 as a line recognizer's space: " 1 2" and "1 2 " read as "1 2"; "1 4 2" keeps its space
+    y = _ctc_scores([[1, 4, 2], [1, 2], [3]])
+    z = _ctc_scores([[4, 1, 4, 2], [1, 2, 4], [3]])
+    plain = parse_recipe({"goal": {"metric": "ctc_agreement"}}).goal
+    trimmed = parse_recipe({"goal": {"metric": "ctc_agreement", "trim": [4]}}).goal
+    assert scores.value(plain, y, z) == pytest.approx(1 - 2 / 8)
+    assert scores.value(trimmed, y, z) == 1.0
+    # a space lost between words still counts
+    assert scores.value(trimmed, y, _ctc_scores([[1, 2], [1, 2], [3]])) == pytest.approx(1 - 1 / 6)
+    assert scores._trimmed([[4, 4], [4, 1, 4]], [4]) == [[], [1]]
+
+
+def test_trim_belongs_to_ctc_agreement_and_to_the_output_classes():
+    from core.errors import RecipeError
+    from core.goal import check_goal
+
+    with pytest.raises(RecipeError) as caught:
+        parse_recipe({"goal": {"metric": "top1_agreement", "trim": [3]}})
+    assert caught.value.errors[0]["loc"][:2] == ["goal", "trim"]
+    spec = parse_recipe({"goal": {"metric": "ctc_agreement", "trim": [3, 10]}}).goal
+    with pytest.raises(RecipeError) as caught:
+        check_goal(spec, [{"name": "probs", "shape": [1, 25, 10], "dtype": "float32"}], has_data=True,
+                   has_labels=False)
+    assert caught.value.errors[0]["loc"] == ["goal", "trim"]
+    assert "[10]" in caught.value.errors[0]["msg"]
+
+
 def test_blank_belongs_to_ctc_agreement_only():
     from core.errors import RecipeError
 
