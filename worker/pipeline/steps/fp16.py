@@ -179,15 +179,28 @@ def _transposes_ort_crashes_on(model: onnx.ModelProto, plans: dict[str, NodePlan
     Identity): ``nn.MultiheadAttention(batch_first=True)`` and a batch-first RNN's output into a
     Linear export exactly that. The checks below never see it: their sessions expose every tensor,
     which blocks the rewrite. A Transpose only moves data: kept float32 with a Cast after it, the
-    MatMul still computes in float16 on float16 weights."""
+    MatMul still computes in float16 on float16 weights. A Cast or Identity between the two counts as
+    nothing (ONNX Runtime drops no-op ones first)."""
     inputs = {i.name for i in model.graph.input}
     constants = {t.name for t in model.graph.initializer if t.name not in inputs}
     for node in model.graph.node:
         if node.op_type == "Constant" or (node.input and all(not t or t in constants for t in node.input)):
             constants.update(o for o in node.output if o)
+    # every such MatMul, planned or not: in a model already float16 its inputs are float16 and it has
+    # no plan, yet ONNX Runtime still fuses the Transpose into it
     beside_a_constant = {t for node in model.graph.node
-                         if node.op_type == "MatMul" and node.name in plans and any(t in constants for t in node.input)
+                         if node.op_type == "MatMul" and any(t in constants for t in node.input)
                          for t in node.input}
+    # through Casts and Identities, which ONNX Runtime removes before that rewrite: a model this step
+    # converted before carries Transpose (float32) -> Cast -> MatMul, and converting it again made
+    # that Transpose float16 and crashed
+    producers = graph.producers(model)
+    pending = list(beside_a_constant)
+    while pending:
+        node = producers.get(pending.pop())
+        if node is not None and node.op_type in ("Cast", "Identity") and node.input[0] not in beside_a_constant:
+            beside_a_constant.add(node.input[0])
+            pending.append(node.input[0])
     return {node.name: "a float16 Transpose into a MatMul with a constant crashes ONNX Runtime's NchwcTransformer"
             for node in model.graph.node
             if node.op_type == "Transpose" and node.name in plans and any(o in beside_a_constant for o in node.output)}

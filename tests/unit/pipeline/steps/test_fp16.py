@@ -189,3 +189,28 @@ def test_a_transpose_into_a_constant_matmul_stays_float32_so_onnx_runtime_loads_
                           capture_output=True, text=True, timeout=120)
     assert load.returncode == 0, load.stderr[-500:]
     assert builders.rel_l2(expected, builders.run_ort(result.model, feeds)) < 1e-2
+
+
+def test_fp16_of_its_own_output_keeps_that_transpose_float32(tmp_path):
+    # the second pass saw Transpose (float32) -> Cast -> MatMul on float16 inputs: the MatMul had no
+    # plan, the Transpose went float16, and the file it wrote killed ONNX Runtime (SIGSEGV, exit 139)
+    import subprocess
+    import sys
+
+    model = batch_first_projection(tied=False)
+    feeds = builders.random_inputs(model)
+    once, _ = convert(model)
+    twice, _ = convert(once.model)
+    assert "NchwcTransformer" in kept(twice)["to_time_major"]
+    transpose = next(n for n in twice.model.graph.node if n.name == "to_time_major")
+    producers = {o: n for n in twice.model.graph.node for o in n.output}
+    source = producers.get(transpose.input[0])
+    # it reads float32: the graph input itself or a Cast to float32
+    assert source is None or (source.op_type == "Cast" and source.attribute[0].i == TensorProto.FLOAT)
+    path = tmp_path / "fp16-twice.onnx"
+    onnx.save(twice.model, str(path))
+    load = subprocess.run([sys.executable, "-c", "import onnxruntime as ort, sys; "
+                           "ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert load.returncode == 0, load.stderr[-500:]
+    assert builders.rel_l2(builders.run_ort(model, feeds), builders.run_ort(twice.model, feeds)) < 1e-2
