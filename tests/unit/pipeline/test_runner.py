@@ -149,6 +149,29 @@ def test_int8_activations_on_a_float16_model_are_refused_up_front(tmp_path, cali
     assert "float16" in info.value.errors[0]["msg"]
 
 
+def test_int8_activations_on_a_float16_recurrent_cell_are_refused_up_front(tmp_path):
+    # only the GRU's W / R pass min_params: the check looked at Conv / MatMul / Gemm alone, and the run
+    # then failed in ONNX Runtime ("W has inconsistent type"), exit 1 with a traceback
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    hidden, width = 32, 32
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float16) * 0.1, name)
+               for name, shape in (("W", (1, 3 * hidden, width)), ("R", (1, 3 * hidden, hidden)))]
+    nodes = [helper.make_node("Transpose", ["x"], ["time_major"], perm=[1, 0, 2]),
+             helper.make_node("GRU", ["time_major", "W", "R"], ["y"], name="gru", hidden_size=hidden)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["batch", 5, width])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [5, 1, "batch", hidden])], weights)
+    path = tmp_path / "gru16.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    recipe = parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 8}, "activations": {}}]})
+    calibration_data = {"x": rng.standard_normal((8, 5, width)).astype(np.float16)}
+    with pytest.raises(RecipeError) as info:
+        runner.run(path, recipe, calibration=calibration_data, workdir=tmp_path / "w")
+    assert info.value.errors[0]["loc"] == ["steps", 0, "activations"]
+    assert "float16 (W and 1 more)" in info.value.errors[0]["msg"]
+
+
 @pytest.mark.parametrize("step", [{"op": "prune", "sparsity": 0.5}, {"op": "prune", "sparsity": 0.25, "structure": "channel"},
                                   {"op": "lowrank", "rank_ratio": 0.5}, {"op": "cluster", "bits": 4}])
 def test_weights_in_constant_nodes_are_pruned_factorized_and_clustered(tmp_path, step):

@@ -49,9 +49,13 @@ def refuse_float16_activations(model: onnx.ModelProto, params: QuantizeStep) -> 
     around them take float32, so a float16 model was refused deep inside the run (a type clash in
     ONNX Runtime) or, by dynamic int8, as if it had no weight at all."""
     inits = graph.initializers(model)
-    half = [layer.weight for layer in graph.weight_layers(model, ops=("Conv", "MatMul", "Gemm"), include=params.include,
-                                                          exclude=params.exclude, min_params=params.min_params)
-            if inits[layer.weight].data_type == onnx.TensorProto.FLOAT16]
+    layers = graph.weight_layers(model, ops=("Conv", "MatMul", "Gemm"), include=params.include,
+                                 exclude=params.exclude, min_params=params.min_params)
+    # recurrent cells' W / R too: stored int8 beside the int8 activations, their float32 dequantized
+    # values met the cell's float16 input and ONNX Runtime refused the type clash mid-run
+    layers += [layer for layer in weight_only.recurrent_layers(model, {layer.weight for layer in layers})
+               if layer.params >= params.min_params and graph.selected(layer, params.include, params.exclude)]
+    half = [layer.weight for layer in layers if inits[layer.weight].data_type == onnx.TensorProto.FLOAT16]
     if half:
         why = (f"int8 activations need a float32 model; its weights are float16 ({half[0]}"
                f"{f' and {len(half) - 1} more' if len(half) > 1 else ''}): quantize the float32 model, or "
