@@ -90,3 +90,11 @@ def _check_carry(goal: GoalSpec, outputs: Sequence[dict[str, Any]], inputs: Sequ
         theirs, ours = str(by_output[output].get("dtype") or ""), str(by_input[target].get("dtype") or "")
         if theirs and ours and theirs != ours:
             raise _refuse("carry", f"output {output!r} is {theirs}, input {target!r} is {ours}", prefix)
+        # a state fed back must fit its input: a rank or a fixed size that differs failed in ONNX
+        # Runtime at the search's first stream step (exit 1), not here
+        given, wanted = by_output[output].get("shape"), by_input[target].get("shape")
+        if isinstance(given, (list, tuple)) and isinstance(wanted, (list, tuple)) and (
+                len(given) != len(wanted) or any(isinstance(a, int) and isinstance(b, int) and a != b
+                                                 for a, b in zip(given, wanted))):
+            raise _refuse("carry", f"output {output!r} has shape {list(given)}, input {target!r} takes "
+                                   f"{list(wanted)}", prefix)

@@ -640,17 +640,15 @@ def check_and_split(model: onnx.ModelProto, goal: GoalSpec, calibration: Dataset
     """Refuse (RecipeError at goal.<field>) a goal that does not fit the model or the data; without
     evaluation data hold out ``goal.holdout`` of the calibration data. Returns (calibration,
     evaluation, how the evaluation data was obtained when held out)."""
-    outputs, inputs = [], []
-    initializers = {t.name for t in model.graph.initializer}
-    for value in model.graph.input:
-        if value.name not in initializers:
-            inputs.append({"name": value.name, "dtype": _np_dtype(value.type.tensor_type.elem_type)})
-    for value in model.graph.output:
+    def described(value: onnx.ValueInfoProto) -> dict[str, Any]:
         tensor_type = value.type.tensor_type
-        dtype = _np_dtype(tensor_type.elem_type)
         dims = ([d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
                 if tensor_type.HasField("shape") else None)
-        outputs.append({"name": value.name, "dtype": dtype, "shape": dims})
+        return {"name": value.name, "dtype": _np_dtype(tensor_type.elem_type), "shape": dims}
+
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [described(value) for value in model.graph.input if value.name not in initializers]
+    outputs = [described(value) for value in model.graph.output]
     data = evaluation if evaluation is not None else calibration
     check_goal(goal, outputs, has_data=data is not None, has_labels=data is not None and data.labels is not None,
                samples=data.size if data is not None else None, inputs=inputs)

@@ -81,7 +81,10 @@ def test_search_scores_the_stream_and_the_budget_holds_there(tmp_path):
 
 
 @pytest.mark.parametrize("carry, why", [({"hidden": "state"}, "no output 'hidden'"),
-                                        ({"stateN": "memory"}, "no input 'memory'")])
+                                        ({"stateN": "memory"}, "no input 'memory'"),
+                                        # [b, 8] into [b, WIDTH]: ONNX Runtime refused it at the first
+                                        # stream step, exit 1 with its traceback
+                                        ({"output": "state"}, "output 'output' has shape [None, 8]")])
 def test_carry_that_does_not_fit_the_model_is_refused(carry, why):
     model = recurrent()
     goal = parse_recipe({"goal": {**GOAL, "carry": carry}}).goal
