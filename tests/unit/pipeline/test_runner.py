@@ -184,6 +184,27 @@ def test_weights_in_constant_nodes_are_pruned_factorized_and_clustered(tmp_path,
     assert result.report["fidelity"]["rel_l2"] < 1.0
 
 
+def test_dynamic_int8_takes_a_gemm_whose_bias_is_a_constant_node(tmp_path):
+    # tf2onnx / paddle2onnx write Gemm's C as a Constant node: only the weight was lifted, and every
+    # such Gemm was refused with a message listing conditions it met
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    arrays = {"W": rng.standard_normal((64, 96)).astype(np.float32) * 0.1,
+              "C": rng.standard_normal(96).astype(np.float32) * 0.1}
+    nodes = [helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, name))
+             for name, value in arrays.items()]
+    nodes.append(helper.make_node("Gemm", ["x", "W", "C"], ["y"], name="fc"))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 96])])
+    path = tmp_path / "gemm_constants.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    recipe = parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 8}, "activations": {"calibration": "dynamic"}}]})
+    result = runner.run(path, recipe, workdir=tmp_path / "w", options=FAST)
+    assert [row["name"] for row in result.report["layers"]] == ["W"]
+    assert result.report["fidelity"]["rel_l2"] < 0.05
+
+
 @pytest.mark.parametrize("step", [{"op": "prune", "sparsity": 0.5}, {"op": "quantize", "weights": {"bits": 8}}])
 def test_a_model_quantized_before_it_came_is_refused_with_that_reason(tmp_path, step):
     rng = np.random.default_rng(6)

@@ -63,6 +63,7 @@ def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
     prepared = onnx.ModelProto()
     prepared.CopyFrom(model)
     lift_constants.lift_constant_weights(prepared)
+    lift_constants.lift_biases(prepared)
     subgraphs.hoist_weights(prepared)
     graph.ensure_node_names(prepared)
     return prepared

@@ -25,7 +25,7 @@ scalar affine (``Mul``, ``Add`` by one learned number: PP-LCNetV3's learnable af
 the decomposed hard-swish, then another scalar affine, and ``a y / s + b != (a y + b) / s`` for
 ``b != 0``: the pairs it has are the stem (Conv -> depthwise Conv, no activation) and Conv -> ReLU ->
 Conv chains (squeeze-excite blocks, the FPN), once the Conv biases paddle2onnx writes as Constant
-nodes are initializers (``lift_constants.lift_conv_biases``, done first).
+nodes are initializers (``lift_constants.lift_biases``, done first).
 
 High-bias absorption (``absorb_high_bias``, same paper, section 4.2, with the calibration minimum in
 place of the BatchNorm bound ``beta - 3 gamma``): where channel ``i`` of conv1's output stays in

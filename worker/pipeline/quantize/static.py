@@ -616,7 +616,7 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
         from worker.pipeline.quantize import equalize
         # each conv1 output channel's calibration range: Clip(0, m) chains equalize where exact on
         # it, and high-bias absorption moves what always passes the activation into conv2's bias
-        lift_constants.lift_conv_biases(prepared)
+        lift_constants.lift_biases(prepared)
         channel_ranges = equalize.channel_ranges(prepared, data, ctx.check_cancelled)
         if params.equalize:
             equalized = equalize.equalize(prepared, channel_ranges)
