@@ -5,7 +5,7 @@ count (``core.onnx_guard``) and the pipeline, which lifts them to initializers
 Converted models (paddle2onnx, some TensorFlow exports) keep every weight in a Constant node rather
 than an initializer. A Constant counts as a weight when its tensor is floating point and its output
 is read where a layer takes its weight: MatMul / Gemm input B, Conv / ConvTranspose W, Gather's
-table. Inside If / Loop / Scan bodies (at any depth) the pipeline lifts more
+table, a recurrent cell's W, R and B. Inside If / Loop / Scan bodies (at any depth) the pipeline lifts more
 (``worker.pipeline.body_weights``): a float Constant of rank >= 2 that a body layer reads as its
 weight directly or through layout ops (PyTorch's LSTM gate re-ordering by Slice / Concat); the
 upload counts those too (``body_constant_weight_params``), so a model whose every weight sits in
@@ -18,10 +18,11 @@ import math
 import onnx
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
-WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "Gather": 0}
-# where a layer inside a body reads a weight the pipeline lifts (recurrent cells: W, R and B)
-BODY_WEIGHT_INPUTS = {"MatMul": (1,), "Gemm": (1,), "Conv": (1,), "ConvTranspose": (1,), "Gather": (0,),
-                      "LSTM": (1, 2, 3), "GRU": (1, 2, 3), "RNN": (1, 2, 3)}
+# where a layer reads a weight the pipeline lifts, in the main graph and inside bodies alike
+# (recurrent cells: W, R and B; main-graph ones were missed, so an exported LSTM / GRU whose weights
+# sat in Constant nodes was refused as weightless or left float)
+WEIGHT_INPUTS = {"MatMul": (1,), "Gemm": (1,), "Conv": (1,), "ConvTranspose": (1,), "Gather": (0,),
+                 "LSTM": (1, 2, 3), "GRU": (1, 2, 3), "RNN": (1, 2, 3)}
 # ops that only move or re-shape values: a weight computed from constants by them is lifted exactly
 LAYOUT_OPS = frozenset({"Slice", "Concat", "Unsqueeze", "Squeeze", "Reshape", "Transpose", "Identity", "Flatten",
                         "Split", "Gather"})
@@ -40,8 +41,7 @@ def constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
 def constant_weights(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """Constant nodes of the main graph whose output is some layer's weight input."""
     weight_inputs = {node.input[index] for node in model.graph.node
-                     for op, index in WEIGHT_INPUT.items()
-                     if node.op_type == op and len(node.input) > index}
+                     for index in WEIGHT_INPUTS.get(node.op_type, ()) if len(node.input) > index}
     return [node for node in model.graph.node
             if constant_tensor(node) is not None and node.output[0] in weight_inputs]
 
@@ -73,7 +73,7 @@ def body_constant_weight_params(model: onnx.ModelProto) -> int:
                 constants[node.output[0]] = math.prod(tensor.dims)
             if in_body and node.op_type in LAYOUT_OPS:
                 weight_reads.update(node.input)
-            for index in BODY_WEIGHT_INPUTS.get(node.op_type, ()) if in_body else ():
+            for index in WEIGHT_INPUTS.get(node.op_type, ()) if in_body else ():
                 if index < len(node.input):
                     weight_reads.add(node.input[index])
             for body in _bodies(node):

@@ -37,7 +37,7 @@ from worker.pipeline import graph, subgraphs
 # cell's bias B: folded too, since its gate re-ordering is the same Slice / Concat chain (nodes the
 # file would otherwise keep, twice when both branches of an If run the cell). Ops that only move or
 # re-shape values: folding them is exact. Both decided in core, so the upload counts what is lifted.
-WEIGHT_INPUTS = onnx_weights.BODY_WEIGHT_INPUTS
+WEIGHT_INPUTS = onnx_weights.WEIGHT_INPUTS
 LAYOUT_OPS = onnx_weights.LAYOUT_OPS
 # a float source this large that another reader keeps would be stored twice by a fold
 SHARED_SOURCE_ELEMENTS = 1024

@@ -152,20 +152,10 @@ def test_int8_activations_on_a_float16_model_are_refused_up_front(tmp_path, cali
 def test_int8_activations_on_a_float16_recurrent_cell_are_refused_up_front(tmp_path):
     # only the GRU's W / R pass min_params: the check looked at Conv / MatMul / Gemm alone, and the run
     # then failed in ONNX Runtime ("W has inconsistent type"), exit 1 with a traceback
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    hidden, width = 32, 32
-    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float16) * 0.1, name)
-               for name, shape in (("W", (1, 3 * hidden, width)), ("R", (1, 3 * hidden, hidden)))]
-    nodes = [helper.make_node("Transpose", ["x"], ["time_major"], perm=[1, 0, 2]),
-             helper.make_node("GRU", ["time_major", "W", "R"], ["y"], name="gru", hidden_size=hidden)]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["batch", 5, width])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [5, 1, "batch", hidden])], weights)
     path = tmp_path / "gru16.onnx"
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    onnx.save(_gru_model(np.float16, constants=False), path)
     recipe = parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 8}, "activations": {}}]})
-    calibration_data = {"x": rng.standard_normal((8, 5, width)).astype(np.float16)}
+    calibration_data = {"x": np.random.default_rng(0).standard_normal((8, 5, 32)).astype(np.float16)}
     with pytest.raises(RecipeError) as info:
         runner.run(path, recipe, calibration=calibration_data, workdir=tmp_path / "w")
     assert info.value.errors[0]["loc"] == ["steps", 0, "activations"]
@@ -182,6 +172,42 @@ def test_weights_in_constant_nodes_are_pruned_factorized_and_clustered(tmp_path,
     result = runner.run(path, parse_recipe({"steps": [step]}), workdir=tmp_path / "w", options=FAST)
     assert {row["name"] for row in result.report["layers"]} >= {"W1"}
     assert result.report["fidelity"]["rel_l2"] < 1.0
+
+
+def _gru_model(dtype, constants: bool, hidden: int = 32, width: int = 32) -> onnx.ModelProto:
+    """x[batch, 5, width] -> Transpose -> GRU(W, R) -> y; ``constants``: W and R in Constant nodes."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    weights = [numpy_helper.from_array((rng.standard_normal(shape) * 0.1).astype(dtype), name)
+               for name, shape in (("W", (1, 3 * hidden, width)), ("R", (1, 3 * hidden, hidden)))]
+    nodes = [helper.make_node("Transpose", ["x"], ["time_major"], perm=[1, 0, 2]),
+             helper.make_node("GRU", ["time_major", "W", "R"], ["y"], name="gru", hidden_size=hidden)]
+    if constants:
+        nodes = [helper.make_node("Constant", [], [w.name], value=w) for w in weights] + nodes
+        weights = []
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", elem, ["batch", 5, width])],
+                          [helper.make_tensor_value_info("y", elem, [5, 1, "batch", hidden])], weights)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("calibration", ["percentile", "dynamic"])
+def test_recurrent_weights_in_constant_nodes_are_lifted_and_stored_int8(tmp_path, calibration):
+    # exporters that write every weight as a Constant node: the main graph's GRU / LSTM W and R were
+    # not lifted, so a GRU-only model was refused as weightless and a CRNN's LSTM silently left float
+    from core.onnx_guard import validate
+
+    path = tmp_path / "gru_constants.onnx"
+    onnx.save(_gru_model(np.float32, constants=True), path)
+    recipe = parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 8},
+                                      "activations": {"calibration": calibration}}]})
+    data = {"x": np.random.default_rng(1).standard_normal((8, 5, 32)).astype(np.float32)}
+    result = runner.run(path, recipe, calibration=data, workdir=tmp_path / "w", options=FAST)
+    assert {row["name"] for row in result.report["layers"]} == {"W", "R"}
+    assert result.report["size_ratio"] > 3
+    assert result.report["fidelity"]["rel_l2"] < 0.05
+    assert validate(path).params == 2 * 3 * 32 * 32     # the upload's count sees them too
 
 
 def test_dynamic_int8_takes_a_gemm_whose_bias_is_a_constant_node(tmp_path):
