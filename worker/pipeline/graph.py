@@ -185,7 +185,10 @@ def integer_weights(model: onnx.ModelProto, min_params: int = 0) -> list[str]:
     inits = initializers(model)
     found = []
     for node in model.graph.node:
-        if node.op_type not in INTEGER_WEIGHT_READERS:
+        # a Cast of an int8 / int4 initializer to float is the same thing where DequantizeLinear has
+        # no kernel: the int4 block weights of a quantized Conv decode so (Cast, then block scales)
+        to_float = node.op_type == "Cast" and attribute(node, "to", 0) in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+        if node.op_type not in INTEGER_WEIGHT_READERS and not to_float:
             continue
         for name in node.input:
             tensor = inits.get(name)

@@ -231,12 +231,17 @@ def test_dynamic_int8_takes_a_gemm_whose_bias_is_a_constant_node(tmp_path):
     assert result.report["fidelity"]["rel_l2"] < 0.05
 
 
+@pytest.mark.parametrize("decode", ["DequantizeLinear", "Cast"])     # Cast then scale: our int4 Conv's form
 @pytest.mark.parametrize("step", [{"op": "prune", "sparsity": 0.5}, {"op": "quantize", "weights": {"bits": 8}}])
-def test_a_model_quantized_before_it_came_is_refused_with_that_reason(tmp_path, step):
+def test_a_model_quantized_before_it_came_is_refused_with_that_reason(tmp_path, step, decode):
     rng = np.random.default_rng(6)
     weights = rng.integers(-127, 128, (64, 64)).astype(np.int8)
-    nodes = [onnx.helper.make_node("DequantizeLinear", ["Wq", "scale"], ["W"]),
-             onnx.helper.make_node("MatMul", ["x", "W"], ["y"])]
+    if decode == "DequantizeLinear":
+        nodes = [onnx.helper.make_node("DequantizeLinear", ["Wq", "scale"], ["W"])]
+    else:
+        nodes = [onnx.helper.make_node("Cast", ["Wq"], ["Wf"], to=onnx.TensorProto.FLOAT),
+                 onnx.helper.make_node("Mul", ["Wf", "scale"], ["W"])]
+    nodes.append(onnx.helper.make_node("MatMul", ["x", "W"], ["y"]))
     g = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", 64])],
                                [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", 64])],
                                [onnx.numpy_helper.from_array(weights, "Wq"),
