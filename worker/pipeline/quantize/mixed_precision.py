@@ -211,6 +211,7 @@ def run_bounded(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext,
         # the last build is not the best one: rebuild the best (the bound was missed)
         assignment, error = best[1], best[0]
     final, _ = build(model, params, ctx, assignment, quantize_once, trial=False)
+    weights = [e.name for e in found.entries if e.kind == "weight"]
     if params.format == "auto":
         error, latency = measure(final.model)
     final.metrics["mixed_precision"] = {
@@ -221,7 +222,10 @@ def run_bounded(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext,
                              "float_activations": sorted(assignment.float_activations)},
         "summary": (f"rel_l2 {error:.4g} {'<=' if error <= bound else '>'} bound {bound:g} after "
                     f"{len([m for m in moves if m['kind']])} moves" +
-                    ("" if error <= bound else "; the bound was MISSED, the build with the lowest error is kept")),
+                    ("" if error <= bound else "; the bound was MISSED, the build with the lowest error is kept") +
+                    # a bound only float meets is met, and the file barely shrinks: say why
+                    ("; every weight ended in float, so nothing is quantized at this bound"
+                     if weights and all(assignment.weights.get(name, 0) >= FLOAT for name in weights) else "")),
     }
     return final
 

@@ -65,3 +65,16 @@ def test_a_bound_no_build_meets_keeps_the_best_model_and_says_so(tmp_path):
     assert mixed["final_rel_l2"] <= mixed["initial_rel_l2"] and mixed["builds"] == 3   # 2 trials, the final build
     assert "MISSED" in (tmp_path / "out" / "report.html").read_text()
     assert result.model_path.is_file()
+
+
+def test_a_bound_only_float_meets_says_nothing_is_quantized(tmp_path):
+    # met, at 1.02x: the summary said only "met" and a user read it as a quantized model
+    model = fragile_mlp(outlier=200.0)
+    result = _compress(tmp_path, model, {"weights": {"bits": 8}, "max_output_error": 1e-12})
+    mixed = result.report["steps"][0]["mixed_precision"]
+    assert mixed["met"] and set(mixed["higher_precision"]["weights"].values()) == {"float"}
+    assert "nothing is quantized" in mixed["summary"]
+    (tmp_path / "partial").mkdir()
+    partial = _compress(tmp_path / "partial", model, {"weights": {"bits": 4, "granularity": "block"},
+                                                      "max_output_error": 0.3})
+    assert "nothing is quantized" not in partial.report["steps"][0]["mixed_precision"]["summary"]
