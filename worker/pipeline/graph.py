@@ -27,6 +27,28 @@ def load_model(path: str | Path, *, load_external_data: bool = True) -> onnx.Mod
     return onnx.load(str(path), load_external_data=load_external_data)
 
 
+# IR 4 made listing initializers among the graph inputs optional (IR 3 required it)
+MIN_IR_WITHOUT_WEIGHT_INPUTS = 4
+
+
+def weights_out_of_inputs(model: onnx.ModelProto) -> list[str]:
+    """Drop the graph inputs that name an initializer (IR < 4 required them; PyTorch writes them with
+    ``keep_initializers_as_inputs=True``) and raise such a model's IR version to 4. Every step
+    renames, splits or replaces weights: an input left behind by a weight a step replaced became a
+    required input without a value (fp16, lowrank and the goal search failed; IR 3 models failed in
+    every quantize). ONNX Runtime lists these as overridable initializers, not as the model's inputs,
+    so the model's inputs as a user runs it are unchanged. Returns the names dropped."""
+    inits = {t.name for t in model.graph.initializer}
+    dropped = [value.name for value in model.graph.input if value.name in inits]
+    if dropped:
+        kept = [value for value in model.graph.input if value.name not in inits]
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+    if model.ir_version < MIN_IR_WITHOUT_WEIGHT_INPUTS:
+        model.ir_version = MIN_IR_WITHOUT_WEIGHT_INPUTS
+    return dropped
+
+
 def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
     """Write ``model`` to ``path``; tensors go to ``<name>.data`` beside it when the model is too big
     for one protobuf. Written to a temporary name first, then renamed, so a crash leaves no half file."""

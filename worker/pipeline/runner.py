@@ -195,6 +195,7 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
     except Exception as exc:  # any parse failure of an uploaded file is the file's fault
         raise InvalidModel(f"cannot load the model: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
                            [{"loc": ["model"], "msg": "not a loadable ONNX model"}]) from None
+    graph.weights_out_of_inputs(model)
     graph.ensure_node_names(model)
     cal_set = _bind(model, calibration, "calibration")
     eval_set = _bind(model, evaluation, "evaluation")
