@@ -194,6 +194,23 @@ def weight_layers(model: onnx.ModelProto, *, ops: Sequence[str] = ("MatMul", "Ge
     return found
 
 
+def read_as_data(model: onnx.ModelProto, weights: Iterable[str], ops: Sequence[str]) -> dict[str, str]:
+    """Of ``weights``, those a main-graph node other than a layer of ``ops`` (or a layout op, as a
+    tied weight's Transpose) reads: {weight: "op node"}. There the values are data (a ReduceSum of
+    the weight that is a model output): pruning or clustering them changes that result too, which
+    the step's own error measure never sees (measured: SparseGPT left such an output at rel_l2 0.62)."""
+    from core.onnx_weights import LAYOUT_OPS
+    wanted = set(weights)
+    found: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type in ops or node.op_type in LAYOUT_OPS:
+            continue
+        for name in node.input:
+            if name in wanted and name not in found:
+                found[name] = f"{node.op_type} {node.name}".strip()
+    return found
+
+
 # ops that read a weight already stored as integers (QDQ, QOperator, ONNX Runtime's fused forms)
 INTEGER_WEIGHT_READERS = frozenset({"DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger",
                                     "ConvInteger", "MatMulNBits", "DynamicQuantizeMatMul", "GatherBlockQuantized"})

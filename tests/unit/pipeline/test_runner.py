@@ -197,6 +197,32 @@ def test_weights_listed_as_graph_inputs_do_not_become_inputs_without_a_value(tmp
     assert builders.run_ort(out, feeds)[0].shape == builders.run_ort(model, feeds)[0].shape
 
 
+@pytest.mark.parametrize("step", [{"op": "prune", "sparsity": 0.5}, {"op": "prune", "sparsity": 0.5, "method": "sparsegpt"},
+                                  {"op": "cluster", "bits": 4}])
+def test_a_weight_also_read_as_data_is_left_alone_by_prune_and_cluster(tmp_path, step):
+    # W feeds a MatMul and a ReduceSum whose result is a model output: pruning / clustering W changed
+    # that output (SparseGPT: rel_l2 0.62) with exit 0 and nothing said
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="fc"),
+             helper.make_node("ReduceSum", ["W"], ["colsum"], name="colsum_of_W", keepdims=0)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 64]),
+                           helper.make_tensor_value_info("colsum", TensorProto.FLOAT, [])],
+                          [numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "W")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    path = tmp_path / "data_reader.onnx"
+    onnx.save(model, path)
+    data = {"x": rng.standard_normal((32, 64)).astype(np.float32)}
+    result = runner.run(path, parse_recipe({"steps": [step]}), calibration=data, workdir=tmp_path / "w", options=FAST)
+    skipped = result.report["steps"][0]["skipped"]
+    assert [row["name"] for row in skipped] == ["W"] and "ReduceSum colsum_of_W" in skipped[0]["reason"]
+    out = onnx.load(result.model_path)
+    feeds = {"x": data["x"][:4]}
+    assert np.allclose(builders.run_ort(out, feeds)[1], builders.run_ort(model, feeds)[1])
+
+
 def _gru_model(dtype, constants: bool, hidden: int = 32, width: int = 32) -> onnx.ModelProto:
     """x[batch, 5, width] -> Transpose -> GRU(W, R) -> y; ``constants``: W and R in Constant nodes."""
     from onnx import helper, numpy_helper

@@ -29,7 +29,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import kernels
 from core.recipe import ClusterStep
-from worker.pipeline.graph import ensure_opset, get_array, opset, remove_initializers, unique_name, weight_layers
+from worker.pipeline.graph import (ensure_opset, get_array, opset, read_as_data, remove_initializers, unique_name,
+                                   weight_layers)
 from worker.pipeline.quantize import lift_constants
 from worker.pipeline.step import StepContext, StepResult, selects_no_weight
 from worker.pipeline.records import StepLog, layer_record, sparsity_of
@@ -109,11 +110,16 @@ def run(model: onnx.ModelProto, params: ClusterStep, ctx: StepContext) -> StepRe
         return shared[key]
 
     bytes_before = bytes_after = 0
+    as_data = read_as_data(out, [layer.weight for layer in layers], CLUSTER_OPS)
     for done, layer in enumerate(layers):
         ctx.check_cancelled()
         ctx.progress(done / len(layers), f"cluster: {layer.weight}")
         if layer.weight in graph_inputs:
             log.skip(layer.weight, "initializer is also a graph input (can be overridden at run time)")
+            continue
+        if layer.weight in as_data:
+            log.skip(layer.weight, f"also read as data by {as_data[layer.weight]}: clustering would change that "
+                                   "result too")
             continue
         w = get_array(out, layer.weight)
         record = layer_record(ctx, layer)

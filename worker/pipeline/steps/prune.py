@@ -46,7 +46,7 @@ import kernels
 from core.errors import InvalidInput
 from core.recipe import PruneStep
 from worker.pipeline.data import bind
-from worker.pipeline.graph import WeightLayer, attribute, get_array, set_array, weight_layers
+from worker.pipeline.graph import WeightLayer, attribute, get_array, read_as_data, set_array, weight_layers
 from worker.pipeline.quantize import lift_constants
 from worker.pipeline.step import StepContext, StepResult, selects_no_weight
 from worker.pipeline.cost import LayerClock
@@ -88,6 +88,11 @@ def run(model: onnx.ModelProto, params: PruneStep, ctx: StepContext) -> StepResu
                            [{"loc": ["method"], "msg": "needs calibration data"}])
     n_m = params.n_m
     log = StepLog()
+    as_data = read_as_data(model, [layer.weight for layer in layers], PRUNABLE_OPS + ("Gather",))   # a tied table
+    for layer in layers:
+        if layer.weight in as_data:
+            log.skip(layer.weight, f"also read as data by {as_data[layer.weight]}: zeros would change that result too")
+    layers = [layer for layer in layers if layer.weight not in as_data]
     if n_m is not None:
         fitting = []
         for layer in layers:
