@@ -170,6 +170,10 @@ class _Analysis:
         for node in model.graph.node:
             for name in node.input:
                 self.readers[name] = self.readers.get(name, 0) + 1
+        # a graph output is read too: a Dropout's mask or a MaxPool's indices given out as a model
+        # output keep their channels (the shrunk mask clashed with its declared shape, exit 1)
+        for output in model.graph.output:
+            self.readers[output.name] = self.readers.get(output.name, 0) + 1
         self.graph = ChannelGraph()
         self.layouts: dict[str, Layout] = {}
         self.sites = find_head_sites(model, self.inits, self.shapes)

@@ -368,6 +368,26 @@ def test_channel_pruning_blocks_at_custom_domain_ops():
     assert _dims(result.model)["w1"] == (8, 16)
 
 
+def test_channel_pruning_keeps_a_dropout_mask_that_is_a_graph_output():
+    """A Dropout's mask given out as a model output keeps its channels: pruning through it shrank
+    the mask against its declared shape and the job failed (exit 1)."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Dropout", ["h"], ["d", "mask"], name="drop"),
+             helper.make_node("MatMul", ["d", "w2"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4]),
+                               helper.make_tensor_value_info("mask", TensorProto.BOOL, [2, 16])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = prune.run(model, _params(sparsity=0.5, structure="channel", min_params=0),
+                       StepContext(original=model, options={"channel_block": 1}))
+    assert _dims(result.model)["w1"] == (8, 16)
+    onnx.checker.check_model(result.model, full_check=True)
+
+
 def test_drift_correction_is_identity_without_drift_and_exact_least_squares_with_it():
     from worker.pipeline.hessians import drift_corrected
     rng = np.random.default_rng(4)
