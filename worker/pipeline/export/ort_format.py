@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnx
 import onnxruntime as ort
 
 from worker.pipeline import artifacts
@@ -49,9 +50,23 @@ def _write(source: Path, target: Path, level: ort.GraphOptimizationLevel, disabl
     return target.stat().st_size
 
 
+# tensor types the ORT format of this ONNX Runtime cannot hold: it writes the file, then refuses to
+# load it ("Unsupported tensor data type"); its operator-config tool fails on them first (KeyError 22)
+_NOT_IN_ORT_FORMAT = {onnx.TensorProto.INT4: "int4", onnx.TensorProto.UINT4: "uint4"}
+
+
+def _unsupported_types(path: Path) -> list[str]:
+    model = onnx.load(str(path), load_external_data=False)
+    return sorted({_NOT_IN_ORT_FORMAT[t.data_type] for t in model.graph.initializer if t.data_type in _NOT_IN_ORT_FORMAT})
+
+
 def convert(ctx: ExportContext) -> dict:
     """Write ``model.ort`` (the smallest of ``CANDIDATES``: the one that kept the compression) and
     its operator config; return the converter's choices."""
+    unsupported = _unsupported_types(ctx.model_path)
+    if unsupported:
+        raise RuntimeError(f"{RUNTIME}'s ORT format holds no {' / '.join(unsupported)} tensors (this model's "
+                           "4-bit weights): use the .onnx file, or 8-bit weights for an ORT-format build")
     from onnxruntime.tools.ort_format_model import create_config_from_models
 
     target = ctx.workdir / FILES[0]

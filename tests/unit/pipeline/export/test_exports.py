@@ -165,6 +165,17 @@ def test_ort_keeps_int8_weights_instead_of_folding_them_to_float(tmp_path):
     assert row["converter"]["candidate_bytes"]["all"] > row["bytes"]
 
 
+def test_ort_format_of_int4_weights_fails_alone_and_says_why(tmp_path):
+    # ONNX Runtime writes the ORT file, then cannot load it (no int4 tensors in that format); its
+    # config tool failed first with "KeyError: 22", which was all the report said
+    step = {"op": "quantize", "weights": {"bits": 4, "granularity": "block", "block_size": 32}, "format": "qdq"}
+    result = _run(tmp_path, builders.mlp(), [step], ["onnx", "ort"])
+    row = result.report["exports"]["ort"]
+    assert row["state"] == "failed" and "holds no int4 tensors" in row["reason"]
+    assert result.model_path.is_file()                     # the job and its .onnx stand
+    assert not (tmp_path / "work" / "model.ort").exists()
+
+
 def test_a_float16_model_is_not_exported_to_pytorch_with_float32_weights(tmp_path):
     result = _run(tmp_path, builders.mlp(inputs=32, hidden=64, classes=4), [{"op": "fp16"}], ["onnx", "pytorch", "ort"])
     rows = result.report["exports"]
