@@ -223,6 +223,30 @@ def test_a_weight_also_read_as_data_is_left_alone_by_prune_and_cluster(tmp_path,
     assert np.allclose(builders.run_ort(out, feeds)[1], builders.run_ort(model, feeds)[1])
 
 
+def test_layerwise_distillation_refits_a_conv_that_bias_correction_gave_a_bias(tmp_path):
+    # static int8's bias correction adds a bias to a Conv that had none; distill then refused the
+    # whole recipe ("has no layer to refit: the layer's bias differs")
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(8)
+    inits = [numpy_helper.from_array((rng.standard_normal((16, 4, 3, 3)) * 0.3).astype(np.float32), "c1"),
+             numpy_helper.from_array((rng.standard_normal((16, 16, 3, 3)) * 0.1).astype(np.float32), "c2")]
+    nodes = [helper.make_node("Conv", ["x", "c1"], ["h"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "c2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 16, 8, 8])], inits)
+    path = tmp_path / "conv_no_bias.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    data = {"x": rng.standard_normal((32, 4, 8, 8)).astype(np.float32)}
+    recipe = parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 8}, "activations": {}, "min_params": 0},
+                                     {"op": "distill", "method": "layerwise", "min_params": 0}]})
+    result = runner.run(path, recipe, calibration=data, workdir=tmp_path / "w", options=FAST)
+    assert result.report["steps"][0]["bias_corrected"]
+    assert not any("bias" in row["reason"] for row in result.report["steps"][1].get("skipped", []))
+    assert result.report["fidelity"]["rel_l2"] < 0.05
+
+
 def _gru_model(dtype, constants: bool, hidden: int = 32, width: int = 32) -> onnx.ModelProto:
     """x[batch, 5, width] -> Transpose -> GRU(W, R) -> y; ``constants``: W and R in Constant nodes."""
     from onnx import helper, numpy_helper

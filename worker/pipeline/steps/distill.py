@@ -199,9 +199,11 @@ def plan_layerwise(student: onnx.ModelProto, teacher: onnx.ModelProto, params: D
         if layer is None:
             skipped.append({"name": key, "reason": why})
             continue
-        # a bias on one side only would leave it out of the match (a fixed one is taken off the target)
-        if (layer.bias is None and layer.fixed_bias is None) != (teacher_layer.bias is None and teacher_layer.fixed_bias is None):
-            skipped.append({"name": key, "reason": "the layer's bias differs between the original and the compressed model"})
+        # an original's bias the compressed layer has no room for would be left out of the match (a
+        # fixed one is taken off the target); the other way round is fine: a bias static int8's bias
+        # correction gave a Conv that had none is refit towards the original's output like the rest
+        if (layer.bias is None and layer.fixed_bias is None) and not (teacher_layer.bias is None and teacher_layer.fixed_bias is None):
+            skipped.append({"name": key, "reason": "the original layer has a bias the compressed one lacks"})
             continue
         first = None
         if record.factors is not None and own is None and layers.get(record.factors[0]) is None:
