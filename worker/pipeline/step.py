@@ -81,11 +81,22 @@ class StepResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def selects_no_weight(op: str, ops: tuple[str, ...], params: Any) -> RecipeError:
+def selects_no_weight(op: str, ops: tuple[str, ...], params: Any, model: onnx.ModelProto | None = None) -> RecipeError:
     """The refusal of a step whose selection (``include`` / ``exclude`` / ``min_params``) matches
     no weight, saying what it looked for: a model whose layers are all of other kinds, or small,
-    is refused with the reason, not only the field."""
+    is refused with the reason, not only the field. With ``model``: the layers inside If / Loop /
+    Scan bodies it would have selected are named too (this step does not reach them; a model whose
+    weights all sit in a Scan body read as having none)."""
     among = f"matching include {list(params.include)}" if params.include else "in the model"
     unless = f", exclude {list(params.exclude)}" if params.exclude else ""
     why = f"no {' / '.join(ops)} weight of {params.min_params} or more elements {among}{unless}"
+    if model is not None:
+        from worker.pipeline import graph
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)            # body_layers names unnamed body nodes
+        inside = graph.body_layers(copy, ops, set(), include=params.include, exclude=params.exclude,
+                                   min_params=params.min_params)
+        if inside:
+            why += (f" outside control flow; {len(inside)} inside If / Loop / Scan bodies ({inside[0].weight} first), "
+                    f"which {op} does not reach (quantize does)")
     return RecipeError(f"{op} selects no weight tensor: {why}", [{"loc": ["include"], "msg": why}])

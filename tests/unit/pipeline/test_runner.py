@@ -247,6 +247,29 @@ def test_layerwise_distillation_refits_a_conv_that_bias_correction_gave_a_bias(t
     assert result.report["fidelity"]["rel_l2"] < 0.05
 
 
+def test_a_step_that_does_not_reach_into_bodies_names_the_weights_there(tmp_path):
+    # every weight inside an If body: "no weight of 1024 or more elements in the model" read as if
+    # the model had none
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(9)
+    then = helper.make_graph([helper.make_node("MatMul", ["x", "Wb"], ["t"], name="body_fc")], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["b", 64])])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, ["b", 64])])
+    g = helper.make_graph([helper.make_node("If", ["flag"], ["y"], name="branch", then_branch=then, else_branch=other)],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 64])],
+                          [numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "Wb"),
+                           numpy_helper.from_array(np.array(True), "flag")])
+    path = tmp_path / "body_only.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    with pytest.raises(RecipeError) as info:
+        runner.run(path, parse_recipe({"steps": [{"op": "prune", "sparsity": 0.5}]}), workdir=tmp_path / "w")
+    assert info.value.errors[0]["loc"] == ["steps", 0, "include"]
+    assert "1 inside If / Loop / Scan bodies (Wb first), which prune does not reach" in info.value.errors[0]["msg"]
+
+
 def _gru_model(dtype, constants: bool, hidden: int = 32, width: int = 32) -> onnx.ModelProto:
     """x[batch, 5, width] -> Transpose -> GRU(W, R) -> y; ``constants``: W and R in Constant nodes."""
     from onnx import helper, numpy_helper

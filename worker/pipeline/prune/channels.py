@@ -667,7 +667,7 @@ def prune_channels(model: onnx.ModelProto, params: PruneStep, ctx: StepContext) 
     selected_layers = weight_layers(model, ops=("Conv", "Gemm", "MatMul"), include=params.include,
                                     exclude=params.exclude, min_params=params.min_params)
     if not selected_layers:
-        raise selects_no_weight("prune", ("Conv", "Gemm", "MatMul"), params)
+        raise selects_no_weight("prune", ("Conv", "Gemm", "MatMul"), params, model)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     _constants_to_initializers(out)

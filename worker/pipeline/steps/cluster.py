@@ -83,7 +83,7 @@ def check(model: onnx.ModelProto, params: ClusterStep, ctx: StepContext) -> None
     """Before any work: the selection matches at least one weight."""
     if not any(weight_layers(m, ops=CLUSTER_OPS, include=params.include, exclude=params.exclude,
                              min_params=params.min_params) for m in lift_constants.as_checked(model)):
-        raise selects_no_weight("cluster", CLUSTER_OPS, params)
+        raise selects_no_weight("cluster", CLUSTER_OPS, params, model)
 
 
 def run(model: onnx.ModelProto, params: ClusterStep, ctx: StepContext) -> StepResult:
@@ -91,7 +91,7 @@ def run(model: onnx.ModelProto, params: ClusterStep, ctx: StepContext) -> StepRe
     layers = weight_layers(model, ops=CLUSTER_OPS, include=params.include, exclude=params.exclude,
                            min_params=params.min_params)
     if not layers:
-        raise selects_no_weight("cluster", CLUSTER_OPS, params)
+        raise selects_no_weight("cluster", CLUSTER_OPS, params, model)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     if opset(out) < MIN_OPSET:

@@ -166,14 +166,14 @@ def _selected(model: onnx.ModelProto, params: LowrankStep) -> list[WeightLayer]:
 def check(model: onnx.ModelProto, params: LowrankStep, ctx: StepContext) -> None:
     """Before any work: the selection matches at least one weight."""
     if not any(_selected(m, params) for m in lift_constants.as_checked(model)):
-        raise selects_no_weight("lowrank", _ops(params), params)
+        raise selects_no_weight("lowrank", _ops(params), params, model)
 
 
 def run(model: onnx.ModelProto, params: LowrankStep, ctx: StepContext) -> StepResult:
     lift_constants.lift_constant_weights(model)
     layers = _selected(model, params)
     if not layers:
-        raise selects_no_weight("lowrank", _ops(params), params)
+        raise selects_no_weight("lowrank", _ops(params), params, model)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     nodes = {node.name: node for node in out.graph.node}

@@ -71,7 +71,7 @@ def check(model: onnx.ModelProto, params: PruneStep, ctx: StepContext) -> None:
     ops = ("Conv", "Gemm", "MatMul") if params.structure == "channel" else PRUNABLE_OPS
     if not any(weight_layers(m, ops=ops, include=params.include, exclude=params.exclude, min_params=params.min_params)
                for m in lift_constants.as_checked(model)):
-        raise selects_no_weight("prune", ops, params)
+        raise selects_no_weight("prune", ops, params, model)
 
 
 def run(model: onnx.ModelProto, params: PruneStep, ctx: StepContext) -> StepResult:
@@ -82,7 +82,7 @@ def run(model: onnx.ModelProto, params: PruneStep, ctx: StepContext) -> StepResu
     layers = weight_layers(model, ops=PRUNABLE_OPS, include=params.include, exclude=params.exclude,
                            min_params=params.min_params)
     if not layers:
-        raise selects_no_weight("prune", PRUNABLE_OPS, params)
+        raise selects_no_weight("prune", PRUNABLE_OPS, params, model)
     if params.method == "sparsegpt" and not ctx.calibration:
         raise InvalidInput("prune with method sparsegpt needs calibration data",
                            [{"loc": ["method"], "msg": "needs calibration data"}])
