@@ -201,9 +201,12 @@ def _transposes_ort_crashes_on(model: onnx.ModelProto, plans: dict[str, NodePlan
         if node is not None and node.op_type in ("Cast", "Identity") and node.input[0] not in beside_a_constant:
             beside_a_constant.add(node.input[0])
             pending.append(node.input[0])
+    # a Transpose of a constant (a tied embedding table's) is folded away at load, not the crash's
+    # pattern: kept float32 it stored the table twice (fp16 of a tied LM came out larger than float32)
     return {node.name: "a float16 Transpose into a MatMul with a constant crashes ONNX Runtime's NchwcTransformer"
             for node in model.graph.node
-            if node.op_type == "Transpose" and node.name in plans and any(o in beside_a_constant for o in node.output)}
+            if node.op_type == "Transpose" and node.name in plans and node.output[0] not in constants
+            and any(o in beside_a_constant for o in node.output)}
 
 
 # ---------------------------------------------------------------------------- rewriting

@@ -191,6 +191,33 @@ def test_a_transpose_into_a_constant_matmul_stays_float32_so_onnx_runtime_loads_
     assert builders.rel_l2(expected, builders.run_ort(result.model, feeds)) < 1e-2
 
 
+def test_a_tied_tables_transpose_goes_float16_with_the_table(tmp_path):
+    # ids -> Gather(table) ... -> MatMul(h, Transpose(table)): the Transpose of a constant is folded at
+    # load, not the crash's pattern; kept float32 it stored the table twice (0.80x of the float file)
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["h"], name="embed"),
+             helper.make_node("Transpose", ["table"], ["table_t"], name="tie", perm=[1, 0]),
+             helper.make_node("MatMul", ["h", "table_t"], ["logits"], name="lm_head")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 6])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 6, 256])],
+                          [numpy_helper.from_array(rng.standard_normal((256, 64)).astype(np.float32) * 0.1, "table")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {"ids": rng.integers(0, 256, (3, 6)).astype(np.int64)}
+    result, _ = convert(model)
+    assert "tie" not in kept(result)
+    assert [t.data_type for t in result.model.graph.initializer] == [TensorProto.FLOAT16]
+    path = tmp_path / "tied.onnx"
+    onnx.save(result.model, str(path))
+    load = subprocess.run([sys.executable, "-c", "import onnxruntime as ort, sys; "
+                           "ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert load.returncode == 0, load.stderr[-500:]
+    assert builders.rel_l2(builders.run_ort(model, feeds), builders.run_ort(result.model, feeds)) < 1e-2
+
+
 def test_fp16_of_its_own_output_keeps_that_transpose_float32(tmp_path):
     # the second pass saw Transpose (float32) -> Cast -> MatMul on float16 inputs: the MatMul had no
     # plan, the Transpose went float16, and the file it wrote killed ONNX Runtime (SIGSEGV, exit 139)
