@@ -18,6 +18,7 @@ ONNX gives them, so the file takes the same arrays as the ONNX model) and saves 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -49,11 +50,30 @@ def _converter(folder: Path, mode: str, calibration: Path | None, inputs: list[s
     return converter
 
 
+# onnx2tf checks a model whose every input is an NHWC image ([<= 20, H, W, 3]) on sample images it
+# downloads from GitHub unless this file is in the working directory: a worker offline failed there
+SAMPLE_IMAGES = "calibration_image_sample_data_20x128x128x3_float32.npy"
+
+
+def _offline_sample_images(folder: Path) -> None:
+    """Work in ``folder`` with the sample file onnx2tf looks for (seeded uniform [0, 1) pixels, the
+    download's shape and range): its check then runs without the network."""
+    import numpy as np
+
+    os.chdir(folder)
+    if not Path(SAMPLE_IMAGES).is_file():
+        np.save(SAMPLE_IMAGES, np.random.default_rng(0).random((20, 128, 128, 3), dtype=np.float32))
+
+
 def main(job_file: str) -> int:
     import onnx2tf
 
     job = json.loads(Path(job_file).read_text())
+    for key in ("folder", "float_onnx", "output", "calibration"):      # before the chdir below
+        if job.get(key):
+            job[key] = str(Path(job[key]).resolve())
     folder = Path(job["folder"])
+    _offline_sample_images(folder)
     onnx2tf.convert(
         input_onnx_file_path=job["float_onnx"], output_folder_path=str(folder / "saved_model"),
         overwrite_input_shape=[f"{name}:{','.join(str(d) for d in dims)}" for name, dims in job["shapes"].items()],

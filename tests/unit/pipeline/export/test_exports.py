@@ -195,3 +195,18 @@ def test_with_labels_each_format_reports_its_own_accuracy(tmp_path):
     row = result.report["exports"]["ort"]
     assert row["accuracy"] == pytest.approx(result.report["accuracy"]["compressed"])
     assert row["accuracy"] >= 0.9
+
+
+def test_tflite_conversion_finds_onnx2tfs_sample_images_offline(tmp_path, monkeypatch):
+    # onnx2tf downloads sample images from GitHub for a model whose inputs are all NHWC images unless
+    # the file is in the working directory: an offline worker's tflite export of such a model failed
+    from worker.pipeline.export import tflite_convert
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "job"
+    folder.mkdir()
+    tflite_convert._offline_sample_images(folder)
+    assert Path.cwd() == folder
+    images = np.load(folder / tflite_convert.SAMPLE_IMAGES)
+    assert images.shape == (20, 128, 128, 3) and images.dtype == np.float32
+    assert 0.0 <= images.min() and images.max() < 1.0
