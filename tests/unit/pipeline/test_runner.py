@@ -268,6 +268,13 @@ def test_a_step_that_does_not_reach_into_bodies_names_the_weights_there(tmp_path
         runner.run(path, parse_recipe({"steps": [{"op": "prune", "sparsity": 0.5}]}), workdir=tmp_path / "w")
     assert info.value.errors[0]["loc"] == ["steps", 0, "include"]
     assert "1 inside If / Loop / Scan bodies (Wb first), which prune does not reach" in info.value.errors[0]["msg"]
+    # quantize reaches the body's weight; layerwise distillation after it said "the original has no such layer"
+    recipe = parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 4}},
+                                     {"op": "distill", "method": "layerwise"}]})
+    data = {"x": rng.standard_normal((16, 64)).astype(np.float32)}
+    with pytest.raises(RecipeError) as info:
+        runner.run(path, recipe, calibration=data, workdir=tmp_path / "w2", options=FAST)
+    assert "Wb: inside an If / Loop / Scan body, which layerwise refits do not reach" in info.value.errors[0]["msg"]
 
 
 def _gru_model(dtype, constants: bool, hidden: int = 32, width: int = 32) -> onnx.ModelProto:

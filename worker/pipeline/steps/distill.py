@@ -40,7 +40,7 @@ import onnx
 from core.errors import InvalidInput, RecipeError
 from core.recipe import DistillStep
 from worker.pipeline import data as data_mod
-from worker.pipeline import graph
+from worker.pipeline import graph, subgraphs
 from worker.pipeline.distill import layerwise
 from worker.pipeline.distill.layers import linear_layer
 from worker.pipeline.quantize import lift_constants
@@ -173,12 +173,16 @@ def plan_layerwise(student: onnx.ModelProto, teacher: onnx.ModelProto, params: D
     shapes_s, shapes_t = _shapes(student), _shapes(teacher)
     fits: list[layerwise.LayerFit] = []
     skipped: list[dict] = []
+    # what layers inside If / Loop / Scan bodies read (a weight of the body's own, or the outer scope's)
+    in_bodies = {name for _, node, body in subgraphs.body_nodes(teacher)
+                 for name in [*node.input, *(t.name for t in body.initializer)]}
     for key, record in layers.items():
         if not _changed(record) or not _selected(params, record, teacher):
             continue
         teacher_node = nodes_t.get(record.node) or _weight_consumer(teacher, record.weight)
         teacher_layer, why = linear_layer(teacher, teacher_node, input_shapes=shapes_t) if teacher_node is not None \
-            else (None, "the original has no such layer")
+            else (None, "inside an If / Loop / Scan body, which layerwise refits do not reach" if record.weight in in_bodies
+                  else "the original has no main-graph layer reading it")
         if teacher_layer is None:
             skipped.append({"name": key, "reason": why})
             continue
