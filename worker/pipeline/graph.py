@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from core.onnx_weights import LAYOUT_OPS
 from worker.pipeline import artifacts, subgraphs
 
 # Protobuf refuses to serialize a message past 2 GiB; stay clear of it with a margin.
@@ -199,7 +200,6 @@ def read_as_data(model: onnx.ModelProto, weights: Iterable[str], ops: Sequence[s
     tied weight's Transpose) reads: {weight: "op node"}. There the values are data (a ReduceSum of
     the weight that is a model output): pruning or clustering them changes that result too, which
     the step's own error measure never sees (measured: SparseGPT left such an output at rel_l2 0.62)."""
-    from core.onnx_weights import LAYOUT_OPS
     wanted = set(weights)
     found: dict[str, str] = {}
     for node in model.graph.node:

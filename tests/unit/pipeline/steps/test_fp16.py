@@ -152,6 +152,18 @@ def test_after_weight_quantization_through_the_runner(tmp_path):
     assert scales and all(t.data_type == TensorProto.FLOAT16 for t in scales)
 
 
+def assert_loads_in_a_child(path) -> None:
+    """ONNX Runtime loads ``path`` with every session's default optimizations, in a child process:
+    the NchwcTransformer crash (SIGSEGV) fails the test instead of killing it."""
+    import subprocess
+    import sys
+
+    load = subprocess.run([sys.executable, "-c", "import onnxruntime as ort, sys; "
+                           "ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert load.returncode == 0, load.stderr[-500:]
+
+
 def batch_first_projection(tied: bool) -> onnx.ModelProto:
     """y = x.transpose(0, 1) @ W, as nn.MultiheadAttention(batch_first=True) exports its input
     projection; ``tied``: W reaches the MatMul through an Identity, as a shared weight does."""
@@ -172,9 +184,6 @@ def test_a_transpose_into_a_constant_matmul_stays_float32_so_onnx_runtime_loads_
     # ONNX Runtime's NchwcTransformer segfaults loading the float16 pattern (on a CPU with
     # AVX512-FP16; elsewhere it loads either way): loaded in a child process with every session's
     # default optimizations, so a crash fails the test instead of killing it
-    import subprocess
-    import sys
-
     model = batch_first_projection(tied)
     feeds = builders.random_inputs(model)
     expected = builders.run_ort(model, feeds)
@@ -184,19 +193,13 @@ def test_a_transpose_into_a_constant_matmul_stays_float32_so_onnx_runtime_loads_
     assert [t.data_type for t in result.model.graph.initializer] == [TensorProto.FLOAT16]
     path = tmp_path / "fp16.onnx"
     onnx.save(result.model, str(path))
-    load = subprocess.run([sys.executable, "-c", "import onnxruntime as ort, sys; "
-                           "ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])", str(path)],
-                          capture_output=True, text=True, timeout=120)
-    assert load.returncode == 0, load.stderr[-500:]
+    assert_loads_in_a_child(path)
     assert builders.rel_l2(expected, builders.run_ort(result.model, feeds)) < 1e-2
 
 
 def test_a_tied_tables_transpose_goes_float16_with_the_table(tmp_path):
     # ids -> Gather(table) ... -> MatMul(h, Transpose(table)): the Transpose of a constant is folded at
     # load, not the crash's pattern; kept float32 it stored the table twice (0.80x of the float file)
-    import subprocess
-    import sys
-
     rng = np.random.default_rng(5)
     nodes = [helper.make_node("Gather", ["table", "ids"], ["h"], name="embed"),
              helper.make_node("Transpose", ["table"], ["table_t"], name="tie", perm=[1, 0]),
@@ -211,19 +214,13 @@ def test_a_tied_tables_transpose_goes_float16_with_the_table(tmp_path):
     assert [t.data_type for t in result.model.graph.initializer] == [TensorProto.FLOAT16]
     path = tmp_path / "tied.onnx"
     onnx.save(result.model, str(path))
-    load = subprocess.run([sys.executable, "-c", "import onnxruntime as ort, sys; "
-                           "ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])", str(path)],
-                          capture_output=True, text=True, timeout=120)
-    assert load.returncode == 0, load.stderr[-500:]
+    assert_loads_in_a_child(path)
     assert builders.rel_l2(builders.run_ort(model, feeds), builders.run_ort(result.model, feeds)) < 1e-2
 
 
 def test_fp16_of_its_own_output_keeps_that_transpose_float32(tmp_path):
     # the second pass saw Transpose (float32) -> Cast -> MatMul on float16 inputs: the MatMul had no
     # plan, the Transpose went float16, and the file it wrote killed ONNX Runtime (SIGSEGV, exit 139)
-    import subprocess
-    import sys
-
     model = batch_first_projection(tied=False)
     feeds = builders.random_inputs(model)
     once, _ = convert(model)
@@ -236,8 +233,5 @@ def test_fp16_of_its_own_output_keeps_that_transpose_float32(tmp_path):
     assert source is None or (source.op_type == "Cast" and source.attribute[0].i == TensorProto.FLOAT)
     path = tmp_path / "fp16-twice.onnx"
     onnx.save(twice.model, str(path))
-    load = subprocess.run([sys.executable, "-c", "import onnxruntime as ort, sys; "
-                           "ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])", str(path)],
-                          capture_output=True, text=True, timeout=120)
-    assert load.returncode == 0, load.stderr[-500:]
+    assert_loads_in_a_child(path)
     assert builders.rel_l2(builders.run_ort(model, feeds), builders.run_ort(twice.model, feeds)) < 1e-2
