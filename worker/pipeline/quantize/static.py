@@ -650,10 +650,14 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
     sqnr_of: dict[str, float] = {}
     # uint8 activations meet these weights in ORT's u8s8 kernels: see int8_storage
     unsigned = not spec.symmetric and int8_storage.unsigned_weights(ctx.target, ctx.options, params.integer_weights)
+
+    def _unsigned(layer: graph.WeightLayer) -> bool:
+        return unsigned and layer.node not in float_compute
     with ctx.cost.phase("solve"), graph.naming(quantized):
         for layer in layers:
-            weight_grids[layer.weight] = quantize_weight(quantized, layer, params, unsigned, learned.get(layer.weight),
-                                                         sqnr_of)
+            # a layer on float activations dequantizes its weight to float: no integer kernel reads it
+            weight_grids[layer.weight] = quantize_weight(quantized, layer, params, _unsigned(layer),
+                                                         learned.get(layer.weight), sqnr_of)
         embeddings = embedding_layers(quantized, params)
         for layer in embeddings:
             weight_grids[layer.weight] = quantize_embedding(quantized, layer)
@@ -727,7 +731,7 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
         record.grid = {"scale": grid.scale, "zero_point": grid.zero_point, "axis": grid.axis,
                        "block_size": None, "bits": 8, "signed": bool(signed)}
         if layer in layers:
-            record.extra["weight_storage"] = int8_storage.storage_name(unsigned and bool(signed))
+            record.extra["weight_storage"] = int8_storage.storage_name(_unsigned(layer) and bool(signed))
         if layer.weight in sqnr_of:
             record.extra["sqnr_db"] = sqnr_of[layer.weight]
         if layer.weight in rounding_info:

@@ -92,7 +92,9 @@ def test_a_matmul_reading_a_gelu_output_keeps_float_activations_with_int8_weight
     calibration = {"x": np.random.default_rng(1).standard_normal((256, 64)).astype(np.float32)}
     assert "g" in weight_only_compute.gelu_outputs(model)
     assert "h" not in weight_only_compute.gelu_outputs(model)
-    result, ctx = _run(model, calibration)
+    # uint8 + 128 storage (what AVX2 without VNNI gets) is for integer kernels: the float layer's
+    # weight stays int8 whatever the host
+    result, ctx = _run(model, calibration, integer_weights="uint8")
     quantized = result.model
     down = _node(quantized, "down")
     assert _producer_op(quantized, down.input[0]) == "Mul"          # the GELU output itself, float
@@ -101,6 +103,9 @@ def test_a_matmul_reading_a_gelu_output_keeps_float_activations_with_int8_weight
         == TensorProto.INT8
     up = _node(quantized, "up")
     assert _producer_op(quantized, up.input[0]) == "DequantizeLinear"   # the other layer stays integer
+    assert graph.initializers(quantized)[_node(quantized, up.input[1] + "_DequantizeLinear").input[0]].data_type \
+        == TensorProto.UINT8
+    assert ctx.layers["down.W"].extra["weight_storage"] == "int8"
     assert result.metrics["float_activation_layers"] == 1
     assert "GELU" in ctx.layers["down.W"].extra["activations"]
     reference = builders.run_ort(model, calibration)[0]
