@@ -4,6 +4,8 @@ with int8 weights, BatchNormalization parameters held in Constant nodes are fold
 small initializers are stored once with outputs bit-identical."""
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -213,14 +215,45 @@ def test_bias_correction_stops_reading_once_every_layer_has_enough_rows(monkeypa
                             [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16, 4, 4])], inits)
     samples = 2 * bias_correction.STOP_ROWS // 16
     data = {"x": rng.uniform(0, 1, (samples, 32, 4, 4)).astype(np.float32)}
-    read = []
-    original_capture = activations.capture
-
-    def counting(*args, **kwargs):
-        for batch in original_capture(*args, **kwargs):
-            read.append(len(next(iter(batch.values()))))
-            yield batch
-
-    monkeypatch.setattr(bias_correction.activations, "capture", counting)
+    read = _count_reads(monkeypatch, activations, bias_correction)
     assert _run(model, data, min_products=0)[0].metrics["bias_corrected"] == 1
     assert bias_correction.STOP_ROWS // 16 <= sum(read) < samples
+
+
+def test_bias_correction_of_a_pooled_layer_stops_at_its_minimum_observations(monkeypatch):
+    # one row per sample after a global pool never reaches STOP_ROWS: the pass must stop once the
+    # layer's mean rests on MIN_OBSERVATIONS rows rather than read the whole calibration set
+    from worker.pipeline import activations
+    from worker.pipeline.quantize import bias_correction
+
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(builders._w(rng, 32, 32, 1, 1), "c.W"),
+             numpy_helper.from_array(np.zeros(32, np.float32), "c.b"),
+             numpy_helper.from_array(builders._w(rng, 16, 32, 1, 1), "se.W"),
+             numpy_helper.from_array(np.zeros(16, np.float32), "se.b")]
+    nodes = [helper.make_node("Conv", ["x", "c.W", "c.b"], ["c"], name="c"),          # 64 rows per sample
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["pooled"], name="pool"),   # 1 row per sample
+             helper.make_node("Conv", ["pooled", "se.W", "se.b"], ["y"], name="se")]
+    model = builders._model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32, 8, 8])],
+                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16, 1, 1])], inits)
+    samples = bias_correction.MIN_OBSERVATIONS * 4
+    data = {"x": rng.uniform(0, 1, (samples, 32, 8, 8)).astype(np.float32)}
+    read = _count_reads(monkeypatch, activations, bias_correction)
+    assert _run(model, data, min_products=0)[0].metrics["bias_corrected"] == 2
+    assert bias_correction.MIN_OBSERVATIONS <= sum(read) < samples // 2
+
+
+def _count_reads(monkeypatch, activations, bias_correction) -> list[int]:
+    """Samples per batch that bias correction's pass reads (appended as it reads them)."""
+    read: list[int] = []
+    original = activations.capture_counted
+
+    def counting(*args, **kwargs):
+        for count, batch in original(*args, **kwargs):
+            read.append(len(next(iter(batch.values()))))
+            yield count, batch
+
+    # bias correction's own view of the module: calibration's pass reads through it too
+    monkeypatch.setattr(bias_correction, "activations", types.SimpleNamespace(capture_counted=counting))
+    return read
