@@ -61,9 +61,9 @@ def lift_batchnorm_parameters(model: onnx.ModelProto) -> list[str]:
 
 def lift_biases(model: onnx.ModelProto) -> list[str]:
     """Conv and Gemm biases held in Constant nodes (paddle2onnx and tf2onnx write them so) moved to
-    initializers: cross-layer equalization and high-bias absorption (``quantize.equalize``) rescale
-    and shift them, and dynamic int8's fused Gemm takes only an initializer bias (it refused every
-    such Gemm, naming rules the layer met)."""
+    initializers: static int8's bias correction and int32 biases, cross-layer equalization and
+    high-bias absorption (``quantize.equalize``) rescale and shift them, and dynamic int8's fused
+    Gemm takes only an initializer bias (it refused every such Gemm, naming rules the layer met)."""
     wanted = {node.input[2] for node in model.graph.node if node.op_type in ("Conv", "Gemm") and len(node.input) > 2}
     return _lift(model, [node for node in model.graph.node if node.op_type == "Constant" and node.output
                          and node.output[0] in wanted and onnx_weights.constant_tensor(node) is not None])

@@ -141,6 +141,11 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy with weights as initializers, named nodes, opset >= 13 and BatchNorm folded into Conv."""
     prepared = lift_constants.lifted_copy(model)
     lift_constants.lift_batchnorm_parameters(prepared)
+    # Conv / Gemm biases in Constant nodes (paddle2onnx writes every one so) as initializers: bias
+    # correction and the int32 bias (ONNX Runtime's QLinearConv fusion wants one) reach only those.
+    # Left as Constants, the PP-OCR recognizer had 3 of its 18 layers corrected, the detector 6 of 19
+    # (detector IoU 0.9842 -> 0.9877, output rel_l2 0.085 -> 0.069 once lifted)
+    lift_constants.lift_biases(prepared)
     if graph.opset(prepared) < MIN_OPSET:
         try:
             prepared = graph.ensure_opset(prepared, MIN_OPSET)
@@ -616,7 +621,7 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
         from worker.pipeline.quantize import equalize
         # each conv1 output channel's calibration range: Clip(0, m) chains equalize where exact on
         # it, and high-bias absorption moves what always passes the activation into conv2's bias
-        lift_constants.lift_biases(prepared)
+        # (``prepare`` lifted Constant biases to initializers)
         channel_ranges = equalize.channel_ranges(prepared, data, ctx.check_cancelled)
         if params.equalize:
             equalized = equalize.equalize(prepared, channel_ranges)

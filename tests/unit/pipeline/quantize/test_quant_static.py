@@ -217,6 +217,25 @@ def test_bias_correction_removes_the_mean_output_error_on_calibration_data():
     assert error < 0.2 * uncorrected
 
 
+def test_a_conv_bias_held_in_a_constant_node_is_corrected_and_stored_int32():
+    # paddle2onnx writes every Conv bias as a Constant node: bias correction and the int32 bias
+    # (which ONNX Runtime's QLinearConv fusion needs) must reach it as they reach an initializer
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((24, 32, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Constant", [], ["b"], name="bias_constant",
+                              value=numpy_helper.from_array(np.zeros(24, np.float32), "b")),
+             helper.make_node("Conv", ["x", "W", "b"], ["y"], name="conv")]
+    graph_ = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32, 4, 4])],
+                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 24, 4, 4])],
+                               [numpy_helper.from_array(weight, "W")])
+    model = helper.make_model(graph_, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    calibration = {"x": (rng.exponential(1.0, (128, 32, 4, 4)) + 0.3).astype(np.float32)}
+    corrected, error, uncorrected = _bias_corrected(model, calibration)
+    assert corrected.metrics["bias_corrected"] == 1 and corrected.metrics["int32_biases"] == 1
+    assert error < 0.2 * uncorrected
+
+
 def test_shared_weight_is_quantized_once_and_read_by_both_layers():
     model = builders.shared_weight()
     result, ctx = _run(model, builders.random_inputs(model, count=64))
