@@ -220,6 +220,24 @@ def test_bias_correction_stops_reading_once_every_layer_has_enough_rows(monkeypa
     assert bias_correction.STOP_ROWS // 16 <= sum(read) < samples
 
 
+def test_bias_correction_reads_min_samples_even_when_one_sample_fills_its_rows(monkeypatch):
+    # a 32 x 32 map gives 1024 rows per channel from one sample, all from one input's content
+    from worker.pipeline import activations
+    from worker.pipeline.quantize import bias_correction
+
+    rng = np.random.default_rng(6)
+    inits = [numpy_helper.from_array(builders._w(rng, 8, 8, 1, 1), "c.W"),
+             numpy_helper.from_array(np.zeros(8, np.float32), "c.b")]
+    model = builders._model([helper.make_node("Conv", ["x", "c.W", "c.b"], ["y"], name="c")],
+                            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8, 32, 32])],
+                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8, 32, 32])], inits)
+    samples = bias_correction.MIN_SAMPLES * 4
+    data = {"x": rng.uniform(0, 1, (samples, 8, 32, 32)).astype(np.float32)}
+    read = _count_reads(monkeypatch, activations, bias_correction)
+    assert _run(model, data, min_products=0)[0].metrics["bias_corrected"] == 1
+    assert bias_correction.MIN_SAMPLES <= sum(read) < samples
+
+
 def test_bias_correction_of_a_pooled_layer_stops_at_its_minimum_observations(monkeypatch):
     # one row per sample after a global pool never reaches STOP_ROWS: the pass must stop once the
     # layer's mean rests on MIN_OBSERVATIONS rows rather than read the whole calibration set
