@@ -9,7 +9,7 @@ is, by linearity,
 
 so only the per-channel means of each layer's input before and after its Q/DQ pair are needed
 (one pass over the calibration data, ending at ``STOP_ROWS`` rows per channel, ``MIN_OBSERVATIONS``
-for a tensor of one row per sample; bounded memory),
+for a pooled tensor of one row per sample, after at least ``MIN_SAMPLES`` samples; bounded memory),
 and ``b -= E[y' - y]``. For a Conv the means are per input channel over batch and positions and
 the kernel is summed over its window (exact away from the zero-padded border).
 
