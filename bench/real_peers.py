@@ -9,8 +9,10 @@ quantizers and NNCF, each a function ``(RealModel, out_path) -> dict`` of notes 
     ours-static-adaround  ours-static with weights.rounding: adaround (learned rounding, issue #14)
     ours-static-cle    ours-static with equalize: true (cross-layer equalization)
     ours-static-cle-hba  ours-static with equalize and high_bias_absorption: true
-    ours-static-s8     ours-static with integer_weights: int8 (u8s8 kernels even on AVX2 without VNNI,
-                       where the default stores uint8 + 128 for the exact u8u8 kernels)
+    ours-static-s8     ours-static with integer_weights: int8 (the 8-bit grid stored int8 on every layer:
+                       u8s8 kernels, which saturate on AVX2 without VNNI)
+    ours-static-u8     ours-static with integer_weights: uint8 (the 8-bit grid stored uint8 + 128 on every
+                       layer: the exact u8u8 kernels; the default picks per layer on AVX2 without VNNI)
     ours-dynamic       quantize: weights int8, activations dynamic
     ours-int4-gptq     quantize: weights int4 block 32, GPTQ (models with MatMul weights only)
     ours-int4-rtn      int4 block 32, mse scales, round to nearest (no calibration): adaround's baseline
@@ -55,6 +57,7 @@ METHODS = {
     "ours-static-cle": "ours static int8, cross-layer equalization",
     "ours-static-cle-hba": "ours static int8, equalization + high-bias absorption",
     "ours-static-s8": "ours static int8, int8 weight storage (u8s8)",
+    "ours-static-u8": "ours static int8, uint8 + 128 weight storage (u8u8)",
     "ours-dynamic": "ours dynamic int8",
     "ours-int4-gptq": f"ours int4 GPTQ b{BLOCK_SIZE}, mse scales",
     "ours-int4-rtn": f"ours int4 RTN b{BLOCK_SIZE}, mse scales",
@@ -216,8 +219,9 @@ def _recipe(method: str) -> dict:
     elif method in ("ours-static-pct", "ours-static-minmax", "ours-static-mse"):
         calibration = {"ours-static-pct": "percentile", "ours-static-minmax": "minmax", "ours-static-mse": "mse"}[method]
         step = {"op": "quantize", "weights": {"bits": 8}, "activations": {"calibration": calibration}}
-    elif method == "ours-static-s8":
-        step = {"op": "quantize", "weights": {"bits": 8}, "activations": {}, "integer_weights": "int8"}
+    elif method in ("ours-static-s8", "ours-static-u8"):
+        step = {"op": "quantize", "weights": {"bits": 8}, "activations": {},
+                "integer_weights": "int8" if method == "ours-static-s8" else "uint8"}
     elif method == "ours-static-adaround":
         step = {"op": "quantize", "weights": {"bits": 8, "rounding": "adaround"}, "activations": {}}
     elif method in ("ours-static-cle", "ours-static-cle-hba"):

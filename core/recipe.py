@@ -180,9 +180,11 @@ class QuantizeStep(_WeightStep):
         description="bound on the model output's rel_l2 on the calibration data: the most sensitive weights and "
                     "activations move to higher precision (int8 instead of int4 / int2, float) until it holds")
     integer_weights: Literal["auto", "int8", "uint8"] = Field(
-        "auto", description="static / dynamic int8: storage of the weights ONNX Runtime's integer kernels read; "
-                            "auto picks uint8 + 128 (exact u8u8) on x86 CPUs without VNNI, where int8 saturates, "
-                            "else int8 (same grid either way)")
+        "auto", description="static / dynamic int8: storage of the weights ONNX Runtime's integer kernels read. "
+                            "auto on x86 CPUs without VNNI, where the int8 (u8s8) kernel saturates: static int8 "
+                            "stores int8 on the 8-bit grid where its measured saturation is at most 1e-3, else "
+                            "int8 on a 7-bit grid; dynamic int8 stores uint8 + 128 (exact u8u8). auto is int8 "
+                            "elsewhere; int8 / uint8 force that storage of the 8-bit grid")
 
     @model_validator(mode="after")
     def _something(self) -> "QuantizeStep":

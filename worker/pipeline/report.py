@@ -77,8 +77,8 @@ def _layer_rows(original: onnx.ModelProto, layers: Mapping[str, LayerRecord],
         }
         if errors:
             row["output_rel_l2"] = errors.get(name)
-        for key in ("format", "granularity", "block_size", "symmetric", "storage", "weight_storage", "method",
-                    "rounding"):
+        for key in ("format", "granularity", "block_size", "symmetric", "storage", "weight_storage",
+                    "pair_saturation", "method", "rounding"):
             if key in record.extra:
                 row[key] = record.extra[key]
         rows.append(row)

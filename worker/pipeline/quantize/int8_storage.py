@@ -12,9 +12,14 @@ zero point 128, ``(q_u8 - 128) * s == q * s`` exactly; docs/recipes.md's numbers
 q = clamp(rne(w / s), -128, 127)) are unchanged, only the storage type differs. The report's
 layer records say which (``weight_storage``).
 
-The recipe's ``integer_weights`` ("int8" | "uint8" | "auto", default auto) forces one form, for users
-who compress on one machine and deploy on another; ``ctx.options["integer_weights"]`` overrides it
-(tests).
+Static int8 refines the automatic choice per layer and keeps the faster u8s8 kernel everywhere it
+can model the GEMM (``pair_saturation``): int8 on the 8-bit grid where the int16 pairs do not
+saturate on the layer's real inputs (measured on the calibration data), else int8 on a 7-bit grid,
+which cannot saturate.
+
+The recipe's ``integer_weights`` ("int8" | "uint8" | "auto", default auto) forces one form for every
+layer, for users who compress on one machine and deploy on another; ``ctx.options["integer_weights"]``
+overrides it (tests).
 """
 from __future__ import annotations
 
@@ -41,6 +46,19 @@ def unsigned_weights(target: str, options: dict | None = None, requested: str = 
         read = f"target {target} and this host's architecture ({cpu.arch}); no CPU feature decides it there"
     host.note_choice(options, "int8 weight storage", storage_name(unsigned), read)
     return unsigned
+
+
+def chosen_by_host(options: dict | None = None, requested: str = "auto") -> bool:
+    """True where neither the recipe nor the options force a storage form."""
+    return (options or {}).get("integer_weights", requested) == "auto"
+
+
+def note_measured(options: dict | None, eight_bit: int, seven_bit: int, tolerance: float) -> None:
+    """Record static int8's per-layer refinement beside the host choice (``pair_saturation``)."""
+    host.note_choice(options, "int8 weight storage per layer",
+                     f"int8 on {eight_bit + seven_bit} integer layers ({seven_bit} of them on a 7-bit grid)",
+                     f"u8s8 pair saturation measured on the calibration data (8-bit grid where its rel_l2 "
+                     f"<= {tolerance:g}, else 7-bit, which cannot saturate)")
 
 
 def stored(q: np.ndarray, unsigned: bool) -> tuple[np.ndarray, int]:

@@ -52,8 +52,8 @@ from core.recipe import QuantizeStep
 from worker.pipeline import activations, calibrate, graph, subgraphs
 from worker.pipeline.metrics import sqnr_db
 from worker.pipeline.data import DataError, Dataset, bind
-from worker.pipeline.quantize import (adaround, int8_storage, lift_constants, tensorrt_qdq, weight_only, weight_only_compute,
-                                      wide_activations)
+from worker.pipeline.quantize import (adaround, int8_storage, lift_constants, pair_saturation, tensorrt_qdq,
+                                      weight_only, weight_only_compute, wide_activations)
 from worker.pipeline.step import LayerRecord, StepContext, StepResult
 
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
@@ -656,8 +656,10 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
     # uint8 activations meet these weights in ORT's u8s8 kernels: see int8_storage
     unsigned = not spec.symmetric and int8_storage.unsigned_weights(ctx.target, ctx.options, params.integer_weights)
 
+    storage_of: dict[str, str] = {}     # pair_saturation's per-layer int8 forms, chosen once the grids are in place
+
     def _unsigned(layer: graph.WeightLayer) -> bool:
-        return unsigned and layer.node not in float_compute
+        return unsigned and layer.node not in float_compute and layer.weight not in storage_of
     with ctx.cost.phase("solve"), graph.naming(quantized):
         for layer in layers:
             # a layer on float activations dequantizes its weight to float: no integer kernel reads it
@@ -708,6 +710,31 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
                 insert_qdq(quantized, tensor, grid, decided.relu_folds.get(tensor), float_readers)
     graph.sort_graph(quantized)
 
+    saturation_of: dict[str, float] = {}
+    seven_bit: set[str] = set()
+    if unsigned and int8_storage.chosen_by_host(ctx.options, params.integer_weights):
+        # the u8s8 kernel where it is exact: see pair_saturation
+        ctx.progress(0.62, "measuring the u8s8 kernel's pair saturation per layer")
+        with ctx.cost.phase("capture"):
+            measured = pair_saturation.measure(quantized, {layer.node: layer.weight for layer in integer_layers}, data)
+        with ctx.cost.phase("solve"):
+            for item in measured:
+                saturation_of[item.weight] = item.rel_l2
+                if item.rel_l2 <= pair_saturation.TOLERANCE:
+                    pair_saturation.store_signed(quantized, item)
+                    storage_of[item.weight] = int8_storage.storage_name(False)
+                    continue
+                grid = weight_grids[item.weight]
+                weight = graph.get_array(prepared, item.weight)
+                q, scale = pair_saturation.store_seven_bit(quantized, item, weight, grid.axis)
+                weight_grids[item.weight] = WeightGrid(scale, np.zeros_like(grid.zero_point), grid.axis)
+                sqnr_of[item.weight] = sqnr_db(weight, kernels.dequantize(q, scale, np.zeros(scale.shape, np.int8),
+                                                                          axis=grid.axis))
+                storage_of[item.weight] = pair_saturation.SEVEN_BIT_STORAGE
+                seven_bit.add(item.weight)
+        int8_storage.note_measured(ctx.options, len(measured) - len(seven_bit), len(seven_bit),
+                                   pair_saturation.TOLERANCE)
+
     corrected: list[str] = []
     if params.bias_correction:
         ctx.progress(0.65, "bias correction")
@@ -734,9 +761,12 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
         record.bits = 8
         signed = layer.op not in COMPUTE_OPS or params.weights is None or params.weights.symmetric
         record.grid = {"scale": grid.scale, "zero_point": grid.zero_point, "axis": grid.axis,
-                       "block_size": None, "bits": 8, "signed": bool(signed)}
+                       "block_size": None, "bits": 7 if layer.weight in seven_bit else 8, "signed": bool(signed)}
         if layer in layers:
-            record.extra["weight_storage"] = int8_storage.storage_name(_unsigned(layer) and bool(signed))
+            record.extra["weight_storage"] = (storage_of.get(layer.weight) or
+                                              int8_storage.storage_name(_unsigned(layer) and bool(signed)))
+            if layer.weight in saturation_of:
+                record.extra["pair_saturation"] = saturation_of[layer.weight]
         if layer.weight in sqnr_of:
             record.extra["sqnr_db"] = sqnr_of[layer.weight]
         if layer.weight in rounding_info:
@@ -770,6 +800,7 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
         "bias_absorbed_layers": len(absorbed),
         "adarounded_layers": sum(1 for info in rounding_info.values() if info["kept"]),
         "int32_biases": int(int32_biases),
+        "seven_bit_weights": len(seven_bit),
         "opset": graph.opset(quantized),
     }
     return StepResult(quantized, [layer.weight for layer in layers + embeddings], metrics)

@@ -12,6 +12,7 @@ from core.errors import InvalidInput, RecipeError
 from core.recipe import QuantizeStep
 from tests.unit.pipeline import builders
 from worker.pipeline import graph
+from worker.pipeline.quantize import pair_saturation
 from worker.pipeline.quantize.static import check, quantize_static
 from worker.pipeline.step import StepContext
 
@@ -71,15 +72,19 @@ def test_mlp_weights_bit_exact_outputs_close_io_unchanged():
     for name in ("W1", "W2"):
         weight = graph.get_array(model, name)
         q, scale, zero, axis = _quantized_weight(quantized, name)
-        # docs/recipes.md, symmetric per output channel (MatMul W[K, N]: axis 1): s = absmax / 127
-        expected_scale = (np.abs(weight).max(axis=0) / np.float32(127)).astype(np.float32)
-        expected_q = np.clip(np.rint(weight / expected_scale), -128, 127).astype(np.int8)
-        # int8, or on x86 without VNNI uint8 + 128 (the same grid; quantize/int8_storage.py)
+        record = ctx.layers[name]
+        # docs/recipes.md, symmetric per output channel (MatMul W[K, N]: axis 1): s = absmax / 127; on
+        # x86 without VNNI a layer whose u8s8 pairs saturate takes the 7-bit grid, s = absmax / 63
+        # (quantize/pair_saturation.py), and the record says so
+        seven_bit = record.extra["weight_storage"] == pair_saturation.SEVEN_BIT_STORAGE
+        qmax = 63 if seven_bit else 127
+        expected_scale = (np.abs(weight).max(axis=0) / np.float32(qmax)).astype(np.float32)
+        expected_q = np.clip(np.rint(weight / expected_scale), -qmax - 1, qmax).astype(np.int8)
+        # int8, or uint8 + 128 (the same grid) where a layer cannot be modelled (quantize/int8_storage.py)
         assert axis == 1 and (q.dtype, int(zero.min()), int(zero.max())) in ((np.int8, 0, 0), (np.uint8, 128, 128))
         np.testing.assert_array_equal(scale, expected_scale)
         np.testing.assert_array_equal(q.astype(np.int32) - zero.astype(np.int32), expected_q)
-        record = ctx.layers[name]
-        assert record.bits == 8 and record.grid["axis"] == 1
+        assert record.bits == 8 and record.grid["axis"] == 1 and record.grid["bits"] == (7 if seven_bit else 8)
         np.testing.assert_array_equal(record.grid["scale"], expected_scale)
     assert not {"W1", "W2"} & {t.name for t in quantized.graph.initializer}
     evaluation = builders.random_inputs(model, count=64, seed=2)

@@ -1,0 +1,237 @@
+"""Static int8's weight form per layer on an x86 CPU without VNNI, from the u8s8 kernel's pair
+saturation measured on the calibration data.
+
+ONNX Runtime's u8s8 GEMM on AVX2 without VNNI multiplies with ``vpmaddubsw``: the u8 x s8 products
+of two neighbouring reduction elements are added into a saturating int16 before the int32 sum
+(``int8_storage``). The neighbours are K = 2p and 2p + 1 of the GEMM it runs: a MatMul's or Gemm's
+reduction axis; for a Conv, its patch in (kernel taps..., input channel) order, channels fastest,
+one GEMM per group (tests/unit/pipeline/quantize/test_pair_saturation.py checks this model against
+ONNX Runtime bit for bit on such a CPU). A pair can only overflow where both weights have the same
+sign and |w1| + |w2| > 128 (255 * 128 = 32640 fits in int16), so only those pairs are computed, on
+a sample of the rows the layer's real inputs make.
+
+Left to ``int8_storage``, every such layer would store its weight as uint8 + 128 for the exact
+u8u8 kernel, which is slower than u8s8: on an AMD EPYC without VNNI the MiniLM encoder ran at 1.13x
+FP32's latency that way, 0.81x with int8. So each layer static int8 can model takes int8:
+- on the 8-bit grid where the saturation error on the sample is at most ``TOLERANCE`` of its integer
+  output (rel_l2): well under its int8 rounding error (~1e-2);
+- else on a 7-bit grid (s = absmax / 63), whose pairs cannot reach past int16: one bit of weight
+  precision for an exact, fast kernel, the remedy ONNX Runtime documents (``reduce_range``) applied
+  only where measured (MiniLM: every projection saturates at 1e-2 to 1e-1 of its output, and the
+  7-bit grid keeps 0.998 of FP32's task metric where 8-bit int8 fell to 0.995).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from worker.pipeline import activations, graph
+from worker.pipeline.data import Dataset
+
+SAMPLES = 16          # calibration samples whose layer inputs are read
+ROWS = 4096           # GEMM rows (tokens, output positions) per layer, drawn from those samples
+TOLERANCE = 1e-3      # saturation rel_l2 of a layer's integer output that still takes the 8-bit grid
+SEVEN_BIT_STORAGE = "int8, 7-bit grid (|q| <= 63: its u8s8 pairs saturated at 8 bits)"
+_INT16 = (-32768, 32767)
+_ROW_CHUNK = 512
+
+
+@dataclass
+class Layer:
+    """One integer layer as ONNX Runtime's GEMM sees it."""
+
+    weight: str                 # the layer's weight name (the output of its DequantizeLinear)
+    node: onnx.NodeProto
+    stored: str                 # the uint8 + 128 initializer
+    zero_point_name: str        # the weight's zero point initializer (128s)
+    matrices: list[np.ndarray]  # per group, the [K, N] signed integers
+    column_scales: list[np.ndarray]   # per group, [N] (the weight's per-column scale)
+    input_q: str                # the uint8 tensor the layer's input dequantizes
+    input_zero: int
+    kernel: tuple[int, ...]     # a Conv's kernel shape, () for MatMul / Gemm
+    error: float = 0.0          # sums of squares over the sampled rows, scaled per column
+    output: float = 0.0
+    rows: int = 0
+
+    @property
+    def rel_l2(self) -> float:
+        return float(np.sqrt(self.error / self.output)) if self.output > 0 else 0.0
+
+
+def gemm_matrices(node: onnx.NodeProto, q: np.ndarray) -> list[np.ndarray] | None:
+    """The weight's integers as the [K, N] matrices ONNX Runtime's GEMM reduces (one per Conv
+    group; none for a depthwise Conv); None for a layout this module does not model (the layer keeps
+    uint8 storage)."""
+    if node.op_type == "MatMul":
+        return [q] if q.ndim == 2 else None
+    if node.op_type == "Gemm":
+        if graph.attribute(node, "transA", 0) or q.ndim != 2:
+            return None
+        return [q.T if graph.attribute(node, "transB", 0) else q]
+    if node.op_type == "Conv" and q.ndim >= 3:
+        group = int(graph.attribute(node, "group", 1))
+        if group > 1 and q.shape[1] == 1 and q.shape[0] == group:
+            return []       # depthwise: ORT's own kernel sums in int32, no pairs saturate (measured)
+        per_group = q.shape[0] // group
+        taps_then_channels = (0, *range(2, q.ndim), 1)
+        return [q[g * per_group:(g + 1) * per_group].transpose(taps_then_channels).reshape(per_group, -1).T
+                for g in range(group)]
+    return None
+
+
+def _conv_geometry(node: onnx.NodeProto, spatial: int) -> tuple[list[int], list[int], list[int]] | None:
+    if graph.attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+        return None
+    strides = list(graph.attribute(node, "strides", None) or [1] * spatial)
+    dilations = list(graph.attribute(node, "dilations", None) or [1] * spatial)
+    pads = list(graph.attribute(node, "pads", None) or [0] * (2 * spatial))
+    return strides, dilations, pads
+
+
+def gemm_rows(node: onnx.NodeProto, x: np.ndarray, kernel: tuple[int, ...], zero: int, count: int,
+              rng: np.random.Generator) -> list[np.ndarray] | None:
+    """Up to ``count`` rows of the GEMM's left operand (uint8), drawn at random, one array per group:
+    a MatMul's / Gemm's input rows, or a Conv's patches (padding reads the zero point, as ORT pads)."""
+    if node.op_type in ("MatMul", "Gemm"):
+        flat = x.reshape(-1, x.shape[-1])
+        pick = rng.choice(flat.shape[0], size=min(count, flat.shape[0]), replace=False)
+        return [flat[np.sort(pick)]]
+    spatial = x.ndim - 2
+    geometry = _conv_geometry(node, spatial)
+    if geometry is None or len(kernel) != spatial:
+        return None
+    strides, dilations, pads = geometry
+    sizes = [(x.shape[2 + d] + pads[d] + pads[spatial + d] - dilations[d] * (kernel[d] - 1) - 1) // strides[d] + 1
+             for d in range(spatial)]
+    if min(sizes) <= 0:
+        return None
+    total = x.shape[0] * int(np.prod(sizes))
+    flat = np.sort(rng.choice(total, size=min(count, total), replace=False))
+    sample, *outputs = np.unravel_index(flat, (x.shape[0], *sizes))
+    padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[d], pads[spatial + d]) for d in range(spatial)],
+                    constant_values=zero)
+    taps = []
+    for tap in np.ndindex(*kernel):
+        where = tuple(outputs[d] * strides[d] + tap[d] * dilations[d] for d in range(spatial))
+        taps.append(padded[(sample, slice(None), *where)] if spatial else padded[sample])
+    # advanced indices split by a slice put the indexed axis first: [rows, channels] per tap
+    patches = np.stack(taps, axis=1)            # [rows, taps, channels]
+    group = int(graph.attribute(node, "group", 1))
+    per_group = x.shape[1] // group
+    return [patches[:, :, g * per_group:(g + 1) * per_group].reshape(len(flat), -1) for g in range(group)]
+
+
+def saturated_minus_exact(rows: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """[R, N] int64: what the pair-saturating kernel returns minus the exact product rows @ matrix
+    (raw uint8 values; the zero point is subtracted after, through exact row / column sums)."""
+    k = matrix.shape[0]
+    if k % 2:
+        rows = np.pad(rows, ((0, 0), (0, 1)))
+        matrix = np.pad(matrix, ((0, 1), (0, 0)))
+    first, second = matrix[0::2].astype(np.int32), matrix[1::2].astype(np.int32)
+    # a pair can overflow only with both weights of one sign and its inputs' largest values
+    # reaching past int16 (one MiniLM layer: ~1500 same-sign pairs over 128, ~60 that its rows reach)
+    top = rows.max(axis=0).astype(np.int32)
+    reach = top[0::2, None] * np.abs(first) + top[1::2, None] * np.abs(second)
+    pair, column = np.nonzero((first * second > 0) & (reach > _INT16[1]))
+    difference = np.zeros((rows.shape[0], matrix.shape[1]), dtype=np.int64)
+    if pair.size == 0:
+        return difference
+    w1, w2 = first[pair, column], second[pair, column]
+    for start in range(0, rows.shape[0], _ROW_CHUNK):
+        chunk = rows[start:start + _ROW_CHUNK].astype(np.int32)
+        products = chunk[:, 2 * pair] * w1 + chunk[:, 2 * pair + 1] * w2
+        lost = np.clip(products, *_INT16) - products            # 0 where the pair fits
+        np.add.at(difference[start:start + _ROW_CHUNK].T, column, lost.T)
+    return difference
+
+
+def layers_of(model: onnx.ModelProto, nodes: dict[str, str]) -> list[Layer]:
+    """The integer layers (``{node name: weight name}``) whose weight is stored uint8 + 128 and whose
+    input is a uint8 QuantizeLinear output, as ``Layer`` records."""
+    producers = graph.producers(model)
+    inits = graph.initializers(model)
+    by_name = {node.name: node for node in model.graph.node}
+    found = []
+    for node_name, weight in nodes.items():
+        node = by_name.get(node_name)
+        weight_dq, input_dq = producers.get(weight), producers.get(node.input[0]) if node is not None else None
+        if (node is None or weight_dq is None or input_dq is None or weight_dq.op_type != "DequantizeLinear"
+                or input_dq.op_type != "DequantizeLinear" or len(weight_dq.input) < 3 or len(input_dq.input) < 3):
+            continue
+        stored, scale, zero = weight_dq.input[:3]
+        if stored not in inits or inits[stored].data_type != onnx.TensorProto.UINT8 or input_dq.input[2] not in inits:
+            continue
+        if inits[input_dq.input[2]].data_type != onnx.TensorProto.UINT8 or zero not in inits:
+            continue
+        signed = graph.get_array(model, stored).astype(np.int16) - 128
+        if not (graph.get_array(model, zero) == 128).all():
+            continue
+        matrices = gemm_matrices(node, signed)
+        if matrices is None:
+            continue
+        columns = [m.shape[1] for m in matrices]
+        scales = graph.get_array(model, scale).astype(np.float64).reshape(-1)
+        per_group = np.split(np.broadcast_to(scales, (sum(columns),)), np.cumsum(columns)[:-1]) if columns else []
+        found.append(Layer(weight, node, stored, zero, matrices, per_group, input_dq.input[0],
+                           int(graph.get_array(model, input_dq.input[2]).reshape(-1)[0]),
+                           tuple(int(s) for s in signed.shape[2:]) if node.op_type == "Conv" else ()))
+    return found
+
+
+def measure(model: onnx.ModelProto, nodes: dict[str, str], data: Dataset, *, samples: int = SAMPLES,
+            rows: int = ROWS, seed: int = 0) -> list[Layer]:
+    """Run ``model`` (quantized, weights uint8 + 128) over ``samples`` calibration samples and measure,
+    for each layer in ``nodes`` (``{node name: weight name}``), the int16 pair saturation error the
+    u8s8 kernel would add with int8 storage (``Layer.rel_l2``)."""
+    layers = layers_of(model, nodes)
+    if not layers:
+        return []
+    rng = np.random.default_rng(seed)
+    total = min(samples, data.size)
+    names = sorted({layer.input_q for layer in layers})
+    for count, values in activations.capture_counted(model, data, names, limit=total):
+        share = max(1, int(np.ceil(rows * count / total)))
+        for layer in layers:
+            if not layer.matrices:
+                continue
+            groups = gemm_rows(layer.node, values[layer.input_q], layer.kernel, layer.input_zero, share, rng)
+            if groups is None:
+                layer.error, layer.output = float("inf"), 1.0
+                continue
+            for x, matrix, scale in zip(groups, layer.matrices, layer.column_scales):
+                exact = (x.astype(np.float32) - np.float32(layer.input_zero)) @ matrix.astype(np.float32)
+                layer.output += float(((exact * scale) ** 2).sum())
+                layer.error += float(((saturated_minus_exact(x, matrix) * scale) ** 2).sum())
+            layer.rows += groups[0].shape[0]
+    return layers
+
+
+def store_signed(model: onnx.ModelProto, layer: Layer) -> None:
+    """The layer's weight as int8 with zero point 0: the same grid, the u8s8 kernel's form."""
+    graph.set_array(model, layer.stored, (graph.get_array(model, layer.stored).astype(np.int16) - 128).astype(np.int8))
+    zero = graph.get_array(model, layer.zero_point_name)
+    graph.set_array(model, layer.zero_point_name, np.zeros(zero.shape, dtype=np.int8))
+
+
+def store_seven_bit(model: onnx.ModelProto, layer: Layer, weight: np.ndarray,
+                    axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The layer's weight on a 7-bit symmetric grid (s = absmax / 63, |q| <= 63) stored int8: no pair
+    can reach 255 * 126 = 32130, so the u8s8 kernel is exact. Returns (q, scale)."""
+    if axis is None:
+        absmax = np.float32(np.abs(weight).max())
+    else:
+        other = tuple(i for i in range(weight.ndim) if i != axis)
+        absmax = np.abs(weight).max(axis=other).astype(np.float32)
+    scale = np.where(absmax > 0, absmax / np.float32(63), np.float32(1)).astype(np.float32)
+    shaped = scale if axis is None else scale.reshape([-1 if i == axis else 1 for i in range(weight.ndim)])
+    q = np.clip(np.rint(weight / shaped), -63, 63).astype(np.int8)
+    graph.set_array(model, layer.stored, q)
+    scale_name = next(node.input[1] for node in model.graph.node if node.op_type == "DequantizeLinear"
+                      and node.output[0] == layer.weight)
+    graph.set_array(model, scale_name, scale.reshape(graph.get_array(model, scale_name).shape))
+    zero = graph.get_array(model, layer.zero_point_name)
+    graph.set_array(model, layer.zero_point_name, np.zeros(zero.shape, dtype=np.int8))
+    return q, scale
