@@ -30,7 +30,8 @@ import onnx
 from worker.pipeline import activations, graph
 from worker.pipeline.data import Dataset
 
-SAMPLES = 16          # calibration samples whose layer inputs are read
+SAMPLES = 16          # calibration samples whose layer inputs are read, at most
+MIN_SAMPLES = 4       # ... and at least: a quarter of ROWS from each where one sample holds many rows
 ROWS = 4096           # GEMM rows (tokens, output positions) per layer, drawn from those samples
 TOLERANCE = 1e-3      # saturation rel_l2 of a layer's integer output that still takes the 8-bit grid
 SEVEN_BIT_STORAGE = "int8, 7-bit grid (|q| <= 63: its u8s8 pairs saturated at 8 bits)"
@@ -183,30 +184,39 @@ def layers_of(model: onnx.ModelProto, nodes: dict[str, str]) -> list[Layer]:
 
 def measure(model: onnx.ModelProto, nodes: dict[str, str], data: Dataset, *, samples: int = SAMPLES,
             rows: int = ROWS, seed: int = 0) -> list[Layer]:
-    """Run ``model`` (quantized, weights uint8 + 128) over ``samples`` calibration samples and measure,
-    for each layer in ``nodes`` (``{node name: weight name}``), the int16 pair saturation error the
-    u8s8 kernel would add with int8 storage (``Layer.rel_l2``)."""
+    """Run ``model`` (quantized, weights uint8 + 128) over up to ``samples`` calibration samples and
+    measure, for each layer in ``nodes`` (``{node name: weight name}``), the int16 pair saturation
+    error the u8s8 kernel would add with int8 storage (``Layer.rel_l2``). Returns the layers measured
+    (a depthwise Conv among them, exact by construction); the others keep uint8 + 128."""
     layers = layers_of(model, nodes)
     if not layers:
         return []
     rng = np.random.default_rng(seed)
     total = min(samples, data.size)
     names = sorted({layer.input_q for layer in layers})
-    for count, values in activations.capture_counted(model, data, names, limit=total):
-        share = max(1, int(np.ceil(rows * count / total)))
-        for layer in layers:
-            if not layer.matrices:
+    modelled = [layer for layer in layers if layer.matrices]
+    read = 0
+    # a detector's one image holds thousands of output positions per layer: it stops after
+    # MIN_SAMPLES images, where an encoder's 42-token sentences read all SAMPLES
+    for count, values in activations.capture_counted(model, data, names, limit=total, batch_size=MIN_SAMPLES):
+        read += count
+        for layer in list(modelled):
+            share = min(rows - layer.rows, rows // MIN_SAMPLES * count)
+            if share <= 0:
                 continue
             groups = gemm_rows(layer.node, values[layer.input_q], layer.kernel, layer.input_zero, share, rng)
-            if groups is None:
-                layer.error, layer.output = float("inf"), 1.0
+            if groups is None:          # a geometry it does not model: the layer stays uint8 + 128
+                modelled.remove(layer)
+                layers.remove(layer)
                 continue
             for x, matrix, scale in zip(groups, layer.matrices, layer.column_scales):
                 exact = (x.astype(np.float32) - np.float32(layer.input_zero)) @ matrix.astype(np.float32)
                 layer.output += float(((exact * scale) ** 2).sum())
                 layer.error += float(((saturated_minus_exact(x, matrix) * scale) ** 2).sum())
             layer.rows += groups[0].shape[0]
-    return layers
+        if read >= MIN_SAMPLES and all(layer.rows >= rows for layer in modelled):
+            break
+    return [layer for layer in layers if layer.rows or not layer.matrices]
 
 
 def store_signed(model: onnx.ModelProto, layer: Layer) -> None:

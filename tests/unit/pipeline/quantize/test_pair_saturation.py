@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from core.recipe import QuantizeStep
 from worker.pipeline import host
+from worker.pipeline.data import bind
 from worker.pipeline.quantize import int8_storage, pair_saturation
 from worker.pipeline.quantize.static import quantize_static
 from worker.pipeline.step import StepContext
@@ -198,3 +199,37 @@ def test_a_forced_storage_is_kept_on_every_layer(monkeypatch):
         q, _, zero = _stored(result.model, name)
         assert q.dtype == np.uint8 and (zero == 128).all() and "pair_saturation" not in ctx.layers[name].extra
     assert result.metrics["seven_bit_weights"] == 0
+
+
+def _pointwise_conv(channels: int = 8) -> onnx.ModelProto:
+    w = np.random.default_rng(10).uniform(-1, 1, (channels, channels, 1, 1)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("Conv", ["x", "W"], ["y"], name="conv")], "pointwise",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", channels, 64, 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", channels, 64, 64])],
+                          [numpy_helper.from_array(w, "W")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_it_reads_rows_from_at_least_four_samples_and_stops_when_each_layer_has_enough(monkeypatch):
+    """4096 output positions per image: ROWS from a quarter of each of the first samples, then it
+    stops; a MatMul with a few rows per sample reads all SAMPLES."""
+    read = []
+    capture = pair_saturation.activations.capture_counted
+
+    def counted(*args, **kwargs):
+        for count, values in capture(*args, **kwargs):
+            read.append(count)
+            yield count, values
+    monkeypatch.setattr(pair_saturation.activations, "capture_counted", counted)
+    conv = _pointwise_conv()
+    images = {"x": np.random.default_rng(11).uniform(0, 1, (32, 8, 64, 64)).astype(np.float32)}
+    stored = _quantize(conv, images, integer_weights="uint8")[0].model
+    read.clear()                          # the calibration pass's own reads
+    [layer] = pair_saturation.measure(stored, {"conv": "W"}, bind(stored, images))
+    assert layer.rows == pair_saturation.ROWS
+    assert pair_saturation.MIN_SAMPLES <= sum(read) < 2 * pair_saturation.MIN_SAMPLES
+    rows = {"x": np.random.default_rng(12).uniform(0, 1, (40, 32)).astype(np.float32)}
+    stored = _quantize(_two_layers(), rows, integer_weights="uint8")[0].model
+    read.clear()
+    measured = pair_saturation.measure(stored, {"first": "W1", "second": "W2"}, bind(stored, rows))
+    assert [layer.rows for layer in measured] == [pair_saturation.SAMPLES] * 2 and sum(read) == pair_saturation.SAMPLES
