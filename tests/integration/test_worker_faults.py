@@ -1,6 +1,6 @@
 """Faults on the real stack (Postgres, Redis, the S3 server, Celery worker subprocesses).
 
-FEATHERWEIGHT_DEBUG_STEP_DELAY makes each stage of a job last a couple of seconds, so a worker can
+FEATHERWEIGHT_DEBUG_STEP_DELAY makes each stage of a job last a second (about ten per job), so a worker can
 be killed while it holds a job.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ FAST_FAULTS = {
     "FEATHERWEIGHT_WORKER_HEARTBEAT_SECONDS": "0.5",
     "FEATHERWEIGHT_WORKER_STALE_SECONDS": "3",
     "FEATHERWEIGHT_REAPER_INTERVAL_SECONDS": "1",
-    "FEATHERWEIGHT_DEBUG_STEP_DELAY": "2",
+    "FEATHERWEIGHT_DEBUG_STEP_DELAY": "1",
 }
 DEADLINE_S = 240
 

@@ -21,7 +21,7 @@ correction) to 0.964; this form does not double count.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import onnx
@@ -56,6 +56,20 @@ STOP_ROWS = 1024
 # on the PP-OCRv4 detector (16 distinct images, SE layers held out of the stop): output rel_l2 0.135
 # after 1 image, 0.124 after 8, 0.1047 after 16 and after all 64 that its SE layers read.
 MIN_SAMPLES = 16
+
+
+class Rider(Protocol):
+    """Another measurement on the quantized model's layer inputs that this pass feeds as it goes
+    (``pair_saturation.Sampler``), so both take one pass; ``finish`` runs after the pass and before
+    the shifts are computed, and may change weights (the shifts then read the weights it leaves)."""
+
+    tensors: list[str]
+
+    def add(self, count: int, values: dict[str, np.ndarray]) -> None: ...
+
+    def done(self) -> bool: ...
+
+    def finish(self) -> None: ...
 
 
 def _dequantized_weight(model: onnx.ModelProto, name: str) -> np.ndarray | None:
@@ -109,12 +123,13 @@ def _output_mean(node: onnx.NodeProto, weight: np.ndarray, mean: np.ndarray) -> 
 
 def correct(float_model: onnx.ModelProto, quantized: onnx.ModelProto, nodes: list[onnx.NodeProto],
             weight_of: dict[str, str], data: Dataset, ctx: StepContext, relu_folded: set[str] = frozenset(), *,
-            bias_input: Callable[..., tuple[str | None, int]]) -> list[str]:
+            bias_input: Callable[..., tuple[str | None, int]], rider: Rider | None = None) -> list[str]:
     """Remove each layer's own mean output shift from its bias (a Conv or Gemm without one gets one;
     a MatMul needs its bias Add). ``relu_folded``: tensors whose Q/DQ pair replaced a ReLU (the float
     value the layer would read is ``max(x, 0)``). ``bias_input(model, node, readers)``: (the bias
     initializer the node's output adds or None, its channel axis) — static's, which imports this
-    module. Returns the corrected node names."""
+    module. ``rider``: fed by the same pass (see ``Rider``); left alone when there is no layer to
+    correct. Returns the corrected node names."""
 
     by_name = {node.name: node for node in quantized.graph.node}
     # who reads what, once: correcting a layer changes a bias's values, or gives a Conv / Gemm a
@@ -133,7 +148,8 @@ def correct(float_model: onnx.ModelProto, quantized: onnx.ModelProto, nodes: lis
         targets.append((live, live.input[0], _pre_quantization(quantized, live.input[0])))
     if not targets:
         return []
-    names = sorted({name for _, after, before in targets for name in (after, before)})
+    corrected_inputs = {name for _, after, before in targets for name in (after, before)}
+    names = sorted(corrected_inputs | set(rider.tensors if rider is not None else ()))
     channel_axis = {after: (1 if node.op_type == "Conv" else -1) for node, after, _ in targets}
     channel_axis.update({before: channel_axis[after] for _, after, before in targets})
     sums: dict[str, np.ndarray] = {}
@@ -142,7 +158,11 @@ def correct(float_model: onnx.ModelProto, quantized: onnx.ModelProto, nodes: lis
     for seen, batch in activations.capture_counted(quantized, data, names, batch_size=16,
                                                    limit=min(data.size, SAMPLES)):
         samples += seen
+        if rider is not None:
+            rider.add(seen, batch)
         for name, value in batch.items():
+            if name not in corrected_inputs:
+                continue
             if name in relu_folded:
                 value = np.maximum(value, 0)
             # summed in float64 over every axis but the channel's, without a float64 copy of the
@@ -153,9 +173,12 @@ def correct(float_model: onnx.ModelProto, quantized: onnx.ModelProto, nodes: lis
             sums[name] = sums.get(name, 0.0) + value.sum(axis=others, dtype=np.float64)
             counts[name] = counts.get(name, 0) + value.size // max(value.shape[axis], 1)
         ctx.check_cancelled()
-        pooling = any(counts.get(name, 0) > samples for name in names)
-        if samples >= MIN_SAMPLES and all(_enough(counts.get(name, 0), samples, pooling) for name in names):
+        pooling = any(counts.get(name, 0) > samples for name in corrected_inputs)
+        if (samples >= MIN_SAMPLES and all(_enough(counts.get(name, 0), samples, pooling) for name in corrected_inputs)
+                and (rider is None or rider.done())):
             break
+    if rider is not None:
+        rider.finish()
     corrected = []
     for node, after, before in targets:
         if counts.get(after, 0) < MIN_OBSERVATIONS or counts.get(before, 0) < MIN_OBSERVATIONS:

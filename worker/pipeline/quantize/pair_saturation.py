@@ -23,6 +23,7 @@ FP32's latency that way, 0.81x with int8. So each layer static int8 can model ta
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -49,7 +50,8 @@ class Layer:
     zero_point_name: str        # the weight's zero point initializer (128s)
     matrices: list[np.ndarray]  # per group, the [K, N] signed integers
     column_scales: list[np.ndarray]   # per group, [N] (the weight's per-column scale)
-    input_q: str                # the uint8 tensor the layer's input dequantizes
+    input: str                  # the layer's input: the DequantizeLinear output of a uint8 tensor
+    input_scale: float          # ... and that tensor's grid
     input_zero: int
     kernel: tuple[int, ...]     # a Conv's kernel shape, () for MatMul / Gemm
     error: float = 0.0          # sums of squares over the sampled rows, scaled per column
@@ -91,10 +93,11 @@ def _conv_geometry(node: onnx.NodeProto, spatial: int) -> tuple[list[int], list[
     return strides, dilations, pads
 
 
-def gemm_rows(node: onnx.NodeProto, x: np.ndarray, kernel: tuple[int, ...], zero: int, count: int,
+def gemm_rows(node: onnx.NodeProto, x: np.ndarray, kernel: tuple[int, ...], zero: float, count: int,
               rng: np.random.Generator) -> list[np.ndarray] | None:
     """Up to ``count`` rows of the GEMM's left operand (uint8), drawn at random, one array per group:
-    a MatMul's / Gemm's input rows, or a Conv's patches (padding reads the zero point, as ORT pads)."""
+    a MatMul's / Gemm's input rows, or a Conv's patches (padding reads ``zero``: ORT pads a uint8
+    input with its zero point, a float one with 0.0)."""
     if node.op_type in ("MatMul", "Gemm"):
         flat = x.reshape(-1, x.shape[-1])
         pick = rng.choice(flat.shape[0], size=min(count, flat.shape[0]), replace=False)
@@ -111,8 +114,8 @@ def gemm_rows(node: onnx.NodeProto, x: np.ndarray, kernel: tuple[int, ...], zero
     total = x.shape[0] * int(np.prod(sizes))
     flat = np.sort(rng.choice(total, size=min(count, total), replace=False))
     sample, *outputs = np.unravel_index(flat, (x.shape[0], *sizes))
-    padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[d], pads[spatial + d]) for d in range(spatial)],
-                    constant_values=zero)
+    padded = x if not any(pads) else np.pad(x, [(0, 0), (0, 0)] + [(pads[d], pads[spatial + d])
+                                                                    for d in range(spatial)], constant_values=zero)
     taps = []
     for tap in np.ndindex(*kernel):
         where = tuple(outputs[d] * strides[d] + tap[d] * dilations[d] for d in range(spatial))
@@ -176,47 +179,83 @@ def layers_of(model: onnx.ModelProto, nodes: dict[str, str]) -> list[Layer]:
         columns = [m.shape[1] for m in matrices]
         scales = graph.get_array(model, scale).astype(np.float64).reshape(-1)
         per_group = np.split(np.broadcast_to(scales, (sum(columns),)), np.cumsum(columns)[:-1]) if columns else []
-        found.append(Layer(weight, node, stored, zero, matrices, per_group, input_dq.input[0],
+        input_scale = graph.get_array(model, input_dq.input[1]).reshape(-1)
+        if input_scale.size != 1:
+            continue
+        found.append(Layer(weight, node, stored, zero, matrices, per_group, node.input[0], float(input_scale[0]),
                            int(graph.get_array(model, input_dq.input[2]).reshape(-1)[0]),
                            tuple(int(s) for s in signed.shape[2:]) if node.op_type == "Conv" else ()))
     return found
 
 
-def measure(model: onnx.ModelProto, nodes: dict[str, str], data: Dataset, *, samples: int = SAMPLES,
-            rows: int = ROWS, seed: int = 0) -> list[Layer]:
-    """Run ``model`` (quantized, weights uint8 + 128) over up to ``samples`` calibration samples and
-    measure, for each layer in ``nodes`` (``{node name: weight name}``), the int16 pair saturation
-    error the u8s8 kernel would add with int8 storage (``Layer.rel_l2``). Returns the layers measured
-    (a depthwise Conv among them, exact by construction); the others keep uint8 + 128."""
-    layers = layers_of(model, nodes)
-    if not layers:
-        return []
-    rng = np.random.default_rng(seed)
-    total = min(samples, data.size)
-    names = sorted({layer.input_q for layer in layers})
-    modelled = [layer for layer in layers if layer.matrices]
-    read = 0
-    # a detector's one image holds thousands of output positions per layer: it stops after
-    # MIN_SAMPLES images, where an encoder's 42-token sentences read all SAMPLES
-    for count, values in activations.capture_counted(model, data, names, limit=total, batch_size=MIN_SAMPLES):
-        read += count
-        for layer in list(modelled):
-            share = min(rows - layer.rows, rows // MIN_SAMPLES * count)
+class Sampler:
+    """Rows of each modelled layer's real input, gathered batch by batch from a pass of the quantized
+    model over calibration data (``measure``'s own, or bias correction's, which it rides: one pass
+    for both), and the saturation error they show (``Layer.rel_l2``).
+
+    It reads at least MIN_SAMPLES samples and at most SAMPLES, a share of ROWS from each: a
+    detector's one image holds thousands of output positions per layer and it is done after
+    MIN_SAMPLES images, where an encoder's 42-token sentences take all SAMPLES."""
+
+    def __init__(self, model: onnx.ModelProto, nodes: dict[str, str], on_finish: Callable[[list[Layer]], None],
+                 *, rows: int = ROWS, seed: int = 0) -> None:
+        self.layers = layers_of(model, nodes)
+        self.rows = rows
+        self.read = 0
+        self.finished = False
+        self._on_finish = on_finish
+        self._modelled = [layer for layer in self.layers if layer.matrices]
+        self._rng = np.random.default_rng(seed)
+
+    @property
+    def tensors(self) -> list[str]:
+        return sorted({layer.input for layer in self._modelled})
+
+    def done(self) -> bool:
+        return self.read >= SAMPLES or (self.read >= MIN_SAMPLES and
+                                        all(layer.rows >= self.rows for layer in self._modelled))
+
+    def add(self, count: int, values: dict[str, np.ndarray]) -> None:
+        """One batch of ``count`` samples: ``values`` holds at least ``tensors``."""
+        if self.done():
+            return
+        self.read += count
+        for layer in list(self._modelled):
+            share = min(self.rows - layer.rows, self.rows // MIN_SAMPLES * count)
             if share <= 0:
                 continue
-            groups = gemm_rows(layer.node, values[layer.input_q], layer.kernel, layer.input_zero, share, rng)
+            # rows drawn from the float input, padding with 0.0 (the zero point), then put back on
+            # the uint8 grid they came from: q = rne(x / s) + z, exact for values on the grid
+            groups = gemm_rows(layer.node, values[layer.input], layer.kernel, 0.0, share, self._rng)
             if groups is None:          # a geometry it does not model: the layer stays uint8 + 128
-                modelled.remove(layer)
-                layers.remove(layer)
+                self._modelled.remove(layer)
+                self.layers.remove(layer)
                 continue
             for x, matrix, scale in zip(groups, layer.matrices, layer.column_scales):
-                exact = (x.astype(np.float32) - np.float32(layer.input_zero)) @ matrix.astype(np.float32)
+                q = np.clip(np.rint(x / np.float32(layer.input_scale)) + layer.input_zero, 0, 255).astype(np.uint8)
+                exact = (q.astype(np.float32) - np.float32(layer.input_zero)) @ matrix.astype(np.float32)
                 layer.output += float(((exact * scale) ** 2).sum())
-                layer.error += float(((saturated_minus_exact(x, matrix) * scale) ** 2).sum())
+                layer.error += float(((saturated_minus_exact(q, matrix) * scale) ** 2).sum())
             layer.rows += groups[0].shape[0]
-        if read >= MIN_SAMPLES and all(layer.rows >= rows for layer in modelled):
-            break
-    return [layer for layer in layers if layer.rows or not layer.matrices]
+
+    def finish(self) -> None:
+        """Hand ``on_finish`` the layers measured (a depthwise Conv among them, exact by construction);
+        the others keep uint8 + 128."""
+        self.finished = True
+        self._on_finish([layer for layer in self.layers if layer.rows or not layer.matrices])
+
+
+def measure(sampler: Sampler, model: onnx.ModelProto, data: Dataset) -> None:
+    """``sampler``'s own pass of ``model`` (quantized, weights uint8 + 128) over the calibration data,
+    then its ``finish``."""
+    if sampler.tensors:
+        total = min(SAMPLES, data.size)
+        for count, values in activations.capture_counted(model, data, sampler.tensors, limit=total,
+                                                         batch_size=MIN_SAMPLES):
+            sampler.add(count, values)
+            if sampler.done():
+                break
+    sampler.finish()
 
 
 def store_signed(model: onnx.ModelProto, layer: Layer) -> None:

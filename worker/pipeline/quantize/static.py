@@ -712,29 +712,30 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
 
     saturation_of: dict[str, float] = {}
     seven_bit: set[str] = set()
-    if unsigned and int8_storage.chosen_by_host(ctx.options, params.integer_weights):
-        # the u8s8 kernel where it is exact: see pair_saturation
-        ctx.progress(0.62, "measuring the u8s8 kernel's pair saturation per layer")
-        with ctx.cost.phase("capture"):
-            measured = pair_saturation.measure(quantized, {layer.node: layer.weight for layer in integer_layers}, data)
-        with ctx.cost.phase("solve"):
-            for item in measured:
-                saturation_of[item.weight] = item.rel_l2
-                if item.rel_l2 <= pair_saturation.TOLERANCE:
-                    pair_saturation.store_signed(quantized, item)
-                    storage_of[item.weight] = int8_storage.storage_name(False)
-                    continue
-                grid = weight_grids[item.weight]
-                weight = graph.get_array(prepared, item.weight)
-                q, scale = pair_saturation.store_seven_bit(quantized, item, weight, grid.axis)
-                weight_grids[item.weight] = WeightGrid(scale, np.zeros_like(grid.zero_point), grid.axis)
-                sqnr_of[item.weight] = sqnr_db(weight, kernels.dequantize(q, scale, np.zeros(scale.shape, np.int8),
-                                                                          axis=grid.axis))
-                storage_of[item.weight] = pair_saturation.SEVEN_BIT_STORAGE
-                seven_bit.add(item.weight)
+
+    def choose_forms(measured: list[pair_saturation.Layer]) -> None:
+        """Each measured layer's int8 form: the 8-bit grid where its u8s8 pairs do not saturate,
+        else the 7-bit grid (see pair_saturation)."""
+        for item in measured:
+            saturation_of[item.weight] = item.rel_l2
+            if item.rel_l2 <= pair_saturation.TOLERANCE:
+                pair_saturation.store_signed(quantized, item)
+                storage_of[item.weight] = int8_storage.storage_name(False)
+                continue
+            grid = weight_grids[item.weight]
+            weight = graph.get_array(prepared, item.weight)
+            q, scale = pair_saturation.store_seven_bit(quantized, item, weight, grid.axis)
+            weight_grids[item.weight] = WeightGrid(scale, np.zeros_like(grid.zero_point), grid.axis)
+            sqnr_of[item.weight] = sqnr_db(weight, kernels.dequantize(q, scale, np.zeros(scale.shape, np.int8),
+                                                                      axis=grid.axis))
+            storage_of[item.weight] = pair_saturation.SEVEN_BIT_STORAGE
+            seven_bit.add(item.weight)
         int8_storage.note_measured(ctx.options, len(measured) - len(seven_bit), len(seven_bit),
                                    pair_saturation.TOLERANCE)
 
+    # the u8s8 kernel where it is exact (pair_saturation), measured on the pass bias correction makes
+    sampler = (pair_saturation.Sampler(quantized, {layer.node: layer.weight for layer in integer_layers}, choose_forms)
+               if unsigned and int8_storage.chosen_by_host(ctx.options, params.integer_weights) else None)
     corrected: list[str] = []
     if params.bias_correction:
         ctx.progress(0.65, "bias correction")
@@ -742,7 +743,12 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
         with ctx.cost.phase("capture"):
             corrected = bias_correction.correct(prepared, quantized, decided.compute_nodes,
                                                 {layer.node: layer.weight for layer in integer_layers}, data, ctx,
-                                                relu_folded=set(decided.relu_folds), bias_input=_bias_input)
+                                                relu_folded=set(decided.relu_folds), bias_input=_bias_input,
+                                                rider=sampler)
+    if sampler is not None and not sampler.finished:
+        ctx.progress(0.75, "measuring the u8s8 kernel's pair saturation per layer")
+        with ctx.cost.phase("capture"):
+            pair_saturation.measure(sampler, quantized, data)
 
     int32_biases = 0
     weight_of = {layer.node: layer.weight for layer in integer_layers}

@@ -147,11 +147,12 @@ def _two_layers() -> onnx.ModelProto:
     w2 = np.abs(rng.uniform(0.05, 1.0, (16, 8))).astype(np.float32)
     w2[1::2] *= -1
     g = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W1"], ["h"], name="first"),
-         helper.make_node("MatMul", ["h", "W2"], ["y"], name="second")], "two",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32])],
+        [helper.make_node("MatMul", ["x", "W1"], ["h0"], name="first"), helper.make_node("Add", ["h0", "b1"], ["h"]),
+         helper.make_node("MatMul", ["h", "W2"], ["y0"], name="second"), helper.make_node("Add", ["y0", "b2"], ["y"])],
+        "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
-        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")])
+        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2"),
+         numpy_helper.from_array(np.full(16, 0.1, np.float32), "b1"), numpy_helper.from_array(np.zeros(8, np.float32), "b2")])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
 
 
@@ -161,22 +162,26 @@ def _stored(model, name):
     return inits[dq.input[0]], inits[dq.input[1]], inits[dq.input[2]]
 
 
-def _quantize(model, calibration, **options):
+def _quantize(model, calibration, bias_correction=False, **options):
     ctx = StepContext(original=model, calibration=calibration, options=options)
     step = QuantizeStep(op="quantize", weights={"bits": 8}, activations={"calibration": "minmax"}, min_params=0,
-                        min_products=0, bias_correction=False)
+                        min_products=0, bias_correction=bias_correction)
     return quantize_static(model, step, ctx), ctx
 
 
-def test_without_vnni_a_saturating_layer_takes_a_7_bit_grid_and_the_other_keeps_8_bits(monkeypatch):
+@pytest.mark.parametrize("bias_correction", [False, True], ids=["own pass", "riding bias correction's pass"])
+def test_without_vnni_a_saturating_layer_takes_a_7_bit_grid_and_the_other_keeps_8_bits(monkeypatch, bias_correction):
     monkeypatch.setattr(host, "cpu_info", lambda: host.parse_cpu(X86_AVX2, "x86_64"))
+    if bias_correction:       # one pass over the quantized model serves both
+        monkeypatch.setattr(pair_saturation, "measure", lambda *args: pytest.fail("a second pass"))
     model = _two_layers()
     calibration = {"x": np.random.default_rng(9).uniform(0.0, 1.0, (64, 32)).astype(np.float32)}
-    result, ctx = _quantize(model, calibration)
+    result, ctx = _quantize(model, calibration, bias_correction)
+    assert result.metrics["bias_corrected"] == (2 if bias_correction else 0)
     q1, s1, z1 = _stored(result.model, "W1")
     q2, s2, z2 = _stored(result.model, "W2")
     assert q1.dtype == q2.dtype == np.int8 and not z1.any() and not z2.any()
-    w1, w2 = (numpy_helper.to_array(t) for t in model.graph.initializer)
+    w1, w2 = (numpy_helper.to_array(t) for t in model.graph.initializer[:2])
     # W1: every pair at 127 + 127 on inputs near 255 saturates; the 7-bit grid cannot
     assert ctx.layers["W1"].extra["pair_saturation"] > pair_saturation.TOLERANCE
     np.testing.assert_array_equal(q1, np.clip(np.rint(w1 / s1), -63, 63))
@@ -210,6 +215,12 @@ def _pointwise_conv(channels: int = 8) -> onnx.ModelProto:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
 
 
+def _measured(model, nodes, data):
+    found = []
+    pair_saturation.measure(pair_saturation.Sampler(model, nodes, found.extend), model, data)
+    return found
+
+
 def test_it_reads_rows_from_at_least_four_samples_and_stops_when_each_layer_has_enough(monkeypatch):
     """4096 output positions per image: ROWS from a quarter of each of the first samples, then it
     stops; a MatMul with a few rows per sample reads all SAMPLES."""
@@ -225,11 +236,11 @@ def test_it_reads_rows_from_at_least_four_samples_and_stops_when_each_layer_has_
     images = {"x": np.random.default_rng(11).uniform(0, 1, (32, 8, 64, 64)).astype(np.float32)}
     stored = _quantize(conv, images, integer_weights="uint8")[0].model
     read.clear()                          # the calibration pass's own reads
-    [layer] = pair_saturation.measure(stored, {"conv": "W"}, bind(stored, images))
+    [layer] = _measured(stored, {"conv": "W"}, bind(stored, images))
     assert layer.rows == pair_saturation.ROWS
     assert pair_saturation.MIN_SAMPLES <= sum(read) < 2 * pair_saturation.MIN_SAMPLES
     rows = {"x": np.random.default_rng(12).uniform(0, 1, (40, 32)).astype(np.float32)}
     stored = _quantize(_two_layers(), rows, integer_weights="uint8")[0].model
     read.clear()
-    measured = pair_saturation.measure(stored, {"first": "W1", "second": "W2"}, bind(stored, rows))
+    measured = _measured(stored, {"first": "W1", "second": "W2"}, bind(stored, rows))
     assert [layer.rows for layer in measured] == [pair_saturation.SAMPLES] * 2 and sum(read) == pair_saturation.SAMPLES
