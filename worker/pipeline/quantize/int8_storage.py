@@ -53,12 +53,12 @@ def chosen_by_host(options: dict | None = None, requested: str = "auto") -> bool
     return (options or {}).get("integer_weights", requested) == "auto"
 
 
-def note_measured(options: dict | None, eight_bit: int, seven_bit: int, tolerance: float) -> None:
+def note_measured(options: dict | None, eight_bit: int, seven_bit: int, unsigned: int) -> None:
     """Record static int8's per-layer refinement beside the host choice (``pair_saturation``)."""
     host.note_choice(options, "int8 weight storage per layer",
-                     f"int8 on {eight_bit + seven_bit} integer layers ({seven_bit} of them on a 7-bit grid)",
-                     f"u8s8 pair saturation measured on the calibration data (8-bit grid where its rel_l2 "
-                     f"<= {tolerance:g}, else 7-bit, which cannot saturate)")
+                     f"int8 on {eight_bit} integer layers, int8 on a 7-bit grid on {seven_bit}, "
+                     f"uint8 + 128 on {unsigned}",
+                     "u8s8 pair saturation and weight rounding measured on the calibration data")
 
 
 def stored(q: np.ndarray, unsigned: bool) -> tuple[np.ndarray, int]:

@@ -714,11 +714,14 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
     seven_bit: set[str] = set()
 
     def choose_forms(measured: list[pair_saturation.Layer]) -> None:
-        """Each measured layer's int8 form: the 8-bit grid where its u8s8 pairs do not saturate,
-        else the 7-bit grid (see pair_saturation)."""
+        """Each measured layer's form (``pair_saturation.Layer.form``): the 8-bit grid stored int8, the
+        7-bit grid stored int8, or the 8-bit grid left as uint8 + 128."""
         for item in measured:
-            saturation_of[item.weight] = item.rel_l2
-            if item.rel_l2 <= pair_saturation.TOLERANCE:
+            saturation_of[item.weight] = item.saturation
+            form = item.form()
+            if form == "uint8":
+                continue
+            if form == "int8":
                 pair_saturation.store_signed(quantized, item)
                 storage_of[item.weight] = int8_storage.storage_name(False)
                 continue
@@ -730,11 +733,13 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
                                                                       axis=grid.axis))
             storage_of[item.weight] = pair_saturation.SEVEN_BIT_STORAGE
             seven_bit.add(item.weight)
-        int8_storage.note_measured(ctx.options, len(measured) - len(seven_bit), len(seven_bit),
-                                   pair_saturation.TOLERANCE)
+        unsigned_kept = sum(1 for item in measured if item.weight not in storage_of)
+        int8_storage.note_measured(ctx.options, len(measured) - len(seven_bit) - unsigned_kept, len(seven_bit),
+                                   unsigned_kept)
 
     # the u8s8 kernel where it is exact (pair_saturation), measured on the pass bias correction makes
-    sampler = (pair_saturation.Sampler(quantized, {layer.node: layer.weight for layer in integer_layers}, choose_forms)
+    sampler = (pair_saturation.Sampler(quantized, {layer.node: layer.weight for layer in integer_layers},
+                                       lambda name: graph.get_array(prepared, name), choose_forms)
                if unsigned and int8_storage.chosen_by_host(ctx.options, params.integer_weights) else None)
     corrected: list[str] = []
     if params.bias_correction:

@@ -138,21 +138,29 @@ def test_onnx_runtime_matmulinteger_returns_what_the_pair_model_predicts():
 
 # ------------------------------------------------------------------------------------ the choice
 
-def _two_layers() -> onnx.ModelProto:
-    """MatMul "W1" whose every column has its two largest weights side by side with one sign (pairs
-    at 127 + 127 saturate on large inputs), then MatMul "W2" whose pairs always differ in sign."""
+def _three_layers() -> onnx.ModelProto:
+    """Three MatMul + bias layers, one per form:
+    "W1": every column's two largest weights side by side with one sign (pairs at 127 + 127 saturate
+          on large inputs), every weight a multiple of absmax / 63, so the 7-bit grid rounds nothing;
+    "W3": the same large pairs among continuous weights: the 7-bit grid's rounding costs as much as
+          saturation, too much;
+    "W2": pairs that always differ in sign: nothing saturates."""
     rng = np.random.default_rng(8)
-    w1 = rng.uniform(-0.1, 0.1, (32, 16)).astype(np.float32)
+    w1 = np.rint(rng.uniform(-0.1, 0.1, (32, 16)) * 63) / 63
     w1[0:2] = 1.0
-    w2 = np.abs(rng.uniform(0.05, 1.0, (16, 8))).astype(np.float32)
+    w3 = rng.uniform(-0.1, 0.1, (16, 16))
+    w3[0:2] = 1.0
+    w2 = np.abs(rng.uniform(0.05, 1.0, (16, 8)))
     w2[1::2] *= -1
-    g = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W1"], ["h0"], name="first"), helper.make_node("Add", ["h0", "b1"], ["h"]),
-         helper.make_node("MatMul", ["h", "W2"], ["y0"], name="second"), helper.make_node("Add", ["y0", "b2"], ["y"])],
-        "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
-        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2"),
-         numpy_helper.from_array(np.full(16, 0.1, np.float32), "b1"), numpy_helper.from_array(np.zeros(8, np.float32), "b2")])
+    nodes, inits = [], []
+    for index, (name, weight, source, out) in enumerate((("W1", w1, "x", "h1"), ("W3", w3, "h1", "h3"),
+                                                         ("W2", w2, "h3", "y"))):
+        nodes += [helper.make_node("MatMul", [source, name], [f"{out}_mm"], name=f"layer{index}"),
+                  helper.make_node("Add", [f"{out}_mm", f"b_{name}"], [out])]
+        inits += [numpy_helper.from_array(weight.astype(np.float32), name),
+                  numpy_helper.from_array(np.full(weight.shape[1], 0.1, np.float32), f"b_{name}")]
+    g = helper.make_graph(nodes, "three", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])], inits)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
 
 
@@ -170,37 +178,41 @@ def _quantize(model, calibration, bias_correction=False, **options):
 
 
 @pytest.mark.parametrize("bias_correction", [False, True], ids=["own pass", "riding bias correction's pass"])
-def test_without_vnni_a_saturating_layer_takes_a_7_bit_grid_and_the_other_keeps_8_bits(monkeypatch, bias_correction):
+def test_without_vnni_each_layer_takes_the_form_that_costs_least(monkeypatch, bias_correction):
     monkeypatch.setattr(host, "cpu_info", lambda: host.parse_cpu(X86_AVX2, "x86_64"))
     if bias_correction:       # one pass over the quantized model serves both
         monkeypatch.setattr(pair_saturation, "measure", lambda *args: pytest.fail("a second pass"))
-    model = _two_layers()
+    model = _three_layers()
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     calibration = {"x": np.random.default_rng(9).uniform(0.0, 1.0, (64, 32)).astype(np.float32)}
     result, ctx = _quantize(model, calibration, bias_correction)
-    assert result.metrics["bias_corrected"] == (2 if bias_correction else 0)
+    assert result.metrics["bias_corrected"] == (3 if bias_correction else 0)
+    # W1 saturates, and its weights sit on the 7-bit grid: that grid, stored int8
     q1, s1, z1 = _stored(result.model, "W1")
-    q2, s2, z2 = _stored(result.model, "W2")
-    assert q1.dtype == q2.dtype == np.int8 and not z1.any() and not z2.any()
-    w1, w2 = (numpy_helper.to_array(t) for t in model.graph.initializer[:2])
-    # W1: every pair at 127 + 127 on inputs near 255 saturates; the 7-bit grid cannot
-    assert ctx.layers["W1"].extra["pair_saturation"] > pair_saturation.TOLERANCE
-    np.testing.assert_array_equal(q1, np.clip(np.rint(w1 / s1), -63, 63))
+    assert q1.dtype == np.int8 and not z1.any() and ctx.layers["W1"].extra["pair_saturation"] > 0
+    np.testing.assert_array_equal(q1, np.clip(np.rint(weights["W1"] / s1), -63, 63))
     assert np.abs(q1).max() == 63 and ctx.layers["W1"].grid["bits"] == 7
     assert ctx.layers["W1"].extra["weight_storage"] == pair_saturation.SEVEN_BIT_STORAGE
-    # W2: no pair shares a sign, nothing saturates: the contract's 8-bit grid
-    assert ctx.layers["W2"].extra["pair_saturation"] == 0.0
-    np.testing.assert_array_equal(q2, np.clip(np.rint(w2 / s2), -127, 127))
+    # W3 saturates, and the 7-bit grid would cost as much: the exact uint8 + 128 form of the 8-bit grid
+    q3, s3, z3 = _stored(result.model, "W3")
+    assert q3.dtype == np.uint8 and (z3 == 128).all()
+    assert ctx.layers["W3"].extra["pair_saturation"] > pair_saturation.SLACK
+    np.testing.assert_array_equal(q3.astype(np.int16) - 128, np.clip(np.rint(weights["W3"] / s3), -127, 127))
+    # W2: no pair shares a sign, nothing saturates: the contract's 8-bit grid stored int8
+    q2, s2, z2 = _stored(result.model, "W2")
+    assert q2.dtype == np.int8 and not z2.any() and ctx.layers["W2"].extra["pair_saturation"] == 0.0
+    np.testing.assert_array_equal(q2, np.clip(np.rint(weights["W2"] / s2), -127, 127))
     assert np.abs(q2).max() == 127 and ctx.layers["W2"].extra["weight_storage"] == "int8"
     assert result.metrics["seven_bit_weights"] == 1
     [choice] = [c for c in ctx.options[host.CHOICES_KEY] if c["choice"] == "int8 weight storage per layer"]
-    assert choice["value"] == "int8 on 2 integer layers (1 of them on a 7-bit grid)"
+    assert choice["value"] == "int8 on 1 integer layers, int8 on a 7-bit grid on 1, uint8 + 128 on 1"
 
 
 def test_a_forced_storage_is_kept_on_every_layer(monkeypatch):
     monkeypatch.setattr(host, "cpu_info", lambda: host.parse_cpu(X86_AVX2, "x86_64"))
     calibration = {"x": np.random.default_rng(9).uniform(0.0, 1.0, (64, 32)).astype(np.float32)}
-    result, ctx = _quantize(_two_layers(), calibration, integer_weights="uint8")
-    for name in ("W1", "W2"):
+    result, ctx = _quantize(_three_layers(), calibration, integer_weights="uint8")
+    for name in ("W1", "W2", "W3"):
         q, _, zero = _stored(result.model, name)
         assert q.dtype == np.uint8 and (zero == 128).all() and "pair_saturation" not in ctx.layers[name].extra
     assert result.metrics["seven_bit_weights"] == 0
@@ -215,9 +227,10 @@ def _pointwise_conv(channels: int = 8) -> onnx.ModelProto:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
 
 
-def _measured(model, nodes, data):
+def _measured(model, nodes, data, original):
     found = []
-    pair_saturation.measure(pair_saturation.Sampler(model, nodes, found.extend), model, data)
+    weights = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}
+    pair_saturation.measure(pair_saturation.Sampler(model, nodes, weights.__getitem__, found.extend), model, data)
     return found
 
 
@@ -236,11 +249,12 @@ def test_it_reads_rows_from_at_least_four_samples_and_stops_when_each_layer_has_
     images = {"x": np.random.default_rng(11).uniform(0, 1, (32, 8, 64, 64)).astype(np.float32)}
     stored = _quantize(conv, images, integer_weights="uint8")[0].model
     read.clear()                          # the calibration pass's own reads
-    [layer] = _measured(stored, {"conv": "W"}, bind(stored, images))
+    [layer] = _measured(stored, {"conv": "W"}, bind(stored, images), conv)
     assert layer.rows == pair_saturation.ROWS
     assert pair_saturation.MIN_SAMPLES <= sum(read) < 2 * pair_saturation.MIN_SAMPLES
     rows = {"x": np.random.default_rng(12).uniform(0, 1, (40, 32)).astype(np.float32)}
-    stored = _quantize(_two_layers(), rows, integer_weights="uint8")[0].model
+    three = _three_layers()
+    stored = _quantize(three, rows, integer_weights="uint8")[0].model
     read.clear()
-    measured = _measured(stored, {"first": "W1", "second": "W2"}, bind(stored, rows))
+    measured = _measured(stored, {"layer0": "W1", "layer2": "W2"}, bind(stored, rows), three)
     assert [layer.rows for layer in measured] == [pair_saturation.SAMPLES] * 2 and sum(read) == pair_saturation.SAMPLES
