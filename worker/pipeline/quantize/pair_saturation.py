@@ -235,8 +235,9 @@ class Sampler:
                  on_finish: Callable[[list[Layer]], None], *, rows: int = ROWS, seed: int = 0) -> None:
         self.layers = layers_of(model, nodes)
         for layer in self.layers:
-            _weight_terms(layer, float_weight(layer.weight))
+            layer.squares = [np.zeros(matrix.shape[0]) for matrix in layer.matrices]
         self.rows = rows
+        self._float_weight = float_weight
         self.read = 0
         self.finished = False
         self._on_finish = on_finish
@@ -278,22 +279,25 @@ class Sampler:
         """Hand ``on_finish`` the layers measured (a depthwise Conv among them, exact by construction);
         the others keep uint8 + 128."""
         self.finished = True
-        self._on_finish([layer for layer in self.layers if layer.rows or not layer.matrices])
+        measured = [layer for layer in self.layers if layer.rows or not layer.matrices]
+        for layer in measured:
+            if layer.error > 0:      # only a layer that saturates has a choice to weigh
+                _weight_terms(layer, self._float_weight(layer.weight))
+        self._on_finish(measured)
 
 
 def _weight_terms(layer: Layer, weight: np.ndarray) -> None:
-    """``layer.weight_terms`` (and zeroed ``squares``) from its float weight (see ``Layer``)."""
-    floats = gemm_matrices(layer.node, weight.astype(np.float32)) or []
-    seven = seven_bit_scale(weight.astype(np.float32), None) if layer.per_tensor else None
-    layer.weight_terms, layer.squares = [], []
+    """``layer.weight_terms`` from its float weight (see ``Layer``)."""
+    weight = weight.astype(np.float32, copy=False)
+    floats = gemm_matrices(layer.node, weight) or []
+    seven = seven_bit_scale(weight, None) if layer.per_tensor else None
+    layer.weight_terms = []
     for matrix, scale, real in zip(layer.matrices, layer.column_scales, floats):
         step = seven if seven is not None else seven_bit_scale(real, 1)
-        eight = matrix.astype(np.float32) * scale.astype(np.float32) - real
+        eight = matrix * scale.astype(np.float32) - real
         on_seven = np.rint(real / step) * step - real
-        layer.weight_terms.append(np.stack([(eight.astype(np.float64) ** 2).sum(axis=1),
-                                            (on_seven.astype(np.float64) ** 2).sum(axis=1),
-                                            (real.astype(np.float64) ** 2).sum(axis=1) / 12]))
-        layer.squares.append(np.zeros(matrix.shape[0]))
+        squares = [np.einsum("kn,kn->k", error, error) for error in (eight, on_seven, real)]
+        layer.weight_terms.append(np.stack(squares).astype(np.float64) / np.array([[1.0], [1.0], [12.0]]))
 
 
 def measure(sampler: Sampler, model: onnx.ModelProto, data: Dataset) -> None:
