@@ -181,10 +181,11 @@ class QuantizeStep(_WeightStep):
                     "activations move to higher precision (int8 instead of int4 / int2, float) until it holds")
     integer_weights: Literal["auto", "int8", "uint8"] = Field(
         "auto", description="static / dynamic int8: storage of the weights ONNX Runtime's integer kernels read. "
-                            "auto on x86 CPUs without VNNI, where the int8 (u8s8) kernel saturates: static int8 "
-                            "stores int8 on the 8-bit grid where its measured saturation is at most 1e-3, else "
-                            "int8 on a 7-bit grid; dynamic int8 stores uint8 + 128 (exact u8u8). auto is int8 "
-                            "elsewhere; int8 / uint8 force that storage of the 8-bit grid")
+                            "auto on x86 CPUs without VNNI, where the fast int8 (u8s8) kernel saturates: static "
+                            "int8 measures per layer and stores the 8-bit grid int8, a 7-bit grid int8, or the "
+                            "8-bit grid uint8 + 128 (exact u8u8), whichever adds least error; dynamic int8 "
+                            "stores uint8 + 128. auto is int8 elsewhere; int8 / uint8 force that storage of the "
+                            "8-bit grid")
 
     @model_validator(mode="after")
     def _something(self) -> "QuantizeStep":

@@ -12,10 +12,9 @@ zero point 128, ``(q_u8 - 128) * s == q * s`` exactly; docs/recipes.md's numbers
 q = clamp(rne(w / s), -128, 127)) are unchanged, only the storage type differs. The report's
 layer records say which (``weight_storage``).
 
-Static int8 refines the automatic choice per layer and keeps the faster u8s8 kernel everywhere it
-can model the GEMM (``pair_saturation``): int8 on the 8-bit grid where the int16 pairs do not
-saturate on the layer's real inputs (measured on the calibration data), else int8 on a 7-bit grid,
-which cannot saturate.
+Static int8 refines the automatic choice per layer (``pair_saturation``): from errors measured on
+the calibration data, a layer takes the faster u8s8 kernel, with its 8-bit grid stored int8 or a
+7-bit grid that cannot saturate, where that costs little accuracy, and keeps uint8 + 128 elsewhere.
 
 The recipe's ``integer_weights`` ("int8" | "uint8" | "auto", default auto) forces one form for every
 layer, for users who compress on one machine and deploy on another; ``ctx.options["integer_weights"]``
