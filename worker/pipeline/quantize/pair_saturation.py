@@ -11,7 +11,7 @@ sign and |w1| + |w2| > 128 (255 * 128 = 32640 fits in int16), so only those pair
 a sample of the rows the layer's real inputs make.
 
 Left to ``int8_storage``, every such layer would store its weight as uint8 + 128 for the exact
-u8u8 kernel, slower than u8s8 (AMD EPYC without VNNI: MiniLM at 0.84-0.86x FP32's latency that way,
+u8u8 kernel, slower than u8s8 (AMD EPYC without VNNI: MiniLM at 0.84-1.01x FP32's latency that way,
 0.74-0.75x with int8 everywhere). The fast kernel has two forms, each with its own error:
 - the 8-bit grid stored int8: what the saturating pairs add, computed exactly on the sample;
 - a 7-bit grid (s = absmax / 63), whose pairs cannot pass int16: exact, but its weight rounding
@@ -20,7 +20,8 @@ Each layer takes the form that adds less, if what it adds is at most ``SLACK`` o
 error in the exact form (its input's rounding plus its 8-bit weights' rounding, estimated on the same
 sample), else it keeps uint8 + 128. Measured on the PP-OCRv4 detector: a 7-bit grid wherever 8-bit
 saturated at more than 1e-3 of the layer's output (14 of its 26 layers) cost IoU 0.9877 -> 0.9861 for
-0.90x FP32's latency; this rule (20 layers int8 on the 8-bit grid, 6 kept uint8) 0.9872 at 0.96x.
+0.90x FP32's latency; this rule (20 layers int8 on the 8-bit grid, 6 kept uint8) 0.9872 at
+0.95-1.00x, where uint8 + 128 everywhere ran at 1.01-1.05x.
 """
 from __future__ import annotations
 

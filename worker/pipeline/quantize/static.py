@@ -737,7 +737,8 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
         int8_storage.note_measured(ctx.options, len(measured) - len(seven_bit) - unsigned_kept, len(seven_bit),
                                    unsigned_kept)
 
-    # the u8s8 kernel where it is exact (pair_saturation), measured on the pass bias correction makes
+    # each integer layer's weight form on x86 without VNNI (pair_saturation), measured on bias
+    # correction's pass over the quantized model, or on a pass of its own without bias correction
     sampler = (pair_saturation.Sampler(quantized, {layer.node: layer.weight for layer in integer_layers},
                                        lambda name: graph.get_array(prepared, name), choose_forms)
                if unsigned and int8_storage.chosen_by_host(ctx.options, params.integer_weights) else None)
