@@ -42,6 +42,20 @@ def test_the_saturation_it_computes_is_the_pairwise_sum_clipped_to_int16(k):
     assert np.abs(difference).max() > 0          # random full-range weights do saturate
 
 
+@pytest.mark.parametrize("k", [64, 65])
+def test_the_energy_from_float_rows_equals_the_one_from_their_uint8_values(k):
+    """The sampler reads dequantized rows and converts only the values the reachable pairs use."""
+    rng = np.random.default_rng(k + 1)
+    step, zero = 0.02, 9
+    q = rng.integers(0, 256, (50, k)).astype(np.uint8)
+    x = ((q.astype(np.float32) - zero) * np.float32(step)).astype(np.float32)
+    matrix = rng.integers(-127, 128, (k, 12)).astype(np.int16)
+    column_scale = rng.uniform(0.5, 2.0, 12)
+    expected = float(((pair_saturation.saturated_minus_exact(q, matrix) * column_scale) ** 2).sum())
+    assert expected > 0
+    assert pair_saturation.saturation_energy(x, matrix, column_scale, step, zero) == pytest.approx(expected, rel=1e-12)
+
+
 def _conv_patches_and_matrices(x, w, zero, attrs):
     node = helper.make_node("Conv", ["x", "w"], ["y"], **attrs)
     spatial = x.ndim - 2
