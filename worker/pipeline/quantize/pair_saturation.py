@@ -128,9 +128,9 @@ def _conv_geometry(node: onnx.NodeProto, spatial: int) -> tuple[list[int], list[
 
 def gemm_rows(node: onnx.NodeProto, x: np.ndarray, kernel: tuple[int, ...], zero: float, count: int,
               rng: np.random.Generator) -> list[np.ndarray] | None:
-    """Up to ``count`` rows of the GEMM's left operand (uint8), drawn at random, one array per group:
-    a MatMul's / Gemm's input rows, or a Conv's patches (padding reads ``zero``: ORT pads a uint8
-    input with its zero point, a float one with 0.0)."""
+    """Up to ``count`` rows of the GEMM's left operand (in ``x``'s dtype), drawn at random, one array
+    per group: a MatMul's / Gemm's input rows, or a Conv's patches (padding reads ``zero``: ORT pads
+    a uint8 input with its zero point, which is 0.0 in the dequantized input)."""
     if node.op_type in ("MatMul", "Gemm"):
         flat = x.reshape(-1, x.shape[-1])
         pick = rng.choice(flat.shape[0], size=min(count, flat.shape[0]), replace=False)
