@@ -25,6 +25,16 @@ def _w(rng: np.random.Generator, *shape: int, scale: float | None = None) -> np.
     return (rng.standard_normal(shape) * (scale if scale is not None else 1.0 / np.sqrt(fan_in))).astype(np.float32)
 
 
+def pointwise_conv(rng: np.random.Generator, inputs: int, outputs: int, size: int) -> onnx.ModelProto:
+    """x[batch, inputs, size, size] -> 1x1 Conv "c" (weight "c.W", a zero bias "c.b")
+    -> y[batch, outputs, size, size]."""
+    inits = [numpy_helper.from_array(_w(rng, outputs, inputs, 1, 1), "c.W"),
+             numpy_helper.from_array(np.zeros(outputs, np.float32), "c.b")]
+    return _model([helper.make_node("Conv", ["x", "c.W", "c.b"], ["y"], name="c")],
+                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", inputs, size, size])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", outputs, size, size])], inits)
+
+
 def mlp(inputs: int = 128, hidden: int = 256, classes: int = 16, seed: int = 0, batch="batch",
         constants: bool = False, opset: int = OPSET) -> onnx.ModelProto:
     """x[batch, inputs] -> MatMul W1 + b1 -> Relu -> MatMul W2 + b2 -> logits[batch, classes].

@@ -34,7 +34,7 @@ def cpu_has_vnni() -> bool:
 def unsigned_weights(target: str, options: dict | None = None, requested: str = "auto") -> bool:
     """True where int8 weights for integer kernels must be stored as uint8 + 128 (see module doc).
     The automatic choice reads this host's CPU and is recorded in ``options`` (host.note_choice)."""
-    forced = (options or {}).get("integer_weights", requested)
+    forced = _requested(options, requested)
     if forced in ("int8", "uint8"):
         return forced == "uint8"
     cpu = host.cpu_info()
@@ -49,7 +49,12 @@ def unsigned_weights(target: str, options: dict | None = None, requested: str = 
 
 def chosen_by_host(options: dict | None = None, requested: str = "auto") -> bool:
     """True where neither the recipe nor the options force a storage form."""
-    return (options or {}).get("integer_weights", requested) == "auto"
+    return _requested(options, requested) == "auto"
+
+
+def _requested(options: dict | None, requested: str) -> str:
+    """The recipe's ``integer_weights``, unless ``options`` (tests) override it."""
+    return (options or {}).get("integer_weights", requested)
 
 
 def note_measured(options: dict | None, eight_bit: int, seven_bit: int, unsigned: int) -> None:

@@ -739,8 +739,8 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
 
     # each integer layer's weight form on x86 without VNNI (pair_saturation), measured on bias
     # correction's pass over the quantized model, or on a pass of its own without bias correction
-    sampler = (pair_saturation.Sampler(quantized, {layer.node: layer.weight for layer in integer_layers},
-                                       lambda name: graph.get_array(prepared, name), choose_forms)
+    weight_of = {layer.node: layer.weight for layer in integer_layers}
+    sampler = (pair_saturation.Sampler(quantized, weight_of, lambda name: graph.get_array(prepared, name), choose_forms)
                if unsigned and int8_storage.chosen_by_host(ctx.options, params.integer_weights) else None)
     corrected: list[str] = []
     if params.bias_correction:
@@ -748,7 +748,7 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
         from worker.pipeline.quantize import bias_correction
         with ctx.cost.phase("capture"):
             corrected = bias_correction.correct(prepared, quantized, decided.compute_nodes,
-                                                {layer.node: layer.weight for layer in integer_layers}, data, ctx,
+                                                weight_of, data, ctx,
                                                 relu_folded=set(decided.relu_folds), bias_input=_bias_input,
                                                 rider=sampler)
     if sampler is not None and not sampler.finished:
@@ -757,7 +757,6 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
             pair_saturation.measure(sampler, quantized, data)
 
     int32_biases = 0
-    weight_of = {layer.node: layer.weight for layer in integer_layers}
     input_grids = _dequantized_grids(quantized, grids)
     with ctx.cost.phase("write"), graph.naming(quantized):
         for node in list(quantized.graph.node):

@@ -12,6 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from core.recipe import QuantizeStep
+from tests.unit.pipeline import builders
 from worker.pipeline import host
 from worker.pipeline.data import bind
 from worker.pipeline.quantize import int8_storage, pair_saturation
@@ -232,15 +233,6 @@ def test_a_forced_storage_is_kept_on_every_layer(monkeypatch):
     assert result.metrics["seven_bit_weights"] == 0
 
 
-def _pointwise_conv(channels: int = 8) -> onnx.ModelProto:
-    w = np.random.default_rng(10).uniform(-1, 1, (channels, channels, 1, 1)).astype(np.float32)
-    g = helper.make_graph([helper.make_node("Conv", ["x", "W"], ["y"], name="conv")], "pointwise",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", channels, 64, 64])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", channels, 64, 64])],
-                          [numpy_helper.from_array(w, "W")])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
-
-
 def _measured(model, nodes, data, original):
     found = []
     weights = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}
@@ -259,11 +251,11 @@ def test_it_reads_rows_from_at_least_four_samples_and_stops_when_each_layer_has_
             read.append(count)
             yield count, values
     monkeypatch.setattr(pair_saturation.activations, "capture_counted", counted)
-    conv = _pointwise_conv()
+    conv = builders.pointwise_conv(np.random.default_rng(10), 8, 8, 64)
     images = {"x": np.random.default_rng(11).uniform(0, 1, (32, 8, 64, 64)).astype(np.float32)}
     stored = _quantize(conv, images, integer_weights="uint8")[0].model
     read.clear()                          # the calibration pass's own reads
-    [layer] = _measured(stored, {"conv": "W"}, bind(stored, images), conv)
+    [layer] = _measured(stored, {"c": "c.W"}, bind(stored, images), conv)
     assert layer.rows == pair_saturation.ROWS
     assert pair_saturation.MIN_SAMPLES <= sum(read) < 2 * pair_saturation.MIN_SAMPLES
     rows = {"x": np.random.default_rng(12).uniform(0, 1, (40, 32)).astype(np.float32)}

@@ -201,16 +201,6 @@ def test_bias_correction_leaves_a_layer_whose_mean_rests_on_too_few_values():
     assert _run(model, many, min_products=0)[0].metrics["bias_corrected"] == 1
 
 
-def _pointwise_conv(rng, inputs: int, outputs: int, size: int) -> onnx.ModelProto:
-    """x[batch, inputs, size, size] -> 1x1 Conv "c" with a zero bias -> y[batch, outputs, size, size]."""
-    inits = [numpy_helper.from_array(builders._w(rng, outputs, inputs, 1, 1), "c.W"),
-             numpy_helper.from_array(np.zeros(outputs, np.float32), "c.b")]
-    return builders._model([helper.make_node("Conv", ["x", "c.W", "c.b"], ["y"], name="c")],
-                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", inputs, size, size])],
-                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", outputs, size, size])],
-                           inits)
-
-
 def test_bias_correction_stops_reading_once_every_layer_has_enough_rows(monkeypatch):
     # 1x1 conv on 4 x 4 maps: 16 rows per channel per sample, so STOP_ROWS rows come after
     # STOP_ROWS / 16 samples; the pass must not read the rest of the calibration set
@@ -218,7 +208,7 @@ def test_bias_correction_stops_reading_once_every_layer_has_enough_rows(monkeypa
     from worker.pipeline.quantize import bias_correction
 
     rng = np.random.default_rng(4)
-    model = _pointwise_conv(rng, 32, 16, 4)
+    model = builders.pointwise_conv(rng, 32, 16, 4)
     samples = 2 * bias_correction.STOP_ROWS // 16
     data = {"x": rng.uniform(0, 1, (samples, 32, 4, 4)).astype(np.float32)}
     read = _count_reads(monkeypatch, activations, bias_correction)
@@ -232,7 +222,7 @@ def test_bias_correction_reads_min_samples_even_when_one_sample_fills_its_rows(m
     from worker.pipeline.quantize import bias_correction
 
     rng = np.random.default_rng(6)
-    model = _pointwise_conv(rng, 8, 8, 32)
+    model = builders.pointwise_conv(rng, 8, 8, 32)
     samples = bias_correction.MIN_SAMPLES * 4
     data = {"x": rng.uniform(0, 1, (samples, 8, 32, 32)).astype(np.float32)}
     read = _count_reads(monkeypatch, activations, bias_correction)
