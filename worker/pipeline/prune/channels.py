@@ -18,7 +18,8 @@ size in the shape constant is rewritten). Layers that read a layout (Conv, MatMu
 matching input rows. Anything else that reads a grouped tensor (a graph output, Softmax, a
 LayerNormalization over the channels, a Reshape into attention heads that ``prune.heads`` does
 not recognise, a Transpose, a subgraph) *blocks* its groups: they are left whole and reported with
-the reason.
+the reason. So does a weight that several layers read: cutting it for one reader would split it
+into a sliced copy per reader and grow the model.
 
 Attention heads: where ``prune.heads`` finds a multi-head attention block that works head by
 head, its Q, K, V projections make one group whose channels are the heads (``head_size`` columns
@@ -48,6 +49,7 @@ from onnx import helper, numpy_helper
 import kernels
 from core.recipe import PruneStep
 from worker.pipeline import activations, host, subgraphs
+from worker.pipeline.shape_inference import skeleton
 from worker.pipeline.data import bind
 from worker.pipeline.graph import attribute, topological_nodes, unique_name, weight_layers
 from worker.pipeline.step import StepContext, StepResult, selects_no_weight
@@ -174,6 +176,9 @@ class _Analysis:
         # output keep their channels (the shrunk mask clashed with its declared shape, exit 1)
         for output in model.graph.output:
             self.readers[output.name] = self.readers.get(output.name, 0) + 1
+        # a weight that If / Loop / Scan bodies read as well is shared with layers this pass never sees
+        for name in subgraphs.subgraph_reads(model, outer_only=True):
+            self.readers[name] = self.readers.get(name, 0) + 1
         self.graph = ChannelGraph()
         self.layouts: dict[str, Layout] = {}
         self.sites = find_head_sites(model, self.inits, self.shapes)
@@ -232,6 +237,21 @@ class _Analysis:
     def _act(self, kind: str, node: onnx.NodeProto, index: int, axis: int, layout: Layout) -> None:
         self.graph.actions.append(Action(kind, node.name, index, node.input[index], axis, layout))
 
+    def _shared(self, weight: str) -> str | None:
+        """Why ``weight`` cannot lose rows or columns for one of its readers: a weight several layers
+        read would be split into a sliced copy per reader, and the model would grow (as lowrank
+        says too, a shared weight is left whole)."""
+        count = self.readers.get(weight, 0)
+        return f"weight {weight} is shared by {count} readers" if count > 1 else None
+
+    def _weight_input(self, node: onnx.NodeProto, axis: int, x: Layout) -> None:
+        """``node``'s weight loses the input rows of the channels ``x`` loses, unless it is shared."""
+        reason = self._shared(node.input[1])
+        if reason is not None:
+            self.graph.block(x, reason)
+        else:
+            self._act("input", node, 1, axis, x)
+
     def _produce(self, node: onnx.NodeProto, weight: str, axis: int, channels: int, rank: int | None) -> int | None:
         if rank is None:
             return None
@@ -239,6 +259,9 @@ class _Analysis:
         self.graph.producers[group].append(Producer(weight, axis, node.name, node.output[0]))
         if weight not in self.selected:
             self.graph.reasons[group].append(f"{weight} is not selected (include / exclude / min_params)")
+        shared = self._shared(weight)
+        if shared is not None:
+            self.graph.reasons[group].append(shared)
         self.layouts[node.output[0]] = Layout(1 if node.op_type in ("Conv", "Gemm") else rank - 1, rank,
                                               (Segment(group, channels),))
         return group
@@ -257,7 +280,10 @@ class _Analysis:
             if x.axis != 1:
                 return False
             if groups == 1:
-                self._act("input", node, 1, 1, x)
+                self._weight_input(node, 1, x)
+            elif groups == x.positions and w.shape[0] == groups and w.shape[1] == 1 and self._shared(node.input[1]):
+                self.graph.block(x, self._shared(node.input[1]))   # its channels stay; so does its output
+                return True
             elif groups == x.positions and w.shape[0] == groups and w.shape[1] == 1:
                 # depthwise: one filter per input channel, so the channels pass straight through
                 self._act("slice", node, 1, 0, x)
@@ -287,7 +313,7 @@ class _Analysis:
         if x is not None:
             if x.axis != x.rank - 1:
                 return False
-            self._act("input", node, 1, 0, x)
+            self._weight_input(node, 0, x)
         if node.name in self.head_projections:
             return self._head_projection(node)
         group = self._produce(node, node.input[1], 1, int(b.shape[1]), self.rank(node.input[0]))
@@ -306,7 +332,7 @@ class _Analysis:
         if x is not None:
             if attribute(node, "transA", 0) or x.axis != 1 or x.rank != 2:
                 return False
-            self._act("input", node, 1, 1 if trans_b else 0, x)
+            self._weight_input(node, 1 if trans_b else 0, x)
         out_axis = 0 if trans_b else 1
         group = self._produce(node, node.input[1], out_axis, int(b.shape[out_axis]), 2)
         layout = self.layouts[node.output[0]]
@@ -503,6 +529,22 @@ class _Analysis:
                 self.layouts[node.output[0]] = layout
                 return True
         return False
+
+
+def _checked_shapes(pruned: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
+    """The pruned model with its shapes inferred strictly, so that a cut that left two readers of a
+    tensor disagreeing on its channels fails here, not in the user's runtime. Where ONNX's
+    inference cannot type the original either (GroupNormalization at opset 21 in onnx 1.x has no
+    output type), strictness proves nothing: inference runs lenient, and the runner's own run of
+    the result on the data is the check."""
+    try:
+        return onnx.shape_inference.infer_shapes(pruned, strict_mode=True)
+    except onnx.shape_inference.InferenceError:
+        try:
+            onnx.shape_inference.infer_shapes(skeleton(original), strict_mode=True)
+        except onnx.shape_inference.InferenceError:
+            return onnx.shape_inference.infer_shapes(pruned)
+        raise
 
 
 def _constants_to_initializers(model: onnx.ModelProto) -> None:
@@ -751,7 +793,7 @@ def prune_channels(model: onnx.ModelProto, params: PruneStep, ctx: StepContext) 
     del out.graph.initializer[:]
     out.graph.initializer.extend(kept_inits)
     del out.graph.value_info[:]
-    out = onnx.shape_inference.infer_shapes(out, strict_mode=True)
+    out = _checked_shapes(out, model)
 
     after = {t.name: t for t in out.graph.initializer}
     params_after = sum(int(np.prod(after[layer.weight].dims)) for layer in selected_layers if layer.weight in after)
