@@ -30,7 +30,9 @@ dequantized after the Gather (``quantize_embedding``). Other float initializers 
 that are only sliced, reshaped or added (learned position tables) are int8 per tensor behind a
 DequantizeLinear (``quantize_table``).
 Elementwise Add / Mul (residuals, masks) are left in float between a DequantizeLinear and a
-QuantizeLinear: cheap, and where residual streams keep their precision.
+QuantizeLinear: cheap, and where residual streams keep their precision. A node that writes a model
+output and is not quantized itself reads the float tensor (``_output_readers``). ConvTranspose weights
+are int8 weight-only (``_weight_only_layers``).
 
 Per-axis DequantizeLinear needs opset 13, so older models are upgraded first. A Conv followed by
 BatchNormalization is folded before the weights are quantized: the grid must be chosen for the
@@ -114,18 +116,25 @@ def check(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext) -> Non
         elif params.exclude:
             loc, why = ["exclude"], "exclude leaves no Conv / MatMul / Gemm weight to quantize"
         else:
-            loc, why = ["min_params"], f"no Conv / MatMul / Gemm weight has {params.min_params} or more elements"
+            loc, why = ["min_params"], (f"no Conv / MatMul / Gemm weight has {params.min_params} or more elements"
+                                        + graph.unreadable_note(prepared, params.min_params))
         raise RecipeError(why, [{"loc": loc, "msg": why}])
 
 
 def _weight_only_layers(model: onnx.ModelProto, params: QuantizeStep, taken: set[str]) -> list[graph.WeightLayer]:
     """Weights static int8 stores int8 without quantizing the activations around them: recurrent
-    cells' W / R (main graph) and every layer inside an If / Loop / Scan body (hoisted weights)."""
+    cells' W / R (main graph), ConvTranspose (a U-Net's upsampling: ONNX Runtime's CPU provider has
+    no integer ConvTranspose to fuse QDQ into, so it runs in float on the dequantized weight; it was
+    left float32 and unlisted) and every layer inside an If / Loop / Scan body (hoisted weights)."""
     recurrent = [layer for layer in weight_only.recurrent_layers(model, taken)
                  if layer.params >= params.min_params and graph.selected(layer, params.include, params.exclude)]
-    return recurrent + graph.body_layers(model, COMPUTE_OPS + weight_only.RECURRENT_OPS,
-                                         taken | {layer.weight for layer in recurrent}, include=params.include,
-                                         exclude=params.exclude, min_params=params.min_params)
+    transposed = [layer for layer in graph.weight_layers(model, ops=("ConvTranspose",), include=params.include,
+                                                         exclude=params.exclude, min_params=params.min_params)
+                  if layer.weight not in taken and "ConvTranspose" not in params.float_ops]
+    chosen = recurrent + transposed
+    return chosen + graph.body_layers(model, COMPUTE_OPS + weight_only.RECURRENT_OPS,
+                                      taken | {layer.weight for layer in chosen}, include=params.include,
+                                      exclude=params.exclude, min_params=params.min_params)
 
 
 def selected_layers(model: onnx.ModelProto, params: QuantizeStep) -> list[graph.WeightLayer]:
@@ -509,6 +518,18 @@ def _drop_graph_input(model: onnx.ModelProto, name: str) -> None:
         model.graph.input.extend(kept)
 
 
+def _output_readers(model: onnx.ModelProto, decided: Plan) -> frozenset[str]:
+    """Nodes that write a model output and that the plan does not quantize (an Identity that echoes
+    an input, a last residual Add): they read the float tensor, not its DequantizeLinear, so a
+    model output no integer kernel computes carries no rounding it does not need (an echoed input
+    came back at rel_l2 0.01)."""
+    outputs = {o.name for o in model.graph.output}
+    quantized = {node.name for node in decided.compute_nodes + decided.sensitive_nodes}
+    return frozenset(node.name for node in model.graph.node
+                     if node.name not in quantized and node.op_type not in PASSTHROUGH_OPS
+                     and any(name in outputs for name in node.output))
+
+
 def insert_qdq(model: onnx.ModelProto, tensor: str, grid: ActivationGrid, relu: onnx.NodeProto | None = None,
                float_readers: frozenset[str] = frozenset()) -> None:
     """QuantizeLinear -> DequantizeLinear on ``tensor``. Its readers read the dequantized tensor,
@@ -706,8 +727,9 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
             if root in grids:
                 grids[output] = grids[root]
         with ctx.cost.phase("write"):
+            keep_float = float_readers | _output_readers(quantized, decided)
             for tensor, grid in grids.items():
-                insert_qdq(quantized, tensor, grid, decided.relu_folds.get(tensor), float_readers)
+                insert_qdq(quantized, tensor, grid, decided.relu_folds.get(tensor), keep_float)
     graph.sort_graph(quantized)
 
     saturation_of: dict[str, float] = {}
