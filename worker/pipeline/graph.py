@@ -195,6 +195,44 @@ def weight_layers(model: onnx.ModelProto, *, ops: Sequence[str] = ("MatMul", "Ge
     return found
 
 
+def unreadable_weights(model: onnx.ModelProto, min_params: int = 0) -> dict[str, str]:
+    """Float weights of at least ``min_params`` elements that a MatMul / Gemm reads in a layout no
+    weight step handles: {weight: why}. ``W @ x`` (the weight as MatMul's first operand), batched
+    per-head weights ``x[.., K] @ W[H, K, N]`` and Gemm's A. Each step leaves them float; they are
+    named so that a user sees why (they were 70 % of a model's parameters and appeared nowhere)."""
+    inits = initializers(model)
+    found: dict[str, str] = {}
+    readable = {layer.weight for layer in weight_layers(model)}
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        for index, name in enumerate(node.input[:2]):
+            tensor = inits.get(name)
+            if (tensor is None or name in readable or name in found
+                    or tensor.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)):
+                continue
+            elements = int(np.prod(tensor.dims)) if tensor.dims else 1
+            if elements < max(min_params, 2) or len(tensor.dims) < 2:
+                continue
+            where = f"{node.op_type} {node.name}".strip()
+            if index == 0:
+                found[name] = f"{elements} elements: the first operand of {where} (W @ x), a layout no weight step reads"
+            else:
+                found[name] = (f"{elements} elements, shape {list(tensor.dims)}: a batched weight of {where}, "
+                               "a layout no weight step reads")
+    return found
+
+
+def unreadable_note(model: onnx.ModelProto, min_params: int = 0) -> str:
+    """``unreadable_weights`` for a refusal's message ("" when there are none)."""
+    found = unreadable_weights(model, min_params)
+    if not found:
+        return ""
+    name, why = next(iter(found.items()))
+    more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+    return f"; {name} ({why}){more}"
+
+
 def read_as_data(model: onnx.ModelProto, weights: Iterable[str], ops: Sequence[str]) -> dict[str, str]:
     """Of ``weights``, those a main-graph node other than a layer of ``ops`` (or a layout op, as a
     tied weight's Transpose) reads: {weight: "op node"}. There the values are data (a ReduceSum of

@@ -18,7 +18,8 @@ Definitions:
   recurrent cells (LSTM: 4, GRU: 3, RNN: 1 gates of ``H * (I + H)`` per step and direction).
 - fidelity over all outputs of all samples concatenated into one vector y (original) and y'
   (compressed): ``rel_l2 = ||y' - y|| / ||y||``, ``cosine = <y, y'> / (||y|| ||y'||)``;
-  ``top1_agreement`` over 2-D float outputs ``[N, C]`` with C > 1 (argmax equal, averaged).
+  ``top1_agreement`` over 2-D float outputs ``[N, C]`` with C > 1 (argmax equal, averaged);
+  ``Fidelity.outputs`` the same rel_l2 and cosine per output (an integer output's ``agreement`` too).
 - accuracy: argmax of the first 2-D float output against ``_labels``.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ import itertools
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -334,6 +335,35 @@ class Fidelity:
     accuracy_original: float | None
     accuracy_compressed: float | None
     samples: int
+    outputs: list[dict] = field(default_factory=list)    # per model output: ``_OutputFidelity.row``
+
+
+@dataclass
+class _OutputFidelity:
+    """One output's share of ``fidelity``: the contract's rel_l2 and cosine concatenate every
+    output, so an index output (an argmax, int64) with one flip outweighs a float output's whole
+    error, and a float output's scale hides another's; per output the user sees which moved. An
+    integer output's ``agreement`` is the fraction of its elements equal in both models."""
+
+    name: str
+    integer: bool = False
+    diff2: float = 0.0
+    ref2: float = 0.0
+    out2: float = 0.0
+    dot: float = 0.0
+    equal: int = 0
+    elements: int = 0
+
+    def row(self) -> dict:
+        rel_l2 = math.sqrt(self.diff2) / math.sqrt(self.ref2) if self.ref2 > 0 else (0.0 if self.diff2 == 0 else math.inf)
+        if self.ref2 > 0 and 0 < self.out2 < math.inf:
+            cosine = self.dot / (math.sqrt(self.ref2) * math.sqrt(self.out2))
+        else:
+            cosine = 1.0 if self.diff2 == 0 else 0.0
+        row = {"name": self.name, "rel_l2": float(rel_l2), "cosine": float(cosine)}
+        if self.integer:
+            row["agreement"] = self.equal / self.elements if self.elements else None
+        return row
 
 
 def _is_classifier(array: np.ndarray) -> bool:
@@ -353,22 +383,29 @@ def fidelity(original: ort.InferenceSession, compressed: ort.InferenceSession, d
     batch_size = data.batch_for(FIDELITY_BATCH_BYTES, batch_size)
     labels_iter = data.label_batches(batch_size, limit) if data.labels is not None else None
     samples = 0
+    per_output = [_OutputFidelity(name) for name in names]
     for feeds in data.batches(batch_size, limit):
         ys = original.run(names, feeds)
         zs = compressed.run(names, feeds)
         labels = next(labels_iter) if labels_iter is not None else None
         first_classifier = True
-        for y, z in zip(ys, zs):
+        for y, z, share in zip(ys, zs, per_output):
             y64 = np.asarray(y, dtype=np.float64).ravel()
             z64 = np.asarray(z, dtype=np.float64).ravel()
             y64 = np.nan_to_num(y64, nan=0.0, posinf=np.finfo(np.float32).max, neginf=np.finfo(np.float32).min)
             if y64.shape != z64.shape:
                 raise ValueError(f"output shapes differ: {np.shape(y)} vs {np.shape(z)}")
             diff = z64 - y64
-            diff2 += float(np.dot(diff, diff)) if np.isfinite(diff).all() else math.inf
-            ref2 += float(np.dot(y64, y64))
-            out2 += float(np.dot(z64, z64)) if np.isfinite(z64).all() else math.inf
-            dot += float(np.dot(y64, z64)) if np.isfinite(z64).all() else 0.0
+            terms = (float(np.dot(diff, diff)) if np.isfinite(diff).all() else math.inf, float(np.dot(y64, y64)),
+                     float(np.dot(z64, z64)) if np.isfinite(z64).all() else math.inf,
+                     float(np.dot(y64, z64)) if np.isfinite(z64).all() else 0.0)
+            diff2, ref2, out2, dot = diff2 + terms[0], ref2 + terms[1], out2 + terms[2], dot + terms[3]
+            share.diff2, share.ref2, share.out2, share.dot = (share.diff2 + terms[0], share.ref2 + terms[1],
+                                                              share.out2 + terms[2], share.dot + terms[3])
+            if np.asarray(y).dtype.kind in "iub":
+                share.integer = True
+                share.equal += int(np.count_nonzero(np.asarray(y).ravel() == np.asarray(z).ravel()))
+                share.elements += int(y64.size)
             if _is_classifier(np.asarray(y)):
                 ya, za = np.argmax(y, axis=1), np.argmax(z, axis=1)
                 agree += int(np.sum(ya == za))
@@ -390,6 +427,7 @@ def fidelity(original: ort.InferenceSession, compressed: ort.InferenceSession, d
         accuracy_original=correct_o / labelled if labelled else None,
         accuracy_compressed=correct_c / labelled if labelled else None,
         samples=samples,
+        outputs=[share.row() for share in per_output],
     )
 
 

@@ -200,6 +200,7 @@ def build_report(*, original_path: Path, compressed_path: Path, target: str, ste
         "fidelity": {"rel_l2": fid.rel_l2, "cosine": fid.cosine, "top1_agreement": fid.top1_agreement},
         "fidelity_data": source,
         "fidelity_samples": fid.samples,
+        "fidelity_outputs": fid.outputs,
         "accuracy": (None if fid.accuracy_original is None else
                      {"original": fid.accuracy_original, "compressed": fid.accuracy_compressed}),
         "target": target,

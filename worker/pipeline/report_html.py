@@ -353,6 +353,18 @@ def summary_table(report: dict) -> str:
             f"<tbody>{body}</tbody></table>")
 
 
+def outputs_table(report: dict) -> str:
+    """Fidelity per model output, where there are several (one output's figures are the headline's)."""
+    outputs = [o for o in report.get("fidelity_outputs") or [] if isinstance(o, dict)]
+    if len(outputs) < 2:
+        return ""
+    body = "".join(f'<tr><td class="text">{_esc(o.get("name", ""))}</td><td>{_esc(_fmt(o.get("rel_l2"), 4))}</td>'
+                   f'<td>{_esc(_fmt(o.get("cosine"), 5))}</td><td>{_esc(_fmt(o.get("agreement"), 4))}</td></tr>'
+                   for o in outputs)
+    return ('<h2>Fidelity per output</h2><table><thead><tr><th class="name">Output</th><th>rel_l2</th>'
+            f"<th>cosine</th><th>agreement (integer outputs)</th></tr></thead><tbody>{body}</tbody></table>")
+
+
 def steps_table(report: dict) -> str:
     steps = [s for s in report.get("steps") or [] if isinstance(s, dict)]
     if not steps:
@@ -523,7 +535,7 @@ def render_html(report: dict, *, title: str, extra: Sequence[str] = ()) -> str:
         f'<div class="meta">{_esc(meta)}</div>',
         target_notice(report),
         headline_cards(report),
-        "<h2>Before and after</h2>", summary_table(report),
+        "<h2>Before and after</h2>", summary_table(report), outputs_table(report),
         "<h2>Steps</h2>", steps_table(report),
         "<h2>Cost</h2>", cost_section(report),
         "<h2>Which layers lose the most</h2>", error_plots(report),

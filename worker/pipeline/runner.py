@@ -43,6 +43,8 @@ from worker.pipeline.report import build_report, json_safe, write_report, write_
 from worker.pipeline.search import engine as goal_search
 from worker.pipeline.step import StepCancelled, StepContext
 
+WEIGHT_STEPS = ("prune", "lowrank", "cluster", "quantize")    # the steps that choose weights by layout
+
 STEPS_SHARE = 0.8          # fraction of the progress bar the steps take; checks and report the rest
 
 
@@ -274,6 +276,12 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
             raise
         except Exception as exc:
             raise PipelineError(f"{stage} failed: {type(exc).__name__}: {exc}") from exc
+        unreadable = graph.unreadable_weights(model, getattr(step, "min_params", 0)) if step.op in WEIGHT_STEPS else {}
+        if unreadable:
+            # weights in a layout no step reads stay float: listed, not silently passed over
+            skipped = result.metrics.setdefault("skipped", [])
+            named = {entry.get("name") for entry in skipped}
+            skipped.extend({"name": name, "reason": why} for name, why in unreadable.items() if name not in named)
         model = result.model
         seconds = time.perf_counter() - started
         step_rows.append({"op": step.op, "seconds": seconds, **result.metrics, **ctx.cost.row(seconds)})

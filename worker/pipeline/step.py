@@ -92,6 +92,8 @@ def selects_no_weight(op: str, ops: tuple[str, ...], params: Any, model: onnx.Mo
     why = f"no {' / '.join(ops)} weight of {params.min_params} or more elements {among}{unless}"
     if model is not None:
         from worker.pipeline import graph
+        if not params.include and not params.exclude:
+            why += graph.unreadable_note(model, params.min_params)
         copy = onnx.ModelProto()
         copy.CopyFrom(model)            # body_layers names unnamed body nodes
         inside = graph.body_layers(copy, ops, set(), include=params.include, exclude=params.exclude,
@@ -99,4 +101,5 @@ def selects_no_weight(op: str, ops: tuple[str, ...], params: Any, model: onnx.Mo
         if inside:
             why += (f" outside control flow; {len(inside)} inside If / Loop / Scan bodies ({inside[0].weight} first), "
                     f"which {op} does not reach (quantize does)")
-    return RecipeError(f"{op} selects no weight tensor: {why}", [{"loc": ["include"], "msg": why}])
+    loc = "include" if params.include else "exclude" if params.exclude else "min_params"
+    return RecipeError(f"{op} selects no weight tensor: {why}", [{"loc": [loc], "msg": why}])

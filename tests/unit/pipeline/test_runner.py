@@ -132,7 +132,7 @@ def test_a_step_matching_no_weight_says_what_it_looked_for(mlp_path, tmp_path):
     recipe = parse_recipe({"steps": [{"op": "prune", "sparsity": 0.5, "min_params": 10**6}]})
     with pytest.raises(RecipeError) as info:
         runner.run(mlp_path, recipe, workdir=tmp_path)
-    assert info.value.errors[0]["loc"] == ["steps", 0, "include"]
+    assert info.value.errors[0]["loc"] == ["steps", 0, "min_params"]
     assert "no MatMul / Gemm / Conv / ConvTranspose weight of 1000000 or more elements" in info.value.errors[0]["msg"]
 
 
@@ -266,7 +266,7 @@ def test_a_step_that_does_not_reach_into_bodies_names_the_weights_there(tmp_path
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
     with pytest.raises(RecipeError) as info:
         runner.run(path, parse_recipe({"steps": [{"op": "prune", "sparsity": 0.5}]}), workdir=tmp_path / "w")
-    assert info.value.errors[0]["loc"] == ["steps", 0, "include"]
+    assert info.value.errors[0]["loc"] == ["steps", 0, "min_params"]
     assert "1 inside If / Loop / Scan bodies (Wb first), which prune does not reach" in info.value.errors[0]["msg"]
     # quantize reaches the body's weight; layerwise distillation after it said "the original has no such layer"
     recipe = parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 4}},
@@ -473,3 +473,63 @@ def test_only_the_originals_value_info_is_kept(tmp_path):
     compressed = onnx.load(str(result.model_path))
     assert max(o.version for o in compressed.opset_import if o.domain in ("", "ai.onnx")) >= 21
     assert [value.name for value in compressed.graph.value_info] == [hidden]
+
+
+def _weight_first_model(tmp_path: Path, with_readable: bool) -> Path:
+    """y = relu(W1 @ x) [@ W2]: W1 (the MatMul's first operand) is a layout no weight step reads."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "W1")]
+    nodes = [helper.make_node("MatMul", ["W1", "x"], ["a"], name="first"), helper.make_node("Relu", ["a"], ["y0"], name="relu")]
+    out = "y0"
+    if with_readable:
+        inits.append(numpy_helper.from_array(rng.standard_normal((16, 64)).astype(np.float32), "W2"))
+        nodes.append(helper.make_node("MatMul", ["y0", "W2"], ["y"], name="second"))
+        out = "y"
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 32, 16])],
+                          [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["n", 64, 64 if with_readable else 16])],
+                          inits)
+    path = tmp_path / f"weight_first_{with_readable}.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_weights_in_a_layout_no_step_reads_are_named(tmp_path: Path):
+    """W @ x weights were skipped silently (70 % of a model's parameters) and, as the only weight,
+    refused as if the model had none of min_params' size."""
+    alone = _weight_first_model(tmp_path, with_readable=False)
+    with pytest.raises(RecipeError) as info:
+        runner.run(alone, parse_recipe(INT8), workdir=tmp_path / "a")
+    assert info.value.errors[0]["loc"] == ["steps", 0, "min_params"]
+    assert "W1 (2048 elements: the first operand of MatMul first (W @ x)" in info.value.errors[0]["msg"]
+    both = _weight_first_model(tmp_path, with_readable=True)
+    report = runner.run(both, parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 8}, "min_params": 0}]}),
+                        workdir=tmp_path / "b", options=FAST).report
+    skipped = {entry["name"]: entry["reason"] for entry in report["steps"][0]["skipped"]}
+    assert "W1" in skipped and "a layout no weight step reads" in skipped["W1"]
+    assert "W2" in {row["name"] for row in report["layers"]}
+
+
+def test_fidelity_per_output_separates_an_index_output(tmp_path: Path):
+    """The contract's fidelity concatenates every output; per output, an int64 argmax shows its own
+    agreement and a float output its own rel_l2."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.standard_normal((32, 10)).astype(np.float32), "W")]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["logits"], name="fc"),
+             helper.make_node("ArgMax", ["logits"], ["label"], name="pick", axis=1, keepdims=0)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 32])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 10]),
+                           helper.make_tensor_value_info("label", TensorProto.INT64, ["n"])], inits)
+    path = tmp_path / "two_outputs.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    evaluation = {"x": rng.standard_normal((40, 32)).astype(np.float32)}
+    report = runner.run(path, parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 8}, "min_params": 0}]}),
+                        evaluation=evaluation, workdir=tmp_path / "w", options=FAST).report
+    rows = {row["name"]: row for row in report["fidelity_outputs"]}
+    assert list(rows) == ["logits", "label"] and "agreement" not in rows["logits"]
+    original = builders.run_ort(onnx.load(path), evaluation)
+    compressed = builders.run_ort(onnx.load(tmp_path / "w" / "model.onnx"), evaluation)
+    assert rows["label"]["agreement"] == pytest.approx(float(np.mean(original[1] == compressed[1])))
+    want = np.linalg.norm(compressed[0] - original[0]) / np.linalg.norm(original[0])
+    assert rows["logits"]["rel_l2"] == pytest.approx(float(want), rel=1e-4)

@@ -121,7 +121,7 @@ def check(model: onnx.ModelProto, params: QuantizeStep, ctx: StepContext) -> Non
             loc, why = ["exclude"], "exclude leaves no MatMul / Gemm weight to quantize"
         else:
             loc, why = ["min_params"], (f"no 2-D MatMul / Gemm or recurrent weight has {params.min_params} "
-                                        "or more elements")
+                                        "or more elements" + graph.unreadable_note(model, params.min_params))
         raise RecipeError(why, [{"loc": loc, "msg": why}])
 
 

@@ -131,7 +131,8 @@ def refuse_empty_selection(model: onnx.ModelProto, params: QuantizeStep) -> None
     elif params.exclude:
         loc, why = ["exclude"], "exclude leaves no weight to quantize"
     else:
-        loc, why = ["min_params"], f"no MatMul / Gemm / Conv / Gather weight has {params.min_params} or more elements"
+        loc, why = ["min_params"], (f"no MatMul / Gemm / Conv / Gather weight has {params.min_params} or more elements"
+                                    + graph.unreadable_note(model, params.min_params))
     raise RecipeError(why, [{"loc": loc, "msg": why}])
 
 
