@@ -152,6 +152,7 @@ class Search:
         self.touching: dict[str, list[str]] = {}     # static: a float layer's activations go float with it
         self.params_of = {family.name: family.params for family in families}
         self.family_of = {family.name: family for family in families}
+        self._sparse_by = ctx.options.get("sparse_storage_by", "zstd")
         self._probe: tuple[Any, onnx.ModelProto] | None = None     # weight-only families share one
         self._drops: dict[tuple, float] = {}                         # (weight, setting) -> drop alone
 
@@ -217,8 +218,8 @@ class Search:
         z = self._outputs(built, self.screen_data)
         z = z.reshape(self.screen.reference.shape)
         screen_value, screen_drop = self.screen.score(z)
-        data = (space.stored_bytes(built, self.family_of[family], self.ctx.options.get("sparse_storage_by", "zstd"))
-                if family in self.family_of else built.SerializeToString())
+        data = (space.stored_model(built, self.family_of[family], self._sparse_by, self.ctx.original)
+                if family in self.family_of else built).SerializeToString()
         candidate = Candidate(len(self.candidates), family, label, moves, screen_value, screen_drop,
                               bytes=len(data), transport_bytes=file_layout.zstd_size(data), seconds=seconds,
                               layers=layers, step_metrics=step_metrics,
@@ -543,7 +544,10 @@ class Search:
         extra = _worth_saving(verified, self.objective)
         saved: dict[str, Path] = {}
         for index, c in enumerate(extra, start=1):
+            # the file whose bytes the frontier lists (the chosen model is finalized the same way)
             model = graph.load_model(c.path)
+            if c.family in self.family_of:
+                model = space.stored_model(model, self.family_of[c.family], self._sparse_by, self.ctx.original)
             c.artifact = artifacts.candidate_name(index)
             saved[c.artifact] = graph.save_model(model, workdir / artifacts.candidate_file(index))
         model = graph.load_model(chosen.path)

@@ -48,11 +48,17 @@ def test_budget_met_on_evaluation_data_and_fragile_layer_kept_at_higher_precisio
     assert sorted(c["artifact"] for c in candidates if c["artifact"])[:1] == ["candidate-1"]
     saved = onnx.load(tmp_path / "out" / "candidate-1.onnx")
     assert run_ort(saved, evaluation)[0].shape == y.shape
+    # the frontier lists the files' own bytes: the chosen model.onnx and the downloadable candidate
+    # (sizes were measured before finalize's lossless changes: a ViT's 353,378 against 326,021)
+    listed = {c["artifact"]: c["bytes"] for c in candidates if c["artifact"]}
+    assert (tmp_path / "out" / "candidate-1.onnx").stat().st_size == listed["candidate-1"]
+    assert (tmp_path / "out" / "model.onnx").stat().st_size == chosen["bytes"]
     assert "Goal search" in (tmp_path / "out" / "report.html").read_text()
     # minimizing size: the weight-only DequantizeLinear nodes stay (not the larger Cast / Mul form),
     # by the goal's choice, not by a latency measurement
     row = next(r for r in result.report["steps"] if r["op"] == "goal")
-    assert row["dequantize_form"]["form"] == "qdq" and "reason" in row["dequantize_form"]
+    assert row["dequantize_form"]["form"] == "qdq"
+    assert "reason" in row["dequantize_form"] or not row["dequantize_form"]["weights"]
 
 
 def test_calibration_only_holds_part_out_and_says_so(tmp_path):
