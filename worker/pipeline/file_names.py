@@ -76,14 +76,15 @@ def _short_names(taken: set[str]) -> Iterator[str]:
             yield digits
 
 
-def clear_added_node_names(model: onnx.ModelProto, original: onnx.ModelProto) -> int:
-    """Clear the names of nodes (bodies included) whose name the original did not have; how many."""
-    kept = node_names(original)
+def clear_added_node_names(model: onnx.ModelProto, original: onnx.ModelProto, kept: set[str] | None = None) -> int:
+    """Clear the names of nodes (bodies included) whose name the original did not have; how many.
+    ``kept``: the names the uploaded file itself had, where ``original`` is the copy the runner named."""
+    kept = node_names(original) if kept is None else kept
     cleared = 0
     for graph in _graphs(model.graph):
         for node in graph.node:
-            if node.name and node.name not in kept:
-                node.name = ""
+            if node.HasField("name") and node.name not in kept:
+                node.ClearField("name")          # an empty name set is still 2 bytes in the file
                 cleared += 1
     return cleared
 

@@ -108,7 +108,8 @@ def finalize(model: onnx.ModelProto, recipe: Recipe, step_rows: Sequence[dict[st
                 model, ctx.layers, by=ctx.options.get("sparse_storage_by", "zstd"))
     # the names the steps invented, short (last: the report's layers read the steps' names through the map)
     row = final[1] if final is not None else (step_rows[-1] if step_rows else {})
-    row["node_names_cleared"] = file_names.clear_added_node_names(model, ctx.original)
+    row["node_names_cleared"] = file_names.clear_added_node_names(model, ctx.original,
+                                                                  ctx.options.get("file_node_names"))
     names = file_names.shorten(model, ctx.original)
     row["names_shortened"] = len(names)
     if step_rows:

@@ -218,7 +218,8 @@ class Search:
         z = self._outputs(built, self.screen_data)
         z = z.reshape(self.screen.reference.shape)
         screen_value, screen_drop = self.screen.score(z)
-        data = (space.stored_model(built, self.family_of[family], self._sparse_by, self.ctx.original)
+        data = (space.stored_model(built, self.family_of[family], self._sparse_by, self.ctx.original,
+                                   self.ctx.options.get("file_node_names"))
                 if family in self.family_of else built).SerializeToString()
         candidate = Candidate(len(self.candidates), family, label, moves, screen_value, screen_drop,
                               bytes=len(data), transport_bytes=file_layout.zstd_size(data), seconds=seconds,
@@ -547,7 +548,8 @@ class Search:
             # the file whose bytes the frontier lists (the chosen model is finalized the same way)
             model = graph.load_model(c.path)
             if c.family in self.family_of:
-                model = space.stored_model(model, self.family_of[c.family], self._sparse_by, self.ctx.original)
+                model = space.stored_model(model, self.family_of[c.family], self._sparse_by, self.ctx.original,
+                                           self.ctx.options.get("file_node_names"))
             c.artifact = artifacts.candidate_name(index)
             saved[c.artifact] = graph.save_model(model, workdir / artifacts.candidate_file(index))
         model = graph.load_model(chosen.path)

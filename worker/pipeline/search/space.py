@@ -164,7 +164,8 @@ def applies(family: Family, model: onnx.ModelProto, ctx: StepContext) -> str | N
     return None
 
 
-def written_form(model: onnx.ModelProto, family: Family, original: onnx.ModelProto) -> onnx.ModelProto:
+def written_form(model: onnx.ModelProto, family: Family, original: onnx.ModelProto,
+                 file_node_names: set[str] | None = None) -> onnx.ModelProto:
     """A copy of ``model`` with the lossless changes ``finalize`` makes to the file it writes: a
     quantized family's all-zero zero points dropped and identical scales / constants stored once,
     the node names the steps added cleared and the tensor names they invented made short. Sizes were
@@ -176,16 +177,17 @@ def written_form(model: onnx.ModelProto, family: Family, original: onnx.ModelPro
         zero_points.drop_zero_points(written)
         small_tensors.lift_constants(written)
         small_tensors.share_identical(written)
-    file_names.clear_added_node_names(written, original)
+    file_names.clear_added_node_names(written, original, file_node_names)
     file_names.shorten(written, original)
     return written
 
 
-def stored_model(model: onnx.ModelProto, family: Family, by: str, original: onnx.ModelProto) -> onnx.ModelProto:
+def stored_model(model: onnx.ModelProto, family: Family, by: str, original: onnx.ModelProto,
+                 file_node_names: set[str] | None = None) -> onnx.ModelProto:
     """The model as the job would write it (``written_form``): a pruned family's integer weights in
     the sparse storage ``finalize`` gives them too, judged ``by`` raw or zstd bytes (each tensor
     alone: no whole-file trials)."""
-    stored = written_form(model, family, original)
+    stored = written_form(model, family, original, file_node_names)
     if isinstance(family.transform, PruneStep):
         sparse_storage.store_sparse(stored, whole_file_work=0, by=by)
     return stored
