@@ -13,6 +13,8 @@ quantizers and NNCF, each a function ``(RealModel, out_path) -> dict`` of notes 
                        u8s8 kernels, which saturate on AVX2 without VNNI)
     ours-static-u8     ours-static with integer_weights: uint8 (the 8-bit grid stored uint8 + 128 on every
                        layer: the exact u8u8 kernels; the default picks per layer on AVX2 without VNNI)
+    ours-static-int-all  ours-static with min_products: 0 (every Conv on integer activations, the
+                       depthwise ones and the stem included: the default keeps those float)
     ours-dynamic       quantize: weights int8, activations dynamic
     ours-int4-gptq     quantize: weights int4 block 32, GPTQ (models with MatMul weights only)
     ours-int4-rtn      int4 block 32, mse scales, round to nearest (no calibration): adaround's baseline
@@ -58,6 +60,7 @@ METHODS = {
     "ours-static-cle-hba": "ours static int8, equalization + high-bias absorption",
     "ours-static-s8": "ours static int8, int8 weight storage (u8s8)",
     "ours-static-u8": "ours static int8, uint8 + 128 weight storage (u8u8)",
+    "ours-static-int-all": "ours static int8, every Conv on integer activations (min_products 0)",
     "ours-dynamic": "ours dynamic int8",
     "ours-int4-gptq": f"ours int4 GPTQ b{BLOCK_SIZE}, mse scales",
     "ours-int4-rtn": f"ours int4 RTN b{BLOCK_SIZE}, mse scales",
@@ -222,6 +225,8 @@ def _recipe(method: str) -> dict:
     elif method in ("ours-static-s8", "ours-static-u8"):
         step = {"op": "quantize", "weights": {"bits": 8}, "activations": {},
                 "integer_weights": "int8" if method == "ours-static-s8" else "uint8"}
+    elif method == "ours-static-int-all":
+        step = {"op": "quantize", "weights": {"bits": 8}, "activations": {}, "min_products": 0}
     elif method == "ours-static-adaround":
         step = {"op": "quantize", "weights": {"bits": 8, "rounding": "adaround"}, "activations": {}}
     elif method in ("ours-static-cle", "ours-static-cle-hba"):

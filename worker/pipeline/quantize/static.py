@@ -54,7 +54,7 @@ from core.recipe import QuantizeStep
 from worker.pipeline import activations, calibrate, graph, subgraphs
 from worker.pipeline.metrics import sqnr_db
 from worker.pipeline.data import DataError, Dataset, bind
-from worker.pipeline.quantize import (adaround, int8_storage, lift_constants, pair_saturation, tensorrt_qdq,
+from worker.pipeline.quantize import (adaround, conv_fusions, int8_storage, lift_constants, pair_saturation, tensorrt_qdq,
                                       weight_only, weight_only_compute, wide_activations)
 from worker.pipeline.step import LayerRecord, StepContext, StepResult
 
@@ -146,8 +146,9 @@ def selected_layers(model: onnx.ModelProto, params: QuantizeStep) -> list[graph.
 
 # ------------------------------------------------------------------------------------- preparing
 
-def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy with weights as initializers, named nodes, opset >= 13 and BatchNorm folded into Conv."""
+def prepare(model: onnx.ModelProto, fused: dict[str, int] | None = None) -> onnx.ModelProto:
+    """A copy with weights as initializers, named nodes, opset >= 13, BatchNorm and per-channel
+    Mul / Add folded into Conv, and hard-swish as one op (``conv_fusions``, opset 14 where it occurs)."""
     prepared = lift_constants.lifted_copy(model)
     lift_constants.lift_batchnorm_parameters(prepared)
     # Conv / Gemm biases in Constant nodes (paddle2onnx writes every one so) as initializers: bias
@@ -161,6 +162,15 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
         except Exception as error:   # the converter raises several types; all mean "cannot upgrade"
             raise PipelineError(f"cannot raise the model's opset to {MIN_OPSET} for per-channel QDQ: {error}") from error
     fold_batchnorm(prepared)
+    affine = conv_fusions.fold_channel_affine(prepared)
+    if graph.opset(prepared) < conv_fusions.HARD_SWISH_OPSET and conv_fusions.has_hard_swish(prepared):
+        try:
+            prepared = graph.ensure_opset(prepared, conv_fusions.HARD_SWISH_OPSET)
+        except Exception:   # the converter raises several types; the elementwise form then stays
+            pass
+    hard_swish = conv_fusions.fuse_hard_swish(prepared)
+    if fused is not None:
+        fused.update(affine_folded=len(affine), hard_swish_fused=len(hard_swish))
     return prepared
 
 
@@ -628,7 +638,8 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
     params = tensorrt_qdq.adapt(params, ctx)     # gpu with TensorRT: its symmetric form
     check(model, params, ctx)
     spec = params.activations
-    prepared = prepare(model)
+    fused: dict[str, int] = {}
+    prepared = prepare(model, fused)
     if spec.int16:
         try:
             prepared = graph.ensure_opset(prepared, wide_activations.MIN_OPSET)
@@ -827,6 +838,7 @@ def quantize_static(model: onnx.ModelProto, params: QuantizeStep, ctx: StepConte
                                                                              onnx.TensorProto.INT16)),
         "float_activations": kept_float,
         "relu_folded": len(decided.relu_folds),
+        **fused,
         "bias_corrected": len(corrected),
         "smoothed_inputs": len(smoothed),
         "equalized_layers": len(equalized),
