@@ -9,6 +9,8 @@ float outputs unchanged up to float rounding.
   DequantizeLinear pair, the Mul and the Add run in float on every feature map (measured on the
   PP-OCRv4 detector: 28 Mul and 28 Add over 8 x C x 160 x 240 maps), and the output grid is chosen
   for the tensor before the affine, not the one the next layer reads.
+- ``fold_input_affine``: the same constants in front of Convs (``act -> Mul(c) [-> Add(d)] -> Conv``,
+  PP-LCNet's learnable affine after each activation) folded into the Convs' input channels.
 - ``fuse_hard_swish``: ``x * Clip(x + 3, 0, 6) / 6`` (the form exporters write, ``/ 6`` or ``* (1/6)``)
   and ``x * HardSigmoid(x; 1/6, 1/2)`` become one ``HardSwish(x)`` (opset 14): one pass over the
   tensor where there were four (on the detector 24 hard-swishes were ~80 ms of its 363 ms static int8
@@ -211,3 +213,98 @@ def fuse_hard_swish(model: onnx.ModelProto) -> list[str]:
         graph.sort_graph(model)
         _drop_unread(model, {o.name for o in model.graph.output})
     return made
+
+
+def _unpadded(conv: onnx.NodeProto) -> bool:
+    auto_pad = graph.attribute(conv, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    return auto_pad == "VALID" or (auto_pad == "NOTSET" and not any(graph.attribute(conv, "pads", [])))
+
+
+def _input_channel_of(weight: np.ndarray, groups: int, channels_in: int) -> np.ndarray | None:
+    """For W [O, I / groups, k...]: the input channel each (o, j) reads, [O, I / groups]."""
+    outputs, per_group = weight.shape[0], weight.shape[1]
+    if groups < 1 or outputs % groups or per_group * groups != channels_in:
+        return None
+    group_of = np.arange(outputs) // (outputs // groups)
+    return group_of[:, None] * per_group + np.arange(per_group)[None, :]
+
+
+def fold_input_affine(model: onnx.ModelProto) -> list[str]:
+    """A per-channel ``Mul(c)`` [then ``Add(d)``] whose result only Convs read (PP-LCNet's learnable
+    affine after each activation) folded into those Convs: ``W'[o, j] = c[i] W[o, j]`` for the input
+    channel ``i`` that (o, j) reads, exact whatever the padding (a padded zero stays zero when scaled);
+    ``d`` goes into the bias, ``b' = b + sum W[o, j, ..] d[i]``, where no reader pads (at a padded border
+    the Conv would see ``d`` where it saw 0); otherwise ``Add(d / c)`` stays in front of the Convs.
+    Returns the names of the nodes folded away."""
+    inits = graph.initializers(model)
+    values = _constants(model)
+    outputs = {o.name for o in model.graph.output}
+    inner = subgraphs.subgraph_reads(model)
+    folded: list[str] = []
+    for mul in list(model.graph.node):
+        if mul.op_type != "Mul" or len(mul.input) != 2:
+            continue
+        readers = graph.consumers(model)
+        for source in mul.input:
+            other = _other_input(mul, source)
+            if other is None or other not in values or source in values:
+                continue
+            chain, tensor = [mul], mul.output[0]
+            after = readers.get(tensor, [])
+            shift_name = _other_input(after[0][0], tensor) if len(after) == 1 and after[0][0].op_type == "Add" else None
+            if shift_name is not None and shift_name in values and tensor not in outputs and tensor not in inner:
+                chain.append(after[0][0])
+                tensor = after[0][0].output[0]
+            convs = readers.get(tensor, [])
+            if not convs or tensor in outputs or tensor in inner or any(
+                    node.op_type != "Conv" or index != 0 or len(node.input) < 2 or node.input[1] not in inits
+                    or len(readers.get(node.input[1], [])) != 1 or node.input[1] in inner
+                    or (len(node.input) > 2 and node.input[2] and node.input[2] not in inits) for node, index in convs):
+                break
+            weights = [graph.get_array(model, node.input[1]).astype(np.float64) for node, _ in convs]
+            channels_in = weights[0].shape[1] * graph.attribute(convs[0][0], "group", 1)
+            rank = weights[0].ndim
+            scale = _per_channel(values[other].astype(np.float64), rank, channels_in)
+            shift = _per_channel(values[shift_name].astype(np.float64), rank, channels_in) if len(chain) == 2 else \
+                np.zeros(channels_in)
+            maps = [_input_channel_of(w, graph.attribute(node, "group", 1), channels_in)
+                    for w, (node, _) in zip(weights, convs)]
+            if scale is None or shift is None or any(m is None for m in maps) or not np.all(scale != 0):
+                break
+            into_bias = all(_unpadded(node) for node, _ in convs)
+            if len(chain) == 1 and not into_bias:
+                into_bias = True          # nothing to add: the scale alone folds exactly
+            for (node, _), weight, index in zip(convs, weights, maps):
+                expand = (slice(None), slice(None)) + (None,) * (rank - 2)
+                scaled = weight * scale[index][expand]
+                graph.set_array(model, node.input[1], scaled.astype(np.float32))
+                if into_bias and np.any(shift):
+                    has_bias = len(node.input) > 2 and bool(node.input[2])
+                    bias = graph.get_array(model, node.input[2]).astype(np.float64) if has_bias else \
+                        np.zeros(weight.shape[0])
+                    added = (weight * shift[index][expand]).reshape(weight.shape[0], -1).sum(axis=1)
+                    name = node.input[2] if has_bias and len(readers.get(node.input[2], [])) == 1 \
+                        else graph.unique_name(model, node.input[1] + "_bias")
+                    graph.set_array(model, name, (bias + added).astype(np.float32))
+                    while len(node.input) < 3:
+                        node.input.append("")
+                    node.input[2] = name
+            if into_bias:
+                for node, index in convs:
+                    node.input[index] = source
+                for node in chain:
+                    model.graph.node.remove(node)
+                    folded.append(node.name)
+            else:
+                # the shift stays, divided by the scale now inside the Convs: Add(x, d / c)
+                add = chain[1]
+                shift_tensor = graph.unique_name(model, add.name + "_shift")
+                graph.set_array(model, shift_tensor, (shift / scale).reshape([-1] + [1] * (rank - 2)).astype(np.float32))
+                add.input[:] = [source, shift_tensor]
+                model.graph.node.remove(mul)
+                folded.append(mul.name)
+            break
+    if folded:
+        _drop_unread(model, outputs)
+    return folded

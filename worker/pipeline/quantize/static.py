@@ -169,6 +169,7 @@ def prepare(model: onnx.ModelProto, fused: dict[str, int] | None = None) -> onnx
         except Exception:   # the converter raises several types; the elementwise form then stays
             pass
     hard_swish = conv_fusions.fuse_hard_swish(prepared)
+    affine += conv_fusions.fold_input_affine(prepared)       # after the activations are whole ops
     if fused is not None:
         fused.update(affine_folded=len(affine), hard_swish_fused=len(hard_swish))
     return prepared

@@ -18,6 +18,10 @@ Passes, repeated until none changes anything:
   output (``fold_layernorm``);
 * nodes none of whose outputs is read (dead) are removed.
 
+Then per-channel ``Mul`` / ``Add`` constants after a Conv, or in front of Convs only, are folded into
+them and a hard-swish written out in elementwise ops becomes one HardSwish where the opset (>= 14) has
+it (``quantize.conv_fusions``).
+
 Then, once: ``MatMul(A, B) + C`` with A of rank 2, B a 2-D initializer and C a constant bias
 broadcasting over rows becomes ``Gemm(A, B, C)`` (``fuse_matmul_add``; ONNX Runtime's own
 MatMulAddFusion does the same for rank-2 inputs only, because at other ranks the reshapes around a
@@ -39,6 +43,7 @@ from onnx import helper, numpy_helper
 
 from core.recipe import CleanupStep
 from worker.pipeline import subgraphs
+from worker.pipeline.quantize import conv_fusions
 from worker.pipeline.graph import attribute, sort_graph, unique_name
 from worker.pipeline.step import StepContext, StepResult
 from worker.pipeline.records import StepLog
@@ -502,6 +507,12 @@ def run(model: onnx.ModelProto, params: CleanupStep, ctx: StepContext) -> StepRe
                    + count("dead_nodes_removed", remove_dead(g)))
         if not changed:
             break
+    # per-channel Mul / Add around Convs folded into them, hard-swish as one op where the opset has it
+    # (``quantize.conv_fusions``; on the PP-OCRv4 detector 0.085 -> 0.063 s per batch, one thread)
+    count("affine_folded", len(conv_fusions.fold_channel_affine(g.model)))
+    count("hard_swish_fused", len(conv_fusions.fuse_hard_swish(g.model)))
+    count("affine_folded", len(conv_fusions.fold_input_affine(g.model)))
+    g.refresh()
     if params.fuse_matmul_add:
         count("matmul_add_fused", fuse_matmul_add(g))
     count("initializers_merged", merge_identical_initializers(g))

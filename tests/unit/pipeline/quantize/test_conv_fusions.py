@@ -115,3 +115,44 @@ def test_static_int8_raises_the_opset_for_hard_swish_and_stays_close():
     feeds = {"x": RNG.standard_normal((8, 3, 8, 8)).astype(np.float32)}
     want, got = builders.run_ort(model, feeds)[0], builders.run_ort(result.model, feeds)[0]
     assert np.linalg.norm(got - want) < 0.05 * np.linalg.norm(want)
+
+
+def _affine_in_front(pads: list[int], group: int) -> onnx.ModelProto:
+    """relu -> Mul(c) -> Add(d) -> Conv (grouped or not, padded or not)."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Mul", ["r", "scale"], ["m"], name="mul"),
+             helper.make_node("Add", ["m", "shift"], ["a"], name="add"),
+             helper.make_node("Conv", ["a", "w", "b"], ["y"], name="conv", pads=pads, group=group)]
+    kernel = 3 if any(pads) else 1
+    inits = [_init("scale", RNG.uniform(0.5, 2.0, (3, 1, 1))), _init("shift", RNG.standard_normal((3, 1, 1))),
+             _init("w", RNG.standard_normal((6, 3 // group, kernel, kernel))), _init("b", RNG.standard_normal(6))]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 6, None, None])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)])
+
+
+def test_an_affine_in_front_of_convs_folds_into_their_input_channels():
+    unpadded = _affine_in_front([0, 0, 0, 0], 1)
+    fused = onnx.ModelProto()
+    fused.CopyFrom(unpadded)
+    assert sorted(conv_fusions.fold_input_affine(fused)) == ["add", "mul"]
+    assert [n.op_type for n in fused.graph.node] == ["Relu", "Conv"]
+    _same_outputs(unpadded, fused)
+    for group in (1, 3):        # padded: the scale folds (zeros stay zeros), the shift stays, divided by it
+        padded = _affine_in_front([1, 1, 1, 1], group)
+        fused = onnx.ModelProto()
+        fused.CopyFrom(padded)
+        assert conv_fusions.fold_input_affine(fused) == ["mul"]
+        assert [n.op_type for n in fused.graph.node] == ["Relu", "Add", "Conv"]
+        _same_outputs(padded, fused)
+
+
+def test_cleanup_folds_and_fuses_too():
+    from core.recipe import CleanupStep
+    from worker.pipeline.step import StepContext
+    from worker.pipeline.steps import cleanup
+    for model, gone in ((_hard_swish("clip"), {"Clip", "Div"}), (_conv_affine(), {"Mul", "Add"})):
+        result = cleanup.run(model, CleanupStep(op="cleanup"), StepContext(original=model))
+        assert not gone & {n.op_type for n in result.model.graph.node}
+        assert result.metrics["affine_folded"] + result.metrics["hard_swish_fused"] >= 1
+        _same_outputs(model, result.model, 1e-5)
