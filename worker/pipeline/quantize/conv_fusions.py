@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from worker.pipeline import graph, subgraphs
+from worker.pipeline import graph, shape_inference, subgraphs
 
 HARD_SWISH_OPSET = 14
 _TOLERANCE = 1e-6
@@ -81,8 +81,9 @@ def fold_channel_affine(model: onnx.ModelProto) -> list[str]:
     inner = subgraphs.subgraph_reads(model)
     folded: list[str] = []
     for conv in list(model.graph.node):
-        if conv.op_type != "Conv" or len(conv.input) < 2 or conv.input[1] not in inits:
-            continue
+        if conv.op_type != "Conv" or len(conv.input) < 2 or conv.input[1] not in inits or \
+                inits[conv.input[1]].data_type != onnx.TensorProto.FLOAT:
+            continue          # a float16 model's weights stay as they are
         readers = graph.consumers(model)
         if len(readers.get(conv.input[1], [])) != 1 or conv.input[1] in inner:
             continue          # a weight another layer reads cannot take this layer's factors
@@ -242,13 +243,18 @@ def fold_input_affine(model: onnx.ModelProto) -> list[str]:
     outputs = {o.name for o in model.graph.output}
     inner = subgraphs.subgraph_reads(model)
     folded: list[str] = []
+    if not any(node.op_type == "Mul" for node in model.graph.node):
+        return folded
+    # the Convs will read the Mul's input: its rank must be theirs (a constant may broadcast it up)
+    ranks = {name: len(shape) for name, shape in shape_inference.inferred_shapes(model).items()}
     for mul in list(model.graph.node):
         if mul.op_type != "Mul" or len(mul.input) != 2:
             continue
         readers = graph.consumers(model)
         for source in mul.input:
             other = _other_input(mul, source)
-            if other is None or other not in values or source in values:
+            if other is None or other not in values or source in values or ranks.get(source) is None \
+                    or ranks.get(source) != ranks.get(mul.output[0]):
                 continue
             chain, tensor = [mul], mul.output[0]
             after = readers.get(tensor, [])
@@ -259,6 +265,7 @@ def fold_input_affine(model: onnx.ModelProto) -> list[str]:
             convs = readers.get(tensor, [])
             if not convs or tensor in outputs or tensor in inner or any(
                     node.op_type != "Conv" or index != 0 or len(node.input) < 2 or node.input[1] not in inits
+                    or inits[node.input[1]].data_type != onnx.TensorProto.FLOAT
                     or len(readers.get(node.input[1], [])) != 1 or node.input[1] in inner
                     or (len(node.input) > 2 and node.input[2] and node.input[2] not in inits) for node, index in convs):
                 break
