@@ -42,6 +42,7 @@ import onnx
 from core.errors import FeatherweightError, RecipeError
 from core.recipe import Fp16Step, LowrankStep, PruneStep, QuantizeStep
 from worker.pipeline import file_names, graph, registry, sensitivity
+from worker.pipeline.finalize import drop_added_value_info
 from worker.pipeline.quantize import mixed_precision, small_tensors, sparse_storage, zero_points
 from worker.pipeline.step import StepContext, StepResult
 from worker.pipeline.steps.lowrank import truncated_svd
@@ -168,7 +169,8 @@ def written_form(model: onnx.ModelProto, family: Family, original: onnx.ModelPro
                  file_node_names: set[str] | None = None) -> onnx.ModelProto:
     """A copy of ``model`` with the lossless changes ``finalize`` makes to the file it writes: a
     quantized family's all-zero zero points dropped and identical scales / constants stored once,
-    the node names the steps added cleared and the tensor names they invented made short. Sizes were
+    the node names the steps added cleared, the tensor names they invented made short and the shapes
+    they inferred (value_info) left out. Sizes were
     measured before these, so the frontier's bytes were not the files' (a ViT's chosen candidate
     listed at 353,378 bytes, its model.onnx 326,021), and candidates were ranked on the wrong numbers."""
     written = onnx.ModelProto()
@@ -179,6 +181,7 @@ def written_form(model: onnx.ModelProto, family: Family, original: onnx.ModelPro
         small_tensors.share_identical(written)
     file_names.clear_added_node_names(written, original, file_node_names)
     file_names.shorten(written, original)
+    drop_added_value_info(original, written)
     return written
 
 
