@@ -7,6 +7,7 @@ input's first axis is dynamic and concatenated, one at a time otherwise.
 """
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -58,9 +59,17 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
 
 
 def load_npz(path: str | Path) -> dict[str, np.ndarray]:
-    """Load every array; pickled / object arrays are refused (allow_pickle=False)."""
-    with np.load(str(path), allow_pickle=False) as archive:
-        return {name: archive[name] for name in archive.files}
+    """Load every array; pickled / object arrays are refused (allow_pickle=False). A file that is
+    not a zip archive of named arrays (a lone .npy, a damaged download) raises ValueError saying so
+    (it was a zipfile.BadZipFile or TypeError traceback)."""
+    try:
+        loaded = np.load(str(path), allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError("a single .npy array, not an .npz archive of arrays named after the model's inputs")
+        with loaded as archive:
+            return {name: archive[name] for name in archive.files}
+    except zipfile.BadZipFile as exc:
+        raise ValueError(f"not an .npz (zip) archive: {exc}") from None
 
 
 @dataclass

@@ -20,6 +20,8 @@ Definitions:
   (compressed): ``rel_l2 = ||y' - y|| / ||y||``, ``cosine = <y, y'> / (||y|| ||y'||)``;
   ``top1_agreement`` over 2-D float outputs ``[N, C]`` with C > 1 (argmax equal, averaged);
   ``Fidelity.outputs`` the same rel_l2 and cosine per output (an integer output's ``agreement`` too).
+  An output whose shape differs between the two models on some batch (its shape depends on the
+  data: NonMaxSuppression) is left out of all of them, and its row counts those batches.
 - accuracy: argmax of the first 2-D float output against ``_labels``.
 """
 from __future__ import annotations
@@ -353,8 +355,11 @@ class _OutputFidelity:
     dot: float = 0.0
     equal: int = 0
     elements: int = 0
+    shape_mismatches: int = 0     # batches where the two models gave this output different shapes
 
     def row(self) -> dict:
+        if self.shape_mismatches:
+            return {"name": self.name, "rel_l2": None, "cosine": None, "shape_mismatches": self.shape_mismatches}
         rel_l2 = math.sqrt(self.diff2) / math.sqrt(self.ref2) if self.ref2 > 0 else (0.0 if self.diff2 == 0 else math.inf)
         if self.ref2 > 0 and 0 < self.out2 < math.inf:
             cosine = self.dot / (math.sqrt(self.ref2) * math.sqrt(self.out2))
@@ -393,8 +398,11 @@ def fidelity(original: ort.InferenceSession, compressed: ort.InferenceSession, d
             y64 = np.asarray(y, dtype=np.float64).ravel()
             z64 = np.asarray(z, dtype=np.float64).ravel()
             y64 = np.nan_to_num(y64, nan=0.0, posinf=np.finfo(np.float32).max, neginf=np.finfo(np.float32).min)
-            if y64.shape != z64.shape:
-                raise ValueError(f"output shapes differ: {np.shape(y)} vs {np.shape(z)}")
+            if np.shape(y) != np.shape(z):
+                # a shape that depends on the data (NonMaxSuppression's boxes, TopK over a threshold):
+                # no element matches another; that output leaves the sums, and its row says so
+                share.shape_mismatches += 1
+                continue
             diff = z64 - y64
             terms = (float(np.dot(diff, diff)) if np.isfinite(diff).all() else math.inf, float(np.dot(y64, y64)),
                      float(np.dot(z64, z64)) if np.isfinite(z64).all() else math.inf,

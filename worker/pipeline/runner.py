@@ -66,6 +66,19 @@ def _path(dotted: str) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in dotted.split(".")]
 
 
+def _refuse_non_tensor_io(model: onnx.ModelProto) -> None:
+    """A model input or output that is a sequence, map or optional (a SequenceConstruct given out)
+    cannot be fed from an .npz or compared element by element: refused up front, naming it (every
+    recipe failed with a traceback after its work)."""
+    for kind, values in (("inputs", model.graph.input), ("outputs", model.graph.output)):
+        for value in values:
+            if not value.type.HasField("tensor_type"):
+                which = (value.type.WhichOneof("value") or "untyped").replace("_type", "")
+                why = f"a {which}, not a tensor: only tensor inputs and outputs can be fed and compared"
+                raise InvalidModel(f"the model's {kind[:-1]} {value.name!r} is {why}",
+                                   [{"loc": ["model", kind, value.name], "msg": why}])
+
+
 def _bind(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray] | None, field: str) -> data_mod.Dataset | None:
     if arrays is None:
         return None
@@ -198,6 +211,10 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
         raise InvalidModel(f"cannot load the model: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
                            [{"loc": ["model"], "msg": "not a loadable ONNX model"}]) from None
     graph.weights_out_of_inputs(model)
+    _refuse_non_tensor_io(model)
+    # nodes in the order they compute: ONNX Runtime runs a file listed out of order, GPTQ, cluster and
+    # channel pruning did not ('tensor is not alive at node 0', an invalid result)
+    graph.sort_graph(model)
     # the names the file had: the steps' records need every node named, the written file does not
     # (a cleanup of an unnamed export came out 79 bytes larger than it went in)
     options.setdefault("file_node_names", file_names.node_names(model))

@@ -77,6 +77,13 @@ def test_unreadable_npz_and_model(files, capsys, tmp_path):
     cal.write_bytes(b"not a zip")
     expect_bad_input(capsys, files, [str(files["model"]), "--recipe", str(files["recipe"]), "--eval", str(cal),
                                      "-o", str(files["out"])], cal, "")
+    # a damaged zip (its magic, then nothing) and a lone .npy: tracebacks (BadZipFile, TypeError) before
+    damaged, single = tmp_path / "damaged.npz", tmp_path / "single.npy"
+    damaged.write_bytes(b"PK\x03\x04" + b"\x00" * 40)
+    np.save(single, np.zeros((8, 128), np.float32))
+    for path in (damaged, single):
+        expect_bad_input(capsys, files, [str(files["model"]), "--recipe", str(files["recipe"]), "--calibration",
+                                         str(path), "-o", str(files["out"])], path, "")
     files["model"].write_bytes(b"garbage" * 20)
     expect_bad_input(capsys, files, [str(files["model"]), "--recipe", str(files["recipe"]), "-o", str(files["out"])],
                      files["model"], "")

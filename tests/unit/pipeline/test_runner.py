@@ -533,3 +533,69 @@ def test_fidelity_per_output_separates_an_index_output(tmp_path: Path):
     assert rows["label"]["agreement"] == pytest.approx(float(np.mean(original[1] == compressed[1])))
     want = np.linalg.norm(compressed[0] - original[0]) / np.linalg.norm(original[0])
     assert rows["logits"]["rel_l2"] == pytest.approx(float(want), rel=1e-4)
+
+
+def _mlp_with(tmp_path: Path, name: str, change) -> Path:
+    model = builders.mlp()
+    change(model)
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def test_nodes_listed_out_of_order_are_sorted_at_load(tmp_path: Path):
+    """ONNX Runtime runs a file whose nodes are out of order; GPTQ failed on it ('not alive at node 0')."""
+    path = _mlp_with(tmp_path, "reversed", lambda m: m.graph.node.reverse())
+    calibration = builders.random_inputs(builders.mlp(), count=16)
+    recipe = parse_recipe({"steps": [{"op": "quantize", "method": "gptq", "min_params": 0,
+                                      "weights": {"bits": 4, "granularity": "block", "block_size": 32}}]})
+    result = runner.run(path, recipe, calibration=calibration, workdir=tmp_path / "w", options=FAST)
+    onnx.checker.check_model(onnx.load(result.model_path), full_check=True)
+
+
+def test_a_sequence_output_is_refused_up_front_naming_it(tmp_path: Path):
+    from onnx import TensorProto, helper
+
+    def add_sequence(model):
+        model.graph.node.append(helper.make_node("SequenceConstruct", [model.graph.output[0].name], ["seq"]))
+        model.graph.output.append(helper.make_tensor_sequence_value_info("seq", TensorProto.FLOAT, None))
+    path = _mlp_with(tmp_path, "sequence", add_sequence)
+    with pytest.raises(InvalidModel) as info:
+        runner.run(path, parse_recipe(INT8), workdir=tmp_path / "w", options=FAST)
+    assert info.value.errors[0]["loc"] == ["model", "outputs", "seq"] and "a sequence" in str(info.value)
+
+
+def test_an_initializer_given_out_as_an_output_survives_dynamic_int8(tmp_path: Path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    def give_out_a_table(model):
+        model.graph.initializer.append(numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(2, 3), "table"))
+        model.graph.output.append(helper.make_tensor_value_info("table", TensorProto.FLOAT, [2, 3]))
+    path = _mlp_with(tmp_path, "table_out", give_out_a_table)
+    recipe = parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 8}, "activations": {"calibration": "dynamic"}}]})
+    result = runner.run(path, recipe, workdir=tmp_path / "w", options=FAST)
+    written = onnx.load(result.model_path)
+    assert "table" in {t.name for t in written.graph.initializer}
+
+
+def test_an_output_whose_shape_depends_on_the_data_leaves_fidelity_and_says_so(tmp_path: Path):
+    """A NonMaxSuppression-style output (rows above a threshold) changes its row count under
+    quantization: fidelity compared it element by element and failed (exit 1)."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(9)
+    inits = [numpy_helper.from_array((rng.standard_normal((16, 256)) * 0.5).astype(np.float32), "W"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "threshold")]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["scores"], name="fc"),
+             helper.make_node("Greater", ["scores", "threshold"], ["above"], name="gt"),
+             helper.make_node("NonZero", ["above"], ["where"], name="nz")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+                          [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", 256]),
+                           helper.make_tensor_value_info("where", TensorProto.INT64, [2, "k"])], inits)
+    path = tmp_path / "nms_like.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    evaluation = {"x": rng.standard_normal((64, 16)).astype(np.float32)}
+    recipe = parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 4, "granularity": "channel"}, "min_params": 0}]})
+    report = runner.run(path, recipe, evaluation=evaluation, workdir=tmp_path / "w", options=FAST).report
+    rows = {row["name"]: row for row in report["fidelity_outputs"]}
+    assert rows["where"]["shape_mismatches"] >= 1 and rows["where"]["rel_l2"] is None
+    assert report["fidelity"]["rel_l2"] == pytest.approx(rows["scores"]["rel_l2"])

@@ -105,3 +105,21 @@ def test_recipe_takes_sensitivity_as_a_flag_or_mapping_and_bound_needs_calibrati
     assert parse_recipe({"sensitivity": False, "steps": [{"op": "cleanup"}]}).sensitivity is None
     recipe = parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 4}, "max_output_error": 0.05}]})
     assert recipe.needs_calibration() == ["steps.0.max_output_error"]
+
+
+def test_a_probe_compares_the_outputs_whose_shape_held_and_the_float_ones():
+    """An output whose row count depends on the data (NonMaxSuppression) failed the sensitivity
+    analysis (operands could not be broadcast, exit 1): the probe measures the outputs whose shapes held."""
+    from worker.pipeline.sensitivity import Probe, rel_l2
+
+    class Session:
+        def __init__(self, outputs):
+            self.outputs = outputs
+
+        def run(self, names, feeds):
+            return self.outputs
+
+    reference = [np.ones((4, 3), np.float32), np.ones((5, 2), np.float32), np.arange(4, dtype=np.int64)]
+    changed = [np.full((4, 3), 1.1, np.float32), np.ones((7, 2), np.float32), np.arange(4, dtype=np.int64)[::-1].copy()]
+    probe = Probe(Session(changed), [{}], [reference], ["scores", "boxes", "labels"])
+    assert probe.error({}, rel_l2) == pytest.approx(0.1, rel=1e-5)
