@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -163,6 +163,39 @@ def _if_quantized_already(exc: RecipeError, model: onnx.ModelProto, step: Any) -
     return RecipeError(exc.detail + hint, errors)
 
 
+STORING_STEPS = ("quantize", "cluster")       # steps after which a weight is no longer a float initializer
+
+
+def _earlier_storing(earlier: Sequence[Any]) -> str | None:
+    found = [f"steps.{i} ({step.op})" for i, step in enumerate(earlier) if step.op in STORING_STEPS]
+    return ", ".join(found) if found else None
+
+
+def _after_earlier_steps(exc: RecipeError, earlier: Sequence[Any]) -> RecipeError:
+    """A refusal for selecting no weight, after a quantize or cluster step of the same recipe, says
+    that step already stores them (cluster then static int8 read 'no weight has 1024 or more
+    elements', of a model with four)."""
+    selecting = [e for e in exc.errors if list(e.get("loc", []))[-1:] in (["include"], ["exclude"], ["min_params"])]
+    storing = _earlier_storing(earlier)
+    if not selecting or storing is None:
+        return exc
+    hint = (f"; {storing} already stores the weights it selected as integers or a codebook: "
+            "each weight is compressed by one quantize or cluster step")
+    errors = [{**e, "msg": e.get("msg", "") + hint} if e is selecting[0] else e for e in exc.errors]
+    return RecipeError(exc.detail + hint, errors)
+
+
+def _refuse_if_nothing_left(step: Any, index: int, result: Any, earlier: Sequence[Any]) -> None:
+    """A quantize or cluster step that changed no weight because an earlier one of the recipe took
+    them all is refused rather than reported as done (static int8 then int4 wrote 'quantized: 0')."""
+    storing = _earlier_storing(earlier)
+    if step.op not in STORING_STEPS or result.changed or storing is None:
+        return
+    why = (f"{step.op} found no float weight left: {storing} already stores the weights it selects "
+           "as integers or a codebook; each weight is compressed by one quantize or cluster step")
+    raise RecipeError(f"invalid recipe: steps.{index}: {why}", [{"loc": ["steps", index, "op"], "msg": why}])
+
+
 def _at_step(exc: RecipeError, index: int) -> RecipeError:
     """``exc`` with ``["steps", index]`` in front of every field path not already absolute."""
     if exc.errors and all(list(e.get("loc", []))[:1] == ["steps"] for e in exc.errors):
@@ -286,16 +319,19 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
             found.data = source
             measured.append(found)
             ctx.options["sensitivity"] = found      # the step's error bound starts from it
+        # the steps before this one that ran (a goal's quantize steps do not run as written)
+        earlier = [s for s in recipe.steps[:index] if recipe.goal is None or s.op != "quantize"]
         try:
             result = module.run(model, step, ctx)
         except RecipeError as exc:
             # a refusal only the steps before could reveal (a layer channel pruning took under
             # min_params): the same field path as a refusal up front
-            raise _at_step(exc, index) from None
+            raise _at_step(_after_earlier_steps(exc, earlier), index) from None
         except (FeatherweightError, StepCancelled):
             raise
         except Exception as exc:
             raise PipelineError(f"{stage} failed: {type(exc).__name__}: {exc}") from exc
+        _refuse_if_nothing_left(step, index, result, earlier)
         unreadable = graph.unreadable_weights(model, getattr(step, "min_params", 0)) if step.op in WEIGHT_STEPS else {}
         if unreadable:
             # weights in a layout no step reads stay float: listed, not silently passed over

@@ -599,3 +599,16 @@ def test_an_output_whose_shape_depends_on_the_data_leaves_fidelity_and_says_so(t
     rows = {row["name"]: row for row in report["fidelity_outputs"]}
     assert rows["where"]["shape_mismatches"] >= 1 and rows["where"]["rel_l2"] is None
     assert report["fidelity"]["rel_l2"] == pytest.approx(rows["scores"]["rel_l2"])
+
+
+@pytest.mark.parametrize("first", [{"op": "quantize", "weights": {"bits": 8}, "activations": {}},
+                                   {"op": "cluster", "bits": 4}])
+def test_a_second_compression_of_the_same_weights_is_refused_naming_the_first(mlp_path, tmp_path, first):
+    """int4 after static int8 wrote 'quantized: 0' and exit 0; static after cluster blamed min_params."""
+    calibration = builders.random_inputs(builders.mlp(), count=16)
+    for second in ({"op": "quantize", "weights": {"bits": 4}}, {"op": "quantize", "weights": {"bits": 8}, "activations": {}}):
+        with pytest.raises(RecipeError) as info:
+            runner.run(mlp_path, parse_recipe({"steps": [first, second]}), calibration=calibration,
+                       workdir=tmp_path / "w", options=FAST)
+        assert info.value.errors[0]["loc"][:2] == ["steps", 1]
+        assert f"steps.0 ({first['op']}) already stores the weights" in info.value.errors[0]["msg"]
