@@ -160,8 +160,10 @@ class _Guard:
         try:
             info = os.lstat(candidate)
         except OSError as exc:
-            raise InvalidModel(f"{label}: external-data file {location!r} is not part of the upload",
-                               [{"loc": loc, "msg": "external file missing"}]) from exc
+            raise InvalidModel(f"{label}: external-data file {location!r} is not part of the upload: upload one "
+                               ".zip holding the .onnx and its external-data files",
+                               [{"loc": loc, "msg": "external file missing: upload a .zip holding the .onnx and "
+                                                    "its external-data files"}]) from exc
         if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
             raise InvalidModel(f"{label}: external-data file {location!r} is a link or not a regular file",
                                [{"loc": loc, "msg": "not a regular file"}])
