@@ -480,6 +480,10 @@ def _tensor_errors(original_path, compressed_path, pairs, data, scratch, provide
     keys = list(pairs)
     kept: list[list[np.ndarray]] = []
     stored = 0
+    # a batch's intermediates all stay alive in a session that exposes them: the batch is bounded by
+    # its inputs as fidelity's is, not only by the kept tensors (with 13 layers to compare instead of
+    # 36, the PP-OCR recognizer's batches grew to 64 images and the measuring to 1.4 GB)
+    batch_size = data.batch_for(FIDELITY_BATCH_BYTES, batch_size)
     run = sessions.exposed_file_session(original_path, [pairs[k][0] for k in keys], provider, scratch)
     total = data.size if limit is None else min(limit, data.size)
     # the first sample alone tells what one sample's tensors take: the batch is sized so that the

@@ -156,3 +156,25 @@ def test_cleanup_folds_and_fuses_too():
         assert not gone & {n.op_type for n in result.model.graph.node}
         assert result.metrics["affine_folded"] + result.metrics["hard_swish_fused"] >= 1
         _same_outputs(model, result.model, 1e-5)
+
+
+def test_a_folded_layer_keeps_its_per_layer_error_in_the_report(tmp_path):
+    """The Conv now writes the folded Add's tensor: the report compares that one (the recognizer's
+    per-layer errors had lost 23 of 36 layers), with the measuring batch bounded by its inputs."""
+    from core.recipe import parse_recipe
+    from worker.pipeline import runner
+    model = _conv_affine()
+    model.graph.node[-1].output[0] = "a"
+    model.graph.node.append(helper.make_node("Relu", ["a"], ["r"], name="relu"))
+    model.graph.node.append(helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2"))
+    model.graph.initializer.append(_init("w2", RNG.standard_normal((8, 8, 1, 1))))
+    path = tmp_path / "affine.onnx"
+    onnx.save(model, path)
+    calibration = {"x": RNG.standard_normal((32, 3, 8, 8)).astype(np.float32)}
+    recipe = parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 8}, "activations": {},
+                                      "min_params": 0, "min_products": 0}]})
+    report = runner.run(path, recipe, calibration=calibration, workdir=tmp_path / "w",
+                        options={"latency_runs": 2, "latency_budget_s": 0.5}).report
+    rows = {row["name"]: row for row in report["layers"]}
+    assert report["steps"][0]["affine_folded"] == 2
+    assert rows["w"]["output_rel_l2"] is not None and rows["w"]["output_rel_l2"] < 0.05
