@@ -1,7 +1,7 @@
 """A model uploaded as a .zip: one ``.onnx`` and its external-data files (docs/rest.md).
 
 ``unpack_model_archive(zip, dest)`` checks the archive before inflating anything (entry count, no
-directories, links or devices, no absolute or ``..`` paths, total and per-entry compression ratio
+links or devices, folder entries skipped (``zip -r`` writes them), no absolute or ``..`` paths, total and per-entry compression ratio
 caps; core.npz_guard.check_archive), then extracts entry by entry into ``dest``, never writing more
 bytes for an entry than its header declared (a lying header stops the extraction), and returns the
 path of the single ``.onnx``. The API validates that model (core.onnx_guard: every external-data

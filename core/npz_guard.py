@@ -35,6 +35,12 @@ class ArchiveEntry:
     size: int
 
 
+def _safe_path(name: str) -> bool:
+    """A relative path that stays inside the directory it is extracted to."""
+    return not (name.startswith(("/", "\\")) or "\\" in name or ":" in name
+                or any(part in ("", ".", "..") for part in name.split("/")))
+
+
 def check_archive(archive: zipfile.ZipFile, settings: Settings, field: str = "file",
                   error: type[InvalidInput] = InvalidDataset) -> list[ArchiveEntry]:
     """Entry-level checks shared by .npz data sets and .zip model uploads (``error`` is raised)."""
@@ -48,11 +54,14 @@ def check_archive(archive: zipfile.ZipFile, settings: Settings, field: str = "fi
     for info in infos:
         name = info.filename
         mode = info.external_attr >> 16
+        if info.is_dir() and stat.S_IFMT(mode) in (0, stat.S_IFDIR) and info.file_size == 0 \
+                and _safe_path(name.rstrip("/")):
+            # a folder's own entry (``zip -r`` writes one): nothing to write, its files carry their path
+            continue
         if info.is_dir() or stat.S_IFMT(mode) not in (0, stat.S_IFREG):
             raise InvalidDataset(f"archive entry {name!r} is not a regular file",
                                  [{"loc": [field, name], "msg": "directories, links and devices are refused"}])
-        if name.startswith(("/", "\\")) or "\\" in name or any(part in ("", ".", "..") for part in name.split("/")) \
-                or ":" in name:
+        if not _safe_path(name):
             raise InvalidDataset(f"archive entry {name!r} escapes its directory",
                                  [{"loc": [field, name], "msg": "unsafe path"}])
         if info.flag_bits & 0x1:

@@ -110,3 +110,22 @@ def test_bad_archive_is_422_and_leaves_nothing(api_client, migrated, tmp_path, o
     assert response.json()["type"].endswith("/invalid-model")
     assert re.search(REASONS[case], response.json()["detail"]), (case, response.json()["detail"])
     assert _left(migrated) == (0, [])
+
+
+def test_a_zip_of_a_folder_with_its_directory_entries_is_accepted(api_client, migrated, tmp_path, onnx_models):
+    """``zip -r model.zip exported/`` writes the folder's own entry: it was refused as not a regular
+    file. A folder entry carries nothing and is skipped; one that escapes is still refused."""
+    files = _external_model_files(tmp_path, onnx_models.mlp())
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(zipfile.ZipInfo("exported/"), b"")
+        for name, data in files.items():
+            archive.writestr(f"exported/{name}", data)
+    response = api_client.post("/v1/models", files={"file": ("net.zip", buffer.getvalue())})
+    assert response.status_code == 201, response.text
+    escaping = io.BytesIO()
+    with zipfile.ZipFile(escaping, "w") as archive:
+        archive.writestr(zipfile.ZipInfo("../up/"), b"")
+        for name, data in files.items():
+            archive.writestr(name, data)
+    assert api_client.post("/v1/models", files={"file": ("bad.zip", escaping.getvalue())}).status_code == 422
