@@ -335,7 +335,8 @@ def test_dynamic_int8_takes_a_gemm_whose_bias_is_a_constant_node(tmp_path):
 
 
 @pytest.mark.parametrize("decode", ["DequantizeLinear", "Cast"])     # Cast then scale: our int4 Conv's form
-@pytest.mark.parametrize("step", [{"op": "prune", "sparsity": 0.5}, {"op": "quantize", "weights": {"bits": 8}}])
+@pytest.mark.parametrize("step", [{"op": "prune", "sparsity": 0.5}, {"op": "quantize", "weights": {"bits": 8}},
+                                  {"op": "fp16"}])
 def test_a_model_quantized_before_it_came_is_refused_with_that_reason(tmp_path, step, decode):
     rng = np.random.default_rng(6)
     weights = rng.integers(-127, 128, (64, 64)).astype(np.int8)

@@ -56,6 +56,15 @@ def check(model: onnx.ModelProto, params: Fp16Step, ctx: StepContext) -> None:
     if not params.keep_io_types:
         why = "the output contract keeps the original's input and output dtypes: keep_io_types must be true"
         raise RecipeError(why, [{"loc": ["keep_io_types"], "msg": why}])
+    stored = graph.integer_weights(model, WEIGHT_ELEMENTS)
+    if stored and not graph.weight_layers(model, min_params=WEIGHT_ELEMENTS):
+        # an int8 model's float tensors are its scales: converting them only added Casts (+110 bytes)
+        why = (f"the model's weights are integers already ({len(stored)} behind quantized ops, {stored[0]} first): "
+               "fp16 would convert only their scales and add Casts; compress the float model it was quantized from")
+        raise RecipeError(why, [{"loc": ["op"], "msg": why}])
+
+
+WEIGHT_ELEMENTS = 1024      # a tensor this large behind a quantized op is a weight, not a zero point
 
 
 # ---------------------------------------------------------------------------- measuring
