@@ -40,8 +40,8 @@ def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return found
 
 
-def _constant(model: onnx.ModelProto, inits: dict, name: str) -> np.ndarray | None:
-    value = inits.get(name)
+def _constant(values: dict[str, np.ndarray], name: str) -> np.ndarray | None:
+    value = values.get(name)
     return None if value is None else value.astype(np.float64)
 
 
@@ -101,7 +101,7 @@ def fold_channel_affine(model: onnx.ModelProto) -> list[str]:
                 break
             node = found[0][0]
             other = _other_input(node, tensor)
-            value = _per_channel(_constant(model, values, other), rank, channels) if other else None
+            value = _per_channel(_constant(values, other), rank, channels) if other else None
             if value is None:
                 break
             if node.op_type == "Mul":
@@ -129,8 +129,8 @@ def fold_channel_affine(model: onnx.ModelProto) -> list[str]:
     return folded
 
 
-def _scalar(model: onnx.ModelProto, inits: dict, name: str) -> float | None:
-    value = _constant(model, inits, name) if name else None
+def _scalar(values: dict[str, np.ndarray], name: str) -> float | None:
+    value = _constant(values, name) if name else None
     return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
 
 
@@ -141,8 +141,8 @@ def _is(value: float | None, expected: float) -> bool:
 def _clip_bounds(model: onnx.ModelProto, inits: dict, node: onnx.NodeProto) -> tuple[float | None, float | None]:
     if graph.opset(model) < 11:
         return graph.attribute(node, "min", None), graph.attribute(node, "max", None)
-    low = _scalar(model, inits, node.input[1]) if len(node.input) > 1 and node.input[1] else None
-    high = _scalar(model, inits, node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    low = _scalar(inits, node.input[1]) if len(node.input) > 1 and node.input[1] else None
+    high = _scalar(inits, node.input[2]) if len(node.input) > 2 and node.input[2] else None
     return low, high
 
 
@@ -179,12 +179,12 @@ def _hard_swishes(model: onnx.ModelProto) -> list[tuple[str, list[onnx.NodeProto
             shift = producers.get(gate.input[0])
             if not (_is(low, 0.0) and _is(high, 6.0)) or shift is None or shift.op_type != "Add" or \
                     only_reader(gate.input[0]) is not gate or _other_input(shift, x) is None or \
-                    not _is(_scalar(model, values, _other_input(shift, x)), 3.0):
+                    not _is(_scalar(values, _other_input(shift, x)), 3.0):
                 continue
             after = only_reader(mul.output[0])
             if after is None or len(after.input) != 2 or after.input[0] != mul.output[0]:
                 continue
-            divisor = _scalar(model, values, after.input[1])
+            divisor = _scalar(values, after.input[1])
             if (after.op_type == "Div" and _is(divisor, 6.0)) or (after.op_type == "Mul" and _is(divisor, 1 / 6)):
                 found.append((x, [shift, gate, mul, after]))
                 break
