@@ -174,7 +174,39 @@ def bind(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray]) -> Dataset:
         labels = np.asarray(arrays[LABELS])
         if labels.ndim != 1 or labels.dtype.kind not in "iu" or labels.shape[0] != size:
             raise DataError(f"_labels must be integer class ids of shape [{size}]", [LABELS])
+        _check_label_range(model, labels)
     return Dataset(converted, stacked, labels, specs, size)
+
+
+def _classes(model: onnx.ModelProto) -> tuple[str, int | None] | None:
+    """(name, class count) of the output accuracy reads: the first float output of rank 2 that can
+    hold more than one score per sample (``metrics`` takes the first such array at run time); the
+    count is None where that axis is not fixed."""
+    for value in model.graph.output:
+        tensor = value.type.tensor_type
+        if not value.type.HasField("tensor_type") or not tensor.HasField("shape") or len(tensor.shape.dim) != 2:
+            continue
+        if onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).kind != "f":
+            continue
+        axis = tensor.shape.dim[1]
+        if axis.HasField("dim_value") and axis.dim_value <= 1:
+            continue
+        return value.name, (axis.dim_value if axis.HasField("dim_value") else None)
+    return None
+
+
+def _check_label_range(model: onnx.ModelProto, labels: np.ndarray) -> None:
+    """Class ids the model cannot output would count as errors and lower its accuracy without
+    saying why (labels from 1 where the scores count from 0, a -1 for "unlabelled")."""
+    if labels.size == 0:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    found = _classes(model)
+    if low < 0:
+        raise DataError(f"_labels holds class id {low}; class ids count from 0", [LABELS])
+    if found is not None and found[1] is not None and high >= found[1]:
+        raise DataError(f"_labels holds class id {high}; the model's output {found[0]!r} scores {found[1]} "
+                        f"classes (ids 0..{found[1] - 1})", [LABELS])
 
 
 def generated(model: onnx.ModelProto, count: int = 32, seed: int = 0) -> Dataset:

@@ -105,6 +105,18 @@ def test_evaluation_data_is_checked_too(mlp_path, tmp_path):
     assert info.value.errors[0]["loc"] == ["evaluation", "x"]
 
 
+@pytest.mark.parametrize("bad, says", [(16, "class id 16; the model's output 'logits' scores 16 classes (ids 0..15)"),
+                                       (-1, "class id -1; class ids count from 0")])
+def test_labels_the_model_cannot_output_are_refused(mlp_path, tmp_path, bad, says):
+    # they would count as misses and lower both accuracies without a word (ids from 1, -1 for none)
+    model = builders.mlp()
+    evaluation = builders.random_inputs(model, count=8)
+    evaluation["_labels"] = np.array([0, 3, 15, bad, 2, 1, 0, 4])
+    with pytest.raises(InvalidInput) as info:
+        runner.run(mlp_path, parse_recipe(INT8), evaluation=evaluation, workdir=tmp_path / "w")
+    assert info.value.errors[0]["loc"] == ["evaluation", "_labels"] and says in str(info.value)
+
+
 def test_a_step_matching_no_weight_is_refused_with_its_path(mlp_path, tmp_path):
     recipe = parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 8}, "include": ["nothing*"]}]})
     with pytest.raises(RecipeError) as info:
