@@ -15,6 +15,8 @@ quantizers and NNCF, each a function ``(RealModel, out_path) -> dict`` of notes 
                        layer: the exact u8u8 kernels; the default picks per layer on AVX2 without VNNI)
     ours-static-int-all  ours-static with min_products: 0 (every Conv on integer activations, the
                        depthwise ones and the stem included: the default keeps those float)
+    ours-static-min256 / ours-static-min0  ours-static with min_params: 256 / 0 (the weights of fewer than
+                       1024 elements the default leaves float, quantized too)
     ours-dynamic       quantize: weights int8, activations dynamic
     ours-int4-gptq     quantize: weights int4 block 32, GPTQ (models with MatMul weights only)
     ours-int4-rtn      int4 block 32, mse scales, round to nearest (no calibration): adaround's baseline
@@ -61,6 +63,8 @@ METHODS = {
     "ours-static-s8": "ours static int8, int8 weight storage (u8s8)",
     "ours-static-u8": "ours static int8, uint8 + 128 weight storage (u8u8)",
     "ours-static-int-all": "ours static int8, every Conv on integer activations (min_products 0)",
+    "ours-static-min256": "ours static int8, weights of 256 elements or more (min_params 256)",
+    "ours-static-min0": "ours static int8, every weight (min_params 0)",
     "ours-dynamic": "ours dynamic int8",
     "ours-int4-gptq": f"ours int4 GPTQ b{BLOCK_SIZE}, mse scales",
     "ours-int4-rtn": f"ours int4 RTN b{BLOCK_SIZE}, mse scales",
@@ -227,6 +231,9 @@ def _recipe(method: str) -> dict:
                 "integer_weights": "int8" if method == "ours-static-s8" else "uint8"}
     elif method == "ours-static-int-all":
         step = {"op": "quantize", "weights": {"bits": 8}, "activations": {}, "min_products": 0}
+    elif method in ("ours-static-min256", "ours-static-min0"):
+        step = {"op": "quantize", "weights": {"bits": 8}, "activations": {},
+                "min_params": 256 if method == "ours-static-min256" else 0}
     elif method == "ours-static-adaround":
         step = {"op": "quantize", "weights": {"bits": 8, "rounding": "adaround"}, "activations": {}}
     elif method in ("ours-static-cle", "ours-static-cle-hba"):
