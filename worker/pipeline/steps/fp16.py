@@ -7,7 +7,8 @@ carries float32 here and allows float16 - so Resize's scales, LayerNormalization
   65504 / 2 (or, for Exp and Pow outputs, 65504 / 100: they grow fastest past what was seen) stays
   float32, as does a node touching an initializer or Constant out of float16's range (an attention
   mask of -3.4e38) or a non-finite value;
-- kept float32 always: ops whose outputs or attributes are typed float32 by construction (Range,
+- kept float32 always: integers computed through float (a Cast from an integer, float
+  arithmetic on no weight, a Cast back to an integer: T5's position buckets), ops whose outputs or attributes are typed float32 by construction (Range,
   ConstantOfShape, EyeLike, Random*), ops with subgraphs (If, Loop, Scan) and the producers of any
   tensor a subgraph reads, ops outside the default domain, and the recipe's ``op_block_list``;
 - then checked in the target's ONNX Runtime provider (CUDA for ``gpu`` where it runs, else the
@@ -177,6 +178,60 @@ def plan_node(node: onnx.NodeProto, opset: int, stats: TensorStats) -> NodePlan 
     if node.op_type == "Cast" and outputs == [] and stats.dtype.get(node.output[0]) == FLOAT:
         outputs = [0]
     return NodePlan(inputs, outputs)
+
+
+INTEGER_TYPES = frozenset({onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
+                           onnx.TensorProto.INT32, onnx.TensorProto.UINT32, onnx.TensorProto.INT64,
+                           onnx.TensorProto.UINT64, onnx.TensorProto.BOOL})
+
+
+def _index_arithmetic(model: onnx.ModelProto, stats: TensorStats) -> dict[str, str]:
+    """Nodes that compute integers through float (name -> why they stay float32): the float cone
+    between a Cast from an integer and a Cast back to one, touching no weight. T5's relative
+    position buckets are ``int(log(distance / 8) / log(16) * 8)``: in float16 a distance of 16
+    gives 1.99 where float32 gives 2.0, and the bias table is read at the wrong row (a sweep's T5
+    came out at rel_l2 0.019 where fp16 keeps 0.0003 elsewhere). Such cones are scalar-sized
+    arithmetic on positions and shapes; float32 costs nothing there. A cone that reaches no integer
+    again (token ids cast to float and fed to a network) is data, not an index, and converts."""
+    constants = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            constants[node.output[0]] = 1 if not node.attribute or not node.attribute[0].t.dims else \
+                int(np.prod(node.attribute[0].t.dims))
+    derived: set[str] = set()           # float tensors computed from integers only
+    producer: dict[str, onnx.NodeProto] = {}
+    sinks: list[onnx.NodeProto] = []
+    for node in model.graph.node:
+        floats = [t for t in node.input if t and stats.dtype.get(t) == FLOAT]
+        if node.op_type == "Cast" and node.input and stats.dtype.get(node.input[0]) in INTEGER_TYPES:
+            ok = stats.dtype.get(node.output[0]) == FLOAT
+        elif node.op_type == "Cast" and floats and floats[0] in derived \
+                and stats.dtype.get(node.output[0]) in INTEGER_TYPES:
+            sinks.append(node)
+            continue
+        else:
+            ok = (bool(floats) and any(t in derived for t in floats)
+                  and all(t in derived or constants.get(t, WEIGHT_ELEMENTS) < WEIGHT_ELEMENTS for t in floats))
+        if ok:
+            for out in node.output:
+                if out and stats.dtype.get(out) == FLOAT:
+                    derived.add(out)
+                    producer[out] = node
+    why = "computes integers through float (an index: float16 would move it)"
+    constant_nodes = {node.output[0]: node for node in model.graph.node if node.op_type == "Constant"}
+    kept: dict[str, str] = {}
+    pending = [sink.input[0] for sink in sinks if producer.get(sink.input[0]) is not None]
+    # the Cast back reads float32, and the cone's Constants keep their float32 values (log(16)
+    # rounded to float16 moves the bucket as surely as the arithmetic)
+    kept.update({sink.name: why for sink in sinks if producer.get(sink.input[0]) is not None})
+    while pending:
+        node = producer.get(pending.pop())
+        if node is None or node.name in kept:
+            continue
+        kept[node.name] = why
+        pending.extend(t for t in node.input if t in derived)
+        kept.update({constant_nodes[t].name: why for t in node.input if t in constant_nodes})
+    return kept
 
 
 def _transposes_ort_crashes_on(model: onnx.ModelProto, plans: dict[str, NodePlan]) -> dict[str, str]:
@@ -419,6 +474,9 @@ def run(model: onnx.ModelProto, params: Fp16Step, ctx: StepContext) -> StepResul
             plans[node.name] = plan
         elif "no float32 tensor" not in plan:
             kept[node.name] = plan
+    for node_name, why in _index_arithmetic(model, stats).items():
+        if plans.pop(node_name, None) is not None:
+            kept[node_name] = why
     for node_name, why in _transposes_ort_crashes_on(model, plans).items():
         plans.pop(node_name)
         kept[node_name] = why

@@ -106,6 +106,54 @@ def masked_attention() -> onnx.ModelProto:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def position_bucket_model() -> onnx.ModelProto:
+    """T5's relative-position bucket: b = int(log((d + 8) / 8) / log(16) * 8) read from a bias table, plus
+    x W; and token ids cast to float and scaled, data that never becomes an integer again."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "bias_table"),
+             numpy_helper.from_array(np.array(8.0, np.float32), "exact"),
+             numpy_helper.from_array(np.array(0.5, np.float32), "half")]
+    # log(16) as PyTorch writes scalars: a Constant node, rounded to float16 it moves buckets too
+    log_span = numpy_helper.from_array(np.array(np.log(16.0), np.float32))
+    nodes = [helper.make_node("Constant", [], ["log_span"], value=log_span, name="log_span"),
+             helper.make_node("Cast", ["distance"], ["d"], to=TensorProto.FLOAT, name="to_float"),
+             helper.make_node("Add", ["d", "exact"], ["shifted"], name="shifted"),
+             helper.make_node("Div", ["shifted", "exact"], ["ratio"], name="ratio"),
+             helper.make_node("Log", ["ratio"], ["log_ratio"], name="log"),
+             helper.make_node("Div", ["log_ratio", "log_span"], ["share"], name="share"),
+             helper.make_node("Mul", ["share", "exact"], ["scaled"], name="scaled"),
+             helper.make_node("Cast", ["scaled"], ["bucket"], to=TensorProto.INT64, name="to_bucket"),
+             helper.make_node("Gather", ["bias_table", "bucket"], ["bias"], name="bias"),
+             helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+             helper.make_node("Add", ["h", "bias"], ["y"], name="add"),
+             helper.make_node("Cast", ["distance"], ["ids"], to=TensorProto.FLOAT, name="ids_to_float"),
+             helper.make_node("Mul", ["ids", "half"], ["ids_out"], name="ids_scaled")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8]),
+                                       helper.make_tensor_value_info("distance", TensorProto.INT64, ["batch"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8]),
+                           helper.make_tensor_value_info("ids_out", TensorProto.FLOAT, ["batch"])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_integers_computed_through_float_stay_float32():
+    # distance 8: log(2) / log(16) * 8 is 2.0 in float32, 1.99 in float16 (bucket 1: the wrong row)
+    model = position_bucket_model()
+    feeds = {"x": np.random.default_rng(1).standard_normal((120, 8)).astype(np.float32),
+             "distance": np.arange(0, 120, dtype=np.int64)}
+    expected = builders.run_ort(model, feeds)
+    result, _ = convert(model)
+    got = builders.run_ort(result.model, feeds)
+    bias = builders.run_ort(model, feeds)[0] - feeds["x"] @ numpy_helper.to_array(model.graph.initializer[0])
+    got_bias = got[0] - feeds["x"] @ numpy_helper.to_array(model.graph.initializer[0])
+    assert np.abs(got_bias - bias).max() < 0.02        # every row right: a wrong row is off by ~1
+    assert builders.rel_l2(expected[:1], got[:1]) < 2e-3
+    reasons = kept(result)
+    assert all("index" in reasons.get(name, "") for name in
+               ("to_float", "shifted", "ratio", "log", "share", "scaled", "to_bucket", "log_span"))
+    assert "mm" not in reasons and "ids_scaled" not in reasons and "ids_to_float" not in reasons
+
+
 def test_float_min_attention_mask_gives_no_nan():
     model = masked_attention()
     rng = np.random.default_rng(2)
