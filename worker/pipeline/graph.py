@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,43 @@ def weights_out_of_inputs(model: onnx.ModelProto) -> list[str]:
     if model.ir_version < MIN_IR_WITHOUT_WEIGHT_INPUTS:
         model.ir_version = MIN_IR_WITHOUT_WEIGHT_INPUTS
     return dropped
+
+
+def fold_weight_transposes(model: onnx.ModelProto) -> list[str]:
+    """Store each initializer that only a Transpose reads already transposed, and let the Transpose's
+    readers read it. PyTorch exports with ``do_constant_folding=False`` (and some converters) write
+    every Linear as ``W -> Transpose -> MatMul``: no step saw a MatMul weight there, so static and
+    dynamic int8 refused the model as weightless, GPTQ stored the weights as 8-bit tables, and a
+    ``cleanup`` first did not help (each step's checks read the model as uploaded). The fold is
+    exact (a layout change, the same bytes); ONNX Runtime makes it at load anyway. A weight that
+    something else reads too (a tied embedding's Gather) keeps its Transpose. Returns the weights
+    folded."""
+    inits = initializers(model)
+    reads = Counter(name for node in model.graph.node for name in node.input if name)
+    inner = subgraphs.subgraph_reads(model)
+    reads.update(inner)
+    pinned = {value.name for value in model.graph.output} | inner
+    folded: dict[str, str] = {}         # Transpose output -> the weight now read in its place
+    for node in list(model.graph.node):
+        if node.op_type != "Transpose" or not node.input or node.input[0] not in inits:
+            continue
+        source, out = node.input[0], node.output[0]
+        if reads[source] != 1 or source in pinned or out in pinned or reads[out] == 0:
+            continue
+        array = numpy_helper.to_array(inits[source])
+        perm = attribute(node, "perm", None) or list(reversed(range(array.ndim)))
+        set_array(model, source, np.transpose(array, perm))
+        model.graph.node.remove(node)
+        folded[out] = source
+    if folded:
+        for node in model.graph.node:
+            for index, name in enumerate(node.input):
+                if name in folded:
+                    node.input[index] = folded[name]
+        kept = [value for value in model.graph.value_info if value.name not in folded and value.name not in folded.values()]
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(kept)
+    return list(folded.values())
 
 
 def save_model(model: onnx.ModelProto, path: str | Path) -> Path:

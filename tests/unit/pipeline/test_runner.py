@@ -117,6 +117,44 @@ def test_labels_the_model_cannot_output_are_refused(mlp_path, tmp_path, bad, say
     assert info.value.errors[0]["loc"] == ["evaluation", "_labels"] and says in str(info.value)
 
 
+def transposed_weight_mlp() -> onnx.ModelProto:
+    """As PyTorch exports with do_constant_folding=False: each Linear is W[out, in] -> Transpose ->
+    MatMul; the second weight is also read by a Gather (tied), so its Transpose must stay."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32) / 6, "fc1.weight"),
+             numpy_helper.from_array(rng.standard_normal((16, 64)).astype(np.float32) / 8, "fc2.weight")]
+    nodes = [helper.make_node("Transpose", ["fc1.weight"], ["w1t"], perm=[1, 0], name="t1"),
+             helper.make_node("MatMul", ["x", "w1t"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Transpose", ["fc2.weight"], ["w2t"], name="t2"),
+             helper.make_node("MatMul", ["r", "w2t"], ["y"], name="fc2"),
+             helper.make_node("Gather", ["fc2.weight", "ids"], ["rows"], name="tied")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32]),
+                                       helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16]),
+                           helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["batch", 64])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_weights_read_through_a_transpose_are_quantized(tmp_path):
+    # such a model was refused as weightless ("no Conv / MatMul / Gemm weight has 1024 or more elements")
+    path = tmp_path / "t.onnx"
+    model = transposed_weight_mlp()
+    onnx.save_model(model, str(path))
+    data = {"x": np.random.default_rng(1).standard_normal((32, 32)).astype(np.float32),
+            "ids": np.arange(32, dtype=np.int64) % 16}
+    recipe = parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 8}, "activations": {}}]})
+    result = runner.run(path, recipe, calibration=data, evaluation=data, workdir=tmp_path / "w", options=FAST)
+    quantized = onnx.load(str(result.model_path))
+    layers = {row["name"]: row for row in result.report["layers"]}
+    assert layers["fc1.weight"]["bits"] == 8 and layers["fc1.weight"]["op"] == "MatMul"
+    assert "t1" not in {node.name for node in quantized.graph.node}          # folded into the stored weight
+    assert result.report["fidelity"]["rel_l2"] < 0.05
+    expected, got = builders.run_ort(model, data), builders.run_ort(quantized, data)
+    assert builders.rel_l2(expected[:1], got[:1]) < 0.05 and np.allclose(expected[1], got[1], atol=0.02)
+
+
 def test_a_step_matching_no_weight_is_refused_with_its_path(mlp_path, tmp_path):
     recipe = parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 8}, "include": ["nothing*"]}]})
     with pytest.raises(RecipeError) as info:
