@@ -232,3 +232,30 @@ def lstm_in_if(d: int = 32, hidden: int = 64, seq: int = 5) -> onnx.ModelProto:
     model = helper.make_model(graph_, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
+
+
+def bag_in_loop(rows: int = 200, width: int = 64, per_bag: int = 4, classes: int = 16) -> onnx.ModelProto:
+    """PyTorch's EmbeddingBag(mode="mean") as it exports: a Loop over the bags whose body gathers
+    the bag's rows from the main graph's ``table`` and averages them; then logits = bags W."""
+    rng = np.random.default_rng(5)
+    body = helper.make_graph(
+        [helper.make_node("Gather", ["ids", "i"], ["bag_ids"], axis=0, name="bag_ids"),
+         helper.make_node("Gather", ["table", "bag_ids"], ["bag_rows"], axis=0, name="bag_rows"),
+         helper.make_node("ReduceMean", ["bag_rows"], ["bag_mean"], axes=[0], keepdims=0, name="bag_mean"),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going")],
+        "bag_body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                     helper.make_tensor_value_info("cond_in", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("bag_mean", TensorProto.FLOAT, [width])])
+    nodes = [helper.make_node("Shape", ["ids"], ["ids_shape"], name="ids_shape"),
+             helper.make_node("Gather", ["ids_shape", "zero"], ["bags"], axis=0, name="bag_count"),
+             helper.make_node("Loop", ["bags", "go"], ["means"], body=body, name="bag_loop"),
+             helper.make_node("MatMul", ["means", "W"], ["logits"], name="classify")]
+    graph_ = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["bags", per_bag])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["bags", classes])],
+        [numpy_helper.from_array(rng.standard_normal((rows, width)).astype(np.float32), "table"),
+         numpy_helper.from_array((rng.standard_normal((width, classes)) / 8).astype(np.float32), "W"),
+         numpy_helper.from_array(np.array(0, np.int64), "zero"),
+         numpy_helper.from_array(np.array(True), "go")])
+    return helper.make_model(graph_, opset_imports=[helper.make_opsetid("", 17)])

@@ -155,6 +155,25 @@ def test_weights_read_through_a_transpose_are_quantized(tmp_path):
     assert builders.rel_l2(expected[:1], got[:1]) < 0.05 and np.allclose(expected[1], got[1], atol=0.02)
 
 
+@pytest.mark.parametrize("step, bits", [({"op": "quantize", "weights": {"bits": 8}, "activations": {}}, 8),
+                                        ({"op": "quantize", "weights": {"bits": 8},
+                                          "activations": {"calibration": "dynamic"}}, 8),
+                                        ({"op": "cluster", "bits": 6}, 6)])
+def test_a_table_only_a_loop_body_gathers_from_is_compressed(tmp_path, step, bits):
+    # an EmbeddingBag's table (a Loop over the bags gathers from it) stayed float32 and unlisted
+    path = tmp_path / "bag.onnx"
+    model = builders.bag_in_loop()
+    onnx.save_model(model, str(path))
+    data = {"ids": np.random.default_rng(2).integers(0, 200, (24, 4)).astype(np.int64)}
+    result = runner.run(path, parse_recipe({"steps": [step]}), calibration=data, evaluation=data,
+                        workdir=tmp_path / "w", options=FAST)
+    layers = {row["name"]: row for row in result.report["layers"]}
+    assert layers["table"]["bits"] == bits
+    compressed = onnx.load(str(result.model_path))
+    assert "table" not in {t.name for t in compressed.graph.initializer}
+    assert builders.rel_l2(builders.run_ort(model, data), builders.run_ort(compressed, data)) < 0.05
+
+
 def test_a_step_matching_no_weight_is_refused_with_its_path(mlp_path, tmp_path):
     recipe = parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 8}, "include": ["nothing*"]}]})
     with pytest.raises(RecipeError) as info:

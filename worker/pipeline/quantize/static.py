@@ -428,11 +428,19 @@ def quantize_weight(model: onnx.ModelProto, layer: graph.WeightLayer, params: Qu
 
 
 def embedding_layers(model: onnx.ModelProto, params: QuantizeStep) -> list[graph.WeightLayer]:
-    """Gather tables (embeddings) the recipe selects, when ``embeddings`` is on."""
+    """Gather tables (embeddings) the recipe selects, when ``embeddings`` is on: main-graph ones and
+    those only an If / Loop / Scan body gathers from (PyTorch's EmbeddingBag is a Loop over the bags;
+    its table stayed float32 and unlisted, a third of a recommender's file). A body reads the whole
+    table, dequantized under its name."""
     if not params.embeddings or "Gather" in params.float_ops:
         return []
-    return graph.weight_layers(model, ops=("Gather",), include=params.include, exclude=params.exclude,
+    main = graph.weight_layers(model, ops=("Gather",), include=params.include, exclude=params.exclude,
                                min_params=params.min_params)
+    inits = graph.initializers(model)
+    return main + [layer for layer in graph.body_layers(model, ("Gather",), {layer.weight for layer in main},
+                                                        include=params.include, exclude=params.exclude,
+                                                        min_params=params.min_params)
+                   if layer.weight in inits]
 
 
 def quantize_embedding(model: onnx.ModelProto, layer: graph.WeightLayer) -> WeightGrid:
@@ -452,10 +460,12 @@ def quantize_embedding(model: onnx.ModelProto, layer: graph.WeightLayer) -> Weig
     graph.set_array(model, rows_name, np.asarray(scale, np.float32).reshape(-1, 1))
     # a subgraph reading the table needs the whole (dequantized) table under its name
     others: list = [layer.weight] if layer.weight in subgraphs.subgraph_reads(model) else []
+    gathers = 0
     for node, index in graph.consumers(model).get(layer.weight, []):
         if node.op_type != "Gather" or index != 0 or graph.attribute(node, "axis", 0) != 0:
             others.append(node)
             continue
+        gathers += 1
         output, ids = node.output[0], node.input[1]
         gathered = graph.unique_name(model, f"{output}_int8")
         widened = graph.unique_name(model, f"{output}_float")
@@ -470,6 +480,10 @@ def quantize_embedding(model: onnx.ModelProto, layer: graph.WeightLayer) -> Weig
                              name=graph.unique_name(model, f"{node.name}_dequantize_scale")),
         ])
     graph.remove_initializers(model, [layer.weight])
+    if not gathers:
+        # no Gather here reads rows (a table only a body reads): the unread row scales made ONNX
+        # Runtime fail to load the model ("Failed to find existing initializer")
+        graph.remove_initializers(model, [rows_name])
     _drop_graph_input(model, layer.weight)
     if others:
         s_name = graph.unique_name(model, f"{layer.weight}_scale")

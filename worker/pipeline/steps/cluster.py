@@ -29,8 +29,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 import kernels
 from core.recipe import ClusterStep
-from worker.pipeline.graph import (ensure_opset, get_array, opset, read_as_data, remove_initializers, unique_name,
-                                   weight_layers)
+from worker.pipeline import subgraphs
+from worker.pipeline.graph import (WeightLayer, body_layers, ensure_opset, get_array, initializers, opset, read_as_data,
+                                   remove_initializers, unique_name, weight_layers)
 from worker.pipeline.quantize import lift_constants
 from worker.pipeline.step import StepContext, StepResult, selects_no_weight
 from worker.pipeline.records import StepLog, layer_record, sparsity_of
@@ -79,17 +80,29 @@ def cluster_weight(w: np.ndarray, bits: int, pruned: np.ndarray | None, init: st
     return codebook, labels.reshape(w.shape)
 
 
+def _layers(model: onnx.ModelProto, params: ClusterStep) -> list[WeightLayer]:
+    """The selected layers: the main graph's, then those inside If / Loop / Scan bodies that read a
+    main-graph weight (an EmbeddingBag's table, gathered in a Loop: it stayed float32, unlisted).
+    The decoded weight keeps its name in the main graph, where the bodies read it."""
+    main = weight_layers(model, ops=CLUSTER_OPS, include=params.include, exclude=params.exclude,
+                         min_params=params.min_params)
+    inits = initializers(model)
+    return main + [layer for layer in body_layers(model, CLUSTER_OPS, {layer.weight for layer in main},
+                                                  include=params.include, exclude=params.exclude,
+                                                  min_params=params.min_params)
+                   if layer.weight in inits]
+
+
 def check(model: onnx.ModelProto, params: ClusterStep, ctx: StepContext) -> None:
     """Before any work: the selection matches at least one weight."""
-    if not any(weight_layers(m, ops=CLUSTER_OPS, include=params.include, exclude=params.exclude,
-                             min_params=params.min_params) for m in lift_constants.as_checked(model)):
+    if not any(_layers(m, params) for m in lift_constants.as_checked(model)):
         raise selects_no_weight("cluster", CLUSTER_OPS, params, model)
 
 
 def run(model: onnx.ModelProto, params: ClusterStep, ctx: StepContext) -> StepResult:
     lift_constants.lift_constant_weights(model)
-    layers = weight_layers(model, ops=CLUSTER_OPS, include=params.include, exclude=params.exclude,
-                           min_params=params.min_params)
+    subgraphs.hoist_weights(model)
+    layers = _layers(model, params)
     if not layers:
         raise selects_no_weight("cluster", CLUSTER_OPS, params, model)
     out = onnx.ModelProto()
