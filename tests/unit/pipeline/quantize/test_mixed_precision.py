@@ -78,3 +78,36 @@ def test_a_bound_only_float_meets_says_nothing_is_quantized(tmp_path):
     partial = _compress(tmp_path / "partial", model, {"weights": {"bits": 4, "granularity": "block"},
                                                       "max_output_error": 0.3})
     assert "nothing is quantized" not in partial.report["steps"][0]["mixed_precision"]["summary"]
+
+
+def _embedding_then_linear() -> onnx.ModelProto:
+    """ids -> Gather(table [100, 32]) -> MatMul(W [32, 64]): each table row has one spike of 30,
+    so its int8 row grid (step 0.24) loses the rest of the row; W quantizes well."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((100, 32)).astype(np.float32)
+    table[np.arange(100), rng.integers(0, 32, 100)] = 30.0
+    w = (rng.standard_normal((32, 64)) / 6).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["rows"], name="embed"),
+             helper.make_node("MatMul", ["rows", "W"], ["y"], name="proj")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 64])],
+                              [numpy_helper.from_array(table, "table"), numpy_helper.from_array(w, "W")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_static_loop_moves_an_embedding_table_too(tmp_path):
+    # the tables were no candidates: the loop moved every other layer to float and ended there
+    import numpy as np
+    model = _embedding_then_linear()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    recipe = parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 8}, "activations": {},
+                                      "max_output_error": 0.01}]})
+    data = {"ids": np.arange(100, dtype=np.int64)}
+    result = run(path, recipe, calibration=data, workdir=tmp_path / "out", options=OPTIONS)
+    mixed = result.report["steps"][0]["mixed_precision"]
+    assert mixed["met"] and ("table", "float") in [(m["name"], m["to"]) for m in mixed["moves"]]
+    bits = {row["name"]: row["bits"] for row in result.report["layers"]}
+    assert bits["W"] == 8                  # what the bound allows stays int8
