@@ -436,6 +436,16 @@ def parse_recipe(source: dict[str, Any] | str | bytes) -> Recipe:
     if not recipe.steps and recipe.goal is None:
         why = "give steps (at least one), a goal, or both"
         raise RecipeError(f"invalid recipe: steps: {why}", [{"loc": ["steps"], "msg": why}])
+    converted = next((index for index, step in enumerate(recipe.steps) if isinstance(step, Fp16Step)), None)
+    for index, step in enumerate(recipe.steps):
+        if converted is not None and index > converted and isinstance(step, QuantizeStep) \
+                and step.activations is not None and step.activations.calibration != "dynamic":
+            # ONNX Runtime's static int8 reads float32 around each layer: after fp16 the build failed
+            # mid-job ("Type parameter (T) of Optype (Conv) bound to different types")
+            why = (f"static int8 after steps.{converted} (fp16) would quantize float16 layers, which ONNX Runtime's "
+                   "int8 kernels do not take: quantize first (int8 alone is the smaller model), or drop fp16")
+            raise RecipeError(f"invalid recipe: steps.{index}.activations: {why}",
+                              [{"loc": ["steps", index, "activations"], "msg": why}])
     if recipe.goal is not None:
         for index, step in enumerate(recipe.steps[:-1]):
             if isinstance(step, QuantizeStep):

@@ -79,3 +79,14 @@ def test_calibration_requirements_are_named():
     recipe = parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 4}, "method": "gptq"},
                                      {"op": "quantize", "activations": {"calibration": "dynamic"}}]})
     assert recipe.needs_calibration() == ["steps.0.method"]
+
+
+def test_static_int8_after_fp16_is_refused_at_its_activations():
+    # it failed mid-job in ONNX Runtime (float16 layers meet float32 Q/DQ); weight-only and dynamic
+    # after fp16 run or refuse on their own
+    with pytest.raises(RecipeError) as info:
+        parse_recipe({"steps": [{"op": "fp16"}, {"op": "cleanup"},
+                                {"op": "quantize", "weights": {"bits": 8}, "activations": {}}]})
+    assert info.value.errors[0]["loc"] == ["steps", 2, "activations"] and "steps.0 (fp16)" in str(info.value)
+    parse_recipe({"steps": [{"op": "fp16"}, {"op": "quantize", "weights": {"bits": 4, "granularity": "block"}}]})
+    parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 8}, "activations": {}}, {"op": "fp16"}]})
