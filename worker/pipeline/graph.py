@@ -238,15 +238,28 @@ def weight_layers(model: onnx.ModelProto, *, ops: Sequence[str] = ("MatMul", "Ge
 def unreadable_weights(model: onnx.ModelProto, min_params: int = 0) -> dict[str, str]:
     """Float weights of at least ``min_params`` elements that a MatMul / Gemm reads in a layout no
     weight step handles: {weight: why}. ``W @ x`` (the weight as MatMul's first operand), batched
-    per-head weights ``x[.., K] @ W[H, K, N]`` and Gemm's A. Each step leaves them float; they are
+    per-head weights ``x[.., K] @ W[H, K, N]``, Gemm's A, and a tied table's transpose (a GPT-2's
+    output projection; steps that compress tables still take it as one). Each step leaves them float; they are
     named so that a user sees why (they were 70 % of a model's parameters and appeared nowhere)."""
     inits = initializers(model)
     found: dict[str, str] = {}
     readable = {layer.weight for layer in weight_layers(model)}
+    transposed = {node.output[0]: node for node in model.graph.node
+                  if node.op_type == "Transpose" and node.input and node.input[0] in inits}
     for node in model.graph.node:
         if node.op_type not in ("MatMul", "Gemm"):
             continue
         for index, name in enumerate(node.input[:2]):
+            through = transposed.get(name)
+            if through is not None and index == 1:
+                # a tied table (its Gather reads it too, so the Transpose stays): the layer steps
+                # see a table, not this MatMul's weight
+                source = inits[through.input[0]]
+                elements = int(np.prod(source.dims)) if source.dims else 1
+                if elements >= max(min_params, 2) and through.input[0] not in found:
+                    found[through.input[0]] = (f"{elements} elements: read by {node.op_type} {node.name} through "
+                                               f"Transpose {through.name}, and as a table by other nodes (tied)")
+                continue
             tensor = inits.get(name)
             if (tensor is None or name in readable or name in found
                     or tensor.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)):

@@ -338,7 +338,8 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
             # weights in a layout no step reads stay float: listed, not silently passed over
             skipped = result.metrics.setdefault("skipped", [])
             named = {entry.get("name") for entry in skipped}
-            skipped.extend({"name": name, "reason": why} for name, why in unreadable.items() if name not in named)
+            skipped.extend({"name": name, "reason": why} for name, why in unreadable.items()
+                           if name not in named and name not in result.changed)
         model = result.model
         seconds = time.perf_counter() - started
         step_rows.append({"op": step.op, "seconds": seconds, **result.metrics, **ctx.cost.row(seconds)})

@@ -174,6 +174,24 @@ def test_a_table_only_a_loop_body_gathers_from_is_compressed(tmp_path, step, bit
     assert builders.rel_l2(builders.run_ort(model, data), builders.run_ort(compressed, data)) < 0.05
 
 
+@pytest.mark.parametrize("step, listed", [({"op": "prune", "sparsity": 0.5}, True),
+                                          ({"op": "lowrank", "rank_ratio": 0.5}, True),
+                                          ({"op": "quantize", "weights": {"bits": 8}, "activations": {}}, False)])
+def test_a_tied_tables_matmul_use_is_named_where_a_step_leaves_it(tmp_path, step, listed):
+    # a GPT-2's output projection reads the token table through a Transpose its Gather keeps:
+    # prune and lowrank left it float without a word; quantize takes it (as a table)
+    path = tmp_path / "t.onnx"
+    onnx.save_model(transposed_weight_mlp(), str(path))
+    data = {"x": np.random.default_rng(1).standard_normal((32, 32)).astype(np.float32),
+            "ids": np.arange(32, dtype=np.int64) % 16}
+    result = runner.run(path, parse_recipe({"steps": [{**step, "min_params": 512}]}), calibration=data,
+                        workdir=tmp_path / "w", options=FAST)
+    skipped = {row["name"]: row["reason"] for row in result.report["steps"][0]["skipped"]}
+    assert ("fc2.weight" in skipped) == listed
+    if listed:
+        assert "through Transpose t2" in skipped["fc2.weight"] and "tied" in skipped["fc2.weight"]
+
+
 def test_a_step_matching_no_weight_is_refused_with_its_path(mlp_path, tmp_path):
     recipe = parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 8}, "include": ["nothing*"]}]})
     with pytest.raises(RecipeError) as info:
