@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from worker.pipeline import graph as graph_mod
+from worker.pipeline import graph as graph_mod, subgraphs
 from worker.pipeline.distill.layers import constant_nodes, constant_values, linear_layer
 from worker.pipeline.graph import fresh_name
 
@@ -27,7 +27,7 @@ def _is_constant_subgraph_output(model: onnx.ModelProto) -> list[str]:
     produced = {out for node in constant for out in node.output if out}
     constant_keys = {tuple(node.output) for node in constant}
     read = {name for node in model.graph.node if tuple(node.output) not in constant_keys for name in node.input}
-    read |= {o.name for o in model.graph.output}
+    read |= {o.name for o in model.graph.output} | subgraphs.subgraph_reads(model)
     return sorted(produced & read)
 
 
@@ -52,7 +52,9 @@ def float_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]
 
 
 def _prune_inits(model: onnx.ModelProto) -> None:
-    used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+    # what an If / Loop body reads from here is used too (an EmbeddingBag's Loop lost its Slice bounds)
+    used = ({name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+            | subgraphs.subgraph_reads(model))
     keep = [t for t in model.graph.initializer if t.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
@@ -140,7 +142,7 @@ def _drop_activation_qdq(model: onnx.ModelProto) -> int:
     del model.graph.node[:]
     model.graph.node.extend(rewritten)
     # QuantizeLinear nodes nobody reads any more go too
-    read = {name for node in model.graph.node for name in node.input} | outputs
+    read = {name for node in model.graph.node for name in node.input} | outputs | subgraphs.subgraph_reads(model)
     live = [node for node in model.graph.node
             if not (node.op_type == "QuantizeLinear" and not any(o in read for o in node.output))]
     del model.graph.node[:]

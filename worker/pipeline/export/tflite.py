@@ -241,12 +241,16 @@ def _layouts(model: onnx.ModelProto, inputs: list[str], shapes: dict[str, list[i
 
 
 ABSL_LOG_LINE = re.compile(r"^[IWE]\d{4} \d\d:\d\d:\d\d|^WARNING: All log messages")   # TensorFlow's own logging
+MISSING_OP = re.compile(r"No module named 'onnx2tf\.ops\.(\w+)'")
 
 
 def _last_error(stderr: str) -> str:
     """The converter's own message: the last line that reads like an error, TensorFlow's log lines
     left out (a crash after "Could not find cuda drivers" read as that line)."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip() and not ABSL_LOG_LINE.match(line.strip())]
+    missing = next((MISSING_OP.search(line) for line in reversed(lines) if MISSING_OP.search(line)), None)
+    if missing:         # onnx2tf imports one module per ONNX op: a missing one is an op it does not translate
+        return f"onnx2tf has no translation for {missing.group(1)}"
     for line in reversed(lines):
         if "Error" in line or "error:" in line:
             return line[:500]

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from worker.pipeline import graph as graph_mod
+from worker.pipeline import graph as graph_mod, subgraphs
 
 SQRT2 = math.sqrt(2.0)
 TOLERANCE = 1e-5        # how close an exported constant must be to 1/sqrt(2), 1, 0.5
@@ -216,7 +216,7 @@ def shape_computations_folded(model: onnx.ModelProto, feeds: dict[str, np.ndarra
 
 def _drop_unread(model: onnx.ModelProto) -> None:
     """Nodes and initializers nobody reads any more, removed (repeatedly: a chain goes whole)."""
-    outputs = {o.name for o in model.graph.output}
+    outputs = {o.name for o in model.graph.output} | subgraphs.subgraph_reads(model)
     while True:
         read = {name for node in model.graph.node for name in node.input} | outputs
         kept = [node for node in model.graph.node if any(out in read for out in node.output)]

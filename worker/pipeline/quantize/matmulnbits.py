@@ -139,7 +139,7 @@ def to_matmulnbits(model: onnx.ModelProto, packed: Packed, float_type: int) -> l
         new_nodes.append(fused.name)
     dropped = [name for name in producer.input if name]
     model.graph.node.remove(producer)
-    still_read = {name for node in model.graph.node for name in node.input}
+    still_read = {name for node in model.graph.node for name in node.input} | subgraphs.subgraph_reads(model)
     graph.remove_initializers(model, [name for name in dropped if name not in still_read])
     model.graph.initializer.extend(initializers)
     graph.ensure_domain(model, DOMAIN, 1)

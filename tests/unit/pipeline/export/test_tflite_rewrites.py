@@ -186,3 +186,19 @@ def test_the_converters_reason_is_its_error_not_tensorflows_log_lines():
               "I0000 00:00:1796603208.061367   23700 cudart_stub.cc:31] Could not find cuda drivers on your machine\n")
     assert _last_error(stderr) == "RuntimeError: tensor 'lstm' is not int8"
     assert _last_error("W0000 00:00:1.0 1 x.cc:1] noise\nsegmentation fault\n") == "segmentation fault"
+    # onnx2tf imports a module per op: a missing one means the op has no translation
+    assert _last_error("ModuleNotFoundError: No module named 'onnx2tf.ops.Loop'\n") == "onnx2tf has no translation for Loop"
+
+
+def test_what_only_a_loop_body_reads_survives_the_rewrites():
+    # an EmbeddingBag's table and Slice bounds, read only inside its Loop, were dropped as unread:
+    # the converter then saw an invalid graph in place of its real reason (it translates no Loop)
+    from worker.pipeline.export.float_graph import float_graph
+    from worker.pipeline.export.tflite_rewrites import shape_computations_folded
+
+    model = builders.bag_in_loop()
+    feeds = {"ids": np.random.default_rng(0).integers(0, 200, (5, 4)).astype(np.int64)}
+    plain, _ = float_graph(model)
+    shape_computations_folded(plain, feeds)
+    assert {t.name for t in plain.graph.initializer} >= {"table", "W"}
+    np.testing.assert_allclose(builders.run_ort(plain, feeds)[0], builders.run_ort(model, feeds)[0], rtol=1e-5)
