@@ -185,6 +185,31 @@ INTEGER_TYPES = frozenset({onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.T
                            onnx.TensorProto.UINT64, onnx.TensorProto.BOOL})
 
 
+def _integer_kernels(model: onnx.ModelProto) -> dict[str, str]:
+    """Nodes of a quantized model's Q/DQ groups (name -> why they stay float32): a node reading an
+    activation's DequantizeLinear or feeding a QuantizeLinear is an integer kernel ONNX Runtime fuses. In
+    float16, behind Casts, it is no group: ONNX Runtime's full optimization then ran a ConvNeXt's
+    depthwise Conv on a wrongly laid out input ("Input channels C is not equal to kernel channels
+    * group") where the exposed-output check passed."""
+    produced_by = {out: node for node in model.graph.node for out in node.output if out}
+    kept: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        # an activation's DequantizeLinear (its input computed, a QuantizeLinear's): a weight-only
+        # one (int4 weights, float16 compute) reads an initializer and converts with its layer
+        reads_dq = any(produced_by.get(t) is not None and produced_by[t].op_type == "DequantizeLinear"
+                       and produced_by[t].input[0] in produced_by for t in node.input if t)
+        if reads_dq:
+            kept[node.name] = "reads a quantized activation: part of an int8 kernel"
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input and node.input[0] in produced_by:
+            source = produced_by[node.input[0]]
+            if source.op_type != "DequantizeLinear":
+                kept.setdefault(source.name, "feeds a QuantizeLinear: part of an int8 kernel")
+    return kept
+
+
 def _index_arithmetic(model: onnx.ModelProto, stats: TensorStats) -> dict[str, str]:
     """Nodes that compute integers through float (name -> why they stay float32): the float cone
     between a Cast from an integer and a Cast back to one, touching no weight. T5's relative
@@ -474,6 +499,9 @@ def run(model: onnx.ModelProto, params: Fp16Step, ctx: StepContext) -> StepResul
             plans[node.name] = plan
         elif "no float32 tensor" not in plan:
             kept[node.name] = plan
+    for node_name, why in _integer_kernels(model).items():
+        if plans.pop(node_name, None) is not None:
+            kept[node_name] = why
     for node_name, why in _index_arithmetic(model, stats).items():
         if plans.pop(node_name, None) is not None:
             kept[node_name] = why
@@ -495,6 +523,10 @@ def run(model: onnx.ModelProto, params: Fp16Step, ctx: StepContext) -> StepResul
             kept[node_name] = why
     else:
         raise PipelineError(f"fp16: no float16 assignment ran cleanly after {MAX_ROUNDS} rounds")
+    try:    # as users run it: every optimization on, no output exposed (the check above exposes them)
+        sessions.session(converted, sessions.providers_for(provider)).run(None, next(data.batches(MEASURE_BATCH, 1)))
+    except Exception as exc:
+        raise PipelineError(f"fp16: ONNX Runtime fails to run the converted model: {str(exc).splitlines()[0]}") from exc
     _record_weights(model, converted, ctx)
     changed = sorted(plans)
     return StepResult(converted, changed, {

@@ -283,3 +283,24 @@ def test_fp16_of_its_own_output_keeps_that_transpose_float32(tmp_path):
     onnx.save(twice.model, str(path))
     assert_loads_in_a_child(path)
     assert builders.rel_l2(builders.run_ort(model, feeds), builders.run_ort(twice.model, feeds)) < 1e-2
+
+
+def test_after_static_int8_the_integer_kernels_stay_whole(tmp_path):
+    # a Conv between an activation's Q/DQ pair converted to float16 behind Casts is no int8 kernel,
+    # and ONNX Runtime's full optimization ran a ConvNeXt's depthwise Conv on a wrong layout there
+    from worker.pipeline import runner
+
+    path = tmp_path / "m.onnx"
+    model = builders.cnn_bn()
+    onnx.save_model(model, str(path))
+    data = builders.random_inputs(model, count=16)
+    recipe = parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 8}, "activations": {}}, {"op": "fp16"}]})
+    result = runner.run(path, recipe, calibration=data, workdir=tmp_path / "w", options={"latency_runs": 2})
+    reasons = {row["node"]: row["reason"] for row in result.report["steps"][1]["kept_float32"]}
+    out = onnx.load(str(result.model_path))
+    produced_by = {o: n for n in out.graph.node for o in n.output}
+    kernels = [node.name for node in out.graph.node
+               if node.op_type in ("Conv", "Gemm", "MatMul") and produced_by.get(node.input[0]) is not None
+               and produced_by[node.input[0]].op_type == "DequantizeLinear"]
+    assert kernels and all("int8 kernel" in reasons.get(name, "") for name in kernels)
+    assert result.report["fidelity"]["rel_l2"] < 0.05
