@@ -117,6 +117,8 @@ class ChannelGraph:
     actions: list[Action] = field(default_factory=list)
     head_sizes: dict[int, int] = field(default_factory=dict)   # group -> head size, for groups of heads
     head_outputs: dict[int, str] = field(default_factory=dict)  # group of heads -> its output projection
+    # weights whose output channels start no group, and why (the step lists them as skipped)
+    not_grouped: dict[str, str] = field(default_factory=dict)
 
     def new_group(self, channels: int) -> int:
         self.parent.append(len(self.parent))
@@ -254,6 +256,8 @@ class _Analysis:
 
     def _produce(self, node: onnx.NodeProto, weight: str, axis: int, channels: int, rank: int | None) -> int | None:
         if rank is None:
+            self.graph.not_grouped[weight] = (f"the rank of {node.op_type} {node.name}'s input is not known "
+                                              "(shape inference could not type it)")
             return None
         group = self.graph.new_group(channels)
         self.graph.producers[group].append(Producer(weight, axis, node.name, node.output[0]))
@@ -275,6 +279,9 @@ class _Analysis:
         if has_bias and node.input[2] not in self.inits:
             return ins[0] is None
         groups = attribute(node, "group", 1)
+        if groups != 1:     # a depthwise one whose input channels are pruned is sliced with them
+            self.graph.not_grouped[node.input[1]] = (f"a grouped convolution (group {groups}): its channels are "
+                                                     "tied across the groups")
         x = ins[0]
         if x is not None:
             if x.axis != 1:
@@ -726,6 +733,12 @@ def prune_channels(model: onnx.ModelProto, params: PruneStep, ctx: StepContext) 
             log.skip(", ".join(producers), "; ".join(graph.reasons[root]))
         else:
             prunable.append(root)
+    grouped = {p.weight for root in graph.roots() for p in graph.producers[root]} | {a.name for a in graph.actions}
+    for layer in selected_layers:
+        if layer.weight not in grouped:
+            # a layer no channel group starts from was in neither layers nor skipped
+            log.skip(layer.weight, graph.not_grouped.get(layer.weight, "its output channels start no group the "
+                                                        "channel analysis follows"))
     block = int(ctx.options.get("channel_block") or channel_block(ctx.target, ctx.options))
     removals = apportion([graph.channels[root] for root in prunable], params.sparsity, block)
     removed_total = sum(removals)

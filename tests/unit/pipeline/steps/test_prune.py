@@ -248,6 +248,26 @@ def test_channel_pruning_through_concat_and_explicit_reshape():
     np.testing.assert_array_equal(wf_new[:4 * 64], np.concatenate([wf[c * 64:(c + 1) * 64] for c in kept_a]))
 
 
+def test_a_grouped_convolution_channel_pruning_leaves_is_named():
+    # it was in neither layers nor skipped (a sweep's grouped CNN: channel_sparsity 0, nothing said)
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 3, 3, 3)).astype(np.float32), "stem"),
+             numpy_helper.from_array(rng.standard_normal((16, 4, 3, 3)).astype(np.float32), "grouped")]
+    nodes = [helper.make_node("Conv", ["x", "stem"], ["a"], name="c1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "grouped"], ["b"], name="c2", pads=[1, 1, 1, 1], group=4),
+             helper.make_node("Relu", ["b"], ["y"], name="relu2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = prune.run(model, _params(sparsity=0.5, structure="channel", min_params=0),
+                       StepContext(original=model, options={"channel_block": 1}))
+    skipped = {row["name"]: row["reason"] for row in result.metrics["skipped"]}
+    assert "grouped convolution (group 4)" in skipped["grouped"]
+    assert "stem" in " ".join(skipped)         # its channels feed the grouped conv, which blocks them
+
+
 def test_channels_go_in_whole_hardware_blocks():
     from worker.pipeline.prune.channels import apportion
     # the digits CNN: 30 % of 32 + 64 channels in blocks of 16 -> 16 + 16 removed (33 %)
