@@ -178,6 +178,10 @@ def bind(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray]) -> Dataset:
     return Dataset(converted, stacked, labels, specs, size)
 
 
+FLOAT_ELEMENT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                       onnx.TensorProto.BFLOAT16)
+
+
 def _classes(model: onnx.ModelProto) -> tuple[str, int | None] | None:
     """(name, class count) of the output accuracy reads: the first float output of rank 2 that can
     hold more than one score per sample (``metrics`` takes the first such array at run time); the
@@ -186,7 +190,7 @@ def _classes(model: onnx.ModelProto) -> tuple[str, int | None] | None:
         tensor = value.type.tensor_type
         if not value.type.HasField("tensor_type") or not tensor.HasField("shape") or len(tensor.shape.dim) != 2:
             continue
-        if onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).kind != "f":
+        if tensor.elem_type not in FLOAT_ELEMENT_TYPES:
             continue
         axis = tensor.shape.dim[1]
         if axis.HasField("dim_value") and axis.dim_value <= 1:
