@@ -8,12 +8,15 @@ carries float32 here and allows float16 - so Resize's scales, LayerNormalization
   float32, as does a node touching an initializer or Constant out of float16's range (an attention
   mask of -3.4e38) or a non-finite value;
 - kept float32 always: integers computed through float (a Cast from an integer, float
-  arithmetic on no weight, a Cast back to an integer: T5's position buckets), ops whose outputs or attributes are typed float32 by construction (Range,
-  ConstantOfShape, EyeLike, Random*), ops with subgraphs (If, Loop, Scan) and the producers of any
-  tensor a subgraph reads, ops outside the default domain, and the recipe's ``op_block_list``;
+  arithmetic on no weight, a Cast back to an integer: T5's position buckets), a static int8
+  model's integer kernels (the nodes between an activation's Q/DQ pairs), ops whose outputs or
+  attributes are typed float32 by construction (Range, ConstantOfShape, EyeLike, Random*), ops
+  with subgraphs (If, Loop, Scan) and the producers of any tensor a subgraph reads, ops outside
+  the default domain, and the recipe's ``op_block_list``;
 - then checked in the target's ONNX Runtime provider (CUDA for ``gpu`` where it runs, else the
   CPU provider): an op without a float16 kernel there is put back to float32, and a node whose float16 output is NaN / Inf on the data where the float32 one was
-  finite too, until the model loads and is finite on the data.
+  finite too, until the model loads and is finite on the data; then run once as users run it
+  (every optimization on, no intermediate exposed).
 
 Casts go where float16 and float32 meet (one per tensor and direction); float32 initializers read
 only by float16 nodes are stored as float16; graph inputs and outputs keep float32.
