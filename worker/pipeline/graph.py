@@ -88,6 +88,33 @@ def fold_weight_transposes(model: onnx.ModelProto) -> list[str]:
     return list(folded.values())
 
 
+def resolve_weight_aliases(model: onnx.ModelProto) -> list[str]:
+    """Let the readers of ``Identity(initializer)`` read the initializer itself. PyTorch's exporter
+    stores a parameter once and writes every other use as an Identity of it (ALBERT's layers
+    reusing one block's weights; GPT-2's zero biases, equal in value): the layers behind the
+    Identity had no weight any step saw (dynamic int8 kept 6 of a GPT-2's 8 Gemms float and
+    unlisted, and an ALBERT's float weights beside their int8 copies). Exact (ONNX Runtime drops
+    such Identities at load). An Identity whose output is a graph output or read inside a control
+    flow body stays. Returns the aliases resolved."""
+    inits = initializers(model)
+    pinned = {value.name for value in model.graph.output} | subgraphs.subgraph_reads(model)
+    aliases = {node.output[0]: node.input[0] for node in model.graph.node
+               if node.op_type == "Identity" and node.input and node.input[0] in inits and node.output[0] not in pinned}
+    if not aliases:
+        return []
+    kept = [node for node in model.graph.node if not (node.op_type == "Identity" and node.output[0] in aliases)]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    for node in model.graph.node:
+        for index, name in enumerate(node.input):
+            if name in aliases:
+                node.input[index] = aliases[name]
+    values = [value for value in model.graph.value_info if value.name not in aliases]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(values)
+    return list(aliases)
+
+
 def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
     """Write ``model`` to ``path``; tensors go to ``<name>.data`` beside it when the model is too big
     for one protobuf. Written to a temporary name first, then renamed, so a crash leaves no half file."""
@@ -211,6 +238,11 @@ def _take(layer: WeightLayer, seen: set[str], found: list[WeightLayer], include:
         found.append(layer)
 
 
+DEFAULT_DOMAINS = ("", "ai.onnx")
+# float tensors of reduced precision a graph may cast to float32 on the fly
+NARROW_FLOATS = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
 def weight_layers(model: onnx.ModelProto, *, ops: Sequence[str] = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather"),
                   include: Sequence[str] = (), exclude: Sequence[str] = (), min_params: int = 0) -> list[WeightLayer]:
     """Float weights consumed by layers of ``ops``, in graph order, filtered by the recipe's selection.
@@ -221,7 +253,9 @@ def weight_layers(model: onnx.ModelProto, *, ops: Sequence[str] = ("MatMul", "Ge
     found: list[WeightLayer] = []
     seen: set[str] = set()
     for node in model.graph.node:
-        if node.op_type not in ops:
+        # ONNX's own ops only: com.microsoft.nchwc::Conv keeps its weight in a blocked layout (a low
+        # rank factorization of one made a model ONNX Runtime could not run)
+        if node.op_type not in ops or node.domain not in DEFAULT_DOMAINS:
             continue
         for index, name in enumerate(node.input):
             tensor = inits.get(name)
@@ -236,16 +270,39 @@ def weight_layers(model: onnx.ModelProto, *, ops: Sequence[str] = ("MatMul", "Ge
 
 
 def unreadable_weights(model: onnx.ModelProto, min_params: int = 0) -> dict[str, str]:
-    """Float weights of at least ``min_params`` elements that a MatMul / Gemm reads in a layout no
-    weight step handles: {weight: why}. ``W @ x`` (the weight as MatMul's first operand), batched
-    per-head weights ``x[.., K] @ W[H, K, N]``, Gemm's A, and a tied table's transpose (a GPT-2's
-    output projection; steps that compress tables still take it as one). Each step leaves them float; they are
-    named so that a user sees why (they were 70 % of a model's parameters and appeared nowhere)."""
+    """Float weights of at least ``min_params`` elements read in a layout no weight step handles:
+    {weight: why}. ``W @ x`` (the weight as MatMul's first operand), batched per-head weights
+    ``x[.., K] @ W[H, K, N]``, Gemm's A, a tied table's transpose (a GPT-2's output projection;
+    steps that compress tables still take it as one), a float16 / bfloat16 weight read through a
+    Cast, and a weight only fused ops outside ONNX's domain read (FusedConv, Attention, NCHWc Conv
+    of a file ONNX Runtime optimized). Each step leaves them float; they are named so that a user
+    sees why (they were 70 % of a model's parameters and appeared nowhere)."""
     inits = initializers(model)
     found: dict[str, str] = {}
     readable = {layer.weight for layer in weight_layers(model)}
     transposed = {node.output[0]: node for node in model.graph.node
                   if node.op_type == "Transpose" and node.input and node.input[0] in inits}
+    cast = {node.output[0]: node for node in model.graph.node
+            if node.op_type == "Cast" and node.input and node.input[0] in inits
+            and inits[node.input[0]].data_type in NARROW_FLOATS}
+    for node in model.graph.node:
+        for name in node.input:
+            source = cast[name].input[0] if name in cast else name
+            tensor = inits.get(source)
+            if tensor is None or source in readable or source in found or len(tensor.dims) < 2:
+                continue
+            elements = int(np.prod(tensor.dims))
+            if elements < max(min_params, 2) or tensor.data_type not in (onnx.TensorProto.FLOAT, *NARROW_FLOATS):
+                continue
+            if name in cast:
+                # a float16 / bfloat16 checkpoint cast to float32 in the graph
+                found[source] = (f"{elements} elements stored {onnx.TensorProto.DataType.Name(tensor.data_type).lower()} "
+                                 f"and read through Cast {cast[name].name}: no weight step reads a weight through a Cast")
+            elif node.domain not in DEFAULT_DOMAINS:
+                # an upload saved after ONNX Runtime's optimizations (FusedConv, Attention, NCHWc Conv)
+                found[source] = (f"{elements} elements read by {node.domain}::{node.op_type} {node.name}: no weight "
+                                 "step rewrites a fused op; upload the model as exported, before ONNX Runtime's "
+                                 "graph optimizations")
     for node in model.graph.node:
         if node.op_type not in ("MatMul", "Gemm"):
             continue

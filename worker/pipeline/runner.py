@@ -244,6 +244,7 @@ def run(model_path: Path, recipe: Recipe, *, calibration: dict[str, np.ndarray] 
         raise InvalidModel(f"cannot load the model: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
                            [{"loc": ["model"], "msg": "not a loadable ONNX model"}]) from None
     graph.weights_out_of_inputs(model)
+    graph.resolve_weight_aliases(model)
     graph.fold_weight_transposes(model)
     _refuse_non_tensor_io(model)
     # nodes in the order they compute: ONNX Runtime runs a file listed out of order, GPTQ, cluster and

@@ -192,6 +192,67 @@ def test_a_tied_tables_matmul_use_is_named_where_a_step_leaves_it(tmp_path, step
         assert "through Transpose t2" in skipped["fc2.weight"] and "tied" in skipped["fc2.weight"]
 
 
+def aliased_weight_mlp() -> onnx.ModelProto:
+    """As PyTorch exports a parameter used twice (ALBERT's shared block) or two equal ones (zero
+    biases): the second use reads Identity(first)."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal((64, 64)) / 8).astype(np.float32), "block.weight"),
+             numpy_helper.from_array(np.zeros(64, np.float32), "block.bias")]
+    nodes = [helper.make_node("Gemm", ["x", "block.weight", "block.bias"], ["h1"], name="layer1"),
+             helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+             helper.make_node("Identity", ["block.weight"], ["layer2.weight"], name="alias_w"),
+             helper.make_node("Identity", ["block.bias"], ["layer2.bias"], name="alias_b"),
+             helper.make_node("Gemm", ["r1", "layer2.weight", "layer2.bias"], ["y"], name="layer2")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_weight_reused_through_an_identity_is_quantized_at_every_use(tmp_path):
+    # dynamic int8 left the layer behind the Identity float (and the float copy beside the int8 one)
+    path = tmp_path / "a.onnx"
+    model = aliased_weight_mlp()
+    onnx.save_model(model, str(path))
+    data = {"x": np.random.default_rng(1).standard_normal((32, 64)).astype(np.float32)}
+    recipe = parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 8},
+                                      "activations": {"calibration": "dynamic"}}]})
+    result = runner.run(path, recipe, calibration=data, evaluation=data, workdir=tmp_path / "w", options=FAST)
+    quantized = onnx.load(str(result.model_path))
+    floats = [t.name for t in quantized.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and t.dims
+              and np.prod(t.dims) >= 1024]
+    assert floats == [] and result.report["size_ratio"] > 3
+    assert builders.rel_l2(builders.run_ort(model, data), builders.run_ort(quantized, data)) < 0.05
+
+
+def fused_and_cast_weights() -> onnx.ModelProto:
+    """What a file ONNX Runtime optimized holds (a com.microsoft FusedConv) and a float16
+    checkpoint cast to float32 in the graph, beside one plain Conv."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 8, 3, 3)).astype(np.float32), "plain.weight"),
+             numpy_helper.from_array(rng.standard_normal((16, 16, 3, 3)).astype(np.float32), "fused.weight"),
+             numpy_helper.from_array(rng.standard_normal((16, 16, 3, 3)).astype(np.float16), "half.weight")]
+    nodes = [helper.make_node("Conv", ["x", "plain.weight"], ["a"], name="plain", pads=[1, 1, 1, 1]),
+             helper.make_node("FusedConv", ["a", "fused.weight"], ["b"], name="fused", domain="com.microsoft",
+                              activation="Relu", pads=[1, 1, 1, 1]),
+             helper.make_node("Cast", ["half.weight"], ["half32"], to=TensorProto.FLOAT, name="widen"),
+             helper.make_node("Conv", ["b", "half32"], ["y"], name="half", pads=[1, 1, 1, 1])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16, 8, 8])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+def test_weights_behind_a_fused_op_or_a_cast_are_named_not_passed_over(tmp_path):
+    path = tmp_path / "f.onnx"
+    onnx.save_model(fused_and_cast_weights(), str(path))
+    result = runner.run(path, parse_recipe(INT8), workdir=tmp_path / "w", options=FAST)
+    skipped = {row["name"]: row["reason"] for row in result.report["steps"][0]["skipped"]}
+    assert "com.microsoft::FusedConv fused" in skipped["fused.weight"]
+    assert "stored float16 and read through Cast widen" in skipped["half.weight"]
+    assert {row["name"] for row in result.report["layers"]} == {"plain.weight"}
+
+
 def test_a_step_matching_no_weight_is_refused_with_its_path(mlp_path, tmp_path):
     recipe = parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 8}, "include": ["nothing*"]}]})
     with pytest.raises(RecipeError) as info:

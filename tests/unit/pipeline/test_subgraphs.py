@@ -1,6 +1,8 @@
-"""The one walk over names read inside If / Loop / Scan bodies, and the one maker of fresh names."""
+"""The one walk over names read inside If / Loop / Scan bodies, the one maker of fresh names, and
+which ops hold weights."""
 from __future__ import annotations
 
+import numpy as np
 from onnx import TensorProto, helper
 
 from worker.pipeline import graph, subgraphs
@@ -47,3 +49,16 @@ def test_a_body_output_that_names_an_outer_tensor_is_read():
     node = helper.make_node("If", ["cond"], ["out"], then_branch=computed, else_branch=passthrough)
     assert subgraphs.outer_reads(node) == {"x", "state"}
     assert subgraphs.inner_reads(node) == {"x", "state"}
+
+
+def test_ops_of_another_domain_are_no_layers_even_by_onnx_names():
+    # com.microsoft.nchwc::Conv keeps its weight in a blocked layout: lowrank factorized one into a
+    # model ONNX Runtime could not run
+    from onnx import TensorProto, helper, numpy_helper
+    weight = numpy_helper.from_array(np.ones((16, 16, 3, 3), np.float32), "w")
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="blocked", domain="com.microsoft.nchwc")
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 6, 6])], [weight])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft.nchwc", 1)])
+    assert graph.weight_layers(model) == []
+    assert "com.microsoft.nchwc::Conv blocked" in graph.unreadable_weights(model)["w"]
