@@ -75,7 +75,25 @@ class PruneStep(_WeightStep):
     def _combination(self) -> "PruneStep":
         if self.method == "sparsegpt" and self.structure == "channel":
             raise ValueError("sparsegpt prunes single weights or N:M groups, not whole channels")
+        n_m = self.n_m
+        if n_m is not None:
+            # the pattern sets the sparsity: a different one given was silently ignored
+            pattern = 1 - n_m[0] / n_m[1]
+            if self.sparsity != 0 and abs(self.sparsity - pattern) > 1e-9:
+                raise ValueError(f"sparsity {self.sparsity:g} with structure \"{self.structure}\" (at most N nonzero in "
+                                 f"every M): that pattern's sparsity is {pattern:g}; give that, or 0 for the pattern's")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pattern_sparsity(cls, data: Any) -> Any:
+        """``sparsity: 0`` with an N:M pattern reads as the pattern's own (1 - N/M), so the report
+        says what was pruned."""
+        if isinstance(data, dict) and data.get("sparsity") == 0 and isinstance(data.get("structure"), str):
+            match = _NM.match(data["structure"])
+            if match and 0 < int(match.group(1)) < int(match.group(2)):
+                return {**data, "sparsity": 1 - int(match.group(1)) / int(match.group(2))}
+        return data
 
 
 class LowrankStep(_WeightStep):

@@ -90,3 +90,13 @@ def test_static_int8_after_fp16_is_refused_at_its_activations():
     assert info.value.errors[0]["loc"] == ["steps", 2, "activations"] and "steps.0 (fp16)" in str(info.value)
     parse_recipe({"steps": [{"op": "fp16"}, {"op": "quantize", "weights": {"bits": 4, "granularity": "block"}}]})
     parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 8}, "activations": {}}, {"op": "fp16"}]})
+
+
+def test_an_n_m_pattern_sets_the_sparsity():
+    # "3:8" keeps 3 of every 8 (sparsity 0.625); a different sparsity given was silently ignored
+    step = parse_recipe({"steps": [{"op": "prune", "sparsity": 0, "structure": "3:8"}]}).steps[0]
+    assert step.n_m == (3, 8) and step.sparsity == 0.625
+    parse_recipe({"steps": [{"op": "prune", "sparsity": 0.5, "structure": "2:4"}]})
+    with pytest.raises(RecipeError) as info:
+        parse_recipe({"steps": [{"op": "prune", "sparsity": 0.375, "structure": "3:8"}]})
+    assert "that pattern's sparsity is 0.625" in str(info.value) and info.value.errors[0]["loc"][:2] == ["steps", 0]
