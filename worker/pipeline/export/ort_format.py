@@ -53,6 +53,9 @@ def _write(source: Path, target: Path, level: ort.GraphOptimizationLevel, disabl
 # tensor types the ORT format of this ONNX Runtime cannot hold: it writes the file, then refuses to
 # load it ("Unsupported tensor data type"); its operator-config tool fails on them first (KeyError 22)
 _NOT_IN_ORT_FORMAT = {onnx.TensorProto.INT4: "int4", onnx.TensorProto.UINT4: "uint4"}
+for _name in ("INT2", "UINT2"):     # int2 / sign weights: the ONNX release may or may not name them
+    if hasattr(onnx.TensorProto, _name):
+        _NOT_IN_ORT_FORMAT[getattr(onnx.TensorProto, _name)] = _name.lower()
 
 
 def _unsupported_types(path: Path) -> list[str]:
@@ -66,7 +69,7 @@ def convert(ctx: ExportContext) -> dict:
     unsupported = _unsupported_types(ctx.model_path)
     if unsupported:
         raise RuntimeError(f"{RUNTIME}'s ORT format holds no {' / '.join(unsupported)} tensors (this model's "
-                           "4-bit weights): use the .onnx file, or 8-bit weights for an ORT-format build")
+                           "sub-byte weights): use the .onnx file, or 8-bit weights for an ORT-format build")
     from onnxruntime.tools.ort_format_model import create_config_from_models
 
     target = ctx.workdir / FILES[0]

@@ -165,13 +165,14 @@ def test_ort_keeps_int8_weights_instead_of_folding_them_to_float(tmp_path):
     assert row["converter"]["candidate_bytes"]["all"] > row["bytes"]
 
 
-def test_ort_format_of_int4_weights_fails_alone_and_says_why(tmp_path):
-    # ONNX Runtime writes the ORT file, then cannot load it (no int4 tensors in that format); its
-    # config tool failed first with "KeyError: 22", which was all the report said
-    step = {"op": "quantize", "weights": {"bits": 4, "granularity": "block", "block_size": 32}, "format": "qdq"}
+@pytest.mark.parametrize("bits, stored", [(4, "int4"), (2, "int2")])
+def test_ort_format_of_sub_byte_weights_fails_alone_and_says_why(tmp_path, bits, stored):
+    # ONNX Runtime writes the ORT file, then cannot load it (no int4 / int2 tensors in that format);
+    # its config tool failed first with "KeyError: 22" (26 for int2), which was all the report said
+    step = {"op": "quantize", "weights": {"bits": bits, "granularity": "block", "block_size": 32}, "format": "qdq"}
     result = _run(tmp_path, builders.mlp(), [step], ["onnx", "ort"])
     row = result.report["exports"]["ort"]
-    assert row["state"] == "failed" and "holds no int4 tensors" in row["reason"]
+    assert row["state"] == "failed" and f"holds no {stored} tensors" in row["reason"]
     assert result.model_path.is_file()                     # the job and its .onnx stand
     assert not (tmp_path / "work" / "model.ort").exists()
 
