@@ -464,6 +464,13 @@ def parse_recipe(source: dict[str, Any] | str | bytes) -> Recipe:
                    "int8 kernels do not take: quantize first (int8 alone is the smaller model), or drop fp16")
             raise RecipeError(f"invalid recipe: steps.{index}.activations: {why}",
                               [{"loc": ["steps", index, "activations"], "msg": why}])
+        if converted is not None and index > converted and isinstance(step, DistillStep) and step.method == "kd":
+            # the trainer's float32 layers met float16 weights mid-job ("expected m1 and m2 to have
+            # the same dtype")
+            why = (f"kd after steps.{converted} (fp16) would train float16 layers, which the trainer does not: "
+                   "distill first, then fp16")
+            raise RecipeError(f"invalid recipe: steps.{index}.method: {why}",
+                              [{"loc": ["steps", index, "method"], "msg": why}])
     if recipe.goal is not None:
         for index, step in enumerate(recipe.steps[:-1]):
             if isinstance(step, QuantizeStep):

@@ -100,3 +100,12 @@ def test_an_n_m_pattern_sets_the_sparsity():
     with pytest.raises(RecipeError) as info:
         parse_recipe({"steps": [{"op": "prune", "sparsity": 0.375, "structure": "3:8"}]})
     assert "that pattern's sparsity is 0.625" in str(info.value) and info.value.errors[0]["loc"][:2] == ["steps", 0]
+
+
+def test_kd_after_fp16_is_refused_at_its_method():
+    # it failed mid-job in the trainer (float16 weights in float32 layers); layerwise runs after fp16
+    with pytest.raises(RecipeError) as info:
+        parse_recipe({"steps": [{"op": "fp16"}, {"op": "distill", "method": "kd"}]})
+    assert info.value.errors[0]["loc"] == ["steps", 1, "method"]
+    parse_recipe({"steps": [{"op": "fp16"}, {"op": "distill", "method": "layerwise"}]})
+    parse_recipe({"steps": [{"op": "distill", "method": "kd"}, {"op": "fp16"}]})
