@@ -8,9 +8,10 @@ skeleton that holds only the small initializers, and zstd streams the file.
 Definitions:
 - ``params``: elements over every initializer and Constant tensor (subgraphs included), counted
   unpacked (an int4 tensor of 64 values is 64 params). ``nonzero_params``: those not equal to zero
-  (for a quantized tensor: stored values not equal to zero; for MatMulNBits, whose B packs
+  (for a tensor a DequantizeLinear reads: values not at its zero point; for MatMulNBits, whose B packs
   8/bits weights per byte, the N x K weights it encodes, nonzero where not at their zero point; for
-  a weight stored sparse, bitmask + values, the dense tensor it decodes to).
+  a weight stored sparse, bitmask + values, the dense tensor it decodes to; for clustered indices
+  packed in words, the weights they index).
 - ``macs``: multiply-accumulates for one sample (symbolic dims: the sizes of the evaluation or
   calibration data where given, else 1, and then a lower bound, see ``MacCount``) of Conv, ConvTranspose,
   Gemm, MatMul, their quantized and fused forms (QLinearConv, ConvInteger, QLinearMatMul,
@@ -188,18 +189,91 @@ def _sparse_stored(model: onnx.ModelProto, base_dir: str | Path | None
     return [sparse_form.decoded_tensor(model.graph, sparse, read) for sparse in found], hidden
 
 
+def _dequantized_zeros(model: onnx.ModelProto) -> dict[str, tuple[str, int, int]]:
+    """Quantized initializers a DequantizeLinear reads with a zero point: name -> (zero point's
+    initializer, axis, block_size). Their zero weights are the values at the zero point (an
+    asymmetric uint4 grid's zero is 8, not 0)."""
+    found = {}
+    for g in [model.graph, *subgraphs.all_bodies(model)]:
+        for node in g.node:
+            if node.op_type == "DequantizeLinear" and len(node.input) > 2 and node.input[2]:
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+                block = next((a.i for a in node.attribute if a.name == "block_size"), 0)
+                found[node.input[0]] = (node.input[2], axis, block)
+    return found
+
+
+def _at_zero_point(values: np.ndarray, zero: np.ndarray, axis: int, block: int) -> np.ndarray:
+    """``values`` == their zero point, per tensor, per ``axis`` or per block along it."""
+    zero = np.asarray(zero).astype(np.int64)
+    if zero.size == 1:
+        return values == zero.reshape(())
+    axis = axis % values.ndim
+    if block:
+        zero = np.repeat(zero, block, axis=axis).take(np.arange(values.shape[axis]), axis=axis)
+    else:
+        zero = zero.reshape([-1 if i == axis else 1 for i in range(values.ndim)])
+    return values.astype(np.int64) == zero
+
+
+def _cluster_codes(model: onnx.ModelProto) -> dict[str, tuple[str, str, int]]:
+    """Packed cluster indices (``steps.cluster``: words -> BitShift left -> BitShift right ->
+    Reshape -> Slice -> Cast -> Gather(codebook)): words -> (codebook, element count, bits)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    producer = {out: node for node in model.graph.node for out in node.output if out}
+
+    def up(name: str, op: str) -> onnx.NodeProto | None:
+        node = producer.get(name)
+        return node if node is not None and node.op_type == op else None
+
+    found = {}
+    for node in model.graph.node:
+        if node.op_type != "Gather" or node.input[0] not in inits:
+            continue
+        cast = up(node.input[1], "Cast")
+        head = up(cast.input[0], "Slice") if cast is not None else None
+        flat = up(head.input[0], "Reshape") if head is not None else None
+        right = up(flat.input[0], "BitShift") if flat is not None else None
+        left = up(right.input[0], "BitShift") if right is not None else None
+        if left is None or left.input[0] not in inits or right.input[1] not in inits or head.input[2] not in inits:
+            continue
+        shift = int(np.asarray(numpy_helper.to_array(inits[right.input[1]])).reshape(-1)[0])
+        found[left.input[0]] = (node.input[0], head.input[2], 32 - shift)
+    return found
+
+
+def _cluster_counts(words: onnx.TensorProto, code: tuple[str, str, int], tensors: dict[str, onnx.TensorProto],
+                    base_dir: str | Path | None) -> tuple[int, int]:
+    """(weights, weights not zero) a clustered weight's packed indices decode to."""
+    book, count_name, bits = code
+    count = int(np.asarray(tensor_values(tensors[count_name], base_dir)).reshape(-1)[0])
+    packed = np.asarray(tensor_values(words, base_dir)).astype(np.uint64).reshape(-1)
+    per_word = 32 // bits
+    shifts = np.arange(per_word, dtype=np.uint64) * bits
+    labels = ((packed[:, None] >> shifts) & np.uint64((1 << bits) - 1)).reshape(-1)[:count]
+    codebook = np.asarray(tensor_values(tensors[book], base_dir)).reshape(-1)
+    return count, int(np.count_nonzero(codebook[labels.astype(np.int64)]))
+
+
 def param_counts(model: onnx.ModelProto, base_dir: str | Path | None = None) -> tuple[int, int]:
     """(params, nonzero params) over initializers and Constant tensors, subgraphs included; a weight
-    stored sparse counts as the dense tensor it decodes to."""
+    stored sparse counts as the dense tensor it decodes to, clustered indices as the weights they
+    index, and a quantized tensor's zeros are its values at the zero point."""
     params = nonzero = 0
     packed_weights = _matmulnbits_weights(model)
     decoded, hidden = _sparse_stored(model, base_dir)
+    zeros = _dequantized_zeros(model)
+    clustered = _cluster_codes(model)
     tensors = {tensor.name: tensor for tensor in model.graph.initializer}
     tensors.update({tensor.name: tensor for tensor in decoded})
     for tensor in itertools.chain((t for t in _all_tensors(model) if t.name not in hidden), decoded):
         node = packed_weights.get(tensor.name)
         if node is not None and tensor.name in tensors:
             counts = _matmulnbits_counts(tensor, node, tensors, base_dir)
+            params, nonzero = params + counts[0], nonzero + counts[1]
+            continue
+        if tensor.name in clustered and tensor.name in tensors:
+            counts = _cluster_counts(tensor, clustered[tensor.name], tensors, base_dir)
             params, nonzero = params + counts[0], nonzero + counts[1]
             continue
         count = int(np.prod(tensor.dims)) if tensor.dims else 1
@@ -211,6 +285,14 @@ def param_counts(model: onnx.ModelProto, base_dir: str | Path | None = None) -> 
             values = tensor_values(tensor, base_dir)
         except Exception:   # a tensor whose data cannot be read counts as dense
             nonzero += count
+            continue
+        if tensor.name in zeros and zeros[tensor.name][0] in tensors:
+            zero_name, axis, block = zeros[tensor.name]
+            try:
+                at_zero = _at_zero_point(values, tensor_values(tensors[zero_name], base_dir), axis, block)
+            except ValueError:      # a zero point that does not broadcast: count the stored values
+                at_zero = values == 0
+            nonzero += int(values.size - np.count_nonzero(at_zero))
             continue
         nonzero += int(np.count_nonzero(values))
     return params, nonzero

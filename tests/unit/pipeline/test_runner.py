@@ -253,6 +253,41 @@ def test_weights_behind_a_fused_op_or_a_cast_are_named_not_passed_over(tmp_path)
     assert {row["name"] for row in result.report["layers"]} == {"plain.weight"}
 
 
+def _dequantized_zeros(path: Path) -> tuple[int, int]:
+    """(values, zeros) of every weight the file dequantizes, as ONNX Runtime computes them."""
+    from onnx import helper
+    model = onnx.load(str(path))
+    dq = [n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    probe = helper.make_graph([n for n in model.graph.node if n.op_type == "DequantizeLinear"], "dq", [],
+                              [helper.make_empty_tensor_value_info(name) for name in dq], model.graph.initializer)
+    values = builders.run_ort(helper.make_model(probe, opset_imports=model.opset_import), {})
+    return sum(v.size for v in values), sum(int(np.count_nonzero(v == 0)) for v in values)
+
+
+@pytest.mark.parametrize("weights", [{"bits": 4, "granularity": "tensor", "symmetric": False},
+                                     {"bits": 2, "granularity": "block", "block_size": 32}])
+def test_zeros_of_quantized_weights_are_counted_where_they_are(mlp_path, tmp_path, weights):
+    # an asymmetric grid's zero is its zero point, not code 0; and a 2-bit grid zeroes a share of
+    # every layer, which layers[].sparsity said was 0
+    recipe = parse_recipe({"steps": [{"op": "quantize", "weights": weights, "format": "qdq"}]})
+    report = runner.run(mlp_path, recipe, workdir=tmp_path / "w", options=FAST).report
+    values, zeros = _dequantized_zeros(tmp_path / "w" / "model.onnx")
+    assert zeros > 0.05 * values
+    # every other tensor (biases, scales, a zero point of 8) holds no zero here
+    assert report["compressed"]["params"] - report["compressed"]["nonzero_params"] == zeros
+    layers = {row["name"]: row for row in report["layers"]}
+    assert layers["W1"]["sparsity"] > 0.05 and layers["W2"]["sparsity"] > 0.05
+
+
+def test_clustered_weights_count_as_the_weights_they_index(mlp_path, tmp_path):
+    # the packed index words were counted as params (26122 -> 3566)
+    report = runner.run(mlp_path, parse_recipe({"steps": [{"op": "cluster", "bits": 4}]}), workdir=tmp_path / "w",
+                        options=FAST).report
+    # + the two codebooks and the decoding's shift and shape constants
+    assert 0 <= report["compressed"]["params"] - report["original"]["params"] <= 64
+    assert report["compressed"]["nonzero_params"] <= report["compressed"]["params"]
+
+
 def test_a_step_matching_no_weight_is_refused_with_its_path(mlp_path, tmp_path):
     recipe = parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 8}, "include": ["nothing*"]}]})
     with pytest.raises(RecipeError) as info:

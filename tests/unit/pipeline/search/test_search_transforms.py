@@ -68,9 +68,10 @@ def test_search_prunes_the_layer_that_allows_it_and_stores_it_sparse(tmp_path):
     model = onnx.load(result.model_path)
     stored = {s.weight: s for s in sparse_form.find_sparse_weights(model.graph)}
     assert stored, "the pruned int8 weight is stored as bitmask + values"
-    # decoded, the stored weight holds half zeros (the pruned half), exactly as the layer record says
+    # decoded, the stored weight holds the pruned half as zeros, and the few int8 rounds to zero: the
+    # layer record says how many are stored zero
     layers = {row["name"]: row for row in result.report["layers"]}
-    assert abs(layers["W0"]["sparsity"] - 0.5) < 1e-6
+    assert 0.5 <= layers["W0"]["sparsity"] < 0.51
     # independently of the search: the budget holds on the evaluation data
     y, z = run_ort(half_dead_mlp(), data(48, 7))[0], run_ort(model, data(48, 7))[0]
     assert scores.value(parse_recipe({"goal": goal}).goal, y, z) >= 1 - 0.001
