@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -64,11 +65,33 @@ def _weights(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     return tensors
 
 
+# a weight a step stored under a new name: fp16's float16 copy, lowrank's two factors
+DERIVED_NAME = re.compile(r"^(?P<base>.+)_(?:fp16|lowrank_a|lowrank_b)(?:_\d+)?$")
+CARRIED_KEYS = ("format", "granularity", "block_size", "symmetric", "storage", "weight_storage", "method", "rounding")
+
+
+def _merge_derived(layers: Mapping[str, LayerRecord], shapes: Mapping[str, tuple]) -> dict[str, LayerRecord]:
+    """One record per original weight: a later step's record of a derived name (``W_fp16``,
+    ``W_lowrank_a``) folds into ``W``'s, which then says how the weight is stored after the recipe
+    (fp16 then int4 read bits 16 under W and bits 4 under W_fp16, params null)."""
+    merged = {name: record for name, record in layers.items()}
+    for name, record in layers.items():
+        match = DERIVED_NAME.match(name)
+        if match is None or match.group("base") not in layers or name in shapes:
+            continue
+        base = merged[match.group("base")]
+        base.bits = min(base.bits, record.bits)
+        base.sparsity = max(base.sparsity, record.sparsity)
+        base.extra.update({key: record.extra[key] for key in CARRIED_KEYS if key in record.extra})
+        del merged[name]
+    return merged
+
+
 def _layer_rows(original: onnx.ModelProto, layers: Mapping[str, LayerRecord],
                 errors: Mapping[str, float]) -> list[dict[str, Any]]:
     shapes = {name: tuple(t.dims) for name, t in _weights(original).items()}
     rows = []
-    for name, record in layers.items():
+    for name, record in _merge_derived(layers, shapes).items():
         params = int(np.prod(shapes[name])) if name in shapes else record.extra.get("params")
         row = {
             "name": name, "node": record.node, "op": record.op, "params": params,
@@ -77,8 +100,7 @@ def _layer_rows(original: onnx.ModelProto, layers: Mapping[str, LayerRecord],
         }
         if errors:
             row["output_rel_l2"] = errors.get(name)
-        for key in ("format", "granularity", "block_size", "symmetric", "storage", "weight_storage",
-                    "pair_saturation", "method", "rounding"):
+        for key in (*CARRIED_KEYS, "pair_saturation"):
             if key in record.extra:
                 row[key] = record.extra[key]
         rows.append(row)

@@ -288,6 +288,17 @@ def test_clustered_weights_count_as_the_weights_they_index(mlp_path, tmp_path):
     assert report["compressed"]["nonzero_params"] <= report["compressed"]["params"]
 
 
+@pytest.mark.parametrize("first, bits", [({"op": "fp16"}, 4), ({"op": "lowrank", "rank_ratio": 0.5}, 4)])
+def test_one_layer_row_per_weight_after_a_step_that_renames_it(mlp_path, tmp_path, first, bits):
+    # fp16 stores W1 as W1_fp16, lowrank as W1_lowrank_a / _b: the quantize after them added rows under
+    # those names (params null) while W1's row kept bits 16 / 32
+    steps = [first, {"op": "quantize", "weights": {"bits": 4, "granularity": "block"}, "min_params": 512}]
+    report = runner.run(mlp_path, parse_recipe({"steps": steps}), workdir=tmp_path / "w", options=FAST).report
+    rows = {row["name"]: row for row in report["layers"]}
+    assert set(rows) == {"W1", "W2"}
+    assert rows["W1"]["bits"] == bits and rows["W1"]["params"] == 128 * 256
+
+
 def test_a_step_matching_no_weight_is_refused_with_its_path(mlp_path, tmp_path):
     recipe = parse_recipe({"steps": [{"op": "quantize", "weights": {"bits": 8}, "include": ["nothing*"]}]})
     with pytest.raises(RecipeError) as info:
