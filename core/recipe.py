@@ -12,7 +12,7 @@ import re
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic import ValidationInfo
 
 from core.errors import RecipeError
@@ -132,14 +132,20 @@ class WeightQuantSpec(_Spec):
         "nearest", description="round to nearest, or adaround: each weight rounded up or down as learned for the "
                                "layer's output error on calibration data (method rtn; weight-only or static int8)")
 
+    @field_validator("block_size")
+    @classmethod
+    def _block_size(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # a field check, so a refusal names weights.block_size, not weights
+        if value is not None and info.data.get("granularity", "channel") != "block":
+            raise ValueError("block_size applies only to granularity: block")
+        if value is not None and value & (value - 1):
+            raise ValueError("block_size must be a power of two between 16 and 256")
+        return value
+
     @model_validator(mode="after")
     def _block(self) -> "WeightQuantSpec":
         if self.granularity == "block" and self.block_size is None:
             object.__setattr__(self, "block_size", 32)
-        if self.granularity != "block" and self.block_size is not None:
-            raise ValueError("block_size applies only to granularity: block")
-        if self.block_size is not None and self.block_size & (self.block_size - 1):
-            raise ValueError("block_size must be a power of two between 16 and 256")
         if self.bits == 1 and (self.granularity != "channel" or not self.symmetric):
             raise ValueError("bits 1 (sign) is symmetric with one alpha per output channel")
         if self.bits == 1 and self.rounding != "nearest":

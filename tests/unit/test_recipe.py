@@ -55,7 +55,7 @@ def test_block_defaults_and_nm():
     ({"op": "prune", "sparsity": 0.5, "structure": "4:2"}, ["steps", 0, "structure"]),
     ({"op": "prune", "sparsity": 0.5, "bogus": 1}, ["steps", 0, "bogus"]),
     ({"op": "quantize", "weights": {"bits": 0}}, ["steps", 0, "weights", "bits"]),
-    ({"op": "quantize", "weights": {"bits": 4, "granularity": "block", "block_size": 48}}, ["steps", 0, "weights"]),
+    ({"op": "quantize", "weights": {"bits": 4, "granularity": "block", "block_size": 48}}, ["steps", 0, "weights", "block_size"]),
     ({"op": "lowrank", "rank_ratio": 0}, ["steps", 0, "rank_ratio"]),
     ({"op": "lowrank"}, ["steps", 0]),
     ({"op": "cluster", "bits": 9}, ["steps", 0, "bits"]),
@@ -109,3 +109,10 @@ def test_kd_after_fp16_is_refused_at_its_method():
     assert info.value.errors[0]["loc"] == ["steps", 1, "method"]
     parse_recipe({"steps": [{"op": "fp16"}, {"op": "distill", "method": "layerwise"}]})
     parse_recipe({"steps": [{"op": "distill", "method": "kd"}, {"op": "fp16"}]})
+
+
+@pytest.mark.parametrize("weights", [{"bits": 4, "block_size": 32}, {"bits": 4, "granularity": "block", "block_size": 48}])
+def test_a_block_size_refusal_names_the_block_size(weights):
+    with pytest.raises(RecipeError) as info:
+        parse_recipe({"steps": [{"op": "quantize", "weights": weights}]})
+    assert info.value.errors[0]["loc"] == ["steps", 0, "weights", "block_size"]
