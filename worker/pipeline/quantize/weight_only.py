@@ -29,7 +29,7 @@ from core.recipe import QuantizeStep, WeightQuantSpec
 from worker.pipeline import graph, metrics, sessions, shape_inference, subgraphs
 from worker.pipeline.data import bind, generated
 from worker.pipeline.quantize import adaround, awq, gptq, lift_constants, matmulnbits
-from worker.pipeline.quantize.grid import Grid, base_method, dequantize, expand, grid_for, quantize_rtn
+from worker.pipeline.quantize.grid import Grid, base_method, dequantize, grid_for, quantize_rtn
 from worker.pipeline.records import sparsity_of
 from worker.pipeline.step import LayerRecord, StepContext, StepResult
 
