@@ -77,14 +77,7 @@ def fold_weight_transposes(model: onnx.ModelProto) -> list[str]:
         set_array(model, source, np.transpose(array, perm))
         model.graph.node.remove(node)
         folded[out] = source
-    if folded:
-        for node in model.graph.node:
-            for index, name in enumerate(node.input):
-                if name in folded:
-                    node.input[index] = folded[name]
-        kept = [value for value in model.graph.value_info if value.name not in folded and value.name not in folded.values()]
-        del model.graph.value_info[:]
-        model.graph.value_info.extend(kept)
+    _read_instead(model, folded, stale=set(folded) | set(folded.values()))
     return list(folded.values())
 
 
@@ -105,14 +98,17 @@ def resolve_weight_aliases(model: onnx.ModelProto) -> list[str]:
     kept = [node for node in model.graph.node if not (node.op_type == "Identity" and node.output[0] in aliases)]
     del model.graph.node[:]
     model.graph.node.extend(kept)
-    for node in model.graph.node:
-        for index, name in enumerate(node.input):
-            if name in aliases:
-                node.input[index] = aliases[name]
-    values = [value for value in model.graph.value_info if value.name not in aliases]
+    _read_instead(model, aliases, stale=set(aliases))
+    return list(aliases)
+
+
+def _read_instead(model: onnx.ModelProto, renames: dict[str, str], *, stale: set[str]) -> None:
+    """The main graph's readers of each ``renames`` key read its value instead; the value_info of
+    the ``stale`` names (gone, or of another shape now) is dropped."""
+    rename_node_tensors(model.graph.node, renames)
+    values = [value for value in model.graph.value_info if value.name not in stale]
     del model.graph.value_info[:]
     model.graph.value_info.extend(values)
-    return list(aliases)
 
 
 def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
@@ -519,6 +515,17 @@ def sort_graph(model: onnx.ModelProto) -> None:
     nodes = topological_nodes(model)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+
+
+def layers_with_bodies(model: onnx.ModelProto, ops: Sequence[str], *, include: Sequence[str] = (),
+                       exclude: Sequence[str] = (), min_params: int = 0) -> list[WeightLayer]:
+    """``weight_layers``, then the layers inside If / Loop / Scan bodies that read a main-graph weight
+    none of those took (an EmbeddingBag's table, gathered in a Loop)."""
+    main = weight_layers(model, ops=ops, include=include, exclude=exclude, min_params=min_params)
+    inits = initializers(model)
+    return main + [layer for layer in body_layers(model, ops, {layer.weight for layer in main}, include=include,
+                                                  exclude=exclude, min_params=min_params)
+                   if layer.weight in inits]
 
 
 def body_layers(model: onnx.ModelProto, ops: Sequence[str], seen: set[str], *, include: Sequence[str] = (),

@@ -434,13 +434,8 @@ def embedding_layers(model: onnx.ModelProto, params: QuantizeStep) -> list[graph
     table, dequantized under its name."""
     if not params.embeddings or "Gather" in params.float_ops:
         return []
-    main = graph.weight_layers(model, ops=("Gather",), include=params.include, exclude=params.exclude,
-                               min_params=params.min_params)
-    inits = graph.initializers(model)
-    return main + [layer for layer in graph.body_layers(model, ("Gather",), {layer.weight for layer in main},
-                                                        include=params.include, exclude=params.exclude,
-                                                        min_params=params.min_params)
-                   if layer.weight in inits]
+    return graph.layers_with_bodies(model, ("Gather",), include=params.include, exclude=params.exclude,
+                                    min_params=params.min_params)
 
 
 def quantize_embedding(model: onnx.ModelProto, layer: graph.WeightLayer) -> WeightGrid:

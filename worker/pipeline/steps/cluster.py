@@ -30,8 +30,8 @@ from onnx import TensorProto, helper, numpy_helper
 import kernels
 from core.recipe import ClusterStep
 from worker.pipeline import subgraphs
-from worker.pipeline.graph import (WeightLayer, body_layers, ensure_opset, get_array, initializers, opset, read_as_data,
-                                   remove_initializers, unique_name, weight_layers)
+from worker.pipeline.graph import (WeightLayer, ensure_opset, get_array, layers_with_bodies, opset, read_as_data,
+                                   remove_initializers, unique_name)
 from worker.pipeline.quantize import lift_constants
 from worker.pipeline.step import StepContext, StepResult, selects_no_weight
 from worker.pipeline.records import StepLog, layer_record, sparsity_of
@@ -81,16 +81,11 @@ def cluster_weight(w: np.ndarray, bits: int, pruned: np.ndarray | None, init: st
 
 
 def _layers(model: onnx.ModelProto, params: ClusterStep) -> list[WeightLayer]:
-    """The selected layers: the main graph's, then those inside If / Loop / Scan bodies that read a
-    main-graph weight (an EmbeddingBag's table, gathered in a Loop: it stayed float32, unlisted).
-    The decoded weight keeps its name in the main graph, where the bodies read it."""
-    main = weight_layers(model, ops=CLUSTER_OPS, include=params.include, exclude=params.exclude,
-                         min_params=params.min_params)
-    inits = initializers(model)
-    return main + [layer for layer in body_layers(model, CLUSTER_OPS, {layer.weight for layer in main},
-                                                  include=params.include, exclude=params.exclude,
-                                                  min_params=params.min_params)
-                   if layer.weight in inits]
+    """The selected layers, those inside If / Loop / Scan bodies included (an EmbeddingBag's table
+    stayed float32, unlisted). The decoded weight keeps its name in the main graph, where the bodies
+    read it."""
+    return layers_with_bodies(model, CLUSTER_OPS, include=params.include, exclude=params.exclude,
+                              min_params=params.min_params)
 
 
 def check(model: onnx.ModelProto, params: ClusterStep, ctx: StepContext) -> None:
